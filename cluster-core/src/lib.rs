@@ -1,0 +1,22 @@
+//! One Hanse cluster, without IO: the data model, the files people write
+//! (job specs, node fleets), the cluster state and the scheduler.
+//!
+//! # Layout
+//!
+//! - [`ids`]: typed identifiers (`NodeId`, `JobId`, `AllocId`, `NodeIdx`).
+//! - [`resources`]: quantities in every dimension and the units they are written in.
+//! - [`model`]: nodes, jobs, allocations, evaluations, plans.
+//! - [`diag`]: diagnostics with file, line, column and hint.
+//! - [`spec`]: the job spec and fleet file parsers, which report every problem at once.
+//! - [`state`]: the cluster state the scheduler reads and plans are applied to.
+//! - [`scheduler`]: `schedule(state, job, config) -> Plan`.
+//!
+//! Nothing here opens a socket, reads a clock or draws unseeded randomness.
+
+pub mod diag;
+pub mod ids;
+pub mod model;
+pub mod resources;
+pub mod scheduler;
+pub mod spec;
+pub mod state;

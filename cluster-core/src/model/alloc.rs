@@ -1,0 +1,77 @@
+//! Allocations: placed instances of task groups.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AllocId, JobId, NodeId};
+use crate::model::node::keyword_enum;
+use crate::resources::{GpuDevices, Resources};
+
+/// What the cluster wants of an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredStatus {
+    Run,
+    Stop,
+}
+
+/// What the allocation is actually doing, as its agent reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocStatus {
+    Pending,
+    Running,
+    Complete,
+    Failed,
+    /// Its node went down; the instance is replaced elsewhere.
+    Lost,
+}
+
+keyword_enum!(DesiredStatus { Run = "run", Stop = "stop" });
+keyword_enum!(AllocStatus {
+    Pending = "pending",
+    Running = "running",
+    Complete = "complete",
+    Failed = "failed",
+    Lost = "lost",
+});
+
+impl AllocStatus {
+    /// Terminal allocations hold no resources and never run again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, AllocStatus::Complete | AllocStatus::Failed | AllocStatus::Lost)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub id: AllocId,
+    pub job: JobId,
+    pub job_version: u64,
+    pub group: Arc<str>,
+    /// Which of the group's `count` instances this is: `job.group[index]`.
+    pub index: u32,
+    pub node: NodeId,
+    pub resources: Resources,
+    /// The GPUs taken, by model.
+    pub gpus: Option<GpuDevices>,
+    pub desired: DesiredStatus,
+    pub status: AllocStatus,
+}
+
+impl Allocation {
+    /// Holds node resources: not yet terminal, whatever is desired of it.
+    pub fn holds_resources(&self) -> bool {
+        !self.status.is_terminal()
+    }
+
+    /// Counts towards the group's `count`: wanted and not terminal.
+    pub fn is_live(&self) -> bool {
+        self.desired == DesiredStatus::Run && !self.status.is_terminal()
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}.{}[{}]", self.job, self.group, self.index)
+    }
+}

@@ -1,0 +1,552 @@
+//! Jobs, task groups, tasks, and the placement rules a job carries.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::JobId;
+use crate::model::node::keyword_enum;
+use crate::resources::{GpuAsk, Resources};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobType {
+    /// Long-running; replaced when it exits.
+    Service,
+    /// Runs to completion; a successful instance is not replaced.
+    Batch,
+    /// One instance on every feasible node; `count` is ignored.
+    System,
+}
+
+/// What a job's placements should optimise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Near users and data, spread for availability.
+    Latency,
+    /// Packed onto the cheapest feasible nodes.
+    Cost,
+    /// Spread for headroom: free cores and power.
+    Throughput,
+    /// Packed, with every other term at a moderate weight.
+    Balanced,
+}
+
+/// Whether a job's unplaced instances may run in a peer cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DelegateMode {
+    Never,
+    Overflow,
+    PreferRemote,
+}
+
+keyword_enum!(JobType { Service = "service", Batch = "batch", System = "system" });
+keyword_enum!(Objective {
+    Latency = "latency",
+    Cost = "cost",
+    Throughput = "throughput",
+    Balanced = "balanced",
+});
+keyword_enum!(DelegateMode { Never = "never", Overflow = "overflow", PreferRemote = "prefer-remote" });
+
+impl JobType {
+    /// The objective a job of this type gets when its spec names none.
+    pub fn default_objective(self) -> Objective {
+        match self {
+            JobType::Batch => Objective::Cost,
+            JobType::Service => Objective::Latency,
+            JobType::System => Objective::Balanced,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub job_type: JobType,
+    /// 1..=100; higher is scheduled first.
+    pub priority: u8,
+    pub objective: Objective,
+    pub labels: BTreeMap<String, String>,
+    /// Jurisdictions this job may run in; empty means anywhere.
+    pub jurisdictions: Vec<Arc<str>>,
+    pub federation: FederationSpec,
+    /// Constraints and affinities written at job level apply to every group.
+    pub groups: Vec<TaskGroup>,
+    /// Bumped by the cluster on every update of the spec.
+    pub version: u64,
+    pub stopped: bool,
+}
+
+impl Job {
+    pub fn group(&self, name: &str) -> Option<&TaskGroup> {
+        self.groups.iter().find(|g| &*g.name == name)
+    }
+
+    /// Total instances the job asks for (system jobs: 0, decided per node).
+    pub fn instance_count(&self) -> u64 {
+        self.groups.iter().map(|g| u64::from(g.count)).sum()
+    }
+}
+
+/// The job's own federation limits; they may narrow the cluster's policy,
+/// never widen it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FederationSpec {
+    pub delegate: DelegateMode,
+    pub max_remote_share: Option<f64>,
+    pub max_cost_per_cpu_hour: Option<f64>,
+}
+
+impl Default for FederationSpec {
+    fn default() -> Self {
+        FederationSpec { delegate: DelegateMode::Overflow, max_remote_share: None, max_cost_per_cpu_hour: None }
+    }
+}
+
+/// The unit of placement: `count` instances, each running all `tasks`
+/// together on one node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskGroup {
+    pub name: Arc<str>,
+    pub count: u32,
+    pub constraints: Vec<Predicate>,
+    pub affinities: Vec<Affinity>,
+    pub spreads: Vec<Spread>,
+    /// At most one instance of this group per node.
+    pub distinct_hosts: bool,
+    /// Data sets the group reads; nodes holding them rank higher.
+    pub datasets: Vec<Arc<str>>,
+    pub tasks: Vec<Task>,
+}
+
+impl TaskGroup {
+    /// What one instance of the group takes from a node: its tasks' sum.
+    pub fn resources(&self) -> Resources {
+        self.tasks.iter().fold(Resources::default(), |acc, t| acc.saturating_add(t.resources))
+    }
+
+    /// The group's GPU demand: the tasks' counts added; the model is the one
+    /// model they name (the parser refuses groups naming two).
+    pub fn gpu(&self) -> Option<GpuAsk> {
+        let mut ask: Option<GpuAsk> = None;
+        for g in self.tasks.iter().filter_map(|t| t.gpu.as_ref()) {
+            let a = ask.get_or_insert(GpuAsk { count: 0, model: None });
+            a.count += g.count;
+            if a.model.is_none() {
+                a.model = g.model.clone();
+            }
+        }
+        ask.filter(|a| a.count > 0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub name: Arc<str>,
+    pub driver: Driver,
+    pub resources: Resources,
+    pub gpu: Option<GpuAsk>,
+}
+
+impl Task {
+    pub fn driver_name(&self) -> &'static str {
+        match self.driver {
+            Driver::Exec { .. } => "exec",
+            Driver::Mock { .. } => "mock",
+        }
+    }
+}
+
+/// How a task runs, with the driver's own settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "driver", rename_all = "lowercase")]
+pub enum Driver {
+    /// A real child process.
+    Exec { command: String, args: Vec<String>, env: BTreeMap<String, String> },
+    /// No process: "runs" for `run_for_ms` and exits with `exit_code`.
+    Mock { run_for_ms: u64, exit_code: i32 },
+}
+
+/// What a constraint or affinity reads from a node (`${attr.arch}`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Target {
+    NodeId,
+    NodeClass,
+    Region,
+    Zone,
+    Environment,
+    ExecutionModel,
+    Datasets,
+    Jurisdictions,
+    Drivers,
+    GpuModels,
+    Attr(String),
+    Meta(String),
+}
+
+impl Target {
+    /// The `${node.*}` names, for parsing and for "did you mean" hints.
+    pub const NODE_FIELDS: &'static [&'static str] = &[
+        "id",
+        "class",
+        "region",
+        "zone",
+        "environment",
+        "execution_model",
+        "datasets",
+        "jurisdictions",
+        "drivers",
+        "gpu_models",
+    ];
+
+    /// Parses `${node.class}`, `${attr.arch}`, `${meta.team}`.
+    pub fn parse(text: &str) -> Result<Target, String> {
+        let inner = text.strip_prefix("${").and_then(|t| t.strip_suffix('}')).ok_or_else(|| {
+            format!("an attribute is written `${{attr.NAME}}`, `${{node.FIELD}}` or `${{meta.KEY}}`, not `{text}`")
+        })?;
+        let (scope, name) = inner
+            .split_once('.')
+            .ok_or_else(|| format!("`{text}` names no scope: write `${{attr.{inner}}}` or `${{node.{inner}}}`"))?;
+        if name.is_empty() {
+            return Err(format!("`{text}` names no attribute after `{scope}.`"));
+        }
+        match scope {
+            "attr" => Ok(Target::Attr(name.to_string())),
+            "meta" => Ok(Target::Meta(name.to_string())),
+            "node" => match name {
+                "id" | "name" => Ok(Target::NodeId),
+                "class" => Ok(Target::NodeClass),
+                "region" => Ok(Target::Region),
+                "zone" => Ok(Target::Zone),
+                "environment" => Ok(Target::Environment),
+                "execution_model" => Ok(Target::ExecutionModel),
+                "datasets" => Ok(Target::Datasets),
+                "jurisdictions" => Ok(Target::Jurisdictions),
+                "drivers" => Ok(Target::Drivers),
+                "gpu_models" => Ok(Target::GpuModels),
+                other => Err(match crate::resources::closest(other, Self::NODE_FIELDS.iter().copied()) {
+                    Some(c) => format!("unknown node field `{other}`: did you mean `${{node.{c}}}`?"),
+                    None => format!("unknown node field `{other}`; known: {}", Self::NODE_FIELDS.join(", ")),
+                }),
+            },
+            other => Err(match crate::resources::closest(other, ["attr", "node", "meta"]) {
+                Some(c) => format!("unknown scope `{other}`: did you mean `${{{c}.{name}}}`?"),
+                None => format!("unknown scope `{other}`; use `attr`, `node` or `meta`"),
+            }),
+        }
+    }
+
+    /// True when the value differs from node to node within a class, so a
+    /// predicate on it cannot be decided once per class.
+    pub fn is_unique(&self) -> bool {
+        matches!(self, Target::NodeId) || matches!(self, Target::Attr(k) | Target::Meta(k) if k.starts_with("unique."))
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::NodeId => f.write_str("${node.id}"),
+            Target::NodeClass => f.write_str("${node.class}"),
+            Target::Region => f.write_str("${node.region}"),
+            Target::Zone => f.write_str("${node.zone}"),
+            Target::Environment => f.write_str("${node.environment}"),
+            Target::ExecutionModel => f.write_str("${node.execution_model}"),
+            Target::Datasets => f.write_str("${node.datasets}"),
+            Target::Jurisdictions => f.write_str("${node.jurisdictions}"),
+            Target::Drivers => f.write_str("${node.drivers}"),
+            Target::GpuModels => f.write_str("${node.gpu_models}"),
+            Target::Attr(k) => write!(f, "${{attr.{k}}}"),
+            Target::Meta(k) => write!(f, "${{meta.{k}}}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Operator {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Regexp,
+    Version,
+    SetContains,
+    SetContainsAny,
+    IsSet,
+    IsNotSet,
+}
+
+impl Operator {
+    /// The words a spec may use, `distinct_hosts` included (a group flag).
+    pub const WORDS: &'static [&'static str] = &[
+        "=",
+        "==",
+        "!=",
+        "<",
+        "<=",
+        ">",
+        ">=",
+        "regexp",
+        "version",
+        "set_contains",
+        "set_contains_any",
+        "is_set",
+        "is_not_set",
+        "distinct_hosts",
+    ];
+
+    pub fn from_word(word: &str) -> Option<Operator> {
+        Some(match word {
+            "=" | "==" | "is" => Operator::Eq,
+            "!=" | "not" => Operator::Ne,
+            "<" => Operator::Lt,
+            "<=" => Operator::Le,
+            ">" => Operator::Gt,
+            ">=" => Operator::Ge,
+            "regexp" => Operator::Regexp,
+            "version" => Operator::Version,
+            "set_contains" | "set_contains_all" => Operator::SetContains,
+            "set_contains_any" => Operator::SetContainsAny,
+            "is_set" => Operator::IsSet,
+            "is_not_set" => Operator::IsNotSet,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operator::Eq => "=",
+            Operator::Ne => "!=",
+            Operator::Lt => "<",
+            Operator::Le => "<=",
+            Operator::Gt => ">",
+            Operator::Ge => ">=",
+            Operator::Regexp => "regexp",
+            Operator::Version => "version",
+            Operator::SetContains => "set_contains",
+            Operator::SetContainsAny => "set_contains_any",
+            Operator::IsSet => "is_set",
+            Operator::IsNotSet => "is_not_set",
+        }
+    }
+
+    /// Whether the operator compares against a value (`is_set` does not).
+    pub fn takes_value(self) -> bool {
+        !matches!(self, Operator::IsSet | Operator::IsNotSet)
+    }
+}
+
+/// `target op value`, with the value compiled once (regex, semver range).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "PredicateRepr", into = "PredicateRepr")]
+pub struct Predicate {
+    pub target: Target,
+    pub op: Operator,
+    pub value: String,
+    matcher: Matcher,
+}
+
+#[derive(Clone, Debug)]
+enum Matcher {
+    Plain,
+    Regex(regex::Regex),
+    Version(semver::VersionReq),
+}
+
+impl PartialEq for Predicate {
+    fn eq(&self, o: &Self) -> bool {
+        self.target == o.target && self.op == o.op && self.value == o.value
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct PredicateRepr {
+    target: Target,
+    op: Operator,
+    value: String,
+}
+
+impl TryFrom<PredicateRepr> for Predicate {
+    type Error = String;
+    fn try_from(r: PredicateRepr) -> Result<Self, String> {
+        Predicate::new(r.target, r.op, r.value)
+    }
+}
+
+impl From<Predicate> for PredicateRepr {
+    fn from(p: Predicate) -> Self {
+        PredicateRepr { target: p.target, op: p.op, value: p.value }
+    }
+}
+
+impl Predicate {
+    /// Compiles the value for the operator; the error says what is wrong with it.
+    pub fn new(target: Target, op: Operator, value: String) -> Result<Predicate, String> {
+        let matcher = match op {
+            Operator::Regexp => {
+                Matcher::Regex(regex::Regex::new(&value).map_err(|e| format!("invalid regular expression: {e}"))?)
+            }
+            Operator::Version => Matcher::Version(
+                semver::VersionReq::parse(&value)
+                    .map_err(|e| format!("invalid version range `{value}`: {e}; write e.g. \">= 5.15, < 7\""))?,
+            ),
+            _ => Matcher::Plain,
+        };
+        Ok(Predicate { target, op, value, matcher })
+    }
+
+    /// Whether a node whose target resolves to `actual` satisfies this.
+    pub fn matches(&self, actual: Option<&str>) -> bool {
+        match (self.op, actual) {
+            (Operator::IsSet, a) => a.is_some(),
+            (Operator::IsNotSet, a) => a.is_none(),
+            // A node without the attribute is not equal to any value.
+            (Operator::Ne, None) => true,
+            (_, None) => false,
+            (Operator::Eq, Some(a)) => a == self.value,
+            (Operator::Ne, Some(a)) => a != self.value,
+            (Operator::Lt | Operator::Le | Operator::Gt | Operator::Ge, Some(a)) => {
+                let ord = match (a.parse::<f64>(), self.value.parse::<f64>()) {
+                    (Ok(x), Ok(y)) => x.partial_cmp(&y),
+                    _ => Some(a.cmp(self.value.as_str())),
+                };
+                let Some(ord) = ord else { return false };
+                match self.op {
+                    Operator::Lt => ord.is_lt(),
+                    Operator::Le => ord.is_le(),
+                    Operator::Gt => ord.is_gt(),
+                    _ => ord.is_ge(),
+                }
+            }
+            (Operator::Regexp, Some(a)) => match &self.matcher {
+                Matcher::Regex(r) => r.is_match(a),
+                _ => false,
+            },
+            (Operator::Version, Some(a)) => match (&self.matcher, lenient_version(a)) {
+                (Matcher::Version(req), Some(v)) => req.matches(&v),
+                _ => false,
+            },
+            (Operator::SetContains, Some(a)) => {
+                let have: Vec<&str> = a.split(',').map(str::trim).collect();
+                self.value.split(',').map(str::trim).all(|w| have.contains(&w))
+            }
+            (Operator::SetContainsAny, Some(a)) => {
+                let have: Vec<&str> = a.split(',').map(str::trim).collect();
+                self.value.split(',').map(str::trim).any(|w| have.contains(&w))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Predicate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.op.takes_value() {
+            write!(f, "{} {} {}", self.target, self.op.as_str(), self.value)
+        } else {
+            write!(f, "{} {}", self.target, self.op.as_str())
+        }
+    }
+}
+
+/// Reads `6.1`, `6.1.0-13-amd64` or `v1.2.3` as a semantic version. Only
+/// the numeric core counts: a kernel's `-13-amd64` is a build, not a
+/// pre-release that would fall outside every range.
+fn lenient_version(text: &str) -> Option<semver::Version> {
+    let t = text.trim().trim_start_matches('v');
+    let core: String = t.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let mut parts: Vec<&str> = core.split('.').filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        return None;
+    }
+    parts.truncate(3);
+    while parts.len() < 3 {
+        parts.push("0");
+    }
+    semver::Version::parse(&parts.join(".")).ok()
+}
+
+/// A soft preference: nodes matching `predicate` gain (or lose, if negative)
+/// `weight` in -100..=100.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Affinity {
+    pub predicate: Predicate,
+    pub weight: i8,
+}
+
+/// Spread a group's instances over the values of an attribute, evenly or
+/// by the percentages given.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub target: Target,
+    /// 1..=100, relative to other ranking terms.
+    pub weight: u8,
+    pub targets: Vec<SpreadTarget>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpreadTarget {
+    pub value: String,
+    pub percent: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pred(op: Operator, value: &str) -> Predicate {
+        Predicate::new(Target::Attr("x".into()), op, value.into()).unwrap()
+    }
+
+    #[test]
+    fn comparison_is_numeric_when_both_sides_are_numbers() {
+        assert!(pred(Operator::Gt, "9").matches(Some("10")));
+        assert!(!pred(Operator::Gt, "9").matches(Some("8.5")));
+        assert!(pred(Operator::Lt, "b").matches(Some("a")));
+    }
+
+    #[test]
+    fn version_reads_kernel_strings() {
+        let p = pred(Operator::Version, ">= 5.15, < 7");
+        assert!(p.matches(Some("6.1.0-13-amd64")));
+        assert!(p.matches(Some("6.1")));
+        assert!(!p.matches(Some("5.10")));
+        assert!(!p.matches(Some("banana")));
+    }
+
+    #[test]
+    fn sets_and_presence() {
+        assert!(pred(Operator::SetContains, "eu, gdpr").matches(Some("eu,gdpr,de")));
+        assert!(!pred(Operator::SetContains, "eu,us").matches(Some("eu,gdpr")));
+        assert!(pred(Operator::SetContainsAny, "eu,us").matches(Some("eu,gdpr")));
+        assert!(pred(Operator::IsSet, "").matches(Some("")));
+        assert!(pred(Operator::IsNotSet, "").matches(None));
+        assert!(pred(Operator::Ne, "a").matches(None));
+        assert!(!pred(Operator::Eq, "a").matches(None));
+    }
+
+    #[test]
+    fn targets_parse_with_hints() {
+        assert_eq!(Target::parse("${attr.arch}"), Ok(Target::Attr("arch".into())));
+        assert_eq!(Target::parse("${node.environment}"), Ok(Target::Environment));
+        assert!(Target::parse("${node.enviroment}").unwrap_err().contains("${node.environment}"));
+        assert!(Target::parse("${atr.arch}").unwrap_err().contains("${attr.arch}"));
+        assert!(Target::parse("arch").is_err());
+    }
+
+    #[test]
+    fn predicate_survives_a_round_trip_with_its_matcher() {
+        let p = pred(Operator::Regexp, "^x86");
+        let text = toml::to_string(&p).unwrap();
+        let back: Predicate = toml::from_str(&text).unwrap();
+        assert_eq!(back, p);
+        assert!(back.matches(Some("x86_64")));
+        assert!(!back.matches(Some("arm64")));
+    }
+}

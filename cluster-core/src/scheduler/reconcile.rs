@@ -1,0 +1,91 @@
+//! Which instances of a job to keep, stop and place, given its allocations.
+
+use crate::ids::NodeIdx;
+use crate::model::alloc::{AllocStatus, Allocation};
+use crate::model::job::{Job, JobType};
+use crate::model::node::NodeStatus;
+use crate::model::plan::{Stop, StopReason};
+use crate::state::ClusterState;
+
+/// The reconciler's answer for one group.
+#[derive(Debug, Default)]
+pub struct GroupWork {
+    /// Instance indices to place, ascending.
+    pub place: Vec<u32>,
+    /// Nodes already running an instance that stays, one entry per instance.
+    pub kept_on: Vec<NodeIdx>,
+}
+
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    pub stops: Vec<Stop>,
+    /// Parallel to `job.groups`.
+    pub groups: Vec<GroupWork>,
+}
+
+pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
+    let mut out = Reconciled { stops: Vec::new(), groups: job.groups.iter().map(|_| GroupWork::default()).collect() };
+    // covered[g][i]: instance i of group g is kept (or, for batch, done).
+    let mut covered: Vec<Vec<bool>> = job.groups.iter().map(|g| vec![false; g.count as usize]).collect();
+    let mut allocs: Vec<&Allocation> = state.allocs_of_job(&job.id).collect();
+    allocs.sort_by_key(|a| a.id);
+    for a in allocs {
+        let group = job.groups.iter().position(|g| g.name == a.group);
+        let node = state.node_idx(&a.node);
+        let node_down = node.is_none_or(|i| state.node(i).status == NodeStatus::Down);
+        let stop = |reason| Stop { alloc: a.id, reason };
+        match group {
+            _ if job.stopped => {
+                if a.is_live() {
+                    out.stops.push(stop(StopReason::JobStopped));
+                }
+            }
+            None => {
+                if a.is_live() {
+                    out.stops.push(stop(StopReason::Updated));
+                }
+            }
+            Some(g) => {
+                let in_range = (a.index as usize) < covered[g].len();
+                let done_batch = job.job_type == JobType::Batch && a.status == AllocStatus::Complete;
+                if done_batch && in_range && a.job_version == job.version {
+                    covered[g][a.index as usize] = true;
+                    continue;
+                }
+                if !a.is_live() {
+                    continue;
+                }
+                if job.job_type == JobType::System {
+                    // One per node: keep it while the node is up and the version current.
+                    if node_down {
+                        out.stops.push(stop(StopReason::NodeLost));
+                    } else if a.job_version != job.version {
+                        out.stops.push(stop(StopReason::Updated));
+                    } else if let Some(i) = node {
+                        out.groups[g].kept_on.push(i);
+                    }
+                    continue;
+                }
+                let duplicate = in_range && covered[g][a.index as usize];
+                if !in_range || duplicate {
+                    out.stops.push(stop(StopReason::ScaledDown));
+                } else if node_down {
+                    out.stops.push(stop(StopReason::NodeLost));
+                } else if a.job_version != job.version {
+                    out.stops.push(stop(StopReason::Updated));
+                } else {
+                    covered[g][a.index as usize] = true;
+                    if let Some(i) = node {
+                        out.groups[g].kept_on.push(i);
+                    }
+                }
+            }
+        }
+    }
+    if !job.stopped && job.job_type != JobType::System {
+        for (g, cov) in covered.iter().enumerate() {
+            out.groups[g].place = cov.iter().enumerate().filter(|(_, c)| !**c).map(|(i, _)| i as u32).collect();
+        }
+    }
+    out
+}

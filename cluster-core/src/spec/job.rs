@@ -1,0 +1,564 @@
+//! The job spec: TOML with a `[job]` table and `[[group]]` entries.
+//!
+//! ```toml
+//! [job]
+//! name = "web"
+//! type = "service"
+//!
+//! [[group]]
+//! name = "frontend"
+//! count = 3
+//!
+//! [[group.task]]
+//! name = "server"
+//! driver = "exec"
+//! command = "/usr/bin/python3"
+//! args = ["-m", "http.server"]
+//! resources = { cpu = "500m", memory = "256MiB" }
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use crate::diag::{Diagnostics, SourceFile, Span};
+use crate::ids::JobId;
+use crate::model::job::*;
+use crate::resources::{self, GpuAsk, Resources};
+use crate::spec::read::{self, Table, keyword};
+use crate::spec::{Checked, parse_duration_ms};
+
+/// The most instances one group may ask for.
+pub const GROUP_COUNT_MAX: i64 = 100_000;
+/// The most groups in one job, and tasks in one group.
+pub const GROUPS_MAX: usize = 64;
+pub const TASKS_MAX: usize = 64;
+
+const DEFAULT_CPU_MILLIS: u64 = 100;
+const DEFAULT_MEMORY_BYTES: u64 = 128 << 20;
+
+/// Parses and validates a job spec.
+pub fn parse_job(file: &SourceFile) -> Checked<Job> {
+    let mut d = Diagnostics::default();
+    let job = read::parse(file, &mut d).and_then(|root| {
+        let mut top = Table::new(root.get_ref(), root.span(), "");
+        let job = read_job(&mut top, &mut d);
+        top.finish(&mut d);
+        job
+    });
+    let ok = !d.has_errors();
+    Checked { value: job.filter(|_| ok), diagnostics: d.into_sorted() }
+}
+
+fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
+    let Some(mut t) = top.table(d, "job") else {
+        if !top.has("job") {
+            d.error_hint(0..0, "missing [job] table", "start the file with [job] and name = \"...\"");
+        }
+        // Still read the groups, to report their problems too.
+        let _ = read_groups(top, d, &[], &[], &[]);
+        return None;
+    };
+    t.path = "[job]".into();
+    let name = t.required_str(d, "name", "\"web\"").and_then(|(n, s)| check_name(d, "job", n, s));
+    let job_type = t
+        .str(d, "type")
+        .map(|w| keyword(d, "job type", w, JobType::WORDS, JobType::from_word))
+        .unwrap_or(Some(JobType::Service));
+    let priority = match t.int(d, "priority") {
+        Some((p, _)) if (1..=100).contains(&p) => p as u8,
+        Some((p, s)) => {
+            d.error_hint(s, format!("priority {p} is out of range"), "use 1 (lowest) to 100 (highest)");
+            50
+        }
+        None => 50,
+    };
+    let objective =
+        t.str(d, "objective").and_then(|w| keyword(d, "objective", w, Objective::WORDS, Objective::from_word));
+    let labels: BTreeMap<String, String> =
+        t.str_map(d, "labels").into_iter().map(|(k, v, _)| (k.to_string(), v.to_string())).collect();
+    let jurisdictions =
+        t.str_list(d, "jurisdictions").unwrap_or_default().into_iter().map(|(j, _)| Arc::from(j)).collect();
+    let federation = t.table(d, "federation").map(|mut f| {
+        f.path = "[job.federation]".into();
+        let spec = read_federation(&mut f, d);
+        f.finish(d);
+        spec
+    });
+    let constraints = read_constraints(&mut t, d);
+    let affinities = read_affinities(&mut t, d);
+    let spreads = read_spreads(&mut t, d);
+    t.finish(d);
+
+    let groups = read_groups(top, d, &constraints, &affinities, &spreads);
+    let job_type = job_type?;
+    if job_type == JobType::System {
+        for (g, span) in &groups {
+            if g.count != 1 {
+                d.warning(
+                    span.clone(),
+                    format!("group `{}`: count is ignored for system jobs (one instance per node)", g.name),
+                    None,
+                );
+            }
+        }
+    }
+    Some(Job {
+        id: JobId::new(name?),
+        job_type,
+        priority,
+        objective: objective.unwrap_or(job_type.default_objective()),
+        labels,
+        jurisdictions,
+        federation: federation.unwrap_or_default(),
+        groups: groups.into_iter().map(|(g, _)| g).collect(),
+        version: 0,
+        stopped: false,
+    })
+}
+
+fn check_name<'a>(d: &mut Diagnostics, what: &str, name: &'a str, span: Span) -> Option<&'a str> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Some(name)
+    } else {
+        d.error_hint(
+            span,
+            format!("invalid {what} name `{name}`"),
+            "use 1 to 64 letters, digits, `-`, `_` or `.`, starting with a letter or digit",
+        );
+        None
+    }
+}
+
+fn read_federation(f: &mut Table, d: &mut Diagnostics) -> FederationSpec {
+    let mut spec = FederationSpec::default();
+    if let Some(mode) = f
+        .str(d, "delegate")
+        .and_then(|w| keyword(d, "delegation mode", w, DelegateMode::WORDS, DelegateMode::from_word))
+    {
+        spec.delegate = mode;
+    }
+    if let Some((share, s)) = f.float(d, "max_remote_share") {
+        if (0.0..=1.0).contains(&share) {
+            spec.max_remote_share = Some(share);
+        } else {
+            d.error_hint(s, format!("max_remote_share {share} is out of range"), "a share is 0.0 to 1.0 (0.5 = half)");
+        }
+    }
+    if let Some((cost, s)) = f.float(d, "max_cost_per_cpu_hour") {
+        if cost >= 0.0 {
+            spec.max_cost_per_cpu_hour = Some(cost);
+        } else {
+            d.error(s, "max_cost_per_cpu_hour cannot be negative");
+        }
+    }
+    spec
+}
+
+type Spanned<T> = (T, Span);
+
+fn read_groups(
+    top: &mut Table,
+    d: &mut Diagnostics,
+    job_constraints: &[Spanned<Predicate>],
+    job_affinities: &[Affinity],
+    job_spreads: &[Spread],
+) -> Vec<(TaskGroup, Span)> {
+    let tables = top.tables(d, "group");
+    if tables.is_empty() && !top.has("group") {
+        d.error_hint(0..0, "the job has no [[group]]", "add a [[group]] with a name, a count and a [[group.task]]");
+    }
+    if tables.len() > GROUPS_MAX {
+        d.error(tables[GROUPS_MAX].span.clone(), format!("a job has at most {GROUPS_MAX} groups"));
+    }
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut out = Vec::new();
+    for mut g in tables.into_iter().take(GROUPS_MAX) {
+        let span = g.span.clone();
+        let name = g.required_str(d, "name", "\"web\"").and_then(|(n, s)| {
+            let n = check_name(d, "group", n, s.clone())?;
+            if !seen.insert(n.to_string()) {
+                d.error_hint(s, format!("duplicate group name `{n}`"), "another group has this name; rename one");
+                return None;
+            }
+            Some(n)
+        });
+        let count = match g.int(d, "count") {
+            None => 1,
+            Some((c, s)) if c < 0 => {
+                d.error_hint(s, format!("count {c} is negative"), "count is the number of instances: 0 or more");
+                0
+            }
+            Some((c, s)) if c > GROUP_COUNT_MAX => {
+                d.error_hint(
+                    s,
+                    format!("count {c} is too large"),
+                    format!("a group runs at most {GROUP_COUNT_MAX} instances"),
+                );
+                0
+            }
+            Some((c, _)) => c as u32,
+        };
+        let mut distinct_hosts = g.bool(d, "distinct_hosts").is_some_and(|(b, _)| b);
+        let datasets = g.str_list(d, "datasets").unwrap_or_default().into_iter().map(|(s, _)| Arc::from(s)).collect();
+        let (own_constraints, dh) = read_constraints_with_distinct(&mut g, d);
+        distinct_hosts |= dh;
+        let mut constraints: Vec<Spanned<Predicate>> = job_constraints.to_vec();
+        constraints.extend(own_constraints);
+        check_contradictions(d, &constraints);
+        let mut affinities = job_affinities.to_vec();
+        affinities.extend(read_affinities(&mut g, d));
+        let mut spreads = job_spreads.to_vec();
+        spreads.extend(read_spreads(&mut g, d));
+        let tasks = read_tasks(&mut g, d);
+        g.finish(d);
+        if let Some(name) = name {
+            let group = TaskGroup {
+                name: Arc::from(name),
+                count,
+                constraints: constraints.into_iter().map(|(c, _)| c).collect(),
+                affinities,
+                spreads,
+                distinct_hosts,
+                datasets,
+                tasks,
+            };
+            out.push((group, span));
+        }
+    }
+    out
+}
+
+fn read_constraints(t: &mut Table, d: &mut Diagnostics) -> Vec<Spanned<Predicate>> {
+    let (constraints, distinct) = read_constraints_with_distinct(t, d);
+    if distinct {
+        d.error_hint(
+            t.span.clone(),
+            "distinct_hosts is a group constraint",
+            "move it to a [[group.constraint]] or set distinct_hosts = true in the [[group]]",
+        );
+    }
+    constraints
+}
+
+fn read_constraints_with_distinct(t: &mut Table, d: &mut Diagnostics) -> (Vec<Spanned<Predicate>>, bool) {
+    let mut out = Vec::new();
+    let mut distinct = false;
+    for mut c in t.tables(d, "constraint") {
+        let operator = c.get("operator").and_then(|v| v.get_ref().as_str());
+        if operator == Some("distinct_hosts") {
+            distinct = true;
+            c.finish(d);
+            continue;
+        }
+        if let Some(p) = read_predicate(&mut c, d) {
+            out.push((p, c.span.clone()));
+        }
+        c.finish(d);
+    }
+    (out, distinct)
+}
+
+/// `attribute`, `operator` (default `=`), `value`.
+fn read_predicate(c: &mut Table, d: &mut Diagnostics) -> Option<Predicate> {
+    let target = c.required_str(d, "attribute", "\"${attr.arch}\"").and_then(|(a, s)| match Target::parse(a) {
+        Ok(t) => Some(t),
+        Err(msg) => {
+            d.error(s, msg);
+            None
+        }
+    });
+    let op = match c.str(d, "operator") {
+        None => Some(Operator::Eq),
+        Some(w) => keyword(d, "operator", w, Operator::WORDS, Operator::from_word),
+    };
+    let value = c.scalar_text(d, "value");
+    let (target, op) = (target?, op?);
+    let value = match (op.takes_value(), value) {
+        (true, Some((v, _, _))) => v,
+        (true, None) => {
+            c.missing(d, "value", "\"x86_64\"");
+            return None;
+        }
+        (false, Some((_, _, s))) => {
+            d.warning(s, format!("`{}` takes no value; this one is ignored", op.as_str()), None);
+            String::new()
+        }
+        (false, None) => String::new(),
+    };
+    match Predicate::new(target, op, value) {
+        Ok(p) => Some(p),
+        Err(msg) => {
+            d.error(c.span.clone(), msg);
+            None
+        }
+    }
+}
+
+/// Flags pairs of constraints on one attribute that no node can satisfy
+/// together, such as `arch = x86_64` and `arch = arm64`.
+fn check_contradictions(d: &mut Diagnostics, constraints: &[Spanned<Predicate>]) {
+    for (j, (b, bspan)) in constraints.iter().enumerate() {
+        for (a, _) in &constraints[..j] {
+            if a.target != b.target || !contradict(a, b) {
+                continue;
+            }
+            d.error_hint(
+                bspan.clone(),
+                format!("constraints `{a}` and `{b}` can never both hold"),
+                "remove or change one of them; as written no node is feasible",
+            );
+            break;
+        }
+    }
+}
+
+fn contradict(a: &Predicate, b: &Predicate) -> bool {
+    use Operator::*;
+    let needs_value = |p: &Predicate| !matches!(p.op, IsNotSet | Ne | IsSet);
+    match (a.op, b.op) {
+        (IsSet, IsNotSet) | (IsNotSet, IsSet) => true,
+        (IsNotSet, _) => needs_value(b),
+        (_, IsNotSet) => needs_value(a),
+        // An equality pins the value: every other predicate must accept it.
+        (Eq, _) => !b.matches(Some(&a.value)),
+        (_, Eq) => !a.matches(Some(&b.value)),
+        _ => empty_numeric_range(a, b) || empty_numeric_range(b, a),
+    }
+}
+
+/// `x > lo` with `x < hi` where no number lies between.
+fn empty_numeric_range(lower: &Predicate, upper: &Predicate) -> bool {
+    use Operator::*;
+    let (Ok(lo), Ok(hi)) = (lower.value.parse::<f64>(), upper.value.parse::<f64>()) else { return false };
+    match (lower.op, upper.op) {
+        (Gt, Lt) | (Gt, Le) | (Ge, Lt) => lo >= hi,
+        (Ge, Le) => lo > hi,
+        _ => false,
+    }
+}
+
+fn read_affinities(t: &mut Table, d: &mut Diagnostics) -> Vec<Affinity> {
+    let mut out = Vec::new();
+    for mut a in t.tables(d, "affinity") {
+        let predicate = read_predicate(&mut a, d);
+        let weight = match a.int(d, "weight") {
+            None => {
+                a.missing(d, "weight", "50");
+                None
+            }
+            Some((0, s)) => {
+                d.error_hint(s, "an affinity with weight 0 has no effect", "use -100 to 100, not 0");
+                None
+            }
+            Some((w, s)) if !(-100..=100).contains(&w) => {
+                d.error_hint(s, format!("affinity weight {w} is out of range"), "use -100 (avoid) to 100 (prefer)");
+                None
+            }
+            Some((w, _)) => Some(w as i8),
+        };
+        a.finish(d);
+        if let (Some(predicate), Some(weight)) = (predicate, weight) {
+            out.push(Affinity { predicate, weight });
+        }
+    }
+    out
+}
+
+fn read_spreads(t: &mut Table, d: &mut Diagnostics) -> Vec<Spread> {
+    let mut out = Vec::new();
+    for mut s in t.tables(d, "spread") {
+        let target = s
+            .required_str(d, "attribute", "\"${node.zone}\"")
+            .and_then(|(a, sp)| Target::parse(a).map_err(|msg| d.error(sp, msg)).ok());
+        let weight = match s.int(d, "weight") {
+            None => 50,
+            Some((w, _)) if (1..=100).contains(&w) => w as u8,
+            Some((w, sp)) => {
+                d.error_hint(sp, format!("spread weight {w} is out of range"), "use 1 to 100");
+                50
+            }
+        };
+        let mut targets: Vec<SpreadTarget> = Vec::new();
+        let mut total = 0i64;
+        for mut st in s.tables(d, "targets") {
+            let value = st.required_str(d, "value", "\"zone-a\"");
+            let percent = match st.int(d, "percent") {
+                Some((p, _)) if (0..=100).contains(&p) => Some(p),
+                Some((p, sp)) => {
+                    d.error_hint(sp, format!("percent {p} is out of range"), "use 0 to 100");
+                    None
+                }
+                None => {
+                    st.missing(d, "percent", "50");
+                    None
+                }
+            };
+            if let (Some((v, vs)), Some(p)) = (value, percent) {
+                if targets.iter().any(|t| t.value == v) {
+                    d.error(vs, format!("spread target `{v}` is listed twice"));
+                } else {
+                    total += p;
+                    targets.push(SpreadTarget { value: v.to_string(), percent: p as u8 });
+                }
+            }
+            st.finish(d);
+        }
+        if total > 100 {
+            d.error_hint(
+                s.span.clone(),
+                format!("spread target percentages add up to {total}"),
+                "they may add up to at most 100",
+            );
+        }
+        s.finish(d);
+        if let Some(target) = target {
+            out.push(Spread { target, weight, targets });
+        }
+    }
+    out
+}
+
+fn read_tasks(g: &mut Table, d: &mut Diagnostics) -> Vec<Task> {
+    let tables = g.tables(d, "task");
+    if tables.is_empty() && !g.has("task") {
+        d.error_hint(
+            g.span.clone(),
+            format!("{} has no task", g.path),
+            "add a [[group.task]] with a name and a driver",
+        );
+    }
+    if tables.len() > TASKS_MAX {
+        d.error(tables[TASKS_MAX].span.clone(), format!("a group has at most {TASKS_MAX} tasks"));
+    }
+    let mut names: Vec<String> = Vec::new();
+    let mut gpu_model: Option<Arc<str>> = None;
+    let mut out = Vec::new();
+    for mut t in tables.into_iter().take(TASKS_MAX) {
+        let name = t.required_str(d, "name", "\"server\"").and_then(|(n, s)| {
+            let n = check_name(d, "task", n, s.clone())?;
+            if names.iter().any(|x| x == n) {
+                d.error(s, format!("duplicate task name `{n}` in this group"));
+                return None;
+            }
+            names.push(n.to_string());
+            Some(n)
+        });
+        let driver = t.required_str(d, "driver", "\"exec\"").and_then(|w| {
+            keyword(d, "driver", w, &["exec", "mock"], |w| match w {
+                "exec" => Some("exec"),
+                "mock" => Some("mock"),
+                _ => None,
+            })
+        });
+        let driver = match driver {
+            Some("exec") => {
+                let command = t.required_str(d, "command", "\"/usr/bin/env\"").map(|(c, _)| c.to_string());
+                let args = t.str_list(d, "args").unwrap_or_default().into_iter().map(|(a, _)| a.to_string()).collect();
+                let env = t.str_map(d, "env").into_iter().map(|(k, v, _)| (k.to_string(), v.to_string())).collect();
+                command.map(|command| Driver::Exec { command, args, env })
+            }
+            Some(_) => {
+                let run_for_ms = match t.str(d, "run_for") {
+                    Some((text, s)) => parse_duration_ms(text).map_err(|h| d.error_hint(s, "invalid run_for", h)).ok(),
+                    None => Some(0),
+                };
+                let exit_code = t.int(d, "exit_code").map_or(0, |(c, _)| c as i32);
+                run_for_ms.map(|run_for_ms| Driver::Mock { run_for_ms, exit_code })
+            }
+            None => None,
+        };
+        let (resources, gpu) = match t.table(d, "resources") {
+            Some(mut r) => {
+                r.path = format!("{}.resources", t.path.trim_end_matches("]]").trim_start_matches("[["));
+                let out = read_resources(&mut r, d);
+                r.finish(d);
+                out
+            }
+            None => (
+                Resources { cpu_millis: DEFAULT_CPU_MILLIS, memory_bytes: DEFAULT_MEMORY_BYTES, ..Default::default() },
+                None,
+            ),
+        };
+        if let Some(model) = gpu.as_ref().and_then(|g| g.model.clone()) {
+            match &gpu_model {
+                Some(m) if *m != model => d.error_hint(
+                    t.span.clone(),
+                    format!("tasks of one group ask for two GPU models, `{m}` and `{model}`"),
+                    "an instance runs on one node: put tasks needing different GPU models in different groups",
+                ),
+                _ => gpu_model = Some(model),
+            }
+        }
+        t.finish(d);
+        if let (Some(name), Some(driver)) = (name, driver) {
+            out.push(Task { name: Arc::from(name), driver, resources, gpu });
+        }
+    }
+    out
+}
+
+fn read_resources(r: &mut Table, d: &mut Diagnostics) -> (Resources, Option<GpuAsk>) {
+    let mut res =
+        Resources { cpu_millis: DEFAULT_CPU_MILLIS, memory_bytes: DEFAULT_MEMORY_BYTES, ..Default::default() };
+    if let Some((text, _quoted, s)) = r.scalar_text(d, "cpu") {
+        match resources::parse_cpu(&text) {
+            Ok(m) => res.cpu_millis = m,
+            Err(h) => d.error_hint(s, format!("invalid cpu `{text}`"), h),
+        }
+    }
+    for (key, slot) in [("memory", &mut res.memory_bytes), ("disk", &mut res.disk_bytes)] {
+        if let Some((text, quoted, s)) = r.scalar_text(d, key) {
+            match resources::parse_bytes(&text) {
+                Ok(b) => *slot = b,
+                Err(_) if !quoted => d.error_hint(
+                    s,
+                    format!("{key} needs a unit"),
+                    format!("write a quoted size such as \"{text}MiB\" or \"{text}GiB\""),
+                ),
+                Err(h) => d.error_hint(s, format!("invalid {key} `{text}`"), h),
+            }
+        }
+    }
+    if let Some((text, _, s)) = r.scalar_text(d, "power") {
+        match resources::parse_watts(&text) {
+            Ok(w) => res.power_watts = w,
+            Err(h) => d.error_hint(s, format!("invalid power `{text}`"), h),
+        }
+    }
+    let gpu = match r.get("gpu") {
+        None => None,
+        Some(v) => match v.get_ref() {
+            toml::de::DeValue::Integer(_) => {
+                r.int(d, "gpu").and_then(|(n, s)| gpu_count(d, n, s)).map(|count| GpuAsk { count, model: None })
+            }
+            toml::de::DeValue::Table(_) => r.table(d, "gpu").and_then(|mut g| {
+                let count = g.int(d, "count").map_or(Some(1), |(n, s)| gpu_count(d, n, s));
+                let model = g.str(d, "model").map(|(m, _)| Arc::from(m));
+                g.finish(d);
+                count.map(|count| GpuAsk { count, model })
+            }),
+            other => {
+                d.error_hint(
+                    v.span(),
+                    format!("`gpu` must be a count or a table, not {}", other.type_str()),
+                    "write gpu = 1 or gpu = { count = 2, model = \"nvidia-a100\" }",
+                );
+                None
+            }
+        },
+    };
+    (res, gpu)
+}
+
+fn gpu_count(d: &mut Diagnostics, n: i64, s: Span) -> Option<u32> {
+    if (1..=64).contains(&n) {
+        Some(n as u32)
+    } else {
+        d.error_hint(s, format!("gpu count {n} is out of range"), "use 1 to 64, or leave `gpu` out");
+        None
+    }
+}

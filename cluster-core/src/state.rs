@@ -1,0 +1,381 @@
+//! The state of one cluster: nodes, jobs and allocations, with the indexes
+//! the scheduler reads (usage per node, nodes per computed class).
+//!
+//! The scheduler only reads this; [`ClusterState::apply_plan`] is the one
+//! way placements enter it, and it re-checks every placement against the
+//! current usage, so a plan made against an older state cannot over-commit
+//! a node.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::ids::{AllocId, JobId, NodeId, NodeIdx};
+use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus};
+use crate::model::job::{Job, TaskGroup};
+use crate::model::node::{ClassSignature, Node};
+use crate::model::plan::{Placement, Plan, Reason};
+use crate::resources::{Dimension, GpuAsk, GpuDevices, Resources};
+
+/// The most GPU models one node may carry; usage keeps a fixed-size array.
+pub const NODE_GPU_MODELS_MAX: usize = 4;
+
+/// What a node's live allocations take from it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeUsage {
+    pub res: Resources,
+    /// GPUs taken, parallel to [`Node::gpus`].
+    pub gpus: [u32; NODE_GPU_MODELS_MAX],
+}
+
+impl NodeUsage {
+    pub fn is_empty(&self) -> bool {
+        self.res.cpu_millis == 0 && self.res.memory_bytes == 0 && self.gpus.iter().all(|g| *g == 0)
+    }
+
+    /// Why `ask` does not fit on `node` on top of this usage, or the GPU
+    /// device group it would take from.
+    pub fn fit(&self, node: &Node, ask: Resources, gpu: Option<&GpuAsk>) -> Result<Option<usize>, Dimension> {
+        if let Some(dim) = self.res.exceeds(ask, node.capacity) {
+            return Err(dim);
+        }
+        let Some(gpu) = gpu else { return Ok(None) };
+        node.gpus
+            .iter()
+            .enumerate()
+            .position(|(i, dev)| gpu.accepts(&dev.model) && dev.count.saturating_sub(self.gpus[i]) >= gpu.count)
+            .map(Some)
+            .ok_or(Dimension::Gpu)
+    }
+
+    fn add(&mut self, res: Resources, gpu: Option<(usize, u32)>) {
+        self.res = self.res.saturating_add(res);
+        if let Some((i, n)) = gpu {
+            self.gpus[i] += n;
+        }
+    }
+
+    fn sub(&mut self, res: Resources, gpu: Option<(usize, u32)>) {
+        self.res = self.res.saturating_sub(res);
+        if let Some((i, n)) = gpu {
+            self.gpus[i] = self.gpus[i].saturating_sub(n);
+        }
+    }
+}
+
+/// Nodes that are alike for static feasibility (see [`Node::class_signature`]).
+#[derive(Clone, Debug)]
+pub struct ComputedClass {
+    pub nodes: Vec<NodeIdx>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("node {0} has {1} GPU models; at most {NODE_GPU_MODELS_MAX} are supported")]
+    TooManyGpuModels(NodeId, usize),
+    #[error("unknown node {0}")]
+    UnknownNode(NodeId),
+}
+
+/// A placement the applier refused, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refused {
+    pub placement: Placement,
+    pub reason: Reason,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Applied {
+    pub placed: Vec<AllocId>,
+    pub refused: Vec<Refused>,
+    pub stopped: Vec<AllocId>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClusterState {
+    nodes: Vec<Node>,
+    node_index: HashMap<NodeId, NodeIdx>,
+    usage: Vec<NodeUsage>,
+    /// Capacity and schedulability per node, kept beside `usage` in compact
+    /// arrays: the scheduler checks every node against them once per
+    /// evaluation, and at 10,000 nodes that pass must not walk whole `Node`s.
+    capacity: Vec<Resources>,
+    schedulable: Vec<bool>,
+    node_class: Vec<u32>,
+    classes: Vec<ComputedClass>,
+    class_index: HashMap<ClassSignature, u32>,
+    jobs: BTreeMap<JobId, Job>,
+    allocs: BTreeMap<AllocId, Allocation>,
+    allocs_by_job: HashMap<JobId, Vec<AllocId>>,
+    next_alloc: u64,
+    /// Lowest and highest cost per cpu-hour over all nodes, to normalise.
+    cost_range: (f64, f64),
+    latency_range: (u8, u8),
+}
+
+impl ClusterState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A state holding `nodes` and nothing else.
+    pub fn with_nodes(nodes: impl IntoIterator<Item = Node>) -> Result<Self, StateError> {
+        let mut s = Self::new();
+        for n in nodes {
+            s.upsert_node(n)?;
+        }
+        Ok(s)
+    }
+
+    /// Adds a node, or replaces the one with the same id (keeping its
+    /// allocations and index).
+    pub fn upsert_node(&mut self, node: Node) -> Result<NodeIdx, StateError> {
+        if node.gpus.len() > NODE_GPU_MODELS_MAX {
+            return Err(StateError::TooManyGpuModels(node.id.clone(), node.gpus.len()));
+        }
+        let sig = node.class_signature();
+        let next = self.classes.len() as u32;
+        let class = *self.class_index.entry(sig).or_insert(next);
+        if class == next {
+            self.classes.push(ComputedClass { nodes: Vec::new() });
+        }
+        let idx = match self.node_index.get(&node.id) {
+            Some(&idx) => {
+                let old = self.node_class[idx.get()];
+                if old != class {
+                    self.classes[old as usize].nodes.retain(|n| *n != idx);
+                    self.classes[class as usize].nodes.push(idx);
+                    self.node_class[idx.get()] = class;
+                }
+                self.capacity[idx.get()] = node.capacity;
+                self.schedulable[idx.get()] = node.schedulable();
+                self.nodes[idx.get()] = node;
+                idx
+            }
+            None => {
+                let idx = NodeIdx(self.nodes.len() as u32);
+                self.node_index.insert(node.id.clone(), idx);
+                self.capacity.push(node.capacity);
+                self.schedulable.push(node.schedulable());
+                self.nodes.push(node);
+                self.usage.push(NodeUsage::default());
+                self.node_class.push(class);
+                self.classes[class as usize].nodes.push(idx);
+                idx
+            }
+        };
+        self.refresh_ranges();
+        Ok(idx)
+    }
+
+    fn refresh_ranges(&mut self) {
+        let costs = self.nodes.iter().map(Node::cost_per_cpu_hour);
+        self.cost_range = costs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), c| (lo.min(c), hi.max(c)));
+        let lat = self.nodes.iter().map(|n| n.latency_class);
+        self.latency_range = lat.fold((u8::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
+    }
+
+    /// Marks a node ready or down, and eligible or draining.
+    pub fn set_node_status(
+        &mut self,
+        id: &NodeId,
+        status: crate::model::NodeStatus,
+        eligible: bool,
+    ) -> Result<(), StateError> {
+        let idx = *self.node_index.get(id).ok_or_else(|| StateError::UnknownNode(id.clone()))?;
+        let node = &mut self.nodes[idx.get()];
+        node.status = status;
+        node.eligible = eligible;
+        self.schedulable[idx.get()] = node.schedulable();
+        Ok(())
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn node(&self, idx: NodeIdx) -> &Node {
+        &self.nodes[idx.get()]
+    }
+
+    pub fn node_idx(&self, id: &NodeId) -> Option<NodeIdx> {
+        self.node_index.get(id).copied()
+    }
+
+    pub fn usage(&self, idx: NodeIdx) -> &NodeUsage {
+        &self.usage[idx.get()]
+    }
+
+    pub fn capacity(&self, idx: NodeIdx) -> Resources {
+        self.capacity[idx.get()]
+    }
+
+    /// Ready and eligible: may receive new work.
+    pub fn is_schedulable(&self, idx: NodeIdx) -> bool {
+        self.schedulable[idx.get()]
+    }
+
+    pub fn classes(&self) -> &[ComputedClass] {
+        &self.classes
+    }
+
+    pub fn class_of(&self, idx: NodeIdx) -> u32 {
+        self.node_class[idx.get()]
+    }
+
+    pub fn cost_range(&self) -> (f64, f64) {
+        self.cost_range
+    }
+
+    pub fn latency_range(&self) -> (u8, u8) {
+        self.latency_range
+    }
+
+    /// Registers a job or a new version of it. Returns the version stored.
+    ///
+    /// Instances of a group whose spec changed only in `count` are carried
+    /// to the new version in place: scaling is not a reason to restart.
+    pub fn upsert_job(&mut self, mut job: Job) -> u64 {
+        if let Some(old) = self.jobs.get(&job.id) {
+            let mut same = job.clone();
+            same.version = old.version;
+            if same == *old {
+                return old.version;
+            }
+            job.version = old.version + 1;
+            let job_level_same =
+                Job { groups: Vec::new(), ..same.clone() } == Job { groups: Vec::new(), ..old.clone() };
+            let unchanged: Vec<_> = job
+                .groups
+                .iter()
+                .filter(|g| {
+                    job_level_same
+                        && old.group(&g.name).is_some_and(|o| TaskGroup { count: o.count, ..(*g).clone() } == *o)
+                })
+                .map(|g| g.name.clone())
+                .collect();
+            let old_version = old.version;
+            for id in self.allocs_by_job.get(&job.id).into_iter().flatten() {
+                if let Some(a) = self.allocs.get_mut(id) {
+                    if a.job_version == old_version && unchanged.contains(&a.group) {
+                        a.job_version = job.version;
+                    }
+                }
+            }
+        }
+        let v = job.version;
+        self.jobs.insert(job.id.clone(), job);
+        v
+    }
+
+    pub fn job(&self, id: &JobId) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    pub fn alloc(&self, id: AllocId) -> Option<&Allocation> {
+        self.allocs.get(&id)
+    }
+
+    pub fn allocs(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocs.values()
+    }
+
+    pub fn allocs_of_job<'a>(&'a self, job: &JobId) -> impl Iterator<Item = &'a Allocation> + 'a {
+        self.allocs_by_job.get(job).into_iter().flatten().filter_map(|id| self.allocs.get(id))
+    }
+
+    /// Commits what still fits of `plan`: each placement is checked against
+    /// the node's current usage (not the usage the plan was made against),
+    /// and refused placements are returned for re-evaluation.
+    pub fn apply_plan(&mut self, plan: &Plan) -> Applied {
+        let mut applied = Applied::default();
+        for stop in &plan.stops {
+            if let Some(a) = self.allocs.get_mut(&stop.alloc) {
+                a.desired = DesiredStatus::Stop;
+                applied.stopped.push(stop.alloc);
+            }
+        }
+        for p in &plan.placements {
+            match self.check_placement(p) {
+                Ok(gpu) => {
+                    let id = AllocId(self.next_alloc);
+                    self.next_alloc += 1;
+                    let idx = p.node_idx;
+                    let gpus =
+                        gpu.map(|(i, count)| GpuDevices { model: self.nodes[idx.get()].gpus[i].model.clone(), count });
+                    self.usage[idx.get()].add(p.resources, gpu);
+                    let alloc = Allocation {
+                        id,
+                        job: plan.job.clone(),
+                        job_version: plan.job_version,
+                        group: p.group.clone(),
+                        index: p.index,
+                        node: p.node.clone(),
+                        resources: p.resources,
+                        gpus,
+                        desired: DesiredStatus::Run,
+                        status: AllocStatus::Pending,
+                    };
+                    self.allocs_by_job.entry(plan.job.clone()).or_default().push(id);
+                    self.allocs.insert(id, alloc);
+                    applied.placed.push(id);
+                }
+                Err(reason) => applied.refused.push(Refused { placement: p.clone(), reason }),
+            }
+        }
+        applied
+    }
+
+    fn check_placement(&self, p: &Placement) -> Result<Option<(usize, u32)>, Reason> {
+        let idx = match self.node_index.get(&p.node) {
+            Some(&i) if i == p.node_idx => i,
+            _ => return Err(Reason::NotReady),
+        };
+        let node = &self.nodes[idx.get()];
+        if !node.schedulable() {
+            return Err(Reason::NotReady);
+        }
+        let ask = p.gpus.as_ref().map(|g| GpuAsk { count: g.count, model: Some(g.model.clone()) });
+        let usage = &self.usage[idx.get()];
+        match usage.fit(node, p.resources, ask.as_ref()) {
+            Ok(dev) => Ok(dev.zip(ask.map(|a| a.count))),
+            Err(dim) => Err(Reason::Exhausted(dim)),
+        }
+    }
+
+    /// Records an allocation's reported status; a terminal status frees its
+    /// resources.
+    pub fn set_alloc_status(&mut self, id: AllocId, status: AllocStatus) {
+        let Some(a) = self.allocs.get_mut(&id) else { return };
+        let was_holding = a.holds_resources();
+        a.status = status;
+        if was_holding && !a.holds_resources() {
+            if let Some(&idx) = self.node_index.get(&a.node) {
+                let node = &self.nodes[idx.get()];
+                let gpu = a
+                    .gpus
+                    .as_ref()
+                    .and_then(|g| node.gpus.iter().position(|d| d.model == g.model).map(|i| (i, g.count)));
+                self.usage[idx.get()].sub(a.resources, gpu);
+            }
+        }
+    }
+
+    /// Sums usage from the allocations, to check the incremental index.
+    pub fn recomputed_usage(&self) -> Vec<NodeUsage> {
+        let mut usage = vec![NodeUsage::default(); self.nodes.len()];
+        for a in self.allocs.values().filter(|a| a.holds_resources()) {
+            if let Some(&idx) = self.node_index.get(&a.node) {
+                let node = &self.nodes[idx.get()];
+                let gpu = a
+                    .gpus
+                    .as_ref()
+                    .and_then(|g| node.gpus.iter().position(|d| d.model == g.model).map(|i| (i, g.count)));
+                usage[idx.get()].add(a.resources, gpu);
+            }
+        }
+        usage
+    }
+}

@@ -1,0 +1,166 @@
+//! Scheduling a job that already has allocations: keep, stop, replace.
+
+use cluster_core::diag::SourceFile;
+use cluster_core::model::{AllocStatus, Job, NodeStatus, StopReason};
+use cluster_core::scheduler::{SchedulerConfig, schedule};
+use cluster_core::spec::{parse_fleet, parse_job};
+use cluster_core::state::ClusterState;
+
+fn state(nodes: usize) -> ClusterState {
+    let fleet =
+        format!("[fleet]\nname = \"t\"\n[[class]]\nname = \"m\"\ncount = {nodes}\ncpu = 4\nmemory = \"16GiB\"\n");
+    ClusterState::with_nodes(parse_fleet(&SourceFile::new("f.toml", fleet)).value.unwrap().nodes).unwrap()
+}
+
+fn job(kind: &str, count: u32, cpu: &str) -> Job {
+    let text = format!(
+        "[job]\nname = \"j\"\ntype = \"{kind}\"\n[[group]]\nname = \"g\"\ncount = {count}\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"{cpu}\", memory = \"1GiB\" }}\n"
+    );
+    parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
+}
+
+/// Registers the job, schedules and applies; returns the stored job.
+fn run(state: &mut ClusterState, job: Job) -> Job {
+    state.upsert_job(job.clone());
+    let job = state.job(&job.id).unwrap().clone();
+    let plan = schedule(state, &job, &SchedulerConfig::default());
+    let applied = state.apply_plan(&plan);
+    assert!(applied.refused.is_empty());
+    job
+}
+
+fn live(state: &ClusterState, job: &Job) -> usize {
+    state.allocs_of_job(&job.id).filter(|a| a.is_live()).count()
+}
+
+#[test]
+fn a_placed_job_needs_nothing_more() {
+    let mut s = state(4);
+    let j = run(&mut s, job("service", 5, "1"));
+    let again = schedule(&s, &j, &SchedulerConfig::default());
+    assert!(again.placements.is_empty() && again.stops.is_empty(), "{again:?}");
+}
+
+#[test]
+fn scaling_down_stops_the_highest_instances_in_place() {
+    let mut s = state(4);
+    run(&mut s, job("service", 5, "1"));
+    let before: Vec<_> = s.allocs().map(|a| a.id).collect();
+    s.upsert_job(job("service", 3, "1"));
+    let j = s.job(&"j".into()).unwrap().clone();
+    assert_eq!(j.version, 1, "a changed spec is a new version");
+    let plan = schedule(&s, &j, &SchedulerConfig::default());
+    assert!(plan.placements.is_empty(), "a count change restarts nothing");
+    let mut stopped: Vec<u32> = plan.stops.iter().map(|st| s.alloc(st.alloc).unwrap().index).collect();
+    stopped.sort();
+    assert_eq!(stopped, vec![3, 4]);
+    assert!(plan.stops.iter().all(|st| st.reason == StopReason::ScaledDown));
+    s.apply_plan(&plan);
+    assert_eq!(live(&s, &j), 3);
+    assert!(s.allocs().filter(|a| a.is_live()).all(|a| before.contains(&a.id)));
+}
+
+#[test]
+fn scaling_up_adds_only_the_new_instances() {
+    let mut s = state(4);
+    run(&mut s, job("service", 2, "1"));
+    s.upsert_job(job("service", 5, "1"));
+    let j = s.job(&"j".into()).unwrap().clone();
+    let plan = schedule(&s, &j, &SchedulerConfig::default());
+    assert!(plan.stops.is_empty());
+    let mut placed: Vec<u32> = plan.placements.iter().map(|p| p.index).collect();
+    placed.sort();
+    assert_eq!(placed, vec![2, 3, 4]);
+}
+
+#[test]
+fn registering_the_same_spec_again_keeps_the_version() {
+    let mut s = state(2);
+    run(&mut s, job("service", 2, "1"));
+    assert_eq!(s.upsert_job(job("service", 2, "1")), 0);
+}
+
+#[test]
+fn instances_on_a_down_node_are_replaced_elsewhere() {
+    let mut s = state(4);
+    let j = run(&mut s, job("service", 6, "1"));
+    let victim = s.allocs_of_job(&j.id).next().unwrap().node.clone();
+    let lost: Vec<u32> = s.allocs_of_job(&j.id).filter(|a| a.node == victim).map(|a| a.index).collect();
+    s.set_node_status(&victim, NodeStatus::Down, true).unwrap();
+    let plan = schedule(&s, &j, &SchedulerConfig::default());
+    assert_eq!(plan.stops.len(), lost.len());
+    assert!(plan.stops.iter().all(|st| st.reason == StopReason::NodeLost));
+    let mut replaced: Vec<u32> = plan.placements.iter().map(|p| p.index).collect();
+    replaced.sort();
+    assert_eq!(replaced, lost, "the lost instances, by index, are placed again");
+    assert!(plan.placements.iter().all(|p| p.node != victim));
+}
+
+#[test]
+fn a_new_version_replaces_every_instance() {
+    let mut s = state(4);
+    run(&mut s, job("service", 3, "1"));
+    let v2 = job("service", 3, "500m");
+    s.upsert_job(v2.clone());
+    let j = s.job(&v2.id).unwrap().clone();
+    let plan = schedule(&s, &j, &SchedulerConfig::default());
+    assert_eq!(plan.stops.len(), 3);
+    assert!(plan.stops.iter().all(|st| st.reason == StopReason::Updated));
+    assert_eq!(plan.placements.len(), 3);
+    assert!(plan.placements.iter().all(|p| p.resources.cpu_millis == 500));
+}
+
+#[test]
+fn completed_batch_instances_are_not_run_again_but_failed_ones_are() {
+    let mut s = state(2);
+    let j = run(&mut s, job("batch", 3, "1"));
+    let ids: Vec<_> = s.allocs_of_job(&j.id).map(|a| a.id).collect();
+    s.set_alloc_status(ids[0], AllocStatus::Complete);
+    s.set_alloc_status(ids[1], AllocStatus::Failed);
+    let failed_index = s.alloc(ids[1]).unwrap().index;
+    let plan = schedule(&s, &j, &SchedulerConfig::default());
+    assert_eq!(plan.placements.len(), 1);
+    assert_eq!(plan.placements[0].index, failed_index);
+}
+
+#[test]
+fn a_stopped_job_stops_everything() {
+    let mut s = state(2);
+    let mut j = run(&mut s, job("service", 3, "1"));
+    j.stopped = true;
+    let plan = schedule(&s, &j, &SchedulerConfig::default());
+    assert_eq!(plan.stops.len(), 3);
+    assert!(plan.placements.is_empty());
+}
+
+#[test]
+fn terminal_allocations_free_their_resources() {
+    let mut s = state(1);
+    let j = run(&mut s, job("batch", 4, "1"));
+    let idx = s.node_idx(&s.nodes()[0].id.clone()).unwrap();
+    assert_eq!(s.usage(idx).res.cpu_millis, 4000);
+    let ids: Vec<_> = s.allocs_of_job(&j.id).map(|a| a.id).collect();
+    for id in ids {
+        s.set_alloc_status(id, AllocStatus::Complete);
+    }
+    assert_eq!(s.usage(idx).res.cpu_millis, 0);
+    assert_eq!(s.recomputed_usage()[0], *s.usage(idx));
+}
+
+#[test]
+fn a_stale_plan_cannot_over_commit() {
+    let mut s = state(1);
+    let a = job("service", 3, "1");
+    let mut b = job("service", 3, "1");
+    b.id = "other".into();
+    s.upsert_job(a.clone());
+    s.upsert_job(b.clone());
+    // Both planned against the same empty state: each fits alone.
+    let pa = schedule(&s, &a, &SchedulerConfig::default());
+    let pb = schedule(&s, &b, &SchedulerConfig::default());
+    assert_eq!(s.apply_plan(&pa).placed.len(), 3);
+    let second = s.apply_plan(&pb);
+    assert_eq!(second.placed.len(), 1, "only one cpu was left");
+    assert_eq!(second.refused.len(), 2);
+    assert!(s.usage(cluster_core::ids::NodeIdx(0)).res.cpu_millis <= 4000);
+}

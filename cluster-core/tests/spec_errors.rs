@@ -1,0 +1,190 @@
+//! Every class of job spec error, each reported with its line and column.
+
+use cluster_core::diag::{Severity, SourceFile};
+use cluster_core::model::{JobType, Objective, Operator, Target};
+use cluster_core::spec::parse_job;
+
+const TASK: &str = "[[group.task]]\nname = \"t\"\ndriver = \"exec\"\ncommand = \"/bin/true\"\n";
+
+/// Errors as (line, column, message), in file order.
+fn errors(text: &str) -> Vec<(usize, usize, String, Option<String>)> {
+    let file = SourceFile::new("job.toml", text);
+    let checked = parse_job(&file);
+    assert!(checked.value.is_none() || checked.diagnostics.iter().all(|d| d.severity != Severity::Error));
+    checked
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(|d| {
+            let (l, c) = file.position(d.span.start);
+            (l, c, d.message.clone(), d.hint.clone())
+        })
+        .collect()
+}
+
+fn has(errs: &[(usize, usize, String, Option<String>)], line: usize, col: usize, needle: &str) -> bool {
+    errs.iter().any(|(l, c, m, h)| {
+        *l == line && *c == col && (m.contains(needle) || h.as_deref().is_some_and(|h| h.contains(needle)))
+    })
+}
+
+#[test]
+fn a_valid_spec_parses_with_defaults() {
+    let text = format!("[job]\nname = \"web\"\n\n[[group]]\nname = \"g\"\ncount = 3\n\n{TASK}");
+    let checked = parse_job(&SourceFile::new("job.toml", text));
+    let job = checked.value.expect("valid");
+    assert_eq!(job.job_type, JobType::Service);
+    assert_eq!(job.objective, Objective::Latency, "service jobs default to the latency objective");
+    assert_eq!(job.groups[0].count, 3);
+    assert_eq!(job.groups[0].resources().cpu_millis, 100, "default cpu");
+}
+
+#[test]
+fn unknown_field_names_the_closest_valid_one() {
+    let text = format!("[job]\nname = \"web\"\nprioirty = 5\n\n[[group]]\nname = \"g\"\ncoutn = 2\n{TASK}");
+    let errs = errors(&text);
+    assert!(has(&errs, 3, 1, "did you mean `priority`?"), "{errs:?}");
+    assert!(has(&errs, 7, 1, "did you mean `count`?"), "{errs:?}");
+}
+
+#[test]
+fn negative_count_is_refused() {
+    let errs = errors(&format!("[job]\nname = \"web\"\n[[group]]\nname = \"g\"\ncount = -1\n{TASK}"));
+    assert!(has(&errs, 5, 9, "count -1 is negative"), "{errs:?}");
+}
+
+#[test]
+fn size_with_a_space_or_without_a_unit_is_refused_with_a_hint() {
+    let text = "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\ndriver = \"exec\"\ncommand = \"/bin/true\"\nresources = { memory = \"2 GB\", disk = 512 }\n";
+    let errs = errors(text);
+    assert!(has(&errs, 9, 24, "\"2GB\""), "{errs:?}");
+    assert!(has(&errs, 9, 39, "disk needs a unit"), "{errs:?}");
+}
+
+#[test]
+fn unknown_constraint_operator_suggests_one() {
+    let text = format!(
+        "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n[[group.constraint]]\nattribute = \"${{attr.kernel}}\"\noperator = \"verison\"\nvalue = \"6\"\n{TASK}"
+    );
+    let errs = errors(&text);
+    assert!(has(&errs, 7, 12, "did you mean `version`?"), "{errs:?}");
+}
+
+#[test]
+fn contradictory_constraints_are_refused() {
+    let c = |attr: &str, op: &str, v: &str| {
+        format!("[[group.constraint]]\nattribute = \"{attr}\"\noperator = \"{op}\"\nvalue = \"{v}\"\n")
+    };
+    let head = "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n";
+    let cases = [
+        (c("${attr.arch}", "=", "x86_64") + &c("${attr.arch}", "=", "arm64"), true),
+        (c("${attr.arch}", "=", "x86_64") + &c("${attr.arch}", "!=", "x86_64"), true),
+        (c("${attr.cores}", ">", "8") + &c("${attr.cores}", "<", "4"), true),
+        (c("${attr.kernel}", "=", "5.10") + &c("${attr.kernel}", "version", ">= 6"), true),
+        (c("${attr.cores}", ">", "4") + &c("${attr.cores}", "<", "8"), false),
+        (c("${attr.arch}", "=", "x86_64") + &c("${attr.os}", "=", "linux"), false),
+    ];
+    for (constraints, contradictory) in cases {
+        let errs = errors(&format!("{head}{constraints}{TASK}"));
+        let found = errs.iter().any(|(l, c, m, _)| *l == 9 && *c == 1 && m.contains("can never both hold"));
+        assert_eq!(found, contradictory, "{constraints}\n{errs:?}");
+    }
+    let job_and_group = format!(
+        "[job]\nname = \"web\"\n[[job.constraint]]\nattribute = \"${{node.environment}}\"\nvalue = \"edge\"\n[[group]]\nname = \"g\"\n[[group.constraint]]\nattribute = \"${{node.environment}}\"\nvalue = \"cloud\"\n{TASK}"
+    );
+    assert!(has(&errors(&job_and_group), 8, 1, "can never both hold"), "a group constraint may contradict the job's");
+}
+
+#[test]
+fn unknown_attribute_scope_and_node_field_get_hints() {
+    let text = format!(
+        "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n[[group.affinity]]\nattribute = \"${{node.enviroment}}\"\nvalue = \"edge\"\nweight = 10\n[[group.spread]]\nattribute = \"${{atr.zone}}\"\n{TASK}"
+    );
+    let errs = errors(&text);
+    assert!(has(&errs, 6, 13, "${node.environment}"), "{errs:?}");
+    assert!(has(&errs, 10, 13, "${attr.zone}"), "{errs:?}");
+}
+
+#[test]
+fn wrong_types_and_ranges() {
+    let text = format!(
+        "[job]\nname = \"web\"\npriority = \"high\"\n[[group]]\nname = \"g\"\ncount = \"3\"\n[[group.affinity]]\nattribute = \"${{attr.arch}}\"\nvalue = \"arm64\"\nweight = 500\n{TASK}"
+    );
+    let errs = errors(&text);
+    assert!(has(&errs, 3, 12, "must be an integer, not string"), "{errs:?}");
+    assert!(has(&errs, 6, 9, "must be an integer"), "{errs:?}");
+    assert!(has(&errs, 10, 10, "out of range"), "{errs:?}");
+}
+
+#[test]
+fn missing_required_fields_point_at_their_table() {
+    let text = "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\ndriver = \"exec\"\n";
+    let errs = errors(text);
+    assert!(has(&errs, 5, 1, "missing `command`"), "{errs:?}");
+    let no_job = errors("[[group]]\nname = \"g\"\n");
+    assert!(no_job.iter().any(|(_, _, m, _)| m.contains("missing [job]")), "{no_job:?}");
+}
+
+#[test]
+fn duplicate_names_and_spread_over_100_percent() {
+    let text = format!(
+        "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n[[group.spread]]\nattribute = \"${{node.zone}}\"\ntargets = [{{ value = \"a\", percent = 70 }}, {{ value = \"b\", percent = 40 }}]\n{TASK}[[group]]\nname = \"g\"\n{TASK}"
+    );
+    let errs = errors(&text);
+    assert!(errs.iter().any(|(_, _, m, _)| m.contains("duplicate group name `g`")), "{errs:?}");
+    assert!(errs.iter().any(|(_, _, m, _)| m.contains("add up to 110")), "{errs:?}");
+}
+
+#[test]
+fn every_problem_is_reported_not_the_first() {
+    let text = "[job]\nname = \"web\"\ntype = \"servce\"\n[[group]]\nname = \"g\"\ncount = -2\n[[group.task]]\nname = \"t\"\ndriver = \"exce\"\n";
+    let errs = errors(text);
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert!(has(&errs, 3, 8, "did you mean `service`?"));
+    assert!(has(&errs, 6, 9, "negative"));
+    assert!(has(&errs, 9, 10, "did you mean `exec`?"));
+}
+
+#[test]
+fn toml_syntax_errors_have_positions() {
+    let errs = errors("[job]\nname = \"web\nx = 1\n");
+    assert!(!errs.is_empty());
+    assert!(errs.iter().all(|(_, _, m, _)| m.starts_with("invalid TOML")), "{errs:?}");
+    assert_eq!(errs[0].0, 2, "{errs:?}");
+}
+
+#[test]
+fn oversized_specs_are_refused_before_parsing() {
+    let text = format!("[job]\nname = \"web\"\n# {}\n", "x".repeat(1 << 20));
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].2.contains("the limit is 1048576"), "{errs:?}");
+}
+
+#[test]
+fn invalid_regexp_and_version_range_are_reported() {
+    let c = |op: &str, v: &str| {
+        format!("[[group.constraint]]\nattribute = \"${{attr.x}}\"\noperator = \"{op}\"\nvalue = \"{v}\"\n")
+    };
+    let text = format!(
+        "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n{}{}{TASK}",
+        c("regexp", "(unclosed"),
+        c("version", "~~1")
+    );
+    let errs = errors(&text);
+    assert!(has(&errs, 5, 1, "invalid regular expression"), "{errs:?}");
+    assert!(has(&errs, 9, 1, "invalid version range"), "{errs:?}");
+}
+
+#[test]
+fn constraints_parse_into_typed_predicates() {
+    let text = format!(
+        "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n[[group.constraint]]\nattribute = \"${{node.datasets}}\"\noperator = \"set_contains\"\nvalue = \"a,b\"\n[[group.constraint]]\noperator = \"distinct_hosts\"\n{TASK}"
+    );
+    let job = parse_job(&SourceFile::new("j.toml", text)).value.expect("valid");
+    let g = &job.groups[0];
+    assert!(g.distinct_hosts, "distinct_hosts as a constraint operator sets the group flag");
+    assert_eq!(g.constraints.len(), 1);
+    assert_eq!(g.constraints[0].target, Target::Datasets);
+    assert_eq!(g.constraints[0].op, Operator::SetContains);
+}
