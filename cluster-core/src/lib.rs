@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`codec`]: the one wire and disk encoding, with a version byte.
 //! - [`ids`]: typed identifiers (`NodeId`, `JobId`, `AllocId`, `NodeIdx`).
 //! - [`resources`]: quantities in every dimension and the units they are written in.
 //! - [`model`]: nodes, jobs, allocations, evaluations, plans.
@@ -13,6 +14,7 @@
 //!
 //! Nothing here opens a socket, reads a clock or draws unseeded randomness.
 
+pub mod codec;
 pub mod diag;
 pub mod ids;
 pub mod model;

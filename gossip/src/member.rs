@@ -1,0 +1,304 @@
+//! A federation member: one chitchat instance per server, over the sealed
+//! transport, with a task that keeps the [`FederationView`] current.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion, spawn_chitchat};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::keyring::Keyring;
+use crate::net::DatagramNet;
+use crate::summary::{ClusterSummary, Publisher, SummaryError};
+use crate::transport::{GossipMetrics, SealedTransport, SharedKeyring, unix_ms};
+use crate::view::{FederationView, MemberState, keys};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A cluster's Raft server.
+    Server,
+    /// A short-lived reader (the CLI): gossips, but is no cluster's member.
+    Observer,
+}
+
+#[derive(Clone, Debug)]
+pub struct MemberConfig {
+    /// The federation's name; members of other federations are refused.
+    pub federation: String,
+    pub cluster: String,
+    pub server: String,
+    pub region: String,
+    pub role: Role,
+    pub listen_addr: SocketAddr,
+    /// What peers should send to, if not `listen_addr`.
+    pub advertise_addr: Option<SocketAddr>,
+    pub seeds: Vec<String>,
+    pub rpc_addr: Option<String>,
+    /// Must grow on every restart, or a restarted server lingers as two
+    /// members; the default is the start time in unix milliseconds.
+    pub generation: u64,
+    pub gossip_interval: Duration,
+    /// The phi-accrual threshold above which a server is dead.
+    pub phi_threshold: f64,
+    /// How long a live server may go without a new heartbeat before its
+    /// cluster is suspect (dead is the phi-accrual detector's verdict).
+    pub suspect_after: Duration,
+    /// How long dead members' state is kept before it is forgotten.
+    pub dead_forget_after: Duration,
+    /// How often the view is recomputed from gossip state.
+    pub view_refresh: Duration,
+}
+
+impl MemberConfig {
+    pub fn new(federation: &str, cluster: &str, server: &str, listen_addr: SocketAddr) -> MemberConfig {
+        MemberConfig {
+            federation: federation.into(),
+            cluster: cluster.into(),
+            server: server.into(),
+            region: String::new(),
+            role: Role::Server,
+            listen_addr,
+            advertise_addr: None,
+            seeds: Vec::new(),
+            rpc_addr: None,
+            generation: unix_ms(),
+            gossip_interval: Duration::from_millis(GOSSIP_INTERVAL_MS),
+            phi_threshold: 8.0,
+            suspect_after: Duration::from_secs(2),
+            dead_forget_after: Duration::from_secs(3_600),
+            view_refresh: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Default gossip round interval: see ARCHITECTURE.md for the measured
+/// trade-off between propagation time and idle CPU.
+pub const GOSSIP_INTERVAL_MS: u64 = 100;
+/// Peers told at once when a summary changes, ahead of the next round.
+pub const PUSH_FANOUT: usize = 3;
+/// A member pushes at most once per this interval, however many summaries
+/// change: a bound on the extra traffic when every cluster is busy.
+pub const PUSH_COALESCE_MS: u64 = 100;
+
+pub struct Member {
+    handle: Arc<ChitchatHandle>,
+    push_task: JoinHandle<()>,
+    _summary_listener: chitchat::ListenerHandle,
+    keyring: SharedKeyring,
+    metrics: Arc<GossipMetrics>,
+    view: watch::Receiver<Arc<FederationView>>,
+    view_task: JoinHandle<()>,
+    publisher: Mutex<Publisher>,
+    config: MemberConfig,
+    local_addr: SocketAddr,
+}
+
+impl Member {
+    pub async fn start(config: MemberConfig, keyring: Keyring, net: Arc<dyn DatagramNet>) -> anyhow::Result<Member> {
+        let keyring: SharedKeyring = Arc::new(RwLock::new(keyring));
+        let metrics = Arc::new(GossipMetrics::default());
+        let transport = SealedTransport::new(net, keyring.clone(), metrics.clone());
+        let mut config = config;
+        config.listen_addr = transport.prebind(config.listen_addr).await?;
+        let advertise = config.advertise_addr.unwrap_or(config.listen_addr);
+        let node_id = format!("{}/{}", config.cluster, config.server);
+        let failure_detector_config = FailureDetectorConfig {
+            phi_threshold: config.phi_threshold,
+            sampling_window_size: 1_000,
+            max_interval: Duration::from_secs(10),
+            // The prior for a new member's heartbeat interval: one round.
+            initial_interval: config.gossip_interval,
+            dead_node_grace_period: config.dead_forget_after,
+        };
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(node_id, config.generation, advertise),
+            cluster_id: config.federation.clone(),
+            gossip_interval: config.gossip_interval,
+            listen_addr: config.listen_addr,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config,
+            marked_for_deletion_grace_period: config.dead_forget_after,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            // V0: the sealed transport compresses whole datagrams already,
+            // and V1's per-message digest compression doubled chitchat's
+            // CPU in our measurements. V0's digest fits one datagram up to
+            // the member count given in ARCHITECTURE.md.
+            protocol_version: ProtocolVersion::V0,
+        };
+        let mut initial = vec![
+            (keys::CLUSTER.to_string(), config.cluster.clone()),
+            (keys::SERVER.to_string(), config.server.clone()),
+            (keys::REGION.to_string(), config.region.clone()),
+            (keys::ROLE.to_string(), if config.role == Role::Server { "server" } else { "observer" }.to_string()),
+        ];
+        if let Some(rpc) = &config.rpc_addr {
+            initial.push((keys::RPC_ADDR.to_string(), rpc.clone()));
+        }
+        let handle = Arc::new(spawn_chitchat(chitchat_config, initial, &transport).await?);
+        let local_addr = {
+            let c = handle.chitchat();
+            let guard = c.lock().await;
+            guard.self_chitchat_id().gossip_advertise_addr
+        };
+        let (tx, rx) = watch::channel(Arc::new(FederationView::new(config.suspect_after.as_millis() as u64)));
+        let view_task = tokio::spawn(refresh_view(handle.chitchat(), tx, config.view_refresh, config.suspect_after));
+        // Rumour spreading for summaries: a member that learns a new summary
+        // tells a few peers at once instead of waiting for its next round.
+        let (push_tx, push_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let summary_listener = handle.chitchat().lock().await.subscribe_event(keys::SUMMARY, move |_| {
+            let _ = push_tx.try_send(());
+        });
+        let push_task = tokio::spawn(push_on_change(handle.clone(), push_rx));
+        Ok(Member {
+            handle,
+            push_task,
+            _summary_listener: summary_listener,
+            keyring,
+            metrics,
+            view: rx,
+            view_task,
+            publisher: Mutex::new(Publisher::default()),
+            config,
+            local_addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn config(&self) -> &MemberConfig {
+        &self.config
+    }
+
+    /// The latest view of the federation.
+    pub fn view(&self) -> Arc<FederationView> {
+        self.view.borrow().clone()
+    }
+
+    /// A stream of views, one per change.
+    pub fn watch(&self) -> watch::Receiver<Arc<FederationView>> {
+        self.view.clone()
+    }
+
+    pub fn keyring(&self) -> SharedKeyring {
+        self.keyring.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<GossipMetrics> {
+        self.metrics.clone()
+    }
+
+    pub async fn set_raft_term(&self, term: u64) {
+        self.handle.with_chitchat(|c| c.self_node_state().set(keys::RAFT_TERM, term)).await;
+    }
+
+    /// Publishes `summary` if the rate limit and change threshold allow
+    /// (see [`Publisher`]); returns whether it did. Only a cluster's
+    /// leader should call this.
+    pub async fn publish_summary(&self, summary: ClusterSummary, now_ms: u64) -> Result<bool, SummaryError> {
+        let Some(summary) = self.publisher.lock().expect("publisher lock").offer(summary, now_ms) else {
+            return Ok(false);
+        };
+        let text = summary.encode()?;
+        let peers: Vec<SocketAddr> = self
+            .handle
+            .with_chitchat(|c| {
+                c.self_node_state().set(keys::SUMMARY, &text);
+                let me = c.self_chitchat_id().clone();
+                c.live_nodes().filter(|id| **id != me).map(|id| id.gossip_advertise_addr).collect()
+            })
+            .await;
+        // Tell a few peers now rather than at the next round.
+        for addr in pick(&peers, PUSH_FANOUT, now_ms) {
+            let _ = self.handle.gossip(addr);
+        }
+        Ok(true)
+    }
+
+    /// Stops publishing (on losing leadership): peers keep the last
+    /// summary until a newer term supersedes it.
+    pub async fn withdraw_summary(&self) {
+        self.publisher.lock().expect("publisher lock").reset();
+        self.handle.with_chitchat(|c| c.self_node_state().delete(keys::SUMMARY)).await;
+    }
+
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.view_task.abort();
+        self.push_task.abort();
+        let _ = self.handle.initiate_shutdown();
+        self.handle.termination_watcher().await
+    }
+}
+
+/// Recomputes the view when chitchat reports a change (joins, leaves,
+/// new values), and at least every `every` so that suspect clusters turn
+/// dead on time; sends it when it changed.
+async fn refresh_view(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    tx: watch::Sender<Arc<FederationView>>,
+    every: Duration,
+    suspect_after: Duration,
+) {
+    let mut view = FederationView::new(suspect_after.as_millis() as u64);
+    let mut changes = chitchat.lock().await.live_nodes_watcher();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let members: Vec<MemberState> = {
+            let c = chitchat.lock().await;
+            let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+            c.node_states()
+                .iter()
+                .map(|(id, state)| MemberState {
+                    node_id: id.node_id.to_string(),
+                    generation: id.generation_id,
+                    live: live.contains(id),
+                    heartbeat: u64::from(state.heartbeat()),
+                    values: state.key_values().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                })
+                .collect()
+        };
+        view.update(&members, unix_ms());
+        if **tx.borrow() != view && tx.send(Arc::new(view.clone())).is_err() {
+            return;
+        }
+    }
+}
+
+/// Rumour spreading for summaries: when this member learns a new summary,
+/// it starts gossip rounds with a few random live peers at once (at most
+/// once per [`PUSH_COALESCE_MS`]), so a change travels in round trips, not
+/// in gossip intervals.
+async fn push_on_change(handle: Arc<ChitchatHandle>, mut changes: tokio::sync::mpsc::Receiver<()>) {
+    let mut seed = 0u64;
+    while changes.recv().await.is_some() {
+        let peers: Vec<SocketAddr> = handle
+            .with_chitchat(|c| {
+                let me = c.self_chitchat_id().clone();
+                c.live_nodes().filter(|id| **id != me).map(|id| id.gossip_advertise_addr).collect()
+            })
+            .await;
+        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        for addr in pick(&peers, PUSH_FANOUT, seed >> 33) {
+            let _ = handle.gossip(addr);
+        }
+        tokio::time::sleep(Duration::from_millis(PUSH_COALESCE_MS)).await;
+    }
+}
+
+/// Up to `n` of `peers`, spread over the list from an offset `seed` picks.
+fn pick(peers: &[SocketAddr], n: usize, seed: u64) -> Vec<SocketAddr> {
+    if peers.is_empty() {
+        return Vec::new();
+    }
+    let step = (peers.len() / n).max(1);
+    peers.iter().skip(seed as usize % step).step_by(step).take(n).copied().collect()
+}

@@ -1,0 +1,308 @@
+//! Encrypted gossip through chitchat's `Transport` trait.
+//!
+//! chitchat encodes its messages only inside its own UDP socket, so the
+//! sealed transport runs that socket on loopback as a codec and relays:
+//!
+//! ```text
+//! chitchat ──envelope──► inner UdpSocket (127.0.0.1) ──plaintext──► stand-in for peer P (127.0.0.1)
+//!                                                                     │ compress, seal
+//!                                                                     ▼
+//!                                            outer socket (the gossip address) ──sealed──► P
+//! ```
+//!
+//! and back: a sealed datagram from P is opened, decompressed and sent to
+//! the inner socket from P's stand-in, so chitchat sees P's stand-in as the
+//! sender, which [`SealedSocket::recv`] maps back to P. Plaintext never
+//! leaves loopback, and the inner socket accepts only stand-ins: anything
+//! else that reaches it is dropped and counted.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use chitchat::ChitchatEnvelope;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as ChitchatUdp};
+use tokio::task::JoinHandle;
+
+use crate::keyring::Keyring;
+use crate::net::{DATAGRAM_BYTES_MAX, DatagramNet, DatagramSocket};
+use crate::seal::{Opener, Reject, SEAL_OVERHEAD, Sealer};
+
+/// Stand-in sockets kept per member; the least recently used goes first.
+pub const STANDINS_MAX: usize = 4_096;
+/// The most a datagram may decompress to: chitchat's own datagram limit
+/// with room to spare, and a bound on a decompression bomb.
+pub const PLAINTEXT_BYTES_MAX: usize = 4 * DATAGRAM_BYTES_MAX;
+const ZSTD_LEVEL: i32 = 1;
+
+pub type SharedKeyring = Arc<RwLock<Keyring>>;
+
+/// Counters of one member's gossip traffic.
+#[derive(Debug, Default)]
+pub struct GossipMetrics {
+    pub datagrams_sent: AtomicU64,
+    pub datagrams_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub rejected_malformed: AtomicU64,
+    pub rejected_unknown_key: AtomicU64,
+    pub rejected_bad_tag: AtomicU64,
+    pub rejected_replay: AtomicU64,
+    pub rejected_stale: AtomicU64,
+    /// Sealed datagrams over the UDP limit, not sent.
+    pub oversize_dropped: AtomicU64,
+    /// Datagrams at the inner socket from something other than a stand-in.
+    pub unexpected_plaintext: AtomicU64,
+}
+
+impl GossipMetrics {
+    pub fn rejected(&self) -> u64 {
+        [
+            &self.rejected_malformed,
+            &self.rejected_unknown_key,
+            &self.rejected_bad_tag,
+            &self.rejected_replay,
+            &self.rejected_stale,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+
+    fn count(&self, r: Reject) {
+        let c = match r {
+            Reject::Malformed => &self.rejected_malformed,
+            Reject::UnknownKey => &self.rejected_unknown_key,
+            Reject::BadTag => &self.rejected_bad_tag,
+            Reject::Replay => &self.rejected_replay,
+            Reject::Stale => &self.rejected_stale,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// chitchat's transport, sealing every datagram under `keyring`.
+pub struct SealedTransport {
+    net: Arc<dyn DatagramNet>,
+    keyring: SharedKeyring,
+    metrics: Arc<GossipMetrics>,
+    /// A socket bound ahead of time (to learn the port behind port 0),
+    /// used by the first `open` of its address.
+    prebound: Mutex<Option<Arc<dyn DatagramSocket>>>,
+}
+
+impl SealedTransport {
+    pub fn new(net: Arc<dyn DatagramNet>, keyring: SharedKeyring, metrics: Arc<GossipMetrics>) -> Self {
+        SealedTransport { net, keyring, metrics, prebound: Mutex::new(None) }
+    }
+
+    /// Binds `addr` now and returns the address bound, so that a member
+    /// asked to listen on port 0 can advertise its real port.
+    pub async fn prebind(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let socket = self.net.bind(addr).await?;
+        let local = socket.local_addr();
+        *self.prebound.lock().expect("prebound lock") = Some(socket);
+        Ok(local)
+    }
+}
+
+struct StandIn {
+    socket: Arc<tokio::net::UdpSocket>,
+    local: SocketAddr,
+    task: JoinHandle<()>,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct StandIns {
+    by_peer: HashMap<SocketAddr, StandIn>,
+    by_local: HashMap<SocketAddr, SocketAddr>,
+    tick: u64,
+}
+
+/// State shared by the socket, the outer receive loop and the stand-ins.
+struct Relay {
+    outer: Arc<dyn DatagramSocket>,
+    inner_addr: SocketAddr,
+    keyring: SharedKeyring,
+    metrics: Arc<GossipMetrics>,
+    sealer: Mutex<Sealer>,
+    standins: Mutex<StandIns>,
+}
+
+impl Relay {
+    /// The stand-in for `peer`, made on first use.
+    fn standin(self: &Arc<Self>, peer: SocketAddr) -> std::io::Result<(Arc<tokio::net::UdpSocket>, SocketAddr)> {
+        let mut s = self.standins.lock().expect("stand-ins lock");
+        s.tick += 1;
+        let tick = s.tick;
+        if let Some(st) = s.by_peer.get_mut(&peer) {
+            st.last_used = tick;
+            return Ok((st.socket.clone(), st.local));
+        }
+        if s.by_peer.len() >= STANDINS_MAX {
+            let oldest = s.by_peer.iter().min_by_key(|(_, st)| st.last_used).map(|(p, _)| *p);
+            if let Some(p) = oldest.and_then(|p| s.by_peer.remove(&p).map(|st| (p, st))) {
+                p.1.task.abort();
+                s.by_local.remove(&p.1.local);
+            }
+        }
+        let std_socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        std_socket.set_nonblocking(true)?;
+        let socket = Arc::new(tokio::net::UdpSocket::from_std(std_socket)?);
+        let local = socket.local_addr()?;
+        let task = tokio::spawn(self.clone().outbound(socket.clone(), peer));
+        s.by_local.insert(local, peer);
+        s.by_peer.insert(peer, StandIn { socket: socket.clone(), local, task, last_used: tick });
+        Ok((socket, local))
+    }
+
+    /// Plaintext chitchat sent to `peer`'s stand-in: seal it and send it on.
+    async fn outbound(self: Arc<Self>, standin: Arc<tokio::net::UdpSocket>, peer: SocketAddr) {
+        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+        // One compression context per stand-in: making one costs far more
+        // than compressing a datagram.
+        let Ok(mut compressor) = zstd::bulk::Compressor::new(ZSTD_LEVEL) else { return };
+        loop {
+            let Ok((n, from)) = standin.recv_from(&mut buf).await else { return };
+            if from != self.inner_addr {
+                self.metrics.unexpected_plaintext.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Ok(compressed) = compressor.compress(&buf[..n]) else { continue };
+            if compressed.len() + SEAL_OVERHEAD > DATAGRAM_BYTES_MAX {
+                self.metrics.oversize_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(bytes = compressed.len(), %peer, "gossip datagram over the UDP limit after compression; dropped");
+                continue;
+            }
+            let sealed = {
+                let ring = self.keyring.read().expect("keyring lock");
+                self.sealer.lock().expect("sealer lock").seal(&ring, &compressed, unix_ms())
+            };
+            if self.outer.send_to(&sealed, peer).await.is_ok() {
+                self.metrics.datagrams_sent.fetch_add(1, Ordering::Relaxed);
+                self.metrics.bytes_sent.fetch_add(sealed.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sealed datagrams from the network: open them and hand them to the
+    /// inner socket from the sender's stand-in.
+    async fn inbound(self: Arc<Self>) {
+        let mut opener = Opener::new();
+        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 1];
+        let Ok(mut decompressor) = zstd::bulk::Decompressor::new() else { return };
+        loop {
+            let (n, from) = match self.outer.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return,
+                Err(_) => continue,
+            };
+            let opened = {
+                let ring = self.keyring.read().expect("keyring lock");
+                opener.open(&ring, &buf[..n], unix_ms())
+            };
+            let compressed = match opened {
+                Ok(p) => p,
+                Err(r) => {
+                    self.metrics.count(r);
+                    continue;
+                }
+            };
+            let Ok(plain) = decompressor.decompress(&compressed, PLAINTEXT_BYTES_MAX) else {
+                self.metrics.count(Reject::Malformed);
+                continue;
+            };
+            self.metrics.datagrams_received.fetch_add(1, Ordering::Relaxed);
+            if let Ok((standin, _)) = self.standin(from) {
+                let _ = standin.send_to(&plain, self.inner_addr).await;
+            }
+        }
+    }
+
+    fn peer_of(&self, standin: SocketAddr) -> Option<SocketAddr> {
+        self.standins.lock().expect("stand-ins lock").by_local.get(&standin).copied()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Ok(s) = self.standins.lock() {
+            for st in s.by_peer.values() {
+                st.task.abort();
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for SealedTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let prebound = self.prebound.lock().expect("prebound lock").take().filter(|s| s.local_addr() == listen_addr);
+        let outer = match prebound {
+            Some(s) => s,
+            None => self.net.bind(listen_addr).await?,
+        };
+        let inner = ChitchatUdp::open((Ipv4Addr::LOCALHOST, 0).into()).await?;
+        let relay = Arc::new(Relay {
+            outer,
+            inner_addr: inner.local_addr()?,
+            keyring: self.keyring.clone(),
+            metrics: self.metrics.clone(),
+            sealer: Mutex::new(Sealer::random()),
+            standins: Mutex::new(StandIns::default()),
+        });
+        let inbound = tokio::spawn(relay.clone().inbound());
+        Ok(Box::new(SealedSocket { inner, relay, inbound }))
+    }
+}
+
+pub struct SealedSocket {
+    inner: ChitchatUdp,
+    relay: Arc<Relay>,
+    inbound: JoinHandle<()>,
+}
+
+impl Drop for SealedSocket {
+    fn drop(&mut self) {
+        self.inbound.abort();
+        if let Ok(mut s) = self.relay.standins.lock() {
+            for (_, st) in s.by_peer.drain() {
+                st.task.abort();
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Socket for SealedSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.relay.outer.local_addr())
+    }
+
+    async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) -> anyhow::Result<SendOutcome> {
+        let (_, standin) = self.relay.standin(to)?;
+        self.inner.send(standin, envelope).await
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            let mut outcome = self.inner.recv().await?;
+            match self.relay.peer_of(outcome.from_addr) {
+                Some(peer) => {
+                    outcome.from_addr = peer;
+                    return Ok(outcome);
+                }
+                None => {
+                    self.relay.metrics.unexpected_plaintext.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The federation as one member sees it: per cluster, its servers, whether
+//! it is alive, and its latest capacity summary. Pure: built from a
+//! snapshot of gossip state and the time.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::summary::ClusterSummary;
+
+/// Gossip keys every member publishes about itself.
+pub mod keys {
+    pub const CLUSTER: &str = "cluster";
+    pub const SERVER: &str = "server";
+    pub const REGION: &str = "region";
+    pub const ROLE: &str = "role";
+    pub const RPC_ADDR: &str = "rpc_addr";
+    pub const RAFT_TERM: &str = "raft_term";
+    /// Only the leader of a cluster publishes one.
+    pub const SUMMARY: &str = "summary";
+}
+
+/// What the failure detector says of one gossip member.
+#[derive(Clone, Debug)]
+pub struct MemberState {
+    pub node_id: String,
+    pub generation: u64,
+    /// chitchat's phi-accrual verdict.
+    pub live: bool,
+    /// The member's heartbeat counter, which rises every gossip round it runs.
+    pub heartbeat: u64,
+    pub values: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    /// At least one server is live and heartbeating.
+    Alive,
+    /// Servers are still live by the phi-accrual detector, but none has
+    /// heartbeated for the suspect window: an early warning.
+    Suspect,
+    /// No server is live by the phi-accrual detector.
+    Dead,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServerEntry {
+    pub name: String,
+    pub generation: u64,
+    pub live: bool,
+    pub rpc_addr: Option<String>,
+    pub raft_term: u64,
+    pub heartbeat: u64,
+    /// When this member last saw the heartbeat rise.
+    pub heartbeat_seen_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClusterEntry {
+    pub cluster: String,
+    pub region: String,
+    pub liveness: Liveness,
+    pub servers: BTreeMap<String, ServerEntry>,
+    /// The server whose summary is the newest (the leader, as far as gossip knows).
+    pub leader: Option<String>,
+    pub summary: Option<ClusterSummary>,
+    /// When this member last saw a server of the cluster live.
+    pub last_live_ms: u64,
+}
+
+impl ClusterEntry {
+    pub fn summary_age_ms(&self, now_ms: u64) -> Option<u64> {
+        self.summary.as_ref().map(|s| now_ms.saturating_sub(s.generated_at_ms))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FederationView {
+    pub clusters: BTreeMap<String, ClusterEntry>,
+    /// Summaries refused as undecodable, by cluster.
+    pub bad_summaries: u64,
+    #[serde(skip)]
+    suspect_ms: u64,
+    /// The summary text last decoded per gossip member, so an unchanged
+    /// summary is not decoded again on every update.
+    #[serde(skip)]
+    decoded: BTreeMap<String, String>,
+}
+
+impl FederationView {
+    /// `suspect_ms`: how long a live server may go without a new heartbeat
+    /// before its cluster is suspect.
+    pub fn new(suspect_ms: u64) -> Self {
+        FederationView { clusters: BTreeMap::new(), bad_summaries: 0, suspect_ms, decoded: BTreeMap::new() }
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&ClusterEntry> {
+        self.clusters.get(name)
+    }
+
+    pub fn alive(&self) -> impl Iterator<Item = &ClusterEntry> {
+        self.clusters.values().filter(|c| c.liveness == Liveness::Alive)
+    }
+
+    /// Folds a new snapshot in. A summary is replaced only by one that
+    /// supersedes it (newer term, or same term and later), so a lagging
+    /// server's old summary never wins; servers are tracked at their newest
+    /// generation, so a restarted server does not count twice.
+    pub fn update(&mut self, members: &[MemberState], now_ms: u64) {
+        let mut seen: BTreeMap<&str, Vec<&MemberState>> = BTreeMap::new();
+        for m in members {
+            if m.values.get(keys::ROLE).map(String::as_str) == Some("observer") {
+                continue;
+            }
+            if let Some(cluster) = m.values.get(keys::CLUSTER) {
+                seen.entry(cluster).or_default().push(m);
+            }
+        }
+        for entry in self.clusters.values_mut() {
+            // A server gossip no longer reports (forgotten after death) is not live.
+            for server in entry.servers.values_mut() {
+                server.live = false;
+            }
+        }
+        for (cluster, ms) in seen {
+            let entry = self.clusters.entry(cluster.to_string()).or_insert_with(|| ClusterEntry {
+                cluster: cluster.to_string(),
+                region: String::new(),
+                liveness: Liveness::Suspect,
+                servers: BTreeMap::new(),
+                leader: None,
+                summary: None,
+                last_live_ms: now_ms,
+            });
+            for m in ms {
+                if let Some(region) = m.values.get(keys::REGION) {
+                    entry.region.clone_from(region);
+                }
+                let name = m.values.get(keys::SERVER).cloned().unwrap_or_else(|| m.node_id.clone());
+                let mut server = ServerEntry {
+                    name: name.clone(),
+                    generation: m.generation,
+                    live: m.live,
+                    rpc_addr: m.values.get(keys::RPC_ADDR).cloned(),
+                    raft_term: m.values.get(keys::RAFT_TERM).and_then(|t| t.parse().ok()).unwrap_or(0),
+                    heartbeat: m.heartbeat,
+                    heartbeat_seen_ms: now_ms,
+                };
+                match entry.servers.get_mut(&name) {
+                    Some(s) if s.generation > server.generation => {}
+                    Some(s) => {
+                        if s.generation == server.generation && s.heartbeat >= server.heartbeat {
+                            server.heartbeat_seen_ms = s.heartbeat_seen_ms;
+                        }
+                        *s = server;
+                    }
+                    None => {
+                        entry.servers.insert(name.clone(), server);
+                    }
+                }
+                let Some(text) = m.values.get(keys::SUMMARY) else { continue };
+                let key = format!("{}#{}", m.node_id, m.generation);
+                if self.decoded.get(&key) == Some(text) {
+                    continue;
+                }
+                self.decoded.insert(key, text.clone());
+                match ClusterSummary::decode(text) {
+                    Ok(s) if s.cluster == cluster => {
+                        if entry.summary.as_ref().is_none_or(|old| s.supersedes(old)) {
+                            entry.summary = Some(s);
+                            entry.leader = Some(name.clone());
+                        }
+                    }
+                    _ => self.bad_summaries += 1,
+                }
+            }
+            if entry.servers.values().any(|s| s.live) {
+                entry.last_live_ms = now_ms;
+            }
+        }
+        let suspect_ms = self.suspect_ms;
+        for entry in self.clusters.values_mut() {
+            let beating = |s: &ServerEntry| s.live && now_ms.saturating_sub(s.heartbeat_seen_ms) < suspect_ms;
+            entry.liveness = if entry.servers.values().any(beating) {
+                Liveness::Alive
+            } else if entry.servers.values().any(|s| s.live) {
+                Liveness::Suspect
+            } else {
+                Liveness::Dead
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(cluster: &str, term: u64, at: u64, free_cpu: u64) -> ClusterSummary {
+        ClusterSummary {
+            cluster: cluster.into(),
+            region: "r".into(),
+            term,
+            generated_at_ms: at,
+            nodes_ready: 1,
+            nodes_down: 0,
+            jurisdictions: vec![],
+            environments: vec![],
+            execution_models: vec![],
+            classes: vec![crate::summary::ClassCapacity {
+                class: "m".into(),
+                nodes: 1,
+                total: cluster_core::resources::Resources { cpu_millis: 8000, ..Default::default() },
+                free: cluster_core::resources::Resources { cpu_millis: free_cpu, ..Default::default() },
+                price_per_cpu_hour: 0.0,
+            }],
+            gpus: vec![],
+            shapes: vec![0; 8],
+            running_allocs: 0,
+            pending_allocs: 0,
+        }
+    }
+
+    fn member(cluster: &str, server: &str, generation: u64, live: bool, s: Option<&ClusterSummary>) -> MemberState {
+        let mut values = BTreeMap::from([
+            (keys::CLUSTER.to_string(), cluster.to_string()),
+            (keys::SERVER.to_string(), server.to_string()),
+            (keys::REGION.to_string(), "r1".to_string()),
+        ]);
+        if let Some(s) = s {
+            values.insert(keys::SUMMARY.into(), s.encode().unwrap());
+        }
+        MemberState { node_id: format!("{cluster}/{server}"), generation, live, heartbeat: 0, values }
+    }
+
+    #[test]
+    fn a_cluster_is_alive_while_any_server_is() {
+        let mut v = FederationView::new(1_000);
+        let beat = |mut m: MemberState, hb: u64| {
+            m.heartbeat = hb;
+            m
+        };
+        v.update(&[member("a", "s1", 1, true, None), member("a", "s2", 1, false, None)], 0);
+        assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Alive);
+        v.update(&[beat(member("a", "s1", 1, true, None), 5), member("a", "s2", 1, false, None)], 900);
+        assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Alive, "a rising heartbeat keeps it alive");
+        v.update(&[beat(member("a", "s1", 1, true, None), 5), member("a", "s2", 1, false, None)], 1_950);
+        assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Suspect, "live by phi, but silent");
+        v.update(&[member("a", "s1", 1, false, None), member("a", "s2", 1, false, None)], 2_000);
+        assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Dead);
+        v.update(&[member("a", "s2", 1, true, None)], 2_100);
+        assert_eq!(v.cluster("a").unwrap().servers["s1"].live, false, "gone from gossip is not live");
+        v.update(&[member("a", "s1", 2, true, None), member("a", "s1", 1, false, None)], 2_000);
+        let a = v.cluster("a").unwrap();
+        assert_eq!(a.liveness, Liveness::Alive, "a restarted server revives its cluster");
+        assert_eq!(a.servers["s1"].generation, 2, "the newest generation stands for the server");
+    }
+
+    #[test]
+    fn an_older_term_summary_never_overwrites_a_newer_one() {
+        let mut v = FederationView::new(1_000);
+        let new = summary("a", 5, 100, 1000);
+        let old = summary("a", 4, 900, 7000);
+        v.update(&[member("a", "s1", 1, true, Some(&new))], 0);
+        v.update(&[member("a", "s1", 1, true, Some(&new)), member("a", "s2", 1, true, Some(&old))], 10);
+        let a = v.cluster("a").unwrap();
+        assert_eq!(a.summary.as_ref().unwrap().term, 5);
+        assert_eq!(a.leader.as_deref(), Some("s1"));
+        // s1 went away with its summary; s2's stale one still does not win.
+        v.update(&[member("a", "s2", 1, true, Some(&old))], 20);
+        assert_eq!(v.cluster("a").unwrap().summary.as_ref().unwrap().term, 5);
+        let newer = summary("a", 6, 50, 3000);
+        v.update(&[member("a", "s2", 1, true, Some(&newer))], 30);
+        assert_eq!(v.cluster("a").unwrap().summary.as_ref().unwrap().term, 6);
+    }
+
+    #[test]
+    fn garbage_and_misattributed_summaries_are_refused() {
+        let mut v = FederationView::new(1_000);
+        let mut m = member("a", "s1", 1, true, None);
+        m.values.insert(keys::SUMMARY.into(), "garbage".into());
+        let other = summary("b", 9, 0, 0);
+        let m2 = member("a", "s2", 1, true, Some(&other));
+        v.update(&[m, m2], 0);
+        assert!(v.cluster("a").unwrap().summary.is_none());
+        assert_eq!(v.bad_summaries, 2);
+    }
+
+    #[test]
+    fn observers_are_not_clusters() {
+        let mut v = FederationView::new(1_000);
+        let mut m = member("cli", "x", 1, true, None);
+        m.values.insert(keys::ROLE.into(), "observer".into());
+        v.update(&[m], 0);
+        assert!(v.clusters.is_empty());
+    }
+}
