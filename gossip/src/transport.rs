@@ -36,7 +36,14 @@ pub const STANDINS_MAX: usize = 4_096;
 /// The most a datagram may decompress to: chitchat's own datagram limit
 /// with room to spare, and a bound on a decompression bomb.
 pub const PLAINTEXT_BYTES_MAX: usize = 4 * DATAGRAM_BYTES_MAX;
-const ZSTD_LEVEL: i32 = 1;
+/// zstd's fast mode: a third of level 1's cost on gossip datagrams, which
+/// still shrink well (node ids and summaries repeat).
+const ZSTD_LEVEL: i32 = -3;
+/// Smaller plaintexts are sealed as they are: compressing them costs more
+/// CPU than the bytes are worth.
+const COMPRESS_ABOVE_BYTES: usize = 1_024;
+const RAW: u8 = 0;
+const ZSTD: u8 = 1;
 
 pub type SharedKeyring = Arc<RwLock<Keyring>>;
 
@@ -169,13 +176,26 @@ impl Relay {
         // One compression context per stand-in: making one costs far more
         // than compressing a datagram.
         let Ok(mut compressor) = zstd::bulk::Compressor::new(ZSTD_LEVEL) else { return };
+        let mut compressed: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(DATAGRAM_BYTES_MAX) + 1);
         loop {
             let Ok((n, from)) = standin.recv_from(&mut buf).await else { return };
             if from != self.inner_addr {
                 self.metrics.unexpected_plaintext.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let Ok(compressed) = compressor.compress(&buf[..n]) else { continue };
+            compressed.clear();
+            if n > COMPRESS_ABOVE_BYTES {
+                compressed.push(ZSTD);
+                let start = compressed.len();
+                compressed.resize(compressed.capacity(), 0);
+                match compressor.compress_to_buffer(&buf[..n], &mut compressed[start..]) {
+                    Ok(len) => compressed.truncate(start + len),
+                    Err(_) => continue,
+                }
+            } else {
+                compressed.push(RAW);
+                compressed.extend_from_slice(&buf[..n]);
+            }
             if compressed.len() + SEAL_OVERHEAD > DATAGRAM_BYTES_MAX {
                 self.metrics.oversize_dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(bytes = compressed.len(), %peer, "gossip datagram over the UDP limit after compression; dropped");
@@ -198,6 +218,9 @@ impl Relay {
         let mut opener = Opener::new();
         let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 1];
         let Ok(mut decompressor) = zstd::bulk::Decompressor::new() else { return };
+        // Reused for every datagram: a fresh buffer this size would be an
+        // mmap and page faults each time.
+        let mut plain: Vec<u8> = Vec::with_capacity(PLAINTEXT_BYTES_MAX);
         loop {
             let (n, from) = match self.outer.recv_from(&mut buf).await {
                 Ok(x) => x,
@@ -215,10 +238,19 @@ impl Relay {
                     continue;
                 }
             };
-            let Ok(plain) = decompressor.decompress(&compressed, PLAINTEXT_BYTES_MAX) else {
+            plain.clear();
+            let ok = match compressed.split_first() {
+                Some((&RAW, body)) => {
+                    plain.extend_from_slice(body);
+                    true
+                }
+                Some((&ZSTD, body)) => decompressor.decompress_to_buffer(body, &mut plain).is_ok(),
+                _ => false,
+            };
+            if !ok {
                 self.metrics.count(Reject::Malformed);
                 continue;
-            };
+            }
             self.metrics.datagrams_received.fetch_add(1, Ordering::Relaxed);
             if let Ok((standin, _)) = self.standin(from) {
                 let _ = standin.send_to(&plain, self.inner_addr).await;

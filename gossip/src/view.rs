@@ -20,16 +20,26 @@ pub mod keys {
     pub const SUMMARY: &str = "summary";
 }
 
-/// What the failure detector says of one gossip member.
+/// One gossip member's state, borrowed from chitchat for one update.
 #[derive(Clone, Debug)]
-pub struct MemberState {
-    pub node_id: String,
+pub struct MemberState<'a> {
+    pub node_id: &'a str,
     pub generation: u64,
     /// chitchat's phi-accrual verdict.
     pub live: bool,
     /// The member's heartbeat counter, which rises every gossip round it runs.
     pub heartbeat: u64,
-    pub values: BTreeMap<String, String>,
+    /// Its key-values, the summary aside.
+    pub values: Vec<(&'a str, &'a str)>,
+    /// Its summary with the version chitchat gave it: the text is decoded
+    /// only when the version changes.
+    pub summary: Option<(u64, &'a str)>,
+}
+
+impl<'a> MemberState<'a> {
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.values.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -54,6 +64,9 @@ pub struct ServerEntry {
     pub heartbeat: u64,
     /// When this member last saw the heartbeat rise.
     pub heartbeat_seen_ms: u64,
+    /// `live` before the update in progress, to tell a change.
+    #[serde(skip)]
+    was_live: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -82,10 +95,10 @@ pub struct FederationView {
     pub bad_summaries: u64,
     #[serde(skip)]
     suspect_ms: u64,
-    /// The summary text last decoded per gossip member, so an unchanged
+    /// The summary version last decoded per gossip member, so an unchanged
     /// summary is not decoded again on every update.
     #[serde(skip)]
-    decoded: BTreeMap<String, String>,
+    decoded: BTreeMap<(String, u64), u64>,
 }
 
 impl FederationView {
@@ -103,49 +116,61 @@ impl FederationView {
         self.clusters.values().filter(|c| c.liveness == Liveness::Alive)
     }
 
-    /// Folds a new snapshot in. A summary is replaced only by one that
-    /// supersedes it (newer term, or same term and later), so a lagging
-    /// server's old summary never wins; servers are tracked at their newest
-    /// generation, so a restarted server does not count twice.
-    pub fn update(&mut self, members: &[MemberState], now_ms: u64) {
+    /// Folds a new snapshot in, and says whether anything a reader acts on
+    /// changed (membership, liveness, a server's address or term, a
+    /// summary); rising heartbeats alone do not count. A summary is
+    /// replaced only by one that supersedes it (newer term, or same term
+    /// and later), so a lagging server's old summary never wins; servers
+    /// are tracked at their newest generation, so a restarted server does
+    /// not count twice.
+    pub fn update(&mut self, members: &[MemberState<'_>], now_ms: u64) -> bool {
+        let mut changed = false;
         let mut seen: BTreeMap<&str, Vec<&MemberState>> = BTreeMap::new();
         for m in members {
-            if m.values.get(keys::ROLE).map(String::as_str) == Some("observer") {
+            if m.get(keys::ROLE) == Some("observer") {
                 continue;
             }
-            if let Some(cluster) = m.values.get(keys::CLUSTER) {
+            if let Some(cluster) = m.get(keys::CLUSTER) {
                 seen.entry(cluster).or_default().push(m);
             }
         }
         for entry in self.clusters.values_mut() {
             // A server gossip no longer reports (forgotten after death) is not live.
             for server in entry.servers.values_mut() {
+                server.was_live = server.live;
                 server.live = false;
             }
         }
         for (cluster, ms) in seen {
-            let entry = self.clusters.entry(cluster.to_string()).or_insert_with(|| ClusterEntry {
-                cluster: cluster.to_string(),
-                region: String::new(),
-                liveness: Liveness::Suspect,
-                servers: BTreeMap::new(),
-                leader: None,
-                summary: None,
-                last_live_ms: now_ms,
+            let entry = self.clusters.entry(cluster.to_string()).or_insert_with(|| {
+                changed = true;
+                ClusterEntry {
+                    cluster: cluster.to_string(),
+                    region: String::new(),
+                    liveness: Liveness::Suspect,
+                    servers: BTreeMap::new(),
+                    leader: None,
+                    summary: None,
+                    last_live_ms: now_ms,
+                }
             });
             for m in ms {
-                if let Some(region) = m.values.get(keys::REGION) {
-                    entry.region.clone_from(region);
+                if let Some(region) = m.get(keys::REGION) {
+                    if entry.region != region {
+                        entry.region = region.to_string();
+                        changed = true;
+                    }
                 }
-                let name = m.values.get(keys::SERVER).cloned().unwrap_or_else(|| m.node_id.clone());
+                let name = m.get(keys::SERVER).unwrap_or(m.node_id).to_string();
                 let mut server = ServerEntry {
                     name: name.clone(),
                     generation: m.generation,
                     live: m.live,
-                    rpc_addr: m.values.get(keys::RPC_ADDR).cloned(),
-                    raft_term: m.values.get(keys::RAFT_TERM).and_then(|t| t.parse().ok()).unwrap_or(0),
+                    rpc_addr: m.get(keys::RPC_ADDR).map(str::to_string),
+                    raft_term: m.get(keys::RAFT_TERM).and_then(|t| t.parse().ok()).unwrap_or(0),
                     heartbeat: m.heartbeat,
                     heartbeat_seen_ms: now_ms,
+                    was_live: false,
                 };
                 match entry.servers.get_mut(&name) {
                     Some(s) if s.generation > server.generation => {}
@@ -153,23 +178,29 @@ impl FederationView {
                         if s.generation == server.generation && s.heartbeat >= server.heartbeat {
                             server.heartbeat_seen_ms = s.heartbeat_seen_ms;
                         }
+                        server.was_live = s.was_live;
+                        changed |= s.generation != server.generation
+                            || s.rpc_addr != server.rpc_addr
+                            || s.raft_term != server.raft_term;
                         *s = server;
                     }
                     None => {
+                        changed = true;
                         entry.servers.insert(name.clone(), server);
                     }
                 }
-                let Some(text) = m.values.get(keys::SUMMARY) else { continue };
-                let key = format!("{}#{}", m.node_id, m.generation);
-                if self.decoded.get(&key) == Some(text) {
+                let Some((version, text)) = m.summary else { continue };
+                let key = (m.node_id.to_string(), m.generation);
+                if self.decoded.get(&key) == Some(&version) {
                     continue;
                 }
-                self.decoded.insert(key, text.clone());
+                self.decoded.insert(key, version);
                 match ClusterSummary::decode(text) {
                     Ok(s) if s.cluster == cluster => {
                         if entry.summary.as_ref().is_none_or(|old| s.supersedes(old)) {
                             entry.summary = Some(s);
                             entry.leader = Some(name.clone());
+                            changed = true;
                         }
                     }
                     _ => self.bad_summaries += 1,
@@ -181,15 +212,19 @@ impl FederationView {
         }
         let suspect_ms = self.suspect_ms;
         for entry in self.clusters.values_mut() {
+            changed |= entry.servers.values().any(|s| s.was_live != s.live);
             let beating = |s: &ServerEntry| s.live && now_ms.saturating_sub(s.heartbeat_seen_ms) < suspect_ms;
-            entry.liveness = if entry.servers.values().any(beating) {
+            let liveness = if entry.servers.values().any(beating) {
                 Liveness::Alive
             } else if entry.servers.values().any(|s| s.live) {
                 Liveness::Suspect
             } else {
                 Liveness::Dead
             };
+            changed |= liveness != entry.liveness;
+            entry.liveness = liveness;
         }
+        changed
     }
 }
 
@@ -222,28 +257,41 @@ mod tests {
         }
     }
 
-    fn member(cluster: &str, server: &str, generation: u64, live: bool, s: Option<&ClusterSummary>) -> MemberState {
-        let mut values = BTreeMap::from([
-            (keys::CLUSTER.to_string(), cluster.to_string()),
-            (keys::SERVER.to_string(), server.to_string()),
-            (keys::REGION.to_string(), "r1".to_string()),
-        ]);
-        if let Some(s) = s {
-            values.insert(keys::SUMMARY.into(), s.encode().unwrap());
-        }
-        MemberState { node_id: format!("{cluster}/{server}"), generation, live, heartbeat: 0, values }
+    /// Strings the borrowed member states point into, leaked: tests only.
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    fn member(
+        cluster: &str,
+        server: &str,
+        generation: u64,
+        live: bool,
+        s: Option<&ClusterSummary>,
+    ) -> MemberState<'static> {
+        let values = vec![
+            (keys::CLUSTER, leak(cluster.to_string())),
+            (keys::SERVER, leak(server.to_string())),
+            (keys::REGION, "r1"),
+        ];
+        // The summary's version: its term and time, enough to tell versions apart here.
+        let summary = s.map(|s| (s.term * 1_000_000 + s.generated_at_ms, leak(s.encode().unwrap())));
+        MemberState { node_id: leak(format!("{cluster}/{server}")), generation, live, heartbeat: 0, values, summary }
     }
 
     #[test]
     fn a_cluster_is_alive_while_any_server_is() {
         let mut v = FederationView::new(1_000);
-        let beat = |mut m: MemberState, hb: u64| {
+        let beat = |mut m: MemberState<'static>, hb: u64| {
             m.heartbeat = hb;
             m
         };
-        v.update(&[member("a", "s1", 1, true, None), member("a", "s2", 1, false, None)], 0);
+        assert!(v.update(&[member("a", "s1", 1, true, None), member("a", "s2", 1, false, None)], 0));
         assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Alive);
-        v.update(&[beat(member("a", "s1", 1, true, None), 5), member("a", "s2", 1, false, None)], 900);
+        assert!(
+            !v.update(&[beat(member("a", "s1", 1, true, None), 5), member("a", "s2", 1, false, None)], 900),
+            "a heartbeat alone is no change"
+        );
         assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Alive, "a rising heartbeat keeps it alive");
         v.update(&[beat(member("a", "s1", 1, true, None), 5), member("a", "s2", 1, false, None)], 1_950);
         assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Suspect, "live by phi, but silent");
@@ -279,7 +327,7 @@ mod tests {
     fn garbage_and_misattributed_summaries_are_refused() {
         let mut v = FederationView::new(1_000);
         let mut m = member("a", "s1", 1, true, None);
-        m.values.insert(keys::SUMMARY.into(), "garbage".into());
+        m.summary = Some((1, "garbage"));
         let other = summary("b", 9, 0, 0);
         let m2 = member("a", "s2", 1, true, Some(&other));
         v.update(&[m, m2], 0);
@@ -291,7 +339,7 @@ mod tests {
     fn observers_are_not_clusters() {
         let mut v = FederationView::new(1_000);
         let mut m = member("cli", "x", 1, true, None);
-        m.values.insert(keys::ROLE.into(), "observer".into());
+        m.values.push((keys::ROLE, "observer"));
         v.update(&[m], 0);
         assert!(v.clusters.is_empty());
     }

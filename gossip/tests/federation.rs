@@ -49,7 +49,6 @@ fn config(i: usize, cluster: &str, server: &str, listen: SocketAddr, seeds: &[So
     c.seeds = seeds.iter().filter(|s| **s != listen).map(|s| s.to_string()).collect();
     c.region = format!("region-{}", i % 3);
     c.generation = 1;
-    c.suspect_after = Duration::from_millis(1_000);
     c
 }
 
@@ -73,10 +72,34 @@ async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool)
     start.elapsed()
 }
 
-/// How far a federation got: (fewest, most) alive clusters with a summary seen by a member.
-fn progress(members: &[Member]) -> (usize, usize) {
+/// How far a federation got: the fewest and most alive clusters with a
+/// summary seen by a member, and what the worst member saw and sent.
+fn progress(members: &[Member]) -> String {
     let seen: Vec<usize> = members.iter().map(|m| m.view().alive().filter(|c| c.summary.is_some()).count()).collect();
-    (seen.iter().copied().min().unwrap_or(0), seen.iter().copied().max().unwrap_or(0))
+    let (worst, fewest) = seen.iter().copied().enumerate().min_by_key(|(_, n)| *n).unwrap_or((0, 0));
+    let m = &members[worst];
+    let v = m.view();
+    let x = m.metrics();
+    format!(
+        "fewest {fewest} (member {worst}: {} clusters, {} alive, {} with summaries; sent {}, received {}, rejected {}, \
+         oversize {}, unexpected {}), most {}",
+        v.clusters.len(),
+        v.alive().count(),
+        v.clusters.values().filter(|c| c.summary.is_some()).count(),
+        x.datagrams_sent.load(Ordering::Relaxed),
+        x.datagrams_received.load(Ordering::Relaxed),
+        x.rejected(),
+        x.oversize_dropped.load(Ordering::Relaxed),
+        x.unexpected_plaintext.load(Ordering::Relaxed),
+        seen.iter().max().unwrap_or(&0)
+    ) + &format!(
+        "; now {} first entry {:?}",
+        unix_ms(),
+        v.clusters.values().next().map(|c| (
+            c.liveness,
+            c.servers.values().map(|s| (s.live, s.heartbeat, s.heartbeat_seen_ms)).collect::<Vec<_>>()
+        ))
+    )
 }
 
 fn sees_all(m: &Member, n: usize, free_cpu: Option<u64>) -> bool {
@@ -97,7 +120,7 @@ async fn fifty_clusters_converge_and_a_change_reaches_all() {
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while !members.iter().all(|m| sees_all(m, 50, None)) {
-        assert!(Instant::now() < deadline, "not converged in 60 s: (fewest, most) seen = {:?}", progress(&members));
+        assert!(Instant::now() < deadline, "not converged in 60 s: {}", progress(&members));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = Instant::now() + Duration::from_secs(60) - deadline;
