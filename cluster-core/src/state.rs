@@ -353,11 +353,7 @@ impl ClusterState {
         a.status = status;
         if was_holding && !a.holds_resources() {
             if let Some(&idx) = self.node_index.get(&a.node) {
-                let node = &self.nodes[idx.get()];
-                let gpu = a
-                    .gpus
-                    .as_ref()
-                    .and_then(|g| node.gpus.iter().position(|d| d.model == g.model).map(|i| (i, g.count)));
+                let gpu = gpu_slot(&self.nodes[idx.get()], a);
                 self.usage[idx.get()].sub(a.resources, gpu);
             }
         }
@@ -368,14 +364,15 @@ impl ClusterState {
         let mut usage = vec![NodeUsage::default(); self.nodes.len()];
         for a in self.allocs.values().filter(|a| a.holds_resources()) {
             if let Some(&idx) = self.node_index.get(&a.node) {
-                let node = &self.nodes[idx.get()];
-                let gpu = a
-                    .gpus
-                    .as_ref()
-                    .and_then(|g| node.gpus.iter().position(|d| d.model == g.model).map(|i| (i, g.count)));
-                usage[idx.get()].add(a.resources, gpu);
+                usage[idx.get()].add(a.resources, gpu_slot(&self.nodes[idx.get()], a));
             }
         }
         usage
     }
+}
+
+/// The node's GPU device group an allocation took from, with the count.
+fn gpu_slot(node: &Node, alloc: &Allocation) -> Option<(usize, u32)> {
+    let g = alloc.gpus.as_ref()?;
+    node.gpus.iter().position(|d| d.model == g.model).map(|i| (i, g.count))
 }

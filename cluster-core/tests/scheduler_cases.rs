@@ -45,7 +45,7 @@ fn run_case(dir: &Path) -> Result<(), String> {
     };
     check(
         plan.placements.len() == expect.placed,
-        format!("placed {} , expected {}", plan.placements.len(), expect.placed),
+        format!("placed {}, expected {}", plan.placements.len(), expect.placed),
     );
     check(
         plan.unplaced_count() == expect.unplaced,

@@ -37,15 +37,7 @@ pub struct Fleet {
 }
 
 pub fn parse_fleet(file: &SourceFile) -> Checked<Fleet> {
-    let mut d = Diagnostics::default();
-    let fleet = read::parse(file, &mut d).and_then(|root| {
-        let mut top = Table::new(root.get_ref(), root.span(), "");
-        let fleet = read_fleet(&mut top, &mut d);
-        top.finish(&mut d);
-        fleet
-    });
-    let ok = !d.has_errors();
-    Checked { value: fleet.filter(|_| ok), diagnostics: d.into_sorted() }
+    read::checked(file, read_fleet)
 }
 
 fn read_fleet(top: &mut Table, d: &mut Diagnostics) -> Option<Fleet> {

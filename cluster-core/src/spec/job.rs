@@ -38,15 +38,7 @@ const DEFAULT_MEMORY_BYTES: u64 = 128 << 20;
 
 /// Parses and validates a job spec.
 pub fn parse_job(file: &SourceFile) -> Checked<Job> {
-    let mut d = Diagnostics::default();
-    let job = read::parse(file, &mut d).and_then(|root| {
-        let mut top = Table::new(root.get_ref(), root.span(), "");
-        let job = read_job(&mut top, &mut d);
-        top.finish(&mut d);
-        job
-    });
-    let ok = !d.has_errors();
-    Checked { value: job.filter(|_| ok), diagnostics: d.into_sorted() }
+    read::checked(file, read_job)
 }
 
 fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {

@@ -9,6 +9,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::diag::{Diagnostics, SourceFile, Span};
 use crate::resources::closest;
+use crate::spec::Checked;
 
 /// The largest file any reader here accepts, checked before parsing so that
 /// a huge file costs nothing.
@@ -29,6 +30,20 @@ pub fn parse<'i>(file: &'i SourceFile, d: &mut Diagnostics) -> Option<Spanned<De
         d.error(e.span().unwrap_or(0..0), format!("invalid TOML: {}", e.message().trim_end()));
     }
     errors.is_empty().then_some(table)
+}
+
+/// Parses `file` and reads its root table with `read`, reporting every
+/// problem; the value is kept only if there was no error.
+pub fn checked<T>(file: &SourceFile, read: impl FnOnce(&mut Table, &mut Diagnostics) -> Option<T>) -> Checked<T> {
+    let mut d = Diagnostics::default();
+    let value = parse(file, &mut d).and_then(|root| {
+        let mut top = Table::new(root.get_ref(), root.span(), "");
+        let value = read(&mut top, &mut d);
+        top.finish(&mut d);
+        value
+    });
+    let ok = !d.has_errors();
+    Checked { value: value.filter(|_| ok), diagnostics: d.into_sorted() }
 }
 
 /// One TOML table being read. Every key the reader asks for is remembered,
