@@ -22,3 +22,4 @@ pub mod resources;
 pub mod scheduler;
 pub mod spec;
 pub mod state;
+pub mod transport;

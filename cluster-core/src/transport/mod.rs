@@ -1,0 +1,3 @@
+//! Carrying typed requests between servers and agents.
+
+pub mod tls;

@@ -1,0 +1,279 @@
+//! TLS material for the federation: one certificate authority per
+//! federation, and certificates that name their holder's cluster, role and
+//! name, so that a peer is known by what its certificate says.
+//!
+//! A certificate carries two subject alternative names:
+//! - the URI `hanse://CLUSTER/ROLE/NAME`: the holder's identity;
+//! - the DNS name `hanse`: what clients verify every server against (a
+//!   server is then known by its identity, checked after the handshake).
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
+
+/// The DNS name every Hanse certificate carries and clients verify.
+pub const SERVER_NAME: &str = "hanse";
+/// ALPN protocol of Hanse's QUIC transport.
+pub const ALPN: &[u8] = b"hanse/1";
+const URI_SCHEME: &str = "hanse://";
+
+/// What a certificate's holder is allowed to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A Raft server of a cluster.
+    Server,
+    /// A node agent.
+    Agent,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Agent => "agent",
+        }
+    }
+
+    pub fn from_word(w: &str) -> Option<Role> {
+        match w {
+            "server" => Some(Role::Server),
+            "agent" => Some(Role::Agent),
+            _ => None,
+        }
+    }
+}
+
+/// Who a certificate says its holder is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Identity {
+    pub cluster: String,
+    pub role: Role,
+    pub name: String,
+}
+
+impl Identity {
+    pub fn new(cluster: &str, role: Role, name: &str) -> Identity {
+        Identity { cluster: cluster.into(), role, name: name.into() }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("{URI_SCHEME}{}/{}/{}", self.cluster, self.role.as_str(), self.name)
+    }
+
+    pub fn from_uri(uri: &str) -> Option<Identity> {
+        let rest = uri.strip_prefix(URI_SCHEME)?;
+        let mut parts = rest.split('/');
+        let (cluster, role, name) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || !valid_label(cluster) || !valid_label(name) {
+            return None;
+        }
+        Some(Identity { cluster: cluster.into(), role: Role::from_word(role)?, name: name.into() })
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.cluster, self.role.as_str(), self.name)
+    }
+}
+
+/// Cluster and holder names: 1 to 63 letters, digits and `-`, as in DNS.
+pub fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot generate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("{0}: no PEM {1} found")]
+    Pem(String, &'static str),
+    #[error("invalid name `{0}`: use 1 to 63 letters, digits and `-`")]
+    Name(String),
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// A certificate and its private key, PEM-encoded as written to disk.
+#[derive(Clone)]
+pub struct PemPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for PemPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PemPair { .. }")
+    }
+}
+
+/// Makes a federation's certificate authority, valid for `days`.
+pub fn create_ca(federation: &str, days: u32) -> Result<PemPair, TlsError> {
+    if !valid_label(federation) {
+        return Err(TlsError::Name(federation.into()));
+    }
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, format!("Hanse federation CA {federation}"));
+    params.distinguished_name.push(DnType::OrganizationName, "Hanse");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// Issues a certificate for `identity`, signed by `ca`, valid from now for
+/// `days`.
+pub fn issue(ca: &PemPair, identity: &Identity, days: u32) -> Result<PemPair, TlsError> {
+    let now = time::OffsetDateTime::now_utc();
+    issue_between(ca, identity, now - time::Duration::hours(1), now + time::Duration::days(i64::from(days)))
+}
+
+/// Issues a certificate valid between two instants (tests use this for
+/// expired certificates).
+pub fn issue_between(
+    ca: &PemPair,
+    identity: &Identity,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> Result<PemPair, TlsError> {
+    if !valid_label(&identity.cluster) {
+        return Err(TlsError::Name(identity.cluster.clone()));
+    }
+    if !valid_label(&identity.name) {
+        return Err(TlsError::Name(identity.name.clone()));
+    }
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
+    let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+    params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
+    params.distinguished_name.push(DnType::CommonName, identity.to_string());
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// Reads `cert.pem` and `key.pem` style files.
+pub fn read_pair(cert: &Path, key: &Path) -> Result<PemPair, TlsError> {
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| TlsError::Io(p.display().to_string(), e));
+    Ok(PemPair { cert_pem: read(cert)?, key_pem: read(key)? })
+}
+
+fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok).collect();
+    if certs.is_empty() { Err(TlsError::Pem(what.into(), "CERTIFICATE")) } else { Ok(certs) }
+}
+
+fn key(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+        .map(PrivateKeyDer::Pkcs8)
+        .or_else(|_| PrivateKeyDer::from_pem_slice(pem.as_bytes()))
+        .map_err(|_| TlsError::Pem(what.into(), "PRIVATE KEY"))
+}
+
+fn roots(ca_pem: &str) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem, "CA certificate")? {
+        roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server's TLS 1.3 configuration: it presents `pair` and requires every
+/// client to present a certificate signed by the federation's CA.
+pub fn server_config(ca_pem: &str, pair: &PemPair) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&pair.cert_pem, "certificate")?, key(&pair.key_pem, "key")?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// A client's TLS 1.3 configuration: it trusts only the federation's CA
+/// and presents `pair`.
+pub fn client_config(ca_pem: &str, pair: &PemPair) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(certs(&pair.cert_pem, "certificate")?, key(&pair.key_pem, "key")?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The identity a (verified) end-entity certificate names.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => Identity::from_uri(uri),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_uris_round_trip_and_refuse_junk() {
+        let id = Identity::new("eu-west", Role::Server, "s1");
+        assert_eq!(Identity::from_uri(&id.uri()), Some(id));
+        for bad in [
+            "hanse://eu-west/server",
+            "hanse://eu/admin/x",
+            "http://eu/server/x",
+            "hanse://e u/server/x",
+            "hanse://a/server/b/c",
+        ] {
+            assert_eq!(Identity::from_uri(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn issued_certificates_name_their_holder() {
+        let ca = create_ca("test", 1).unwrap();
+        let id = Identity::new("us-east", Role::Agent, "node-7");
+        let pair = issue(&ca, &id, 1).unwrap();
+        let der = certs(&pair.cert_pem, "x").unwrap().remove(0);
+        assert_eq!(identity_of(&der), Some(id));
+        assert!(server_config(&ca.cert_pem, &pair).is_ok());
+        assert!(client_config(&ca.cert_pem, &pair).is_ok());
+        assert!(matches!(issue(&ca, &Identity::new("bad name", Role::Agent, "x"), 1), Err(TlsError::Name(_))));
+    }
+}
