@@ -114,6 +114,7 @@ impl Member {
         let mut config = config;
         config.listen_addr = transport.prebind(config.listen_addr).await?;
         let advertise = config.advertise_addr.unwrap_or(config.listen_addr);
+        transport.set_advertise(advertise);
         let node_id = format!("{}/{}", config.cluster, config.server);
         let failure_detector_config = FailureDetectorConfig {
             phi_threshold: config.phi_threshold,
@@ -211,10 +212,11 @@ impl Member {
     /// (see [`Publisher`]); returns whether it did. Only a cluster's
     /// leader should call this.
     pub async fn publish_summary(&self, summary: ClusterSummary, now_ms: u64) -> Result<bool, SummaryError> {
-        let Some(summary) = self.publisher.lock().expect("publisher lock").offer(summary, now_ms) else {
+        if !self.publisher.lock().expect("publisher lock").due(&summary, now_ms) {
             return Ok(false);
-        };
+        }
         let text = summary.encode()?;
+        self.publisher.lock().expect("publisher lock").record(summary, now_ms);
         let peers: Vec<SocketAddr> = self
             .handle
             .with_chitchat(|c| {

@@ -5,8 +5,13 @@
 //! associated data:
 //!
 //! ```text
-//! version u8 | key id u32 | sender [u8; 16] | counter u64 | unix ms u64
+//! version u8 | key id u32 | sender [u8; 16] | counter u64 | unix ms u64 | from addr | to addr
 //! ```
+//!
+//! Addresses are 16 bytes of IPv6 (IPv4 mapped) and a port. `to` binds a
+//! datagram to its receiver, so a capture cannot be replayed to another
+//! member; `from` is the sender's gossip address, which the receiver
+//! answers instead of the (unauthenticated) UDP source.
 //!
 //! The XChaCha20-Poly1305 nonce is `sender || counter`: the sender is 128
 //! random bits chosen when a socket opens and the counter rises with every
@@ -17,14 +22,16 @@
 //! receiver restart, when its windows are empty).
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 use crate::keyring::Keyring;
 
-pub const SEAL_VERSION: u8 = 1;
-pub const HEADER_LEN: usize = 1 + 4 + 16 + 8 + 8;
+pub const SEAL_VERSION: u8 = 2;
+const ADDR_LEN: usize = 18;
+pub const HEADER_LEN: usize = 1 + 4 + 16 + 8 + 8 + 2 * ADDR_LEN;
 pub const TAG_LEN: usize = 16;
 /// Bytes a sealed datagram adds to its plaintext.
 pub const SEAL_OVERHEAD: usize = HEADER_LEN + TAG_LEN;
@@ -48,15 +55,36 @@ pub enum Reject {
     Replay,
     /// Its time is too far from ours.
     Stale,
+    /// Sealed for another member.
+    Misdirected,
 }
 
+fn put_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    out.extend_from_slice(&ip.octets());
+    out.extend_from_slice(&addr.port().to_be_bytes());
+}
+
+fn get_addr(bytes: &[u8]) -> SocketAddr {
+    let octets: [u8; 16] = bytes[..16].try_into().expect("16 bytes");
+    let ip = Ipv6Addr::from(octets);
+    let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+    SocketAddr::new(ip, u16::from_be_bytes([bytes[16], bytes[17]]))
+}
+
+/// Seals datagrams from one sender to one receiver (a fresh sender id per
+/// receiver keeps each receiver's counters consecutive, so its replay
+/// window tolerates reordering).
 pub struct Sealer {
     sender: [u8; 16],
     counter: u64,
 }
 
 impl Sealer {
-    /// `sender` must be random and fresh for every socket.
+    /// `sender` must be random and fresh for every sealer.
     pub fn new(sender: [u8; 16]) -> Sealer {
         Sealer { sender, counter: 0 }
     }
@@ -67,7 +95,14 @@ impl Sealer {
         Sealer::new(sender)
     }
 
-    pub fn seal(&mut self, keyring: &Keyring, plaintext: &[u8], now_ms: u64) -> Vec<u8> {
+    pub fn seal(
+        &mut self,
+        keyring: &Keyring,
+        plaintext: &[u8],
+        now_ms: u64,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Vec<u8> {
         self.counter += 1;
         let key = keyring.primary();
         let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
@@ -76,6 +111,8 @@ impl Sealer {
         out.extend_from_slice(&self.sender);
         out.extend_from_slice(&self.counter.to_be_bytes());
         out.extend_from_slice(&now_ms.to_be_bytes());
+        put_addr(&mut out, from);
+        put_addr(&mut out, to);
         let cipher = XChaCha20Poly1305::new(key.bytes().into());
         let sealed = cipher
             .encrypt(&nonce(&self.sender, self.counter), Payload { msg: plaintext, aad: &out })
@@ -131,9 +168,16 @@ impl Opener {
         Opener::default()
     }
 
-    /// Verifies and decrypts a datagram. Replay state changes only for a
-    /// datagram that authenticates, so forgeries cannot disturb it.
-    pub fn open(&mut self, keyring: &Keyring, datagram: &[u8], now_ms: u64) -> Result<Vec<u8>, Reject> {
+    /// Verifies and decrypts a datagram addressed to `me`; returns the
+    /// plaintext and the sender's gossip address. Replay state changes only
+    /// for a datagram that authenticates, so forgeries cannot disturb it.
+    pub fn open(
+        &mut self,
+        keyring: &Keyring,
+        datagram: &[u8],
+        now_ms: u64,
+        me: SocketAddr,
+    ) -> Result<(Vec<u8>, SocketAddr), Reject> {
         if datagram.len() < SEAL_OVERHEAD || datagram[0] != SEAL_VERSION {
             return Err(Reject::Malformed);
         }
@@ -142,6 +186,8 @@ impl Opener {
         let sender: [u8; 16] = header[5..21].try_into().expect("16 bytes");
         let counter = u64::from_be_bytes(header[21..29].try_into().expect("8 bytes"));
         let sent_ms = u64::from_be_bytes(header[29..37].try_into().expect("8 bytes"));
+        let from = get_addr(&header[37..37 + ADDR_LEN]);
+        let to = get_addr(&header[37 + ADDR_LEN..]);
         let key = keyring.get(key_id).ok_or(Reject::UnknownKey)?;
         let cipher = XChaCha20Poly1305::new(key.bytes().into());
         let plaintext = cipher
@@ -149,6 +195,9 @@ impl Opener {
             .map_err(|_| Reject::BadTag)?;
         if sent_ms.abs_diff(now_ms) > FRESHNESS_MS {
             return Err(Reject::Stale);
+        }
+        if to != me {
+            return Err(Reject::Misdirected);
         }
         if let Some(w) = self.windows.get(&sender) {
             if !w.fresh(counter) {
@@ -163,7 +212,7 @@ impl Opener {
         let w = self.windows.entry(sender).or_insert(ReplayWindow { highest: 0, seen: 0, last_heard_ms: now_ms });
         w.mark(counter);
         w.last_heard_ms = now_ms;
-        Ok(plaintext)
+        Ok((plaintext, from))
     }
 }
 
@@ -176,25 +225,31 @@ mod tests {
         Keyring::new(Key::from_bytes([7; 32]))
     }
 
+    const A: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1)), 7001);
+    const B: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)), 7002);
+
     #[test]
     fn seals_and_opens() {
         let ring = ring();
         let mut s = Sealer::random();
         let mut o = Opener::new();
-        let d = s.seal(&ring, b"hello", 1_000);
+        let d = s.seal(&ring, b"hello", 1_000, A, B);
         assert_eq!(d.len(), 5 + SEAL_OVERHEAD);
-        assert_eq!(o.open(&ring, &d, 1_000).unwrap(), b"hello");
+        assert_eq!(o.open(&ring, &d, 1_000, B).unwrap(), (b"hello".to_vec(), A));
+        let v6: SocketAddr = "[::1]:9".parse().unwrap();
+        let d = s.seal(&ring, b"six", 1_000, v6, B);
+        assert_eq!(o.open(&ring, &d, 1_000, B).unwrap().1, v6);
     }
 
     #[test]
     fn every_flipped_bit_is_refused() {
         let ring = ring();
         let mut s = Sealer::random();
-        let d = s.seal(&ring, b"gossip payload", 1_000);
+        let d = s.seal(&ring, b"gossip payload", 1_000, A, B);
         for bit in 0..d.len() * 8 {
             let mut bad = d.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            let r = Opener::new().open(&ring, &bad, 1_000);
+            let r = Opener::new().open(&ring, &bad, 1_000, B);
             assert!(r.is_err(), "bit {bit} flipped and still accepted");
         }
     }
@@ -203,14 +258,14 @@ mod tests {
     fn forgeries_and_other_keys_are_refused() {
         let ring = ring();
         let mut o = Opener::new();
-        assert_eq!(o.open(&ring, b"short", 0), Err(Reject::Malformed));
+        assert_eq!(o.open(&ring, b"short", 0, B), Err(Reject::Malformed));
         let mut forged = vec![SEAL_VERSION];
         forged.extend_from_slice(&ring.primary().id().to_be_bytes());
-        forged.extend_from_slice(&[0u8; 16 + 8 + 8 + 40]);
-        assert_eq!(o.open(&ring, &forged, 0), Err(Reject::BadTag));
+        forged.extend_from_slice(&[0u8; HEADER_LEN - 5 + 40]);
+        assert_eq!(o.open(&ring, &forged, 0, B), Err(Reject::BadTag));
         let other = Keyring::new(Key::from_bytes([8; 32]));
-        let d = Sealer::random().seal(&other, b"x", 0);
-        assert_eq!(o.open(&ring, &d, 0), Err(Reject::UnknownKey));
+        let d = Sealer::random().seal(&other, b"x", 0, A, B);
+        assert_eq!(o.open(&ring, &d, 0, B), Err(Reject::UnknownKey));
     }
 
     #[test]
@@ -218,37 +273,44 @@ mod tests {
         let ring = ring();
         let mut s = Sealer::random();
         let mut o = Opener::new();
-        let d: Vec<Vec<u8>> = (0..100).map(|i| s.seal(&ring, &[i as u8], 5_000)).collect();
+        let d: Vec<Vec<u8>> = (0..100).map(|i| s.seal(&ring, &[i as u8], 5_000, A, B)).collect();
         // Out of order within the window is fine.
         for i in [5usize, 3, 9, 4, 0] {
-            assert!(o.open(&ring, &d[i], 5_000).is_ok(), "{i}");
+            assert!(o.open(&ring, &d[i], 5_000, B).is_ok(), "{i}");
         }
-        assert_eq!(o.open(&ring, &d[3], 5_000), Err(Reject::Replay));
-        assert!(o.open(&ring, &d[99], 5_000).is_ok());
+        assert_eq!(o.open(&ring, &d[3], 5_000, B), Err(Reject::Replay));
+        assert!(o.open(&ring, &d[99], 5_000, B).is_ok());
         // Now 1..=35 are more than 64 behind 99: too old to tell, so refused.
-        assert_eq!(o.open(&ring, &d[20], 5_000), Err(Reject::Replay));
-        assert!(o.open(&ring, &d[60], 5_000).is_ok());
-        assert_eq!(o.open(&ring, &d[99], 5_000), Err(Reject::Replay));
+        assert_eq!(o.open(&ring, &d[20], 5_000, B), Err(Reject::Replay));
+        assert!(o.open(&ring, &d[60], 5_000, B).is_ok());
+        assert_eq!(o.open(&ring, &d[99], 5_000, B), Err(Reject::Replay));
     }
 
     #[test]
     fn stale_datagrams_are_refused_even_by_a_fresh_receiver() {
         let ring = ring();
-        let d = Sealer::random().seal(&ring, b"old", 1_000);
-        assert_eq!(Opener::new().open(&ring, &d, 1_000 + FRESHNESS_MS + 1), Err(Reject::Stale));
-        assert!(Opener::new().open(&ring, &d, 1_000 + FRESHNESS_MS).is_ok());
+        let d = Sealer::random().seal(&ring, b"old", 1_000, A, B);
+        assert_eq!(Opener::new().open(&ring, &d, 1_000 + FRESHNESS_MS + 1, B), Err(Reject::Stale));
+        assert!(Opener::new().open(&ring, &d, 1_000 + FRESHNESS_MS, B).is_ok());
+    }
+
+    #[test]
+    fn a_datagram_for_one_member_is_refused_by_another() {
+        let ring = ring();
+        let d = Sealer::random().seal(&ring, b"for B", 0, A, B);
+        assert_eq!(Opener::new().open(&ring, &d, 0, A), Err(Reject::Misdirected));
     }
 
     #[test]
     fn a_rotated_ring_opens_both_keys() {
         let mut ring = ring();
-        let old = Sealer::random().seal(&ring, b"old", 0);
+        let old = Sealer::random().seal(&ring, b"old", 0, A, B);
         let new_key = Key::from_bytes([9; 32]);
         ring.install(new_key.clone()).unwrap();
         ring.use_key(new_key.id()).unwrap();
-        let new = Sealer::random().seal(&ring, b"new", 0);
+        let new = Sealer::random().seal(&ring, b"new", 0, A, B);
         let mut o = Opener::new();
-        assert!(o.open(&ring, &old, 0).is_ok());
-        assert!(o.open(&ring, &new, 0).is_ok());
+        assert!(o.open(&ring, &old, 0, B).is_ok());
+        assert!(o.open(&ring, &new, 0, B).is_ok());
     }
 }

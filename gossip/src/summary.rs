@@ -235,8 +235,9 @@ impl ClusterSummary {
         self.classes.iter().fold(Resources::default(), |acc, c| acc.saturating_add(c.free))
     }
 
+    /// Saturating: the numbers come from peers.
     pub fn free_gpus(&self) -> u32 {
-        self.gpus.iter().map(|g| g.free).sum()
+        self.gpus.iter().fold(0u32, |acc, g| acc.saturating_add(g.free))
     }
 
     /// How many instances of (`cpu_millis`, `memory_bytes`) this cluster can
@@ -312,14 +313,29 @@ impl Publisher {
         Publisher { interval_ms, threshold, last: None }
     }
 
-    /// Returns the summary to publish now, if any.
-    pub fn offer(&mut self, summary: ClusterSummary, now_ms: u64) -> Option<ClusterSummary> {
-        if let Some((last, at)) = &self.last {
-            if now_ms < at + self.interval_ms || !summary.differs_beyond(last, self.threshold) {
-                return None;
+    /// Whether `summary` should be published now. A clock that stepped
+    /// back counts as no time passed, and is not a reason to wait for it.
+    pub fn due(&self, summary: &ClusterSummary, now_ms: u64) -> bool {
+        match &self.last {
+            None => true,
+            Some((last, at)) => {
+                let elapsed = now_ms.saturating_sub(*at);
+                (elapsed >= self.interval_ms || now_ms < *at) && summary.differs_beyond(last, self.threshold)
             }
         }
-        self.last = Some((summary.clone(), now_ms));
+    }
+
+    /// Notes that `summary` went out at `now_ms`; call it only once it has.
+    pub fn record(&mut self, summary: ClusterSummary, now_ms: u64) {
+        self.last = Some((summary, now_ms));
+    }
+
+    /// [`Publisher::due`] and [`Publisher::record`] together.
+    pub fn offer(&mut self, summary: ClusterSummary, now_ms: u64) -> Option<ClusterSummary> {
+        if !self.due(&summary, now_ms) {
+            return None;
+        }
+        self.record(summary.clone(), now_ms);
         Some(summary)
     }
 

@@ -31,8 +31,11 @@ use crate::keyring::Keyring;
 use crate::net::{DATAGRAM_BYTES_MAX, DatagramNet, DatagramSocket};
 use crate::seal::{Opener, Reject, SEAL_OVERHEAD, Sealer};
 
-/// Stand-in sockets kept per member; the least recently used goes first.
-pub const STANDINS_MAX: usize = 4_096;
+/// Stand-in sockets kept per member, each a file descriptor; the least
+/// recently used goes first. Kept well under common 1,024-descriptor soft
+/// limits; a member talks to a few peers per round, so an evicted peer's
+/// stand-in is simply made again.
+pub const STANDINS_MAX: usize = 512;
 /// The most a datagram may decompress to: chitchat's own datagram limit
 /// with room to spare, and a bound on a decompression bomb.
 pub const PLAINTEXT_BYTES_MAX: usize = 4 * DATAGRAM_BYTES_MAX;
@@ -58,6 +61,7 @@ pub struct GossipMetrics {
     pub rejected_bad_tag: AtomicU64,
     pub rejected_replay: AtomicU64,
     pub rejected_stale: AtomicU64,
+    pub rejected_misdirected: AtomicU64,
     /// Sealed datagrams over the UDP limit, not sent.
     pub oversize_dropped: AtomicU64,
     /// Datagrams at the inner socket from something other than a stand-in.
@@ -85,6 +89,7 @@ impl GossipMetrics {
             Reject::BadTag => &self.rejected_bad_tag,
             Reject::Replay => &self.rejected_replay,
             Reject::Stale => &self.rejected_stale,
+            Reject::Misdirected => &self.rejected_misdirected,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -102,11 +107,18 @@ pub struct SealedTransport {
     /// A socket bound ahead of time (to learn the port behind port 0),
     /// used by the first `open` of its address.
     prebound: Mutex<Option<Arc<dyn DatagramSocket>>>,
+    /// The address peers send to, if not the bound one; datagrams are
+    /// sealed from it and must be addressed to it.
+    advertise: Mutex<Option<SocketAddr>>,
 }
 
 impl SealedTransport {
     pub fn new(net: Arc<dyn DatagramNet>, keyring: SharedKeyring, metrics: Arc<GossipMetrics>) -> Self {
-        SealedTransport { net, keyring, metrics, prebound: Mutex::new(None) }
+        SealedTransport { net, keyring, metrics, prebound: Mutex::new(None), advertise: Mutex::new(None) }
+    }
+
+    pub fn set_advertise(&self, addr: SocketAddr) {
+        *self.advertise.lock().expect("advertise lock") = Some(addr);
     }
 
     /// Binds `addr` now and returns the address bound, so that a member
@@ -131,15 +143,19 @@ struct StandIns {
     by_peer: HashMap<SocketAddr, StandIn>,
     by_local: HashMap<SocketAddr, SocketAddr>,
     tick: u64,
+    /// Set when the socket is dropped: no stand-in is made after it, so a
+    /// racing inbound datagram cannot keep the relay alive.
+    closed: bool,
 }
 
 /// State shared by the socket, the outer receive loop and the stand-ins.
 struct Relay {
     outer: Arc<dyn DatagramSocket>,
+    /// This member's gossip address, as peers know it.
+    me: SocketAddr,
     inner_addr: SocketAddr,
     keyring: SharedKeyring,
     metrics: Arc<GossipMetrics>,
-    sealer: Mutex<Sealer>,
     standins: Mutex<StandIns>,
 }
 
@@ -147,6 +163,9 @@ impl Relay {
     /// The stand-in for `peer`, made on first use.
     fn standin(self: &Arc<Self>, peer: SocketAddr) -> std::io::Result<(Arc<tokio::net::UdpSocket>, SocketAddr)> {
         let mut s = self.standins.lock().expect("stand-ins lock");
+        if s.closed {
+            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "gossip socket closed"));
+        }
         s.tick += 1;
         let tick = s.tick;
         if let Some(st) = s.by_peer.get_mut(&peer) {
@@ -170,15 +189,30 @@ impl Relay {
         Ok((socket, local))
     }
 
+    /// Forgets `peer`'s stand-in (its task ended).
+    fn forget(&self, peer: SocketAddr, local: SocketAddr) {
+        let mut s = self.standins.lock().expect("stand-ins lock");
+        if s.by_peer.get(&peer).is_some_and(|st| st.local == local) {
+            s.by_peer.remove(&peer);
+            s.by_local.remove(&local);
+        }
+    }
+
     /// Plaintext chitchat sent to `peer`'s stand-in: seal it and send it on.
     async fn outbound(self: Arc<Self>, standin: Arc<tokio::net::UdpSocket>, peer: SocketAddr) {
+        let mut sealer = Sealer::random();
         let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
         // One compression context per stand-in: making one costs far more
         // than compressing a datagram.
         let Ok(mut compressor) = zstd::bulk::Compressor::new(ZSTD_LEVEL) else { return };
         let mut compressed: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(DATAGRAM_BYTES_MAX) + 1);
         loop {
-            let Ok((n, from)) = standin.recv_from(&mut buf).await else { return };
+            let Ok((n, from)) = standin.recv_from(&mut buf).await else {
+                if let Ok(local) = standin.local_addr() {
+                    self.forget(peer, local);
+                }
+                return;
+            };
             if from != self.inner_addr {
                 self.metrics.unexpected_plaintext.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -203,7 +237,7 @@ impl Relay {
             }
             let sealed = {
                 let ring = self.keyring.read().expect("keyring lock");
-                self.sealer.lock().expect("sealer lock").seal(&ring, &compressed, unix_ms())
+                sealer.seal(&ring, &compressed, unix_ms(), self.me, peer)
             };
             if self.outer.send_to(&sealed, peer).await.is_ok() {
                 self.metrics.datagrams_sent.fetch_add(1, Ordering::Relaxed);
@@ -222,16 +256,18 @@ impl Relay {
         // mmap and page faults each time.
         let mut plain: Vec<u8> = Vec::with_capacity(PLAINTEXT_BYTES_MAX);
         loop {
-            let (n, from) = match self.outer.recv_from(&mut buf).await {
+            let (n, _udp_source) = match self.outer.recv_from(&mut buf).await {
                 Ok(x) => x,
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return,
                 Err(_) => continue,
             };
             let opened = {
                 let ring = self.keyring.read().expect("keyring lock");
-                opener.open(&ring, &buf[..n], unix_ms())
+                opener.open(&ring, &buf[..n], unix_ms(), self.me)
             };
-            let compressed = match opened {
+            // The sender is who the sealed header says, not the UDP source:
+            // replies go to an authenticated address.
+            let (compressed, from) = match opened {
                 Ok(p) => p,
                 Err(r) => {
                     self.metrics.count(r);
@@ -281,13 +317,14 @@ impl Transport for SealedTransport {
             Some(s) => s,
             None => self.net.bind(listen_addr).await?,
         };
+        let me = self.advertise.lock().expect("advertise lock").unwrap_or_else(|| outer.local_addr());
         let inner = ChitchatUdp::open((Ipv4Addr::LOCALHOST, 0).into()).await?;
         let relay = Arc::new(Relay {
             outer,
+            me,
             inner_addr: inner.local_addr()?,
             keyring: self.keyring.clone(),
             metrics: self.metrics.clone(),
-            sealer: Mutex::new(Sealer::random()),
             standins: Mutex::new(StandIns::default()),
         });
         let inbound = tokio::spawn(relay.clone().inbound());
@@ -305,6 +342,7 @@ impl Drop for SealedSocket {
     fn drop(&mut self) {
         self.inbound.abort();
         if let Ok(mut s) = self.relay.standins.lock() {
+            s.closed = true;
             for (_, st) in s.by_peer.drain() {
                 st.task.abort();
             }

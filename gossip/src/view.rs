@@ -154,13 +154,15 @@ impl FederationView {
                     last_live_ms: now_ms,
                 }
             });
-            for m in ms {
-                if let Some(region) = m.get(keys::REGION) {
-                    if entry.region != region {
-                        entry.region = region.to_string();
-                        changed = true;
-                    }
+            // Servers may disagree (or not say): the smallest region named
+            // wins, so the view does not flap between them.
+            if let Some(region) = ms.iter().filter_map(|m| m.get(keys::REGION)).filter(|r| !r.is_empty()).min() {
+                if entry.region != region {
+                    entry.region = region.to_string();
+                    changed = true;
                 }
+            }
+            for m in ms {
                 let name = m.get(keys::SERVER).unwrap_or(m.node_id).to_string();
                 let mut server = ServerEntry {
                     name: name.clone(),
