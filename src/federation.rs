@@ -1,6 +1,5 @@
 //! `hanse federation ...`: keys and membership of the federation.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use gossip::{ClusterEntry, FederationView, Key, Keyring, Liveness, Member, Membe
 use serde::Serialize;
 
 use crate::Outcome;
-use crate::output::{print_json, table};
+use crate::output::{print_json, table, write_private};
 
 /// Writes a new key, or prints it.
 pub fn keygen(out: Option<&Path>) -> anyhow::Result<Outcome> {
@@ -27,18 +26,6 @@ pub fn keygen(out: Option<&Path>) -> anyhow::Result<Outcome> {
         }
     }
     Ok(Outcome::Ok)
-}
-
-/// Creates `path` readable by its owner only, refusing to overwrite.
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f =
-        options.open(path).with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
 }
 
 /// Reads a keyring file: one key a line, the first primary; `#` comments.

@@ -6,6 +6,7 @@
 mod federation;
 mod job;
 mod output;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,58 @@ enum Command {
     /// The federation: gossip keys and member clusters.
     #[command(subcommand)]
     Federation(FederationCommand),
+    /// Certificates: the federation's CA, and one per server and agent.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// The federation's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Certificates for servers and agents.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make the CA: DIR/ca.pem and DIR/ca-key.pem (0600); never overwrites.
+    Create {
+        #[arg(long, default_value = "hanse")]
+        federation: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue a certificate naming CLUSTER, ROLE and NAME, signed by the CA:
+    /// OUT/CLUSTER-ROLE-NAME.pem and OUT/CLUSTER-ROLE-NAME-key.pem (0600).
+    Create {
+        #[arg(long)]
+        cluster: String,
+        /// server or agent.
+        #[arg(long, value_parser = parse_role)]
+        role: cluster_core::transport::Role,
+        #[arg(long)]
+        name: String,
+        /// Where ca.pem and ca-key.pem are.
+        #[arg(long, default_value = ".")]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+fn parse_role(s: &str) -> Result<cluster_core::transport::Role, String> {
+    cluster_core::transport::Role::from_word(s).ok_or_else(|| format!("`{s}` is not a role: use server or agent"))
 }
 
 #[derive(Subcommand)]
@@ -113,9 +166,23 @@ pub enum Outcome {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 1, not clap's 2: 2 means a placement failure here.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(1);
+        }
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Federation(FederationCommand::Keygen { out }) => federation::keygen(out.as_deref()),
+        Command::Tls(TlsCommand::Ca(CaCommand::Create { federation, dir, days })) => {
+            tls::ca_create(&federation, &dir, days)
+        }
+        Command::Tls(TlsCommand::Cert(CertCommand::Create { cluster, role, name, ca_dir, out_dir, days })) => {
+            tls::cert_create(tls::CertArgs { cluster, role, name, ca_dir, out_dir, days })
+        }
         Command::Federation(FederationCommand::Members { seeds, key_file, federation, bind, wait, out }) => runtime()
             .and_then(|rt| {
                 rt.block_on(federation::members(federation::MembersArgs {

@@ -1,0 +1,227 @@
+//! QUIC (quinn) with mutual TLS (rustls): one bidirectional stream per
+//! request. The server requires a client certificate from the federation's
+//! CA and knows its caller by the identity the certificate names.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::CertificateDer;
+use tokio::task::JoinHandle;
+
+use super::tls::{self, PemPair, SERVER_NAME, TlsError};
+use super::{Handler, Identity, Rpc, Transport, TransportError, encode_frame, frame_len, read_answer, serve_frame};
+
+/// How long a call may take, connection included.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests one connection may have in flight.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into());
+    t.max_concurrent_uni_streams(0u8.into());
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("30 s is a valid idle timeout")));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    Arc::new(t)
+}
+
+/// The identity in the certificate a connection's peer presented.
+fn peer_identity(conn: &quinn::Connection) -> Option<Identity> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().and_then(tls::identity_of)
+}
+
+/// A server: accepts connections and answers each stream with `handler`.
+pub struct QuicServer {
+    endpoint: quinn::Endpoint,
+    task: JoinHandle<()>,
+}
+
+impl QuicServer {
+    pub fn bind<R: Rpc>(
+        addr: SocketAddr,
+        ca_pem: &str,
+        pair: &PemPair,
+        handler: Arc<dyn Handler<R>>,
+    ) -> Result<QuicServer, TlsError> {
+        let crypto = QuicServerConfig::try_from(tls::server_config(ca_pem, pair)?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(transport_config());
+        let endpoint = quinn::Endpoint::server(config, addr).map_err(|e| TlsError::Io(addr.to_string(), e))?;
+        let task = tokio::spawn(accept_loop(endpoint.clone(), handler));
+        Ok(QuicServer { endpoint, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("a bound endpoint has an address")
+    }
+
+    /// Closes every connection and stops accepting.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"server closing");
+        self.task.abort();
+    }
+}
+
+impl Drop for QuicServer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn accept_loop<R: Rpc>(endpoint: quinn::Endpoint, handler: Arc<dyn Handler<R>>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            // A refused client certificate ends here: the handshake fails.
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection refused");
+                    return;
+                }
+            };
+            let Some(from) = peer_identity(&conn) else {
+                conn.close(1u32.into(), b"certificate names no Hanse identity");
+                return;
+            };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(answer_stream(handler.clone(), from.clone(), send, recv));
+            }
+        });
+    }
+}
+
+async fn answer_stream<R: Rpc>(
+    handler: Arc<dyn Handler<R>>,
+    from: Identity,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let mut header = [0u8; 4];
+    if recv.read_exact(&mut header).await.is_err() {
+        return;
+    }
+    let answer = match frame_len(header) {
+        Ok(len) => {
+            let mut body = vec![0u8; len];
+            if recv.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            serve_frame(&handler, from, &body).await
+        }
+        // Refused before reading (or allocating) the body.
+        Err(e) => encode_frame(&super::Answer::<R::Reply>::Malformed(e.to_string())).expect("a short answer frames"),
+    };
+    let _ = send.write_all(&answer).await;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+/// A client: one connection per server, reused across calls.
+pub struct QuicClient {
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+}
+
+impl QuicClient {
+    pub fn new(ca_pem: &str, pair: &PemPair) -> Result<QuicClient, TlsError> {
+        Self::with_rustls(tls::client_config(ca_pem, pair)?)
+    }
+
+    /// A client from any rustls configuration (tests use one without a
+    /// client certificate).
+    pub fn with_rustls(rustls_config: rustls::ClientConfig) -> Result<QuicClient, TlsError> {
+        let crypto = QuicClientConfig::try_from(rustls_config).map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport_config());
+        let bind: SocketAddr = (Ipv6Addr::UNSPECIFIED, 0).into();
+        let endpoint = quinn::Endpoint::client(bind)
+            .or_else(|_| quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into()))
+            .map_err(|e| TlsError::Io("client endpoint".into(), e))?;
+        Ok(QuicClient { endpoint, config, connections: Mutex::new(HashMap::new()) })
+    }
+
+    async fn connection(&self, to: SocketAddr) -> Result<quinn::Connection, TransportError> {
+        if let Some(c) = self.connections.lock().expect("connections lock").get(&to) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let connecting = self
+            .endpoint
+            .connect_with(self.config.clone(), to, SERVER_NAME)
+            .map_err(|e| TransportError::Connect(to, e.to_string()))?;
+        let conn = connecting.await.map_err(|e| connection_error(to, e))?;
+        self.connections.lock().expect("connections lock").insert(to, conn.clone());
+        Ok(conn)
+    }
+
+    async fn exchange<R: Rpc>(&self, to: SocketAddr, frame: &[u8]) -> Result<R::Reply, TransportError> {
+        let conn = self.connection(to).await?;
+        let result = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connection_error(to, e))?;
+            send.write_all(frame).await.map_err(|e| TransportError::Closed(to, e.to_string()))?;
+            send.finish().map_err(|e| TransportError::Closed(to, e.to_string()))?;
+            let mut header = [0u8; 4];
+            recv.read_exact(&mut header).await.map_err(|e| read_error(to, e))?;
+            let mut body = vec![0u8; frame_len(header)?];
+            recv.read_exact(&mut body).await.map_err(|e| read_error(to, e))?;
+            read_answer::<R>(to, &body)
+        }
+        .await;
+        if matches!(result, Err(TransportError::Closed(..) | TransportError::Refused(..))) {
+            self.connections.lock().expect("connections lock").remove(&to);
+        }
+        result
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"client closing");
+    }
+}
+
+#[async_trait]
+impl<R: Rpc> Transport<R> for QuicClient {
+    async fn call(&self, to: SocketAddr, request: R) -> Result<R::Reply, TransportError> {
+        let frame = encode_frame(&request)?;
+        tokio::time::timeout(CALL_TIMEOUT, self.exchange::<R>(to, &frame))
+            .await
+            .map_err(|_| TransportError::Timeout(to))?
+    }
+}
+
+/// TLS refusals arrive as connection errors carrying a crypto alert: under
+/// TLS 1.3 a refused client certificate shows on the first use of the
+/// connection, not at connect.
+fn connection_error(to: SocketAddr, e: quinn::ConnectionError) -> TransportError {
+    match e {
+        quinn::ConnectionError::TransportError(t)
+            if t.code.to_string().contains("crypto") || t.code.to_string().contains("TLS") =>
+        {
+            TransportError::Refused(to, t.to_string())
+        }
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code.to_string().contains("crypto") || c.error_code.to_string().contains("TLS") =>
+        {
+            TransportError::Refused(to, c.to_string())
+        }
+        quinn::ConnectionError::TimedOut => TransportError::Timeout(to),
+        other => TransportError::Closed(to, other.to_string()),
+    }
+}
+
+fn read_error(to: SocketAddr, e: quinn::ReadExactError) -> TransportError {
+    match e {
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => connection_error(to, c),
+        other => TransportError::Closed(to, other.to_string()),
+    }
+}
