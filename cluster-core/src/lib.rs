@@ -10,11 +10,13 @@
 //! - [`diag`]: diagnostics with file, line, column and hint.
 //! - [`spec`]: the job spec and fleet file parsers, which report every problem at once.
 //! - [`state`]: the cluster state the scheduler reads and plans are applied to.
+//! - [`command`]: the Raft log's commands and how the state machine applies them.
 //! - [`scheduler`]: `schedule(state, job, config) -> Plan`.
 //!
 //! Nothing here opens a socket, reads a clock or draws unseeded randomness.
 
 pub mod codec;
+pub mod command;
 pub mod diag;
 pub mod ids;
 pub mod model;

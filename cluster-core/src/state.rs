@@ -8,6 +8,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
 use crate::ids::{AllocId, JobId, NodeId, NodeIdx};
 use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus};
 use crate::model::job::{Job, TaskGroup};
@@ -346,9 +349,13 @@ impl ClusterState {
     }
 
     /// Records an allocation's reported status; a terminal status frees its
-    /// resources.
+    /// resources. Terminal is final: a late report after it (an agent that
+    /// reconnects with stale news) changes nothing.
     pub fn set_alloc_status(&mut self, id: AllocId, status: AllocStatus) {
         let Some(a) = self.allocs.get_mut(&id) else { return };
+        if a.status.is_terminal() {
+            return;
+        }
         let was_holding = a.holds_resources();
         a.status = status;
         if was_holding && !a.holds_resources() {
@@ -375,4 +382,52 @@ impl ClusterState {
 fn gpu_slot(node: &Node, alloc: &Allocation) -> Option<(usize, u32)> {
     let g = alloc.gpus.as_ref()?;
     node.gpus.iter().position(|d| d.model == g.model).map(|i| (i, g.count))
+}
+
+/// The replicated part of [`ClusterState`], in canonical order: nodes by
+/// index, jobs and allocations by id. Everything else is an index rebuilt
+/// from it.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    nodes: Vec<Node>,
+    jobs: Vec<Job>,
+    allocs: Vec<Allocation>,
+    next_alloc: u64,
+}
+
+impl ClusterState {
+    /// The whole state, encoded through the codec. Two servers that applied
+    /// the same log produce the same bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        codec::encode(&Snapshot {
+            nodes: self.nodes.clone(),
+            jobs: self.jobs.values().cloned().collect(),
+            allocs: self.allocs.values().cloned().collect(),
+            next_alloc: self.next_alloc,
+        })
+    }
+
+    /// Rebuilds a state, indexes included, from [`ClusterState::snapshot`].
+    pub fn restore(bytes: &[u8]) -> Result<ClusterState, CodecError> {
+        let snap: Snapshot = codec::decode(bytes, codec::DECODE_BYTES_MAX)?;
+        let mut state = ClusterState::new();
+        for node in snap.nodes {
+            state.upsert_node(node).map_err(|e| CodecError::Malformed(e.to_string()))?;
+        }
+        for job in snap.jobs {
+            state.jobs.insert(job.id.clone(), job);
+        }
+        for alloc in snap.allocs {
+            if alloc.holds_resources() {
+                if let Some(&idx) = state.node_index.get(&alloc.node) {
+                    let gpu = gpu_slot(&state.nodes[idx.get()], &alloc);
+                    state.usage[idx.get()].add(alloc.resources, gpu);
+                }
+            }
+            state.allocs_by_job.entry(alloc.job.clone()).or_default().push(alloc.id);
+            state.allocs.insert(alloc.id, alloc);
+        }
+        state.next_alloc = snap.next_alloc;
+        Ok(state)
+    }
 }

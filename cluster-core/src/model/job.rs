@@ -162,9 +162,10 @@ impl Task {
     }
 }
 
-/// How a task runs, with the driver's own settings.
+/// How a task runs, with the driver's own settings. Externally tagged (the
+/// serde default): the codec's bincode cannot read internally tagged enums.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "driver", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum Driver {
     /// A real child process.
     Exec { command: String, args: Vec<String>, env: BTreeMap<String, String> },

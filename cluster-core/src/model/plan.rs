@@ -84,9 +84,11 @@ impl Unplaced {
     }
 }
 
-/// Why a node could not take an instance.
+/// Why a node could not take an instance. Externally tagged (the serde
+/// default): plans travel through the codec, whose bincode cannot read
+/// adjacently tagged enums.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind", content = "detail")]
+#[serde(rename_all = "kebab-case")]
 pub enum Reason {
     /// Down, or draining.
     NotReady,
