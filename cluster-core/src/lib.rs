@@ -20,6 +20,7 @@ pub mod command;
 pub mod diag;
 pub mod ids;
 pub mod model;
+pub mod raft;
 pub mod resources;
 pub mod scheduler;
 pub mod spec;
