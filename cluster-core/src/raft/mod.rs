@@ -2,4 +2,5 @@
 //! durable log storage. The driver loop that ticks, steps and handles
 //! `Ready` comes next.
 
+pub mod node;
 pub mod storage;

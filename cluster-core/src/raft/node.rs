@@ -1,0 +1,426 @@
+//! The Raft driver: one task per server owns the `RawNode`, the durable log
+//! and the cluster state, and is the only writer of that state.
+//!
+//! Each turn of the loop: tick on time, step peers' messages, propose the
+//! commands waiting (many commands in one entry), then handle `Ready` in
+//! the order raft-rs documents: send messages; persist snapshot, entries
+//! and hard state in one transaction; send persisted messages; apply
+//! committed entries; advance; then the light ready's commit index,
+//! messages and entries; `advance_apply`. Every `compact_every` applied
+//! entries the state is snapshotted and the log compacted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::codec;
+use crate::command::{Command, Effect};
+use crate::raft::storage::{Persist, RedbStorage, StoreError};
+use crate::state::ClusterState;
+use crate::transport::{Handler, Identity, Role, Rpc, Transport};
+
+pub type RaftId = u64;
+
+/// Commands proposed in one log entry at most.
+pub const PROPOSAL_BATCH_MAX: usize = 1_024;
+/// Inputs queued for the driver before callers wait.
+pub const INPUT_QUEUE_MAX: usize = 4_096;
+/// How long a proposal may wait for its commit.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A Raft message between servers: raft-rs's protobuf bytes.
+#[derive(Serialize, Deserialize)]
+pub struct RaftMessage(pub Vec<u8>);
+
+impl Rpc for RaftMessage {
+    type Reply = ();
+    fn allowed(&self) -> &'static [Role] {
+        &[Role::Server]
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RaftConfig {
+    pub id: RaftId,
+    /// Every voter's transport address, this server's included.
+    pub peers: BTreeMap<RaftId, SocketAddr>,
+    pub tick: Duration,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    pub compact_every: u64,
+}
+
+impl RaftConfig {
+    pub fn new(id: RaftId, peers: BTreeMap<RaftId, SocketAddr>) -> RaftConfig {
+        RaftConfig {
+            id,
+            peers,
+            tick: Duration::from_millis(100),
+            election_tick: 10,
+            heartbeat_tick: 2,
+            compact_every: 10_000,
+        }
+    }
+
+    fn raft(&self, applied: u64) -> raft::Config {
+        raft::Config {
+            id: self.id,
+            election_tick: self.election_tick,
+            heartbeat_tick: self.heartbeat_tick,
+            applied,
+            // The default, 0, sends one entry per append: batching is the
+            // point of batching proposals.
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            // A partitioned server rejoining must not depose a healthy
+            // leader (pre-vote), and a leader cut off from its quorum must
+            // step down (check quorum) so clients find the real one.
+            pre_vote: true,
+            check_quorum: true,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader; the leader is {0:?}")]
+    NotLeader(Option<RaftId>),
+    #[error("not committed in time")]
+    Timeout,
+    #[error("the server is shutting down")]
+    Stopped,
+}
+
+/// What the driver reports after every turn.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub leader: Option<RaftId>,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    /// Snapshots received from a leader and installed since start.
+    pub snapshots_installed: u64,
+}
+
+enum Input {
+    Message(Message),
+    Propose(Command, oneshot::Sender<Result<Effect, ProposeError>>),
+    SnapshotSent(RaftId, bool),
+    Stop,
+}
+
+/// The handle callers and the RPC handler hold.
+#[derive(Clone)]
+pub struct RaftHandle {
+    tx: mpsc::Sender<Input>,
+    status: watch::Receiver<RaftStatus>,
+    state: Arc<RwLock<ClusterState>>,
+}
+
+impl RaftHandle {
+    /// Proposes a command and waits until it is committed and applied here.
+    pub async fn propose(&self, command: Command) -> Result<Effect, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Input::Propose(command, tx)).await.map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::Timeout),
+        }
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn watch_status(&self) -> watch::Receiver<RaftStatus> {
+        self.status.clone()
+    }
+
+    /// Reads the applied state (a snapshot of it under a short lock).
+    pub fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        f(&self.state.read().expect("state lock"))
+    }
+
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Input::Stop).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler<RaftMessage> for RaftHandle {
+    async fn handle(&self, _from: Identity, request: RaftMessage) {
+        if let Ok(m) = Message::parse_from_bytes(&request.0) {
+            // A full queue drops the message; Raft retransmits.
+            let _ = self.tx.try_send(Input::Message(m));
+        }
+    }
+}
+
+/// Starts a server's Raft driver on `store`, bootstrapping a fresh log with
+/// the configured voters.
+pub fn start(
+    config: RaftConfig,
+    store: RedbStorage,
+    transport: Arc<dyn Transport<RaftMessage>>,
+    logger: &slog::Logger,
+) -> Result<(RaftHandle, tokio::task::JoinHandle<()>), StoreError> {
+    let initial = raft::Storage::initial_state(&store).map_err(|e| StoreError::Db(e.to_string()))?;
+    if initial.conf_state.voters.is_empty() {
+        let cs = ConfState::from((config.peers.keys().copied().collect::<Vec<_>>(), vec![]));
+        store.persist(Persist { conf_state: Some(&cs), ..Default::default() })?;
+    }
+    // The state machine starts from the last snapshot; raft replays the
+    // committed entries after it.
+    let snap = raft::Storage::snapshot(&store, 0, config.id).ok();
+    let (state, applied) = match snap {
+        Some(s) if !s.get_data().is_empty() => {
+            (ClusterState::restore(s.get_data()).map_err(|e| StoreError::Db(e.to_string()))?, s.get_metadata().index)
+        }
+        _ => (ClusterState::new(), 0),
+    };
+    let raw = RawNode::new(&config.raft(applied), store, logger).map_err(|e| StoreError::Db(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
+    let (status_tx, status_rx) = watch::channel(RaftStatus::default());
+    let state = Arc::new(RwLock::new(state));
+    let handle = RaftHandle { tx: tx.clone(), status: status_rx, state: state.clone() };
+    let driver = Driver {
+        raw,
+        config,
+        transport,
+        state,
+        status: status_tx,
+        inputs: tx,
+        waiting: HashMap::new(),
+        next_batch: 0,
+        applied,
+        since_compact: 0,
+        snapshots_installed: 0,
+    };
+    Ok((handle, tokio::spawn(driver.run(rx))))
+}
+
+struct Driver {
+    raw: RawNode<RedbStorage>,
+    config: RaftConfig,
+    transport: Arc<dyn Transport<RaftMessage>>,
+    state: Arc<RwLock<ClusterState>>,
+    status: watch::Sender<RaftStatus>,
+    /// For send tasks to report snapshot delivery.
+    inputs: mpsc::Sender<Input>,
+    /// Proposers waiting for their batch, by batch id (the entry context).
+    waiting: HashMap<u64, Vec<oneshot::Sender<Result<Effect, ProposeError>>>>,
+    next_batch: u64,
+    applied: u64,
+    since_compact: u64,
+    snapshots_installed: u64,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        let mut tick = tokio::time::interval(self.config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut proposals: Vec<(Command, oneshot::Sender<Result<Effect, ProposeError>>)> = Vec::new();
+            tokio::select! {
+                _ = tick.tick() => { self.raw.tick(); }
+                input = rx.recv() => {
+                    let Some(input) = input else { return };
+                    if !self.take(input, &mut proposals) { return }
+                    // Drain what else is queued: one turn, one Ready.
+                    while proposals.len() < PROPOSAL_BATCH_MAX {
+                        match rx.try_recv() {
+                            Ok(input) => if !self.take(input, &mut proposals) { return },
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            self.propose(proposals);
+            if let Err(e) = self.handle_ready() {
+                tracing::error!(error = %e, "raft storage failed; this server stops");
+                return;
+            }
+        }
+    }
+
+    /// Steps or queues one input; false means stop.
+    fn take(
+        &mut self,
+        input: Input,
+        proposals: &mut Vec<(Command, oneshot::Sender<Result<Effect, ProposeError>>)>,
+    ) -> bool {
+        match input {
+            Input::Message(m) => {
+                let _ = self.raw.step(m);
+            }
+            Input::Propose(c, reply) => proposals.push((c, reply)),
+            Input::SnapshotSent(to, ok) => {
+                self.raw.report_snapshot(to, if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure });
+            }
+            Input::Stop => return false,
+        }
+        true
+    }
+
+    fn propose(&mut self, proposals: Vec<(Command, oneshot::Sender<Result<Effect, ProposeError>>)>) {
+        if proposals.is_empty() {
+            return;
+        }
+        if self.raw.raft.state != StateRole::Leader {
+            let leader = Some(self.raw.raft.leader_id).filter(|l| *l != 0);
+            for (_, reply) in proposals {
+                let _ = reply.send(Err(ProposeError::NotLeader(leader)));
+            }
+            return;
+        }
+        let (commands, replies): (Vec<Command>, Vec<_>) = proposals.into_iter().unzip();
+        // Batch ids are unique per server across restarts of the counter.
+        let batch = (self.config.id << 48) | (self.next_batch & ((1 << 48) - 1));
+        self.next_batch += 1;
+        match self.raw.propose(batch.to_be_bytes().to_vec(), codec::encode(&commands)) {
+            Ok(()) => {
+                self.waiting.insert(batch, replies);
+            }
+            Err(_) => {
+                for reply in replies {
+                    let _ = reply.send(Err(ProposeError::NotLeader(None)));
+                }
+            }
+        }
+    }
+
+    fn send(&self, messages: Vec<Message>) {
+        for m in messages {
+            let Some(&addr) = self.config.peers.get(&m.to) else { continue };
+            let is_snapshot = m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot;
+            let to = m.to;
+            let Ok(bytes) = m.write_to_bytes() else { continue };
+            let transport = self.transport.clone();
+            let inputs = self.inputs.clone();
+            tokio::spawn(async move {
+                let ok = transport.call(addr, RaftMessage(bytes)).await.is_ok();
+                if is_snapshot {
+                    let _ = inputs.send(Input::SnapshotSent(to, ok)).await;
+                }
+            });
+        }
+    }
+
+    fn handle_ready(&mut self) -> Result<(), StoreError> {
+        if !self.raw.has_ready() {
+            self.publish_status();
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        self.send(rd.take_messages());
+        let snapshot: Option<Snapshot> = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+        let entries = rd.entries().clone();
+        let hs = rd.hs().cloned();
+        self.raw.mut_store().persist(Persist {
+            snapshot: snapshot.as_ref(),
+            entries: &entries,
+            hard_state: hs.as_ref(),
+            conf_state: None,
+        })?;
+        if let Some(s) = &snapshot {
+            let restored = ClusterState::restore(s.get_data()).map_err(|e| StoreError::Db(e.to_string()))?;
+            *self.state.write().expect("state lock") = restored;
+            self.applied = s.get_metadata().index;
+            self.snapshots_installed += 1;
+        }
+        self.send(rd.take_persisted_messages());
+        self.apply(rd.take_committed_entries())?;
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            let mut hs = self.raw.store().hard_state();
+            hs.commit = commit;
+            self.raw.mut_store().persist(Persist { hard_state: Some(&hs), ..Default::default() })?;
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        if self.since_compact >= self.config.compact_every {
+            let data = self.state.read().expect("state lock").snapshot();
+            self.raw.mut_store().compact(self.applied, &data)?;
+            self.since_compact = 0;
+        }
+        self.publish_status();
+        Ok(())
+    }
+
+    /// Applies committed entries, then publishes the new applied index, and
+    /// only then answers the proposers: nobody who got an answer can see a
+    /// status older than the state it was answered from.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let mut answers: Vec<(oneshot::Sender<Result<Effect, ProposeError>>, Effect)> = Vec::new();
+        for e in entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal if !e.get_data().is_empty() => {
+                    let commands: Vec<Command> =
+                        codec::decode(e.get_data(), codec::DECODE_BYTES_MAX).unwrap_or_default();
+                    let effects: Vec<Effect> = {
+                        let mut state = self.state.write().expect("state lock");
+                        commands.iter().map(|c| state.apply(c)).collect()
+                    };
+                    let batch = e.get_context().try_into().map(u64::from_be_bytes).ok();
+                    if let Some(replies) = batch.and_then(|b| self.waiting.remove(&b)) {
+                        answers.extend(replies.into_iter().zip(effects));
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    if let Ok(cc) = ConfChange::parse_from_bytes(e.get_data()) {
+                        let cs = self.raw.apply_conf_change(&cc);
+                        self.persist_conf_state(cs)?;
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    if let Ok(cc) = ConfChangeV2::parse_from_bytes(e.get_data()) {
+                        let cs = self.raw.apply_conf_change(&cc);
+                        self.persist_conf_state(cs)?;
+                    }
+                }
+                _ => {}
+            }
+            self.applied = e.index;
+            self.since_compact += 1;
+        }
+        if !answers.is_empty() {
+            self.publish_status();
+            for (reply, effect) in answers {
+                let _ = reply.send(Ok(effect));
+            }
+        }
+        Ok(())
+    }
+
+    fn persist_conf_state(&mut self, cs: raft::Result<ConfState>) -> Result<(), StoreError> {
+        if let Ok(cs) = cs {
+            self.raw.mut_store().persist(Persist { conf_state: Some(&cs), ..Default::default() })?;
+        }
+        Ok(())
+    }
+
+    fn publish_status(&self) {
+        let s = RaftStatus {
+            leader: Some(self.raw.raft.leader_id).filter(|l| *l != 0),
+            term: self.raw.raft.term,
+            commit: self.raw.raft.raft_log.committed,
+            applied: self.applied,
+            snapshots_installed: self.snapshots_installed,
+        };
+        self.status.send_if_modified(|old| {
+            let changed = *old != s;
+            *old = s;
+            changed
+        });
+    }
+}

@@ -1,0 +1,196 @@
+//! Three Raft servers on the in-memory transport: election, replication,
+//! a killed leader, and a restarted server catching up from a snapshot.
+//! Every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cluster_core::command::{Command, Effect};
+use cluster_core::diag::SourceFile;
+use cluster_core::raft::node::{ProposeError, RaftConfig, RaftHandle, RaftMessage, start};
+use cluster_core::raft::storage::RedbStorage;
+use cluster_core::spec::parse_fleet;
+use cluster_core::transport::mem::MemNetwork;
+use cluster_core::transport::{Identity, Role};
+
+fn nodes() -> Vec<cluster_core::model::Node> {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/fleets/eu-west.toml")).unwrap();
+    parse_fleet(&SourceFile::new("eu-west.toml", text)).value.unwrap().nodes
+}
+
+struct Server {
+    id: u64,
+    handle: RaftHandle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Cluster {
+    net: MemNetwork,
+    peers: BTreeMap<u64, SocketAddr>,
+    dir: PathBuf,
+    compact_every: u64,
+    servers: Vec<Server>,
+}
+
+impl Cluster {
+    fn new(name: &str, compact_every: u64) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("hanse-raft-cluster-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let peers = (1..=3u64).map(|id| (id, SocketAddr::from(([127, 0, 0, 1], 9000 + id as u16)))).collect();
+        let mut c = Cluster { net: MemNetwork::new(), peers, dir, compact_every, servers: Vec::new() };
+        for id in 1..=3 {
+            c.start(id);
+        }
+        c
+    }
+
+    fn start(&mut self, id: u64) {
+        let store = RedbStorage::open(&self.dir.join(format!("s{id}.redb"))).unwrap();
+        let mut config = RaftConfig::new(id, self.peers.clone());
+        config.tick = Duration::from_millis(20);
+        config.compact_every = self.compact_every;
+        let transport = Arc::new(self.net.client(Identity::new("eu-west", Role::Server, &format!("s{id}"))));
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let (handle, task) = start(config, store, transport, &logger).unwrap();
+        self.net.serve::<RaftMessage>(self.peers[&id], Arc::new(handle.clone()));
+        self.servers.push(Server { id, handle, task });
+    }
+
+    async fn stop(&mut self, id: u64) {
+        let at = self.servers.iter().position(|s| s.id == id).unwrap();
+        let s = self.servers.remove(at);
+        self.net.stop(self.peers[&id]);
+        s.handle.stop().await;
+        tokio::time::timeout(Duration::from_secs(5), s.task).await.expect("driver stops").unwrap();
+    }
+
+    /// The one leader all running servers agree on.
+    async fn leader(&self) -> u64 {
+        let start = Instant::now();
+        loop {
+            let leaders: Vec<Option<u64>> = self.servers.iter().map(|s| s.handle.status().leader).collect();
+            if let Some(Some(l)) = leaders.first() {
+                if leaders.iter().all(|x| *x == Some(*l)) && self.servers.iter().any(|s| s.id == *l) {
+                    return *l;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no agreed leader: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn propose(&self, c: Command) -> Effect {
+        let start = Instant::now();
+        loop {
+            let leader = self.leader().await;
+            let s = self.servers.iter().find(|s| s.id == leader).unwrap();
+            match s.handle.propose(c.clone()).await {
+                Ok(e) => return e,
+                Err(ProposeError::NotLeader(_)) if start.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("proposal failed: {e}"),
+            }
+        }
+    }
+
+    /// Waits until every running server applied what the leader committed,
+    /// then returns their state snapshots.
+    async fn settled(&self) -> Vec<Vec<u8>> {
+        let start = Instant::now();
+        loop {
+            let commits: Vec<u64> = self.servers.iter().map(|s| s.handle.status().commit).collect();
+            let applied: Vec<u64> = self.servers.iter().map(|s| s.handle.status().applied).collect();
+            let top = *commits.iter().max().unwrap();
+            if applied.iter().all(|a| *a == top) {
+                return self.servers.iter().map(|s| s.handle.read(|st| st.snapshot())).collect();
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "not settled: commit {commits:?} applied {applied:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in &self.servers {
+            s.task.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn node_count(h: &RaftHandle) -> usize {
+    h.read(|s| s.nodes().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_elect_one_leader_and_apply_the_same_commands() {
+    let cluster = Cluster::new("replicate", 10_000);
+    cluster.leader().await;
+    let ns = nodes();
+    let calls: Vec<_> = ns.iter().take(60).cloned().map(|n| cluster.propose(Command::UpsertNode(n))).collect();
+    for c in calls {
+        assert!(matches!(c.await, Effect::NodeUpserted(_)));
+    }
+    let snaps = cluster.settled().await;
+    assert!(snaps.windows(2).all(|w| w[0] == w[1]), "replicas differ");
+    assert!(cluster.servers.iter().all(|s| node_count(&s.handle) == 60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
+    let mut cluster = Cluster::new("failover", 10_000);
+    let ns = nodes();
+    for n in ns.iter().take(20) {
+        cluster.propose(Command::UpsertNode(n.clone())).await;
+    }
+    let old = cluster.leader().await;
+    cluster.stop(old).await;
+    let new = cluster.leader().await;
+    assert_ne!(new, old);
+    for n in ns.iter().skip(20).take(10) {
+        cluster.propose(Command::UpsertNode(n.clone())).await;
+    }
+    let snaps = cluster.settled().await;
+    let ids: Vec<Vec<String>> = cluster
+        .servers
+        .iter()
+        .map(|s| s.handle.read(|st| st.nodes().iter().map(|n| n.id.to_string()).collect()))
+        .collect();
+    let statuses: Vec<_> = cluster.servers.iter().map(|s| (s.id, s.handle.status())).collect();
+    let missing: Vec<Vec<&String>> =
+        ids.iter().map(|x| ids.iter().flatten().filter(|i| !x.contains(i)).collect()).collect();
+    assert!(snaps[0] == snaps[1], "replicas differ: {statuses:?}, missing {missing:?}");
+    assert!(
+        cluster.servers.iter().all(|s| node_count(&s.handle) == 30),
+        "an acknowledged command was lost: {statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_catches_up_from_a_snapshot_after_compaction() {
+    let mut cluster = Cluster::new("catchup", 20);
+    let ns = nodes();
+    for n in ns.iter().take(5) {
+        cluster.propose(Command::UpsertNode(n.clone())).await;
+    }
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.stop(follower).await;
+    // Enough entries that the others compact past what the follower holds.
+    for n in ns.iter().skip(5).take(80) {
+        cluster.propose(Command::UpsertNode(n.clone())).await;
+    }
+    cluster.start(follower);
+    let snaps = cluster.settled().await;
+    assert!(snaps.windows(2).all(|w| w[0] == w[1]), "the restarted server differs");
+    let back = cluster.servers.iter().find(|s| s.id == follower).unwrap();
+    assert_eq!(node_count(&back.handle), 85);
+    assert!(back.handle.status().snapshots_installed >= 1, "it caught up through a snapshot, not the log");
+}
