@@ -14,7 +14,9 @@ use cluster_core::raft::node::{ProposeError, RaftConfig, RaftHandle, RaftMessage
 use cluster_core::raft::storage::RedbStorage;
 use cluster_core::spec::parse_fleet;
 use cluster_core::transport::mem::MemNetwork;
-use cluster_core::transport::{Identity, Role};
+use cluster_core::transport::quic::{QuicClient, QuicServer};
+use cluster_core::transport::tls::{self, PemPair};
+use cluster_core::transport::{Identity, Role, Transport};
 
 fn nodes() -> Vec<cluster_core::model::Node> {
     let text =
@@ -28,8 +30,18 @@ struct Server {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The network the servers talk over.
+enum Net {
+    Mem(MemNetwork),
+    /// QUIC with mutual TLS on loopback; the servers' endpoints by id.
+    Quic {
+        ca: PemPair,
+        endpoints: BTreeMap<u64, QuicServer>,
+    },
+}
+
 struct Cluster {
-    net: MemNetwork,
+    net: Net,
     peers: BTreeMap<u64, SocketAddr>,
     dir: PathBuf,
     compact_every: u64,
@@ -38,11 +50,24 @@ struct Cluster {
 
 impl Cluster {
     fn new(name: &str, compact_every: u64) -> Cluster {
+        Self::with_net(name, compact_every, false)
+    }
+
+    fn with_net(name: &str, compact_every: u64, quic: bool) -> Cluster {
         let dir = std::env::temp_dir().join(format!("hanse-raft-cluster-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let peers = (1..=3u64).map(|id| (id, SocketAddr::from(([127, 0, 0, 1], 9000 + id as u16)))).collect();
-        let mut c = Cluster { net: MemNetwork::new(), peers, dir, compact_every, servers: Vec::new() };
+        let (net, peers) = if quic {
+            // Free loopback ports: bind, note, release.
+            let peers = (1..=3u64)
+                .map(|id| (id, std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()))
+                .collect();
+            (Net::Quic { ca: tls::create_ca("raft-test", 1).unwrap(), endpoints: BTreeMap::new() }, peers)
+        } else {
+            let peers = (1..=3u64).map(|id| (id, SocketAddr::from(([127, 0, 0, 1], 9000 + id as u16)))).collect();
+            (Net::Mem(MemNetwork::new()), peers)
+        };
+        let mut c = Cluster { net, peers, dir, compact_every, servers: Vec::new() };
         for id in 1..=3 {
             c.start(id);
         }
@@ -54,17 +79,36 @@ impl Cluster {
         let mut config = RaftConfig::new(id, self.peers.clone());
         config.tick = Duration::from_millis(20);
         config.compact_every = self.compact_every;
-        let transport = Arc::new(self.net.client(Identity::new("eu-west", Role::Server, &format!("s{id}"))));
+        let me = Identity::new("eu-west", Role::Server, &format!("s{id}"));
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let (handle, task) = start(config, store, transport, &logger).unwrap();
-        self.net.serve::<RaftMessage>(self.peers[&id], Arc::new(handle.clone()));
-        self.servers.push(Server { id, handle, task });
+        match &mut self.net {
+            Net::Mem(net) => {
+                let transport: Arc<dyn Transport<RaftMessage>> = Arc::new(net.client(me));
+                let (handle, task) = start(config, store, transport, &logger).unwrap();
+                net.serve::<RaftMessage>(self.peers[&id], Arc::new(handle.clone()));
+                self.servers.push(Server { id, handle, task });
+            }
+            Net::Quic { ca, endpoints } => {
+                let pair = tls::issue(ca, &me, 1).unwrap();
+                let transport: Arc<dyn Transport<RaftMessage>> =
+                    Arc::new(QuicClient::new(&ca.cert_pem, &pair).unwrap());
+                let (handle, task) = start(config, store, transport, &logger).unwrap();
+                let endpoint =
+                    QuicServer::bind::<RaftMessage>(self.peers[&id], &ca.cert_pem, &pair, Arc::new(handle.clone()))
+                        .unwrap();
+                endpoints.insert(id, endpoint);
+                self.servers.push(Server { id, handle, task });
+            }
+        }
     }
 
     async fn stop(&mut self, id: u64) {
         let at = self.servers.iter().position(|s| s.id == id).unwrap();
         let s = self.servers.remove(at);
-        self.net.stop(self.peers[&id]);
+        match &mut self.net {
+            Net::Mem(net) => net.stop(self.peers[&id]),
+            Net::Quic { endpoints, .. } => drop(endpoints.remove(&id)),
+        }
         s.handle.stop().await;
         tokio::time::timeout(Duration::from_secs(5), s.task).await.expect("driver stops").unwrap();
     }
@@ -131,7 +175,25 @@ fn node_count(h: &RaftHandle) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_elect_one_leader_and_apply_the_same_commands() {
-    let cluster = Cluster::new("replicate", 10_000);
+    replicate(Cluster::new("replicate", 10_000)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_three_servers_elect_one_leader_and_apply_the_same_commands() {
+    replicate(Cluster::with_net("replicate-quic", 10_000, true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
+    failover(Cluster::with_net("failover-quic", 10_000, true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_a_restarted_server_catches_up_from_a_snapshot() {
+    catch_up(Cluster::with_net("catchup-quic", 20, true)).await;
+}
+
+async fn replicate(cluster: Cluster) {
     cluster.leader().await;
     let ns = nodes();
     let calls: Vec<_> = ns.iter().take(60).cloned().map(|n| cluster.propose(Command::UpsertNode(n))).collect();
@@ -145,7 +207,10 @@ async fn three_servers_elect_one_leader_and_apply_the_same_commands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
-    let mut cluster = Cluster::new("failover", 10_000);
+    failover(Cluster::new("failover", 10_000)).await;
+}
+
+async fn failover(mut cluster: Cluster) {
     let ns = nodes();
     for n in ns.iter().take(20) {
         cluster.propose(Command::UpsertNode(n.clone())).await;
@@ -175,7 +240,10 @@ async fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_catches_up_from_a_snapshot_after_compaction() {
-    let mut cluster = Cluster::new("catchup", 20);
+    catch_up(Cluster::new("catchup", 20)).await;
+}
+
+async fn catch_up(mut cluster: Cluster) {
     let ns = nodes();
     for n in ns.iter().take(5) {
         cluster.propose(Command::UpsertNode(n.clone())).await;
