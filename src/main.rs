@@ -6,6 +6,7 @@
 mod federation;
 mod job;
 mod output;
+mod server;
 mod tls;
 
 use std::net::SocketAddr;
@@ -33,6 +34,21 @@ enum Command {
     /// Certificates: the federation's CA, and one per server and agent.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Run one Raft server of a cluster (QUIC with mutual TLS).
+    Server {
+        /// The server's config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Overrides [server] name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Overrides [server] data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides [server] bind.
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,6 +198,10 @@ fn main() -> ExitCode {
         }
         Command::Tls(TlsCommand::Cert(CertCommand::Create { cluster, role, name, ca_dir, out_dir, days })) => {
             tls::cert_create(tls::CertArgs { cluster, role, name, ca_dir, out_dir, days })
+        }
+        Command::Server { config, name, data_dir, bind } => {
+            server::load_config(&config, server::Overrides { name, data_dir, bind })
+                .and_then(|c| runtime().and_then(|rt| rt.block_on(server::run(c))))
         }
         Command::Federation(FederationCommand::Members { seeds, key_file, federation, bind, wait, out }) => runtime()
             .and_then(|rt| {

@@ -19,8 +19,11 @@ use super::{Handler, Identity, Rpc, Transport, TransportError, encode_frame, fra
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests one connection may have in flight.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// A peer silent this long (keep-alives unanswered) is gone: its cached
+/// connection closes, and the next call dials again. Short, because a
+/// server killed and restarted must be reachable again within an election.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
@@ -184,6 +187,10 @@ impl QuicClient {
         result
     }
 
+    fn forget(&self, to: SocketAddr) {
+        self.connections.lock().expect("connections lock").remove(&to);
+    }
+
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"client closing");
     }
@@ -193,9 +200,15 @@ impl QuicClient {
 impl<R: Rpc> Transport<R> for QuicClient {
     async fn call(&self, to: SocketAddr, request: R) -> Result<R::Reply, TransportError> {
         let frame = encode_frame(&request)?;
-        tokio::time::timeout(CALL_TIMEOUT, self.exchange::<R>(to, &frame))
-            .await
-            .map_err(|_| TransportError::Timeout(to))?
+        match tokio::time::timeout(CALL_TIMEOUT, self.exchange::<R>(to, &frame)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // A peer that does not answer may have died under a live-
+                // looking connection: dial again next time.
+                self.forget(to);
+                Err(TransportError::Timeout(to))
+            }
+        }
     }
 }
 

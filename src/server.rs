@@ -1,0 +1,220 @@
+//! `hanse server`: one Raft server of a cluster, over QUIC with mutual TLS.
+//!
+//! ```toml
+//! [server]
+//! name = "s1"
+//! cluster = "eu-west"
+//! region = "eu-west-1"
+//! id = 1
+//! data_dir = "data/s1"
+//! bind = "127.0.0.1:4701"
+//!
+//! [tls]
+//! ca = "pki/ca.pem"
+//! cert = "pki/eu-west-server-s1.pem"
+//! key = "pki/eu-west-server-s1-key.pem"
+//!
+//! [[peer]]
+//! id = 2
+//! address = "127.0.0.1:4702"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cluster_core::diag::{Diagnostics, SourceFile};
+use cluster_core::raft::node::{RaftConfig, RaftMessage, RaftStatus, start};
+use cluster_core::raft::storage::RedbStorage;
+use cluster_core::spec::read::{self, Table};
+use cluster_core::spec::{self, LoadError};
+use cluster_core::transport::quic::{QuicClient, QuicServer};
+use cluster_core::transport::tls::{self, valid_label};
+use cluster_core::transport::{Identity, Role, Transport};
+
+use crate::Outcome;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub name: String,
+    pub cluster: String,
+    pub region: String,
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub bind: SocketAddr,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Other voters, by Raft id.
+    pub peers: BTreeMap<u64, SocketAddr>,
+}
+
+/// Flags that override the file.
+#[derive(Default)]
+pub struct Overrides {
+    pub name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub bind: Option<SocketAddr>,
+}
+
+fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
+    read::checked(file, |top, d| {
+        let base = Path::new(&file.name).parent().unwrap_or(Path::new("."));
+        let rel = |p: &str| -> PathBuf { if Path::new(p).is_absolute() { p.into() } else { base.join(p) } };
+        let mut s = top.table(d, "server").or_else(|| {
+            d.error_hint(
+                0..0,
+                "missing [server] table",
+                "start the file with [server] and name, cluster, id, data_dir, bind",
+            );
+            None
+        })?;
+        s.path = "[server]".into();
+        let label = |d: &mut Diagnostics, t: &mut Table, key: &'static str, example: &str| {
+            t.required_str(d, key, example).and_then(|(v, span)| {
+                if valid_label(v) {
+                    Some(v.to_string())
+                } else {
+                    d.error_hint(span, format!("invalid {key} `{v}`"), "use 1 to 63 letters, digits and `-`");
+                    None
+                }
+            })
+        };
+        let name = label(d, &mut s, "name", "\"s1\"");
+        let cluster = label(d, &mut s, "cluster", "\"eu-west\"");
+        let region = s.str(d, "region").map_or_else(String::new, |(r, _)| r.to_string());
+        let id = match s.int(d, "id") {
+            Some((n, _)) if n > 0 => Some(n as u64),
+            Some((n, span)) => {
+                d.error_hint(
+                    span,
+                    format!("id {n} is not a Raft id"),
+                    "use a whole number from 1, unique in the cluster",
+                );
+                None
+            }
+            None => {
+                s.missing(d, "id", "1");
+                None
+            }
+        };
+        let data_dir = s.required_str(d, "data_dir", "\"data/s1\"").map(|(p, _)| rel(p));
+        let bind_text = s.required_str(d, "bind", "\"127.0.0.1:4701\"");
+        let bind = addr(d, bind_text);
+        s.finish(d);
+        let (mut ca, mut cert, mut key) = (None, None, None);
+        match top.table(d, "tls") {
+            Some(mut t) => {
+                t.path = "[tls]".into();
+                ca = t.required_str(d, "ca", "\"pki/ca.pem\"").map(|(p, _)| rel(p));
+                cert = t.required_str(d, "cert", "\"pki/eu-west-server-s1.pem\"").map(|(p, _)| rel(p));
+                key = t.required_str(d, "key", "\"pki/eu-west-server-s1-key.pem\"").map(|(p, _)| rel(p));
+                t.finish(d);
+            }
+            None => d.error_hint(0..0, "missing [tls] table", "add [tls] with ca, cert and key (see `hanse tls`)"),
+        }
+        let mut peers = BTreeMap::new();
+        for mut p in top.tables(d, "peer") {
+            let pid = p.int(d, "id").map(|(n, _)| n as u64);
+            let addr_text = p.required_str(d, "address", "\"127.0.0.1:4702\"");
+            let paddr = addr(d, addr_text);
+            if pid.is_none() {
+                p.missing(d, "id", "2");
+            }
+            if let (Some(i), Some(a)) = (pid, paddr) {
+                if Some(i) == id || peers.insert(i, a).is_some() {
+                    d.error(p.span.clone(), format!("peer id {i} is used twice"));
+                }
+            }
+            p.finish(d);
+        }
+        Some(ServerConfig {
+            name: name?,
+            cluster: cluster?,
+            region,
+            id: id?,
+            data_dir: data_dir?,
+            bind: bind?,
+            ca: ca?,
+            cert: cert?,
+            key: key?,
+            peers,
+        })
+    })
+}
+
+fn addr(d: &mut Diagnostics, v: Option<(&str, std::ops::Range<usize>)>) -> Option<SocketAddr> {
+    let (text, span) = v?;
+    text.parse()
+        .map_err(|_| {
+            d.error_hint(span, format!("`{text}` is not an address"), "write IP:PORT, e.g. \"127.0.0.1:4701\"")
+        })
+        .ok()
+}
+
+pub fn load_config(path: &Path, o: Overrides) -> anyhow::Result<ServerConfig> {
+    let mut c = spec::load(path, read_config).map_err(|e| match e {
+        LoadError::Invalid(inv) => anyhow::anyhow!("{inv}"),
+        io => anyhow::anyhow!("{io}"),
+    })?;
+    if let Some(n) = o.name {
+        anyhow::ensure!(valid_label(&n), "--name `{n}`: use 1 to 63 letters, digits and `-`");
+        c.name = n;
+    }
+    if let Some(dd) = o.data_dir {
+        c.data_dir = dd;
+    }
+    if let Some(b) = o.bind {
+        c.bind = b;
+    }
+    Ok(c)
+}
+
+pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
+    std::fs::create_dir_all(&c.data_dir).with_context(|| format!("cannot create data_dir {}", c.data_dir.display()))?;
+    let ca = std::fs::read_to_string(&c.ca).with_context(|| format!("cannot read [tls] ca {}", c.ca.display()))?;
+    let pair = tls::read_pair(&c.cert, &c.key)?;
+    let store = RedbStorage::open(&c.data_dir.join("raft.redb"))
+        .with_context(|| format!("opening the log in {} (is another server using it?)", c.data_dir.display()))?;
+    let mut peers = c.peers.clone();
+    peers.insert(c.id, c.bind);
+    let transport: Arc<dyn Transport<RaftMessage>> = Arc::new(QuicClient::new(&ca, &pair)?);
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let (handle, task) = start(RaftConfig::new(c.id, peers), store, transport, &logger)?;
+    let endpoint = QuicServer::bind::<RaftMessage>(c.bind, &ca, &pair, Arc::new(handle.clone()))?;
+    let me = Identity::new(&c.cluster, Role::Server, &c.name);
+    let region = if c.region.is_empty() { String::new() } else { format!(" in {}", c.region) };
+    println!(
+        "server {me}{region} (raft id {}) listening on {}, data in {}",
+        c.id,
+        endpoint.local_addr(),
+        c.data_dir.display()
+    );
+    let mut status = handle.watch_status();
+    let mut last = RaftStatus::default();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            changed = status.changed() => {
+                if changed.is_err() { break }
+                let s = status.borrow().clone();
+                if (s.leader, s.term) != (last.leader, last.term) || s.applied / 100 != last.applied / 100 {
+                    let leader = s.leader.map_or_else(|| "none".to_string(), |l| l.to_string());
+                    println!("status: leader={leader} term={} commit={} applied={}", s.term, s.commit, s.applied);
+                    last = s;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+    println!("shutting down");
+    handle.stop().await;
+    endpoint.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    Ok(Outcome::Ok)
+}
