@@ -47,7 +47,7 @@ async fn cluster(ca: &PemPair, trial: usize) -> Cluster {
     std::fs::create_dir_all(&dir).unwrap();
     let peers: BTreeMap<u64, SocketAddr> =
         (1..=3).map(|id| (id, std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap())).collect();
-    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let logger = cluster_core::raft::log::logger();
     let mut servers = Vec::new();
     for id in 1..=3u64 {
         let pair = tls::issue(ca, &Identity::new("bench", Role::Server, &format!("s{id}")), 1).unwrap();

@@ -182,6 +182,16 @@ pub enum Outcome {
 }
 
 fn main() -> ExitCode {
+    // Logs to stderr, warnings and up unless RUST_LOG says otherwise
+    // (`RUST_LOG=raft=info` shows elections).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     // Usage errors exit 1, not clap's 2: 2 means a placement failure here.
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -182,7 +182,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     let mut peers = c.peers.clone();
     peers.insert(c.id, c.bind);
     let transport: Arc<dyn Transport<RaftMessage>> = Arc::new(QuicClient::new(&ca, &pair)?);
-    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let logger = cluster_core::raft::log::logger();
     let (handle, task) = start(RaftConfig::new(c.id, peers), store, transport, &logger)?;
     let endpoint = QuicServer::bind::<RaftMessage>(c.bind, &ca, &pair, Arc::new(handle.clone()))?;
     let me = Identity::new(&c.cluster, Role::Server, &c.name);

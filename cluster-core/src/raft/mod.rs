@@ -2,5 +2,6 @@
 //! durable log storage. The driver loop that ticks, steps and handles
 //! `Ready` comes next.
 
+pub mod log;
 pub mod node;
 pub mod storage;
