@@ -193,6 +193,20 @@ async fn over_quic_a_restarted_server_catches_up_from_a_snapshot() {
     catch_up(Cluster::with_net("catchup-quic", 20, true)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_read_on_a_follower_sees_every_committed_write() {
+    let cluster = Cluster::new("read-index", 10_000);
+    let leader = cluster.leader().await;
+    let follower = cluster.servers.iter().find(|s| s.id != leader).unwrap();
+    for (i, n) in nodes().into_iter().take(40).enumerate() {
+        cluster.propose(Command::UpsertNode(n)).await;
+        // Right after the leader acknowledged write i, a ReadIndex read on
+        // the follower sees it: no waiting for replication to settle.
+        let seen = follower.handle.read_fresh(|s| s.nodes().len()).await.expect("read");
+        assert_eq!(seen, i + 1, "write {i} acknowledged but not visible to a fresh read");
+    }
+}
+
 async fn replicate(cluster: Cluster) {
     cluster.leader().await;
     let ns = nodes();

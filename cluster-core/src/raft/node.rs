@@ -34,6 +34,13 @@ pub const PROPOSAL_BATCH_MAX: usize = 1_024;
 pub const INPUT_QUEUE_MAX: usize = 4_096;
 /// How long a proposal may wait for its commit.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// raft-rs drops a ReadIndex request silently when there is no leader, or
+/// the leader has not committed in its term yet: each attempt waits this
+/// long, and a read tries `READ_ATTEMPTS` times.
+pub const READ_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+pub const READ_ATTEMPTS: usize = 6;
+/// Reads waiting for their read index at once; the oldest is dropped past it.
+pub const READS_PENDING_MAX: usize = 4_096;
 
 /// A Raft message between servers: raft-rs's protobuf bytes.
 #[derive(Serialize, Deserialize)]
@@ -113,6 +120,7 @@ pub struct RaftStatus {
 enum Input {
     Message(Message),
     Propose(Command, oneshot::Sender<Result<Effect, ProposeError>>),
+    ReadIndex(oneshot::Sender<u64>),
     SnapshotSent(RaftId, bool),
     Stop,
 }
@@ -135,6 +143,22 @@ impl RaftHandle {
             Ok(Err(_)) => Err(ProposeError::Stopped),
             Err(_) => Err(ProposeError::Timeout),
         }
+    }
+
+    /// A linearizable read: waits until this server has applied everything
+    /// the leader had committed when the read began (ReadIndex), then reads.
+    /// Works on followers too; retries while there is no leader.
+    pub async fn read_fresh<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> Result<T, ProposeError> {
+        for _ in 0..READ_ATTEMPTS {
+            let (tx, rx) = oneshot::channel();
+            self.tx.send(Input::ReadIndex(tx)).await.map_err(|_| ProposeError::Stopped)?;
+            match tokio::time::timeout(READ_ATTEMPT_TIMEOUT, rx).await {
+                Ok(Ok(_index)) => return Ok(self.read(f)),
+                Ok(Err(_)) => return Err(ProposeError::Stopped),
+                Err(_) => continue,
+            }
+        }
+        Err(ProposeError::Timeout)
     }
 
     pub fn status(&self) -> RaftStatus {
@@ -204,6 +228,9 @@ pub fn start(
         applied,
         since_compact: 0,
         snapshots_installed: 0,
+        reads: BTreeMap::new(),
+        next_read: 0,
+        ready_reads: Vec::new(),
     };
     Ok((handle, tokio::spawn(driver.run(rx))))
 }
@@ -222,6 +249,11 @@ struct Driver {
     applied: u64,
     since_compact: u64,
     snapshots_installed: u64,
+    /// ReadIndex requests sent to raft, by context, oldest first.
+    reads: BTreeMap<u64, oneshot::Sender<u64>>,
+    next_read: u64,
+    /// Reads whose index is known, waiting for `applied` to reach it.
+    ready_reads: Vec<(u64, oneshot::Sender<u64>)>,
 }
 
 impl Driver {
@@ -263,6 +295,15 @@ impl Driver {
                 let _ = self.raw.step(m);
             }
             Input::Propose(c, reply) => proposals.push((c, reply)),
+            Input::ReadIndex(reply) => {
+                self.next_read += 1;
+                let ctx = self.next_read;
+                self.raw.read_index(ctx.to_be_bytes().to_vec());
+                self.reads.insert(ctx, reply);
+                if self.reads.len() > READS_PENDING_MAX {
+                    self.reads.pop_first();
+                }
+            }
             Input::SnapshotSent(to, ok) => {
                 self.raw.report_snapshot(to, if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure });
             }
@@ -317,11 +358,18 @@ impl Driver {
 
     fn handle_ready(&mut self) -> Result<(), StoreError> {
         if !self.raw.has_ready() {
+            self.answer_reads();
             self.publish_status();
             return Ok(());
         }
         let mut rd = self.raw.ready();
         self.send(rd.take_messages());
+        for rs in rd.take_read_states() {
+            let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).ok();
+            if let Some(reply) = ctx.and_then(|c| self.reads.remove(&c)) {
+                self.ready_reads.push((rs.index, reply));
+            }
+        }
         let snapshot: Option<Snapshot> = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
         let entries = rd.entries().clone();
         let hs = rd.hs().cloned();
@@ -348,6 +396,7 @@ impl Driver {
         self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
+        self.answer_reads();
         if self.since_compact >= self.config.compact_every {
             let data = self.state.read().expect("state lock").snapshot();
             self.raw.mut_store().compact(self.applied, &data)?;
@@ -400,6 +449,17 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Answers the reads whose read index this server has applied.
+    fn answer_reads(&mut self) {
+        let applied = self.applied;
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.ready_reads).into_iter().partition(|(i, _)| *i <= applied);
+        self.ready_reads = waiting;
+        for (index, reply) in done {
+            let _ = reply.send(index);
+        }
     }
 
     fn persist_conf_state(&mut self, cs: raft::Result<ConfState>) -> Result<(), StoreError> {
