@@ -75,10 +75,15 @@ impl Cluster {
     }
 
     fn start(&mut self, id: u64) {
+        self.start_as(id, false);
+    }
+
+    fn start_as(&mut self, id: u64, join: bool) {
         let store = RedbStorage::open(&self.dir.join(format!("s{id}.redb"))).unwrap();
         let mut config = RaftConfig::new(id, self.peers.clone());
         config.tick = Duration::from_millis(20);
         config.compact_every = self.compact_every;
+        config.join = join;
         let me = Identity::new("eu-west", Role::Server, &format!("s{id}"));
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         match &mut self.net {
@@ -205,6 +210,53 @@ async fn a_fresh_read_on_a_follower_sees_every_committed_write() {
         let seen = follower.handle.read_fresh(|s| s.nodes().len()).await.expect("read");
         assert_eq!(seen, i + 1, "write {i} acknowledged but not visible to a fresh read");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_join_and_leave_and_leadership_moves_on_request() {
+    let mut cluster = Cluster::new("membership", 10_000);
+    let ns = nodes();
+    for n in ns.iter().take(10) {
+        cluster.propose(Command::UpsertNode(n.clone())).await;
+    }
+    // A fourth server joins: it starts empty and learns the cluster (it
+    // knows no leader until it is added).
+    let leader = cluster.leader().await;
+    cluster.peers.insert(4, SocketAddr::from(([127, 0, 0, 1], 9004)));
+    cluster.start_as(4, true);
+    let h = cluster.servers.iter().find(|s| s.id == leader).unwrap().handle.clone();
+    let cs = h.add_peer(4, cluster.peers[&4]).await.expect("add");
+    assert_eq!(cs.voters.len(), 4);
+    for n in ns.iter().skip(10).take(5) {
+        cluster.propose(Command::UpsertNode(n.clone())).await;
+    }
+    let snaps = cluster.settled().await;
+    assert!(snaps.windows(2).all(|w| w[0] == w[1]));
+    let four = cluster.servers.iter().find(|s| s.id == 4).unwrap();
+    assert_eq!(node_count(&four.handle), 15, "the new server has everything");
+
+    // Leadership moves where asked.
+    let target = cluster.servers.iter().map(|s| s.id).find(|id| *id != leader).unwrap();
+    h.transfer_leader(target).await.unwrap();
+    let start = Instant::now();
+    while cluster.leader().await != target {
+        assert!(start.elapsed() < Duration::from_secs(10), "leadership did not move to {target}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A server leaves; the other three carry on.
+    let leaving = cluster.servers.iter().map(|s| s.id).find(|id| *id != target).unwrap();
+    let h = cluster.servers.iter().find(|s| s.id == target).unwrap().handle.clone();
+    let cs = h.remove_peer(leaving).await.expect("remove");
+    assert_eq!(cs.voters.len(), 3);
+    assert!(!cs.voters.contains(&leaving));
+    cluster.stop(leaving).await;
+    for n in ns.iter().skip(15).take(5) {
+        cluster.propose(Command::UpsertNode(n.clone())).await;
+    }
+    let snaps = cluster.settled().await;
+    assert!(snaps.windows(2).all(|w| w[0] == w[1]));
+    assert!(cluster.servers.iter().all(|s| node_count(&s.handle) == 20));
 }
 
 async fn replicate(cluster: Cluster) {

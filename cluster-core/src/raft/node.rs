@@ -15,7 +15,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -62,6 +64,9 @@ pub struct RaftConfig {
     pub election_tick: usize,
     pub heartbeat_tick: usize,
     pub compact_every: u64,
+    /// A server joining an existing cluster: it does not bootstrap a
+    /// configuration of its own, and learns it from the leader.
+    pub join: bool,
 }
 
 impl RaftConfig {
@@ -73,6 +78,7 @@ impl RaftConfig {
             election_tick: 10,
             heartbeat_tick: 2,
             compact_every: 10_000,
+            join: false,
         }
     }
 
@@ -121,6 +127,8 @@ enum Input {
     Message(Message),
     Propose(Command, oneshot::Sender<Result<Effect, ProposeError>>),
     ReadIndex(oneshot::Sender<u64>),
+    ConfChange(ConfChangeV2, oneshot::Sender<Result<ConfState, ProposeError>>),
+    TransferLeader(RaftId),
     SnapshotSent(RaftId, bool),
     Stop,
 }
@@ -161,6 +169,42 @@ impl RaftHandle {
         Err(ProposeError::Timeout)
     }
 
+    /// Adds a voter at `addr` (ConfChangeV2, committed through the log);
+    /// returns the new configuration once applied here. Call on the leader.
+    pub async fn add_peer(&self, id: RaftId, addr: SocketAddr) -> Result<ConfState, ProposeError> {
+        self.conf_change(id, ConfChangeType::AddNode, Some(addr)).await
+    }
+
+    pub async fn remove_peer(&self, id: RaftId) -> Result<ConfState, ProposeError> {
+        self.conf_change(id, ConfChangeType::RemoveNode, None).await
+    }
+
+    async fn conf_change(
+        &self,
+        id: RaftId,
+        kind: ConfChangeType,
+        addr: Option<SocketAddr>,
+    ) -> Result<ConfState, ProposeError> {
+        let mut single = ConfChangeSingle { node_id: id, ..Default::default() };
+        single.set_change_type(kind);
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        // Every server learns the new member's address from the entry.
+        cc.set_context(addr.map(|a| a.to_string().into_bytes()).unwrap_or_default().into());
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Input::ConfChange(cc, tx)).await.map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::Timeout),
+        }
+    }
+
+    /// Asks the leader to hand leadership to `to` (a caught-up voter).
+    pub async fn transfer_leader(&self, to: RaftId) -> Result<(), ProposeError> {
+        self.tx.send(Input::TransferLeader(to)).await.map_err(|_| ProposeError::Stopped)
+    }
+
     pub fn status(&self) -> RaftStatus {
         self.status.borrow().clone()
     }
@@ -198,7 +242,7 @@ pub fn start(
     logger: &slog::Logger,
 ) -> Result<(RaftHandle, tokio::task::JoinHandle<()>), StoreError> {
     let initial = raft::Storage::initial_state(&store).map_err(|e| StoreError::Db(e.to_string()))?;
-    if initial.conf_state.voters.is_empty() {
+    if initial.conf_state.voters.is_empty() && !config.join {
         let cs = ConfState::from((config.peers.keys().copied().collect::<Vec<_>>(), vec![]));
         store.persist(Persist { conf_state: Some(&cs), ..Default::default() })?;
     }
@@ -231,6 +275,7 @@ pub fn start(
         reads: BTreeMap::new(),
         next_read: 0,
         ready_reads: Vec::new(),
+        conf_waiter: None,
     };
     Ok((handle, tokio::spawn(driver.run(rx))))
 }
@@ -254,6 +299,8 @@ struct Driver {
     next_read: u64,
     /// Reads whose index is known, waiting for `applied` to reach it.
     ready_reads: Vec<(u64, oneshot::Sender<u64>)>,
+    /// The membership change in flight (raft allows one at a time).
+    conf_waiter: Option<oneshot::Sender<Result<ConfState, ProposeError>>>,
 }
 
 impl Driver {
@@ -304,6 +351,18 @@ impl Driver {
                     self.reads.pop_first();
                 }
             }
+            Input::ConfChange(cc, reply) => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let leader = Some(self.raw.raft.leader_id).filter(|l| *l != 0);
+                    let _ = reply.send(Err(ProposeError::NotLeader(leader)));
+                } else if self.raw.propose_conf_change(vec![], cc).is_ok() {
+                    self.conf_waiter = Some(reply);
+                } else {
+                    // One change at a time: another is still pending.
+                    let _ = reply.send(Err(ProposeError::NotLeader(Some(self.config.id))));
+                }
+            }
+            Input::TransferLeader(to) => self.raw.transfer_leader(to),
             Input::SnapshotSent(to, ok) => {
                 self.raw.report_snapshot(to, if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure });
             }
@@ -433,8 +492,25 @@ impl Driver {
                 }
                 EntryType::EntryConfChangeV2 => {
                     if let Ok(cc) = ConfChangeV2::parse_from_bytes(e.get_data()) {
+                        let addr =
+                            std::str::from_utf8(cc.get_context()).ok().and_then(|a| a.parse::<SocketAddr>().ok());
+                        for change in cc.get_changes() {
+                            match (change.get_change_type(), addr) {
+                                (ConfChangeType::AddNode | ConfChangeType::AddLearnerNode, Some(a)) => {
+                                    self.config.peers.insert(change.node_id, a);
+                                }
+                                (ConfChangeType::RemoveNode, _) if change.node_id != self.config.id => {
+                                    self.config.peers.remove(&change.node_id);
+                                }
+                                _ => {}
+                            }
+                        }
                         let cs = self.raw.apply_conf_change(&cc);
+                        let answer = cs.as_ref().map(Clone::clone).map_err(|_| ProposeError::Timeout);
                         self.persist_conf_state(cs)?;
+                        if let Some(w) = self.conf_waiter.take() {
+                            let _ = w.send(answer);
+                        }
                     }
                 }
                 _ => {}
