@@ -108,6 +108,8 @@ pub enum ProposeError {
     NotLeader(Option<RaftId>),
     #[error("not committed in time")]
     Timeout,
+    #[error("another membership change is still in progress")]
+    ChangePending,
     #[error("the server is shutting down")]
     Stopped,
 }
@@ -123,9 +125,12 @@ pub struct RaftStatus {
     pub snapshots_installed: u64,
 }
 
+/// Where a proposer waits for its command's effect.
+type Reply = oneshot::Sender<Result<Effect, ProposeError>>;
+
 enum Input {
     Message(Message),
-    Propose(Command, oneshot::Sender<Result<Effect, ProposeError>>),
+    Propose(Command, Reply),
     ReadIndex(oneshot::Sender<u64>),
     ConfChange(ConfChangeV2, oneshot::Sender<Result<ConfState, ProposeError>>),
     TransferLeader(RaftId),
@@ -268,7 +273,7 @@ pub fn start(
         status: status_tx,
         inputs: tx,
         waiting: HashMap::new(),
-        next_batch: 0,
+        waiting_term: 0,
         applied,
         since_compact: 0,
         snapshots_installed: 0,
@@ -288,9 +293,12 @@ struct Driver {
     status: watch::Sender<RaftStatus>,
     /// For send tasks to report snapshot delivery.
     inputs: mpsc::Sender<Input>,
-    /// Proposers waiting for their batch, by batch id (the entry context).
-    waiting: HashMap<u64, Vec<oneshot::Sender<Result<Effect, ProposeError>>>>,
-    next_batch: u64,
+    /// Proposers waiting for their batch, by the (index, term) raft gave
+    /// its entry: unique across restarts and leaders, unlike a counter.
+    waiting: HashMap<(u64, u64), Vec<Reply>>,
+    /// The term the waiters were proposed in; when it changes, they are
+    /// told leadership was lost (their command may still commit).
+    waiting_term: u64,
     applied: u64,
     since_compact: u64,
     snapshots_installed: u64,
@@ -299,8 +307,9 @@ struct Driver {
     next_read: u64,
     /// Reads whose index is known, waiting for `applied` to reach it.
     ready_reads: Vec<(u64, oneshot::Sender<u64>)>,
-    /// The membership change in flight (raft allows one at a time).
-    conf_waiter: Option<oneshot::Sender<Result<ConfState, ProposeError>>>,
+    /// The membership change in flight (raft allows one at a time), with
+    /// the index of its entry.
+    conf_waiter: Option<(u64, oneshot::Sender<Result<ConfState, ProposeError>>)>,
 }
 
 impl Driver {
@@ -308,7 +317,7 @@ impl Driver {
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut proposals: Vec<(Command, oneshot::Sender<Result<Effect, ProposeError>>)> = Vec::new();
+            let mut proposals: Vec<(Command, Reply)> = Vec::new();
             tokio::select! {
                 _ = tick.tick() => { self.raw.tick(); }
                 input = rx.recv() => {
@@ -332,11 +341,7 @@ impl Driver {
     }
 
     /// Steps or queues one input; false means stop.
-    fn take(
-        &mut self,
-        input: Input,
-        proposals: &mut Vec<(Command, oneshot::Sender<Result<Effect, ProposeError>>)>,
-    ) -> bool {
+    fn take(&mut self, input: Input, proposals: &mut Vec<(Command, Reply)>) -> bool {
         match input {
             Input::Message(m) => {
                 let _ = self.raw.step(m);
@@ -344,7 +349,9 @@ impl Driver {
             Input::Propose(c, reply) => proposals.push((c, reply)),
             Input::ReadIndex(reply) => {
                 self.next_read += 1;
-                let ctx = self.next_read;
+                // The server id in the high bits: the leader drops a read
+                // whose context is already pending, whichever server sent it.
+                let ctx = (self.config.id << 40) | (self.next_read & ((1 << 40) - 1));
                 self.raw.read_index(ctx.to_be_bytes().to_vec());
                 self.reads.insert(ctx, reply);
                 if self.reads.len() > READS_PENDING_MAX {
@@ -355,11 +362,12 @@ impl Driver {
                 if self.raw.raft.state != StateRole::Leader {
                     let leader = Some(self.raw.raft.leader_id).filter(|l| *l != 0);
                     let _ = reply.send(Err(ProposeError::NotLeader(leader)));
+                } else if self.conf_waiter.is_some() || self.raw.raft.has_pending_conf() {
+                    let _ = reply.send(Err(ProposeError::ChangePending));
                 } else if self.raw.propose_conf_change(vec![], cc).is_ok() {
-                    self.conf_waiter = Some(reply);
+                    self.conf_waiter = Some((self.raw.raft.raft_log.last_index(), reply));
                 } else {
-                    // One change at a time: another is still pending.
-                    let _ = reply.send(Err(ProposeError::NotLeader(Some(self.config.id))));
+                    let _ = reply.send(Err(ProposeError::ChangePending));
                 }
             }
             Input::TransferLeader(to) => self.raw.transfer_leader(to),
@@ -371,7 +379,7 @@ impl Driver {
         true
     }
 
-    fn propose(&mut self, proposals: Vec<(Command, oneshot::Sender<Result<Effect, ProposeError>>)>) {
+    fn propose(&mut self, proposals: Vec<(Command, Reply)>) {
         if proposals.is_empty() {
             return;
         }
@@ -383,12 +391,11 @@ impl Driver {
             return;
         }
         let (commands, replies): (Vec<Command>, Vec<_>) = proposals.into_iter().unzip();
-        // Batch ids are unique per server across restarts of the counter.
-        let batch = (self.config.id << 48) | (self.next_batch & ((1 << 48) - 1));
-        self.next_batch += 1;
-        match self.raw.propose(batch.to_be_bytes().to_vec(), codec::encode(&commands)) {
+        match self.raw.propose(vec![], codec::encode(&commands)) {
             Ok(()) => {
-                self.waiting.insert(batch, replies);
+                let key = (self.raw.raft.raft_log.last_index(), self.raw.raft.term);
+                self.waiting_term = self.raw.raft.term;
+                self.waiting.insert(key, replies);
             }
             Err(_) => {
                 for reply in replies {
@@ -456,6 +463,7 @@ impl Driver {
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.answer_reads();
+        self.release_stale_waiters();
         if self.since_compact >= self.config.compact_every {
             let data = self.state.read().expect("state lock").snapshot();
             self.raw.mut_store().compact(self.applied, &data)?;
@@ -469,7 +477,7 @@ impl Driver {
     /// only then answers the proposers: nobody who got an answer can see a
     /// status older than the state it was answered from.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
-        let mut answers: Vec<(oneshot::Sender<Result<Effect, ProposeError>>, Effect)> = Vec::new();
+        let mut answers: Vec<(Reply, Effect)> = Vec::new();
         for e in entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal if !e.get_data().is_empty() => {
@@ -479,8 +487,7 @@ impl Driver {
                         let mut state = self.state.write().expect("state lock");
                         commands.iter().map(|c| state.apply(c)).collect()
                     };
-                    let batch = e.get_context().try_into().map(u64::from_be_bytes).ok();
-                    if let Some(replies) = batch.and_then(|b| self.waiting.remove(&b)) {
+                    if let Some(replies) = self.waiting.remove(&(e.index, e.term)) {
                         answers.extend(replies.into_iter().zip(effects));
                     }
                 }
@@ -508,8 +515,10 @@ impl Driver {
                         let cs = self.raw.apply_conf_change(&cc);
                         let answer = cs.as_ref().map(Clone::clone).map_err(|_| ProposeError::Timeout);
                         self.persist_conf_state(cs)?;
-                        if let Some(w) = self.conf_waiter.take() {
-                            let _ = w.send(answer);
+                        if self.conf_waiter.as_ref().is_some_and(|(i, _)| *i == e.index) {
+                            if let Some((_, w)) = self.conf_waiter.take() {
+                                let _ = w.send(answer);
+                            }
                         }
                     }
                 }
@@ -525,6 +534,22 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Proposers of a term this server no longer leads are told so: their
+    /// entries may still commit under the new leader, or be overwritten.
+    fn release_stale_waiters(&mut self) {
+        if self.waiting.is_empty()
+            || (self.raw.raft.state == StateRole::Leader && self.raw.raft.term == self.waiting_term)
+        {
+            return;
+        }
+        let leader = Some(self.raw.raft.leader_id).filter(|l| *l != 0);
+        for (_, replies) in self.waiting.drain() {
+            for reply in replies {
+                let _ = reply.send(Err(ProposeError::NotLeader(leader)));
+            }
+        }
     }
 
     /// Answers the reads whose read index this server has applied.
