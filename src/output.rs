@@ -24,24 +24,21 @@ pub fn plural(n: u64, word: &str) -> String {
 /// Creates `path` readable by its owner only, refusing to overwrite: keys
 /// are never replaced by accident.
 pub fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e} (it must not exist yet)", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
+    create_new(path, text, 0o600)
 }
 
 /// Creates `path` readable by all, refusing to overwrite (certificates).
 pub fn write_public(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    create_new(path, text, 0o644)
+}
+
+fn create_new(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    let mut f = options
         .open(path)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e} (it must not exist yet)", path.display()))?;
     f.write_all(text.as_bytes())?;

@@ -149,8 +149,17 @@ pub struct RaftHandle {
 impl RaftHandle {
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn propose(&self, command: Command) -> Result<Effect, ProposeError> {
+        self.ask(|tx| Input::Propose(command, tx)).await
+    }
+
+    /// Sends the driver an input carrying a reply channel, and waits for
+    /// the reply up to [`PROPOSE_TIMEOUT`].
+    async fn ask<T>(
+        &self,
+        input: impl FnOnce(oneshot::Sender<Result<T, ProposeError>>) -> Input,
+    ) -> Result<T, ProposeError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Input::Propose(command, tx)).await.map_err(|_| ProposeError::Stopped)?;
+        self.tx.send(input(tx)).await.map_err(|_| ProposeError::Stopped)?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ProposeError::Stopped),
@@ -196,13 +205,7 @@ impl RaftHandle {
         cc.set_changes(vec![single].into());
         // Every server learns the new member's address from the entry.
         cc.set_context(addr.map(|a| a.to_string().into_bytes()).unwrap_or_default().into());
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Input::ConfChange(cc, tx)).await.map_err(|_| ProposeError::Stopped)?;
-        match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(ProposeError::Stopped),
-            Err(_) => Err(ProposeError::Timeout),
-        }
+        self.ask(|tx| Input::ConfChange(cc, tx)).await
     }
 
     /// Asks the leader to hand leadership to `to` (a caught-up voter).
