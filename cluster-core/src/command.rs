@@ -7,15 +7,20 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AllocId, JobId, NodeId, NodeIdx};
+use std::collections::BTreeSet;
+
+use crate::ids::{AllocId, EvalId, JobId, NodeId, NodeIdx};
 use crate::model::alloc::AllocStatus;
+use crate::model::eval::EvalTrigger;
 use crate::model::job::Job;
 use crate::model::node::{Node, NodeStatus};
 use crate::model::plan::Plan;
-use crate::state::{Applied, ClusterState, StateError};
+use crate::state::{Applied, ClusterState, PlanOutcome, StateError};
 
 /// The most allocation updates one command carries.
 pub const ALLOC_STATUS_BATCH_MAX: usize = 4_096;
+/// The most plans one command carries.
+pub const PLAN_BATCH_MAX: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
@@ -24,17 +29,27 @@ pub enum Command {
     /// A node leaves: it is marked down and ineligible, and its
     /// allocations are lost (replaced by the next evaluation).
     DeregisterNode(NodeId),
-    /// A status change: down after missed heartbeats, back up, draining.
+    /// A status change: down after missed heartbeats (its allocations are
+    /// lost and replaced), back up, eligible or not.
     SetNodeStatus {
         node: NodeId,
         status: NodeStatus,
         eligible: bool,
+    },
+    /// Start (or end) draining a node: it takes no new work and its
+    /// allocations move elsewhere.
+    DrainNode {
+        node: NodeId,
+        drain: bool,
     },
     /// Register a job or a new version of it.
     RegisterJob(Job),
     StopJob(JobId),
     /// A scheduler's plan; placements are re-checked against current usage.
     ApplyPlan(Plan),
+    /// Plans for evaluations, batched: each is re-checked, and closes its
+    /// evaluation unless it was superseded or partly refused.
+    ApplyPlans(Vec<(EvalId, Plan)>),
     /// Allocation states reported by agents, batched.
     AllocStatus(Vec<(AllocId, AllocStatus)>),
 }
@@ -45,8 +60,14 @@ pub enum Effect {
     NodeUpserted(NodeIdx),
     JobRegistered {
         version: u64,
+        /// The evaluation that will place it; none when an identical spec
+        /// was submitted again while its evaluation is still open.
+        eval: EvalId,
     },
     PlanApplied(Applied),
+    PlansApplied(Vec<PlanOutcome>),
+    /// Evaluations the command opened (a node went down, a drain began).
+    Evals(Vec<EvalId>),
     Done,
     /// The command was valid to log but could not take effect (an unknown
     /// node, too many GPU models); the state is unchanged.
@@ -59,35 +80,93 @@ impl ClusterState {
         let refused = |e: StateError| Effect::Refused(e.to_string());
         match command {
             Command::UpsertNode(node) => self.upsert_node(node.clone()).map_or_else(refused, Effect::NodeUpserted),
-            Command::DeregisterNode(id) => {
-                self.set_node_status(id, NodeStatus::Down, false).map_or_else(refused, |()| Effect::Done)
-            }
+            Command::DeregisterNode(id) => self.node_status(id, NodeStatus::Down, false).unwrap_or_else(refused),
             Command::SetNodeStatus { node, status, eligible } => {
-                self.set_node_status(node, *status, *eligible).map_or_else(refused, |()| Effect::Done)
+                self.node_status(node, *status, *eligible).unwrap_or_else(refused)
             }
-            Command::RegisterJob(job) => Effect::JobRegistered { version: self.upsert_job(job.clone()) },
+            Command::DrainNode { node, drain } => self.drain(node, *drain).unwrap_or_else(refused),
+            Command::RegisterJob(job) => {
+                let before = self.job(&job.id).map(|j| j.version);
+                let version = self.upsert_job(job.clone());
+                // The same spec again, with its evaluation still open: a
+                // retried submission, which changes nothing.
+                let open = self.job_eval(&job.id).filter(|e| e.status.is_open()).map(|e| e.id);
+                let eval = match open {
+                    Some(e) if before == Some(version) => e,
+                    _ => self.create_eval(&job.id, EvalTrigger::JobRegister, None),
+                };
+                Effect::JobRegistered { version, eval }
+            }
             Command::StopJob(id) => match self.job(id).cloned() {
                 Some(mut job) if !job.stopped => {
                     job.stopped = true;
-                    Effect::JobRegistered { version: self.upsert_job(job) }
+                    let version = self.upsert_job(job);
+                    Effect::JobRegistered { version, eval: self.create_eval(id, EvalTrigger::JobStop, None) }
                 }
-                Some(job) => Effect::JobRegistered { version: job.version },
+                Some(job) => match self.job_eval(id) {
+                    Some(e) => Effect::JobRegistered { version: job.version, eval: e.id },
+                    None => Effect::JobRegistered {
+                        version: job.version,
+                        eval: self.create_eval(id, EvalTrigger::JobStop, None),
+                    },
+                },
                 None => Effect::Refused(format!("unknown job {id}")),
             },
             Command::ApplyPlan(plan) => Effect::PlanApplied(self.apply_plan(plan)),
+            Command::ApplyPlans(plans) => Effect::PlansApplied(
+                plans.iter().take(PLAN_BATCH_MAX).map(|(eval, plan)| self.apply_eval_plan(*eval, plan)).collect(),
+            ),
             Command::AllocStatus(updates) => {
+                let mut failed = BTreeSet::new();
                 for (id, status) in updates.iter().take(ALLOC_STATUS_BATCH_MAX) {
+                    let was = self.alloc(*id).map(|a| a.status);
                     self.set_alloc_status(*id, *status);
+                    let now = self.alloc(*id).map(|a| (a.status, a.job.clone()));
+                    if let Some((AllocStatus::Failed, job)) = now.filter(|_| was != Some(AllocStatus::Failed)) {
+                        failed.insert(job);
+                    }
                 }
+                let evals: Vec<EvalId> =
+                    failed.into_iter().map(|j| self.create_eval(&j, EvalTrigger::AllocFailed, None)).collect();
                 if updates.len() > ALLOC_STATUS_BATCH_MAX {
                     Effect::Refused(format!(
                         "{} updates past the batch limit of {ALLOC_STATUS_BATCH_MAX} ignored",
                         updates.len() - ALLOC_STATUS_BATCH_MAX
                     ))
                 } else {
-                    Effect::Done
+                    Effect::Evals(evals)
                 }
             }
         }
+    }
+
+    /// A node's status changes; going down loses its allocations and opens
+    /// an evaluation for each job that had one there.
+    fn node_status(&mut self, node: &NodeId, status: NodeStatus, eligible: bool) -> Result<Effect, StateError> {
+        let idx = self.node_idx(node).ok_or_else(|| StateError::UnknownNode(node.clone()))?;
+        let was = self.node(idx).status;
+        self.set_node_status(node, status, eligible)?;
+        if status == NodeStatus::Down && was != NodeStatus::Down {
+            return Ok(Effect::Evals(self.node_lost(node)));
+        }
+        Ok(Effect::Evals(Vec::new()))
+    }
+
+    fn drain(&mut self, node: &NodeId, drain: bool) -> Result<Effect, StateError> {
+        let idx = self.node_idx(node).ok_or_else(|| StateError::UnknownNode(node.clone()))?;
+        let mut n = self.node(idx).clone();
+        if n.draining == drain {
+            return Ok(Effect::Evals(Vec::new()));
+        }
+        n.draining = drain;
+        n.eligible = !drain;
+        self.upsert_node(n)?;
+        if !drain {
+            return Ok(Effect::Evals(Vec::new()));
+        }
+        let jobs = self.jobs_on_node(node);
+        Ok(Effect::Evals(
+            jobs.into_iter().map(|j| self.create_eval(&j, EvalTrigger::NodeDrain, Some(node.clone()))).collect(),
+        ))
     }
 }

@@ -96,6 +96,7 @@ fn nodes(classes: &[ClassSpec]) -> Vec<Node> {
                     NodeStatus::Ready
                 },
                 eligible: i % 7 != 6,
+                draining: false,
             });
         }
     }

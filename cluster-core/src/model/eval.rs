@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{EvalId, JobId, NodeId};
 use crate::model::node::keyword_enum;
+use crate::model::plan::Unplaced;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -28,10 +29,22 @@ keyword_enum!(EvalTrigger {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EvalStatus {
+    /// Waiting for a scheduler worker.
     Pending,
+    /// Its plan was committed and placed every instance.
     Complete,
-    /// Some instances could not be placed; the evaluation waits for capacity.
+    /// Some instances could not be placed; the evaluation waits for
+    /// capacity and is tried again when some frees up.
     Blocked,
+}
+
+keyword_enum!(EvalStatus { Pending = "pending", Complete = "complete", Blocked = "blocked" });
+
+impl EvalStatus {
+    /// Open evaluations still have work to do; a job has at most one.
+    pub fn is_open(self) -> bool {
+        matches!(self, EvalStatus::Pending | EvalStatus::Blocked)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -42,4 +55,8 @@ pub struct Evaluation {
     /// The node whose change triggered this, if any.
     pub node: Option<NodeId>,
     pub status: EvalStatus,
+    /// Instances placed by the plans committed for it.
+    pub placed: u32,
+    /// What the latest plan could not place, with reasons.
+    pub unplaced: Vec<Unplaced>,
 }

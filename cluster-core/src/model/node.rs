@@ -97,8 +97,11 @@ pub struct Node {
     /// 0 is nearest to the users this cluster serves; larger is farther.
     pub latency_class: u8,
     pub status: NodeStatus,
-    /// False while draining: keeps its work, receives no new work.
+    /// False while ineligible or draining: receives no new work.
     pub eligible: bool,
+    /// Draining: its allocations move to other nodes.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl Node {

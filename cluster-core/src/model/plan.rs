@@ -62,6 +62,8 @@ pub enum StopReason {
     Updated,
     /// The instance was lost with its node and is replaced.
     NodeLost,
+    /// Its node is draining; a new instance starts elsewhere.
+    Drained,
 }
 
 /// Instances of a group the scheduler could not place, with why: each

@@ -23,16 +23,22 @@ pub struct Reconciled {
     pub groups: Vec<GroupWork>,
 }
 
+/// How many times one instance is placed again after it failed, before
+/// the scheduler gives up on it (until the job is updated).
+pub const RESCHEDULE_ATTEMPTS_MAX: u32 = 3;
+
 pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
     let mut out = Reconciled { stops: Vec::new(), groups: job.groups.iter().map(|_| GroupWork::default()).collect() };
     // covered[g][i]: instance i of group g is kept (or, for batch, done).
     let mut covered: Vec<Vec<bool>> = job.groups.iter().map(|g| vec![false; g.count as usize]).collect();
+    let mut failed: Vec<Vec<u32>> = job.groups.iter().map(|g| vec![0; g.count as usize]).collect();
     let mut allocs: Vec<&Allocation> = state.allocs_of_job(&job.id).collect();
     allocs.sort_by_key(|a| a.id);
     for a in allocs {
         let group = job.groups.iter().position(|g| g.name == a.group);
         let node = state.node_idx(&a.node);
         let node_down = node.is_none_or(|i| state.node(i).status == NodeStatus::Down);
+        let draining = node.is_some_and(|i| state.node(i).draining);
         let stop = |reason| Stop { alloc: a.id, reason };
         match group {
             _ if job.stopped => {
@@ -52,6 +58,13 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     covered[g][a.index as usize] = true;
                     continue;
                 }
+                if a.status == AllocStatus::Failed && in_range && a.job_version == job.version {
+                    let tries = &mut failed[g][a.index as usize];
+                    *tries += 1;
+                    if *tries > RESCHEDULE_ATTEMPTS_MAX {
+                        covered[g][a.index as usize] = true;
+                    }
+                }
                 if !a.is_live() {
                     continue;
                 }
@@ -59,6 +72,8 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     // One per node: keep it while the node is up and the version current.
                     if node_down {
                         out.stops.push(stop(StopReason::NodeLost));
+                    } else if draining {
+                        out.stops.push(stop(StopReason::Drained));
                     } else if a.job_version != job.version {
                         out.stops.push(stop(StopReason::Updated));
                     } else if let Some(i) = node {
@@ -71,6 +86,8 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     out.stops.push(stop(StopReason::ScaledDown));
                 } else if node_down {
                     out.stops.push(stop(StopReason::NodeLost));
+                } else if draining {
+                    out.stops.push(stop(StopReason::Drained));
                 } else if a.job_version != job.version {
                     out.stops.push(stop(StopReason::Updated));
                 } else {

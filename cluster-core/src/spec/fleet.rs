@@ -187,6 +187,7 @@ fn read_fleet(top: &mut Table, d: &mut Diagnostics) -> Option<Fleet> {
                 latency_class,
                 status: NodeStatus::Ready,
                 eligible: true,
+                draining: false,
             });
         }
     }

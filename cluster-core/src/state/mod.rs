@@ -6,16 +6,21 @@
 //! current usage, so a plan made against an older state cannot over-commit
 //! a node.
 
-use std::collections::{BTreeMap, HashMap};
+mod evals;
+
+pub use evals::PlanOutcome;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
-use crate::ids::{AllocId, JobId, NodeId, NodeIdx};
+use crate::ids::{AllocId, EvalId, JobId, NodeId, NodeIdx};
 use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus};
+use crate::model::eval::Evaluation;
 use crate::model::job::{Job, TaskGroup};
 use crate::model::node::{ClassSignature, Node};
-use crate::model::plan::{Placement, Plan, Reason};
+use crate::model::plan::{Placement, Plan, Reason, StopReason};
 use crate::resources::{Dimension, GpuAsk, GpuDevices, Resources};
 
 /// The most GPU models one node may carry; usage keeps a fixed-size array.
@@ -112,6 +117,18 @@ pub struct ClusterState {
     /// Lowest and highest cost per cpu-hour over all nodes, to normalise.
     cost_range: (f64, f64),
     latency_range: (u8, u8),
+    evals: BTreeMap<EvalId, Evaluation>,
+    next_eval: u64,
+    /// Indexes over `evals`: each job's one open evaluation, its latest
+    /// closed one, and the open ones by status, oldest first.
+    open_eval: HashMap<JobId, EvalId>,
+    closed_eval: HashMap<JobId, EvalId>,
+    pending: BTreeSet<EvalId>,
+    blocked: BTreeSet<EvalId>,
+    /// Rises whenever capacity may have freed up or appeared (a node came
+    /// up, an allocation ended): the leader's cue to retry blocked
+    /// evaluations. Not replicated state, a hint rebuilt at zero.
+    capacity_epoch: u64,
 }
 
 impl ClusterState {
@@ -165,6 +182,7 @@ impl ClusterState {
                 idx
             }
         };
+        self.capacity_epoch += 1;
         self.refresh_ranges();
         Ok(idx)
     }
@@ -187,7 +205,10 @@ impl ClusterState {
         let node = &mut self.nodes[idx.get()];
         node.status = status;
         node.eligible = eligible;
-        self.schedulable[idx.get()] = node.schedulable();
+        let was = std::mem::replace(&mut self.schedulable[idx.get()], node.schedulable());
+        if !was && self.schedulable[idx.get()] {
+            self.capacity_epoch += 1;
+        }
         Ok(())
     }
 
@@ -299,6 +320,10 @@ impl ClusterState {
                 a.desired = DesiredStatus::Stop;
                 applied.stopped.push(stop.alloc);
             }
+            // No agent is left to report an instance lost with its node.
+            if stop.reason == StopReason::NodeLost {
+                self.set_alloc_status(stop.alloc, AllocStatus::Lost);
+            }
         }
         for p in &plan.placements {
             match self.check_placement(p) {
@@ -363,6 +388,7 @@ impl ClusterState {
                 let gpu = gpu_slot(&self.nodes[idx.get()], a);
                 self.usage[idx.get()].sub(a.resources, gpu);
             }
+            self.capacity_epoch += 1;
         }
     }
 
@@ -393,6 +419,8 @@ struct Snapshot {
     jobs: Vec<Job>,
     allocs: Vec<Allocation>,
     next_alloc: u64,
+    evals: Vec<Evaluation>,
+    next_eval: u64,
 }
 
 impl ClusterState {
@@ -404,6 +432,8 @@ impl ClusterState {
             jobs: self.jobs.values().cloned().collect(),
             allocs: self.allocs.values().cloned().collect(),
             next_alloc: self.next_alloc,
+            evals: self.evals.values().cloned().collect(),
+            next_eval: self.next_eval,
         })
     }
 
@@ -428,6 +458,11 @@ impl ClusterState {
             state.allocs.insert(alloc.id, alloc);
         }
         state.next_alloc = snap.next_alloc;
+        for eval in snap.evals {
+            state.index_eval(&eval);
+            state.evals.insert(eval.id, eval);
+        }
+        state.next_eval = snap.next_eval;
         Ok(state)
     }
 }

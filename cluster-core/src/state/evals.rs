@@ -1,0 +1,154 @@
+//! Evaluations in the replicated state: created by the commands that give
+//! a job work to do, closed by the plan committed for them.
+//!
+//! A job has at most one open evaluation: a new one supersedes the open
+//! one (which is dropped), so a worker still planning the old one gets its
+//! plan refused and the new one, made from the newer job, does the work.
+//! Closed evaluations are kept only as each job's latest, for `job status`.
+
+use std::collections::BTreeSet;
+
+use super::{Applied, ClusterState};
+use crate::ids::{EvalId, JobId, NodeId};
+use crate::model::alloc::AllocStatus;
+use crate::model::eval::{EvalStatus, EvalTrigger, Evaluation};
+use crate::model::plan::Plan;
+
+/// What became of one evaluation's plan.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PlanOutcome {
+    /// Committed. Refused placements (the node filled up since the plan was
+    /// made) leave the evaluation pending, to be planned again.
+    Applied(Applied),
+    /// The evaluation is no longer open, or the job changed since the plan
+    /// was made: nothing was applied.
+    Superseded,
+}
+
+impl ClusterState {
+    /// Opens an evaluation for `job`, superseding the job's open one.
+    pub fn create_eval(&mut self, job: &JobId, trigger: EvalTrigger, node: Option<NodeId>) -> EvalId {
+        if let Some(old) = self.open_eval.remove(job) {
+            self.pending.remove(&old);
+            self.blocked.remove(&old);
+            self.evals.remove(&old);
+        }
+        let id = EvalId(self.next_eval);
+        self.next_eval += 1;
+        let eval = Evaluation {
+            id,
+            job: job.clone(),
+            trigger,
+            node,
+            status: EvalStatus::Pending,
+            placed: 0,
+            unplaced: Vec::new(),
+        };
+        self.index_eval(&eval);
+        self.evals.insert(id, eval);
+        id
+    }
+
+    /// Adds an evaluation to the indexes (a new one, or one restored).
+    pub(super) fn index_eval(&mut self, eval: &Evaluation) {
+        match eval.status {
+            EvalStatus::Pending => {
+                self.pending.insert(eval.id);
+                self.open_eval.insert(eval.job.clone(), eval.id);
+            }
+            EvalStatus::Blocked => {
+                self.blocked.insert(eval.id);
+                self.open_eval.insert(eval.job.clone(), eval.id);
+            }
+            EvalStatus::Complete => {
+                self.closed_eval.insert(eval.job.clone(), eval.id);
+            }
+        }
+    }
+
+    /// Commits `plan` for evaluation `id` and moves the evaluation on:
+    /// complete when everything was placed, blocked when some instances
+    /// fit nowhere, still pending when placements were refused.
+    pub fn apply_eval_plan(&mut self, id: EvalId, plan: &Plan) -> PlanOutcome {
+        let current = self.evals.get(&id).filter(|e| e.status.is_open() && e.job == plan.job);
+        let job_version = self.jobs.get(&plan.job).map(|j| j.version);
+        if current.is_none() || job_version != Some(plan.job_version) {
+            return PlanOutcome::Superseded;
+        }
+        let applied = self.apply_plan(plan);
+        let status = if !applied.refused.is_empty() {
+            EvalStatus::Pending
+        } else if plan.unplaced_count() > 0 {
+            EvalStatus::Blocked
+        } else {
+            EvalStatus::Complete
+        };
+        let eval = self.evals.get_mut(&id).expect("checked above");
+        eval.placed += applied.placed.len() as u32;
+        eval.unplaced = plan.unplaced.clone();
+        let old = std::mem::replace(&mut eval.status, status);
+        if old != status {
+            let eval = eval.clone();
+            self.pending.remove(&id);
+            self.blocked.remove(&id);
+            if !status.is_open() {
+                self.open_eval.remove(&eval.job);
+                if let Some(prev) = self.closed_eval.insert(eval.job.clone(), id) {
+                    self.evals.remove(&prev);
+                }
+            }
+            self.index_eval(&eval);
+        }
+        PlanOutcome::Applied(applied)
+    }
+
+    /// A node went down: its live allocations are lost, and every job that
+    /// had one gets an evaluation to replace them.
+    pub(crate) fn node_lost(&mut self, node: &NodeId) -> Vec<EvalId> {
+        let lost: Vec<_> = self
+            .allocs
+            .values()
+            .filter(|a| a.node == *node && !a.status.is_terminal())
+            .map(|a| (a.id, a.job.clone()))
+            .collect();
+        let mut jobs = BTreeSet::new();
+        for (id, job) in lost {
+            self.set_alloc_status(id, AllocStatus::Lost);
+            jobs.insert(job);
+        }
+        jobs.into_iter().map(|j| self.create_eval(&j, EvalTrigger::NodeDown, Some(node.clone()))).collect()
+    }
+
+    /// Every job with a live allocation on `node` gets an evaluation.
+    pub(crate) fn jobs_on_node(&self, node: &NodeId) -> BTreeSet<JobId> {
+        self.allocs.values().filter(|a| a.node == *node && a.is_live()).map(|a| a.job.clone()).collect()
+    }
+
+    pub fn eval(&self, id: EvalId) -> Option<&Evaluation> {
+        self.evals.get(&id)
+    }
+
+    pub fn evals(&self) -> impl Iterator<Item = &Evaluation> {
+        self.evals.values()
+    }
+
+    /// Pending evaluations, oldest first.
+    pub fn pending_evals(&self) -> impl Iterator<Item = EvalId> + '_ {
+        self.pending.iter().copied()
+    }
+
+    pub fn blocked_evals(&self) -> impl Iterator<Item = EvalId> + '_ {
+        self.blocked.iter().copied()
+    }
+
+    /// The job's open evaluation, or else its latest closed one.
+    pub fn job_eval(&self, job: &JobId) -> Option<&Evaluation> {
+        let id = self.open_eval.get(job).or_else(|| self.closed_eval.get(job))?;
+        self.evals.get(id)
+    }
+
+    /// See the field: rises when capacity may have appeared.
+    pub fn capacity_epoch(&self) -> u64 {
+        self.capacity_epoch
+    }
+}
