@@ -26,9 +26,7 @@ impl Drop for TempDb {
 }
 
 fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-    let mut e = Entry::default();
-    e.index = index;
-    e.term = term;
+    let mut e = Entry { index, term, ..Default::default() };
     e.set_data(data.to_vec().into());
     e
 }
@@ -77,10 +75,7 @@ fn everything_persisted_survives_reopening() {
     {
         let s = RedbStorage::open(&db.0).unwrap();
         let es: Vec<Entry> = (1..=5).map(|i| entry(i, 3, b"z")).collect();
-        let mut hs = HardState::default();
-        hs.term = 3;
-        hs.vote = 2;
-        hs.commit = 4;
+        let hs = HardState { term: 3, vote: 2, commit: 4, ..Default::default() };
         let cs = ConfState::from((vec![1, 2, 3], vec![]));
         s.persist(Persist { entries: &es, hard_state: Some(&hs), conf_state: Some(&cs), ..Default::default() })
             .unwrap();

@@ -262,14 +262,15 @@ async fn a_key_rotation_under_traffic_marks_no_one_dead() {
     // Each step reaches every member, one at a time, before the next step.
     for step in 0..3 {
         for m in &members {
-            let ring = m.keyring();
-            let mut ring = ring.write().unwrap();
-            match step {
-                0 => ring.install(new.clone()).unwrap(),
-                1 => ring.use_key(new.id()).unwrap(),
-                _ => ring.remove(old.id()).unwrap(),
+            {
+                let ring = m.keyring();
+                let mut ring = ring.write().unwrap();
+                match step {
+                    0 => ring.install(new.clone()).unwrap(),
+                    1 => ring.use_key(new.id()).unwrap(),
+                    _ => ring.remove(old.id()).unwrap(),
+                }
             }
-            drop(ring);
             for _ in 0..4 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 assert!(all_alive(&members), "someone looked dead during rotation step {step}");
