@@ -6,7 +6,9 @@
 mod federation;
 mod job;
 mod output;
+mod remote;
 mod server;
+mod simulate;
 mod tls;
 
 use std::net::SocketAddr;
@@ -19,35 +21,147 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "hanse", version, about = "A federated multi-cluster workload orchestrator")]
 struct Cli {
+    /// A server's HTTP API (any server of the cluster; writes reach the leader).
+    #[arg(long, global = true, env = "HANSE_ADDR", default_value = "127.0.0.1:4646", value_name = "HOST:PORT")]
+    address: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Work with jobs: validate specs, plan placements.
+    /// Jobs: run, plan, status, stop, list, validate.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Nodes of the cluster: list, status, drain.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Allocations: placed instances.
+    #[command(subcommand)]
+    Alloc(AllocCommand),
+    /// Cluster operations: Raft membership.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// The federation: gossip keys and member clusters.
     #[command(subcommand)]
     Federation(FederationCommand),
     /// Certificates: the federation's CA, and one per server and agent.
     #[command(subcommand)]
     Tls(TlsCommand),
-    /// Run one Raft server of a cluster (QUIC with mutual TLS).
+    /// Run one server of a cluster (Raft over QUIC with mutual TLS, HTTP API),
+    /// or list a running cluster's servers (`server members`).
+    #[command(args_conflicts_with_subcommands = true)]
     Server {
-        /// The server's config file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
-        /// Overrides [server] name.
+        #[command(subcommand)]
+        members: Option<ServerCommand>,
+        #[command(flatten)]
+        run: Option<ServerArgs>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// The cluster's servers and which one leads.
+    Members {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// The server's config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Overrides [server] name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Overrides [server] data_dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides [server] bind.
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Overrides [server] http (the API's address).
+    #[arg(long)]
+    http: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Every node: status, eligibility, capacity used.
+    List {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// One node and its allocations.
+    Status {
+        node: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Register a fleet file's nodes and keep them alive until Ctrl-C,
+    /// standing in for their agents (heartbeats; allocations run as mocks).
+    Simulate {
+        /// A fleet file (examples/fleets/).
+        #[arg(long, value_name = "FLEET")]
+        fleet: PathBuf,
+        /// Only the first N nodes of the fleet.
         #[arg(long)]
-        name: Option<String>,
-        /// Overrides [server] data_dir.
+        count: Option<usize>,
+    },
+    /// Move a node's allocations elsewhere; it takes no new work.
+    Drain {
+        node: String,
+        /// End the drain instead.
         #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Overrides [server] bind.
+        disable: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AllocCommand {
+    /// One allocation (a000042 or 42), or all.
+    Status {
+        alloc: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    #[command(subcommand)]
+    Raft(RaftCommand),
+}
+
+#[derive(Subcommand)]
+enum RaftCommand {
+    /// The voters, their addresses, and the leader.
+    ListPeers {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Add a server (started with `join = true`) as a voter.
+    AddPeer {
+        /// Its Raft id.
         #[arg(long)]
-        bind: Option<SocketAddr>,
+        id: u64,
+        /// Its QUIC address (the `bind` of its config).
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a voter.
+    RemovePeer {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Hand leadership to another voter.
+    TransferLeader {
+        #[arg(long)]
+        id: u64,
     },
 }
 
@@ -141,14 +255,46 @@ enum JobCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Submit a job and wait until it is placed (exit 0), or some instances
+    /// cannot be placed (exit 2).
+    Run {
+        /// The job spec file (TOML).
+        file: PathBuf,
+        /// Return once the job is registered; do not wait for placement.
+        #[arg(long, short)]
+        detach: bool,
+        /// The longest to wait for placement, in seconds.
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// A job's allocations and latest evaluation (with why instances are
+    /// unplaced); without a job, the list of jobs.
+    Status {
+        job: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Stop a job's allocations.
+    Stop {
+        job: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Every job, with its allocations by status.
+    List {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Plan a job without running it: where each instance would go, and why
-    /// the others cannot be placed.
+    /// the others cannot be placed. Against the cluster, or offline with --nodes.
     Plan {
         /// The job spec file (TOML).
         file: PathBuf,
         /// Plan offline against a node inventory file (examples/fleets/).
         #[arg(long, value_name = "FLEET")]
-        nodes: PathBuf,
+        nodes: Option<PathBuf>,
         /// Seed for candidate sampling; the same seed gives the same plan.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -201,6 +347,7 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
+    let client = cluster_core::server::client::Client::new(&cli.address);
     let result = match cli.command {
         Command::Federation(FederationCommand::Keygen { out }) => federation::keygen(out.as_deref()),
         Command::Tls(TlsCommand::Ca(CaCommand::Create { federation, dir, days })) => {
@@ -209,10 +356,38 @@ fn main() -> ExitCode {
         Command::Tls(TlsCommand::Cert(CertCommand::Create { cluster, role, name, ca_dir, out_dir, days })) => {
             tls::cert_create(tls::CertArgs { cluster, role, name, ca_dir, out_dir, days })
         }
-        Command::Server { config, name, data_dir, bind } => {
-            server::load_config(&config, server::Overrides { name, data_dir, bind })
+        Command::Server { members: Some(ServerCommand::Members { out }), .. } => {
+            remote::server_members(&client, out.json)
+        }
+        Command::Server { run: Some(ServerArgs { config, name, data_dir, bind, http }), .. } => {
+            server::load_config(&config, server::Overrides { name, data_dir, bind, http })
                 .and_then(|c| runtime().and_then(|rt| rt.block_on(server::run(c))))
         }
+        Command::Server { .. } => Err(anyhow::anyhow!("give --config FILE to run a server, or `members`")),
+        Command::Job(JobCommand::Run { file, detach, timeout, out }) => {
+            remote::job_run(&client, &file, detach, Duration::from_secs_f64(timeout.clamp(1.0, 86_400.0)), out.json)
+        }
+        Command::Job(JobCommand::Status { job, out }) => remote::job_status(&client, job.as_deref(), out.json),
+        Command::Job(JobCommand::Stop { job, out }) => remote::job_stop(&client, &job, out.json),
+        Command::Job(JobCommand::List { out }) => remote::job_list(&client, out.json),
+        Command::Job(JobCommand::Plan { file, nodes: None, verbose, out, .. }) => {
+            remote::job_plan(&client, &file, verbose, out.json)
+        }
+        Command::Node(NodeCommand::Simulate { fleet, count }) => simulate::simulate(&client, &fleet, count),
+        Command::Node(NodeCommand::List { out }) => remote::node_list(&client, out.json),
+        Command::Node(NodeCommand::Status { node, out }) => remote::node_status(&client, &node, out.json),
+        Command::Node(NodeCommand::Drain { node, disable, out }) => {
+            remote::node_drain(&client, &node, disable, out.json)
+        }
+        Command::Alloc(AllocCommand::Status { alloc, out }) => {
+            remote::alloc_status(&client, alloc.as_deref(), out.json)
+        }
+        Command::Operator(OperatorCommand::Raft(r)) => match r {
+            RaftCommand::ListPeers { out } => remote::list_peers(&client, out.json),
+            RaftCommand::AddPeer { id, address } => remote::add_peer(&client, id, &address),
+            RaftCommand::RemovePeer { id } => remote::remove_peer(&client, id),
+            RaftCommand::TransferLeader { id } => remote::transfer_leader(&client, id),
+        },
         Command::Federation(FederationCommand::Members { seeds, key_file, federation, bind, wait, out }) => runtime()
             .and_then(|rt| {
                 rt.block_on(federation::members(federation::MembersArgs {
@@ -225,7 +400,7 @@ fn main() -> ExitCode {
                 }))
             }),
         Command::Job(JobCommand::Validate { files, out }) => job::validate(&files, out.json),
-        Command::Job(JobCommand::Plan { file, nodes, seed, verbose, out }) => {
+        Command::Job(JobCommand::Plan { file, nodes: Some(nodes), seed, verbose, out }) => {
             job::plan_offline(&file, &nodes, seed, verbose, out.json)
         }
     };

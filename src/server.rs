@@ -7,7 +7,11 @@
 //! region = "eu-west-1"
 //! id = 1
 //! data_dir = "data/s1"
-//! bind = "127.0.0.1:4701"
+//! bind = "127.0.0.1:4701"     # QUIC: Raft and forwarded writes
+//! http = "127.0.0.1:4646"     # the HTTP API (default 127.0.0.1:4646)
+//! heartbeat_ttl = "10s"       # nodes heartbeat this often...
+//! heartbeat_grace = "10s"     # ...and are down after TTL + grace of silence
+//! workers = 2                 # scheduler workers on the leader
 //!
 //! [tls]
 //! ca = "pki/ca.pem"
@@ -27,8 +31,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cluster_core::diag::{Diagnostics, SourceFile};
-use cluster_core::raft::node::{RaftConfig, RaftMessage, RaftStatus, start};
+use cluster_core::raft::node::{RaftConfig, RaftStatus};
 use cluster_core::raft::storage::RedbStorage;
+use cluster_core::server::rpc::ServerRpc;
+use cluster_core::server::{Server, ServerOptions, http};
 use cluster_core::spec::read::{self, Table};
 use cluster_core::spec::{self, LoadError};
 use cluster_core::transport::quic::{QuicClient, QuicServer};
@@ -45,6 +51,11 @@ pub struct ServerConfig {
     pub id: u64,
     pub data_dir: PathBuf,
     pub bind: SocketAddr,
+    /// The HTTP API's address.
+    pub http: SocketAddr,
+    pub heartbeat_ttl: Duration,
+    pub heartbeat_grace: Duration,
+    pub workers: usize,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -58,6 +69,7 @@ pub struct Overrides {
     pub name: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub bind: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
 }
 
 fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
@@ -104,6 +116,34 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
         let data_dir = s.required_str(d, "data_dir", "\"data/s1\"").map(|(p, _)| rel(p));
         let bind_text = s.required_str(d, "bind", "\"127.0.0.1:4701\"");
         let bind = addr(d, bind_text);
+        let http = match s.str(d, "http") {
+            Some(v) => addr(d, Some(v)),
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 4646))),
+        };
+        let mut duration = |d: &mut Diagnostics, key: &'static str, default: Duration| match s.str(d, key) {
+            Some((text, span)) => match spec::parse_duration_ms(text) {
+                Ok(ms) if ms >= 100 => Some(Duration::from_millis(ms)),
+                Ok(_) => {
+                    d.error_hint(span, format!("{key} `{text}` is too short"), "use 100ms or more, e.g. \"10s\"");
+                    None
+                }
+                Err(e) => {
+                    d.error_hint(span, format!("{key} `{text}` is not a duration"), e);
+                    None
+                }
+            },
+            None => Some(default),
+        };
+        let heartbeat_ttl = duration(d, "heartbeat_ttl", Duration::from_secs(10));
+        let heartbeat_grace = duration(d, "heartbeat_grace", Duration::from_secs(10));
+        let workers = match s.int(d, "workers") {
+            Some((n, _)) if (1..=64).contains(&n) => Some(n as usize),
+            Some((n, span)) => {
+                d.error_hint(span, format!("workers = {n}"), "use 1 to 64 (about one per core)");
+                None
+            }
+            None => Some(2),
+        };
         s.finish(d);
         let (mut ca, mut cert, mut key) = (None, None, None);
         match top.table(d, "tls") {
@@ -138,6 +178,10 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             id: id?,
             data_dir: data_dir?,
             bind: bind?,
+            http: http?,
+            heartbeat_ttl: heartbeat_ttl?,
+            heartbeat_grace: heartbeat_grace?,
+            workers: workers?,
             ca: ca?,
             cert: cert?,
             key: key?,
@@ -170,6 +214,9 @@ pub fn load_config(path: &Path, o: Overrides) -> anyhow::Result<ServerConfig> {
     if let Some(b) = o.bind {
         c.bind = b;
     }
+    if let Some(h) = o.http {
+        c.http = h;
+    }
     Ok(c)
 }
 
@@ -181,19 +228,28 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         .with_context(|| format!("opening the log in {} (is another server using it?)", c.data_dir.display()))?;
     let mut peers = c.peers.clone();
     peers.insert(c.id, c.bind);
-    let transport: Arc<dyn Transport<RaftMessage>> = Arc::new(QuicClient::new(&ca, &pair)?);
+    let transport: Arc<dyn Transport<ServerRpc>> = Arc::new(QuicClient::new(&ca, &pair)?);
     let logger = cluster_core::raft::log::logger();
-    let (handle, task) = start(RaftConfig::new(c.id, peers), store, transport, &logger)?;
-    let endpoint = QuicServer::bind::<RaftMessage>(c.bind, &ca, &pair, Arc::new(handle.clone()))?;
+    let options = ServerOptions {
+        workers: c.workers,
+        heartbeat_ttl: c.heartbeat_ttl,
+        heartbeat_grace: c.heartbeat_grace,
+        ..ServerOptions::new(&c.cluster, &c.name)
+    };
+    let server = Server::start(RaftConfig::new(c.id, peers), store, transport, options, &logger)?;
+    let endpoint = QuicServer::bind::<ServerRpc>(c.bind, &ca, &pair, server.handler())?;
+    let (api, api_task) = http::serve(server.inner.clone(), c.http)
+        .await
+        .with_context(|| format!("cannot serve the API on {}", c.http))?;
     let me = Identity::new(&c.cluster, Role::Server, &c.name);
     let region = if c.region.is_empty() { String::new() } else { format!(" in {}", c.region) };
     println!(
-        "server {me}{region} (raft id {}) listening on {}, data in {}",
+        "server {me}{region} (raft id {}) listening on {}, API on http://{api}, data in {}",
         c.id,
         endpoint.local_addr(),
         c.data_dir.display()
     );
-    let mut status = handle.watch_status();
+    let mut status = server.raft().watch_status();
     let mut last = RaftStatus::default();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -203,18 +259,17 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
             changed = status.changed() => {
                 if changed.is_err() { break }
                 let s = status.borrow().clone();
-                if (s.leader, s.term) != (last.leader, last.term) || s.applied / 100 != last.applied / 100 {
+                if (s.leader, s.term) != (last.leader, last.term) || s.applied / 1000 != last.applied / 1000 {
                     let leader = s.leader.map_or_else(|| "none".to_string(), |l| l.to_string());
                     println!("status: leader={leader} term={} commit={} applied={}", s.term, s.commit, s.applied);
                     last = s;
                 }
             }
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
     }
     println!("shutting down");
-    handle.stop().await;
+    api_task.abort();
+    server.stop().await;
     endpoint.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     Ok(Outcome::Ok)
 }

@@ -63,7 +63,7 @@ impl SourceFile {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Error,
@@ -79,7 +79,7 @@ pub struct Diagnostic {
 }
 
 /// A diagnostic placed in its file, for `--json` output.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DiagnosticRecord {
     pub file: String,
     pub line: usize,

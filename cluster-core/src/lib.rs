@@ -23,6 +23,7 @@ pub mod model;
 pub mod raft;
 pub mod resources;
 pub mod scheduler;
+pub mod server;
 pub mod spec;
 pub mod state;
 pub mod transport;

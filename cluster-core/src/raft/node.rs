@@ -123,6 +123,8 @@ pub struct RaftStatus {
     pub applied: u64,
     /// Snapshots received from a leader and installed since start.
     pub snapshots_installed: u64,
+    /// Every voter's transport address as this server knows it.
+    pub peers: Arc<BTreeMap<RaftId, SocketAddr>>,
 }
 
 /// Where a proposer waits for its command's effect.
@@ -284,6 +286,7 @@ pub fn start(
         next_read: 0,
         ready_reads: Vec::new(),
         conf_waiter: None,
+        voters: Arc::default(),
     };
     Ok((handle, tokio::spawn(driver.run(rx))))
 }
@@ -313,6 +316,8 @@ struct Driver {
     /// The membership change in flight (raft allows one at a time), with
     /// the index of its entry.
     conf_waiter: Option<(u64, oneshot::Sender<Result<ConfState, ProposeError>>)>,
+    /// The voters and their addresses, rebuilt when the configuration changes.
+    voters: Arc<BTreeMap<RaftId, SocketAddr>>,
 }
 
 impl Driver {
@@ -573,8 +578,14 @@ impl Driver {
         Ok(())
     }
 
-    fn publish_status(&self) {
+    fn publish_status(&mut self) {
+        let conf = self.raw.raft.prs().conf().voters().ids();
+        if conf.len() != self.voters.len() || !conf.iter().all(|id| self.voters.contains_key(&id)) {
+            let known = |id: &RaftId| self.config.peers.get(id).map(|a| (*id, *a));
+            self.voters = Arc::new(conf.iter().filter_map(|id| known(&id)).collect());
+        }
         let s = RaftStatus {
+            peers: self.voters.clone(),
             leader: Some(self.raw.raft.leader_id).filter(|l| *l != 0),
             term: self.raw.raft.term,
             commit: self.raw.raft.raft_log.committed,

@@ -1,0 +1,393 @@
+//! What the HTTP API sends and receives, shared by the server and its
+//! client: plain serde structs, JSON on the wire.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::diag::DiagnosticRecord;
+use crate::model::alloc::Allocation;
+use crate::model::eval::Evaluation;
+use crate::model::job::Job;
+use crate::model::node::Node;
+use crate::model::plan::{Plan, Unplaced};
+use crate::state::ClusterState;
+
+/// Every error the API returns: a message a person can act on, and, for a
+/// job spec that does not check, every problem with its line and column.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The HTTP status it travels with.
+    pub status: u16,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub diagnostics: Vec<DiagnosticRecord>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into(), diagnostics: Vec::new() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(404, message)
+    }
+
+    pub fn no_leader() -> ApiError {
+        ApiError::new(503, "the cluster has no leader right now; retry in a few seconds")
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(503, message)
+    }
+}
+
+/// `PUT /v1/jobs` and `POST /v1/jobs/plan`: a job spec's TOML text.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobSubmit {
+    pub spec: String,
+    /// The file name, for error messages.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRegistered {
+    pub job: String,
+    pub version: u64,
+    /// The evaluation that places it; `GET /v1/evaluations/ID?wait=30`.
+    pub eval: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalView {
+    pub id: u64,
+    pub job: String,
+    pub trigger: String,
+    pub status: String,
+    pub placed: u32,
+    pub unplaced: Vec<UnplacedView>,
+}
+
+impl EvalView {
+    pub fn of(e: &Evaluation) -> EvalView {
+        EvalView {
+            id: e.id.0,
+            job: e.job.to_string(),
+            trigger: e.trigger.to_string(),
+            status: e.status.to_string(),
+            placed: e.placed,
+            unplaced: e.unplaced.iter().map(UnplacedView::of).collect(),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.status == "pending" || self.status == "blocked"
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnplacedView {
+    pub group: String,
+    pub count: u32,
+    /// One line: "memory exhausted on 812 nodes; ...".
+    pub explanation: String,
+    pub reasons: Vec<ReasonView>,
+}
+
+impl UnplacedView {
+    pub fn of(u: &Unplaced) -> UnplacedView {
+        UnplacedView {
+            group: u.group.to_string(),
+            count: u.count,
+            explanation: u.explain(),
+            reasons: u.reasons.iter().map(|(r, n)| ReasonView { reason: r.to_string(), nodes: *n }).collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReasonView {
+    pub reason: String,
+    pub nodes: u32,
+}
+
+/// One job, summarised for `job list`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub job_type: String,
+    pub objective: String,
+    pub version: u64,
+    /// running, pending (not all placed yet), blocked, complete, stopped.
+    pub status: String,
+    /// Instances wanted, over all groups.
+    pub desired: u64,
+    /// Allocations by their status (pending, running, complete, failed, lost).
+    pub allocs: BTreeMap<String, u64>,
+}
+
+impl JobSummary {
+    pub fn of(state: &ClusterState, job: &Job) -> JobSummary {
+        let mut allocs: BTreeMap<String, u64> = BTreeMap::new();
+        for a in state.allocs_of_job(&job.id).filter(|a| a.job_version == job.version || !a.status.is_terminal()) {
+            *allocs.entry(a.status.to_string()).or_default() += 1;
+        }
+        let eval = state.job_eval(&job.id);
+        let live: u64 = state.allocs_of_job(&job.id).filter(|a| a.is_live()).count() as u64;
+        let status = if job.stopped {
+            "stopped"
+        } else if eval.is_some_and(|e| e.status == crate::model::EvalStatus::Blocked) {
+            "blocked"
+        } else if eval.is_some_and(|e| e.status == crate::model::EvalStatus::Pending) {
+            "pending"
+        } else if live == 0 && allocs.contains_key("complete") {
+            "complete"
+        } else {
+            "running"
+        };
+        JobSummary {
+            id: job.id.to_string(),
+            job_type: job.job_type.to_string(),
+            objective: job.objective.to_string(),
+            version: job.version,
+            status: status.into(),
+            desired: if job.stopped { 0 } else { job.instance_count() },
+            allocs,
+        }
+    }
+}
+
+/// `GET /v1/jobs/ID`: the job, its latest evaluation and its allocations.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub summary: JobSummary,
+    pub eval: Option<EvalView>,
+    pub allocations: Vec<AllocView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocView {
+    pub id: u64,
+    /// `a000042`.
+    pub name: String,
+    pub job: String,
+    pub job_version: u64,
+    pub group: String,
+    pub index: u32,
+    pub node: String,
+    pub desired: String,
+    pub status: String,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: Option<String>,
+}
+
+impl AllocView {
+    pub fn of(a: &Allocation) -> AllocView {
+        AllocView {
+            id: a.id.0,
+            name: a.id.to_string(),
+            job: a.job.to_string(),
+            job_version: a.job_version,
+            group: a.group.to_string(),
+            index: a.index,
+            node: a.node.to_string(),
+            desired: a.desired.to_string(),
+            status: a.status.to_string(),
+            cpu_millis: a.resources.cpu_millis,
+            memory_bytes: a.resources.memory_bytes,
+            gpus: a.gpus.as_ref().map(|g| format!("{} x {}", g.count, g.model)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: String,
+    pub class: String,
+    pub region: String,
+    pub zone: String,
+    pub environment: String,
+    pub status: String,
+    pub eligible: bool,
+    pub draining: bool,
+    pub cpu_millis: u64,
+    pub cpu_used_millis: u64,
+    pub memory_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub allocs: u64,
+}
+
+impl NodeView {
+    pub fn of(state: &ClusterState, n: &Node, allocs: u64) -> NodeView {
+        let used = state.node_idx(&n.id).map(|i| state.usage(i).res).unwrap_or_default();
+        NodeView {
+            id: n.id.to_string(),
+            class: n.class.to_string(),
+            region: n.region.to_string(),
+            zone: n.zone.to_string(),
+            environment: n.environment.to_string(),
+            status: format!("{:?}", n.status).to_lowercase(),
+            eligible: n.eligible,
+            draining: n.draining,
+            cpu_millis: n.capacity.cpu_millis,
+            cpu_used_millis: used.cpu_millis,
+            memory_bytes: n.capacity.memory_bytes,
+            memory_used_bytes: used.memory_bytes,
+            allocs,
+        }
+    }
+}
+
+/// `GET /v1/nodes/ID`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatusView {
+    pub node: NodeView,
+    pub allocations: Vec<AllocView>,
+}
+
+/// `POST /v1/nodes/heartbeat`: the nodes an agent (or a simulator) speaks for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub nodes: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// Heartbeat again within this many milliseconds.
+    pub ttl_ms: u64,
+    /// Nodes the cluster does not know: register them first.
+    pub unknown: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Drain {
+    /// false ends a drain.
+    #[serde(default = "yes")]
+    pub drain: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /v1/allocations/status`: agents' reports, batched.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AllocUpdates {
+    pub updates: Vec<AllocUpdate>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AllocUpdate {
+    pub id: u64,
+    /// pending, running, complete, failed, lost.
+    pub status: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub id: u64,
+    pub address: String,
+    pub leader: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaderView {
+    pub leader: Option<u64>,
+    pub address: Option<String>,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+}
+
+/// `POST /v1/operator/raft/peers`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddPeer {
+    pub id: u64,
+    pub address: String,
+}
+
+/// `POST /v1/operator/raft/transfer-leader`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransferLeader {
+    pub id: u64,
+}
+
+/// A dry run of a job: where it would go, and why the rest cannot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanReport {
+    pub job: String,
+    pub job_type: String,
+    pub objective: String,
+    /// The fleet file planned against, or the cluster's name.
+    pub fleet: String,
+    pub nodes: usize,
+    pub seed: u64,
+    pub placed: usize,
+    pub unplaced: u64,
+    pub stops: usize,
+    pub by_class: BTreeMap<String, ClassCount>,
+    pub placements: Vec<PlacementRow>,
+    pub unplaced_groups: Vec<UnplacedView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClassCount {
+    pub instances: u64,
+    pub nodes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlacementRow {
+    pub group: String,
+    pub index: u32,
+    pub node: String,
+    pub class: String,
+    pub score: f64,
+}
+
+impl PlanReport {
+    pub fn of(state: &ClusterState, job: &Job, plan: &Plan, fleet: &str, seed: u64) -> PlanReport {
+        let mut by_class: BTreeMap<String, ClassCount> = BTreeMap::new();
+        let mut seen_nodes = std::collections::HashSet::new();
+        let placements = plan
+            .placements
+            .iter()
+            .map(|p| {
+                let class = state.node(p.node_idx).class.to_string();
+                let entry = by_class.entry(class.clone()).or_default();
+                entry.instances += 1;
+                if seen_nodes.insert(p.node_idx) {
+                    entry.nodes += 1;
+                }
+                PlacementRow {
+                    group: p.group.to_string(),
+                    index: p.index,
+                    node: p.node.to_string(),
+                    class,
+                    score: p.score,
+                }
+            })
+            .collect();
+        PlanReport {
+            job: job.id.to_string(),
+            job_type: job.job_type.to_string(),
+            objective: job.objective.to_string(),
+            fleet: fleet.to_string(),
+            nodes: state.nodes().len(),
+            seed,
+            placed: plan.placements.len(),
+            unplaced: plan.unplaced_count(),
+            stops: plan.stops.len(),
+            by_class,
+            placements,
+            unplaced_groups: plan.unplaced.iter().map(UnplacedView::of).collect(),
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The leader's evaluation broker (pure): which open evaluations go to a
+//! scheduler worker next.
+//!
+//! The queue itself is the replicated state (pending evaluations, oldest
+//! first, and blocked ones), so a new leader starts from exactly what the
+//! old one left. The broker only remembers what is in flight, so that a
+//! job's evaluations run one at a time and in order while different jobs
+//! run in parallel, and when each blocked evaluation was last tried.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::ids::{EvalId, JobId};
+use crate::model::job::Job;
+use crate::state::ClusterState;
+
+/// The most evaluations one worker plans in one batch (one Raft entry).
+pub const EVAL_BATCH_MAX: usize = 128;
+/// The most instances one batch may ask to place, so one batch of huge
+/// jobs cannot make an entry past Raft's message size.
+pub const BATCH_INSTANCES_MAX: u64 = 20_000;
+
+/// One evaluation handed to a worker, with the job as it was when handed.
+#[derive(Clone, Debug)]
+pub struct Work {
+    pub eval: EvalId,
+    pub job: Job,
+    /// A blocked evaluation tried again: a plan that still places nothing
+    /// need not be committed.
+    pub retry_blocked: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Broker {
+    in_flight: HashSet<JobId>,
+    /// Blocked evaluations, with the capacity epoch they were last tried at.
+    tried: HashMap<EvalId, u64>,
+}
+
+impl Broker {
+    /// The next batch for a worker: pending evaluations oldest first, then
+    /// blocked ones not tried since capacity last changed; never two for
+    /// one job, and never a job already in flight.
+    pub fn next_batch(&mut self, state: &ClusterState) -> Vec<Work> {
+        let mut batch = Vec::new();
+        let mut instances = 0u64;
+        let epoch = state.capacity_epoch();
+        let blocked: Vec<EvalId> =
+            state.blocked_evals().filter(|e| self.tried.get(e).is_none_or(|t| *t < epoch)).collect();
+        let candidates = state.pending_evals().map(|e| (e, false)).chain(blocked.into_iter().map(|e| (e, true)));
+        for (id, retry_blocked) in candidates {
+            if batch.len() >= EVAL_BATCH_MAX || instances >= BATCH_INSTANCES_MAX {
+                break;
+            }
+            let Some(eval) = state.eval(id) else { continue };
+            if self.in_flight.contains(&eval.job) {
+                continue;
+            }
+            let Some(job) = state.job(&eval.job) else { continue };
+            if retry_blocked {
+                self.tried.insert(id, epoch);
+            }
+            instances += job.instance_count();
+            self.in_flight.insert(job.id.clone());
+            batch.push(Work { eval: id, job: job.clone(), retry_blocked });
+        }
+        // Forget blocked evaluations that are closed or superseded.
+        if self.tried.len() > 2 * state.blocked_evals().count() + 64 {
+            self.tried.retain(|e, _| state.eval(*e).is_some());
+        }
+        batch
+    }
+
+    /// A worker finished a batch (committed, refused or failed): its jobs
+    /// may be handed out again.
+    pub fn done(&mut self, batch: &[Work]) {
+        for w in batch {
+            self.in_flight.remove(&w.job.id);
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}

@@ -1,0 +1,219 @@
+//! A blocking client of the HTTP API, for the CLI, tests and benchmarks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::api::*;
+use super::rpc::WriteReply;
+
+/// The most bytes of one response the client reads (a list of 100,000
+/// allocations is about 30 MB of JSON).
+const RESPONSE_BYTES_MAX: u64 = 512 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{0}")]
+    Api(ApiError),
+    #[error("cannot reach the Hanse API at {0}: {1} (is a server running there? set --address or HANSE_ADDR)")]
+    Connect(String, String),
+    #[error("unexpected answer from {0}: {1}")]
+    Decode(String, String),
+}
+
+impl ClientError {
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api(e) => Some(e.status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one cluster. Given several servers' addresses, it moves on
+/// to the next when one cannot be reached.
+#[derive(Clone)]
+pub struct Client {
+    bases: Arc<Vec<String>>,
+    current: Arc<AtomicUsize>,
+    agent: ureq::Agent,
+}
+
+type HttpResult = Result<ureq::http::Response<ureq::Body>, ureq::Error>;
+
+impl Client {
+    /// `addresses` is `HOST:PORT` or a URL (`http://127.0.0.1:4646`), or
+    /// several separated by commas.
+    pub fn new(addresses: &str) -> Client {
+        let bases = addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| if a.contains("://") { a.to_string() } else { format!("http://{a}") })
+            .map(|a| a.trim_end_matches('/').to_string())
+            .collect::<Vec<_>>();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(3)))
+            .timeout_global(Some(Duration::from_secs(90)))
+            .build()
+            .into();
+        Client { bases: Arc::new(bases), current: Arc::default(), agent }
+    }
+
+    /// The address in use.
+    pub fn address(&self) -> &str {
+        self.bases.get(self.current.load(Ordering::Relaxed) % self.bases.len().max(1)).map_or("", String::as_str)
+    }
+
+    /// Sends a request to the current server, moving on to the next one
+    /// when it cannot be reached.
+    fn send(
+        &self,
+        request: impl Fn(&ureq::Agent, String) -> HttpResult,
+        path: &str,
+    ) -> Result<ureq::http::Response<ureq::Body>, ClientError> {
+        let mut last = None;
+        for _ in 0..self.bases.len().max(1) {
+            let base = self.address().to_string();
+            match request(&self.agent, format!("{base}{path}")) {
+                Ok(r) => return Ok(r),
+                Err(e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound)) => {
+                    last = Some(ClientError::Connect(base, e.to_string()));
+                    self.current.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return Err(ClientError::Connect(base, e.to_string())),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Connect(String::new(), "no address given".into())))
+    }
+
+    fn answer<T: DeserializeOwned>(
+        &self,
+        r: Result<ureq::http::Response<ureq::Body>, ClientError>,
+    ) -> Result<T, ClientError> {
+        let base = self.address().to_string();
+        let mut r = r?;
+        let status = r.status().as_u16();
+        let text = r
+            .body_mut()
+            .with_config()
+            .limit(RESPONSE_BYTES_MAX)
+            .read_to_string()
+            .map_err(|e| ClientError::Connect(base.clone(), e.to_string()))?;
+        if status >= 400 {
+            let err = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| ApiError::new(status, text.trim()));
+            return Err(ClientError::Api(err));
+        }
+        serde_json::from_str(&text).map_err(|e| ClientError::Decode(base, e.to_string()))
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.answer(self.send(|a, url| a.get(url).call(), path))
+    }
+
+    pub fn put<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
+        self.answer(self.send(|a, url| a.put(url).send_json(body), path))
+    }
+
+    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
+        self.answer(self.send(|a, url| a.post(url).send_json(body), path))
+    }
+
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.answer(self.send(|a, url| a.delete(url).call(), path))
+    }
+
+    /// The raw text of a GET (for `/metrics`).
+    pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let mut r = self.send(|a, url| a.get(url).call(), path)?;
+        r.body_mut().read_to_string().map_err(|e| ClientError::Connect(self.address().to_string(), e.to_string()))
+    }
+
+    pub fn submit(&self, spec: &str, source: &str) -> Result<JobRegistered, ClientError> {
+        self.put("/v1/jobs", &JobSubmit { spec: spec.into(), source: Some(source.into()) })
+    }
+
+    pub fn plan(&self, spec: &str, source: &str) -> Result<PlanReport, ClientError> {
+        self.post("/v1/jobs/plan", &JobSubmit { spec: spec.into(), source: Some(source.into()) })
+    }
+
+    pub fn job(&self, id: &str) -> Result<JobStatus, ClientError> {
+        self.get(&format!("/v1/jobs/{id}"))
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobSummary>, ClientError> {
+        self.get("/v1/jobs")
+    }
+
+    pub fn stop(&self, id: &str) -> Result<JobRegistered, ClientError> {
+        self.delete(&format!("/v1/jobs/{id}"))
+    }
+
+    /// Waits up to `wait` for the evaluation to leave `pending`.
+    pub fn eval(&self, id: u64, wait: Duration) -> Result<EvalView, ClientError> {
+        self.get(&format!("/v1/evaluations/{id}?wait={}", wait.as_secs_f64()))
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
+        self.get("/v1/nodes")
+    }
+
+    pub fn node(&self, id: &str) -> Result<NodeStatusView, ClientError> {
+        self.get(&format!("/v1/nodes/{id}"))
+    }
+
+    pub fn register_node(&self, node: &crate::model::node::Node) -> Result<HeartbeatReply, ClientError> {
+        self.put("/v1/nodes", node)
+    }
+
+    /// Registers up to 1,000 nodes in one request.
+    pub fn register_nodes(&self, nodes: &[crate::model::node::Node]) -> Result<HeartbeatReply, ClientError> {
+        self.put("/v1/nodes/batch", &nodes)
+    }
+
+    pub fn heartbeat(&self, nodes: &[String]) -> Result<HeartbeatReply, ClientError> {
+        self.post("/v1/nodes/heartbeat", &Heartbeat { nodes: nodes.to_vec() })
+    }
+
+    pub fn drain(&self, node: &str, drain: bool) -> Result<WriteReply, ClientError> {
+        self.post(&format!("/v1/nodes/{node}/drain"), &Drain { drain })
+    }
+
+    pub fn allocs(&self) -> Result<Vec<AllocView>, ClientError> {
+        self.get("/v1/allocations")
+    }
+
+    pub fn alloc(&self, id: &str) -> Result<AllocView, ClientError> {
+        self.get(&format!("/v1/allocations/{id}"))
+    }
+
+    pub fn alloc_status(&self, updates: Vec<AllocUpdate>) -> Result<WriteReply, ClientError> {
+        self.post("/v1/allocations/status", &AllocUpdates { updates })
+    }
+
+    pub fn leader(&self) -> Result<LeaderView, ClientError> {
+        self.get("/v1/status/leader")
+    }
+
+    pub fn peers(&self) -> Result<Vec<PeerView>, ClientError> {
+        self.get("/v1/operator/raft/peers")
+    }
+
+    pub fn add_peer(&self, id: u64, address: &str) -> Result<WriteReply, ClientError> {
+        self.post("/v1/operator/raft/peers", &AddPeer { id, address: address.into() })
+    }
+
+    pub fn remove_peer(&self, id: u64) -> Result<WriteReply, ClientError> {
+        self.delete(&format!("/v1/operator/raft/peers/{id}"))
+    }
+
+    pub fn transfer_leader(&self, id: u64) -> Result<WriteReply, ClientError> {
+        self.post("/v1/operator/raft/transfer-leader", &TransferLeader { id })
+    }
+}

@@ -1,0 +1,392 @@
+//! The HTTP/JSON API every server serves (axum). Writes go to the leader
+//! (forwarded by followers); reads are linearizable (ReadIndex) unless the
+//! query says `?stale=true`. Every error is JSON: `{"status", "message"}`,
+//! plus `diagnostics` for a job spec that does not check.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::Inner;
+use super::api::*;
+use super::metrics::Scraped;
+use super::rpc::{Write, WriteReply};
+use crate::diag::{Severity, SourceFile};
+use crate::ids::{AllocId, EvalId, JobId, NodeId};
+use crate::model::alloc::AllocStatus;
+use crate::model::node::Node;
+use crate::scheduler::schedule;
+use crate::spec::parse_job;
+
+/// The largest request body: a job spec's own limit plus room for JSON.
+pub const BODY_BYTES_MAX: usize = crate::spec::read::FILE_BYTES_MAX + 64 * 1024;
+/// The longest a client may wait on an evaluation in one request.
+pub const WAIT_MAX: Duration = Duration::from_secs(60);
+
+type Srv = State<Arc<Inner>>;
+type Q = Query<HashMap<String, String>>;
+
+pub fn router(server: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/status/leader", get(leader))
+        .route("/v1/status/peers", get(peers))
+        .route("/v1/operator/raft/peers", get(peers).post(add_peer))
+        .route("/v1/operator/raft/peers/{id}", delete(remove_peer))
+        .route("/v1/operator/raft/transfer-leader", post(transfer_leader))
+        .route("/v1/jobs", get(jobs).put(submit))
+        .route("/v1/jobs/plan", post(plan))
+        .route("/v1/jobs/{id}", get(job).delete(stop_job))
+        .route("/v1/evaluations/{id}", get(evaluation))
+        .route("/v1/nodes", get(nodes).put(register_node))
+        .route("/v1/nodes/batch", axum::routing::put(register_nodes))
+        .route("/v1/nodes/heartbeat", post(heartbeat))
+        .route("/v1/nodes/{id}", get(node))
+        .route("/v1/nodes/{id}/drain", post(drain))
+        .route("/v1/allocations", get(allocs))
+        .route("/v1/allocations/status", post(alloc_status))
+        .route("/v1/allocations/{id}", get(alloc))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such endpoint; the API lives under /v1/ (see `hanse --help`)") })
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(server)
+}
+
+/// Serves the API on `addr` until the task is aborted; returns the bound
+/// address (useful with port 0).
+pub async fn serve(server: Arc<Inner>, addr: SocketAddr) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(server);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP API stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self)).into_response()
+    }
+}
+
+type Reply<T> = Result<axum::Json<T>, ApiError>;
+
+fn ok<T: Serialize>(v: T) -> Reply<T> {
+    Ok(axum::Json(v))
+}
+
+/// A JSON body, with errors a person can act on.
+fn body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| {
+        let status = e.status().as_u16();
+        if status == 413 {
+            ApiError::new(413, format!("request body over the limit of {BODY_BYTES_MAX} bytes"))
+        } else {
+            ApiError::new(status, format!("cannot read the request body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not the JSON this endpoint takes: {e}")))
+}
+
+fn stale(q: &Q) -> bool {
+    q.get("stale").is_some_and(|v| v != "false")
+}
+
+async fn health(State(s): Srv) -> Reply<serde_json::Value> {
+    let st = s.raft.status();
+    ok(serde_json::json!({
+        "ok": true,
+        "cluster": s.options.cluster,
+        "server": s.options.name,
+        "id": s.id,
+        "leader": st.leader,
+    }))
+}
+
+async fn leader(State(s): Srv) -> Reply<LeaderView> {
+    let st = s.raft.status();
+    ok(LeaderView {
+        leader: st.leader,
+        address: st.leader.and_then(|l| st.peers.get(&l)).map(|a| a.to_string()),
+        term: st.term,
+        commit: st.commit,
+        applied: st.applied,
+    })
+}
+
+async fn peers(State(s): Srv) -> Reply<Vec<PeerView>> {
+    let st = s.raft.status();
+    ok(st
+        .peers
+        .iter()
+        .map(|(id, a)| PeerView { id: *id, address: a.to_string(), leader: st.leader == Some(*id) })
+        .collect())
+}
+
+async fn add_peer(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+    let req: AddPeer = body(b)?;
+    let addr = req
+        .address
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("`{}` is not an address; write IP:PORT", req.address)))?;
+    if req.id == 0 {
+        return Err(ApiError::bad_request("Raft ids start at 1"));
+    }
+    ok(s.write(Write::AddPeer { id: req.id, addr }).await?)
+}
+
+async fn remove_peer(State(s): Srv, Path(id): Path<u64>) -> Reply<WriteReply> {
+    let known = s.raft.status().peers.contains_key(&id);
+    if !known {
+        return Err(ApiError::not_found(format!("server {id} is not a voter (see `hanse operator raft list-peers`)")));
+    }
+    ok(s.write(Write::RemovePeer(id)).await?)
+}
+
+async fn transfer_leader(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+    let req: TransferLeader = body(b)?;
+    if !s.raft.status().peers.contains_key(&req.id) {
+        return Err(ApiError::not_found(format!("server {} is not a voter", req.id)));
+    }
+    ok(s.write(Write::TransferLeader(req.id)).await?)
+}
+
+/// Parses a submitted spec; every problem comes back with line and column.
+fn parse(req: JobSubmit) -> Result<crate::model::job::Job, ApiError> {
+    let file = SourceFile::new(req.source.unwrap_or_else(|| "job.toml".into()), req.spec);
+    let checked = parse_job(&file);
+    match checked.value {
+        Some(job) => Ok(job),
+        None => {
+            let errors = checked.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
+            Err(ApiError {
+                status: 400,
+                message: format!(
+                    "{} does not check: {errors} error(s)\n{}",
+                    file.name,
+                    file.render(&checked.diagnostics)
+                ),
+                diagnostics: file.records(&checked.diagnostics),
+            })
+        }
+    }
+}
+
+async fn submit(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<JobRegistered> {
+    let job = parse(body(b)?)?;
+    let id = job.id.to_string();
+    match s.write(Write::SubmitJob(job)).await? {
+        WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
+        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
+async fn plan(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<PlanReport> {
+    let job = parse(body(b)?)?;
+    let config = s.options.scheduler.clone();
+    let cluster = s.options.cluster.clone();
+    let report = s
+        .read(false, move |st| {
+            // Planned as if registered: on a copy, so a changed spec gets
+            // its new version and unchanged instances stay.
+            let mut copy = st.clone();
+            copy.upsert_job(job.clone());
+            let job = copy.job(&job.id).cloned().unwrap_or(job);
+            let plan = schedule(&copy, &job, &config);
+            PlanReport::of(&copy, &job, &plan, &cluster, config.seed)
+        })
+        .await?;
+    ok(report)
+}
+
+async fn jobs(State(s): Srv, q: Q) -> Reply<Vec<JobSummary>> {
+    ok(s.read(stale(&q), |st| st.jobs().map(|j| JobSummary::of(st, j)).collect()).await?)
+}
+
+async fn job(State(s): Srv, Path(id): Path<String>, q: Q) -> Reply<JobStatus> {
+    let found = s
+        .read(stale(&q), |st| {
+            let job = st.job(&JobId::new(&id))?;
+            let mut allocations: Vec<AllocView> = st.allocs_of_job(&job.id).map(AllocView::of).collect();
+            allocations.sort_by_key(|a| a.id);
+            Some(JobStatus {
+                summary: JobSummary::of(st, job),
+                eval: st.job_eval(&job.id).map(EvalView::of),
+                allocations,
+            })
+        })
+        .await?;
+    found.map(axum::Json).ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))
+}
+
+async fn stop_job(State(s): Srv, Path(id): Path<String>) -> Reply<JobRegistered> {
+    match s.write(Write::StopJob(JobId::new(&id))).await? {
+        WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
+        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// An evaluation; with `?wait=SECONDS`, answered once it is no longer
+/// pending (placed, or blocked for lack of capacity) or the wait is over.
+async fn evaluation(State(s): Srv, Path(id): Path<u64>, q: Q) -> Reply<EvalView> {
+    let wait = q.get("wait").and_then(|w| w.parse::<f64>().ok()).unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs_f64(wait.clamp(0.0, WAIT_MAX.as_secs_f64()));
+    let read = |st: &crate::state::ClusterState| st.eval(EvalId(id)).map(EvalView::of);
+    let mut status = s.raft.watch_status();
+    let mut view = s.read(stale(&q), read).await?;
+    while view.as_ref().is_some_and(|v| v.status == "pending") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || tokio::time::timeout(left, status.changed()).await.is_err() {
+            break;
+        }
+        view = s.raft.read(read);
+    }
+    view.map(axum::Json).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no evaluation e{id:06}: a newer evaluation of its job superseded it, or it never existed; \
+             see the job's status"
+        ))
+    })
+}
+
+async fn nodes(State(s): Srv, q: Q) -> Reply<Vec<NodeView>> {
+    ok(s.read(stale(&q), |st| {
+        let mut count: HashMap<&NodeId, u64> = HashMap::new();
+        for a in st.allocs().filter(|a| a.holds_resources()) {
+            *count.entry(&a.node).or_default() += 1;
+        }
+        st.nodes().iter().map(|n| NodeView::of(st, n, count.get(&n.id).copied().unwrap_or(0))).collect()
+    })
+    .await?)
+}
+
+async fn node(State(s): Srv, Path(id): Path<String>, q: Q) -> Reply<NodeStatusView> {
+    let found = s
+        .read(stale(&q), |st| {
+            let node = st.node(st.node_idx(&NodeId::new(&id))?);
+            let allocations: Vec<AllocView> =
+                st.allocs().filter(|a| a.node == node.id && a.holds_resources()).map(AllocView::of).collect();
+            Some(NodeStatusView { node: NodeView::of(st, node, allocations.len() as u64), allocations })
+        })
+        .await?;
+    found.map(axum::Json).ok_or_else(|| ApiError::not_found(format!("no node `{id}` (see `hanse node list`)")))
+}
+
+/// The most nodes one batch registration carries.
+pub const NODE_BATCH_MAX: usize = 1_000;
+
+fn check_node(node: &Node) -> Result<(), ApiError> {
+    let id = node.id.as_str();
+    let ok = !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        return Err(ApiError::bad_request(format!("node id `{id}`: use 1 to 128 letters, digits, `-`, `_` and `.`")));
+    }
+    Ok(())
+}
+
+async fn register_node(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
+    let node: Node = body(b)?;
+    check_node(&node)?;
+    heartbeat_reply(s.write(Write::RegisterNodes(vec![node])).await?)
+}
+
+async fn register_nodes(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
+    let nodes: Vec<Node> = body(b)?;
+    if nodes.len() > NODE_BATCH_MAX {
+        return Err(ApiError::bad_request(format!("{} nodes; send at most {NODE_BATCH_MAX} at once", nodes.len())));
+    }
+    nodes.iter().try_for_each(check_node)?;
+    heartbeat_reply(s.write(Write::RegisterNodes(nodes)).await?)
+}
+
+async fn heartbeat(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
+    let req: Heartbeat = body(b)?;
+    heartbeat_reply(s.write(Write::Heartbeat(req.nodes.iter().map(NodeId::new).collect())).await?)
+}
+
+fn heartbeat_reply(r: WriteReply) -> Reply<HeartbeatReply> {
+    match r {
+        WriteReply::Heartbeat { ttl_ms, unknown } => {
+            ok(HeartbeatReply { ttl_ms, unknown: unknown.iter().map(|n| n.to_string()).collect() })
+        }
+        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
+async fn drain(State(s): Srv, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+    let req: Drain = match b {
+        Ok(bytes) if bytes.is_empty() => Drain { drain: true },
+        other => body(other)?,
+    };
+    ok(s.write(Write::DrainNode { node: NodeId::new(&id), drain: req.drain }).await?)
+}
+
+async fn allocs(State(s): Srv, q: Q) -> Reply<Vec<AllocView>> {
+    let job = q.get("job").map(JobId::new);
+    ok(s.read(stale(&q), move |st| match &job {
+        Some(j) => st.allocs_of_job(j).map(AllocView::of).collect(),
+        None => st.allocs().map(AllocView::of).collect(),
+    })
+    .await?)
+}
+
+async fn alloc(State(s): Srv, Path(id): Path<String>, q: Q) -> Reply<AllocView> {
+    let n: u64 = id
+        .trim_start_matches('a')
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))?;
+    let found = s.read(stale(&q), |st| st.alloc(AllocId(n)).map(AllocView::of)).await?;
+    found.map(axum::Json).ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))
+}
+
+async fn alloc_status(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+    let req: AllocUpdates = body(b)?;
+    if req.updates.len() > crate::command::ALLOC_STATUS_BATCH_MAX {
+        return Err(ApiError::bad_request(format!(
+            "{} updates; send at most {} at once",
+            req.updates.len(),
+            crate::command::ALLOC_STATUS_BATCH_MAX
+        )));
+    }
+    let mut updates = Vec::with_capacity(req.updates.len());
+    for u in req.updates {
+        let status = AllocStatus::from_word(&u.status).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`{}` is not a status: use one of {}",
+                u.status,
+                AllocStatus::WORDS.join(", ")
+            ))
+        })?;
+        updates.push((AllocId(u.id), status));
+    }
+    ok(s.write(Write::AllocStatus(updates)).await?)
+}
+
+async fn metrics(State(s): Srv) -> Response {
+    let scraped = s.raft.read(|st| Scraped {
+        raft: s.raft.status(),
+        me: s.id,
+        pending: st.pending_evals().count(),
+        blocked: st.blocked_evals().count(),
+        nodes: st.nodes().len(),
+        allocs_live: st.allocs().filter(|a| a.is_live()).count(),
+    });
+    let text = s.metrics.render(&scraped);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}

@@ -1,0 +1,453 @@
+//! A cluster server: Raft-replicated state, and on the leader the
+//! evaluation broker, scheduler workers, plan applier and node heartbeat
+//! timers; on every server the HTTP API ([`http`]).
+//!
+//! ```text
+//! HTTP ─► write ─(follower: forward over QUIC)─► leader: propose ─► Raft log ─► apply ─► evaluations
+//!                                                                                        │
+//!         broker (next batch, one eval per job in flight) ◄──────────────────────────────┘
+//!           └─► worker: clone state, schedule each eval, apply to the clone ─► ApplyPlans (one entry)
+//!                 └─► state machine re-checks every placement; refused ones leave the eval pending
+//! ```
+
+pub mod api;
+pub mod broker;
+pub mod client;
+pub mod heartbeat;
+pub mod http;
+pub mod metrics;
+pub mod rpc;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::command::{Command, Effect, PLAN_BATCH_MAX};
+use crate::ids::NodeId;
+use crate::model::node::NodeStatus;
+use crate::raft::node::{ProposeError, RaftConfig, RaftHandle, RaftId, start as start_raft};
+use crate::raft::storage::{RedbStorage, StoreError};
+use crate::scheduler::{SchedulerConfig, schedule};
+use crate::state::{ClusterState, PlanOutcome};
+use crate::transport::{Handler, Transport};
+use api::ApiError;
+use broker::{Broker, Work};
+use heartbeat::Heartbeats;
+use metrics::Metrics;
+use rpc::{RaftOver, ServerHandler, ServerReply, ServerRpc, Write, WriteReply};
+
+/// How long a write waits for a leader (an election, a forward that
+/// failed) before it is refused.
+pub const LEADER_WAIT: Duration = Duration::from_secs(8);
+/// How often the leader looks for nodes past their heartbeat deadline.
+const HEARTBEAT_SWEEP: Duration = Duration::from_millis(100);
+/// The HTTP status a server answers a write with when it is not the
+/// leader: the forwarder tries again with the leader it learns of.
+const NOT_LEADER: u16 = 421;
+
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub cluster: String,
+    pub name: String,
+    /// Scheduler workers on the leader.
+    pub workers: usize,
+    pub heartbeat_ttl: Duration,
+    /// Added to the TTL before a silent node is marked down.
+    pub heartbeat_grace: Duration,
+    pub scheduler: SchedulerConfig,
+}
+
+impl ServerOptions {
+    pub fn new(cluster: &str, name: &str) -> ServerOptions {
+        ServerOptions {
+            cluster: cluster.into(),
+            name: name.into(),
+            workers: 2,
+            heartbeat_ttl: Duration::from_secs(10),
+            heartbeat_grace: Duration::from_secs(10),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+/// What every part of a server shares.
+pub struct Inner {
+    pub id: RaftId,
+    pub options: ServerOptions,
+    pub raft: RaftHandle,
+    transport: Arc<dyn Transport<ServerRpc>>,
+    pub metrics: Metrics,
+    heartbeats: Mutex<Heartbeats>,
+    started: Instant,
+}
+
+/// A running server. Dropping it does not stop it; call [`Server::stop`].
+pub struct Server {
+    pub inner: Arc<Inner>,
+    handler: Arc<ServerHandler>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts Raft on `store` and the leadership watcher. Serve
+    /// [`Server::handler`] on the server's QUIC endpoint, and
+    /// [`http::router`] on its HTTP address.
+    pub fn start(
+        config: RaftConfig,
+        store: RedbStorage,
+        transport: Arc<dyn Transport<ServerRpc>>,
+        options: ServerOptions,
+        logger: &slog::Logger,
+    ) -> Result<Server, StoreError> {
+        let id = config.id;
+        let (raft, raft_task) = start_raft(config, store, Arc::new(RaftOver(transport.clone())), logger)?;
+        let heartbeats =
+            Heartbeats::new(options.heartbeat_ttl.as_millis() as u64, options.heartbeat_grace.as_millis() as u64);
+        let inner = Arc::new(Inner {
+            id,
+            options,
+            raft: raft.clone(),
+            transport,
+            metrics: Metrics::default(),
+            heartbeats: Mutex::new(heartbeats),
+            started: Instant::now(),
+        });
+        let handler = Arc::new(ServerHandler { raft, server: Arc::downgrade(&inner) });
+        let tasks = vec![raft_task, tokio::spawn(leadership(inner.clone()))];
+        Ok(Server { inner, handler, tasks })
+    }
+
+    pub fn handler(&self) -> Arc<dyn Handler<ServerRpc>> {
+        self.handler.clone()
+    }
+
+    pub fn raft(&self) -> &RaftHandle {
+        &self.inner.raft
+    }
+
+    /// Stops Raft and every task of this server.
+    pub async fn stop(self) {
+        self.inner.raft.stop().await;
+        for t in &self.tasks[1..] {
+            t.abort();
+        }
+        let mut tasks = self.tasks;
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.remove(0)).await;
+    }
+}
+
+fn propose_error(e: ProposeError) -> ApiError {
+    match e {
+        ProposeError::NotLeader(_) => ApiError::new(NOT_LEADER, "this server is not the leader"),
+        ProposeError::Timeout => ApiError::unavailable(
+            "the change was not committed in time (is a majority of servers up?); \
+             retrying is safe, the same request changes nothing twice",
+        ),
+        ProposeError::ChangePending => {
+            ApiError::new(409, "another membership change is in progress; retry when it is done")
+        }
+        ProposeError::Stopped => ApiError::unavailable("the server is shutting down"),
+    }
+}
+
+impl Inner {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.status().leader == Some(self.id)
+    }
+
+    /// Reads the state: linearizably (ReadIndex) unless `stale` is asked for.
+    pub async fn read<T>(&self, stale: bool, f: impl FnOnce(&ClusterState) -> T) -> Result<T, ApiError> {
+        if stale {
+            return Ok(self.raft.read(f));
+        }
+        self.raft.read_fresh(f).await.map_err(|e| match e {
+            ProposeError::Stopped => ApiError::unavailable("the server is shutting down"),
+            _ => ApiError::no_leader(),
+        })
+    }
+
+    /// Carries out a write: here on the leader, or forwarded to it. Waits
+    /// up to [`LEADER_WAIT`] through elections and failed forwards.
+    pub async fn write(&self, w: Write) -> Result<WriteReply, ApiError> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut status = self.raft.watch_status();
+        loop {
+            let s = status.borrow_and_update().clone();
+            let result = match s.leader {
+                Some(l) if l == self.id => self.execute(w.clone()).await,
+                Some(l) => match s.peers.get(&l) {
+                    Some(addr) => {
+                        self.metrics.writes_forwarded.inc();
+                        match self.transport.call(*addr, ServerRpc::Forward(w.clone())).await {
+                            Ok(ServerReply::Forward(r)) => r,
+                            Ok(ServerReply::Raft) => Err(ApiError::new(500, "the leader answered out of turn")),
+                            Err(e) => Err(ApiError::new(NOT_LEADER, format!("cannot reach the leader at {addr}: {e}"))),
+                        }
+                    }
+                    None => Err(ApiError::new(NOT_LEADER, format!("the leader {l} has no known address"))),
+                },
+                None => Err(ApiError::new(NOT_LEADER, "no leader")),
+            };
+            match result {
+                Err(e) if e.status == NOT_LEADER => {
+                    if Instant::now() >= deadline {
+                        return Err(ApiError::no_leader());
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(200), status.changed()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Carries out a write on this server, which must be the leader.
+    pub async fn execute(&self, w: Write) -> Result<WriteReply, ApiError> {
+        let propose = |c: Command| async { self.raft.propose(c).await.map_err(propose_error) };
+        let refused = |m: String| {
+            if m.starts_with("unknown") { ApiError::not_found(m) } else { ApiError::bad_request(m) }
+        };
+        let effect = match w {
+            Write::Heartbeat(nodes) => return self.heartbeat(nodes).await,
+            Write::RegisterNodes(nodes) => {
+                let ids: Vec<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
+                // Proposed together, so the driver commits them in one entry.
+                let mut proposals = JoinSet::new();
+                for node in nodes {
+                    let raft = self.raft.clone();
+                    proposals.spawn(async move { raft.propose(Command::UpsertNode(node)).await });
+                }
+                while let Some(r) = proposals.join_next().await {
+                    match r {
+                        Ok(Ok(Effect::Refused(m))) => return Err(ApiError::bad_request(m)),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(propose_error(e)),
+                        Err(e) => return Err(ApiError::new(500, e.to_string())),
+                    }
+                }
+                return self.heartbeat(ids).await;
+            }
+            Write::AddPeer { id, addr } => {
+                self.raft.add_peer(id, addr).await.map_err(propose_error)?;
+                return Ok(WriteReply::Done);
+            }
+            Write::RemovePeer(id) => {
+                self.raft.remove_peer(id).await.map_err(propose_error)?;
+                return Ok(WriteReply::Done);
+            }
+            Write::TransferLeader(id) => {
+                if !self.is_leader() {
+                    return Err(ApiError::new(NOT_LEADER, "not the leader"));
+                }
+                self.raft.transfer_leader(id).await.map_err(propose_error)?;
+                return Ok(WriteReply::Done);
+            }
+            Write::SubmitJob(job) => propose(Command::RegisterJob(job)).await?,
+            Write::StopJob(job) => propose(Command::StopJob(job)).await?,
+            Write::DrainNode { node, drain } => propose(Command::DrainNode { node, drain }).await?,
+            Write::AllocStatus(updates) => propose(Command::AllocStatus(updates)).await?,
+        };
+        match effect {
+            Effect::JobRegistered { version, eval } => Ok(WriteReply::Job { version, eval }),
+            Effect::Evals(evals) => Ok(WriteReply::Evals(evals)),
+            Effect::Refused(m) => Err(refused(m)),
+            _ => Ok(WriteReply::Done),
+        }
+    }
+
+    /// Heartbeats, on the leader: restarts each node's timer, brings a node
+    /// that was down back up, and names the nodes it does not know.
+    async fn heartbeat(&self, nodes: Vec<NodeId>) -> Result<WriteReply, ApiError> {
+        if !self.is_leader() {
+            return Err(ApiError::new(NOT_LEADER, "not the leader"));
+        }
+        let (known, unknown): (Vec<_>, Vec<_>) =
+            self.raft.read(|s| nodes.into_iter().partition(|n| s.node_idx(n).is_some()));
+        let revived: Vec<(NodeId, bool)> = self.raft.read(|s| {
+            known
+                .iter()
+                .filter_map(|n| s.node_idx(n).map(|i| s.node(i)))
+                .filter(|n| n.status == NodeStatus::Down)
+                .map(|n| (n.id.clone(), !n.draining))
+                .collect()
+        });
+        for (node, eligible) in revived {
+            let c = Command::SetNodeStatus { node, status: NodeStatus::Ready, eligible };
+            self.raft.propose(c).await.map_err(propose_error)?;
+        }
+        let now = self.now_ms();
+        let ttl_ms = {
+            let mut h = self.heartbeats.lock().expect("heartbeats lock");
+            for n in &known {
+                h.beat(n, now);
+            }
+            h.ttl_ms
+        };
+        self.metrics.heartbeats.inc_by(known.len() as u64);
+        Ok(WriteReply::Heartbeat { ttl_ms, unknown })
+    }
+}
+
+/// Runs the leader's duties while this server leads, and stops them when
+/// it does not.
+async fn leadership(inner: Arc<Inner>) {
+    let mut status = inner.raft.watch_status();
+    let mut duties: Option<JoinSet<()>> = None;
+    loop {
+        let leading = status.borrow_and_update().leader == Some(inner.id);
+        if leading && duties.is_none() {
+            tracing::info!(server = inner.id, "leading: broker, workers and heartbeat timers start");
+            inner.heartbeats.lock().expect("heartbeats lock").clear();
+            let mut set = JoinSet::new();
+            set.spawn(dispatch(inner.clone()));
+            set.spawn(watch_heartbeats(inner.clone()));
+            duties = Some(set);
+        } else if !leading && duties.is_some() {
+            tracing::info!(server = inner.id, "no longer leading");
+            duties = None; // dropping the set aborts its tasks
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Marks nodes down when their heartbeat deadline passes. Nodes the
+/// state holds as ready but this leader never heard from get a full TTL
+/// and grace from the first sweep that sees them.
+async fn watch_heartbeats(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(HEARTBEAT_SWEEP);
+    let mut sweeps = 0u64;
+    loop {
+        tick.tick().await;
+        let now = inner.now_ms();
+        if sweeps % 10 == 0 {
+            let ready: Vec<NodeId> = inner
+                .raft
+                .read(|s| s.nodes().iter().filter(|n| n.status == NodeStatus::Ready).map(|n| n.id.clone()).collect());
+            let mut h = inner.heartbeats.lock().expect("heartbeats lock");
+            for n in &ready {
+                h.beat_if_untimed(n, now);
+            }
+        }
+        sweeps += 1;
+        let expired = inner.heartbeats.lock().expect("heartbeats lock").expired(now);
+        for node in expired {
+            let down = inner.raft.read(|s| s.node_idx(&node).map(|i| s.node(i).status == NodeStatus::Ready));
+            if down != Some(true) {
+                continue;
+            }
+            tracing::warn!(%node, "node missed its heartbeats: marking it down");
+            let c = Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Down, eligible: true };
+            match inner.raft.propose(c).await {
+                Ok(_) => {
+                    inner.metrics.nodes_down.inc();
+                }
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "could not mark the node down; will retry");
+                    inner.heartbeats.lock().expect("heartbeats lock").expire_at(&node, now + 500);
+                }
+            }
+        }
+    }
+}
+
+/// Hands batches of open evaluations to at most `workers` workers at once.
+async fn dispatch(inner: Arc<Inner>) {
+    let broker = Arc::new(Mutex::new(Broker::default()));
+    let permits = Arc::new(Semaphore::new(inner.options.workers.max(1)));
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(64);
+    let mut status = inner.raft.watch_status();
+    loop {
+        while let Ok(permit) = permits.clone().try_acquire_owned() {
+            let batch = inner.raft.read(|s| broker.lock().expect("broker lock").next_batch(s));
+            if batch.is_empty() {
+                break;
+            }
+            let (inner, broker, done) = (inner.clone(), broker.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                work(&inner, &batch).await;
+                inner.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+                broker.lock().expect("broker lock").done(&batch);
+                drop(permit);
+                let _ = done.send(()).await;
+            });
+        }
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            _ = done_rx.recv() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// Plans a batch and commits the plans in as few Raft entries as fit.
+///
+/// Each plan is applied to a private copy of the state before the next
+/// evaluation is planned, so plans of one batch never compete for the same
+/// capacity; plans of concurrent workers may, and the state machine's
+/// re-check refuses whatever no longer fits.
+async fn work(inner: &Arc<Inner>, batch: &[Work]) {
+    let planner = inner.clone();
+    let items = batch.to_vec();
+    let planned = tokio::task::spawn_blocking(move || {
+        let config = &planner.options.scheduler;
+        let plan_one = |state: &ClusterState, w: &Work| {
+            let t = Instant::now();
+            let plan = schedule(state, &w.job, &SchedulerConfig { seed: config.seed ^ w.eval.0, ..config.clone() });
+            planner.metrics.scheduler_seconds.observe(t.elapsed().as_secs_f64());
+            plan
+        };
+        let mut plans = Vec::with_capacity(items.len());
+        if let [w] = items.as_slice() {
+            plans.push((w, planner.raft.read(|s| plan_one(s, w))));
+        } else {
+            let mut scratch = planner.raft.read(ClusterState::clone);
+            for w in &items {
+                let plan = plan_one(&scratch, w);
+                scratch.apply_plan(&plan);
+                plans.push((w, plan));
+            }
+        }
+        planner.metrics.evals_processed.inc_by(plans.len() as u64);
+        plans
+            .into_iter()
+            .filter(|(w, p)| !(w.retry_blocked && p.placements.is_empty() && p.stops.is_empty()))
+            .map(|(w, p)| (w.eval, p))
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let Ok(plans) = planned else { return };
+    for chunk in plans.chunks(PLAN_BATCH_MAX) {
+        match inner.raft.propose(Command::ApplyPlans(chunk.to_vec())).await {
+            Ok(Effect::PlansApplied(outcomes)) => {
+                for o in outcomes {
+                    match o {
+                        PlanOutcome::Applied(a) => {
+                            inner.metrics.placements.inc_by(a.placed.len() as u64);
+                            inner.metrics.placements_refused.inc_by(a.refused.len() as u64);
+                            if a.refused.is_empty() {
+                                inner.metrics.plans_applied.inc();
+                            } else {
+                                inner.metrics.plans_rejected.inc();
+                            }
+                        }
+                        PlanOutcome::Superseded => {
+                            inner.metrics.plans_rejected.inc();
+                        }
+                    }
+                }
+            }
+            Ok(_) => {}
+            // The evaluations stay open in the log; this leader (or the
+            // next) hands them out again.
+            Err(e) => tracing::debug!(error = %e, "plans not committed"),
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! What servers say to each other over the one QUIC endpoint each has:
+//! Raft's messages, and writes a follower forwards to its leader.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::api::ApiError;
+use crate::ids::{AllocId, EvalId, JobId, NodeId};
+use crate::model::alloc::AllocStatus;
+use crate::model::job::Job;
+use crate::model::node::Node;
+use crate::raft::node::{RaftHandle, RaftMessage};
+use crate::transport::{Handler, Identity, Role, Rpc, Transport, TransportError};
+
+/// A change to the cluster; only the leader carries one out.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Write {
+    SubmitJob(Job),
+    StopJob(JobId),
+    /// Nodes to register or update (an agent sends one; a simulator many).
+    RegisterNodes(Vec<Node>),
+    Heartbeat(Vec<NodeId>),
+    DrainNode {
+        node: NodeId,
+        drain: bool,
+    },
+    AllocStatus(Vec<(AllocId, AllocStatus)>),
+    AddPeer {
+        id: u64,
+        addr: SocketAddr,
+    },
+    RemovePeer(u64),
+    TransferLeader(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WriteReply {
+    Job { version: u64, eval: EvalId },
+    Heartbeat { ttl_ms: u64, unknown: Vec<NodeId> },
+    Evals(Vec<EvalId>),
+    Done,
+}
+
+/// Every request between servers.
+#[derive(Serialize, Deserialize)]
+pub enum ServerRpc {
+    Raft(RaftMessage),
+    Forward(Write),
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum ServerReply {
+    Raft,
+    Forward(Result<WriteReply, ApiError>),
+}
+
+impl Rpc for ServerRpc {
+    type Reply = ServerReply;
+    fn allowed(&self) -> &'static [Role] {
+        &[Role::Server]
+    }
+}
+
+/// Raft's transport, carried as [`ServerRpc::Raft`] on the server endpoint.
+pub struct RaftOver(pub Arc<dyn Transport<ServerRpc>>);
+
+#[async_trait]
+impl Transport<RaftMessage> for RaftOver {
+    async fn call(&self, to: SocketAddr, request: RaftMessage) -> Result<(), TransportError> {
+        match self.0.call(to, ServerRpc::Raft(request)).await? {
+            ServerReply::Raft => Ok(()),
+            ServerReply::Forward(_) => Err(TransportError::Malformed("a forward reply to a raft message".into())),
+        }
+    }
+}
+
+/// The server endpoint's handler: Raft to the driver, forwarded writes to
+/// this server (which must be the leader, or says who is).
+pub struct ServerHandler {
+    pub raft: RaftHandle,
+    pub server: std::sync::Weak<super::Inner>,
+}
+
+#[async_trait]
+impl Handler<ServerRpc> for ServerHandler {
+    async fn handle(&self, from: Identity, request: ServerRpc) -> ServerReply {
+        match request {
+            ServerRpc::Raft(m) => {
+                self.raft.handle(from, m).await;
+                ServerReply::Raft
+            }
+            ServerRpc::Forward(w) => ServerReply::Forward(match self.server.upgrade() {
+                Some(s) => s.execute(w).await,
+                None => Err(ApiError::unavailable("the server is shutting down")),
+            }),
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The verbs that talk to a running cluster over its HTTP API:
+//! `job run|plan|status|stop|list`, `node list|status|drain`,
+//! `alloc status`, `operator raft ...`, `server members`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cluster_core::server::api::{AllocView, EvalView, JobStatus, PlanReport};
+use cluster_core::server::client::{Client, ClientError};
+use cluster_core::spec::{self, parse_job};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::Outcome;
+use crate::output::{plural, print_json, table};
+
+/// Reads and checks a spec locally (so problems point into the user's file)
+/// and returns its text.
+fn read_spec(path: &Path) -> anyhow::Result<(String, String)> {
+    let file = spec::read_source(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let checked = parse_job(&file);
+    if checked.value.is_none() {
+        eprint!("{}", file.render(&checked.diagnostics));
+        anyhow::bail!("{} does not check; nothing was submitted", file.name);
+    }
+    Ok((file.name.clone(), file.text.to_string()))
+}
+
+fn api(e: ClientError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+pub fn job_run(c: &Client, path: &Path, detach: bool, timeout: Duration, json: bool) -> anyhow::Result<Outcome> {
+    let (name, text) = read_spec(path)?;
+    let reg = c.submit(&text, &name).map_err(api)?;
+    if detach {
+        if json {
+            print_json(&reg)?;
+        } else {
+            println!("job {} registered (version {}), evaluation e{:06}", reg.job, reg.version, reg.eval);
+        }
+        return Ok(Outcome::Ok);
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("a valid template"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar.set_message(format!("job {}: waiting for evaluation e{:06}", reg.job, reg.eval));
+    let deadline = Instant::now() + timeout;
+    let eval = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let view = match c.eval(reg.eval, left.min(Duration::from_secs(5))) {
+            Ok(v) => Some(v),
+            // Superseded by a newer evaluation of the job: follow that one.
+            Err(e) if e.status() == Some(404) => c.job(&reg.job).map_err(api)?.eval,
+            Err(e) => return Err(api(e)),
+        };
+        if let Some(v) = &view {
+            bar.set_message(format!("job {}: evaluation e{:06} {}, {} placed", reg.job, v.id, v.status, v.placed));
+        }
+        if view.as_ref().is_some_and(|v| !v.is_open() || v.status == "blocked") || left.is_zero() {
+            break view;
+        }
+    };
+    bar.finish_and_clear();
+    let status = c.job(&reg.job).map_err(api)?;
+    if json {
+        print_json(&status)?;
+    } else {
+        print_job(&status);
+    }
+    match eval {
+        Some(e) if e.status == "blocked" => Ok(Outcome::PlacementFailed),
+        Some(e) if e.status == "pending" => {
+            anyhow::bail!("job {} is still waiting for a scheduler after {timeout:?}; see `hanse job status`", reg.job)
+        }
+        _ => Ok(Outcome::Ok),
+    }
+}
+
+pub fn job_plan(c: &Client, path: &Path, verbose: bool, json: bool) -> anyhow::Result<Outcome> {
+    let (name, text) = read_spec(path)?;
+    let report = c.plan(&text, &name).map_err(api)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        print_plan(&report, verbose);
+    }
+    Ok(if report.unplaced == 0 { Outcome::Ok } else { Outcome::PlacementFailed })
+}
+
+pub fn print_plan(r: &PlanReport, verbose: bool) {
+    println!(
+        "{} ({}, objective {}): {} on {} ({})",
+        r.job,
+        r.job_type,
+        r.objective,
+        plural(r.placed as u64 + r.unplaced, "instance"),
+        r.fleet,
+        plural(r.nodes as u64, "node")
+    );
+    println!("  placed {}, unplaced {}", r.placed, r.unplaced);
+    if r.stops > 0 {
+        println!("  stopped {}", r.stops);
+    }
+    if !r.by_class.is_empty() {
+        let mut t = table(&["node class", "instances", "nodes"]);
+        for (class, c) in &r.by_class {
+            t.add_row(vec![class.clone(), c.instances.to_string(), c.nodes.to_string()]);
+        }
+        println!("\n{t}");
+    }
+    if verbose && !r.placements.is_empty() {
+        let mut t = table(&["instance", "node", "class", "score"]);
+        for p in &r.placements {
+            t.add_row(vec![
+                format!("{}.{}[{}]", r.job, p.group, p.index),
+                p.node.clone(),
+                p.class.clone(),
+                format!("{:.3}", p.score),
+            ]);
+        }
+        println!("\n{t}");
+    }
+    for u in &r.unplaced_groups {
+        println!("\nunplaced: {} of group {}", plural(u.count.into(), "instance"), u.group);
+        for reason in &u.reasons {
+            println!("  {:>6} nodes  {}", reason.nodes, reason.reason);
+        }
+    }
+}
+
+fn print_eval(e: &EvalView) {
+    println!("evaluation e{:06} ({}): {}, {} placed", e.id, e.trigger, e.status, e.placed);
+    for u in &e.unplaced {
+        println!("  unplaced: {} of group {}: {}", plural(u.count.into(), "instance"), u.group, u.explanation);
+    }
+}
+
+fn alloc_table(allocs: &[AllocView]) -> comfy_table::Table {
+    let mut t = table(&["alloc", "instance", "node", "version", "desired", "status"]);
+    for a in allocs {
+        t.add_row(vec![
+            a.name.clone(),
+            format!("{}.{}[{}]", a.job, a.group, a.index),
+            a.node.clone(),
+            a.job_version.to_string(),
+            a.desired.clone(),
+            a.status.clone(),
+        ]);
+    }
+    t
+}
+
+fn print_job(s: &JobStatus) {
+    let j = &s.summary;
+    let counts: Vec<String> = j.allocs.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    println!("job {} ({}, objective {}), version {}: {}", j.id, j.job_type, j.objective, j.version, j.status);
+    println!(
+        "  {} wanted; allocations: {}",
+        plural(j.desired, "instance"),
+        if counts.is_empty() { "none".into() } else { counts.join(", ") }
+    );
+    if let Some(e) = &s.eval {
+        print!("  ");
+        print_eval(e);
+    }
+    let live: Vec<AllocView> =
+        s.allocations.iter().filter(|a| a.status != "lost" || a.desired == "run").cloned().collect();
+    if !live.is_empty() {
+        println!("\n{}", alloc_table(&live));
+    }
+}
+
+pub fn job_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
+    let Some(id) = id else { return job_list(c, json) };
+    let s = c.job(id).map_err(api)?;
+    if json {
+        print_json(&s)?;
+    } else {
+        print_job(&s);
+    }
+    Ok(Outcome::Ok)
+}
+
+pub fn job_list(c: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let jobs = c.jobs().map_err(api)?;
+    if json {
+        print_json(&jobs)?;
+        return Ok(Outcome::Ok);
+    }
+    if jobs.is_empty() {
+        println!("no jobs");
+        return Ok(Outcome::Ok);
+    }
+    let mut t = table(&["job", "type", "version", "status", "wanted", "running", "pending"]);
+    for j in &jobs {
+        let n = |k: &str| j.allocs.get(k).copied().unwrap_or(0).to_string();
+        t.add_row(vec![
+            j.id.clone(),
+            j.job_type.clone(),
+            j.version.to_string(),
+            j.status.clone(),
+            j.desired.to_string(),
+            n("running"),
+            n("pending"),
+        ]);
+    }
+    println!("{t}");
+    Ok(Outcome::Ok)
+}
+
+pub fn job_stop(c: &Client, id: &str, json: bool) -> anyhow::Result<Outcome> {
+    let r = c.stop(id).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!("job {} stopping (version {}), evaluation e{:06}", r.job, r.version, r.eval);
+    }
+    Ok(Outcome::Ok)
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
+}
+
+pub fn node_list(c: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let nodes = c.nodes().map_err(api)?;
+    if json {
+        print_json(&nodes)?;
+        return Ok(Outcome::Ok);
+    }
+    let mut t =
+        table(&["node", "class", "zone", "status", "eligible", "cpu used/total", "mem GiB used/total", "allocs"]);
+    for n in &nodes {
+        t.add_row(vec![
+            n.id.clone(),
+            n.class.clone(),
+            n.zone.clone(),
+            if n.draining { format!("{} (draining)", n.status) } else { n.status.clone() },
+            n.eligible.to_string(),
+            format!("{}/{}", n.cpu_used_millis as f64 / 1000.0, n.cpu_millis as f64 / 1000.0),
+            format!("{}/{}", gib(n.memory_used_bytes), gib(n.memory_bytes)),
+            n.allocs.to_string(),
+        ]);
+    }
+    println!("{t}");
+    println!("{}", plural(nodes.len() as u64, "node"));
+    Ok(Outcome::Ok)
+}
+
+pub fn node_status(c: &Client, id: &str, json: bool) -> anyhow::Result<Outcome> {
+    let s = c.node(id).map_err(api)?;
+    if json {
+        print_json(&s)?;
+        return Ok(Outcome::Ok);
+    }
+    let n = &s.node;
+    println!(
+        "node {} ({}, {} / {}), {}{}, eligible {}",
+        n.id,
+        n.class,
+        n.region,
+        n.zone,
+        n.status,
+        if n.draining { ", draining" } else { "" },
+        n.eligible
+    );
+    println!(
+        "  cpu {} of {} cores used, memory {} of {} GiB used",
+        n.cpu_used_millis as f64 / 1000.0,
+        n.cpu_millis as f64 / 1000.0,
+        gib(n.memory_used_bytes),
+        gib(n.memory_bytes)
+    );
+    if !s.allocations.is_empty() {
+        println!("\n{}", alloc_table(&s.allocations));
+    }
+    Ok(Outcome::Ok)
+}
+
+pub fn node_drain(c: &Client, id: &str, disable: bool, json: bool) -> anyhow::Result<Outcome> {
+    let r = c.drain(id, !disable).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else if disable {
+        println!("node {id}: drain ended; it takes new work again");
+    } else {
+        println!("node {id}: draining; its allocations move to other nodes");
+    }
+    Ok(Outcome::Ok)
+}
+
+pub fn alloc_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
+    let allocs = match id {
+        Some(id) => vec![c.alloc(id).map_err(api)?],
+        None => c.allocs().map_err(api)?,
+    };
+    if json {
+        if id.is_some() {
+            print_json(&allocs[0])?;
+        } else {
+            print_json(&allocs)?;
+        }
+    } else {
+        println!("{}", alloc_table(&allocs));
+    }
+    Ok(Outcome::Ok)
+}
+
+pub fn list_peers(c: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let peers = c.peers().map_err(api)?;
+    if json {
+        print_json(&peers)?;
+        return Ok(Outcome::Ok);
+    }
+    let mut t = table(&["id", "address", "role"]);
+    for p in &peers {
+        t.add_row(vec![p.id.to_string(), p.address.clone(), if p.leader { "leader" } else { "follower" }.into()]);
+    }
+    println!("{t}");
+    Ok(Outcome::Ok)
+}
+
+pub fn add_peer(c: &Client, id: u64, address: &str) -> anyhow::Result<Outcome> {
+    c.add_peer(id, address).map_err(api)?;
+    println!("server {id} at {address} added as a voter");
+    Ok(Outcome::Ok)
+}
+
+pub fn remove_peer(c: &Client, id: u64) -> anyhow::Result<Outcome> {
+    c.remove_peer(id).map_err(api)?;
+    println!("server {id} removed");
+    Ok(Outcome::Ok)
+}
+
+pub fn transfer_leader(c: &Client, id: u64) -> anyhow::Result<Outcome> {
+    c.transfer_leader(id).map_err(api)?;
+    println!("leadership transfer to server {id} requested");
+    Ok(Outcome::Ok)
+}
+
+pub fn server_members(c: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let leader = c.leader().map_err(api)?;
+    let peers = c.peers().map_err(api)?;
+    if json {
+        print_json(&serde_json::json!({ "leader": leader, "servers": peers }))?;
+        return Ok(Outcome::Ok);
+    }
+    let mut t = table(&["raft id", "address", "role"]);
+    for p in &peers {
+        t.add_row(vec![p.id.to_string(), p.address.clone(), if p.leader { "leader" } else { "follower" }.into()]);
+    }
+    println!("{t}");
+    println!("term {}, commit {}, applied {}", leader.term, leader.commit, leader.applied);
+    Ok(Outcome::Ok)
+}
