@@ -21,7 +21,9 @@ pub struct ApiError {
     /// The HTTP status it travels with.
     pub status: u16,
     pub message: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Also travels through the codec (a forwarded write's answer), so no
+    /// field may be skipped when empty: bincode would then misread it.
+    #[serde(default)]
     pub diagnostics: Vec<DiagnosticRecord>,
 }
 

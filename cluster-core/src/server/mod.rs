@@ -15,6 +15,7 @@ pub mod broker;
 pub mod client;
 pub mod heartbeat;
 pub mod http;
+pub mod local;
 pub mod metrics;
 pub mod rpc;
 
@@ -197,7 +198,9 @@ impl Inner {
             match result {
                 Err(e) if e.status == NOT_LEADER => {
                     if Instant::now() >= deadline {
-                        return Err(ApiError::no_leader());
+                        let mut err = ApiError::no_leader();
+                        err.message = format!("{} (last: {})", err.message, e.message);
+                        return Err(err);
                     }
                     let _ = tokio::time::timeout(Duration::from_millis(200), status.changed()).await;
                 }

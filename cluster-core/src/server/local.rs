@@ -1,0 +1,140 @@
+//! A whole cluster in one process, on loopback: N servers with real QUIC
+//! (mutual TLS from a CA made on the spot), real redb logs with fsync, and
+//! an HTTP API each. For tests, benchmarks and demos; servers can be
+//! stopped and started again on the same data and ports.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::rpc::ServerRpc;
+use super::{Server, ServerOptions, http};
+use crate::raft::node::RaftConfig;
+use crate::raft::storage::RedbStorage;
+use crate::transport::quic::{QuicClient, QuicServer};
+use crate::transport::tls::{self, PemPair};
+use crate::transport::{Identity, Role, Transport};
+
+pub struct LocalServer {
+    pub server: Server,
+    quic: QuicServer,
+    http_task: tokio::task::JoinHandle<()>,
+}
+
+pub struct LocalCluster {
+    pub name: String,
+    pub ca: PemPair,
+    /// QUIC (Raft) and HTTP addresses by Raft id; kept across restarts.
+    pub raft_addrs: BTreeMap<u64, SocketAddr>,
+    pub http_addrs: BTreeMap<u64, SocketAddr>,
+    pub options: ServerOptions,
+    pub raft_tick: Duration,
+    dir: PathBuf,
+    servers: BTreeMap<u64, LocalServer>,
+}
+
+fn free_udp() -> std::io::Result<SocketAddr> {
+    std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()
+}
+
+fn free_tcp() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+impl LocalCluster {
+    /// Starts `servers` servers of cluster `name`, their logs under `dir`.
+    pub async fn start(
+        name: &str,
+        dir: &Path,
+        servers: u64,
+        options: ServerOptions,
+        raft_tick: Duration,
+    ) -> anyhow::Result<LocalCluster> {
+        std::fs::create_dir_all(dir)?;
+        let mut raft_addrs = BTreeMap::new();
+        let mut http_addrs = BTreeMap::new();
+        for id in 1..=servers {
+            raft_addrs.insert(id, free_udp()?);
+            http_addrs.insert(id, free_tcp()?);
+        }
+        let mut c = LocalCluster {
+            name: name.into(),
+            ca: tls::create_ca("hanse-local", 30)?,
+            raft_addrs,
+            http_addrs,
+            options,
+            raft_tick,
+            dir: dir.to_path_buf(),
+            servers: BTreeMap::new(),
+        };
+        for id in 1..=servers {
+            c.start_server(id).await?;
+        }
+        Ok(c)
+    }
+
+    /// Starts server `id` (again) on its data directory and addresses.
+    pub async fn start_server(&mut self, id: u64) -> anyhow::Result<()> {
+        let me = Identity::new(&self.name, Role::Server, &format!("s{id}"));
+        let pair = tls::issue(&self.ca, &me, 30)?;
+        let store = RedbStorage::open(&self.dir.join(format!("s{id}.redb")))?;
+        let mut config = RaftConfig::new(id, self.raft_addrs.clone());
+        config.tick = self.raft_tick;
+        let transport: Arc<dyn Transport<ServerRpc>> = Arc::new(QuicClient::new(&self.ca.cert_pem, &pair)?);
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let options = ServerOptions { name: format!("s{id}"), ..self.options.clone() };
+        let server = Server::start(config, store, transport, options, &logger)?;
+        let quic = QuicServer::bind::<ServerRpc>(self.raft_addrs[&id], &self.ca.cert_pem, &pair, server.handler())?;
+        let (_, http_task) = http::serve(server.inner.clone(), self.http_addrs[&id]).await?;
+        self.servers.insert(id, LocalServer { server, quic, http_task });
+        Ok(())
+    }
+
+    /// Stops server `id` as a crash would look to the others: its sockets
+    /// close at once and it answers nothing more.
+    pub async fn stop_server(&mut self, id: u64) {
+        if let Some(s) = self.servers.remove(&id) {
+            s.http_task.abort();
+            s.quic.close();
+            s.server.stop().await;
+        }
+    }
+
+    pub fn server(&self, id: u64) -> Option<&Server> {
+        self.servers.get(&id).map(|s| &s.server)
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = u64> + '_ {
+        self.servers.keys().copied()
+    }
+
+    /// Every server's HTTP address, comma-separated (for a client).
+    pub fn addresses(&self) -> String {
+        self.http_addrs.values().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    /// The leader every running server agrees on, waiting up to `timeout`.
+    pub async fn leader(&self, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let leaders: Vec<Option<u64>> = self.servers.values().map(|s| s.server.raft().status().leader).collect();
+            if let Some(Some(l)) = leaders.first() {
+                if self.servers.contains_key(l) && leaders.iter().all(|x| *x == Some(*l)) {
+                    return Some(*l);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Stops every server.
+    pub async fn stop(mut self) {
+        let ids: Vec<u64> = self.servers.keys().copied().collect();
+        for id in ids {
+            self.stop_server(id).await;
+        }
+    }
+}

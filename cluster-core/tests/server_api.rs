@@ -1,0 +1,363 @@
+//! A 3-server cluster on loopback (QUIC with mutual TLS, redb with fsync,
+//! HTTP API), with simulated nodes registered through the API. Every wait
+//! is bounded; every cluster stops at the end of its test.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster_core::diag::SourceFile;
+use cluster_core::model::Node;
+use cluster_core::server::ServerOptions;
+use cluster_core::server::api::AllocUpdate;
+use cluster_core::server::client::Client;
+use cluster_core::server::http::BODY_BYTES_MAX;
+use cluster_core::server::local::LocalCluster;
+use cluster_core::spec::parse_fleet;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hanse-server-api-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// `count` nodes of 4 cores and 8 GiB in three zones.
+fn fleet(count: usize) -> Vec<Node> {
+    let text = format!(
+        r#"
+[fleet]
+name = "test"
+region = "eu-west-1"
+jurisdictions = ["eu"]
+
+[[class]]
+name = "cloud-m"
+count = {count}
+cpu = 4
+memory = "8GiB"
+disk = "100GiB"
+arch = "x86_64"
+environment = "cloud"
+execution_model = "container"
+zones = ["a", "b", "c"]
+cost_per_hour = 0.2
+"#
+    );
+    parse_fleet(&SourceFile::new("test.toml", text)).value.expect("the test fleet checks").nodes
+}
+
+fn spec(name: &str, count: u32, cpu: &str) -> String {
+    format!(
+        r#"
+[job]
+name = "{name}"
+type = "service"
+
+[[group]]
+name = "app"
+count = {count}
+
+[[group.task]]
+name = "main"
+driver = "mock"
+resources = {{ cpu = "{cpu}", memory = "256MiB" }}
+"#
+    )
+}
+
+async fn start(name: &str, ttl: Duration, grace: Duration) -> LocalCluster {
+    let options = ServerOptions { heartbeat_ttl: ttl, heartbeat_grace: grace, ..ServerOptions::new(name, "s") };
+    let c =
+        LocalCluster::start(name, &dir(name), 3, options, Duration::from_millis(100)).await.expect("cluster starts");
+    c.leader(Duration::from_secs(10)).await.expect("a leader within 10 s");
+    c
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("the blocking part does not panic")
+}
+
+fn follower_of(c: &LocalCluster, leader: u64) -> u64 {
+    c.running().find(|id| *id != leader).expect("a follower")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_submitted_through_a_follower_is_placed() {
+    let c = start("follower", Duration::from_secs(30), Duration::from_secs(30)).await;
+    let leader = c.leader(Duration::from_secs(10)).await.unwrap();
+    let follower = follower_of(&c, leader);
+    let client = Client::new(&c.http_addrs[&follower].to_string());
+    let placed = blocking(move || {
+        client.register_nodes(&fleet(6)).expect("nodes register through a follower");
+        let reg = client.submit(&spec("web", 5, "500m"), "web.toml").expect("submitted");
+        let eval = client.eval(reg.eval, Duration::from_secs(10)).expect("the evaluation is known");
+        assert_eq!((eval.status.as_str(), eval.placed), ("complete", 5), "{eval:?}");
+        let status = client.job("web").expect("job status");
+        assert_eq!(status.summary.status, "running");
+        status.allocations.iter().map(|a| a.node.clone()).collect::<Vec<_>>()
+    })
+    .await;
+    assert_eq!(placed.len(), 5);
+    assert!(
+        c.server(follower).unwrap().inner.metrics.writes_forwarded.get() >= 2,
+        "the follower forwarded the writes to the leader"
+    );
+    // Every server applied the same allocations.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts: Vec<usize> =
+            c.running().map(|id| c.server(id).unwrap().raft().read(|s| s.allocs().count())).collect();
+        if counts.iter().all(|n| *n == 5) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "servers disagree: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_node_has_its_allocations_replaced_within_ttl_grace_and_2_s() {
+    let (ttl, grace) = (Duration::from_millis(1_000), Duration::from_millis(1_000));
+    let c = start("silent", ttl, grace).await;
+    let client = Client::new(&c.addresses());
+    let nodes = fleet(4);
+    let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
+    let (victim, allocs_on_victim, silent_since) = {
+        let client = client.clone();
+        let ids = ids.clone();
+        blocking(move || {
+            client.register_nodes(&nodes).unwrap();
+            let reg = client.submit(&spec("spread", 8, "500m"), "spread.toml").unwrap();
+            assert_eq!(client.eval(reg.eval, Duration::from_secs(10)).unwrap().placed, 8);
+            let allocs = client.job("spread").unwrap().allocations;
+            let victim = allocs[0].node.clone();
+            let on_victim: BTreeSet<u64> = allocs.iter().filter(|a| a.node == victim).map(|a| a.id).collect();
+            // The others keep heartbeating; the victim falls silent now.
+            let alive: Vec<String> = ids.iter().filter(|n| **n != victim).cloned().collect();
+            let silent_since = Instant::now();
+            let c2 = client.clone();
+            std::thread::spawn(move || {
+                let end = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < end {
+                    let _ = c2.heartbeat(&alive);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+            (victim, on_victim, silent_since)
+        })
+        .await
+    };
+    assert!(!allocs_on_victim.is_empty());
+    let bound = ttl + grace + Duration::from_secs(2);
+    let replaced_after = blocking(move || {
+        loop {
+            let s = client.job("spread").unwrap();
+            let lost = s.allocations.iter().filter(|a| allocs_on_victim.contains(&a.id) && a.status == "lost").count();
+            let live_elsewhere =
+                s.allocations.iter().filter(|a| a.desired == "run" && a.status != "lost" && a.node != victim).count();
+            if lost == allocs_on_victim.len() && live_elsewhere == 8 {
+                return silent_since.elapsed();
+            }
+            assert!(silent_since.elapsed() < bound + Duration::from_secs(3), "not replaced in time: {s:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await;
+    assert!(replaced_after <= bound, "replaced after {replaced_after:?}, bound {bound:?}");
+    assert!(replaced_after >= ttl, "a node is not down before its TTL: {replaced_after:?}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submissions_from_8_clients_never_over_commit_a_node() {
+    let c = start("overcommit", Duration::from_secs(30), Duration::from_secs(30)).await;
+    let addresses = c.addresses();
+    // 6 nodes of 4 cores: 24 cores. 8 clients ask for 8 x 6 x 3 x 0.75 = 108.
+    let submitted = blocking(move || {
+        let client = Client::new(&addresses);
+        client.register_nodes(&fleet(6)).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let client = Client::new(&addresses);
+                std::thread::spawn(move || {
+                    let mut evals = Vec::new();
+                    for j in 0..6 {
+                        let reg = client.submit(&spec(&format!("c{t}-j{j}"), 3, "750m"), "c.toml").unwrap();
+                        evals.push(reg.eval);
+                    }
+                    for e in evals {
+                        let _ = client.eval(e, Duration::from_secs(10));
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        client.jobs().unwrap().len()
+    })
+    .await;
+    assert_eq!(submitted, 48);
+    // Wait for the queue to drain, then check every server's state.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader = c.leader(Duration::from_secs(5)).await.unwrap();
+    while c.server(leader).unwrap().raft().read(|s| s.pending_evals().count()) > 0 {
+        assert!(Instant::now() < deadline, "evaluations still pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in c.running() {
+        c.server(id).unwrap().raft().read(|s| {
+            let placed = s.allocs().filter(|a| a.holds_resources()).count();
+            assert!(placed >= 24, "the cluster was filled: {placed}");
+            for (i, usage) in s.recomputed_usage().iter().enumerate() {
+                let node = &s.nodes()[i];
+                assert!(
+                    usage.res.cpu_millis <= node.capacity.cpu_millis,
+                    "{} over-committed: {} of {} millicores",
+                    node.id,
+                    usage.res.cpu_millis,
+                    node.capacity.cpu_millis
+                );
+            }
+            assert!(s.blocked_evals().count() > 0, "what did not fit waits for capacity");
+        });
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_killed_mid_burst_loses_no_acknowledged_job_and_leaves_none_half_placed() {
+    let mut c = start("burst", Duration::from_secs(30), Duration::from_secs(30)).await;
+    let addresses = c.addresses();
+    {
+        let client = Client::new(&addresses);
+        blocking(move || client.register_nodes(&fleet(60)).unwrap()).await;
+    }
+    let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let stop_at = Instant::now() + Duration::from_secs(6);
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            let (addresses, acked) = (addresses.clone(), acked.clone());
+            std::thread::spawn(move || {
+                let client = Client::new(&addresses);
+                let mut n = 0;
+                while Instant::now() < stop_at && n < 150 {
+                    let name = format!("b{t}-{n}");
+                    // An error is fine mid-failover; only acknowledged jobs count.
+                    if let Ok(reg) = client.submit(&spec(&name, 2, "100m"), "b.toml") {
+                        acked.lock().unwrap().insert(name, reg.eval);
+                    }
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+    // Kill the leader a quarter of the way into the burst.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while acked.lock().unwrap().len() < 150 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let old = c.leader(Duration::from_secs(5)).await.unwrap();
+    let acked_before_kill = acked.lock().unwrap().len();
+    c.stop_server(old).await;
+    blocking(move || clients.into_iter().for_each(|t| t.join().unwrap())).await;
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked_before_kill > 0 && acked.len() > acked_before_kill, "submissions went on: {}", acked.len());
+    let new = c.leader(Duration::from_secs(10)).await.expect("a new leader");
+    assert_ne!(new, old);
+    // Every acknowledged job is known, and ends fully placed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let half: Vec<String> = c.server(new).unwrap().raft().read(|s| {
+            acked
+                .keys()
+                .filter(|name| {
+                    let id = cluster_core::ids::JobId::new(name.as_str());
+                    assert!(s.job(&id).is_some(), "acknowledged job {name} lost");
+                    s.allocs_of_job(&id).filter(|a| a.is_live()).count() != 2
+                })
+                .cloned()
+                .collect()
+        });
+        if half.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} jobs not fully placed, e.g. {:?}",
+            half.len(),
+            &half[..half.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
+    let c = start("bad", Duration::from_secs(30), Duration::from_secs(30)).await;
+    // Through a follower: errors made on the leader travel back through
+    // the forward, and must arrive intact.
+    let follower = follower_of(&c, c.leader(Duration::from_secs(5)).await.unwrap());
+    let base = format!("http://{}", c.http_addrs[&follower]);
+    let client = Client::new(&c.addresses());
+    blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let expect = |r: Result<ureq::http::Response<ureq::Body>, ureq::Error>, status: u16, words: &str| {
+            let mut r = r.unwrap();
+            let got = r.status().as_u16();
+            let body: serde_json::Value = r.body_mut().read_json().expect("errors are JSON");
+            assert_eq!(got, status, "expected {status} for `{words}`: {body}");
+            let message = body["message"].as_str().expect("a message").to_string();
+            assert!(message.contains(words), "`{message}` should say `{words}`");
+            body
+        };
+        expect(agent.put(format!("{base}/v1/jobs")).send("not json"), 400, "JSON");
+        let body = expect(
+            agent
+                .put(format!("{base}/v1/jobs"))
+                .send_json(serde_json::json!({"spec": "[job]\nnam = 1\n", "source": "x.toml"})),
+            400,
+            "does not check",
+        );
+        assert!(body["diagnostics"].as_array().is_some_and(|d| d.iter().any(|d| d["line"] == 2)), "{body}");
+        expect(agent.get(format!("{base}/v1/jobs/nope")).call(), 404, "no job `nope`");
+        expect(agent.get(format!("{base}/v1/nodes/nope")).call(), 404, "no node");
+        expect(agent.get(format!("{base}/v1/allocations/zz")).call(), 400, "not an allocation id");
+        expect(agent.get(format!("{base}/v2/whatever")).call(), 404, "/v1/");
+        // An oversized body is refused once the limit is passed. Written
+        // from a thread of its own: the server stops reading at the limit.
+        {
+            use std::io::{Read, Write};
+            let mut tcp = std::net::TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut writer = tcp.try_clone().unwrap();
+            let len = BODY_BYTES_MAX + 100_000;
+            std::thread::spawn(move || {
+                let head = format!("PUT /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+                let _ = writer.write_all(head.as_bytes());
+                let _ = writer.write_all(&vec![b'x'; len]);
+            });
+            let mut answer = vec![0u8; 4096];
+            let n = tcp.read(&mut answer).unwrap();
+            let answer = String::from_utf8_lossy(&answer[..n]);
+            assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+            assert!(answer.contains("over the limit"), "{answer}");
+        }
+        expect(
+            agent
+                .post(format!("{base}/v1/allocations/status"))
+                .send_json(serde_json::json!({"updates": [{"id": 1, "status": "fine"}]})),
+            400,
+            "not a status",
+        );
+        expect(agent.delete(format!("{base}/v1/operator/raft/peers/9")).call(), 404, "not a voter");
+        expect(agent.post(format!("{base}/v1/nodes/nope/drain")).send_empty(), 404, "unknown node");
+        // The client turns the same into typed errors.
+        let e = client.alloc_status(vec![AllocUpdate { id: 1, status: "nope".into() }]).unwrap_err();
+        assert_eq!(e.status(), Some(400));
+    })
+    .await;
+    c.stop().await;
+}
