@@ -11,7 +11,7 @@
 //! http = "127.0.0.1:4646"     # the HTTP API (default 127.0.0.1:4646)
 //! heartbeat_ttl = "10s"       # nodes heartbeat this often...
 //! heartbeat_grace = "10s"     # ...and are down after TTL + grace of silence
-//! workers = 2                 # scheduler workers on the leader
+//! workers = 1                 # scheduler workers on the leader (default: half the cores)
 //!
 //! [tls]
 //! ca = "pki/ca.pem"
@@ -142,7 +142,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
                 d.error_hint(span, format!("workers = {n}"), "use 1 to 64 (about one per core)");
                 None
             }
-            None => Some(2),
+            None => Some(cluster_core::server::default_workers()),
         };
         s.finish(d);
         let (mut ca, mut cert, mut key) = (None, None, None);

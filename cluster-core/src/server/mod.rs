@@ -19,6 +19,8 @@ pub mod local;
 pub mod metrics;
 pub mod rpc;
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,8 +28,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::command::{Command, Effect, PLAN_BATCH_MAX};
-use crate::ids::NodeId;
+use crate::ids::{EvalId, NodeId};
 use crate::model::node::NodeStatus;
+use crate::model::plan::Plan;
 use crate::raft::node::{ProposeError, RaftConfig, RaftHandle, RaftId, start as start_raft};
 use crate::raft::storage::{RedbStorage, StoreError};
 use crate::scheduler::{SchedulerConfig, schedule};
@@ -65,13 +68,25 @@ impl ServerOptions {
         ServerOptions {
             cluster: cluster.into(),
             name: name.into(),
-            workers: 2,
+            workers: default_workers(),
             heartbeat_ttl: Duration::from_secs(10),
             heartbeat_grace: Duration::from_secs(10),
             scheduler: SchedulerConfig::default(),
         }
     }
 }
+
+/// Half the cores, at least one. Planning takes turns (see
+/// `Inner::planning`), so a second worker only overlaps planning with
+/// committing; on 2 cores one worker commits more per second
+/// (`cargo bench --bench cluster`: 34,700 against 24,300 allocations/s),
+/// because each extra batch costs a copy of the state.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// A worker's plans, by evaluation.
+type Batch = Arc<Vec<(EvalId, Plan)>>;
 
 /// What every part of a server shares.
 pub struct Inner {
@@ -82,6 +97,16 @@ pub struct Inner {
     pub metrics: Metrics,
     heartbeats: Mutex<Heartbeats>,
     started: Instant,
+    /// Plans made but not yet committed, by batch: a worker planning a new
+    /// batch counts them as taken, so concurrent workers rarely pick the
+    /// same capacity (the state machine's re-check makes that safe, not
+    /// cheap).
+    uncommitted: Mutex<BTreeMap<u64, Batch>>,
+    next_batch: AtomicU64,
+    /// Held while a worker plans: planning is pipelined with committing
+    /// rather than run side by side, since two workers planning at once
+    /// on the same state pick the same best nodes and one loses.
+    planning: Mutex<()>,
 }
 
 /// A running server. Dropping it does not stop it; call [`Server::stop`].
@@ -114,6 +139,9 @@ impl Server {
             metrics: Metrics::default(),
             heartbeats: Mutex::new(heartbeats),
             started: Instant::now(),
+            uncommitted: Mutex::default(),
+            next_batch: AtomicU64::new(0),
+            planning: Mutex::new(()),
         });
         let handler = Arc::new(ServerHandler { raft, server: Arc::downgrade(&inner) });
         let tasks = vec![raft_task, tokio::spawn(leadership(inner.clone()))];
@@ -400,6 +428,7 @@ async fn work(inner: &Arc<Inner>, batch: &[Work]) {
     let planner = inner.clone();
     let items = batch.to_vec();
     let planned = tokio::task::spawn_blocking(move || {
+        let _turn = planner.planning.lock().expect("planning lock");
         let config = &planner.options.scheduler;
         let plan_one = |state: &ClusterState, w: &Work| {
             let t = Instant::now();
@@ -407,11 +436,15 @@ async fn work(inner: &Arc<Inner>, batch: &[Work]) {
             planner.metrics.scheduler_seconds.observe(t.elapsed().as_secs_f64());
             plan
         };
+        let others: Vec<_> = planner.uncommitted.lock().expect("uncommitted lock").values().cloned().collect();
         let mut plans = Vec::with_capacity(items.len());
-        if let [w] = items.as_slice() {
+        if let ([w], true) = (items.as_slice(), others.is_empty()) {
             plans.push((w, planner.raft.read(|s| plan_one(s, w))));
         } else {
             let mut scratch = planner.raft.read(ClusterState::clone);
+            for (_, plan) in others.iter().flat_map(|b| b.iter()) {
+                scratch.apply_plan(plan);
+            }
             for w in &items {
                 let plan = plan_one(&scratch, w);
                 scratch.apply_plan(&plan);
@@ -419,14 +452,25 @@ async fn work(inner: &Arc<Inner>, batch: &[Work]) {
             }
         }
         planner.metrics.evals_processed.inc_by(plans.len() as u64);
-        plans
+        let plans: Vec<(EvalId, Plan)> = plans
             .into_iter()
             .filter(|(w, p)| !(w.retry_blocked && p.placements.is_empty() && p.stops.is_empty()))
             .map(|(w, p)| (w.eval, p))
-            .collect::<Vec<_>>()
+            .collect();
+        // Registered before the planning turn ends, so the next worker's
+        // turn sees them.
+        let plans = Arc::new(plans);
+        let id = planner.next_batch.fetch_add(1, Ordering::Relaxed);
+        planner.uncommitted.lock().expect("uncommitted lock").insert(id, plans.clone());
+        (id, plans)
     })
     .await;
-    let Ok(plans) = planned else { return };
+    let Ok((id, plans)) = planned else { return };
+    commit(inner, &plans).await;
+    inner.uncommitted.lock().expect("uncommitted lock").remove(&id);
+}
+
+async fn commit(inner: &Arc<Inner>, plans: &[(EvalId, Plan)]) {
     for chunk in plans.chunks(PLAN_BATCH_MAX) {
         match inner.raft.propose(Command::ApplyPlans(chunk.to_vec())).await {
             Ok(Effect::PlansApplied(outcomes)) => {
