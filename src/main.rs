@@ -150,8 +150,8 @@ enum RaftCommand {
         #[arg(long)]
         id: u64,
         /// Its QUIC address (the `bind` of its config).
-        #[arg(long)]
-        address: String,
+        #[arg(long, value_name = "HOST:PORT")]
+        peer_address: String,
     },
     /// Remove a voter.
     RemovePeer {
@@ -384,7 +384,7 @@ fn main() -> ExitCode {
         }
         Command::Operator(OperatorCommand::Raft(r)) => match r {
             RaftCommand::ListPeers { out } => remote::list_peers(&client, out.json),
-            RaftCommand::AddPeer { id, address } => remote::add_peer(&client, id, &address),
+            RaftCommand::AddPeer { id, peer_address } => remote::add_peer(&client, id, &peer_address),
             RaftCommand::RemovePeer { id } => remote::remove_peer(&client, id),
             RaftCommand::TransferLeader { id } => remote::transfer_leader(&client, id),
         },

@@ -12,6 +12,7 @@
 //! heartbeat_ttl = "10s"       # nodes heartbeat this often...
 //! heartbeat_grace = "10s"     # ...and are down after TTL + grace of silence
 //! workers = 1                 # scheduler workers on the leader (default: half the cores)
+//! bootstrap = true            # false: join a running cluster (`hanse operator raft add-peer`)
 //!
 //! [tls]
 //! ca = "pki/ca.pem"
@@ -56,6 +57,9 @@ pub struct ServerConfig {
     pub heartbeat_ttl: Duration,
     pub heartbeat_grace: Duration,
     pub workers: usize,
+    /// Form the cluster from the configured peers on a fresh data dir;
+    /// false to wait to be added to a running cluster.
+    pub bootstrap: bool,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -144,6 +148,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             }
             None => Some(cluster_core::server::default_workers()),
         };
+        let bootstrap = s.bool(d, "bootstrap").is_none_or(|(b, _)| b);
         s.finish(d);
         let (mut ca, mut cert, mut key) = (None, None, None);
         match top.table(d, "tls") {
@@ -182,6 +187,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             heartbeat_ttl: heartbeat_ttl?,
             heartbeat_grace: heartbeat_grace?,
             workers: workers?,
+            bootstrap,
             ca: ca?,
             cert: cert?,
             key: key?,
@@ -236,7 +242,9 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         heartbeat_grace: c.heartbeat_grace,
         ..ServerOptions::new(&c.cluster, &c.name)
     };
-    let server = Server::start(RaftConfig::new(c.id, peers), store, transport, options, &logger)?;
+    let mut raft = RaftConfig::new(c.id, peers);
+    raft.join = !c.bootstrap;
+    let server = Server::start(raft, store, transport, options, &logger)?;
     let endpoint = QuicServer::bind::<ServerRpc>(c.bind, &ca, &pair, server.handler())?;
     let (api, api_task) = http::serve(server.inner.clone(), c.http)
         .await

@@ -60,22 +60,28 @@ impl Drop for Dir {
     }
 }
 
-fn setup() -> (Dir, Vec<PathBuf>) {
-    let dir = std::env::temp_dir().join(format!("hanse-cli-server-{}", std::process::id()));
+/// Configs for three servers, plus a fourth that joins (bootstrap = false),
+/// and each server's HTTP address.
+fn setup(name: &str) -> (Dir, Vec<PathBuf>, Vec<String>) {
+    let dir = std::env::temp_dir().join(format!("hanse-cli-server-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("pki")).unwrap();
     let ca = tls::create_ca("test", 1).unwrap();
     std::fs::write(dir.join("pki/ca.pem"), &ca.cert_pem).unwrap();
     let ports: Vec<u16> =
-        (0..3).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        (0..4).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    let http: Vec<String> =
+        (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
     let mut configs = Vec::new();
-    for i in 1..=3usize {
+    for i in 1..=4usize {
         let pair = tls::issue(&ca, &Identity::new("eu-west", Role::Server, &format!("s{i}")), 1).unwrap();
         std::fs::write(dir.join(format!("pki/s{i}.pem")), &pair.cert_pem).unwrap();
         std::fs::write(dir.join(format!("pki/s{i}-key.pem")), &pair.key_pem).unwrap();
         let mut text = format!(
-            "[server]\nname = \"s{i}\"\ncluster = \"eu-west\"\nid = {i}\ndata_dir = \"data/s{i}\"\nbind = \"127.0.0.1:{}\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/s{i}.pem\"\nkey = \"pki/s{i}-key.pem\"\n",
-            ports[i - 1]
+            "[server]\nname = \"s{i}\"\ncluster = \"eu-west\"\nid = {i}\ndata_dir = \"data/s{i}\"\nbind = \"127.0.0.1:{}\"\nhttp = \"{}\"\nheartbeat_ttl = \"2s\"\nheartbeat_grace = \"1s\"\nbootstrap = {}\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/s{i}.pem\"\nkey = \"pki/s{i}-key.pem\"\n",
+            ports[i - 1],
+            http[i - 1],
+            i <= 3,
         );
         for j in (1..=3).filter(|j| *j != i) {
             text.push_str(&format!("\n[[peer]]\nid = {j}\naddress = \"127.0.0.1:{}\"\n", ports[j - 1]));
@@ -84,7 +90,7 @@ fn setup() -> (Dir, Vec<PathBuf>) {
         std::fs::write(&path, text).unwrap();
         configs.push(path);
     }
-    (Dir(dir), configs)
+    (Dir(dir), configs, http)
 }
 
 /// Waits until the given servers agree on a leader; returns it and the term.
@@ -108,8 +114,8 @@ fn live(procs: &[Option<Proc>]) -> Vec<(usize, &Proc)> {
 
 #[test]
 fn three_server_processes_survive_kill_9_of_the_leader() {
-    let (_dir, configs) = setup();
-    let mut procs: Vec<Option<Proc>> = configs.iter().map(|c| Some(Proc::start(c))).collect();
+    let (_dir, configs, _) = setup("kill");
+    let mut procs: Vec<Option<Proc>> = configs[..3].iter().map(|c| Some(Proc::start(c))).collect();
     let (leader, term) = agreed(&live(&procs), Duration::from_secs(20), None);
 
     // kill -9 the leader (Child::kill sends SIGKILL).
@@ -149,4 +155,139 @@ fn a_bad_config_is_refused_with_every_problem_located() {
         assert!(err.contains(&format!("bad.toml:{pos}:")) && err.contains(what), "{pos} {what} missing in:\n{err}");
     }
     assert!(err.contains("missing [tls] table"), "{err}");
+}
+
+/// Runs the CLI against `address`.
+fn hanse(address: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hanse")).env("HANSE_ADDR", address).args(args).output().expect("run hanse")
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(o), String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("--json prints JSON")
+}
+
+/// Waits until `check` holds, up to `limit`.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn example(path: &str) -> String {
+    format!("{}/examples/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A process killed when the test ends.
+struct Bg(Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_leader() {
+    let (_dir, configs, http) = setup("jobs");
+    let mut procs: Vec<Option<Proc>> = configs[..3].iter().map(|c| Some(Proc::start(c))).collect();
+    let (leader, _) = agreed(&live(&procs), Duration::from_secs(20), None);
+    let all = http[..3].join(",");
+    let _nodes = Bg(Command::new(env!("CARGO_BIN_EXE_hanse"))
+        .env("HANSE_ADDR", &all)
+        .args(["node", "simulate", "--fleet", &example("fleets/eu-west.toml"), "--count", "200"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap());
+    eventually(Duration::from_secs(20), "200 nodes registered", || {
+        hanse(&all, &["node", "list", "--json"]).stdout.len() > 100
+            && json(&hanse(&all, &["node", "list", "--json"])).as_array().unwrap().len() == 200
+    });
+
+    // job run: exit 0 once placed, with the allocations shown.
+    let run = hanse(&all, &["job", "run", &example("jobs/web.toml")]);
+    assert_eq!(run.status.code(), Some(0), "{}{}", stdout(&run), String::from_utf8_lossy(&run.stderr));
+    assert!(stdout(&run).contains("web.frontend[11]"), "{}", stdout(&run));
+    let status = json(&hanse(&all, &["job", "status", "web", "--json"]));
+    assert_eq!(status["allocations"].as_array().unwrap().len(), 15);
+    assert_eq!(status["eval"]["status"], "complete");
+    // A job that cannot fit: exit 2, with the reason.
+    let huge = _dir.0.join("huge.toml");
+    std::fs::write(
+        &huge,
+        "[job]\nname = \"huge\"\n\n[[group]]\nname = \"g\"\ncount = 2\n\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = { cpu = 500, memory = \"1GiB\" }\n",
+    )
+    .unwrap();
+    let run = hanse(&all, &["job", "run", huge.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2), "{}", stdout(&run));
+    assert!(stdout(&run).contains("cpu exhausted") || stdout(&run).contains("cpu"), "{}", stdout(&run));
+    let peers = json(&hanse(&all, &["operator", "raft", "list-peers", "--json"]));
+    assert_eq!(peers.as_array().unwrap().len(), 3);
+    assert_eq!(peers.as_array().unwrap().iter().filter(|p| p["leader"] == true).count(), 1);
+
+    // A burst of submissions; kill -9 of the leader a third of the way in.
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let burst = {
+        let (all, acked) = (all.clone(), acked.clone());
+        std::thread::spawn(move || {
+            let client = cluster_core::server::client::Client::new(&all);
+            let text = std::fs::read_to_string(example("jobs/analytics-eu.toml")).unwrap();
+            for n in 0..60 {
+                let spec = text.replacen("name = \"clickstream-rollup\"", &format!("name = \"burst-{n}\""), 1);
+                if client.submit(&spec, "burst.toml").is_ok() {
+                    acked.lock().unwrap().push(format!("burst-{n}"));
+                }
+            }
+        })
+    };
+    eventually(Duration::from_secs(20), "20 acknowledged", || acked.lock().unwrap().len() >= 20);
+    procs[leader as usize - 1] = None; // SIGKILL
+    burst.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "submissions went on after the kill: {}", acked.len());
+    let survivors: String =
+        (1..=3).filter(|i| *i != leader as usize).map(|i| http[i - 1].clone()).collect::<Vec<_>>().join(",");
+    let client = cluster_core::server::client::Client::new(&survivors);
+    for name in &acked {
+        eventually(Duration::from_secs(30), &format!("{name} known and evaluated"), || {
+            client.job(name).is_ok_and(|s| s.eval.is_some_and(|e| e.status != "pending"))
+        });
+    }
+}
+
+#[test]
+fn operator_raft_adds_and_removes_a_server() {
+    let (_dir, configs, http) = setup("members");
+    let procs: Vec<Option<Proc>> = configs[..3].iter().map(|c| Some(Proc::start(c))).collect();
+    agreed(&live(&procs), Duration::from_secs(20), None);
+    let all = http[..3].join(",");
+    let text = std::fs::read_to_string(&configs[3]).unwrap();
+    let bind = text.lines().find_map(|l| l.strip_prefix("bind = ")).unwrap().trim_matches('"').to_string();
+    let _fourth = Proc::start(&configs[3]);
+    let add = hanse(&all, &["operator", "raft", "add-peer", "--id", "4", "--peer-address", &bind]);
+    assert_eq!(add.status.code(), Some(0), "{}", String::from_utf8_lossy(&add.stderr));
+    let voters = || json(&hanse(&all, &["operator", "raft", "list-peers", "--json"])).as_array().unwrap().len();
+    eventually(Duration::from_secs(10), "four voters", || voters() == 4);
+    // The new server gets the log: a job submitted now shows on it.
+    let run = hanse(&all, &["job", "run", "--detach", &example("jobs/edge-inference.toml")]);
+    assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stderr));
+    eventually(Duration::from_secs(10), "the job replicated to the new server", || {
+        cluster_core::server::client::Client::new(&http[3])
+            .get::<Vec<serde_json::Value>>("/v1/jobs?stale=true")
+            .is_ok_and(|jobs| jobs.len() == 1)
+    });
+    let remove = hanse(&all, &["operator", "raft", "remove-peer", "--id", "4"]);
+    assert_eq!(remove.status.code(), Some(0), "{}", String::from_utf8_lossy(&remove.stderr));
+    eventually(Duration::from_secs(10), "three voters", || voters() == 3);
+    // Removing it again names the problem.
+    let again = hanse(&all, &["operator", "raft", "remove-peer", "--id", "4"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not a voter"));
 }

@@ -213,10 +213,25 @@ impl Inner {
                 Some(l) => match s.peers.get(&l) {
                     Some(addr) => {
                         self.metrics.writes_forwarded.inc();
-                        match self.transport.call(*addr, ServerRpc::Forward(w.clone())).await {
-                            Ok(ServerReply::Forward(r)) => r,
-                            Ok(ServerReply::Raft) => Err(ApiError::new(500, "the leader answered out of turn")),
-                            Err(e) => Err(ApiError::new(NOT_LEADER, format!("cannot reach the leader at {addr}: {e}"))),
+                        // A leader that dies mid-call answers nothing until the
+                        // call times out; a new leader ends the wait early (the
+                        // write is tried again there: every write is idempotent).
+                        let mut changes = self.raft.watch_status();
+                        let new_leader = async move {
+                            while changes.changed().await.is_ok() {
+                                if changes.borrow().leader != Some(l) {
+                                    return;
+                                }
+                            }
+                            std::future::pending::<()>().await
+                        };
+                        tokio::select! {
+                            r = self.transport.call(*addr, ServerRpc::Forward(w.clone())) => match r {
+                                Ok(ServerReply::Forward(r)) => r,
+                                Ok(ServerReply::Raft) => Err(ApiError::new(500, "the leader answered out of turn")),
+                                Err(e) => Err(ApiError::new(NOT_LEADER, format!("cannot reach the leader at {addr}: {e}"))),
+                            },
+                            () = new_leader => Err(ApiError::new(NOT_LEADER, format!("leader {l} was replaced"))),
                         }
                     }
                     None => Err(ApiError::new(NOT_LEADER, format!("the leader {l} has no known address"))),
