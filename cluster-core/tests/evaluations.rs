@@ -1,0 +1,162 @@
+//! Evaluations in the replicated state, and the leader's broker: which
+//! commands open them, how plans close them, and what runs when.
+
+use cluster_core::command::{Command, Effect};
+use cluster_core::diag::SourceFile;
+use cluster_core::ids::{EvalId, JobId};
+use cluster_core::model::{AllocStatus, EvalStatus, EvalTrigger, Job, NodeStatus};
+use cluster_core::scheduler::{SchedulerConfig, schedule};
+use cluster_core::server::broker::Broker;
+use cluster_core::spec::{parse_fleet, parse_job};
+use cluster_core::state::{ClusterState, PlanOutcome};
+
+fn state(nodes: usize) -> ClusterState {
+    let fleet =
+        format!("[fleet]\nname = \"t\"\n[[class]]\nname = \"m\"\ncount = {nodes}\ncpu = 4\nmemory = \"16GiB\"\n");
+    let mut s = ClusterState::new();
+    for n in parse_fleet(&SourceFile::new("f.toml", fleet)).value.unwrap().nodes {
+        s.apply(&Command::UpsertNode(n));
+    }
+    s
+}
+
+fn job(name: &str, count: u32, cpu: &str) -> Job {
+    let text = format!(
+        "[job]\nname = \"{name}\"\n[[group]]\nname = \"g\"\ncount = {count}\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"{cpu}\", memory = \"1GiB\" }}\n"
+    );
+    parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
+}
+
+fn register(s: &mut ClusterState, j: &Job) -> EvalId {
+    match s.apply(&Command::RegisterJob(j.clone())) {
+        Effect::JobRegistered { eval, .. } => eval,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Plans and commits the evaluation as a worker would.
+fn work(s: &mut ClusterState, eval: EvalId) -> PlanOutcome {
+    let job = s.job(&s.eval(eval).unwrap().job).unwrap().clone();
+    let plan = schedule(s, &job, &SchedulerConfig::default());
+    match s.apply(&Command::ApplyPlans(vec![(eval, plan)])) {
+        Effect::PlansApplied(mut o) => o.remove(0),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn registering_opens_an_evaluation_and_its_plan_closes_it() {
+    let mut s = state(2);
+    let e = register(&mut s, &job("a", 3, "1"));
+    assert_eq!(s.pending_evals().collect::<Vec<_>>(), vec![e]);
+    assert!(matches!(work(&mut s, e), PlanOutcome::Applied(a) if a.placed.len() == 3));
+    let eval = s.eval(e).unwrap();
+    assert_eq!((eval.status, eval.placed), (EvalStatus::Complete, 3));
+    assert_eq!(s.pending_evals().count(), 0);
+}
+
+#[test]
+fn the_same_spec_again_changes_nothing_while_its_evaluation_is_open() {
+    let mut s = state(2);
+    let j = job("a", 3, "1");
+    let e1 = register(&mut s, &j);
+    let e2 = register(&mut s, &j);
+    assert_eq!(e1, e2, "a retried submission is the same evaluation");
+    assert_eq!(s.pending_evals().count(), 1);
+}
+
+#[test]
+fn a_newer_evaluation_supersedes_the_open_one_and_its_late_plan_is_refused() {
+    let mut s = state(2);
+    let e1 = register(&mut s, &job("a", 3, "1"));
+    let stale = schedule(&s, &s.job(&JobId::new("a")).unwrap().clone(), &SchedulerConfig::default());
+    let e2 = register(&mut s, &job("a", 4, "1"));
+    assert_ne!(e1, e2);
+    assert!(s.eval(e1).is_none(), "the superseded evaluation is gone");
+    let late = s.apply(&Command::ApplyPlans(vec![(e1, stale)]));
+    assert_eq!(late, Effect::PlansApplied(vec![PlanOutcome::Superseded]));
+    assert_eq!(s.allocs().count(), 0, "nothing of the stale plan was applied");
+    assert!(matches!(work(&mut s, e2), PlanOutcome::Applied(a) if a.placed.len() == 4));
+}
+
+#[test]
+fn what_does_not_fit_blocks_until_capacity_appears() {
+    let mut s = state(1);
+    let e = register(&mut s, &job("big", 6, "1"));
+    let epoch = s.capacity_epoch();
+    work(&mut s, e);
+    let eval = s.eval(e).unwrap();
+    assert_eq!((eval.status, eval.placed), (EvalStatus::Blocked, 4));
+    assert!(eval.unplaced[0].explain().contains("cpu"), "{:?}", eval.unplaced);
+    assert_eq!(s.blocked_evals().collect::<Vec<_>>(), vec![e]);
+    // A new node is capacity: the hint rises, and the retry places the rest.
+    let more = state(2).nodes()[1].clone();
+    s.apply(&Command::UpsertNode(more));
+    assert!(s.capacity_epoch() > epoch);
+    work(&mut s, e);
+    assert_eq!(s.eval(e).unwrap().status, EvalStatus::Complete);
+    assert_eq!(s.allocs().filter(|a| a.is_live()).count(), 6);
+}
+
+#[test]
+fn a_node_going_down_loses_its_allocations_and_opens_an_evaluation_per_job() {
+    let mut s = state(2);
+    for name in ["a", "b"] {
+        let e = register(&mut s, &job(name, 2, "1"));
+        work(&mut s, e);
+    }
+    let node = s.allocs().next().unwrap().node.clone();
+    let on_node = s.allocs().filter(|a| a.node == node).count();
+    let effect = s.apply(&Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Down, eligible: true });
+    let Effect::Evals(evals) = effect else { panic!("{effect:?}") };
+    assert!(!evals.is_empty());
+    assert!(evals.iter().all(|e| s.eval(*e).unwrap().trigger == EvalTrigger::NodeDown));
+    assert_eq!(s.allocs().filter(|a| a.node == node && a.status == AllocStatus::Lost).count(), on_node);
+    // Down again is not news.
+    let again = s.apply(&Command::SetNodeStatus { node, status: NodeStatus::Down, eligible: true });
+    assert_eq!(again, Effect::Evals(vec![]));
+}
+
+#[test]
+fn a_drain_moves_allocations_and_a_failure_is_rescheduled_a_bounded_number_of_times() {
+    let mut s = state(3);
+    let e = register(&mut s, &job("a", 2, "1"));
+    work(&mut s, e);
+    let node = s.allocs().next().unwrap().node.clone();
+    let Effect::Evals(evals) = s.apply(&Command::DrainNode { node: node.clone(), drain: true }) else { panic!() };
+    assert_eq!(evals.len(), 1);
+    work(&mut s, evals[0]);
+    assert!(s.allocs().filter(|a| a.is_live()).all(|a| a.node != node), "nothing wanted on the draining node");
+    assert_eq!(s.allocs().filter(|a| a.is_live()).count(), 2);
+
+    // An instance that keeps failing is placed again at most 3 times.
+    for round in 0..6 {
+        let failing: Vec<_> =
+            s.allocs().filter(|a| a.is_live() && a.index == 0).map(|a| (a.id, AllocStatus::Failed)).collect();
+        if failing.is_empty() {
+            assert!(round > 3, "given up after {round} failures");
+            break;
+        }
+        let Effect::Evals(evals) = s.apply(&Command::AllocStatus(failing)) else { panic!() };
+        assert_eq!(s.eval(evals[0]).unwrap().trigger, EvalTrigger::AllocFailed);
+        work(&mut s, evals[0]);
+    }
+    let failed = s.allocs().filter(|a| a.index == 0 && a.status == AllocStatus::Failed).count();
+    assert_eq!(failed, 4, "the first run and 3 reschedules");
+}
+
+#[test]
+fn the_broker_runs_one_evaluation_per_job_at_a_time_oldest_first() {
+    let mut s = state(2);
+    let a = register(&mut s, &job("a", 1, "1"));
+    let b = register(&mut s, &job("b", 1, "1"));
+    let mut broker = Broker::default();
+    let first = broker.next_batch(&s);
+    assert_eq!(first.iter().map(|w| w.eval).collect::<Vec<_>>(), vec![a, b], "oldest first, both jobs at once");
+    // A newer evaluation of a job in flight waits for the one in flight.
+    let a2 = register(&mut s, &job("a", 2, "1"));
+    assert!(broker.next_batch(&s).is_empty(), "job a is in flight; b has nothing new");
+    broker.done(&first);
+    // Neither was committed: both are handed out again, oldest first.
+    assert_eq!(broker.next_batch(&s).iter().map(|w| w.eval).collect::<Vec<_>>(), vec![b, a2]);
+}
