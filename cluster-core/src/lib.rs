@@ -1,5 +1,6 @@
-//! One Hanse cluster, without IO: the data model, the files people write
-//! (job specs, node fleets), the cluster state and the scheduler.
+//! One Hanse cluster: the data model, the files people write (job specs,
+//! node fleets), the cluster state and the scheduler, and the server that
+//! replicates and serves them.
 //!
 //! # Layout
 //!
@@ -12,8 +13,13 @@
 //! - [`state`]: the cluster state the scheduler reads and plans are applied to.
 //! - [`command`]: the Raft log's commands and how the state machine applies them.
 //! - [`scheduler`]: `schedule(state, job, config) -> Plan`.
+//! - [`transport`]: typed requests over QUIC with mutual TLS, or in memory.
+//! - [`raft`]: the Raft driver and its redb storage.
+//! - [`server`]: the cluster server: evaluations, workers, heartbeats, HTTP API.
 //!
-//! Nothing here opens a socket, reads a clock or draws unseeded randomness.
+//! The model, specs, state, commands and scheduler open no socket, read no
+//! clock and draw no unseeded randomness; `transport`, `raft` and `server`
+//! are the IO around them.
 
 pub mod codec;
 pub mod command;

@@ -127,6 +127,25 @@ pub struct RaftStatus {
     pub peers: Arc<BTreeMap<RaftId, SocketAddr>>,
 }
 
+/// What a Raft snapshot carries: the state machine, and every voter's
+/// address, so that a server restarted after compaction, or one installing
+/// a snapshot, can reach members added since its config was written.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    peers: Vec<(RaftId, SocketAddr)>,
+    state: Vec<u8>,
+}
+
+fn pack_snapshot(peers: &BTreeMap<RaftId, SocketAddr>, state: &ClusterState) -> Vec<u8> {
+    codec::encode(&SnapshotData { peers: peers.iter().map(|(k, v)| (*k, *v)).collect(), state: state.snapshot() })
+}
+
+fn unpack_snapshot(bytes: &[u8]) -> Result<(Vec<(RaftId, SocketAddr)>, ClusterState), StoreError> {
+    let bad = |e: crate::codec::CodecError| StoreError::Db(format!("snapshot: {e}"));
+    let data: SnapshotData = codec::decode(bytes, codec::DECODE_BYTES_MAX).map_err(bad)?;
+    Ok((data.peers, ClusterState::restore(&data.state).map_err(bad)?))
+}
+
 /// Where a proposer waits for its command's effect.
 type Reply = oneshot::Sender<Result<Effect, ProposeError>>;
 
@@ -259,9 +278,16 @@ pub fn start(
     // The state machine starts from the last snapshot; raft replays the
     // committed entries after it.
     let snap = raft::Storage::snapshot(&store, 0, config.id).ok();
+    let mut config = config;
     let (state, applied) = match snap {
         Some(s) if !s.get_data().is_empty() => {
-            (ClusterState::restore(s.get_data()).map_err(|e| StoreError::Db(e.to_string()))?, s.get_metadata().index)
+            let (peers, state) = unpack_snapshot(s.get_data())?;
+            // The config names the servers it knows; the snapshot adds
+            // those that joined later.
+            for (id, addr) in peers {
+                config.peers.entry(id).or_insert(addr);
+            }
+            (state, s.get_metadata().index)
         }
         _ => (ClusterState::new(), 0),
     };
@@ -454,7 +480,8 @@ impl Driver {
             conf_state: None,
         })?;
         if let Some(s) = &snapshot {
-            let restored = ClusterState::restore(s.get_data()).map_err(|e| StoreError::Db(e.to_string()))?;
+            let (peers, restored) = unpack_snapshot(s.get_data())?;
+            self.config.peers.extend(peers.into_iter().filter(|(id, _)| *id != self.config.id));
             *self.state.write().expect("state lock") = restored;
             self.applied = s.get_metadata().index;
             self.snapshots_installed += 1;
@@ -473,7 +500,7 @@ impl Driver {
         self.answer_reads();
         self.release_stale_waiters();
         if self.since_compact >= self.config.compact_every {
-            let data = self.state.read().expect("state lock").snapshot();
+            let data = pack_snapshot(&self.config.peers, &self.state.read().expect("state lock"));
             self.raw.mut_store().compact(self.applied, &data)?;
             self.since_compact = 0;
         }

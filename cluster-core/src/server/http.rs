@@ -271,7 +271,10 @@ async fn nodes(State(s): Srv, q: Q) -> Reply<Vec<NodeView>> {
         for a in st.allocs().filter(|a| a.holds_resources()) {
             *count.entry(&a.node).or_default() += 1;
         }
-        st.nodes().iter().map(|n| NodeView::of(st, n, count.get(&n.id).copied().unwrap_or(0))).collect()
+        let mut nodes: Vec<NodeView> =
+            st.nodes().iter().map(|n| NodeView::of(st, n, count.get(&n.id).copied().unwrap_or(0))).collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        nodes
     })
     .await?)
 }
