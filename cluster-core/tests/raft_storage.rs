@@ -159,6 +159,7 @@ fn drive(node: &mut RawNode<RedbStorage>, applied: &mut Vec<Vec<u8>>) {
                 entries: &entries,
                 hard_state: hs.as_ref(),
                 conf_state: None,
+                lazy: false,
             })
             .unwrap();
         apply(rd.take_committed_entries(), applied);

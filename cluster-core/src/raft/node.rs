@@ -313,8 +313,44 @@ pub fn start(
         ready_reads: Vec::new(),
         conf_waiter: None,
         voters: Arc::default(),
+        runtime: None,
+        killed: Arc::default(),
     };
-    Ok((handle, tokio::spawn(driver.run(rx))))
+    // The driver has a thread of its own: every `Ready` ends in an fsync,
+    // which must not stall the runtime that serves the API and the
+    // transport (or, in one process, the other servers' drivers). Sends to
+    // peers still run on the caller's runtime.
+    let runtime = tokio::runtime::Handle::current();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    // Aborting (or dropping) the returned task stops the driver at its next
+    // turn, without a clean shutdown: what a crash looks like to the peers.
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let driver = Driver { killed: killed.clone(), ..driver };
+    let thread = std::thread::Builder::new().name(format!("raft-{}", driver.config.id)).spawn(move || {
+        let local = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        match local {
+            Ok(local) => local.block_on(driver.run(rx, runtime)),
+            Err(e) => tracing::error!(error = %e, "cannot start the raft driver's runtime"),
+        }
+        let _ = done_tx.send(());
+    });
+    if let Err(e) = thread {
+        return Err(StoreError::Db(format!("cannot start the raft driver's thread: {e}")));
+    }
+    struct Kill(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let kill = Kill(killed);
+    Ok((
+        handle,
+        tokio::spawn(async move {
+            let _kill = kill;
+            let _ = done_rx.await;
+        }),
+    ))
 }
 
 struct Driver {
@@ -344,13 +380,21 @@ struct Driver {
     conf_waiter: Option<(u64, oneshot::Sender<Result<ConfState, ProposeError>>)>,
     /// The voters and their addresses, rebuilt when the configuration changes.
     voters: Arc<BTreeMap<RaftId, SocketAddr>>,
+    /// Where sends to peers run (the caller's runtime).
+    runtime: Option<tokio::runtime::Handle>,
+    /// Set when the driver's task is aborted: stop now, as in a crash.
+    killed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Driver {
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>, runtime: tokio::runtime::Handle) {
+        self.runtime = Some(runtime);
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.killed.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let mut proposals: Vec<(Command, Reply)> = Vec::new();
             tokio::select! {
                 _ = tick.tick() => { self.raw.tick(); }
@@ -447,7 +491,8 @@ impl Driver {
             let Ok(bytes) = m.write_to_bytes() else { continue };
             let transport = self.transport.clone();
             let inputs = self.inputs.clone();
-            tokio::spawn(async move {
+            let runtime = self.runtime.clone().unwrap_or_else(tokio::runtime::Handle::current);
+            runtime.spawn(async move {
                 let ok = transport.call(addr, RaftMessage(bytes)).await.is_ok();
                 if is_snapshot {
                     let _ = inputs.send(Input::SnapshotSent(to, ok)).await;
@@ -478,6 +523,7 @@ impl Driver {
             entries: &entries,
             hard_state: hs.as_ref(),
             conf_state: None,
+            lazy: false,
         })?;
         if let Some(s) = &snapshot {
             let (peers, restored) = unpack_snapshot(s.get_data())?;
@@ -492,7 +538,9 @@ impl Driver {
         if let Some(commit) = light.commit_index() {
             let mut hs = self.raw.store().hard_state();
             hs.commit = commit;
-            self.raw.mut_store().persist(Persist { hard_state: Some(&hs), ..Default::default() })?;
+            // Without fsync: the entries are durable already, and a restart
+            // replays from the snapshot, never past a commit index it lost.
+            self.raw.mut_store().persist(Persist { hard_state: Some(&hs), lazy: true, ..Default::default() })?;
         }
         self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;

@@ -57,6 +57,11 @@ pub struct Persist<'a> {
     pub entries: &'a [Entry],
     pub hard_state: Option<&'a HardState>,
     pub conf_state: Option<&'a ConfState>,
+    /// Commit without waiting for the disk (no fsync): for what a crash may
+    /// lose harmlessly, such as a newer commit index, which the leader
+    /// tells again and which a restart never needs (replay starts from the
+    /// snapshot).
+    pub lazy: bool,
 }
 
 pub struct RedbStorage {
@@ -102,7 +107,10 @@ impl RedbStorage {
     /// Makes one `Ready`'s changes durable in a single transaction.
     pub fn persist(&self, p: Persist<'_>) -> Result<(), StoreError> {
         let mut meta = self.meta.read().expect("raft meta lock").clone();
-        let tx = self.db.begin_write().map_err(dberr)?;
+        let mut tx = self.db.begin_write().map_err(dberr)?;
+        if p.lazy {
+            tx.set_durability(redb::Durability::Eventual);
+        }
         {
             let mut entries = tx.open_table(ENTRIES).map_err(dberr)?;
             let mut m = tx.open_table(META).map_err(dberr)?;
