@@ -46,16 +46,21 @@ pub fn job_run(c: &Client, path: &Path, detach: bool, timeout: Duration, json: b
     bar.enable_steady_tick(Duration::from_millis(120));
     bar.set_message(format!("job {}: waiting for evaluation e{:06}", reg.job, reg.eval));
     let deadline = Instant::now() + timeout;
+    let mut eval_id = reg.eval;
     let eval = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let view = match c.eval(reg.eval, left.min(Duration::from_secs(5))) {
+        let view = match c.eval(eval_id, left.min(Duration::from_secs(5))) {
             Ok(v) => Some(v),
             // Superseded by a newer evaluation of the job: follow that one.
             Err(e) if e.status() == Some(404) => c.job(&reg.job).map_err(api)?.eval,
             Err(e) => return Err(api(e)),
         };
-        if let Some(v) = &view {
-            bar.set_message(format!("job {}: evaluation e{:06} {}, {} placed", reg.job, v.id, v.status, v.placed));
+        match &view {
+            Some(v) => {
+                eval_id = v.id;
+                bar.set_message(format!("job {}: evaluation e{:06} {}, {} placed", reg.job, v.id, v.status, v.placed));
+            }
+            None => std::thread::sleep(Duration::from_millis(200)),
         }
         if view.as_ref().is_some_and(|v| !v.is_open() || v.status == "blocked") || left.is_zero() {
             break view;

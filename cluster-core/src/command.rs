@@ -79,7 +79,18 @@ impl ClusterState {
     pub fn apply(&mut self, command: &Command) -> Effect {
         let refused = |e: StateError| Effect::Refused(e.to_string());
         match command {
-            Command::UpsertNode(node) => self.upsert_node(node.clone()).map_or_else(refused, Effect::NodeUpserted),
+            Command::UpsertNode(node) => {
+                // What the cluster decided about a known node (down,
+                // draining, ineligible) survives its agent registering again;
+                // coming back up is a heartbeat's `SetNodeStatus`.
+                let mut node = node.clone();
+                if let Some(old) = self.node_idx(&node.id).map(|i| self.node(i)) {
+                    node.status = old.status;
+                    node.eligible = old.eligible;
+                    node.draining = old.draining;
+                }
+                self.upsert_node(node).map_or_else(refused, Effect::NodeUpserted)
+            }
             Command::DeregisterNode(id) => self.node_status(id, NodeStatus::Down, false).unwrap_or_else(refused),
             Command::SetNodeStatus { node, status, eligible } => {
                 self.node_status(node, *status, *eligible).unwrap_or_else(refused)

@@ -160,3 +160,41 @@ fn the_broker_runs_one_evaluation_per_job_at_a_time_oldest_first() {
     // Neither was committed: both are handed out again, oldest first.
     assert_eq!(broker.next_batch(&s).iter().map(|w| w.eval).collect::<Vec<_>>(), vec![b, a2]);
 }
+
+#[test]
+fn a_plan_repeated_from_a_stale_state_never_places_an_instance_twice() {
+    // A new leader may plan an evaluation again before it has applied the
+    // old leader's plan for it; the second plan must not double anything.
+    let mut s = state(1);
+    let e = register(&mut s, &job("big", 6, "1"));
+    let job = s.job(&JobId::new("big")).unwrap().clone();
+    let stale = schedule(&s, &job, &SchedulerConfig::default());
+    assert_eq!(stale.placements.len(), 4, "4 fit on the one node");
+    s.apply(&Command::ApplyPlans(vec![(e, stale.clone())]));
+    assert_eq!(s.eval(e).unwrap().status, EvalStatus::Blocked, "still open: 2 did not fit");
+    s.apply(&Command::UpsertNode(state(2).nodes()[1].clone()));
+    let again = s.apply(&Command::ApplyPlans(vec![(e, stale)]));
+    let Effect::PlansApplied(outcomes) = again else { panic!() };
+    let PlanOutcome::Applied(applied) = &outcomes[0] else { panic!("{outcomes:?}") };
+    assert!(applied.placed.is_empty(), "{applied:?}");
+    assert!(applied.refused.iter().all(|r| r.reason == cluster_core::model::Reason::AlreadyPlaced));
+    assert_eq!(s.allocs().filter(|a| a.is_live()).count(), 4);
+    let mut indexes: Vec<u32> = s.allocs().map(|a| a.index).collect();
+    indexes.dedup();
+    assert_eq!(indexes.len(), 4, "no index twice");
+}
+
+#[test]
+fn a_node_registering_again_keeps_what_the_cluster_decided_about_it() {
+    let mut s = state(2);
+    let node = s.nodes()[0].clone();
+    s.apply(&Command::DrainNode { node: node.id.clone(), drain: true });
+    s.apply(&Command::SetNodeStatus { node: node.id.clone(), status: NodeStatus::Down, eligible: false });
+    let mut again = node.clone();
+    again.status = NodeStatus::Ready;
+    again.eligible = true;
+    again.draining = false;
+    s.apply(&Command::UpsertNode(again));
+    let n = s.node(s.node_idx(&node.id).unwrap());
+    assert_eq!((n.status, n.eligible, n.draining), (NodeStatus::Down, false, true));
+}

@@ -326,6 +326,7 @@ async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
         expect(agent.get(format!("{base}/v1/nodes/nope")).call(), 404, "no node");
         expect(agent.get(format!("{base}/v1/allocations/zz")).call(), 400, "not an allocation id");
         expect(agent.get(format!("{base}/v2/whatever")).call(), 404, "/v1/");
+        expect(agent.get(format!("{base}/v1/evaluations/999?wait=NaN")).call(), 404, "no evaluation");
         // An oversized body is refused once the limit is passed. Written
         // from a thread of its own: the server stops reading at the limit.
         {

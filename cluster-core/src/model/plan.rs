@@ -106,6 +106,9 @@ pub enum Reason {
     Exhausted(Dimension),
     /// The node already runs an instance of a `distinct_hosts` group.
     DistinctHosts,
+    /// The applier refused a placement of an instance that is already
+    /// live (a plan made from a state behind an earlier plan).
+    AlreadyPlaced,
 }
 
 impl Reason {
@@ -119,6 +122,7 @@ impl Reason {
             Reason::NoGpu(m) => format!("no {m} GPUs on {n}"),
             Reason::Exhausted(d) => format!("{d} exhausted on {n}"),
             Reason::DistinctHosts => format!("distinct_hosts filtered {n}"),
+            Reason::AlreadyPlaced => format!("already placed ({n})"),
         }
     }
 }
@@ -133,6 +137,7 @@ impl fmt::Display for Reason {
             Reason::NoGpu(m) => write!(f, "no {m} GPUs"),
             Reason::Exhausted(d) => write!(f, "{d} exhausted"),
             Reason::DistinctHosts => f.write_str("distinct_hosts"),
+            Reason::AlreadyPlaced => f.write_str("already placed"),
         }
     }
 }

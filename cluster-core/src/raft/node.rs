@@ -32,6 +32,9 @@ pub type RaftId = u64;
 
 /// Commands proposed in one log entry at most.
 pub const PROPOSAL_BATCH_MAX: usize = 1_024;
+/// The most bytes of commands in one log entry: an append of one entry
+/// always fits a transport frame.
+pub const ENTRY_BYTES_MAX: usize = 4 << 20;
 /// Inputs queued for the driver before callers wait.
 pub const INPUT_QUEUE_MAX: usize = 4_096;
 /// How long a proposal may wait for its commit.
@@ -112,6 +115,8 @@ pub enum ProposeError {
     ChangePending,
     #[error("the server is shutting down")]
     Stopped,
+    #[error("a command of {0} bytes is over the entry limit of {ENTRY_BYTES_MAX}")]
+    TooLarge(usize),
 }
 
 /// What the driver reports after every turn.
@@ -136,14 +141,34 @@ struct SnapshotData {
     state: Vec<u8>,
 }
 
+/// The state machine's bytes are zstd-compressed in a snapshot: they are
+/// repetitive (ids, classes), and a snapshot travels as one frame.
 fn pack_snapshot(peers: &BTreeMap<RaftId, SocketAddr>, state: &ClusterState) -> Vec<u8> {
-    codec::encode(&SnapshotData { peers: peers.iter().map(|(k, v)| (*k, *v)).collect(), state: state.snapshot() })
+    let raw = state.snapshot();
+    let state = zstd::encode_all(raw.as_slice(), 1).unwrap_or(raw);
+    codec::encode(&SnapshotData { peers: peers.iter().map(|(k, v)| (*k, *v)).collect(), state })
+}
+
+/// Decompresses at most `DECODE_BYTES_MAX` bytes.
+fn unzstd(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(bytes)
+        .and_then(|d| d.take(codec::DECODE_BYTES_MAX as u64 + 1).read_to_end(&mut out))
+        .map_err(|e| StoreError::Db(format!("snapshot: {e}")))?;
+    if out.len() > codec::DECODE_BYTES_MAX {
+        return Err(StoreError::Db("snapshot: over the size limit".into()));
+    }
+    Ok(out)
 }
 
 fn unpack_snapshot(bytes: &[u8]) -> Result<(Vec<(RaftId, SocketAddr)>, ClusterState), StoreError> {
     let bad = |e: crate::codec::CodecError| StoreError::Db(format!("snapshot: {e}"));
-    let data: SnapshotData = codec::decode(bytes, codec::DECODE_BYTES_MAX).map_err(bad)?;
-    Ok((data.peers, ClusterState::restore(&data.state).map_err(bad)?))
+    match codec::decode::<SnapshotData>(bytes, codec::DECODE_BYTES_MAX) {
+        Ok(data) => Ok((data.peers, ClusterState::restore(&unzstd(&data.state)?).map_err(bad)?)),
+        // Written before snapshots carried addresses: the state alone.
+        Err(_) => Ok((Vec::new(), ClusterState::restore(bytes).map_err(bad)?)),
+    }
 }
 
 /// Where a proposer waits for its command's effect.
@@ -468,16 +493,36 @@ impl Driver {
             }
             return;
         }
-        let (commands, replies): (Vec<Command>, Vec<_>) = proposals.into_iter().unzip();
-        match self.raw.propose(vec![], codec::encode(&commands)) {
-            Ok(()) => {
-                let key = (self.raw.raft.raft_log.last_index(), self.raw.raft.term);
-                self.waiting_term = self.raw.raft.term;
-                self.waiting.insert(key, replies);
+        // Commands are grouped into entries of at most ENTRY_BYTES_MAX, so
+        // every append fits a transport frame; a command larger than that
+        // alone is refused.
+        let mut entries: Vec<(Vec<Command>, Vec<Reply>, usize)> = Vec::new();
+        for (command, reply) in proposals {
+            let size = codec::encode(&command).len();
+            if size > ENTRY_BYTES_MAX {
+                let _ = reply.send(Err(ProposeError::TooLarge(size)));
+                continue;
             }
-            Err(_) => {
-                for reply in replies {
-                    let _ = reply.send(Err(ProposeError::NotLeader(None)));
+            match entries.last_mut() {
+                Some((cs, rs, bytes)) if *bytes + size <= ENTRY_BYTES_MAX => {
+                    cs.push(command);
+                    rs.push(reply);
+                    *bytes += size;
+                }
+                _ => entries.push((vec![command], vec![reply], size)),
+            }
+        }
+        for (commands, replies, _) in entries {
+            match self.raw.propose(vec![], codec::encode(&commands)) {
+                Ok(()) => {
+                    let key = (self.raw.raft.raft_log.last_index(), self.raw.raft.term);
+                    self.waiting_term = self.raw.raft.term;
+                    self.waiting.insert(key, replies);
+                }
+                Err(_) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(ProposeError::NotLeader(None)));
+                    }
                 }
             }
         }
@@ -516,6 +561,9 @@ impl Driver {
             }
         }
         let snapshot: Option<Snapshot> = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+        // Decoded before it replaces the log: a snapshot that cannot be read
+        // must not wipe a log that can.
+        let installed = snapshot.as_ref().map(|s| unpack_snapshot(s.get_data())).transpose()?;
         let entries = rd.entries().clone();
         let hs = rd.hs().cloned();
         self.raw.mut_store().persist(Persist {
@@ -525,8 +573,7 @@ impl Driver {
             conf_state: None,
             lazy: false,
         })?;
-        if let Some(s) = &snapshot {
-            let (peers, restored) = unpack_snapshot(s.get_data())?;
+        if let (Some(s), Some((peers, restored))) = (&snapshot, installed) {
             self.config.peers.extend(peers.into_iter().filter(|(id, _)| *id != self.config.id));
             *self.state.write().expect("state lock") = restored;
             self.applied = s.get_metadata().index;
@@ -564,8 +611,15 @@ impl Driver {
         for e in entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal if !e.get_data().is_empty() => {
-                    let commands: Vec<Command> =
-                        codec::decode(e.get_data(), codec::DECODE_BYTES_MAX).unwrap_or_default();
+                    let commands: Vec<Command> = match codec::decode(e.get_data(), codec::DECODE_BYTES_MAX) {
+                        Ok(c) => c,
+                        Err(err) => {
+                            // Every server skips the same entry, so replicas
+                            // stay equal; the proposers are told it failed.
+                            tracing::error!(index = e.index, error = %err, "a log entry does not decode; skipped");
+                            Vec::new()
+                        }
+                    };
                     let effects: Vec<Effect> = {
                         let mut state = self.state.write().expect("state lock");
                         commands.iter().map(|c| state.apply(c)).collect()
@@ -622,6 +676,14 @@ impl Driver {
     /// Proposers of a term this server no longer leads are told so: their
     /// entries may still commit under the new leader, or be overwritten.
     fn release_stale_waiters(&mut self) {
+        // A membership change proposed in an earlier term may have been
+        // overwritten; its proposer is told, and the next one may try.
+        if self.conf_waiter.is_some() && self.raw.raft.state != StateRole::Leader {
+            if let Some((_, w)) = self.conf_waiter.take() {
+                let leader = Some(self.raw.raft.leader_id).filter(|l| *l != 0);
+                let _ = w.send(Err(ProposeError::NotLeader(leader)));
+            }
+        }
         if self.waiting.is_empty()
             || (self.raw.raft.state == StateRole::Leader && self.raw.raft.term == self.waiting_term)
         {

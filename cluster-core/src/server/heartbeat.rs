@@ -62,6 +62,10 @@ impl Heartbeats {
         gone
     }
 
+    pub fn is_timed(&self, node: &NodeId) -> bool {
+        self.deadline.contains_key(node)
+    }
+
     pub fn forget(&mut self, node: &NodeId) {
         self.deadline.remove(node);
     }

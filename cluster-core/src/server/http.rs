@@ -28,6 +28,7 @@ use crate::model::alloc::AllocStatus;
 use crate::model::node::Node;
 use crate::scheduler::schedule;
 use crate::spec::parse_job;
+use crate::state::ClusterState;
 
 /// The largest request body: a job spec's own limit plus room for JSON.
 pub const BODY_BYTES_MAX: usize = crate::spec::read::FILE_BYTES_MAX + 64 * 1024;
@@ -201,17 +202,20 @@ async fn plan(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<PlanRepo
     let job = parse(body(b)?)?;
     let config = s.options.scheduler.clone();
     let cluster = s.options.cluster.clone();
-    let report = s
-        .read(false, move |st| {
-            // Planned as if registered: on a copy, so a changed spec gets
-            // its new version and unchanged instances stay.
-            let mut copy = st.clone();
-            copy.upsert_job(job.clone());
-            let job = copy.job(&job.id).cloned().unwrap_or(job);
-            let plan = schedule(&copy, &job, &config);
-            PlanReport::of(&copy, &job, &plan, &cluster, config.seed)
-        })
-        .await?;
+    // A copy of the state, taken under the lock; the planning runs
+    // outside it, on a blocking thread.
+    let copy = s.read(false, ClusterState::clone).await?;
+    let report = tokio::task::spawn_blocking(move || {
+        // Planned as if registered: a changed spec gets its new version,
+        // and unchanged instances stay.
+        let mut copy = copy;
+        copy.upsert_job(job.clone());
+        let job = copy.job(&job.id).cloned().unwrap_or(job);
+        let plan = schedule(&copy, &job, &config);
+        PlanReport::of(&copy, &job, &plan, &cluster, config.seed)
+    })
+    .await
+    .map_err(|e| ApiError::new(500, format!("planning failed: {e}")))?;
     ok(report)
 }
 
@@ -245,7 +249,7 @@ async fn stop_job(State(s): Srv, Path(id): Path<String>) -> Reply<JobRegistered>
 /// An evaluation; with `?wait=SECONDS`, answered once it is no longer
 /// pending (placed, or blocked for lack of capacity) or the wait is over.
 async fn evaluation(State(s): Srv, Path(id): Path<u64>, q: Q) -> Reply<EvalView> {
-    let wait = q.get("wait").and_then(|w| w.parse::<f64>().ok()).unwrap_or(0.0);
+    let wait = q.get("wait").and_then(|w| w.parse::<f64>().ok()).filter(|w| w.is_finite()).unwrap_or(0.0);
     let deadline = Instant::now() + Duration::from_secs_f64(wait.clamp(0.0, WAIT_MAX.as_secs_f64()));
     let read = |st: &crate::state::ClusterState| st.eval(EvalId(id)).map(EvalView::of);
     let mut status = s.raft.watch_status();
@@ -294,7 +298,13 @@ async fn node(State(s): Srv, Path(id): Path<String>, q: Q) -> Reply<NodeStatusVi
 /// The most nodes one batch registration carries.
 pub const NODE_BATCH_MAX: usize = 1_000;
 
-fn check_node(node: &Node) -> Result<(), ApiError> {
+/// Checks a node an agent registers, and sets what only the cluster
+/// decides: a node registering is ready; eligibility and draining are
+/// kept from the cluster's record when it has one (see `Command::UpsertNode`).
+fn check_node(node: &mut Node) -> Result<(), ApiError> {
+    node.status = crate::model::NodeStatus::Ready;
+    node.eligible = true;
+    node.draining = false;
     let id = node.id.as_str();
     let ok = !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if !ok {
@@ -304,17 +314,17 @@ fn check_node(node: &Node) -> Result<(), ApiError> {
 }
 
 async fn register_node(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
-    let node: Node = body(b)?;
-    check_node(&node)?;
+    let mut node: Node = body(b)?;
+    check_node(&mut node)?;
     heartbeat_reply(s.write(Write::RegisterNodes(vec![node])).await?)
 }
 
 async fn register_nodes(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
-    let nodes: Vec<Node> = body(b)?;
+    let mut nodes: Vec<Node> = body(b)?;
     if nodes.len() > NODE_BATCH_MAX {
         return Err(ApiError::bad_request(format!("{} nodes; send at most {NODE_BATCH_MAX} at once", nodes.len())));
     }
-    nodes.iter().try_for_each(check_node)?;
+    nodes.iter_mut().try_for_each(check_node)?;
     heartbeat_reply(s.write(Write::RegisterNodes(nodes)).await?)
 }
 

@@ -21,7 +21,7 @@ pub mod rpc;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
@@ -85,8 +85,12 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
-/// A worker's plans, by evaluation.
-type Batch = Arc<Vec<(EvalId, Plan)>>;
+/// A worker's plans, by evaluation, with the evaluation's placed count
+/// when it was planned.
+type Batch = Arc<Vec<(EvalId, Plan, u32)>>;
+/// Jobs up to this many instances are planned under the state's read lock
+/// instead of on a copy.
+const SMALL_JOB: u64 = 1_000;
 
 /// What every part of a server shares.
 pub struct Inner {
@@ -178,6 +182,7 @@ fn propose_error(e: ProposeError) -> ApiError {
             ApiError::new(409, "another membership change is in progress; retry when it is done")
         }
         ProposeError::Stopped => ApiError::unavailable("the server is shutting down"),
+        ProposeError::TooLarge(n) => ApiError::new(413, format!("the change is {n} bytes, over the log's entry limit")),
     }
 }
 
@@ -314,18 +319,6 @@ impl Inner {
         }
         let (known, unknown): (Vec<_>, Vec<_>) =
             self.raft.read(|s| nodes.into_iter().partition(|n| s.node_idx(n).is_some()));
-        let revived: Vec<(NodeId, bool)> = self.raft.read(|s| {
-            known
-                .iter()
-                .filter_map(|n| s.node_idx(n).map(|i| s.node(i)))
-                .filter(|n| n.status == NodeStatus::Down)
-                .map(|n| (n.id.clone(), !n.draining))
-                .collect()
-        });
-        for (node, eligible) in revived {
-            let c = Command::SetNodeStatus { node, status: NodeStatus::Ready, eligible };
-            self.raft.propose(c).await.map_err(propose_error)?;
-        }
         let now = self.now_ms();
         let ttl_ms = {
             let mut h = self.heartbeats.lock().expect("heartbeats lock");
@@ -334,6 +327,27 @@ impl Inner {
             }
             h.ttl_ms
         };
+        // Nodes that were down come back up, proposed together (one entry);
+        // a failure leaves the node down until its next heartbeat.
+        let revived: Vec<(NodeId, bool)> = self.raft.read(|s| {
+            known
+                .iter()
+                .filter_map(|n| s.node_idx(n).map(|i| s.node(i)))
+                .filter(|n| n.status == NodeStatus::Down)
+                .map(|n| (n.id.clone(), !n.draining))
+                .collect()
+        });
+        let mut proposals = JoinSet::new();
+        for (node, eligible) in revived {
+            let raft = self.raft.clone();
+            proposals.spawn(async move {
+                let c = Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Ready, eligible };
+                if let Err(e) = raft.propose(c).await {
+                    tracing::warn!(%node, error = %e, "could not bring the node back up");
+                }
+            });
+        }
+        while proposals.join_next().await.is_some() {}
         self.metrics.heartbeats.inc_by(known.len() as u64);
         Ok(WriteReply::Heartbeat { ttl_ms, unknown })
     }
@@ -350,8 +364,16 @@ async fn leadership(inner: Arc<Inner>) {
             tracing::info!(server = inner.id, "leading: broker, workers and heartbeat timers start");
             inner.heartbeats.lock().expect("heartbeats lock").clear();
             let mut set = JoinSet::new();
-            set.spawn(dispatch(inner.clone()));
-            set.spawn(watch_heartbeats(inner.clone()));
+            let ready = inner.clone();
+            set.spawn(async move {
+                // Not before this leader has applied everything committed
+                // before its term: plans made from an older state could
+                // repeat work that is committed but not yet applied here.
+                while ready.raft.read_fresh(|_| ()).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                tokio::join!(dispatch(ready.clone()), watch_heartbeats(ready.clone()));
+            });
             duties = Some(set);
         } else if !leading && duties.is_some() {
             tracing::info!(server = inner.id, "no longer leading");
@@ -383,23 +405,35 @@ async fn watch_heartbeats(inner: Arc<Inner>) {
         }
         sweeps += 1;
         let expired = inner.heartbeats.lock().expect("heartbeats lock").expired(now);
+        let mut proposals = JoinSet::new();
         for node in expired {
-            let down = inner.raft.read(|s| s.node_idx(&node).map(|i| s.node(i).status == NodeStatus::Ready));
-            if down != Some(true) {
+            let ready = inner.raft.read(|s| s.node_idx(&node).map(|i| s.node(i).status == NodeStatus::Ready));
+            if ready != Some(true) {
                 continue;
             }
-            tracing::warn!(%node, "node missed its heartbeats: marking it down");
-            let c = Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Down, eligible: true };
-            match inner.raft.propose(c).await {
-                Ok(_) => {
-                    inner.metrics.nodes_down.inc();
+            let inner = inner.clone();
+            proposals.spawn(async move {
+                // A heartbeat that arrived since the sweep saved it.
+                if inner.heartbeats.lock().expect("heartbeats lock").is_timed(&node) {
+                    return;
                 }
-                Err(e) => {
-                    tracing::warn!(%node, error = %e, "could not mark the node down; will retry");
-                    inner.heartbeats.lock().expect("heartbeats lock").expire_at(&node, now + 500);
-                }
-            }
+                tracing::warn!(%node, "node missed its heartbeats: marking it down");
+                let c = Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Down, eligible: true };
+                match inner.raft.propose(c).await {
+                    Ok(_) => {
+                        inner.metrics.nodes_down.inc();
+                    }
+                    Err(e) => {
+                        tracing::warn!(%node, error = %e, "could not mark the node down; will retry");
+                        let mut h = inner.heartbeats.lock().expect("heartbeats lock");
+                        if !h.is_timed(&node) {
+                            h.expire_at(&node, inner.now_ms() + 500);
+                        }
+                    }
+                };
+            });
         }
+        while proposals.join_next().await.is_some() {}
     }
 }
 
@@ -443,46 +477,72 @@ async fn work(inner: &Arc<Inner>, batch: &[Work]) {
     let planner = inner.clone();
     let items = batch.to_vec();
     let planned = tokio::task::spawn_blocking(move || {
-        let _turn = planner.planning.lock().expect("planning lock");
+        let _turn = planner.planning.lock().unwrap_or_else(PoisonError::into_inner);
         let config = &planner.options.scheduler;
+        fn planned(w: &Work, plan: Plan, placed: u32) -> (&Work, Plan, u32) {
+            (w, plan, placed)
+        }
         let plan_one = |state: &ClusterState, w: &Work| {
             let t = Instant::now();
             let plan = schedule(state, &w.job, &SchedulerConfig { seed: config.seed ^ w.eval.0, ..config.clone() });
             planner.metrics.scheduler_seconds.observe(t.elapsed().as_secs_f64());
-            plan
+            (plan, state.eval(w.eval).map_or(0, |e| e.placed))
         };
-        let others: Vec<_> = planner.uncommitted.lock().expect("uncommitted lock").values().cloned().collect();
+        let others: Vec<Batch> =
+            planner.uncommitted.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
         let mut plans = Vec::with_capacity(items.len());
-        if let ([w], true) = (items.as_slice(), others.is_empty()) {
-            plans.push((w, planner.raft.read(|s| plan_one(s, w))));
-        } else {
-            let mut scratch = planner.raft.read(ClusterState::clone);
-            for (_, plan) in others.iter().flat_map(|b| b.iter()) {
-                scratch.apply_plan(plan);
+        match items.as_slice() {
+            // One small job and nothing in flight: planned under the read
+            // lock, which a small plan holds for well under a millisecond.
+            [w] if others.is_empty() && w.job.instance_count() <= SMALL_JOB => {
+                let (plan, placed) = planner.raft.read(|s| plan_one(s, w));
+                plans.push(planned(w, plan, placed));
             }
-            for w in &items {
-                let plan = plan_one(&scratch, w);
-                scratch.apply_plan(&plan);
-                plans.push((w, plan));
+            _ => {
+                let mut scratch = planner.raft.read(ClusterState::clone);
+                // Uncommitted plans of other workers count as taken, unless
+                // the copy already holds them (their evaluation's placed
+                // count moved, or it closed).
+                for (eval, plan, placed) in others.iter().flat_map(|b| b.iter()) {
+                    let pending = scratch.eval(*eval).is_some_and(|e| e.status.is_open() && e.placed == *placed);
+                    if pending {
+                        scratch.apply_plan(plan);
+                    }
+                }
+                for w in &items {
+                    let (plan, placed) = plan_one(&scratch, w);
+                    scratch.apply_plan(&plan);
+                    plans.push(planned(w, plan, placed));
+                }
             }
         }
         planner.metrics.evals_processed.inc_by(plans.len() as u64);
-        let plans: Vec<(EvalId, Plan)> = plans
+        let plans: Vec<(EvalId, Plan, u32)> = plans
             .into_iter()
-            .filter(|(w, p)| !(w.retry_blocked && p.placements.is_empty() && p.stops.is_empty()))
-            .map(|(w, p)| (w.eval, p))
+            .filter(|(w, p, _)| !(w.retry_blocked && p.placements.is_empty() && p.stops.is_empty()))
+            .map(|(w, p, placed)| (w.eval, p, placed))
             .collect();
         // Registered before the planning turn ends, so the next worker's
         // turn sees them.
         let plans = Arc::new(plans);
         let id = planner.next_batch.fetch_add(1, Ordering::Relaxed);
-        planner.uncommitted.lock().expect("uncommitted lock").insert(id, plans.clone());
+        planner.uncommitted.lock().unwrap_or_else(PoisonError::into_inner).insert(id, plans.clone());
         (id, plans)
     })
     .await;
-    let Ok((id, plans)) = planned else { return };
-    commit(inner, &plans).await;
-    inner.uncommitted.lock().expect("uncommitted lock").remove(&id);
+    let (id, plans) = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            // A scheduler bug: say so, and do not hand the same batch out
+            // again at once.
+            tracing::error!(error = %e, evals = ?batch.iter().map(|w| w.eval).collect::<Vec<_>>(), "planning failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+    };
+    let to_commit: Vec<(EvalId, Plan)> = plans.iter().map(|(e, p, _)| (*e, p.clone())).collect();
+    commit(inner, &to_commit).await;
+    inner.uncommitted.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
 }
 
 async fn commit(inner: &Arc<Inner>, plans: &[(EvalId, Plan)]) {

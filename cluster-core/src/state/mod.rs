@@ -10,7 +10,8 @@ mod evals;
 
 pub use evals::PlanOutcome;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -325,7 +326,21 @@ impl ClusterState {
                 self.set_alloc_status(stop.alloc, AllocStatus::Lost);
             }
         }
+        // An instance that is already live is never placed again, whatever
+        // plan asks: a plan made from a state that had not yet applied an
+        // earlier plan for the same evaluation would otherwise double it.
+        // System jobs run one instance per node; others one per index.
+        let system = self.jobs.get(&plan.job).is_some_and(|j| j.job_type == crate::model::JobType::System);
+        let key = |group: &Arc<str>, index: u32, node: &NodeId| {
+            if system { (group.clone(), 0, Some(node.clone())) } else { (group.clone(), index, None) }
+        };
+        let mut live: HashSet<(Arc<str>, u32, Option<NodeId>)> =
+            self.allocs_of_job(&plan.job).filter(|a| a.is_live()).map(|a| key(&a.group, a.index, &a.node)).collect();
         for p in &plan.placements {
+            if !live.insert(key(&p.group, p.index, &p.node)) {
+                applied.refused.push(Refused { placement: p.clone(), reason: Reason::AlreadyPlaced });
+                continue;
+            }
             match self.check_placement(p) {
                 Ok(gpu) => {
                     let id = AllocId(self.next_alloc);
