@@ -6,6 +6,7 @@
 mod federation;
 mod job;
 mod output;
+mod policy;
 mod remote;
 mod server;
 mod simulate;
@@ -45,6 +46,9 @@ enum Command {
     /// The federation: gossip keys and member clusters.
     #[command(subcommand)]
     Federation(FederationCommand),
+    /// Federation policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Certificates: the federation's CA, and one per server and agent.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -85,6 +89,18 @@ struct ServerArgs {
     /// Overrides [server] http (the API's address).
     #[arg(long)]
     http: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check policy files; print every problem with file:line:column, and
+    /// warn about rules that can never matter.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -399,6 +415,7 @@ fn main() -> ExitCode {
                     json: out.json,
                 }))
             }),
+        Command::Policy(PolicyCommand::Check { files, out }) => policy::check(&files, out.json),
         Command::Job(JobCommand::Validate { files, out }) => job::validate(&files, out.json),
         Command::Job(JobCommand::Plan { file, nodes: Some(nodes), seed, verbose, out }) => {
             job::plan_offline(&file, &nodes, seed, verbose, out.json)

@@ -1,0 +1,192 @@
+//! Choosing peers for a job's overflow, and a delegation's life: pure,
+//! from gossip summaries of example fleets.
+
+use cluster_core::diag::SourceFile;
+use cluster_core::model::Job;
+use cluster_core::spec::{parse_fleet, parse_job};
+use cluster_core::state::ClusterState;
+use federation::delegation::{Accepted, Breaker, Delegation, OfferCheck, Rejection, Report, State, check_offer};
+use federation::policy::{Policy, parse_policy};
+use federation::select::{Overflow, PeerInfo, Refusal, select};
+use gossip::summary::ClusterSummary;
+
+fn policy(name: &str) -> Policy {
+    let path = format!("{}/../examples/policies/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+    parse_policy(&SourceFile::new(name, std::fs::read_to_string(path).unwrap())).value.unwrap()
+}
+
+/// A summary of a cluster of `count` nodes of `cpu` cores at `price`.
+fn summary(cluster: &str, jurisdictions: &[&str], count: u32, cpu: u32, price: f64) -> ClusterSummary {
+    let text = format!(
+        "[fleet]\nname = \"{cluster}\"\n[[class]]\nname = \"m\"\ncount = {count}\ncpu = {cpu}\nmemory = \"{}GiB\"\ncost_per_hour = {}\n",
+        cpu * 4,
+        price * f64::from(cpu)
+    );
+    let nodes = parse_fleet(&SourceFile::new("f.toml", text)).value.unwrap().nodes;
+    let state = ClusterState::with_nodes(nodes).unwrap();
+    let js: Vec<String> = jurisdictions.iter().map(|j| j.to_string()).collect();
+    ClusterSummary::build(cluster, "r", 1, 0, &js, &state)
+}
+
+fn peer(s: ClusterSummary) -> PeerInfo {
+    PeerInfo { cluster: s.cluster.clone(), alive: true, summary: Some(s), breaker_open: false }
+}
+
+fn job(labels: &str, count: u32, cpu: u32) -> Job {
+    let text = format!(
+        "[job]\nname = \"j\"\nlabels = {{ {labels} }}\n[[group]]\nname = \"g\"\ncount = {count}\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = {cpu}, memory = \"1GiB\" }}\n"
+    );
+    parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
+}
+
+fn overflow(n: u32) -> Vec<Overflow> {
+    vec![Overflow { group: "g".into(), count: n }]
+}
+
+#[test]
+fn overflow_goes_to_the_cheapest_peer_that_can_take_it() {
+    let p = policy("eu-west");
+    let peers = vec![peer(summary("eu-central", &["eu"], 10, 8, 0.03)), peer(summary("us-east", &["us"], 10, 8, 0.05))];
+    let s = select(&p, &job("team = \"web\"", 40, 1), &overflow(12), 40, 0, &peers);
+    assert_eq!(s.delegated(), 12);
+    assert_eq!(s.offers.len(), 1);
+    assert_eq!(s.offers[0].peer, "eu-central", "both fit; the cheaper wins");
+    assert_eq!(s.refused, vec![("us-east".to_string(), Refusal::NotNeeded)]);
+    assert_eq!(s.left, 0);
+}
+
+#[test]
+fn eu_only_work_is_never_offered_outside_the_eu() {
+    let p = policy("eu-west");
+    let peers = vec![peer(summary("us-east", &["us"], 100, 8, 0.01))];
+    let s = select(&p, &job("data = \"eu-pii\"", 40, 1), &overflow(10), 40, 0, &peers);
+    assert_eq!(s.delegated(), 0);
+    assert!(matches!(&s.refused[..], [(c, Refusal::Jurisdiction { .. })] if c == "us-east"), "{:?}", s.refused);
+    assert_eq!(s.left, 10);
+    assert_eq!(s.allowed_jurisdictions, Some(vec!["eu".to_string()]));
+    // And the target refuses it too, even if an origin's policy offered it.
+    let target = policy("us-east");
+    let offer = OfferCheck {
+        origin: "eu-west",
+        allowed: Some(&["eu".to_string()]),
+        ask_cpu_millis: 1_000,
+        inbound_cpu_millis: 0,
+        total_cpu_millis: 1_000_000,
+        hops: 0,
+    };
+    assert_eq!(check_offer(&target, &offer), Err(Rejection::Jurisdiction));
+}
+
+#[test]
+fn dead_open_unknown_and_disallowed_peers_are_passed_over_with_reasons() {
+    let p = policy("eu-west");
+    let mut dead = peer(summary("eu-central", &["eu"], 10, 8, 0.03));
+    dead.alive = false;
+    let mut open = peer(summary("us-east", &["us"], 10, 8, 0.03));
+    open.breaker_open = true;
+    let edge = peer(summary("edge-1", &["eu"], 10, 8, 0.03));
+    let stranger = peer(summary("ap-south", &["in"], 10, 8, 0.03));
+    let s = select(&p, &job("", 10, 1), &overflow(5), 10, 0, &[dead, open, edge, stranger]);
+    assert_eq!(s.delegated(), 0);
+    let reasons: Vec<(&str, &Refusal)> = s.refused.iter().map(|(c, r)| (c.as_str(), r)).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("ap-south", &Refusal::NotAllowed),
+            ("edge-1", &Refusal::NotAllowed),
+            ("eu-central", &Refusal::Dead),
+            ("us-east", &Refusal::CircuitOpen)
+        ]
+    );
+}
+
+#[test]
+fn the_remote_share_caps_what_is_offered_and_fragmented_peers_are_not_offered_big_instances() {
+    let p = policy("eu-west"); // max_remote_share 0.5
+    let peers = vec![peer(summary("eu-central", &["eu"], 50, 8, 0.03)), peer(summary("us-east", &["us"], 50, 8, 0.04))];
+    let s = select(&p, &job("", 40, 1), &overflow(30), 40, 0, &peers);
+    assert_eq!((s.delegated(), s.left), (20, 10), "half of 40 may run remotely");
+    let s = select(&p, &job("", 40, 1), &overflow(30), 40, 15, &peers);
+    assert_eq!(s.delegated(), 5, "15 run remotely already");
+    // Nodes of 2 cores cannot take a 4-core instance however many there are.
+    let small = vec![peer(summary("eu-central", &["eu"], 500, 2, 0.01))];
+    let s = select(&p, &job("", 4, 4), &overflow(2), 4, 0, &small);
+    assert_eq!(s.delegated(), 0);
+    assert_eq!(s.refused, vec![("eu-central".to_string(), Refusal::NoFit { group: "g".into() })]);
+}
+
+#[test]
+fn a_cost_ceiling_passes_over_expensive_peers() {
+    let p = policy("eu-west"); // ceiling 0.08 per cpu-hour
+    let peers = vec![peer(summary("us-east", &["us"], 10, 8, 0.20))];
+    let s = select(&p, &job("", 10, 1), &overflow(5), 10, 0, &peers);
+    assert!(matches!(&s.refused[..], [(_, Refusal::TooExpensive { .. })]), "{:?}", s.refused);
+}
+
+#[test]
+fn a_delegation_is_accepted_once_fenced_by_epochs_and_revoked_when_its_target_is_gone() {
+    let retry = policy("eu-west").retry; // lease 30 s, grace 10 s
+    let mut d = Delegation::offer("eu-west/j/1".into(), "eu-central", "j", "g", 4, 0, &retry);
+    // The target: one acceptance per id, however often the offer arrives.
+    let mut accepted = Accepted::default();
+    assert!(accepted.accept(&d.id, d.epoch));
+    assert!(!accepted.accept(&d.id, d.epoch), "a retried offer is accepted once");
+    d.accepted(100, &retry);
+    let id = d.id.clone();
+    let report = |epoch, running, complete| Report { id: id.clone(), epoch, running, complete, failed: 0 };
+    assert!(d.report(&report(1, 4, 0), 1_000, &retry));
+    assert_eq!(d.state, State::Running);
+    // Dead by gossip: not yet past the grace period, then past it.
+    assert!(!d.must_revoke(5_000, Some(1_000), &retry));
+    assert!(d.must_revoke(11_000, Some(1_000), &retry));
+    d.revoke();
+    assert_eq!((d.state, d.epoch), (State::Revoked, 2));
+    assert!(!d.report(&report(1, 4, 0), 12_000, &retry), "a report of the old epoch changes nothing");
+    // The target, back, learns the new epoch and must stop its allocations.
+    assert!(accepted.fence(&id, 2));
+    assert!(!accepted.fence(&id, 2), "fenced once");
+    // A lease that lapses without news revokes too.
+    let mut quiet = Delegation::offer("eu-west/j/2".into(), "eu-central", "j", "g", 1, 0, &retry);
+    assert!(!quiet.must_revoke(29_999, None, &retry));
+    assert!(quiet.must_revoke(30_000, None, &retry));
+    quiet.revoke();
+    // A finished delegation is never revoked.
+    let mut done = Delegation::offer("eu-west/j/3".into(), "eu-central", "j", "g", 2, 0, &retry);
+    assert!(done.report(&Report { id: done.id.clone(), epoch: 1, running: 0, complete: 2, failed: 0 }, 10, &retry));
+    assert_eq!(done.state, State::Complete);
+    assert!(!done.must_revoke(1_000_000, Some(0), &retry));
+}
+
+#[test]
+fn a_peer_that_keeps_failing_opens_its_breaker_and_backs_off() {
+    let retry = policy("eu-west").retry; // 5 failures, 60 s cooldown, backoff 1 s..30 s
+    let mut b = Breaker::default();
+    assert_eq!(b.backoff_ms(&retry), 1_000);
+    for _ in 0..4 {
+        b.failure(0, &retry);
+    }
+    assert!(!b.is_open(0));
+    assert_eq!(b.backoff_ms(&retry), 16_000);
+    b.failure(0, &retry);
+    assert!(b.is_open(59_999) && !b.is_open(60_000));
+    assert_eq!(b.backoff_ms(&retry), 30_000, "capped");
+    b.success();
+    assert!(!b.is_open(0));
+}
+
+#[test]
+fn a_target_checks_origin_share_and_hops_itself() {
+    let target = policy("eu-west"); // accepts from eu-central and edge-1, 25% inbound
+    let offer = |origin, ask, inbound, hops| OfferCheck {
+        origin,
+        allowed: None,
+        ask_cpu_millis: ask,
+        inbound_cpu_millis: inbound,
+        total_cpu_millis: 100_000,
+        hops,
+    };
+    assert_eq!(check_offer(&target, &offer("edge-1", 10_000, 0, 0)), Ok(()));
+    assert_eq!(check_offer(&target, &offer("us-east", 10_000, 0, 0)), Err(Rejection::NotAccepted));
+    assert_eq!(check_offer(&target, &offer("edge-1", 10_000, 20_000, 0)), Err(Rejection::InboundShare));
+    assert_eq!(check_offer(&target, &offer("edge-1", 1_000, 0, 1)), Err(Rejection::HopLimit));
+}
