@@ -22,6 +22,13 @@
 //! [[peer]]
 //! id = 2
 //! address = "127.0.0.1:4702"
+//!
+//! [gossip]                    # optional: join the federation
+//! federation = "hanse"
+//! bind = "127.0.0.1:7946"
+//! seeds = ["127.0.0.1:7956"]  # any other cluster's (or this one's) servers
+//! key_file = "federation.key" # `hanse federation keygen`
+//! jurisdictions = ["eu"]      # where this cluster's nodes are
 //! ```
 
 use std::collections::BTreeMap;
@@ -65,6 +72,16 @@ pub struct ServerConfig {
     pub key: PathBuf,
     /// Other voters, by Raft id.
     pub peers: BTreeMap<u64, SocketAddr>,
+    pub gossip: Option<GossipConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GossipConfig {
+    pub federation: String,
+    pub bind: SocketAddr,
+    pub seeds: Vec<String>,
+    pub key_file: PathBuf,
+    pub jurisdictions: Vec<String>,
 }
 
 /// Flags that override the file.
@@ -176,6 +193,18 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             }
             p.finish(d);
         }
+        let gossip = top.table(d, "gossip").and_then(|mut g| {
+            g.path = "[gossip]".into();
+            let federation = g.str(d, "federation").map_or_else(|| "hanse".to_string(), |(f, _)| f.to_string());
+            let bind_text = g.required_str(d, "bind", "\"127.0.0.1:7946\"");
+            let bind = addr(d, bind_text);
+            let seeds = g.str_list(d, "seeds").unwrap_or_default().into_iter().map(|(s, _)| s.to_string()).collect();
+            let key_file = g.required_str(d, "key_file", "\"federation.key\"").map(|(p, _)| rel(p));
+            let jurisdictions =
+                g.str_list(d, "jurisdictions").unwrap_or_default().into_iter().map(|(j, _)| j.to_string()).collect();
+            g.finish(d);
+            Some(GossipConfig { federation, bind: bind?, seeds, key_file: key_file?, jurisdictions })
+        });
         Some(ServerConfig {
             name: name?,
             cluster: cluster?,
@@ -192,6 +221,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             cert: cert?,
             key: key?,
             peers,
+            gossip,
         })
     })
 }
@@ -249,6 +279,24 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     let (api, api_task) = http::serve(server.inner.clone(), c.http)
         .await
         .with_context(|| format!("cannot serve the API on {}", c.http))?;
+    let gossip = match &c.gossip {
+        Some(g) => {
+            let keyring = crate::federation::read_keyring(&g.key_file)?;
+            let mut mc = gossip::MemberConfig::new(&g.federation, &c.cluster, &c.name, g.bind);
+            mc.region = c.region.clone();
+            mc.seeds = g.seeds.clone();
+            mc.rpc_addr = Some(c.bind.to_string());
+            let member = Arc::new(
+                gossip::Member::start(mc, keyring, Arc::new(gossip::net::UdpNet))
+                    .await
+                    .with_context(|| format!("cannot gossip on {}", g.bind))?,
+            );
+            let me = federation::publish::Identity { region: c.region.clone(), jurisdictions: g.jurisdictions.clone() };
+            println!("gossip on {} (federation {})", member.local_addr(), g.federation);
+            Some(tokio::spawn(federation::publish::publish(server.inner.clone(), member, me)))
+        }
+        None => None,
+    };
     let me = Identity::new(&c.cluster, Role::Server, &c.name);
     let region = if c.region.is_empty() { String::new() } else { format!(" in {}", c.region) };
     println!(
@@ -276,6 +324,9 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         }
     }
     println!("shutting down");
+    if let Some(g) = gossip {
+        g.abort();
+    }
     api_task.abort();
     server.stop().await;
     endpoint.close();

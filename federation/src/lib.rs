@@ -12,4 +12,5 @@
 
 pub mod delegation;
 pub mod policy;
+pub mod publish;
 pub mod select;
