@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::ids::{AllocId, EvalId, JobId, NodeId, NodeIdx};
 use crate::model::alloc::AllocStatus;
@@ -52,6 +53,27 @@ pub enum Command {
     ApplyPlans(Vec<(EvalId, Plan)>),
     /// Allocation states reported by agents, batched.
     AllocStatus(Vec<(AllocId, AllocStatus)>),
+    /// Instances of a job that another cluster runs: the scheduler leaves
+    /// them alone while held. `record` is the holder's own bookkeeping
+    /// (opaque here), stored under the holder's key.
+    Hold {
+        holder: String,
+        job: JobId,
+        group: Arc<str>,
+        indices: Vec<u32>,
+        record: Vec<u8>,
+    },
+    /// The holder gives the instances back (revoked, refused, finished
+    /// elsewhere): the job is evaluated again. The record stays, updated.
+    Release {
+        holder: String,
+        record: Vec<u8>,
+    },
+    /// Updates the holder's record only.
+    Record {
+        holder: String,
+        record: Vec<u8>,
+    },
 }
 
 /// What applying a command did, for the proposer waiting on it.
@@ -127,6 +149,23 @@ impl ClusterState {
             Command::ApplyPlans(plans) => Effect::PlansApplied(
                 plans.iter().take(PLAN_BATCH_MAX).map(|(eval, plan)| self.apply_eval_plan(*eval, plan)).collect(),
             ),
+            Command::Hold { holder, job, group, indices, record } => {
+                self.hold(holder, job, group, indices, record.clone());
+                // Evaluated again, so its status no longer shows as
+                // unplaced what another cluster now runs.
+                match self.job(job) {
+                    Some(_) => Effect::Evals(vec![self.create_eval(job, EvalTrigger::Delegated, None)]),
+                    None => Effect::Evals(Vec::new()),
+                }
+            }
+            Command::Release { holder, record } => match self.release(holder, record.clone()) {
+                Some(job) => Effect::Evals(vec![self.create_eval(&job, EvalTrigger::DelegationLost, None)]),
+                None => Effect::Evals(Vec::new()),
+            },
+            Command::Record { holder, record } => {
+                self.set_record(holder, record.clone());
+                Effect::Done
+            }
             Command::AllocStatus(updates) => {
                 let mut failed = BTreeSet::new();
                 for (id, status) in updates.iter().take(ALLOC_STATUS_BATCH_MAX) {

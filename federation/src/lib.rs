@@ -11,6 +11,8 @@
 //! Nothing here opens a socket or reads a clock: time is an input.
 
 pub mod delegation;
+pub mod node;
 pub mod policy;
+pub mod protocol;
 pub mod publish;
 pub mod select;

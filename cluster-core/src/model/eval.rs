@@ -15,6 +15,8 @@ pub enum EvalTrigger {
     NodeDrain,
     AllocFailed,
     DelegationLost,
+    /// Instances went to another cluster.
+    Delegated,
 }
 
 keyword_enum!(EvalTrigger {
@@ -24,6 +26,7 @@ keyword_enum!(EvalTrigger {
     NodeDrain = "node-drain",
     AllocFailed = "alloc-failed",
     DelegationLost = "delegation-lost",
+    Delegated = "delegated",
 });
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

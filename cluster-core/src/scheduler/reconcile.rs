@@ -32,6 +32,14 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
     // covered[g][i]: instance i of group g is kept (or, for batch, done).
     let mut covered: Vec<Vec<bool>> = job.groups.iter().map(|g| vec![false; g.count as usize]).collect();
     let mut failed: Vec<Vec<u32>> = job.groups.iter().map(|g| vec![0; g.count as usize]).collect();
+    // Instances another cluster runs are covered here.
+    for (group, index) in state.held_of_job(&job.id) {
+        if let Some(g) = job.groups.iter().position(|x| &*x.name == group) {
+            if let Some(c) = covered[g].get_mut(index as usize) {
+                *c = true;
+            }
+        }
+    }
     let mut allocs: Vec<&Allocation> = state.allocs_of_job(&job.id).collect();
     allocs.sort_by_key(|a| a.id);
     for a in allocs {

@@ -52,6 +52,19 @@ impl LocalCluster {
         options: ServerOptions,
         raft_tick: Duration,
     ) -> anyhow::Result<LocalCluster> {
+        Self::start_with_ca(name, dir, servers, options, raft_tick, None).await
+    }
+
+    /// As [`LocalCluster::start`], with the federation's CA (clusters that
+    /// talk to each other share one); a new one when `None`.
+    pub async fn start_with_ca(
+        name: &str,
+        dir: &Path,
+        servers: u64,
+        options: ServerOptions,
+        raft_tick: Duration,
+        ca: Option<PemPair>,
+    ) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(dir)?;
         let mut raft_addrs = BTreeMap::new();
         let mut http_addrs = BTreeMap::new();
@@ -61,7 +74,10 @@ impl LocalCluster {
         }
         let mut c = LocalCluster {
             name: name.into(),
-            ca: tls::create_ca("hanse-local", 30)?,
+            ca: match ca {
+                Some(ca) => ca,
+                None => tls::create_ca("hanse-local", 30)?,
+            },
             raft_addrs,
             http_addrs,
             options,

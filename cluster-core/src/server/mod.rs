@@ -147,13 +147,23 @@ impl Server {
             next_batch: AtomicU64::new(0),
             planning: Mutex::new(()),
         });
-        let handler = Arc::new(ServerHandler { raft, server: Arc::downgrade(&inner) });
+        let handler = Arc::new(ServerHandler {
+            raft,
+            server: Arc::downgrade(&inner),
+            cluster: inner.options.cluster.clone(),
+            peers: std::sync::RwLock::new(None),
+        });
         let tasks = vec![raft_task, tokio::spawn(leadership(inner.clone()))];
         Ok(Server { inner, handler, tasks })
     }
 
     pub fn handler(&self) -> Arc<dyn Handler<ServerRpc>> {
         self.handler.clone()
+    }
+
+    /// Hands other clusters' messages to `handler` (the federation).
+    pub fn set_peer_handler(&self, handler: Arc<dyn rpc::PeerHandler>) {
+        *self.handler.peers.write().expect("peer handler lock") = Some(handler);
     }
 
     pub fn raft(&self) -> &RaftHandle {
@@ -189,6 +199,16 @@ fn propose_error(e: ProposeError) -> ApiError {
 impl Inner {
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Sends a message to another cluster's server (at its QUIC address).
+    pub async fn call_peer(&self, to: std::net::SocketAddr, message: Vec<u8>) -> Result<Vec<u8>, String> {
+        match self.transport.call(to, ServerRpc::Peer(message)).await {
+            Ok(ServerReply::Peer(reply)) => Ok(reply),
+            Ok(ServerReply::Refused(why)) => Err(why),
+            Ok(_) => Err("an answer of another kind".into()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -233,7 +253,8 @@ impl Inner {
                         tokio::select! {
                             r = self.transport.call(*addr, ServerRpc::Forward(w.clone())) => match r {
                                 Ok(ServerReply::Forward(r)) => r,
-                                Ok(ServerReply::Raft) => Err(ApiError::new(500, "the leader answered out of turn")),
+                                Ok(ServerReply::Refused(why)) => Err(ApiError::new(403, why)),
+                            Ok(_) => Err(ApiError::new(500, "the leader answered out of turn")),
                                 Err(e) => Err(ApiError::new(NOT_LEADER, format!("cannot reach the leader at {addr}: {e}"))),
                             },
                             () = new_leader => Err(ApiError::new(NOT_LEADER, format!("leader {l} was replaced"))),

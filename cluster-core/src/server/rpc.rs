@@ -44,17 +44,30 @@ pub enum WriteReply {
     Done,
 }
 
-/// Every request between servers.
+/// Every request between servers. `Raft` and `Forward` come only from
+/// servers of the same cluster; `Peer` is another cluster's (the
+/// federation's messages, opaque here).
 #[derive(Serialize, Deserialize)]
 pub enum ServerRpc {
     Raft(RaftMessage),
     Forward(Write),
+    Peer(Vec<u8>),
 }
 
 #[derive(Serialize, Deserialize)]
 pub enum ServerReply {
     Raft,
     Forward(Result<WriteReply, ApiError>),
+    Peer(Vec<u8>),
+    /// The caller may not send this (a server of another cluster sending
+    /// Raft messages or writes, or peer messages nobody here handles).
+    Refused(String),
+}
+
+/// Answers messages from other clusters' servers (the federation).
+#[async_trait]
+pub trait PeerHandler: Send + Sync + 'static {
+    async fn handle(&self, from: Identity, request: Vec<u8>) -> Vec<u8>;
 }
 
 impl Rpc for ServerRpc {
@@ -72,7 +85,8 @@ impl Transport<RaftMessage> for RaftOver {
     async fn call(&self, to: SocketAddr, request: RaftMessage) -> Result<(), TransportError> {
         match self.0.call(to, ServerRpc::Raft(request)).await? {
             ServerReply::Raft => Ok(()),
-            ServerReply::Forward(_) => Err(TransportError::Malformed("a forward reply to a raft message".into())),
+            ServerReply::Refused(why) => Err(TransportError::Malformed(why)),
+            _ => Err(TransportError::Malformed("a reply of another kind to a raft message".into())),
         }
     }
 }
@@ -82,12 +96,26 @@ impl Transport<RaftMessage> for RaftOver {
 pub struct ServerHandler {
     pub raft: RaftHandle,
     pub server: std::sync::Weak<super::Inner>,
+    pub cluster: String,
+    pub peers: std::sync::RwLock<Option<Arc<dyn PeerHandler>>>,
 }
 
 #[async_trait]
 impl Handler<ServerRpc> for ServerHandler {
     async fn handle(&self, from: Identity, request: ServerRpc) -> ServerReply {
+        let same_cluster = from.cluster == self.cluster;
         match request {
+            ServerRpc::Raft(_) | ServerRpc::Forward(_) if !same_cluster => {
+                tracing::warn!(from = %from, "a server of another cluster sent a Raft message or a write; refused");
+                ServerReply::Refused(format!("{from} is not a server of {}", self.cluster))
+            }
+            ServerRpc::Peer(m) => {
+                let handler = self.peers.read().expect("peer handler lock").clone();
+                match handler {
+                    Some(h) => ServerReply::Peer(h.handle(from, m).await),
+                    None => ServerReply::Refused(format!("{} does not take part in a federation", self.cluster)),
+                }
+            }
             ServerRpc::Raft(m) => {
                 self.raft.handle(from, m).await;
                 ServerReply::Raft

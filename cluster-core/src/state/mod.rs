@@ -126,6 +126,9 @@ pub struct ClusterState {
     closed_eval: HashMap<JobId, EvalId>,
     pending: BTreeSet<EvalId>,
     blocked: BTreeSet<EvalId>,
+    /// Instances other clusters run, by holder, and the holders' records.
+    holds: BTreeMap<String, Held>,
+    records: BTreeMap<String, Vec<u8>>,
     /// Rises whenever capacity may have freed up or appeared (a node came
     /// up, an allocation ended): the leader's cue to retry blocked
     /// evaluations. Not replicated state, a hint rebuilt at zero.
@@ -425,6 +428,46 @@ fn gpu_slot(node: &Node, alloc: &Allocation) -> Option<(usize, u32)> {
     node.gpus.iter().position(|d| d.model == g.model).map(|i| (i, g.count))
 }
 
+/// Instances of a job held by another cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Held {
+    pub job: JobId,
+    pub group: Arc<str>,
+    pub indices: Vec<u32>,
+}
+
+impl ClusterState {
+    pub fn hold(&mut self, holder: &str, job: &JobId, group: &Arc<str>, indices: &[u32], record: Vec<u8>) {
+        let held = Held { job: job.clone(), group: group.clone(), indices: indices.to_vec() };
+        self.holds.insert(holder.to_string(), held);
+        self.records.insert(holder.to_string(), record);
+    }
+
+    /// Ends a hold; returns its job, to evaluate again.
+    pub fn release(&mut self, holder: &str, record: Vec<u8>) -> Option<JobId> {
+        self.records.insert(holder.to_string(), record);
+        self.holds.remove(holder).map(|h| h.job)
+    }
+
+    pub fn set_record(&mut self, holder: &str, record: Vec<u8>) {
+        self.records.insert(holder.to_string(), record);
+    }
+
+    /// Instances of `job` held elsewhere, as (group, index).
+    pub fn held_of_job<'a>(&'a self, job: &'a JobId) -> impl Iterator<Item = (&'a str, u32)> + 'a {
+        self.holds.values().filter(move |h| h.job == *job).flat_map(|h| h.indices.iter().map(move |i| (&*h.group, *i)))
+    }
+
+    pub fn holds(&self) -> &BTreeMap<String, Held> {
+        &self.holds
+    }
+
+    /// Holders' records whose key starts with `prefix`.
+    pub fn records<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a String, &'a Vec<u8>)> + 'a {
+        self.records.range(prefix.to_string()..).take_while(move |(k, _)| k.starts_with(prefix))
+    }
+}
+
 /// The replicated part of [`ClusterState`], in canonical order: nodes by
 /// index, jobs and allocations by id. Everything else is an index rebuilt
 /// from it.
@@ -436,6 +479,8 @@ struct Snapshot {
     next_alloc: u64,
     evals: Vec<Evaluation>,
     next_eval: u64,
+    holds: Vec<(String, Held)>,
+    records: Vec<(String, Vec<u8>)>,
 }
 
 impl ClusterState {
@@ -449,6 +494,8 @@ impl ClusterState {
             next_alloc: self.next_alloc,
             evals: self.evals.values().cloned().collect(),
             next_eval: self.next_eval,
+            holds: self.holds.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            records: self.records.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         })
     }
 
@@ -478,6 +525,8 @@ impl ClusterState {
             state.evals.insert(eval.id, eval);
         }
         state.next_eval = snap.next_eval;
+        state.holds = snap.holds.into_iter().collect();
+        state.records = snap.records.into_iter().collect();
         Ok(state)
     }
 }

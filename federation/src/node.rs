@@ -1,0 +1,528 @@
+//! A server's part in delegation: the target side answers other clusters'
+//! offers (checking everything itself, committing through its own Raft log
+//! before it answers); the origin side, while the server leads, offers
+//! what its cluster cannot place, follows what it delegated, and takes it
+//! back when the target is gone. All origin state is in the origin's log
+//! (holds and records), so a new leader carries on where the old one was.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cluster_core::command::Command;
+use cluster_core::ids::JobId;
+use cluster_core::model::{DelegateMode, EvalStatus, Job};
+use cluster_core::scheduler::schedule;
+use cluster_core::server::Inner;
+use cluster_core::server::rpc::{PeerHandler, Write, WriteReply};
+use cluster_core::state::ClusterState;
+use cluster_core::transport::Identity;
+use gossip::{Liveness, Member};
+
+use crate::delegation::{Breaker, Delegation, OfferCheck, Rejection, Report, State, check_offer};
+use crate::policy::{Policy, Trigger};
+use crate::protocol::{
+    LABEL_DELEGATION, LABEL_EPOCH, LABEL_ORIGIN, Offer, PeerReply, PeerRequest, Record, decode, encode, holder,
+    target_job_id,
+};
+use crate::select::{Overflow, PeerInfo, select};
+
+/// How often the origin looks for work to delegate and follows its
+/// delegations.
+pub const ROUND: Duration = Duration::from_millis(500);
+/// How long a target waits for its scheduler before answering an offer.
+const PLACE_WAIT: Duration = Duration::from_secs(5);
+
+/// Counters for `/metrics` and the CLI.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub offers: AtomicU64,
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub revoked: AtomicU64,
+    pub inbound_accepted: AtomicU64,
+    pub inbound_rejected: AtomicU64,
+}
+
+pub struct Federation {
+    pub server: Arc<Inner>,
+    pub member: Arc<Member>,
+    pub policy: RwLock<Policy>,
+    pub counters: Counters,
+    breakers: Mutex<BTreeMap<String, Breaker>>,
+    /// Origin, in memory on the leader: when each delegation was last heard
+    /// from, and when each target was first seen dead.
+    heard: Mutex<BTreeMap<String, u64>>,
+    dead_since: Mutex<BTreeMap<String, u64>>,
+    started: Instant,
+}
+
+impl Federation {
+    pub fn new(server: Arc<Inner>, member: Arc<Member>, policy: Policy) -> Arc<Federation> {
+        Arc::new(Federation {
+            server,
+            member,
+            policy: RwLock::new(policy),
+            counters: Counters::default(),
+            breakers: Mutex::default(),
+            heard: Mutex::default(),
+            dead_since: Mutex::default(),
+            started: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn policy(&self) -> Policy {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    /// Every delegation record in the state (origin side).
+    pub fn records(&self) -> Vec<Record> {
+        self.server.raft.read(|s| s.records("delegation/").filter_map(|(_, v)| decode::<Record>(v).ok()).collect())
+    }
+}
+
+/// The cpu of a job's live allocations that came from other clusters.
+fn inbound_cpu(s: &ClusterState) -> u64 {
+    let inbound: Vec<&Job> = s.jobs().filter(|j| j.labels.contains_key(LABEL_ORIGIN) && !j.stopped).collect();
+    inbound.iter().flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
+}
+
+fn total_cpu(s: &ClusterState) -> u64 {
+    s.nodes().iter().filter(|n| n.schedulable()).map(|n| n.capacity.cpu_millis).sum()
+}
+
+#[async_trait]
+impl PeerHandler for Federation {
+    async fn handle(&self, from: Identity, request: Vec<u8>) -> Vec<u8> {
+        let reply = match decode::<PeerRequest>(&request) {
+            Ok(PeerRequest::Offer(offer)) => self.on_offer(&from, offer).await,
+            Ok(PeerRequest::Status { id }) => self.on_status(&id).await,
+            Ok(PeerRequest::Revoke { id, epoch }) => self.on_revoke(&id, epoch).await,
+            Err(e) => PeerReply::Rejected { reason: Rejection::NotAccepted, message: format!("malformed: {e}") },
+        };
+        encode(&reply)
+    }
+}
+
+impl Federation {
+    /// The target's side of an offer: every check is its own.
+    async fn on_offer(&self, from: &Identity, offer: Offer) -> PeerReply {
+        let policy = self.policy();
+        let reject = |reason: Rejection, message: String| {
+            self.counters.inbound_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(offer = %offer.id, ?reason, %message, "offer rejected");
+            PeerReply::Rejected { reason, message }
+        };
+        if from.cluster != offer.origin {
+            return reject(
+                Rejection::NotAccepted,
+                format!("the certificate names {}, not {}", from.cluster, offer.origin),
+            );
+        }
+        let mut job = offer.job.clone();
+        job.id = JobId::new(target_job_id(&offer.id));
+        job.version = 0;
+        job.labels.insert(LABEL_ORIGIN.into(), offer.origin.clone());
+        job.labels.insert(LABEL_DELEGATION.into(), offer.id.clone());
+        job.labels.insert(LABEL_EPOCH.into(), offer.epoch.to_string());
+        // A retried offer: the job is there already.
+        let known = self.server.raft.read(|s| {
+            s.job(&job.id).map(|j| (j.stopped, s.allocs_of_job(&j.id).filter(|a| a.is_live()).count() as u32))
+        });
+        if let Some((stopped, placed)) = known {
+            return if stopped {
+                reject(Rejection::NotAccepted, "revoked".into())
+            } else {
+                PeerReply::Accepted { placed }
+            };
+        }
+        let allowed: Option<Vec<String>> =
+            (!job.jurisdictions.is_empty()).then(|| job.jurisdictions.iter().map(|j| j.to_string()).collect());
+        let ask: u64 = job.groups.iter().map(|g| g.resources().cpu_millis * u64::from(g.count)).sum();
+        let (inbound, total) = self.server.raft.read(|s| (inbound_cpu(s), total_cpu(s)));
+        let check = OfferCheck {
+            origin: &offer.origin,
+            allowed: allowed.as_deref(),
+            ask_cpu_millis: ask,
+            inbound_cpu_millis: inbound,
+            total_cpu_millis: total,
+            hops: offer.hops,
+        };
+        if let Err(reason) = check_offer(&policy, &check) {
+            let message = match reason {
+                Rejection::Jurisdiction => format!(
+                    "the work may run in [{}]; {} is in [{}]",
+                    allowed.unwrap_or_default().join(", "),
+                    policy.cluster,
+                    policy.jurisdictions.join(", ")
+                ),
+                _ => format!("{reason:?}"),
+            };
+            return reject(reason, message);
+        }
+        // How many would fit, by a dry run; offer those.
+        let config = self.server.options.scheduler.clone();
+        let probe = job.clone();
+        let fits = self.server.raft.read(|s| {
+            let mut copy = s.clone();
+            copy.upsert_job(probe.clone());
+            let plan = schedule(&copy, &probe, &config);
+            plan.placements.len() as u32
+        });
+        if fits == 0 {
+            return reject(Rejection::NoCapacity, "no node fits an instance".into());
+        }
+        if let Some(g) = job.groups.first_mut() {
+            g.count = g.count.min(fits);
+        }
+        let eval = match self.server.write(Write::SubmitJob(job)).await {
+            Ok(WriteReply::Job { eval, .. }) => eval,
+            Ok(other) => return reject(Rejection::NoCapacity, format!("unexpected {other:?}")),
+            Err(e) => return reject(Rejection::NoCapacity, e.message),
+        };
+        let deadline = Instant::now() + PLACE_WAIT;
+        loop {
+            let status = self.server.raft.read(|s| s.eval(eval).map(|e| (e.status, e.placed)));
+            match status {
+                Some((EvalStatus::Pending, _)) | None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Some((_, placed)) => {
+                    self.counters.inbound_accepted.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(offer = %offer.id, placed, "offer accepted");
+                    return PeerReply::Accepted { placed };
+                }
+                None => return PeerReply::Accepted { placed: 0 },
+            }
+        }
+    }
+
+    async fn on_status(&self, id: &str) -> PeerReply {
+        let job = JobId::new(target_job_id(id));
+        let report = self.server.raft.read(|s| {
+            let j = s.job(&job)?;
+            let epoch = j.labels.get(LABEL_EPOCH).and_then(|e| e.parse().ok()).unwrap_or(1);
+            let allocs: Vec<_> = s.allocs_of_job(&job).collect();
+            let count = |st: cluster_core::model::AllocStatus| allocs.iter().filter(|a| a.status == st).count() as u32;
+            Some(Report {
+                id: id.to_string(),
+                epoch,
+                running: allocs.iter().filter(|a| a.is_live()).count() as u32,
+                complete: count(cluster_core::model::AllocStatus::Complete),
+                failed: count(cluster_core::model::AllocStatus::Failed),
+            })
+        });
+        report.map_or(PeerReply::Unknown, PeerReply::Report)
+    }
+
+    async fn on_revoke(&self, id: &str, epoch: u64) -> PeerReply {
+        let job = JobId::new(target_job_id(id));
+        let current = self.server.raft.read(|s| {
+            s.job(&job).map(|j| (j.stopped, j.labels.get(LABEL_EPOCH).and_then(|e| e.parse::<u64>().ok()).unwrap_or(1)))
+        });
+        match current {
+            Some((false, e)) if e < epoch => match self.server.write(Write::StopJob(job)).await {
+                Ok(_) => {
+                    tracing::info!(delegation = %id, epoch, "revoked by its origin: stopped");
+                    PeerReply::Revoked
+                }
+                Err(e) => PeerReply::Rejected { reason: Rejection::NoCapacity, message: e.message },
+            },
+            _ => PeerReply::Revoked,
+        }
+    }
+}
+
+/// A blocked evaluation whose job may send work away: what overflowed,
+/// and the instances free to offer, by group.
+struct Blocked {
+    eval: u64,
+    job: Job,
+    overflow: Vec<Overflow>,
+    free: BTreeMap<String, Vec<u32>>,
+    remote: u32,
+}
+
+/// The origin's duties; run while the server leads (see [`run`]).
+impl Federation {
+    async fn round(&self) {
+        let policy = self.policy();
+        let now = self.now_ms();
+        let view = self.member.view();
+        // Targets dead by gossip, and since when.
+        {
+            let mut dead = self.dead_since.lock().expect("dead lock");
+            for c in view.clusters.values() {
+                if c.liveness == Liveness::Dead {
+                    dead.entry(c.cluster.clone()).or_insert(now);
+                } else {
+                    dead.remove(&c.cluster);
+                }
+            }
+        }
+        self.follow(&policy, now).await;
+        if policy.overflow.triggers.contains(&Trigger::Unplaceable) {
+            self.delegate(&policy, now, &view).await;
+        }
+    }
+
+    /// Offers the overflow of blocked evaluations to peers.
+    async fn delegate(&self, policy: &Policy, now: u64, view: &gossip::FederationView) {
+        let peers: Vec<PeerInfo> = view
+            .clusters
+            .values()
+            .filter(|c| c.cluster != policy.cluster)
+            .map(|c| PeerInfo {
+                cluster: c.cluster.clone(),
+                alive: c.liveness == Liveness::Alive,
+                summary: c.summary.clone(),
+                breaker_open: self.breakers.lock().expect("breakers").get(&c.cluster).is_some_and(|b| b.is_open(now)),
+            })
+            .collect();
+        let addrs = |cluster: &str| -> Vec<SocketAddr> {
+            view.cluster(cluster)
+                .map(|c| {
+                    c.servers.values().filter(|s| s.live).filter_map(|s| s.rpc_addr.as_ref()?.parse().ok()).collect()
+                })
+                .unwrap_or_default()
+        };
+        // Blocked evaluations of jobs that may leave, with their free indices.
+        let work: Vec<Blocked> = self.server.raft.read(|s| {
+            s.blocked_evals()
+                .filter_map(|e| s.eval(e))
+                .filter_map(|e| {
+                    let job = s.job(&e.job)?;
+                    if job.stopped
+                        || job.labels.contains_key(LABEL_ORIGIN)
+                        || job.federation.delegate == DelegateMode::Never
+                    {
+                        return None;
+                    }
+                    let held: Vec<(String, u32)> = s.held_of_job(&job.id).map(|(g, i)| (g.to_string(), i)).collect();
+                    let mut free: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+                    for g in &job.groups {
+                        let taken: std::collections::BTreeSet<u32> = s
+                            .allocs_of_job(&job.id)
+                            .filter(|a| {
+                                a.group == g.name
+                                    && (a.is_live() || a.status == cluster_core::model::AllocStatus::Complete)
+                            })
+                            .map(|a| a.index)
+                            .chain(held.iter().filter(|(hg, _)| *hg == *g.name).map(|(_, i)| *i))
+                            .collect();
+                        free.insert(g.name.to_string(), (0..g.count).filter(|i| !taken.contains(i)).collect());
+                    }
+                    let overflow: Vec<Overflow> = e
+                        .unplaced
+                        .iter()
+                        .map(|u| Overflow {
+                            group: u.group.to_string(),
+                            count: u.count.min(free.get(&*u.group).map_or(0, |f| f.len() as u32)),
+                        })
+                        .filter(|o| o.count > 0)
+                        .collect();
+                    (!overflow.is_empty()).then(|| Blocked {
+                        eval: e.id.0,
+                        job: job.clone(),
+                        overflow,
+                        free,
+                        remote: held.len() as u32,
+                    })
+                })
+                .collect()
+        });
+        for Blocked { eval, job, overflow, mut free, remote } in work {
+            let total = job.instance_count() as u32;
+            let selection = select(policy, &job, &overflow, total, remote, &peers);
+            for offer in selection.offers {
+                let indices: Vec<u32> = free.get_mut(&offer.group).map_or_else(Vec::new, |f| {
+                    let n = (offer.count as usize).min(f.len());
+                    f.drain(..n).collect()
+                });
+                if indices.is_empty() {
+                    continue;
+                }
+                // Unique per set of instances: a retry of this offer reuses it.
+                let id = format!("{}/{}/e{eval}-{}-{}", policy.cluster, job.id, offer.group, indices[0]);
+                let mut delegated = job.clone();
+                delegated.groups.retain(|g| *g.name == offer.group);
+                if let Some(g) = delegated.groups.first_mut() {
+                    g.count = indices.len() as u32;
+                }
+                if let Some(allowed) = &selection.allowed_jurisdictions {
+                    delegated.jurisdictions = allowed.iter().map(|j| j.as_str().into()).collect();
+                }
+                let record = Record {
+                    delegation: Delegation::offer(
+                        id.clone(),
+                        &offer.peer,
+                        job.id.as_str(),
+                        &offer.group,
+                        indices.len() as u32,
+                        now,
+                        &policy.retry,
+                    ),
+                    indices: indices.clone(),
+                    target_addrs: addrs(&offer.peer),
+                    fenced: false,
+                    note: String::new(),
+                };
+                self.offer(policy, record, delegated).await;
+            }
+        }
+    }
+
+    /// Holds the instances (in the log, before anything is sent), offers
+    /// them, and records the answer.
+    async fn offer(&self, policy: &Policy, mut record: Record, job: Job) {
+        let id = record.delegation.id.clone();
+        let hold = Command::Hold {
+            holder: holder(&id),
+            job: JobId::new(&record.delegation.job),
+            group: record.delegation.group.as_str().into(),
+            indices: record.indices.clone(),
+            record: encode(&record),
+        };
+        if self.server.raft.propose(hold).await.is_err() {
+            return;
+        }
+        self.counters.offers.fetch_add(1, Ordering::Relaxed);
+        let request = PeerRequest::Offer(Offer {
+            id: id.clone(),
+            origin: policy.cluster.clone(),
+            epoch: record.delegation.epoch,
+            job,
+            hops: 0,
+        });
+        let reply = self.ask(&record.target_addrs, &request).await;
+        let now = self.now_ms();
+        let target = record.delegation.target.clone();
+        match reply {
+            Some(PeerReply::Accepted { placed }) if placed > 0 => {
+                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                self.breakers.lock().expect("breakers").entry(target).or_default().success();
+                record.delegation.accepted(now, &policy.retry);
+                let keep = (placed as usize).min(record.indices.len());
+                record.indices.truncate(keep);
+                record.delegation.count = keep as u32;
+                self.heard.lock().expect("heard").insert(id.clone(), now);
+                // The hold shrinks to what the target placed; the rest is
+                // evaluated again.
+                let _ = self
+                    .server
+                    .raft
+                    .propose(Command::Hold {
+                        holder: holder(&id),
+                        job: JobId::new(&record.delegation.job),
+                        group: record.delegation.group.as_str().into(),
+                        indices: record.indices.clone(),
+                        record: encode(&record),
+                    })
+                    .await;
+                tracing::info!(delegation = %id, placed, "delegated");
+            }
+            other => {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                self.breakers.lock().expect("breakers").entry(target).or_default().failure(now, &policy.retry);
+                record.delegation.state = State::Failed;
+                record.note = match other {
+                    Some(PeerReply::Rejected { message, .. }) => format!("rejected: {message}"),
+                    Some(r) => format!("unexpected answer {r:?}"),
+                    None => "no answer".into(),
+                };
+                tracing::info!(delegation = %id, note = %record.note, "offer not taken");
+                let _ =
+                    self.server.raft.propose(Command::Release { holder: holder(&id), record: encode(&record) }).await;
+            }
+        }
+    }
+
+    /// Sends `request` to the first of `addrs` that answers.
+    async fn ask(&self, addrs: &[SocketAddr], request: &PeerRequest) -> Option<PeerReply> {
+        let bytes = encode(request);
+        for a in addrs {
+            match self.server.call_peer(*a, bytes.clone()).await {
+                Ok(reply) => return decode::<PeerReply>(&reply).ok(),
+                Err(e) => tracing::debug!(to = %a, error = %e, "peer did not answer"),
+            }
+        }
+        None
+    }
+
+    /// Follows active delegations: reports renew the lease; a target dead
+    /// past the grace period, or a lease that lapsed, revokes; revoked
+    /// delegations are fenced once the target hears of it.
+    async fn follow(&self, policy: &Policy, now: u64) {
+        for mut record in self.records() {
+            let id = record.delegation.id.clone();
+            let target = record.delegation.target.clone();
+            match record.delegation.state {
+                State::Accepted | State::Running | State::Offered => {
+                    let heard = *self.heard.lock().expect("heard").entry(id.clone()).or_insert(now);
+                    let mut d = record.delegation.clone();
+                    d.lease_until_ms = heard + policy.retry.lease_ms;
+                    let dead = self.dead_since.lock().expect("dead lock").get(&target).copied();
+                    if d.must_revoke(now, dead, &policy.retry) {
+                        record.delegation.revoke();
+                        record.note = if dead.is_some() { "target dead".into() } else { "lease lapsed".into() };
+                        self.counters.revoked.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(delegation = %id, note = %record.note, "revoked; the work is placed again");
+                        let _ = self
+                            .server
+                            .raft
+                            .propose(Command::Release { holder: holder(&id), record: encode(&record) })
+                            .await;
+                        continue;
+                    }
+                    if let Some(PeerReply::Report(r)) =
+                        self.ask(&record.target_addrs, &PeerRequest::Status { id: id.clone() }).await
+                    {
+                        self.heard.lock().expect("heard").insert(id.clone(), now);
+                        let before = record.delegation.clone();
+                        record.delegation.report(&r, now, &policy.retry);
+                        let (b, a) = (&before, &record.delegation);
+                        if (b.state, b.running, b.complete, b.failed) != (a.state, a.running, a.complete, a.failed) {
+                            let command = if a.state == State::Failed {
+                                Command::Release { holder: holder(&id), record: encode(&record) }
+                            } else {
+                                Command::Record { holder: holder(&id), record: encode(&record) }
+                            };
+                            let _ = self.server.raft.propose(command).await;
+                        }
+                    }
+                }
+                State::Revoked if !record.fenced => {
+                    let revoke = PeerRequest::Revoke { id: id.clone(), epoch: record.delegation.epoch };
+                    if let Some(PeerReply::Revoked) = self.ask(&record.target_addrs, &revoke).await {
+                        record.fenced = true;
+                        let _ = self
+                            .server
+                            .raft
+                            .propose(Command::Record { holder: holder(&id), record: encode(&record) })
+                            .await;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs the origin's rounds while `fed`'s server leads; until aborted.
+pub async fn run(fed: Arc<Federation>) {
+    let mut tick = tokio::time::interval(ROUND);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if fed.server.is_leader() {
+            fed.round().await;
+        }
+    }
+}
