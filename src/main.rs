@@ -238,6 +238,12 @@ enum FederationCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Delegations of the cluster at --address: outbound (work sent to
+    /// peers) and inbound (peers' work running here), with state and epoch.
+    Delegations {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// List the federation's clusters as gossip sees them: status, leader,
     /// free capacity and the age of each cluster's summary.
     Members {
@@ -344,6 +350,12 @@ pub enum Outcome {
 }
 
 fn main() -> ExitCode {
+    // `hanse ... | head` ends quietly when head closes the pipe, as other
+    // command-line tools do, instead of panicking on a failed print.
+    // SAFETY: restoring the default action of a signal, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Logs to stderr, warnings and up unless RUST_LOG says otherwise
     // (`RUST_LOG=raft=info` shows elections).
     tracing_subscriber::fmt()
@@ -366,6 +378,7 @@ fn main() -> ExitCode {
     let client = cluster_core::server::client::Client::new(&cli.address);
     let result = match cli.command {
         Command::Federation(FederationCommand::Keygen { out }) => federation::keygen(out.as_deref()),
+        Command::Federation(FederationCommand::Delegations { out }) => remote::delegations(&client, out.json),
         Command::Tls(TlsCommand::Ca(CaCommand::Create { federation, dir, days })) => {
             tls::ca_create(&federation, &dir, days)
         }

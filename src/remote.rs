@@ -14,6 +14,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::Outcome;
 use crate::output::{plural, print_json, table};
 
+/// How long `job run` waits for peers to take what does not fit locally.
+const DELEGATION_WAIT: Duration = Duration::from_secs(10);
+
 /// Reads and checks a spec locally (so problems point into the user's file)
 /// and returns its text.
 fn read_spec(path: &Path) -> anyhow::Result<(String, String)> {
@@ -47,7 +50,7 @@ pub fn job_run(c: &Client, path: &Path, detach: bool, timeout: Duration, json: b
     bar.set_message(format!("job {}: waiting for evaluation e{:06}", reg.job, reg.eval));
     let deadline = Instant::now() + timeout;
     let mut eval_id = reg.eval;
-    let eval = loop {
+    let eval: Option<EvalView> = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let view = match c.eval(eval_id, left.min(Duration::from_secs(5))) {
             Ok(v) => Some(v),
@@ -66,6 +69,22 @@ pub fn job_run(c: &Client, path: &Path, detach: bool, timeout: Duration, json: b
             break view;
         }
     };
+    // In a federation, what does not fit here may be delegated: a blocked
+    // evaluation is followed by one that counts the delegated instances.
+    let federated = c.get::<serde_json::Value>("/v1/federation/delegations").is_ok();
+    let mut eval = eval;
+    if federated && eval.as_ref().is_some_and(|e| e.status == "blocked") {
+        bar.set_message(format!("job {}: offering what does not fit here to peers", reg.job));
+        let until = Instant::now() + DELEGATION_WAIT.min(deadline.saturating_duration_since(Instant::now()));
+        while Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(250));
+            let latest = c.job(&reg.job).map_err(api)?.eval;
+            if latest.as_ref().is_some_and(|e| e.status == "complete") {
+                eval = latest;
+                break;
+            }
+        }
+    }
     bar.finish_and_clear();
     let status = c.job(&reg.job).map_err(api)?;
     if json {
@@ -84,6 +103,21 @@ pub fn job_run(c: &Client, path: &Path, detach: bool, timeout: Duration, json: b
 
 pub fn job_plan(c: &Client, path: &Path, verbose: bool, json: bool) -> anyhow::Result<Outcome> {
     let (name, text) = read_spec(path)?;
+    let submit = cluster_core::server::api::JobSubmit { spec: text.clone(), source: Some(name.clone()) };
+    // A federated cluster answers for its peers too; any other, for itself.
+    match c.post::<federation::api::FederatedPlan>("/v1/federation/plan", &submit) {
+        Ok(f) => {
+            if json {
+                print_json(&f)?;
+            } else {
+                print_plan(&f.local, verbose);
+                print_federated(&f);
+            }
+            return Ok(if f.left == 0 { Outcome::Ok } else { Outcome::PlacementFailed });
+        }
+        Err(e) if e.status() == Some(404) => {}
+        Err(e) => return Err(api(e)),
+    }
     let report = c.plan(&text, &name).map_err(api)?;
     if json {
         print_json(&report)?;
@@ -91,6 +125,76 @@ pub fn job_plan(c: &Client, path: &Path, verbose: bool, json: bool) -> anyhow::R
         print_plan(&report, verbose);
     }
     Ok(if report.unplaced == 0 { Outcome::Ok } else { Outcome::PlacementFailed })
+}
+
+fn print_federated(f: &federation::api::FederatedPlan) {
+    if f.local.unplaced == 0 {
+        return;
+    }
+    println!(
+        "\nfederation: {} of the {} unplaced here",
+        plural(u64::from(f.local.unplaced as u32 - f.left), "instance"),
+        f.local.unplaced
+    );
+    let mut t = table(&["cluster", "instances", "why"]);
+    t.add_row(vec![f.local.fleet.clone(), f.local.placed.to_string(), "local".into()]);
+    for (cluster, group, n) in &f.delegated {
+        t.add_row(vec![cluster.clone(), n.to_string(), format!("delegated (group {group})")]);
+    }
+    for (cluster, why) in &f.refused {
+        t.add_row(vec![cluster.clone(), "0".into(), format!("refused: {why}")]);
+    }
+    println!("{t}");
+    if f.left > 0 {
+        println!("{} would wait for capacity", plural(u64::from(f.left), "instance"));
+    }
+}
+
+pub fn delegations(c: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let d: federation::api::Delegations = c.get("/v1/federation/delegations").map_err(|e| match e.status() {
+        Some(404) => anyhow::anyhow!(
+            "this cluster takes no part in a federation (no [federation] policy in its servers' config)"
+        ),
+        _ => api(e),
+    })?;
+    if json {
+        print_json(&d)?;
+        return Ok(Outcome::Ok);
+    }
+    if d.outbound.is_empty() && d.inbound.is_empty() {
+        println!("{}: no delegations", d.cluster);
+        return Ok(Outcome::Ok);
+    }
+    if !d.outbound.is_empty() {
+        let mut t = table(&["outbound", "to", "job", "instances", "state", "epoch", "running", "note"]);
+        for o in &d.outbound {
+            t.add_row(vec![
+                o.id.clone(),
+                o.target.clone(),
+                format!("{}.{}", o.job, o.group),
+                o.instances.to_string(),
+                o.state.clone(),
+                o.epoch.to_string(),
+                o.running.to_string(),
+                o.note.clone(),
+            ]);
+        }
+        println!("{t}");
+    }
+    if !d.inbound.is_empty() {
+        let mut t = table(&["inbound", "from", "job here", "running", "stopped"]);
+        for i in &d.inbound {
+            t.add_row(vec![
+                i.id.clone(),
+                i.origin.clone(),
+                i.job.clone(),
+                i.running.to_string(),
+                i.stopped.to_string(),
+            ]);
+        }
+        println!("{t}");
+    }
+    Ok(Outcome::Ok)
 }
 
 pub fn print_plan(r: &PlanReport, verbose: bool) {
@@ -179,10 +283,29 @@ fn print_job(s: &JobStatus) {
 pub fn job_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
     let Some(id) = id else { return job_list(c, json) };
     let s = c.job(id).map_err(api)?;
+    let remote: Vec<federation::api::Outbound> = c
+        .get::<federation::api::Delegations>("/v1/federation/delegations")
+        .map(|d| d.outbound.into_iter().filter(|o| o.job == s.summary.id).collect())
+        .unwrap_or_default();
     if json {
-        print_json(&s)?;
+        print_json(&serde_json::json!({ "job": s, "delegations": remote }))?;
     } else {
         print_job(&s);
+        let active: Vec<_> =
+            remote.iter().filter(|o| matches!(o.state.as_str(), "offered" | "accepted" | "running")).collect();
+        if !active.is_empty() {
+            let mut t = table(&["delegated to", "group", "instances", "running", "state"]);
+            for o in active {
+                t.add_row(vec![
+                    o.target.clone(),
+                    o.group.clone(),
+                    o.instances.to_string(),
+                    o.running.to_string(),
+                    o.state.clone(),
+                ]);
+            }
+            println!("\n{t}");
+        }
     }
     Ok(Outcome::Ok)
 }

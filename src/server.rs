@@ -29,6 +29,9 @@
 //! seeds = ["127.0.0.1:7956"]  # any other cluster's (or this one's) servers
 //! key_file = "federation.key" # `hanse federation keygen`
 //! jurisdictions = ["eu"]      # where this cluster's nodes are
+//!
+//! [federation]                # optional, with [gossip]: delegate and accept work
+//! policy = "policy.toml"      # `hanse policy check`; reloaded on SIGHUP
 //! ```
 
 use std::collections::BTreeMap;
@@ -73,6 +76,8 @@ pub struct ServerConfig {
     /// Other voters, by Raft id.
     pub peers: BTreeMap<u64, SocketAddr>,
     pub gossip: Option<GossipConfig>,
+    /// The federation policy file, when the cluster delegates.
+    pub policy: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -205,6 +210,15 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             g.finish(d);
             Some(GossipConfig { federation, bind: bind?, seeds, key_file: key_file?, jurisdictions })
         });
+        let policy = top.table(d, "federation").and_then(|mut f| {
+            f.path = "[federation]".into();
+            let p = f.required_str(d, "policy", "\"policy.toml\"").map(|(p, _)| rel(p));
+            f.finish(d);
+            p
+        });
+        if policy.is_some() && gossip.is_none() {
+            d.error_hint(0..0, "[federation] needs [gossip]", "add a [gossip] section: peers are found by gossip");
+        }
         Some(ServerConfig {
             name: name?,
             cluster: cluster?,
@@ -222,6 +236,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             key: key?,
             peers,
             gossip,
+            policy,
         })
     })
 }
@@ -276,9 +291,6 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     raft.join = !c.bootstrap;
     let server = Server::start(raft, store, transport, options, &logger)?;
     let endpoint = QuicServer::bind::<ServerRpc>(c.bind, &ca, &pair, server.handler())?;
-    let (api, api_task) = http::serve(server.inner.clone(), c.http)
-        .await
-        .with_context(|| format!("cannot serve the API on {}", c.http))?;
     let gossip = match &c.gossip {
         Some(g) => {
             let keyring = crate::federation::read_keyring(&g.key_file)?;
@@ -293,10 +305,34 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
             );
             let me = federation::publish::Identity { region: c.region.clone(), jurisdictions: g.jurisdictions.clone() };
             println!("gossip on {} (federation {})", member.local_addr(), g.federation);
-            Some(tokio::spawn(federation::publish::publish(server.inner.clone(), member, me)))
+            Some((member.clone(), tokio::spawn(federation::publish::publish(server.inner.clone(), member, me))))
         }
         None => None,
     };
+    let mut extra = axum::Router::new();
+    let mut fed_task = None;
+    let fed = match (&c.policy, &gossip) {
+        (Some(path), Some((member, _))) => {
+            let policy = load_policy(path)?;
+            let to: Vec<&str> = policy.peers.iter().filter(|(_, p)| p.delegate_to).map(|(n, _)| n.as_str()).collect();
+            println!(
+                "federation policy {}: {} peers, delegates to [{}]",
+                path.display(),
+                policy.peers.len(),
+                to.join(", ")
+            );
+            let fed = federation::node::Federation::new(server.inner.clone(), member.clone(), policy);
+            server.set_peer_handler(fed.clone());
+            federation::api::export_metrics(&fed);
+            extra = federation::api::router(fed.clone());
+            fed_task = Some(tokio::spawn(federation::node::run(fed.clone())));
+            Some(fed)
+        }
+        _ => None,
+    };
+    let (api, api_task) = http::serve_with(server.inner.clone(), c.http, extra)
+        .await
+        .with_context(|| format!("cannot serve the API on {}", c.http))?;
     let me = Identity::new(&c.cluster, Role::Server, &c.name);
     let region = if c.region.is_empty() { String::new() } else { format!(" in {}", c.region) };
     println!(
@@ -308,10 +344,21 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     let mut status = server.raft().watch_status();
     let mut last = RaftStatus::default();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = hup.recv() => match (&fed, &c.policy) {
+                (Some(fed), Some(path)) => match load_policy(path) {
+                    Ok(p) => {
+                        *fed.policy.write().expect("policy lock") = p;
+                        println!("federation policy {} reloaded", path.display());
+                    }
+                    Err(e) => eprintln!("federation policy {} not reloaded, the old one stays: {e:#}", path.display()),
+                },
+                _ => println!("SIGHUP: no federation policy to reload"),
+            },
             changed = status.changed() => {
                 if changed.is_err() { break }
                 let s = status.borrow().clone();
@@ -324,11 +371,21 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         }
     }
     println!("shutting down");
-    if let Some(g) = gossip {
+    if let Some((_, g)) = gossip {
         g.abort();
+    }
+    if let Some(t) = fed_task {
+        t.abort();
     }
     api_task.abort();
     server.stop().await;
     endpoint.close();
     Ok(Outcome::Ok)
+}
+
+fn load_policy(path: &Path) -> anyhow::Result<federation::policy::Policy> {
+    spec::load(path, federation::policy::parse_policy).map_err(|e| match e {
+        LoadError::Invalid(inv) => anyhow::anyhow!("{inv}"),
+        io => anyhow::anyhow!("{io}"),
+    })
 }

@@ -10,6 +10,7 @@
 //!
 //! Nothing here opens a socket or reads a clock: time is an input.
 
+pub mod api;
 pub mod delegation;
 pub mod node;
 pub mod policy;

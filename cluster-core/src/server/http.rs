@@ -67,9 +67,18 @@ pub fn router(server: Arc<Inner>) -> Router {
 /// Serves the API on `addr` until the task is aborted; returns the bound
 /// address (useful with port 0).
 pub async fn serve(server: Arc<Inner>, addr: SocketAddr) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(server, addr, Router::new()).await
+}
+
+/// [`serve`], with more routes (the federation's) beside the cluster's.
+pub async fn serve_with(
+    server: Arc<Inner>,
+    addr: SocketAddr,
+    extra: Router,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(server);
+    let app = extra.merge(router(server));
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP API stopped");

@@ -35,7 +35,12 @@ pub struct Metrics {
     evals_blocked: Gauge,
     nodes: Gauge,
     allocs_live: Gauge,
+    /// Text from other parts of the server (the federation's counters),
+    /// in Prometheus text format, appended to every scrape.
+    extra: std::sync::RwLock<Vec<Extra>>,
 }
+
+type Extra = Box<dyn Fn() -> String + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -89,6 +94,7 @@ impl Default for Metrics {
             evals_blocked: gauge(&mut registry, "evals_blocked", "Evaluations waiting for capacity"),
             nodes: gauge(&mut registry, "nodes", "Nodes known to the cluster"),
             allocs_live: gauge(&mut registry, "allocations_live", "Allocations wanted and not finished"),
+            extra: std::sync::RwLock::default(),
             registry,
         }
     }
@@ -117,6 +123,22 @@ impl Metrics {
         self.allocs_live.set(s.allocs_live as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        // The extra text goes before the closing `# EOF`.
+        let eof = out.strip_suffix("# EOF\n").is_some();
+        if eof {
+            out.truncate(out.len() - "# EOF\n".len());
+        }
+        for f in self.extra.read().expect("metrics lock").iter() {
+            out.push_str(&f());
+        }
+        if eof {
+            out.push_str("# EOF\n");
+        }
         out
+    }
+
+    /// Adds text to every scrape (Prometheus text format, `hanse_` names).
+    pub fn add_text(&self, f: impl Fn() -> String + Send + Sync + 'static) {
+        self.extra.write().expect("metrics lock").push(Box::new(f));
     }
 }

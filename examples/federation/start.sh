@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Starts three clusters on this machine (one server each: eu-west, us-east,
+# edge-1) with gossip, mutual TLS and the policies in ../policies, and
+# simulated nodes for each. Run from anywhere; state goes to $WORK
+# (default /tmp/hanse-federation). Stop with: kill $(cat $WORK/pids)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+hanse=${HANSE_BIN:-$repo/target/release/hanse}
+work=${WORK:-/tmp/hanse-federation}
+[ -x "$hanse" ] || { echo "build first: cargo build --release (or set HANSE_BIN)" >&2; exit 1; }
+rm -rf "$work" && mkdir -p "$work/policies" && cp "$here"/*.toml "$work"/
+cp "$repo"/examples/policies/*.toml "$work/policies/"
+cd "$work"
+"$hanse" tls ca create --dir pki > /dev/null
+"$hanse" federation keygen --out federation.key 2> /dev/null
+: > pids
+for c in eu-west us-east edge-1; do
+  "$hanse" tls cert create --cluster $c --role server --name s1 --ca-dir pki --out-dir pki > /dev/null
+  "$hanse" server --config $c.toml > $c.log 2>&1 &
+  echo $! >> pids
+done
+sleep 3
+port() { case $1 in eu-west) echo 4661;; us-east) echo 4662;; edge-1) echo 4663;; esac; }
+for c in eu-west us-east edge-1; do
+  "$hanse" --address 127.0.0.1:$(port $c) node simulate --fleet fleet-$c.toml > nodes-$c.log 2>&1 &
+  echo $! >> pids
+done
+sleep 2
+echo "three clusters up; state and logs in $work"
+for c in eu-west us-east edge-1; do echo "  $c: HANSE_ADDR=127.0.0.1:$(port $c)"; done
+echo "stop: kill \$(cat $work/pids)"

@@ -1,0 +1,181 @@
+//! The federation's part of a server's HTTP API: delegations in and out,
+//! a federated dry run of a job, and counters for `/metrics`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::{get, post};
+use cluster_core::diag::{Severity, SourceFile};
+use cluster_core::model::Plan;
+use cluster_core::scheduler::schedule;
+use cluster_core::server::api::{ApiError, JobSubmit, PlanReport};
+use cluster_core::spec::parse_job;
+use gossip::Liveness;
+use serde::{Deserialize, Serialize};
+
+use crate::node::Federation;
+use crate::protocol::{LABEL_DELEGATION, LABEL_ORIGIN};
+use crate::select::{Overflow, PeerInfo, select};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Outbound {
+    pub id: String,
+    pub target: String,
+    pub job: String,
+    pub group: String,
+    pub instances: u32,
+    pub state: String,
+    pub epoch: u64,
+    pub running: u32,
+    pub complete: u32,
+    pub failed: u32,
+    pub fenced: bool,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Inbound {
+    pub id: String,
+    pub origin: String,
+    /// The job's id here.
+    pub job: String,
+    pub running: u32,
+    pub stopped: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delegations {
+    pub cluster: String,
+    pub outbound: Vec<Outbound>,
+    pub inbound: Vec<Inbound>,
+}
+
+/// `POST /v1/federation/plan`: the local plan, and where the rest would go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FederatedPlan {
+    pub local: PlanReport,
+    /// (cluster, group, instances).
+    pub delegated: Vec<(String, String, u32)>,
+    /// (cluster, why it gets nothing).
+    pub refused: Vec<(String, String)>,
+    /// Instances neither placed here nor taken by a peer.
+    pub left: u32,
+}
+
+pub fn router(fed: Arc<Federation>) -> Router {
+    Router::new()
+        .route("/v1/federation/delegations", get(delegations))
+        .route("/v1/federation/plan", post(plan))
+        .with_state(fed)
+}
+
+/// Registers the federation's counters with the server's `/metrics`.
+pub fn export_metrics(fed: &Arc<Federation>) {
+    let weak = Arc::downgrade(fed);
+    fed.server.metrics.add_text(move || {
+        let Some(f) = weak.upgrade() else { return String::new() };
+        let c = &f.counters;
+        let mut out = String::new();
+        for (name, help, v) in [
+            ("delegation_offers", "Offers this cluster sent", &c.offers),
+            ("delegation_accepted", "Offers peers accepted", &c.accepted),
+            ("delegation_rejected", "Offers peers refused or did not answer", &c.rejected),
+            ("delegation_revoked", "Delegations taken back", &c.revoked),
+            ("delegation_inbound_accepted", "Offers from peers accepted here", &c.inbound_accepted),
+            ("delegation_inbound_rejected", "Offers from peers refused here", &c.inbound_rejected),
+        ] {
+            out.push_str(&format!(
+                "# HELP hanse_{name} {help}.\n# TYPE hanse_{name} counter\nhanse_{name}_total {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    });
+}
+
+async fn delegations(State(fed): State<Arc<Federation>>) -> Result<axum::Json<Delegations>, ApiError> {
+    let outbound = fed
+        .records()
+        .into_iter()
+        .map(|r| Outbound {
+            id: r.delegation.id.clone(),
+            target: r.delegation.target.clone(),
+            job: r.delegation.job.clone(),
+            group: r.delegation.group.clone(),
+            instances: r.delegation.count,
+            state: format!("{:?}", r.delegation.state).to_lowercase(),
+            epoch: r.delegation.epoch,
+            running: r.delegation.running,
+            complete: r.delegation.complete,
+            failed: r.delegation.failed,
+            fenced: r.fenced,
+            note: r.note,
+        })
+        .collect();
+    let inbound = fed.server.raft.read(|s| {
+        s.jobs()
+            .filter_map(|j| {
+                Some(Inbound {
+                    id: j.labels.get(LABEL_DELEGATION)?.clone(),
+                    origin: j.labels.get(LABEL_ORIGIN)?.clone(),
+                    job: j.id.to_string(),
+                    running: s.allocs_of_job(&j.id).filter(|a| a.is_live()).count() as u32,
+                    stopped: j.stopped,
+                })
+            })
+            .collect()
+    });
+    Ok(axum::Json(Delegations { cluster: fed.server.options.cluster.clone(), outbound, inbound }))
+}
+
+async fn plan(State(fed): State<Arc<Federation>>, body: Bytes) -> Result<axum::Json<FederatedPlan>, ApiError> {
+    let req: JobSubmit = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not the JSON this endpoint takes: {e}")))?;
+    let file = SourceFile::new(req.source.unwrap_or_else(|| "job.toml".into()), req.spec);
+    let checked = parse_job(&file);
+    let Some(job) = checked.value else {
+        let errors = checked.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
+        return Err(ApiError {
+            status: 400,
+            message: format!("{} does not check: {errors} error(s)\n{}", file.name, file.render(&checked.diagnostics)),
+            diagnostics: file.records(&checked.diagnostics),
+        });
+    };
+    let copy = fed.server.read(false, cluster_core::state::ClusterState::clone).await?;
+    let config = fed.server.options.scheduler.clone();
+    let cluster = fed.server.options.cluster.clone();
+    let (local, job, plan): (PlanReport, cluster_core::model::Job, Plan) = tokio::task::spawn_blocking(move || {
+        let mut copy = copy;
+        copy.upsert_job(job.clone());
+        let job = copy.job(&job.id).cloned().unwrap_or(job);
+        let plan = schedule(&copy, &job, &config);
+        (PlanReport::of(&copy, &job, &plan, &cluster, config.seed), job, plan)
+    })
+    .await
+    .map_err(|e| ApiError::new(500, format!("planning failed: {e}")))?;
+    let view = fed.member.view();
+    let peers: Vec<PeerInfo> = view
+        .clusters
+        .values()
+        .filter(|c| c.cluster != fed.server.options.cluster)
+        .map(|c| PeerInfo {
+            cluster: c.cluster.clone(),
+            alive: c.liveness == Liveness::Alive,
+            summary: c.summary.clone(),
+            breaker_open: false,
+        })
+        .collect();
+    let overflow: Vec<Overflow> =
+        plan.unplaced.iter().map(|u| Overflow { group: u.group.to_string(), count: u.count }).collect();
+    let policy = fed.policy.read().expect("policy lock").clone();
+    let s = select(&policy, &job, &overflow, job.instance_count() as u32, 0, &peers);
+    Ok(axum::Json(FederatedPlan {
+        local,
+        delegated: s.offers.iter().map(|o| (o.peer.clone(), o.group.clone(), o.count)).collect(),
+        refused: s.refused.iter().map(|(c, r)| (c.clone(), r.to_string())).collect(),
+        left: s.left,
+    }))
+}

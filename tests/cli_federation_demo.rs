@@ -1,0 +1,74 @@
+//! The README's federation on one machine, as written: three clusters
+//! started by `examples/federation/start.sh` (real processes, gossip, mutual
+//! TLS, policies), a job that overflows eu-west runs partly in us-east, and
+//! EU-only work is refused by us-east with the reason. Every process the
+//! script started is killed by its pid when the test ends.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Demo(std::path::PathBuf);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(pids) = std::fs::read_to_string(self.0.join("pids")) {
+            for pid in pids.split_whitespace() {
+                let _ = Command::new("kill").arg(pid).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn hanse(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hanse")).env("HANSE_ADDR", "127.0.0.1:4661").args(args).output().unwrap()
+}
+
+fn example(path: &str) -> String {
+    format!("{}/examples/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn the_federation_demo_delegates_overflow_and_keeps_eu_work_in_the_eu() {
+    let work = std::env::temp_dir().join(format!("hanse-federation-demo-{}", std::process::id()));
+    let demo = Demo(work.clone());
+    let start = Command::new(example("federation/start.sh"))
+        .env("HANSE_BIN", env!("CARGO_BIN_EXE_hanse"))
+        .env("WORK", &work)
+        .output()
+        .unwrap();
+    assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
+    // Wait until eu-west sees both peers' summaries through gossip.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let plan = hanse(&["job", "plan", &example("jobs/web.toml"), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap_or_default();
+        if v["delegated"].as_array().is_some_and(|d| !d.is_empty()) {
+            assert_eq!(v["delegated"][0][0], "us-east", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no federated plan: {}", String::from_utf8_lossy(&plan.stdout));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let run = hanse(&["job", "run", &example("jobs/web.toml")]);
+    assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stdout));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = hanse(&["federation", "delegations", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
+        let out = &v["outbound"][0];
+        if out["state"] == "running" && out["running"] == out["instances"] {
+            assert_eq!(out["target"], "us-east");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not running in us-east: {v}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // EU-only analytics: what does not fit stays, and us-east is named with
+    // the reason.
+    let plan = hanse(&["job", "plan", &example("jobs/analytics-eu.toml")]);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert_eq!(plan.status.code(), Some(2), "{text}");
+    assert!(text.contains("us-east") && text.contains("may run in [eu]"), "{text}");
+    drop(demo);
+}
