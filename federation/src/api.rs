@@ -92,6 +92,16 @@ pub fn export_metrics(fed: &Arc<Federation>) {
                 v.load(Ordering::Relaxed)
             ));
         }
+        let by = c.rejected_by.lock().expect("counters lock");
+        if !by.is_empty() {
+            out.push_str("# HELP hanse_delegation_refusals Offers refused, by direction and reason.\n");
+            out.push_str("# TYPE hanse_delegation_refusals counter\n");
+            for ((way, reason), n) in by.iter() {
+                out.push_str(&format!(
+                    "hanse_delegation_refusals_total{{direction=\"{way}\",reason=\"{reason}\"}} {n}\n"
+                ));
+            }
+        }
         out
     });
 }

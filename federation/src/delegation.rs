@@ -213,11 +213,13 @@ impl Accepted {
 pub struct Breaker {
     failures: u32,
     open_until_ms: Option<u64>,
+    last_failure_ms: u64,
 }
 
 impl Breaker {
     pub fn failure(&mut self, now_ms: u64, retry: &Retry) {
         self.failures += 1;
+        self.last_failure_ms = now_ms;
         if self.failures >= retry.breaker_failures {
             self.open_until_ms = Some(now_ms + retry.breaker_cooldown_ms);
         }
@@ -229,6 +231,12 @@ impl Breaker {
 
     pub fn is_open(&self, now_ms: u64) -> bool {
         self.open_until_ms.is_some_and(|t| now_ms < t)
+    }
+
+    /// Whether the peer may be tried now: closed, and the backoff since
+    /// the last failure is over.
+    pub fn ready(&self, now_ms: u64, retry: &Retry) -> bool {
+        !self.is_open(now_ms) && (self.failures == 0 || now_ms >= self.last_failure_ms + self.backoff_ms(retry) / 2)
     }
 
     /// How long to wait before the next try: doubling from `backoff`, at

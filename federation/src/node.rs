@@ -45,6 +45,14 @@ pub struct Counters {
     pub revoked: AtomicU64,
     pub inbound_accepted: AtomicU64,
     pub inbound_rejected: AtomicU64,
+    /// Refusals by reason, both ways: ("outbound" | "inbound", reason).
+    pub rejected_by: Mutex<BTreeMap<(&'static str, String), u64>>,
+}
+
+impl Counters {
+    fn refused(&self, way: &'static str, reason: &str) {
+        *self.rejected_by.lock().expect("counters lock").entry((way, reason.to_string())).or_default() += 1;
+    }
 }
 
 pub struct Federation {
@@ -117,6 +125,7 @@ impl Federation {
         let policy = self.policy();
         let reject = |reason: Rejection, message: String| {
             self.counters.inbound_rejected.fetch_add(1, Ordering::Relaxed);
+            self.counters.refused("inbound", &format!("{reason:?}"));
             tracing::info!(offer = %offer.id, ?reason, %message, "offer rejected");
             PeerReply::Rejected { reason, message }
         };
@@ -283,7 +292,12 @@ impl Federation {
                 cluster: c.cluster.clone(),
                 alive: c.liveness == Liveness::Alive,
                 summary: c.summary.clone(),
-                breaker_open: self.breakers.lock().expect("breakers").get(&c.cluster).is_some_and(|b| b.is_open(now)),
+                breaker_open: self
+                    .breakers
+                    .lock()
+                    .expect("breakers")
+                    .get(&c.cluster)
+                    .is_some_and(|b| !b.ready(now, &policy.retry)),
             })
             .collect();
         let addrs = |cluster: &str| -> Vec<SocketAddr> {
@@ -351,14 +365,7 @@ impl Federation {
                 }
                 // Unique per set of instances: a retry of this offer reuses it.
                 let id = format!("{}/{}/e{eval}-{}-{}", policy.cluster, job.id, offer.group, indices[0]);
-                let mut delegated = job.clone();
-                delegated.groups.retain(|g| *g.name == offer.group);
-                if let Some(g) = delegated.groups.first_mut() {
-                    g.count = indices.len() as u32;
-                }
-                if let Some(allowed) = &selection.allowed_jurisdictions {
-                    delegated.jurisdictions = allowed.iter().map(|j| j.as_str().into()).collect();
-                }
+                let delegated = Self::subset(policy, &job, &offer.group, indices.len() as u32);
                 let record = Record {
                     delegation: Delegation::offer(
                         id.clone(),
@@ -379,12 +386,11 @@ impl Federation {
         }
     }
 
-    /// Holds the instances (in the log, before anything is sent), offers
-    /// them, and records the answer.
-    async fn offer(&self, policy: &Policy, mut record: Record, job: Job) {
-        let id = record.delegation.id.clone();
+    /// Holds the instances (in the log, before anything is sent), then
+    /// offers them.
+    async fn offer(&self, policy: &Policy, record: Record, job: Job) {
         let hold = Command::Hold {
-            holder: holder(&id),
+            holder: holder(&record.delegation.id),
             job: JobId::new(&record.delegation.job),
             group: record.delegation.group.as_str().into(),
             indices: record.indices.clone(),
@@ -393,6 +399,13 @@ impl Federation {
         if self.server.raft.propose(hold).await.is_err() {
             return;
         }
+        self.send_offer(policy, record, job).await;
+    }
+
+    /// Sends an offer (again, after a leader change: the id makes it
+    /// idempotent) and records the answer.
+    async fn send_offer(&self, policy: &Policy, mut record: Record, job: Job) {
+        let id = record.delegation.id.clone();
         self.counters.offers.fetch_add(1, Ordering::Relaxed);
         let request = PeerRequest::Offer(Offer {
             id: id.clone(),
@@ -432,8 +445,14 @@ impl Federation {
                 self.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 self.breakers.lock().expect("breakers").entry(target).or_default().failure(now, &policy.retry);
                 record.delegation.state = State::Failed;
+                let reason = match &other {
+                    Some(PeerReply::Rejected { reason, .. }) => format!("{reason:?}"),
+                    Some(_) => "Unexpected".into(),
+                    None => "NoAnswer".into(),
+                };
+                self.counters.refused("outbound", &reason);
                 record.note = match other {
-                    Some(PeerReply::Rejected { message, .. }) => format!("rejected: {message}"),
+                    Some(PeerReply::Rejected { message, reason }) => format!("rejected ({reason:?}): {message}"),
                     Some(r) => format!("unexpected answer {r:?}"),
                     None => "no answer".into(),
                 };
@@ -442,6 +461,20 @@ impl Federation {
                     self.server.raft.propose(Command::Release { holder: holder(&id), record: encode(&record) }).await;
             }
         }
+    }
+
+    /// The part of `job` a delegation carries: its group, `count`
+    /// instances, limited to where the work may run.
+    fn subset(policy: &Policy, job: &Job, group: &str, count: u32) -> Job {
+        let mut delegated = job.clone();
+        delegated.groups.retain(|g| *g.name == *group);
+        if let Some(g) = delegated.groups.first_mut() {
+            g.count = count;
+        }
+        if let Some(allowed) = policy.allowed_jurisdictions(job) {
+            delegated.jurisdictions = allowed.iter().map(|j| j.as_str().into()).collect();
+        }
+        delegated
     }
 
     /// Sends `request` to the first of `addrs` that answers.
@@ -481,9 +514,19 @@ impl Federation {
                             .await;
                         continue;
                     }
-                    if let Some(PeerReply::Report(r)) =
-                        self.ask(&record.target_addrs, &PeerRequest::Status { id: id.clone() }).await
-                    {
+                    let status = self.ask(&record.target_addrs, &PeerRequest::Status { id: id.clone() }).await;
+                    if let (Some(PeerReply::Unknown), State::Offered) = (&status, record.delegation.state) {
+                        // Held, but the offer never arrived (the leader
+                        // that held it stopped): offer it again.
+                        let job = self.server.raft.read(|s| s.job(&JobId::new(&record.delegation.job)).cloned());
+                        if let Some(job) = job {
+                            let n = record.indices.len() as u32;
+                            let delegated = Self::subset(policy, &job, &record.delegation.group, n);
+                            self.send_offer(policy, record, delegated).await;
+                        }
+                        continue;
+                    }
+                    if let Some(PeerReply::Report(r)) = status {
                         self.heard.lock().expect("heard").insert(id.clone(), now);
                         let before = record.delegation.clone();
                         record.delegation.report(&r, now, &policy.retry);

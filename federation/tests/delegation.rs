@@ -261,3 +261,71 @@ async fn a_target_refuses_an_origin_its_policy_does_not_accept_from() {
     f.origin.stop().await;
     f.target.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_origin_leader_killed_mid_delegation_loses_nothing_and_doubles_nothing() {
+    let f = two(
+        "eu-central",
+        &["eu"],
+        policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""),
+        policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""),
+    )
+    .await;
+    let Federation2 { mut origin, target } = f;
+    let leader = origin.cluster.leader(Duration::from_secs(10)).await.unwrap();
+    let fed = origin.leader_federation().await;
+    let client = Client::new(&origin.cluster.addresses());
+    tokio::task::spawn_blocking(move || client.submit(&spec("mid", 20, ""), "mid.toml").unwrap()).await.unwrap();
+    // Kill the origin's leader as soon as the hold is in its log.
+    until(Duration::from_secs(15), "the instances are held", || !fed.records().is_empty()).await;
+    origin.stop_server(leader).await;
+    drop(fed);
+    let new = origin.leader_federation().await;
+    assert_ne!(new.server.id, leader);
+    until(Duration::from_secs(30), "12 run on the target, 8 here, one delegation", || {
+        let jobs = target_jobs(&target);
+        jobs.len() == 1
+            && live(&target, &jobs[0]) == 12
+            && live(&origin, "mid") == 8
+            && new.records().len() == 1
+            && matches!(new.records()[0].delegation.state, State::Accepted | State::Running)
+    })
+    .await;
+    // And it stays so: nothing placed twice on either side.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(target_jobs(&target).len(), 1);
+    assert_eq!(live(&target, &target_jobs(&target)[0]) + live(&origin, "mid"), 20);
+    origin.stop().await;
+    target.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_that_comes_back_stops_what_it_ran_for_a_revoked_delegation() {
+    let f = two(
+        "eu-central",
+        &["eu"],
+        policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""),
+        policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""),
+    )
+    .await;
+    let Federation2 { origin, mut target } = f;
+    let client = Client::new(&origin.cluster.addresses());
+    tokio::task::spawn_blocking(move || client.submit(&spec("back", 20, ""), "back.toml").unwrap()).await.unwrap();
+    let fed = origin.leader_federation().await;
+    until(Duration::from_secs(20), "running on the target", || {
+        fed.records().first().is_some_and(|r| r.delegation.state == State::Running)
+    })
+    .await;
+    let job = target_jobs(&target)[0].clone();
+    // The target goes away long enough to be revoked...
+    target.stop_server(1).await;
+    until(Duration::from_secs(30), "revoked", || fed.records()[0].delegation.state == State::Revoked).await;
+    assert!(!fed.records()[0].fenced);
+    // ...and comes back with its log: it is told, and stops the job.
+    target.restart_server(1).await;
+    until(Duration::from_secs(30), "fenced", || fed.records()[0].fenced).await;
+    let stopped = target.cluster.server(1).unwrap().raft().read(|s| s.job(&JobId::new(&job)).map(|j| j.stopped));
+    assert_eq!(stopped, Some(true), "the revoked work is stopped on the target");
+    origin.stop().await;
+    target.stop().await;
+}

@@ -27,6 +27,10 @@ pub struct Server {
 pub struct Gossiping {
     pub cluster: LocalCluster,
     pub servers: Vec<Server>,
+    key: Key,
+    seeds: Vec<String>,
+    jurisdictions: Vec<String>,
+    policy: Option<federation::policy::Policy>,
 }
 
 pub struct Setup<'a> {
@@ -60,32 +64,48 @@ pub async fn start(s: Setup<'_>) -> Gossiping {
         let checked = parse_policy(&file);
         checked.value.unwrap_or_else(|| panic!("{}", file.render(&checked.diagnostics)))
     });
-    let mut servers: Vec<Server> = Vec::new();
-    for id in cluster.running().collect::<Vec<_>>() {
-        let mut config = MemberConfig::new("test", s.name, &format!("s{id}"), "127.0.0.1:0".parse().unwrap());
-        config.region = format!("{}-1", s.name);
-        config.seeds = s.seeds.clone();
-        config.seeds.extend(servers.first().map(|x| x.member.local_addr().to_string()));
-        config.rpc_addr = Some(cluster.raft_addrs[&id].to_string());
-        let member = Arc::new(Member::start(config, Keyring::new(s.key.clone()), Arc::new(UdpNet)).await.unwrap());
-        let me = Identity {
-            region: format!("{}-1", s.name),
-            jurisdictions: s.jurisdictions.iter().map(|j| j.to_string()).collect(),
-        };
-        let inner = cluster.server(id).unwrap().inner.clone();
-        let mut tasks = vec![tokio::spawn(publish(inner.clone(), member.clone(), me))];
-        let federation = policy.clone().map(|p| {
-            let fed = Federation::new(inner.clone(), member.clone(), p);
-            cluster.server(id).unwrap().set_peer_handler(fed.clone());
-            tasks.push(tokio::spawn(federation::node::run(fed.clone())));
-            fed
-        });
-        servers.push(Server { id, member, federation, tasks });
+    let mut g = Gossiping {
+        cluster,
+        servers: Vec::new(),
+        key: s.key.clone(),
+        seeds: s.seeds.clone(),
+        jurisdictions: s.jurisdictions.iter().map(|j| j.to_string()).collect(),
+        policy,
+    };
+    for id in g.cluster.running().collect::<Vec<_>>() {
+        g.join(id).await;
     }
-    Gossiping { cluster, servers }
+    g
 }
 
 impl Gossiping {
+    /// Gossip (and, with a policy, federation) for server `id`.
+    async fn join(&mut self, id: u64) {
+        let name = self.cluster.name.clone();
+        let mut config = MemberConfig::new("test", &name, &format!("s{id}"), "127.0.0.1:0".parse().unwrap());
+        config.region = format!("{name}-1");
+        config.seeds = self.seeds.clone();
+        config.seeds.extend(self.servers.first().map(|x| x.member.local_addr().to_string()));
+        config.rpc_addr = Some(self.cluster.raft_addrs[&id].to_string());
+        let member = Arc::new(Member::start(config, Keyring::new(self.key.clone()), Arc::new(UdpNet)).await.unwrap());
+        let me = Identity { region: format!("{name}-1"), jurisdictions: self.jurisdictions.clone() };
+        let inner = self.cluster.server(id).unwrap().inner.clone();
+        let mut tasks = vec![tokio::spawn(publish(inner.clone(), member.clone(), me))];
+        let federation = self.policy.clone().map(|p| {
+            let fed = Federation::new(inner.clone(), member.clone(), p);
+            self.cluster.server(id).unwrap().set_peer_handler(fed.clone());
+            tasks.push(tokio::spawn(federation::node::run(fed.clone())));
+            fed
+        });
+        self.servers.push(Server { id, member, federation, tasks });
+    }
+
+    /// Starts server `id` again on its data and addresses.
+    pub async fn restart_server(&mut self, id: u64) {
+        self.cluster.start_server(id).await.expect("the server starts again");
+        self.join(id).await;
+    }
+
     pub async fn stop_server(&mut self, id: u64) {
         if let Some(at) = self.servers.iter().position(|s| s.id == id) {
             let s = self.servers.remove(at);
