@@ -306,6 +306,23 @@ pub fn job_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Ou
             }
             println!("\n{t}");
         }
+        let elsewhere: Vec<federation::api::RemoteAllocations> =
+            c.get(&format!("/v1/federation/jobs/{}", s.summary.id)).unwrap_or_default();
+        let rows: Vec<_> = elsewhere.iter().flat_map(|r| r.allocations.iter().map(move |a| (r, a))).collect();
+        if !rows.is_empty() {
+            let mut t = table(&["cluster", "alloc", "instance there", "node", "desired", "status"]);
+            for (r, a) in rows {
+                t.add_row(vec![
+                    r.cluster.clone(),
+                    a.name.clone(),
+                    format!("{}[{}]", a.group, a.index),
+                    a.node.clone(),
+                    a.desired.clone(),
+                    a.status.clone(),
+                ]);
+            }
+            println!("\n{t}");
+        }
     }
     Ok(Outcome::Ok)
 }

@@ -351,10 +351,10 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
             _ = term.recv() => break,
             _ = hup.recv() => match (&fed, &c.policy) {
                 (Some(fed), Some(path)) => match load_policy(path) {
-                    Ok(p) => {
-                        *fed.policy.write().expect("policy lock") = p;
-                        println!("federation policy {} reloaded", path.display());
-                    }
+                    Ok(p) => match fed.commit_policy(p).await {
+                        Ok(()) => println!("federation policy {} reloaded and committed", path.display()),
+                        Err(e) => eprintln!("federation policy {} not committed: {e}", path.display()),
+                    },
                     Err(e) => eprintln!("federation policy {} not reloaded, the old one stays: {e:#}", path.display()),
                 },
                 _ => println!("SIGHUP: no federation policy to reload"),

@@ -64,6 +64,10 @@ fn the_federation_demo_delegates_overflow_and_keeps_eu_work_in_the_eu() {
         assert!(Instant::now() < deadline, "not running in us-east: {v}");
         std::thread::sleep(Duration::from_millis(300));
     }
+    // job status shows the job in both clusters, each named.
+    let status = hanse(&["job", "status", "web"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("delegated to") && text.matches("us-east").count() >= 7, "{text}");
     // EU-only analytics: what does not fit stays, and us-east is named with
     // the reason.
     let plan = hanse(&["job", "plan", &example("jobs/analytics-eu.toml")]);

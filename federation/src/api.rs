@@ -69,6 +69,8 @@ pub fn router(fed: Arc<Federation>) -> Router {
     Router::new()
         .route("/v1/federation/delegations", get(delegations))
         .route("/v1/federation/plan", post(plan))
+        .route("/v1/federation/policy", get(get_policy).put(put_policy))
+        .route("/v1/federation/jobs/{job}", get(remote_allocations))
         .with_state(fed)
 }
 
@@ -188,4 +190,71 @@ async fn plan(State(fed): State<Arc<Federation>>, body: Bytes) -> Result<axum::J
         refused: s.refused.iter().map(|(c, r)| (c.clone(), r.to_string())).collect(),
         left: s.left,
     }))
+}
+
+/// `GET /v1/federation/policy`: the policy in force.
+async fn get_policy(State(fed): State<Arc<Federation>>) -> axum::Json<crate::policy::Policy> {
+    axum::Json(fed.policy())
+}
+
+/// `PUT /v1/federation/policy` with `{"policy": "<toml>", "source": "file"}`:
+/// checks it, and commits it through the log so every server applies it.
+async fn put_policy(
+    State(fed): State<Arc<Federation>>,
+    body: Bytes,
+) -> Result<axum::Json<crate::policy::Policy>, ApiError> {
+    #[derive(Deserialize)]
+    struct Put {
+        policy: String,
+        source: Option<String>,
+    }
+    let req: Put = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not the JSON this endpoint takes: {e}")))?;
+    let file = SourceFile::new(req.source.unwrap_or_else(|| "policy.toml".into()), req.policy);
+    let checked = crate::policy::parse_policy(&file);
+    let Some(policy) = checked.value else {
+        return Err(ApiError {
+            status: 400,
+            message: format!("{} does not check\n{}", file.name, file.render(&checked.diagnostics)),
+            diagnostics: file.records(&checked.diagnostics),
+        });
+    };
+    fed.commit_policy(policy.clone()).await.map_err(ApiError::bad_request)?;
+    Ok(axum::Json(policy))
+}
+
+/// Allocations of a job in another cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemoteAllocations {
+    pub cluster: String,
+    pub delegation: String,
+    pub allocations: Vec<cluster_core::server::api::AllocView>,
+}
+
+/// `GET /v1/federation/jobs/JOB`: the job's allocations in the clusters it
+/// was delegated to (asked of each target now; a target that does not
+/// answer is listed with none).
+async fn remote_allocations(
+    State(fed): State<Arc<Federation>>,
+    axum::extract::Path(job): axum::extract::Path<String>,
+) -> axum::Json<Vec<RemoteAllocations>> {
+    use crate::delegation::State as S;
+    use crate::protocol::{PeerReply, PeerRequest};
+    let mut out = Vec::new();
+    for r in fed.records().into_iter().filter(|r| r.delegation.job == job) {
+        if !matches!(r.delegation.state, S::Accepted | S::Running | S::Complete) {
+            continue;
+        }
+        let allocations =
+            match fed.ask(&r.target_addrs, &PeerRequest::Allocations { id: r.delegation.id.clone() }).await {
+                Some(PeerReply::Allocations(a)) => a,
+                _ => Vec::new(),
+            };
+        out.push(RemoteAllocations {
+            cluster: r.delegation.target.clone(),
+            delegation: r.delegation.id.clone(),
+            allocations,
+        });
+    }
+    axum::Json(out)
 }

@@ -33,6 +33,8 @@ use crate::select::{Overflow, PeerInfo, select};
 /// How often the origin looks for work to delegate and follows its
 /// delegations.
 pub const ROUND: Duration = Duration::from_millis(500);
+/// The key of the committed policy among the state's records.
+pub const POLICY_RECORD: &str = "federation/policy";
 /// How long a target waits for its scheduler before answering an offer.
 const PLACE_WAIT: Duration = Duration::from_secs(5);
 
@@ -86,8 +88,28 @@ impl Federation {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn policy(&self) -> Policy {
-        self.policy.read().expect("policy lock").clone()
+    /// The policy in force: the one committed through the cluster's log,
+    /// so every server applies the same; until one is, this server's file.
+    pub fn policy(&self) -> Policy {
+        let committed = self.server.raft.read(|s| {
+            s.records(POLICY_RECORD)
+                .find(|(k, _)| k.as_str() == POLICY_RECORD)
+                .and_then(|(_, v)| decode::<Policy>(v).ok())
+        });
+        committed.unwrap_or_else(|| self.policy.read().expect("policy lock").clone())
+    }
+
+    /// Commits `policy` through the cluster's log (from any server).
+    pub async fn commit_policy(&self, policy: Policy) -> Result<(), String> {
+        if policy.cluster != self.server.options.cluster {
+            return Err(format!(
+                "the policy is for cluster {}, this is {}",
+                policy.cluster, self.server.options.cluster
+            ));
+        }
+        *self.policy.write().expect("policy lock") = policy.clone();
+        let w = Write::Record { holder: POLICY_RECORD.into(), record: encode(&policy) };
+        self.server.write(w).await.map(|_| ()).map_err(|e| e.message)
     }
 
     /// Every delegation record in the state (origin side).
@@ -113,6 +135,14 @@ impl PeerHandler for Federation {
             Ok(PeerRequest::Offer(offer)) => self.on_offer(&from, offer).await,
             Ok(PeerRequest::Status { id }) => self.on_status(&id).await,
             Ok(PeerRequest::Revoke { id, epoch }) => self.on_revoke(&id, epoch).await,
+            Ok(PeerRequest::Allocations { id }) => {
+                let job = JobId::new(target_job_id(&id));
+                PeerReply::Allocations(
+                    self.server
+                        .raft
+                        .read(|s| s.allocs_of_job(&job).map(cluster_core::server::api::AllocView::of).collect()),
+                )
+            }
             Err(e) => PeerReply::Rejected { reason: Rejection::NotAccepted, message: format!("malformed: {e}") },
         };
         encode(&reply)
@@ -262,6 +292,14 @@ struct Blocked {
 /// The origin's duties; run while the server leads (see [`run`]).
 impl Federation {
     async fn round(&self) {
+        // The first leader to run commits its file's policy, if none is.
+        let committed = self.server.raft.read(|s| s.records(POLICY_RECORD).next().is_some());
+        if !committed {
+            let local = self.policy.read().expect("policy lock").clone();
+            if let Err(e) = self.commit_policy(local).await {
+                tracing::warn!(error = %e, "cannot commit the federation policy");
+            }
+        }
         let policy = self.policy();
         let now = self.now_ms();
         let view = self.member.view();
@@ -478,7 +516,7 @@ impl Federation {
     }
 
     /// Sends `request` to the first of `addrs` that answers.
-    async fn ask(&self, addrs: &[SocketAddr], request: &PeerRequest) -> Option<PeerReply> {
+    pub async fn ask(&self, addrs: &[SocketAddr], request: &PeerRequest) -> Option<PeerReply> {
         let bytes = encode(request);
         for a in addrs {
             match self.server.call_peer(*a, bytes.clone()).await {

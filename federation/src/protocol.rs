@@ -16,8 +16,17 @@ pub const LABEL_EPOCH: &str = "hanse.epoch";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
     Offer(Offer),
-    Status { id: String },
-    Revoke { id: String, epoch: u64 },
+    Status {
+        id: String,
+    },
+    Revoke {
+        id: String,
+        epoch: u64,
+    },
+    /// The allocations a delegation's work has on the target.
+    Allocations {
+        id: String,
+    },
 }
 
 /// N instances of one group: the job as the target will register it (one
@@ -40,6 +49,7 @@ pub enum PeerReply {
     Report(Report),
     Revoked,
     Unknown,
+    Allocations(Vec<cluster_core::server::api::AllocView>),
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {

@@ -329,3 +329,33 @@ async fn a_target_that_comes_back_stops_what_it_ran_for_a_revoked_delegation() {
     origin.stop().await;
     target.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_committed_through_the_log_is_the_one_every_server_applies() {
+    let f = two(
+        "eu-central",
+        &["eu"],
+        policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""),
+        policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""),
+    )
+    .await;
+    let leader = f.origin.cluster.leader(Duration::from_secs(10)).await.unwrap();
+    let feds: Vec<_> = f.origin.servers.iter().filter_map(|s| s.federation.clone()).collect();
+    let follower = f.origin.servers.iter().find(|s| s.id != leader).and_then(|s| s.federation.clone()).unwrap();
+    // A new policy, given to a follower: no peer to delegate to.
+    let text = policy("eu-west", "\"eu\"", &[("eu-central", false, true)], "");
+    let new = federation::policy::parse_policy(&cluster_core::diag::SourceFile::new("p.toml", text)).value.unwrap();
+    follower.commit_policy(new.clone()).await.unwrap();
+    until(Duration::from_secs(5), "every server applies it", || feds.iter().all(|f| f.policy() == new)).await;
+    // A policy for another cluster is refused.
+    let other = federation::policy::Policy::isolated("us-east");
+    assert!(follower.commit_policy(other).await.unwrap_err().contains("for cluster us-east"));
+    // And it is in force: the overflow stays here.
+    let client = Client::new(&f.origin.cluster.addresses());
+    tokio::task::spawn_blocking(move || client.submit(&spec("stay", 20, ""), "stay.toml").unwrap()).await.unwrap();
+    until(Duration::from_secs(10), "placed what fits", || live(&f.origin, "stay") == 8).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(f.origin.leader_federation().await.records().is_empty(), "nothing offered");
+    f.origin.stop().await;
+    f.target.stop().await;
+}

@@ -323,6 +323,7 @@ impl Inner {
             Write::StopJob(job) => propose(Command::StopJob(job)).await?,
             Write::DrainNode { node, drain } => propose(Command::DrainNode { node, drain }).await?,
             Write::AllocStatus(updates) => propose(Command::AllocStatus(updates)).await?,
+            Write::Record { holder, record } => propose(Command::Record { holder, record }).await?,
         };
         match effect {
             Effect::JobRegistered { version, eval } => Ok(WriteReply::Job { version, eval }),

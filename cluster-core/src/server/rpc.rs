@@ -28,6 +28,11 @@ pub enum Write {
         drain: bool,
     },
     AllocStatus(Vec<(AllocId, AllocStatus)>),
+    /// A record among the state's opaque records (the federation's policy).
+    Record {
+        holder: String,
+        record: Vec<u8>,
+    },
     AddPeer {
         id: u64,
         addr: SocketAddr,
