@@ -283,14 +283,20 @@ fn print_job(s: &JobStatus) {
 pub fn job_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
     let Some(id) = id else { return job_list(c, json) };
     let s = c.job(id).map_err(api)?;
-    let remote: Vec<federation::api::Outbound> = c
-        .get::<federation::api::Delegations>("/v1/federation/delegations")
-        .map(|d| d.outbound.into_iter().filter(|o| o.job == s.summary.id).collect())
-        .unwrap_or_default();
+    let delegations = c.get::<federation::api::Delegations>("/v1/federation/delegations").ok();
+    let waiting = delegations.as_ref().and_then(|d| d.waiting.get(&s.summary.id).cloned());
+    let remote: Vec<federation::api::Outbound> =
+        delegations.map(|d| d.outbound.into_iter().filter(|o| o.job == s.summary.id).collect()).unwrap_or_default();
     if json {
-        print_json(&serde_json::json!({ "job": s, "delegations": remote }))?;
+        print_json(&serde_json::json!({ "job": s, "delegations": remote, "waiting": waiting }))?;
     } else {
         print_job(&s);
+        if let Some(w) = &waiting {
+            println!("  waiting for a peer: {} (retried as summaries change)", plural(w.instances.into(), "instance"));
+            for (cluster, why) in &w.refused {
+                println!("    {cluster}: {why}");
+            }
+        }
         let active: Vec<_> =
             remote.iter().filter(|o| matches!(o.state.as_str(), "offered" | "accepted" | "running")).collect();
         if !active.is_empty() {

@@ -74,5 +74,19 @@ fn the_federation_demo_delegates_overflow_and_keeps_eu_work_in_the_eu() {
     let text = String::from_utf8_lossy(&plan.stdout);
     assert_eq!(plan.status.code(), Some(2), "{text}");
     assert!(text.contains("us-east") && text.contains("may run in [eu]"), "{text}");
+    // Run it: what no peer takes waits, and job status says why.
+    let run = hanse(&["job", "run", "--detach", &example("jobs/analytics-eu.toml")]);
+    assert_eq!(run.status.code(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = hanse(&["job", "status", "clickstream-rollup"]);
+        let text = String::from_utf8_lossy(&status.stdout).to_string();
+        if text.contains("waiting for a peer") {
+            assert!(text.contains("us-east: the work may run in [eu]"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no retry queue shown: {text}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     drop(demo);
 }

@@ -51,6 +51,8 @@ pub struct Delegations {
     pub cluster: String,
     pub outbound: Vec<Outbound>,
     pub inbound: Vec<Inbound>,
+    /// Overflow no peer took yet, by job (the retry queue).
+    pub waiting: std::collections::BTreeMap<String, crate::node::Waiting>,
 }
 
 /// `POST /v1/federation/plan`: the local plan, and where the rest would go.
@@ -140,7 +142,8 @@ async fn delegations(State(fed): State<Arc<Federation>>) -> Result<axum::Json<De
             })
             .collect()
     });
-    Ok(axum::Json(Delegations { cluster: fed.server.options.cluster.clone(), outbound, inbound }))
+    let waiting = fed.waiting.lock().expect("waiting lock").clone();
+    Ok(axum::Json(Delegations { cluster: fed.server.options.cluster.clone(), outbound, inbound, waiting }))
 }
 
 async fn plan(State(fed): State<Arc<Federation>>, body: Bytes) -> Result<axum::Json<FederatedPlan>, ApiError> {

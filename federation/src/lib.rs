@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod delegation;
+pub mod local;
 pub mod node;
 pub mod policy;
 pub mod protocol;

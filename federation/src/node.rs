@@ -67,7 +67,16 @@ pub struct Federation {
     /// from, and when each target was first seen dead.
     heard: Mutex<BTreeMap<String, u64>>,
     dead_since: Mutex<BTreeMap<String, u64>>,
+    /// Overflow no peer took, by job, with each peer's reason: the retry
+    /// queue (tried again every round, so as soon as summaries change).
+    pub waiting: Mutex<BTreeMap<String, Waiting>>,
     started: Instant,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Waiting {
+    pub instances: u32,
+    pub refused: Vec<(String, String)>,
 }
 
 impl Federation {
@@ -80,6 +89,7 @@ impl Federation {
             breakers: Mutex::default(),
             heard: Mutex::default(),
             dead_since: Mutex::default(),
+            waiting: Mutex::default(),
             started: Instant::now(),
         })
     }
@@ -390,9 +400,14 @@ impl Federation {
                 })
                 .collect()
         });
+        let mut waiting = BTreeMap::new();
         for Blocked { eval, job, overflow, mut free, remote } in work {
             let total = job.instance_count() as u32;
             let selection = select(policy, &job, &overflow, total, remote, &peers);
+            if selection.left > 0 {
+                let refused = selection.refused.iter().map(|(c, r)| (c.clone(), r.to_string())).collect();
+                waiting.insert(job.id.to_string(), Waiting { instances: selection.left, refused });
+            }
             for offer in selection.offers {
                 let indices: Vec<u32> = free.get_mut(&offer.group).map_or_else(Vec::new, |f| {
                     let n = (offer.count as usize).min(f.len());
@@ -422,6 +437,7 @@ impl Federation {
                 self.offer(policy, record, delegated).await;
             }
         }
+        *self.waiting.lock().expect("waiting lock") = waiting;
     }
 
     /// Holds the instances (in the log, before anything is sent), then

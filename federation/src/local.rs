@@ -1,0 +1,165 @@
+//! Clusters in one process, on loopback, that gossip and (with a policy)
+//! delegate: real QUIC with mutual TLS (one CA for the federation), redb,
+//! HTTP and UDP gossip. For tests, benchmarks and demos.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::node::Federation;
+use crate::policy::parse_policy;
+use crate::publish::{Identity, publish};
+use cluster_core::diag::SourceFile;
+use cluster_core::server::ServerOptions;
+use cluster_core::server::local::LocalCluster;
+use cluster_core::spec::parse_fleet;
+use cluster_core::transport::tls::PemPair;
+use gossip::net::UdpNet;
+use gossip::{FederationView, Key, Keyring, Liveness, Member, MemberConfig};
+
+pub struct Server {
+    pub id: u64,
+    pub member: Arc<Member>,
+    pub federation: Option<Arc<Federation>>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub struct Gossiping {
+    pub cluster: LocalCluster,
+    pub servers: Vec<Server>,
+    key: Key,
+    seeds: Vec<String>,
+    jurisdictions: Vec<String>,
+    policy: Option<crate::policy::Policy>,
+}
+
+pub struct Setup<'a> {
+    pub name: &'a str,
+    pub servers: u64,
+    pub key: &'a Key,
+    pub ca: Option<&'a PemPair>,
+    pub seeds: Vec<String>,
+    pub jurisdictions: &'a [&'a str],
+    /// A policy file's text: the cluster delegates and accepts by it.
+    pub policy: Option<String>,
+}
+
+/// Starts a cluster of `s.servers` servers and joins each to the gossip.
+pub async fn start(s: Setup<'_>) -> Gossiping {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("hanse-fed-{}-{n}-{}", std::process::id(), s.name));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = LocalCluster::start_with_ca(
+        s.name,
+        &dir,
+        s.servers,
+        ServerOptions::new(s.name, "s"),
+        Duration::from_millis(100),
+        s.ca.cloned(),
+    )
+    .await
+    .expect("the cluster starts");
+    let policy = s.policy.as_ref().map(|text| {
+        let file = SourceFile::new(format!("{}.toml", s.name), text.clone());
+        let checked = parse_policy(&file);
+        checked.value.unwrap_or_else(|| panic!("{}", file.render(&checked.diagnostics)))
+    });
+    let mut g = Gossiping {
+        cluster,
+        servers: Vec::new(),
+        key: s.key.clone(),
+        seeds: s.seeds.clone(),
+        jurisdictions: s.jurisdictions.iter().map(|j| j.to_string()).collect(),
+        policy,
+    };
+    for id in g.cluster.running().collect::<Vec<_>>() {
+        g.join(id).await;
+    }
+    g
+}
+
+impl Gossiping {
+    /// Gossip (and, with a policy, federation) for server `id`.
+    async fn join(&mut self, id: u64) {
+        let name = self.cluster.name.clone();
+        let mut config = MemberConfig::new("test", &name, &format!("s{id}"), "127.0.0.1:0".parse().unwrap());
+        config.region = format!("{name}-1");
+        config.seeds = self.seeds.clone();
+        config.seeds.extend(self.servers.first().map(|x| x.member.local_addr().to_string()));
+        config.rpc_addr = Some(self.cluster.raft_addrs[&id].to_string());
+        let member = Arc::new(Member::start(config, Keyring::new(self.key.clone()), Arc::new(UdpNet)).await.unwrap());
+        let me = Identity { region: format!("{name}-1"), jurisdictions: self.jurisdictions.clone() };
+        let inner = self.cluster.server(id).unwrap().inner.clone();
+        let mut tasks = vec![tokio::spawn(publish(inner.clone(), member.clone(), me))];
+        let federation = self.policy.clone().map(|p| {
+            let fed = Federation::new(inner.clone(), member.clone(), p);
+            self.cluster.server(id).unwrap().set_peer_handler(fed.clone());
+            tasks.push(tokio::spawn(crate::node::run(fed.clone())));
+            fed
+        });
+        self.servers.push(Server { id, member, federation, tasks });
+    }
+
+    /// Starts server `id` again on its data and addresses.
+    pub async fn restart_server(&mut self, id: u64) {
+        self.cluster.start_server(id).await.expect("the server starts again");
+        self.join(id).await;
+    }
+
+    pub async fn stop_server(&mut self, id: u64) {
+        if let Some(at) = self.servers.iter().position(|s| s.id == id) {
+            let s = self.servers.remove(at);
+            for t in &s.tasks {
+                t.abort();
+            }
+            self.cluster.stop_server(id).await;
+            if let Ok(m) = Arc::try_unwrap(s.member) {
+                let _ = m.shutdown().await;
+            }
+        }
+    }
+
+    pub async fn stop(mut self) {
+        for id in self.servers.iter().map(|s| s.id).collect::<Vec<_>>() {
+            self.stop_server(id).await;
+        }
+        self.cluster.stop().await;
+    }
+
+    pub fn view(&self) -> Arc<FederationView> {
+        self.servers[0].member.view()
+    }
+
+    pub async fn leader_federation(&self) -> Arc<Federation> {
+        let leader = self.cluster.leader(Duration::from_secs(10)).await.expect("a leader");
+        self.servers.iter().find(|s| s.id == leader).and_then(|s| s.federation.clone()).expect("federated")
+    }
+}
+
+/// Waits until `check` holds; panics after `limit` (tests and benches).
+pub async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `count` nodes of `cpu` cores, in the given jurisdiction.
+pub fn nodes_in(jurisdiction: &str, prefix: &str, count: usize, cpu: u32) -> Vec<cluster_core::model::Node> {
+    let text = format!(
+        "[fleet]\nname = \"{prefix}\"\njurisdictions = [\"{jurisdiction}\"]\n[[class]]\nname = \"{prefix}\"\ncount = {count}\ncpu = {cpu}\nmemory = \"64GiB\"\ncost_per_hour = {}\n",
+        0.04 * f64::from(cpu)
+    );
+    parse_fleet(&SourceFile::new("f.toml", text)).value.unwrap().nodes
+}
+
+/// `count` nodes of `cpu` cores, in the EU.
+pub fn nodes(prefix: &str, count: usize, cpu: u32) -> Vec<cluster_core::model::Node> {
+    nodes_in("eu", prefix, count, cpu)
+}
+
+pub fn alive_with_nodes(view: &FederationView, cluster: &str, n: u32) -> bool {
+    view.cluster(cluster)
+        .is_some_and(|e| e.liveness == Liveness::Alive && e.summary.as_ref().is_some_and(|s| s.nodes_ready == n))
+}
