@@ -49,6 +49,8 @@ pub struct Delegation {
     pub running: u32,
     pub complete: u32,
     pub failed: u32,
+    /// When the target answered that it placed the instances.
+    pub accepted_ms: Option<u64>,
 }
 
 /// What the target says about a delegation's allocations.
@@ -76,12 +78,14 @@ impl Delegation {
             running: 0,
             complete: 0,
             failed: 0,
+            accepted_ms: None,
         }
     }
 
     pub fn accepted(&mut self, now_ms: u64, retry: &Retry) {
         if self.state == State::Offered {
             self.state = State::Accepted;
+            self.accepted_ms = Some(now_ms);
         }
         self.lease_until_ms = self.lease_until_ms.max(now_ms + retry.lease_ms);
     }

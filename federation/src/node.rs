@@ -33,8 +33,12 @@ use crate::select::{Overflow, PeerInfo, select};
 /// How often the origin looks for work to delegate and follows its
 /// delegations.
 pub const ROUND: Duration = Duration::from_millis(500);
+/// Offers one origin leader has in flight at once.
+pub const OFFERS_IN_FLIGHT_MAX: usize = 16;
 /// The key of the committed policy among the state's records.
 pub const POLICY_RECORD: &str = "federation/policy";
+/// How long the origin waits for a status or revocation answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a target waits for its scheduler before answering an offer.
 const PLACE_WAIT: Duration = Duration::from_secs(5);
 
@@ -301,7 +305,7 @@ struct Blocked {
 
 /// The origin's duties; run while the server leads (see [`run`]).
 impl Federation {
-    async fn round(&self) {
+    async fn round(self: &Arc<Self>) {
         // The first leader to run commits its file's policy, if none is.
         let committed = self.server.raft.read(|s| s.records(POLICY_RECORD).next().is_some());
         if !committed {
@@ -324,14 +328,14 @@ impl Federation {
                 }
             }
         }
-        self.follow(&policy, now).await;
+        self.follow(&policy, now, &view).await;
         if policy.overflow.triggers.contains(&Trigger::Unplaceable) {
             self.delegate(&policy, now, &view).await;
         }
     }
 
     /// Offers the overflow of blocked evaluations to peers.
-    async fn delegate(&self, policy: &Policy, now: u64, view: &gossip::FederationView) {
+    async fn delegate(self: &Arc<Self>, policy: &Policy, now: u64, view: &gossip::FederationView) {
         let peers: Vec<PeerInfo> = view
             .clusters
             .values()
@@ -401,6 +405,7 @@ impl Federation {
                 .collect()
         });
         let mut waiting = BTreeMap::new();
+        let mut offers = tokio::task::JoinSet::new();
         for Blocked { eval, job, overflow, mut free, remote } in work {
             let total = job.instance_count() as u32;
             let selection = select(policy, &job, &overflow, total, remote, &peers);
@@ -434,9 +439,15 @@ impl Federation {
                     fenced: false,
                     note: String::new(),
                 };
-                self.offer(policy, record, delegated).await;
+                // Offers go out side by side, a bounded number at a time.
+                while offers.len() >= OFFERS_IN_FLIGHT_MAX {
+                    offers.join_next().await;
+                }
+                let (me, policy) = (self.clone(), policy.clone());
+                offers.spawn(async move { me.offer(&policy, record, delegated).await });
             }
         }
+        while offers.join_next().await.is_some() {}
         *self.waiting.lock().expect("waiting lock") = waiting;
     }
 
@@ -534,10 +545,13 @@ impl Federation {
     /// Sends `request` to the first of `addrs` that answers.
     pub async fn ask(&self, addrs: &[SocketAddr], request: &PeerRequest) -> Option<PeerReply> {
         let bytes = encode(request);
+        // Offers wait for the target's scheduler; the rest answer at once.
+        let limit = if matches!(request, PeerRequest::Offer(_)) { PLACE_WAIT * 2 } else { ASK_TIMEOUT };
         for a in addrs {
-            match self.server.call_peer(*a, bytes.clone()).await {
-                Ok(reply) => return decode::<PeerReply>(&reply).ok(),
-                Err(e) => tracing::debug!(to = %a, error = %e, "peer did not answer"),
+            match tokio::time::timeout(limit, self.server.call_peer(*a, bytes.clone())).await {
+                Ok(Ok(reply)) => return decode::<PeerReply>(&reply).ok(),
+                Ok(Err(e)) => tracing::debug!(to = %a, error = %e, "peer did not answer"),
+                Err(_) => tracing::debug!(to = %a, "peer did not answer in time"),
             }
         }
         None
@@ -546,10 +560,15 @@ impl Federation {
     /// Follows active delegations: reports renew the lease; a target dead
     /// past the grace period, or a lease that lapsed, revokes; revoked
     /// delegations are fenced once the target hears of it.
-    async fn follow(&self, policy: &Policy, now: u64) {
+    async fn follow(&self, policy: &Policy, now: u64, view: &gossip::FederationView) {
+        // Targets that did not answer this round are not asked again in it:
+        // a dead target costs one timeout a round, not one per delegation.
+        let mut silent: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for mut record in self.records() {
             let id = record.delegation.id.clone();
             let target = record.delegation.target.clone();
+            let reachable =
+                !silent.contains(&target) && view.cluster(&target).is_none_or(|c| c.liveness != Liveness::Dead);
             match record.delegation.state {
                 State::Accepted | State::Running | State::Offered => {
                     let heard = *self.heard.lock().expect("heard").entry(id.clone()).or_insert(now);
@@ -568,7 +587,13 @@ impl Federation {
                             .await;
                         continue;
                     }
+                    if !reachable {
+                        continue;
+                    }
                     let status = self.ask(&record.target_addrs, &PeerRequest::Status { id: id.clone() }).await;
+                    if status.is_none() {
+                        silent.insert(target.clone());
+                    }
                     if let (Some(PeerReply::Unknown), State::Offered) = (&status, record.delegation.state) {
                         // Held, but the offer never arrived (the leader
                         // that held it stopped): offer it again.
@@ -595,9 +620,13 @@ impl Federation {
                         }
                     }
                 }
-                State::Revoked if !record.fenced => {
+                State::Revoked if !record.fenced && reachable => {
                     let revoke = PeerRequest::Revoke { id: id.clone(), epoch: record.delegation.epoch };
-                    if let Some(PeerReply::Revoked) = self.ask(&record.target_addrs, &revoke).await {
+                    let answer = self.ask(&record.target_addrs, &revoke).await;
+                    if answer.is_none() {
+                        silent.insert(target.clone());
+                    }
+                    if let Some(PeerReply::Revoked) = answer {
                         record.fenced = true;
                         let _ = self
                             .server
