@@ -55,6 +55,7 @@ fn summary(cluster: &str, free_cpu: u64) -> ClusterSummary {
         shapes: vec![100; 8],
         running_allocs: 1_000,
         pending_allocs: 0,
+        inbound_share: 0.0,
     }
 }
 

@@ -166,7 +166,7 @@ pub fn delegations(c: &Client, json: bool) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Ok);
     }
     if !d.outbound.is_empty() {
-        let mut t = table(&["outbound", "to", "job", "instances", "state", "epoch", "running", "note"]);
+        let mut t = table(&["outbound", "to", "job", "instances", "state", "epoch", "running", "age", "note"]);
         for o in &d.outbound {
             t.add_row(vec![
                 o.id.clone(),
@@ -176,6 +176,7 @@ pub fn delegations(c: &Client, json: bool) -> anyhow::Result<Outcome> {
                 o.state.clone(),
                 o.epoch.to_string(),
                 o.running.to_string(),
+                format!("{}s", o.age_s),
                 o.note.clone(),
             ]);
         }
@@ -288,7 +289,14 @@ pub fn job_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Ou
     let remote: Vec<federation::api::Outbound> =
         delegations.map(|d| d.outbound.into_iter().filter(|o| o.job == s.summary.id).collect()).unwrap_or_default();
     if json {
-        print_json(&serde_json::json!({ "job": s, "delegations": remote, "waiting": waiting }))?;
+        // The job's status as the cluster API gives it, and, in a
+        // federation, its delegations and what waits for a peer.
+        let mut v = serde_json::to_value(&s)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("delegations".into(), serde_json::to_value(&remote)?);
+            o.insert("waiting".into(), serde_json::to_value(&waiting)?);
+        }
+        print_json(&v)?;
     } else {
         print_job(&s);
         if let Some(w) = &waiting {

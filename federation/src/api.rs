@@ -34,6 +34,8 @@ pub struct Outbound {
     pub failed: u32,
     pub fenced: bool,
     pub note: String,
+    /// Seconds since it was offered.
+    pub age_s: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -127,6 +129,7 @@ async fn delegations(State(fed): State<Arc<Federation>>) -> Result<axum::Json<De
             failed: r.delegation.failed,
             fenced: r.fenced,
             note: r.note,
+            age_s: gossip::transport::unix_ms().saturating_sub(r.delegation.created_ms) / 1000,
         })
         .collect();
     let inbound = fed.server.raft.read(|s| {
@@ -180,6 +183,7 @@ async fn plan(State(fed): State<Arc<Federation>>, body: Bytes) -> Result<axum::J
             cluster: c.cluster.clone(),
             alive: c.liveness == Liveness::Alive,
             summary: c.summary.clone(),
+            rtt_ms: None,
             breaker_open: false,
         })
         .collect();

@@ -74,7 +74,8 @@ pub struct Federation {
     /// Overflow no peer took, by job, with each peer's reason: the retry
     /// queue (tried again every round, so as soon as summaries change).
     pub waiting: Mutex<BTreeMap<String, Waiting>>,
-    started: Instant,
+    /// Round-trip time to each peer cluster, smoothed, in milliseconds.
+    rtt: Mutex<BTreeMap<SocketAddr, f64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -94,12 +95,14 @@ impl Federation {
             heard: Mutex::default(),
             dead_since: Mutex::default(),
             waiting: Mutex::default(),
-            started: Instant::now(),
+            rtt: Mutex::default(),
         })
     }
 
+    /// Wall-clock milliseconds: delegation records carry times that other
+    /// leaders (and people) read.
     fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        gossip::transport::unix_ms()
     }
 
     /// The policy in force: the one committed through the cluster's log,
@@ -133,12 +136,12 @@ impl Federation {
 }
 
 /// The cpu of a job's live allocations that came from other clusters.
-fn inbound_cpu(s: &ClusterState) -> u64 {
+pub(crate) fn inbound_cpu(s: &ClusterState) -> u64 {
     let inbound: Vec<&Job> = s.jobs().filter(|j| j.labels.contains_key(LABEL_ORIGIN) && !j.stopped).collect();
     inbound.iter().flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
 }
 
-fn total_cpu(s: &ClusterState) -> u64 {
+pub(crate) fn total_cpu(s: &ClusterState) -> u64 {
     s.nodes().iter().filter(|n| n.schedulable()).map(|n| n.capacity.cpu_millis).sum()
 }
 
@@ -344,6 +347,14 @@ impl Federation {
                 cluster: c.cluster.clone(),
                 alive: c.liveness == Liveness::Alive,
                 summary: c.summary.clone(),
+                rtt_ms: {
+                    let rtt = self.rtt.lock().expect("rtt lock");
+                    c.servers
+                        .values()
+                        .filter_map(|s| rtt.get(&s.rpc_addr.as_ref()?.parse().ok()?))
+                        .copied()
+                        .reduce(f64::min)
+                },
                 breaker_open: self
                     .breakers
                     .lock()
@@ -548,8 +559,17 @@ impl Federation {
         // Offers wait for the target's scheduler; the rest answer at once.
         let limit = if matches!(request, PeerRequest::Offer(_)) { PLACE_WAIT * 2 } else { ASK_TIMEOUT };
         for a in addrs {
+            let sent = Instant::now();
             match tokio::time::timeout(limit, self.server.call_peer(*a, bytes.clone())).await {
-                Ok(Ok(reply)) => return decode::<PeerReply>(&reply).ok(),
+                Ok(Ok(reply)) => {
+                    if !matches!(request, PeerRequest::Offer(_)) {
+                        let ms = sent.elapsed().as_secs_f64() * 1e3;
+                        let mut rtt = self.rtt.lock().expect("rtt lock");
+                        let e = rtt.entry(*a).or_insert(ms);
+                        *e = 0.8 * *e + 0.2 * ms;
+                    }
+                    return decode::<PeerReply>(&reply).ok();
+                }
                 Ok(Err(e)) => tracing::debug!(to = %a, error = %e, "peer did not answer"),
                 Err(_) => tracing::debug!(to = %a, "peer did not answer in time"),
             }

@@ -38,7 +38,12 @@ pub async fn publish(server: Arc<Inner>, member: Arc<Member>, me: Identity) {
         let now = status.leader == Some(server.id);
         if now {
             let summary = server.raft.read(|s| {
-                ClusterSummary::build(&server.options.cluster, &me.region, term, unix_ms(), &me.jurisdictions, s)
+                let mut summary =
+                    ClusterSummary::build(&server.options.cluster, &me.region, term, unix_ms(), &me.jurisdictions, s);
+                let total = crate::node::total_cpu(s);
+                summary.inbound_share =
+                    if total == 0 { 0.0 } else { crate::node::inbound_cpu(s) as f64 / total as f64 };
+                summary
             });
             if let Err(e) = member.publish_summary(summary, unix_ms()).await {
                 tracing::warn!(error = %e, "cannot publish the cluster's summary");

@@ -24,6 +24,8 @@ pub struct PeerInfo {
     pub summary: Option<ClusterSummary>,
     /// The origin's circuit breaker for this peer is open.
     pub breaker_open: bool,
+    /// Measured round-trip time to its servers, when known.
+    pub rtt_ms: Option<f64>,
 }
 
 /// Instances of one group the local scheduler could not place.
@@ -190,10 +192,20 @@ pub fn select(
         room.insert(p.cluster.as_str(), per_group);
     }
     // Best first: room for more of the overflow (peers that can take all
-    // of it tie), then cheaper, then by name (a deterministic order).
+    // of it tie), then a score of price, inbound load and latency (lower
+    // is better), then by name (a deterministic order).
+    let score = |(p, s, price): &(&PeerInfo, &ClusterSummary, f64)| {
+        let rtt = p.rtt_ms.unwrap_or(50.0).min(1_000.0);
+        // A cent per cpu-hour weighs as much as 10% more inbound load or
+        // 20 ms of round trip.
+        price * 100.0 + s.inbound_share * 10.0 + rtt / 20.0
+    };
     candidates.sort_by(|a, b| {
         let takes = |c: &str| room[c].values().copied().max().unwrap_or(0).min(wanted);
-        takes(&b.0.cluster).cmp(&takes(&a.0.cluster)).then(a.2.total_cmp(&b.2)).then(a.0.cluster.cmp(&b.0.cluster))
+        takes(&b.0.cluster)
+            .cmp(&takes(&a.0.cluster))
+            .then(score(a).total_cmp(&score(b)))
+            .then(a.0.cluster.cmp(&b.0.cluster))
     });
 
     let mut left_budget = budget;

@@ -29,7 +29,7 @@ fn summary(cluster: &str, jurisdictions: &[&str], count: u32, cpu: u32, price: f
 }
 
 fn peer(s: ClusterSummary) -> PeerInfo {
-    PeerInfo { cluster: s.cluster.clone(), alive: true, summary: Some(s), breaker_open: false }
+    PeerInfo { cluster: s.cluster.clone(), alive: true, summary: Some(s), breaker_open: false, rtt_ms: None }
 }
 
 fn job(labels: &str, count: u32, cpu: u32) -> Job {
@@ -189,4 +189,20 @@ fn a_target_checks_origin_share_and_hops_itself() {
     assert_eq!(check_offer(&target, &offer("us-east", 10_000, 0, 0)), Err(Rejection::NotAccepted));
     assert_eq!(check_offer(&target, &offer("edge-1", 10_000, 20_000, 0)), Err(Rejection::InboundShare));
     assert_eq!(check_offer(&target, &offer("edge-1", 1_000, 0, 1)), Err(Rejection::HopLimit));
+}
+
+#[test]
+fn among_equal_prices_the_less_loaded_and_nearer_peer_wins() {
+    let p = policy("eu-west");
+    let mut busy = summary("eu-central", &["eu"], 10, 8, 0.03);
+    busy.inbound_share = 0.6;
+    let calm = summary("us-east", &["us"], 10, 8, 0.03);
+    let s = select(&p, &job("", 10, 1), &overflow(5), 10, 0, &[peer(busy.clone()), peer(calm.clone())]);
+    assert_eq!(s.offers[0].peer, "us-east", "less inbound load wins at the same price");
+    let mut far = peer(calm);
+    far.rtt_ms = Some(400.0);
+    let mut near = peer(busy);
+    near.rtt_ms = Some(1.0);
+    let s = select(&p, &job("", 10, 1), &overflow(5), 10, 0, &[near, far]);
+    assert_eq!(s.offers[0].peer, "eu-central", "400 ms away outweighs 60% inbound load");
 }

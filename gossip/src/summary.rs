@@ -57,6 +57,9 @@ pub struct ClusterSummary {
     pub shapes: Vec<u32>,
     pub running_allocs: u64,
     pub pending_allocs: u64,
+    /// The share of the cluster's cpu that other clusters' work takes
+    /// (set by the federation; 0 without one).
+    pub inbound_share: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -196,6 +199,7 @@ impl ClusterSummary {
             shapes: shapes.into_iter().map(|n| n.min(u64::from(u32::MAX)) as u32).collect(),
             running_allocs: running,
             pending_allocs: pending,
+            inbound_share: 0.0,
         }
     }
 

@@ -256,6 +256,7 @@ mod tests {
             shapes: vec![0; 8],
             running_allocs: 0,
             pending_allocs: 0,
+            inbound_share: 0.0,
         }
     }
 

@@ -41,6 +41,7 @@ fn summary(cluster: &str, term: u64, free_cpu: u64) -> ClusterSummary {
         shapes: vec![0; 8],
         running_allocs: 0,
         pending_allocs: 0,
+        inbound_share: 0.0,
     }
 }
 
