@@ -30,6 +30,22 @@ fn spec(name: &str, count: u32, extra: &str) -> String {
     )
 }
 
+/// eu-west and eu-central, each delegating to and accepting from the other.
+async fn eu_pair() -> Federation2 {
+    two(
+        "eu-central",
+        &["eu"],
+        policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""),
+        policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""),
+    )
+    .await
+}
+
+async fn submit(g: &Gossiping, job: String) {
+    let client = Client::new(&g.cluster.addresses());
+    tokio::task::spawn_blocking(move || client.submit(&job, "job.toml").unwrap()).await.unwrap();
+}
+
 struct Federation2 {
     origin: Gossiping,
     target: Gossiping,
@@ -89,16 +105,9 @@ fn target_jobs(g: &Gossiping) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overflow_from_a_full_cluster_runs_on_the_peer_and_comes_back_when_the_peer_dies() {
-    let f = two(
-        "eu-central",
-        &["eu"],
-        policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""),
-        policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""),
-    )
-    .await;
+    let f = eu_pair().await;
     // 20 one-core instances: 8 fit locally, 12 overflow.
-    let client = Client::new(&f.origin.cluster.addresses());
-    tokio::task::spawn_blocking(move || client.submit(&spec("burst", 20, ""), "burst.toml").unwrap()).await.unwrap();
+    submit(&f.origin, spec("burst", 20, "")).await;
     let fed = f.origin.leader_federation().await;
     until(Duration::from_secs(20), "12 instances run on eu-central", || {
         target_jobs(&f.target).len() == 1 && live(&f.target, &target_jobs(&f.target)[0]) == 12
@@ -148,9 +157,7 @@ async fn eu_only_work_never_lands_in_the_us_even_when_the_origin_policy_allows_i
         policy("us-east", "\"us\"", &[("eu-west", true, true)], ""),
     )
     .await;
-    let client = Client::new(&f.origin.cluster.addresses());
-    let job = spec("pii", 20, "jurisdictions = [\"eu\"]\nlabels = { data = \"eu-pii\" }");
-    tokio::task::spawn_blocking(move || client.submit(&job, "pii.toml").unwrap()).await.unwrap();
+    submit(&f.origin, spec("pii", 20, "jurisdictions = [\"eu\"]\nlabels = { data = \"eu-pii\" }")).await;
     let fed = f.origin.leader_federation().await;
     // The selection already passes over the US peer; force an offer the
     // way a wrong origin would, straight to the target, to see it refuse.
@@ -189,8 +196,7 @@ async fn a_retried_offer_is_accepted_once_and_a_peer_not_accepted_from_is_refuse
     )
     .await;
     let fed = f.origin.leader_federation().await;
-    let client = Client::new(&f.origin.cluster.addresses());
-    tokio::task::spawn_blocking(move || client.submit(&spec("dup", 2, ""), "dup.toml").unwrap()).await.unwrap();
+    submit(&f.origin, spec("dup", 2, "")).await;
     until(Duration::from_secs(10), "placed", || live(&f.origin, "dup") == 2).await;
     let job = f.origin.cluster.server(f.origin.cluster.running().next().unwrap()).unwrap().raft().read(|s| {
         let mut j = s.job(&JobId::new("dup")).unwrap().clone();
@@ -249,8 +255,7 @@ async fn a_target_refuses_an_origin_its_policy_does_not_accept_from() {
         policy("eu-central", "\"eu\"", &[("eu-west", false, false), ("edge-1", false, true)], ""),
     )
     .await;
-    let client = Client::new(&f.origin.cluster.addresses());
-    tokio::task::spawn_blocking(move || client.submit(&spec("no", 20, ""), "no.toml").unwrap()).await.unwrap();
+    submit(&f.origin, spec("no", 20, "")).await;
     let fed = f.origin.leader_federation().await;
     until(Duration::from_secs(15), "the offer was refused", || {
         fed.records().iter().any(|r| r.delegation.state == State::Failed && r.note.contains("NotAccepted"))
@@ -264,18 +269,11 @@ async fn a_target_refuses_an_origin_its_policy_does_not_accept_from() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_origin_leader_killed_mid_delegation_loses_nothing_and_doubles_nothing() {
-    let f = two(
-        "eu-central",
-        &["eu"],
-        policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""),
-        policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""),
-    )
-    .await;
+    let f = eu_pair().await;
     let Federation2 { mut origin, target } = f;
     let leader = origin.cluster.leader(Duration::from_secs(10)).await.unwrap();
     let fed = origin.leader_federation().await;
-    let client = Client::new(&origin.cluster.addresses());
-    tokio::task::spawn_blocking(move || client.submit(&spec("mid", 20, ""), "mid.toml").unwrap()).await.unwrap();
+    submit(&origin, spec("mid", 20, "")).await;
     // Kill the origin's leader as soon as the hold is in its log.
     until(Duration::from_secs(15), "the instances are held", || !fed.records().is_empty()).await;
     origin.stop_server(leader).await;
@@ -301,16 +299,9 @@ async fn the_origin_leader_killed_mid_delegation_loses_nothing_and_doubles_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_target_that_comes_back_stops_what_it_ran_for_a_revoked_delegation() {
-    let f = two(
-        "eu-central",
-        &["eu"],
-        policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""),
-        policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""),
-    )
-    .await;
+    let f = eu_pair().await;
     let Federation2 { origin, mut target } = f;
-    let client = Client::new(&origin.cluster.addresses());
-    tokio::task::spawn_blocking(move || client.submit(&spec("back", 20, ""), "back.toml").unwrap()).await.unwrap();
+    submit(&origin, spec("back", 20, "")).await;
     let fed = origin.leader_federation().await;
     until(Duration::from_secs(20), "running on the target", || {
         fed.records().first().is_some_and(|r| r.delegation.state == State::Running)
@@ -332,13 +323,7 @@ async fn a_target_that_comes_back_stops_what_it_ran_for_a_revoked_delegation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_policy_committed_through_the_log_is_the_one_every_server_applies() {
-    let f = two(
-        "eu-central",
-        &["eu"],
-        policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""),
-        policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""),
-    )
-    .await;
+    let f = eu_pair().await;
     let leader = f.origin.cluster.leader(Duration::from_secs(10)).await.unwrap();
     let feds: Vec<_> = f.origin.servers.iter().filter_map(|s| s.federation.clone()).collect();
     let follower = f.origin.servers.iter().find(|s| s.id != leader).and_then(|s| s.federation.clone()).unwrap();
@@ -351,8 +336,7 @@ async fn a_policy_committed_through_the_log_is_the_one_every_server_applies() {
     let other = federation::policy::Policy::isolated("us-east");
     assert!(follower.commit_policy(other).await.unwrap_err().contains("for cluster us-east"));
     // And it is in force: the overflow stays here.
-    let client = Client::new(&f.origin.cluster.addresses());
-    tokio::task::spawn_blocking(move || client.submit(&spec("stay", 20, ""), "stay.toml").unwrap()).await.unwrap();
+    submit(&f.origin, spec("stay", 20, "")).await;
     until(Duration::from_secs(10), "placed what fits", || live(&f.origin, "stay") == 8).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(f.origin.leader_federation().await.records().is_empty(), "nothing offered");

@@ -146,11 +146,12 @@ impl LocalCluster {
         None
     }
 
-    /// Stops every server.
+    /// Stops every server and removes the data directory.
     pub async fn stop(mut self) {
         let ids: Vec<u64> = self.servers.keys().copied().collect();
         for id in ids {
             self.stop_server(id).await;
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
