@@ -22,18 +22,32 @@ struct Validated {
 }
 
 pub fn validate(files: &[PathBuf], json: bool) -> anyhow::Result<Outcome> {
+    check_files(files, json, parse_job, describe)
+}
+
+/// Checks files with `parse`: every problem with file:line:column on
+/// stderr and a verdict a file on stdout, or JSON records; exit 1 if any
+/// file does not check. `hanse job validate` and `hanse policy check`.
+pub fn check_files<T>(
+    files: &[PathBuf],
+    json: bool,
+    parse: impl Fn(&cluster_core::diag::SourceFile) -> spec::Checked<T>,
+    describe: impl Fn(&T) -> String,
+) -> anyhow::Result<Outcome> {
     let mut results = Vec::new();
     for path in files {
         let file = spec::read_source(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let checked = parse_job(&file);
+        let checked = parse(&file);
         if !json {
             eprint!("{}", file.render(&checked.diagnostics));
+            let count = |sev: Severity| checked.diagnostics.iter().filter(|d| d.severity == sev).count() as u64;
             match &checked.value {
-                Some(job) => println!("{}: ok: {}", file.name, describe(job)),
-                None => {
-                    let errors = checked.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
-                    println!("{}: invalid: {}", file.name, plural(errors as u64, "error"));
+                Some(v) => {
+                    let warnings = count(Severity::Warning);
+                    let tail = if warnings > 0 { format!(", {}", plural(warnings, "warning")) } else { String::new() };
+                    println!("{}: ok: {}{tail}", file.name, describe(v));
                 }
+                None => println!("{}: invalid: {}", file.name, plural(count(Severity::Error), "error")),
             }
         }
         results.push(Validated {
