@@ -8,17 +8,14 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::{get, post};
-use cluster_core::diag::{Severity, SourceFile};
-use cluster_core::model::Plan;
-use cluster_core::scheduler::schedule;
 use cluster_core::server::api::{ApiError, JobSubmit, PlanReport};
+use cluster_core::server::http::{check_submitted, dry_run};
 use cluster_core::spec::parse_job;
-use gossip::Liveness;
 use serde::{Deserialize, Serialize};
 
 use crate::node::Federation;
 use crate::protocol::{LABEL_DELEGATION, LABEL_ORIGIN};
-use crate::select::{Overflow, PeerInfo, select};
+use crate::select::{Overflow, select};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Outbound {
@@ -152,44 +149,12 @@ async fn delegations(State(fed): State<Arc<Federation>>) -> Result<axum::Json<De
 async fn plan(State(fed): State<Arc<Federation>>, body: Bytes) -> Result<axum::Json<FederatedPlan>, ApiError> {
     let req: JobSubmit = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not the JSON this endpoint takes: {e}")))?;
-    let file = SourceFile::new(req.source.unwrap_or_else(|| "job.toml".into()), req.spec);
-    let checked = parse_job(&file);
-    let Some(job) = checked.value else {
-        let errors = checked.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
-        return Err(ApiError {
-            status: 400,
-            message: format!("{} does not check: {errors} error(s)\n{}", file.name, file.render(&checked.diagnostics)),
-            diagnostics: file.records(&checked.diagnostics),
-        });
-    };
-    let copy = fed.server.read(false, cluster_core::state::ClusterState::clone).await?;
-    let config = fed.server.options.scheduler.clone();
-    let cluster = fed.server.options.cluster.clone();
-    let (local, job, plan): (PlanReport, cluster_core::model::Job, Plan) = tokio::task::spawn_blocking(move || {
-        let mut copy = copy;
-        copy.upsert_job(job.clone());
-        let job = copy.job(&job.id).cloned().unwrap_or(job);
-        let plan = schedule(&copy, &job, &config);
-        (PlanReport::of(&copy, &job, &plan, &cluster, config.seed), job, plan)
-    })
-    .await
-    .map_err(|e| ApiError::new(500, format!("planning failed: {e}")))?;
-    let view = fed.member.view();
-    let peers: Vec<PeerInfo> = view
-        .clusters
-        .values()
-        .filter(|c| c.cluster != fed.server.options.cluster)
-        .map(|c| PeerInfo {
-            cluster: c.cluster.clone(),
-            alive: c.liveness == Liveness::Alive,
-            summary: c.summary.clone(),
-            rtt_ms: None,
-            breaker_open: false,
-        })
-        .collect();
+    let job = check_submitted(req.source, "job.toml", req.spec, parse_job)?;
+    let (job, plan, local) = dry_run(&fed.server, job).await?;
+    let policy = fed.policy();
+    let peers = fed.peers(&policy, fed.now_ms(), &fed.member.view());
     let overflow: Vec<Overflow> =
         plan.unplaced.iter().map(|u| Overflow { group: u.group.to_string(), count: u.count }).collect();
-    let policy = fed.policy.read().expect("policy lock").clone();
     let s = select(&policy, &job, &overflow, job.instance_count() as u32, 0, &peers);
     Ok(axum::Json(FederatedPlan {
         local,
@@ -217,15 +182,7 @@ async fn put_policy(
     }
     let req: Put = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not the JSON this endpoint takes: {e}")))?;
-    let file = SourceFile::new(req.source.unwrap_or_else(|| "policy.toml".into()), req.policy);
-    let checked = crate::policy::parse_policy(&file);
-    let Some(policy) = checked.value else {
-        return Err(ApiError {
-            status: 400,
-            message: format!("{} does not check\n{}", file.name, file.render(&checked.diagnostics)),
-            diagnostics: file.records(&checked.diagnostics),
-        });
-    };
+    let policy = check_submitted(req.source, "policy.toml", req.policy, crate::policy::parse_policy)?;
     fed.commit_policy(policy.clone()).await.map_err(ApiError::bad_request)?;
     Ok(axum::Json(policy))
 }

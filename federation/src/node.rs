@@ -15,7 +15,6 @@ use async_trait::async_trait;
 use cluster_core::command::Command;
 use cluster_core::ids::JobId;
 use cluster_core::model::{DelegateMode, EvalStatus, Job};
-use cluster_core::scheduler::schedule;
 use cluster_core::server::Inner;
 use cluster_core::server::rpc::{PeerHandler, Write, WriteReply};
 use cluster_core::state::ClusterState;
@@ -101,7 +100,7 @@ impl Federation {
 
     /// Wall-clock milliseconds: delegation records carry times that other
     /// leaders (and people) read.
-    fn now_ms(&self) -> u64 {
+    pub fn now_ms(&self) -> u64 {
         gossip::transport::unix_ms()
     }
 
@@ -224,14 +223,10 @@ impl Federation {
             return reject(reason, message);
         }
         // How many would fit, by a dry run; offer those.
-        let config = self.server.options.scheduler.clone();
-        let probe = job.clone();
-        let fits = self.server.raft.read(|s| {
-            let mut copy = s.clone();
-            copy.upsert_job(probe.clone());
-            let plan = schedule(&copy, &probe, &config);
-            plan.placements.len() as u32
-        });
+        let fits = match cluster_core::server::http::dry_run(&self.server, job.clone()).await {
+            Ok((_, plan, _)) => plan.placements.len() as u32,
+            Err(e) => return reject(Rejection::NoCapacity, e.message),
+        };
         if fits == 0 {
             return reject(Rejection::NoCapacity, "no node fits an instance".into());
         }
@@ -337,32 +332,33 @@ impl Federation {
         }
     }
 
-    /// Offers the overflow of blocked evaluations to peers.
-    async fn delegate(self: &Arc<Self>, policy: &Policy, now: u64, view: &gossip::FederationView) {
-        let peers: Vec<PeerInfo> = view
-            .clusters
+    /// Every other cluster as gossip and this leader know it: liveness,
+    /// summary, measured round trip, and whether its breaker lets it be
+    /// tried now.
+    pub fn peers(&self, policy: &Policy, now: u64, view: &gossip::FederationView) -> Vec<PeerInfo> {
+        let rtt = self.rtt.lock().expect("rtt lock");
+        let breakers = self.breakers.lock().expect("breakers");
+        view.clusters
             .values()
             .filter(|c| c.cluster != policy.cluster)
             .map(|c| PeerInfo {
                 cluster: c.cluster.clone(),
                 alive: c.liveness == Liveness::Alive,
                 summary: c.summary.clone(),
-                rtt_ms: {
-                    let rtt = self.rtt.lock().expect("rtt lock");
-                    c.servers
-                        .values()
-                        .filter_map(|s| rtt.get(&s.rpc_addr.as_ref()?.parse().ok()?))
-                        .copied()
-                        .reduce(f64::min)
-                },
-                breaker_open: self
-                    .breakers
-                    .lock()
-                    .expect("breakers")
-                    .get(&c.cluster)
-                    .is_some_and(|b| !b.ready(now, &policy.retry)),
+                rtt_ms: c
+                    .servers
+                    .values()
+                    .filter_map(|s| rtt.get(&s.rpc_addr.as_ref()?.parse().ok()?))
+                    .copied()
+                    .reduce(f64::min),
+                breaker_open: breakers.get(&c.cluster).is_some_and(|b| !b.ready(now, &policy.retry)),
             })
-            .collect();
+            .collect()
+    }
+
+    /// Offers the overflow of blocked evaluations to peers.
+    async fn delegate(self: &Arc<Self>, policy: &Policy, now: u64, view: &gossip::FederationView) {
+        let peers = self.peers(policy, now, view);
         let addrs = |cluster: &str| -> Vec<SocketAddr> {
             view.cluster(cluster)
                 .map(|c| {
@@ -382,20 +378,12 @@ impl Federation {
                     {
                         return None;
                     }
-                    let held: Vec<(String, u32)> = s.held_of_job(&job.id).map(|(g, i)| (g.to_string(), i)).collect();
-                    let mut free: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-                    for g in &job.groups {
-                        let taken: std::collections::BTreeSet<u32> = s
-                            .allocs_of_job(&job.id)
-                            .filter(|a| {
-                                a.group == g.name
-                                    && (a.is_live() || a.status == cluster_core::model::AllocStatus::Complete)
-                            })
-                            .map(|a| a.index)
-                            .chain(held.iter().filter(|(hg, _)| *hg == *g.name).map(|(_, i)| *i))
-                            .collect();
-                        free.insert(g.name.to_string(), (0..g.count).filter(|i| !taken.contains(i)).collect());
-                    }
+                    // The instances the scheduler still has to place (not
+                    // running here, not held elsewhere), as it decides them.
+                    let work = cluster_core::scheduler::reconcile::reconcile(s, job);
+                    let free: BTreeMap<String, Vec<u32>> =
+                        job.groups.iter().zip(work.groups).map(|(g, w)| (g.name.to_string(), w.place)).collect();
+                    let remote = s.held_of_job(&job.id).count() as u32;
                     let overflow: Vec<Overflow> = e
                         .unplaced
                         .iter()
@@ -405,13 +393,7 @@ impl Federation {
                         })
                         .filter(|o| o.count > 0)
                         .collect();
-                    (!overflow.is_empty()).then(|| Blocked {
-                        eval: e.id.0,
-                        job: job.clone(),
-                        overflow,
-                        free,
-                        remote: held.len() as u32,
-                    })
+                    (!overflow.is_empty()).then(|| Blocked { eval: e.id.0, job: job.clone(), overflow, free, remote })
                 })
                 .collect()
         });

@@ -25,7 +25,9 @@ use super::rpc::{Write, WriteReply};
 use crate::diag::{Severity, SourceFile};
 use crate::ids::{AllocId, EvalId, JobId, NodeId};
 use crate::model::alloc::AllocStatus;
+use crate::model::job::Job;
 use crate::model::node::Node;
+use crate::model::plan::Plan;
 use crate::scheduler::schedule;
 use crate::spec::parse_job;
 use crate::state::ClusterState;
@@ -177,25 +179,49 @@ async fn transfer_leader(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Rep
     ok(s.write(Write::TransferLeader(req.id)).await?)
 }
 
-/// Parses a submitted spec; every problem comes back with line and column.
-fn parse(req: JobSubmit) -> Result<crate::model::job::Job, ApiError> {
-    let file = SourceFile::new(req.source.unwrap_or_else(|| "job.toml".into()), req.spec);
-    let checked = parse_job(&file);
-    match checked.value {
-        Some(job) => Ok(job),
-        None => {
-            let errors = checked.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
-            Err(ApiError {
-                status: 400,
-                message: format!(
-                    "{} does not check: {errors} error(s)\n{}",
-                    file.name,
-                    file.render(&checked.diagnostics)
-                ),
-                diagnostics: file.records(&checked.diagnostics),
-            })
+/// Checks a file sent in a request body with `parse` (job specs here,
+/// policies in the federation); every problem comes back with its line
+/// and column.
+pub fn check_submitted<T>(
+    source: Option<String>,
+    default_name: &str,
+    text: String,
+    parse: impl Fn(&SourceFile) -> crate::spec::Checked<T>,
+) -> Result<T, ApiError> {
+    let file = SourceFile::new(source.unwrap_or_else(|| default_name.into()), text);
+    let checked = parse(&file);
+    checked.value.ok_or_else(|| {
+        let errors = checked.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
+        ApiError {
+            status: 400,
+            message: format!("{} does not check: {errors} error(s)\n{}", file.name, file.render(&checked.diagnostics)),
+            diagnostics: file.records(&checked.diagnostics),
         }
-    }
+    })
+}
+
+fn parse(req: JobSubmit) -> Result<crate::model::job::Job, ApiError> {
+    check_submitted(req.source, "job.toml", req.spec, parse_job)
+}
+
+/// Plans `job` as if it were registered, on a copy of the state taken
+/// under the lock and planned outside it, on a blocking thread: a changed
+/// spec gets its new version, and unchanged instances stay. Returns the
+/// job as registered, its plan and the report.
+pub async fn dry_run(server: &Inner, job: Job) -> Result<(Job, Plan, PlanReport), ApiError> {
+    let config = server.options.scheduler.clone();
+    let cluster = server.options.cluster.clone();
+    let copy = server.read(false, ClusterState::clone).await?;
+    tokio::task::spawn_blocking(move || {
+        let mut copy = copy;
+        copy.upsert_job(job.clone());
+        let job = copy.job(&job.id).cloned().unwrap_or(job);
+        let plan = schedule(&copy, &job, &config);
+        let report = PlanReport::of(&copy, &job, &plan, &cluster, config.seed);
+        (job, plan, report)
+    })
+    .await
+    .map_err(|e| ApiError::new(500, format!("planning failed: {e}")))
 }
 
 async fn submit(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<JobRegistered> {
@@ -209,23 +235,7 @@ async fn submit(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<JobReg
 
 async fn plan(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<PlanReport> {
     let job = parse(body(b)?)?;
-    let config = s.options.scheduler.clone();
-    let cluster = s.options.cluster.clone();
-    // A copy of the state, taken under the lock; the planning runs
-    // outside it, on a blocking thread.
-    let copy = s.read(false, ClusterState::clone).await?;
-    let report = tokio::task::spawn_blocking(move || {
-        // Planned as if registered: a changed spec gets its new version,
-        // and unchanged instances stay.
-        let mut copy = copy;
-        copy.upsert_job(job.clone());
-        let job = copy.job(&job.id).cloned().unwrap_or(job);
-        let plan = schedule(&copy, &job, &config);
-        PlanReport::of(&copy, &job, &plan, &cluster, config.seed)
-    })
-    .await
-    .map_err(|e| ApiError::new(500, format!("planning failed: {e}")))?;
-    ok(report)
+    ok(dry_run(&s, job).await?.2)
 }
 
 async fn jobs(State(s): Srv, q: Q) -> Reply<Vec<JobSummary>> {
