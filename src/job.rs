@@ -7,12 +7,12 @@ use cluster_core::diag::{DiagnosticRecord, Severity};
 use cluster_core::model::Job;
 use cluster_core::scheduler::{SchedulerConfig, schedule};
 use cluster_core::server::api::PlanReport;
-use cluster_core::spec::{self, LoadError, parse_fleet, parse_job};
+use cluster_core::spec::{self, parse_fleet, parse_job};
 use cluster_core::state::ClusterState;
 use serde::Serialize;
 
 use crate::Outcome;
-use crate::output::{plural, print_json};
+use crate::output::{load, plural, print_json};
 
 #[derive(Serialize)]
 struct Validated {
@@ -71,15 +71,6 @@ fn describe(job: &Job) -> String {
         plural(job.groups.len() as u64, "group"),
         plural(job.instance_count(), "instance")
     )
-}
-
-/// Loads a spec, turning an invalid one into an error that shows every
-/// diagnostic.
-fn load<T>(path: &Path, parse: impl Fn(&cluster_core::diag::SourceFile) -> spec::Checked<T>) -> anyhow::Result<T> {
-    spec::load(path, parse).map_err(|e| match e {
-        LoadError::Invalid(inv) => anyhow::anyhow!("{inv}"),
-        io => anyhow::anyhow!("{io}"),
-    })
 }
 
 pub fn plan_offline(file: &Path, fleet_path: &Path, seed: u64, verbose: bool, json: bool) -> anyhow::Result<Outcome> {

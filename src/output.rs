@@ -10,6 +10,19 @@ pub fn table(header: &[&str]) -> Table {
     t
 }
 
+/// Reads and checks a file with `parse` (job spec, fleet, policy, server
+/// config): an invalid one becomes an error that shows every diagnostic.
+pub fn load<T>(
+    path: &std::path::Path,
+    parse: impl Fn(&cluster_core::diag::SourceFile) -> cluster_core::spec::Checked<T>,
+) -> anyhow::Result<T> {
+    use cluster_core::spec::LoadError;
+    cluster_core::spec::load(path, parse).map_err(|e| match e {
+        LoadError::Invalid(inv) => anyhow::anyhow!("{inv}"),
+        io => anyhow::anyhow!("{io}"),
+    })
+}
+
 /// Prints a value as pretty JSON on stdout.
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);

@@ -46,8 +46,8 @@ use cluster_core::raft::node::{RaftConfig, RaftStatus};
 use cluster_core::raft::storage::RedbStorage;
 use cluster_core::server::rpc::ServerRpc;
 use cluster_core::server::{Server, ServerOptions, http};
+use cluster_core::spec;
 use cluster_core::spec::read::{self, Table};
-use cluster_core::spec::{self, LoadError};
 use cluster_core::transport::quic::{QuicClient, QuicServer};
 use cluster_core::transport::tls::{self, valid_label};
 use cluster_core::transport::{Identity, Role, Transport};
@@ -251,10 +251,7 @@ fn addr(d: &mut Diagnostics, v: Option<(&str, std::ops::Range<usize>)>) -> Optio
 }
 
 pub fn load_config(path: &Path, o: Overrides) -> anyhow::Result<ServerConfig> {
-    let mut c = spec::load(path, read_config).map_err(|e| match e {
-        LoadError::Invalid(inv) => anyhow::anyhow!("{inv}"),
-        io => anyhow::anyhow!("{io}"),
-    })?;
+    let mut c = crate::output::load(path, read_config)?;
     if let Some(n) = o.name {
         anyhow::ensure!(valid_label(&n), "--name `{n}`: use 1 to 63 letters, digits and `-`");
         c.name = n;
@@ -384,8 +381,5 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
 }
 
 fn load_policy(path: &Path) -> anyhow::Result<federation::policy::Policy> {
-    spec::load(path, federation::policy::parse_policy).map_err(|e| match e {
-        LoadError::Invalid(inv) => anyhow::anyhow!("{inv}"),
-        io => anyhow::anyhow!("{io}"),
-    })
+    crate::output::load(path, federation::policy::parse_policy)
 }

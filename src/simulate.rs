@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cluster_core::server::api::AllocUpdate;
 use cluster_core::server::client::Client;
-use cluster_core::spec::{self, LoadError, parse_fleet};
+use cluster_core::spec::parse_fleet;
 
 use crate::Outcome;
 
@@ -18,10 +18,7 @@ use crate::Outcome;
 const REGISTER_BATCH: usize = 500;
 
 pub fn simulate(c: &Client, fleet: &Path, count: Option<usize>) -> anyhow::Result<Outcome> {
-    let fleet = spec::load(fleet, parse_fleet).map_err(|e| match e {
-        LoadError::Invalid(inv) => anyhow::anyhow!("{inv}"),
-        io => anyhow::anyhow!("{io}"),
-    })?;
+    let fleet = crate::output::load(fleet, parse_fleet)?;
     let mut nodes = fleet.nodes;
     if let Some(n) = count {
         nodes.truncate(n);
