@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 error, 2 placement failure (as Nomad users expect
 //! from `job run` and `job plan`).
 
+mod agent;
 mod federation;
 mod job;
 mod output;
@@ -49,6 +50,13 @@ enum Command {
     /// Federation policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the node agent of this machine: it registers with the cluster's
+    /// servers and runs the allocations placed on it.
+    Agent {
+        /// The agent's config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Certificates: the federation's CA, and one per server and agent.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -132,6 +140,10 @@ enum NodeCommand {
         /// End the drain instead.
         #[arg(long)]
         disable: bool,
+        /// Stop the node's work by then (e.g. 30s), whatever the tasks'
+        /// kill timeouts.
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Option<Duration>,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -139,11 +151,23 @@ enum NodeCommand {
 
 #[derive(Subcommand)]
 enum AllocCommand {
-    /// One allocation (a000042 or 42), or all.
+    /// One allocation (a000042 or 42) with its tasks, or all.
     Status {
         alloc: Option<String>,
         #[command(flatten)]
         out: OutputArgs,
+    },
+    /// A task's output, from the agent of the allocation's node.
+    Logs {
+        alloc: String,
+        /// The task (default: the group's first).
+        task: Option<String>,
+        /// Standard error instead of standard output.
+        #[arg(long)]
+        stderr: bool,
+        /// Keep printing new output until the task ends (or Ctrl-C).
+        #[arg(long, short)]
+        follow: bool,
     },
 }
 
@@ -224,6 +248,10 @@ enum CertCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    cluster_core::spec::parse_duration_ms(s).map(Duration::from_millis)
 }
 
 fn parse_role(s: &str) -> Result<cluster_core::transport::Role, String> {
@@ -405,8 +433,14 @@ fn main() -> ExitCode {
         Command::Node(NodeCommand::Simulate { fleet, count }) => simulate::simulate(&client, &fleet, count),
         Command::Node(NodeCommand::List { out }) => remote::node_list(&client, out.json),
         Command::Node(NodeCommand::Status { node, out }) => remote::node_status(&client, &node, out.json),
-        Command::Node(NodeCommand::Drain { node, disable, out }) => {
-            remote::node_drain(&client, &node, disable, out.json)
+        Command::Node(NodeCommand::Drain { node, disable, deadline, out }) => {
+            remote::node_drain(&client, &node, disable, deadline, out.json)
+        }
+        Command::Alloc(AllocCommand::Logs { alloc, task, stderr, follow }) => {
+            remote::alloc_logs(&client, &alloc, task.as_deref(), stderr, follow)
+        }
+        Command::Agent { config } => {
+            agent::load_config(&config).and_then(|c| runtime().and_then(|rt| rt.block_on(agent::run(c))))
         }
         Command::Alloc(AllocCommand::Status { alloc, out }) => {
             remote::alloc_status(&client, alloc.as_deref(), out.json)

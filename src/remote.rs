@@ -437,16 +437,48 @@ pub fn node_status(c: &Client, id: &str, json: bool) -> anyhow::Result<Outcome> 
     Ok(Outcome::Ok)
 }
 
-pub fn node_drain(c: &Client, id: &str, disable: bool, json: bool) -> anyhow::Result<Outcome> {
-    let r = c.drain(id, !disable).map_err(api)?;
+pub fn node_drain(
+    c: &Client,
+    id: &str,
+    disable: bool,
+    deadline: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    let r = c.drain(id, !disable, deadline).map_err(api)?;
     if json {
         print_json(&r)?;
     } else if disable {
         println!("node {id}: drain ended; it takes new work again");
+    } else if let Some(d) = deadline {
+        println!("node {id}: draining; its allocations move to other nodes, and stop here within {d:?}");
     } else {
         println!("node {id}: draining; its allocations move to other nodes");
     }
     Ok(Outcome::Ok)
+}
+
+/// Prints a task's log; with `follow`, keeps polling until the task is
+/// done or Ctrl-C.
+pub fn alloc_logs(c: &Client, alloc: &str, task: Option<&str>, stderr: bool, follow: bool) -> anyhow::Result<Outcome> {
+    use std::io::Write as _;
+    let mut offset = 0;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let chunk = c.logs(alloc, task, stderr, offset).map_err(api)?;
+        if chunk.oldest > offset && offset > 0 {
+            eprintln!("[{} bytes rotated away before they were read]", chunk.oldest - offset);
+        }
+        out.write_all(&chunk.data)?;
+        out.flush()?;
+        let more = chunk.next > offset;
+        offset = chunk.next;
+        if !follow || (chunk.done && !more) {
+            return Ok(Outcome::Ok);
+        }
+        if !more {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
 }
 
 pub fn alloc_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
@@ -462,8 +494,29 @@ pub fn alloc_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<
         }
     } else {
         println!("{}", alloc_table(&allocs));
+        if let [a] = allocs.as_slice() {
+            print_tasks(a);
+        }
     }
     Ok(Outcome::Ok)
+}
+
+/// One allocation's tasks as its agent reported them.
+fn print_tasks(a: &AllocView) {
+    if a.tasks.is_empty() {
+        println!("no task reported yet");
+        return;
+    }
+    let mut t = table(&["task", "state", "restarts", "exit", "message"]);
+    for task in &a.tasks {
+        let exit = match (task.exit_code, task.signal) {
+            (Some(c), _) => format!("code {c}"),
+            (None, Some(s)) => format!("signal {s}"),
+            _ => "-".into(),
+        };
+        t.add_row(vec![task.name.clone(), task.state.clone(), task.restarts.to_string(), exit, task.message.clone()]);
+    }
+    println!("{t}");
 }
 
 pub fn list_peers(c: &Client, json: bool) -> anyhow::Result<Outcome> {

@@ -241,7 +241,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
     })
 }
 
-fn addr(d: &mut Diagnostics, v: Option<(&str, std::ops::Range<usize>)>) -> Option<SocketAddr> {
+pub(crate) fn addr(d: &mut Diagnostics, v: Option<(&str, std::ops::Range<usize>)>) -> Option<SocketAddr> {
     let (text, span) = v?;
     text.parse()
         .map_err(|_| {
@@ -276,7 +276,8 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         .with_context(|| format!("opening the log in {} (is another server using it?)", c.data_dir.display()))?;
     let mut peers = c.peers.clone();
     peers.insert(c.id, c.bind);
-    let transport: Arc<dyn Transport<ServerRpc>> = Arc::new(QuicClient::new(&ca, &pair)?);
+    let client = Arc::new(QuicClient::new(&ca, &pair)?);
+    let transport: Arc<dyn Transport<ServerRpc>> = client.clone();
     let logger = cluster_core::raft::log::logger();
     let options = ServerOptions {
         workers: c.workers,
@@ -287,6 +288,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     let mut raft = RaftConfig::new(c.id, peers);
     raft.join = !c.bootstrap;
     let server = Server::start(raft, store, transport, options, &logger)?;
+    server.set_agent_transport(client);
     let endpoint = QuicServer::bind::<ServerRpc>(c.bind, &ca, &pair, server.handler())?;
     let gossip = match &c.gossip {
         Some(g) => {

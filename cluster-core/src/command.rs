@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::ids::{AllocId, EvalId, JobId, NodeId, NodeIdx};
-use crate::model::alloc::AllocStatus;
+use crate::ids::{EvalId, JobId, NodeId, NodeIdx};
+use crate::model::alloc::{AllocReport, AllocStatus};
 use crate::model::eval::EvalTrigger;
 use crate::model::job::Job;
 use crate::model::node::{Node, NodeStatus};
@@ -42,6 +42,8 @@ pub enum Command {
     DrainNode {
         node: NodeId,
         drain: bool,
+        /// Unix milliseconds by which the node's work must be stopped.
+        deadline_ms: Option<u64>,
     },
     /// Register a job or a new version of it.
     RegisterJob(Job),
@@ -52,7 +54,7 @@ pub enum Command {
     /// evaluation unless it was superseded or partly refused.
     ApplyPlans(Vec<(EvalId, Plan)>),
     /// Allocation states reported by agents, batched.
-    AllocStatus(Vec<(AllocId, AllocStatus)>),
+    AllocStatus(Vec<AllocReport>),
     /// Instances of a job that another cluster runs: the scheduler leaves
     /// them alone while held. `record` is the holder's own bookkeeping
     /// (opaque here), stored under the holder's key.
@@ -110,6 +112,7 @@ impl ClusterState {
                     node.status = old.status;
                     node.eligible = old.eligible;
                     node.draining = old.draining;
+                    node.drain_deadline_ms = old.drain_deadline_ms;
                 }
                 self.upsert_node(node).map_or_else(refused, Effect::NodeUpserted)
             }
@@ -117,7 +120,9 @@ impl ClusterState {
             Command::SetNodeStatus { node, status, eligible } => {
                 self.node_status(node, *status, *eligible).unwrap_or_else(refused)
             }
-            Command::DrainNode { node, drain } => self.drain(node, *drain).unwrap_or_else(refused),
+            Command::DrainNode { node, drain, deadline_ms } => {
+                self.drain(node, *drain, *deadline_ms).unwrap_or_else(refused)
+            }
             Command::RegisterJob(job) => {
                 let before = self.job(&job.id).map(|j| j.version);
                 let version = self.upsert_job(job.clone());
@@ -168,8 +173,9 @@ impl ClusterState {
             }
             Command::AllocStatus(updates) => {
                 let mut failed = BTreeSet::new();
-                for (id, status) in updates.iter().take(ALLOC_STATUS_BATCH_MAX) {
+                for AllocReport { id, status, tasks } in updates.iter().take(ALLOC_STATUS_BATCH_MAX) {
                     let was = self.alloc(*id).map(|a| a.status);
+                    self.set_task_states(*id, tasks);
                     self.set_alloc_status(*id, *status);
                     let now = self.alloc(*id).map(|a| (a.status, a.job.clone()));
                     if let Some((AllocStatus::Failed, job)) = now.filter(|_| was != Some(AllocStatus::Failed)) {
@@ -202,16 +208,19 @@ impl ClusterState {
         Ok(Effect::Evals(Vec::new()))
     }
 
-    fn drain(&mut self, node: &NodeId, drain: bool) -> Result<Effect, StateError> {
+    fn drain(&mut self, node: &NodeId, drain: bool, deadline_ms: Option<u64>) -> Result<Effect, StateError> {
         let idx = self.node_idx(node).ok_or_else(|| StateError::UnknownNode(node.clone()))?;
         let mut n = self.node(idx).clone();
-        if n.draining == drain {
+        let deadline_ms = deadline_ms.filter(|_| drain);
+        if n.draining == drain && n.drain_deadline_ms == deadline_ms {
             return Ok(Effect::Evals(Vec::new()));
         }
+        let started = drain && !n.draining;
         n.draining = drain;
+        n.drain_deadline_ms = deadline_ms;
         n.eligible = !drain;
         self.upsert_node(n)?;
-        if !drain {
+        if !started {
             return Ok(Effect::Evals(Vec::new()));
         }
         let jobs = self.jobs_on_node(node);

@@ -16,11 +16,13 @@
 //! - [`transport`]: typed requests over QUIC with mutual TLS, or in memory.
 //! - [`raft`]: the Raft driver and its redb storage.
 //! - [`server`]: the cluster server: evaluations, workers, heartbeats, HTTP API.
+//! - [`agent`]: the node agent and its task drivers (`exec`, `mock`).
 //!
 //! The model, specs, state, commands and scheduler open no socket, read no
-//! clock and draw no unseeded randomness; `transport`, `raft` and `server`
-//! are the IO around them.
+//! clock and draw no unseeded randomness; `transport`, `raft`, `server`
+//! and `agent` are the IO around them.
 
+pub mod agent;
 pub mod codec;
 pub mod command;
 pub mod diag;

@@ -4,6 +4,7 @@
 use cluster_core::command::{Command, Effect};
 use cluster_core::diag::SourceFile;
 use cluster_core::ids::{EvalId, JobId};
+use cluster_core::model::alloc::AllocReport;
 use cluster_core::model::{AllocStatus, EvalStatus, EvalTrigger, Job, NodeStatus};
 use cluster_core::scheduler::{SchedulerConfig, schedule};
 use cluster_core::server::broker::Broker;
@@ -123,7 +124,10 @@ fn a_drain_moves_allocations_and_a_failure_is_rescheduled_a_bounded_number_of_ti
     let e = register(&mut s, &job("a", 2, "1"));
     work(&mut s, e);
     let node = s.allocs().next().unwrap().node.clone();
-    let Effect::Evals(evals) = s.apply(&Command::DrainNode { node: node.clone(), drain: true }) else { panic!() };
+    let Effect::Evals(evals) = s.apply(&Command::DrainNode { node: node.clone(), drain: true, deadline_ms: None })
+    else {
+        panic!()
+    };
     assert_eq!(evals.len(), 1);
     work(&mut s, evals[0]);
     assert!(s.allocs().filter(|a| a.is_live()).all(|a| a.node != node), "nothing wanted on the draining node");
@@ -131,8 +135,11 @@ fn a_drain_moves_allocations_and_a_failure_is_rescheduled_a_bounded_number_of_ti
 
     // An instance that keeps failing is placed again at most 3 times.
     for round in 0..6 {
-        let failing: Vec<_> =
-            s.allocs().filter(|a| a.is_live() && a.index == 0).map(|a| (a.id, AllocStatus::Failed)).collect();
+        let failing: Vec<_> = s
+            .allocs()
+            .filter(|a| a.is_live() && a.index == 0)
+            .map(|a| AllocReport::status(a.id, AllocStatus::Failed))
+            .collect();
         if failing.is_empty() {
             assert!(round > 3, "given up after {round} failures");
             break;
@@ -188,7 +195,7 @@ fn a_plan_repeated_from_a_stale_state_never_places_an_instance_twice() {
 fn a_node_registering_again_keeps_what_the_cluster_decided_about_it() {
     let mut s = state(2);
     let node = s.nodes()[0].clone();
-    s.apply(&Command::DrainNode { node: node.id.clone(), drain: true });
+    s.apply(&Command::DrainNode { node: node.id.clone(), drain: true, deadline_ms: None });
     s.apply(&Command::SetNodeStatus { node: node.id.clone(), status: NodeStatus::Down, eligible: false });
     let mut again = node.clone();
     again.status = NodeStatus::Ready;

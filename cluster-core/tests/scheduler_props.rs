@@ -97,6 +97,8 @@ fn nodes(classes: &[ClassSpec]) -> Vec<Node> {
                 },
                 eligible: i % 7 != 6,
                 draining: false,
+                drain_deadline_ms: None,
+                agent_address: None,
             });
         }
     }
@@ -135,6 +137,8 @@ fn group(index: usize) -> impl Strategy<Value = TaskGroup> {
                 },
                 distinct_hosts: distinct,
                 datasets: vec![],
+                restart: Default::default(),
+                on_disconnect: cluster_core::model::job::OnDisconnect::Keep,
                 tasks: vec![Task {
                     name: Arc::from("t"),
                     driver: if exec {
@@ -149,6 +153,7 @@ fn group(index: usize) -> impl Strategy<Value = TaskGroup> {
                         power_watts: power,
                     },
                     gpu: gpu.map(|(count, model)| GpuAsk { count, model: model.map(Arc::from) }),
+                    kill_timeout_ms: 5_000,
                 }],
             }
         })

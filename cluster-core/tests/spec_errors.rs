@@ -188,3 +188,29 @@ fn constraints_parse_into_typed_predicates() {
     assert_eq!(g.constraints[0].target, Target::Datasets);
     assert_eq!(g.constraints[0].op, Operator::SetContains);
 }
+
+#[test]
+fn restart_disconnect_and_kill_timeout_are_read_and_checked() {
+    let text = "[job]\nname = \"edge\"\n\n[[group]]\nname = \"g\"\non_disconnect = \"stop\"\nrestart = { attempts = 5, delay = \"250ms\", mode = \"delay\" }\n\n[[group.task]]\nname = \"t\"\ndriver = \"exec\"\ncommand = \"/bin/true\"\nkill_timeout = \"30s\"\n";
+    let job = parse_job(&SourceFile::new("job.toml", text)).value.expect("valid");
+    let g = &job.groups[0];
+    assert_eq!(g.on_disconnect, cluster_core::model::job::OnDisconnect::Stop);
+    assert_eq!((g.restart.attempts, g.restart.delay_ms), (5, 250));
+    assert_eq!(g.restart.mode, cluster_core::model::job::RestartMode::Delay);
+    assert_eq!(g.tasks[0].kill_timeout_ms, 30_000);
+
+    let defaults = format!("[job]\nname = \"web\"\n\n[[group]]\nname = \"g\"\n\n{TASK}");
+    let job = parse_job(&SourceFile::new("job.toml", defaults)).value.expect("valid");
+    assert_eq!(job.groups[0].on_disconnect, cluster_core::model::job::OnDisconnect::Keep);
+    assert_eq!(job.groups[0].restart.attempts, 2);
+    assert_eq!(job.groups[0].tasks[0].kill_timeout_ms, 5_000);
+
+    let bad = format!(
+        "[job]\nname = \"x\"\n\n[[group]]\nname = \"g\"\non_disconnect = \"pause\"\nrestart = {{ attempts = -1, mode = \"fial\" }}\n\n{TASK}kill_timeout = \"soon\"\n"
+    );
+    let errs = errors(&bad);
+    assert!(has(&errs, 6, 17, "keep"), "{errs:?}");
+    assert!(has(&errs, 7, 24, "attempts = -1"), "{errs:?}");
+    assert!(has(&errs, 7, 35, "fail"), "{errs:?}");
+    assert!(has(&errs, 13, 16, "kill_timeout"), "{errs:?}");
+}

@@ -5,6 +5,7 @@
 use cluster_core::codec;
 use cluster_core::command::{Command, Effect};
 use cluster_core::diag::SourceFile;
+use cluster_core::model::alloc::{AllocReport, TaskPhase, TaskState};
 use cluster_core::model::{AllocStatus, NodeStatus};
 use cluster_core::scheduler::{Rng, SchedulerConfig, schedule};
 use cluster_core::spec::{parse_fleet, parse_job};
@@ -51,7 +52,15 @@ fn leader_log(seed: u64, rounds: usize) -> (ClusterState, Vec<Command>) {
         let updates = (0..n)
             .map(|_| {
                 let status = [AllocStatus::Running, AllocStatus::Complete, AllocStatus::Failed][rng.below(3)];
-                (allocs[rng.below(allocs.len())], status)
+                let task = TaskState {
+                    name: "t".into(),
+                    state: TaskPhase::Dead,
+                    restarts: rng.below(3) as u32,
+                    exit_code: Some(rng.below(4) as i32),
+                    signal: None,
+                    message: "exited".into(),
+                };
+                AllocReport { id: allocs[rng.below(allocs.len())], status, tasks: vec![task] }
             })
             .collect();
         commit(&mut leader, &mut log, Command::AllocStatus(updates));

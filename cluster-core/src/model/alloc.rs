@@ -58,6 +58,49 @@ pub struct Allocation {
     pub gpus: Option<GpuDevices>,
     pub desired: DesiredStatus,
     pub status: AllocStatus,
+    /// Each task's state as the agent last reported it (empty until then).
+    pub tasks: Vec<TaskState>,
+}
+
+/// One task of a running allocation, as its agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskState {
+    pub name: Arc<str>,
+    pub state: TaskPhase,
+    /// Restarts the agent made.
+    pub restarts: u32,
+    /// The last exit: its code, or the signal that ended it.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Why it is in this state, for `hanse alloc status` ("command
+    /// `/opt/x` not found", "exited with code 3; restarting in 1s").
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskPhase {
+    Pending,
+    Running,
+    /// Exited; `exit_code`/`signal` say how.
+    Dead,
+}
+
+keyword_enum!(TaskPhase { Pending = "pending", Running = "running", Dead = "dead" });
+
+/// An agent's report on one allocation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocReport {
+    pub id: AllocId,
+    pub status: AllocStatus,
+    /// Empty keeps the task states the cluster has.
+    pub tasks: Vec<TaskState>,
+}
+
+impl AllocReport {
+    pub fn status(id: AllocId, status: AllocStatus) -> AllocReport {
+        AllocReport { id, status, tasks: Vec::new() }
+    }
 }
 
 impl Allocation {

@@ -122,7 +122,50 @@ pub struct TaskGroup {
     /// Data sets the group reads; nodes holding them rank higher.
     pub datasets: Vec<Arc<str>>,
     pub tasks: Vec<Task>,
+    /// What the agent does when a task exits or fails.
+    pub restart: RestartPolicy,
+    /// What the agent does with the group's instances while it cannot
+    /// reach its servers.
+    pub on_disconnect: OnDisconnect,
 }
+
+/// Restarts an agent makes on its own, before the allocation counts as
+/// failed (and the cluster places it again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    pub attempts: u32,
+    pub delay_ms: u64,
+    pub mode: RestartMode,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy { attempts: 2, delay_ms: 1_000, mode: RestartMode::Fail }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartMode {
+    /// After `attempts` restarts the allocation fails.
+    Fail,
+    /// Restart forever, `delay` apart.
+    Delay,
+}
+
+/// An agent cut off from its servers keeps its work running (the default)
+/// or, for work that must run at most once, stops it when its lease (the
+/// heartbeat TTL) lapses: the servers replace it only after TTL + grace,
+/// so the old instance is gone before the new one starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisconnect {
+    Keep,
+    Stop,
+}
+
+keyword_enum!(RestartMode { Fail = "fail", Delay = "delay" });
+keyword_enum!(OnDisconnect { Keep = "keep", Stop = "stop" });
 
 impl TaskGroup {
     /// What one instance of the group takes from a node: its tasks' sum.
@@ -151,7 +194,12 @@ pub struct Task {
     pub driver: Driver,
     pub resources: Resources,
     pub gpu: Option<GpuAsk>,
+    /// Between SIGTERM and SIGKILL when the task is stopped.
+    pub kill_timeout_ms: u64,
 }
+
+/// The default [`Task::kill_timeout_ms`].
+pub const KILL_TIMEOUT_MS: u64 = 5_000;
 
 impl Task {
     pub fn driver_name(&self) -> &'static str {

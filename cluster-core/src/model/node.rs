@@ -102,6 +102,11 @@ pub struct Node {
     /// Draining: its allocations move to other nodes.
     #[serde(default)]
     pub draining: bool,
+    /// When a drain must be done (Unix milliseconds): the agent stops the
+    /// node's work by then, whatever the tasks' kill timeouts.
+    pub drain_deadline_ms: Option<u64>,
+    /// Where the node's agent answers the servers (logs), over QUIC.
+    pub agent_address: Option<String>,
 }
 
 impl Node {

@@ -188,6 +188,28 @@ pub struct AllocView {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
     pub gpus: Option<String>,
+    /// As the agent last reported them.
+    pub tasks: Vec<TaskView>,
+}
+
+/// A piece of a task's log, as the CLI reads it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogsChunk {
+    pub data: Vec<u8>,
+    pub next: u64,
+    pub oldest: u64,
+    pub done: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub name: String,
+    /// pending, running, dead.
+    pub state: String,
+    pub restarts: u32,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub message: String,
 }
 
 impl AllocView {
@@ -205,6 +227,18 @@ impl AllocView {
             cpu_millis: a.resources.cpu_millis,
             memory_bytes: a.resources.memory_bytes,
             gpus: a.gpus.as_ref().map(|g| format!("{} x {}", g.count, g.model)),
+            tasks: a
+                .tasks
+                .iter()
+                .map(|t| TaskView {
+                    name: t.name.to_string(),
+                    state: t.state.to_string(),
+                    restarts: t.restarts,
+                    exit_code: t.exit_code,
+                    signal: t.signal,
+                    message: t.message.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -273,6 +307,10 @@ pub struct Drain {
     /// false ends a drain.
     #[serde(default = "yes")]
     pub drain: bool,
+    /// Milliseconds the node's work has to stop; without one each task
+    /// gets its own kill timeout.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
 }
 
 fn yes() -> bool {

@@ -113,6 +113,32 @@ impl Client {
         serde_json::from_str(&text).map_err(|e| ClientError::Decode(base, e.to_string()))
     }
 
+    /// Part of a task's log from `offset` (see `GET /v1/allocations/ID/logs`).
+    pub fn logs(&self, alloc: &str, task: Option<&str>, stderr: bool, offset: u64) -> Result<LogsChunk, ClientError> {
+        let mut path = format!("/v1/allocations/{alloc}/logs?offset={offset}&stderr={stderr}");
+        if let Some(t) = task {
+            path.push_str(&format!("&task={t}"));
+        }
+        let base = self.address().to_string();
+        let mut r = self.send(|a, url| a.get(url).call(), &path)?;
+        let status = r.status().as_u16();
+        let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (next, oldest, done) = (header("x-hanse-next"), header("x-hanse-oldest"), header("x-hanse-done"));
+        let data = r
+            .body_mut()
+            .with_config()
+            .limit(RESPONSE_BYTES_MAX)
+            .read_to_vec()
+            .map_err(|e| ClientError::Connect(base.clone(), e.to_string()))?;
+        if status >= 400 {
+            let text = String::from_utf8_lossy(&data);
+            let err = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| ApiError::new(status, text.trim()));
+            return Err(ClientError::Api(err));
+        }
+        let num = |v: Option<String>| v.and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(LogsChunk { data, next: num(next), oldest: num(oldest), done: done.as_deref() == Some("true") })
+    }
+
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.answer(self.send(|a, url| a.get(url).call(), path))
     }
@@ -181,8 +207,9 @@ impl Client {
         self.post("/v1/nodes/heartbeat", &Heartbeat { nodes: nodes.to_vec() })
     }
 
-    pub fn drain(&self, node: &str, drain: bool) -> Result<WriteReply, ClientError> {
-        self.post(&format!("/v1/nodes/{node}/drain"), &Drain { drain })
+    pub fn drain(&self, node: &str, drain: bool, deadline: Option<Duration>) -> Result<WriteReply, ClientError> {
+        let deadline_ms = deadline.map(|d| d.as_millis() as u64);
+        self.post(&format!("/v1/nodes/{node}/drain"), &Drain { drain, deadline_ms })
     }
 
     pub fn allocs(&self) -> Result<Vec<AllocView>, ClientError> {

@@ -24,7 +24,7 @@ use super::metrics::Scraped;
 use super::rpc::{Write, WriteReply};
 use crate::diag::{Severity, SourceFile};
 use crate::ids::{AllocId, EvalId, JobId, NodeId};
-use crate::model::alloc::AllocStatus;
+use crate::model::alloc::{AllocReport, AllocStatus};
 use crate::model::job::Job;
 use crate::model::node::Node;
 use crate::model::plan::Plan;
@@ -60,6 +60,7 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/allocations", get(allocs))
         .route("/v1/allocations/status", post(alloc_status))
         .route("/v1/allocations/{id}", get(alloc))
+        .route("/v1/allocations/{id}/logs", get(logs))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint; the API lives under /v1/ (see `hanse --help`)") })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -320,7 +321,7 @@ pub const NODE_BATCH_MAX: usize = 1_000;
 /// Checks a node an agent registers, and sets what only the cluster
 /// decides: a node registering is ready; eligibility and draining are
 /// kept from the cluster's record when it has one (see `Command::UpsertNode`).
-fn check_node(node: &mut Node) -> Result<(), ApiError> {
+pub(crate) fn check_node(node: &mut Node) -> Result<(), ApiError> {
     node.status = crate::model::NodeStatus::Ready;
     node.eligible = true;
     node.draining = false;
@@ -363,10 +364,11 @@ fn heartbeat_reply(r: WriteReply) -> Reply<HeartbeatReply> {
 
 async fn drain(State(s): Srv, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
     let req: Drain = match b {
-        Ok(bytes) if bytes.is_empty() => Drain { drain: true },
+        Ok(bytes) if bytes.is_empty() => Drain { drain: true, deadline_ms: None },
         other => body(other)?,
     };
-    ok(s.write(Write::DrainNode { node: NodeId::new(&id), drain: req.drain }).await?)
+    let deadline = req.deadline_ms.map(Duration::from_millis);
+    ok(s.write(Write::DrainNode { node: NodeId::new(&id), drain: req.drain, deadline }).await?)
 }
 
 async fn allocs(State(s): Srv, q: Q) -> Reply<Vec<AllocView>> {
@@ -387,6 +389,54 @@ async fn alloc(State(s): Srv, Path(id): Path<String>, q: Q) -> Reply<AllocView> 
     found.map(axum::Json).ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))
 }
 
+/// `GET /v1/allocations/ID/logs?task=T&stderr=true&offset=N`: raw bytes
+/// from the node's agent; headers say where the next read starts
+/// (`x-hanse-next`), the oldest byte kept (`x-hanse-oldest`), and whether
+/// the task is done (`x-hanse-done`).
+async fn logs(State(s): Srv, Path(id): Path<String>, q: Q) -> Result<Response, ApiError> {
+    let n = id
+        .trim_start_matches('a')
+        .parse::<u64>()
+        .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))?;
+    let alloc = s.read(true, |st| st.alloc(AllocId(n)).cloned()).await?;
+    let alloc = alloc.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
+    let task = match q.get("task") {
+        Some(t) => t.clone(),
+        None => s
+            .read(true, |st| {
+                st.job(&alloc.job)
+                    .and_then(|j| j.group(&alloc.group))
+                    .and_then(|g| g.tasks.first())
+                    .map(|t| t.name.to_string())
+            })
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("allocation {id} has no task")))?,
+    };
+    let offset = match q.get("offset") {
+        Some(o) => o.parse().map_err(|_| ApiError::bad_request(format!("offset `{o}` is not a number")))?,
+        None => 0,
+    };
+    let stderr = q.get("stderr").is_some_and(|v| v == "true" || v == "1");
+    let request = crate::agent::rpc::AgentService::Logs {
+        alloc: alloc.id,
+        task,
+        stderr,
+        offset,
+        max: crate::agent::rpc::LOG_CHUNK_MAX,
+    };
+    let chunk = s.agent_logs(&alloc.node, request).await?;
+    Ok((
+        [
+            ("x-hanse-next", chunk.next.to_string()),
+            ("x-hanse-oldest", chunk.oldest.to_string()),
+            ("x-hanse-done", chunk.done.to_string()),
+            (header::CONTENT_TYPE.as_str(), "application/octet-stream".to_string()),
+        ],
+        chunk.data,
+    )
+        .into_response())
+}
+
 async fn alloc_status(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
     let req: AllocUpdates = body(b)?;
     if req.updates.len() > crate::command::ALLOC_STATUS_BATCH_MAX {
@@ -405,7 +455,7 @@ async fn alloc_status(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<
                 AllocStatus::WORDS.join(", ")
             ))
         })?;
-        updates.push((AllocId(u.id), status));
+        updates.push(AllocReport::status(AllocId(u.id), status));
     }
     ok(s.write(Write::AllocStatus(updates)).await?)
 }

@@ -10,6 +10,7 @@
 //!                 └─► state machine re-checks every placement; refused ones leave the eval pending
 //! ```
 
+pub mod agents;
 pub mod api;
 pub mod broker;
 pub mod client;
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::agent::rpc::{AgentService, AgentServiceReply, LogChunk};
 use crate::command::{Command, Effect, PLAN_BATCH_MAX};
 use crate::ids::{EvalId, NodeId};
 use crate::model::node::NodeStatus;
@@ -111,6 +113,8 @@ pub struct Inner {
     /// rather than run side by side, since two workers planning at once
     /// on the same state pick the same best nodes and one loses.
     planning: Mutex<()>,
+    /// Calls agents (for logs); set by whoever wires the server's QUIC.
+    agents: std::sync::OnceLock<Arc<dyn Transport<AgentService>>>,
 }
 
 /// A running server. Dropping it does not stop it; call [`Server::stop`].
@@ -146,6 +150,7 @@ impl Server {
             uncommitted: Mutex::default(),
             next_batch: AtomicU64::new(0),
             planning: Mutex::new(()),
+            agents: std::sync::OnceLock::new(),
         });
         let handler = Arc::new(ServerHandler {
             raft,
@@ -166,6 +171,11 @@ impl Server {
         *self.handler.peers.write().expect("peer handler lock") = Some(handler);
     }
 
+    /// How this server reaches agents (`hanse alloc logs`).
+    pub fn set_agent_transport(&self, transport: Arc<dyn Transport<AgentService>>) {
+        let _ = self.inner.agents.set(transport);
+    }
+
     pub fn raft(&self) -> &RaftHandle {
         &self.inner.raft
     }
@@ -179,6 +189,11 @@ impl Server {
         let mut tasks = self.tasks;
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.remove(0)).await;
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn propose_error(e: ProposeError) -> ApiError {
@@ -208,6 +223,23 @@ impl Inner {
             Ok(ServerReply::Refused(why)) => Err(why),
             Ok(_) => Err("an answer of another kind".into()),
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Asks the agent of `node` for part of a task's log.
+    pub async fn agent_logs(&self, node: &NodeId, request: AgentService) -> Result<LogChunk, ApiError> {
+        let address = self
+            .raft
+            .read(|s| s.node_idx(node).and_then(|i| s.node(i).agent_address.clone()))
+            .ok_or_else(|| ApiError::not_found(format!("node {node} has no agent that serves logs")))?;
+        let address: std::net::SocketAddr = address
+            .parse()
+            .map_err(|_| ApiError::new(502, format!("node {node} registered a bad agent address `{address}`")))?;
+        let transport = self.agents.get().ok_or_else(|| ApiError::unavailable("this server cannot reach agents"))?;
+        match transport.call(address, request).await {
+            Ok(AgentServiceReply::Logs(chunk)) => Ok(chunk),
+            Ok(AgentServiceReply::Error(m)) => Err(ApiError::not_found(m)),
+            Err(e) => Err(ApiError::new(502, format!("the agent of node {node} at {address}: {e}"))),
         }
     }
 
@@ -321,7 +353,10 @@ impl Inner {
             }
             Write::SubmitJob(job) => propose(Command::RegisterJob(job)).await?,
             Write::StopJob(job) => propose(Command::StopJob(job)).await?,
-            Write::DrainNode { node, drain } => propose(Command::DrainNode { node, drain }).await?,
+            Write::DrainNode { node, drain, deadline } => {
+                let deadline_ms = deadline.map(|d| unix_ms() + d.as_millis() as u64);
+                propose(Command::DrainNode { node, drain, deadline_ms }).await?
+            }
             Write::AllocStatus(updates) => propose(Command::AllocStatus(updates)).await?,
             Write::Record { holder, record } => propose(Command::Record { holder, record }).await?,
         };

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::api::ApiError;
-use crate::ids::{AllocId, EvalId, JobId, NodeId};
-use crate::model::alloc::AllocStatus;
+use crate::agent::rpc::{AgentReply, AgentRequest};
+use crate::ids::{EvalId, JobId, NodeId};
+use crate::model::alloc::AllocReport;
 use crate::model::job::Job;
 use crate::model::node::Node;
 use crate::raft::node::{RaftHandle, RaftMessage};
@@ -26,8 +27,11 @@ pub enum Write {
     DrainNode {
         node: NodeId,
         drain: bool,
+        /// How long the node's work has to stop, from when the leader
+        /// carries the drain out.
+        deadline: Option<std::time::Duration>,
     },
-    AllocStatus(Vec<(AllocId, AllocStatus)>),
+    AllocStatus(Vec<AllocReport>),
     /// A record among the state's opaque records (the federation's policy).
     Record {
         holder: String,
@@ -57,6 +61,8 @@ pub enum ServerRpc {
     Raft(RaftMessage),
     Forward(Write),
     Peer(Vec<u8>),
+    /// From an agent of this cluster, about its own node.
+    Agent(AgentRequest),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -64,6 +70,7 @@ pub enum ServerReply {
     Raft,
     Forward(Result<WriteReply, ApiError>),
     Peer(Vec<u8>),
+    Agent(AgentReply),
     /// The caller may not send this (a server of another cluster sending
     /// Raft messages or writes, or peer messages nobody here handles).
     Refused(String),
@@ -78,7 +85,10 @@ pub trait PeerHandler: Send + Sync + 'static {
 impl Rpc for ServerRpc {
     type Reply = ServerReply;
     fn allowed(&self) -> &'static [Role] {
-        &[Role::Server]
+        match self {
+            ServerRpc::Agent(_) => &[Role::Agent],
+            _ => &[Role::Server],
+        }
     }
 }
 
@@ -125,6 +135,10 @@ impl Handler<ServerRpc> for ServerHandler {
                 self.raft.handle(from, m).await;
                 ServerReply::Raft
             }
+            ServerRpc::Agent(r) => ServerReply::Agent(match self.server.upgrade() {
+                Some(s) => super::agents::handle(&s, &from, r).await,
+                None => AgentReply::Error { status: 503, message: "the server is shutting down".into() },
+            }),
             ServerRpc::Forward(w) => ServerReply::Forward(match self.server.upgrade() {
                 Some(s) => s.execute(w).await,
                 None => Err(ApiError::unavailable("the server is shutting down")),

@@ -188,6 +188,8 @@ fn read_fleet(top: &mut Table, d: &mut Diagnostics) -> Option<Fleet> {
                 status: NodeStatus::Ready,
                 eligible: true,
                 draining: false,
+                drain_deadline_ms: None,
+                agent_address: None,
             });
         }
     }

@@ -15,7 +15,11 @@
 //! command = "/usr/bin/python3"
 //! args = ["-m", "http.server"]
 //! resources = { cpu = "500m", memory = "256MiB" }
+//! kill_timeout = "5s"           # SIGTERM, then SIGKILL after this
 //! ```
+//!
+//! A group may also say `restart = { attempts = 2, delay = "1s", mode =
+//! "fail" }` and `on_disconnect = "keep" | "stop"`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -32,6 +36,8 @@ pub const GROUP_COUNT_MAX: i64 = 100_000;
 /// The most groups in one job, and tasks in one group.
 pub const GROUPS_MAX: usize = 64;
 pub const TASKS_MAX: usize = 64;
+/// The most restarts a `fail` restart policy may make.
+pub const RESTART_ATTEMPTS_MAX: i64 = 100;
 
 const DEFAULT_CPU_MILLIS: u64 = 100;
 const DEFAULT_MEMORY_BYTES: u64 = 128 << 20;
@@ -206,6 +212,11 @@ fn read_groups(
         let mut spreads = job_spreads.to_vec();
         spreads.extend(read_spreads(&mut g, d));
         let tasks = read_tasks(&mut g, d);
+        let restart = read_restart(&mut g, d);
+        let on_disconnect = g
+            .str(d, "on_disconnect")
+            .and_then(|w| keyword(d, "on_disconnect", w, OnDisconnect::WORDS, OnDisconnect::from_word))
+            .unwrap_or(OnDisconnect::Keep);
         g.finish(d);
         if let Some(name) = name {
             let group = TaskGroup {
@@ -217,6 +228,8 @@ fn read_groups(
                 distinct_hosts,
                 datasets,
                 tasks,
+                restart,
+                on_disconnect,
             };
             out.push((group, span));
         }
@@ -414,6 +427,35 @@ fn read_spreads(t: &mut Table, d: &mut Diagnostics) -> Vec<Spread> {
     out
 }
 
+/// `restart = { attempts = 2, delay = "1s", mode = "fail" }`.
+fn read_restart(g: &mut Table, d: &mut Diagnostics) -> RestartPolicy {
+    let mut policy = RestartPolicy::default();
+    let Some(mut r) = g.table(d, "restart") else { return policy };
+    r.path = format!("{}.restart", g.path.trim_end_matches("]]").trim_start_matches("[["));
+    match r.int(d, "attempts") {
+        Some((n, _)) if (0..=RESTART_ATTEMPTS_MAX).contains(&n) => policy.attempts = n as u32,
+        Some((n, s)) => d.error_hint(
+            s,
+            format!("attempts = {n}"),
+            format!("restart at most {RESTART_ATTEMPTS_MAX} times; for more, use mode = \"delay\""),
+        ),
+        None => {}
+    }
+    if let Some((text, s)) = r.str(d, "delay") {
+        match parse_duration_ms(text) {
+            Ok(ms) => policy.delay_ms = ms,
+            Err(h) => d.error_hint(s, "invalid restart delay", h),
+        }
+    }
+    if let Some(mode) =
+        r.str(d, "mode").and_then(|w| keyword(d, "restart mode", w, RestartMode::WORDS, RestartMode::from_word))
+    {
+        policy.mode = mode;
+    }
+    r.finish(d);
+    policy
+}
+
 fn read_tasks(g: &mut Table, d: &mut Diagnostics) -> Vec<Task> {
     let tables = g.tables(d, "task");
     if tables.is_empty() && !g.has("task") {
@@ -485,9 +527,16 @@ fn read_tasks(g: &mut Table, d: &mut Diagnostics) -> Vec<Task> {
                 _ => gpu_model = Some(model),
             }
         }
+        let kill_timeout_ms = match t.str(d, "kill_timeout") {
+            Some((text, s)) => parse_duration_ms(text).unwrap_or_else(|h| {
+                d.error_hint(s, "invalid kill_timeout", h);
+                KILL_TIMEOUT_MS
+            }),
+            None => KILL_TIMEOUT_MS,
+        };
         t.finish(d);
         if let (Some(name), Some(driver)) = (name, driver) {
-            out.push(Task { name: Arc::from(name), driver, resources, gpu });
+            out.push(Task { name: Arc::from(name), driver, resources, gpu, kill_timeout_ms });
         }
     }
     out

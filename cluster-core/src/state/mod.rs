@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
 use crate::ids::{AllocId, EvalId, JobId, NodeId, NodeIdx};
-use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus};
+use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus, TaskState};
 use crate::model::eval::Evaluation;
 use crate::model::job::{Job, TaskGroup};
 use crate::model::node::{ClassSignature, Node};
@@ -114,6 +114,8 @@ pub struct ClusterState {
     jobs: BTreeMap<JobId, Job>,
     allocs: BTreeMap<AllocId, Allocation>,
     allocs_by_job: HashMap<JobId, Vec<AllocId>>,
+    /// Allocations by node, for agents pulling theirs.
+    allocs_by_node: HashMap<NodeId, Vec<AllocId>>,
     next_alloc: u64,
     /// Lowest and highest cost per cpu-hour over all nodes, to normalise.
     cost_range: (f64, f64),
@@ -314,6 +316,21 @@ impl ClusterState {
         self.allocs_by_job.get(job).into_iter().flatten().filter_map(|id| self.allocs.get(id))
     }
 
+    /// Every allocation ever placed on `node`, oldest first.
+    pub fn allocs_on_node<'a>(&'a self, node: &NodeId) -> impl Iterator<Item = &'a Allocation> + 'a {
+        self.allocs_by_node.get(node).into_iter().flatten().filter_map(|id| self.allocs.get(id))
+    }
+
+    /// Records the task states an agent reported (a terminal allocation
+    /// keeps its last ones).
+    pub fn set_task_states(&mut self, id: AllocId, tasks: &[TaskState]) {
+        if let Some(a) = self.allocs.get_mut(&id) {
+            if !tasks.is_empty() && !a.status.is_terminal() {
+                a.tasks = tasks.to_vec();
+            }
+        }
+    }
+
     /// Commits what still fits of `plan`: each placement is checked against
     /// the node's current usage (not the usage the plan was made against),
     /// and refused placements are returned for re-evaluation.
@@ -363,8 +380,10 @@ impl ClusterState {
                         gpus,
                         desired: DesiredStatus::Run,
                         status: AllocStatus::Pending,
+                        tasks: Vec::new(),
                     };
                     self.allocs_by_job.entry(plan.job.clone()).or_default().push(id);
+                    self.allocs_by_node.entry(p.node.clone()).or_default().push(id);
                     self.allocs.insert(id, alloc);
                     applied.placed.push(id);
                 }
@@ -517,6 +536,7 @@ impl ClusterState {
                 }
             }
             state.allocs_by_job.entry(alloc.job.clone()).or_default().push(alloc.id);
+            state.allocs_by_node.entry(alloc.node.clone()).or_default().push(alloc.id);
             state.allocs.insert(alloc.id, alloc);
         }
         state.next_alloc = snap.next_alloc;

@@ -1,0 +1,54 @@
+//! Resource limits through cgroups v2: one cgroup per task under
+//! `/sys/fs/cgroup/hanse`, with `cpu.max` and `memory.max` from the task's
+//! resources. Machines without cgroups v2 (or without the rights) run
+//! tasks without limits, and the agent says so when it starts.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::ids::AllocId;
+use crate::resources::Resources;
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+#[derive(Clone, Debug)]
+pub struct Cgroups {
+    dir: PathBuf,
+}
+
+impl Cgroups {
+    /// The agent's cgroup, made ready to hold task cgroups with cpu and
+    /// memory controllers; why not, when it cannot be.
+    pub fn detect() -> Result<Cgroups, String> {
+        let root = Path::new(ROOT);
+        let controllers = fs::read_to_string(root.join("cgroup.controllers"))
+            .map_err(|_| format!("cgroups v2 is not mounted at {ROOT}"))?;
+        for c in ["cpu", "memory"] {
+            if !controllers.split_whitespace().any(|w| w == c) {
+                return Err(format!("the {c} controller is not available in {ROOT}"));
+            }
+        }
+        let dir = root.join("hanse");
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        for parent in [root, dir.as_path()] {
+            fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory")
+                .map_err(|e| format!("cannot enable cpu and memory in {}: {e}", parent.display()))?;
+        }
+        Ok(Cgroups { dir })
+    }
+
+    /// A task's cgroup with its limits; its directory.
+    pub fn create(&self, alloc: AllocId, task: &str, r: Resources) -> Result<PathBuf, String> {
+        let dir = self.dir.join(format!("{alloc}-{task}"));
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let period = 100_000u64;
+        if r.cpu_millis > 0 {
+            let quota = (r.cpu_millis * period / 1000).max(1_000);
+            fs::write(dir.join("cpu.max"), format!("{quota} {period}")).map_err(|e| format!("cpu.max: {e}"))?;
+        }
+        if r.memory_bytes > 0 {
+            fs::write(dir.join("memory.max"), r.memory_bytes.to_string()).map_err(|e| format!("memory.max: {e}"))?;
+        }
+        Ok(dir)
+    }
+}

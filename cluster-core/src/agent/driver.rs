@@ -1,0 +1,314 @@
+//! Task drivers behind one trait: `exec` runs a real child process, `mock`
+//! pretends to (a duration and an exit code, no process).
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::AsyncReadExt;
+use tokio::process::Child;
+
+use super::cgroups::Cgroups;
+use super::logs::{RotatingWriter, Rotation};
+use crate::ids::AllocId;
+use crate::model::job::{Driver as DriverSpec, Task};
+
+/// Everything a driver needs to start one task of an allocation.
+#[derive(Clone, Debug)]
+pub struct TaskContext {
+    pub alloc: AllocId,
+    pub job: String,
+    pub group: String,
+    pub index: u32,
+    pub task: Task,
+    /// The task's working directory, inside the allocation's directory.
+    pub dir: PathBuf,
+    /// The allocation's log directory.
+    pub logs: PathBuf,
+    pub rotation: Rotation,
+}
+
+/// How a run of a task ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl Exit {
+    pub fn success(self) -> bool {
+        self.code == Some(0)
+    }
+
+    pub fn describe(self) -> String {
+        match (self.code, self.signal) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            (None, None) => "ended".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// Starting again cannot help (no such command, not executable).
+    #[error("{0}")]
+    Fatal(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A running task.
+#[async_trait]
+pub trait Running: Send {
+    /// Waits for the task to end. Cancel-safe.
+    async fn wait(&mut self) -> Exit;
+    /// Asks it to end (SIGTERM), forces it (SIGKILL) after `grace`.
+    async fn stop(&mut self, grace: Duration) -> Exit;
+}
+
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    async fn start(&self, ctx: &TaskContext) -> Result<Box<dyn Running>, StartError>;
+}
+
+/// The drivers an agent offers, by the name a task spec uses.
+#[derive(Clone)]
+pub struct Drivers {
+    pub exec: Arc<dyn Driver>,
+    pub mock: Arc<dyn Driver>,
+}
+
+impl Drivers {
+    pub fn new(cgroups: Option<Cgroups>) -> Drivers {
+        Drivers { exec: Arc::new(Exec { cgroups }), mock: Arc::new(Mock) }
+    }
+
+    pub fn for_task(&self, task: &Task) -> &Arc<dyn Driver> {
+        match task.driver {
+            DriverSpec::Exec { .. } => &self.exec,
+            DriverSpec::Mock { .. } => &self.mock,
+        }
+    }
+}
+
+/// Runs for the spec's `run_for` and exits with its `exit_code`.
+pub struct Mock;
+
+struct MockRun {
+    until: tokio::time::Instant,
+    code: i32,
+}
+
+#[async_trait]
+impl Driver for Mock {
+    async fn start(&self, ctx: &TaskContext) -> Result<Box<dyn Running>, StartError> {
+        let DriverSpec::Mock { run_for_ms, exit_code } = ctx.task.driver else {
+            return Err(StartError::Fatal("the mock driver runs mock tasks only".into()));
+        };
+        let until = tokio::time::Instant::now() + Duration::from_millis(run_for_ms);
+        Ok(Box::new(MockRun { until, code: exit_code }))
+    }
+}
+
+#[async_trait]
+impl Running for MockRun {
+    async fn wait(&mut self) -> Exit {
+        tokio::time::sleep_until(self.until).await;
+        Exit { code: Some(self.code), signal: None }
+    }
+
+    async fn stop(&mut self, _grace: Duration) -> Exit {
+        Exit { code: None, signal: Some(libc::SIGTERM) }
+    }
+}
+
+/// A real child process in its own process group, in the task's
+/// directory, with stdout and stderr to rotating files, limited by a
+/// cgroup when the machine offers cgroups v2. Tasks do not outlive their
+/// agent (they get SIGKILL when it dies); a restarted agent starts them
+/// again from its local state.
+pub struct Exec {
+    pub cgroups: Option<Cgroups>,
+}
+
+struct ExecRun {
+    child: Child,
+    pid: i32,
+    copiers: Vec<tokio::task::JoinHandle<()>>,
+    cgroup: Option<PathBuf>,
+    exit: Option<Exit>,
+}
+
+#[async_trait]
+impl Driver for Exec {
+    async fn start(&self, ctx: &TaskContext) -> Result<Box<dyn Running>, StartError> {
+        let DriverSpec::Exec { command, args, env } = &ctx.task.driver else {
+            return Err(StartError::Fatal("the exec driver runs exec tasks only".into()));
+        };
+        std::fs::create_dir_all(&ctx.dir)
+            .map_err(|e| StartError::Failed(format!("cannot create {}: {e}", ctx.dir.display())))?;
+        let mut stdout = writer(ctx, "stdout")?;
+        let mut stderr = writer(ctx, "stderr")?;
+        let cgroup = match &self.cgroups {
+            Some(c) => match c.create(ctx.alloc, &ctx.task.name, ctx.task.resources) {
+                Ok(dir) => Some(dir),
+                Err(e) => {
+                    tracing::warn!(alloc = %ctx.alloc, task = %ctx.task.name, "no cgroup, running without limits: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let procs = cgroup
+            .as_ref()
+            .and_then(|d| CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok());
+        let mut cmd = tokio::process::Command::new(command);
+        cmd.args(args)
+            .envs(task_env(ctx, env))
+            .current_dir(&ctx.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: between fork and exec only async-signal-safe calls are
+        // made: setpgid, prctl, open, write, close, on memory prepared
+        // before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setpgid(0, 0);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(p) = &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+                    if fd >= 0 {
+                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StartError::Fatal(format!("command `{command}` not found")),
+            std::io::ErrorKind::PermissionDenied => {
+                StartError::Fatal(format!("command `{command}` is not executable (permission denied)"))
+            }
+            _ => StartError::Failed(format!("cannot start `{command}`: {e}")),
+        })?;
+        let pid = child.id().map_or(0, |p| p as i32);
+        let mut copiers = Vec::new();
+        if let Some(mut out) = child.stdout.take() {
+            copiers.push(tokio::spawn(async move { copy(&mut out, &mut stdout).await }));
+        }
+        if let Some(mut err) = child.stderr.take() {
+            copiers.push(tokio::spawn(async move { copy(&mut err, &mut stderr).await }));
+        }
+        Ok(Box::new(ExecRun { child, pid, copiers, cgroup, exit: None }))
+    }
+}
+
+fn writer(ctx: &TaskContext, stream: &str) -> Result<RotatingWriter, StartError> {
+    RotatingWriter::open(&ctx.logs, &format!("{}.{stream}", ctx.task.name), ctx.rotation)
+        .map_err(|e| StartError::Failed(format!("cannot open the {stream} log in {}: {e}", ctx.logs.display())))
+}
+
+/// The task's environment: its spec's, and where it runs.
+fn task_env(ctx: &TaskContext, env: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let alloc_dir = ctx.dir.parent().unwrap_or(Path::new("/")).display().to_string();
+    let mut out: Vec<(String, String)> = vec![
+        ("HANSE_ALLOC_ID".into(), ctx.alloc.to_string()),
+        ("HANSE_ALLOC_DIR".into(), alloc_dir),
+        ("HANSE_TASK_DIR".into(), ctx.dir.display().to_string()),
+        ("HANSE_JOB".into(), ctx.job.clone()),
+        ("HANSE_GROUP".into(), ctx.group.clone()),
+        ("HANSE_ALLOC_INDEX".into(), ctx.index.to_string()),
+        ("HANSE_TASK".into(), ctx.task.name.to_string()),
+    ];
+    out.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    out
+}
+
+async fn copy(from: &mut (impl AsyncReadExt + Unpin), to: &mut RotatingWriter) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if let Err(e) = to.write(&buf[..n]) {
+                    tracing::warn!("task output lost: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl ExecRun {
+    /// The process ended: take what is left of its group and its output.
+    async fn reap(&mut self, status: std::io::Result<std::process::ExitStatus>) -> Exit {
+        if self.pid > 0 {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        }
+        for c in self.copiers.drain(..) {
+            // A grandchild holding the pipes open must not hold us.
+            let _ = tokio::time::timeout(Duration::from_secs(1), c).await;
+        }
+        if let Some(dir) = self.cgroup.take() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        let exit = match status {
+            Ok(s) => Exit { code: s.code(), signal: s.signal() },
+            Err(_) => Exit { code: None, signal: None },
+        };
+        self.exit = Some(exit);
+        exit
+    }
+}
+
+impl Drop for ExecRun {
+    /// A run dropped before it ended (the agent stopping) takes its
+    /// process group with it.
+    fn drop(&mut self) {
+        if self.exit.is_none() && self.pid > 0 {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[async_trait]
+impl Running for ExecRun {
+    async fn wait(&mut self) -> Exit {
+        if let Some(e) = self.exit {
+            return e;
+        }
+        let status = self.child.wait().await;
+        self.reap(status).await
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Exit {
+        if let Some(e) = self.exit {
+            return e;
+        }
+        if self.pid > 0 {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe { libc::kill(-self.pid, libc::SIGTERM) };
+        }
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(s) => s,
+            Err(_) => {
+                if self.pid > 0 {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+                }
+                self.child.wait().await
+            }
+        };
+        self.reap(status).await
+    }
+}

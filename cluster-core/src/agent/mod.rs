@@ -1,0 +1,567 @@
+//! The node agent: registers its machine with the cluster, heartbeats,
+//! pulls the allocations placed on it, runs them through the drivers and
+//! reports on them; and keeps them running on its own when its servers
+//! are out of reach (edge autonomy).
+//!
+//! ```text
+//!  heartbeat task ── Register / Heartbeat ──► server   (lease: the TTL it answers)
+//!  sync task ────── Sync (long poll) ───────► server ──► main loop: start, stop, forget
+//!  runners (one per allocation) ── reports ──► main loop ──► local state file
+//!                                                      └──► report task ── Report ──► server
+//!  log service ◄── Logs ── server (`hanse alloc logs`)
+//! ```
+//!
+//! The agent's local state (`agent.state` in its data directory) holds
+//! every allocation it runs; an agent restarted without its servers starts
+//! them again from it. Work whose group says `on_disconnect = "stop"` runs
+//! only while the agent holds its lease: cut off for longer than the TTL,
+//! the agent stops it and reports it lost, and the servers, which wait TTL
+//! + grace before replacing it, start its replacement only after that.
+
+pub mod cgroups;
+pub mod driver;
+pub mod fingerprint;
+pub mod logs;
+pub mod rpc;
+pub mod runner;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::codec;
+use crate::ids::{AllocId, NodeId};
+use crate::model::alloc::{AllocReport, AllocStatus, DesiredStatus, TaskState};
+use crate::model::job::OnDisconnect;
+use crate::model::node::Node;
+use crate::server::rpc::{ServerReply, ServerRpc};
+use crate::server::unix_ms;
+use crate::transport::{Handler, Identity, Transport};
+use driver::Drivers;
+use logs::Rotation;
+use rpc::{AgentAlloc, AgentReply, AgentRequest, AgentService, AgentServiceReply, NodeAllocs};
+use runner::Control;
+
+/// How long a server may hold a sync open.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
+/// Between attempts when no server answers.
+const RETRY: Duration = Duration::from_millis(500);
+/// How often the agent checks its lease and saves its state.
+const TICK: Duration = Duration::from_millis(200);
+/// The most reports sent in one request.
+const REPORT_BATCH: usize = 1_024;
+
+#[derive(Clone)]
+pub struct AgentOptions {
+    pub cluster: String,
+    /// This machine as the agent registers it (fingerprint and config).
+    pub node: Node,
+    /// The servers' QUIC addresses; the agent moves on when one fails.
+    pub servers: Vec<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub rotation: Rotation,
+    pub drivers: Drivers,
+}
+
+/// What the agent saves, to start again without its servers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct LocalState {
+    node: Option<NodeId>,
+    /// When a server last answered a heartbeat, and the lease it gave.
+    last_contact_unix_ms: u64,
+    ttl_ms: u64,
+    grace_ms: u64,
+    allocs: Vec<(AgentAlloc, AllocStatus, Vec<TaskState>)>,
+}
+
+struct Slot {
+    alloc: AgentAlloc,
+    status: AllocStatus,
+    tasks: Vec<TaskState>,
+    control: Option<watch::Sender<Control>>,
+}
+
+/// When a server last answered, and the lease it granted.
+#[derive(Clone, Copy, Debug)]
+struct Contact {
+    /// When the last heartbeat's answer came.
+    last: Option<Instant>,
+    ttl: Duration,
+    grace: Duration,
+}
+
+struct Link {
+    servers: Vec<SocketAddr>,
+    current: AtomicUsize,
+    transport: Arc<dyn Transport<ServerRpc>>,
+}
+
+impl Link {
+    /// One request to the current server; on failure the next call goes
+    /// to the next server.
+    async fn call(&self, request: AgentRequest, timeout: Duration) -> Result<AgentReply, String> {
+        let i = self.current.load(Ordering::Relaxed);
+        let to = self.servers[i % self.servers.len()];
+        let next = || {
+            let _ = self.current.compare_exchange(i, i.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed);
+        };
+        match tokio::time::timeout(timeout, self.transport.call(to, ServerRpc::Agent(request))).await {
+            Ok(Ok(ServerReply::Agent(AgentReply::Error { status, message }))) if status >= 500 => {
+                next();
+                Err(format!("{to}: {message}"))
+            }
+            Ok(Ok(ServerReply::Agent(reply))) => Ok(reply),
+            Ok(Ok(ServerReply::Refused(why))) => Err(format!("{to} refused: {why}")),
+            Ok(Ok(_)) => Err(format!("{to} answered out of turn")),
+            Ok(Err(e)) => {
+                next();
+                Err(e.to_string())
+            }
+            Err(_) => {
+                next();
+                Err(format!("{to} did not answer in {timeout:?}"))
+            }
+        }
+    }
+}
+
+/// A node agent; [`Agent::run`] until shutdown.
+pub struct Agent {
+    options: AgentOptions,
+    link: Arc<Link>,
+    /// Allocation states, for the log service's "done".
+    statuses: Arc<Mutex<HashMap<AllocId, AllocStatus>>>,
+}
+
+impl Agent {
+    pub fn new(options: AgentOptions, transport: Arc<dyn Transport<ServerRpc>>) -> Agent {
+        let link = Arc::new(Link { servers: options.servers.clone(), current: AtomicUsize::new(0), transport });
+        Agent { options, link, statuses: Arc::default() }
+    }
+
+    /// Where the servers reach this agent (its log service).
+    pub fn advertise(&mut self, address: SocketAddr) {
+        self.options.node.agent_address = Some(address.to_string());
+    }
+
+    fn allocs_dir(&self) -> PathBuf {
+        self.options.data_dir.join("allocs")
+    }
+
+    /// The handler to serve on the agent's QUIC address: task logs.
+    pub fn log_service(&self) -> Arc<dyn Handler<AgentService>> {
+        Arc::new(LogService { allocs_dir: self.allocs_dir(), statuses: self.statuses.clone() })
+    }
+
+    /// Runs until `shutdown` resolves. Tasks end with the agent; its local
+    /// state lets the next start pick them up again.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
+        let o = &self.options;
+        assert!(!o.servers.is_empty(), "an agent needs at least one server");
+        std::fs::create_dir_all(self.allocs_dir())
+            .map_err(|e| format!("cannot create {}: {e}", self.allocs_dir().display()))?;
+        let state_path = o.data_dir.join("agent.state");
+        let saved = load(&state_path)?;
+        if saved.node.as_ref().is_some_and(|n| *n != o.node.id) {
+            return Err(format!(
+                "{} belongs to node {}, not {}: use another data_dir",
+                state_path.display(),
+                saved.node.as_ref().map_or("", |n| n.as_str()),
+                o.node.id
+            ));
+        }
+        let contact = Arc::new(Mutex::new(Contact {
+            last: None,
+            ttl: Duration::from_millis(saved.ttl_ms.max(1_000)),
+            grace: Duration::from_millis(saved.grace_ms),
+        }));
+        let (report_tx, report_rx) = mpsc::unbounded_channel::<AllocReport>();
+        let (sync_tx, mut sync_rx) = mpsc::channel::<NodeAllocs>(4);
+        let (runner_tx, mut runner_rx) = mpsc::unbounded_channel::<AllocReport>();
+        let mut background = JoinSet::new();
+        let reconnected = Arc::new(tokio::sync::Notify::new());
+        background.spawn(heartbeats(self.link.clone(), o.node.clone(), contact.clone(), reconnected.clone()));
+        background.spawn(syncs(self.link.clone(), o.node.id.clone(), sync_tx, reconnected));
+        background.spawn(reports(self.link.clone(), o.node.id.clone(), report_rx));
+        let env = runner::Env { drivers: o.drivers.clone(), allocs_dir: self.allocs_dir(), rotation: o.rotation };
+        let mut main = Main {
+            env,
+            slots: BTreeMap::new(),
+            runners: JoinSet::new(),
+            runner_tx,
+            report_tx,
+            statuses: self.statuses.clone(),
+            contact,
+            connected: true,
+            dirty: false,
+            last_contact_unix_ms: saved.last_contact_unix_ms,
+            state_path: state_path.clone(),
+            node: o.node.id.clone(),
+        };
+        main.recover(saved);
+        let mut tick = tokio::time::interval(TICK);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(allocs) = sync_rx.recv() => main.reconcile(allocs),
+                Some(report) = runner_rx.recv() => main.reported(report),
+                _ = tick.tick() => {
+                    main.check_lease();
+                    if main.dirty {
+                        main.save();
+                    }
+                }
+            }
+        }
+        main.save();
+        background.abort_all();
+        // Dropping the runners kills their processes.
+        main.runners.abort_all();
+        while main.runners.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+struct Main {
+    env: runner::Env,
+    slots: BTreeMap<AllocId, Slot>,
+    runners: JoinSet<()>,
+    runner_tx: mpsc::UnboundedSender<AllocReport>,
+    report_tx: mpsc::UnboundedSender<AllocReport>,
+    statuses: Arc<Mutex<HashMap<AllocId, AllocStatus>>>,
+    contact: Arc<Mutex<Contact>>,
+    connected: bool,
+    dirty: bool,
+    last_contact_unix_ms: u64,
+    state_path: PathBuf,
+    node: NodeId,
+}
+
+impl Main {
+    /// Picks up what the last run left: running allocations start again,
+    /// except at-most-once ones whose lease has lapsed meanwhile (reported
+    /// lost); finished ones are reported again.
+    fn recover(&mut self, saved: LocalState) {
+        let lapsed = unix_ms().saturating_sub(saved.last_contact_unix_ms) > saved.ttl_ms;
+        let n = saved.allocs.len();
+        for (alloc, status, tasks) in saved.allocs {
+            let id = alloc.id;
+            let restart = !status.is_terminal() && alloc.desired == DesiredStatus::Run;
+            if restart && alloc.group.on_disconnect == OnDisconnect::Stop && lapsed {
+                self.slots.insert(id, Slot { alloc, status: AllocStatus::Lost, tasks, control: None });
+                self.send(id);
+            } else if restart {
+                self.start(alloc);
+            } else {
+                self.slots.insert(id, Slot { alloc, status, tasks, control: None });
+                self.send(id);
+            }
+        }
+        if n > 0 {
+            tracing::info!(allocations = n, "recovered the allocations of the last run from local state");
+        }
+    }
+
+    /// Starts a runner; the caller has saved the allocation in the local
+    /// state first, so that a crash right after cannot forget it.
+    fn start(&mut self, alloc: AgentAlloc) {
+        let (tx, rx) = watch::channel(Control::Run);
+        let id = alloc.id;
+        self.runners.spawn(runner::run(self.env.clone(), alloc.clone(), rx, self.runner_tx.clone()));
+        self.statuses.lock().expect("statuses").insert(id, AllocStatus::Pending);
+        self.slots.insert(id, Slot { alloc, status: AllocStatus::Pending, tasks: Vec::new(), control: Some(tx) });
+        self.dirty = true;
+    }
+
+    fn stop(&mut self, id: AllocId, deadline: Option<tokio::time::Instant>, status: AllocStatus) {
+        if let Some(c) = self.slots.get(&id).and_then(|s| s.control.as_ref()) {
+            if *c.borrow() == Control::Run {
+                let _ = c.send(Control::Stop { deadline, status });
+            }
+        }
+    }
+
+    /// Sends the slot's state to the servers.
+    fn send(&mut self, id: AllocId) {
+        if let Some(s) = self.slots.get(&id) {
+            let _ = self.report_tx.send(AllocReport { id, status: s.status, tasks: s.tasks.clone() });
+            self.statuses.lock().expect("statuses").insert(id, s.status);
+        }
+        self.dirty = true;
+    }
+
+    fn reported(&mut self, r: AllocReport) {
+        if let Some(s) = self.slots.get_mut(&r.id) {
+            s.status = r.status;
+            s.tasks = r.tasks;
+            if r.status.is_terminal() {
+                s.control = None;
+            }
+            self.send(r.id);
+        }
+    }
+
+    /// Brings the node in line with what the cluster wants of it.
+    fn reconcile(&mut self, want: NodeAllocs) {
+        let deadline = want
+            .drain_deadline_ms
+            .map(|d| tokio::time::Instant::now() + Duration::from_millis(d.saturating_sub(unix_ms())));
+        let mut listed = std::collections::HashSet::new();
+        let mut new = Vec::new();
+        for a in want.allocs {
+            listed.insert(a.id);
+            match (self.slots.contains_key(&a.id), a.desired) {
+                (false, DesiredStatus::Run) => new.push(a),
+                (false, DesiredStatus::Stop) => {
+                    // Not running here (lost with an old data dir): done.
+                    let id = a.id;
+                    self.slots
+                        .insert(id, Slot { alloc: a, status: AllocStatus::Complete, tasks: Vec::new(), control: None });
+                    self.send(id);
+                }
+                (true, DesiredStatus::Stop) => self.stop(a.id, deadline, AllocStatus::Complete),
+                (true, DesiredStatus::Run) => {}
+            }
+        }
+        if !new.is_empty() {
+            // Written ahead: saved as pending before any process starts.
+            for a in &new {
+                self.slots.insert(
+                    a.id,
+                    Slot { alloc: a.clone(), status: AllocStatus::Pending, tasks: Vec::new(), control: None },
+                );
+            }
+            self.save();
+            for a in new {
+                self.start(a);
+            }
+        }
+        // Not listed: terminal for the cluster (finished, lost, replaced).
+        let gone: Vec<AllocId> = self.slots.keys().filter(|id| !listed.contains(id)).copied().collect();
+        for id in gone {
+            let running = self.slots.get(&id).is_some_and(|s| s.control.is_some());
+            if running {
+                tracing::info!(alloc = %id, "the cluster no longer runs this allocation here; stopping it");
+                self.stop(id, None, AllocStatus::Complete);
+            } else {
+                self.slots.remove(&id);
+                self.statuses.lock().expect("statuses").remove(&id);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Cut off past the lease: at-most-once work stops, the rest runs on.
+    fn check_lease(&mut self) {
+        let c = *self.contact.lock().expect("contact");
+        if let Some(last) = c.last {
+            let since = last.elapsed();
+            self.last_contact_unix_ms = unix_ms().saturating_sub(since.as_millis() as u64);
+            let connected = since <= c.ttl;
+            if connected != self.connected {
+                self.connected = connected;
+                self.dirty = true;
+                if connected {
+                    tracing::info!("in contact with the servers again");
+                } else {
+                    let stop =
+                        self.slots.values().filter(|s| s.alloc.group.on_disconnect == OnDisconnect::Stop).count();
+                    tracing::warn!(
+                        "no server answered for {since:?} (lease {:?}): keeping {} allocations running, stopping {stop} with on_disconnect = \"stop\"",
+                        c.ttl,
+                        self.slots.len() - stop,
+                    );
+                }
+            }
+        }
+        if !self.connected {
+            // Done before the servers replace it: they wait TTL + grace.
+            let deadline = c.last.map(|l| tokio::time::Instant::from_std(l + c.ttl + c.grace / 2));
+            let ids: Vec<AllocId> = self
+                .slots
+                .iter()
+                .filter(|(_, s)| s.alloc.group.on_disconnect == OnDisconnect::Stop && s.control.is_some())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                self.stop(id, deadline, AllocStatus::Lost);
+            }
+        }
+    }
+
+    fn save(&mut self) {
+        let path = &self.state_path;
+        let c = *self.contact.lock().expect("contact");
+        let state = LocalState {
+            node: Some(self.node.clone()),
+            last_contact_unix_ms: self.last_contact_unix_ms,
+            ttl_ms: c.ttl.as_millis() as u64,
+            grace_ms: c.grace.as_millis() as u64,
+            allocs: self.slots.values().map(|s| (s.alloc.clone(), s.status, s.tasks.clone())).collect(),
+        };
+        let tmp = path.with_extension("state.tmp");
+        let written = std::fs::write(&tmp, codec::encode(&state)).and_then(|()| {
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, path)
+        });
+        match written {
+            Ok(()) => self.dirty = false,
+            Err(e) => tracing::error!("cannot save the agent's state to {}: {e}", path.display()),
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<LocalState, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => codec::decode(&bytes, codec::DECODE_BYTES_MAX)
+            .map_err(|e| format!("{} is not an agent state file ({e}); move it away to start afresh", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LocalState::default()),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Registers, then heartbeats every TTL / 3; registers again when the
+/// cluster has forgotten the node.
+async fn heartbeats(link: Arc<Link>, node: Node, contact: Arc<Mutex<Contact>>, reconnected: Arc<tokio::sync::Notify>) {
+    let mut registered = false;
+    let mut failing = false;
+    loop {
+        let request = if registered {
+            AgentRequest::Heartbeat(node.id.clone())
+        } else {
+            AgentRequest::Register(Box::new(node.clone()))
+        };
+        let wait = match link.call(request, Duration::from_secs(3)).await {
+            Ok(AgentReply::Alive { ttl_ms, grace_ms, known }) => {
+                // The server restarted its timer while answering: the lease
+                // runs from the answer (a registration waits for a commit, so
+                // the send time would understate it by the commit). The
+                // stop deadline's margin, grace / 2, covers the answer's
+                // way back.
+                let mut c = contact.lock().expect("contact");
+                c.last = Some(Instant::now());
+                c.ttl = Duration::from_millis(ttl_ms);
+                c.grace = Duration::from_millis(grace_ms);
+                if failing || !registered {
+                    tracing::info!(node = %node.id, "registered with the cluster; heartbeating every {:?}", c.ttl / 3);
+                }
+                if failing {
+                    reconnected.notify_one();
+                }
+                failing = false;
+                registered = known;
+                if known { c.ttl / 3 } else { Duration::ZERO }
+            }
+            Ok(other) => {
+                tracing::error!("the cluster refused the node: {other:?}");
+                RETRY * 4
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("heartbeat failed: {e}");
+                }
+                failing = true;
+                RETRY
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Long-polls the node's allocations; answers older than one already
+/// seen (a lagging server) are dropped. A poll in flight when the servers
+/// come back into reach is abandoned for a fresh one.
+async fn syncs(link: Arc<Link>, node: NodeId, to: mpsc::Sender<NodeAllocs>, reconnected: Arc<tokio::sync::Notify>) {
+    let mut after = 0u64;
+    loop {
+        let request = AgentRequest::Sync { node: node.clone(), after, wait_ms: SYNC_WAIT.as_millis() as u64 };
+        let reply = tokio::select! {
+            r = link.call(request, SYNC_WAIT + Duration::from_secs(2)) => r,
+            () = reconnected.notified() => continue,
+        };
+        match reply {
+            Ok(AgentReply::Sync(allocs)) if allocs.index >= after => {
+                after = allocs.index;
+                if to.send(allocs).await.is_err() {
+                    return;
+                }
+            }
+            Ok(AgentReply::Sync(_)) => {}
+            _ => tokio::time::sleep(RETRY).await,
+        }
+    }
+}
+
+/// Sends reports in batches, the latest per allocation, until each is
+/// acknowledged: a report is never dropped for a server being away.
+async fn reports(link: Arc<Link>, node: NodeId, mut from: mpsc::UnboundedReceiver<AllocReport>) {
+    let mut pending: BTreeMap<AllocId, AllocReport> = BTreeMap::new();
+    loop {
+        if pending.is_empty() {
+            match from.recv().await {
+                Some(r) => {
+                    pending.insert(r.id, r);
+                }
+                None => return,
+            }
+        }
+        while let Ok(r) = from.try_recv() {
+            pending.insert(r.id, r);
+        }
+        let batch: Vec<AllocReport> = pending.values().take(REPORT_BATCH).cloned().collect();
+        match link
+            .call(AgentRequest::Report { node: node.clone(), reports: batch.clone() }, Duration::from_secs(5))
+            .await
+        {
+            Ok(AgentReply::Done) => {
+                for r in batch {
+                    if pending.get(&r.id) == Some(&r) {
+                        pending.remove(&r.id);
+                    }
+                }
+            }
+            Ok(AgentReply::Error { status, message }) if status < 500 => {
+                tracing::error!("the cluster refused allocation reports: {message}");
+                pending.clear();
+            }
+            _ => tokio::time::sleep(RETRY).await,
+        }
+    }
+}
+
+struct LogService {
+    allocs_dir: PathBuf,
+    statuses: Arc<Mutex<HashMap<AllocId, AllocStatus>>>,
+}
+
+#[async_trait]
+impl Handler<AgentService> for LogService {
+    async fn handle(&self, _from: Identity, request: AgentService) -> AgentServiceReply {
+        let AgentService::Logs { alloc, task, stderr, offset, max } = request;
+        if !task.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) || task.is_empty() {
+            return AgentServiceReply::Error(format!("`{task}` is not a task name"));
+        }
+        let dir = self.allocs_dir.join(alloc.to_string()).join("logs");
+        if !dir.exists() {
+            return AgentServiceReply::Error(format!("allocation {alloc} has no logs on this node"));
+        }
+        let stem = format!("{task}.{}", if stderr { "stderr" } else { "stdout" });
+        let done = self.statuses.lock().expect("statuses").get(&alloc).is_none_or(|s| s.is_terminal());
+        match logs::read(&dir, &stem, offset, max.min(rpc::LOG_CHUNK_MAX)) {
+            Ok(mut chunk) => {
+                chunk.done = done;
+                AgentServiceReply::Logs(chunk)
+            }
+            Err(e) => AgentServiceReply::Error(format!("cannot read the logs of {alloc}: {e}")),
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! One allocation on an agent: its tasks started together, restarted by
+//! the group's policy, stopped on request, and every change reported.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::driver::{Drivers, Exit, StartError, TaskContext};
+use super::logs::Rotation;
+use super::rpc::AgentAlloc;
+use crate::model::alloc::{AllocReport, AllocStatus, TaskPhase, TaskState};
+use crate::model::job::{JobType, RestartMode, Task};
+
+/// What the agent wants of a running allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Run,
+    /// Stop every task, each within its kill timeout but no later than
+    /// `deadline`; the allocation then reports `status`.
+    Stop {
+        deadline: Option<tokio::time::Instant>,
+        status: AllocStatus,
+    },
+}
+
+/// Where an agent keeps allocations, and how it runs them.
+#[derive(Clone)]
+pub struct Env {
+    pub drivers: Drivers,
+    pub allocs_dir: PathBuf,
+    pub rotation: Rotation,
+}
+
+/// Changes one task's state and reports the allocation.
+type Report<'a> = &'a (dyn Fn(&(dyn Fn(&mut TaskState) + Sync)) + Sync);
+
+/// How one task ended for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+/// Runs `alloc` until it ends or is stopped; sends a report on every
+/// change of a task, the last one terminal.
+pub async fn run(
+    env: Env,
+    alloc: AgentAlloc,
+    control: watch::Receiver<Control>,
+    reports: mpsc::UnboundedSender<AllocReport>,
+) {
+    let tasks = &alloc.group.tasks;
+    let states: Arc<Mutex<Vec<TaskState>>> = Arc::new(Mutex::new(
+        tasks
+            .iter()
+            .map(|t| TaskState {
+                name: t.name.clone(),
+                state: TaskPhase::Pending,
+                restarts: 0,
+                exit_code: None,
+                signal: None,
+                message: String::new(),
+            })
+            .collect(),
+    ));
+    let send = |status: AllocStatus| {
+        let tasks = states.lock().expect("task states").clone();
+        let _ = reports.send(AllocReport { id: alloc.id, status, tasks });
+    };
+    let report = |i: usize, f: &(dyn Fn(&mut TaskState) + Sync)| {
+        let status = {
+            let mut s = states.lock().expect("task states");
+            f(&mut s[i]);
+            if s.iter().any(|t| t.state == TaskPhase::Running) { AllocStatus::Running } else { AllocStatus::Pending }
+        };
+        send(status);
+    };
+    // A sibling failing for good stops the others.
+    let (fail_tx, fail_rx) = watch::channel(false);
+    let dir = env.allocs_dir.join(alloc.id.to_string());
+    let runs = tasks.iter().enumerate().map(|(i, task)| {
+        let ctx = TaskContext {
+            alloc: alloc.id,
+            job: alloc.job.to_string(),
+            group: alloc.group.name.to_string(),
+            index: alloc.index,
+            task: task.clone(),
+            dir: dir.join(&*task.name),
+            logs: dir.join("logs"),
+            rotation: env.rotation,
+        };
+        let (control, fail_rx, fail_tx) = (control.clone(), fail_rx.clone(), fail_tx.clone());
+        let env = &env;
+        let alloc = &alloc;
+        let report = &report;
+        async move {
+            let end = run_task(env, alloc, ctx, control, fail_rx, &|f| report(i, f)).await;
+            if end == End::Failed {
+                let _ = fail_tx.send(true);
+            }
+            end
+        }
+    });
+    let ends = futures_join_all(runs).await;
+    let status = if let Control::Stop { status, .. } = *control.borrow() {
+        status
+    } else if ends.contains(&End::Failed) {
+        AllocStatus::Failed
+    } else {
+        AllocStatus::Complete
+    };
+    send(status);
+}
+
+/// Awaits every future (few: the tasks of one group).
+async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut out = Vec::with_capacity(set.len());
+    // Polled together: each awaits its own process.
+    let joined = std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out.len() <= i {
+                out.push(None);
+            }
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    });
+    joined.await;
+    out.into_iter().map(|v| v.expect("every future finished")).collect()
+}
+
+/// Resolves when the agent asks the allocation to stop, or a sibling
+/// failed; with the stop's deadline.
+async fn stop_asked(
+    control: &mut watch::Receiver<Control>,
+    failed: &mut watch::Receiver<bool>,
+) -> Option<tokio::time::Instant> {
+    loop {
+        if let Control::Stop { deadline, .. } = *control.borrow_and_update() {
+            return deadline;
+        }
+        if *failed.borrow_and_update() {
+            return None;
+        }
+        tokio::select! {
+            r = control.changed() => if r.is_err() { return None },
+            r = failed.changed() => if r.is_err() { std::future::pending::<()>().await },
+        }
+    }
+}
+
+fn grace(task: &Task, deadline: Option<tokio::time::Instant>) -> Duration {
+    let own = Duration::from_millis(task.kill_timeout_ms);
+    match deadline {
+        Some(d) => own.min(d.saturating_duration_since(tokio::time::Instant::now())),
+        None => own,
+    }
+}
+
+async fn run_task(
+    env: &Env,
+    alloc: &AgentAlloc,
+    ctx: TaskContext,
+    mut control: watch::Receiver<Control>,
+    mut failed: watch::Receiver<bool>,
+    report: Report<'_>,
+) -> End {
+    let policy = alloc.group.restart;
+    let driver = env.drivers.for_task(&ctx.task).clone();
+    let mut restarts = 0u32;
+    loop {
+        let mut run = tokio::select! {
+            r = driver.start(&ctx) => r,
+            _ = stop_asked(&mut control, &mut failed) => return End::Stopped,
+        };
+        let exit: Result<Exit, StartError> = match run.as_mut() {
+            Err(e) => Err(e.clone()),
+            Ok(r) => {
+                report(&|t| {
+                    t.state = TaskPhase::Running;
+                    t.message = "started".into();
+                });
+                tokio::select! {
+                    exit = r.wait() => Ok(exit),
+                    deadline = stop_asked(&mut control, &mut failed) => {
+                        let exit = r.stop(grace(&ctx.task, deadline)).await;
+                        report(&|t| {
+                            t.state = TaskPhase::Dead;
+                            t.exit_code = exit.code;
+                            t.signal = exit.signal;
+                            t.message = format!("stopped: {}", exit.describe());
+                        });
+                        return End::Stopped;
+                    }
+                }
+            }
+        };
+        let (exit_code, signal, what) = match &exit {
+            Ok(e) => (e.code, e.signal, e.describe()),
+            Err(e) => (None, None, e.to_string()),
+        };
+        let done = matches!(exit, Ok(e) if e.success()) && alloc.job_type == JobType::Batch;
+        let fatal = matches!(exit, Err(StartError::Fatal(_)));
+        let may_restart = !done && !fatal && (policy.mode == RestartMode::Delay || restarts < policy.attempts);
+        if !may_restart {
+            report(&|t| {
+                t.state = TaskPhase::Dead;
+                t.exit_code = exit_code;
+                t.signal = signal;
+                t.message = if done || fatal { what.clone() } else { format!("{what}; no restarts left") };
+            });
+            return if done { End::Succeeded } else { End::Failed };
+        }
+        restarts += 1;
+        let delay = Duration::from_millis(policy.delay_ms);
+        report(&|t| {
+            t.state = TaskPhase::Pending;
+            t.exit_code = exit_code;
+            t.signal = signal;
+            t.restarts = restarts;
+            t.message = format!("{what}; restarting in {delay:?}");
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop_asked(&mut control, &mut failed) => return End::Stopped,
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! `hanse agent`: the node agent of one machine.
+//!
+//! ```toml
+//! [agent]
+//! name = "node-a"                 # the node's id; its certificate's name
+//! cluster = "eu-west"
+//! data_dir = "data/node-a"        # allocations, logs, the agent's state
+//! servers = ["127.0.0.1:4701"]    # the servers' QUIC addresses (their `bind`)
+//! bind = "127.0.0.1:4801"         # QUIC, for the servers (logs); default any port
+//! class = "edge-arm"              # what the operator says of the machine:
+//! region = "eu-west-1"
+//! zone = "a"
+//! environment = "edge"            # cloud | edge | onprem
+//! execution_model = "process"     # container | serverless | process | baremetal
+//! cost_per_hour = 0.12
+//! power_budget = "60W"
+//! latency_class = 0
+//! datasets = ["clickstream"]
+//! jurisdictions = ["eu"]
+//! meta = { rack = "r12" }
+//! cpu = 4                         # optional: instead of the fingerprinted
+//! memory = "8GiB"                 #   cores and memory
+//! cgroups = true                  # limit tasks with cgroups v2 when offered
+//!
+//! [logs]
+//! max_file = "10MiB"              # each task's stdout and stderr rotate at this
+//! max_files = 3                   # and keep this many files
+//!
+//! [tls]
+//! ca = "pki/ca.pem"
+//! cert = "pki/eu-west-agent-node-a.pem"
+//! key = "pki/eu-west-agent-node-a-key.pem"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use cluster_core::agent::cgroups::Cgroups;
+use cluster_core::agent::driver::Drivers;
+use cluster_core::agent::fingerprint::fingerprint;
+use cluster_core::agent::logs::Rotation;
+use cluster_core::agent::rpc::AgentService;
+use cluster_core::agent::{Agent, AgentOptions};
+use cluster_core::diag::Diagnostics;
+use cluster_core::ids::NodeId;
+use cluster_core::model::node::{Environment, ExecutionModel, Node, NodeStatus};
+use cluster_core::resources;
+use cluster_core::server::rpc::ServerRpc;
+use cluster_core::spec;
+use cluster_core::spec::read::{self, keyword};
+use cluster_core::transport::quic::{QuicClient, QuicServer};
+use cluster_core::transport::tls::{self, valid_label};
+use cluster_core::transport::{Identity, Role, Transport};
+
+use crate::Outcome;
+use crate::server::addr;
+
+pub struct AgentConfig {
+    pub name: String,
+    pub cluster: String,
+    pub data_dir: PathBuf,
+    pub servers: Vec<SocketAddr>,
+    pub bind: SocketAddr,
+    /// The node as configured; the fingerprint fills in the rest.
+    pub node: Node,
+    /// Overrides of the fingerprint.
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub cgroups: bool,
+    pub rotation: Rotation,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConfig> {
+    read::checked(file, |top, d| {
+        let base = Path::new(&file.name).parent().unwrap_or(Path::new("."));
+        let rel = |p: &str| -> PathBuf { if Path::new(p).is_absolute() { p.into() } else { base.join(p) } };
+        let mut a = top.table(d, "agent").or_else(|| {
+            d.error_hint(
+                0..0,
+                "missing [agent] table",
+                "start the file with [agent] and name, cluster, data_dir, servers",
+            );
+            None
+        })?;
+        a.path = "[agent]".into();
+        let mut label = |d: &mut Diagnostics, key: &'static str, example: &str| {
+            a.required_str(d, key, example).and_then(|(v, span)| {
+                if valid_label(v) {
+                    Some(v.to_string())
+                } else {
+                    d.error_hint(span, format!("invalid {key} `{v}`"), "use 1 to 63 letters, digits and `-`");
+                    None
+                }
+            })
+        };
+        let name = label(d, "name", "\"node-a\"");
+        let cluster = label(d, "cluster", "\"eu-west\"");
+        let data_dir = a.required_str(d, "data_dir", "\"data/node-a\"").map(|(p, _)| rel(p));
+        let servers: Vec<SocketAddr> = match a.str_list(d, "servers") {
+            Some(list) if !list.is_empty() => list.into_iter().filter_map(|v| addr(d, Some(v))).collect(),
+            _ => {
+                a.missing(d, "servers", "[\"127.0.0.1:4701\"]");
+                Vec::new()
+            }
+        };
+        let bind = match a.str(d, "bind") {
+            Some(v) => addr(d, Some(v)),
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        };
+        let str_or = |d: &mut Diagnostics, t: &mut read::Table, key: &'static str, default: &str| {
+            t.str(d, key).map_or_else(|| default.to_string(), |(v, _)| v.to_string())
+        };
+        let class = str_or(d, &mut a, "class", "default");
+        let region = str_or(d, &mut a, "region", "");
+        let zone = str_or(d, &mut a, "zone", "default");
+        let environment = a.str(d, "environment").map_or(Some(Environment::Onprem), |w| {
+            keyword(d, "environment", w, Environment::WORDS, Environment::from_word)
+        });
+        let execution_model = a.str(d, "execution_model").map_or(Some(ExecutionModel::Process), |w| {
+            keyword(d, "execution model", w, ExecutionModel::WORDS, ExecutionModel::from_word)
+        });
+        let cost_per_hour = match a.float(d, "cost_per_hour") {
+            Some((x, s)) if x < 0.0 => {
+                d.error(s, "cost_per_hour cannot be negative");
+                0.0
+            }
+            Some((x, _)) => x,
+            None => 0.0,
+        };
+        let power_watts = a.str(d, "power_budget").map_or(0, |(t, s)| {
+            resources::parse_watts(t).unwrap_or_else(|h| {
+                d.error_hint(s, format!("invalid power_budget `{t}`"), h);
+                0
+            })
+        });
+        let latency_class = match a.int(d, "latency_class") {
+            Some((n, _)) if (0..=255).contains(&n) => n as u8,
+            Some((n, s)) => {
+                d.error_hint(s, format!("latency_class = {n}"), "use 0 (nearest) to 255");
+                0
+            }
+            None => 0,
+        };
+        let list = |d: &mut Diagnostics, t: &mut read::Table, key: &'static str| -> Vec<Arc<str>> {
+            t.str_list(d, key).unwrap_or_default().into_iter().map(|(v, _)| Arc::from(v)).collect()
+        };
+        let datasets = list(d, &mut a, "datasets");
+        let jurisdictions = list(d, &mut a, "jurisdictions");
+        let meta = a.str_map(d, "meta").into_iter().map(|(k, v, _)| (k.to_string(), v.to_string())).collect();
+        let cpu_millis = a.scalar_text(d, "cpu").and_then(|(t, _, s)| {
+            resources::parse_cpu(&t).map_err(|h| d.error_hint(s, format!("invalid cpu `{t}`"), h)).ok()
+        });
+        let memory_bytes = a.str(d, "memory").and_then(|(t, s)| {
+            resources::parse_bytes(t).map_err(|h| d.error_hint(s, format!("invalid memory `{t}`"), h)).ok()
+        });
+        let cgroups = a.bool(d, "cgroups").is_none_or(|(b, _)| b);
+        a.finish(d);
+        let mut rotation = Rotation::default();
+        if let Some(mut l) = top.table(d, "logs") {
+            l.path = "[logs]".into();
+            if let Some((t, s)) = l.str(d, "max_file") {
+                match resources::parse_bytes(t) {
+                    Ok(b) if b >= 1024 => rotation.file_bytes = b,
+                    Ok(_) => {
+                        d.error_hint(s, format!("max_file `{t}` is too small"), "use 1KiB or more, e.g. \"10MiB\"")
+                    }
+                    Err(h) => d.error_hint(s, format!("invalid max_file `{t}`"), h),
+                }
+            }
+            match l.int(d, "max_files") {
+                Some((n, _)) if (1..=100).contains(&n) => rotation.files = n as usize,
+                Some((n, s)) => d.error_hint(s, format!("max_files = {n}"), "keep 1 to 100 files"),
+                None => {}
+            }
+            l.finish(d);
+        }
+        let (mut ca, mut cert, mut key) = (None, None, None);
+        match top.table(d, "tls") {
+            Some(mut t) => {
+                t.path = "[tls]".into();
+                ca = t.required_str(d, "ca", "\"pki/ca.pem\"").map(|(p, _)| rel(p));
+                cert = t.required_str(d, "cert", "\"pki/eu-west-agent-node-a.pem\"").map(|(p, _)| rel(p));
+                key = t.required_str(d, "key", "\"pki/eu-west-agent-node-a-key.pem\"").map(|(p, _)| rel(p));
+                t.finish(d);
+            }
+            None => d.error_hint(
+                0..0,
+                "missing [tls] table",
+                "add [tls] with ca, cert and key (`hanse tls cert create --role agent`)",
+            ),
+        }
+        let name = name?;
+        let node = Node {
+            id: NodeId::new(&name),
+            class: class.into(),
+            region: region.into(),
+            zone: zone.into(),
+            environment: environment?,
+            execution_model: execution_model?,
+            attributes: Default::default(),
+            meta,
+            drivers: vec![Arc::from("exec"), Arc::from("mock")],
+            jurisdictions,
+            datasets,
+            capacity: resources::Resources { power_watts, ..Default::default() },
+            gpus: Vec::new(),
+            cost_per_hour,
+            latency_class,
+            status: NodeStatus::Ready,
+            eligible: true,
+            draining: false,
+            drain_deadline_ms: None,
+            agent_address: None,
+        };
+        if servers.is_empty() {
+            return None;
+        }
+        Some(AgentConfig {
+            name,
+            cluster: cluster?,
+            data_dir: data_dir?,
+            servers,
+            bind: bind?,
+            node,
+            cpu_millis,
+            memory_bytes,
+            cgroups,
+            rotation,
+            ca: ca?,
+            cert: cert?,
+            key: key?,
+        })
+    })
+}
+
+pub fn load_config(path: &Path) -> anyhow::Result<AgentConfig> {
+    crate::output::load(path, read_config)
+}
+
+pub async fn run(c: AgentConfig) -> anyhow::Result<Outcome> {
+    std::fs::create_dir_all(&c.data_dir).with_context(|| format!("cannot create data_dir {}", c.data_dir.display()))?;
+    let ca = std::fs::read_to_string(&c.ca).with_context(|| format!("cannot read [tls] ca {}", c.ca.display()))?;
+    let pair = tls::read_pair(&c.cert, &c.key)?;
+    let me = Identity::new(&c.cluster, Role::Agent, &c.name);
+    let mut node = c.node.clone();
+    let found = fingerprint(&c.data_dir);
+    node.capacity.cpu_millis = c.cpu_millis.unwrap_or(found.resources.cpu_millis);
+    node.capacity.memory_bytes = c.memory_bytes.unwrap_or(found.resources.memory_bytes);
+    node.capacity.disk_bytes = found.resources.disk_bytes;
+    node.gpus = found.gpus;
+    node.attributes = found.attributes;
+    let cgroups = if c.cgroups {
+        match Cgroups::detect() {
+            Ok(cg) => Some(cg),
+            Err(why) => {
+                eprintln!("warning: {why}: tasks run without cpu and memory limits");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let client = Arc::new(QuicClient::new(&ca, &pair)?);
+    let transport: Arc<dyn Transport<ServerRpc>> = client.clone();
+    let options = AgentOptions {
+        cluster: c.cluster.clone(),
+        node: node.clone(),
+        servers: c.servers.clone(),
+        data_dir: c.data_dir.clone(),
+        rotation: c.rotation,
+        drivers: Drivers::new(cgroups.clone()),
+    };
+    let mut agent = Agent::new(options, transport);
+    let endpoint = QuicServer::bind::<AgentService>(c.bind, &ca, &pair, agent.log_service())
+        .with_context(|| format!("cannot listen on {}", c.bind))?;
+    // The node registers with the address its logs are served on.
+    agent.advertise(endpoint.local_addr());
+    let gpus: Vec<String> = node.gpus.iter().map(|g| format!("{} x {}", g.count, g.model)).collect();
+    println!(
+        "agent {me}: {} cores, {} memory, {} disk, gpus [{}], arch {}; servers {}; logs served on {}; cgroups {}; data in {}",
+        resources::fmt_cpu(node.capacity.cpu_millis),
+        resources::fmt_bytes(node.capacity.memory_bytes),
+        resources::fmt_bytes(node.capacity.disk_bytes),
+        gpus.join(", "),
+        node.attributes.get("arch").map_or("?", String::as_str),
+        c.servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        endpoint.local_addr(),
+        if cgroups.is_some() { "on" } else { "off" },
+        c.data_dir.display(),
+    );
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    let result = agent.run(shutdown).await;
+    endpoint.close();
+    client.close();
+    result.map_err(|e| anyhow::anyhow!(e))?;
+    println!("agent stopped");
+    Ok(Outcome::Ok)
+}

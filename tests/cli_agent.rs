@@ -1,0 +1,496 @@
+//! `hanse agent` as real processes on loopback: a server and two agents
+//! run shell tasks; logs, exit codes, node loss, drain, and edge autonomy
+//! (agents cut off from their server by a UDP relay the test controls).
+//! Every wait is bounded; every process is killed by its handle, every
+//! directory removed, when the test ends.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cluster_core::transport::tls::{self, Identity, PemPair, Role};
+use serde_json::Value;
+
+/// A process killed when the test ends.
+struct Bg(Child);
+
+impl Bg {
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Forwards UDP between one agent and the server, until cut.
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn new(server: SocketAddr) -> Relay {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(server).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+        }
+        let addr = front.local_addr().unwrap();
+        let (cut, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (c, s) = (cut.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut agent: Option<SocketAddr> = None;
+            let mut buf = vec![0u8; 65_536];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    agent = Some(from);
+                    if !c.load(Ordering::Relaxed) {
+                        let _ = back.send(&buf[..n]);
+                    }
+                }
+                if let Ok(n) = back.recv(&mut buf) {
+                    if let (false, Some(a)) = (c.load(Ordering::Relaxed), agent) {
+                        let _ = front.send_to(&buf[..n], a);
+                    }
+                }
+            }
+        });
+        Relay { addr, cut, stop, thread: Some(thread) }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One server (TTL 2 s, grace 1 s) and the means to start agents.
+struct Fixture {
+    dir: PathBuf,
+    http: String,
+    quic: SocketAddr,
+    ca: PemPair,
+    _server: Bg,
+}
+
+impl Drop for Fixture {
+    /// `HANSE_TEST_KEEP=1` keeps the directory (configs, logs, marks).
+    fn drop(&mut self) {
+        if std::env::var_os("HANSE_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn free_udp() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("hanse-cli-agent-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("pki")).unwrap();
+        std::fs::create_dir_all(dir.join("marks")).unwrap();
+        let ca = tls::create_ca("test", 1).unwrap();
+        std::fs::write(dir.join("pki/ca.pem"), &ca.cert_pem).unwrap();
+        let pair = tls::issue(&ca, &Identity::new("dev", Role::Server, "s1"), 1).unwrap();
+        std::fs::write(dir.join("pki/s1.pem"), &pair.cert_pem).unwrap();
+        std::fs::write(dir.join("pki/s1-key.pem"), &pair.key_pem).unwrap();
+        let quic: SocketAddr = format!("127.0.0.1:{}", free_udp()).parse().unwrap();
+        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let config = dir.join("s1.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nname = \"s1\"\ncluster = \"dev\"\nid = 1\ndata_dir = \"data/s1\"\nbind = \"{quic}\"\nhttp = \"{http}\"\nheartbeat_ttl = \"2s\"\nheartbeat_grace = \"1s\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/s1.pem\"\nkey = \"pki/s1-key.pem\"\n"
+            ),
+        )
+        .unwrap();
+        let server = spawn(&dir, "s1", &["server", "--config", config.to_str().unwrap()]);
+        let f = Fixture { dir, http, quic, ca, _server: server };
+        eventually(Duration::from_secs(20), "the server elects itself", || {
+            hanse(&f.http, &["server", "members", "--json"]).status.success()
+        });
+        f
+    }
+
+    /// Writes node `name`'s config (through `via`, the server or a relay)
+    /// and starts its agent.
+    fn agent(&self, name: &str, via: SocketAddr) -> Bg {
+        let config = self.dir.join(format!("{name}.toml"));
+        if !config.exists() {
+            let pair = tls::issue(&self.ca, &Identity::new("dev", Role::Agent, name), 1).unwrap();
+            std::fs::write(self.dir.join(format!("pki/{name}.pem")), &pair.cert_pem).unwrap();
+            std::fs::write(self.dir.join(format!("pki/{name}-key.pem")), &pair.key_pem).unwrap();
+            std::fs::write(
+                &config,
+                format!(
+                    "[agent]\nname = \"{name}\"\ncluster = \"dev\"\ndata_dir = \"data/{name}\"\nservers = [\"{via}\"]\ncpu = 4\nmemory = \"4GiB\"\nenvironment = \"edge\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{name}.pem\"\nkey = \"pki/{name}-key.pem\"\n"
+                ),
+            )
+            .unwrap();
+        }
+        let bg = spawn(&self.dir, name, &["agent", "--config", config.to_str().unwrap()]);
+        let http = self.http.clone();
+        eventually(Duration::from_secs(20), &format!("{name} registered and ready"), || {
+            let o = hanse(&http, &["node", "status", name, "--json"]);
+            o.status.success() && json(&o)["node"]["status"] == "ready"
+        });
+        bg
+    }
+
+    fn marks(&self) -> PathBuf {
+        self.dir.join("marks")
+    }
+
+    /// Writes a job spec into the test's directory.
+    fn job(&self, name: &str, text: &str) -> String {
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text.replace("MARKS", self.marks().to_str().unwrap())).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        hanse(&self.http, args)
+    }
+
+    fn allocs(&self, job: &str) -> Vec<Value> {
+        json(&self.run(&["job", "status", job, "--json"]))["allocations"].as_array().unwrap().clone()
+    }
+
+    fn node_of_running(&self, job: &str) -> Vec<(String, String)> {
+        self.allocs(job)
+            .iter()
+            .filter(|a| a["status"] == "running" && a["desired"] == "run")
+            .map(|a| (a["name"].as_str().unwrap().to_string(), a["node"].as_str().unwrap().to_string()))
+            .collect()
+    }
+}
+
+fn spawn(dir: &Path, name: &str, args: &[&str]) -> Bg {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap();
+    Bg(Command::new(env!("CARGO_BIN_EXE_hanse"))
+        .current_dir(dir)
+        .args(args)
+        .env("RUST_LOG", "cluster_core::agent=info,warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start hanse"))
+}
+
+fn hanse(address: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hanse")).env("HANSE_ADDR", address).args(args).output().expect("run hanse")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn json(o: &Output) -> Value {
+    assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    serde_json::from_slice(&o.stdout).expect("--json prints JSON")
+}
+
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A mark file's content: a timestamp in nanoseconds, or a pid. A file
+/// being rewritten reads empty for a moment: read again.
+fn mark(dir: &Path, file: &str) -> Option<u128> {
+    for _ in 0..20 {
+        match std::fs::read_to_string(dir.join(file)) {
+            Err(_) => return None,
+            Ok(t) => match t.trim().parse() {
+                Ok(v) => return Some(v),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            },
+        }
+    }
+    None
+}
+
+fn alive(pid: u128) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// A service task that marks when it starts, beats, and stops (on SIGTERM).
+fn marking_service(name: &str, on_disconnect: &str) -> String {
+    format!(
+        r#"[job]
+name = "{name}"
+type = "service"
+
+[[group]]
+name = "g"
+count = 1
+on_disconnect = "{on_disconnect}"
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "echo $$ > MARKS/$HANSE_ALLOC_ID.pid; date +%s%N > MARKS/$HANSE_ALLOC_ID.started; trap 'date +%s%N > MARKS/$HANSE_ALLOC_ID.stopped; exit 0' TERM; while :; do date +%s%N > MARKS/$HANSE_ALLOC_ID.beat; sleep 0.1; done"]
+resources = {{ cpu = "100m", memory = "32MiB" }}
+"#
+    )
+}
+
+#[test]
+fn shell_tasks_run_on_two_agents_with_logs_and_exit_codes() {
+    let f = Fixture::new("run");
+    let _a = f.agent("node-a", f.quic);
+    let _b = f.agent("node-b", f.quic);
+    let job = f.job(
+        "hello",
+        r#"[job]
+name = "hello"
+type = "batch"
+
+[[group]]
+name = "say"
+count = 2
+distinct_hosts = true
+
+[[group.task]]
+name = "echo"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "echo hello from $HANSE_ALLOC_ID in $(basename $PWD); echo to stderr >&2; sleep 0.5"]
+resources = { cpu = "100m", memory = "32MiB" }
+
+[[group]]
+name = "fail"
+restart = { attempts = 1, delay = "100ms" }
+
+[[group.task]]
+name = "three"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "exit 3"]
+
+[[group]]
+name = "missing"
+
+[[group.task]]
+name = "nothing"
+driver = "exec"
+command = "/no/such/command"
+"#,
+    );
+    let run = f.run(&["job", "run", &job]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+    eventually(Duration::from_secs(30), "both echo instances complete", || {
+        f.allocs("hello").iter().filter(|a| a["group"] == "say" && a["status"] == "complete").count() == 2
+    });
+    let allocs = f.allocs("hello");
+    let says: Vec<&Value> = allocs.iter().filter(|a| a["group"] == "say").collect();
+    let nodes: std::collections::BTreeSet<&str> = says.iter().map(|a| a["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 2, "one instance on each agent: {says:?}");
+    for a in &says {
+        let name = a["name"].as_str().unwrap();
+        let out = f.run(&["alloc", "logs", name]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("hello from {name} in echo\n"), "{}", text(&out));
+        let err = f.run(&["alloc", "logs", name, "echo", "--stderr", "--follow"]);
+        assert_eq!(String::from_utf8_lossy(&err.stdout), "to stderr\n", "{}", text(&err));
+        assert_eq!(a["tasks"][0]["exit_code"], 0);
+    }
+    // exit 3, restarted once, then failed (and placed again by the cluster).
+    eventually(Duration::from_secs(30), "the failing task reports exit code 3 after a restart", || {
+        f.allocs("hello").iter().any(|a| {
+            a["group"] == "fail"
+                && a["status"] == "failed"
+                && a["tasks"][0]["exit_code"] == 3
+                && a["tasks"][0]["restarts"] == 1
+        })
+    });
+    let failed = f.allocs("hello").into_iter().find(|a| a["group"] == "fail" && a["status"] == "failed").unwrap();
+    let shown = f.run(&["alloc", "status", failed["name"].as_str().unwrap()]);
+    assert!(text(&shown).contains("code 3") && text(&shown).contains("no restarts left"), "{}", text(&shown));
+    eventually(Duration::from_secs(30), "a missing command fails with that reason", || {
+        f.allocs("hello").iter().any(|a| {
+            a["group"] == "missing"
+                && a["status"] == "failed"
+                && a["tasks"][0]["message"] == "command `/no/such/command` not found"
+        })
+    });
+}
+
+#[test]
+fn kill_9_of_an_agent_gets_its_work_replaced_and_drain_empties_a_node() {
+    let f = Fixture::new("loss");
+    let mut a = f.agent("node-a", f.quic);
+    let job = f.job("svc", &marking_service("svc", "keep"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "svc running", || f.node_of_running("svc").len() == 1);
+    let (first, node) = f.node_of_running("svc")[0].clone();
+    assert_eq!(node, "node-a");
+    let _b = f.agent("node-b", f.quic);
+
+    // kill -9: its task dies with it; the node goes down after TTL + grace
+    // (3 s) and the work moves to node-b.
+    let pid = mark(&f.marks(), &format!("{first}.pid")).unwrap();
+    let killed = Instant::now();
+    a.kill9();
+    eventually(Duration::from_secs(5), "the agent's task dies with it", || !alive(pid));
+    eventually(Duration::from_secs(20), "replaced on node-b", || {
+        f.node_of_running("svc").iter().any(|(_, n)| n == "node-b")
+    });
+    // The last heartbeat may have come up to TTL / 3 before the kill.
+    let replaced = killed.elapsed();
+    assert!(replaced >= Duration::from_millis(3_000 - 667), "replaced before TTL + grace: {replaced:?}");
+    let lost = f.allocs("svc").into_iter().find(|x| x["name"] == first.as_str()).unwrap();
+    assert_eq!(lost["status"], "lost");
+
+    // Drain node-b with a task that ignores SIGTERM and a kill timeout of a
+    // minute: the 2 s deadline wins, and the work goes back to node-a.
+    let stubborn = f.job(
+        "stubborn",
+        r#"[job]
+name = "stubborn"
+type = "service"
+
+[[group]]
+name = "g"
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "trap '' TERM; while :; do sleep 0.1; done"]
+kill_timeout = "60s"
+"#,
+    );
+    let mut a = f.agent("node-a", f.quic);
+    assert!(f.run(&["node", "drain", "node-a"]).status.success());
+    assert!(f.run(&["job", "run", &stubborn]).status.success());
+    eventually(Duration::from_secs(20), "stubborn running on node-b", || {
+        f.node_of_running("stubborn").iter().any(|(_, n)| n == "node-b")
+    });
+    assert!(f.run(&["node", "drain", "node-a", "--disable"]).status.success());
+    let drained = Instant::now();
+    let d = f.run(&["node", "drain", "node-b", "--deadline", "2s"]);
+    assert!(d.status.success(), "{}", text(&d));
+    eventually(Duration::from_secs(20), "node-b empty, its work on node-a", || {
+        let allocs: Vec<Value> = [f.allocs("svc"), f.allocs("stubborn")].concat();
+        let on_b = allocs.iter().filter(|x| x["node"] == "node-b" && x["status"] == "running").count();
+        on_b == 0 && f.node_of_running("svc").len() == 1 && f.node_of_running("stubborn").len() == 1
+    });
+    assert!(drained.elapsed() < Duration::from_secs(15), "the deadline was not respected: {:?}", drained.elapsed());
+    a.kill9();
+}
+
+/// Cut off, the agent keeps its work; the cluster replaces it elsewhere;
+/// on reconnect the agent stops its own copy.
+#[test]
+fn a_cut_off_agent_keeps_its_work_and_stops_it_on_reconnect_once_replaced() {
+    let f = Fixture::new("keep");
+    let relay = Relay::new(f.quic);
+    let _a = f.agent("node-a", relay.addr);
+    let job = f.job("edge", &marking_service("edge", "keep"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "edge running", || f.node_of_running("edge").len() == 1);
+    let (first, _) = f.node_of_running("edge")[0].clone();
+    let _b = f.agent("node-b", f.quic);
+
+    relay.set_cut(true);
+    eventually(Duration::from_secs(20), "the cluster replaces it on node-b", || {
+        f.node_of_running("edge").iter().any(|(_, n)| n == "node-b")
+    });
+    // Still running on node-a, cut off: it beats on.
+    let beat = mark(&f.marks(), &format!("{first}.beat")).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(mark(&f.marks(), &format!("{first}.beat")).unwrap() > beat, "the cut-off agent stopped its work");
+    assert!(mark(&f.marks(), &format!("{first}.stopped")).is_none());
+
+    relay.set_cut(false);
+    eventually(Duration::from_secs(20), "on reconnect node-a stops the replaced copy", || {
+        mark(&f.marks(), &format!("{first}.stopped")).is_some()
+    });
+    assert_eq!(f.node_of_running("edge").len(), 1, "one copy runs: {:?}", f.allocs("edge"));
+}
+
+/// At-most-once work (`on_disconnect = "stop"`) stops when the lease
+/// lapses, before the cluster starts its replacement.
+#[test]
+fn at_most_once_work_stops_before_its_replacement_starts() {
+    let f = Fixture::new("once");
+    let relay = Relay::new(f.quic);
+    let _a = f.agent("node-a", relay.addr);
+    let job = f.job("once", &marking_service("once", "stop"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "once running", || f.node_of_running("once").len() == 1);
+    let (first, _) = f.node_of_running("once")[0].clone();
+    let _b = f.agent("node-b", f.quic);
+
+    relay.set_cut(true);
+    eventually(Duration::from_secs(20), "replaced on node-b", || {
+        f.node_of_running("once").iter().any(|(_, n)| n == "node-b")
+    });
+    let (second, _) = f.node_of_running("once").into_iter().find(|(_, n)| n == "node-b").unwrap();
+    eventually(Duration::from_secs(5), "the replacement has started", || {
+        mark(&f.marks(), &format!("{second}.started")).is_some()
+    });
+    let stopped = mark(&f.marks(), &format!("{first}.stopped")).expect("the cut-off copy stopped");
+    let started = mark(&f.marks(), &format!("{second}.started")).unwrap();
+    assert!(stopped < started, "the old copy stopped at {stopped}, after the new one started at {started}");
+}
+
+/// Restarted while cut off, the agent starts its work again from local
+/// state; back in touch, it learns the work was replaced and stops it.
+#[test]
+fn an_agent_restarted_while_cut_off_restarts_its_work_from_local_state() {
+    let f = Fixture::new("restart");
+    let relay = Relay::new(f.quic);
+    let mut a = f.agent("node-a", relay.addr);
+    let job = f.job("local", &marking_service("local", "keep"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "local running", || f.node_of_running("local").len() == 1);
+    let (first, _) = f.node_of_running("local")[0].clone();
+    let pid = mark(&f.marks(), &format!("{first}.pid")).unwrap();
+
+    relay.set_cut(true);
+    a.kill9();
+    eventually(Duration::from_secs(5), "the task died with its agent", || !alive(pid));
+    // Restarted without its server: it cannot register, and still runs.
+    let config = f.dir.join("node-a.toml");
+    let _a2 = spawn(&f.dir, "node-a", &["agent", "--config", config.to_str().unwrap()]);
+    eventually(Duration::from_secs(10), "the work restarted from local state", || {
+        mark(&f.marks(), &format!("{first}.pid")).is_some_and(|p| p != pid && alive(p))
+    });
+    let _b = f.agent("node-b", f.quic);
+    eventually(Duration::from_secs(20), "the cluster replaced it on node-b", || {
+        f.node_of_running("local").iter().any(|(_, n)| n == "node-b")
+    });
+    relay.set_cut(false);
+    eventually(Duration::from_secs(20), "reconnected, node-a stops its copy", || {
+        mark(&f.marks(), &format!("{first}.stopped")).is_some()
+    });
+}
