@@ -151,7 +151,8 @@ enum NodeCommand {
 
 #[derive(Subcommand)]
 enum AllocCommand {
-    /// One allocation (a000042 or 42) with its tasks, or all.
+    /// One allocation (a000042, 42, or an instance: web.frontend[0]) with
+    /// its tasks, or all.
     Status {
         alloc: Option<String>,
         #[command(flatten)]
@@ -159,6 +160,7 @@ enum AllocCommand {
     },
     /// A task's output, from the agent of the allocation's node.
     Logs {
+        /// a000042, 42, or an instance: web.frontend[0].
         alloc: String,
         /// The task (default: the group's first).
         task: Option<String>,

@@ -461,6 +461,7 @@ pub fn node_drain(
 /// done or Ctrl-C.
 pub fn alloc_logs(c: &Client, alloc: &str, task: Option<&str>, stderr: bool, follow: bool) -> anyhow::Result<Outcome> {
     use std::io::Write as _;
+    let alloc = &resolve_alloc(c, alloc)?;
     let mut offset = 0;
     let mut out = std::io::stdout().lock();
     loop {
@@ -481,9 +482,26 @@ pub fn alloc_logs(c: &Client, alloc: &str, task: Option<&str>, stderr: bool, fol
     }
 }
 
+/// An allocation's id from what a user may type: `a000042`, `42`, or an
+/// instance's name `JOB.GROUP[INDEX]` (its live allocation, else its latest).
+fn resolve_alloc(c: &Client, arg: &str) -> anyhow::Result<String> {
+    let Some((path, index)) = arg.strip_suffix(']').and_then(|a| a.split_once('[')) else {
+        return Ok(arg.to_string());
+    };
+    let (job, group) = path
+        .rsplit_once('.')
+        .with_context(|| format!("`{arg}` is neither an allocation id (a000042) nor an instance (JOB.GROUP[INDEX])"))?;
+    let index: u32 = index.parse().with_context(|| format!("`{index}` in `{arg}` is not an instance index"))?;
+    let status = c.job(job).map_err(api)?;
+    let mut mine: Vec<&AllocView> =
+        status.allocations.iter().filter(|a| a.group == group && a.index == index).collect();
+    mine.sort_by_key(|a| (a.desired == "run" && matches!(a.status.as_str(), "running" | "pending"), a.id));
+    mine.last().map(|a| a.name.clone()).with_context(|| format!("job {job} has no allocation for {arg}"))
+}
+
 pub fn alloc_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
     let allocs = match id {
-        Some(id) => vec![c.alloc(id).map_err(api)?],
+        Some(id) => vec![c.alloc(&resolve_alloc(c, id)?).map_err(api)?],
         None => c.allocs().map_err(api)?,
     };
     if json {
