@@ -69,6 +69,8 @@ fn main() {
             seeds,
             jurisdictions: &["eu"],
             policy: Some(policy),
+            http: Vec::new(),
+            data_dir: None,
         };
         let origin = start(setup("eu-west", Vec::new(), policy("eu-west", &["eu-central", "us-east"]))).await;
         let seed = vec![origin.servers[0].member.local_addr().to_string()];

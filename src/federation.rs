@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cluster_core::resources::{fmt_bytes, fmt_cpu};
+use federation::api::MemberRow;
 use gossip::net::UdpNet;
-use gossip::transport::unix_ms;
-use gossip::{ClusterEntry, FederationView, Key, Keyring, Liveness, Member, MemberConfig, Role};
-use serde::Serialize;
+use gossip::{FederationView, Key, Keyring, Member, MemberConfig, Role};
 
 use crate::Outcome;
 use crate::output::{print_json, table, write_private};
@@ -37,26 +36,23 @@ pub fn read_keyring(path: &Path) -> anyhow::Result<Keyring> {
 
 pub struct MembersArgs {
     pub seeds: Vec<String>,
-    pub key_file: PathBuf,
+    pub key_file: Option<PathBuf>,
     pub federation: String,
     pub bind: SocketAddr,
     pub wait: Duration,
     pub json: bool,
 }
 
-#[derive(Serialize)]
-struct Row<'a> {
-    cluster: &'a str,
-    region: &'a str,
-    status: Liveness,
-    leader: Option<&'a str>,
-    servers_live: usize,
-    servers: usize,
-    free_cpu_millis: Option<u64>,
-    free_memory_bytes: Option<u64>,
-    free_gpus: Option<u32>,
-    summary_age_ms: Option<u64>,
-    summary: Option<&'a gossip::ClusterSummary>,
+/// The federation's clusters as a server's gossip sees them (its API).
+pub fn members_from(c: &cluster_core::server::client::Client, json: bool) -> anyhow::Result<Outcome> {
+    let rows: Vec<MemberRow> = c.get("/v1/federation/members").map_err(|e| match e.status() {
+        Some(404) => anyhow::anyhow!(
+            "the server at {} takes no part in a federation; or ask the gossip with --seed and --key-file",
+            c.address()
+        ),
+        _ => anyhow::anyhow!("{e}"),
+    })?;
+    print_members(&rows, json)
 }
 
 /// Joins the federation's gossip as an observer, waits until the view of
@@ -65,7 +61,10 @@ pub async fn members(args: MembersArgs) -> anyhow::Result<Outcome> {
     if args.seeds.is_empty() {
         bail!("give at least one --seed address of a server's gossip port (e.g. --seed 127.0.0.1:7946)");
     }
-    let keyring = read_keyring(&args.key_file)?;
+    let Some(key_file) = &args.key_file else {
+        bail!("--seed needs --key-file, the federation's key file (`hanse federation keygen`)");
+    };
+    let keyring = read_keyring(key_file)?;
     let mut config = MemberConfig::new(&args.federation, "cli", &format!("observer-{}", std::process::id()), args.bind);
     config.role = Role::Observer;
     config.seeds = args.seeds.clone();
@@ -80,9 +79,11 @@ pub async fn members(args: MembersArgs) -> anyhow::Result<Outcome> {
             args.federation
         );
     }
-    let now = unix_ms();
-    let rows: Vec<Row> = view.clusters.values().map(|c| row(c, now)).collect();
-    if args.json {
+    print_members(&MemberRow::all(&view), args.json)
+}
+
+fn print_members(rows: &[MemberRow], json: bool) -> anyhow::Result<Outcome> {
+    if json {
         print_json(&rows)?;
     } else {
         let mut t = table(&[
@@ -96,13 +97,13 @@ pub async fn members(args: MembersArgs) -> anyhow::Result<Outcome> {
             "free gpus",
             "summary age",
         ]);
-        for r in &rows {
+        for r in rows {
             let dash = || "-".to_string();
             t.add_row(vec![
                 r.cluster.to_string(),
                 r.region.to_string(),
                 format!("{:?}", r.status).to_lowercase(),
-                r.leader.unwrap_or("-").to_string(),
+                r.leader.as_deref().unwrap_or("-").to_string(),
                 format!("{}/{}", r.servers_live, r.servers),
                 r.free_cpu_millis.map_or_else(dash, fmt_cpu),
                 r.free_memory_bytes.map_or_else(dash, fmt_bytes),
@@ -113,23 +114,6 @@ pub async fn members(args: MembersArgs) -> anyhow::Result<Outcome> {
         println!("{t}");
     }
     Ok(Outcome::Ok)
-}
-
-fn row(c: &ClusterEntry, now: u64) -> Row<'_> {
-    let free = c.summary.as_ref().map(|s| s.free());
-    Row {
-        cluster: &c.cluster,
-        region: &c.region,
-        status: c.liveness,
-        leader: c.leader.as_deref(),
-        servers_live: c.servers.values().filter(|s| s.live).count(),
-        servers: c.servers.len(),
-        free_cpu_millis: free.map(|f| f.cpu_millis),
-        free_memory_bytes: free.map(|f| f.memory_bytes),
-        free_gpus: c.summary.as_ref().map(|s| s.free_gpus()),
-        summary_age_ms: c.summary_age_ms(now),
-        summary: c.summary.as_ref(),
-    }
 }
 
 /// Waits until the set of clusters and their summaries has not changed for

@@ -4,6 +4,7 @@
 //! from `job run` and `job plan`).
 
 mod agent;
+mod dev;
 mod federation;
 mod job;
 mod output;
@@ -32,6 +33,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A demo federation in this process: three clusters of three servers
+    /// with simulated nodes, real gossip and QUIC, and a burst of jobs that
+    /// overflows one of them. Stays up for the other verbs until Ctrl-C.
+    Dev {
+        /// How many clusters (eu-west, us-east, edge-1, then cloud-4, ...).
+        #[arg(long, default_value_t = 3)]
+        clusters: usize,
+        /// Raft servers per cluster: 1, 3 or 5.
+        #[arg(long, default_value_t = 3)]
+        servers: u64,
+        /// Simulated nodes per cluster.
+        #[arg(long, default_value_t = 200)]
+        nodes: usize,
+        /// Where the servers keep their logs (default: a temporary
+        /// directory, removed at exit).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Keep the data directory at exit.
+        #[arg(long)]
+        keep: bool,
+        /// Start the federation only; submit nothing.
+        #[arg(long)]
+        no_demo: bool,
+        /// The first API port: cluster i's server j serves on BASE + 100 i + j.
+        #[arg(long, default_value_t = 4646, value_name = "PORT")]
+        http_base: u16,
+    },
     /// Jobs: run, plan, status, stop, list, validate.
     #[command(subcommand)]
     Job(JobCommand),
@@ -275,14 +303,15 @@ enum FederationCommand {
         out: OutputArgs,
     },
     /// List the federation's clusters as gossip sees them: status, leader,
-    /// free capacity and the age of each cluster's summary.
+    /// free capacity and the age of each cluster's summary. Asks the
+    /// server at --address, or with --seed joins the gossip itself.
     Members {
         /// A server's gossip address to join through (repeatable).
         #[arg(long = "seed", value_name = "ADDR", env = "HANSE_GOSSIP_SEEDS", value_delimiter = ',')]
         seeds: Vec<String>,
-        /// The federation's key file (one key a line, the primary first).
+        /// The federation's key file (one key a line, the primary first); with --seed.
         #[arg(long, value_name = "FILE", env = "HANSE_GOSSIP_KEY_FILE")]
-        key_file: PathBuf,
+        key_file: Option<PathBuf>,
         /// The federation's name.
         #[arg(long, default_value = "hanse", env = "HANSE_FEDERATION")]
         federation: String,
@@ -441,6 +470,9 @@ fn main() -> ExitCode {
         Command::Alloc(AllocCommand::Logs { alloc, task, stderr, follow }) => {
             remote::alloc_logs(&client, &alloc, task.as_deref(), stderr, follow)
         }
+        Command::Dev { clusters, servers, nodes, data_dir, keep, no_demo, http_base } => runtime().and_then(|rt| {
+            rt.block_on(dev::run(dev::DevArgs { clusters, servers, nodes, data_dir, keep, no_demo, http_base }))
+        }),
         Command::Agent { config } => {
             agent::load_config(&config).and_then(|c| runtime().and_then(|rt| rt.block_on(agent::run(c))))
         }
@@ -453,6 +485,9 @@ fn main() -> ExitCode {
             RaftCommand::RemovePeer { id } => remote::remove_peer(&client, id),
             RaftCommand::TransferLeader { id } => remote::transfer_leader(&client, id),
         },
+        Command::Federation(FederationCommand::Members { seeds, out, .. }) if seeds.is_empty() => {
+            federation::members_from(&client, out.json)
+        }
         Command::Federation(FederationCommand::Members { seeds, key_file, federation, bind, wait, out }) => runtime()
             .and_then(|rt| {
                 rt.block_on(federation::members(federation::MembersArgs {

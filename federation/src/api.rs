@@ -66,13 +66,60 @@ pub struct FederatedPlan {
     pub left: u32,
 }
 
+/// `GET /v1/federation/members`: one row per cluster, as this server's
+/// gossip sees it (`hanse federation members`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberRow {
+    pub cluster: String,
+    pub region: String,
+    pub status: gossip::Liveness,
+    pub leader: Option<String>,
+    pub servers_live: usize,
+    pub servers: usize,
+    pub free_cpu_millis: Option<u64>,
+    pub free_memory_bytes: Option<u64>,
+    pub free_gpus: Option<u32>,
+    pub summary_age_ms: Option<u64>,
+    pub summary: Option<gossip::ClusterSummary>,
+}
+
+impl MemberRow {
+    pub fn of(c: &gossip::ClusterEntry, now_unix_ms: u64) -> MemberRow {
+        let free = c.summary.as_ref().map(|s| s.free());
+        MemberRow {
+            cluster: c.cluster.to_string(),
+            region: c.region.to_string(),
+            status: c.liveness,
+            leader: c.leader.as_deref().map(str::to_string),
+            servers_live: c.servers.values().filter(|s| s.live).count(),
+            servers: c.servers.len(),
+            free_cpu_millis: free.map(|f| f.cpu_millis),
+            free_memory_bytes: free.map(|f| f.memory_bytes),
+            free_gpus: c.summary.as_ref().map(|s| s.free_gpus()),
+            summary_age_ms: c.summary_age_ms(now_unix_ms),
+            summary: c.summary.clone(),
+        }
+    }
+
+    /// Every cluster of a view.
+    pub fn all(view: &gossip::FederationView) -> Vec<MemberRow> {
+        let now = gossip::transport::unix_ms();
+        view.clusters.values().map(|c| MemberRow::of(c, now)).collect()
+    }
+}
+
 pub fn router(fed: Arc<Federation>) -> Router {
     Router::new()
+        .route("/v1/federation/members", get(members))
         .route("/v1/federation/delegations", get(delegations))
         .route("/v1/federation/plan", post(plan))
         .route("/v1/federation/policy", get(get_policy).put(put_policy))
         .route("/v1/federation/jobs/{job}", get(remote_allocations))
         .with_state(fed)
+}
+
+async fn members(State(fed): State<Arc<Federation>>) -> axum::Json<Vec<MemberRow>> {
+    axum::Json(MemberRow::all(&fed.member.view()))
 }
 
 /// Registers the federation's counters with the server's `/metrics`.

@@ -26,6 +26,8 @@ pub struct Server {
 pub struct Gossiping {
     pub cluster: LocalCluster,
     pub servers: Vec<Server>,
+    /// Tasks that live as long as the cluster (simulated nodes).
+    background: Vec<tokio::task::JoinHandle<()>>,
     key: Key,
     seeds: Vec<String>,
     jurisdictions: Vec<String>,
@@ -41,21 +43,33 @@ pub struct Setup<'a> {
     pub jurisdictions: &'a [&'a str],
     /// A policy file's text: the cluster delegates and accepts by it.
     pub policy: Option<String>,
+    /// The servers' HTTP addresses; free ports when empty.
+    pub http: Vec<std::net::SocketAddr>,
+    /// Where the servers keep their logs; a fresh temporary directory
+    /// when `None`.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// Starts a cluster of `s.servers` servers and joins each to the gossip.
 pub async fn start(s: Setup<'_>) -> Gossiping {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("hanse-fed-{}-{n}-{}", std::process::id(), s.name));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cluster = LocalCluster::start_with_ca(
+    let dir = match &s.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            let d = std::env::temp_dir().join(format!("hanse-fed-{}-{n}-{}", std::process::id(), s.name));
+            let _ = std::fs::remove_dir_all(&d);
+            d
+        }
+    };
+    let cluster = LocalCluster::start_at(
         s.name,
         &dir,
         s.servers,
         ServerOptions::new(s.name, "s"),
         Duration::from_millis(100),
         s.ca.cloned(),
+        &s.http,
     )
     .await
     .expect("the cluster starts");
@@ -67,6 +81,7 @@ pub async fn start(s: Setup<'_>) -> Gossiping {
     let mut g = Gossiping {
         cluster,
         servers: Vec::new(),
+        background: Vec::new(),
         key: s.key.clone(),
         seeds: s.seeds.clone(),
         jurisdictions: s.jurisdictions.iter().map(|j| j.to_string()).collect(),
@@ -97,6 +112,9 @@ impl Gossiping {
             tasks.push(tokio::spawn(crate::node::run(fed.clone())));
             fed
         });
+        if let Some(fed) = &federation {
+            self.cluster.serve_http_with(id, crate::api::router(fed.clone())).await.expect("the API serves again");
+        }
         self.servers.push(Server { id, member, federation, tasks });
     }
 
@@ -119,11 +137,24 @@ impl Gossiping {
         }
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.shutdown(true).await;
+    }
+
+    /// Stops every server and background task; `remove` removes the data.
+    pub async fn shutdown(mut self, remove: bool) {
+        for t in self.background.drain(..) {
+            t.abort();
+        }
         for id in self.servers.iter().map(|s| s.id).collect::<Vec<_>>() {
             self.stop_server(id).await;
         }
-        self.cluster.stop().await;
+        self.cluster.shutdown(remove).await;
+    }
+
+    /// Runs `task` until the cluster stops.
+    pub fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.background.push(tokio::spawn(task));
     }
 
     pub fn view(&self) -> Arc<FederationView> {

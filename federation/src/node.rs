@@ -200,12 +200,19 @@ impl Federation {
         }
         let allowed: Option<Vec<String>> =
             (!job.jurisdictions.is_empty()).then(|| job.jurisdictions.iter().map(|j| j.to_string()).collect());
-        let ask: u64 = job.groups.iter().map(|g| g.resources().cpu_millis * u64::from(g.count)).sum();
+        // An offer larger than the inbound share allows is taken in part,
+        // as one larger than the free capacity is: the origin offers the
+        // rest elsewhere. Refused only when not one instance fits the share.
+        let per: u64 = job.groups.iter().map(|g| g.resources().cpu_millis).sum::<u64>().max(1);
         let (inbound, total) = self.server.raft.read(|s| (inbound_cpu(s), total_cpu(s)));
+        let share_room = ((policy.inbound.max_share_of_capacity * total as f64) as u64).saturating_sub(inbound);
+        if let Some(g) = job.groups.first_mut() {
+            g.count = g.count.min(u32::try_from(share_room / per).unwrap_or(u32::MAX).max(1));
+        }
         let check = OfferCheck {
             origin: &offer.origin,
             allowed: allowed.as_deref(),
-            ask_cpu_millis: ask,
+            ask_cpu_millis: per,
             inbound_cpu_millis: inbound,
             total_cpu_millis: total,
             hops: offer.hops,
@@ -217,6 +224,12 @@ impl Federation {
                     allowed.unwrap_or_default().join(", "),
                     policy.cluster,
                     policy.jurisdictions.join(", ")
+                ),
+                Rejection::InboundShare => format!(
+                    "work from other clusters already uses {:.0}% of {}'s cpu, its limit is {:.0}%",
+                    100.0 * inbound as f64 / total.max(1) as f64,
+                    policy.cluster,
+                    100.0 * policy.inbound.max_share_of_capacity
                 ),
                 _ => format!("{reason:?}"),
             };

@@ -63,6 +63,8 @@ async fn two(target: &str, target_jurisdictions: &[&str], origin_policy: String,
         seeds: Vec::new(),
         jurisdictions: &["eu"],
         policy: Some(origin_policy),
+        http: Vec::new(),
+        data_dir: None,
     })
     .await;
     let seed = origin.servers[0].member.local_addr().to_string();
@@ -74,6 +76,8 @@ async fn two(target: &str, target_jurisdictions: &[&str], origin_policy: String,
         seeds: vec![seed],
         jurisdictions: target_jurisdictions,
         policy: Some(target_policy),
+        http: Vec::new(),
+        data_dir: None,
     })
     .await;
     let (o, t) = (Client::new(&origin.cluster.addresses()), Client::new(&target.cluster.addresses()));

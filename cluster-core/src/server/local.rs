@@ -65,12 +65,30 @@ impl LocalCluster {
         raft_tick: Duration,
         ca: Option<PemPair>,
     ) -> anyhow::Result<LocalCluster> {
+        Self::start_at(name, dir, servers, options, raft_tick, ca, &[]).await
+    }
+
+    /// As [`LocalCluster::start_with_ca`], the servers' HTTP APIs on the
+    /// given addresses (free ports for servers past the list's end).
+    pub async fn start_at(
+        name: &str,
+        dir: &Path,
+        servers: u64,
+        options: ServerOptions,
+        raft_tick: Duration,
+        ca: Option<PemPair>,
+        http: &[SocketAddr],
+    ) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(dir)?;
         let mut raft_addrs = BTreeMap::new();
         let mut http_addrs = BTreeMap::new();
         for id in 1..=servers {
             raft_addrs.insert(id, free_udp()?);
-            http_addrs.insert(id, free_tcp()?);
+            let addr = match http.get(id as usize - 1) {
+                Some(a) => *a,
+                None => free_tcp()?,
+            };
+            http_addrs.insert(id, addr);
         }
         let mut c = LocalCluster {
             name: name.into(),
@@ -105,6 +123,17 @@ impl LocalCluster {
         let quic = QuicServer::bind::<ServerRpc>(self.raft_addrs[&id], &self.ca.cert_pem, &pair, server.handler())?;
         let (_, http_task) = http::serve(server.inner.clone(), self.http_addrs[&id]).await?;
         self.servers.insert(id, LocalServer { server, quic, http_task });
+        Ok(())
+    }
+
+    /// Serves server `id`'s API again with `extra` routes beside the
+    /// cluster's (the federation's, added once it exists).
+    pub async fn serve_http_with(&mut self, id: u64, extra: axum::Router) -> anyhow::Result<()> {
+        let Some(s) = self.servers.get_mut(&id) else { anyhow::bail!("server {id} is not running") };
+        s.http_task.abort();
+        let _ = (&mut s.http_task).await;
+        let (_, task) = http::serve_with(s.server.inner.clone(), self.http_addrs[&id], extra).await?;
+        s.http_task = task;
         Ok(())
     }
 
@@ -147,11 +176,18 @@ impl LocalCluster {
     }
 
     /// Stops every server and removes the data directory.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.shutdown(true).await;
+    }
+
+    /// Stops every server; `remove` removes the data directory too.
+    pub async fn shutdown(mut self, remove: bool) {
         let ids: Vec<u64> = self.servers.keys().copied().collect();
         for id in ids {
             self.stop_server(id).await;
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if remove {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod rpc;
+pub mod sim;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,88 @@
+//! Simulated nodes in the server's own process: registered through the
+//! server, kept alive, and running what is placed on them as the `mock`
+//! driver would (no process): an allocation runs once placed; one whose
+//! tasks are all mocks with a `run_for` ends after it with the largest
+//! exit code; a stopped one completes. `exec` tasks "run" until stopped.
+//! For `hanse dev` and in-process demos.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Inner;
+use super::rpc::Write;
+use crate::ids::{AllocId, NodeId};
+use crate::model::alloc::{AllocReport, AllocStatus, DesiredStatus};
+use crate::model::job::Driver;
+use crate::model::node::Node;
+
+/// Nodes per registration.
+const REGISTER_BATCH: usize = 500;
+/// How often the simulated agents look at their allocations.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Runs `nodes` through `server` until the task is aborted.
+pub async fn run(server: Arc<Inner>, nodes: Vec<Node>) {
+    let ids: Vec<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
+    for chunk in nodes.chunks(REGISTER_BATCH) {
+        while let Err(e) = server.write(Write::RegisterNodes(chunk.to_vec())).await {
+            tracing::debug!("simulated nodes not registered yet: {}", e.message);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let beat = server.options.heartbeat_ttl / 3;
+    let mut last_beat = Instant::now();
+    let mut started: HashMap<AllocId, Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(POLL).await;
+        if last_beat.elapsed() >= beat && server.write(Write::Heartbeat(ids.clone())).await.is_ok() {
+            last_beat = Instant::now();
+        }
+        let reports = server.raft.read(|s| {
+            let mut out = Vec::new();
+            for id in &ids {
+                for a in s.allocs_on_node(id).filter(|a| !a.status.is_terminal()) {
+                    if a.desired == DesiredStatus::Stop {
+                        out.push(AllocReport::status(a.id, AllocStatus::Complete));
+                        continue;
+                    }
+                    let since = *started.entry(a.id).or_insert_with(Instant::now);
+                    if a.status == AllocStatus::Pending {
+                        out.push(AllocReport::status(a.id, AllocStatus::Running));
+                    }
+                    let group = s.job(&a.job).and_then(|j| j.group(&a.group));
+                    let mocks: Option<Vec<(u64, i32)>> = group.map(|g| {
+                        g.tasks
+                            .iter()
+                            .map(|t| match t.driver {
+                                Driver::Mock { run_for_ms, exit_code } if run_for_ms > 0 => {
+                                    Some((run_for_ms, exit_code))
+                                }
+                                _ => None,
+                            })
+                            .collect::<Option<Vec<_>>>()
+                            .unwrap_or_default()
+                    });
+                    let Some(mocks) = mocks.filter(|m| !m.is_empty()) else { continue };
+                    let run_for = mocks.iter().map(|m| m.0).max().unwrap_or(0);
+                    if since.elapsed() >= Duration::from_millis(run_for) {
+                        let code = mocks.iter().map(|m| m.1).max().unwrap_or(0);
+                        let status = if code == 0 { AllocStatus::Complete } else { AllocStatus::Failed };
+                        out.push(AllocReport::status(a.id, status));
+                    }
+                }
+            }
+            out
+        });
+        for r in &reports {
+            if r.status.is_terminal() {
+                started.remove(&r.id);
+            }
+        }
+        for chunk in reports.chunks(crate::command::ALLOC_STATUS_BATCH_MAX) {
+            if let Err(e) = server.write(Write::AllocStatus(chunk.to_vec())).await {
+                tracing::debug!("simulated reports not taken: {}", e.message);
+            }
+        }
+    }
+}
