@@ -71,6 +71,7 @@ fn main() {
             policy: Some(policy),
             http: Vec::new(),
             data_dir: None,
+            region: None,
         };
         let origin = start(setup("eu-west", Vec::new(), policy("eu-west", &["eu-central", "us-east"]))).await;
         let seed = vec![origin.servers[0].member.local_addr().to_string()];

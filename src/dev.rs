@@ -194,6 +194,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
             policy: Some(policy(kind, &kinds)),
             http,
             data_dir: Some(dir.join(&kind.name)),
+            region: Some(kind.region.clone()),
         })
         .await;
         let inner = g.cluster.server(1).expect("server 1 runs").inner.clone();
@@ -264,10 +265,10 @@ fn spinner(message: &str) -> ProgressBar {
     p
 }
 
-/// A batch job sized to overflow the first cluster: half again its cores,
-/// in 4-core instances that the edge's small nodes cannot take.
+/// A batch job sized to overflow the first cluster: a fifth more than its
+/// cores, in 4-core instances that the edge's small nodes cannot take.
 fn burst_spec(cores: u64) -> String {
-    let count = (cores * 3 / 2 / 4).max(1);
+    let count = (cores * 6 / 5 / 4).max(1);
     format!(
         "# A render farm burst, sized to overflow eu-west.\n[job]\nname = \"render\"\ntype = \"batch\"\nobjective = \"cost\"\n\n[job.federation]\ndelegate = \"overflow\"\nmax_remote_share = 0.9\n\n[[group]]\nname = \"frames\"\ncount = {count}\n\n[[group.task]]\nname = \"render\"\ndriver = \"mock\"\nrun_for = \"10m\"\nresources = {{ cpu = 4, memory = \"4GiB\" }}\n"
     )

@@ -1,5 +1,5 @@
 //! The README's federation on one machine, as written: three clusters
-//! started by `examples/federation/start.sh` (real processes, gossip, mutual
+//! started by `examples/three-regions/start.sh` (real processes, gossip, mutual
 //! TLS, policies), a job that overflows eu-west runs partly in us-east, and
 //! EU-only work is refused by us-east with the reason. Every process the
 //! script started is killed by its pid when the test ends.
@@ -32,7 +32,7 @@ fn example(path: &str) -> String {
 fn the_federation_demo_delegates_overflow_and_keeps_eu_work_in_the_eu() {
     let work = std::env::temp_dir().join(format!("hanse-federation-demo-{}", std::process::id()));
     let demo = Demo(work.clone());
-    let start = Command::new(example("federation/start.sh"))
+    let start = Command::new(example("three-regions/start.sh"))
         .env("HANSE_BIN", env!("CARGO_BIN_EXE_hanse"))
         .env("WORK", &work)
         .output()

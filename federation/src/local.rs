@@ -32,6 +32,7 @@ pub struct Gossiping {
     seeds: Vec<String>,
     jurisdictions: Vec<String>,
     policy: Option<crate::policy::Policy>,
+    region: String,
 }
 
 pub struct Setup<'a> {
@@ -48,6 +49,8 @@ pub struct Setup<'a> {
     /// Where the servers keep their logs; a fresh temporary directory
     /// when `None`.
     pub data_dir: Option<std::path::PathBuf>,
+    /// The region gossip names; `NAME-1` when `None`.
+    pub region: Option<String>,
 }
 
 /// Starts a cluster of `s.servers` servers and joins each to the gossip.
@@ -86,6 +89,7 @@ pub async fn start(s: Setup<'_>) -> Gossiping {
         seeds: s.seeds.clone(),
         jurisdictions: s.jurisdictions.iter().map(|j| j.to_string()).collect(),
         policy,
+        region: s.region.clone().unwrap_or_else(|| format!("{}-1", s.name)),
     };
     for id in g.cluster.running().collect::<Vec<_>>() {
         g.join(id).await;
@@ -98,12 +102,12 @@ impl Gossiping {
     async fn join(&mut self, id: u64) {
         let name = self.cluster.name.clone();
         let mut config = MemberConfig::new("test", &name, &format!("s{id}"), "127.0.0.1:0".parse().unwrap());
-        config.region = format!("{name}-1");
+        config.region = self.region.clone();
         config.seeds = self.seeds.clone();
         config.seeds.extend(self.servers.first().map(|x| x.member.local_addr().to_string()));
         config.rpc_addr = Some(self.cluster.raft_addrs[&id].to_string());
         let member = Arc::new(Member::start(config, Keyring::new(self.key.clone()), Arc::new(UdpNet)).await.unwrap());
-        let me = Identity { region: format!("{name}-1"), jurisdictions: self.jurisdictions.clone() };
+        let me = Identity { region: self.region.clone(), jurisdictions: self.jurisdictions.clone() };
         let inner = self.cluster.server(id).unwrap().inner.clone();
         let mut tasks = vec![tokio::spawn(publish(inner.clone(), member.clone(), me))];
         let federation = self.policy.clone().map(|p| {

@@ -65,6 +65,7 @@ async fn two(target: &str, target_jurisdictions: &[&str], origin_policy: String,
         policy: Some(origin_policy),
         http: Vec::new(),
         data_dir: None,
+        region: None,
     })
     .await;
     let seed = origin.servers[0].member.local_addr().to_string();
@@ -78,6 +79,7 @@ async fn two(target: &str, target_jurisdictions: &[&str], origin_policy: String,
         policy: Some(target_policy),
         http: Vec::new(),
         data_dir: None,
+        region: None,
     })
     .await;
     let (o, t) = (Client::new(&origin.cluster.addresses()), Client::new(&target.cluster.addresses()));

@@ -24,6 +24,7 @@ async fn each_leader_publishes_its_cluster_and_the_next_leader_takes_over() {
         policy: None,
         http: Vec::new(),
         data_dir: None,
+        region: None,
     };
     let mut eu = start(setup("eu-west", 3, Vec::new(), &["eu"])).await;
     let seed = eu.servers[0].member.local_addr().to_string();

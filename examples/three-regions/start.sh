@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts three clusters on this machine (one server each: eu-west, us-east,
-# edge-1) with gossip, mutual TLS and the policies in ../policies, and
-# simulated nodes for each. Run from anywhere; state goes to $WORK
+# edge-1) with gossip, mutual TLS and the policies in ../policies, and for
+# each a real agent (agent-CLUSTER.toml, class agent-host) beside simulated
+# nodes. Run from anywhere; state goes to $WORK
 # (default /tmp/hanse-federation). Stop with: kill $(cat $WORK/pids)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,6 +25,9 @@ sleep 3
 port() { case $1 in eu-west) echo 4661;; us-east) echo 4662;; edge-1) echo 4663;; esac; }
 for c in eu-west us-east edge-1; do
   "$hanse" --address 127.0.0.1:$(port $c) node simulate --fleet fleet-$c.toml > nodes-$c.log 2>&1 &
+  echo $! >> pids
+  "$hanse" tls cert create --cluster $c --role agent --name host-$c --ca-dir pki --out-dir pki > /dev/null
+  "$hanse" agent --config agent-$c.toml > agent-$c.log 2>&1 &
   echo $! >> pids
 done
 sleep 2
