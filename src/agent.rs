@@ -14,7 +14,7 @@
 //! execution_model = "process"     # container | serverless | process | baremetal
 //! cost_per_hour = 0.12
 //! power_budget = "60W"
-//! latency_class = 0
+//! latency_class = 1             # 0 (nearest the users) to 9
 //! datasets = ["clickstream"]
 //! jurisdictions = ["eu"]
 //! meta = { rack = "r12" }
@@ -49,6 +49,7 @@ use cluster_core::model::node::{Environment, ExecutionModel, Node, NodeStatus};
 use cluster_core::resources;
 use cluster_core::server::rpc::ServerRpc;
 use cluster_core::spec;
+use cluster_core::spec::fleet::{read_cost_per_hour, read_latency_class};
 use cluster_core::spec::read::{self, keyword};
 use cluster_core::transport::quic::{QuicClient, QuicServer};
 use cluster_core::transport::tls::{self, valid_label};
@@ -124,28 +125,14 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
         let execution_model = a.str(d, "execution_model").map_or(Some(ExecutionModel::Process), |w| {
             keyword(d, "execution model", w, ExecutionModel::WORDS, ExecutionModel::from_word)
         });
-        let cost_per_hour = match a.float(d, "cost_per_hour") {
-            Some((x, s)) if x < 0.0 => {
-                d.error(s, "cost_per_hour cannot be negative");
-                0.0
-            }
-            Some((x, _)) => x,
-            None => 0.0,
-        };
+        let cost_per_hour = read_cost_per_hour(&mut a, d);
         let power_watts = a.str(d, "power_budget").map_or(0, |(t, s)| {
             resources::parse_watts(t).unwrap_or_else(|h| {
                 d.error_hint(s, format!("invalid power_budget `{t}`"), h);
                 0
             })
         });
-        let latency_class = match a.int(d, "latency_class") {
-            Some((n, _)) if (0..=255).contains(&n) => n as u8,
-            Some((n, s)) => {
-                d.error_hint(s, format!("latency_class = {n}"), "use 0 (nearest) to 255");
-                0
-            }
-            None => 0,
-        };
+        let latency_class = read_latency_class(&mut a, d);
         let list = |d: &mut Diagnostics, t: &mut read::Table, key: &'static str| -> Vec<Arc<str>> {
             t.str_list(d, key).unwrap_or_default().into_iter().map(|(v, _)| Arc::from(v)).collect()
         };

@@ -129,22 +129,8 @@ fn read_fleet(top: &mut Table, d: &mut Diagnostics) -> Option<Fleet> {
             .str_list(d, "zones")
             .filter(|z| !z.is_empty())
             .map_or_else(|| vec![Arc::from("default")], |z| z.into_iter().map(|(z, _)| Arc::from(z)).collect());
-        let cost_per_hour = match c.float(d, "cost_per_hour") {
-            Some((x, s)) if x < 0.0 => {
-                d.error(s, "cost_per_hour cannot be negative");
-                0.0
-            }
-            Some((x, _)) => x,
-            None => 0.0,
-        };
-        let latency_class = match c.int(d, "latency_class") {
-            Some((n, _)) if (0..=9).contains(&n) => n as u8,
-            Some((n, s)) => {
-                d.error_hint(s, format!("latency_class {n} is out of range"), "use 0 (nearest) to 9 (farthest)");
-                0
-            }
-            None => 1,
-        };
+        let cost_per_hour = read_cost_per_hour(&mut c, d);
+        let latency_class = read_latency_class(&mut c, d);
         let drivers: Vec<Arc<str>> = c.str_list(d, "drivers").map_or_else(
             || vec![Arc::from("exec"), Arc::from("mock")],
             |v| v.into_iter().map(|(x, _)| Arc::from(x)).collect(),
@@ -201,4 +187,29 @@ fn read_fleet(top: &mut Table, d: &mut Diagnostics) -> Option<Fleet> {
         );
     }
     Some(Fleet { name: name?, region: region.to_string(), nodes })
+}
+
+/// `cost_per_hour`, 0 or more (0 when absent); for fleets and agents.
+pub fn read_cost_per_hour(t: &mut Table, d: &mut Diagnostics) -> f64 {
+    match t.float(d, "cost_per_hour") {
+        Some((x, s)) if x < 0.0 => {
+            d.error(s, "cost_per_hour cannot be negative");
+            0.0
+        }
+        Some((x, _)) => x,
+        None => 0.0,
+    }
+}
+
+/// `latency_class`, 0 (nearest) to 9 (farthest), 1 when absent; for
+/// fleets and agents.
+pub fn read_latency_class(t: &mut Table, d: &mut Diagnostics) -> u8 {
+    match t.int(d, "latency_class") {
+        Some((n, _)) if (0..=9).contains(&n) => n as u8,
+        Some((n, s)) => {
+            d.error_hint(s, format!("latency_class {n} is out of range"), "use 0 (nearest) to 9 (farthest)");
+            0
+        }
+        None => 1,
+    }
 }
