@@ -236,9 +236,10 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
     println!("\nThe federation stays up; in another terminal:");
     println!("  export HANSE_ADDR={}", addrs[0]);
     println!("  hanse federation members");
-    println!("  hanse job status              # then: hanse job status JOB");
+    println!("  hanse job run examples/jobs/thumbnails.toml   # overflows to a peer");
+    println!("  hanse job status thumbnails");
     println!("  hanse federation delegations");
-    println!("  hanse job plan examples/jobs/analytics-eu.toml");
+    println!("  hanse job plan examples/jobs/eu-reports.toml  # why each cluster is refused");
     println!("Ctrl-C stops it{}.", if temp && !a.keep { " and removes its data" } else { "" });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
