@@ -56,7 +56,7 @@ use cluster_core::transport::tls::{self, valid_label};
 use cluster_core::transport::{Identity, Role, Transport};
 
 use crate::Outcome;
-use crate::server::addr;
+use crate::server::{addr, read_tls};
 
 pub struct AgentConfig {
     pub name: String,
@@ -166,21 +166,7 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
             }
             l.finish(d);
         }
-        let (mut ca, mut cert, mut key) = (None, None, None);
-        match top.table(d, "tls") {
-            Some(mut t) => {
-                t.path = "[tls]".into();
-                ca = t.required_str(d, "ca", "\"pki/ca.pem\"").map(|(p, _)| rel(p));
-                cert = t.required_str(d, "cert", "\"pki/eu-west-agent-node-a.pem\"").map(|(p, _)| rel(p));
-                key = t.required_str(d, "key", "\"pki/eu-west-agent-node-a-key.pem\"").map(|(p, _)| rel(p));
-                t.finish(d);
-            }
-            None => d.error_hint(
-                0..0,
-                "missing [tls] table",
-                "add [tls] with ca, cert and key (`hanse tls cert create --role agent`)",
-            ),
-        }
+        let (ca, cert, key) = read_tls(top, d, &rel, "agent-node-a");
         let name = name?;
         let node = Node {
             id: NodeId::new(&name),

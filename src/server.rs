@@ -172,17 +172,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
         };
         let bootstrap = s.bool(d, "bootstrap").is_none_or(|(b, _)| b);
         s.finish(d);
-        let (mut ca, mut cert, mut key) = (None, None, None);
-        match top.table(d, "tls") {
-            Some(mut t) => {
-                t.path = "[tls]".into();
-                ca = t.required_str(d, "ca", "\"pki/ca.pem\"").map(|(p, _)| rel(p));
-                cert = t.required_str(d, "cert", "\"pki/eu-west-server-s1.pem\"").map(|(p, _)| rel(p));
-                key = t.required_str(d, "key", "\"pki/eu-west-server-s1-key.pem\"").map(|(p, _)| rel(p));
-                t.finish(d);
-            }
-            None => d.error_hint(0..0, "missing [tls] table", "add [tls] with ca, cert and key (see `hanse tls`)"),
-        }
+        let (ca, cert, key) = read_tls(top, d, &rel, "server-s1");
         let mut peers = BTreeMap::new();
         for mut p in top.tables(d, "peer") {
             let pid = p.int(d, "id").map(|(n, _)| n as u64);
@@ -239,6 +229,32 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             policy,
         })
     })
+}
+
+/// The `[tls]` table of a server's or agent's config: ca, cert and key,
+/// relative to the config's directory. `stem` names an example
+/// certificate in the hints (`server-s1`, `agent-node-a`).
+pub(crate) fn read_tls(
+    top: &mut Table,
+    d: &mut Diagnostics,
+    rel: &dyn Fn(&str) -> PathBuf,
+    stem: &str,
+) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
+    let Some(mut t) = top.table(d, "tls") else {
+        let role = stem.split('-').next().unwrap_or("server");
+        d.error_hint(
+            0..0,
+            "missing [tls] table",
+            format!("add [tls] with ca, cert and key (`hanse tls cert create --role {role}`)"),
+        );
+        return (None, None, None);
+    };
+    t.path = "[tls]".into();
+    let ca = t.required_str(d, "ca", "\"pki/ca.pem\"").map(|(p, _)| rel(p));
+    let cert = t.required_str(d, "cert", &format!("\"pki/eu-west-{stem}.pem\"")).map(|(p, _)| rel(p));
+    let key = t.required_str(d, "key", &format!("\"pki/eu-west-{stem}-key.pem\"")).map(|(p, _)| rel(p));
+    t.finish(d);
+    (ca, cert, key)
 }
 
 pub(crate) fn addr(d: &mut Diagnostics, v: Option<(&str, std::ops::Range<usize>)>) -> Option<SocketAddr> {

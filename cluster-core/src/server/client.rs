@@ -97,20 +97,26 @@ impl Client {
         &self,
         r: Result<ureq::http::Response<ureq::Body>, ClientError>,
     ) -> Result<T, ClientError> {
-        let base = self.address().to_string();
         let mut r = r?;
+        let bytes = self.body(&mut r)?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(self.address().to_string(), e.to_string()))
+    }
+
+    /// A response's body, or the API error it carries (status 400 and up).
+    fn body(&self, r: &mut ureq::http::Response<ureq::Body>) -> Result<Vec<u8>, ClientError> {
         let status = r.status().as_u16();
-        let text = r
+        let bytes = r
             .body_mut()
             .with_config()
             .limit(RESPONSE_BYTES_MAX)
-            .read_to_string()
-            .map_err(|e| ClientError::Connect(base.clone(), e.to_string()))?;
+            .read_to_vec()
+            .map_err(|e| ClientError::Connect(self.address().to_string(), e.to_string()))?;
         if status >= 400 {
+            let text = String::from_utf8_lossy(&bytes);
             let err = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| ApiError::new(status, text.trim()));
             return Err(ClientError::Api(err));
         }
-        serde_json::from_str(&text).map_err(|e| ClientError::Decode(base, e.to_string()))
+        Ok(bytes)
     }
 
     /// Part of a task's log from `offset` (see `GET /v1/allocations/ID/logs`).
@@ -119,22 +125,10 @@ impl Client {
         if let Some(t) = task {
             path.push_str(&format!("&task={t}"));
         }
-        let base = self.address().to_string();
         let mut r = self.send(|a, url| a.get(url).call(), &path)?;
-        let status = r.status().as_u16();
         let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let (next, oldest, done) = (header("x-hanse-next"), header("x-hanse-oldest"), header("x-hanse-done"));
-        let data = r
-            .body_mut()
-            .with_config()
-            .limit(RESPONSE_BYTES_MAX)
-            .read_to_vec()
-            .map_err(|e| ClientError::Connect(base.clone(), e.to_string()))?;
-        if status >= 400 {
-            let text = String::from_utf8_lossy(&data);
-            let err = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| ApiError::new(status, text.trim()));
-            return Err(ClientError::Api(err));
-        }
+        let data = self.body(&mut r)?;
         let num = |v: Option<String>| v.and_then(|v| v.parse().ok()).unwrap_or(0);
         Ok(LogsChunk { data, next: num(next), oldest: num(oldest), done: done.as_deref() == Some("true") })
     }
