@@ -494,3 +494,28 @@ fn an_agent_restarted_while_cut_off_restarts_its_work_from_local_state() {
         mark(&f.marks(), &format!("{first}.stopped")).is_some()
     });
 }
+
+/// At-most-once work an agent restarts from local state while cut off
+/// still stops when the lease it held before the restart runs out.
+#[test]
+fn at_most_once_work_restarted_while_cut_off_stops_when_the_old_lease_runs_out() {
+    let f = Fixture::new("restart-once");
+    let relay = Relay::new(f.quic);
+    let mut a = f.agent("node-a", relay.addr);
+    let job = f.job("once", &marking_service("once", "stop"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "once running", || f.node_of_running("once").len() == 1);
+    let (first, _) = f.node_of_running("once")[0].clone();
+
+    relay.set_cut(true);
+    a.kill9();
+    let config = f.dir.join("node-a.toml");
+    let _a2 = spawn(&f.dir, "node-a", &["agent", "--config", config.to_str().unwrap()]);
+    eventually(Duration::from_secs(10), "stopped, with no server in reach", || {
+        mark(&f.marks(), &format!("{first}.stopped")).is_some()
+    });
+    let _b = f.agent("node-b", f.quic);
+    eventually(Duration::from_secs(20), "replaced on node-b", || {
+        f.node_of_running("once").iter().any(|(_, n)| n == "node-b")
+    });
+}

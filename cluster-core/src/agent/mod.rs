@@ -178,8 +178,15 @@ impl Agent {
                 o.node.id
             ));
         }
+        // The lease held before a restart still runs out on time: at-most-once
+        // work started again from local state stops when it would have.
+        let last = (saved.last_contact_unix_ms > 0)
+            .then(|| {
+                Instant::now().checked_sub(Duration::from_millis(unix_ms().saturating_sub(saved.last_contact_unix_ms)))
+            })
+            .flatten();
         let contact = Arc::new(Mutex::new(Contact {
-            last: None,
+            last,
             ttl: Duration::from_millis(saved.ttl_ms.max(1_000)),
             grace: Duration::from_millis(saved.grace_ms),
         }));
