@@ -117,7 +117,7 @@ impl Gossiping {
             fed
         });
         if let Some(fed) = &federation {
-            self.cluster.serve_http_with(id, crate::api::router(fed.clone())).await.expect("the API serves again");
+            self.cluster.add_federation_routes(id, crate::api::router(fed.clone())).expect("the server runs");
         }
         self.servers.push(Server { id, member, federation, tasks });
     }

@@ -21,6 +21,28 @@ pub struct LocalServer {
     pub server: Server,
     quic: QuicServer,
     http_task: tokio::task::JoinHandle<()>,
+    /// Routes under `/v1/federation/` added after the server started.
+    late: LateRoutes,
+}
+
+type LateRoutes = Arc<std::sync::RwLock<Option<axum::Router>>>;
+
+/// Answers `/v1/federation/*` from routes set later, on the listener the
+/// server already has: serving them again on a new listener would free the
+/// port for a moment, for any other test to take.
+fn late_routes(late: LateRoutes) -> axum::Router {
+    use axum::response::IntoResponse;
+    use tower::ServiceExt;
+    let dispatch = move |req: axum::extract::Request| {
+        let routes = late.read().expect("late routes").clone();
+        async move {
+            match routes {
+                Some(r) => r.oneshot(req).await.unwrap_or_else(|e| match e {}),
+                None => super::api::ApiError::not_found("this server takes no part in a federation").into_response(),
+            }
+        }
+    };
+    axum::Router::new().route("/v1/federation/{*rest}", axum::routing::any(dispatch))
 }
 
 pub struct LocalCluster {
@@ -121,19 +143,18 @@ impl LocalCluster {
         let options = ServerOptions { name: format!("s{id}"), ..self.options.clone() };
         let server = Server::start(config, store, transport, options, &logger)?;
         let quic = QuicServer::bind::<ServerRpc>(self.raft_addrs[&id], &self.ca.cert_pem, &pair, server.handler())?;
-        let (_, http_task) = http::serve(server.inner.clone(), self.http_addrs[&id]).await?;
-        self.servers.insert(id, LocalServer { server, quic, http_task });
+        let late = LateRoutes::default();
+        let (_, http_task) =
+            http::serve_with(server.inner.clone(), self.http_addrs[&id], late_routes(late.clone())).await?;
+        self.servers.insert(id, LocalServer { server, quic, http_task, late });
         Ok(())
     }
 
-    /// Serves server `id`'s API again with `extra` routes beside the
-    /// cluster's (the federation's, added once it exists).
-    pub async fn serve_http_with(&mut self, id: u64, extra: axum::Router) -> anyhow::Result<()> {
-        let Some(s) = self.servers.get_mut(&id) else { anyhow::bail!("server {id} is not running") };
-        s.http_task.abort();
-        let _ = (&mut s.http_task).await;
-        let (_, task) = http::serve_with(s.server.inner.clone(), self.http_addrs[&id], extra).await?;
-        s.http_task = task;
+    /// Adds the federation's routes (under `/v1/federation/`) to server
+    /// `id`'s API, once the federation exists.
+    pub fn add_federation_routes(&self, id: u64, routes: axum::Router) -> anyhow::Result<()> {
+        let Some(s) = self.servers.get(&id) else { anyhow::bail!("server {id} is not running") };
+        *s.late.write().expect("late routes") = Some(routes);
         Ok(())
     }
 
