@@ -52,11 +52,11 @@ use cluster_core::spec;
 use cluster_core::spec::fleet::{read_cost_per_hour, read_latency_class};
 use cluster_core::spec::read::{self, keyword};
 use cluster_core::transport::quic::{QuicClient, QuicServer};
-use cluster_core::transport::tls::{self, valid_label};
+use cluster_core::transport::tls;
 use cluster_core::transport::{Identity, Role, Transport};
 
 use crate::Outcome;
-use crate::server::{addr, read_tls};
+use crate::server::{addr, read_label, read_tls};
 
 pub struct AgentConfig {
     pub name: String,
@@ -89,18 +89,8 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
             None
         })?;
         a.path = "[agent]".into();
-        let mut label = |d: &mut Diagnostics, key: &'static str, example: &str| {
-            a.required_str(d, key, example).and_then(|(v, span)| {
-                if valid_label(v) {
-                    Some(v.to_string())
-                } else {
-                    d.error_hint(span, format!("invalid {key} `{v}`"), "use 1 to 63 letters, digits and `-`");
-                    None
-                }
-            })
-        };
-        let name = label(d, "name", "\"node-a\"");
-        let cluster = label(d, "cluster", "\"eu-west\"");
+        let name = read_label(&mut a, d, "name", "\"node-a\"");
+        let cluster = read_label(&mut a, d, "cluster", "\"eu-west\"");
         let data_dir = a.required_str(d, "data_dir", "\"data/node-a\"").map(|(p, _)| rel(p));
         let servers: Vec<SocketAddr> = match a.str_list(d, "servers") {
             Some(list) if !list.is_empty() => list.into_iter().filter_map(|v| addr(d, Some(v))).collect(),

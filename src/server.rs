@@ -111,18 +111,8 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             None
         })?;
         s.path = "[server]".into();
-        let label = |d: &mut Diagnostics, t: &mut Table, key: &'static str, example: &str| {
-            t.required_str(d, key, example).and_then(|(v, span)| {
-                if valid_label(v) {
-                    Some(v.to_string())
-                } else {
-                    d.error_hint(span, format!("invalid {key} `{v}`"), "use 1 to 63 letters, digits and `-`");
-                    None
-                }
-            })
-        };
-        let name = label(d, &mut s, "name", "\"s1\"");
-        let cluster = label(d, &mut s, "cluster", "\"eu-west\"");
+        let name = read_label(&mut s, d, "name", "\"s1\"");
+        let cluster = read_label(&mut s, d, "cluster", "\"eu-west\"");
         let region = s.str(d, "region").map_or_else(String::new, |(r, _)| r.to_string());
         let id = match s.int(d, "id") {
             Some((n, _)) if n > 0 => Some(n as u64),
@@ -228,6 +218,19 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             gossip,
             policy,
         })
+    })
+}
+
+/// A required name that certificates carry (`name`, `cluster`): 1 to 63
+/// letters, digits and `-`.
+pub(crate) fn read_label(t: &mut Table, d: &mut Diagnostics, key: &'static str, example: &str) -> Option<String> {
+    t.required_str(d, key, example).and_then(|(v, span)| {
+        if valid_label(v) {
+            Some(v.to_string())
+        } else {
+            d.error_hint(span, format!("invalid {key} `{v}`"), "use 1 to 63 letters, digits and `-`");
+            None
+        }
     })
 }
 
