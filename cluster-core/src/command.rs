@@ -11,9 +11,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::ids::{EvalId, JobId, NodeId, NodeIdx};
-use crate::model::alloc::{AllocReport, AllocStatus};
+use crate::model::alloc::{AllocReport, AllocStatus, DesiredStatus};
 use crate::model::eval::EvalTrigger;
-use crate::model::job::Job;
+use crate::model::job::{Job, OnDisconnect};
 use crate::model::node::{Node, NodeStatus};
 use crate::model::plan::Plan;
 use crate::state::{Applied, ClusterState, PlanOutcome, StateError};
@@ -75,6 +75,25 @@ pub enum Command {
     Record {
         holder: String,
         record: Vec<u8>,
+    },
+    /// A compare-and-swap on a holder's record: applies only when the
+    /// record under `holder` is byte for byte `expect` (`None`: absent).
+    /// Then `record` replaces it and the commands in `then` apply in
+    /// order; otherwise nothing changes and the effect is `Refused`.
+    ///
+    /// It makes a decision taken on a read of the state atomic with the
+    /// write that carries it out, whoever proposed what in between:
+    /// delegation v2 registers an offer, leaves a tombstone, and moves a
+    /// record from one phase to the next only through it, so a re-offer,
+    /// a stale leader or a reordered proposal can never apply twice or
+    /// take a record back (review B1, B11, B18). `then` is checked before
+    /// anything applies: a `Hold` in it that would be refused refuses the
+    /// whole command.
+    Guarded {
+        holder: String,
+        expect: Option<Vec<u8>>,
+        record: Vec<u8>,
+        then: Vec<Command>,
     },
 }
 
@@ -155,13 +174,37 @@ impl ClusterState {
                 plans.iter().take(PLAN_BATCH_MAX).map(|(eval, plan)| self.apply_eval_plan(*eval, plan)).collect(),
             ),
             Command::Hold { holder, job, group, indices, record } => {
-                self.hold(holder, job, group, indices, record.clone());
+                if let Err(why) = self.hold(holder, job, group, indices, record.clone()) {
+                    return Effect::Refused(why);
+                }
                 // Evaluated again, so its status no longer shows as
                 // unplaced what another cluster now runs.
                 match self.job(job) {
                     Some(_) => Effect::Evals(vec![self.create_eval(job, EvalTrigger::Delegated, None)]),
                     None => Effect::Evals(Vec::new()),
                 }
+            }
+            Command::Guarded { holder, expect, record, then } => {
+                if self.record(holder) != expect.as_deref() {
+                    return Effect::Refused(format!("record {holder} changed since it was read"));
+                }
+                for c in then {
+                    if let Command::Hold { holder, job, group, indices, .. } = c {
+                        if let Err(why) = self.can_hold(holder, job, group, indices) {
+                            return Effect::Refused(why);
+                        }
+                    }
+                }
+                self.set_record(holder, record.clone());
+                let mut evals = Vec::new();
+                for c in then {
+                    match self.apply(c) {
+                        Effect::Evals(e) => evals.extend(e),
+                        Effect::JobRegistered { eval, .. } => evals.push(eval),
+                        _ => {}
+                    }
+                }
+                Effect::Evals(evals)
             }
             Command::Release { holder, record } => match self.release(holder, record.clone()) {
                 Some(job) => Effect::Evals(vec![self.create_eval(&job, EvalTrigger::DelegationLost, None)]),
@@ -173,17 +216,33 @@ impl ClusterState {
             }
             Command::AllocStatus(updates) => {
                 let mut failed = BTreeSet::new();
+                let mut stopped = BTreeSet::new();
                 for AllocReport { id, status, tasks } in updates.iter().take(ALLOC_STATUS_BATCH_MAX) {
                     let was = self.alloc(*id).map(|a| a.status);
                     self.set_task_states(*id, tasks);
                     self.set_alloc_status(*id, *status);
-                    let now = self.alloc(*id).map(|a| (a.status, a.job.clone()));
-                    if let Some((AllocStatus::Failed, job)) = now.filter(|_| was != Some(AllocStatus::Failed)) {
-                        failed.insert(job);
+                    let Some(a) = self.alloc(*id) else { continue };
+                    if a.status == AllocStatus::Failed && was != Some(AllocStatus::Failed) {
+                        failed.insert(a.job.clone());
+                    } else if a.status.is_terminal() && !was.is_some_and(AllocStatus::is_terminal) {
+                        // The replacement of an at-most-once instance waits
+                        // for it to end (see `reconcile`): now it may start.
+                        // So does an instance its agent reports lost (it
+                        // stopped it when its lease ran out): place it again.
+                        let job = self.job(&a.job).filter(|j| !j.stopped);
+                        let group = job.and_then(|j| j.group(&a.group));
+                        let at_most_once = group.is_some_and(|g| g.on_disconnect == OnDisconnect::Stop);
+                        let lost = a.status == AllocStatus::Lost && a.desired == DesiredStatus::Run;
+                        if job.is_some() && (lost || (a.desired == DesiredStatus::Stop && at_most_once)) {
+                            stopped.insert(a.job.clone());
+                        }
                     }
                 }
-                let evals: Vec<EvalId> =
-                    failed.into_iter().map(|j| self.create_eval(&j, EvalTrigger::AllocFailed, None)).collect();
+                let mut evals: Vec<EvalId> =
+                    failed.iter().map(|j| self.create_eval(j, EvalTrigger::AllocFailed, None)).collect();
+                for j in stopped.difference(&failed) {
+                    evals.push(self.create_eval(j, EvalTrigger::AllocStopped, None));
+                }
                 if updates.len() > ALLOC_STATUS_BATCH_MAX {
                     Effect::Refused(format!(
                         "{} updates past the batch limit of {ALLOC_STATUS_BATCH_MAX} ignored",

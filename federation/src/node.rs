@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cluster_core::command::Command;
+use cluster_core::command::{Command, Effect};
 use cluster_core::ids::JobId;
 use cluster_core::model::{DelegateMode, EvalStatus, Job};
 use cluster_core::server::Inner;
@@ -467,8 +467,15 @@ impl Federation {
             indices: record.indices.clone(),
             record: encode(&record),
         };
-        if self.server.raft.propose(hold).await.is_err() {
-            return;
+        // Refused when an index started running here, or another holder
+        // took it, since the round read the state: nothing is offered.
+        match self.server.raft.propose(hold).await {
+            Ok(Effect::Refused(why)) => {
+                tracing::debug!(delegation = %record.delegation.id, %why, "hold refused; not offered");
+                return;
+            }
+            Err(_) => return,
+            Ok(_) => {}
         }
         self.send_offer(policy, record, job).await;
     }

@@ -17,6 +17,9 @@ pub enum EvalTrigger {
     DelegationLost,
     /// Instances went to another cluster.
     Delegated,
+    /// An at-most-once instance that was being replaced has stopped, so
+    /// its replacement may start now.
+    AllocStopped,
 }
 
 keyword_enum!(EvalTrigger {
@@ -27,6 +30,7 @@ keyword_enum!(EvalTrigger {
     AllocFailed = "alloc-failed",
     DelegationLost = "delegation-lost",
     Delegated = "delegated",
+    AllocStopped = "alloc-stopped",
 });
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -179,7 +179,7 @@ impl TaskGroup {
         let mut ask: Option<GpuAsk> = None;
         for g in self.tasks.iter().filter_map(|t| t.gpu.as_ref()) {
             let a = ask.get_or_insert(GpuAsk { count: 0, model: None });
-            a.count += g.count;
+            a.count = a.count.saturating_add(g.count);
             if a.model.is_none() {
                 a.model = g.model.clone();
             }

@@ -1,8 +1,8 @@
 //! Which instances of a job to keep, stop and place, given its allocations.
 
 use crate::ids::NodeIdx;
-use crate::model::alloc::{AllocStatus, Allocation};
-use crate::model::job::{Job, JobType};
+use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus};
+use crate::model::job::{Job, JobType, OnDisconnect};
 use crate::model::node::NodeStatus;
 use crate::model::plan::{Stop, StopReason};
 use crate::state::ClusterState;
@@ -74,6 +74,14 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     }
                 }
                 if !a.is_live() {
+                    // An at-most-once instance being stopped still covers
+                    // its index: the replacement is placed only once it is
+                    // terminal, so the two never run at once (review B8).
+                    let stopping = a.desired == DesiredStatus::Stop && !a.status.is_terminal();
+                    let at_most_once = job.groups[g].on_disconnect == OnDisconnect::Stop;
+                    if stopping && at_most_once && in_range && job.job_type != JobType::System {
+                        covered[g][a.index as usize] = true;
+                    }
                     continue;
                 }
                 if job.job_type == JobType::System {
@@ -94,10 +102,12 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     out.stops.push(stop(StopReason::ScaledDown));
                 } else if node_down {
                     out.stops.push(stop(StopReason::NodeLost));
-                } else if draining {
-                    out.stops.push(stop(StopReason::Drained));
-                } else if a.job_version != job.version {
-                    out.stops.push(stop(StopReason::Updated));
+                } else if draining || a.job_version != job.version {
+                    out.stops.push(stop(if draining { StopReason::Drained } else { StopReason::Updated }));
+                    // Its replacement waits until it has stopped (see above).
+                    if job.groups[g].on_disconnect == OnDisconnect::Stop {
+                        covered[g][a.index as usize] = true;
+                    }
                 } else {
                     covered[g][a.index as usize] = true;
                     if let Some(i) = node {

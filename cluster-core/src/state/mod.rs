@@ -356,6 +356,11 @@ impl ClusterState {
         };
         let mut live: HashSet<(Arc<str>, u32, Option<NodeId>)> =
             self.allocs_of_job(&plan.job).filter(|a| a.is_live()).map(|a| key(&a.group, a.index, &a.node)).collect();
+        // Nor is an instance another cluster holds: a plan made before the
+        // hold committed would otherwise run it here too (review B9).
+        if !system {
+            live.extend(self.held_of_job(&plan.job).map(|(g, i)| (Arc::<str>::from(g), i, None)));
+        }
         for p in &plan.placements {
             if !live.insert(key(&p.group, p.index, &p.node)) {
                 applied.refused.push(Refused { placement: p.clone(), reason: Reason::AlreadyPlaced });
@@ -456,10 +461,53 @@ pub struct Held {
 }
 
 impl ClusterState {
-    pub fn hold(&mut self, holder: &str, job: &JobId, group: &Arc<str>, indices: &[u32], record: Vec<u8>) {
+    /// Whether `holder` may hold `indices` of `job`'s `group`: none of them
+    /// may be live here or held by another holder (a holder may re-hold
+    /// its own, to shrink its hold). Review B9: a hold that raced a local
+    /// placement would otherwise cover an instance that also runs here.
+    pub fn can_hold(&self, holder: &str, job: &JobId, group: &str, indices: &[u32]) -> Result<(), String> {
+        // A stopping at-most-once instance still covers its index (see
+        // `reconcile`): it may not be offered before it has ended.
+        let at_most_once = self
+            .jobs
+            .get(job)
+            .and_then(|j| j.group(group))
+            .is_some_and(|g| g.on_disconnect == crate::model::job::OnDisconnect::Stop);
+        let live = self
+            .allocs_of_job(job)
+            .filter(|a| &*a.group == group && (a.is_live() || (at_most_once && !a.status.is_terminal())));
+        if let Some(a) = live.into_iter().find(|a| indices.contains(&a.index)) {
+            return Err(format!("{job}.{group}[{}] runs here as allocation {}", a.index, a.id.0));
+        }
+        let others = self.holds.iter().filter(|(h, held)| h.as_str() != holder && held.job == *job);
+        for (h, held) in others.filter(|(_, held)| &*held.group == group) {
+            if let Some(i) = held.indices.iter().find(|i| indices.contains(i)) {
+                return Err(format!("{job}.{group}[{i}] is held by {h}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds `indices` for `holder` and stores its record; refused (and
+    /// nothing changes) when [`ClusterState::can_hold`] refuses.
+    pub fn hold(
+        &mut self,
+        holder: &str,
+        job: &JobId,
+        group: &Arc<str>,
+        indices: &[u32],
+        record: Vec<u8>,
+    ) -> Result<(), String> {
+        self.can_hold(holder, job, group, indices)?;
         let held = Held { job: job.clone(), group: group.clone(), indices: indices.to_vec() };
         self.holds.insert(holder.to_string(), held);
         self.records.insert(holder.to_string(), record);
+        Ok(())
+    }
+
+    /// The record stored under `holder`, if any.
+    pub fn record(&self, holder: &str) -> Option<&[u8]> {
+        self.records.get(holder).map(Vec::as_slice)
     }
 
     /// Ends a hold; returns its job, to evaluate again.
