@@ -55,7 +55,7 @@ pub struct Policy {
     pub peers: BTreeMap<String, Peer>,
     pub overflow: Overflow,
     pub inbound: Inbound,
-    /// In file order: the first rule whose labels match decides.
+    /// Every rule whose labels match narrows where the work may run.
     pub rules: Vec<Rule>,
     pub retry: Retry,
 }
@@ -152,12 +152,21 @@ impl Policy {
         self.peers.get(cluster).is_some_and(|p| p.accept_from)
     }
 
-    /// The jurisdictions a job may run in under this policy's rules: the
-    /// first rule whose labels all match decides, then the job's own list
-    /// narrows it. `None` means anywhere.
+    /// The jurisdictions a job may run in under this policy's rules: every
+    /// rule whose labels all match narrows it (their intersection, so an
+    /// earlier, wider rule can never shadow a stricter one: review B10.2),
+    /// then the job's own list narrows it. `None` means anywhere; an empty
+    /// set means nowhere.
     pub fn allowed_jurisdictions(&self, job: &Job) -> Option<BTreeSet<String>> {
-        let rule = self.rules.iter().find(|r| r.labels.iter().all(|(k, v)| job.labels.get(k) == Some(v)));
-        let mut allowed: Option<BTreeSet<String>> = rule.map(|r| r.jurisdictions.iter().cloned().collect());
+        let matching = self.rules.iter().filter(|r| r.labels.iter().all(|(k, v)| job.labels.get(k) == Some(v)));
+        let mut allowed: Option<BTreeSet<String>> = None;
+        for rule in matching {
+            let own: BTreeSet<String> = rule.jurisdictions.iter().cloned().collect();
+            allowed = Some(match allowed {
+                Some(a) => a.intersection(&own).cloned().collect(),
+                None => own,
+            });
+        }
         if !job.jurisdictions.is_empty() {
             let own: BTreeSet<String> = job.jurisdictions.iter().map(|j| j.to_string()).collect();
             allowed = Some(match allowed {
@@ -361,12 +370,35 @@ fn read_policy(top: &mut Table, d: &mut Diagnostics) -> Option<Policy> {
         let js = labels(d, listed, "jurisdiction");
         let span = r.span.clone();
         r.finish(d);
-        if let Some(earlier) = rules.iter().position(|e| e.labels.iter().all(|(k, v)| matched.get(k) == Some(v))) {
-            d.warning(
-                span,
-                format!("this rule never matches: rule {} before it matches every job this one does", earlier + 1),
-                Some("put the more specific rule first".into()),
-            );
+        // Every matching rule narrows (their intersection): a rule after
+        // one that matches every job it does can only narrow further.
+        let wider = rules.iter().enumerate().filter(|(_, e)| e.labels.iter().all(|(k, v)| matched.get(k) == Some(v)));
+        let mut both: Option<(usize, BTreeSet<&str>)> = None;
+        for (n, e) in wider {
+            let mine: BTreeSet<&str> = js.iter().map(|(j, _)| j.as_str()).collect();
+            let theirs: BTreeSet<&str> = e.jurisdictions.iter().map(String::as_str).collect();
+            if theirs.is_subset(&mine) {
+                both = Some((n, theirs));
+                break;
+            }
+            if mine.intersection(&theirs).next().is_none() {
+                both = Some((n, BTreeSet::new()));
+                break;
+            }
+        }
+        if let Some((earlier, allowed)) = both {
+            let message = if allowed.is_empty() {
+                format!(
+                    "matching work may run nowhere: rule {} also matches it, and they share no jurisdiction",
+                    earlier + 1
+                )
+            } else {
+                format!(
+                    "this rule changes nothing: rule {} also matches every job this one does, and allows less",
+                    earlier + 1
+                )
+            };
+            d.warning(span, message, Some("every matching rule narrows where work may run".into()));
         } else if js.is_empty() {
             d.warning(span, "matching work may run nowhere: the rule lists no jurisdiction", None);
         } else if js.iter().all(|(j, _)| !local.contains(j.as_str())) && !delegates {
