@@ -15,6 +15,7 @@ pub mod delegation;
 pub mod local;
 pub mod node;
 pub mod policy;
+pub mod proto;
 pub mod protocol;
 pub mod publish;
 pub mod select;

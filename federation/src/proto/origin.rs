@@ -1,0 +1,477 @@
+//! The origin's end of delegation v2 (pure): it holds instances in its log
+//! before offering them, settles every offer by a definite answer, answers
+//! its targets' lease renewals, carries stops and updates to every copy,
+//! and places work again only when the target's lease has certainly run
+//! out or the target said that nothing is alive.
+//!
+//! The replicated truth is the [`Outbound`] record of each delegation (and
+//! its hold) in the origin's state; [`Origin`] keeps only leader memory
+//! that is safe to lose: when each target was last heard from, and pacing.
+//! A new leader builds a fresh `Origin` after applying the whole log, and
+//! gives every target a full lease from that moment (the safe direction:
+//! later, never sooner).
+
+use std::collections::BTreeMap;
+
+use cluster_core::command::Command;
+use cluster_core::ids::JobId;
+use cluster_core::model::{DelegateMode, Job};
+use cluster_core::state::ClusterState;
+use serde::{Deserialize, Serialize};
+
+use super::wire::{IndexState, Outcome, Progress, ToOrigin, ToTarget};
+use super::{Action, Message, Millis, Plants, Timing, outbound_key};
+use crate::policy::Policy;
+use crate::protocol::{LABEL_ORIGIN, decode, encode};
+
+/// The origin's record of one delegation, committed in its log; the hold
+/// on `indices` lives beside it under the same key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Outbound {
+    pub id: String,
+    pub target: String,
+    pub job: String,
+    pub group: String,
+    /// [`spec_fingerprint`] of the job when offered: a change other than
+    /// `count` is an update, which revokes the delegation so the instances
+    /// are placed again at the new version.
+    pub spec: u64,
+    /// The instance indexes held (all offered, then exactly the ones the
+    /// target registered).
+    pub indices: Vec<u32>,
+    pub phase: Phase,
+    /// The last state the target reported for each index.
+    pub states: Vec<(u32, IndexState)>,
+    /// Where the offer said the work may run; a policy or job that now
+    /// allows something else revokes the delegation.
+    pub jurisdictions: Vec<String>,
+    /// Why it ended, for people.
+    pub note: String,
+}
+
+/// Where a delegation is. Moves only forward: Offered, Registered,
+/// Revoking, Ended (Offered may go straight to Revoking or Ended).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Held and offered; no definite answer yet.
+    Offered,
+    /// The target registered `indices` and keeps them running.
+    Registered,
+    /// The origin asked the target to stop; the hold stays until the target
+    /// answers that nothing is alive, or its lease has run out.
+    Revoking,
+    Ended(End),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum End {
+    /// The target refused the offer (and tombstoned the id).
+    Refused,
+    /// The target confirmed that nothing of it is alive.
+    Revoked,
+    /// No renewal for a lease plus the grace: the target has stopped
+    /// at-most-once work by now; `keep` work is fenced when it renews.
+    Expired,
+    /// Every instance completed (batch); the hold stays, so they are not
+    /// run again.
+    Complete,
+}
+
+impl Phase {
+    /// Whether the record's instances stay held (covered, not placed here).
+    pub fn holds(self) -> bool {
+        !matches!(self, Phase::Ended(End::Refused | End::Revoked | End::Expired))
+    }
+
+    /// The order phases move in; a record never goes to a lower rank.
+    pub fn rank(self) -> u8 {
+        match self {
+            Phase::Offered => 0,
+            Phase::Registered => 1,
+            Phase::Revoking => 2,
+            Phase::Ended(_) => 3,
+        }
+    }
+}
+
+/// Instances of a blocked evaluation that may be offered to a peer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Overflowing {
+    pub eval: u64,
+    pub job: Job,
+    pub group: String,
+    /// Not running here and not held elsewhere, ascending; at most the
+    /// number the evaluation could not place.
+    pub indices: Vec<u32>,
+}
+
+/// A stable 64-bit fingerprint of a job's spec for one group, `count`,
+/// version and stop flag aside (FNV-1a over the codec bytes).
+pub fn spec_fingerprint(job: &Job, group: &str) -> u64 {
+    let mut j = job.clone();
+    j.version = 0;
+    j.stopped = false;
+    j.groups.retain(|g| &*g.name == group);
+    for g in &mut j.groups {
+        g.count = 0;
+    }
+    encode(&j).iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The part of `job` an offer carries: one group, `count` instances, its
+/// jurisdictions narrowed by the policy. `None` when the policy allows no
+/// jurisdiction at all: such work goes nowhere (review B10.3).
+pub fn offered_job(policy: &Policy, job: &Job, group: &str, count: u32) -> Option<Job> {
+    let mut offered = job.clone();
+    offered.groups.retain(|g| &*g.name == group);
+    offered.groups.first_mut()?.count = count;
+    if let Some(allowed) = policy.allowed_jurisdictions(job) {
+        if allowed.is_empty() {
+            return None;
+        }
+        offered.jurisdictions = allowed.iter().map(|j| j.as_str().into()).collect();
+    }
+    Some(offered)
+}
+
+/// The origin's leader memory. See the module docs.
+#[derive(Debug)]
+pub struct Origin {
+    cluster: String,
+    timing: Timing,
+    plants: Plants,
+    /// When this leadership began: every target's lease counts from here at
+    /// the earliest.
+    began: Millis,
+    /// When a renewal from each target was last received.
+    heard: BTreeMap<String, Millis>,
+    /// Per delegation: when this leader first and last sent its offer or
+    /// revocation, and how many times.
+    sent: BTreeMap<String, Sent>,
+    /// Per record key: when a change to it was last proposed, so a change
+    /// in flight is not proposed again before `retry_ms`.
+    proposed: BTreeMap<String, Millis>,
+    /// Per delegation: since when this leader has seen it not running in
+    /// full (offered, or an index pending). Past `STUCK_LEASES` leases it
+    /// is revoked and its instances placed again (review B2.3, B3).
+    stuck: BTreeMap<String, Millis>,
+}
+
+/// How many leases a delegation may stay offered, or keep an index pending
+/// at its target, before the origin takes it back.
+pub const STUCK_LEASES: u64 = 4;
+
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    first: Millis,
+    last: Millis,
+    times: u32,
+}
+
+impl Origin {
+    /// Starts the origin's duties on a leader that has applied the whole log.
+    pub fn new(cluster: &str, timing: Timing, plants: Plants, now: Millis) -> Origin {
+        Origin {
+            cluster: cluster.to_string(),
+            timing,
+            plants,
+            began: now,
+            heard: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            proposed: BTreeMap::new(),
+            stuck: BTreeMap::new(),
+        }
+    }
+
+    /// Every delegation record in `state`, with its raw bytes (the value a
+    /// compare-and-swap expects).
+    pub fn records(state: &ClusterState) -> Vec<(Outbound, Vec<u8>)> {
+        state.records("delegation/").filter_map(|(_, v)| Some((decode::<Outbound>(v).ok()?, v.clone()))).collect()
+    }
+
+    /// Blocked evaluations' instances that may leave the cluster: the job
+    /// allows it, it did not come from another cluster (one hop), and the
+    /// scheduler could not place them here.
+    pub fn overflow(state: &ClusterState) -> Vec<Overflowing> {
+        let mut out = Vec::new();
+        for e in state.blocked_evals().filter_map(|e| state.eval(e)) {
+            let Some(job) = state.job(&e.job) else { continue };
+            if job.stopped || job.labels.contains_key(LABEL_ORIGIN) || job.federation.delegate == DelegateMode::Never {
+                continue;
+            }
+            let work = cluster_core::scheduler::reconcile::reconcile(state, job);
+            for (g, w) in job.groups.iter().zip(work.groups) {
+                let unplaced = e.unplaced.iter().filter(|u| u.group == g.name).map(|u| u.count).sum::<u32>();
+                let indices: Vec<u32> = w.place.into_iter().take(unplaced as usize).collect();
+                if !indices.is_empty() {
+                    out.push(Overflowing { eval: e.id.0, job: job.clone(), group: g.name.to_string(), indices });
+                }
+            }
+        }
+        out
+    }
+
+    /// Delegates `work` to `target`: commits the record and the hold, and
+    /// sends the offer once they are applied. Nothing when the policy lets
+    /// the work run nowhere.
+    pub fn delegate(&mut self, policy: &Policy, work: &Overflowing, target: &str, now: Millis) -> Vec<Action> {
+        let first = work.indices[0];
+        let id = format!("{}/{}/e{}-{}-{first}", self.cluster, work.job.id, work.eval, work.group);
+        let Some(job) = offered_job(policy, &work.job, &work.group, work.indices.len() as u32) else {
+            return Vec::new();
+        };
+        let record = Outbound {
+            id: id.clone(),
+            target: target.to_string(),
+            job: work.job.id.to_string(),
+            group: work.group.clone(),
+            spec: spec_fingerprint(&work.job, &work.group),
+            indices: work.indices.clone(),
+            phase: Phase::Offered,
+            states: Vec::new(),
+            jurisdictions: job.jurisdictions.iter().map(|j| j.to_string()).collect(),
+            note: String::new(),
+        };
+        let key = outbound_key(&id);
+        self.proposed.insert(key.clone(), now);
+        self.sent.insert(id.clone(), Sent { first: now, last: now, times: 1 });
+        let bytes = encode(&record);
+        let hold = Command::Hold {
+            holder: key.clone(),
+            job: JobId::new(&record.job),
+            group: record.group.as_str().into(),
+            indices: record.indices.clone(),
+            record: bytes.clone(),
+        };
+        vec![Action::ProposeThenSend {
+            command: Command::Guarded { holder: key, expect: None, record: bytes, then: vec![hold] },
+            to: target.to_string(),
+            reply: Message::ToTarget(ToTarget::Offer { id, job, indices: work.indices.clone() }),
+        }]
+    }
+
+    /// When the origin may treat `record`'s target as stopped: a lease and
+    /// the grace after the last renewal heard from the target, this
+    /// leadership's start, or this leader's first offer of it, whichever is
+    /// latest. (A target that ran nothing of ours before renews nothing, so
+    /// its last renewal alone may be long past: found by `hanse-sim`, seed
+    /// 1344.) Later is always safe; sooner is not.
+    fn expires_at(&self, record: &Outbound) -> Millis {
+        let heard = self.heard.get(&record.target).copied().unwrap_or(0);
+        let from = heard.max(self.began).max(self.sent.get(&record.id).map_or(0, |s| s.first));
+        let grace = if self.plants.no_grace { 0 } else { self.timing.grace_ms };
+        from + self.timing.lease_ms + grace
+    }
+
+    /// Whether the job still wants this delegation as it is.
+    fn wanted(policy: &Policy, state: &ClusterState, r: &Outbound) -> bool {
+        let Some(job) = state.job(&JobId::new(&r.job)) else { return false };
+        let Some(group) = job.group(&r.group) else { return false };
+        let same_places = offered_job(policy, job, &r.group, 1)
+            .is_some_and(|o| o.jurisdictions.iter().map(|j| j.to_string()).eq(r.jurisdictions.iter().cloned()));
+        !job.stopped
+            && spec_fingerprint(job, &r.group) == r.spec
+            && r.indices.iter().all(|i| *i < group.count)
+            && policy.may_delegate_to(&r.target)
+            && same_places
+    }
+
+    fn propose(&mut self, key: &str, now: Millis, action: Action) -> Option<Action> {
+        if self.proposed.get(key).is_some_and(|t| now < t + self.timing.retry_ms) {
+            return None;
+        }
+        self.proposed.insert(key.to_string(), now);
+        Some(action)
+    }
+
+    /// A compare-and-swap from `expect` to `next`, releasing the hold when
+    /// `next` no longer holds, and re-holding when its indices shrank.
+    fn transition(&mut self, old: &Outbound, expect: &[u8], next: &Outbound, now: Millis) -> Option<Action> {
+        let key = outbound_key(&next.id);
+        let bytes = encode(next);
+        let mut then = Vec::new();
+        if !next.phase.holds() {
+            then.push(Command::Release { holder: key.clone(), record: bytes.clone() });
+        } else if next.indices != old.indices {
+            then.push(Command::Hold {
+                holder: key.clone(),
+                job: JobId::new(&next.job),
+                group: next.group.as_str().into(),
+                indices: next.indices.clone(),
+                record: bytes.clone(),
+            });
+        }
+        let command = Command::Guarded { holder: key.clone(), expect: Some(expect.to_vec()), record: bytes, then };
+        self.propose(&key, now, Action::Propose(command))
+    }
+
+    fn due(&self, id: &str, now: Millis) -> bool {
+        self.sent.get(id).is_none_or(|s| now >= s.last + self.timing.retry_ms)
+    }
+
+    fn mark_sent(&mut self, id: &str, now: Millis) -> u32 {
+        let s = self.sent.entry(id.to_string()).or_insert(Sent { first: now, last: now, times: 0 });
+        s.last = now;
+        s.times += 1;
+        s.times
+    }
+
+    /// The origin's periodic duties: offers and revocations sent again
+    /// until answered, stops and updates carried to targets, expired
+    /// leases ended.
+    pub fn tick(&mut self, policy: &Policy, state: &ClusterState, now: Millis) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for (r, bytes) in Self::records(state) {
+            if r.phase == Phase::Ended(End::Complete) && !Self::wanted(policy, state, &r) {
+                // Done elsewhere, but the job changed or went: its indexes
+                // are this cluster's to place again.
+                let note = "complete; the job changed".to_string();
+                let next = Outbound { phase: Phase::Ended(End::Revoked), note, ..r.clone() };
+                actions.extend(self.transition(&r, &bytes, &next, now));
+                continue;
+            }
+            if matches!(r.phase, Phase::Ended(_)) {
+                self.stuck.remove(&r.id);
+                continue;
+            }
+            let live = matches!(r.phase, Phase::Offered | Phase::Registered);
+            if live && !Self::wanted(policy, state, &r) {
+                let next =
+                    Outbound { phase: Phase::Revoking, note: "stopped or updated at the origin".into(), ..r.clone() };
+                actions.extend(self.transition(&r, &bytes, &next, now));
+                continue;
+            }
+            let running = r.phase == Phase::Registered
+                && r.states.len() == r.indices.len()
+                && r.states
+                    .iter()
+                    .all(|(_, s)| matches!(s, IndexState::Running | IndexState::Complete | IndexState::Failed));
+            if live && !running {
+                let since = *self.stuck.entry(r.id.clone()).or_insert(now);
+                if now >= since + STUCK_LEASES * self.timing.lease_ms {
+                    let note = format!("not running at {} after {STUCK_LEASES} leases", r.target);
+                    let next = Outbound { phase: Phase::Revoking, note, ..r.clone() };
+                    actions.extend(self.transition(&r, &bytes, &next, now));
+                    continue;
+                }
+            } else {
+                self.stuck.remove(&r.id);
+            }
+            if now >= self.expires_at(&r) {
+                let next = Outbound {
+                    phase: Phase::Ended(End::Expired),
+                    note: "no renewal within the lease".into(),
+                    ..r.clone()
+                };
+                actions.extend(self.transition(&r, &bytes, &next, now));
+                continue;
+            }
+            if !self.due(&r.id, now) {
+                continue;
+            }
+            match r.phase {
+                Phase::Offered => {
+                    let times = self.mark_sent(&r.id, now);
+                    if self.plants.release_on_timeout && times > 2 {
+                        let next =
+                            Outbound { phase: Phase::Ended(End::Refused), note: "no answer".into(), ..r.clone() };
+                        actions.extend(self.transition(&r, &bytes, &next, now));
+                        continue;
+                    }
+                    let job = state.job(&JobId::new(&r.job));
+                    let offer = job.and_then(|j| offered_job(policy, j, &r.group, r.indices.len() as u32));
+                    if let Some(job) = offer {
+                        let message = ToTarget::Offer { id: r.id.clone(), job, indices: r.indices.clone() };
+                        actions.push(Action::Send { to: r.target.clone(), message: Message::ToTarget(message) });
+                    }
+                }
+                Phase::Revoking => {
+                    self.mark_sent(&r.id, now);
+                    let message = Message::ToTarget(ToTarget::Revoke { id: r.id.clone() });
+                    actions.push(Action::Send { to: r.target.clone(), message });
+                }
+                Phase::Registered | Phase::Ended(_) => {}
+            }
+        }
+        actions
+    }
+
+    /// A message from the leader of cluster `from` (the cluster its
+    /// certificate names). Anything about a delegation `from` is not the
+    /// target of is ignored.
+    pub fn on_message(&mut self, state: &ClusterState, from: &str, message: ToOrigin, now: Millis) -> Vec<Action> {
+        let find = |id: &str| {
+            state
+                .record(&outbound_key(id))
+                .and_then(|b| Some((decode::<Outbound>(b).ok()?, b.to_vec())))
+                .filter(|(r, _)| r.target == from)
+        };
+        match message {
+            ToOrigin::Outcome { id, outcome } => {
+                let Some((r, bytes)) = find(&id) else { return Vec::new() };
+                if r.phase != Phase::Offered {
+                    return Vec::new();
+                }
+                let next = match outcome {
+                    Outcome::Registered { indices } if !indices.is_empty() && r.indices.starts_with(&indices) => {
+                        let states = indices.iter().map(|i| (*i, IndexState::Pending)).collect();
+                        Outbound { phase: Phase::Registered, indices, states, ..r.clone() }
+                    }
+                    Outcome::Registered { .. } => return Vec::new(),
+                    Outcome::Refused { reason, message } => Outbound {
+                        phase: Phase::Ended(End::Refused),
+                        note: format!("refused ({reason:?}): {message}"),
+                        ..r.clone()
+                    },
+                };
+                self.transition(&r, &bytes, &next, now).into_iter().collect()
+            }
+            ToOrigin::Revoked { id, alive } => {
+                let Some((r, bytes)) = find(&id) else { return Vec::new() };
+                if r.phase != Phase::Revoking || alive > 0 {
+                    return Vec::new();
+                }
+                let next = Outbound { phase: Phase::Ended(End::Revoked), ..r.clone() };
+                self.transition(&r, &bytes, &next, now).into_iter().collect()
+            }
+            ToOrigin::Renew { session, seq, delegations } => {
+                self.heard.insert(from.to_string(), now);
+                let mut actions = Vec::new();
+                let mut untracked = Vec::new();
+                for p in delegations {
+                    match find(&p.id) {
+                        Some((r, bytes)) if matches!(r.phase, Phase::Offered | Phase::Registered) => {
+                            actions.extend(self.progress(&r, &bytes, &p, now));
+                        }
+                        _ => untracked.push(p.id),
+                    }
+                }
+                let ack = ToTarget::RenewAck { session, seq, untracked };
+                actions.push(Action::Send { to: from.to_string(), message: Message::ToTarget(ack) });
+                actions
+            }
+        }
+    }
+
+    /// A renewal's news about one tracked delegation: it registered (if
+    /// the answer to the offer was lost), and its per-index states.
+    fn progress(&mut self, r: &Outbound, bytes: &[u8], p: &Progress, now: Millis) -> Option<Action> {
+        let indices: Vec<u32> = p.indices.iter().map(|(i, _)| *i).collect();
+        let mut next = r.clone();
+        if r.phase == Phase::Offered {
+            if indices.is_empty() || !r.indices.starts_with(&indices) {
+                return None;
+            }
+            next.phase = Phase::Registered;
+            next.indices = indices;
+        }
+        next.states = p.indices.iter().filter(|(i, _)| next.indices.contains(i)).copied().collect();
+        if next.states.len() == next.indices.len() && next.states.iter().all(|(_, s)| *s == IndexState::Complete) {
+            next.phase = Phase::Ended(End::Complete);
+        }
+        if next == *r {
+            return None;
+        }
+        self.transition(r, bytes, &next, now)
+    }
+}

@@ -1,0 +1,444 @@
+//! The target's end of delegation v2 (pure): it answers offers from its
+//! log (registering exactly the indexes it takes, or a tombstone), renews a
+//! lease with every origin it runs work for, pushes per-index progress in
+//! those renewals, and stops what an origin revokes or no longer tracks.
+//!
+//! The replicated truth is the [`Inbound`] record of each delegation id in
+//! the target's state. [`Target`] keeps leader memory only: the leases,
+//! which a new leader does not inherit. It starts with none, so until its
+//! first renewal is answered it grants its agents no time for at-most-once
+//! work; the grants the old leader made still bound them (see
+//! [`Target::lease_remaining`]).
+
+use std::collections::BTreeMap;
+
+use cluster_core::command::Command;
+use cluster_core::ids::JobId;
+use cluster_core::model::job::OnDisconnect;
+use cluster_core::model::{AllocStatus, Job};
+use cluster_core::scheduler::reconcile::RESCHEDULE_ATTEMPTS_MAX;
+use cluster_core::scheduler::{SchedulerConfig, schedule};
+use cluster_core::state::ClusterState;
+use serde::{Deserialize, Serialize};
+
+use super::wire::{IndexState, Outcome, Progress, ToOrigin, ToTarget};
+use super::{Action, Message, Millis, Plants, Timing, inbound_key};
+use crate::delegation::{OfferCheck, Rejection, check_offer};
+use crate::node::{inbound_cpu, total_cpu};
+use crate::policy::Policy;
+use crate::protocol::{LABEL_DELEGATION, LABEL_ORIGIN, decode, encode, target_job_id};
+
+/// The most renewals one origin may leave unanswered before the oldest are
+/// forgotten (an answer to a forgotten one extends nothing).
+pub const RENEWALS_IN_FLIGHT_MAX: usize = 64;
+/// The least time between two renewals pushed because progress changed.
+pub const PUSH_INTERVAL_MS: u64 = 100;
+
+/// The target's record of one delegation id, committed before any answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Inbound {
+    pub id: String,
+    pub origin: String,
+    pub origin_job: String,
+    pub group: String,
+    /// The job it runs here (`target_job_id(id)`); local index `j` is the
+    /// origin's index `indices[j]`.
+    pub job: String,
+    pub indices: Vec<u32>,
+    pub phase: InPhase,
+    pub at_most_once: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum InPhase {
+    Registered,
+    /// A tombstone: refused, and refused again on every re-offer.
+    Refused {
+        reason: Rejection,
+        message: String,
+    },
+    /// Stopped for its origin; a tombstone too.
+    Revoked,
+}
+
+impl Inbound {
+    fn outcome(&self) -> Outcome {
+        match &self.phase {
+            InPhase::Registered => Outcome::Registered { indices: self.indices.clone() },
+            InPhase::Refused { reason, message } => {
+                Outcome::Refused { reason: reason.clone(), message: message.clone() }
+            }
+            InPhase::Revoked => Outcome::Refused { reason: Rejection::NotAccepted, message: "revoked".into() },
+        }
+    }
+}
+
+/// The target's renewals with one origin, and the lease of each
+/// delegation they named.
+#[derive(Clone, Debug, Default)]
+struct Lease {
+    /// Per delegation id: its at-most-once work may run until then (this
+    /// leader's clock). Only a renewal that named the id, answered without
+    /// calling it untracked, extends it: the origin vouches for each
+    /// delegation, not for everything from this target.
+    until: BTreeMap<String, Millis>,
+    /// Renewals sent and not yet answered: sequence number to send time
+    /// and the ids they named.
+    sent: BTreeMap<u64, (Millis, Vec<String>)>,
+    next_seq: u64,
+    last_sent: Option<Millis>,
+    last_progress: Vec<Progress>,
+}
+
+/// The target's leader memory. See the module docs.
+#[derive(Debug)]
+pub struct Target {
+    timing: Timing,
+    plants: Plants,
+    leases: BTreeMap<String, Lease>,
+    /// Per record key: when a change was last proposed.
+    proposed: BTreeMap<String, Millis>,
+    /// Seeds the dry run that sizes an offer.
+    seed: u64,
+    /// This leadership's renewal session (see [`ToOrigin::Renew`]).
+    session: u64,
+}
+
+/// The allocations of `job` not yet terminal: what still runs, or may.
+pub fn alive(state: &ClusterState, job: &str) -> u32 {
+    state.allocs_of_job(&JobId::new(job)).filter(|a| !a.status.is_terminal()).count() as u32
+}
+
+impl Target {
+    pub fn new(timing: Timing, plants: Plants, seed: u64) -> Target {
+        // The session comes from the seed, which the shell draws afresh
+        // for every leadership.
+        let session = seed.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15;
+        Target { timing, plants, leases: BTreeMap::new(), proposed: BTreeMap::new(), seed, session }
+    }
+
+    /// Every inbound record in `state`, with its raw bytes.
+    pub fn records(state: &ClusterState) -> Vec<(Inbound, Vec<u8>)> {
+        state.records("inbound/").filter_map(|(_, v)| Some((decode::<Inbound>(v).ok()?, v.clone()))).collect()
+    }
+
+    fn find(state: &ClusterState, id: &str) -> Option<(Inbound, Vec<u8>)> {
+        let bytes = state.record(&inbound_key(id))?;
+        Some((decode::<Inbound>(bytes).ok()?, bytes.to_vec()))
+    }
+
+    /// How long, from `now`, this leader lets at-most-once work for
+    /// `origin` run: what is left of its lease. An agent adds this to the
+    /// moment it *sent* the heartbeat this answers, so its own deadline
+    /// ends no later than the lease (leases chained as in Gray and
+    /// Cheriton's "Leases", 1989).
+    pub fn lease_remaining(&self, origin: &str, id: &str, now: Millis) -> Millis {
+        self.leases.get(origin).and_then(|l| l.until.get(id)).map_or(0, |u| u.saturating_sub(now))
+    }
+
+    fn propose(&mut self, key: &str, now: Millis) -> bool {
+        if self.proposed.get(key).is_some_and(|t| now < t + self.timing.retry_ms) {
+            return false;
+        }
+        self.proposed.insert(key.to_string(), now);
+        true
+    }
+
+    /// A message from the leader of cluster `from` (the cluster its
+    /// certificate names).
+    pub fn on_message(
+        &mut self,
+        policy: &Policy,
+        state: &ClusterState,
+        from: &str,
+        message: ToTarget,
+        now: Millis,
+    ) -> Vec<Action> {
+        // An id names its origin first: nobody acts on another's work
+        // (review B16).
+        let owned = |id: &str| id.split('/').next() == Some(from);
+        match message {
+            ToTarget::Offer { id, job, indices } => {
+                if !owned(&id) {
+                    let refused = Outcome::Refused {
+                        reason: Rejection::NotAccepted,
+                        message: format!("{id} is not a delegation of {from}"),
+                    };
+                    return vec![reply(from, ToOrigin::Outcome { id, outcome: refused })];
+                }
+                self.on_offer(policy, state, from, id, job, indices, now)
+            }
+            ToTarget::Revoke { id } => {
+                if !owned(&id) {
+                    return Vec::new();
+                }
+                self.on_revoke(state, from, &id, now)
+            }
+            ToTarget::RenewAck { session, .. } if session != self.session => Vec::new(),
+            ToTarget::RenewAck { seq, untracked, .. } => {
+                let lease_ms = self.timing.lease_ms;
+                let answer_time = self.plants.lease_from_answer;
+                let lease = self.leases.entry(from.to_string()).or_default();
+                if let Some((sent, mut ids)) = lease.sent.remove(&seq) {
+                    let start = if answer_time { now } else { sent };
+                    if self.plants.lease_per_origin {
+                        let all = Self::records(state).into_iter().filter(|(r, _)| r.origin == from);
+                        ids = all.map(|(r, _)| r.id).collect();
+                    }
+                    let per_origin = self.plants.lease_per_origin;
+                    for id in ids.into_iter().filter(|id| per_origin || !untracked.contains(id)) {
+                        let until = lease.until.entry(id).or_insert(0);
+                        *until = (*until).max(start + lease_ms);
+                    }
+                    lease.sent.retain(|s, _| *s > seq);
+                }
+                let mut actions = Vec::new();
+                for id in untracked.iter().filter(|id| owned(id)) {
+                    if let Some((r, bytes)) = Self::find(state, id) {
+                        if r.phase == InPhase::Registered && r.origin == from {
+                            actions.extend(self.revoke(&r, bytes, now));
+                        }
+                    }
+                }
+                actions
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_offer(
+        &mut self,
+        policy: &Policy,
+        state: &ClusterState,
+        from: &str,
+        id: String,
+        job: Job,
+        indices: Vec<u32>,
+        now: Millis,
+    ) -> Vec<Action> {
+        let key = inbound_key(&id);
+        let known = Self::find(state, &id);
+        if let Some((r, _)) = &known {
+            if !self.plants.forget_registration {
+                return vec![reply(from, ToOrigin::Outcome { id, outcome: r.outcome() })];
+            }
+        }
+        if !self.propose(&key, now) {
+            return Vec::new();
+        }
+        let expect = known.map(|(_, b)| b);
+        let group = job.groups.first().map(|g| g.name.to_string()).unwrap_or_default();
+        let mut record = Inbound {
+            id: id.clone(),
+            origin: from.to_string(),
+            origin_job: id.split('/').nth(1).unwrap_or_default().to_string(),
+            group,
+            job: target_job_id(&id),
+            indices: Vec::new(),
+            phase: InPhase::Registered,
+            at_most_once: job.groups.first().is_some_and(|g| g.on_disconnect == OnDisconnect::Stop),
+        };
+        let decided = self.decide(policy, state, from, &id, &job, &indices);
+        let (then, outcome) = match decided {
+            Ok((local, taken)) => {
+                record.indices = taken.clone();
+                (vec![Command::RegisterJob(local)], Outcome::Registered { indices: taken })
+            }
+            Err((reason, message)) => {
+                record.phase = InPhase::Refused { reason: reason.clone(), message: message.clone() };
+                (Vec::new(), Outcome::Refused { reason, message })
+            }
+        };
+        let command = Command::Guarded { holder: key, expect, record: encode(&record), then };
+        let answer = Message::ToOrigin(ToOrigin::Outcome { id, outcome });
+        vec![Action::ProposeThenSend { command, to: from.to_string(), reply: answer }]
+    }
+
+    /// Every check an offered job goes through, whatever the origin said:
+    /// the spec's own limits, the policy, the inbound share, and a dry run
+    /// of the scheduler. The job to register and the indexes it takes.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        policy: &Policy,
+        state: &ClusterState,
+        from: &str,
+        id: &str,
+        offered: &Job,
+        indices: &[u32],
+    ) -> Result<(Job, Vec<u32>), (Rejection, String)> {
+        let malformed = |m: String| Err((Rejection::NotAccepted, m));
+        let [group] = offered.groups.as_slice() else {
+            return malformed(format!("an offer carries one group, not {}", offered.groups.len()));
+        };
+        if offered.job_type == cluster_core::model::JobType::System {
+            return malformed("system jobs run on every node of their own cluster; they are not delegated".into());
+        }
+        if let Some(j) = state.job(&JobId::new(target_job_id(id))) {
+            if j.labels.get(LABEL_DELEGATION).map(String::as_str) != Some(id) {
+                return malformed(format!("job {} exists here and is not delegation {id}", j.id));
+            }
+        }
+        let kill_ms = group.tasks.iter().map(|t| t.kill_timeout_ms).max().unwrap_or(0);
+        if group.on_disconnect == OnDisconnect::Stop && kill_ms >= self.timing.grace_ms / 2 {
+            return malformed(format!(
+                "at-most-once work must stop within half the grace ({} ms); its kill timeout is {kill_ms} ms",
+                self.timing.grace_ms / 2
+            ));
+        }
+        let mut unique = indices.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        if indices.is_empty() || unique.len() != indices.len() || group.count as usize != indices.len() {
+            return malformed("the offered indexes do not match the group's count".into());
+        }
+        if i64::from(group.count) > cluster_core::spec::job::GROUP_COUNT_MAX {
+            return malformed(format!("{} instances are more than a group may run", group.count));
+        }
+        let allowed: Option<Vec<String>> =
+            (!offered.jurisdictions.is_empty()).then(|| offered.jurisdictions.iter().map(|j| j.to_string()).collect());
+        let per = group.resources().cpu_millis.max(1);
+        let (inbound, total) = (inbound_cpu(state), total_cpu(state));
+        let check = OfferCheck {
+            origin: from,
+            allowed: allowed.as_deref(),
+            ask_cpu_millis: per,
+            inbound_cpu_millis: inbound,
+            total_cpu_millis: total,
+            hops: 0,
+        };
+        if let Err(reason) = check_offer(policy, &check) {
+            let message = format!("{reason:?}");
+            return Err((reason, message));
+        }
+        let share_room = ((policy.inbound.max_share_of_capacity * total as f64) as u64).saturating_sub(inbound);
+        let by_share = u32::try_from(share_room / per).unwrap_or(u32::MAX);
+        let mut local = offered.clone();
+        local.id = JobId::new(target_job_id(id));
+        local.version = 0;
+        local.stopped = false;
+        local.labels.insert(LABEL_ORIGIN.into(), from.to_string());
+        local.labels.insert(LABEL_DELEGATION.into(), id.to_string());
+        local.groups[0].count = group.count.min(by_share);
+        let config = SchedulerConfig { seed: self.seed, ..SchedulerConfig::default() };
+        let fits = schedule(state, &local, &config).placements.len() as u32;
+        let k = group.count.min(by_share).min(fits);
+        if k == 0 {
+            return Err((Rejection::NoCapacity, "no node fits an instance".into()));
+        }
+        local.groups[0].count = k;
+        Ok((local, indices[..k as usize].to_vec()))
+    }
+
+    fn on_revoke(&mut self, state: &ClusterState, from: &str, id: &str, now: Millis) -> Vec<Action> {
+        match Self::find(state, id) {
+            None => {
+                if !self.propose(&inbound_key(id), now) {
+                    return Vec::new();
+                }
+                // Revoked before it ever arrived: a tombstone, so a late
+                // offer can never register it (review B11).
+                let record = Inbound {
+                    id: id.to_string(),
+                    origin: from.to_string(),
+                    origin_job: id.split('/').nth(1).unwrap_or_default().to_string(),
+                    group: String::new(),
+                    job: target_job_id(id),
+                    indices: Vec::new(),
+                    phase: InPhase::Revoked,
+                    at_most_once: false,
+                };
+                let command = Command::Guarded {
+                    holder: inbound_key(id),
+                    expect: None,
+                    record: encode(&record),
+                    then: Vec::new(),
+                };
+                let answer = Message::ToOrigin(ToOrigin::Revoked { id: id.to_string(), alive: 0 });
+                vec![Action::ProposeThenSend { command, to: from.to_string(), reply: answer }]
+            }
+            Some((r, _)) if r.origin != from => Vec::new(),
+            Some((r, bytes)) if r.phase == InPhase::Registered => self.revoke(&r, bytes, now),
+            Some((r, _)) => vec![reply(from, ToOrigin::Revoked { id: id.to_string(), alive: alive(state, &r.job) })],
+        }
+    }
+
+    /// Moves a registered delegation to Revoked and stops its job.
+    fn revoke(&mut self, r: &Inbound, expect: Vec<u8>, now: Millis) -> Vec<Action> {
+        let key = inbound_key(&r.id);
+        if !self.propose(&key, now) {
+            return Vec::new();
+        }
+        let next = Inbound { phase: InPhase::Revoked, ..r.clone() };
+        let command = Command::Guarded {
+            holder: key,
+            expect: Some(expect),
+            record: encode(&next),
+            then: vec![Command::StopJob(JobId::new(&r.job))],
+        };
+        vec![Action::Propose(command)]
+    }
+
+    /// Renewals, each carrying the progress of every delegation this
+    /// cluster runs for that origin: every `renew_every_ms`, and at once
+    /// (at most every [`PUSH_INTERVAL_MS`]) when progress changed.
+    pub fn tick(&mut self, state: &ClusterState, now: Millis) -> Vec<Action> {
+        let mut by_origin: BTreeMap<String, Vec<Progress>> = BTreeMap::new();
+        for (r, _) in Self::records(state).into_iter().filter(|(r, _)| r.phase == InPhase::Registered) {
+            let p = progress(state, &r);
+            by_origin.entry(r.origin.clone()).or_default().push(p);
+        }
+        let mut actions = Vec::new();
+        for (origin, delegations) in by_origin {
+            let lease = self.leases.entry(origin.clone()).or_default();
+            let due = lease.last_sent.is_none_or(|t| {
+                now >= t + self.timing.renew_every_ms
+                    || (delegations != lease.last_progress && now >= t + PUSH_INTERVAL_MS)
+            });
+            if !due {
+                continue;
+            }
+            let seq = lease.next_seq;
+            lease.next_seq += 1;
+            lease.sent.insert(seq, (now, delegations.iter().map(|p| p.id.clone()).collect()));
+            lease.until.retain(|id, _| delegations.iter().any(|p| p.id == *id));
+            while lease.sent.len() > RENEWALS_IN_FLIGHT_MAX {
+                lease.sent.pop_first();
+            }
+            lease.last_sent = Some(now);
+            lease.last_progress = delegations.clone();
+            let message = Message::ToOrigin(ToOrigin::Renew { session: self.session, seq, delegations });
+            actions.push(Action::Send { to: origin, message });
+        }
+        actions
+    }
+}
+
+/// Per origin index: what the target's allocations for it are doing.
+pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
+    let mut states: Vec<(u32, IndexState)> = r.indices.iter().map(|i| (*i, IndexState::Pending)).collect();
+    let mut failed = vec![0u32; r.indices.len()];
+    let mut allocs: Vec<_> = state.allocs_of_job(&JobId::new(&r.job)).collect();
+    allocs.sort_by_key(|a| a.id);
+    for a in allocs {
+        let Some(slot) = states.get_mut(a.index as usize) else { continue };
+        match a.status {
+            AllocStatus::Complete if a.is_live() || a.desired == cluster_core::model::DesiredStatus::Run => {
+                slot.1 = IndexState::Complete;
+            }
+            AllocStatus::Running if a.is_live() => slot.1 = IndexState::Running,
+            AllocStatus::Failed => {
+                failed[a.index as usize] += 1;
+                if failed[a.index as usize] > RESCHEDULE_ATTEMPTS_MAX && slot.1 != IndexState::Complete {
+                    slot.1 = IndexState::Failed;
+                }
+            }
+            _ => {}
+        }
+    }
+    Progress { id: r.id.clone(), indices: states }
+}
+
+fn reply(to: &str, message: ToOrigin) -> Action {
+    Action::Send { to: to.to_string(), message: Message::ToOrigin(message) }
+}

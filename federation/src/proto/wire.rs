@@ -1,0 +1,71 @@
+//! What two clusters' leaders say to each other in delegation v2. Every
+//! message names a delegation by its id, `ORIGIN/JOB/e<EVAL>-<GROUP>-<FIRST>`,
+//! which is unique per set of instances; the sender's cluster is the one in
+//! its certificate, never a field of the message.
+
+use cluster_core::model::Job;
+use serde::{Deserialize, Serialize};
+
+use crate::delegation::Rejection;
+
+/// Origin to target.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToTarget {
+    /// Take these instance indexes of the origin's job. `job` carries the
+    /// one group, its count the number of indexes, its jurisdictions
+    /// narrowed to where the work may run. Sent again, unchanged, until
+    /// the answer is definite; the target answers a re-offer from its
+    /// record.
+    Offer { id: String, job: Job, indices: Vec<u32> },
+    /// Stop everything of this delegation, and never register it after.
+    Revoke { id: String },
+    /// The origin answers renewal `seq`: the target's lease runs from when
+    /// it sent it. `untracked` names delegations in the renewal that the
+    /// origin does not (or no longer) track: the target stops them.
+    RenewAck { session: u64, seq: u64, untracked: Vec<String> },
+}
+
+/// Target to origin.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToOrigin {
+    /// The definite answer to an offer, from the target's record.
+    Outcome { id: String, outcome: Outcome },
+    /// How many allocations of a revoked delegation are not yet terminal
+    /// on the target; 0 is the definite "nothing alive".
+    Revoked { id: String, alive: u32 },
+    /// A lease renewal, carrying the per-index state of every delegation
+    /// this target runs for the origin (status is pushed, not polled).
+    ///
+    /// `session` is drawn by each new target leader, so that an answer to
+    /// an earlier leader's renewal `seq` can never extend this one's.
+    Renew { session: u64, seq: u64, delegations: Vec<Progress> },
+}
+
+/// What a target did with an offer; recorded in its log before it is sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// It registered exactly these instance indexes (a prefix of the ones
+    /// offered), and keeps them running.
+    Registered { indices: Vec<u32> },
+    /// It refused the id for good: a tombstone is in its log.
+    Refused { reason: Rejection, message: String },
+}
+
+/// One delegation's instances on its target, by the origin's index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub id: String,
+    pub indices: Vec<(u32, IndexState)>,
+}
+
+/// One delegated instance, as its target reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IndexState {
+    /// Registered, not yet running (being placed, or replaced).
+    Pending,
+    Running,
+    /// A batch instance that finished; it is not run again anywhere.
+    Complete,
+    /// Failed past its restarts and reschedules.
+    Failed,
+}
