@@ -21,6 +21,7 @@
 pub mod cgroups;
 pub mod driver;
 pub mod fingerprint;
+pub mod lease;
 pub mod logs;
 pub mod rpc;
 pub mod runner;
@@ -370,10 +371,11 @@ impl Main {
     /// Cut off past the lease: at-most-once work stops, the rest runs on.
     fn check_lease(&mut self) {
         let c = *self.contact.lock().expect("contact");
+        let lease = lease::Lease { ttl_ms: c.ttl.as_millis() as u64, grace_ms: c.grace.as_millis() as u64 };
         if let Some(last) = c.last {
             let since = last.elapsed();
             self.last_contact_unix_ms = unix_ms().saturating_sub(since.as_millis() as u64);
-            let connected = since <= c.ttl;
+            let connected = lease.in_contact(since.as_millis() as u64);
             if connected != self.connected {
                 self.connected = connected;
                 self.dirty = true;
@@ -392,7 +394,8 @@ impl Main {
         }
         if !self.connected {
             // Done before the servers replace it: they wait TTL + grace.
-            let deadline = c.last.map(|l| tokio::time::Instant::from_std(l + c.ttl + c.grace / 2));
+            let within = Duration::from_millis(lease.stop_within_ms());
+            let deadline = c.last.map(|l| tokio::time::Instant::from_std(l + within));
             let ids: Vec<AllocId> = self
                 .slots
                 .iter()
