@@ -7,7 +7,7 @@
 //! (I5) replicas that applied the same log hold the same bytes; (I6) no
 //! instance outside its job's jurisdictions; (I7) a stop reaches every
 //! copy within a bound; (I8) once faults stop, every wanted instance runs
-//! exactly once. From the review's section 3: (R4) an origin record never
+//! exactly once, or is reported unplaceable with a reason (I2). From the review's section 3: (R4) an origin record never
 //! moves back, and holds exist exactly while records hold; (R4b) no index
 //! is both held and live here, or held twice.
 
@@ -29,6 +29,8 @@ pub const FENCE_SLACK_MS: u64 = 3_000;
 
 #[derive(Default)]
 pub struct Checker {
+    /// When each (origin cluster, delegation id) was first seen revoking.
+    revoking: BTreeMap<(usize, String), u64>,
     /// When each (cluster, job) stop was acknowledged.
     stopped: BTreeMap<(usize, String), u64>,
     /// The last phase rank seen for each (origin cluster, delegation id).
@@ -66,8 +68,32 @@ impl Checker {
     /// `keep` work may outlive it only through a partition, a slow link, a
     /// target without a leader, or a cut-off node, while its renewals
     /// cannot arrive.
-    fn fences(&self, w: &World) -> Option<Violation> {
+    fn fences(&mut self, w: &World) -> Option<Violation> {
+        let bound = Self::fence_bound(w);
         for (o, origin) in w.clusters.iter().enumerate() {
+            // I7 for updates and scale-downs: a revocation is carried out
+            // within the fence bound, like a stop.
+            for (r, _) in Origin::records(&origin.oracle).into_iter().filter(|(r, _)| r.phase == Phase::Revoking) {
+                let since = *self.revoking.entry((o, r.id.clone())).or_insert(w.now);
+                let Some(t) = w.clusters.iter().position(|c| c.name == r.target) else { continue };
+                for node in &w.clusters[t].nodes {
+                    let running = node.procs.values().any(|p| p.lease_of.as_deref() == Some(r.id.as_str()));
+                    if running && w.now > since + bound && !Self::keep_excused(w, o, t, node) {
+                        return violation(
+                            w,
+                            "I7 a revocation reaches every copy",
+                            format!(
+                                "{} revoked {} ({}) {}ms ago; it still runs in {}",
+                                origin.name,
+                                r.id,
+                                r.note,
+                                w.now - since,
+                                r.target
+                            ),
+                        );
+                    }
+                }
+            }
             for (r, _) in Origin::records(&origin.oracle).into_iter().filter(|(r, _)| !r.phase.holds()) {
                 let Some(t) = w.clusters.iter().position(|c| c.name == r.target) else { continue };
                 let target = &w.clusters[t];
@@ -303,7 +329,7 @@ impl Checker {
                         let key = (cl.name.clone(), job.id.to_string(), g.name.to_string(), i);
                         let n = live.get(&key).copied().unwrap_or(0);
                         let done = job.job_type == JobType::Batch && batch_done(s, &job.id, &g.name, i, job.version);
-                        if n > 1 || (n == 0 && !done) {
+                        if n > 1 || (n == 0 && !done && !reported_unplaceable(s, &job.id, &g.name, i)) {
                             return violation(
                                 w,
                                 "I8 converges",
@@ -322,6 +348,28 @@ impl Checker {
         }
         None
     }
+}
+
+/// Whether instance `i` is reported unplaceable with a reason (I2): its
+/// job's evaluation is blocked with the group unplaced, and no delegation
+/// holds the index. Work that no cluster may take (an EU-only job when the
+/// EU is full of work that could run anywhere) waits there, visibly.
+fn reported_unplaceable(s: &ClusterState, job: &JobId, group: &str, i: u32) -> bool {
+    let records: Vec<_> = Origin::records(s)
+        .into_iter()
+        .map(|(r, _)| r)
+        .filter(|r| r.job == job.as_str() && r.group == group && r.indices.contains(&i))
+        .collect();
+    let held = records.iter().any(|r| r.phase.holds());
+    let offered_again = records.iter().any(|r| r.phase == Phase::Offered);
+    let refused = records.iter().any(|r| r.phase == Phase::Ended(End::Refused));
+    let blocked = s
+        .blocked_evals()
+        .filter_map(|e| s.eval(e))
+        .any(|e| e.job == *job && e.unplaced.iter().any(|u| &*u.group == group && u.count > 0));
+    // Blocked here and held nowhere; or offered again after a refusal: the
+    // retry queue at work.
+    (blocked && !held) || (refused && offered_again && records.iter().filter(|r| r.phase.holds()).count() == 1)
 }
 
 /// Whether instance `i` of a batch group completed, here or at a target.

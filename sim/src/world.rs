@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+use cluster_core::agent::lease::Lease;
 use cluster_core::command::{Command, Effect};
 use cluster_core::ids::{AllocId, JobId, NodeId};
 use cluster_core::model::alloc::AllocReport;
@@ -373,7 +374,6 @@ pub fn run(options: &Options) -> Report {
 
 impl World {
     fn new(setup: Setup, options: &Options, mut rng: Rng) -> World {
-        let plants = plants_of(options.plant);
         let timing = sim_timing();
         let names: Vec<String> = setup.clusters.iter().map(|c| c.name.clone()).collect();
         let clusters = setup
@@ -396,7 +396,6 @@ impl World {
                 let replicas = (0..spec.servers)
                     .map(|_| Replica { state: oracle.clone(), applied: log.len(), up: true, up_at: 0 })
                     .collect();
-                let _ = plants.clone();
                 Cluster {
                     name: spec.name.clone(),
                     jurisdictions: spec.jurisdictions.clone(),
@@ -788,7 +787,7 @@ impl World {
         cl.log.push(command.clone());
         cl.oracle.apply(&command);
         let r = cl.leader.as_ref().map(|l| l.replica).expect("only a leader commits");
-        let effect = catch_up(cl, r, self.plant, true);
+        let effect = catch_up(cl, r, self.plant);
         let line = format!("{} commit #{} {describe} -> {}", cl.name, cl.log.len(), effect_word(&effect));
         self.note(line);
         effect
@@ -863,7 +862,7 @@ impl World {
     fn lead(&mut self, c: usize, r: usize) {
         let now = self.now;
         let cl = &mut self.clusters[c];
-        catch_up(cl, r, self.plant, false);
+        catch_up(cl, r, self.plant);
         let now_c = cl.clock(now);
         let plants = plants_of(self.plant);
         let mut heartbeats = Heartbeats::new(NODE_TTL_MS, NODE_GRACE_MS);
@@ -1010,12 +1009,16 @@ impl World {
             }
         }
         if !connected {
-            // Cut off past its lease: at-most-once work stops by lease +
-            // grace / 2, before the servers replace it at TTL + grace.
-            let lapsed = node.last_contact.is_none_or(|t| now_c >= t + NODE_TTL_MS + NODE_GRACE_MS / 2);
-            if lapsed {
-                for p in node.procs.values_mut().filter(|p| p.at_most_once) {
-                    kill(p, &mut self.rng, AllocStatus::Lost);
+            // Cut off past its lease, at-most-once work stops, by the
+            // agent's own rule (`agent::lease`): it starts stopping when the
+            // last answer is a TTL old and has stopped by TTL + grace / 2.
+            let lease = Lease { ttl_ms: NODE_TTL_MS, grace_ms: NODE_GRACE_MS };
+            let since = node.last_contact.map(|t| now_c.saturating_sub(t));
+            if since.is_some_and(|s| !lease.in_contact(s)) {
+                let by = node.last_contact.map_or(now, |t| now + (t + lease.stop_within_ms()).saturating_sub(now_c));
+                for p in node.procs.values_mut().filter(|p| p.at_most_once && p.dying_ms.is_none()) {
+                    p.dying_ms = Some(by.min(now + self.rng.below(KILL_MS_MAX as usize + 1) as u64).max(now));
+                    p.ends_as = AllocStatus::Lost;
                 }
             }
             return;
@@ -1121,7 +1124,7 @@ fn apply_next(cl: &mut Cluster, r: usize, plant: Option<Plant>) -> Effect {
 }
 
 /// Applies everything replica `r` has not; the effect of the last entry.
-fn catch_up(cl: &mut Cluster, r: usize, plant: Option<Plant>, _leader: bool) -> Effect {
+fn catch_up(cl: &mut Cluster, r: usize, plant: Option<Plant>) -> Effect {
     let mut effect = Effect::Done;
     while cl.replicas[r].applied < cl.log.len() {
         effect = apply_next(cl, r, plant);

@@ -44,6 +44,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Piped into `head`, end quietly as other command-line tools do.
+    // SAFETY: restoring a signal's default action before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = Args::parse();
     if args.list_plants {
         for p in Plant::ALL {

@@ -308,7 +308,18 @@ impl Target {
             hops: 0,
         };
         if let Err(reason) = check_offer(policy, &check) {
-            let message = format!("{reason:?}");
+            let message = match reason {
+                Rejection::InboundShare => format!(
+                    "work from other clusters uses {inbound} of {total} millicores here, and {per} more would pass the {:.0}% limit",
+                    100.0 * policy.inbound.max_share_of_capacity
+                ),
+                Rejection::Jurisdiction => format!(
+                    "the work may run in [{}]; this cluster is in [{}]",
+                    allowed.unwrap_or_default().join(", "),
+                    policy.jurisdictions.join(", ")
+                ),
+                _ => format!("{reason:?}"),
+            };
             return Err((reason, message));
         }
         let share_room = ((policy.inbound.max_share_of_capacity * total as f64) as u64).saturating_sub(inbound);
