@@ -23,6 +23,7 @@ use gossip::{Liveness, Member};
 
 use crate::delegation::{Breaker, Delegation, OfferCheck, Rejection, Report, State, check_offer};
 use crate::policy::{Policy, Trigger};
+use crate::proto::origin::offered_job;
 use crate::protocol::{
     LABEL_DELEGATION, LABEL_EPOCH, LABEL_ORIGIN, Offer, PeerReply, PeerRequest, Record, decode, encode, holder,
     target_job_id,
@@ -429,7 +430,10 @@ impl Federation {
                 }
                 // Unique per set of instances: a retry of this offer reuses it.
                 let id = format!("{}/{}/e{eval}-{}-{}", policy.cluster, job.id, offer.group, indices[0]);
-                let delegated = Self::subset(policy, &job, &offer.group, indices.len() as u32);
+                // No jurisdiction allowed means nowhere, never anywhere.
+                let Some(delegated) = offered_job(policy, &job, &offer.group, indices.len() as u32) else {
+                    continue;
+                };
                 let record = Record {
                     delegation: Delegation::offer(
                         id.clone(),
@@ -541,20 +545,6 @@ impl Federation {
         }
     }
 
-    /// The part of `job` a delegation carries: its group, `count`
-    /// instances, limited to where the work may run.
-    fn subset(policy: &Policy, job: &Job, group: &str, count: u32) -> Job {
-        let mut delegated = job.clone();
-        delegated.groups.retain(|g| *g.name == *group);
-        if let Some(g) = delegated.groups.first_mut() {
-            g.count = count;
-        }
-        if let Some(allowed) = policy.allowed_jurisdictions(job) {
-            delegated.jurisdictions = allowed.iter().map(|j| j.as_str().into()).collect();
-        }
-        delegated
-    }
-
     /// Sends `request` to the first of `addrs` that answers.
     pub async fn ask(&self, addrs: &[SocketAddr], request: &PeerRequest) -> Option<PeerReply> {
         let bytes = encode(request);
@@ -620,9 +610,11 @@ impl Federation {
                         // Held, but the offer never arrived (the leader
                         // that held it stopped): offer it again.
                         let job = self.server.raft.read(|s| s.job(&JobId::new(&record.delegation.job)).cloned());
-                        if let Some(job) = job {
-                            let n = record.indices.len() as u32;
-                            let delegated = Self::subset(policy, &job, &record.delegation.group, n);
+                        let n = record.indices.len() as u32;
+                        // A policy that now allows no jurisdiction sends it
+                        // nowhere (review B10.3): the lease ends the record.
+                        if let Some(delegated) = job.and_then(|j| offered_job(policy, &j, &record.delegation.group, n))
+                        {
                             self.send_offer(policy, record, delegated).await;
                         }
                         continue;
