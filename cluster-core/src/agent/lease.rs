@@ -28,9 +28,60 @@ impl Lease {
     }
 }
 
+/// Grants from the target side of delegation v2: at-most-once work another
+/// cluster delegated here runs only while its delegation's lease, which the
+/// cluster's leader renews with the origin, covers it. Each heartbeat answer
+/// carries, per delegation id, what is left of that lease; the agent adds
+/// it to the moment it *sent* the heartbeat, so its deadline is never later
+/// than the leader's (leases chained, as in Gray and Cheriton, "Leases",
+/// 1989). Times are milliseconds on the caller's monotonic clock.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grants {
+    until: std::collections::BTreeMap<String, u64>,
+}
+
+impl Grants {
+    /// Takes the grants of a heartbeat sent at `sent_ms`: (delegation id,
+    /// milliseconds left). A grant only ever moves later: a new leader that
+    /// has not renewed yet answers 0, and the old leader's grant still
+    /// bounds the work.
+    pub fn update(&mut self, sent_ms: u64, grants: &[(String, u64)]) {
+        for (id, left) in grants {
+            let until = self.until.entry(id.clone()).or_insert(0);
+            *until = (*until).max(sent_ms.saturating_add(*left));
+        }
+    }
+
+    /// Whether work of delegation `id` may run at `now_ms`.
+    pub fn holds(&self, id: &str, now_ms: u64) -> bool {
+        self.until.get(id).is_some_and(|u| now_ms < *u)
+    }
+
+    /// Forgets grants that ran out before `now_ms` and that no work needs.
+    pub fn forget_expired(&mut self, now_ms: u64) {
+        self.until.retain(|_, u| now_ms < *u);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Lease;
+    use super::{Grants, Lease};
+
+    #[test]
+    fn a_grant_runs_from_the_heartbeat_sent_and_never_moves_sooner() {
+        let mut g = Grants::default();
+        assert!(!g.holds("d", 0), "no grant, no work");
+        g.update(1_000, &[("d".into(), 5_000)]);
+        assert!(g.holds("d", 5_999));
+        assert!(!g.holds("d", 6_000));
+        // A new leader that has not renewed answers 0: the old grant stands.
+        g.update(2_000, &[("d".into(), 0)]);
+        assert!(g.holds("d", 5_999));
+        g.update(4_000, &[("d".into(), 5_000)]);
+        assert!(g.holds("d", 8_999));
+        g.forget_expired(9_000);
+        assert!(!g.holds("d", 9_000));
+    }
 
     #[test]
     fn work_stops_before_the_servers_replace_it() {

@@ -91,12 +91,20 @@ struct Slot {
 }
 
 /// When a server last answered, and the lease it granted.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Contact {
     /// When the last heartbeat's answer came.
     last: Option<Instant>,
     ttl: Duration,
     grace: Duration,
+    /// Delegation leases for at-most-once delegated work, on [`mono_ms`].
+    grants: lease::Grants,
+}
+
+/// Milliseconds on this process's monotonic clock: what grants are kept in.
+fn mono_ms() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 struct Link {
@@ -190,13 +198,21 @@ impl Agent {
             last,
             ttl: Duration::from_millis(saved.ttl_ms.max(1_000)),
             grace: Duration::from_millis(saved.grace_ms),
+            grants: lease::Grants::default(),
         }));
+        let beat_now = Arc::new(tokio::sync::Notify::new());
         let (report_tx, report_rx) = mpsc::unbounded_channel::<AllocReport>();
         let (sync_tx, mut sync_rx) = mpsc::channel::<NodeAllocs>(4);
         let (runner_tx, mut runner_rx) = mpsc::unbounded_channel::<AllocReport>();
         let mut background = JoinSet::new();
         let reconnected = Arc::new(tokio::sync::Notify::new());
-        background.spawn(heartbeats(self.link.clone(), o.node.clone(), contact.clone(), reconnected.clone()));
+        background.spawn(heartbeats(
+            self.link.clone(),
+            o.node.clone(),
+            contact.clone(),
+            reconnected.clone(),
+            beat_now.clone(),
+        ));
         background.spawn(syncs(self.link.clone(), o.node.id.clone(), sync_tx, reconnected));
         background.spawn(reports(self.link.clone(), o.node.id.clone(), report_rx));
         let env = runner::Env { drivers: o.drivers.clone(), allocs_dir: self.allocs_dir(), rotation: o.rotation };
@@ -213,6 +229,8 @@ impl Agent {
             last_contact_unix_ms: saved.last_contact_unix_ms,
             state_path: state_path.clone(),
             node: o.node.id.clone(),
+            awaiting: BTreeMap::new(),
+            beat_now,
         };
         main.recover(saved);
         let mut tick = tokio::time::interval(TICK);
@@ -252,9 +270,35 @@ struct Main {
     last_contact_unix_ms: u64,
     state_path: PathBuf,
     node: NodeId,
+    /// Delegated at-most-once allocations waiting for their first grant.
+    awaiting: BTreeMap<AllocId, AgentAlloc>,
+    /// Asks the heartbeat task for a heartbeat now (to fetch grants).
+    beat_now: Arc<tokio::sync::Notify>,
 }
 
 impl Main {
+    /// Whether `alloc` may run now: anything but delegated at-most-once
+    /// work, and that only under a grant.
+    fn granted(&self, alloc: &AgentAlloc) -> bool {
+        alloc.lease.as_ref().is_none_or(|id| self.contact.lock().expect("contact").grants.holds(id, mono_ms()))
+    }
+
+    /// Starts `alloc` now if it may run, or once a heartbeat grants it.
+    fn start_when_granted(&mut self, alloc: AgentAlloc) {
+        if self.granted(&alloc) {
+            self.start(alloc);
+        } else {
+            self.slots.entry(alloc.id).or_insert_with(|| Slot {
+                alloc: alloc.clone(),
+                status: AllocStatus::Pending,
+                tasks: Vec::new(),
+                control: None,
+            });
+            self.awaiting.insert(alloc.id, alloc);
+            self.beat_now.notify_one();
+        }
+    }
+
     /// Picks up what the last run left: running allocations start again,
     /// except at-most-once ones whose lease has lapsed meanwhile (reported
     /// lost); finished ones are reported again.
@@ -268,7 +312,8 @@ impl Main {
                 self.slots.insert(id, Slot { alloc, status: AllocStatus::Lost, tasks, control: None });
                 self.send(id);
             } else if restart {
-                self.start(alloc);
+                // Delegated at-most-once work waits for a fresh grant.
+                self.start_when_granted(alloc);
             } else {
                 self.slots.insert(id, Slot { alloc, status, tasks, control: None });
                 self.send(id);
@@ -336,6 +381,13 @@ impl Main {
                         .insert(id, Slot { alloc: a, status: AllocStatus::Complete, tasks: Vec::new(), control: None });
                     self.send(id);
                 }
+                (true, DesiredStatus::Stop) if self.awaiting.remove(&a.id).is_some() => {
+                    // Never started: nothing to stop.
+                    if let Some(s) = self.slots.get_mut(&a.id) {
+                        s.status = AllocStatus::Complete;
+                    }
+                    self.send(a.id);
+                }
                 (true, DesiredStatus::Stop) => self.stop(a.id, deadline, AllocStatus::Complete),
                 (true, DesiredStatus::Run) => {}
             }
@@ -350,9 +402,10 @@ impl Main {
             }
             self.save();
             for a in new {
-                self.start(a);
+                self.start_when_granted(a);
             }
         }
+        self.awaiting.retain(|id, _| listed.contains(id));
         // Not listed: terminal for the cluster (finished, lost, replaced).
         let gone: Vec<AllocId> = self.slots.keys().filter(|id| !listed.contains(id)).copied().collect();
         for id in gone {
@@ -368,9 +421,42 @@ impl Main {
         }
     }
 
+    /// Delegated at-most-once work runs only under its grant: it starts
+    /// once granted, and stops (reported lost) when the grant runs out.
+    fn check_grants(&mut self) {
+        let now = mono_ms();
+        let grants = self.contact.lock().expect("contact").grants.clone();
+        let ready: Vec<AllocId> = self
+            .awaiting
+            .iter()
+            .filter(|(_, a)| a.lease.as_ref().is_some_and(|id| grants.holds(id, now)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            if let Some(a) = self.awaiting.remove(&id) {
+                self.start(a);
+            }
+        }
+        if !self.awaiting.is_empty() {
+            self.beat_now.notify_one();
+        }
+        let lapsed: Vec<(AllocId, String)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.control.is_some())
+            .filter_map(|(id, s)| Some((*id, s.alloc.lease.clone()?)))
+            .filter(|(_, lease)| !grants.holds(lease, now))
+            .collect();
+        for (id, delegation) in lapsed {
+            tracing::warn!(alloc = %id, %delegation, "the delegation's lease ran out: stopping its at-most-once work");
+            self.stop(id, None, AllocStatus::Lost);
+        }
+    }
+
     /// Cut off past the lease: at-most-once work stops, the rest runs on.
     fn check_lease(&mut self) {
-        let c = *self.contact.lock().expect("contact");
+        self.check_grants();
+        let c = self.contact.lock().expect("contact").clone();
         let lease = lease::Lease { ttl_ms: c.ttl.as_millis() as u64, grace_ms: c.grace.as_millis() as u64 };
         if let Some(last) = c.last {
             let since = last.elapsed();
@@ -410,7 +496,7 @@ impl Main {
 
     fn save(&mut self) {
         let path = &self.state_path;
-        let c = *self.contact.lock().expect("contact");
+        let c = self.contact.lock().expect("contact").clone();
         let state = LocalState {
             node: Some(self.node.clone()),
             last_contact_unix_ms: self.last_contact_unix_ms,
@@ -441,7 +527,13 @@ fn load(path: &Path) -> Result<LocalState, String> {
 
 /// Registers, then heartbeats every TTL / 3; registers again when the
 /// cluster has forgotten the node.
-async fn heartbeats(link: Arc<Link>, node: Node, contact: Arc<Mutex<Contact>>, reconnected: Arc<tokio::sync::Notify>) {
+async fn heartbeats(
+    link: Arc<Link>,
+    node: Node,
+    contact: Arc<Mutex<Contact>>,
+    reconnected: Arc<tokio::sync::Notify>,
+    beat_now: Arc<tokio::sync::Notify>,
+) {
     let mut registered = false;
     let mut failing = false;
     loop {
@@ -450,8 +542,9 @@ async fn heartbeats(link: Arc<Link>, node: Node, contact: Arc<Mutex<Contact>>, r
         } else {
             AgentRequest::Register(Box::new(node.clone()))
         };
+        let sent = mono_ms();
         let wait = match link.call(request, Duration::from_secs(3)).await {
-            Ok(AgentReply::Alive { ttl_ms, grace_ms, known }) => {
+            Ok(AgentReply::Alive { ttl_ms, grace_ms, known, grants }) => {
                 // The server restarted its timer while answering: the lease
                 // runs from the answer (a registration waits for a commit, so
                 // the send time would understate it by the commit). The
@@ -461,6 +554,8 @@ async fn heartbeats(link: Arc<Link>, node: Node, contact: Arc<Mutex<Contact>>, r
                 c.last = Some(Instant::now());
                 c.ttl = Duration::from_millis(ttl_ms);
                 c.grace = Duration::from_millis(grace_ms);
+                c.grants.forget_expired(sent);
+                c.grants.update(sent, &grants);
                 if failing || !registered {
                     tracing::info!(node = %node.id, "registered with the cluster; heartbeating every {:?}", c.ttl / 3);
                 }
@@ -483,7 +578,14 @@ async fn heartbeats(link: Arc<Link>, node: Node, contact: Arc<Mutex<Contact>>, r
                 RETRY
             }
         };
-        tokio::time::sleep(wait).await;
+        // Woken early when work waits for a grant, at most every RETRY.
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = async {
+                tokio::time::sleep(wait.min(RETRY)).await;
+                beat_now.notified().await;
+            } => {}
+        }
     }
 }
 

@@ -47,6 +47,10 @@ pub enum AgentReply {
         ttl_ms: u64,
         grace_ms: u64,
         known: bool,
+        /// Per delegation id: how many milliseconds, from when the heartbeat
+        /// was sent, its at-most-once work may run (delegation v2's target
+        /// lease). Empty when nothing here runs under a delegation lease.
+        grants: Vec<(String, u64)>,
     },
     Sync(NodeAllocs),
     Done,
@@ -80,6 +84,11 @@ pub struct AgentAlloc {
     pub group: Arc<TaskGroup>,
     pub desired: DesiredStatus,
     pub status: AllocStatus,
+    /// For at-most-once work (`on_disconnect = "stop"`) delegated here by
+    /// another cluster: the delegation id whose grant it runs under (see
+    /// [`crate::agent::lease::Grants`]). It starts only once granted, and
+    /// stops when the grant runs out.
+    pub lease: Option<String>,
 }
 
 /// Servers' requests to an agent.

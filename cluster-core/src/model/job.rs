@@ -198,6 +198,12 @@ pub struct Task {
     pub kill_timeout_ms: u64,
 }
 
+/// The label naming the cluster a delegated job came from (set by the
+/// target of a delegation on the job it registers).
+pub const LABEL_ORIGIN: &str = "hanse.origin";
+/// The label naming the delegation a job runs for, on its target.
+pub const LABEL_DELEGATION: &str = "hanse.delegation";
+
 /// The default [`Task::kill_timeout_ms`].
 pub const KILL_TIMEOUT_MS: u64 = 5_000;
 

@@ -10,6 +10,7 @@ use super::rpc::{Write, WriteReply};
 use crate::agent::rpc::{AgentAlloc, AgentReply, AgentRequest, NodeAllocs, SYNC_WAIT_MAX_MS};
 use crate::ids::NodeId;
 use crate::model::alloc::AllocReport;
+use crate::model::job::{LABEL_DELEGATION, OnDisconnect};
 use crate::state::ClusterState;
 use crate::transport::Identity;
 
@@ -40,7 +41,9 @@ pub(crate) async fn handle(server: &Inner, from: &Identity, request: AgentReques
 fn alive(server: &Inner, r: WriteReply) -> AgentReply {
     let grace_ms = server.options.heartbeat_grace.as_millis() as u64;
     match r {
-        WriteReply::Heartbeat { ttl_ms, unknown } => AgentReply::Alive { ttl_ms, grace_ms, known: unknown.is_empty() },
+        WriteReply::Heartbeat { ttl_ms, unknown, grants } => {
+            AgentReply::Alive { ttl_ms, grace_ms, known: unknown.is_empty(), grants }
+        }
         other => AgentReply::Error { status: 500, message: format!("unexpected reply {other:?}") },
     }
 }
@@ -84,6 +87,9 @@ pub fn node_allocs(state: &ClusterState, node: &NodeId, index: u64) -> NodeAlloc
                 group: Arc::new(group.clone()),
                 desired: a.desired,
                 status: a.status,
+                lease: (group.on_disconnect == OnDisconnect::Stop)
+                    .then(|| job.labels.get(LABEL_DELEGATION).cloned())
+                    .flatten(),
             })
         })
         .collect();

@@ -355,7 +355,7 @@ async fn heartbeat(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<Hea
 
 fn heartbeat_reply(r: WriteReply) -> Reply<HeartbeatReply> {
     match r {
-        WriteReply::Heartbeat { ttl_ms, unknown } => {
+        WriteReply::Heartbeat { ttl_ms, unknown, .. } => {
             ok(HeartbeatReply { ttl_ms, unknown: unknown.iter().map(|n| n.to_string()).collect() })
         }
         other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),

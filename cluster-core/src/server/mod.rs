@@ -116,7 +116,14 @@ pub struct Inner {
     planning: Mutex<()>,
     /// Calls agents (for logs); set by whoever wires the server's QUIC.
     agents: std::sync::OnceLock<Arc<dyn Transport<AgentService>>>,
+    /// Delegation leases to hand agents with every heartbeat answer; set
+    /// by the federation (see [`Inner::set_grant_source`]).
+    grants: std::sync::OnceLock<GrantSource>,
 }
+
+/// What the leader grants agents for delegated at-most-once work: per
+/// delegation id, milliseconds of lease left from now.
+pub type GrantSource = Arc<dyn Fn() -> Vec<(String, u64)> + Send + Sync>;
 
 /// A running server. Dropping it does not stop it; call [`Server::stop`].
 pub struct Server {
@@ -152,6 +159,7 @@ impl Server {
             next_batch: AtomicU64::new(0),
             planning: Mutex::new(()),
             agents: std::sync::OnceLock::new(),
+            grants: std::sync::OnceLock::new(),
         });
         let handler = Arc::new(ServerHandler {
             raft,
@@ -217,6 +225,26 @@ impl Inner {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Sends a message to a server of cluster `cluster` at `to`, once the
+    /// certificate it presents names a server of that cluster (before the
+    /// call and after it, on the connection the call used).
+    pub async fn call_cluster(
+        &self,
+        cluster: &str,
+        to: std::net::SocketAddr,
+        message: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        let check = |who: Option<crate::transport::Identity>| match who {
+            Some(id) if id.cluster == cluster && id.role == crate::transport::Role::Server => Ok(()),
+            Some(id) => Err(format!("{to} presents the certificate of {id}, not of a server of {cluster}")),
+            None => Err(format!("cannot tell who answers at {to}")),
+        };
+        check(self.transport.server_identity(to).await)?;
+        let reply = self.call_peer(to, message).await?;
+        check(self.transport.server_identity(to).await)?;
+        Ok(reply)
+    }
+
     /// Sends a message to another cluster's server (at its QUIC address).
     pub async fn call_peer(&self, to: std::net::SocketAddr, message: Vec<u8>) -> Result<Vec<u8>, String> {
         match self.transport.call(to, ServerRpc::Peer(message)).await {
@@ -242,6 +270,13 @@ impl Inner {
             Ok(AgentServiceReply::Error(m)) => Err(ApiError::not_found(m)),
             Err(e) => Err(ApiError::new(502, format!("the agent of node {node} at {address}: {e}"))),
         }
+    }
+
+    /// Sets where heartbeat answers take their delegation grants from (the
+    /// federation's target side); without one they grant nothing, and
+    /// delegated at-most-once work does not start.
+    pub fn set_grant_source(&self, source: GrantSource) {
+        let _ = self.grants.set(source);
     }
 
     pub fn is_leader(&self) -> bool {
@@ -407,7 +442,8 @@ impl Inner {
         }
         while proposals.join_next().await.is_some() {}
         self.metrics.heartbeats.inc_by(known.len() as u64);
-        Ok(WriteReply::Heartbeat { ttl_ms, unknown })
+        let grants = self.grants.get().map(|g| g()).unwrap_or_default();
+        Ok(WriteReply::Heartbeat { ttl_ms, unknown, grants })
     }
 }
 

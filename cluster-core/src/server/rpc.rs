@@ -47,8 +47,17 @@ pub enum Write {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum WriteReply {
-    Job { version: u64, eval: EvalId },
-    Heartbeat { ttl_ms: u64, unknown: Vec<NodeId> },
+    Job {
+        version: u64,
+        eval: EvalId,
+    },
+    /// `grants`: delegation leases for the nodes' at-most-once delegated
+    /// work (see [`crate::agent::lease::Grants`]).
+    Heartbeat {
+        ttl_ms: u64,
+        unknown: Vec<NodeId>,
+        grants: Vec<(String, u64)>,
+    },
     Evals(Vec<EvalId>),
     Done,
 }

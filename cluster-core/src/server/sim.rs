@@ -3,6 +3,8 @@
 //! driver would (no process): an allocation runs once placed; one whose
 //! tasks are all mocks with a `run_for` ends after it with the largest
 //! exit code; a stopped one completes. `exec` tasks "run" until stopped.
+//! Delegated at-most-once work keeps the agent's rule: it runs only under
+//! its delegation's grant ([`crate::agent::lease::Grants`]).
 //! For `hanse dev` and in-process demos.
 
 use std::collections::HashMap;
@@ -10,10 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Inner;
-use super::rpc::Write;
+use super::rpc::{Write, WriteReply};
+use crate::agent::lease::Grants;
 use crate::ids::{AllocId, NodeId};
 use crate::model::alloc::{AllocReport, AllocStatus, DesiredStatus};
-use crate::model::job::Driver;
+use crate::model::job::{Driver, LABEL_DELEGATION, OnDisconnect};
 use crate::model::node::Node;
 
 /// Nodes per registration.
@@ -33,11 +36,22 @@ pub async fn run(server: Arc<Inner>, nodes: Vec<Node>) {
     let beat = server.options.heartbeat_ttl / 3;
     let mut last_beat = Instant::now();
     let mut started: HashMap<AllocId, Instant> = HashMap::new();
+    let base = Instant::now();
+    let mono_ms = || base.elapsed().as_millis() as u64;
+    let mut grants = Grants::default();
+    let mut awaiting = false;
     loop {
         tokio::time::sleep(POLL).await;
-        if last_beat.elapsed() >= beat && server.write(Write::Heartbeat(ids.clone())).await.is_ok() {
-            last_beat = Instant::now();
+        if last_beat.elapsed() >= beat || awaiting {
+            let sent = mono_ms();
+            if let Ok(WriteReply::Heartbeat { grants: g, .. }) = server.write(Write::Heartbeat(ids.clone())).await {
+                last_beat = Instant::now();
+                grants.forget_expired(sent);
+                grants.update(sent, &g);
+            }
         }
+        let now = mono_ms();
+        awaiting = false;
         let reports = server.raft.read(|s| {
             let mut out = Vec::new();
             for id in &ids {
@@ -46,11 +60,25 @@ pub async fn run(server: Arc<Inner>, nodes: Vec<Node>) {
                         out.push(AllocReport::status(a.id, AllocStatus::Complete));
                         continue;
                     }
+                    let job = s.job(&a.job);
+                    let group = job.and_then(|j| j.group(&a.group));
+                    let lease = job
+                        .and_then(|j| j.labels.get(LABEL_DELEGATION))
+                        .filter(|_| group.is_some_and(|g| g.on_disconnect == OnDisconnect::Stop));
+                    if let Some(id) = lease.filter(|id| !grants.holds(id, now)) {
+                        if a.status == AllocStatus::Pending {
+                            awaiting = true;
+                        } else {
+                            started.remove(&a.id);
+                            out.push(AllocReport::status(a.id, AllocStatus::Lost));
+                            tracing::debug!(alloc = %a.id, delegation = %id, "grant ran out: lost");
+                        }
+                        continue;
+                    }
                     let since = *started.entry(a.id).or_insert_with(Instant::now);
                     if a.status == AllocStatus::Pending {
                         out.push(AllocReport::status(a.id, AllocStatus::Running));
                     }
-                    let group = s.job(&a.job).and_then(|j| j.group(&a.group));
                     let mocks: Option<Vec<(u64, i32)>> = group.map(|g| {
                         g.tasks
                             .iter()

@@ -46,6 +46,13 @@ pub trait Handler<R: Rpc>: Send + Sync + 'static {
 pub trait Transport<R: Rpc>: Send + Sync + 'static {
     /// Sends `request` to the server at `to` and waits for its reply.
     async fn call(&self, to: SocketAddr, request: R) -> Result<R::Reply, TransportError>;
+
+    /// Who the server at `to` is, by the certificate it presented on the
+    /// connection calls use (connecting if need be); `None` when it cannot
+    /// be reached or the transport cannot tell.
+    async fn server_identity(&self, _to: SocketAddr) -> Option<Identity> {
+        None
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]

@@ -198,6 +198,11 @@ impl QuicClient {
 
 #[async_trait]
 impl<R: Rpc> Transport<R> for QuicClient {
+    async fn server_identity(&self, to: SocketAddr) -> Option<Identity> {
+        let conn = tokio::time::timeout(CALL_TIMEOUT, self.connection(to)).await.ok()?.ok()?;
+        peer_identity(&conn)
+    }
+
     async fn call(&self, to: SocketAddr, request: R) -> Result<R::Reply, TransportError> {
         let frame = encode_frame(&request)?;
         match tokio::time::timeout(CALL_TIMEOUT, self.exchange::<R>(to, &frame)).await {
