@@ -2,13 +2,16 @@
 //! server each: real QUIC with mutual TLS, redb with fsync, UDP gossip,
 //! simulated nodes), `eu-west` small, `eu-central` and `us-east` large.
 //! A burst of jobs totalling 10,000 instances overflows `eu-west`:
-//! - offer-to-running latency per delegation: from the origin holding the
-//!   instances to the target's answer that it placed them, through its own
-//!   Raft log (the nodes are simulated: placed is as far as they go),
+//! - offer-to-running latency per delegation: from the origin's record
+//!   (holding the instances) to its record saying the target registered
+//!   exactly which indexes, through both Raft logs (sampled every 5 ms; the
+//!   nodes are simulated: registered and placed is as far as they go),
 //! - the time from the burst's start until every job is fully placed,
 //! - delegated instances per second over the burst,
 //! - the time from `us-east`'s death to its work running again elsewhere
-//!   (the policy's grace is 2 s).
+//!   (the policy's lease is 5 s and its grace 2 s), and the most copies
+//!   of one instance beyond the first, sampled every 10 ms across the
+//!   origin and the surviving target through that phase.
 //!
 //! Ends with `name: value` lines.
 
@@ -17,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use cluster_core::server::client::Client;
 use cluster_core::transport::tls;
-use federation::delegation::State;
 use federation::local::{Gossiping, Setup, alive_with_nodes, nodes, start};
+use federation::proto::origin::{End, Phase};
 use gossip::Key;
 
 const JOBS: usize = 100;
@@ -29,7 +32,7 @@ fn policy(name: &str, peers: &[&str]) -> String {
     for p in peers {
         text.push_str(&format!("\n[[peer]]\ncluster = \"{p}\"\ndelegate_to = true\naccept_from = true\n"));
     }
-    text.push_str("\n[overflow]\nmax_remote_share = 1.0\n\n[inbound]\nmax_share_of_capacity = 1.0\n\n[retry]\nlease = \"30s\"\ngrace = \"2s\"\nbackoff = \"200ms\"\n");
+    text.push_str("\n[overflow]\nmax_remote_share = 1.0\n\n[inbound]\nmax_share_of_capacity = 1.0\n\n[retry]\nlease = \"5s\"\ngrace = \"2s\"\nbackoff = \"200ms\"\n");
     text
 }
 
@@ -45,15 +48,40 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
 }
 
-/// Instances of each job running remotely, by job, from the origin's records.
+/// Instances of each job registered remotely, by job, from the origin's records.
 fn remote_running(origin: &federation::node::Federation) -> BTreeMap<String, u32> {
     let mut out = BTreeMap::new();
-    for r in origin.records() {
-        if matches!(r.delegation.state, State::Running | State::Accepted) {
-            *out.entry(r.delegation.job.clone()).or_default() += r.delegation.running;
+    for r in origin.outbound() {
+        if r.phase == Phase::Registered {
+            *out.entry(r.job.clone()).or_default() += r.indices.len() as u32;
         }
     }
     out
+}
+
+/// Live copies of each (job, index) beyond the first, at most: across
+/// the origin's own allocations and those `targets` run for it.
+fn duplicates(origin: &Gossiping, targets: &[&Gossiping]) -> usize {
+    let mut copies: BTreeMap<(String, u32), usize> = BTreeMap::new();
+    let read = |g: &Gossiping| g.cluster.server(g.cluster.running().next()?).map(|s| s.raft().read(|s| s.clone()));
+    if let Some(s) = read(origin) {
+        for j in s.jobs() {
+            for a in s.allocs_of_job(&j.id).filter(|a| a.is_live()) {
+                *copies.entry((j.id.to_string(), a.index)).or_default() += 1;
+            }
+        }
+    }
+    for t in targets {
+        let Some(s) = read(t) else { continue };
+        for (r, _) in federation::proto::target::Target::records(&s) {
+            for a in s.allocs_of_job(&cluster_core::ids::JobId::new(&r.job)).filter(|a| a.is_live()) {
+                if let Some(&i) = r.indices.get(a.index as usize) {
+                    *copies.entry((r.origin_job.clone(), i)).or_default() += 1;
+                }
+            }
+        }
+    }
+    copies.values().map(|n| n.saturating_sub(1)).max().unwrap_or(0)
 }
 
 fn main() {
@@ -61,18 +89,8 @@ fn main() {
     rt.block_on(async {
         let key = Key::generate();
         let ca = tls::create_ca("bench", 1).unwrap();
-        let setup = |name: &'static str, seeds: Vec<String>, policy: String| Setup {
-            name,
-            servers: 1,
-            key: &key,
-            ca: Some(&ca),
-            seeds,
-            jurisdictions: &["eu"],
-            policy: Some(policy),
-            http: Vec::new(),
-            data_dir: None,
-            region: None,
-        };
+        let setup =
+            |name: &'static str, seeds: Vec<String>, policy: String| Setup::single(name, &key, &ca, seeds, policy);
         let origin = start(setup("eu-west", Vec::new(), policy("eu-west", &["eu-central", "us-east"]))).await;
         let seed = vec![origin.servers[0].member.local_addr().to_string()];
         let central = start(setup("eu-central", seed.clone(), policy("eu-central", &["eu-west"]))).await;
@@ -128,7 +146,21 @@ fn main() {
             };
         let mut done: BTreeMap<String, f64> = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(120);
+        // Offer to registered, per delegation id: first seen, registered.
+        let mut seen: BTreeMap<String, (Instant, Option<Instant>)> = BTreeMap::new();
+        let mut last_poll = Instant::now();
         while done.len() < JOBS {
+            for r in fed.outbound() {
+                let e = seen.entry(r.id.clone()).or_insert((Instant::now(), None));
+                if e.1.is_none() && r.phase != Phase::Offered {
+                    e.1 = Some(Instant::now());
+                }
+            }
+            if last_poll.elapsed() < Duration::from_millis(20) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            last_poll = Instant::now();
             let remote = remote_running(&fed);
             for (job, at) in &submitted {
                 if done.contains_key(job) {
@@ -144,11 +176,8 @@ fn main() {
         }
         let burst_s = started.elapsed().as_secs_f64();
         let delegated: u32 = remote_running(&fed).values().sum();
-        let latencies: Vec<f64> = fed
-            .records()
-            .iter()
-            .filter_map(|r| Some(r.delegation.accepted_ms? as f64 - r.delegation.created_ms as f64))
-            .collect();
+        let latencies: Vec<f64> =
+            seen.values().filter_map(|(a, b)| Some(b.as_ref()?.duration_since(*a).as_secs_f64() * 1e3)).collect();
         let job_latencies: Vec<f64> = done.values().copied().collect();
         println!(
             "{delegated} of {} instances delegated; every job fully running after {burst_s:.2} s",
@@ -157,8 +186,8 @@ fn main() {
 
         // The peer with the most work dies: it must run again elsewhere.
         let mut per_peer: BTreeMap<String, u32> = BTreeMap::new();
-        for r in fed.records().iter().filter(|r| r.delegation.state == State::Running) {
-            *per_peer.entry(r.delegation.target.clone()).or_default() += r.delegation.running;
+        for r in fed.outbound().iter().filter(|r| r.phase == Phase::Registered) {
+            *per_peer.entry(r.target.clone()).or_default() += r.indices.len() as u32;
         }
         let (dead, on_us) = per_peer.iter().max_by_key(|(_, n)| **n).map(|(c, n)| (c.clone(), *n)).unwrap();
         let killed = Instant::now();
@@ -169,21 +198,29 @@ fn main() {
             central.stop().await;
             us
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut duplicate_max = 0;
+        let mut last_check = Instant::now();
         loop {
+            duplicate_max = duplicate_max.max(duplicates(&origin, &[&survivor]));
+            if last_check.elapsed() < Duration::from_millis(100) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            last_check = Instant::now();
             let remote = remote_running(&fed);
-            let us_left = fed.records().iter().any(|r| {
-                r.delegation.target == dead
-                    && matches!(r.delegation.state, State::Offered | State::Accepted | State::Running)
-            });
+            let us_left = fed
+                .outbound()
+                .iter()
+                .any(|r| r.target == dead && r.phase.holds() && r.phase != Phase::Ended(End::Complete));
             let whole = submitted.keys().all(|j| remote.get(j).copied().unwrap_or(0) + local(j) == INSTANCES);
             if !us_left && whole {
                 break;
             }
             if Instant::now() > deadline {
                 let mut states: BTreeMap<(String, String), u32> = BTreeMap::new();
-                for r in fed.records() {
-                    *states.entry((r.delegation.target.clone(), format!("{:?}", r.delegation.state))).or_default() += 1;
+                for r in fed.outbound() {
+                    *states.entry((r.target.clone(), format!("{:?}", r.phase))).or_default() += 1;
                 }
                 let short: Vec<_> =
                     submitted.keys().filter(|j| remote.get(*j).copied().unwrap_or(0) + local(j) != INSTANCES).collect();
@@ -212,6 +249,8 @@ fn main() {
         figures.insert("instances_on_dead_target", on_us.to_string());
         figures.insert("replace_after_target_death_ms", format!("{replaced_ms:.0}"));
         figures.insert("grace_ms", "2000".into());
+        figures.insert("lease_ms", "5000".into());
+        figures.insert("duplicate_instances_max", duplicate_max.to_string());
         for (k, v) in figures {
             println!("{k}: {v}");
         }

@@ -329,10 +329,14 @@ fn demo(names: &[String], addrs: &[String], began: Instant) -> anyhow::Result<()
         let mut remote = 0;
         if let Ok(d) = home.get::<Delegations>("/v1/federation/delegations") {
             for o in &d.outbound {
-                if matches!(o.state.as_str(), "running" | "accepted") {
-                    remote += u64::from(o.running.max(o.instances));
+                if o.state == "registered" {
+                    remote += u64::from(o.running.max(o.indices.len() as u32));
                 }
-                let state = if o.state == "accepted" { "running" } else { o.state.as_str() };
+                let state = match o.state.as_str() {
+                    "registered" => "running",
+                    "refused" => "failed",
+                    other => other,
+                };
                 let key = if state == "failed" {
                     format!("{} {} {}", o.job, o.target, o.note)
                 } else {
@@ -342,12 +346,22 @@ fn demo(names: &[String], addrs: &[String], began: Instant) -> anyhow::Result<()
                     let line = if state == "running" {
                         format!(
                             "  {:<9} delegated {:>5} of {}.{} to {}: {} had no room left for them",
-                            names[0], o.instances, o.job, o.group, o.target, names[0]
+                            names[0],
+                            o.indices.len(),
+                            o.job,
+                            o.group,
+                            o.target,
+                            names[0]
                         )
                     } else {
                         format!(
                             "  {:<9} offered {:>5} of {}.{} to {}, refused: {}",
-                            names[0], o.instances, o.job, o.group, o.target, o.note
+                            names[0],
+                            o.indices.len(),
+                            o.job,
+                            o.group,
+                            o.target,
+                            o.note
                         )
                     };
                     say(&bar, began, line);
@@ -418,13 +432,8 @@ fn summary(names: &[String], clients: &[Client], submitted: &[(usize, String)]) 
         let (mused, mtotal): (u64, u64) =
             nodes.iter().fold((0, 0), |(u, t), n| (u + n.memory_used_bytes, t + n.memory_bytes));
         let d: Delegations = c.get("/v1/federation/delegations").map_err(api)?;
-        let inbound: u64 = d.inbound.iter().filter(|i| !i.stopped).map(|i| u64::from(i.running)).sum();
-        let outbound: u64 = d
-            .outbound
-            .iter()
-            .filter(|o| matches!(o.state.as_str(), "running" | "accepted"))
-            .map(|o| u64::from(o.instances))
-            .sum();
+        let inbound: u64 = d.inbound.iter().map(|i| u64::from(i.running)).sum();
+        let outbound: u64 = d.outbound.iter().filter(|o| o.state == "registered").map(|o| o.indices.len() as u64).sum();
         let local: u64 = nodes.iter().map(|n| n.allocs).sum::<u64>().saturating_sub(inbound);
         t.add_row(vec![
             name.clone(),

@@ -297,7 +297,7 @@ enum FederationCommand {
         out: Option<PathBuf>,
     },
     /// Delegations of the cluster at --address: outbound (work sent to
-    /// peers) and inbound (peers' work running here), with state and epoch.
+    /// peers) and inbound (peers' work running here), with state and progress by instance.
     Delegations {
         #[command(flatten)]
         out: OutputArgs,

@@ -166,31 +166,31 @@ pub fn delegations(c: &Client, json: bool) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Ok);
     }
     if !d.outbound.is_empty() {
-        let mut t = table(&["outbound", "to", "job", "instances", "state", "epoch", "running", "age", "note"]);
+        let mut t = table(&["outbound", "to", "job", "instances", "state", "running", "note"]);
         for o in &d.outbound {
+            let state = if o.state == "revoking" { "revoking (not yet confirmed)".into() } else { o.state.clone() };
             t.add_row(vec![
                 o.id.clone(),
                 o.target.clone(),
                 format!("{}.{}", o.job, o.group),
-                o.instances.to_string(),
-                o.state.clone(),
-                o.epoch.to_string(),
-                o.running.to_string(),
-                format!("{}s", o.age_s),
+                o.indices.len().to_string(),
+                state,
+                format!("{}/{}", o.running, o.indices.len()),
                 o.note.clone(),
             ]);
         }
         println!("{t}");
     }
     if !d.inbound.is_empty() {
-        let mut t = table(&["inbound", "from", "job here", "running", "stopped"]);
+        let mut t = table(&["inbound", "from", "job here", "instances", "state", "running"]);
         for i in &d.inbound {
             t.add_row(vec![
                 i.id.clone(),
                 i.origin.clone(),
                 i.job.clone(),
+                i.indices.len().to_string(),
+                i.state.clone(),
                 i.running.to_string(),
-                i.stopped.to_string(),
             ]);
         }
         println!("{t}");
@@ -305,17 +305,20 @@ pub fn job_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Ou
                 println!("    {cluster}: {why}");
             }
         }
-        let active: Vec<_> =
-            remote.iter().filter(|o| matches!(o.state.as_str(), "offered" | "accepted" | "running")).collect();
+        let active: Vec<_> = remote.iter().filter(|o| o.active()).collect();
         if !active.is_empty() {
             let mut t = table(&["delegated to", "group", "instances", "running", "state"]);
             for o in active {
                 t.add_row(vec![
                     o.target.clone(),
                     o.group.clone(),
-                    o.instances.to_string(),
+                    o.indices.len().to_string(),
                     o.running.to_string(),
-                    o.state.clone(),
+                    if o.state == "revoking" {
+                        "revoking: the target has not yet confirmed the stop".into()
+                    } else {
+                        o.state.clone()
+                    },
                 ]);
             }
             println!("\n{t}");

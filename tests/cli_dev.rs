@@ -105,7 +105,8 @@ fn dev_runs_a_federation_whose_overflow_lands_in_a_peer() {
     let limit = Instant::now() + Duration::from_secs(60);
     let (target, job) = loop {
         let d = json(&hanse(&eu, &["federation", "delegations", "--json"]));
-        let running = d["outbound"].as_array().unwrap().iter().find(|o| o["state"] == "running" && o["job"] == "big");
+        let running =
+            d["outbound"].as_array().unwrap().iter().find(|o| o["state"] == "registered" && o["job"] == "big");
         if let Some(o) = running {
             let id = o["id"].as_str().unwrap().to_string();
             break (o["target"].as_str().unwrap().to_string(), id);

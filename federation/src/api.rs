@@ -14,35 +14,81 @@ use cluster_core::spec::parse_job;
 use serde::{Deserialize, Serialize};
 
 use crate::node::Federation;
-use crate::protocol::{LABEL_DELEGATION, LABEL_ORIGIN};
 use crate::select::{Overflow, select};
 
+/// One delegation this cluster made, as `hanse federation delegations`
+/// and `hanse job status` show it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Outbound {
     pub id: String,
     pub target: String,
     pub job: String,
     pub group: String,
-    pub instances: u32,
+    /// The instance indexes it holds (offered, then the ones registered).
+    pub indices: Vec<u32>,
+    /// `offered` (no definite answer yet), `registered`, `revoking` (a
+    /// stop, update or take-back the target has not confirmed yet), or an
+    /// end: `refused`, `revoked`, `expired`, `complete`.
     pub state: String,
-    pub epoch: u64,
+    /// Per-index states as the target last reported them.
+    pub pending: u32,
     pub running: u32,
     pub complete: u32,
     pub failed: u32,
-    pub fenced: bool,
+    /// Whether its instances are held (not placed here).
+    pub holds: bool,
     pub note: String,
-    /// Seconds since it was offered.
-    pub age_s: u64,
 }
 
+impl Outbound {
+    pub fn of(r: &crate::proto::origin::Outbound) -> Outbound {
+        use crate::proto::IndexState as S;
+        use crate::proto::origin::{End, Phase};
+        let count = |s: S| r.states.iter().filter(|(_, x)| *x == s).count() as u32;
+        let state = match r.phase {
+            Phase::Offered => "offered",
+            Phase::Registered => "registered",
+            Phase::Revoking => "revoking",
+            Phase::Ended(End::Refused) => "refused",
+            Phase::Ended(End::Revoked) => "revoked",
+            Phase::Ended(End::Expired) => "expired",
+            Phase::Ended(End::Complete) => "complete",
+        };
+        Outbound {
+            id: r.id.clone(),
+            target: r.target.clone(),
+            job: r.job.clone(),
+            group: r.group.clone(),
+            indices: r.indices.clone(),
+            state: state.into(),
+            pending: count(S::Pending),
+            running: count(S::Running),
+            complete: count(S::Complete),
+            failed: count(S::Failed),
+            holds: r.phase.holds(),
+            note: r.note.clone(),
+        }
+    }
+
+    /// Whether its work runs (or may run) at the target now.
+    pub fn active(&self) -> bool {
+        matches!(self.state.as_str(), "offered" | "registered" | "revoking")
+    }
+}
+
+/// One delegation another cluster made to this one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Inbound {
     pub id: String,
     pub origin: String,
     /// The job's id here.
     pub job: String,
+    /// The origin's instance indexes it runs.
+    pub indices: Vec<u32>,
+    /// `registered`, `refused` or `revoked`.
+    pub state: String,
     pub running: u32,
-    pub stopped: bool,
+    pub at_most_once: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,12 +176,12 @@ pub fn export_metrics(fed: &Arc<Federation>) {
         let c = &f.counters;
         let mut out = String::new();
         for (name, help, v) in [
-            ("delegation_offers", "Offers this cluster sent", &c.offers),
-            ("delegation_accepted", "Offers peers accepted", &c.accepted),
-            ("delegation_rejected", "Offers peers refused or did not answer", &c.rejected),
-            ("delegation_revoked", "Delegations taken back", &c.revoked),
-            ("delegation_inbound_accepted", "Offers from peers accepted here", &c.inbound_accepted),
-            ("delegation_inbound_rejected", "Offers from peers refused here", &c.inbound_rejected),
+            ("delegation_offers", "Delegations this cluster offered", &c.offers),
+            ("delegation_registered", "Answers from peers that registered an offer", &c.registered),
+            ("delegation_refused", "Answers from peers that refused an offer", &c.refused),
+            ("delegation_undelivered", "Message batches no server of a peer took", &c.undelivered),
+            ("delegation_inbound_registered", "Offers from peers registered here", &c.inbound_registered),
+            ("delegation_inbound_refused", "Offers from peers refused here", &c.inbound_refused),
         ] {
             out.push_str(&format!(
                 "# HELP hanse_{name} {help}.\n# TYPE hanse_{name} counter\nhanse_{name}_total {}\n",
@@ -157,35 +203,27 @@ pub fn export_metrics(fed: &Arc<Federation>) {
 }
 
 async fn delegations(State(fed): State<Arc<Federation>>) -> Result<axum::Json<Delegations>, ApiError> {
-    let outbound = fed
-        .records()
-        .into_iter()
-        .map(|r| Outbound {
-            id: r.delegation.id.clone(),
-            target: r.delegation.target.clone(),
-            job: r.delegation.job.clone(),
-            group: r.delegation.group.clone(),
-            instances: r.delegation.count,
-            state: format!("{:?}", r.delegation.state).to_lowercase(),
-            epoch: r.delegation.epoch,
-            running: r.delegation.running,
-            complete: r.delegation.complete,
-            failed: r.delegation.failed,
-            fenced: r.fenced,
-            note: r.note,
-            age_s: gossip::transport::unix_ms().saturating_sub(r.delegation.created_ms) / 1000,
-        })
-        .collect();
+    use crate::proto::target::InPhase;
+    let outbound = fed.outbound().iter().map(Outbound::of).collect();
     let inbound = fed.server.raft.read(|s| {
-        s.jobs()
-            .filter_map(|j| {
-                Some(Inbound {
-                    id: j.labels.get(LABEL_DELEGATION)?.clone(),
-                    origin: j.labels.get(LABEL_ORIGIN)?.clone(),
-                    job: j.id.to_string(),
-                    running: s.allocs_of_job(&j.id).filter(|a| a.is_live()).count() as u32,
-                    stopped: j.stopped,
-                })
+        crate::proto::target::Target::records(s)
+            .into_iter()
+            .map(|(r, _)| Inbound {
+                running: s
+                    .allocs_of_job(&cluster_core::ids::JobId::new(&r.job))
+                    .filter(|a| a.is_live() && a.status == cluster_core::model::AllocStatus::Running)
+                    .count() as u32,
+                state: match r.phase {
+                    InPhase::Registered => "registered",
+                    InPhase::Refused { .. } => "refused",
+                    InPhase::Revoked => "revoked",
+                }
+                .into(),
+                id: r.id,
+                origin: r.origin,
+                job: r.job,
+                indices: r.indices,
+                at_most_once: r.at_most_once,
             })
             .collect()
     });
@@ -249,23 +287,14 @@ async fn remote_allocations(
     State(fed): State<Arc<Federation>>,
     axum::extract::Path(job): axum::extract::Path<String>,
 ) -> axum::Json<Vec<RemoteAllocations>> {
-    use crate::delegation::State as S;
-    use crate::protocol::{PeerReply, PeerRequest};
     let mut out = Vec::new();
-    for r in fed.records().into_iter().filter(|r| r.delegation.job == job) {
-        if !matches!(r.delegation.state, S::Accepted | S::Running | S::Complete) {
+    for r in fed.outbound().into_iter().filter(|r| r.job == job) {
+        use crate::proto::origin::Phase;
+        if !matches!(r.phase, Phase::Registered | Phase::Revoking) {
             continue;
         }
-        let allocations =
-            match fed.ask(&r.target_addrs, &PeerRequest::Allocations { id: r.delegation.id.clone() }).await {
-                Some(PeerReply::Allocations(a)) => a,
-                _ => Vec::new(),
-            };
-        out.push(RemoteAllocations {
-            cluster: r.delegation.target.clone(),
-            delegation: r.delegation.id.clone(),
-            allocations,
-        });
+        let allocations = fed.remote_allocations(&r.target, &r.id).await.unwrap_or_default();
+        out.push(RemoteAllocations { cluster: r.target.clone(), delegation: r.id.clone(), allocations });
     }
     axum::Json(out)
 }

@@ -53,6 +53,25 @@ pub struct Setup<'a> {
     pub region: Option<String>,
 }
 
+impl<'a> Setup<'a> {
+    /// One server in the EU, on free ports and a fresh directory, that
+    /// delegates and accepts by `policy` (a policy file's text).
+    pub fn single(name: &'a str, key: &'a Key, ca: &'a PemPair, seeds: Vec<String>, policy: String) -> Setup<'a> {
+        Setup {
+            name,
+            servers: 1,
+            key,
+            ca: Some(ca),
+            seeds,
+            jurisdictions: &["eu"],
+            policy: Some(policy),
+            http: Vec::new(),
+            data_dir: None,
+            region: None,
+        }
+    }
+}
+
 /// Starts a cluster of `s.servers` servers and joins each to the gossip.
 pub async fn start(s: Setup<'_>) -> Gossiping {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

@@ -1,9 +1,17 @@
-//! A server's part in delegation: the target side answers other clusters'
-//! offers (checking everything itself, committing through its own Raft log
-//! before it answers); the origin side, while the server leads, offers
-//! what its cluster cannot place, follows what it delegated, and takes it
-//! back when the target is gone. All origin state is in the origin's log
-//! (holds and records), so a new leader carries on where the old one was.
+//! A server's part in delegation: the thin async shell around the pure
+//! cores of [`crate::proto`]. While the server leads its cluster, and only
+//! once it has applied its whole log as leader, it keeps an [`Origin`] and
+//! a [`Target`] (leader memory, built afresh for every term), ticks them,
+//! feeds them what peer clusters' leaders send, and performs what they
+//! ask: commits through the cluster's Raft log, and messages to peer
+//! leaders at the addresses gossip gives at the time of sending (never
+//! frozen at offer time). All that must survive a leader is in the log.
+//!
+//! ```text
+//! tick (100 ms) ─► target.tick + origin.tick ─┐
+//! round (500 ms) ─► overflow ─► origin.delegate ├─► perform: propose (Raft) ─► send ─► peer leader
+//! peer call (QUIC, mTLS) ─► on_message ────────┘                        ◄── its answers (inbox)
+//! ```
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,45 +20,49 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cluster_core::command::{Command, Effect};
+use cluster_core::command::Effect;
 use cluster_core::ids::JobId;
-use cluster_core::model::{DelegateMode, EvalStatus, Job};
+use cluster_core::model::Job;
 use cluster_core::server::Inner;
-use cluster_core::server::rpc::{PeerHandler, Write, WriteReply};
+use cluster_core::server::rpc::{PeerHandler, Write};
 use cluster_core::state::ClusterState;
-use cluster_core::transport::Identity;
+use cluster_core::transport::{Identity, Role};
 use gossip::{Liveness, Member};
+use tokio::sync::{Semaphore, mpsc};
 
-use crate::delegation::{Breaker, Delegation, OfferCheck, Rejection, Report, State, check_offer};
-use crate::policy::{Policy, Trigger};
-use crate::proto::origin::offered_job;
-use crate::protocol::{
-    LABEL_DELEGATION, LABEL_EPOCH, LABEL_ORIGIN, Offer, PeerReply, PeerRequest, Record, decode, encode, holder,
-    target_job_id,
-};
+use crate::delegation::Breaker;
+use crate::policy::Policy;
+use crate::proto::origin::{Origin, Outbound, Overflowing};
+use crate::proto::target::{InPhase, Inbound, Target};
+use crate::proto::{Action, Message, Millis, Outcome, Plants, Timing, ToOrigin, ToTarget};
+use crate::protocol::{LABEL_ORIGIN, PeerReply, PeerRequest, decode, encode, target_job_id};
 use crate::select::{Overflow, PeerInfo, select};
 
-/// How often the origin looks for work to delegate and follows its
-/// delegations.
+/// How often the leader ticks its delegation cores (renewals, retries,
+/// expiries).
+pub const TICK: Duration = Duration::from_millis(100);
+/// How often the leader looks for overflow to delegate.
 pub const ROUND: Duration = Duration::from_millis(500);
-/// Offers one origin leader has in flight at once.
-pub const OFFERS_IN_FLIGHT_MAX: usize = 16;
+/// Message batches to peer clusters in flight at once.
+pub const SENDS_IN_FLIGHT_MAX: usize = 32;
 /// The key of the committed policy among the state's records.
 pub const POLICY_RECORD: &str = "federation/policy";
-/// How long the origin waits for a status or revocation answer.
-const ASK_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a target waits for its scheduler before answering an offer.
-const PLACE_WAIT: Duration = Duration::from_secs(5);
+/// How long one peer server has to answer a batch of messages.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Counters for `/metrics` and the CLI.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Delegations this cluster offered (each id once).
     pub offers: AtomicU64,
-    pub accepted: AtomicU64,
-    pub rejected: AtomicU64,
-    pub revoked: AtomicU64,
-    pub inbound_accepted: AtomicU64,
-    pub inbound_rejected: AtomicU64,
+    /// Answers received: registered, refused.
+    pub registered: AtomicU64,
+    pub refused: AtomicU64,
+    /// Inbound decisions this cluster committed: registered, refused.
+    pub inbound_registered: AtomicU64,
+    pub inbound_refused: AtomicU64,
+    /// Message batches no server of the peer took.
+    pub undelivered: AtomicU64,
     /// Refusals by reason, both ways: ("outbound" | "inbound", reason).
     pub rejected_by: Mutex<BTreeMap<(&'static str, String), u64>>,
 }
@@ -61,21 +73,42 @@ impl Counters {
     }
 }
 
+/// Answers from a peer cluster: (cluster, messages, generation sent in).
+type Answers = (String, Vec<Message>, u64);
+
+/// The cores while this server leads, for one term.
+struct Leading {
+    term: u64,
+    origin: Origin,
+    target: Target,
+}
+
 pub struct Federation {
     pub server: Arc<Inner>,
     pub member: Arc<Member>,
     pub policy: RwLock<Policy>,
     pub counters: Counters,
+    leading: Mutex<Option<Leading>>,
+    /// Bumped whenever leadership is won or lost: sends and answers of an
+    /// earlier generation are dropped (a round in flight is cancelled).
+    generation: AtomicU64,
     breakers: Mutex<BTreeMap<String, Breaker>>,
-    /// Origin, in memory on the leader: when each delegation was last heard
-    /// from, and when each target was first seen dead.
-    heard: Mutex<BTreeMap<String, u64>>,
-    dead_since: Mutex<BTreeMap<String, u64>>,
-    /// Overflow no peer took, by job, with each peer's reason: the retry
-    /// queue (tried again every round, so as soon as summaries change).
+    /// Overflow no peer took, by job, with each peer's reason: tried again
+    /// every round, so as soon as summaries change.
     pub waiting: Mutex<BTreeMap<String, Waiting>>,
-    /// Round-trip time to each peer cluster, smoothed, in milliseconds.
+    /// Round-trip time to each peer server, smoothed, in milliseconds.
     rtt: Mutex<BTreeMap<SocketAddr, f64>>,
+    /// The server of each peer cluster that last took messages as leader.
+    leaders: Mutex<BTreeMap<String, SocketAddr>>,
+    /// Leader memory: when this leader first saw each evaluation blocked
+    /// with overflow (for `queue_wait` triggers).
+    blocked_since: Mutex<BTreeMap<u64, Millis>>,
+    sends: Arc<Semaphore>,
+    /// Answers from peers, for the run loop: (cluster, messages, generation).
+    inbox: mpsc::UnboundedSender<Answers>,
+    inbox_rx: Mutex<Option<mpsc::UnboundedReceiver<Answers>>>,
+    started: Instant,
+    me: std::sync::Weak<Federation>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -84,35 +117,55 @@ pub struct Waiting {
     pub refused: Vec<(String, String)>,
 }
 
+/// The protocol's timers from a policy's `[retry]`: the lease and grace as
+/// written; renewals five per lease (100 ms to 5 s apart); unanswered
+/// offers and revocations sent again every `backoff` (100 ms to 5 s).
+pub fn timing(policy: &Policy) -> Timing {
+    let r = &policy.retry;
+    Timing {
+        lease_ms: r.lease_ms,
+        grace_ms: r.grace_ms,
+        renew_every_ms: (r.lease_ms / 5).clamp(100, 5_000),
+        retry_ms: r.backoff_ms.clamp(100, 5_000),
+    }
+}
+
 impl Federation {
     pub fn new(server: Arc<Inner>, member: Arc<Member>, policy: Policy) -> Arc<Federation> {
-        Arc::new(Federation {
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        let fed = Arc::new_cyclic(|me| Federation {
             server,
             member,
             policy: RwLock::new(policy),
             counters: Counters::default(),
+            leading: Mutex::new(None),
+            generation: AtomicU64::new(0),
             breakers: Mutex::default(),
-            heard: Mutex::default(),
-            dead_since: Mutex::default(),
             waiting: Mutex::default(),
             rtt: Mutex::default(),
-        })
+            leaders: Mutex::default(),
+            blocked_since: Mutex::default(),
+            sends: Arc::new(Semaphore::new(SENDS_IN_FLIGHT_MAX)),
+            inbox,
+            inbox_rx: Mutex::new(Some(inbox_rx)),
+            started: Instant::now(),
+            me: me.clone(),
+        });
+        let weak = Arc::downgrade(&fed);
+        fed.server.set_grant_source(Arc::new(move || weak.upgrade().map(|f| f.grants()).unwrap_or_default()));
+        fed
     }
 
-    /// Wall-clock milliseconds: delegation records carry times that other
-    /// leaders (and people) read.
-    pub fn now_ms(&self) -> u64 {
-        gossip::transport::unix_ms()
+    /// Milliseconds on this server's monotonic clock: what every lease and
+    /// timer of the cores is measured in.
+    pub fn now_ms(&self) -> Millis {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// The policy in force: the one committed through the cluster's log,
     /// so every server applies the same; until one is, this server's file.
     pub fn policy(&self) -> Policy {
-        let committed = self.server.raft.read(|s| {
-            s.records(POLICY_RECORD)
-                .find(|(k, _)| k.as_str() == POLICY_RECORD)
-                .and_then(|(_, v)| decode::<Policy>(v).ok())
-        });
+        let committed = self.server.raft.read(|s| s.record(POLICY_RECORD).and_then(|v| decode::<Policy>(v).ok()));
         committed.unwrap_or_else(|| self.policy.read().expect("policy lock").clone())
     }
 
@@ -129,229 +182,305 @@ impl Federation {
         self.server.write(w).await.map(|_| ()).map_err(|e| e.message)
     }
 
-    /// Every delegation record in the state (origin side).
-    pub fn records(&self) -> Vec<Record> {
-        self.server.raft.read(|s| s.records("delegation/").filter_map(|(_, v)| decode::<Record>(v).ok()).collect())
+    /// Every delegation this cluster made (origin side), from its state.
+    pub fn outbound(&self) -> Vec<Outbound> {
+        self.server.raft.read(|s| Origin::records(s).into_iter().map(|(r, _)| r).collect())
     }
-}
 
-/// The cpu of a job's live allocations that came from other clusters.
-pub(crate) fn inbound_cpu(s: &ClusterState) -> u64 {
-    let inbound: Vec<&Job> = s.jobs().filter(|j| j.labels.contains_key(LABEL_ORIGIN) && !j.stopped).collect();
-    inbound.iter().flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
-}
-
-pub(crate) fn total_cpu(s: &ClusterState) -> u64 {
-    s.nodes().iter().filter(|n| n.schedulable()).map(|n| n.capacity.cpu_millis).sum()
-}
-
-#[async_trait]
-impl PeerHandler for Federation {
-    async fn handle(&self, from: Identity, request: Vec<u8>) -> Vec<u8> {
-        let reply = match decode::<PeerRequest>(&request) {
-            Ok(PeerRequest::Offer(offer)) => self.on_offer(&from, offer).await,
-            Ok(PeerRequest::Status { id }) => self.on_status(&id).await,
-            Ok(PeerRequest::Revoke { id, epoch }) => self.on_revoke(&id, epoch).await,
-            Ok(PeerRequest::Allocations { id }) => {
-                let job = JobId::new(target_job_id(&id));
-                PeerReply::Allocations(
-                    self.server
-                        .raft
-                        .read(|s| s.allocs_of_job(&job).map(cluster_core::server::api::AllocView::of).collect()),
-                )
-            }
-            Err(e) => PeerReply::Rejected { reason: Rejection::NotAccepted, message: format!("malformed: {e}") },
-        };
-        encode(&reply)
+    /// Every delegation other clusters made to this one (target side).
+    pub fn inbound(&self) -> Vec<Inbound> {
+        self.server.raft.read(|s| Target::records(s).into_iter().map(|(r, _)| r).collect())
     }
-}
 
-impl Federation {
-    /// The target's side of an offer: every check is its own.
-    async fn on_offer(&self, from: &Identity, offer: Offer) -> PeerReply {
-        let policy = self.policy();
-        let reject = |reason: Rejection, message: String| {
-            self.counters.inbound_rejected.fetch_add(1, Ordering::Relaxed);
-            self.counters.refused("inbound", &format!("{reason:?}"));
-            tracing::info!(offer = %offer.id, ?reason, %message, "offer rejected");
-            PeerReply::Rejected { reason, message }
-        };
-        if from.cluster != offer.origin {
-            return reject(
-                Rejection::NotAccepted,
-                format!("the certificate names {}, not {}", from.cluster, offer.origin),
-            );
-        }
-        let mut job = offer.job.clone();
-        job.id = JobId::new(target_job_id(&offer.id));
-        job.version = 0;
-        job.labels.insert(LABEL_ORIGIN.into(), offer.origin.clone());
-        job.labels.insert(LABEL_DELEGATION.into(), offer.id.clone());
-        job.labels.insert(LABEL_EPOCH.into(), offer.epoch.to_string());
-        // A retried offer: the job is there already.
-        let known = self.server.raft.read(|s| {
-            s.job(&job.id).map(|j| (j.stopped, s.allocs_of_job(&j.id).filter(|a| a.is_live()).count() as u32))
+    /// Whether this server runs the cores now (it leads, and has applied
+    /// its log as leader).
+    pub fn is_leading(&self) -> bool {
+        self.leading.lock().expect("leading lock").is_some()
+    }
+
+    /// Per registered at-most-once delegation: milliseconds of lease left,
+    /// for heartbeat answers. Empty unless this server leads.
+    fn grants(&self) -> Vec<(String, u64)> {
+        let now = self.now_ms();
+        let leading = self.leading.lock().expect("leading lock");
+        let Some(l) = leading.as_ref() else { return Vec::new() };
+        self.server.raft.read(|s| {
+            Target::records(s)
+                .into_iter()
+                .filter(|(r, _)| r.phase == InPhase::Registered && r.at_most_once)
+                .map(|(r, _)| {
+                    let left = l.target.lease_remaining(&r.origin, &r.id, now);
+                    (r.id, left)
+                })
+                .collect()
+        })
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Starts the cores for `term`: after the log is applied, so that they
+    /// start from everything committed before.
+    fn lead(&self, term: u64, policy: &Policy) {
+        let now = self.now_ms();
+        let t = timing(policy);
+        let seed = rand_seed();
+        let cluster = &self.server.options.cluster;
+        *self.leading.lock().expect("leading lock") = Some(Leading {
+            term,
+            origin: Origin::new(cluster, t.clone(), Plants::default(), now),
+            target: Target::new(t, Plants::default(), seed),
         });
-        if let Some((stopped, placed)) = known {
-            return if stopped {
-                reject(Rejection::NotAccepted, "revoked".into())
-            } else {
-                PeerReply::Accepted { placed }
-            };
-        }
-        let allowed: Option<Vec<String>> =
-            (!job.jurisdictions.is_empty()).then(|| job.jurisdictions.iter().map(|j| j.to_string()).collect());
-        // An offer larger than the inbound share allows is taken in part,
-        // as one larger than the free capacity is: the origin offers the
-        // rest elsewhere. Refused only when not one instance fits the share.
-        let per: u64 = job.groups.iter().map(|g| g.resources().cpu_millis).sum::<u64>().max(1);
-        let (inbound, total) = self.server.raft.read(|s| (inbound_cpu(s), total_cpu(s)));
-        let share_room = ((policy.inbound.max_share_of_capacity * total as f64) as u64).saturating_sub(inbound);
-        if let Some(g) = job.groups.first_mut() {
-            g.count = g.count.min(u32::try_from(share_room / per).unwrap_or(u32::MAX).max(1));
-        }
-        let check = OfferCheck {
-            origin: &offer.origin,
-            allowed: allowed.as_deref(),
-            ask_cpu_millis: per,
-            inbound_cpu_millis: inbound,
-            total_cpu_millis: total,
-            hops: offer.hops,
-        };
-        if let Err(reason) = check_offer(&policy, &check) {
-            let message = match reason {
-                Rejection::Jurisdiction => format!(
-                    "the work may run in [{}]; {} is in [{}]",
-                    allowed.unwrap_or_default().join(", "),
-                    policy.cluster,
-                    policy.jurisdictions.join(", ")
-                ),
-                Rejection::InboundShare => format!(
-                    "work from other clusters already uses {:.0}% of {}'s cpu, its limit is {:.0}%",
-                    100.0 * inbound as f64 / total.max(1) as f64,
-                    policy.cluster,
-                    100.0 * policy.inbound.max_share_of_capacity
-                ),
-                _ => format!("{reason:?}"),
-            };
-            return reject(reason, message);
-        }
-        // How many would fit, by a dry run; offer those.
-        let fits = match cluster_core::server::http::dry_run(&self.server, job.clone()).await {
-            Ok((_, plan, _)) => plan.placements.len() as u32,
-            Err(e) => return reject(Rejection::NoCapacity, e.message),
-        };
-        if fits == 0 {
-            return reject(Rejection::NoCapacity, "no node fits an instance".into());
-        }
-        if let Some(g) = job.groups.first_mut() {
-            g.count = g.count.min(fits);
-        }
-        let eval = match self.server.write(Write::SubmitJob(job)).await {
-            Ok(WriteReply::Job { eval, .. }) => eval,
-            Ok(other) => return reject(Rejection::NoCapacity, format!("unexpected {other:?}")),
-            Err(e) => return reject(Rejection::NoCapacity, e.message),
-        };
-        let deadline = Instant::now() + PLACE_WAIT;
-        loop {
-            let status = self.server.raft.read(|s| s.eval(eval).map(|e| (e.status, e.placed)));
-            match status {
-                Some((EvalStatus::Pending, _)) | None if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Some((_, placed)) => {
-                    self.counters.inbound_accepted.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(offer = %offer.id, placed, "offer accepted");
-                    return PeerReply::Accepted { placed };
-                }
-                None => return PeerReply::Accepted { placed: 0 },
-            }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.blocked_since.lock().expect("blocked lock").clear();
+        tracing::info!(cluster = %cluster, term, "delegation: origin and target running on this leader");
+    }
+
+    fn step_down(&self) {
+        if self.leading.lock().expect("leading lock").take().is_some() {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            tracing::info!("delegation: no longer leading; rounds in flight dropped");
         }
     }
 
-    async fn on_status(&self, id: &str) -> PeerReply {
-        let job = JobId::new(target_job_id(id));
-        let report = self.server.raft.read(|s| {
-            let j = s.job(&job)?;
-            let epoch = j.labels.get(LABEL_EPOCH).and_then(|e| e.parse().ok()).unwrap_or(1);
-            let allocs: Vec<_> = s.allocs_of_job(&job).collect();
-            let count = |st: cluster_core::model::AllocStatus| allocs.iter().filter(|a| a.status == st).count() as u32;
-            Some(Report {
-                id: id.to_string(),
-                epoch,
-                running: allocs.iter().filter(|a| a.is_live()).count() as u32,
-                complete: count(cluster_core::model::AllocStatus::Complete),
-                failed: count(cluster_core::model::AllocStatus::Failed),
-            })
-        });
-        report.map_or(PeerReply::Unknown, PeerReply::Report)
+    fn leading_term(&self) -> Option<u64> {
+        self.leading.lock().expect("leading lock").as_ref().map(|l| l.term)
     }
 
-    async fn on_revoke(&self, id: &str, epoch: u64) -> PeerReply {
-        let job = JobId::new(target_job_id(id));
-        let current = self.server.raft.read(|s| {
-            s.job(&job).map(|j| (j.stopped, j.labels.get(LABEL_EPOCH).and_then(|e| e.parse::<u64>().ok()).unwrap_or(1)))
-        });
-        match current {
-            Some((false, e)) if e < epoch => match self.server.write(Write::StopJob(job)).await {
-                Ok(_) => {
-                    tracing::info!(delegation = %id, epoch, "revoked by its origin: stopped");
-                    PeerReply::Revoked
-                }
-                Err(e) => PeerReply::Rejected { reason: Rejection::NoCapacity, message: e.message },
-            },
-            _ => PeerReply::Revoked,
-        }
+    /// Runs `f` on the cores and the applied state; `None` unless leading.
+    fn with_cores<T>(&self, f: impl FnOnce(&mut Leading, &ClusterState) -> T) -> Option<T> {
+        let mut leading = self.leading.lock().expect("leading lock");
+        let l = leading.as_mut()?;
+        Some(self.server.raft.read(|s| f(l, s)))
     }
-}
 
-/// A blocked evaluation whose job may send work away: what overflowed,
-/// and the instances free to offer, by group.
-struct Blocked {
-    eval: u64,
-    job: Job,
-    overflow: Vec<Overflow>,
-    free: BTreeMap<String, Vec<u32>>,
-    remote: u32,
-}
-
-/// The origin's duties; run while the server leads (see [`run`]).
-impl Federation {
-    async fn round(self: &Arc<Self>) {
-        // The first leader to run commits its file's policy, if none is.
-        let committed = self.server.raft.read(|s| s.records(POLICY_RECORD).next().is_some());
-        if !committed {
-            let local = self.policy.read().expect("policy lock").clone();
-            if let Err(e) = self.commit_policy(local).await {
-                tracing::warn!(error = %e, "cannot commit the federation policy");
-            }
-        }
+    /// Feeds one message from cluster `from`'s leader to the right core.
+    fn step_message(&self, from: &str, message: Message) -> Option<Vec<Action>> {
         let policy = self.policy();
         let now = self.now_ms();
-        let view = self.member.view();
-        // Targets dead by gossip, and since when.
-        {
-            let mut dead = self.dead_since.lock().expect("dead lock");
-            for c in view.clusters.values() {
-                if c.liveness == Liveness::Dead {
-                    dead.entry(c.cluster.clone()).or_insert(now);
-                } else {
-                    dead.remove(&c.cluster);
+        match &message {
+            Message::ToOrigin(ToOrigin::Outcome { outcome: Outcome::Registered { .. }, .. }) => {
+                self.counters.registered.fetch_add(1, Ordering::Relaxed);
+            }
+            Message::ToOrigin(ToOrigin::Outcome { outcome: Outcome::Refused { reason, .. }, .. }) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                self.counters.refused("outbound", &format!("{reason:?}"));
+            }
+            _ => {}
+        }
+        self.with_cores(|l, s| match message {
+            Message::ToTarget(m) => l.target.on_message(&policy, s, from, m, now),
+            Message::ToOrigin(m) => l.origin.on_message(s, from, m, now),
+        })
+    }
+
+    /// Performs the cores' actions: commits (side by side), then messages.
+    /// Messages to `reply_to` are returned (the answer to its call); the
+    /// rest are sent.
+    async fn perform(self: &Arc<Self>, actions: Vec<Action>, reply_to: Option<&str>) -> Vec<Message> {
+        let generation = self.generation();
+        let mut inline = Vec::new();
+        let mut out: BTreeMap<String, Vec<Message>> = BTreeMap::new();
+        let mut route = |to: String, m: Message| {
+            if reply_to == Some(to.as_str()) {
+                inline.push(m);
+            } else {
+                out.entry(to).or_default().push(m);
+            }
+        };
+        let mut commits = tokio::task::JoinSet::new();
+        for a in actions {
+            match a {
+                Action::Send { to, message } => route(to, message),
+                Action::Propose(command) => {
+                    let raft = self.server.raft.clone();
+                    commits.spawn(async move {
+                        if let Err(e) = raft.propose(command).await {
+                            tracing::debug!(error = %e, "delegation change not committed; the cores retry");
+                        }
+                        None
+                    });
+                }
+                Action::ProposeThenSend { command, to, reply } => {
+                    self.count_decision(&reply);
+                    let raft = self.server.raft.clone();
+                    commits.spawn(async move {
+                        match raft.propose(command).await {
+                            Ok(Effect::Refused(why)) => {
+                                tracing::debug!(%why, "delegation change refused; nothing sent");
+                                None
+                            }
+                            Ok(_) => Some((to, reply)),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "delegation change not committed; nothing sent");
+                                None
+                            }
+                        }
+                    });
                 }
             }
         }
-        self.follow(&policy, now, &view).await;
-        if policy.overflow.triggers.contains(&Trigger::Unplaceable) {
-            self.delegate(&policy, now, &view).await;
+        while let Some(done) = commits.join_next().await {
+            if let Ok(Some((to, m))) = done {
+                route(to, m);
+            }
         }
+        for (to, messages) in out {
+            self.send(to, messages, generation);
+        }
+        inline
+    }
+
+    fn count_decision(&self, reply: &Message) {
+        let c = &self.counters;
+        match reply {
+            Message::ToTarget(ToTarget::Offer { .. }) => {
+                c.offers.fetch_add(1, Ordering::Relaxed);
+            }
+            Message::ToOrigin(ToOrigin::Outcome { outcome: Outcome::Registered { .. }, .. }) => {
+                c.inbound_registered.fetch_add(1, Ordering::Relaxed);
+            }
+            Message::ToOrigin(ToOrigin::Outcome { outcome: Outcome::Refused { reason, .. }, .. }) => {
+                c.inbound_refused.fetch_add(1, Ordering::Relaxed);
+                c.refused("inbound", &format!("{reason:?}"));
+            }
+            _ => {}
+        }
+    }
+
+    /// The QUIC addresses of `cluster`'s live servers as gossip has them
+    /// now, the one that last answered as leader first.
+    fn addresses(&self, cluster: &str) -> Vec<SocketAddr> {
+        let view = self.member.view();
+        let mut addrs: Vec<SocketAddr> = view
+            .cluster(cluster)
+            .map(|c| c.servers.values().filter(|s| s.live).filter_map(|s| s.rpc_addr.as_ref()?.parse().ok()).collect())
+            .unwrap_or_default();
+        if let Some(leader) = self.leaders.lock().expect("leaders lock").get(cluster) {
+            if let Some(i) = addrs.iter().position(|a| a == leader) {
+                addrs[..=i].rotate_right(1);
+            }
+        }
+        addrs
+    }
+
+    /// Sends `messages` to `to`'s leader, in the background; its answers
+    /// come back through the inbox. Lost when no server takes them: the
+    /// cores send again.
+    fn send(self: &Arc<Self>, to: String, messages: Vec<Message>, generation: u64) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = me.sends.clone().acquire_owned().await else { return };
+            let bytes = encode(&PeerRequest::Deliver(messages));
+            for a in me.addresses(&to) {
+                if me.generation() != generation {
+                    return;
+                }
+                let sent = Instant::now();
+                let call = me.server.call_cluster(&to, a, bytes.clone());
+                let reply = match tokio::time::timeout(SEND_TIMEOUT, call).await {
+                    Ok(Ok(reply)) => decode::<PeerReply>(&reply),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(format!("no answer in {SEND_TIMEOUT:?}")),
+                };
+                match reply {
+                    Ok(PeerReply::Delivered(answers)) => {
+                        let ms = sent.elapsed().as_secs_f64() * 1e3;
+                        let mut rtt = me.rtt.lock().expect("rtt lock");
+                        let e = rtt.entry(a).or_insert(ms);
+                        *e = 0.8 * *e + 0.2 * ms;
+                        drop(rtt);
+                        me.leaders.lock().expect("leaders lock").insert(to.clone(), a);
+                        me.breakers.lock().expect("breakers lock").entry(to.clone()).or_default().success();
+                        if !answers.is_empty() {
+                            let _ = me.inbox.send((to, answers, generation));
+                        }
+                        return;
+                    }
+                    Ok(PeerReply::NotLeader) => {}
+                    Ok(other) => {
+                        tracing::warn!(to = %to, at = %a, answer = ?other, "a peer refused delegation messages");
+                        return;
+                    }
+                    Err(e) => tracing::debug!(to = %to, at = %a, error = %e, "peer server did not take the messages"),
+                }
+            }
+            me.counters.undelivered.fetch_add(1, Ordering::Relaxed);
+            let retry = me.policy().retry;
+            me.breakers.lock().expect("breakers lock").entry(to).or_default().failure(me.now_ms(), &retry);
+        });
+    }
+
+    /// One tick of the cores while leading.
+    async fn tick(self: &Arc<Self>) {
+        let policy = self.policy();
+        let now = self.now_ms();
+        let actions = self.with_cores(|l, s| {
+            let mut a = l.target.tick(s, now);
+            a.extend(l.origin.tick(&policy, s, now));
+            a
+        });
+        if let Some(actions) = actions {
+            self.perform(actions, None).await;
+        }
+    }
+
+    /// Offers the overflow of blocked evaluations to peers, once one of the
+    /// policy's triggers fires for it, as the policy ranks the peers; what
+    /// no peer takes waits in [`Federation::waiting`].
+    async fn delegate_overflow(self: &Arc<Self>) {
+        let policy = self.policy();
+        let now = self.now_ms();
+        let peers = self.peers(&policy, now, &self.member.view());
+        let (work, utilization): (Vec<(Overflowing, u32)>, f64) = self.server.raft.read(|s| {
+            let work =
+                Origin::overflow(s).into_iter().map(|w| (w.clone(), s.held_of_job(&w.job.id).count() as u32)).collect();
+            (work, used_cpu(s) as f64 / total_cpu(s).max(1) as f64)
+        });
+        let work: Vec<(Overflowing, u32)> = {
+            let mut since = self.blocked_since.lock().expect("blocked lock");
+            since.retain(|eval, _| work.iter().any(|(w, _)| w.eval == *eval));
+            work.into_iter()
+                .filter(|(w, _)| {
+                    let blocked = now.saturating_sub(*since.entry(w.eval).or_insert(now));
+                    policy.overflow.fires(blocked, utilization)
+                })
+                .collect()
+        };
+        let mut waiting: BTreeMap<String, Waiting> = BTreeMap::new();
+        let mut actions = Vec::new();
+        for (w, remote) in work {
+            let overflow = [Overflow { group: w.group.clone(), count: w.indices.len() as u32 }];
+            let selection = select(&policy, &w.job, &overflow, w.job.instance_count() as u32, remote, &peers);
+            if selection.left > 0 {
+                let entry =
+                    waiting.entry(w.job.id.to_string()).or_insert(Waiting { instances: 0, refused: Vec::new() });
+                entry.instances += selection.left;
+                entry.refused = selection.refused.iter().map(|(c, r)| (c.clone(), r.to_string())).collect();
+            }
+            let mut rest = w.indices.as_slice();
+            for offer in selection.offers {
+                let n = (offer.count as usize).min(rest.len());
+                if n == 0 {
+                    continue;
+                }
+                let part = Overflowing { indices: rest[..n].to_vec(), ..w.clone() };
+                rest = &rest[n..];
+                let delegated = self.with_cores(|l, s| l.origin.delegate(&policy, s, &part, &offer.peer, now));
+                actions.extend(delegated.unwrap_or_default());
+            }
+        }
+        *self.waiting.lock().expect("waiting lock") = waiting;
+        self.perform(actions, None).await;
     }
 
     /// Every other cluster as gossip and this leader know it: liveness,
     /// summary, measured round trip, and whether its breaker lets it be
-    /// tried now.
+    /// tried now (`now` on [`Federation::now_ms`]).
     pub fn peers(&self, policy: &Policy, now: u64, view: &gossip::FederationView) -> Vec<PeerInfo> {
         let rtt = self.rtt.lock().expect("rtt lock");
-        let breakers = self.breakers.lock().expect("breakers");
+        let breakers = self.breakers.lock().expect("breakers lock");
         view.clusters
             .values()
             .filter(|c| c.cluster != policy.cluster)
@@ -370,299 +499,145 @@ impl Federation {
             .collect()
     }
 
-    /// Offers the overflow of blocked evaluations to peers.
-    async fn delegate(self: &Arc<Self>, policy: &Policy, now: u64, view: &gossip::FederationView) {
-        let peers = self.peers(policy, now, view);
-        let addrs = |cluster: &str| -> Vec<SocketAddr> {
-            view.cluster(cluster)
-                .map(|c| {
-                    c.servers.values().filter(|s| s.live).filter_map(|s| s.rpc_addr.as_ref()?.parse().ok()).collect()
-                })
-                .unwrap_or_default()
-        };
-        // Blocked evaluations of jobs that may leave, with their free indices.
-        let work: Vec<Blocked> = self.server.raft.read(|s| {
-            s.blocked_evals()
-                .filter_map(|e| s.eval(e))
-                .filter_map(|e| {
-                    let job = s.job(&e.job)?;
-                    if job.stopped
-                        || job.labels.contains_key(LABEL_ORIGIN)
-                        || job.federation.delegate == DelegateMode::Never
-                    {
-                        return None;
-                    }
-                    // The instances the scheduler still has to place (not
-                    // running here, not held elsewhere), as it decides them.
-                    let work = cluster_core::scheduler::reconcile::reconcile(s, job);
-                    let free: BTreeMap<String, Vec<u32>> =
-                        job.groups.iter().zip(work.groups).map(|(g, w)| (g.name.to_string(), w.place)).collect();
-                    let remote = s.held_of_job(&job.id).count() as u32;
-                    let overflow: Vec<Overflow> = e
-                        .unplaced
-                        .iter()
-                        .map(|u| Overflow {
-                            group: u.group.to_string(),
-                            count: u.count.min(free.get(&*u.group).map_or(0, |f| f.len() as u32)),
-                        })
-                        .filter(|o| o.count > 0)
-                        .collect();
-                    (!overflow.is_empty()).then(|| Blocked { eval: e.id.0, job: job.clone(), overflow, free, remote })
-                })
-                .collect()
-        });
-        let mut waiting = BTreeMap::new();
-        let mut offers = tokio::task::JoinSet::new();
-        for Blocked { eval, job, overflow, mut free, remote } in work {
-            let total = job.instance_count() as u32;
-            let selection = select(policy, &job, &overflow, total, remote, &peers);
-            if selection.left > 0 {
-                let refused = selection.refused.iter().map(|(c, r)| (c.clone(), r.to_string())).collect();
-                waiting.insert(job.id.to_string(), Waiting { instances: selection.left, refused });
-            }
-            for offer in selection.offers {
-                let indices: Vec<u32> = free.get_mut(&offer.group).map_or_else(Vec::new, |f| {
-                    let n = (offer.count as usize).min(f.len());
-                    f.drain(..n).collect()
-                });
-                if indices.is_empty() {
-                    continue;
+    /// Asks `cluster` for the allocations of delegation `id` (origin side).
+    pub async fn remote_allocations(
+        &self,
+        cluster: &str,
+        id: &str,
+    ) -> Option<Vec<cluster_core::server::api::AllocView>> {
+        let bytes = encode(&PeerRequest::Allocations { id: id.to_string() });
+        for a in self.addresses(cluster) {
+            let call = self.server.call_cluster(cluster, a, bytes.clone());
+            if let Ok(Ok(reply)) = tokio::time::timeout(SEND_TIMEOUT, call).await {
+                if let Ok(PeerReply::Allocations(allocs)) = decode::<PeerReply>(&reply) {
+                    return Some(allocs);
                 }
-                // Unique per set of instances: a retry of this offer reuses it.
-                let id = format!("{}/{}/e{eval}-{}-{}", policy.cluster, job.id, offer.group, indices[0]);
-                // No jurisdiction allowed means nowhere, never anywhere.
-                let Some(delegated) = offered_job(policy, &job, &offer.group, indices.len() as u32) else {
-                    continue;
-                };
-                let record = Record {
-                    delegation: Delegation::offer(
-                        id.clone(),
-                        &offer.peer,
-                        job.id.as_str(),
-                        &offer.group,
-                        indices.len() as u32,
-                        now,
-                        &policy.retry,
-                    ),
-                    indices: indices.clone(),
-                    target_addrs: addrs(&offer.peer),
-                    fenced: false,
-                    note: String::new(),
-                };
-                // Offers go out side by side, a bounded number at a time.
-                while offers.len() >= OFFERS_IN_FLIGHT_MAX {
-                    offers.join_next().await;
-                }
-                let (me, policy) = (self.clone(), policy.clone());
-                offers.spawn(async move { me.offer(&policy, record, delegated).await });
-            }
-        }
-        while offers.join_next().await.is_some() {}
-        *self.waiting.lock().expect("waiting lock") = waiting;
-    }
-
-    /// Holds the instances (in the log, before anything is sent), then
-    /// offers them.
-    async fn offer(&self, policy: &Policy, record: Record, job: Job) {
-        let hold = Command::Hold {
-            holder: holder(&record.delegation.id),
-            job: JobId::new(&record.delegation.job),
-            group: record.delegation.group.as_str().into(),
-            indices: record.indices.clone(),
-            record: encode(&record),
-        };
-        // Refused when an index started running here, or another holder
-        // took it, since the round read the state: nothing is offered.
-        match self.server.raft.propose(hold).await {
-            Ok(Effect::Refused(why)) => {
-                tracing::debug!(delegation = %record.delegation.id, %why, "hold refused; not offered");
-                return;
-            }
-            Err(_) => return,
-            Ok(_) => {}
-        }
-        self.send_offer(policy, record, job).await;
-    }
-
-    /// Sends an offer (again, after a leader change: the id makes it
-    /// idempotent) and records the answer.
-    async fn send_offer(&self, policy: &Policy, mut record: Record, job: Job) {
-        let id = record.delegation.id.clone();
-        self.counters.offers.fetch_add(1, Ordering::Relaxed);
-        let request = PeerRequest::Offer(Offer {
-            id: id.clone(),
-            origin: policy.cluster.clone(),
-            epoch: record.delegation.epoch,
-            job,
-            hops: 0,
-        });
-        let reply = self.ask(&record.target_addrs, &request).await;
-        let now = self.now_ms();
-        let target = record.delegation.target.clone();
-        match reply {
-            Some(PeerReply::Accepted { placed }) if placed > 0 => {
-                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                self.breakers.lock().expect("breakers").entry(target).or_default().success();
-                record.delegation.accepted(now, &policy.retry);
-                let keep = (placed as usize).min(record.indices.len());
-                record.indices.truncate(keep);
-                record.delegation.count = keep as u32;
-                self.heard.lock().expect("heard").insert(id.clone(), now);
-                // The hold shrinks to what the target placed; the rest is
-                // evaluated again.
-                let _ = self
-                    .server
-                    .raft
-                    .propose(Command::Hold {
-                        holder: holder(&id),
-                        job: JobId::new(&record.delegation.job),
-                        group: record.delegation.group.as_str().into(),
-                        indices: record.indices.clone(),
-                        record: encode(&record),
-                    })
-                    .await;
-                tracing::info!(delegation = %id, placed, "delegated");
-            }
-            other => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                self.breakers.lock().expect("breakers").entry(target).or_default().failure(now, &policy.retry);
-                record.delegation.state = State::Failed;
-                let reason = match &other {
-                    Some(PeerReply::Rejected { reason, .. }) => format!("{reason:?}"),
-                    Some(_) => "Unexpected".into(),
-                    None => "NoAnswer".into(),
-                };
-                self.counters.refused("outbound", &reason);
-                record.note = match other {
-                    Some(PeerReply::Rejected { message, reason }) => format!("rejected ({reason:?}): {message}"),
-                    Some(r) => format!("unexpected answer {r:?}"),
-                    None => "no answer".into(),
-                };
-                tracing::info!(delegation = %id, note = %record.note, "offer not taken");
-                let _ =
-                    self.server.raft.propose(Command::Release { holder: holder(&id), record: encode(&record) }).await;
-            }
-        }
-    }
-
-    /// Sends `request` to the first of `addrs` that answers.
-    pub async fn ask(&self, addrs: &[SocketAddr], request: &PeerRequest) -> Option<PeerReply> {
-        let bytes = encode(request);
-        // Offers wait for the target's scheduler; the rest answer at once.
-        let limit = if matches!(request, PeerRequest::Offer(_)) { PLACE_WAIT * 2 } else { ASK_TIMEOUT };
-        for a in addrs {
-            let sent = Instant::now();
-            match tokio::time::timeout(limit, self.server.call_peer(*a, bytes.clone())).await {
-                Ok(Ok(reply)) => {
-                    if !matches!(request, PeerRequest::Offer(_)) {
-                        let ms = sent.elapsed().as_secs_f64() * 1e3;
-                        let mut rtt = self.rtt.lock().expect("rtt lock");
-                        let e = rtt.entry(*a).or_insert(ms);
-                        *e = 0.8 * *e + 0.2 * ms;
-                    }
-                    return decode::<PeerReply>(&reply).ok();
-                }
-                Ok(Err(e)) => tracing::debug!(to = %a, error = %e, "peer did not answer"),
-                Err(_) => tracing::debug!(to = %a, "peer did not answer in time"),
             }
         }
         None
     }
+}
 
-    /// Follows active delegations: reports renew the lease; a target dead
-    /// past the grace period, or a lease that lapsed, revokes; revoked
-    /// delegations are fenced once the target hears of it.
-    async fn follow(&self, policy: &Policy, now: u64, view: &gossip::FederationView) {
-        // Targets that did not answer this round are not asked again in it:
-        // a dead target costs one timeout a round, not one per delegation.
-        let mut silent: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-        for mut record in self.records() {
-            let id = record.delegation.id.clone();
-            let target = record.delegation.target.clone();
-            let reachable =
-                !silent.contains(&target) && view.cluster(&target).is_none_or(|c| c.liveness != Liveness::Dead);
-            match record.delegation.state {
-                State::Accepted | State::Running | State::Offered => {
-                    let heard = *self.heard.lock().expect("heard").entry(id.clone()).or_insert(now);
-                    let mut d = record.delegation.clone();
-                    d.lease_until_ms = heard + policy.retry.lease_ms;
-                    let dead = self.dead_since.lock().expect("dead lock").get(&target).copied();
-                    if d.must_revoke(now, dead, &policy.retry) {
-                        record.delegation.revoke();
-                        record.note = if dead.is_some() { "target dead".into() } else { "lease lapsed".into() };
-                        self.counters.revoked.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(delegation = %id, note = %record.note, "revoked; the work is placed again");
-                        let _ = self
-                            .server
-                            .raft
-                            .propose(Command::Release { holder: holder(&id), record: encode(&record) })
-                            .await;
-                        continue;
-                    }
-                    if !reachable {
-                        continue;
-                    }
-                    let status = self.ask(&record.target_addrs, &PeerRequest::Status { id: id.clone() }).await;
-                    if status.is_none() {
-                        silent.insert(target.clone());
-                    }
-                    if let (Some(PeerReply::Unknown), State::Offered) = (&status, record.delegation.state) {
-                        // Held, but the offer never arrived (the leader
-                        // that held it stopped): offer it again.
-                        let job = self.server.raft.read(|s| s.job(&JobId::new(&record.delegation.job)).cloned());
-                        let n = record.indices.len() as u32;
-                        // A policy that now allows no jurisdiction sends it
-                        // nowhere (review B10.3): the lease ends the record.
-                        if let Some(delegated) = job.and_then(|j| offered_job(policy, &j, &record.delegation.group, n))
-                        {
-                            self.send_offer(policy, record, delegated).await;
-                        }
-                        continue;
-                    }
-                    if let Some(PeerReply::Report(r)) = status {
-                        self.heard.lock().expect("heard").insert(id.clone(), now);
-                        let before = record.delegation.clone();
-                        record.delegation.report(&r, now, &policy.retry);
-                        let (b, a) = (&before, &record.delegation);
-                        if (b.state, b.running, b.complete, b.failed) != (a.state, a.running, a.complete, a.failed) {
-                            let command = if a.state == State::Failed {
-                                Command::Release { holder: holder(&id), record: encode(&record) }
-                            } else {
-                                Command::Record { holder: holder(&id), record: encode(&record) }
-                            };
-                            let _ = self.server.raft.propose(command).await;
-                        }
+/// The cpu of a job's live allocations that came from other clusters.
+pub(crate) fn inbound_cpu(s: &ClusterState) -> u64 {
+    let inbound: Vec<&Job> = s.jobs().filter(|j| j.labels.contains_key(LABEL_ORIGIN) && !j.stopped).collect();
+    inbound.iter().flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
+}
+
+/// The cpu of every live allocation, in millicores.
+pub(crate) fn used_cpu(s: &ClusterState) -> u64 {
+    s.jobs().flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
+}
+
+pub(crate) fn total_cpu(s: &ClusterState) -> u64 {
+    s.nodes().iter().filter(|n| n.schedulable()).map(|n| n.capacity.cpu_millis).sum()
+}
+
+/// A seed for the target's renewal session: distinct per leadership.
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}
+
+#[async_trait]
+impl PeerHandler for Federation {
+    async fn handle(&self, from: Identity, request: Vec<u8>) -> Vec<u8> {
+        let Some(me) = self.me.upgrade() else { return encode(&PeerReply::NotLeader) };
+        let reply = if from.role != Role::Server {
+            PeerReply::Refused(format!("{from} is not a server: only servers speak for a cluster"))
+        } else {
+            match decode::<PeerRequest>(&request) {
+                Ok(PeerRequest::Deliver(messages)) => me.deliver(&from.cluster, messages).await,
+                Ok(PeerRequest::Allocations { id }) => {
+                    if id.split('/').next() != Some(from.cluster.as_str()) {
+                        PeerReply::Refused(format!("{id} is not a delegation of {}", from.cluster))
+                    } else {
+                        let job = JobId::new(target_job_id(&id));
+                        PeerReply::Allocations(self.server.raft.read(|s| {
+                            let ours = s.job(&job).is_some_and(|j| {
+                                j.labels.get(LABEL_ORIGIN).map(String::as_str) == Some(from.cluster.as_str())
+                            });
+                            if !ours {
+                                return Vec::new();
+                            }
+                            s.allocs_of_job(&job).map(cluster_core::server::api::AllocView::of).collect()
+                        }))
                     }
                 }
-                State::Revoked if !record.fenced && reachable => {
-                    let revoke = PeerRequest::Revoke { id: id.clone(), epoch: record.delegation.epoch };
-                    let answer = self.ask(&record.target_addrs, &revoke).await;
-                    if answer.is_none() {
-                        silent.insert(target.clone());
-                    }
-                    if let Some(PeerReply::Revoked) = answer {
-                        record.fenced = true;
-                        let _ = self
-                            .server
-                            .raft
-                            .propose(Command::Record { holder: holder(&id), record: encode(&record) })
-                            .await;
-                    }
-                }
-                _ => {}
+                Err(e) => PeerReply::Refused(format!("malformed: {e}")),
             }
-        }
+        };
+        encode(&reply)
     }
 }
 
-/// Runs the origin's rounds while `fed`'s server leads; until aborted.
+impl Federation {
+    /// Messages from `from`'s leader: each goes to a core, its actions are
+    /// performed, and the answers to `from` go back in the reply.
+    async fn deliver(self: &Arc<Self>, from: &str, messages: Vec<Message>) -> PeerReply {
+        if from == self.server.options.cluster {
+            return PeerReply::Refused("a cluster does not delegate to itself".into());
+        }
+        let mut answers = Vec::new();
+        for m in messages {
+            let Some(actions) = self.step_message(from, m) else { return PeerReply::NotLeader };
+            answers.extend(self.perform(actions, Some(from)).await);
+        }
+        PeerReply::Delivered(answers)
+    }
+}
+
+/// Runs the delegation shell for `fed`'s server until aborted: the cores
+/// start when it leads and has applied its log, and stop when it does not.
 pub async fn run(fed: Arc<Federation>) {
-    let mut tick = tokio::time::interval(ROUND);
+    let Some(mut inbox) = fed.inbox_rx.lock().expect("inbox lock").take() else {
+        tracing::error!("the delegation shell runs once per federation");
+        return;
+    };
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_round = Instant::now();
     loop {
-        tick.tick().await;
-        if fed.server.is_leader() {
-            fed.round().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some((from, messages, generation)) = inbox.recv() => {
+                if generation == fed.generation() {
+                    for m in messages {
+                        if let Some(actions) = fed.step_message(&from, m) {
+                            fed.perform(actions, None).await;
+                        }
+                    }
+                }
+                continue;
+            }
+        }
+        let status = fed.server.raft.status();
+        if status.leader != Some(fed.server.id) {
+            fed.step_down();
+            continue;
+        }
+        if fed.leading_term() != Some(status.term) {
+            fed.step_down();
+            // Leader memory is rebuilt only after the log is applied.
+            if fed.server.raft.read_fresh(|_| ()).await.is_err() {
+                continue;
+            }
+            let committed = fed.server.raft.read(|s| s.record(POLICY_RECORD).is_some());
+            if !committed {
+                let local = fed.policy.read().expect("policy lock").clone();
+                if let Err(e) = fed.commit_policy(local).await {
+                    tracing::warn!(error = %e, "could not commit this server's policy; retrying");
+                    continue;
+                }
+            }
+            fed.lead(status.term, &fed.policy());
+        }
+        fed.tick().await;
+        if last_round.elapsed() >= ROUND {
+            last_round = Instant::now();
+            fed.delegate_overflow().await;
         }
     }
 }

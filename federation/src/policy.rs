@@ -75,6 +75,21 @@ pub struct Overflow {
     pub max_cost_per_cpu_hour: Option<f64>,
 }
 
+impl Overflow {
+    /// Whether the overflow of a blocked evaluation may leave now: any
+    /// trigger fires. `unplaceable` at once; `utilization > x` while the
+    /// cluster's live allocations use more than `x` of its schedulable
+    /// cpu (`utilization`, 0 to 1); `queue_wait > d` once the evaluation
+    /// has been blocked `d` (`blocked_ms`, as this leader measured it).
+    pub fn fires(&self, blocked_ms: u64, utilization: f64) -> bool {
+        self.triggers.iter().any(|t| match *t {
+            Trigger::Unplaceable => true,
+            Trigger::Utilization(x) => utilization > x,
+            Trigger::QueueWait(d) => blocked_ms >= d,
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Trigger {
     /// Instances no local node can take.
@@ -398,7 +413,16 @@ fn read_policy(top: &mut Table, d: &mut Diagnostics) -> Option<Policy> {
                     earlier + 1
                 )
             };
-            d.warning(span, message, Some("every matching rule narrows where work may run".into()));
+            if allowed.is_empty() {
+                d.warning(span, message, Some("every matching rule narrows where work may run".into()));
+            } else {
+                // Shadowed: an error, since whoever wrote it meant it to act.
+                d.error_hint(
+                    span,
+                    message,
+                    "every matching rule narrows where work may run: remove this rule, or narrow the earlier one",
+                );
+            }
         } else if js.is_empty() {
             d.warning(span, "matching work may run nowhere: the rule lists no jurisdiction", None);
         } else if js.iter().all(|(j, _)| !local.contains(j.as_str())) && !delegates {

@@ -3,53 +3,34 @@
 //! one codec.
 
 use cluster_core::codec;
-use cluster_core::model::Job;
 use serde::{Deserialize, Serialize};
 
-use crate::delegation::{Delegation, Rejection, Report};
+use crate::proto::Message;
 
 /// Labels a delegated job carries on its target.
-pub const LABEL_ORIGIN: &str = "hanse.origin";
-pub const LABEL_DELEGATION: &str = "hanse.delegation";
-pub const LABEL_EPOCH: &str = "hanse.epoch";
+pub use cluster_core::model::job::{LABEL_DELEGATION, LABEL_ORIGIN};
 
+/// A call from another cluster's server.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
-    Offer(Offer),
-    Status {
-        id: String,
-    },
-    Revoke {
-        id: String,
-        epoch: u64,
-    },
-    /// The allocations a delegation's work has on the target.
-    Allocations {
-        id: String,
-    },
-}
-
-/// N instances of one group: the job as the target will register it (one
-/// group, its count the instances offered, its jurisdictions narrowed to
-/// where the work may run).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Offer {
-    pub id: String,
-    pub origin: String,
-    pub epoch: u64,
-    pub job: Job,
-    /// Clusters the work passed through before this one.
-    pub hops: u32,
+    /// Delegation v2 messages from the leader of the caller's cluster (the
+    /// cluster its certificate names), for this cluster's leader.
+    Deliver(Vec<Message>),
+    /// The allocations a delegation's work has on the target; only its
+    /// origin may ask.
+    Allocations { id: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerReply {
-    Accepted { placed: u32 },
-    Rejected { reason: Rejection, message: String },
-    Report(Report),
-    Revoked,
-    Unknown,
+    /// This cluster's leader took the messages; its answers to the caller.
+    Delivered(Vec<Message>),
+    /// This server does not lead its cluster (or has not yet applied its
+    /// log as leader): send to another of its servers.
+    NotLeader,
     Allocations(Vec<cluster_core::server::api::AllocView>),
+    /// Refused, with the reason (malformed, or not the caller's to ask).
+    Refused(String),
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -63,23 +44,4 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String>
 /// The job id a delegation's work has on its target.
 pub fn target_job_id(delegation: &str) -> String {
     delegation.replace('/', ".")
-}
-
-/// What the origin keeps, in its Raft log, for each delegation.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    pub delegation: Delegation,
-    /// The instances (of `delegation.group`) it covers.
-    pub indices: Vec<u32>,
-    /// The target's servers, as gossip named them when it was offered.
-    pub target_addrs: Vec<std::net::SocketAddr>,
-    /// Set once the target confirmed a revocation.
-    pub fenced: bool,
-    /// Why it ended, if it ended badly.
-    pub note: String,
-}
-
-/// The key a delegation's record and hold have in the origin's state.
-pub fn holder(id: &str) -> String {
-    format!("delegation/{id}")
 }

@@ -4,7 +4,7 @@
 
 use cluster_core::diag::{Severity, SourceFile};
 use cluster_core::spec::parse_job;
-use federation::policy::{Trigger, parse_policy};
+use federation::policy::{Overflow, Trigger, parse_policy};
 
 fn example(path: &str) -> SourceFile {
     let full = format!("{}/../examples/{path}", env!("CARGO_MANIFEST_DIR"));
@@ -53,9 +53,9 @@ fn every_mistake_is_located() {
             "expected {line}:{col} {words} in {errors:#?}"
         );
     }
-    assert_eq!(errors.len(), expect.len(), "{errors:#?}");
-    let warnings = found(&file, Severity::Warning);
-    assert!(warnings.iter().any(|(l, _, m)| *l == 22 && m.contains("changes nothing")), "{warnings:#?}");
+    // A rule shadowed by an earlier one is an error too.
+    assert!(errors.iter().any(|(l, _, m)| *l == 22 && m.contains("changes nothing")), "{errors:#?}");
+    assert_eq!(errors.len(), expect.len() + 1, "{errors:#?}");
     let hints = parse_policy(&file).diagnostics;
     assert!(hints.iter().any(|d| d.hint.as_deref() == Some("did you mean `accept_from`?")));
 }
@@ -108,4 +108,18 @@ fn a_job_narrows_the_policy_and_never_widens_it() {
     assert_eq!(p.remote_share(&never), 0.0);
     let pii = job("", "data = \"eu-pii\"");
     assert_eq!(p.allowed_jurisdictions(&pii).unwrap().into_iter().collect::<Vec<_>>(), vec!["eu".to_string()]);
+}
+
+#[test]
+fn each_overflow_trigger_fires_on_its_own_measure() {
+    let o = |triggers: Vec<Trigger>| Overflow { triggers, max_remote_share: 1.0, max_cost_per_cpu_hour: None };
+    assert!(o(vec![Trigger::Unplaceable]).fires(0, 0.0));
+    let busy = o(vec![Trigger::Utilization(0.8)]);
+    assert!(!busy.fires(u64::MAX, 0.8), "not above 0.8");
+    assert!(busy.fires(0, 0.81));
+    let wait = o(vec![Trigger::QueueWait(30_000)]);
+    assert!(!wait.fires(29_999, 1.0));
+    assert!(wait.fires(30_000, 0.0));
+    assert!(o(vec![Trigger::Utilization(0.8), Trigger::QueueWait(30_000)]).fires(30_000, 0.1), "any trigger");
+    assert!(!o(Vec::new()).fires(u64::MAX, 1.0), "no trigger, no overflow");
 }

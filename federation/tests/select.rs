@@ -5,7 +5,7 @@ use cluster_core::diag::SourceFile;
 use cluster_core::model::Job;
 use cluster_core::spec::{parse_fleet, parse_job};
 use cluster_core::state::ClusterState;
-use federation::delegation::{Accepted, Breaker, Delegation, OfferCheck, Rejection, Report, State, check_offer};
+use federation::delegation::{Breaker, OfferCheck, Rejection, check_offer};
 use federation::policy::{Policy, parse_policy};
 use federation::select::{Overflow, PeerInfo, Refusal, select};
 use gossip::summary::ClusterSummary;
@@ -121,40 +121,6 @@ fn a_cost_ceiling_passes_over_expensive_peers() {
     let peers = vec![peer(summary("us-east", &["us"], 10, 8, 0.20))];
     let s = select(&p, &job("", 10, 1), &overflow(5), 10, 0, &peers);
     assert!(matches!(&s.refused[..], [(_, Refusal::TooExpensive { .. })]), "{:?}", s.refused);
-}
-
-#[test]
-fn a_delegation_is_accepted_once_fenced_by_epochs_and_revoked_when_its_target_is_gone() {
-    let retry = policy("eu-west").retry; // lease 30 s, grace 10 s
-    let mut d = Delegation::offer("eu-west/j/1".into(), "eu-central", "j", "g", 4, 0, &retry);
-    // The target: one acceptance per id, however often the offer arrives.
-    let mut accepted = Accepted::default();
-    assert!(accepted.accept(&d.id, d.epoch));
-    assert!(!accepted.accept(&d.id, d.epoch), "a retried offer is accepted once");
-    d.accepted(100, &retry);
-    let id = d.id.clone();
-    let report = |epoch, running, complete| Report { id: id.clone(), epoch, running, complete, failed: 0 };
-    assert!(d.report(&report(1, 4, 0), 1_000, &retry));
-    assert_eq!(d.state, State::Running);
-    // Dead by gossip: not yet past the grace period, then past it.
-    assert!(!d.must_revoke(5_000, Some(1_000), &retry));
-    assert!(d.must_revoke(11_000, Some(1_000), &retry));
-    d.revoke();
-    assert_eq!((d.state, d.epoch), (State::Revoked, 2));
-    assert!(!d.report(&report(1, 4, 0), 12_000, &retry), "a report of the old epoch changes nothing");
-    // The target, back, learns the new epoch and must stop its allocations.
-    assert!(accepted.fence(&id, 2));
-    assert!(!accepted.fence(&id, 2), "fenced once");
-    // A lease that lapses without news revokes too.
-    let mut quiet = Delegation::offer("eu-west/j/2".into(), "eu-central", "j", "g", 1, 0, &retry);
-    assert!(!quiet.must_revoke(29_999, None, &retry));
-    assert!(quiet.must_revoke(30_000, None, &retry));
-    quiet.revoke();
-    // A finished delegation is never revoked.
-    let mut done = Delegation::offer("eu-west/j/3".into(), "eu-central", "j", "g", 2, 0, &retry);
-    assert!(done.report(&Report { id: done.id.clone(), epoch: 1, running: 0, complete: 2, failed: 0 }, 10, &retry));
-    assert_eq!(done.state, State::Complete);
-    assert!(!done.must_revoke(1_000_000, Some(0), &retry));
 }
 
 #[test]

@@ -962,7 +962,8 @@ impl World {
             let cl = &mut self.clusters[c];
             let leader = cl.leader.as_mut().expect("leader");
             leader.offered.insert(w.job.id.clone(), now_c);
-            let actions = leader.origin.delegate(&cl.policy, &w, &target, now_c);
+            let state = &cl.replicas[leader.replica].state;
+            let actions = leader.origin.delegate(&cl.policy, state, &w, &target, now_c);
             self.perform(c, actions);
         }
     }

@@ -214,9 +214,25 @@ impl Origin {
     /// Delegates `work` to `target`: commits the record and the hold, and
     /// sends the offer once they are applied. Nothing when the policy lets
     /// the work run nowhere.
-    pub fn delegate(&mut self, policy: &Policy, work: &Overflowing, target: &str, now: Millis) -> Vec<Action> {
-        let first = work.indices[0];
-        let id = format!("{}/{}/e{}-{}-{first}", self.cluster, work.job.id, work.eval, work.group);
+    ///
+    /// The id, `ORIGIN/JOB/e<EVAL>-<GROUP>-<FIRST>`, gains `-a<N>` when an
+    /// earlier delegation of the same instances has a record in `state`
+    /// (it was refused, or ended): a new delegation, never the old one's
+    /// tombstone.
+    pub fn delegate(
+        &mut self,
+        policy: &Policy,
+        state: &ClusterState,
+        work: &Overflowing,
+        target: &str,
+        now: Millis,
+    ) -> Vec<Action> {
+        let Some(&first) = work.indices.first() else { return Vec::new() };
+        let base = format!("{}/{}/e{}-{}-{first}", self.cluster, work.job.id, work.eval, work.group);
+        let id = (1u32..)
+            .map(|n| if n == 1 { base.clone() } else { format!("{base}-a{n}") })
+            .find(|id| state.record(&outbound_key(id)).is_none())
+            .expect("a free id");
         let Some(job) = offered_job(policy, &work.job, &work.group, work.indices.len() as u32) else {
             return Vec::new();
         };
@@ -446,7 +462,7 @@ impl Origin {
                         _ => untracked.push(p.id),
                     }
                 }
-                let ack = ToTarget::RenewAck { session, seq, untracked };
+                let ack = ToTarget::RenewAck { session, seq, lease_ms: self.timing.lease_ms, untracked };
                 actions.push(Action::Send { to: from.to_string(), message: Message::ToTarget(ack) });
                 actions
             }

@@ -175,8 +175,8 @@ impl Target {
                 self.on_revoke(state, from, &id, now)
             }
             ToTarget::RenewAck { session, .. } if session != self.session => Vec::new(),
-            ToTarget::RenewAck { seq, untracked, .. } => {
-                let lease_ms = self.timing.lease_ms;
+            ToTarget::RenewAck { seq, untracked, lease_ms, .. } => {
+                let lease_ms = self.timing.lease_ms.min(lease_ms);
                 let answer_time = self.plants.lease_from_answer;
                 let lease = self.leases.entry(from.to_string()).or_default();
                 if let Some((sent, mut ids)) = lease.sent.remove(&seq) {
@@ -280,9 +280,9 @@ impl Target {
             }
         }
         let kill_ms = group.tasks.iter().map(|t| t.kill_timeout_ms).max().unwrap_or(0);
-        if group.on_disconnect == OnDisconnect::Stop && kill_ms >= self.timing.grace_ms / 2 {
+        if group.on_disconnect == OnDisconnect::Stop && kill_ms > self.timing.grace_ms / 2 {
             return malformed(format!(
-                "at-most-once work must stop within half the grace ({} ms); its kill timeout is {kill_ms} ms",
+                "at-most-once work must stop within half the grace ({} ms), but its kill timeout is {kill_ms} ms: shorten `kill_timeout`",
                 self.timing.grace_ms / 2
             ));
         }

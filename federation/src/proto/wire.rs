@@ -20,9 +20,11 @@ pub enum ToTarget {
     /// Stop everything of this delegation, and never register it after.
     Revoke { id: String },
     /// The origin answers renewal `seq`: the target's lease runs from when
-    /// it sent it. `untracked` names delegations in the renewal that the
+    /// it sent it, for `lease_ms` at most (the origin's lease, which its
+    /// expiry is measured against; the target takes the shorter of it and
+    /// its own). `untracked` names delegations in the renewal that the
     /// origin does not (or no longer) track: the target stops them.
-    RenewAck { session: u64, seq: u64, untracked: Vec<String> },
+    RenewAck { session: u64, seq: u64, lease_ms: u64, untracked: Vec<String> },
 }
 
 /// Target to origin.
