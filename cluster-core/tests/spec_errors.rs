@@ -214,3 +214,16 @@ fn restart_disconnect_and_kill_timeout_are_read_and_checked() {
     assert!(has(&errs, 7, 35, "fail"), "{errs:?}");
     assert!(has(&errs, 13, 16, "kill_timeout"), "{errs:?}");
 }
+
+#[test]
+fn prefer_remote_says_at_its_line_that_it_acts_as_overflow() {
+    let text = format!(
+        "[job]\nname = \"web\"\n[job.federation]\ndelegate = \"prefer-remote\"\n\n[[group]]\nname = \"g\"\n{TASK}"
+    );
+    let file = SourceFile::new("job.toml", text);
+    let checked = parse_job(&file);
+    assert!(checked.value.is_some(), "a warning, not an error");
+    let warning = checked.diagnostics.iter().find(|d| d.severity == Severity::Warning).expect("a warning");
+    assert_eq!(file.position(warning.span.start).0, 4);
+    assert!(warning.message.contains("as with `overflow`"), "{}", warning.message);
+}

@@ -133,11 +133,21 @@ fn check_name<'a>(d: &mut Diagnostics, what: &str, name: &'a str, span: Span) ->
 
 fn read_federation(f: &mut Table, d: &mut Diagnostics) -> FederationSpec {
     let mut spec = FederationSpec::default();
-    if let Some(mode) = f
-        .str(d, "delegate")
-        .and_then(|w| keyword(d, "delegation mode", w, DelegateMode::WORDS, DelegateMode::from_word))
-    {
-        spec.delegate = mode;
+    if let Some((word, span)) = f.str(d, "delegate") {
+        if let Some(mode) =
+            keyword(d, "delegation mode", (word, span.clone()), DelegateMode::WORDS, DelegateMode::from_word)
+        {
+            if mode == DelegateMode::PreferRemote {
+                // Said where it is written, until the scheduler holds work
+                // back for peers.
+                d.warning(
+                    span,
+                    "`prefer-remote` does not prefer peers yet: instances are placed here first and only the overflow is delegated, as with `overflow`",
+                    None,
+                );
+            }
+            spec.delegate = mode;
+        }
     }
     if let Some((share, s)) = f.float(d, "max_remote_share") {
         if (0.0..=1.0).contains(&share) {
