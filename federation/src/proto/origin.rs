@@ -115,7 +115,12 @@ pub fn spec_fingerprint(job: &Job, group: &str) -> u64 {
     for g in &mut j.groups {
         g.count = 0;
     }
-    encode(&j).iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    fnv(&encode(&j))
+}
+
+/// FNV-1a, 64 bits.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The part of `job` an offer carries: one group, `count` instances, its
@@ -148,9 +153,12 @@ pub struct Origin {
     /// Per delegation: when this leader first and last sent its offer or
     /// revocation, and how many times.
     sent: BTreeMap<String, Sent>,
-    /// Per record key: when a change to it was last proposed, so a change
-    /// in flight is not proposed again before `retry_ms`.
-    proposed: BTreeMap<String, Millis>,
+    /// Per record key: when a change to it was last proposed, and which
+    /// (a fingerprint of the compare-and-swap), so the same change in
+    /// flight is not proposed again before `retry_ms`. A different change
+    /// (an answer arriving while the hold is in flight) goes at once: the
+    /// compare-and-swap lets only one of them apply.
+    proposed: BTreeMap<String, (Millis, u64)>,
     /// Per delegation: since when this leader has seen it not running in
     /// full (offered, or an index pending). Past `STUCK_LEASES` leases it
     /// is revoked and its instances placed again (review B2.3, B3).
@@ -249,7 +257,7 @@ impl Origin {
             note: String::new(),
         };
         let key = outbound_key(&id);
-        self.proposed.insert(key.clone(), now);
+        self.proposed.insert(key.clone(), (now, 0));
         self.sent.insert(id.clone(), Sent { first: now, last: now, times: 1 });
         let bytes = encode(&record);
         let hold = Command::Hold {
@@ -292,11 +300,11 @@ impl Origin {
             && same_places
     }
 
-    fn propose(&mut self, key: &str, now: Millis, action: Action) -> Option<Action> {
-        if self.proposed.get(key).is_some_and(|t| now < t + self.timing.retry_ms) {
+    fn propose(&mut self, key: &str, change: u64, now: Millis, action: Action) -> Option<Action> {
+        if self.proposed.get(key).is_some_and(|(t, c)| *c == change && now < t + self.timing.retry_ms) {
             return None;
         }
-        self.proposed.insert(key.to_string(), now);
+        self.proposed.insert(key.to_string(), (now, change));
         Some(action)
     }
 
@@ -317,8 +325,9 @@ impl Origin {
                 record: bytes.clone(),
             });
         }
+        let change = fnv(expect) ^ fnv(&bytes).rotate_left(1);
         let command = Command::Guarded { holder: key.clone(), expect: Some(expect.to_vec()), record: bytes, then };
-        self.propose(&key, now, Action::Propose(command))
+        self.propose(&key, change, now, Action::Propose(command))
     }
 
     fn due(&self, id: &str, now: Millis) -> bool {
