@@ -98,9 +98,25 @@ impl Cluster {
                 let transport: Arc<dyn Transport<RaftMessage>> =
                     Arc::new(QuicClient::new(&ca.cert_pem, &pair).unwrap());
                 let (handle, task) = start(config, store, transport, &logger).unwrap();
-                let endpoint =
-                    QuicServer::bind::<RaftMessage>(self.peers[&id], &ca.cert_pem, &pair, Arc::new(handle.clone()))
-                        .unwrap();
+                // A restarted server binds its old port: the closed
+                // endpoint's socket is released by its driver a moment
+                // after the close, so binding is retried for up to 3 s.
+                let started = Instant::now();
+                let endpoint = loop {
+                    match QuicServer::bind::<RaftMessage>(
+                        self.peers[&id],
+                        &ca.cert_pem,
+                        &pair,
+                        Arc::new(handle.clone()),
+                    ) {
+                        Ok(e) => break e,
+                        Err(e) if started.elapsed() < Duration::from_secs(3) => {
+                            let _ = e;
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(e) => panic!("cannot bind {}: {e}", self.peers[&id]),
+                    }
+                };
                 endpoints.insert(id, endpoint);
                 self.servers.push(Server { id, handle, task });
             }

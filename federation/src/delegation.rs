@@ -50,7 +50,7 @@ pub fn check_offer(policy: &Policy, offer: &OfferCheck) -> Result<(), Rejection>
         }
     }
     let limit = policy.inbound.max_share_of_capacity * offer.total_cpu_millis as f64;
-    if (offer.inbound_cpu_millis + offer.ask_cpu_millis) as f64 > limit {
+    if offer.inbound_cpu_millis.saturating_add(offer.ask_cpu_millis) as f64 > limit {
         return Err(Rejection::InboundShare);
     }
     Ok(())

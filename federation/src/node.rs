@@ -195,14 +195,14 @@ impl Federation {
     /// Whether this server runs the cores now (it leads, and has applied
     /// its log as leader).
     pub fn is_leading(&self) -> bool {
-        self.leading.lock().expect("leading lock").is_some()
+        self.leading.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
     }
 
     /// Per registered at-most-once delegation: milliseconds of lease left,
     /// for heartbeat answers. Empty unless this server leads.
     fn grants(&self) -> Vec<(String, u64)> {
         let now = self.now_ms();
-        let leading = self.leading.lock().expect("leading lock");
+        let leading = self.leading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(l) = leading.as_ref() else { return Vec::new() };
         self.server.raft.read(|s| {
             Target::records(s)
@@ -227,7 +227,7 @@ impl Federation {
         let t = timing(policy);
         let seed = rand_seed();
         let cluster = &self.server.options.cluster;
-        *self.leading.lock().expect("leading lock") = Some(Leading {
+        *self.leading.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Leading {
             term,
             origin: Origin::new(cluster, t.clone(), Plants::default(), now),
             target: Target::new(t, Plants::default(), seed),
@@ -238,19 +238,19 @@ impl Federation {
     }
 
     fn step_down(&self) {
-        if self.leading.lock().expect("leading lock").take().is_some() {
+        if self.leading.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take().is_some() {
             self.generation.fetch_add(1, Ordering::SeqCst);
             tracing::info!("delegation: no longer leading; rounds in flight dropped");
         }
     }
 
     fn leading_term(&self) -> Option<u64> {
-        self.leading.lock().expect("leading lock").as_ref().map(|l| l.term)
+        self.leading.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(|l| l.term)
     }
 
     /// Runs `f` on the cores and the applied state; `None` unless leading.
     fn with_cores<T>(&self, f: impl FnOnce(&mut Leading, &ClusterState) -> T) -> Option<T> {
-        let mut leading = self.leading.lock().expect("leading lock");
+        let mut leading = self.leading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let l = leading.as_mut()?;
         Some(self.server.raft.read(|s| f(l, s)))
     }

@@ -294,7 +294,14 @@ impl Main {
                 tasks: Vec::new(),
                 control: None,
             });
-            self.awaiting.insert(alloc.id, alloc);
+            let id = alloc.id;
+            self.awaiting.insert(id, alloc);
+            if let Some(s) = self.slots.get_mut(&id) {
+                s.status = AllocStatus::Pending;
+                s.control = None;
+            }
+            // Said, so that nobody counts it as running meanwhile.
+            self.send(id);
             self.beat_now.notify_one();
         }
     }
