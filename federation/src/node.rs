@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cluster_core::command::Effect;
-use cluster_core::ids::JobId;
+use cluster_core::ids::{JobId, NodeIdx};
 use cluster_core::model::Job;
 use cluster_core::server::Inner;
 use cluster_core::server::rpc::{PeerHandler, Write};
@@ -436,7 +436,7 @@ impl Federation {
         let (work, utilization): (Vec<(Overflowing, u32)>, f64) = self.server.raft.read(|s| {
             let work =
                 Origin::overflow(s).into_iter().map(|w| (w.clone(), s.held_of_job(&w.job.id).count() as u32)).collect();
-            (work, used_cpu(s) as f64 / total_cpu(s).max(1) as f64)
+            (work, utilization(s))
         });
         let work: Vec<(Overflowing, u32)> = {
             let mut since = self.blocked_since.lock().expect("blocked lock");
@@ -524,9 +524,14 @@ pub(crate) fn inbound_cpu(s: &ClusterState) -> u64 {
     inbound.iter().flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
 }
 
-/// The cpu of every live allocation, in millicores.
-pub(crate) fn used_cpu(s: &ClusterState) -> u64 {
-    s.jobs().flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
+/// The share of the schedulable nodes' cpu that live allocations use, 0
+/// to 1, from the usage the state keeps per node.
+fn utilization(s: &ClusterState) -> f64 {
+    let used: u64 = (s.nodes().iter().enumerate())
+        .filter(|(_, n)| n.schedulable())
+        .map(|(i, _)| s.usage(NodeIdx(i as u32)).res.cpu_millis)
+        .sum();
+    used as f64 / total_cpu(s).max(1) as f64
 }
 
 pub(crate) fn total_cpu(s: &ClusterState) -> u64 {

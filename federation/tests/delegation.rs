@@ -55,6 +55,13 @@ struct Federation2 {
     target: Gossiping,
 }
 
+impl Federation2 {
+    async fn stop(self) {
+        self.origin.stop().await;
+        self.target.stop().await;
+    }
+}
+
 /// eu-west (2 nodes of 4 cores) delegates to `target` (10 simulated nodes
 /// of 8 that run what is placed on them).
 async fn two(target: &str, target_jurisdictions: &[&str], origin_policy: String, target_policy: String) -> Federation2 {
@@ -268,8 +275,7 @@ async fn offers_are_answered_from_the_log_and_a_tombstone_refuses_for_good() {
         other => panic!("a tombstone refuses a re-offer: {other:?}"),
     }
     assert!(target_jobs(&f.target).is_empty(), "the revoked job is stopped");
-    f.origin.stop().await;
-    f.target.stop().await;
+    f.stop().await;
 }
 
 /// Identities (item 6): a target acts only if its policy accepts from the
@@ -291,8 +297,7 @@ async fn a_target_refuses_an_origin_its_policy_does_not_accept_from() {
     .await;
     assert!(target_jobs(&f.target).is_empty());
     assert_eq!(live(&f.origin, "no"), 8, "only what fits locally runs");
-    f.origin.stop().await;
-    f.target.stop().await;
+    f.stop().await;
 }
 
 /// Leadership (item 7): the origin's leader dies right after its hold is
@@ -349,8 +354,7 @@ async fn a_stop_at_the_origin_reaches_the_target_and_is_confirmed() {
     .await;
     assert!(target_jobs(&f.target).is_empty(), "stopped at the target");
     assert_eq!(jobs_for(&f.target, &id), 1);
-    f.origin.stop().await;
-    f.target.stop().await;
+    f.stop().await;
 }
 
 /// Target-side leases (item 4) and pushed status (item 9): with nodes
@@ -465,8 +469,7 @@ async fn a_policy_committed_through_the_log_is_the_one_every_server_applies() {
     until(Duration::from_secs(10), "placed what fits", || live(&f.origin, "stay") == 8).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(records(&*f.origin.leader_federation().await).is_empty(), "nothing offered");
-    f.origin.stop().await;
-    f.target.stop().await;
+    f.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -501,8 +504,7 @@ async fn eu_only_work_never_lands_in_the_us_even_when_the_origin_policy_allows_i
         other => panic!("expected a jurisdiction refusal, got {other:?}"),
     }
     assert!(target_jobs(&f.target).is_empty(), "nothing registered on the target");
-    f.origin.stop().await;
-    f.target.stop().await;
+    f.stop().await;
 }
 
 /// What the policy says, the code does (item 8): with `queue_wait > 3s` as
@@ -525,6 +527,5 @@ async fn a_queue_wait_trigger_holds_overflow_back_until_it_has_waited() {
     })
     .await;
     assert!(blocked.elapsed() >= Duration::from_millis(1_500), "offered {:?} after blocking", blocked.elapsed());
-    f.origin.stop().await;
-    f.target.stop().await;
+    f.stop().await;
 }

@@ -42,10 +42,11 @@ pub struct Grants {
 
 impl Grants {
     /// Takes the grants of a heartbeat sent at `sent_ms`: (delegation id,
-    /// milliseconds left). A grant only ever moves later: a new leader that
-    /// has not renewed yet answers 0, and the old leader's grant still
-    /// bounds the work.
+    /// milliseconds left), after forgetting those that ran out by then. A
+    /// grant only ever moves later: a new leader that has not renewed yet
+    /// answers 0, and the old leader's grant still bounds the work.
     pub fn update(&mut self, sent_ms: u64, grants: &[(String, u64)]) {
+        self.forget_expired(sent_ms);
         for (id, left) in grants {
             let until = self.until.entry(id.clone()).or_insert(0);
             *until = (*until).max(sent_ms.saturating_add(*left));

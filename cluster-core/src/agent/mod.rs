@@ -288,18 +288,15 @@ impl Main {
         if self.granted(&alloc) {
             self.start(alloc);
         } else {
-            self.slots.entry(alloc.id).or_insert_with(|| Slot {
+            let id = alloc.id;
+            let slot = self.slots.entry(id).or_insert_with(|| Slot {
                 alloc: alloc.clone(),
                 status: AllocStatus::Pending,
                 tasks: Vec::new(),
                 control: None,
             });
-            let id = alloc.id;
+            slot.status = AllocStatus::Pending;
             self.awaiting.insert(id, alloc);
-            if let Some(s) = self.slots.get_mut(&id) {
-                s.status = AllocStatus::Pending;
-                s.control = None;
-            }
             // Said, so that nobody counts it as running meanwhile.
             self.send(id);
             self.beat_now.notify_one();
@@ -561,7 +558,6 @@ async fn heartbeats(
                 c.last = Some(Instant::now());
                 c.ttl = Duration::from_millis(ttl_ms);
                 c.grace = Duration::from_millis(grace_ms);
-                c.grants.forget_expired(sent);
                 c.grants.update(sent, &grants);
                 if failing || !registered {
                     tracing::info!(node = %node.id, "registered with the cluster; heartbeating every {:?}", c.ttl / 3);

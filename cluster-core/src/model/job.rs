@@ -87,6 +87,13 @@ impl Job {
         self.groups.iter().find(|g| &*g.name == name)
     }
 
+    /// The delegation whose lease `group`'s instances run under: set for
+    /// at-most-once work (`on_disconnect = "stop"`) that another cluster
+    /// delegated here, `None` for everything else.
+    pub fn delegation_lease(&self, group: &TaskGroup) -> Option<&str> {
+        (group.on_disconnect == OnDisconnect::Stop).then(|| self.labels.get(LABEL_DELEGATION).map(String::as_str))?
+    }
+
     /// Total instances the job asks for (system jobs: 0, decided per node).
     pub fn instance_count(&self) -> u64 {
         self.groups.iter().map(|g| u64::from(g.count)).sum()

@@ -10,7 +10,6 @@ use super::rpc::{Write, WriteReply};
 use crate::agent::rpc::{AgentAlloc, AgentReply, AgentRequest, NodeAllocs, SYNC_WAIT_MAX_MS};
 use crate::ids::NodeId;
 use crate::model::alloc::AllocReport;
-use crate::model::job::{LABEL_DELEGATION, OnDisconnect};
 use crate::state::ClusterState;
 use crate::transport::Identity;
 
@@ -87,9 +86,7 @@ pub fn node_allocs(state: &ClusterState, node: &NodeId, index: u64) -> NodeAlloc
                 group: Arc::new(group.clone()),
                 desired: a.desired,
                 status: a.status,
-                lease: (group.on_disconnect == OnDisconnect::Stop)
-                    .then(|| job.labels.get(LABEL_DELEGATION).cloned())
-                    .flatten(),
+                lease: job.delegation_lease(group).map(str::to_string),
             })
         })
         .collect();

@@ -16,7 +16,7 @@ use super::rpc::{Write, WriteReply};
 use crate::agent::lease::Grants;
 use crate::ids::{AllocId, NodeId};
 use crate::model::alloc::{AllocReport, AllocStatus, DesiredStatus};
-use crate::model::job::{Driver, LABEL_DELEGATION, OnDisconnect};
+use crate::model::job::Driver;
 use crate::model::node::Node;
 
 /// Nodes per registration.
@@ -46,7 +46,6 @@ pub async fn run(server: Arc<Inner>, nodes: Vec<Node>) {
             let sent = mono_ms();
             if let Ok(WriteReply::Heartbeat { grants: g, .. }) = server.write(Write::Heartbeat(ids.clone())).await {
                 last_beat = Instant::now();
-                grants.forget_expired(sent);
                 grants.update(sent, &g);
             }
         }
@@ -62,9 +61,7 @@ pub async fn run(server: Arc<Inner>, nodes: Vec<Node>) {
                     }
                     let job = s.job(&a.job);
                     let group = job.and_then(|j| j.group(&a.group));
-                    let lease = job
-                        .and_then(|j| j.labels.get(LABEL_DELEGATION))
-                        .filter(|_| group.is_some_and(|g| g.on_disconnect == OnDisconnect::Stop));
+                    let lease = job.zip(group).and_then(|(j, g)| j.delegation_lease(g));
                     if let Some(id) = lease.filter(|id| !grants.holds(id, now)) {
                         if a.status == AllocStatus::Pending {
                             awaiting = true;
