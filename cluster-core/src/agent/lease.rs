@@ -37,7 +37,8 @@ impl Lease {
 /// 1989). Times are milliseconds on the caller's monotonic clock.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Grants {
-    until: std::collections::BTreeMap<String, u64>,
+    /// Per delegation id: (end of the grant, length of the last grant).
+    until: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 impl Grants {
@@ -48,19 +49,30 @@ impl Grants {
     pub fn update(&mut self, sent_ms: u64, grants: &[(String, u64)]) {
         self.forget_expired(sent_ms);
         for (id, left) in grants {
-            let until = self.until.entry(id.clone()).or_insert(0);
-            *until = (*until).max(sent_ms.saturating_add(*left));
+            let (until, granted) = self.until.entry(id.clone()).or_insert((0, 0));
+            let end = sent_ms.saturating_add(*left);
+            if end > *until {
+                (*until, *granted) = (end, *left);
+            }
         }
     }
 
     /// Whether work of delegation `id` may run at `now_ms`.
     pub fn holds(&self, id: &str, now_ms: u64) -> bool {
-        self.until.get(id).is_some_and(|u| now_ms < *u)
+        self.until.get(id).is_some_and(|(u, _)| now_ms < *u)
+    }
+
+    /// Whether the grant of `id` still holds but is past half its length:
+    /// time to ask for a fresh one (a heartbeat now) rather than wait for
+    /// the next regular one, which may come after it ends when the
+    /// delegation's lease is short beside the heartbeat TTL.
+    pub fn renew_due(&self, id: &str, now_ms: u64) -> bool {
+        self.until.get(id).is_some_and(|(u, granted)| now_ms < *u && u - now_ms < granted / 2)
     }
 
     /// Forgets grants that ran out before `now_ms` and that no work needs.
     pub fn forget_expired(&mut self, now_ms: u64) {
-        self.until.retain(|_, u| now_ms < *u);
+        self.until.retain(|_, (u, _)| now_ms < *u);
     }
 }
 
@@ -80,6 +92,10 @@ mod tests {
         assert!(g.holds("d", 5_999));
         g.update(4_000, &[("d".into(), 5_000)]);
         assert!(g.holds("d", 8_999));
+        // Past half its length, a grant asks to be renewed.
+        assert!(!g.renew_due("d", 6_500));
+        assert!(g.renew_due("d", 6_501));
+        assert!(!g.renew_due("d", 9_000), "ended: nothing to renew");
         g.forget_expired(9_000);
         assert!(!g.holds("d", 9_000));
     }

@@ -441,7 +441,10 @@ impl Main {
                 self.start(a);
             }
         }
-        if !self.awaiting.is_empty() {
+        let renew = (self.slots.values().filter(|s| s.control.is_some()))
+            .filter_map(|s| s.alloc.lease.as_ref())
+            .any(|id| grants.renew_due(id, now));
+        if !self.awaiting.is_empty() || renew {
             self.beat_now.notify_one();
         }
         let lapsed: Vec<(AllocId, String)> = self

@@ -225,24 +225,27 @@ impl Inner {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Sends a message to a server of cluster `cluster` at `to`, once the
-    /// certificate it presents names a server of that cluster (before the
-    /// call and after it, on the connection the call used).
+    /// Sends a message to a server of cluster `cluster` at `to`, only if
+    /// the certificate of the connection it goes over names a server of
+    /// that cluster; otherwise nothing is sent.
     pub async fn call_cluster(
         &self,
         cluster: &str,
         to: std::net::SocketAddr,
         message: Vec<u8>,
     ) -> Result<Vec<u8>, String> {
-        let check = |who: Option<crate::transport::Identity>| match who {
+        let check = |who: Option<&crate::transport::Identity>| match who {
             Some(id) if id.cluster == cluster && id.role == crate::transport::Role::Server => Ok(()),
             Some(id) => Err(format!("{to} presents the certificate of {id}, not of a server of {cluster}")),
             None => Err(format!("cannot tell who answers at {to}")),
         };
-        check(self.transport.server_identity(to).await)?;
-        let reply = self.call_peer(to, message).await?;
-        check(self.transport.server_identity(to).await)?;
-        Ok(reply)
+        match self.transport.call_checked(to, ServerRpc::Peer(message), &check).await {
+            Ok(ServerReply::Peer(reply)) => Ok(reply),
+            Ok(ServerReply::Refused(why)) => Err(why),
+            Ok(_) => Err("an answer of another kind".into()),
+            Err(crate::transport::TransportError::Refused(_, why)) => Err(why),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Sends a message to another cluster's server (at its QUIC address).

@@ -62,6 +62,8 @@ pub async fn run(server: Arc<Inner>, nodes: Vec<Node>) {
                     let job = s.job(&a.job);
                     let group = job.and_then(|j| j.group(&a.group));
                     let lease = job.zip(group).and_then(|(j, g)| j.delegation_lease(g));
+                    // A grant past half its length asks for a heartbeat now.
+                    awaiting |= lease.as_ref().is_some_and(|id| grants.renew_due(id, now));
                     if let Some(id) = lease.filter(|id| !grants.holds(id, now)) {
                         if a.status == AllocStatus::Pending {
                             awaiting = true;

@@ -47,13 +47,24 @@ pub trait Transport<R: Rpc>: Send + Sync + 'static {
     /// Sends `request` to the server at `to` and waits for its reply.
     async fn call(&self, to: SocketAddr, request: R) -> Result<R::Reply, TransportError>;
 
-    /// Who the server at `to` is, by the certificate it presented on the
-    /// connection calls use (connecting if need be); `None` when it cannot
-    /// be reached or the transport cannot tell.
-    async fn server_identity(&self, _to: SocketAddr) -> Option<Identity> {
-        None
+    /// Like [`Transport::call`], but first shows `check` who answers at
+    /// `to`, by the certificate of the very connection the request then
+    /// goes over (`None`: the transport cannot tell). When `check` says no,
+    /// nothing is sent and the call fails with [`TransportError::Refused`].
+    async fn call_checked(
+        &self,
+        to: SocketAddr,
+        request: R,
+        check: &IdentityCheck<'_>,
+    ) -> Result<R::Reply, TransportError> {
+        check(None).map_err(|why| TransportError::Refused(to, why))?;
+        self.call(to, request).await
     }
 }
+
+/// What a caller accepts as the server it speaks to (see
+/// [`Transport::call_checked`]): `Err` carries why not, for people.
+pub type IdentityCheck<'a> = dyn Fn(Option<&Identity>) -> Result<(), String> + Send + Sync + 'a;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TransportError {

@@ -13,7 +13,9 @@ use rustls::pki_types::CertificateDer;
 use tokio::task::JoinHandle;
 
 use super::tls::{self, PemPair, SERVER_NAME, TlsError};
-use super::{Handler, Identity, Rpc, Transport, TransportError, encode_frame, frame_len, read_answer, serve_frame};
+use super::{
+    Handler, Identity, IdentityCheck, Rpc, Transport, TransportError, encode_frame, frame_len, read_answer, serve_frame,
+};
 
 /// How long a call may take, connection included.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -168,8 +170,16 @@ impl QuicClient {
         Ok(conn)
     }
 
-    async fn exchange<R: Rpc>(&self, to: SocketAddr, frame: &[u8]) -> Result<R::Reply, TransportError> {
+    async fn exchange<R: Rpc>(
+        &self,
+        to: SocketAddr,
+        frame: &[u8],
+        check: Option<&IdentityCheck<'_>>,
+    ) -> Result<R::Reply, TransportError> {
         let conn = self.connection(to).await?;
+        if let Some(check) = check {
+            check(peer_identity(&conn).as_ref()).map_err(|why| TransportError::Refused(to, why))?;
+        }
         let result = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connection_error(to, e))?;
             send.write_all(frame).await.map_err(|e| TransportError::Closed(to, e.to_string()))?;
@@ -198,14 +208,29 @@ impl QuicClient {
 
 #[async_trait]
 impl<R: Rpc> Transport<R> for QuicClient {
-    async fn server_identity(&self, to: SocketAddr) -> Option<Identity> {
-        let conn = tokio::time::timeout(CALL_TIMEOUT, self.connection(to)).await.ok()?.ok()?;
-        peer_identity(&conn)
+    async fn call(&self, to: SocketAddr, request: R) -> Result<R::Reply, TransportError> {
+        self.call_on(to, request, None).await
     }
 
-    async fn call(&self, to: SocketAddr, request: R) -> Result<R::Reply, TransportError> {
+    async fn call_checked(
+        &self,
+        to: SocketAddr,
+        request: R,
+        check: &IdentityCheck<'_>,
+    ) -> Result<R::Reply, TransportError> {
+        self.call_on(to, request, Some(check)).await
+    }
+}
+
+impl QuicClient {
+    async fn call_on<R: Rpc>(
+        &self,
+        to: SocketAddr,
+        request: R,
+        check: Option<&IdentityCheck<'_>>,
+    ) -> Result<R::Reply, TransportError> {
         let frame = encode_frame(&request)?;
-        match tokio::time::timeout(CALL_TIMEOUT, self.exchange::<R>(to, &frame)).await {
+        match tokio::time::timeout(CALL_TIMEOUT, self.exchange::<R>(to, &frame, check)).await {
             Ok(result) => result,
             Err(_) => {
                 // A peer that does not answer may have died under a live-
