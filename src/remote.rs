@@ -182,7 +182,7 @@ pub fn delegations(c: &Client, json: bool) -> anyhow::Result<Outcome> {
         println!("{t}");
     }
     if !d.inbound.is_empty() {
-        let mut t = table(&["inbound", "from", "job here", "instances", "state", "running"]);
+        let mut t = table(&["inbound", "from", "job here", "instances", "state", "running", "returned"]);
         for i in &d.inbound {
             t.add_row(vec![
                 i.id.clone(),
@@ -191,6 +191,7 @@ pub fn delegations(c: &Client, json: bool) -> anyhow::Result<Outcome> {
                 i.indices.len().to_string(),
                 i.state.clone(),
                 i.running.to_string(),
+                i.returned.len().to_string(),
             ]);
         }
         println!("{t}");

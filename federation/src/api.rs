@@ -89,6 +89,9 @@ pub struct Inbound {
     pub state: String,
     pub running: u32,
     pub at_most_once: bool,
+    /// The origin's indexes this cluster gave back (it could not keep
+    /// them); they never run here again.
+    pub returned: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -224,6 +227,7 @@ async fn delegations(State(fed): State<Arc<Federation>>) -> Result<axum::Json<De
                 job: r.job,
                 indices: r.indices,
                 at_most_once: r.at_most_once,
+                returned: r.returned,
             })
             .collect()
     });

@@ -203,7 +203,7 @@ impl Federation {
     fn grants(&self) -> Vec<(String, u64)> {
         let now = self.now_ms();
         let leading = self.leading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(l) = leading.as_ref() else { return Vec::new() };
+        let Some(l) = leading.as_ref().filter(|l| self.still_leads(l)) else { return Vec::new() };
         self.server.raft.read(|s| {
             Target::records(s)
                 .into_iter()
@@ -248,10 +248,21 @@ impl Federation {
         self.leading.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(|l| l.term)
     }
 
-    /// Runs `f` on the cores and the applied state; `None` unless leading.
+    /// Whether Raft still has this server leading in the cores' term. The
+    /// run loop notices a lost leadership within a tick; this closes that
+    /// window for every message and grant in between (raft-rs runs with
+    /// `check_quorum`, so a leader cut off from its majority steps down
+    /// within an election timeout).
+    fn still_leads(&self, l: &Leading) -> bool {
+        let status = self.server.raft.status();
+        status.leader == Some(self.server.id) && status.term == l.term
+    }
+
+    /// Runs `f` on the cores and the applied state; `None` unless this
+    /// server leads in the cores' term.
     fn with_cores<T>(&self, f: impl FnOnce(&mut Leading, &ClusterState) -> T) -> Option<T> {
         let mut leading = self.leading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let l = leading.as_mut()?;
+        let l = leading.as_mut().filter(|l| self.still_leads(l))?;
         Some(self.server.raft.read(|s| f(l, s)))
     }
 
@@ -534,6 +545,14 @@ fn utilization(s: &ClusterState) -> f64 {
     used as f64 / total_cpu(s).max(1) as f64
 }
 
+/// The cpu no live allocation uses on the schedulable nodes, in millicores.
+pub(crate) fn free_cpu(s: &ClusterState) -> u64 {
+    (s.nodes().iter().enumerate())
+        .filter(|(_, n)| n.schedulable())
+        .map(|(i, n)| n.capacity.cpu_millis.saturating_sub(s.usage(NodeIdx(i as u32)).res.cpu_millis))
+        .sum()
+}
+
 pub(crate) fn total_cpu(s: &ClusterState) -> u64 {
     s.nodes().iter().filter(|n| n.schedulable()).map(|n| n.capacity.cpu_millis).sum()
 }
@@ -629,6 +648,11 @@ pub async fn run(fed: Arc<Federation>) {
             fed.step_down();
             // Leader memory is rebuilt only after the log is applied.
             if fed.server.raft.read_fresh(|_| ()).await.is_err() {
+                continue;
+            }
+            // Still leading in that term once the log is applied?
+            let after = fed.server.raft.status();
+            if after.leader != Some(fed.server.id) || after.term != status.term {
                 continue;
             }
             let committed = fed.server.raft.read(|s| s.record(POLICY_RECORD).is_some());

@@ -187,6 +187,66 @@ async fn overflow_runs_on_the_peer_by_index_and_is_taken_back_when_the_peer_dies
     origin.stop().await;
 }
 
+/// Exact counts by index (item 3), the other way: an instance the target
+/// can no longer keep (its node drained, no room left) is given back by
+/// index. The origin holds exactly the rest, and the returned index never
+/// runs at the target again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_index_the_target_cannot_keep_is_returned_and_never_runs_there_again() {
+    let f = eu_pair().await;
+    submit(&f.origin, spec("burst", 20, "")).await;
+    let fed = f.origin.leader_federation().await;
+    let running = |r: &Outbound| {
+        r.phase == Phase::Registered && r.states.len() == 12 && r.states.iter().all(|(_, s)| *s == IndexState::Running)
+    };
+    until(Duration::from_secs(20), "running at the target", || records(&fed).iter().any(running)).await;
+    let r = records(&fed).into_iter().find(running).unwrap();
+    let job = JobId::new(target_job_id(&r.id));
+    // Fill every core the delegated work does not use (10 nodes of 8).
+    submit(&f.target, spec("fill", 68, "")).await;
+    until(Duration::from_secs(20), "the target is full", || live(&f.target, "fill") == 68).await;
+    let server = f.target.cluster.server(1).unwrap();
+    // Drain a node that runs delegated instances: nowhere else fits them.
+    let (node, on_it) = server.raft().read(|s| {
+        let a = s.allocs_of_job(&job).find(|a| a.is_live()).unwrap().clone();
+        let local: Vec<u32> =
+            s.allocs_of_job(&job).filter(|b| b.is_live() && b.node == a.node).map(|b| b.index).collect();
+        (a.node, local)
+    });
+    let drain = cluster_core::server::rpc::Write::DrainNode { node, drain: true, deadline: None };
+    server.inner.write(drain).await.unwrap();
+    let inbound = || fed_inbound(&f.target, &r.id);
+    until(Duration::from_secs(20), "given back", || !inbound().returned.is_empty()).await;
+    let mut expect: Vec<u32> = on_it.iter().map(|j| r.indices[*j as usize]).collect();
+    expect.sort_unstable();
+    let mut returned = inbound().returned;
+    returned.sort_unstable();
+    assert_eq!(returned, expect, "exactly the origin's indexes of the drained node's instances");
+    let kept: Vec<u32> = r.indices.iter().copied().filter(|i| !returned.contains(i)).collect();
+    until(Duration::from_secs(10), "the origin holds exactly the rest", || {
+        records(&fed).iter().any(|o| o.id == r.id && o.indices == kept && o.phase == Phase::Registered)
+    })
+    .await;
+    // Held at the target: however long it waits, the index is not placed
+    // there again (sampled for two leases).
+    for _ in 0..60 {
+        let again = server.raft().read(|s| {
+            s.allocs_of_job(&job).filter(|a| !a.status.is_terminal()).filter(|a| on_it.contains(&a.index)).count()
+        });
+        assert_eq!(again, 0, "a returned index runs at the target again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f.stop().await;
+}
+
+/// The target's record of delegation `id`.
+fn fed_inbound(g: &Gossiping, id: &str) -> federation::proto::target::Inbound {
+    let server = g.cluster.running().next().unwrap();
+    g.cluster.server(server).unwrap().raft().read(|s| {
+        federation::proto::target::Target::records(s).into_iter().map(|(r, _)| r).find(|r| r.id == id).unwrap()
+    })
+}
+
 /// Definite outcomes (item 2), identities (item 6) and the spec checks
 /// (item 10): a re-offer is answered from the log with the first outcome;
 /// a revoked id is refused for good; nobody offers or revokes in another
@@ -210,7 +270,12 @@ async fn offers_are_answered_from_the_log_and_a_tombstone_refuses_for_good() {
         j
     });
     let id = "eu-west/dup/e1-g-0".to_string();
-    let offer = Message::ToTarget(ToTarget::Offer { id: id.clone(), job: job.clone(), indices: vec![0, 1, 2, 3, 4] });
+    let offer = Message::ToTarget(ToTarget::Offer {
+        id: id.clone(),
+        job: job.clone(),
+        indices: vec![0, 1, 2, 3, 4],
+        grace_ms: 2_000,
+    });
     let addr = f.target.cluster.raft_addrs[&1];
     for _ in 0..3 {
         let reply = deliver(&fed, addr, vec![offer.clone()]).await;
@@ -219,8 +284,12 @@ async fn offers_are_answered_from_the_log_and_a_tombstone_refuses_for_good() {
     assert_eq!(jobs_for(&f.target, &id), 1, "one job for three offers");
     // An id that names another cluster is refused: the certificate names
     // eu-west.
-    let forged =
-        Message::ToTarget(ToTarget::Offer { id: "us-east/x/e1-g-0".into(), job: job.clone(), indices: vec![0] });
+    let forged = Message::ToTarget(ToTarget::Offer {
+        id: "us-east/x/e1-g-0".into(),
+        job: job.clone(),
+        indices: vec![0],
+        grace_ms: 2_000,
+    });
     match outcome(&deliver(&fed, addr, vec![forged]).await) {
         Outcome::Refused { reason: Rejection::NotAccepted, message } => {
             assert!(message.contains("us-east"), "{message}")
@@ -237,8 +306,12 @@ async fn offers_are_answered_from_the_log_and_a_tombstone_refuses_for_good() {
     assert_eq!(reply, PeerReply::Delivered(Vec::new()));
     // Offers go through the spec checks: indexes that do not match the
     // count, a system job.
-    let bad =
-        Message::ToTarget(ToTarget::Offer { id: "eu-west/dup/e2-g-0".into(), job: job.clone(), indices: vec![0] });
+    let bad = Message::ToTarget(ToTarget::Offer {
+        id: "eu-west/dup/e2-g-0".into(),
+        job: job.clone(),
+        indices: vec![0],
+        grace_ms: 2_000,
+    });
     assert!(matches!(outcome(&deliver(&fed, addr, vec![bad]).await), Outcome::Refused { .. }));
     let mut system = job.clone();
     system.job_type = cluster_core::model::JobType::System;
@@ -246,6 +319,7 @@ async fn offers_are_answered_from_the_log_and_a_tombstone_refuses_for_good() {
         id: "eu-west/dup/e3-g-0".into(),
         job: system,
         indices: vec![0, 1, 2, 3, 4],
+        grace_ms: 2_000,
     });
     match outcome(&deliver(&fed, addr, vec![bad]).await) {
         Outcome::Refused { message, .. } => assert!(message.contains("system"), "{message}"),
@@ -496,8 +570,12 @@ async fn eu_only_work_never_lands_in_the_us_even_when_the_origin_policy_allows_i
         j.groups[0].count = 4;
         j
     });
-    let offer =
-        Message::ToTarget(ToTarget::Offer { id: "eu-west/pii/forced".into(), job, indices: vec![8, 9, 10, 11] });
+    let offer = Message::ToTarget(ToTarget::Offer {
+        id: "eu-west/pii/forced".into(),
+        job,
+        indices: vec![8, 9, 10, 11],
+        grace_ms: 2_000,
+    });
     let addr = f.target.cluster.raft_addrs[&1];
     match outcome(&deliver(&fed, addr, vec![offer]).await) {
         Outcome::Refused { reason: Rejection::Jurisdiction, message } => assert!(message.contains("[us]"), "{message}"),

@@ -94,11 +94,14 @@ impl Checker {
                     }
                 }
             }
-            for (r, _) in Origin::records(&origin.oracle).into_iter().filter(|(r, _)| !r.phase.holds()) {
+            // Given back whole, or an index of it (returned by the target).
+            for (r, _) in Origin::records(&origin.oracle) {
                 let Some(t) = w.clusters.iter().position(|c| c.name == r.target) else { continue };
                 let target = &w.clusters[t];
+                let given_back = |i: u32| !r.phase.holds() || !r.indices.contains(&i);
                 for node in &target.nodes {
-                    for p in node.procs.values().filter(|p| p.lease_of.as_deref() == Some(r.id.as_str())) {
+                    let of_it = |p: &&crate::world::Proc| p.lease_of.as_deref() == Some(r.id.as_str());
+                    for p in node.procs.values().filter(of_it).filter(|p| given_back(p.key.3)) {
                         if p.at_most_once || !Self::keep_excused(w, o, t, node) {
                             return violation(
                                 w,
@@ -330,15 +333,22 @@ impl Checker {
                         let n = live.get(&key).copied().unwrap_or(0);
                         let done = job.job_type == JobType::Batch && batch_done(s, &job.id, &g.name, i, job.version);
                         if n > 1 || (n == 0 && !done && !reported_unplaceable(s, &job.id, &g.name, i)) {
+                            // What the origin's log says of it, for whoever
+                            // reads the failure.
+                            let allocs: Vec<String> = (s.allocs_of_job(&job.id))
+                                .filter(|a| a.group == g.name && a.index == i)
+                                .map(|a| format!("{}:{:?}/{:?}@{}", a.id.0, a.status, a.desired, a.node))
+                                .collect();
                             return violation(
                                 w,
                                 "I8 converges",
                                 format!(
-                                    "{}/{}.{}[{i}] runs {n} times {}s after the faults stopped",
+                                    "{}/{}.{}[{i}] runs {n} times {}s after the faults stopped (allocations here: [{}])",
                                     cl.name,
                                     job.id,
                                     g.name,
-                                    (w.now - w.quiet_from_ms) / 1000
+                                    (w.now - w.quiet_from_ms) / 1000,
+                                    allocs.join(", ")
                                 ),
                             );
                         }

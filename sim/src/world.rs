@@ -70,7 +70,9 @@ impl Plant {
 
     pub fn describe(self) -> &'static str {
         match self {
-            Plant::ReleaseOnTimeout => "the origin treats an offer unanswered after one retry as refused (review B1)",
+            Plant::ReleaseOnTimeout => {
+                "the origin treats an offer unanswered after half the retry interval as refused (review B1)"
+            }
             Plant::ForgetRegistration => {
                 "the target registers a re-offered id again instead of answering from its record"
             }
@@ -196,6 +198,13 @@ pub enum Event {
         node: usize,
         for_ms: u64,
     },
+    /// The machine dies with everything on it, and comes back empty after
+    /// `for_ms`: its cluster loses the capacity meanwhile.
+    NodeLost {
+        cluster: usize,
+        node: usize,
+        for_ms: u64,
+    },
     RestartAgent {
         cluster: usize,
         node: usize,
@@ -271,6 +280,8 @@ pub struct SimNode {
     pub up: bool,
     pub paused_until: u64,
     pub cut_until: u64,
+    /// Until when the machine is gone (see [`Event::NodeLost`]).
+    pub lost_until: u64,
     /// When (cluster clock) the agent last heard from its servers.
     last_contact: Option<u64>,
     /// Per delegation id: until when (cluster clock) its at-most-once work
@@ -414,6 +425,7 @@ impl World {
                             id: n.id.clone(),
                             up: true,
                             paused_until: 0,
+                            lost_until: 0,
                             cut_until: 0,
                             last_contact: None,
                             grants: BTreeMap::new(),
@@ -586,6 +598,16 @@ impl World {
                 self.note(format!("{} agent {node} paused for {for_ms}ms", self.clusters[cluster].name));
                 self.clusters[cluster].nodes[node].paused_until = self.now + for_ms;
             }
+            Event::NodeLost { cluster, node, for_ms } => {
+                self.note(format!("{} node {node} lost for {for_ms}ms", self.clusters[cluster].name));
+                let n = &mut self.clusters[cluster].nodes[node];
+                n.procs.clear();
+                n.last_contact = None;
+                n.grants.clear();
+                // Its disk survives: what it ended and has yet to report is
+                // reported when it is back, as after an agent restart.
+                n.lost_until = self.now + for_ms;
+            }
             Event::RestartAgent { cluster, node } => {
                 self.note(format!("{} agent {node} restarts", self.clusters[cluster].name));
                 let n = &mut self.clusters[cluster].nodes[node];
@@ -627,7 +649,7 @@ impl World {
         // Every fault is over by the time the quiet part of the run begins.
         let left = self.quiet_from_ms.saturating_sub(self.now).max(1);
         let for_ms = (2_000 + self.rng.below(28_000) as u64).min(left);
-        let e = match self.rng.below(10) {
+        let e = match self.rng.below(11) {
             // A link that slows down, then fails the other way: what
             // stretches a lease the most.
             9 => {
@@ -654,6 +676,7 @@ impl World {
             4 => Event::CrashAfterCommit { cluster: c, down_ms: (500 + self.rng.below(5_000) as u64).min(left) },
             5 => Event::CutAgent { cluster: c, node: self.rng.below(self.clusters[c].nodes.len()), for_ms },
             6 => Event::RestartAgent { cluster: c, node: self.rng.below(self.clusters[c].nodes.len()) },
+            10 => Event::NodeLost { cluster: c, node: self.rng.below(self.clusters[c].nodes.len()), for_ms },
             7 => {
                 let b = (c + 1 + self.rng.below(n - 1)) % n;
                 Event::Delay { a: c, b, extra_ms: (1_000 + self.rng.below(9_000) as u64).min(left), for_ms }
@@ -973,7 +996,7 @@ impl World {
         let cl = &mut self.clusters[c];
         let now_c = cl.clock(now);
         let node = &mut cl.nodes[n];
-        if !node.up {
+        if !node.up || now < node.lost_until {
             return;
         }
         // Tasks end on their own (batch) or finish dying.
@@ -1173,7 +1196,12 @@ fn describe(c: &Command) -> String {
         ),
         Command::SetNodeStatus { node, status, .. } => format!("node {node} {}", status.as_str()),
         Command::Guarded { holder, expect, then, .. } => {
-            format!("guarded {holder} (expect {}) then {}", if expect.is_some() { "old" } else { "none" }, then.len())
+            let then: Vec<String> = then.iter().map(describe).collect();
+            format!(
+                "guarded {holder} (expect {}) then [{}]",
+                if expect.is_some() { "old" } else { "none" },
+                then.join("; ")
+            )
         }
         Command::Hold { holder, indices, .. } => format!("hold {holder} {indices:?}"),
         Command::Release { holder, .. } => format!("release {holder}"),

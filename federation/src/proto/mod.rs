@@ -70,8 +70,8 @@ impl Default for Timing {
 /// production; nothing but `hanse-sim --plant` sets them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plants {
-    /// Origin: an offer unanswered after one retry counts as refused and
-    /// its instances are placed again (review B1).
+    /// Origin: an offer unanswered after half the retry interval counts
+    /// as refused and its instances are placed again (review B1).
     pub release_on_timeout: bool,
     /// Target: a re-offered id is registered again instead of answered
     /// from its record (review B1.2, B3.2).

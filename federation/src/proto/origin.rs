@@ -47,6 +47,13 @@ pub struct Outbound {
     pub jurisdictions: Vec<String>,
     /// Why it ended, for people.
     pub note: String,
+    /// The lease and grace (milliseconds) in force when it was offered.
+    /// Renewals of it are never answered with a longer lease, and its
+    /// expiry never comes sooner than this lease and grace allow, whatever
+    /// the policy says later: a policy that shortens the lease cannot cut
+    /// short a lease already granted.
+    pub lease_ms: u64,
+    pub grace_ms: u64,
 }
 
 /// Where a delegation is. Moves only forward: Offered, Registered,
@@ -255,6 +262,8 @@ impl Origin {
             states: Vec::new(),
             jurisdictions: job.jurisdictions.iter().map(|j| j.to_string()).collect(),
             note: String::new(),
+            lease_ms: self.timing.lease_ms,
+            grace_ms: self.timing.grace_ms,
         };
         let key = outbound_key(&id);
         self.proposed.insert(key.clone(), (now, 0));
@@ -270,7 +279,12 @@ impl Origin {
         vec![Action::ProposeThenSend {
             command: Command::Guarded { holder: key, expect: None, record: bytes, then: vec![hold] },
             to: target.to_string(),
-            reply: Message::ToTarget(ToTarget::Offer { id, job, indices: work.indices.clone() }),
+            reply: Message::ToTarget(ToTarget::Offer {
+                id,
+                job,
+                indices: work.indices.clone(),
+                grace_ms: self.timing.grace_ms,
+            }),
         }]
     }
 
@@ -279,12 +293,13 @@ impl Origin {
     /// leadership's start, or this leader's first offer of it, whichever is
     /// latest. (A target that ran nothing of ours before renews nothing, so
     /// its last renewal alone may be long past: found by `hanse-sim`, seed
-    /// 1344.) Later is always safe; sooner is not.
+    /// 1344.) The lease and grace are the longer of the record's and this
+    /// term's. Later is always safe; sooner is not.
     fn expires_at(&self, record: &Outbound) -> Millis {
         let heard = self.heard.get(&record.target).copied().unwrap_or(0);
         let from = heard.max(self.began).max(self.sent.get(&record.id).map_or(0, |s| s.first));
-        let grace = if self.plants.no_grace { 0 } else { self.timing.grace_ms };
-        from + self.timing.lease_ms + grace
+        let grace = if self.plants.no_grace { 0 } else { self.timing.grace_ms.max(record.grace_ms) };
+        from + self.timing.lease_ms.max(record.lease_ms) + grace
     }
 
     /// Whether the job still wants this delegation as it is.
@@ -391,22 +406,23 @@ impl Origin {
                 actions.extend(self.transition(&r, &bytes, &next, now));
                 continue;
             }
+            let first = self.sent.get(&r.id).map_or(now, |s| s.first);
+            if self.plants.release_on_timeout && r.phase == Phase::Offered && now >= first + self.timing.retry_ms / 2 {
+                let next = Outbound { phase: Phase::Ended(End::Refused), note: "no answer".into(), ..r.clone() };
+                actions.extend(self.transition(&r, &bytes, &next, now));
+                continue;
+            }
             if !self.due(&r.id, now) {
                 continue;
             }
             match r.phase {
                 Phase::Offered => {
-                    let times = self.mark_sent(&r.id, now);
-                    if self.plants.release_on_timeout && times > 2 {
-                        let next =
-                            Outbound { phase: Phase::Ended(End::Refused), note: "no answer".into(), ..r.clone() };
-                        actions.extend(self.transition(&r, &bytes, &next, now));
-                        continue;
-                    }
+                    self.mark_sent(&r.id, now);
                     let job = state.job(&JobId::new(&r.job));
                     let offer = job.and_then(|j| offered_job(policy, j, &r.group, r.indices.len() as u32));
                     if let Some(job) = offer {
-                        let message = ToTarget::Offer { id: r.id.clone(), job, indices: r.indices.clone() };
+                        let message =
+                            ToTarget::Offer { id: r.id.clone(), job, indices: r.indices.clone(), grace_ms: r.grace_ms };
                         actions.push(Action::Send { to: r.target.clone(), message: Message::ToTarget(message) });
                     }
                 }
@@ -463,15 +479,19 @@ impl Origin {
                 self.heard.insert(from.to_string(), now);
                 let mut actions = Vec::new();
                 let mut untracked = Vec::new();
+                // Never a longer lease than any delegation named was
+                // offered under (see `Outbound::lease_ms`).
+                let mut lease_ms = self.timing.lease_ms;
                 for p in delegations {
                     match find(&p.id) {
                         Some((r, bytes)) if matches!(r.phase, Phase::Offered | Phase::Registered) => {
+                            lease_ms = lease_ms.min(r.lease_ms);
                             actions.extend(self.progress(&r, &bytes, &p, now));
                         }
                         _ => untracked.push(p.id),
                     }
                 }
-                let ack = ToTarget::RenewAck { session, seq, lease_ms: self.timing.lease_ms, untracked };
+                let ack = ToTarget::RenewAck { session, seq, lease_ms, untracked };
                 actions.push(Action::Send { to: from.to_string(), message: Message::ToTarget(ack) });
                 actions
             }
@@ -479,7 +499,8 @@ impl Origin {
     }
 
     /// A renewal's news about one tracked delegation: it registered (if
-    /// the answer to the offer was lost), and its per-index states.
+    /// the answer to the offer was lost), its per-index states, and the
+    /// indexes it returned, which leave the hold to be placed again.
     fn progress(&mut self, r: &Outbound, bytes: &[u8], p: &Progress, now: Millis) -> Option<Action> {
         let indices: Vec<u32> = p.indices.iter().map(|(i, _)| *i).collect();
         let mut next = r.clone();
@@ -490,8 +511,15 @@ impl Origin {
             next.phase = Phase::Registered;
             next.indices = indices;
         }
+        let returned: Vec<u32> =
+            p.indices.iter().filter(|(_, s)| *s == IndexState::Returned).map(|(i, _)| *i).collect();
+        next.indices.retain(|i| !returned.contains(i));
         next.states = p.indices.iter().filter(|(i, _)| next.indices.contains(i)).copied().collect();
-        if next.states.len() == next.indices.len() && next.states.iter().all(|(_, s)| *s == IndexState::Complete) {
+        if next.indices.is_empty() {
+            next.phase = Phase::Ended(End::Revoked);
+            next.note = format!("{} returned every instance", r.target);
+        } else if next.states.len() == next.indices.len() && next.states.iter().all(|(_, s)| *s == IndexState::Complete)
+        {
             next.phase = Phase::Ended(End::Complete);
         }
         if next == *r {

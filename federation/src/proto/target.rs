@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::wire::{IndexState, Outcome, Progress, ToOrigin, ToTarget};
 use super::{Action, Message, Millis, Plants, Timing, inbound_key};
 use crate::delegation::{OfferCheck, Rejection, check_offer};
-use crate::node::{inbound_cpu, total_cpu};
+use crate::node::{free_cpu, inbound_cpu, total_cpu};
 use crate::policy::Policy;
 use crate::protocol::{LABEL_DELEGATION, LABEL_ORIGIN, decode, encode, target_job_id};
 
@@ -33,6 +33,9 @@ use crate::protocol::{LABEL_DELEGATION, LABEL_ORIGIN, decode, encode, target_job
 pub const RENEWALS_IN_FLIGHT_MAX: usize = 64;
 /// The least time between two renewals pushed because progress changed.
 pub const PUSH_INTERVAL_MS: u64 = 100;
+/// How many leases an index may wait here for a node that fits it before
+/// it is given back to its origin.
+pub const RETURN_AFTER_LEASES: u64 = 1;
 
 /// The target's record of one delegation id, committed before any answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,6 +50,10 @@ pub struct Inbound {
     pub indices: Vec<u32>,
     pub phase: InPhase,
     pub at_most_once: bool,
+    /// Origin indexes given back (a subset of `indices`): this cluster
+    /// could not keep them, stopped them, and holds their local indexes
+    /// (under this record's key) so they never run here again.
+    pub returned: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,6 +109,13 @@ pub struct Target {
     seed: u64,
     /// This leadership's renewal session (see [`ToOrigin::Renew`]).
     session: u64,
+    /// Registrations proposed and not yet applied: id to (when, cpu in
+    /// millicores). Offers decided before the last one applied count it as
+    /// taken, so a batch of offers is not sized against the same room.
+    admitting: BTreeMap<String, (Millis, u64)>,
+    /// Per (delegation, local index): since when this leader has seen it
+    /// with nothing alive and its job blocked for want of a node.
+    unplaced: BTreeMap<(String, u32), Millis>,
 }
 
 /// The allocations of `job` not yet terminal: what still runs, or may.
@@ -114,7 +128,16 @@ impl Target {
         // The session comes from the seed, which the shell draws afresh
         // for every leadership.
         let session = seed.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15;
-        Target { timing, plants, leases: BTreeMap::new(), proposed: BTreeMap::new(), seed, session }
+        Target {
+            timing,
+            plants,
+            leases: BTreeMap::new(),
+            proposed: BTreeMap::new(),
+            seed,
+            session,
+            admitting: BTreeMap::new(),
+            unplaced: BTreeMap::new(),
+        }
     }
 
     /// Every inbound record in `state`, with its raw bytes.
@@ -158,7 +181,7 @@ impl Target {
         // (review B16).
         let owned = |id: &str| id.split('/').next() == Some(from);
         match message {
-            ToTarget::Offer { id, job, indices } => {
+            ToTarget::Offer { id, job, indices, grace_ms } => {
                 if !owned(&id) {
                     let refused = Outcome::Refused {
                         reason: Rejection::NotAccepted,
@@ -166,7 +189,7 @@ impl Target {
                     };
                     return vec![reply(from, ToOrigin::Outcome { id, outcome: refused })];
                 }
-                self.on_offer(policy, state, from, id, job, indices, now)
+                self.on_offer(policy, state, from, id, job, &indices, grace_ms, now)
             }
             ToTarget::Revoke { id } => {
                 if !owned(&id) {
@@ -213,7 +236,8 @@ impl Target {
         from: &str,
         id: String,
         job: Job,
-        indices: Vec<u32>,
+        indices: &[u32],
+        grace_ms: u64,
         now: Millis,
     ) -> Vec<Action> {
         let key = inbound_key(&id);
@@ -237,10 +261,14 @@ impl Target {
             indices: Vec::new(),
             phase: InPhase::Registered,
             at_most_once: job.groups.first().is_some_and(|g| g.on_disconnect == OnDisconnect::Stop),
+            returned: Vec::new(),
         };
-        let decided = self.decide(policy, state, from, &id, &job, &indices);
+        self.admitting.retain(|id, (t, _)| state.record(&inbound_key(id)).is_none() && now < *t + self.timing.retry_ms);
+        let decided = self.decide(policy, state, from, &id, &job, indices, grace_ms);
         let (then, outcome) = match decided {
             Ok((local, taken)) => {
+                let cpu = local.groups[0].resources().cpu_millis * u64::from(local.groups[0].count);
+                self.admitting.insert(id.clone(), (now, cpu));
                 record.indices = taken.clone();
                 (vec![Command::RegisterJob(local)], Outcome::Registered { indices: taken })
             }
@@ -266,6 +294,7 @@ impl Target {
         id: &str,
         offered: &Job,
         indices: &[u32],
+        origin_grace_ms: u64,
     ) -> Result<(Job, Vec<u32>), (Rejection, String)> {
         let malformed = |m: String| Err((Rejection::NotAccepted, m));
         let [group] = offered.groups.as_slice() else {
@@ -279,11 +308,14 @@ impl Target {
                 return malformed(format!("job {} exists here and is not delegation {id}", j.id));
             }
         }
+        // The origin waits its grace past the lease, this cluster stops by
+        // its own: the kill timeout must fit half of the shorter.
+        let grace_ms = self.timing.grace_ms.min(origin_grace_ms);
         let kill_ms = group.tasks.iter().map(|t| t.kill_timeout_ms).max().unwrap_or(0);
-        if group.on_disconnect == OnDisconnect::Stop && kill_ms > self.timing.grace_ms / 2 {
+        if group.on_disconnect == OnDisconnect::Stop && kill_ms > grace_ms / 2 {
             return malformed(format!(
                 "at-most-once work must stop within half the grace ({} ms), but its kill timeout is {kill_ms} ms: shorten `kill_timeout`",
-                self.timing.grace_ms / 2
+                grace_ms / 2
             ));
         }
         let mut unique = indices.to_vec();
@@ -298,7 +330,8 @@ impl Target {
         let allowed: Option<Vec<String>> =
             (!offered.jurisdictions.is_empty()).then(|| offered.jurisdictions.iter().map(|j| j.to_string()).collect());
         let per = group.resources().cpu_millis.max(1);
-        let (inbound, total) = (inbound_cpu(state), total_cpu(state));
+        let admitting: u64 = self.admitting.values().map(|(_, cpu)| cpu).sum();
+        let (inbound, total) = (inbound_cpu(state).saturating_add(admitting), total_cpu(state));
         let check = OfferCheck {
             origin: from,
             allowed: allowed.as_deref(),
@@ -333,7 +366,10 @@ impl Target {
         local.groups[0].count = group.count.min(by_share);
         let config = SchedulerConfig { seed: self.seed, ..SchedulerConfig::default() };
         let fits = schedule(state, &local, &config).placements.len() as u32;
-        let k = group.count.min(by_share).min(fits);
+        // What earlier offers of this leader took and has not applied yet
+        // is not free, whatever the dry run saw.
+        let by_room = u32::try_from(free_cpu(state).saturating_sub(admitting) / per).unwrap_or(u32::MAX);
+        let k = group.count.min(by_share).min(fits).min(by_room);
         if k == 0 {
             return Err((Rejection::NoCapacity, "no node fits an instance".into()));
         }
@@ -358,6 +394,7 @@ impl Target {
                     indices: Vec::new(),
                     phase: InPhase::Revoked,
                     at_most_once: false,
+                    returned: Vec::new(),
                 };
                 let command = Command::Guarded {
                     holder: inbound_key(id),
@@ -394,12 +431,12 @@ impl Target {
     /// cluster runs for that origin: every `renew_every_ms`, and at once
     /// (at most every [`PUSH_INTERVAL_MS`]) when progress changed.
     pub fn tick(&mut self, state: &ClusterState, now: Millis) -> Vec<Action> {
+        let mut actions = self.give_back(state, now);
         let mut by_origin: BTreeMap<String, Vec<Progress>> = BTreeMap::new();
         for (r, _) in Self::records(state).into_iter().filter(|(r, _)| r.phase == InPhase::Registered) {
             let p = progress(state, &r);
             by_origin.entry(r.origin.clone()).or_default().push(p);
         }
-        let mut actions = Vec::new();
         for (origin, delegations) in by_origin {
             let lease = self.leases.entry(origin.clone()).or_default();
             let due = lease.last_sent.is_none_or(|t| {
@@ -425,6 +462,68 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Gives back the indexes this cluster cannot keep: those with nothing
+    /// alive, not complete or failed, while their job waits blocked for a
+    /// node, for [`RETURN_AFTER_LEASES`] leases. One compare-and-swap
+    /// records them and holds their local indexes, so they are never placed
+    /// here again (a hold is refused while an index is alive); the next
+    /// renewal reports them `Returned`, and the origin places them again.
+    fn give_back(&mut self, state: &ClusterState, now: Millis) -> Vec<Action> {
+        let blocked: std::collections::BTreeSet<(JobId, String)> = state
+            .blocked_evals()
+            .filter_map(|e| state.eval(e))
+            .flat_map(|e| e.unplaced.iter().filter(|u| u.count > 0).map(|u| (e.job.clone(), u.group.to_string())))
+            .collect();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut actions = Vec::new();
+        for (r, bytes) in Self::records(state).into_iter().filter(|(r, _)| r.phase == InPhase::Registered) {
+            if !blocked.contains(&(JobId::new(&r.job), r.group.clone())) {
+                continue;
+            }
+            let alive: std::collections::BTreeSet<u32> = (state.allocs_of_job(&JobId::new(&r.job)))
+                .filter(|a| !a.status.is_terminal())
+                .map(|a| a.index)
+                .collect();
+            let states = progress(state, &r).indices;
+            let mut give = Vec::new();
+            for (j, (i, st)) in states.iter().enumerate() {
+                if *st != IndexState::Pending || alive.contains(&(j as u32)) {
+                    continue;
+                }
+                let key = (r.id.clone(), j as u32);
+                let since = *self.unplaced.entry(key.clone()).or_insert(now);
+                seen.insert(key);
+                if now >= since + RETURN_AFTER_LEASES * self.timing.lease_ms {
+                    give.push(*i);
+                }
+            }
+            if give.is_empty() || !self.propose(&inbound_key(&r.id), now) {
+                continue;
+            }
+            let mut next = r.clone();
+            next.returned.extend(give);
+            let held: Vec<u32> = (r.indices.iter().enumerate())
+                .filter(|(_, i)| next.returned.contains(i))
+                .map(|(j, _)| j as u32)
+                .collect();
+            let record = encode(&next);
+            let hold = Command::Hold {
+                holder: inbound_key(&r.id),
+                job: JobId::new(&r.job),
+                group: r.group.as_str().into(),
+                indices: held,
+                record: record.clone(),
+            };
+            let command =
+                Command::Guarded { holder: inbound_key(&r.id), expect: Some(bytes), record, then: vec![hold] };
+            actions.push(Action::Propose(command));
+        }
+        self.unplaced.retain(|k, _| seen.contains(k));
+        actions
+    }
+}
+
 /// Per origin index: what the target's allocations for it are doing.
 pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
     let mut states: Vec<(u32, IndexState)> = r.indices.iter().map(|i| (*i, IndexState::Pending)).collect();
@@ -446,6 +545,9 @@ pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
             }
             _ => {}
         }
+    }
+    for slot in states.iter_mut().filter(|(i, _)| r.returned.contains(i)) {
+        slot.1 = IndexState::Returned;
     }
     Progress { id: r.id.clone(), indices: states }
 }

@@ -15,8 +15,10 @@ pub enum ToTarget {
     /// one group, its count the number of indexes, its jurisdictions
     /// narrowed to where the work may run. Sent again, unchanged, until
     /// the answer is definite; the target answers a re-offer from its
-    /// record.
-    Offer { id: String, job: Job, indices: Vec<u32> },
+    /// record. `grace_ms` is the origin's grace for this delegation: the
+    /// target checks at-most-once work's kill timeout against the shorter
+    /// of it and its own.
+    Offer { id: String, job: Job, indices: Vec<u32>, grace_ms: u64 },
     /// Stop everything of this delegation, and never register it after.
     Revoke { id: String },
     /// The origin answers renewal `seq`: the target's lease runs from when
@@ -70,4 +72,8 @@ pub enum IndexState {
     Complete,
     /// Failed past its restarts and reschedules.
     Failed,
+    /// Given back: the target could not keep it (no node fits it there
+    /// any more), has stopped it, and holds its index so it never runs
+    /// there again. The origin places it again.
+    Returned,
 }
