@@ -95,6 +95,18 @@ pub enum Command {
         record: Vec<u8>,
         then: Vec<Command>,
     },
+    /// The federation offered the instances of `job` (a `delegate =
+    /// "prefer-remote"` job) at `version` to its peers: the scheduler
+    /// now places here what no peer holds. Opens an evaluation.
+    PeersAsked {
+        job: JobId,
+        version: u64,
+    },
+}
+
+/// The record key under which [`Command::PeersAsked`] keeps its version.
+pub fn peers_asked_key(job: &JobId) -> String {
+    format!("peers-asked/{job}")
 }
 
 /// What applying a command did, for the proposer waiting on it.
@@ -213,6 +225,13 @@ impl ClusterState {
             Command::Record { holder, record } => {
                 self.set_record(holder, record.clone());
                 Effect::Done
+            }
+            Command::PeersAsked { job, version } => {
+                if self.peers_asked(job).is_some_and(|v| v >= *version) || self.job(job).is_none() {
+                    return Effect::Done;
+                }
+                self.set_record(&peers_asked_key(job), version.to_string().into_bytes());
+                Effect::Evals(vec![self.create_eval(job, EvalTrigger::Delegated, None)])
             }
             Command::AllocStatus(updates) => {
                 let mut failed = BTreeSet::new();

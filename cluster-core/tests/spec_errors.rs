@@ -216,14 +216,12 @@ fn restart_disconnect_and_kill_timeout_are_read_and_checked() {
 }
 
 #[test]
-fn prefer_remote_says_at_its_line_that_it_acts_as_overflow() {
+fn prefer_remote_is_a_delegation_mode_without_a_warning() {
     let text = format!(
         "[job]\nname = \"web\"\n[job.federation]\ndelegate = \"prefer-remote\"\n\n[[group]]\nname = \"g\"\n{TASK}"
     );
-    let file = SourceFile::new("job.toml", text);
-    let checked = parse_job(&file);
-    assert!(checked.value.is_some(), "a warning, not an error");
-    let warning = checked.diagnostics.iter().find(|d| d.severity == Severity::Warning).expect("a warning");
-    assert_eq!(file.position(warning.span.start).0, 4);
-    assert!(warning.message.contains("as with `overflow`"), "{}", warning.message);
+    let checked = parse_job(&SourceFile::new("job.toml", text));
+    let job = checked.value.expect("valid");
+    assert_eq!(job.federation.delegate, cluster_core::model::DelegateMode::PreferRemote);
+    assert!(checked.diagnostics.is_empty(), "{:?}", checked.diagnostics);
 }

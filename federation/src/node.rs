@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cluster_core::command::Effect;
+use cluster_core::command::{Command, Effect};
 use cluster_core::ids::{JobId, NodeIdx};
 use cluster_core::model::Job;
 use cluster_core::server::Inner;
@@ -455,13 +455,19 @@ impl Federation {
             work.into_iter()
                 .filter(|(w, _)| {
                     let blocked = now.saturating_sub(*since.entry(w.eval).or_insert(now));
-                    policy.overflow.fires(blocked, utilization)
+                    prefers_peers(&w.job) || policy.overflow.fires(blocked, utilization)
                 })
                 .collect()
         };
+        // `prefer-remote` jobs held back for peers: once this round's offers
+        // hold what peers take, the rest is released to the scheduler here.
+        let mut asked = Vec::new();
         let mut waiting: BTreeMap<String, Waiting> = BTreeMap::new();
         let mut actions = Vec::new();
         for (w, remote) in work {
+            if prefers_peers(&w.job) && !asked.iter().any(|(j, _)| *j == w.job.id) {
+                asked.push((w.job.id.clone(), w.job.version));
+            }
             let overflow = [Overflow { group: w.group.clone(), count: w.indices.len() as u32 }];
             let selection = select(&policy, &w.job, &overflow, w.job.instance_count() as u32, remote, &peers);
             if selection.left > 0 {
@@ -484,6 +490,11 @@ impl Federation {
         }
         *self.waiting.lock().expect("waiting lock") = waiting;
         self.perform(actions, None).await;
+        let asked: Vec<Action> =
+            (asked.into_iter()).map(|(job, version)| Action::Propose(Command::PeersAsked { job, version })).collect();
+        if !asked.is_empty() && self.with_cores(|_, _| ()).is_some() {
+            self.perform(asked, None).await;
+        }
     }
 
     /// Every other cluster as gossip and this leader know it: liveness,
@@ -527,6 +538,12 @@ impl Federation {
         }
         None
     }
+}
+
+/// Whether `job` is offered to peers before it is placed here (`delegate =
+/// "prefer-remote"`): its overflow leaves at once, whatever the triggers.
+fn prefers_peers(job: &Job) -> bool {
+    job.federation.delegate == cluster_core::model::DelegateMode::PreferRemote
 }
 
 /// The cpu of a job's live allocations that came from other clusters.
@@ -639,6 +656,8 @@ pub async fn run(fed: Arc<Federation>) {
                 continue;
             }
         }
+        let may_delegate = fed.policy().peers.values().any(|p| p.delegate_to);
+        fed.server.set_prefer_peers(may_delegate);
         let status = fed.server.raft.status();
         if status.leader != Some(fed.server.id) {
             fed.step_down();

@@ -247,6 +247,47 @@ fn fed_inbound(g: &Gossiping, id: &str) -> federation::proto::target::Inbound {
     })
 }
 
+/// What the policy says, the code does (item 8): a `prefer-remote` job is
+/// offered to the peer first, though it fits here; a plain job of the same
+/// size stays here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefer_remote_work_goes_to_the_peer_first() {
+    let f = eu_pair().await;
+    submit(&f.origin, spec("near", 4, "[job.federation]\ndelegate = \"prefer-remote\"\n")).await;
+    let fed = f.origin.leader_federation().await;
+    until(Duration::from_secs(20), "registered at the peer", || {
+        records(&fed).iter().any(|r| r.job == "near" && r.phase == Phase::Registered && r.indices == [0, 1, 2, 3])
+    })
+    .await;
+    submit(&f.origin, spec("local", 4, "")).await;
+    until(Duration::from_secs(10), "the plain job placed here", || live(&f.origin, "local") == 4).await;
+    assert_eq!(live(&f.origin, "near"), 0, "the peer took it all: nothing of it runs here");
+    assert!(records(&fed).iter().all(|r| r.job != "local"), "a plain job that fits is not delegated");
+    f.stop().await;
+}
+
+/// ... and what no peer takes runs here, without waiting for a trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefer_remote_work_no_peer_takes_runs_here() {
+    let f = two(
+        "eu-central",
+        &["eu"],
+        policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""),
+        policy("eu-central", "\"eu\"", &[("eu-west", false, false)], ""),
+    )
+    .await;
+    submit(&f.origin, spec("near", 4, "[job.federation]\ndelegate = \"prefer-remote\"\n")).await;
+    until(Duration::from_secs(20), "placed here once the peer refused", || live(&f.origin, "near") == 4).await;
+    let fed = f.origin.leader_federation().await;
+    let offered = records(&fed);
+    assert!(
+        !offered.is_empty() && offered.iter().all(|r| r.phase == Phase::Ended(End::Refused)),
+        "offered first, and refused: {:?}",
+        records(&fed)
+    );
+    f.stop().await;
+}
+
 /// Definite outcomes (item 2), identities (item 6) and the spec checks
 /// (item 10): a re-offer is answered from the log with the first outcome;
 /// a revoked id is refused for good; nobody offers or revokes in another

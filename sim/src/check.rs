@@ -167,13 +167,16 @@ impl Checker {
 
     /// Whether `keep` work of origin `o` on `node` of target `t` may run on
     /// untracked now: news between the two could not flow within the
-    /// fence bound (a partition or a slow link between the clusters, a
-    /// target without a leader, a node cut off from its servers or
-    /// paused). Edge autonomy: such work runs on and is fenced after.
+    /// fence bound (a partition or a slow link between the clusters, an
+    /// origin or target without a leader, a node cut off from its servers
+    /// or paused). Edge autonomy: such work runs on and is fenced after.
     fn keep_excused(w: &World, o: usize, t: usize, node: &crate::world::SimNode) -> bool {
         let bound = Self::fence_bound(w);
         let slow = [(o, t), (t, o)].iter().any(|&(a, b)| w.cut_until(a, b).max(w.delayed_until(a, b)) + bound > w.now);
-        let leaderless = o != t && w.clusters[t].leaderless_at + bound > w.now;
+        // Either end without a leader: nobody answers or sends renewals
+        // (seed 9236: the origin's only server was down as the partition
+        // healed).
+        let leaderless = o != t && [o, t].iter().any(|&c| w.clusters[c].leaderless_at + bound > w.now);
         slow || leaderless || node.cut_until.max(node.paused_until) + bound > w.now
     }
 

@@ -56,7 +56,7 @@ fn three_hundred_seeds_keep_every_invariant() {
 /// - 632: a workload the target's inbound share could never take.
 #[test]
 fn pinned_seeds_pass() {
-    for s in [230, 306, 632, 960, 1344] {
+    for s in [230, 306, 632, 960, 1344, 9236] {
         let r = seed(s);
         assert!(r.violation.is_none(), "seed {s}: {:?}", r.violation);
     }

@@ -109,6 +109,9 @@ pub enum Reason {
     /// The applier refused a placement of an instance that is already
     /// live (a plan made from a state behind an earlier plan).
     AlreadyPlaced,
+    /// Held back for peer clusters first (`delegate = "prefer-remote"`);
+    /// counted in instances, not nodes.
+    OfferedToPeers,
 }
 
 impl Reason {
@@ -123,6 +126,7 @@ impl Reason {
             Reason::Exhausted(d) => format!("{d} exhausted on {n}"),
             Reason::DistinctHosts => format!("distinct_hosts filtered {n}"),
             Reason::AlreadyPlaced => format!("already placed ({n})"),
+            Reason::OfferedToPeers => format!("{nodes} offered to peer clusters first (prefer-remote)"),
         }
     }
 }
@@ -138,6 +142,7 @@ impl fmt::Display for Reason {
             Reason::Exhausted(d) => write!(f, "{d} exhausted"),
             Reason::DistinctHosts => f.write_str("distinct_hosts"),
             Reason::AlreadyPlaced => f.write_str("already placed"),
+            Reason::OfferedToPeers => f.write_str("offered to peer clusters first"),
         }
     }
 }

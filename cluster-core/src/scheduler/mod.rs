@@ -34,6 +34,10 @@ pub struct SchedulerConfig {
     pub spread_candidates: usize,
     /// Ranking weights per objective, indexed by [`objective_slot`].
     pub weights: [Weights; 4],
+    /// Hold back the instances of `delegate = "prefer-remote"` jobs until
+    /// the federation has offered them to peers (see
+    /// [`ClusterState::peers_asked`]): on in a cluster that may delegate.
+    pub defer_prefer_remote: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -44,6 +48,7 @@ impl Default for SchedulerConfig {
             spread_candidates: 0,
             weights: [Objective::Latency, Objective::Cost, Objective::Throughput, Objective::Balanced]
                 .map(Weights::for_objective),
+            defer_prefer_remote: false,
         }
     }
 }
@@ -64,7 +69,22 @@ pub fn schedule(state: &ClusterState, job: &Job, config: &SchedulerConfig) -> Pl
     let work = reconcile::reconcile(state, job);
     let mut placer = select::Placer::new(state, job, config);
     let mut unplaced = Vec::new();
+    // Peers first: what the plan would place waits, blocked, until the
+    // federation has offered it and committed `PeersAsked` for this
+    // version; it then places what no peer holds.
+    let defer = config.defer_prefer_remote
+        && job.federation.delegate == crate::model::DelegateMode::PreferRemote
+        && !job.labels.contains_key(crate::model::job::LABEL_ORIGIN)
+        && state.peers_asked(&job.id).is_none_or(|v| v < job.version);
     for (group, w) in job.groups.iter().zip(&work.groups) {
+        if defer {
+            let count = w.place.len() as u32;
+            if count > 0 {
+                let reasons = vec![(crate::model::plan::Reason::OfferedToPeers, count)];
+                unplaced.push(crate::model::plan::Unplaced { group: group.name.clone(), count, reasons });
+            }
+            continue;
+        }
         if let Some(u) = placer.place_group(group, w) {
             unplaced.push(u);
         }

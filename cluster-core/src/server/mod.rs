@@ -119,6 +119,10 @@ pub struct Inner {
     /// Delegation leases to hand agents with every heartbeat answer; set
     /// by the federation (see [`Inner::set_grant_source`]).
     grants: std::sync::OnceLock<GrantSource>,
+    /// Whether `prefer-remote` jobs wait for the federation to offer them
+    /// to peers ([`SchedulerConfig::defer_prefer_remote`]); set by the
+    /// federation while its policy has a peer to delegate to.
+    defer_prefer_remote: std::sync::atomic::AtomicBool,
 }
 
 /// What the leader grants agents for delegated at-most-once work: per
@@ -160,6 +164,7 @@ impl Server {
             planning: Mutex::new(()),
             agents: std::sync::OnceLock::new(),
             grants: std::sync::OnceLock::new(),
+            defer_prefer_remote: std::sync::atomic::AtomicBool::new(false),
         });
         let handler = Arc::new(ServerHandler {
             raft,
@@ -280,6 +285,12 @@ impl Inner {
     /// delegated at-most-once work does not start.
     pub fn set_grant_source(&self, source: GrantSource) {
         let _ = self.grants.set(source);
+    }
+
+    /// Whether `prefer-remote` jobs are offered to peers before they are
+    /// placed here (the federation turns it on while it may delegate).
+    pub fn set_prefer_peers(&self, on: bool) {
+        self.defer_prefer_remote.store(on, Ordering::Relaxed);
     }
 
     pub fn is_leader(&self) -> bool {
@@ -581,7 +592,9 @@ async fn work(inner: &Arc<Inner>, batch: &[Work]) {
         }
         let plan_one = |state: &ClusterState, w: &Work| {
             let t = Instant::now();
-            let plan = schedule(state, &w.job, &SchedulerConfig { seed: config.seed ^ w.eval.0, ..config.clone() });
+            let defer_prefer_remote = planner.defer_prefer_remote.load(Ordering::Relaxed);
+            let config = SchedulerConfig { seed: config.seed ^ w.eval.0, defer_prefer_remote, ..config.clone() };
+            let plan = schedule(state, &w.job, &config);
             planner.metrics.scheduler_seconds.observe(t.elapsed().as_secs_f64());
             (plan, state.eval(w.eval).map_or(0, |e| e.placed))
         };

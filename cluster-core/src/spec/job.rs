@@ -137,15 +137,6 @@ fn read_federation(f: &mut Table, d: &mut Diagnostics) -> FederationSpec {
         if let Some(mode) =
             keyword(d, "delegation mode", (word, span.clone()), DelegateMode::WORDS, DelegateMode::from_word)
         {
-            if mode == DelegateMode::PreferRemote {
-                // Said where it is written, until the scheduler holds work
-                // back for peers.
-                d.warning(
-                    span,
-                    "`prefer-remote` does not prefer peers yet: instances are placed here first and only the overflow is delegated, as with `overflow`",
-                    None,
-                );
-            }
             spec.delegate = mode;
         }
     }

@@ -505,6 +505,12 @@ impl ClusterState {
         Ok(())
     }
 
+    /// The newest version of `job` whose instances the federation has
+    /// offered to peers (`Command::PeersAsked`), if any.
+    pub fn peers_asked(&self, job: &JobId) -> Option<u64> {
+        std::str::from_utf8(self.record(&crate::command::peers_asked_key(job))?).ok()?.parse().ok()
+    }
+
     /// The record stored under `holder`, if any.
     pub fn record(&self, holder: &str) -> Option<&[u8]> {
         self.records.get(holder).map(Vec::as_slice)
