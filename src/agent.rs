@@ -237,6 +237,7 @@ pub async fn run(c: AgentConfig) -> anyhow::Result<Outcome> {
         data_dir: c.data_dir.clone(),
         rotation: c.rotation,
         drivers: Drivers::new(cgroups.clone()),
+        fence: std::env::current_exe().ok(),
     };
     let mut agent = Agent::new(options, transport);
     let endpoint = QuicServer::bind::<AgentService>(c.bind, &ca, &pair, agent.log_service())

@@ -85,6 +85,11 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// The agent's fence (started by `hanse agent`, not by people): kills
+    /// the process groups of at-most-once work whose lease the agent
+    /// stopped renewing, if the agent itself is frozen.
+    #[command(name = "agent-fence", hide = true)]
+    AgentFence,
     /// Certificates: the federation's CA, and one per server and agent.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -474,7 +479,17 @@ fn main() -> ExitCode {
             rt.block_on(dev::run(dev::DevArgs { clusters, servers, nodes, data_dir, keep, no_demo, http_base }))
         }),
         Command::Agent { config } => {
+            // A fence that died must be an error on write, not the agent's
+            // death by SIGPIPE (tasks start with the default again).
+            // SAFETY: setting a signal's action before the runtime starts.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            }
             agent::load_config(&config).and_then(|c| runtime().and_then(|rt| rt.block_on(agent::run(c))))
+        }
+        Command::AgentFence => {
+            cluster_core::agent::fence::run(std::io::BufReader::new(std::io::stdin()));
+            Ok(Outcome::Ok)
         }
         Command::Alloc(AllocCommand::Status { alloc, out }) => {
             remote::alloc_status(&client, alloc.as_deref(), out.json)

@@ -519,3 +519,58 @@ fn at_most_once_work_restarted_while_cut_off_stops_when_the_old_lease_runs_out()
         f.node_of_running("once").iter().any(|(_, n)| n == "node-b")
     });
 }
+
+/// Whether `pid` runs (exists and is not a zombie left for its parent to
+/// reap: a task killed under a frozen agent stays one until it thaws).
+fn running(pid: u128) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// A frozen agent (SIGSTOP) enforces nothing, and its at-most-once task
+/// runs on; the fence process beside it kills the task when the lease the
+/// agent last renewed runs out, before the servers replace it (review
+/// B13). Sampled every 20 ms: the two copies never run at once.
+#[test]
+fn a_frozen_agents_at_most_once_work_is_killed_by_its_fence_before_the_replacement_starts() {
+    let f = Fixture::new("frozen");
+    let a = f.agent("node-a", f.quic);
+    let job = f.job("once", &marking_service("once", "stop"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "once running", || f.node_of_running("once").len() == 1);
+    let (first, _) = f.node_of_running("once")[0].clone();
+    let pid = mark(&f.marks(), &format!("{first}.pid")).expect("the task wrote its pid");
+    let _b = f.agent("node-b", f.quic);
+
+    let agent_pid = a.0.id() as i32;
+    // SAFETY: signals to the agent process this test started.
+    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
+    let frozen = now_ns();
+    let mut died = None;
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    let started = loop {
+        assert!(std::time::Instant::now() < limit, "not replaced within 30 s of freezing node-a");
+        if died.is_none() && !running(pid) {
+            died = Some(now_ns());
+        }
+        let replaced = f.node_of_running("once").into_iter().find(|(_, n)| n == "node-b");
+        if let Some(started) = replaced.and_then(|(second, _)| mark(&f.marks(), &format!("{second}.started"))) {
+            break started;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let died = died.expect("the frozen agent's task still runs after its replacement started");
+    assert!(died < started, "the task died at {died}, after its replacement started at {started}");
+    // TTL 2 s + grace 1 s / 2 after the last answer: the fence's deadline.
+    assert!(
+        died - frozen < 4_000_000_000,
+        "the fence killed the task {} ms after the freeze",
+        (died - frozen) / 1_000_000
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+}

@@ -245,15 +245,9 @@ impl Scenario {
     /// What the scenario shows today. Kept beside the scenario, so that a
     /// fix that makes a known break pass is noticed (its test fails).
     pub fn expect(self) -> Expect {
-        match self {
-            // The agent enforces its grants only while it runs: a paused
-            // agent's tasks outlive them. Needs a watchdog outside the
-            // agent process.
-            Scenario::B13AgentPaused => {
-                Expect::KnownBreak("issue 18: a lease watchdog that runs while the agent is paused")
-            }
-            _ => Expect::Pass,
-        }
+        // B13 was a known break until the fence (`agent::fence`): a paused
+        // agent enforces nothing, and its tasks outlived their grants.
+        Expect::Pass
     }
 
     /// The federation and the script.

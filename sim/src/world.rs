@@ -271,6 +271,9 @@ pub struct Proc {
     pub done_ms: Option<u64>,
     /// Stopped: it dies then.
     pub dying_ms: Option<u64>,
+    /// At-most-once work: the fence process kills it then unless the agent
+    /// renews it (`agent::fence`), even while the agent is paused.
+    fence_ms: Option<u64>,
     /// What to report when it ends.
     ends_as: AllocStatus,
 }
@@ -1014,8 +1017,24 @@ impl World {
             node.ended.insert(id);
             node.reports.push(AllocReport::status(id, status));
         }
+        // The fence runs beside the agent, paused or not: SIGKILL at once.
+        for p in node.procs.values_mut().filter(|p| p.fence_ms.is_some_and(|f| f <= now) && p.dying_ms.is_none()) {
+            p.dying_ms = Some(now);
+            p.ends_as = AllocStatus::Lost;
+        }
         if now < node.paused_until {
             return;
+        }
+        // The agent renews each at-most-once task's fence: until its own
+        // lease would stop it, or its delegation's grant ends (cluster
+        // clock, turned into a duration as the real agent does).
+        let lease = Lease { ttl_ms: NODE_TTL_MS, grace_ms: NODE_GRACE_MS };
+        let by_lease = node.last_contact.map(|t| t + lease.stop_within_ms());
+        for p in node.procs.values_mut().filter(|p| p.at_most_once) {
+            let by_grant = p.lease_of.as_ref().map(|d| node.grants.get(d).copied().unwrap_or(0));
+            if let Some(until_c) = [by_lease, by_grant].into_iter().flatten().min() {
+                p.fence_ms = Some(now + until_c.saturating_sub(now_c));
+            }
         }
         let connected = now >= node.cut_until && cl.leader.as_ref().is_some_and(|l| cl.replicas[l.replica].up);
         let kill = |p: &mut Proc, rng: &mut Rng, ends_as: AllocStatus| {
@@ -1085,6 +1104,7 @@ impl World {
                 started_ms: now,
                 done_ms: run_for.map(|d| now + d),
                 dying_ms: None,
+                fence_ms: None,
                 ends_as: AllocStatus::Complete,
             };
             wanted.insert(a.id, (proc, a.desired == DesiredStatus::Run && !down));

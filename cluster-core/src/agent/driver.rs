@@ -14,6 +14,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Child;
 
 use super::cgroups::Cgroups;
+use super::fence::Fence;
 use super::logs::{RotatingWriter, Rotation};
 use crate::ids::AllocId;
 use crate::model::job::{Driver as DriverSpec, Task};
@@ -31,6 +32,9 @@ pub struct TaskContext {
     /// The allocation's log directory.
     pub logs: PathBuf,
     pub rotation: Rotation,
+    /// For at-most-once work: the fence that kills the task's process
+    /// group if the agent cannot renew its lease ([`super::fence`]).
+    pub fence: Option<Arc<Fence>>,
 }
 
 /// How a run of a task ended.
@@ -140,6 +144,8 @@ pub struct Exec {
 struct ExecRun {
     child: Child,
     pid: i32,
+    /// The fence watching this group, and the allocation it belongs to.
+    fence: Option<(Arc<Fence>, AllocId)>,
     copiers: Vec<tokio::task::JoinHandle<()>>,
     cgroup: Option<PathBuf>,
     exit: Option<Exit>,
@@ -201,6 +207,10 @@ impl Driver for Exec {
             _ => StartError::Failed(format!("cannot start `{command}`: {e}")),
         })?;
         let pid = child.id().map_or(0, |p| p as i32);
+        let fence = ctx.fence.clone().filter(|_| pid > 0).map(|f| (f, ctx.alloc));
+        if let Some((f, alloc)) = &fence {
+            f.register(*alloc, pid);
+        }
         let mut copiers = Vec::new();
         if let Some(mut out) = child.stdout.take() {
             copiers.push(tokio::spawn(async move { copy(&mut out, &mut stdout).await }));
@@ -208,7 +218,7 @@ impl Driver for Exec {
         if let Some(mut err) = child.stderr.take() {
             copiers.push(tokio::spawn(async move { copy(&mut err, &mut stderr).await }));
         }
-        Ok(Box::new(ExecRun { child, pid, copiers, cgroup, exit: None }))
+        Ok(Box::new(ExecRun { child, pid, fence, copiers, cgroup, exit: None }))
     }
 }
 
@@ -254,6 +264,9 @@ impl ExecRun {
             // SAFETY: kill(2) on our own child's process group.
             unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         }
+        if let Some((f, alloc)) = self.fence.take() {
+            f.forget(alloc, self.pid);
+        }
         for c in self.copiers.drain(..) {
             // A grandchild holding the pipes open must not hold us.
             let _ = tokio::time::timeout(Duration::from_secs(1), c).await;
@@ -277,6 +290,9 @@ impl Drop for ExecRun {
         if self.exit.is_none() && self.pid > 0 {
             // SAFETY: kill(2) on our own child's process group.
             unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        }
+        if let Some((f, alloc)) = self.fence.take() {
+            f.forget(alloc, self.pid);
         }
     }
 }

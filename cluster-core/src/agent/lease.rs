@@ -62,6 +62,11 @@ impl Grants {
         self.until.get(id).is_some_and(|(u, _)| now_ms < *u)
     }
 
+    /// Milliseconds left of the grant of `id` at `now_ms` (0: none).
+    pub fn left(&self, id: &str, now_ms: u64) -> u64 {
+        self.until.get(id).map_or(0, |(u, _)| u.saturating_sub(now_ms))
+    }
+
     /// Whether the grant of `id` still holds but is past half its length:
     /// time to ask for a fresh one (a heartbeat now) rather than wait for
     /// the next regular one, which may come after it ends when the

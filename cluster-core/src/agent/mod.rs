@@ -20,6 +20,7 @@
 
 pub mod cgroups;
 pub mod driver;
+pub mod fence;
 pub mod fingerprint;
 pub mod lease;
 pub mod logs;
@@ -70,6 +71,10 @@ pub struct AgentOptions {
     pub data_dir: PathBuf,
     pub rotation: Rotation,
     pub drivers: Drivers,
+    /// The program to start as the fence (`PROGRAM agent-fence`, see
+    /// [`fence`]): the `hanse` binary. `None` runs without one, and a
+    /// frozen agent then cannot stop at-most-once work.
+    pub fence: Option<PathBuf>,
 }
 
 /// What the agent saves, to start again without its servers.
@@ -215,7 +220,25 @@ impl Agent {
         ));
         background.spawn(syncs(self.link.clone(), o.node.id.clone(), sync_tx, reconnected));
         background.spawn(reports(self.link.clone(), o.node.id.clone(), report_rx));
-        let env = runner::Env { drivers: o.drivers.clone(), allocs_dir: self.allocs_dir(), rotation: o.rotation };
+        let fence = match &o.fence {
+            Some(program) => match fence::Fence::start(program) {
+                Ok(f) => Some(Arc::new(f)),
+                Err(e) => {
+                    tracing::error!(
+                        "cannot start the fence ({} agent-fence): {e}; a frozen agent could not stop at-most-once work",
+                        program.display()
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let env = runner::Env {
+            drivers: o.drivers.clone(),
+            allocs_dir: self.allocs_dir(),
+            rotation: o.rotation,
+            fence: fence.clone(),
+        };
         let mut main = Main {
             env,
             slots: BTreeMap::new(),
@@ -231,8 +254,10 @@ impl Agent {
             node: o.node.id.clone(),
             awaiting: BTreeMap::new(),
             beat_now,
+            fence,
         };
         main.recover(saved);
+        main.renew_fence();
         let mut tick = tokio::time::interval(TICK);
         tokio::pin!(shutdown);
         loop {
@@ -274,6 +299,7 @@ struct Main {
     awaiting: BTreeMap<AllocId, AgentAlloc>,
     /// Asks the heartbeat task for a heartbeat now (to fetch grants).
     beat_now: Arc<tokio::sync::Notify>,
+    fence: Option<Arc<fence::Fence>>,
 }
 
 impl Main {
@@ -337,6 +363,8 @@ impl Main {
         self.statuses.lock().expect("statuses").insert(id, AllocStatus::Pending);
         self.slots.insert(id, Slot { alloc, status: AllocStatus::Pending, tasks: Vec::new(), control: Some(tx) });
         self.dirty = true;
+        // Fenced from its first process on.
+        self.renew_fence();
     }
 
     fn stop(&mut self, id: AllocId, deadline: Option<tokio::time::Instant>, status: AllocStatus) {
@@ -419,6 +447,9 @@ impl Main {
                 self.stop(id, None, AllocStatus::Complete);
             } else {
                 self.slots.remove(&id);
+                if let Some(f) = &self.fence {
+                    f.drop_alloc(id);
+                }
                 self.statuses.lock().expect("statuses").remove(&id);
                 self.dirty = true;
             }
@@ -460,9 +491,30 @@ impl Main {
         }
     }
 
+    /// Tells the fence how long each running at-most-once allocation may
+    /// still run: until the agent's own lease would stop it (the last
+    /// answer plus TTL + grace / 2) or, for delegated work, its grant ends,
+    /// whichever is sooner.
+    fn renew_fence(&self) {
+        let Some(fence) = &self.fence else { return };
+        let c = self.contact.lock().expect("contact").clone();
+        let lease = lease::Lease { ttl_ms: c.ttl.as_millis() as u64, grace_ms: c.grace.as_millis() as u64 };
+        let by_lease = c.last.map(|l| lease.stop_within_ms().saturating_sub(l.elapsed().as_millis() as u64));
+        let now = mono_ms();
+        let at_most_once =
+            self.slots.iter().filter(|(_, s)| s.control.is_some() && s.alloc.group.on_disconnect == OnDisconnect::Stop);
+        for (id, s) in at_most_once {
+            let by_grant = s.alloc.lease.as_ref().map(|d| c.grants.left(d, now));
+            if let Some(left) = [by_lease, by_grant].into_iter().flatten().min() {
+                fence.renew(*id, left);
+            }
+        }
+    }
+
     /// Cut off past the lease: at-most-once work stops, the rest runs on.
     fn check_lease(&mut self) {
         self.check_grants();
+        self.renew_fence();
         let c = self.contact.lock().expect("contact").clone();
         let lease = lease::Lease { ttl_ms: c.ttl.as_millis() as u64, grace_ms: c.grace.as_millis() as u64 };
         if let Some(last) = c.last {
