@@ -115,9 +115,24 @@ fn dev_runs_a_federation_whose_overflow_lands_in_a_peer() {
         std::thread::sleep(Duration::from_millis(250));
     };
     let peer = &addrs.iter().find(|(n, _)| *n == target).expect("a known cluster").1;
-    let inbound = json(&hanse(peer, &["federation", "delegations", "--json"]));
-    let here = inbound["inbound"].as_array().unwrap().iter().find(|i| i["id"] == job.as_str()).expect("inbound there");
-    assert!(here["running"].as_u64().unwrap() > 0, "{inbound}");
+    // Registered there before it is placed and its nodes report it
+    // running: wait for that.
+    let limit = Instant::now() + Duration::from_secs(20);
+    let here = loop {
+        let inbound = json(&hanse(peer, &["federation", "delegations", "--json"]));
+        let here = inbound["inbound"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == job.as_str())
+            .expect("inbound there")
+            .clone();
+        if here["running"].as_u64().unwrap() > 0 {
+            break here;
+        }
+        assert!(Instant::now() < limit, "registered in {target} but nothing running there within 20 s: {inbound}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
     let peer_job = here["job"].as_str().unwrap();
     let status = json(&hanse(peer, &["job", "status", peer_job, "--json"]));
     let running = status["allocations"].as_array().unwrap().iter().filter(|a| a["status"] == "running").count();

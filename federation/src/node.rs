@@ -552,6 +552,26 @@ pub(crate) fn inbound_cpu(s: &ClusterState) -> u64 {
     inbound.iter().flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
 }
 
+/// The cpu that registered work from other clusters will take once it is
+/// placed: its instances neither live, complete (batch) nor held
+/// (returned), in millicores.
+pub(crate) fn inbound_unplaced_cpu(s: &ClusterState) -> u64 {
+    let inbound = s.jobs().filter(|j| j.labels.contains_key(LABEL_ORIGIN) && !j.stopped);
+    inbound
+        .flat_map(|j| j.groups.iter().map(move |g| (j, g)))
+        .map(|(j, g)| {
+            let done = |a: &&cluster_core::model::Allocation| {
+                a.is_live() || a.status == cluster_core::model::AllocStatus::Complete
+            };
+            let placed: std::collections::BTreeSet<u32> =
+                s.allocs_of_job(&j.id).filter(|a| a.group == g.name).filter(done).map(|a| a.index).collect();
+            let live = placed.len() as u64;
+            let held = s.held_of_job(&j.id).filter(|(group, _)| *group == &*g.name).count() as u64;
+            u64::from(g.count).saturating_sub(live + held) * g.resources().cpu_millis
+        })
+        .sum()
+}
+
 /// The share of the schedulable nodes' cpu that live allocations use, 0
 /// to 1, from the usage the state keeps per node.
 fn utilization(s: &ClusterState) -> f64 {

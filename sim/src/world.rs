@@ -1026,12 +1026,13 @@ impl World {
             return;
         }
         // The agent renews each at-most-once task's fence: until its own
-        // lease would stop it, or its delegation's grant ends (cluster
-        // clock, turned into a duration as the real agent does).
+        // lease would have stopped it, or its delegation's grant ends plus
+        // the kill timeout (cluster clock, turned into a duration as the
+        // real agent does).
         let lease = Lease { ttl_ms: NODE_TTL_MS, grace_ms: NODE_GRACE_MS };
         let by_lease = node.last_contact.map(|t| t + lease.stop_within_ms());
         for p in node.procs.values_mut().filter(|p| p.at_most_once) {
-            let by_grant = p.lease_of.as_ref().map(|d| node.grants.get(d).copied().unwrap_or(0));
+            let by_grant = p.lease_of.as_ref().map(|d| node.grants.get(d).copied().unwrap_or(0) + KILL_MS_MAX);
             if let Some(until_c) = [by_lease, by_grant].into_iter().flatten().min() {
                 p.fence_ms = Some(now + until_c.saturating_sub(now_c));
             }

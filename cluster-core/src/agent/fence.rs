@@ -32,79 +32,162 @@ use std::time::{Duration, Instant};
 
 use crate::ids::AllocId;
 
-/// The agent's end: the fence process and the groups it watches.
+/// The agent's end: the fence process and the groups it watches. Every
+/// change and the line that tells the fence of it happen under one lock,
+/// so a `forget` can never be overtaken by a stale `kill` for the same
+/// group.
 pub struct Fence {
-    child: Mutex<Child>,
-    stdin: Mutex<ChildStdin>,
-    allocs: Mutex<HashMap<AllocId, Watched>>,
+    program: std::path::PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    child: Child,
+    stdin: ChildStdin,
+    allocs: HashMap<AllocId, Watched>,
 }
 
 /// One allocation's tasks' process groups, and how long it may run from
 /// when it was last renewed (`None`: not yet renewed).
 type Watched = (Vec<i32>, Option<(Instant, u64)>);
 
+/// The most bytes written at once: a pipe write up to `PIPE_BUF` is whole
+/// or not at all, so a full pipe never leaves half a line.
+const WRITE_MAX: usize = 4_096;
+
+fn spawn(program: &Path) -> std::io::Result<(Child, ChildStdin)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // Its own process group: a signal to the agent's group (Ctrl-Z in a
+    // terminal) does not freeze the fence with it.
+    let mut child = Command::new(program)
+        .arg("agent-fence")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .spawn()?;
+    let stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("the fence has no stdin"))?;
+    // Non-blocking: a fence that stops reading must not stall the agent's
+    // loop (its deadlines then pass, which is the safe direction).
+    // SAFETY: fcntl(2) on a descriptor this process owns.
+    unsafe {
+        let fd = stdin.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    Ok((child, stdin))
+}
+
+impl Inner {
+    /// Writes `lines` (whole lines), starting the fence again if it died,
+    /// and then telling it every deadline it knew.
+    fn send(&mut self, program: &Path, lines: &str) {
+        match write_lines(&mut self.stdin, lines) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                let _ = self.child.wait();
+                match spawn(program) {
+                    Ok((child, stdin)) => {
+                        tracing::warn!("the fence process died; started it again");
+                        (self.child, self.stdin) = (child, stdin);
+                        let all = self.all_deadlines();
+                        if let Err(e) = write_lines(&mut self.stdin, &all) {
+                            tracing::error!(
+                                "the fence does not listen ({e}): a frozen agent could not stop at-most-once work"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::error!(
+                        "cannot start the fence again ({e}): a frozen agent could not stop at-most-once work"
+                    ),
+                }
+            }
+            Err(e) => tracing::warn!("the fence is not reading ({e}); deadlines it has will pass unrenewed"),
+        }
+    }
+
+    fn all_deadlines(&self) -> String {
+        let mut out = String::new();
+        for (groups, deadline) in self.allocs.values() {
+            if let Some((at, ms)) = deadline {
+                let left = ms.saturating_sub(at.elapsed().as_millis() as u64);
+                for g in groups {
+                    out.push_str(&format!("kill {g} {left}\n"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Writes whole lines in writes of at most [`WRITE_MAX`] bytes.
+fn write_lines(to: &mut ChildStdin, lines: &str) -> std::io::Result<()> {
+    let mut chunk = String::new();
+    for line in lines.split_inclusive('\n') {
+        if chunk.len() + line.len() > WRITE_MAX {
+            to.write_all(chunk.as_bytes())?;
+            chunk.clear();
+        }
+        chunk.push_str(line);
+    }
+    if !chunk.is_empty() {
+        to.write_all(chunk.as_bytes())?;
+    }
+    Ok(())
+}
+
 impl Fence {
     /// Starts `program agent-fence` (the `hanse` binary).
     pub fn start(program: &Path) -> std::io::Result<Fence> {
-        let mut child = Command::new(program)
-            .arg("agent-fence")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("the fence has no stdin"))?;
-        Ok(Fence { child: Mutex::new(child), stdin: Mutex::new(stdin), allocs: Mutex::default() })
+        let (child, stdin) = spawn(program)?;
+        Ok(Fence { program: program.to_path_buf(), inner: Mutex::new(Inner { child, stdin, allocs: HashMap::new() }) })
     }
 
-    fn send(&self, line: &str) {
-        let mut stdin = self.stdin.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = stdin.write_all(line.as_bytes()) {
-            tracing::error!("the fence process does not listen ({e}): frozen-agent protection is off");
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A task of `alloc` started as process group `pgid`: it is fenced by
     /// the allocation's current deadline at once.
     pub fn register(&self, alloc: AllocId, pgid: i32) {
-        let mut allocs = self.allocs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (groups, deadline) = allocs.entry(alloc).or_default();
+        let mut inner = self.lock();
+        let (groups, deadline) = inner.allocs.entry(alloc).or_default();
         groups.push(pgid);
         if let Some((at, ms)) = *deadline {
             let left = ms.saturating_sub(at.elapsed().as_millis() as u64);
-            drop(allocs);
-            self.send(&format!("kill {pgid} {left}\n"));
+            inner.send(&self.program, &format!("kill {pgid} {left}\n"));
         }
     }
 
     /// The group `pgid` of `alloc` ended: never kill it.
     pub fn forget(&self, alloc: AllocId, pgid: i32) {
-        let mut allocs = self.allocs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((groups, _)) = allocs.get_mut(&alloc) {
+        let mut inner = self.lock();
+        if let Some((groups, _)) = inner.allocs.get_mut(&alloc) {
             groups.retain(|g| *g != pgid);
         }
-        drop(allocs);
-        self.send(&format!("forget {pgid}\n"));
+        inner.send(&self.program, &format!("forget {pgid}\n"));
     }
 
     /// `alloc` may run `left` more (milliseconds, from now): its groups'
     /// deadlines move there.
     pub fn renew(&self, alloc: AllocId, left: u64) {
-        let mut allocs = self.allocs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (groups, deadline) = allocs.entry(alloc).or_default();
+        let mut inner = self.lock();
+        let (groups, deadline) = inner.allocs.entry(alloc).or_default();
         *deadline = Some((Instant::now(), left));
         let lines: String = groups.iter().map(|g| format!("kill {g} {left}\n")).collect();
-        drop(allocs);
         if !lines.is_empty() {
-            self.send(&lines);
+            inner.send(&self.program, &lines);
         }
     }
 
     /// `alloc` is gone from the agent.
     pub fn drop_alloc(&self, alloc: AllocId) {
-        let groups = self.allocs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&alloc);
+        let mut inner = self.lock();
+        let groups = inner.allocs.remove(&alloc);
         let lines: String = groups.into_iter().flat_map(|(g, _)| g).map(|g| format!("forget {g}\n")).collect();
         if !lines.is_empty() {
-            self.send(&lines);
+            inner.send(&self.program, &lines);
         }
     }
 }
@@ -117,9 +200,9 @@ impl std::fmt::Debug for Fence {
 
 impl Drop for Fence {
     fn drop(&mut self) {
-        let mut child = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _ = child.kill();
-        let _ = child.wait();
+        let inner = self.inner.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = inner.child.kill();
+        let _ = inner.child.wait();
     }
 }
 
@@ -209,7 +292,11 @@ pub fn run(input: impl BufRead + Send + 'static) {
             // `Order::parse` refuses ids that would mean more.
             let r = unsafe { libc::kill(-pgid, libc::SIGKILL) };
             if r == 0 {
-                eprintln!("hanse agent-fence: the agent did not renew the lease of process group {pgid}: killed it");
+                // Nowhere to tell if stderr is gone: never a panic for it.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "hanse agent-fence: the agent did not renew the lease of process group {pgid}: killed it"
+                );
             }
         }
     }

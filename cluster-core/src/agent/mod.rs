@@ -492,9 +492,11 @@ impl Main {
     }
 
     /// Tells the fence how long each running at-most-once allocation may
-    /// still run: until the agent's own lease would stop it (the last
-    /// answer plus TTL + grace / 2) or, for delegated work, its grant ends,
-    /// whichever is sooner.
+    /// still run: until the agent's own lease would have stopped it (the
+    /// last answer plus TTL + grace / 2) or, for delegated work, its grant
+    /// ends plus its kill timeout (the agent's graceful stop starts when
+    /// the grant ends; the target allows only kill timeouts within half
+    /// the grace), whichever is sooner.
     fn renew_fence(&self) {
         let Some(fence) = &self.fence else { return };
         let c = self.contact.lock().expect("contact").clone();
@@ -504,7 +506,8 @@ impl Main {
         let at_most_once =
             self.slots.iter().filter(|(_, s)| s.control.is_some() && s.alloc.group.on_disconnect == OnDisconnect::Stop);
         for (id, s) in at_most_once {
-            let by_grant = s.alloc.lease.as_ref().map(|d| c.grants.left(d, now));
+            let kill_ms = s.alloc.group.tasks.iter().map(|t| t.kill_timeout_ms).max().unwrap_or(0);
+            let by_grant = s.alloc.lease.as_ref().map(|d| c.grants.left(d, now).saturating_add(kill_ms));
             if let Some(left) = [by_lease, by_grant].into_iter().flatten().min() {
                 fence.renew(*id, left);
             }

@@ -72,7 +72,9 @@ pub fn schedule(state: &ClusterState, job: &Job, config: &SchedulerConfig) -> Pl
     // Peers first: what the plan would place waits, blocked, until the
     // federation has offered it and committed `PeersAsked` for this
     // version; it then places what no peer holds.
+    // System jobs run on every node of their own cluster: never deferred.
     let defer = config.defer_prefer_remote
+        && job.job_type != crate::model::JobType::System
         && job.federation.delegate == crate::model::DelegateMode::PreferRemote
         && !job.labels.contains_key(crate::model::job::LABEL_ORIGIN)
         && state.peers_asked(&job.id).is_none_or(|v| v < job.version);

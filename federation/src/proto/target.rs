@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::wire::{IndexState, Outcome, Progress, ToOrigin, ToTarget};
 use super::{Action, Message, Millis, Plants, Timing, inbound_key};
 use crate::delegation::{OfferCheck, Rejection, check_offer};
-use crate::node::{free_cpu, inbound_cpu, total_cpu};
+use crate::node::{free_cpu, inbound_cpu, inbound_unplaced_cpu, total_cpu};
 use crate::policy::Policy;
 use crate::protocol::{LABEL_DELEGATION, LABEL_ORIGIN, decode, encode, target_job_id};
 
@@ -330,7 +330,10 @@ impl Target {
         let allowed: Option<Vec<String>> =
             (!offered.jurisdictions.is_empty()).then(|| offered.jurisdictions.iter().map(|j| j.to_string()).collect());
         let per = group.resources().cpu_millis.max(1);
-        let admitting: u64 = self.admitting.values().map(|(_, cpu)| cpu).sum();
+        // Taken already: offers this leader decided that have not applied,
+        // and registered work not yet placed.
+        let admitting: u64 =
+            self.admitting.values().map(|(_, cpu)| cpu).sum::<u64>().saturating_add(inbound_unplaced_cpu(state));
         let (inbound, total) = (inbound_cpu(state).saturating_add(admitting), total_cpu(state));
         let check = OfferCheck {
             origin: from,
