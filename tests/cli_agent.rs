@@ -574,3 +574,65 @@ fn a_frozen_agents_at_most_once_work_is_killed_by_its_fence_before_the_replaceme
     // SAFETY: as above.
     unsafe { libc::kill(agent_pid, libc::SIGCONT) };
 }
+
+/// At-most-once work an agent restarts from local state, while cut off and
+/// with its wall clock set back an hour (`faketime`), still stops when the
+/// lease it held before the restart runs out: the lease is kept on the
+/// boot clock, which `date` does not move. Sampled every 20 ms: the old
+/// copy is gone before its replacement starts.
+#[test]
+fn a_wall_clock_set_back_does_not_stretch_a_lease_kept_across_a_restart() {
+    let faketime = Command::new("faketime").arg("--version").output();
+    assert!(faketime.is_ok(), "this test needs faketime (`apt-get install faketime`; .ci/run installs it)");
+    let f = Fixture::new("clock-back");
+    let relay = Relay::new(f.quic);
+    let mut a = f.agent("node-a", relay.addr);
+    let job = f.job("once", &marking_service("once", "stop"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "once running", || f.node_of_running("once").len() == 1);
+    let (first, _) = f.node_of_running("once")[0].clone();
+    let before = mark(&f.marks(), &format!("{first}.pid")).unwrap();
+    let _b = f.agent("node-b", f.quic);
+
+    relay.set_cut(true);
+    a.kill9();
+    // Restarted 1 s after the cut, within its 2 s TTL: it starts the work
+    // again, with at most 1.5 s of its lease (TTL + grace / 2) left. Read
+    // off the wall clock, an hour back, the lease would start afresh.
+    std::thread::sleep(Duration::from_millis(1_000));
+    let config = f.dir.join("node-a.toml");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(f.dir.join("node-a.log")).unwrap();
+    let _a2 = Bg(Command::new("faketime")
+        .args(["-f", "-1h", env!("CARGO_BIN_EXE_hanse"), "agent", "--config", config.to_str().unwrap()])
+        .env("DONT_FAKE_MONOTONIC", "1")
+        .env("RUST_LOG", "cluster_core::agent=info,warn")
+        .current_dir(&f.dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start hanse under faketime"));
+    let mut restarted = None;
+    let mut died = None;
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    let started = loop {
+        assert!(std::time::Instant::now() < limit, "not replaced within 30 s of the cut");
+        if restarted.is_none() {
+            restarted = mark(&f.marks(), &format!("{first}.pid")).filter(|p| *p != before);
+        }
+        if let Some(p) = restarted.filter(|p| died.is_none() && !running(*p)) {
+            died = Some((p, now_ns()));
+        }
+        let replaced = f.node_of_running("once").into_iter().find(|(_, n)| n == "node-b");
+        if let Some(started) = replaced.and_then(|(second, _)| mark(&f.marks(), &format!("{second}.started"))) {
+            break started;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Restarted from local state (its lease had not run out), then stopped.
+    let log = std::fs::read_to_string(f.dir.join("node-a.log")).unwrap_or_default();
+    let (_, died) = died.unwrap_or_else(|| {
+        panic!("the restarted copy ({restarted:?}) still runs after its replacement started; node-a's log:\n{log}")
+    });
+    assert!(died < started, "the restarted copy died at {died}, after its replacement started at {started}");
+}

@@ -81,8 +81,11 @@ pub struct AgentOptions {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct LocalState {
     node: Option<NodeId>,
-    /// When a server last answered a heartbeat, and the lease it gave.
-    last_contact_unix_ms: u64,
+    /// When a server last answered a heartbeat, on the boot clock (see
+    /// [`boot_clock`]) of boot `boot_id`, and the lease it gave. Never the
+    /// wall clock: a clock set back must not stretch a lease.
+    last_contact_boot_ms: u64,
+    boot_id: String,
     ttl_ms: u64,
     grace_ms: u64,
     allocs: Vec<(AgentAlloc, AllocStatus, Vec<TaskState>)>,
@@ -104,6 +107,28 @@ struct Contact {
     grace: Duration,
     /// Delegation leases for at-most-once delegated work, on [`mono_ms`].
     grants: lease::Grants,
+}
+
+/// This boot's id and milliseconds since it (`CLOCK_BOOTTIME`: monotonic
+/// across process restarts, counting suspend, never set by `date`). The
+/// id tells a reboot apart, after which no saved lease holds.
+fn boot_clock() -> (String, u64) {
+    let id =
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default();
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) writes the timespec it is given.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) } == 0;
+    let ms = if ok { t.tv_sec as u64 * 1_000 + t.tv_nsec as u64 / 1_000_000 } else { 0 };
+    (id, ms)
+}
+
+/// How long ago, in milliseconds, the saved last contact was; `None` when
+/// there was none, or it was in another boot (or the boot cannot be told).
+fn since_saved_contact(saved: &LocalState) -> Option<u64> {
+    let (id, now) = boot_clock();
+    let same_boot = !id.is_empty() && id == saved.boot_id;
+    (same_boot && saved.last_contact_boot_ms > 0 && saved.last_contact_boot_ms <= now)
+        .then(|| now - saved.last_contact_boot_ms)
 }
 
 /// Milliseconds on this process's monotonic clock: what grants are kept in.
@@ -194,11 +219,8 @@ impl Agent {
         }
         // The lease held before a restart still runs out on time: at-most-once
         // work started again from local state stops when it would have.
-        let last = (saved.last_contact_unix_ms > 0)
-            .then(|| {
-                Instant::now().checked_sub(Duration::from_millis(unix_ms().saturating_sub(saved.last_contact_unix_ms)))
-            })
-            .flatten();
+        let last =
+            since_saved_contact(&saved).and_then(|since| Instant::now().checked_sub(Duration::from_millis(since)));
         let contact = Arc::new(Mutex::new(Contact {
             last,
             ttl: Duration::from_millis(saved.ttl_ms.max(1_000)),
@@ -249,7 +271,7 @@ impl Agent {
             contact,
             connected: true,
             dirty: false,
-            last_contact_unix_ms: saved.last_contact_unix_ms,
+            last_contact_boot_ms: saved.last_contact_boot_ms,
             state_path: state_path.clone(),
             node: o.node.id.clone(),
             awaiting: BTreeMap::new(),
@@ -292,7 +314,7 @@ struct Main {
     contact: Arc<Mutex<Contact>>,
     connected: bool,
     dirty: bool,
-    last_contact_unix_ms: u64,
+    last_contact_boot_ms: u64,
     state_path: PathBuf,
     node: NodeId,
     /// Delegated at-most-once allocations waiting for their first grant.
@@ -333,7 +355,8 @@ impl Main {
     /// except at-most-once ones whose lease has lapsed meanwhile (reported
     /// lost); finished ones are reported again.
     fn recover(&mut self, saved: LocalState) {
-        let lapsed = unix_ms().saturating_sub(saved.last_contact_unix_ms) > saved.ttl_ms;
+        // Another boot, or no contact on record: the lease is long gone.
+        let lapsed = since_saved_contact(&saved).is_none_or(|since| since > saved.ttl_ms);
         let n = saved.allocs.len();
         for (alloc, status, tasks) in saved.allocs {
             let id = alloc.id;
@@ -522,7 +545,7 @@ impl Main {
         let lease = lease::Lease { ttl_ms: c.ttl.as_millis() as u64, grace_ms: c.grace.as_millis() as u64 };
         if let Some(last) = c.last {
             let since = last.elapsed();
-            self.last_contact_unix_ms = unix_ms().saturating_sub(since.as_millis() as u64);
+            self.last_contact_boot_ms = boot_clock().1.saturating_sub(since.as_millis() as u64);
             let connected = lease.in_contact(since.as_millis() as u64);
             if connected != self.connected {
                 self.connected = connected;
@@ -561,7 +584,8 @@ impl Main {
         let c = self.contact.lock().expect("contact").clone();
         let state = LocalState {
             node: Some(self.node.clone()),
-            last_contact_unix_ms: self.last_contact_unix_ms,
+            last_contact_boot_ms: self.last_contact_boot_ms,
+            boot_id: boot_clock().0,
             ttl_ms: c.ttl.as_millis() as u64,
             grace_ms: c.grace.as_millis() as u64,
             allocs: self.slots.values().map(|s| (s.alloc.clone(), s.status, s.tasks.clone())).collect(),
