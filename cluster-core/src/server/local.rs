@@ -101,6 +101,31 @@ impl LocalCluster {
         ca: Option<PemPair>,
         http: &[SocketAddr],
     ) -> anyhow::Result<LocalCluster> {
+        // Free ports are picked before the servers bind them, and tests
+        // running side by side may take one in between: pick again (in a
+        // fresh directory) when that happens, unless the caller chose.
+        let mut attempt = 0;
+        loop {
+            let here = if attempt == 0 { dir.to_path_buf() } else { dir.join(format!("retry-{attempt}")) };
+            match Self::try_start(name, &here, servers, options.clone(), raft_tick, ca.clone(), http).await {
+                Err(e) if http.is_empty() && attempt < 4 && addr_in_use(&e) => {
+                    tracing::debug!(attempt, "a picked port was taken before it was bound: {e:#}");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_start(
+        name: &str,
+        dir: &Path,
+        servers: u64,
+        options: ServerOptions,
+        raft_tick: Duration,
+        ca: Option<PemPair>,
+        http: &[SocketAddr],
+    ) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(dir)?;
         let mut raft_addrs = BTreeMap::new();
         let mut http_addrs = BTreeMap::new();
@@ -126,7 +151,10 @@ impl LocalCluster {
             servers: BTreeMap::new(),
         };
         for id in 1..=servers {
-            c.start_server(id).await?;
+            if let Err(e) = c.start_server(id).await {
+                c.stop().await;
+                return Err(e);
+            }
         }
         Ok(c)
     }
@@ -211,4 +239,12 @@ impl LocalCluster {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Whether `e` (or what caused it) is a bind to an address in use.
+fn addr_in_use(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+            || c.to_string().contains("Address already in use")
+    })
 }
