@@ -531,6 +531,27 @@ fn now_ns() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
+/// Samples every 20 ms, for 30 s at most, until `job`'s replacement on
+/// node-b has started (its `.started` mark, in nanoseconds). Returns that,
+/// and when the old copy (the pid `old` names, once it names one) was
+/// first seen not running, if it was before.
+fn sample_until_replaced(f: &Fixture, job: &str, old: impl Fn() -> Option<u128>) -> (u128, Option<u128>) {
+    let (mut pid, mut died) = (None, None);
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(std::time::Instant::now() < limit, "{job} not replaced on node-b within 30 s");
+        pid = pid.or_else(&old);
+        if died.is_none() && pid.is_some_and(|p| !running(p)) {
+            died = Some(now_ns());
+        }
+        let replaced = f.node_of_running(job).into_iter().find(|(_, n)| n == "node-b");
+        if let Some(started) = replaced.and_then(|(second, _)| mark(&f.marks(), &format!("{second}.started"))) {
+            return (started, died);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A frozen agent (SIGSTOP) enforces nothing, and its at-most-once task
 /// runs on; the fence process beside it kills the task when the lease the
 /// agent last renewed runs out, before the servers replace it (review
@@ -550,19 +571,7 @@ fn a_frozen_agents_at_most_once_work_is_killed_by_its_fence_before_the_replaceme
     // SAFETY: signals to the agent process this test started.
     unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
     let frozen = now_ns();
-    let mut died = None;
-    let limit = std::time::Instant::now() + Duration::from_secs(30);
-    let started = loop {
-        assert!(std::time::Instant::now() < limit, "not replaced within 30 s of freezing node-a");
-        if died.is_none() && !running(pid) {
-            died = Some(now_ns());
-        }
-        let replaced = f.node_of_running("once").into_iter().find(|(_, n)| n == "node-b");
-        if let Some(started) = replaced.and_then(|(second, _)| mark(&f.marks(), &format!("{second}.started"))) {
-            break started;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (started, died) = sample_until_replaced(&f, "once", || Some(pid));
     let died = died.expect("the frozen agent's task still runs after its replacement started");
     assert!(died < started, "the task died at {died}, after its replacement started at {started}");
     // TTL 2 s + grace 1 s / 2 after the last answer: the fence's deadline.
@@ -612,27 +621,12 @@ fn a_wall_clock_set_back_does_not_stretch_a_lease_kept_across_a_restart() {
         .stdin(Stdio::null())
         .spawn()
         .expect("start hanse under faketime"));
-    let mut restarted = None;
-    let mut died = None;
-    let limit = std::time::Instant::now() + Duration::from_secs(30);
-    let started = loop {
-        assert!(std::time::Instant::now() < limit, "not replaced within 30 s of the cut");
-        if restarted.is_none() {
-            restarted = mark(&f.marks(), &format!("{first}.pid")).filter(|p| *p != before);
-        }
-        if let Some(p) = restarted.filter(|p| died.is_none() && !running(*p)) {
-            died = Some((p, now_ns()));
-        }
-        let replaced = f.node_of_running("once").into_iter().find(|(_, n)| n == "node-b");
-        if let Some(started) = replaced.and_then(|(second, _)| mark(&f.marks(), &format!("{second}.started"))) {
-            break started;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
     // Restarted from local state (its lease had not run out), then stopped.
-    let log = std::fs::read_to_string(f.dir.join("node-a.log")).unwrap_or_default();
-    let (_, died) = died.unwrap_or_else(|| {
-        panic!("the restarted copy ({restarted:?}) still runs after its replacement started; node-a's log:\n{log}")
+    let restarted = || mark(&f.marks(), &format!("{first}.pid")).filter(|p| *p != before);
+    let (started, died) = sample_until_replaced(&f, "once", restarted);
+    let died = died.unwrap_or_else(|| {
+        let log = std::fs::read_to_string(f.dir.join("node-a.log")).unwrap_or_default();
+        panic!("the restarted copy still runs after its replacement started; node-a's log:\n{log}")
     });
     assert!(died < started, "the restarted copy died at {died}, after its replacement started at {started}");
 }
