@@ -17,7 +17,7 @@ use cluster_core::ids::{AllocId, JobId};
 use cluster_core::model::{AllocStatus, JobType};
 use cluster_core::state::ClusterState;
 use federation::proto::origin::{End, Origin, Phase};
-use federation::proto::{IndexState, outbound_key};
+use federation::proto::{IndexState, Timing, outbound_key};
 use federation::protocol::LABEL_ORIGIN;
 
 use crate::world::{InstanceKey, KILL_MS_MAX, Violation, World};
@@ -48,8 +48,11 @@ impl Checker {
         self.stopped.entry((cluster, job.to_string())).or_insert(now);
     }
 
+    /// The longest lease, grace and retry of any cluster, and the time to
+    /// kill: past it, news of a stop has reached a target.
     fn fence_bound(w: &World) -> u64 {
-        w.timing.lease_ms + w.timing.grace_ms + w.timing.retry_ms + KILL_MS_MAX + FENCE_SLACK_MS
+        let most = |f: fn(&Timing) -> u64| w.clusters.iter().map(|c| f(&c.timing)).max().unwrap_or(0);
+        most(|t| t.lease_ms) + most(|t| t.grace_ms) + most(|t| t.retry_ms) + KILL_MS_MAX + FENCE_SLACK_MS
     }
 
     pub fn after_step(&mut self, w: &World) -> Option<Violation> {

@@ -308,6 +308,8 @@ pub struct Cluster {
     pub leader: Option<Leader>,
     election_at: Option<u64>,
     clock_offset: u64,
+    /// This cluster's protocol timers (its policy's `[retry]`).
+    pub timing: Timing,
     clock_ppm: i64,
     wall_offset: i64,
     pub nodes: Vec<SimNode>,
@@ -421,6 +423,21 @@ impl World {
                     election_at: None,
                     clock_offset: 1_000_000 + rng.below(1_000_000_000) as u64,
                     clock_ppm: rng.below(201) as i64 - 100,
+                    // Each cluster's own `[retry]`, as its policy would
+                    // say: leases and graces that differ between origin
+                    // and target (the grace covers the 1 s kill timeout
+                    // twice). Scripted scenarios keep one timing.
+                    timing: if setup.random_faults {
+                        let lease_ms = 4_000 + 500 * rng.below(9) as u64;
+                        Timing {
+                            lease_ms,
+                            grace_ms: 2_000 + 500 * rng.below(5) as u64,
+                            renew_every_ms: lease_ms / 5,
+                            retry_ms: 300 + 100 * rng.below(5) as u64,
+                        }
+                    } else {
+                        timing.clone()
+                    },
                     wall_offset: 0,
                     nodes: nodes
                         .iter()
@@ -897,8 +914,8 @@ impl World {
         }
         cl.leader = Some(Leader {
             replica: r,
-            origin: Origin::new(&cl.name, self.timing.clone(), plants.clone(), now_c),
-            target: Target::new(self.timing.clone(), plants, self.rng.next_u64()),
+            origin: Origin::new(&cl.name, cl.timing.clone(), plants.clone(), now_c),
+            target: Target::new(cl.timing.clone(), plants, self.rng.next_u64()),
             broker: Broker::default(),
             heartbeats,
             offered: BTreeMap::new(),
