@@ -114,6 +114,14 @@ pub struct Rule {
     pub jurisdictions: Vec<String>,
 }
 
+/// The least grace that covers a deposed origin leader, in milliseconds:
+/// raft-rs's `check_quorum` steps a leader cut off from its majority down
+/// within two election timeouts (1 s each at the servers' 100 ms tick),
+/// and it may answer renewals until then; its successor is elected no
+/// sooner than one election timeout after the cut, and starts its wait
+/// only then.
+pub const GRACE_MIN_MS: u64 = 2_000;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Retry {
     pub backoff_ms: u64,
@@ -444,6 +452,17 @@ fn read_policy(top: &mut Table, d: &mut Diagnostics) -> Option<Policy> {
             duration(d, &mut t, "breaker_cooldown", retry.breaker_cooldown_ms).unwrap_or(retry.breaker_cooldown_ms);
         retry.lease_ms = duration(d, &mut t, "lease", retry.lease_ms).unwrap_or(retry.lease_ms);
         retry.grace_ms = duration(d, &mut t, "grace", retry.grace_ms).unwrap_or(retry.grace_ms);
+        if retry.grace_ms < GRACE_MIN_MS {
+            d.warning(
+                t.span.clone(),
+                format!(
+                    "grace = {} ms is under {} s: an origin leader cut off from its majority may answer renewals for up to that long after its successor took over, and at-most-once work could then run twice",
+                    retry.grace_ms,
+                    GRACE_MIN_MS / 1_000
+                ),
+                Some(format!("write grace = \"{}s\" or more", GRACE_MIN_MS / 1_000)),
+            );
+        }
         retry.breaker_failures = match t.int(d, "breaker_failures") {
             Some((n, _)) if (1..=1000).contains(&n) => n as u32,
             Some((n, span)) => {

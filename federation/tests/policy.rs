@@ -87,6 +87,21 @@ jurisdictions = ["us"]
 }
 
 #[test]
+fn a_grace_shorter_than_a_deposed_leaders_window_is_warned_about() {
+    let text = |grace: &str| {
+        format!(
+            "[cluster]\nname = \"eu-west\"\njurisdictions = [\"eu\"]\n\n[retry]\nlease = \"30s\"\ngrace = \"{grace}\"\n"
+        )
+    };
+    let short = SourceFile::new("p.toml", text("1s"));
+    let warnings = found(&short, Severity::Warning);
+    assert!(warnings.iter().any(|(l, _, m)| *l == 5 && m.contains("under 2 s")), "{warnings:#?}");
+    assert!(found(&short, Severity::Error).is_empty(), "a warning, not an error");
+    let enough = SourceFile::new("p.toml", text("2s"));
+    assert!(found(&enough, Severity::Warning).iter().all(|(_, _, m)| !m.contains("grace")));
+}
+
+#[test]
 fn a_job_narrows_the_policy_and_never_widens_it() {
     let p = parse_policy(&example("policies/eu-west.toml")).value.unwrap();
     let job = |federation: &str, labels: &str| {
