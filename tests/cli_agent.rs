@@ -188,10 +188,16 @@ impl Fixture {
 }
 
 fn spawn(dir: &Path, name: &str, args: &[&str]) -> Bg {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hanse"));
+    command.args(args);
+    spawn_command(dir, name, command)
+}
+
+/// Starts `command` in `dir`, its output appended to `NAME.log`.
+fn spawn_command(dir: &Path, name: &str, mut command: Command) -> Bg {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap();
-    Bg(Command::new(env!("CARGO_BIN_EXE_hanse"))
+    Bg(command
         .current_dir(dir)
-        .args(args)
         .env("RUST_LOG", "cluster_core::agent=info,warn")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -610,17 +616,10 @@ fn a_wall_clock_set_back_does_not_stretch_a_lease_kept_across_a_restart() {
     // off the wall clock, an hour back, the lease would start afresh.
     std::thread::sleep(Duration::from_millis(1_000));
     let config = f.dir.join("node-a.toml");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(f.dir.join("node-a.log")).unwrap();
-    let _a2 = Bg(Command::new("faketime")
-        .args(["-f", "-1h", env!("CARGO_BIN_EXE_hanse"), "agent", "--config", config.to_str().unwrap()])
-        .env("DONT_FAKE_MONOTONIC", "1")
-        .env("RUST_LOG", "cluster_core::agent=info,warn")
-        .current_dir(&f.dir)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start hanse under faketime"));
+    let mut faked = Command::new("faketime");
+    faked.args(["-f", "-1h", env!("CARGO_BIN_EXE_hanse"), "agent", "--config", config.to_str().unwrap()]);
+    faked.env("DONT_FAKE_MONOTONIC", "1");
+    let _a2 = spawn_command(&f.dir, "node-a", faked);
     // Restarted from local state (its lease had not run out), then stopped.
     let restarted = || mark(&f.marks(), &format!("{first}.pid")).filter(|p| *p != before);
     let (started, died) = sample_until_replaced(&f, "once", restarted);

@@ -267,8 +267,13 @@ impl Federation {
     /// `check_quorum`, so a leader cut off from its majority steps down
     /// within an election timeout).
     fn still_leads(&self, l: &Leading) -> bool {
+        self.leads_in(l.term)
+    }
+
+    /// Whether Raft has this server leading in `term` now.
+    fn leads_in(&self, term: u64) -> bool {
         let status = self.server.raft.status();
-        status.leader == Some(self.server.id) && status.term == l.term
+        status.leader == Some(self.server.id) && status.term == term
     }
 
     /// Runs `f` on the cores and the applied state; `None` unless this
@@ -559,18 +564,21 @@ fn prefers_peers(job: &Job) -> bool {
     job.federation.delegate == cluster_core::model::DelegateMode::PreferRemote
 }
 
+/// The jobs other clusters delegated here, not stopped.
+fn inbound_jobs(s: &ClusterState) -> impl Iterator<Item = &Job> {
+    s.jobs().filter(|j| j.labels.contains_key(LABEL_ORIGIN) && !j.stopped)
+}
+
 /// The cpu of a job's live allocations that came from other clusters.
 pub(crate) fn inbound_cpu(s: &ClusterState) -> u64 {
-    let inbound: Vec<&Job> = s.jobs().filter(|j| j.labels.contains_key(LABEL_ORIGIN) && !j.stopped).collect();
-    inbound.iter().flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
+    inbound_jobs(s).flat_map(|j| s.allocs_of_job(&j.id)).filter(|a| a.is_live()).map(|a| a.resources.cpu_millis).sum()
 }
 
 /// The cpu that registered work from other clusters will take once it is
 /// placed: its instances neither live, complete (batch) nor held
 /// (returned), in millicores.
 pub(crate) fn inbound_unplaced_cpu(s: &ClusterState) -> u64 {
-    let inbound = s.jobs().filter(|j| j.labels.contains_key(LABEL_ORIGIN) && !j.stopped);
-    inbound
+    inbound_jobs(s)
         .flat_map(|j| j.groups.iter().map(move |g| (j, g)))
         .map(|(j, g)| {
             let done = |a: &&cluster_core::model::Allocation| {
@@ -578,33 +586,34 @@ pub(crate) fn inbound_unplaced_cpu(s: &ClusterState) -> u64 {
             };
             let placed: std::collections::BTreeSet<u32> =
                 s.allocs_of_job(&j.id).filter(|a| a.group == g.name).filter(done).map(|a| a.index).collect();
-            let live = placed.len() as u64;
             let held = s.held_of_job(&j.id).filter(|(group, _)| *group == &*g.name).count() as u64;
-            u64::from(g.count).saturating_sub(live + held) * g.resources().cpu_millis
+            u64::from(g.count).saturating_sub(placed.len() as u64 + held) * g.resources().cpu_millis
         })
         .sum()
 }
 
-/// The share of the schedulable nodes' cpu that live allocations use, 0
-/// to 1, from the usage the state keeps per node.
-fn utilization(s: &ClusterState) -> f64 {
-    let used: u64 = (s.nodes().iter().enumerate())
+/// Per schedulable node: (cpu capacity, cpu its live allocations use), in
+/// millicores, from the usage the state keeps per node.
+fn schedulable_cpu(s: &ClusterState) -> impl Iterator<Item = (u64, u64)> + '_ {
+    (s.nodes().iter().enumerate())
         .filter(|(_, n)| n.schedulable())
-        .map(|(i, _)| s.usage(NodeIdx(i as u32)).res.cpu_millis)
-        .sum();
+        .map(|(i, n)| (n.capacity.cpu_millis, s.usage(NodeIdx(i as u32)).res.cpu_millis))
+}
+
+/// The share of the schedulable nodes' cpu that live allocations use, 0
+/// to 1.
+fn utilization(s: &ClusterState) -> f64 {
+    let used: u64 = schedulable_cpu(s).map(|(_, used)| used).sum();
     used as f64 / total_cpu(s).max(1) as f64
 }
 
 /// The cpu no live allocation uses on the schedulable nodes, in millicores.
 pub(crate) fn free_cpu(s: &ClusterState) -> u64 {
-    (s.nodes().iter().enumerate())
-        .filter(|(_, n)| n.schedulable())
-        .map(|(i, n)| n.capacity.cpu_millis.saturating_sub(s.usage(NodeIdx(i as u32)).res.cpu_millis))
-        .sum()
+    schedulable_cpu(s).map(|(capacity, used)| capacity.saturating_sub(used)).sum()
 }
 
 pub(crate) fn total_cpu(s: &ClusterState) -> u64 {
-    s.nodes().iter().filter(|n| n.schedulable()).map(|n| n.capacity.cpu_millis).sum()
+    schedulable_cpu(s).map(|(capacity, _)| capacity).sum()
 }
 
 /// A seed for the target's renewal session: distinct per leadership.
@@ -703,8 +712,7 @@ pub async fn run(fed: Arc<Federation>) {
                 continue;
             }
             // Still leading in that term once the log is applied?
-            let after = fed.server.raft.status();
-            if after.leader != Some(fed.server.id) || after.term != status.term {
+            if !fed.leads_in(status.term) {
                 continue;
             }
             let committed = fed.server.raft.read(|s| s.record(POLICY_RECORD).is_some());

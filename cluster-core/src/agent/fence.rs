@@ -110,8 +110,7 @@ impl Inner {
     fn all_deadlines(&self) -> String {
         let mut out = String::new();
         for (groups, deadline) in self.allocs.values() {
-            if let Some((at, ms)) = deadline {
-                let left = ms.saturating_sub(at.elapsed().as_millis() as u64);
+            if let Some(left) = left_of(deadline) {
                 for g in groups {
                     out.push_str(&format!("kill {g} {left}\n"));
                 }
@@ -119,6 +118,12 @@ impl Inner {
         }
         out
     }
+}
+
+/// Milliseconds left of a renewal made at `at` for `ms` (`None`: never
+/// renewed).
+fn left_of(deadline: &Option<(Instant, u64)>) -> Option<u64> {
+    deadline.map(|(at, ms)| ms.saturating_sub(at.elapsed().as_millis() as u64))
 }
 
 /// Writes whole lines in writes of at most [`WRITE_MAX`] bytes.
@@ -154,8 +159,7 @@ impl Fence {
         let mut inner = self.lock();
         let (groups, deadline) = inner.allocs.entry(alloc).or_default();
         groups.push(pgid);
-        if let Some((at, ms)) = *deadline {
-            let left = ms.saturating_sub(at.elapsed().as_millis() as u64);
+        if let Some(left) = left_of(deadline) {
             inner.send(&self.program, &format!("kill {pgid} {left}\n"));
         }
     }

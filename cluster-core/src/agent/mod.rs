@@ -82,7 +82,7 @@ pub struct AgentOptions {
 struct LocalState {
     node: Option<NodeId>,
     /// When a server last answered a heartbeat, on the boot clock (see
-    /// [`boot_clock`]) of boot `boot_id`, and the lease it gave. Never the
+    /// [`boot_ms`]) of boot `boot_id`, and the lease it gave. Never the
     /// wall clock: a clock set back must not stretch a lease.
     last_contact_boot_ms: u64,
     boot_id: String,
@@ -109,26 +109,38 @@ struct Contact {
     grants: lease::Grants,
 }
 
-/// This boot's id and milliseconds since it (`CLOCK_BOOTTIME`: monotonic
-/// across process restarts, counting suspend, never set by `date`). The
-/// id tells a reboot apart, after which no saved lease holds.
-fn boot_clock() -> (String, u64) {
-    let id =
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default();
+/// Milliseconds since this boot (`CLOCK_BOOTTIME`: monotonic across
+/// process restarts, counting suspend, never set by `date`).
+fn boot_ms() -> u64 {
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime(2) writes the timespec it is given.
     let ok = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) } == 0;
-    let ms = if ok { t.tv_sec as u64 * 1_000 + t.tv_nsec as u64 / 1_000_000 } else { 0 };
-    (id, ms)
+    if ok { t.tv_sec as u64 * 1_000 + t.tv_nsec as u64 / 1_000_000 } else { 0 }
+}
+
+/// This boot's id (empty when it cannot be read), read once: it tells a
+/// reboot apart, after which no saved lease holds.
+fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    })
 }
 
 /// How long ago, in milliseconds, the saved last contact was; `None` when
 /// there was none, or it was in another boot (or the boot cannot be told).
 fn since_saved_contact(saved: &LocalState) -> Option<u64> {
-    let (id, now) = boot_clock();
+    let (id, now) = (boot_id(), boot_ms());
     let same_boot = !id.is_empty() && id == saved.boot_id;
     (same_boot && saved.last_contact_boot_ms > 0 && saved.last_contact_boot_ms <= now)
         .then(|| now - saved.last_contact_boot_ms)
+}
+
+impl Contact {
+    /// The lease the servers' last answer granted.
+    fn lease(&self) -> lease::Lease {
+        lease::Lease { ttl_ms: self.ttl.as_millis() as u64, grace_ms: self.grace.as_millis() as u64 }
+    }
 }
 
 /// Milliseconds on this process's monotonic clock: what grants are kept in.
@@ -523,12 +535,9 @@ impl Main {
     fn renew_fence(&self) {
         let Some(fence) = &self.fence else { return };
         let c = self.contact.lock().expect("contact").clone();
-        let lease = lease::Lease { ttl_ms: c.ttl.as_millis() as u64, grace_ms: c.grace.as_millis() as u64 };
-        let by_lease = c.last.map(|l| lease.stop_within_ms().saturating_sub(l.elapsed().as_millis() as u64));
+        let by_lease = c.last.map(|l| c.lease().stop_within_ms().saturating_sub(l.elapsed().as_millis() as u64));
         let now = mono_ms();
-        let at_most_once =
-            self.slots.iter().filter(|(_, s)| s.control.is_some() && s.alloc.group.on_disconnect == OnDisconnect::Stop);
-        for (id, s) in at_most_once {
+        for (id, s) in self.running_at_most_once() {
             let kill_ms = s.alloc.group.tasks.iter().map(|t| t.kill_timeout_ms).max().unwrap_or(0);
             let by_grant = s.alloc.lease.as_ref().map(|d| c.grants.left(d, now).saturating_add(kill_ms));
             if let Some(left) = [by_lease, by_grant].into_iter().flatten().min() {
@@ -537,15 +546,20 @@ impl Main {
         }
     }
 
+    /// The allocations with `on_disconnect = "stop"` that have a runner.
+    fn running_at_most_once(&self) -> impl Iterator<Item = (&AllocId, &Slot)> {
+        self.slots.iter().filter(|(_, s)| s.control.is_some() && s.alloc.group.on_disconnect == OnDisconnect::Stop)
+    }
+
     /// Cut off past the lease: at-most-once work stops, the rest runs on.
     fn check_lease(&mut self) {
         self.check_grants();
         self.renew_fence();
         let c = self.contact.lock().expect("contact").clone();
-        let lease = lease::Lease { ttl_ms: c.ttl.as_millis() as u64, grace_ms: c.grace.as_millis() as u64 };
+        let lease = c.lease();
         if let Some(last) = c.last {
             let since = last.elapsed();
-            self.last_contact_boot_ms = boot_clock().1.saturating_sub(since.as_millis() as u64);
+            self.last_contact_boot_ms = boot_ms().saturating_sub(since.as_millis() as u64);
             let connected = lease.in_contact(since.as_millis() as u64);
             if connected != self.connected {
                 self.connected = connected;
@@ -567,12 +581,7 @@ impl Main {
             // Done before the servers replace it: they wait TTL + grace.
             let within = Duration::from_millis(lease.stop_within_ms());
             let deadline = c.last.map(|l| tokio::time::Instant::from_std(l + within));
-            let ids: Vec<AllocId> = self
-                .slots
-                .iter()
-                .filter(|(_, s)| s.alloc.group.on_disconnect == OnDisconnect::Stop && s.control.is_some())
-                .map(|(id, _)| *id)
-                .collect();
+            let ids: Vec<AllocId> = self.running_at_most_once().map(|(id, _)| *id).collect();
             for id in ids {
                 self.stop(id, deadline, AllocStatus::Lost);
             }
@@ -585,7 +594,7 @@ impl Main {
         let state = LocalState {
             node: Some(self.node.clone()),
             last_contact_boot_ms: self.last_contact_boot_ms,
-            boot_id: boot_clock().0,
+            boot_id: boot_id().to_string(),
             ttl_ms: c.ttl.as_millis() as u64,
             grace_ms: c.grace.as_millis() as u64,
             allocs: self.slots.values().map(|s| (s.alloc.clone(), s.status, s.tasks.clone())).collect(),
