@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use cluster_core::raft::storage::{Persist, RedbStorage};
+use cluster_core::raft::storage::{LogStore, MemoryStorage, Persist, RedbStorage};
 use protobuf::Message as _;
 use raft::prelude::*;
 use raft::{GetEntriesContext, StateRole, Storage, StorageError};
@@ -35,33 +35,28 @@ fn ctx() -> GetEntriesContext {
     GetEntriesContext::empty(false)
 }
 
-fn terms(s: &RedbStorage, low: u64, high: u64) -> Vec<u64> {
+fn terms<S: LogStore>(s: &S, low: u64, high: u64) -> Vec<u64> {
     s.entries(low, high, None, ctx()).unwrap().iter().map(|e| e.term).collect()
 }
 
-#[test]
-fn appends_reads_and_replaces_conflicting_entries() {
-    let db = TempDb::new("append");
-    let s = RedbStorage::open(&db.0).unwrap();
+/// The storage contract both stores keep: appends, reads, conflicts.
+fn appends_reads_and_replaces<S: LogStore>(s: &S) {
     assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (1, 0));
     let first: Vec<Entry> = (1..=10).map(|i| entry(i, 1, b"x")).collect();
     s.persist(Persist { entries: &first, ..Default::default() }).unwrap();
     assert_eq!(s.last_index().unwrap(), 10);
-    assert_eq!(terms(&s, 3, 7), vec![1; 4]);
+    assert_eq!(terms(s, 3, 7), vec![1; 4]);
     assert_eq!(s.term(5).unwrap(), 1);
     // A new leader's entries from 6 on replace the old tail.
     let second: Vec<Entry> = (6..=8).map(|i| entry(i, 2, b"y")).collect();
     s.persist(Persist { entries: &second, ..Default::default() }).unwrap();
     assert_eq!(s.last_index().unwrap(), 8);
-    assert_eq!(terms(&s, 4, 9), vec![1, 1, 2, 2, 2]);
+    assert_eq!(terms(s, 4, 9), vec![1, 1, 2, 2, 2]);
     assert!(matches!(s.term(9), Err(raft::Error::Store(StorageError::Unavailable))));
     assert!(s.entries(5, 10, None, ctx()).is_err(), "past the last index");
 }
 
-#[test]
-fn max_size_limits_but_returns_at_least_one_entry() {
-    let db = TempDb::new("size");
-    let s = RedbStorage::open(&db.0).unwrap();
+fn max_size_limits<S: LogStore>(s: &S) {
     let es: Vec<Entry> = (1..=10).map(|i| entry(i, 1, &[7u8; 1024])).collect();
     s.persist(Persist { entries: &es, ..Default::default() }).unwrap();
     assert_eq!(s.entries(1, 11, Some(1), ctx()).unwrap().len(), 1);
@@ -88,10 +83,7 @@ fn everything_persisted_survives_reopening() {
     assert_eq!(terms(&s, 1, 6), vec![3; 5]);
 }
 
-#[test]
-fn compaction_keeps_the_snapshot_and_refuses_what_it_dropped() {
-    let db = TempDb::new("compact");
-    let s = RedbStorage::open(&db.0).unwrap();
+fn compaction_keeps_the_snapshot<S: LogStore>(s: &S) {
     let es: Vec<Entry> = (1..=10).map(|i| entry(i, if i < 4 { 1 } else { 2 }, b"e")).collect();
     s.persist(Persist { entries: &es, ..Default::default() }).unwrap();
     s.compact(5, b"state at 5").unwrap();
@@ -105,16 +97,20 @@ fn compaction_keeps_the_snapshot_and_refuses_what_it_dropped() {
     assert!(matches!(s.snapshot(8, 2), Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))));
     assert!(s.compact(3, b"older").is_err(), "cannot compact what is gone");
     assert!(s.compact(11, b"future").is_err(), "cannot compact past the log");
+}
+
+#[test]
+fn compaction_keeps_the_snapshot_and_refuses_what_it_dropped() {
+    let db = TempDb::new("compact");
+    let s = RedbStorage::open(&db.0).unwrap();
+    compaction_keeps_the_snapshot(&s);
     drop(s);
     let s = RedbStorage::open(&db.0).unwrap();
     assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (6, 10));
     assert_eq!(s.snapshot(5, 2).unwrap().get_data(), b"state at 5");
 }
 
-#[test]
-fn an_installed_snapshot_replaces_the_log() {
-    let db = TempDb::new("install");
-    let s = RedbStorage::open(&db.0).unwrap();
+fn installed_snapshot_replaces<S: LogStore>(s: &S) {
     let es: Vec<Entry> = (1..=3).map(|i| entry(i, 1, b"old")).collect();
     s.persist(Persist { entries: &es, ..Default::default() }).unwrap();
     let mut snap = Snapshot::default();
@@ -130,7 +126,37 @@ fn an_installed_snapshot_replaces_the_log() {
     assert!(s.hard_state().commit >= 20);
     let next = [entry(21, 3, b"new")];
     s.persist(Persist { entries: &next, ..Default::default() }).unwrap();
-    assert_eq!(terms(&s, 21, 22), vec![3]);
+    assert_eq!(terms(s, 21, 22), vec![3]);
+}
+
+#[test]
+fn appends_reads_and_replaces_conflicting_entries() {
+    let db = TempDb::new("append");
+    appends_reads_and_replaces(&RedbStorage::open(&db.0).unwrap());
+    appends_reads_and_replaces(&MemoryStorage::new());
+}
+
+#[test]
+fn max_size_limits_but_returns_at_least_one_entry() {
+    let db = TempDb::new("size");
+    max_size_limits(&RedbStorage::open(&db.0).unwrap());
+    max_size_limits(&MemoryStorage::new());
+}
+
+#[test]
+fn an_installed_snapshot_replaces_the_log() {
+    let db = TempDb::new("install");
+    installed_snapshot_replaces(&RedbStorage::open(&db.0).unwrap());
+    installed_snapshot_replaces(&MemoryStorage::new());
+}
+
+#[test]
+fn memory_storage_compacts_and_its_clones_share_one_log() {
+    let disk = MemoryStorage::new();
+    compaction_keeps_the_snapshot(&disk.clone());
+    // The clone the server held is gone (a crash); the disk kept it all.
+    assert_eq!((disk.first_index().unwrap(), disk.last_index().unwrap()), (6, 10));
+    assert_eq!(disk.snapshot(5, 2).unwrap().get_data(), b"state at 5");
 }
 
 fn logger() -> slog::Logger {

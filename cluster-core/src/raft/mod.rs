@@ -1,7 +1,8 @@
-//! Raft replication of a cluster's state (tikv raft-rs). So far: the
-//! durable log storage. The driver loop that ticks, steps and handles
-//! `Ready` comes next.
+//! Raft replication of a cluster's state (tikv raft-rs): the core that
+//! steps raft and applies its log (`core`), the server's driver around it
+//! (`node`), and the log stores (`storage`).
 
+pub mod core;
 pub mod log;
 pub mod node;
 pub mod storage;

@@ -6,9 +6,12 @@
 //! [`RedbStorage::persist`], so a crash leaves either all of it or none.
 //! Reads come from redb and a small cache of the metadata, which only a
 //! committed transaction updates.
+//!
+//! [`MemoryStorage`] keeps the same contract in memory: the simulator's
+//! disk, which survives a simulated crash because every clone shares it.
 
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -50,6 +53,35 @@ struct Meta {
     last_index: u64,
 }
 
+impl Meta {
+    /// raft's bounds for `entries(low, high)`: nothing before the snapshot,
+    /// nothing past the last index.
+    fn check_range(&self, low: u64, high: u64) -> raft::Result<()> {
+        if low < self.snapshot.index + 1 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(())
+    }
+
+    /// `term(idx)` where the metadata alone answers it: at the snapshot,
+    /// before it, or past the log; `None` for an index the log holds.
+    fn term_outside_log(&self, idx: u64) -> Option<raft::Result<u64>> {
+        if idx == self.snapshot.index {
+            return Some(Ok(self.snapshot.term));
+        }
+        if idx < self.snapshot.index {
+            return Some(Err(raft::Error::Store(StorageError::Compacted)));
+        }
+        if idx > self.last_index {
+            return Some(Err(raft::Error::Store(StorageError::Unavailable)));
+        }
+        None
+    }
+}
+
 /// What one `Ready` asks to make durable.
 #[derive(Default)]
 pub struct Persist<'a> {
@@ -62,6 +94,37 @@ pub struct Persist<'a> {
     /// tells again and which a restart never needs (replay starts from the
     /// snapshot).
     pub lazy: bool,
+}
+
+/// What the Raft driver needs of a log store beyond raft-rs's `Storage`:
+/// to make a `Ready` durable, to compact, and the hard state it holds.
+pub trait LogStore: raft::Storage {
+    /// Makes one `Ready`'s changes durable, all or nothing.
+    fn persist(&self, p: Persist<'_>) -> Result<(), StoreError>;
+    /// Discards the log up to `index` (applied), keeping `data`, the state
+    /// machine's snapshot at `index`. Errors with [`StoreError::CompactRange`]
+    /// outside the entries held.
+    fn compact(&self, index: u64, data: &[u8]) -> Result<(), StoreError>;
+    fn hard_state(&self) -> HardState;
+}
+
+impl LogStore for RedbStorage {
+    fn persist(&self, p: Persist<'_>) -> Result<(), StoreError> {
+        RedbStorage::persist(self, p)
+    }
+    fn compact(&self, index: u64, data: &[u8]) -> Result<(), StoreError> {
+        RedbStorage::compact(self, index, data)
+    }
+    fn hard_state(&self) -> HardState {
+        RedbStorage::hard_state(self)
+    }
+}
+
+impl Persist<'_> {
+    /// Whether this asks for nothing at all (a `Ready` of messages only).
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none() && self.entries.is_empty() && self.hard_state.is_none() && self.conf_state.is_none()
+    }
 }
 
 pub struct RedbStorage {
@@ -205,16 +268,7 @@ impl raft::Storage for RedbStorage {
         max_size: impl Into<Option<u64>>,
         _: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        let (first, last) = {
-            let m = self.meta.read().expect("raft meta lock");
-            (m.snapshot.index + 1, m.last_index)
-        };
-        if low < first {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if high > last + 1 {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
+        self.meta.read().expect("raft meta lock").check_range(low, high)?;
         let tx = self.db.begin_read().map_err(|e| to_raft(dberr(e)))?;
         let t = tx.open_table(ENTRIES).map_err(|e| to_raft(dberr(e)))?;
         let mut out = Vec::with_capacity((high - low) as usize);
@@ -227,18 +281,8 @@ impl raft::Storage for RedbStorage {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let (snap, last) = {
-            let m = self.meta.read().expect("raft meta lock");
-            (m.snapshot.clone(), m.last_index)
-        };
-        if idx == snap.index {
-            return Ok(snap.term);
-        }
-        if idx < snap.index {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if idx > last {
-            return Err(raft::Error::Store(StorageError::Unavailable));
+        if let Some(answer) = self.meta.read().expect("raft meta lock").term_outside_log(idx) {
+            return answer;
         }
         match self.read_entry(idx).map_err(to_raft)? {
             Some(e) => Ok(e.term),
@@ -267,6 +311,139 @@ impl raft::Storage for RedbStorage {
         let mut snap = Snapshot::default();
         snap.set_data(data.into());
         snap.set_metadata(md);
+        Ok(snap)
+    }
+}
+
+/// The log in memory, with [`RedbStorage`]'s contract. Clones share one log:
+/// the simulator keeps a clone as the server's disk, so a crashed server
+/// restarts from what it had persisted.
+#[derive(Clone, Default)]
+pub struct MemoryStorage {
+    inner: Arc<RwLock<MemoryLog>>,
+}
+
+#[derive(Default)]
+struct MemoryLog {
+    meta: Meta,
+    /// Entries after the snapshot, the first at `meta.snapshot.index + 1`.
+    entries: Vec<Entry>,
+    snapshot_data: Vec<u8>,
+}
+
+impl MemoryStorage {
+    pub fn new() -> MemoryStorage {
+        MemoryStorage::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, MemoryLog> {
+        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, MemoryLog> {
+        self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl LogStore for MemoryStorage {
+    fn persist(&self, p: Persist<'_>) -> Result<(), StoreError> {
+        let mut log = self.write();
+        if let Some(snap) = p.snapshot {
+            let md = snap.get_metadata();
+            log.entries.clear();
+            log.snapshot_data = snap.get_data().to_vec();
+            log.meta.snapshot = md.clone();
+            log.meta.conf_state = md.get_conf_state().clone();
+            log.meta.last_index = md.index;
+            if log.meta.hard_state.commit < md.index {
+                log.meta.hard_state.commit = md.index;
+                log.meta.hard_state.term = log.meta.hard_state.term.max(md.term);
+            }
+        }
+        if let Some(first) = p.entries.first() {
+            let offset = log.meta.snapshot.index + 1;
+            if first.index < offset {
+                return Err(StoreError::CompactRange { index: first.index, first: offset, last: log.meta.last_index });
+            }
+            let keep = ((first.index - offset) as usize).min(log.entries.len());
+            log.entries.truncate(keep);
+            log.entries.extend_from_slice(p.entries);
+            log.meta.last_index = p.entries.last().map_or(log.meta.last_index, |e| e.index);
+        }
+        if let Some(hs) = p.hard_state {
+            log.meta.hard_state = hs.clone();
+        }
+        if let Some(cs) = p.conf_state {
+            log.meta.conf_state = cs.clone();
+        }
+        Ok(())
+    }
+
+    fn compact(&self, index: u64, data: &[u8]) -> Result<(), StoreError> {
+        let mut log = self.write();
+        let first = log.meta.snapshot.index + 1;
+        if index < first || index > log.meta.last_index {
+            return Err(StoreError::CompactRange { index, first, last: log.meta.last_index });
+        }
+        let term = log.entries[(index - first) as usize].term;
+        log.entries.drain(..=(index - first) as usize);
+        let mut md = SnapshotMetadata { index, term, ..Default::default() };
+        md.set_conf_state(log.meta.conf_state.clone());
+        log.meta.snapshot = md;
+        log.snapshot_data = data.to_vec();
+        Ok(())
+    }
+
+    fn hard_state(&self) -> HardState {
+        self.read().meta.hard_state.clone()
+    }
+}
+
+impl raft::Storage for MemoryStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let log = self.read();
+        Ok(RaftState { hard_state: log.meta.hard_state.clone(), conf_state: log.meta.conf_state.clone() })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let log = self.read();
+        log.meta.check_range(low, high)?;
+        let first = log.meta.snapshot.index + 1;
+        let mut out = log.entries[(low - first) as usize..(high - first) as usize].to_vec();
+        raft::util::limit_size(&mut out, max_size.into());
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let log = self.read();
+        if let Some(answer) = log.meta.term_outside_log(idx) {
+            return answer;
+        }
+        Ok(log.entries[(idx - log.meta.snapshot.index - 1) as usize].term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.read().meta.snapshot.index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.read().meta.last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let log = self.read();
+        if log.meta.snapshot.index < request_index {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        let mut snap = Snapshot::default();
+        snap.set_data(log.snapshot_data.clone().into());
+        snap.set_metadata(log.meta.snapshot.clone());
         Ok(snap)
     }
 }
