@@ -5,8 +5,13 @@
 //! and the grace period passed without a heartbeat) or coming back does.
 //! A new leader knows no heartbeat times, so it gives every node a full
 //! TTL and grace from the moment it took over.
+//!
+//! Between a node's expiry and the commit that marks it down, its
+//! heartbeats are refused ([`Heartbeats::marking_down`]): an answer then
+//! would renew the agent's lease while the cluster replaces its
+//! at-most-once work, and both copies would run.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::ids::NodeId;
 
@@ -16,11 +21,13 @@ pub struct Heartbeats {
     pub ttl_ms: u64,
     pub grace_ms: u64,
     deadline: HashMap<NodeId, u64>,
+    /// Expired nodes whose marking down is not yet committed or failed.
+    expiring: HashSet<NodeId>,
 }
 
 impl Heartbeats {
     pub fn new(ttl_ms: u64, grace_ms: u64) -> Heartbeats {
-        Heartbeats { ttl_ms, grace_ms, deadline: HashMap::new() }
+        Heartbeats { ttl_ms, grace_ms, deadline: HashMap::new(), expiring: HashSet::new() }
     }
 
     /// Records a heartbeat; true if the node was not being timed.
@@ -41,25 +48,42 @@ impl Heartbeats {
     /// Starts timing a node not yet timed (one a new leader finds ready in
     /// the state but has not heard from).
     pub fn beat_if_untimed(&mut self, node: &NodeId, now_ms: u64) {
-        if !self.deadline.contains_key(node) {
+        if !self.deadline.contains_key(node) && !self.expiring.contains(node) {
             self.beat(node, now_ms);
         }
     }
 
-    /// Times a node to expire at `at_ms` (to try marking it down again).
+    /// Times a node to expire at `at_ms` (to try marking it down again,
+    /// after a failed commit); its heartbeats are taken again meanwhile.
     pub fn expire_at(&mut self, node: &NodeId, at_ms: u64) {
+        self.expiring.remove(node);
         self.deadline.insert(node.clone(), at_ms);
     }
 
-    /// Nodes whose deadline passed; they are no longer timed.
+    /// Nodes whose deadline passed; they are no longer timed, and are
+    /// [`Heartbeats::marking_down`] until [`Heartbeats::marked_down`] or
+    /// [`Heartbeats::expire_at`].
     pub fn expired(&mut self, now_ms: u64) -> Vec<NodeId> {
         let mut gone: Vec<NodeId> =
             self.deadline.iter().filter(|(_, d)| **d <= now_ms).map(|(n, _)| n.clone()).collect();
         gone.sort();
         for n in &gone {
             self.deadline.remove(n);
+            self.expiring.insert(n.clone());
         }
         gone
+    }
+
+    /// Whether `node` expired and its marking down is in flight: its
+    /// heartbeats must be refused, not answered.
+    pub fn marking_down(&self, node: &NodeId) -> bool {
+        self.expiring.contains(node)
+    }
+
+    /// The node's marking down is committed (or was not needed): its next
+    /// heartbeat brings it back.
+    pub fn marked_down(&mut self, node: &NodeId) {
+        self.expiring.remove(node);
     }
 
     pub fn is_timed(&self, node: &NodeId) -> bool {
@@ -68,10 +92,12 @@ impl Heartbeats {
 
     pub fn forget(&mut self, node: &NodeId) {
         self.deadline.remove(node);
+        self.expiring.remove(node);
     }
 
     pub fn clear(&mut self) {
         self.deadline.clear();
+        self.expiring.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -98,5 +124,21 @@ mod tests {
         assert_eq!(h.expired(2_500), vec![n.clone()]);
         assert!(h.is_empty(), "an expired node is no longer timed");
         assert!(h.beat(&n, 3_000), "a node heard from again is timed anew");
+    }
+
+    #[test]
+    fn an_expired_node_is_marking_down_until_committed_or_retried() {
+        let mut h = Heartbeats::new(1_000, 500);
+        let n = NodeId::new("n1");
+        h.beat(&n, 0);
+        assert_eq!(h.expired(1_500), vec![n.clone()]);
+        assert!(h.marking_down(&n));
+        h.beat_if_untimed(&n, 1_600);
+        assert!(!h.is_timed(&n), "a sweep does not time a node being marked down");
+        h.expire_at(&n, 2_000);
+        assert!(!h.marking_down(&n), "a failed commit takes heartbeats again");
+        assert_eq!(h.expired(2_000), vec![n.clone()]);
+        h.marked_down(&n);
+        assert!(!h.marking_down(&n) && !h.is_timed(&n));
     }
 }

@@ -427,12 +427,24 @@ impl Inner {
         let (known, unknown): (Vec<_>, Vec<_>) =
             self.raft.read(|s| nodes.into_iter().partition(|n| s.node_idx(n).is_some()));
         let now = self.now_ms();
-        let ttl_ms = {
+        let (ttl_ms, known) = {
             let mut h = self.heartbeats.lock().expect("heartbeats lock");
+            // A node being marked down is not answered: the answer would
+            // renew its agent's lease while its work is being replaced.
+            let (refused, known): (Vec<_>, Vec<_>) = known.into_iter().partition(|n| h.marking_down(n));
+            if !refused.is_empty() && known.is_empty() && unknown.is_empty() {
+                return Err(ApiError::new(
+                    503,
+                    format!(
+                        "node {} missed its heartbeats and is being marked down; heartbeat again in a moment",
+                        refused[0]
+                    ),
+                ));
+            }
             for n in &known {
                 h.beat(n, now);
             }
-            h.ttl_ms
+            (h.ttl_ms, known)
         };
         // Nodes that were down come back up, proposed together (one entry);
         // a failure leaves the node down until its next heartbeat.
@@ -517,18 +529,16 @@ async fn watch_heartbeats(inner: Arc<Inner>) {
         for node in expired {
             let ready = inner.raft.read(|s| s.node_idx(&node).map(|i| s.node(i).status == NodeStatus::Ready));
             if ready != Some(true) {
+                inner.heartbeats.lock().expect("heartbeats lock").marked_down(&node);
                 continue;
             }
             let inner = inner.clone();
             proposals.spawn(async move {
-                // A heartbeat that arrived since the sweep saved it.
-                if inner.heartbeats.lock().expect("heartbeats lock").is_timed(&node) {
-                    return;
-                }
                 tracing::warn!(%node, "node missed its heartbeats: marking it down");
                 let c = Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Down, eligible: true };
                 match inner.raft.propose(c).await {
                     Ok(_) => {
+                        inner.heartbeats.lock().expect("heartbeats lock").marked_down(&node);
                         inner.metrics.nodes_down.inc();
                     }
                     Err(e) => {
