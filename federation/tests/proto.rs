@@ -131,3 +131,42 @@ fn a_renewal_is_never_answered_with_a_longer_lease_than_the_delegation_was_offer
     assert!(!expired(100 + 3_999), "expired before the lease and grace it was offered under");
     assert!(expired(100 + 4_000));
 }
+
+/// An expiry, once decided, is final: a renewal that arrives while the
+/// expiry's commit is in flight names the delegation untracked, so the
+/// target never starts or keeps work the origin is placing again
+/// (`hanse-sim`, seed 2805, with raft-rs in the loop).
+#[test]
+fn a_renewal_arriving_while_an_expiry_commits_does_not_extend_the_lease() {
+    let mut s = state(1, 1);
+    let p = policy("eu-west", "eu-central");
+    let j = job("big", 4, "");
+    s.apply(&Command::RegisterJob(j.clone()));
+    let work = Overflowing { eval: 1, job: j, group: "g".into(), indices: vec![1, 2, 3] };
+    let mut o = Origin::new("eu-west", timing(3_000, 1_000), Plants::default(), 0);
+    for a in o.delegate(&p, &s, &work, "eu-central", 0) {
+        if let Action::ProposeThenSend { command, .. } = a {
+            s.apply(&command);
+        }
+    }
+    let id = Origin::records(&s)[0].0.id.clone();
+    let untracked_in_ack = |o: &mut Origin, now| {
+        let progress = federation::proto::wire::Progress { id: id.clone(), indices: Vec::new() };
+        let renew = ToOrigin::Renew { session: 1, seq: 0, delegations: vec![progress] };
+        o.on_message(&s, "eu-central", renew, now).into_iter().find_map(|a| match a {
+            Action::Send { message: Message::ToTarget(ToTarget::RenewAck { untracked, .. }), .. } => Some(untracked),
+            _ => None,
+        })
+    };
+    assert_eq!(untracked_in_ack(&mut o, 100), Some(Vec::new()), "a live delegation is vouched for");
+    // Past lease and grace without a renewal: the tick proposes the expiry,
+    // which has not applied when the next renewal arrives.
+    let expiring = o.tick(&p, &s, 100 + 4_000).iter().any(|a| {
+        matches!(a, Action::Propose(Command::Guarded { then, .. }) if matches!(then.as_slice(), [Command::Release { .. }]))
+    });
+    assert!(expiring);
+    assert_eq!(untracked_in_ack(&mut o, 100 + 4_100), Some(vec![id.clone()]));
+    // And the decision stands: the next tick proposes the expiry again.
+    let again = o.tick(&p, &s, 100 + 4_700).iter().any(|a| matches!(a, Action::Propose(Command::Guarded { .. })));
+    assert!(again, "a renewal must not undo an expiry already proposed");
+}

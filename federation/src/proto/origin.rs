@@ -11,7 +11,7 @@
 //! gives every target a full lease from that moment (the safe direction:
 //! later, never sooner).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cluster_core::command::Command;
 use cluster_core::ids::JobId;
@@ -170,6 +170,13 @@ pub struct Origin {
     /// full (offered, or an index pending). Past `STUCK_LEASES` leases it
     /// is revoked and its instances placed again (review B2.3, B3).
     stuck: BTreeMap<String, Millis>,
+    /// Delegations this leader decided have expired. The decision is final:
+    /// renewals that arrive while its commit is in flight, or after a
+    /// failed one, name them untracked and never extend their lease
+    /// (`hanse-sim`, seed 2805 once raft-rs was in the loop: an ack sent
+    /// beside the expiry's commit let the target start work the origin
+    /// was placing again).
+    ending: BTreeSet<String>,
 }
 
 /// How many leases a delegation may stay offered, or keep an index pending
@@ -195,6 +202,7 @@ impl Origin {
             sent: BTreeMap::new(),
             proposed: BTreeMap::new(),
             stuck: BTreeMap::new(),
+            ending: BTreeSet::new(),
         }
     }
 
@@ -372,6 +380,7 @@ impl Origin {
             }
             if matches!(r.phase, Phase::Ended(_)) {
                 self.stuck.remove(&r.id);
+                self.ending.remove(&r.id);
                 continue;
             }
             let live = matches!(r.phase, Phase::Offered | Phase::Registered);
@@ -397,7 +406,8 @@ impl Origin {
             } else {
                 self.stuck.remove(&r.id);
             }
-            if now >= self.expires_at(&r) {
+            if self.ending.contains(&r.id) || now >= self.expires_at(&r) {
+                self.ending.insert(r.id.clone());
                 let next = Outbound {
                     phase: Phase::Ended(End::Expired),
                     note: "no renewal within the lease".into(),
@@ -484,7 +494,10 @@ impl Origin {
                 let mut lease_ms = self.timing.lease_ms;
                 for p in delegations {
                     match find(&p.id) {
-                        Some((r, bytes)) if matches!(r.phase, Phase::Offered | Phase::Registered) => {
+                        Some((r, bytes))
+                            if matches!(r.phase, Phase::Offered | Phase::Registered)
+                                && !self.ending.contains(&r.id) =>
+                        {
                             lease_ms = lease_ms.min(r.lease_ms);
                             actions.extend(self.progress(&r, &bytes, &p, now));
                         }
