@@ -2,7 +2,8 @@
 //! is real and what is simulated.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 
 use cluster_core::agent::lease::Lease;
 use cluster_core::command::{Command, Effect};
@@ -10,9 +11,12 @@ use cluster_core::ids::{AllocId, JobId, NodeId};
 use cluster_core::model::alloc::AllocReport;
 use cluster_core::model::job::OnDisconnect;
 use cluster_core::model::{AllocStatus, DesiredStatus, Environment, ExecutionModel, Job, Node, NodeStatus};
+use cluster_core::raft::core::{Core, RaftPlants};
+use cluster_core::raft::node::{ProposeError, RaftConfig};
+use cluster_core::raft::storage::MemoryStorage;
 use cluster_core::resources::Resources;
 use cluster_core::scheduler::{Rng, SchedulerConfig, schedule};
-use cluster_core::server::broker::Broker;
+use cluster_core::server::broker::{Broker, Work};
 use cluster_core::server::heartbeat::Heartbeats;
 use cluster_core::state::ClusterState;
 use federation::policy::{Peer, Policy};
@@ -20,8 +24,13 @@ use federation::proto::origin::Origin;
 use federation::proto::target::{Inbound, Target};
 use federation::proto::{Action, Message, Plants, Timing, ToOrigin, ToTarget, inbound_key};
 use federation::protocol::{LABEL_DELEGATION, LABEL_ORIGIN, decode};
+use federation::select::{Overflow, PeerInfo, select};
+use gossip::summary::ClusterSummary;
 
 use crate::check::Checker;
+
+type RaftMessage = raft::prelude::Message;
+type Answer = tokio::sync::oneshot::Receiver<Result<Effect, ProposeError>>;
 
 /// One step of simulated time.
 pub const STEP_MS: u64 = 100;
@@ -32,6 +41,18 @@ pub const NODE_GRACE_MS: u64 = 2_000;
 /// simulated task has. A target refuses at-most-once work whose kill
 /// timeout is not under half the grace.
 pub const KILL_MS_MAX: u64 = 1_000;
+/// Rounds of Raft messages within one step: enough for a commit when the
+/// servers' links are healthy.
+pub const RAFT_ROUNDS_MAX: usize = 8;
+/// How long a proposer waits for its commit (`raft::node::PROPOSE_TIMEOUT`).
+pub const PROPOSE_TIMEOUT_MS: u64 = 5_000;
+/// A leader publishes its cluster's summary this often (gossip).
+pub const GOSSIP_EVERY_MS: u64 = 1_000;
+/// A peer not heard from by gossip for this long is dead to the origin.
+pub const GOSSIP_DEAD_MS: u64 = 3_000;
+/// Entries between snapshots: small, so restarts and lagging servers go
+/// through snapshots often.
+pub const COMPACT_EVERY: u64 = 32;
 
 /// Known bugs to plant, each of which the checker must catch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -182,6 +203,19 @@ pub enum Event {
         replica: usize,
         down_ms: u64,
     },
+    /// Gossip neither leaves nor reaches `cluster`: peers stop hearing of
+    /// it (it is dead to them once [`GOSSIP_DEAD_MS`] passes) and it of them.
+    GossipOutage {
+        cluster: usize,
+        for_ms: u64,
+    },
+    /// Raft messages between server `server` and its peers are lost (the
+    /// agents and other clusters still reach it).
+    IsolateServer {
+        cluster: usize,
+        server: usize,
+        for_ms: u64,
+    },
     /// The leader's next commit whose reply is due is followed by its death,
     /// before the reply leaves.
     CrashAfterCommit {
@@ -236,15 +270,51 @@ pub struct Setup {
     pub message_faults: bool,
 }
 
-pub struct Replica {
-    pub state: ClusterState,
-    pub applied: usize,
-    pub up: bool,
+/// One server of a cluster: production's Raft core on a simulated disk,
+/// and the leader's duties while Raft has it leading.
+pub struct Server {
+    /// `None` while the server is down.
+    pub core: Option<Core<MemoryStorage>>,
+    /// What the server persisted: it restarts from this.
+    disk: MemoryStorage,
     up_at: u64,
+    /// Its election timeout, in ticks (raft-rs would draw it from the
+    /// thread's random source; here it is drawn from the seed).
+    election_tick: usize,
+    /// The leader's memory, rebuilt when it starts leading in a term.
+    pub shell: Option<Shell>,
+    /// Bumped whenever the shell goes: sends of an older one are dropped.
+    generation: u64,
+    /// Actions waiting for their commits.
+    pending: Vec<Pending>,
+    /// Raft messages to and from this server are lost until then.
+    pub isolated_until: u64,
 }
 
-pub struct Leader {
-    pub replica: usize,
+impl Server {
+    pub fn up(&self) -> bool {
+        self.core.is_some()
+    }
+
+    /// The server's applied state (empty while it is down).
+    pub fn state(&self) -> Arc<RwLock<ClusterState>> {
+        self.core.as_ref().map(Core::state).unwrap_or_default()
+    }
+
+    /// Whether Raft still has this server leading in its shell's term
+    /// (`federation::node`'s `still_leads`).
+    pub fn still_leads(&self) -> bool {
+        match (&self.core, &self.shell) {
+            (Some(core), Some(shell)) => core.is_leader() && core.term() == shell.term,
+            _ => false,
+        }
+    }
+}
+
+/// What a leader runs in memory: `server::Inner`'s broker and heartbeat
+/// timers, and `federation::node`'s origin and target cores.
+pub struct Shell {
+    pub term: u64,
     pub origin: Origin,
     pub target: Target,
     broker: Broker,
@@ -252,6 +322,49 @@ pub struct Leader {
     /// When each job last had work offered, so a refused job is not
     /// offered again every step.
     offered: BTreeMap<JobId, u64>,
+    /// A batch's plans are being committed: no new batch until then.
+    scheduling: bool,
+}
+
+/// One proposal of a [`Pending`] group.
+struct Wait {
+    answer: Answer,
+    what: String,
+    /// Sent once the command commits (not when the state machine refused it).
+    reply: Option<(String, Message)>,
+    result: Option<Result<Effect, String>>,
+}
+
+/// What follows a group of commits.
+enum Then {
+    Nothing,
+    /// The broker's batch is done.
+    Scheduled(Vec<Work>),
+    /// A client's stop was acknowledged.
+    Stopped(String),
+    /// An agent's reports are in (or failed): it may send more.
+    Reported(usize),
+    /// A node's marking down is committed (or failed: it is timed again).
+    MarkedDown(NodeId),
+}
+
+/// Actions performed as `federation::node::perform` does: the commits
+/// side by side, then every message, unless the shell changed meanwhile.
+struct Pending {
+    generation: u64,
+    waits: Vec<Wait>,
+    sends: Vec<(String, Message)>,
+    deadline: u64,
+    then: Then,
+}
+
+/// A Raft message between two servers of one cluster.
+struct RaftFlight {
+    at: u64,
+    seq: u64,
+    from: usize,
+    to: usize,
+    message: RaftMessage,
 }
 
 /// An instance, federation-wide: (origin cluster, origin job, group,
@@ -280,6 +393,8 @@ pub struct Proc {
 
 pub struct SimNode {
     pub id: NodeId,
+    /// What the agent registers.
+    registration: Node,
     pub up: bool,
     pub paused_until: u64,
     pub cut_until: u64,
@@ -295,18 +410,24 @@ pub struct SimNode {
     /// that has not yet seen their report says.
     ended: std::collections::BTreeSet<AllocId>,
     reports: Vec<AllocReport>,
+    /// Reports are being committed: the next ones wait.
+    reporting: bool,
+    /// The applied index of the last state the agent synced from.
+    synced: u64,
 }
 
 pub struct Cluster {
     pub name: String,
     pub jurisdictions: Vec<String>,
     pub policy: Policy,
-    pub log: Vec<Command>,
-    /// The committed log applied in full: what the checker reads.
+    /// Every committed entry applied in index order, from whichever server
+    /// applied it first: what the checker reads.
     pub oracle: ClusterState,
-    pub replicas: Vec<Replica>,
-    pub leader: Option<Leader>,
-    election_at: Option<u64>,
+    pub oracle_applied: u64,
+    /// Entries applied by some server ahead of the oracle's next index.
+    ahead: BTreeMap<u64, Vec<Command>>,
+    pub servers: Vec<Server>,
+    raft_net: Vec<RaftFlight>,
     clock_offset: u64,
     /// This cluster's protocol timers (its policy's `[retry]`).
     pub timing: Timing,
@@ -316,6 +437,13 @@ pub struct Cluster {
     crash_after_commit: Option<u64>,
     /// The last moment (true time) the cluster had no leader.
     pub leaderless_at: u64,
+    /// What gossip brought of every other cluster: its newest summary and
+    /// when (true time) anything of it last arrived.
+    gossip: BTreeMap<String, (ClusterSummary, u64)>,
+    /// Until when (true time) gossip neither leaves nor reaches it.
+    pub gossip_out_until: u64,
+    /// When its leader last published a summary.
+    published_at: u64,
 }
 
 impl Cluster {
@@ -324,8 +452,9 @@ impl Cluster {
         self.clock_offset + (now as i128 * (1_000_000 + self.clock_ppm as i128) / 1_000_000) as u64
     }
 
-    fn majority_up(&self) -> bool {
-        2 * self.replicas.iter().filter(|r| r.up).count() > self.replicas.len()
+    /// Servers that lead with their duties running, by index.
+    pub fn leaders(&self) -> Vec<usize> {
+        (0..self.servers.len()).filter(|&s| self.servers[s].still_leads()).collect()
     }
 
     pub fn index_of(clusters: &[Cluster], name: &str) -> Option<usize> {
@@ -352,6 +481,8 @@ pub struct World {
     message_faults: bool,
     rng: Rng,
     net: Vec<Flight>,
+    /// Summaries on their way: (arrival, from, to, summary).
+    gossip_net: Vec<(u64, usize, usize, ClusterSummary)>,
     seq: u64,
     cuts: Vec<(usize, usize, u64)>,
     delays: Vec<(usize, usize, u64, u64)>,
@@ -403,23 +534,33 @@ impl World {
                     policy.peers.insert(n.clone(), Peer { delegate_to: true, accept_from: true });
                 }
                 let nodes: Vec<Node> = (0..spec.nodes).map(|i| sim_node(spec, i)).collect();
-                let log: Vec<Command> = nodes.iter().cloned().map(Command::UpsertNode).collect();
-                let mut oracle = ClusterState::new();
-                for c in &log {
-                    oracle.apply(c);
-                }
-                let replicas = (0..spec.servers)
-                    .map(|_| Replica { state: oracle.clone(), applied: log.len(), up: true, up_at: 0 })
+                // Distinct election timeouts (10 to 19 ticks), so that
+                // elections end without raft-rs's own random draw.
+                let mut ticks: Vec<usize> = (10..20).collect();
+                let servers = (0..spec.servers)
+                    .map(|_| {
+                        let election_tick = ticks.swap_remove(rng.below(ticks.len()));
+                        Server {
+                            core: None,
+                            disk: MemoryStorage::new(),
+                            up_at: 0,
+                            election_tick,
+                            shell: None,
+                            generation: 0,
+                            pending: Vec::new(),
+                            isolated_until: 0,
+                        }
+                    })
                     .collect();
                 Cluster {
                     name: spec.name.clone(),
                     jurisdictions: spec.jurisdictions.clone(),
                     policy,
-                    log,
-                    oracle,
-                    replicas,
-                    leader: None,
-                    election_at: None,
+                    oracle: ClusterState::new(),
+                    oracle_applied: 0,
+                    ahead: BTreeMap::new(),
+                    servers,
+                    raft_net: Vec::new(),
                     clock_offset: 1_000_000 + rng.below(1_000_000_000) as u64,
                     clock_ppm: rng.below(201) as i64 - 100,
                     // Each cluster's own `[retry]`, as its policy would
@@ -442,6 +583,7 @@ impl World {
                         .iter()
                         .map(|n| SimNode {
                             id: n.id.clone(),
+                            registration: n.clone(),
                             up: true,
                             paused_until: 0,
                             lost_until: 0,
@@ -451,10 +593,15 @@ impl World {
                             procs: BTreeMap::new(),
                             ended: Default::default(),
                             reports: Vec::new(),
+                            reporting: false,
+                            synced: 0,
                         })
                         .collect(),
                     crash_after_commit: None,
                     leaderless_at: 0,
+                    gossip: BTreeMap::new(),
+                    gossip_out_until: 0,
+                    published_at: 0,
                 }
             })
             .collect();
@@ -471,6 +618,7 @@ impl World {
             message_faults: setup.message_faults,
             rng,
             net: Vec::new(),
+            gossip_net: Vec::new(),
             seq: 0,
             cuts: Vec::new(),
             delays: Vec::new(),
@@ -480,8 +628,15 @@ impl World {
             hash: 0xcbf2_9ce4_8422_2325,
             checker: Checker::default(),
         };
+        // Every server starts on an empty disk with the cluster's voters;
+        // the first one campaigns at once, so that work can start early.
         for c in 0..world.clusters.len() {
-            world.lead(c, 0);
+            for r in 0..world.clusters[c].servers.len() {
+                world.start_server(c, r);
+            }
+            if let Some(core) = world.clusters[c].servers[0].core.as_mut() {
+                core.campaign();
+            }
         }
         world
     }
@@ -517,6 +672,7 @@ impl World {
                 self.random_fault();
             }
             self.deliver();
+            self.gossip_arrive();
             for c in 0..self.clusters.len() {
                 self.servers_step(c);
                 for n in 0..self.clusters[c].nodes.len() {
@@ -556,7 +712,7 @@ impl World {
                     job.id,
                     job.instance_count()
                 ));
-                self.client_write(cluster, Command::RegisterJob(job));
+                self.client_write(cluster, Command::RegisterJob(job), Then::Nothing);
             }
             Event::Update { cluster, job } => {
                 let Some(mut j) = self.clusters[cluster].oracle.job(&JobId::new(&job)).cloned() else { return };
@@ -565,7 +721,7 @@ impl World {
                 }
                 j.priority = j.priority.wrapping_add(1).max(1);
                 self.note(format!("{} update {job}", self.clusters[cluster].name));
-                self.client_write(cluster, Command::RegisterJob(j));
+                self.client_write(cluster, Command::RegisterJob(j), Then::Nothing);
             }
             Event::Scale { cluster, job, count } => {
                 let Some(mut j) = self.clusters[cluster].oracle.job(&JobId::new(&job)).cloned() else { return };
@@ -576,13 +732,11 @@ impl World {
                     g.count = count;
                 }
                 self.note(format!("{} scale {job} to {count}", self.clusters[cluster].name));
-                self.client_write(cluster, Command::RegisterJob(j));
+                self.client_write(cluster, Command::RegisterJob(j), Then::Nothing);
             }
             Event::Stop { cluster, job } => {
                 self.note(format!("{} stop {job}", self.clusters[cluster].name));
-                if self.client_write(cluster, Command::StopJob(JobId::new(&job))) {
-                    self.checker.stopped(cluster, &job, self.now);
-                }
+                self.client_write(cluster, Command::StopJob(JobId::new(&job)), Then::Stopped(job));
             }
             Event::Partition { a, b, one_way, for_ms } => {
                 self.note(format!("partition {a}->{b}{} for {for_ms}ms", if one_way { "" } else { " and back" }));
@@ -596,13 +750,28 @@ impl World {
                 self.delays.push((a, b, extra_ms, self.now + for_ms));
             }
             Event::KillLeader { cluster, down_ms } => {
-                if let Some(r) = self.clusters[cluster].leader.as_ref().map(|l| l.replica) {
-                    self.kill_replica(cluster, r, down_ms);
+                let leading = (0..self.clusters[cluster].servers.len())
+                    .filter(|&r| self.clusters[cluster].servers[r].core.as_ref().is_some_and(Core::is_leader));
+                for r in leading.collect::<Vec<_>>() {
+                    self.kill_server(cluster, r, down_ms);
                 }
             }
             Event::KillReplica { cluster, replica, down_ms } => {
-                if replica < self.clusters[cluster].replicas.len() {
-                    self.kill_replica(cluster, replica, down_ms);
+                if replica < self.clusters[cluster].servers.len() {
+                    self.kill_server(cluster, replica, down_ms);
+                }
+            }
+            Event::GossipOutage { cluster, for_ms } => {
+                self.note(format!("{} gossip out for {for_ms}ms", self.clusters[cluster].name));
+                self.clusters[cluster].gossip_out_until = self.now + for_ms;
+            }
+            Event::IsolateServer { cluster, server, for_ms } => {
+                if server < self.clusters[cluster].servers.len() {
+                    self.note(format!(
+                        "{} server {server} cut off from its peers for {for_ms}ms",
+                        self.clusters[cluster].name
+                    ));
+                    self.clusters[cluster].servers[server].isolated_until = self.now + for_ms;
                 }
             }
             Event::CrashAfterCommit { cluster, down_ms } => {
@@ -622,6 +791,7 @@ impl World {
                 n.procs.clear();
                 n.last_contact = None;
                 n.grants.clear();
+                n.synced = 0;
                 // Its disk survives: what it ended and has yet to report is
                 // reported when it is back, as after an agent restart.
                 n.lost_until = self.now + for_ms;
@@ -634,6 +804,7 @@ impl World {
                 n.procs.clear();
                 n.last_contact = None;
                 n.grants.clear();
+                n.synced = 0;
             }
             Event::WallClockJump { cluster, by_ms } => {
                 self.note(format!("{} wall clock steps {by_ms}ms", self.clusters[cluster].name));
@@ -646,15 +817,29 @@ impl World {
         }
     }
 
-    /// A client's write: committed through the leader, or lost when there
-    /// is none (the client would retry; the workload moves on).
-    fn client_write(&mut self, c: usize, command: Command) -> bool {
-        if self.clusters[c].leader.is_none() {
+    /// A client's write, to a server that believes it leads (the API
+    /// forwards there); lost when there is none (the client would retry;
+    /// the workload moves on). `then` runs once it is committed.
+    fn client_write(&mut self, c: usize, command: Command, then: Then) {
+        let leading: Vec<usize> = (0..self.clusters[c].servers.len())
+            .filter(|&r| self.clusters[c].servers[r].core.as_ref().is_some_and(Core::is_leader))
+            .collect();
+        if leading.is_empty() {
             self.note(format!("{} no leader: write dropped", self.clusters[c].name));
-            return false;
+            return;
         }
-        self.commit(c, command);
-        true
+        let r = leading[self.rng.below(leading.len())];
+        let answer = self.propose(c, r, &command);
+        let wait = Wait { answer, what: describe(&command), reply: None, result: None };
+        let server = &mut self.clusters[c].servers[r];
+        let pending = Pending {
+            generation: server.generation,
+            waits: vec![wait],
+            sends: Vec::new(),
+            deadline: self.now + PROPOSE_TIMEOUT_MS,
+            then,
+        };
+        server.pending.push(pending);
     }
 
     fn random_fault(&mut self) {
@@ -667,11 +852,32 @@ impl World {
         // Every fault is over by the time the quiet part of the run begins.
         let left = self.quiet_from_ms.saturating_sub(self.now).max(1);
         let for_ms = (2_000 + self.rng.below(28_000) as u64).min(left);
-        let e = match self.rng.below(11) {
+        let e = match self.rng.below(15) {
+            12 => Event::GossipOutage { cluster: c, for_ms },
+            13 => Event::PauseAgent {
+                cluster: c,
+                node: self.rng.below(self.clusters[c].nodes.len()),
+                for_ms: (1_000 + self.rng.below(20_000) as u64).min(left),
+            },
             // A link that slows down, then fails the other way: what
-            // stretches a lease the most.
-            9 => {
-                let b = (c + 1 + self.rng.below(n - 1)) % n;
+            // stretches a lease the most. Twice in three draws it hits a
+            // live delegation: its origin's answers slow down, then its
+            // target's renewals stop.
+            9 | 14 => {
+                let live: Vec<(usize, usize)> = (0..n)
+                    .flat_map(|o| {
+                        let records = Origin::records(&self.clusters[o].oracle);
+                        let targets: Vec<usize> = (records.iter())
+                            .filter(|(r, _)| r.phase == federation::proto::origin::Phase::Registered)
+                            .filter_map(|(r, _)| Cluster::index_of(&self.clusters, &r.target))
+                            .collect();
+                        targets.into_iter().map(move |t| (o, t))
+                    })
+                    .collect();
+                let (c, b) = match self.rng.below(3) {
+                    0 | 1 if !live.is_empty() => live[self.rng.below(live.len())],
+                    _ => (c, (c + 1 + self.rng.below(n - 1)) % n),
+                };
                 let extra_ms = (3_000 + self.rng.below(6_000) as u64).min(left);
                 self.event(Event::Delay { a: c, b, extra_ms, for_ms: 2_000.min(left) });
                 let at = self.now + 1_000 + self.rng.below(3_000) as u64;
@@ -688,12 +894,16 @@ impl World {
             }
             2 => Event::KillLeader { cluster: c, down_ms: (500 + self.rng.below(15_000) as u64).min(left) },
             3 => {
-                let r = self.rng.below(self.clusters[c].replicas.len());
+                let r = self.rng.below(self.clusters[c].servers.len());
                 Event::KillReplica { cluster: c, replica: r, down_ms: (500 + self.rng.below(15_000) as u64).min(left) }
             }
             4 => Event::CrashAfterCommit { cluster: c, down_ms: (500 + self.rng.below(5_000) as u64).min(left) },
             5 => Event::CutAgent { cluster: c, node: self.rng.below(self.clusters[c].nodes.len()), for_ms },
             6 => Event::RestartAgent { cluster: c, node: self.rng.below(self.clusters[c].nodes.len()) },
+            11 => {
+                let server = self.rng.below(self.clusters[c].servers.len());
+                Event::IsolateServer { cluster: c, server, for_ms: (1_000 + self.rng.below(10_000) as u64).min(left) }
+            }
             10 => Event::NodeLost { cluster: c, node: self.rng.below(self.clusters[c].nodes.len()), for_ms },
             7 => {
                 let b = (c + 1 + self.rng.below(n - 1)) % n;
@@ -704,19 +914,54 @@ impl World {
         self.event(e);
     }
 
-    fn kill_replica(&mut self, c: usize, r: usize, down_ms: u64) {
+    /// Server `r` of cluster `c` dies: its memory is gone, its disk stays.
+    fn kill_server(&mut self, c: usize, r: usize, down_ms: u64) {
         let cl = &mut self.clusters[c];
-        if !cl.replicas[r].up {
+        let server = &mut cl.servers[r];
+        if server.core.is_none() {
             return;
         }
-        cl.replicas[r].up = false;
-        cl.replicas[r].up_at = self.now + down_ms;
-        let was_leader = cl.leader.as_ref().is_some_and(|l| l.replica == r);
-        if was_leader {
-            cl.leader = None;
+        let was_leader = server.core.as_ref().is_some_and(Core::is_leader);
+        server.core = None;
+        server.shell = None;
+        server.generation += 1;
+        server.up_at = self.now + down_ms;
+        for p in std::mem::take(&mut server.pending) {
+            if let Then::Reported(n) = p.then {
+                cl.nodes[n].reporting = false;
+            }
         }
         let name = cl.name.clone();
         self.note(format!("{name} server {r} dies{} for {down_ms}ms", if was_leader { " (leader)" } else { "" }));
+    }
+
+    /// Starts (or restarts) server `r` of cluster `c` from its disk.
+    fn start_server(&mut self, c: usize, r: usize) {
+        let cl = &mut self.clusters[c];
+        let peers: BTreeMap<u64, SocketAddr> = (0..cl.servers.len())
+            .map(|i| (i as u64 + 1, SocketAddr::from(([127, 0, 0, 1], 7_000 + i as u16))))
+            .collect();
+        let server = &mut cl.servers[r];
+        let mut config = RaftConfig::new(r as u64 + 1, peers);
+        config.compact_every = COMPACT_EVERY;
+        config.min_election_tick = server.election_tick;
+        config.max_election_tick = server.election_tick + 1;
+        let plants = RaftPlants {
+            skip_every: if self.plant == Some(Plant::SkipEntry) && r == 1 { 40 } else { 0 },
+            snapshot_drops_holds: self.plant == Some(Plant::SnapshotDropsHolds),
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        match Core::open_planted(config, server.disk.clone(), &logger, plants) {
+            Ok(mut core) => {
+                core.record_applied();
+                server.core = Some(core);
+            }
+            Err(e) => panic!("a simulated server cannot open its own disk: {e}"),
+        }
+        if self.now > 0 {
+            let name = cl.name.clone();
+            self.note(format!("{name} server {r} restarts"));
+        }
     }
 
     /// Sends a message between clusters' leaders through the faulty network.
@@ -782,235 +1027,495 @@ impl World {
                 format!("renew {seq} ({} delegations)", delegations.len())
             }
         };
-        self.note(format!("{from_name} -> {}: {line}", self.clusters[to].name));
+        // To a server that leads, as the sender's address list has it:
+        // while a deposed leader has not noticed, it may be that one.
+        let leaders = self.clusters[to].leaders();
+        if leaders.is_empty() {
+            self.note(format!("{from_name} -> {}: {line} (no leader)", self.clusters[to].name));
+            return;
+        }
+        let r = leaders[self.rng.below(leaders.len())];
+        self.note(format!("{from_name} -> {} server {r}: {line}", self.clusters[to].name));
         let cl = &mut self.clusters[to];
         let now_c = cl.clock(self.now);
-        let Some(leader) = cl.leader.as_mut() else { return };
-        let state = &cl.replicas[leader.replica].state;
+        let state = cl.servers[r].state();
+        let state = state.read().expect("state lock");
+        let shell = cl.servers[r].shell.as_mut().expect("leads");
         let actions = match message {
-            Message::ToTarget(m) => leader.target.on_message(&cl.policy, state, &from_name, m, now_c),
-            Message::ToOrigin(m) => leader.origin.on_message(state, &from_name, m, now_c),
+            Message::ToTarget(m) => shell.target.on_message(&cl.policy, &state, &from_name, m, now_c),
+            Message::ToOrigin(m) => shell.origin.on_message(&state, &from_name, m, now_c),
         };
-        self.perform(to, actions);
+        drop(state);
+        self.perform(to, r, actions, Then::Nothing);
     }
 
-    fn perform(&mut self, c: usize, actions: Vec<Action>) {
+    /// Performs the cores' actions on server `r`: proposals side by side,
+    /// then the messages (`federation::node::perform`).
+    fn perform(&mut self, c: usize, r: usize, actions: Vec<Action>, then: Then) {
+        let mut waits = Vec::new();
+        let mut sends = Vec::new();
         for a in actions {
-            if self.clusters[c].leader.is_none() {
-                return;
-            }
             match a {
+                Action::Send { to, message } => sends.push((to, message)),
                 Action::Propose(command) => {
-                    self.commit(c, command);
+                    let answer = self.propose(c, r, &command);
+                    waits.push(Wait { answer, what: describe(&command), reply: None, result: None });
                 }
                 Action::ProposeThenSend { command, to, reply } => {
-                    let effect = self.commit(c, command);
-                    if let Some(down_ms) = self.clusters[c].crash_after_commit.take() {
-                        let r = self.clusters[c].leader.as_ref().map(|l| l.replica).expect("leader");
-                        self.note(format!("{} leader dies between commit and reply", self.clusters[c].name));
-                        self.kill_replica(c, r, down_ms);
-                        return;
-                    }
-                    if !matches!(effect, Effect::Refused(_)) {
-                        self.send(c, &to, reply);
-                    }
+                    let answer = self.propose(c, r, &command);
+                    waits.push(Wait { answer, what: describe(&command), reply: Some((to, reply)), result: None });
                 }
-                Action::Send { to, message } => self.send(c, &to, message),
             }
         }
+        if waits.is_empty() && sends.is_empty() {
+            return;
+        }
+        let server = &mut self.clusters[c].servers[r];
+        let generation = server.generation;
+        server.pending.push(Pending { generation, waits, sends, deadline: self.now + PROPOSE_TIMEOUT_MS, then });
     }
 
-    /// Commits a command: appended to the log, applied by the oracle and
-    /// by the leader's replica (which has applied everything before it).
-    fn commit(&mut self, c: usize, command: Command) -> Effect {
-        let describe = describe(&command);
-        let cl = &mut self.clusters[c];
-        cl.log.push(command.clone());
-        cl.oracle.apply(&command);
-        let r = cl.leader.as_ref().map(|l| l.replica).expect("only a leader commits");
-        let effect = catch_up(cl, r, self.plant);
-        let line = format!("{} commit #{} {describe} -> {}", cl.name, cl.log.len(), effect_word(&effect));
-        self.note(line);
-        effect
+    /// Proposes a command on server `r`'s Raft core.
+    fn propose(&mut self, c: usize, r: usize, command: &Command) -> Answer {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.clusters[c].servers[r].core.as_mut() {
+            Some(core) => core.propose(vec![(command.clone(), tx)]),
+            None => drop(tx),
+        }
+        rx
     }
 
     fn servers_step(&mut self, c: usize) {
         let now = self.now;
-        let plant = self.plant;
-        // Replicas come back up from their own disk (a snapshot of what
-        // they had applied), then catch up.
-        for r in 0..self.clusters[c].replicas.len() {
-            let cl = &mut self.clusters[c];
-            let rep = &mut cl.replicas[r];
-            if !rep.up && rep.up_at <= now {
-                rep.up = true;
-                let mut restored = ClusterState::restore(&rep.state.snapshot()).expect("own snapshot restores");
-                if plant == Some(Plant::SnapshotDropsHolds) {
-                    let holders: Vec<String> = restored.holds().keys().cloned().collect();
-                    for h in holders {
-                        let record = restored.record(&h).map(<[u8]>::to_vec).unwrap_or_default();
-                        restored.release(&h, record);
-                    }
-                }
-                rep.state = restored;
-                let name = cl.name.clone();
-                self.note(format!("{name} server {r} restarts"));
+        // Servers come back up from their own disk.
+        for r in 0..self.clusters[c].servers.len() {
+            let server = &self.clusters[c].servers[r];
+            if server.core.is_none() && server.up_at <= now {
+                self.start_server(c, r);
             }
         }
-        // Followers apply at their own pace.
-        for r in 0..self.clusters[c].replicas.len() {
-            let lag = self.rng.below(4);
-            let cl = &mut self.clusters[c];
-            if cl.replicas[r].up && cl.leader.as_ref().is_none_or(|l| l.replica != r) {
-                let target = cl.log.len().saturating_sub(lag);
-                while cl.replicas[r].applied < target {
-                    apply_next(cl, r, plant);
-                }
+        for server in self.clusters[c].servers.iter_mut() {
+            if let Some(core) = server.core.as_mut() {
+                core.tick();
             }
         }
-        self.election(c);
-        if self.clusters[c].leader.is_some() {
-            self.leader_step(c);
-        } else {
+        self.raft_rounds(c);
+        self.settle(c);
+        self.shells(c);
+        let leaders = self.clusters[c].leaders();
+        if leaders.is_empty() {
             self.clusters[c].leaderless_at = now;
         }
+        for r in leaders {
+            self.leader_step(c, r);
+            self.publish(c, r);
+        }
     }
 
-    fn election(&mut self, c: usize) {
+    /// Runs cluster `c`'s Raft: every server handles its `Ready`, and their
+    /// messages travel, for up to [`RAFT_ROUNDS_MAX`] rounds.
+    fn raft_rounds(&mut self, c: usize) {
         let now = self.now;
-        let cl = &mut self.clusters[c];
-        if cl.leader.is_some() && !cl.majority_up() {
-            cl.leader = None;
-            let name = cl.name.clone();
-            self.note(format!("{name} leader steps down: no quorum"));
-            return;
+        for _ in 0..RAFT_ROUNDS_MAX {
+            let mut out: Vec<(usize, RaftMessage)> = Vec::new();
+            for r in 0..self.clusters[c].servers.len() {
+                let cl = &mut self.clusters[c];
+                let Some(core) = cl.servers[r].core.as_mut() else { continue };
+                let mut sent = Vec::new();
+                if let Err(e) = core.handle_ready(&mut |m| sent.extend(m)) {
+                    panic!("a simulated server's storage failed: {e}");
+                }
+                core.answer_proposers();
+                for (index, commands) in core.take_applied() {
+                    if index > cl.oracle_applied {
+                        cl.ahead.insert(index, commands);
+                    }
+                }
+                while let Some(commands) = cl.ahead.remove(&(cl.oracle_applied + 1)) {
+                    cl.oracle_applied += 1;
+                    for command in &commands {
+                        cl.oracle.apply(command);
+                    }
+                }
+                out.extend(sent.into_iter().map(|m| (r, m)));
+            }
+            for (from, m) in out {
+                self.raft_send(c, from, m);
+            }
+            let cl = &mut self.clusters[c];
+            let mut due: Vec<RaftFlight> = Vec::new();
+            let mut i = 0;
+            while i < cl.raft_net.len() {
+                if cl.raft_net[i].at <= now {
+                    due.push(cl.raft_net.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            if due.is_empty() {
+                break;
+            }
+            due.sort_by_key(|f| (f.at, f.seq));
+            for f in due {
+                let snapshot = f.message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot;
+                let isolated = [f.from, f.to].iter().any(|&r| cl.servers[r].isolated_until > now);
+                let delivered = !isolated && cl.servers[f.to].core.is_some();
+                if delivered {
+                    if let Some(core) = cl.servers[f.to].core.as_mut() {
+                        core.step(f.message);
+                    }
+                }
+                if snapshot {
+                    if let Some(core) = cl.servers[f.from].core.as_mut() {
+                        core.report_snapshot(f.to as u64 + 1, delivered);
+                    }
+                }
+            }
         }
-        if cl.leader.is_some() || !cl.majority_up() {
-            return;
-        }
-        let at = *cl.election_at.get_or_insert(now + 300 + self.rng.below(1_200) as u64);
-        if now < at {
-            return;
-        }
-        cl.election_at = None;
-        let up: Vec<usize> = (0..cl.replicas.len()).filter(|r| cl.replicas[*r].up).collect();
-        let r = up[self.rng.below(up.len())];
-        self.lead(c, r);
     }
 
-    /// Replica `r` of cluster `c` becomes leader: it applies the whole
-    /// log first, then builds its leader memory afresh.
-    fn lead(&mut self, c: usize, r: usize) {
+    /// Puts a Raft message on the cluster's network: mostly delivered in
+    /// this step, sometimes lost, duplicated or late while faults run.
+    fn raft_send(&mut self, c: usize, from: usize, message: RaftMessage) {
+        let to = message.to.saturating_sub(1) as usize;
+        if to >= self.clusters[c].servers.len() {
+            return;
+        }
+        let faulty = self.message_faults && self.now < self.quiet_from_ms;
+        let mut copies = 1;
+        if faulty {
+            match self.rng.below(100) {
+                0 => return,
+                1 => copies = 2,
+                _ => {}
+            }
+        }
+        for _ in 0..copies {
+            let late = faulty && self.rng.below(40) == 0;
+            let at = if late { self.now + STEP_MS * (1 + self.rng.below(5) as u64) } else { self.now };
+            self.seq += 1;
+            self.clusters[c].raft_net.push(RaftFlight { at, seq: self.seq, from, to, message: message.clone() });
+        }
+    }
+
+    /// Completes the performs whose commits are all answered (or whose
+    /// wait ran out): their messages leave, unless the server stopped
+    /// leading in that shell's term meanwhile.
+    fn settle(&mut self, c: usize) {
+        for r in 0..self.clusters[c].servers.len() {
+            let now = self.now;
+            let server = &mut self.clusters[c].servers[r];
+            let mut done = Vec::new();
+            let mut i = 0;
+            while i < server.pending.len() {
+                let p = &mut server.pending[i];
+                for w in p.waits.iter_mut().filter(|w| w.result.is_none()) {
+                    use tokio::sync::oneshot::error::TryRecvError;
+                    w.result = match w.answer.try_recv() {
+                        Ok(Ok(effect)) => Some(Ok(effect)),
+                        Ok(Err(e)) => Some(Err(e.to_string())),
+                        Err(TryRecvError::Closed) => Some(Err("the server stopped".into())),
+                        Err(TryRecvError::Empty) => None,
+                    };
+                }
+                if p.waits.iter().all(|w| w.result.is_some()) || p.deadline <= now {
+                    done.push(server.pending.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            for p in done {
+                self.finish(c, r, p);
+            }
+        }
+    }
+
+    fn finish(&mut self, c: usize, r: usize, p: Pending) {
+        let name = self.clusters[c].name.clone();
+        let mut sends = p.sends;
+        let mut committed = true;
+        let mut replies = false;
+        for w in p.waits {
+            match w.result {
+                Some(Ok(effect)) => {
+                    self.note(format!("{name} server {r} committed {} -> {}", w.what, effect_word(&effect)));
+                    if !matches!(effect, Effect::Refused(_)) && w.reply.is_some() {
+                        replies = true;
+                        sends.extend(w.reply);
+                    }
+                }
+                Some(Err(e)) => {
+                    committed = false;
+                    self.note(format!("{name} server {r} not committed: {} ({e})", w.what));
+                }
+                None => {
+                    committed = false;
+                    self.note(format!("{name} server {r} not committed in time: {}", w.what));
+                }
+            }
+        }
+        if replies && self.clusters[c].servers[r].core.is_some() {
+            if let Some(down_ms) = self.clusters[c].crash_after_commit.take() {
+                self.note(format!("{name} server {r} dies between commit and reply"));
+                self.kill_server(c, r, down_ms);
+                return;
+            }
+        }
+        let server = &mut self.clusters[c].servers[r];
+        match p.then {
+            Then::Nothing => {}
+            Then::Scheduled(batch) => {
+                if let Some(shell) = server.shell.as_mut().filter(|_| server.generation == p.generation) {
+                    shell.broker.done(&batch);
+                    shell.scheduling = false;
+                }
+            }
+            Then::Stopped(job) => {
+                if committed {
+                    self.checker.stopped(c, &job, self.now);
+                }
+            }
+            Then::Reported(n) => self.clusters[c].nodes[n].reporting = false,
+            Then::MarkedDown(node) => {
+                let now_c = self.clusters[c].clock(self.now);
+                let server = &mut self.clusters[c].servers[r];
+                if let Some(shell) = server.shell.as_mut().filter(|_| server.generation == p.generation) {
+                    if committed {
+                        shell.heartbeats.marked_down(&node);
+                    } else {
+                        shell.heartbeats.expire_at(&node, now_c + 500);
+                    }
+                }
+            }
+        }
+        if self.clusters[c].servers[r].generation != p.generation {
+            return;
+        }
+        for (to, message) in sends {
+            self.send(c, &to, message);
+        }
+    }
+
+    /// Starts and stops the leaders' duties as Raft's leadership moves
+    /// (`server::leadership`, `federation::node::run`): a server leading in
+    /// a new term rebuilds them once it has applied its log.
+    fn shells(&mut self, c: usize) {
+        for r in 0..self.clusters[c].servers.len() {
+            let server = &mut self.clusters[c].servers[r];
+            let Some(core) = server.core.as_ref() else { continue };
+            if server.shell.is_some() && !server.still_leads() {
+                server.shell = None;
+                server.generation += 1;
+                let name = self.clusters[c].name.clone();
+                self.note(format!("{name} server {r} no longer leads"));
+                continue;
+            }
+            if server.shell.is_none() {
+                if let Some(term) = core.leading_term() {
+                    self.lead(c, r, term);
+                }
+            }
+        }
+    }
+
+    /// Server `r` of cluster `c` leads in `term`, its log applied: it
+    /// builds its leader memory afresh.
+    fn lead(&mut self, c: usize, r: usize, term: u64) {
         let now = self.now;
+        let seed = self.rng.next_u64();
         let cl = &mut self.clusters[c];
-        catch_up(cl, r, self.plant);
         let now_c = cl.clock(now);
         let plants = plants_of(self.plant);
         let mut heartbeats = Heartbeats::new(NODE_TTL_MS, NODE_GRACE_MS);
-        for n in cl.replicas[r].state.nodes() {
+        let state = cl.servers[r].state();
+        for n in state.read().expect("state lock").nodes() {
             heartbeats.beat_if_untimed(&n.id, now_c);
         }
-        cl.leader = Some(Leader {
-            replica: r,
+        let server = &mut cl.servers[r];
+        server.generation += 1;
+        server.shell = Some(Shell {
+            term,
             origin: Origin::new(&cl.name, cl.timing.clone(), plants.clone(), now_c),
-            target: Target::new(cl.timing.clone(), plants, self.rng.next_u64()),
+            target: Target::new(cl.timing.clone(), plants, seed),
             broker: Broker::default(),
             heartbeats,
             offered: BTreeMap::new(),
+            scheduling: false,
         });
         let name = cl.name.clone();
-        self.note(format!("{name} server {r} leads"));
+        self.note(format!("{name} server {r} leads in term {term}"));
     }
 
-    fn leader_step(&mut self, c: usize) {
+    fn leader_step(&mut self, c: usize, r: usize) {
         let now = self.now;
         let now_c = self.clusters[c].clock(now);
+        let state = self.clusters[c].servers[r].state();
         // Nodes that missed their heartbeats go down.
         let expired = {
-            let cl = &mut self.clusters[c];
-            let leader = cl.leader.as_mut().expect("leader");
-            leader.heartbeats.expired(now_c)
+            let shell = self.clusters[c].servers[r].shell.as_mut().expect("leads");
+            shell.heartbeats.expired(now_c)
         };
         for node in expired {
-            let ready = self.clusters[c]
-                .oracle
-                .node_idx(&node)
-                .is_some_and(|i| self.clusters[c].oracle.node(i).status == NodeStatus::Ready);
+            let ready = {
+                let s = state.read().expect("state lock");
+                s.node_idx(&node).is_some_and(|i| s.node(i).status == NodeStatus::Ready)
+            };
             if ready {
-                self.commit(c, Command::SetNodeStatus { node, status: NodeStatus::Down, eligible: true });
+                let down = Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Down, eligible: true };
+                self.perform(c, r, vec![Action::Propose(down)], Then::MarkedDown(node));
+            } else if let Some(shell) = self.clusters[c].servers[r].shell.as_mut() {
+                shell.heartbeats.marked_down(&node);
             }
         }
-        // Scheduling: every open evaluation the broker hands out.
-        let batch = {
-            let cl = &mut self.clusters[c];
-            let leader = cl.leader.as_mut().expect("leader");
-            leader.broker.next_batch(&cl.replicas[leader.replica].state)
-        };
+        // Scheduling: a batch from the broker, planned on a copy of the
+        // state one plan after another (`server::work`), committed as one
+        // command that the state machine re-checks.
         let seed = self.rng.next_u64();
-        for work in &batch {
-            if self.clusters[c].leader.is_none() {
-                return;
+        let plans = {
+            let shell = self.clusters[c].servers[r].shell.as_mut().expect("leads");
+            if shell.scheduling {
+                None
+            } else {
+                let s = state.read().expect("state lock");
+                let batch = shell.broker.next_batch(&s);
+                let mut scratch = (batch.len() > 1).then(|| s.clone());
+                let mut plans = Vec::new();
+                for work in &batch {
+                    let config = SchedulerConfig { seed: seed ^ work.eval.0, ..SchedulerConfig::default() };
+                    let plan = schedule(scratch.as_ref().unwrap_or(&s), &work.job, &config);
+                    if let Some(scratch) = scratch.as_mut() {
+                        scratch.apply_plan(&plan);
+                    }
+                    if work.retry_blocked && plan.placements.is_empty() && plan.stops.is_empty() {
+                        continue;
+                    }
+                    plans.push((work.eval, plan));
+                }
+                if plans.is_empty() {
+                    shell.broker.done(&batch);
+                    None
+                } else {
+                    shell.scheduling = true;
+                    Some((batch, plans))
+                }
             }
-            let cl = &self.clusters[c];
-            let state = &cl.replicas[cl.leader.as_ref().expect("leader").replica].state;
-            let plan = schedule(state, &work.job, &SchedulerConfig { seed, ..SchedulerConfig::default() });
-            if work.retry_blocked && plan.placements.is_empty() && plan.stops.is_empty() {
-                continue;
-            }
-            self.commit(c, Command::ApplyPlans(vec![(work.eval, plan)]));
-        }
-        if let Some(l) = self.clusters[c].leader.as_mut() {
-            l.broker.done(&batch);
-        } else {
-            return;
+        };
+        if let Some((batch, plans)) = plans {
+            self.perform(c, r, vec![Action::Propose(Command::ApplyPlans(plans))], Then::Scheduled(batch));
         }
         // Delegation: the target's renewals, the origin's duties, and
         // overflow offered to a peer.
         let actions = {
             let cl = &mut self.clusters[c];
-            let leader = cl.leader.as_mut().expect("leader");
-            let state = &cl.replicas[leader.replica].state;
-            let mut a = leader.target.tick(state, now_c);
-            a.extend(leader.origin.tick(&cl.policy, state, now_c));
+            let shell = cl.servers[r].shell.as_mut().expect("leads");
+            let s = state.read().expect("state lock");
+            let mut a = shell.target.tick(&s, now_c);
+            a.extend(shell.origin.tick(&cl.policy, &s, now_c));
             a
         };
-        self.perform(c, actions);
-        self.overflow(c, now_c);
+        self.perform(c, r, actions, Then::Nothing);
+        self.overflow(c, r, now_c);
     }
 
-    fn overflow(&mut self, c: usize, now_c: u64) {
-        let Some(leader) = self.clusters[c].leader.as_ref() else { return };
-        let work = Origin::overflow(&self.clusters[c].replicas[leader.replica].state);
-        for w in work {
+    /// Publishes leader `r`'s summary of its cluster (`federation::publish`)
+    /// every [`GOSSIP_EVERY_MS`]; it reaches each peer within 1.5 s unless
+    /// gossip is out at either end.
+    fn publish(&mut self, c: usize, r: usize) {
+        let now = self.now;
+        let cl = &self.clusters[c];
+        if now < cl.published_at + GOSSIP_EVERY_MS {
+            return;
+        }
+        let Some(shell) = cl.servers[r].shell.as_ref() else { return };
+        let wall_ms = (cl.clock(now) as i64 + cl.wall_offset).max(0) as u64;
+        let state = cl.servers[r].state();
+        let summary = ClusterSummary::build(
+            &cl.name,
+            &cl.name,
+            shell.term,
+            wall_ms,
+            &cl.jurisdictions,
+            &state.read().expect("state lock"),
+        );
+        self.clusters[c].published_at = now;
+        if now < self.clusters[c].gossip_out_until {
+            return;
+        }
+        for to in (0..self.clusters.len()).filter(|&to| to != c) {
+            let at = now + 100 + self.rng.below(1_400) as u64;
+            self.gossip_net.push((at, c, to, summary.clone()));
+        }
+    }
+
+    /// Delivers the summaries due: the newest (by term, then time) wins,
+    /// and any arrival tells the peer is alive.
+    fn gossip_arrive(&mut self) {
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gossip_net).into_iter().partition(|f| f.0 <= now);
+        self.gossip_net = later;
+        for (_, from, to, summary) in due {
+            if now < self.clusters[to].gossip_out_until || now < self.clusters[from].gossip_out_until {
+                continue;
+            }
+            let name = self.clusters[from].name.clone();
+            let entry = self.clusters[to].gossip.entry(name).or_insert_with(|| (summary.clone(), now));
+            let newer = (summary.term, summary.generated_at_ms) >= (entry.0.term, entry.0.generated_at_ms);
+            if newer {
+                entry.0 = summary;
+            }
+            entry.1 = now;
+        }
+    }
+
+    /// Overflow offered to peers chosen by production's `select` from
+    /// what gossip brought (`federation::node::delegate_overflow`, without
+    /// its triggers: work is offered as soon as it waits, once a second).
+    fn overflow(&mut self, c: usize, r: usize, now_c: u64) {
+        let now = self.now;
+        let state = self.clusters[c].servers[r].state();
+        let work: Vec<(federation::proto::origin::Overflowing, u32)> = {
+            let s = state.read().expect("state lock");
+            Origin::overflow(&s).into_iter().map(|w| (w.clone(), s.held_of_job(&w.job.id).count() as u32)).collect()
+        };
+        let peers: Vec<PeerInfo> = (self.clusters[c].gossip.iter())
+            .map(|(name, (summary, heard))| PeerInfo {
+                cluster: name.clone(),
+                alive: now < heard + GOSSIP_DEAD_MS,
+                summary: Some(summary.clone()),
+                breaker_open: false,
+                rtt_ms: None,
+            })
+            .collect();
+        for (w, remote) in work {
             let cl = &self.clusters[c];
-            let Some(leader) = cl.leader.as_ref() else { return };
-            if leader.offered.get(&w.job.id).is_some_and(|t| now_c < t + 1_000) {
+            let Some(shell) = cl.servers[r].shell.as_ref() else { return };
+            if shell.offered.get(&w.job.id).is_some_and(|t| now_c < t + 1_000) {
                 continue;
             }
-            let allowed = cl.policy.allowed_jurisdictions(&w.job);
-            // Targets by what they declare, as gossip would carry it.
-            let peers: Vec<String> = self
-                .clusters
-                .iter()
-                .filter(|p| p.name != cl.name && cl.policy.may_delegate_to(&p.name))
-                .filter(|p| allowed.as_ref().is_none_or(|a| p.jurisdictions.iter().any(|j| a.contains(j))))
-                .map(|p| p.name.clone())
-                .collect();
-            if peers.is_empty() {
-                continue;
-            }
-            let target = peers[self.rng.below(peers.len())].clone();
+            let overflow = [Overflow { group: w.group.clone(), count: w.indices.len() as u32 }];
+            let selection = select(&cl.policy, &w.job, &overflow, w.job.instance_count() as u32, remote, &peers);
             let cl = &mut self.clusters[c];
-            let leader = cl.leader.as_mut().expect("leader");
-            leader.offered.insert(w.job.id.clone(), now_c);
-            let state = &cl.replicas[leader.replica].state;
-            let actions = leader.origin.delegate(&cl.policy, state, &w, &target, now_c);
-            self.perform(c, actions);
+            let shell = cl.servers[r].shell.as_mut().expect("leads");
+            shell.offered.insert(w.job.id.clone(), now_c);
+            let mut rest = w.indices.as_slice();
+            let mut actions = Vec::new();
+            for offer in selection.offers {
+                let n = (offer.count as usize).min(rest.len());
+                if n == 0 {
+                    continue;
+                }
+                let part = federation::proto::origin::Overflowing { indices: rest[..n].to_vec(), ..w.clone() };
+                rest = &rest[n..];
+                let s = state.read().expect("state lock");
+                actions.extend(shell.origin.delegate(&cl.policy, &s, &part, &offer.peer, now_c));
+            }
+            self.perform(c, r, actions, Then::Nothing);
         }
     }
 
     fn agent_step(&mut self, c: usize, n: usize) {
         let now = self.now;
+        let leaders = self.clusters[c].leaders();
         let cl = &mut self.clusters[c];
         let now_c = cl.clock(now);
         let node = &mut cl.nodes[n];
@@ -1044,15 +1549,15 @@ impl World {
         // lease would have stopped it, or its delegation's grant ends plus
         // the kill timeout (cluster clock, turned into a duration as the
         // real agent does).
-        let lease = Lease { ttl_ms: NODE_TTL_MS, grace_ms: NODE_GRACE_MS };
-        let by_lease = node.last_contact.map(|t| t + lease.stop_within_ms());
         for p in node.procs.values_mut().filter(|p| p.at_most_once) {
-            let by_grant = p.lease_of.as_ref().map(|d| node.grants.get(d).copied().unwrap_or(0) + KILL_MS_MAX);
-            if let Some(until_c) = [by_lease, by_grant].into_iter().flatten().min() {
-                p.fence_ms = Some(now + until_c.saturating_sub(now_c));
-            }
+            p.fence_ms = fence_deadline(node.last_contact, &node.grants, p, now, now_c);
         }
-        let connected = now >= node.cut_until && cl.leader.as_ref().is_some_and(|l| cl.replicas[l.replica].up);
+        // The agent talks to a server that leads (while a deposed leader
+        // has not noticed, it may be that one).
+        // A leader marking the node down refuses its heartbeats.
+        let refused = |r: &usize| cl.servers[*r].shell.as_ref().is_some_and(|s| s.heartbeats.marking_down(&node.id));
+        let leaders: Vec<usize> = leaders.into_iter().filter(|r| !refused(r)).collect();
+        let connected = now >= node.cut_until && !leaders.is_empty();
         let kill = |p: &mut Proc, rng: &mut Rng, ends_as: AllocStatus| {
             if p.dying_ms.is_none() {
                 p.dying_ms = Some(now + rng.below(KILL_MS_MAX as usize + 1) as u64);
@@ -1082,16 +1587,36 @@ impl World {
             }
             return;
         }
-        let leader = cl.leader.as_mut().expect("connected");
-        let state = &cl.replicas[leader.replica].state;
+        let r = leaders[self.rng.below(leaders.len())];
+        let state_lock = cl.servers[r].state();
+        let state = state_lock.read().expect("state lock");
+        let shell = cl.servers[r].shell.as_mut().expect("leads");
+        // A node the state does not know registers first (the agent's
+        // first call); it runs nothing until then.
+        if state.node_idx(&node.id).is_none() {
+            let register = Command::UpsertNode(node.registration.clone());
+            drop(state);
+            if !node.reporting {
+                node.reporting = true;
+                self.perform(c, r, vec![Action::Propose(register)], Then::Reported(n));
+            }
+            return;
+        }
         // Heartbeat, answered at once: the lease runs from its sending.
-        leader.heartbeats.beat(&node.id, now_c);
+        shell.heartbeats.beat(&node.id, now_c);
         node.last_contact = Some(now_c);
-        for (r, _) in Target::records(state) {
-            let until = now_c + leader.target.lease_remaining(&r.origin, &r.id, now_c);
-            let g = node.grants.entry(r.id).or_insert(0);
+        for (rec, _) in Target::records(&state) {
+            let until = now_c + shell.target.lease_remaining(&rec.origin, &rec.id, now_c);
+            let g = node.grants.entry(rec.id).or_insert(0);
             *g = (*g).max(until);
         }
+        // A sync answered from a state older than one already seen (a
+        // deposed leader that lags) is dropped, as the agent's `syncs` does.
+        let index = cl.servers[r].core.as_ref().map_or(0, Core::applied);
+        if index < node.synced {
+            return;
+        }
+        node.synced = index;
         let down = state.node_idx(&node.id).is_some_and(|i| state.node(i).status == NodeStatus::Down);
         // Sync: start what should run, stop what should not.
         let mut wanted: BTreeMap<AllocId, (Proc, bool)> = BTreeMap::new();
@@ -1145,21 +1670,56 @@ impl World {
                 _ => true,
             };
             if granted {
+                // Fenced from its first process on (`Agent::start`).
+                let mut proc = proc;
+                if proc.at_most_once {
+                    proc.fence_ms = fence_deadline(node.last_contact, &node.grants, &proc, now, now_c);
+                }
                 node.procs.insert(id, proc);
                 reports.push(AllocReport::status(id, AllocStatus::Running));
             }
         }
-        let revive =
-            down.then(|| Command::SetNodeStatus { node: node.id.clone(), status: NodeStatus::Ready, eligible: true });
-        // Reports for allocations already terminal change nothing.
+        // Reports the state already holds (or for allocations already
+        // terminal) are done with; the rest are kept until it does.
         reports.retain(|r| state.alloc(r.id).is_some_and(|a| !a.status.is_terminal() && a.status != r.status));
-        if let Some(cmd) = revive {
-            self.commit(c, cmd);
+        let mut dedup: BTreeMap<AllocId, AllocReport> = BTreeMap::new();
+        for report in reports {
+            dedup.insert(report.id, report);
         }
-        if !reports.is_empty() {
-            self.commit(c, Command::AllocStatus(reports));
+        node.reports = dedup.into_values().collect();
+        drop(state);
+        if node.reporting {
+            return;
+        }
+        let mut commands = Vec::new();
+        if down {
+            commands.push(Command::SetNodeStatus { node: node.id.clone(), status: NodeStatus::Ready, eligible: true });
+        }
+        if !node.reports.is_empty() {
+            commands.push(Command::AllocStatus(node.reports.clone()));
+        }
+        if !commands.is_empty() {
+            node.reporting = true;
+            self.perform(c, r, commands.into_iter().map(Action::Propose).collect(), Then::Reported(n));
         }
     }
+}
+
+/// When (true time) the fence kills at-most-once `p`, as the agent last
+/// renewed it at `now` (cluster clock `now_c`): when its own lease would
+/// have stopped it, or its delegation's grant ends plus the kill timeout.
+fn fence_deadline(
+    last_contact: Option<u64>,
+    grants: &BTreeMap<String, u64>,
+    p: &Proc,
+    now: u64,
+    now_c: u64,
+) -> Option<u64> {
+    let lease = Lease { ttl_ms: NODE_TTL_MS, grace_ms: NODE_GRACE_MS };
+    let by_lease = last_contact.map(|t| t + lease.stop_within_ms());
+    let by_grant = p.lease_of.as_ref().map(|d| grants.get(d).copied().unwrap_or(0) + KILL_MS_MAX);
+    let until_c = [by_lease, by_grant].into_iter().flatten().min()?;
+    Some(now + until_c.saturating_sub(now_c))
 }
 
 fn plants_of(plant: Option<Plant>) -> Plants {
@@ -1170,26 +1730,6 @@ fn plants_of(plant: Option<Plant>) -> Plants {
         no_grace: plant == Some(Plant::NoGrace),
         lease_per_origin: plant == Some(Plant::LeasePerOrigin),
     }
-}
-
-/// Applies replica `r`'s next log entry.
-fn apply_next(cl: &mut Cluster, r: usize, plant: Option<Plant>) -> Effect {
-    let rep = &mut cl.replicas[r];
-    let command = &cl.log[rep.applied];
-    rep.applied += 1;
-    if plant == Some(Plant::SkipEntry) && r == 1 && rep.applied % 40 == 0 {
-        return Effect::Done;
-    }
-    rep.state.apply(command)
-}
-
-/// Applies everything replica `r` has not; the effect of the last entry.
-fn catch_up(cl: &mut Cluster, r: usize, plant: Option<Plant>) -> Effect {
-    let mut effect = Effect::Done;
-    while cl.replicas[r].applied < cl.log.len() {
-        effect = apply_next(cl, r, plant);
-    }
-    effect
 }
 
 fn sim_node(spec: &ClusterSpec, i: usize) -> Node {

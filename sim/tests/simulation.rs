@@ -54,9 +54,17 @@ fn three_hundred_seeds_keep_every_invariant() {
 /// - 1344: the origin expired a just-registered delegation at once, from a
 ///   renewal time long past;
 /// - 632: a workload the target's inbound share could never take.
+///
+/// Found once raft-rs ran in the loop (commits take time, leaders overlap;
+/// every seed's run changed then, so the ones above now run differently):
+/// - 345, 501, 2152, 2871: a node's heartbeat was answered while the leader
+///   was committing it down; its agent started at-most-once work that the
+///   cluster placed again elsewhere;
+/// - 410, 1060, 2805: a renewal was acked beside the commit that expired
+///   its delegation; the target started work the origin placed again.
 #[test]
 fn pinned_seeds_pass() {
-    for s in [230, 306, 632, 960, 1344, 9236] {
+    for s in [230, 306, 345, 410, 501, 632, 960, 1060, 1344, 2152, 2805, 2871, 9236] {
         let r = seed(s);
         assert!(r.violation.is_none(), "seed {s}: {:?}", r.violation);
     }
