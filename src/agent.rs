@@ -206,7 +206,8 @@ pub fn load_config(path: &Path) -> anyhow::Result<AgentConfig> {
 }
 
 pub async fn run(c: AgentConfig) -> anyhow::Result<Outcome> {
-    std::fs::create_dir_all(&c.data_dir).with_context(|| format!("cannot create data_dir {}", c.data_dir.display()))?;
+    cluster_core::private::private_dir(&c.data_dir)
+        .with_context(|| format!("cannot create data_dir {} (0700)", c.data_dir.display()))?;
     let ca = std::fs::read_to_string(&c.ca).with_context(|| format!("cannot read [tls] ca {}", c.ca.display()))?;
     let pair = tls::read_pair(&c.cert, &c.key)?;
     let me = Identity::new(&c.cluster, Role::Agent, &c.name);

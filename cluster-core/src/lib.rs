@@ -28,6 +28,7 @@ pub mod command;
 pub mod diag;
 pub mod ids;
 pub mod model;
+pub mod private;
 pub mod raft;
 pub mod resources;
 pub mod scheduler;

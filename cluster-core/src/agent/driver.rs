@@ -175,7 +175,10 @@ impl Driver for Exec {
             .as_ref()
             .and_then(|d| CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok());
         let mut cmd = tokio::process::Command::new(command);
+        // Never the agent's environment (its secrets, security review row
+        // 13): the task's own, `HANSE_*` and a minimal `PATH`.
         cmd.args(args)
+            .env_clear()
             .envs(task_env(ctx, env))
             .current_dir(&ctx.dir)
             .stdin(Stdio::null())
@@ -227,13 +230,20 @@ fn writer(ctx: &TaskContext, stream: &str) -> Result<RotatingWriter, StartError>
         .map_err(|e| StartError::Failed(format!("cannot open the {stream} log in {}: {e}", ctx.logs.display())))
 }
 
-/// The task's environment: its spec's, and where it runs.
+/// `PATH` for a task whose spec sets none.
+pub const TASK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The task's whole environment: a minimal `PATH`, where it runs
+/// (`HANSE_*`, absolute paths whatever the agent's `data_dir`), and its
+/// spec's `env`, which may override `PATH`.
 fn task_env(ctx: &TaskContext, env: &BTreeMap<String, String>) -> Vec<(String, String)> {
-    let alloc_dir = ctx.dir.parent().unwrap_or(Path::new("/")).display().to_string();
+    let dir = std::path::absolute(&ctx.dir).unwrap_or_else(|_| ctx.dir.clone());
+    let alloc_dir = dir.parent().unwrap_or(Path::new("/")).display().to_string();
     let mut out: Vec<(String, String)> = vec![
+        ("PATH".into(), TASK_PATH.into()),
         ("HANSE_ALLOC_ID".into(), ctx.alloc.to_string()),
         ("HANSE_ALLOC_DIR".into(), alloc_dir),
-        ("HANSE_TASK_DIR".into(), ctx.dir.display().to_string()),
+        ("HANSE_TASK_DIR".into(), dir.display().to_string()),
         ("HANSE_JOB".into(), ctx.job.clone()),
         ("HANSE_GROUP".into(), ctx.group.clone()),
         ("HANSE_ALLOC_INDEX".into(), ctx.index.to_string()),

@@ -46,7 +46,7 @@ use crate::model::job::OnDisconnect;
 use crate::model::node::Node;
 use crate::server::rpc::{ServerReply, ServerRpc};
 use crate::server::unix_ms;
-use crate::transport::{Handler, Identity, Transport};
+use crate::transport::{Handler, Identity, Role, Transport};
 use driver::Drivers;
 use logs::Rotation;
 use rpc::{AgentAlloc, AgentReply, AgentRequest, AgentService, AgentServiceReply, NodeAllocs};
@@ -153,6 +153,22 @@ struct Link {
     servers: Vec<SocketAddr>,
     current: AtomicUsize,
     transport: Arc<dyn Transport<ServerRpc>>,
+    /// The agent's cluster: only its servers are obeyed.
+    cluster: String,
+}
+
+/// Whether the peer at the other end of an agent's connection may act as
+/// its server: a server certificate of the agent's own cluster. Any other
+/// certificate of the federation's CA (an agent's, another cluster's
+/// server) is refused before anything is sent, as Nomad's
+/// `verify_server_hostname` does (security review, row 8).
+pub fn check_server(cluster: &str, peer: Option<&Identity>) -> Result<(), String> {
+    match peer {
+        Some(id) if id.role == Role::Server && id.cluster == cluster => Ok(()),
+        Some(id) => Err(format!("{} is not a server of cluster {cluster}", id.uri())),
+        // A transport that cannot tell (the in-memory network of tests).
+        None => Ok(()),
+    }
 }
 
 impl Link {
@@ -164,7 +180,9 @@ impl Link {
         let next = || {
             let _ = self.current.compare_exchange(i, i.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed);
         };
-        match tokio::time::timeout(timeout, self.transport.call(to, ServerRpc::Agent(request))).await {
+        let check = |peer: Option<&Identity>| check_server(&self.cluster, peer);
+        let call = self.transport.call_checked(to, ServerRpc::Agent(request), &check);
+        match tokio::time::timeout(timeout, call).await {
             Ok(Ok(ServerReply::Agent(AgentReply::Error { status, message }))) if status >= 500 => {
                 next();
                 Err(format!("{to}: {message}"))
@@ -194,7 +212,12 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(options: AgentOptions, transport: Arc<dyn Transport<ServerRpc>>) -> Agent {
-        let link = Arc::new(Link { servers: options.servers.clone(), current: AtomicUsize::new(0), transport });
+        let link = Arc::new(Link {
+            servers: options.servers.clone(),
+            current: AtomicUsize::new(0),
+            transport,
+            cluster: options.cluster.clone(),
+        });
         Agent { options, link, statuses: Arc::default() }
     }
 
@@ -209,7 +232,11 @@ impl Agent {
 
     /// The handler to serve on the agent's QUIC address: task logs.
     pub fn log_service(&self) -> Arc<dyn Handler<AgentService>> {
-        Arc::new(LogService { allocs_dir: self.allocs_dir(), statuses: self.statuses.clone() })
+        Arc::new(LogService {
+            allocs_dir: self.allocs_dir(),
+            statuses: self.statuses.clone(),
+            cluster: self.options.cluster.clone(),
+        })
     }
 
     /// Runs until `shutdown` resolves. Tasks end with the agent; its local
@@ -217,8 +244,10 @@ impl Agent {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
         let o = &self.options;
         assert!(!o.servers.is_empty(), "an agent needs at least one server");
-        std::fs::create_dir_all(self.allocs_dir())
-            .map_err(|e| format!("cannot create {}: {e}", self.allocs_dir().display()))?;
+        // The state file and the tasks' logs hold secrets: owner only.
+        crate::private::private_dir(&o.data_dir)
+            .and_then(|()| crate::private::private_dir(&self.allocs_dir()))
+            .map_err(|e| format!("cannot create {} (0700): {e}", self.allocs_dir().display()))?;
         let state_path = o.data_dir.join("agent.state");
         let saved = load(&state_path)?;
         if saved.node.as_ref().is_some_and(|n| *n != o.node.id) {
@@ -600,10 +629,8 @@ impl Main {
             allocs: self.slots.values().map(|s| (s.alloc.clone(), s.status, s.tasks.clone())).collect(),
         };
         let tmp = path.with_extension("state.tmp");
-        let written = std::fs::write(&tmp, codec::encode(&state)).and_then(|()| {
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, path)
-        });
+        let written =
+            crate::private::write_private(&tmp, &codec::encode(&state)).and_then(|()| std::fs::rename(&tmp, path));
         match written {
             Ok(()) => self.dirty = false,
             Err(e) => tracing::error!("cannot save the agent's state to {}: {e}", path.display()),
@@ -747,11 +774,20 @@ async fn reports(link: Arc<Link>, node: NodeId, mut from: mpsc::UnboundedReceive
 struct LogService {
     allocs_dir: PathBuf,
     statuses: Arc<Mutex<HashMap<AllocId, AllocStatus>>>,
+    /// Only this cluster's servers read the logs (security review, row 12).
+    cluster: String,
 }
 
 #[async_trait]
 impl Handler<AgentService> for LogService {
-    async fn handle(&self, _from: Identity, request: AgentService) -> AgentServiceReply {
+    async fn handle(&self, from: Identity, request: AgentService) -> AgentServiceReply {
+        if from.cluster != self.cluster {
+            return AgentServiceReply::Error(format!(
+                "{} is not a server of cluster {}: logs are for its own servers",
+                from.uri(),
+                self.cluster
+            ));
+        }
         let AgentService::Logs { alloc, task, stderr, offset, max } = request;
         if !task.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) || task.is_empty() {
             return AgentServiceReply::Error(format!("`{task}` is not a task name"));

@@ -136,6 +136,8 @@ impl RedbStorage {
     /// Opens (or creates) the log at `path`, recovering what was committed.
     pub fn open(path: &Path) -> Result<RedbStorage, StoreError> {
         let db = Database::create(path).map_err(dberr)?;
+        // The log holds every job spec, their secrets included.
+        crate::private::private_file(path).map_err(dberr)?;
         {
             let tx = db.begin_write().map_err(dberr)?;
             tx.open_table(ENTRIES).map_err(dberr)?;

@@ -126,7 +126,7 @@ impl LocalCluster {
         ca: Option<PemPair>,
         http: &[SocketAddr],
     ) -> anyhow::Result<LocalCluster> {
-        std::fs::create_dir_all(dir)?;
+        crate::private::private_dir(dir)?;
         let mut raft_addrs = BTreeMap::new();
         let mut http_addrs = BTreeMap::new();
         for id in 1..=servers {

@@ -1,0 +1,49 @@
+//! A task's environment is its spec's `env`, `HANSE_*` and a minimal
+//! `PATH`: never the agent's (security review, row 13: tasks printed the
+//! agent's `AWS_SECRET_ACCESS_KEY`). One test in this binary: it sets a
+//! variable in the process environment, as an agent's would be.
+
+use std::time::Duration;
+
+use cluster_core::agent::driver::{Drivers, TaskContext};
+use cluster_core::agent::logs::Rotation;
+use cluster_core::diag::SourceFile;
+use cluster_core::ids::AllocId;
+use cluster_core::spec::parse_job;
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_task_never_sees_the_agents_environment() {
+    // SAFETY: the only thread of this test binary's runtime; nothing else
+    // reads the environment meanwhile.
+    unsafe { std::env::set_var("AGENT_SECRET_ACCESS_KEY", "AKIAFAKE") };
+    let text = "[job]\nname = \"envy\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\ndriver = \"exec\"\n\
+                command = \"sh\"\nargs = [\"-c\", \"env\"]\nenv = { DB_PASSWORD = \"mine\" }\n\
+                resources = { cpu = \"100m\", memory = \"16MiB\" }\n";
+    let job = parse_job(&SourceFile::new("envy.toml", text.to_string())).value.expect("the spec parses");
+    let task = job.groups[0].tasks[0].clone();
+    // A relative data dir, as in the README's agent configs.
+    let base = std::env::temp_dir().join(format!("hanse-exec-env-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    std::env::set_current_dir(&base).unwrap();
+    let ctx = TaskContext {
+        alloc: AllocId(1),
+        job: "envy".into(),
+        group: "g".into(),
+        index: 0,
+        task,
+        dir: "data/allocs/a000001/t".into(),
+        logs: "data/allocs/a000001/logs".into(),
+        rotation: Rotation::default(),
+        fence: None,
+    };
+    let mut run = Drivers::new(None).exec.start(&ctx).await.expect("sh starts");
+    let exit = tokio::time::timeout(Duration::from_secs(10), run.wait()).await.expect("sh ends");
+    assert!(exit.success(), "{exit:?}");
+    let out = std::fs::read_to_string(base.join("data/allocs/a000001/logs/t.stdout.0")).unwrap();
+    let _ = std::fs::remove_dir_all(&base);
+    assert!(!out.contains("AKIAFAKE"), "the agent's environment leaked into the task:\n{out}");
+    assert!(out.contains("DB_PASSWORD=mine"), "{out}");
+    assert!(out.contains("PATH=/usr/local/sbin:"), "{out}");
+    let task_dir = base.join("data/allocs/a000001/t");
+    assert!(out.contains(&format!("HANSE_TASK_DIR={}", task_dir.display())), "not absolute:\n{out}");
+}
