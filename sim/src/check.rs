@@ -31,8 +31,9 @@ pub const FENCE_SLACK_MS: u64 = 3_000;
 pub struct Checker {
     /// When each (origin cluster, delegation id) was first seen revoking.
     revoking: BTreeMap<(usize, String), u64>,
-    /// When each (cluster, job) stop was acknowledged.
-    stopped: BTreeMap<(usize, String), u64>,
+    /// When each (cluster, job) stop was acknowledged, and every cluster's
+    /// time without a leader until then.
+    stopped: BTreeMap<(usize, String), (u64, Vec<u64>)>,
     /// The last phase rank seen for each (origin cluster, delegation id).
     ranks: BTreeMap<(usize, String), u8>,
     /// Since when each (cluster, allocation) has run untracked by its origin.
@@ -44,8 +45,8 @@ fn violation(w: &World, invariant: &'static str, detail: String) -> Option<Viola
 }
 
 impl Checker {
-    pub fn stopped(&mut self, cluster: usize, job: &str, now: u64) {
-        self.stopped.entry((cluster, job.to_string())).or_insert(now);
+    pub fn stopped(&mut self, cluster: usize, job: &str, now: u64, leaderless_ms: Vec<u64>) {
+        self.stopped.entry((cluster, job.to_string())).or_insert((now, leaderless_ms));
     }
 
     /// The longest lease, grace and retry of any cluster, and the time to
@@ -178,9 +179,9 @@ impl Checker {
         let slow = [(o, t), (t, o)].iter().any(|&(a, b)| w.cut_until(a, b).max(w.delayed_until(a, b)) + bound > w.now);
         // Either end without a leader: nobody answers or sends renewals
         // (seed 9236: the origin's only server was down as the partition
-        // healed), and the node's agent hears nothing from its own servers
-        // (seed 245: a stop committed just before the leader died).
-        let leaderless = [o, t].iter().any(|&c| w.clusters[c].leaderless_at + bound > w.now);
+        // healed). A node's own cluster without a leader is counted where
+        // it matters instead: a stop's deadline moves by that time.
+        let leaderless = o != t && [o, t].iter().any(|&c| w.clusters[c].leaderless_at + bound > w.now);
         slow || leaderless || node.cut_until.max(node.paused_until) + bound > w.now
     }
 
@@ -196,8 +197,12 @@ impl Checker {
                 // or between an agent and its servers; it is fenced when
                 // the partition heals.
                 let excused = !p.at_most_once && Self::keep_excused(w, o, c, node);
-                if let Some(since) = self.stopped.get(&(o, p.key.1.clone())) {
-                    if w.now > since + bound && !excused {
+                if let Some((since, leaderless)) = self.stopped.get(&(o, p.key.1.clone())) {
+                    // Nobody tells an agent of a stop while its cluster has
+                    // no leader (seed 245: the leader died just after the
+                    // stop committed): the bound waits that long more.
+                    let waited = w.clusters[c].leaderless_ms.saturating_sub(leaderless[c]);
+                    if w.now > since + bound + waited && !excused {
                         return violation(
                             w,
                             "I7 a stop reaches every copy",

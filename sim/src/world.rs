@@ -437,6 +437,8 @@ pub struct Cluster {
     crash_after_commit: Option<u64>,
     /// The last moment (true time) the cluster had no leader.
     pub leaderless_at: u64,
+    /// How long (true time) it has been without a leader in all.
+    pub leaderless_ms: u64,
     /// What gossip brought of every other cluster: its newest summary and
     /// when (true time) anything of it last arrived.
     gossip: BTreeMap<String, (ClusterSummary, u64)>,
@@ -599,6 +601,7 @@ impl World {
                         .collect(),
                     crash_after_commit: None,
                     leaderless_at: 0,
+                    leaderless_ms: 0,
                     gossip: BTreeMap::new(),
                     gossip_out_until: 0,
                     published_at: 0,
@@ -1105,6 +1108,7 @@ impl World {
         let leaders = self.clusters[c].leaders();
         if leaders.is_empty() {
             self.clusters[c].leaderless_at = now;
+            self.clusters[c].leaderless_ms += STEP_MS;
         }
         for r in leaders {
             self.leader_step(c, r);
@@ -1185,7 +1189,16 @@ impl World {
         let mut copies = 1;
         if faulty {
             match self.rng.below(100) {
-                0 => return,
+                0 => {
+                    // Lost: a snapshot's sender learns it failed, as
+                    // production's transport call tells it.
+                    if message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                        if let Some(core) = self.clusters[c].servers[from].core.as_mut() {
+                            core.report_snapshot(to as u64 + 1, false);
+                        }
+                    }
+                    return;
+                }
                 1 => copies = 2,
                 _ => {}
             }
@@ -1272,7 +1285,8 @@ impl World {
             }
             Then::Stopped(job) => {
                 if committed {
-                    self.checker.stopped(c, &job, self.now);
+                    let leaderless: Vec<u64> = self.clusters.iter().map(|c| c.leaderless_ms).collect();
+                    self.checker.stopped(c, &job, self.now, leaderless);
                 }
             }
             Then::Reported(n) => self.clusters[c].nodes[n].reporting = false,
@@ -1283,7 +1297,7 @@ impl World {
                     if committed {
                         shell.heartbeats.marked_down(&node);
                     } else {
-                        shell.heartbeats.expire_at(&node, now_c + 500);
+                        shell.heartbeats.retry_down_at(&node, now_c + 500);
                     }
                 }
             }

@@ -53,8 +53,8 @@ impl Heartbeats {
         }
     }
 
-    /// Times a node to expire at `at_ms` (to try marking it down again,
-    /// after a failed commit); its heartbeats are taken again meanwhile.
+    /// Times a node to expire at `at_ms`; its heartbeats are taken again
+    /// meanwhile.
     pub fn expire_at(&mut self, node: &NodeId, at_ms: u64) {
         self.expiring.remove(node);
         self.deadline.insert(node.clone(), at_ms);
@@ -62,7 +62,8 @@ impl Heartbeats {
 
     /// Nodes whose deadline passed; they are no longer timed, and are
     /// [`Heartbeats::marking_down`] until [`Heartbeats::marked_down`] or
-    /// [`Heartbeats::expire_at`].
+    /// [`Heartbeats::expire_at`] (or expire again after
+    /// [`Heartbeats::retry_down_at`]).
     pub fn expired(&mut self, now_ms: u64) -> Vec<NodeId> {
         let mut gone: Vec<NodeId> =
             self.deadline.iter().filter(|(_, d)| **d <= now_ms).map(|(n, _)| n.clone()).collect();
@@ -72,6 +73,14 @@ impl Heartbeats {
             self.expiring.insert(n.clone());
         }
         gone
+    }
+
+    /// Proposes marking `node` down again at `at_ms` (a commit that failed
+    /// may still apply): it expires again then, and its heartbeats stay
+    /// refused meanwhile.
+    pub fn retry_down_at(&mut self, node: &NodeId, at_ms: u64) {
+        self.expiring.insert(node.clone());
+        self.deadline.insert(node.clone(), at_ms);
     }
 
     /// Whether `node` expired and its marking down is in flight: its
@@ -140,5 +149,11 @@ mod tests {
         assert_eq!(h.expired(2_000), vec![n.clone()]);
         h.marked_down(&n);
         assert!(!h.marking_down(&n) && !h.is_timed(&n));
+        // A commit that failed may still apply: retried, still refused.
+        h.beat(&n, 3_000);
+        assert_eq!(h.expired(6_000), vec![n.clone()]);
+        h.retry_down_at(&n, 6_500);
+        assert!(h.marking_down(&n), "heartbeats stay refused while the marking down is retried");
+        assert_eq!(h.expired(6_500), vec![n.clone()]);
     }
 }

@@ -103,6 +103,11 @@ pub struct Inner {
     transport: Arc<dyn Transport<ServerRpc>>,
     pub metrics: Metrics,
     heartbeats: Mutex<Heartbeats>,
+    /// The term whose leader duties run here, once this leader has applied
+    /// its log (0: none). Heartbeats are answered only then: a new leader
+    /// whose log still holds a node's marking down, not yet applied, must
+    /// not renew that node's lease (found in review).
+    duties_term: AtomicU64,
     started: Instant,
     /// Plans made but not yet committed, by batch: a worker planning a new
     /// batch counts them as taken, so concurrent workers rarely pick the
@@ -124,6 +129,9 @@ pub struct Inner {
     /// federation while its policy has a peer to delegate to.
     defer_prefer_remote: std::sync::atomic::AtomicBool,
 }
+
+/// How long a heartbeat waits for a new leader to apply its log.
+const DUTIES_WAIT: Duration = Duration::from_secs(3);
 
 /// What the leader grants agents for delegated at-most-once work: per
 /// delegation id, milliseconds of lease left from now.
@@ -158,6 +166,7 @@ impl Server {
             transport,
             metrics: Metrics::default(),
             heartbeats: Mutex::new(heartbeats),
+            duties_term: AtomicU64::new(0),
             started: Instant::now(),
             uncommitted: Mutex::default(),
             next_batch: AtomicU64::new(0),
@@ -424,6 +433,18 @@ impl Inner {
         if !self.is_leader() {
             return Err(ApiError::new(NOT_LEADER, "not the leader"));
         }
+        // A new leader answers once its log is applied (moments after its
+        // election): the caller waits that long rather than fail.
+        let deadline = Instant::now() + DUTIES_WAIT;
+        while self.duties_term.load(Ordering::SeqCst) != self.raft.status().term {
+            if !self.is_leader() {
+                return Err(ApiError::new(NOT_LEADER, "not the leader"));
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::new(503, "the leader is still applying its log; heartbeat again in a moment"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let (known, unknown): (Vec<_>, Vec<_>) =
             self.raft.read(|s| nodes.into_iter().partition(|n| s.node_idx(n).is_some()));
         let now = self.now_ms();
@@ -477,26 +498,38 @@ impl Inner {
 /// it does not.
 async fn leadership(inner: Arc<Inner>) {
     let mut status = inner.raft.watch_status();
-    let mut duties: Option<JoinSet<()>> = None;
+    // The duties and the term they run for: a leader elected again in a
+    // newer term (the watch may coalesce the step down) starts afresh.
+    let mut duties: Option<(u64, JoinSet<()>)> = None;
     loop {
-        let leading = status.borrow_and_update().leader == Some(inner.id);
-        if leading && duties.is_none() {
-            tracing::info!(server = inner.id, "leading: broker, workers and heartbeat timers start");
+        let (leading, term) = {
+            let s = status.borrow_and_update();
+            (s.leader == Some(inner.id), s.term)
+        };
+        if leading && duties.as_ref().is_none_or(|(t, _)| *t != term) {
+            tracing::info!(server = inner.id, term, "leading: broker, workers and heartbeat timers start");
+            // The old term's duties end first (dropping the set aborts them).
+            drop(duties.take());
+            inner.duties_term.store(0, Ordering::SeqCst);
             inner.heartbeats.lock().expect("heartbeats lock").clear();
             let mut set = JoinSet::new();
             let ready = inner.clone();
             set.spawn(async move {
                 // Not before this leader has applied everything committed
                 // before its term: plans made from an older state could
-                // repeat work that is committed but not yet applied here.
+                // repeat work that is committed but not yet applied here,
+                // and a heartbeat answered could renew a node whose
+                // marking down is in the log but not yet applied.
                 while ready.raft.read_fresh(|_| ()).await.is_err() {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                ready.duties_term.store(term, Ordering::SeqCst);
                 tokio::join!(dispatch(ready.clone()), watch_heartbeats(ready.clone()));
             });
-            duties = Some(set);
+            duties = Some((term, set));
         } else if !leading && duties.is_some() {
             tracing::info!(server = inner.id, "no longer leading");
+            inner.duties_term.store(0, Ordering::SeqCst);
             duties = None; // dropping the set aborts its tasks
         }
         if status.changed().await.is_err() {
@@ -542,11 +575,10 @@ async fn watch_heartbeats(inner: Arc<Inner>) {
                         inner.metrics.nodes_down.inc();
                     }
                     Err(e) => {
+                        // The entry may still commit (a timeout): its
+                        // heartbeats stay refused, and it is proposed again.
                         tracing::warn!(%node, error = %e, "could not mark the node down; will retry");
-                        let mut h = inner.heartbeats.lock().expect("heartbeats lock");
-                        if !h.is_timed(&node) {
-                            h.expire_at(&node, inner.now_ms() + 500);
-                        }
+                        inner.heartbeats.lock().expect("heartbeats lock").retry_down_at(&node, inner.now_ms() + 500);
                     }
                 };
             });

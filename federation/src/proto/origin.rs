@@ -494,12 +494,16 @@ impl Origin {
                 let mut lease_ms = self.timing.lease_ms;
                 for p in delegations {
                     match find(&p.id) {
-                        Some((r, bytes))
-                            if matches!(r.phase, Phase::Offered | Phase::Registered)
-                                && !self.ending.contains(&r.id) =>
-                        {
-                            lease_ms = lease_ms.min(r.lease_ms);
+                        Some((r, bytes)) if matches!(r.phase, Phase::Offered | Phase::Registered) => {
+                            // Its news still counts (a completion may win
+                            // the compare-and-swap against an expiry), but
+                            // an expiry decided is never vouched for again.
                             actions.extend(self.progress(&r, &bytes, &p, now));
+                            if self.ending.contains(&r.id) {
+                                untracked.push(p.id);
+                            } else {
+                                lease_ms = lease_ms.min(r.lease_ms);
+                            }
                         }
                         _ => untracked.push(p.id),
                     }
