@@ -47,3 +47,34 @@ async fn a_task_never_sees_the_agents_environment() {
     let task_dir = base.join("data/allocs/a000001/t");
     assert!(out.contains(&format!("HANSE_TASK_DIR={}", task_dir.display())), "not absolute:\n{out}");
 }
+
+/// A task name that would leave the allocation's directory is refused
+/// before anything is created, however the job arrived (security review,
+/// row 10: a peer's offer named a task `../../../tmp/x`).
+#[tokio::test(flavor = "current_thread")]
+async fn a_task_name_that_leaves_its_directory_is_refused() {
+    let text = "[job]\nname = \"trav\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\ndriver = \"exec\"\n\
+                command = \"true\"\nresources = { cpu = \"100m\", memory = \"16MiB\" }\n";
+    let job = parse_job(&SourceFile::new("trav.toml", text.to_string())).value.expect("the spec parses");
+    let base = std::env::temp_dir().join(format!("hanse-exec-trav-{}", std::process::id()));
+    for name in ["../../escaped", "/tmp/absolute", ".hidden", ""] {
+        let mut task = job.groups[0].tasks[0].clone();
+        task.name = name.into();
+        let ctx = TaskContext {
+            alloc: AllocId(2),
+            job: "trav".into(),
+            group: "g".into(),
+            index: 0,
+            dir: base.join("allocs/a000002").join(name),
+            logs: base.join("allocs/a000002/logs"),
+            task,
+            rotation: Rotation::default(),
+            fence: None,
+        };
+        match Drivers::new(None).exec.start(&ctx).await {
+            Err(e) => assert!(e.to_string().contains("not a valid task name"), "{name}: {e}"),
+            Ok(_) => panic!("{name:?}: started"),
+        }
+    }
+    assert!(!base.join("escaped").exists() && !base.exists(), "nothing was created");
+}

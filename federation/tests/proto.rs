@@ -170,3 +170,19 @@ fn a_renewal_arriving_while_an_expiry_commits_does_not_extend_the_lease() {
     let again = o.tick(&p, &s, 100 + 4_700).iter().any(|a| matches!(a, Action::Propose(Command::Guarded { .. })));
     assert!(again, "a renewal must not undo an expiry already proposed");
 }
+
+/// An offer whose task name would leave an agent's directories is refused
+/// like the HTTP path's checker refuses it (security review, row 10).
+#[test]
+fn an_offer_with_a_task_name_that_leaves_its_directory_is_refused() {
+    let s = state(1, 8);
+    let p = policy("eu-central", "eu-west");
+    let mut t = Target::new(timing(3_000, 2_000), Plants::default(), 1);
+    let mut j = job("trav", 1, "");
+    j.groups[0].tasks[0].name = "../../../../tmp/TRAVERSED".into();
+    let m = offer("eu-west/trav/e1-g-0", j, vec![0], 2_000);
+    match outcomes(&t.on_message(&p, &s, "eu-west", m, 0)).as_slice() {
+        [Outcome::Refused { message, .. }] => assert!(message.contains("not a valid group or task name"), "{message}"),
+        other => panic!("accepted: {other:?}"),
+    }
+}

@@ -157,6 +157,12 @@ impl Driver for Exec {
         let DriverSpec::Exec { command, args, env } = &ctx.task.driver else {
             return Err(StartError::Fatal("the exec driver runs exec tasks only".into()));
         };
+        // Its directory and logs are named after it: a name that could
+        // leave the allocation's directory is refused, however the job came
+        // (the API checks it; an offer or a state file might not).
+        if !crate::spec::job::is_valid_name(&ctx.task.name) {
+            return Err(StartError::Fatal(format!("`{}` is not a valid task name", ctx.task.name)));
+        }
         std::fs::create_dir_all(&ctx.dir)
             .map_err(|e| StartError::Failed(format!("cannot create {}: {e}", ctx.dir.display())))?;
         let mut stdout = writer(ctx, "stdout")?;

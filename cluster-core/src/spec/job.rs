@@ -114,12 +114,18 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
     })
 }
 
-fn check_name<'a>(d: &mut Diagnostics, what: &str, name: &'a str, span: Span) -> Option<&'a str> {
-    let ok = !name.is_empty()
+/// Whether `name` may name a job, group or task: 1 to 64 ASCII letters,
+/// digits, `-`, `_` or `.`, starting with a letter or digit. Agents build
+/// paths from task names, so such a name never leaves its directory.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 64
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn check_name<'a>(d: &mut Diagnostics, what: &str, name: &'a str, span: Span) -> Option<&'a str> {
+    if is_valid_name(name) {
         Some(name)
     } else {
         d.error_hint(

@@ -300,6 +300,12 @@ impl Target {
         let [group] = offered.groups.as_slice() else {
             return malformed(format!("an offer carries one group, not {}", offered.groups.len()));
         };
+        // The names the HTTP path's checker refuses (agents build paths
+        // from them): security review, row 10.
+        let names = std::iter::once(&*group.name).chain(group.tasks.iter().map(|t| &*t.name));
+        if let Some(bad) = names.into_iter().find(|n| !cluster_core::spec::job::is_valid_name(n)) {
+            return malformed(format!("`{bad}` is not a valid group or task name"));
+        }
         if offered.job_type == cluster_core::model::JobType::System {
             return malformed("system jobs run on every node of their own cluster; they are not delegated".into());
         }
