@@ -9,6 +9,7 @@
 //! data_dir = "data/s1"
 //! bind = "127.0.0.1:4701"     # QUIC: Raft and forwarded writes
 //! http = "127.0.0.1:4646"     # the HTTP API (default 127.0.0.1:4646)
+//! http_hosts = ["hanse.internal"] # names the API answers to besides IPs and localhost
 //! heartbeat_ttl = "10s"       # nodes heartbeat this often...
 //! heartbeat_grace = "10s"     # ...and are down after TTL + grace of silence
 //! workers = 1                 # scheduler workers on the leader (default: half the cores)
@@ -67,6 +68,8 @@ pub struct ServerConfig {
     pub heartbeat_ttl: Duration,
     pub heartbeat_grace: Duration,
     pub workers: usize,
+    /// Host names the API answers to besides IP addresses and `localhost`.
+    pub http_hosts: Vec<String>,
     /// Form the cluster from the configured peers on a fresh data dir;
     /// false to wait to be added to a running cluster.
     pub bootstrap: bool,
@@ -132,6 +135,8 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
         let data_dir = s.required_str(d, "data_dir", "\"data/s1\"").map(|(p, _)| rel(p));
         let bind_text = s.required_str(d, "bind", "\"127.0.0.1:4701\"");
         let bind = addr(d, bind_text);
+        let http_hosts: Vec<String> =
+            s.str_list(d, "http_hosts").unwrap_or_default().into_iter().map(|(h, _)| h.to_string()).collect();
         let http = match s.str(d, "http") {
             Some(v) => addr(d, Some(v)),
             None => Some(SocketAddr::from(([127, 0, 0, 1], 4646))),
@@ -210,6 +215,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             heartbeat_ttl: heartbeat_ttl?,
             heartbeat_grace: heartbeat_grace?,
             workers: workers?,
+            http_hosts,
             bootstrap,
             ca: ca?,
             cert: cert?,
@@ -301,6 +307,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     let logger = cluster_core::raft::log::logger();
     let options = ServerOptions {
         workers: c.workers,
+        http_hosts: c.http_hosts.clone(),
         heartbeat_ttl: c.heartbeat_ttl,
         heartbeat_grace: c.heartbeat_grace,
         ..ServerOptions::new(&c.cluster, &c.name)

@@ -313,7 +313,11 @@ async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
             assert!(message.contains(words), "`{message}` should say `{words}`");
             body
         };
-        expect(agent.put(format!("{base}/v1/jobs")).send("not json"), 400, "JSON");
+        expect(
+            agent.put(format!("{base}/v1/jobs")).header("content-type", "application/json").send("not json"),
+            400,
+            "JSON",
+        );
         let body = expect(
             agent
                 .put(format!("{base}/v1/jobs"))
@@ -336,7 +340,9 @@ async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
             let mut writer = tcp.try_clone().unwrap();
             let len = BODY_BYTES_MAX + 100_000;
             std::thread::spawn(move || {
-                let head = format!("PUT /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+                let head = format!(
+                    "PUT /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+                );
                 let _ = writer.write_all(head.as_bytes());
                 let _ = writer.write_all(&vec![b'x'; len]);
             });
@@ -358,6 +364,61 @@ async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
         // The client turns the same into typed errors.
         let e = client.alloc_status(vec![AllocUpdate { id: 1, status: "nope".into() }]).unwrap_err();
         assert_eq!(e.status(), Some(400));
+    })
+    .await;
+    c.stop().await;
+}
+
+/// What a web page could make a browser send is refused and changes
+/// nothing (security review, row 3): a cross-site "simple" POST (text/plain,
+/// a foreign Origin), a foreign Host (DNS rebinding), a body not declared
+/// JSON. The CLI's own requests, and names listed in `http_hosts`, pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_a_web_page_could_send_are_refused_and_change_nothing() {
+    let options = ServerOptions { http_hosts: vec!["hanse.internal".into()], ..ServerOptions::new("web", "s") };
+    let c = LocalCluster::start("web", &dir("web"), 1, options, Duration::from_millis(100)).await.expect("starts");
+    c.leader(Duration::from_secs(10)).await.expect("a leader");
+    let addr = c.http_addrs[&1];
+    let client = Client::new(&addr.to_string());
+    blocking(move || {
+        client.register_nodes(&fleet(1)).expect("the CLI's own requests pass");
+        let node = fleet(1)[0].id.to_string();
+        let drain = format!("http://{addr}/v1/nodes/{node}/drain");
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let status = |r: Result<ureq::http::Response<ureq::Body>, ureq::Error>| {
+            let mut r = r.unwrap();
+            let body: serde_json::Value = r.body_mut().read_json().expect("errors are JSON");
+            (r.status().as_u16(), body["message"].as_str().unwrap_or_default().to_string())
+        };
+        let csrf = agent
+            .post(&drain)
+            .header("content-type", "text/plain")
+            .header("origin", "http://evil.example")
+            .send(r#"{"drain": true}"#);
+        let (code, message) = status(csrf);
+        assert_eq!(code, 403, "{message}");
+        assert!(message.contains("evil.example"), "{message}");
+        let rebound = agent
+            .post(&drain)
+            .header("host", "rebind.evil.example")
+            .header("content-type", "application/json")
+            .send(r#"{"drain": true}"#);
+        let (code, message) = status(rebound);
+        assert_eq!(code, 403, "{message}");
+        assert!(message.contains("http_hosts"), "{message}");
+        let plain = agent.post(&drain).header("content-type", "text/plain").send(r#"{"drain": true}"#);
+        assert_eq!(status(plain).0, 415);
+        let node_view = client.node(&node).expect("the node");
+        assert!(!node_view.node.draining, "a refused request drained the node");
+        // A listed name passes (and a real drain then happens).
+        let named = agent
+            .post(&drain)
+            .header("host", format!("hanse.internal:{}", addr.port()))
+            .header("content-type", "application/json")
+            .send(r#"{"drain": true}"#)
+            .unwrap();
+        assert_eq!(named.status().as_u16(), 200);
+        assert!(client.node(&node).expect("the node").node.draining, "the listed host's drain did not apply");
     })
     .await;
     c.stop().await;

@@ -81,13 +81,68 @@ pub async fn serve_with(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = extra.merge(router(server));
+    let hosts = Arc::new(server.options.http_hosts.clone());
+    let app =
+        extra.merge(router(server)).layer(axum::middleware::from_fn(move |r, n| browser_guard(hosts.clone(), r, n)));
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP API stopped");
         }
     });
     Ok((bound, task))
+}
+
+/// Refuses what a web page could make a browser send (security review,
+/// row 3): a `Host` that is neither an IP address, `localhost`, nor one of
+/// the server's `http_hosts` (DNS rebinding: a page's own name resolving
+/// to this address); an `Origin` other than the API's own (a cross-site
+/// request); and a write whose body is not declared JSON (the "simple"
+/// cross-site POST a form can send without asking first). 403 or 415,
+/// with a JSON message; nothing runs.
+async fn browser_guard(
+    hosts: Arc<Vec<String>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let text = |name| headers.get(name).and_then(|v: &axum::http::HeaderValue| v.to_str().ok());
+    let host = text(header::HOST);
+    if let Some(h) = host.filter(|h| !allowed_host(h, &hosts)) {
+        return ApiError::new(
+            403,
+            format!(
+                "Host `{h}` is not this server's: use its IP address or localhost, or list the name in [server] http_hosts"
+            ),
+        )
+        .into_response();
+    }
+    if let Some(origin) = text(header::ORIGIN) {
+        let own = host.is_some_and(|h| origin == format!("http://{h}") || origin == format!("https://{h}"));
+        if !own {
+            return ApiError::new(403, format!("requests from the web page at `{origin}` are refused")).into_response();
+        }
+    }
+    let writes = !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    let has_body =
+        text(header::CONTENT_LENGTH).is_some_and(|l| l != "0") || headers.contains_key(header::TRANSFER_ENCODING);
+    let json =
+        text(header::CONTENT_TYPE).is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("application/json"));
+    if writes && has_body && !json {
+        return ApiError::new(415, "the body must be JSON, sent with `Content-Type: application/json`").into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether a `Host` header (with or without its port) names this server:
+/// an IP address, `localhost`, or one of `names`.
+fn allowed_host(host: &str, names: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => return v6.split(']').next().is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => host.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(host, |(n, _)| n),
+    };
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 impl IntoResponse for ApiError {

@@ -64,6 +64,9 @@ pub struct ServerOptions {
     /// Added to the TTL before a silent node is marked down.
     pub heartbeat_grace: Duration,
     pub scheduler: SchedulerConfig,
+    /// Host names the HTTP API answers to besides IP addresses and
+    /// `localhost` (requests naming any other host are refused).
+    pub http_hosts: Vec<String>,
 }
 
 impl ServerOptions {
@@ -75,6 +78,7 @@ impl ServerOptions {
             heartbeat_ttl: Duration::from_secs(10),
             heartbeat_grace: Duration::from_secs(10),
             scheduler: SchedulerConfig::default(),
+            http_hosts: Vec::new(),
         }
     }
 }
