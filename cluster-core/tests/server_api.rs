@@ -423,3 +423,52 @@ async fn requests_a_web_page_could_send_are_refused_and_change_nothing() {
     .await;
     c.stop().await;
 }
+
+/// A client that dribbles its request head is cut off after the header
+/// timeout, and one address cannot hold every connection (security review,
+/// row 18: 10,300 slow connections exhausted the server's descriptors).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_clients_are_cut_off_and_one_address_holds_a_bounded_share() {
+    use cluster_core::server::http::{CONNECTIONS_PER_CLIENT_MAX, HEADER_READ_TIMEOUT};
+    use std::io::{Read, Write};
+    let c = LocalCluster::start("slow", &dir("slow"), 1, ServerOptions::new("slow", "s"), Duration::from_millis(100))
+        .await
+        .expect("starts");
+    c.leader(Duration::from_secs(10)).await.expect("a leader");
+    let addr = c.http_addrs[&1];
+    let client = Client::new(&addr.to_string());
+    blocking(move || {
+        let started = Instant::now();
+        let mut slow = std::net::TcpStream::connect(addr).unwrap();
+        slow.write_all(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+        slow.set_read_timeout(Some(HEADER_READ_TIMEOUT + Duration::from_secs(10))).unwrap();
+        let mut answer = Vec::new();
+        // Closed by the server: end of stream (after a 408, or none), or a
+        // reset; a read that times out is not a close.
+        let reset = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionReset;
+        let cut = slow.read_to_end(&mut answer).as_ref().map_or_else(reset, |_| true);
+        let waited = started.elapsed();
+        assert!(cut, "the slow connection was not closed");
+        assert!(waited < HEADER_READ_TIMEOUT + Duration::from_secs(5), "cut off only after {waited:?}");
+        assert!(waited + Duration::from_secs(1) >= HEADER_READ_TIMEOUT, "cut off early, after {waited:?}");
+
+        let held: Vec<std::net::TcpStream> =
+            (0..CONNECTIONS_PER_CLIENT_MAX).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        let mut extra = std::net::TcpStream::connect(addr).unwrap();
+        extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut byte = [0u8; 1];
+        let closed = match extra.read(&mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => reset(&e),
+        };
+        assert!(closed, "connection {} from one address was served", CONNECTIONS_PER_CLIENT_MAX + 1);
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while client.leader().is_err() {
+            assert!(Instant::now() < deadline, "the API did not come back once the held connections closed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await;
+    c.stop().await;
+}

@@ -84,12 +84,66 @@ pub async fn serve_with(
     let hosts = Arc::new(server.options.http_hosts.clone());
     let app =
         extra.merge(router(server)).layer(axum::middleware::from_fn(move |r, n| browser_guard(hosts.clone(), r, n)));
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP API stopped");
-        }
-    });
+    let task = tokio::spawn(accept(listener, app));
     Ok((bound, task))
+}
+
+/// A client that sends no complete request head within this is cut off
+/// (slowloris, security review row 18).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; past it a new one is closed at once.
+pub const CONNECTIONS_MAX: usize = 4_096;
+/// Connections served at once for one client address.
+pub const CONNECTIONS_PER_CLIENT_MAX: usize = 256;
+
+/// Serves every connection `listener` accepts, within the caps above, each
+/// with [`HEADER_READ_TIMEOUT`].
+async fn accept(listener: tokio::net::TcpListener, app: Router) {
+    use tower::Service;
+    let total = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let per_client: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = total.clone().try_acquire_owned() else {
+            tracing::warn!(client = %peer, "HTTP connection refused: {CONNECTIONS_MAX} already open");
+            continue;
+        };
+        {
+            let mut counts = per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = counts.entry(peer.ip()).or_default();
+            if *n >= CONNECTIONS_PER_CLIENT_MAX {
+                tracing::warn!(client = %peer, "HTTP connection refused: {CONNECTIONS_PER_CLIENT_MAX} already open from it");
+                continue;
+            }
+            *n += 1;
+        }
+        let app = app.clone();
+        let per_client = per_client.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| app.clone().call(request));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = connection.await;
+            drop(permit);
+            let mut counts = per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = counts.get_mut(&peer.ip()) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&peer.ip());
+                }
+            }
+        });
+    }
 }
 
 /// Refuses what a web page could make a browser send (security review,
