@@ -58,6 +58,24 @@ fn outcomes(actions: &[Action]) -> Vec<Outcome> {
         .collect()
 }
 
+/// eu-west's state once it offered instances 1-3 of a 4-instance job to
+/// eu-central under a 3 s lease and 1 s grace (the offer applied), its
+/// policy, and the origin core that offered.
+fn delegated() -> (ClusterState, Policy, Origin) {
+    let mut s = state(1, 1);
+    let p = policy("eu-west", "eu-central");
+    let j = job("big", 4, "");
+    s.apply(&Command::RegisterJob(j.clone()));
+    let work = Overflowing { eval: 1, job: j, group: "g".into(), indices: vec![1, 2, 3] };
+    let mut o = Origin::new("eu-west", timing(3_000, 1_000), Plants::default(), 0);
+    for a in o.delegate(&p, &s, &work, "eu-central", 0) {
+        if let Action::ProposeThenSend { command, .. } = a {
+            s.apply(&command);
+        }
+    }
+    (s, p, o)
+}
+
 #[test]
 fn offers_decided_before_the_first_applies_share_the_room_instead_of_each_taking_it() {
     let s = state(1, 8);
@@ -96,18 +114,8 @@ fn at_most_once_work_must_stop_within_half_the_shorter_grace() {
 
 #[test]
 fn a_renewal_is_never_answered_with_a_longer_lease_than_the_delegation_was_offered_under() {
-    let mut s = state(1, 1);
-    let p = policy("eu-west", "eu-central");
-    let j = job("big", 4, "");
-    s.apply(&Command::RegisterJob(j.clone()));
-    let work = Overflowing { eval: 1, job: j, group: "g".into(), indices: vec![1, 2, 3] };
     // Offered under a 3 s lease ...
-    let mut o = Origin::new("eu-west", timing(3_000, 1_000), Plants::default(), 0);
-    for a in o.delegate(&p, &s, &work, "eu-central", 0) {
-        if let Action::ProposeThenSend { command, .. } = a {
-            s.apply(&command);
-        }
-    }
+    let (s, p, _) = delegated();
     // ... and renewed by a leader whose policy now says 30 s.
     let mut o = Origin::new("eu-west", timing(30_000, 1_000), Plants::default(), 10);
     let id = Origin::records(&s)[0].0.id.clone();
@@ -138,17 +146,7 @@ fn a_renewal_is_never_answered_with_a_longer_lease_than_the_delegation_was_offer
 /// (`hanse-sim`, seed 2805, with raft-rs in the loop).
 #[test]
 fn a_renewal_arriving_while_an_expiry_commits_does_not_extend_the_lease() {
-    let mut s = state(1, 1);
-    let p = policy("eu-west", "eu-central");
-    let j = job("big", 4, "");
-    s.apply(&Command::RegisterJob(j.clone()));
-    let work = Overflowing { eval: 1, job: j, group: "g".into(), indices: vec![1, 2, 3] };
-    let mut o = Origin::new("eu-west", timing(3_000, 1_000), Plants::default(), 0);
-    for a in o.delegate(&p, &s, &work, "eu-central", 0) {
-        if let Action::ProposeThenSend { command, .. } = a {
-            s.apply(&command);
-        }
-    }
+    let (s, p, mut o) = delegated();
     let id = Origin::records(&s)[0].0.id.clone();
     let untracked_in_ack = |o: &mut Origin, now| {
         let progress = federation::proto::wire::Progress { id: id.clone(), indices: Vec::new() };
