@@ -18,6 +18,8 @@ enum TestRpc {
     WhoAmI,
     /// Only servers may send it, as Raft messages will be.
     ServerOnly,
+    /// Echoes after 300 ms, counting how many run at once.
+    Slow(Vec<u8>),
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -40,6 +42,8 @@ impl Rpc for TestRpc {
 #[derive(Default)]
 struct TestHandler {
     handled: AtomicU64,
+    running: AtomicU64,
+    most_at_once: AtomicU64,
 }
 
 #[async_trait]
@@ -50,6 +54,13 @@ impl Handler<TestRpc> for TestHandler {
             TestRpc::Echo(b) => TestReply::Echo(b),
             TestRpc::WhoAmI => TestReply::You(from),
             TestRpc::ServerOnly => TestReply::Done,
+            TestRpc::Slow(b) => {
+                let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most_at_once.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                TestReply::Echo(b)
+            }
         }
     }
 }
@@ -204,4 +215,48 @@ async fn a_client_refuses_a_server_from_another_ca() {
     let result = Transport::<TestRpc>::call(&client, server.local_addr(), TestRpc::WhoAmI).await;
     assert!(result.is_err(), "{result:?}");
     assert_eq!(handler.handled.load(Ordering::Relaxed), 0);
+}
+
+/// An agent's certificate cannot make a server hold a large frame
+/// (security review, row 15: agents' 16 MiB frames held in memory), and a
+/// connection's frames wait for room in its budget instead of piling up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_are_held_within_a_memory_budget() {
+    use cluster_core::transport::quic::FrameBudget;
+    let pki = pki();
+    let (server, handler) = serve(&pki);
+    let big = vec![7u8; 5 << 20];
+    let as_agent = QuicClient::new(&pki.ca.cert_pem, &pki.agent).unwrap();
+    let refused = Transport::<TestRpc>::call(&as_agent, server.local_addr(), TestRpc::Echo(big.clone())).await;
+    assert!(refused.is_err(), "an agent's 5 MiB frame was served");
+    assert_eq!(handler.handled.load(Ordering::Relaxed), 0);
+    let as_server = QuicClient::new(&pki.ca.cert_pem, &pki.caller).unwrap();
+    let served = Transport::<TestRpc>::call(&as_server, server.local_addr(), TestRpc::Echo(big.clone())).await;
+    assert_eq!(served, Ok(TestReply::Echo(big)), "a server's 5 MiB frame is fine");
+
+    // A 1 MiB budget per connection: three 700 KB frames on one connection
+    // are answered one after another, never side by side.
+    let handler = Arc::new(TestHandler::default());
+    let budget = FrameBudget { per_connection: 1 << 20, ..FrameBudget::default() };
+    let tight = QuicServer::bind_with::<TestRpc>(
+        "127.0.0.1:0".parse().unwrap(),
+        &pki.ca.cert_pem,
+        &pki.server,
+        handler.clone(),
+        budget,
+    )
+    .unwrap();
+    let client = Arc::new(QuicClient::new(&pki.ca.cert_pem, &pki.caller).unwrap());
+    let calls: Vec<_> = (0..3u8)
+        .map(|i| {
+            let (client, to) = (client.clone(), tight.local_addr());
+            tokio::spawn(
+                async move { Transport::<TestRpc>::call(&*client, to, TestRpc::Slow(vec![i; 700 << 10])).await },
+            )
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap(), Ok(TestReply::Echo(vec![i as u8; 700 << 10])));
+    }
+    assert_eq!(handler.most_at_once.load(Ordering::SeqCst), 1, "frames over the budget were held side by side");
 }

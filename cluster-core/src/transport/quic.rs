@@ -42,6 +42,35 @@ fn peer_identity(conn: &quinn::Connection) -> Option<Identity> {
     certs.first().and_then(tls::identity_of)
 }
 
+/// How much request memory a server holds at once (security review, row
+/// 15: 16 streams each announcing a 16 MiB frame and holding its last byte
+/// took 256 MiB). A frame's bytes count from its header until it is
+/// answered; a frame over budget waits, and after [`BUDGET_WAIT`] is
+/// refused unread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameBudget {
+    /// Bytes of frames in flight on one connection.
+    pub per_connection: usize,
+    /// Bytes of frames in flight across every connection.
+    pub total: usize,
+    /// The largest frame an agent's certificate may send: agents send
+    /// heartbeats and batches of reports, never Raft's large frames.
+    pub agent_frame: usize,
+}
+
+impl Default for FrameBudget {
+    fn default() -> Self {
+        FrameBudget {
+            per_connection: 2 * super::FRAME_BYTES_MAX,
+            total: 16 * super::FRAME_BYTES_MAX,
+            agent_frame: 4 << 20,
+        }
+    }
+}
+
+/// How long a frame waits for room in its budget.
+pub const BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A server: accepts connections and answers each stream with `handler`.
 pub struct QuicServer {
     endpoint: quinn::Endpoint,
@@ -55,12 +84,23 @@ impl QuicServer {
         pair: &PemPair,
         handler: Arc<dyn Handler<R>>,
     ) -> Result<QuicServer, TlsError> {
+        QuicServer::bind_with(addr, ca_pem, pair, handler, FrameBudget::default())
+    }
+
+    /// [`QuicServer::bind`] with a memory budget of its own.
+    pub fn bind_with<R: Rpc>(
+        addr: SocketAddr,
+        ca_pem: &str,
+        pair: &PemPair,
+        handler: Arc<dyn Handler<R>>,
+        budget: FrameBudget,
+    ) -> Result<QuicServer, TlsError> {
         let crypto = QuicServerConfig::try_from(tls::server_config(ca_pem, pair)?)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(transport_config());
         let endpoint = quinn::Endpoint::server(config, addr).map_err(|e| TlsError::Io(addr.to_string(), e))?;
-        let task = tokio::spawn(accept_loop(endpoint.clone(), handler));
+        let task = tokio::spawn(accept_loop(endpoint.clone(), handler, budget));
         Ok(QuicServer { endpoint, task })
     }
 
@@ -81,9 +121,16 @@ impl Drop for QuicServer {
     }
 }
 
-async fn accept_loop<R: Rpc>(endpoint: quinn::Endpoint, handler: Arc<dyn Handler<R>>) {
+/// Bytes as semaphore permits (frames are at most [`super::FRAME_BYTES_MAX`]).
+fn permits(bytes: usize) -> u32 {
+    u32::try_from(bytes.max(1)).unwrap_or(u32::MAX)
+}
+
+async fn accept_loop<R: Rpc>(endpoint: quinn::Endpoint, handler: Arc<dyn Handler<R>>, budget: FrameBudget) {
+    let total = Arc::new(tokio::sync::Semaphore::new(permits(budget.total) as usize));
     while let Some(incoming) = endpoint.accept().await {
         let handler = handler.clone();
+        let total = total.clone();
         tokio::spawn(async move {
             // A refused client certificate ends here: the handshake fails.
             let conn = match incoming.await {
@@ -97,8 +144,10 @@ async fn accept_loop<R: Rpc>(endpoint: quinn::Endpoint, handler: Arc<dyn Handler
                 conn.close(1u32.into(), b"certificate names no Hanse identity");
                 return;
             };
+            let mine = Arc::new(tokio::sync::Semaphore::new(permits(budget.per_connection) as usize));
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(answer_stream(handler.clone(), from.clone(), send, recv));
+                let budgets = [mine.clone(), total.clone()];
+                tokio::spawn(answer_stream(handler.clone(), from.clone(), send, recv, budgets, budget.agent_frame));
             }
         });
     }
@@ -109,18 +158,36 @@ async fn answer_stream<R: Rpc>(
     from: Identity,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    budgets: [Arc<tokio::sync::Semaphore>; 2],
+    agent_frame: usize,
 ) {
     let mut header = [0u8; 4];
     if recv.read_exact(&mut header).await.is_err() {
         return;
     }
+    let refuse = |why: String| encode_frame(&super::Answer::<R::Reply>::Malformed(why)).expect("a short answer frames");
     let answer = match frame_len(header) {
+        Ok(len) if from.role == tls::Role::Agent && len > agent_frame => {
+            refuse(format!("a frame of {len} bytes is over an agent's limit of {agent_frame}"))
+        }
         Ok(len) => {
-            let mut body = vec![0u8; len];
-            if recv.read_exact(&mut body).await.is_err() {
-                return;
+            // Room in both budgets before a byte of the body is held.
+            let [mine, total] = &budgets;
+            let room = async {
+                let a = mine.clone().acquire_many_owned(permits(len)).await.ok()?;
+                let b = total.clone().acquire_many_owned(permits(len)).await.ok()?;
+                Some((a, b))
+            };
+            match tokio::time::timeout(BUDGET_WAIT, room).await {
+                Ok(Some(_held)) => {
+                    let mut body = vec![0u8; len];
+                    if recv.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    serve_frame(&handler, from, &body).await
+                }
+                _ => refuse(format!("busy: no room for a frame of {len} bytes; try again")),
             }
-            serve_frame(&handler, from, &body).await
         }
         // Refused before reading (or allocating) the body.
         Err(e) => encode_frame(&super::Answer::<R::Reply>::Malformed(e.to_string())).expect("a short answer frames"),
