@@ -263,7 +263,7 @@ on_disconnect = "{on_disconnect}"
 name = "t"
 driver = "exec"
 command = "/bin/sh"
-args = ["-c", "echo $$ > MARKS/$HANSE_ALLOC_ID.pid; date +%s%N > MARKS/$HANSE_ALLOC_ID.started; trap 'date +%s%N > MARKS/$HANSE_ALLOC_ID.stopped; exit 0' TERM; while :; do date +%s%N > MARKS/$HANSE_ALLOC_ID.beat; sleep 0.1; done"]
+args = ["-c", "trap 'date +%s%N > MARKS/$HANSE_ALLOC_ID.stopped; exit 0' TERM; echo $$ > MARKS/$HANSE_ALLOC_ID.pid; date +%s%N > MARKS/$HANSE_ALLOC_ID.started; while :; do date +%s%N > MARKS/$HANSE_ALLOC_ID.beat; sleep 0.1; done"]
 resources = {{ cpu = "100m", memory = "32MiB" }}
 "#
     )
@@ -512,13 +512,17 @@ fn at_most_once_work_restarted_while_cut_off_stops_when_the_old_lease_runs_out()
     assert!(f.run(&["job", "run", &job]).status.success());
     eventually(Duration::from_secs(20), "once running", || f.node_of_running("once").len() == 1);
     let (first, _) = f.node_of_running("once")[0].clone();
+    let pid = mark(&f.marks(), &format!("{first}.pid")).unwrap();
 
     relay.set_cut(true);
     a.kill9();
     let config = f.dir.join("node-a.toml");
     let _a2 = spawn(&f.dir, "node-a", &["agent", "--config", config.to_str().unwrap()]);
+    // Stopped: by SIGTERM (its trap marks it), or a restarted copy gone
+    // (stopped before its shell could mark anything).
     eventually(Duration::from_secs(10), "stopped, with no server in reach", || {
         mark(&f.marks(), &format!("{first}.stopped")).is_some()
+            || mark(&f.marks(), &format!("{first}.pid")).is_some_and(|p| p != pid && !alive(p))
     });
     let _b = f.agent("node-b", f.quic);
     eventually(Duration::from_secs(20), "replaced on node-b", || {
