@@ -247,6 +247,9 @@ async fn frames_are_held_within_a_memory_budget() {
     )
     .unwrap();
     let client = Arc::new(QuicClient::new(&pki.ca.cert_pem, &pki.caller).unwrap());
+    // One connection for all three: opened first, then reused.
+    let warm = Transport::<TestRpc>::call(&*client, tight.local_addr(), TestRpc::WhoAmI).await;
+    assert!(warm.is_ok(), "{warm:?}");
     let calls: Vec<_> = (0..3u8)
         .map(|i| {
             let (client, to) = (client.clone(), tight.local_addr());

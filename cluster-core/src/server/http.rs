@@ -97,12 +97,16 @@ pub const CONNECTIONS_MAX: usize = 4_096;
 pub const CONNECTIONS_PER_CLIENT_MAX: usize = 256;
 
 /// Serves every connection `listener` accepts, within the caps above, each
-/// with [`HEADER_READ_TIMEOUT`].
+/// with [`HEADER_READ_TIMEOUT`]. The connections belong to this task:
+/// aborting it (a server stopping) closes them all, so clients move on to
+/// another server at once.
 async fn accept(listener: tokio::net::TcpListener, app: Router) {
     use tower::Service;
     let total = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     let per_client: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -127,7 +131,7 @@ async fn accept(listener: tokio::net::TcpListener, app: Router) {
         }
         let app = app.clone();
         let per_client = per_client.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |request| app.clone().call(request));
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
