@@ -454,6 +454,12 @@ impl Cluster {
         self.clock_offset + (now as i128 * (1_000_000 + self.clock_ppm as i128) / 1_000_000) as u64
     }
 
+    /// Servers Raft has leading, duties running or not (a deposed leader
+    /// that has not noticed among them), by index.
+    pub fn raft_leaders(&self) -> Vec<usize> {
+        (0..self.servers.len()).filter(|&s| self.servers[s].core.as_ref().is_some_and(Core::is_leader)).collect()
+    }
+
     /// Servers that lead with their duties running, by index.
     pub fn leaders(&self) -> Vec<usize> {
         (0..self.servers.len()).filter(|&s| self.servers[s].still_leads()).collect()
@@ -753,9 +759,7 @@ impl World {
                 self.delays.push((a, b, extra_ms, self.now + for_ms));
             }
             Event::KillLeader { cluster, down_ms } => {
-                let leading = (0..self.clusters[cluster].servers.len())
-                    .filter(|&r| self.clusters[cluster].servers[r].core.as_ref().is_some_and(Core::is_leader));
-                for r in leading.collect::<Vec<_>>() {
+                for r in self.clusters[cluster].raft_leaders() {
                     self.kill_server(cluster, r, down_ms);
                 }
             }
@@ -824,25 +828,13 @@ impl World {
     /// forwards there); lost when there is none (the client would retry;
     /// the workload moves on). `then` runs once it is committed.
     fn client_write(&mut self, c: usize, command: Command, then: Then) {
-        let leading: Vec<usize> = (0..self.clusters[c].servers.len())
-            .filter(|&r| self.clusters[c].servers[r].core.as_ref().is_some_and(Core::is_leader))
-            .collect();
+        let leading = self.clusters[c].raft_leaders();
         if leading.is_empty() {
             self.note(format!("{} no leader: write dropped", self.clusters[c].name));
             return;
         }
         let r = leading[self.rng.below(leading.len())];
-        let answer = self.propose(c, r, &command);
-        let wait = Wait { answer, what: describe(&command), reply: None, result: None };
-        let server = &mut self.clusters[c].servers[r];
-        let pending = Pending {
-            generation: server.generation,
-            waits: vec![wait],
-            sends: Vec::new(),
-            deadline: self.now + PROPOSE_TIMEOUT_MS,
-            then,
-        };
-        server.pending.push(pending);
+        self.perform(c, r, vec![Action::Propose(command)], then);
     }
 
     fn random_fault(&mut self) {
@@ -1126,7 +1118,7 @@ impl World {
                 let cl = &mut self.clusters[c];
                 let Some(core) = cl.servers[r].core.as_mut() else { continue };
                 let mut sent = Vec::new();
-                if let Err(e) = core.handle_ready(&mut |m| sent.extend(m)) {
+                if let Err(e) = core.handle_ready(&mut |_, m| sent.extend(m)) {
                     panic!("a simulated server's storage failed: {e}");
                 }
                 core.answer_proposers();

@@ -28,6 +28,9 @@ use crate::raft::node::{ENTRY_BYTES_MAX, ProposeError, READS_PENDING_MAX, RaftCo
 use crate::raft::storage::{LogStore, Persist, StoreError};
 use crate::state::ClusterState;
 
+/// Every voter's transport address, by Raft id.
+pub type Peers = BTreeMap<RaftId, SocketAddr>;
+
 /// Where a proposer waits for its command's effect.
 pub type Reply = oneshot::Sender<Result<Effect, ProposeError>>;
 
@@ -327,14 +330,18 @@ impl<S: LogStore> Core<S> {
     }
 
     /// Handles raft's `Ready`, if any: `send` gets the messages for peers
-    /// as soon as they may leave (a leader's appends before its own write).
-    pub fn handle_ready(&mut self, send: &mut dyn FnMut(Vec<Message>)) -> Result<(), StoreError> {
+    /// as soon as they may leave (a leader's appends before its own write),
+    /// with every peer's address as this server knows it at that moment.
+    pub fn handle_ready(
+        &mut self,
+        send: &mut dyn FnMut(&Peers, Vec<Message>),
+    ) -> Result<(), StoreError> {
         if !self.raw.has_ready() {
             self.answer_reads();
             return Ok(());
         }
         let mut rd = self.raw.ready();
-        send(rd.take_messages());
+        send(&self.config.peers, rd.take_messages());
         for rs in rd.take_read_states() {
             let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).ok();
             if let Some(reply) = ctx.and_then(|c| self.reads.remove(&c)) {
@@ -367,7 +374,7 @@ impl<S: LogStore> Core<S> {
             self.applied = s.get_metadata().index;
             self.snapshots_installed += 1;
         }
-        send(rd.take_persisted_messages());
+        send(&self.config.peers, rd.take_persisted_messages());
         self.apply(rd.take_committed_entries())?;
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
@@ -377,7 +384,7 @@ impl<S: LogStore> Core<S> {
             // replays from the snapshot, never past a commit index it lost.
             self.raw.mut_store().persist(Persist { hard_state: Some(&hs), lazy: true, ..Default::default() })?;
         }
-        send(light.take_messages());
+        send(&self.config.peers, light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.answer_reads();

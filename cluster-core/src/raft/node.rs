@@ -339,8 +339,7 @@ impl Driver {
             }
             self.core.propose(proposals);
             let (transport, inputs, runtime) = (&self.transport, &self.inputs, &self.runtime);
-            let peers = self.core.config.peers.clone();
-            let mut send = |messages: Vec<Message>| send(&peers, transport, inputs, runtime, messages);
+            let mut send = |peers: &_, messages: Vec<Message>| send(peers, transport, inputs, runtime, messages);
             if let Err(e) = self.core.handle_ready(&mut send) {
                 tracing::error!(error = %e, "raft storage failed; this server stops");
                 return;

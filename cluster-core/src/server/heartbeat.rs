@@ -53,17 +53,9 @@ impl Heartbeats {
         }
     }
 
-    /// Times a node to expire at `at_ms`; its heartbeats are taken again
-    /// meanwhile.
-    pub fn expire_at(&mut self, node: &NodeId, at_ms: u64) {
-        self.expiring.remove(node);
-        self.deadline.insert(node.clone(), at_ms);
-    }
-
     /// Nodes whose deadline passed; they are no longer timed, and are
-    /// [`Heartbeats::marking_down`] until [`Heartbeats::marked_down`] or
-    /// [`Heartbeats::expire_at`] (or expire again after
-    /// [`Heartbeats::retry_down_at`]).
+    /// [`Heartbeats::marking_down`] until [`Heartbeats::marked_down`] (or
+    /// expire again after [`Heartbeats::retry_down_at`]).
     pub fn expired(&mut self, now_ms: u64) -> Vec<NodeId> {
         let mut gone: Vec<NodeId> =
             self.deadline.iter().filter(|(_, d)| **d <= now_ms).map(|(n, _)| n.clone()).collect();
@@ -144,16 +136,11 @@ mod tests {
         assert!(h.marking_down(&n));
         h.beat_if_untimed(&n, 1_600);
         assert!(!h.is_timed(&n), "a sweep does not time a node being marked down");
-        h.expire_at(&n, 2_000);
-        assert!(!h.marking_down(&n), "a failed commit takes heartbeats again");
+        // A commit that failed may still apply: retried, still refused.
+        h.retry_down_at(&n, 2_000);
+        assert!(h.marking_down(&n), "heartbeats stay refused while the marking down is retried");
         assert_eq!(h.expired(2_000), vec![n.clone()]);
         h.marked_down(&n);
         assert!(!h.marking_down(&n) && !h.is_timed(&n));
-        // A commit that failed may still apply: retried, still refused.
-        h.beat(&n, 3_000);
-        assert_eq!(h.expired(6_000), vec![n.clone()]);
-        h.retry_down_at(&n, 6_500);
-        assert!(h.marking_down(&n), "heartbeats stay refused while the marking down is retried");
-        assert_eq!(h.expired(6_500), vec![n.clone()]);
     }
 }
