@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use cluster_core::model::Node;
 use cluster_core::server::ServerOptions;
-use cluster_core::server::client::Client;
 use cluster_core::server::local::LocalCluster;
 use cluster_core::spec::{load, parse_fleet};
 
@@ -85,8 +84,7 @@ fn main() {
         .block_on(LocalCluster::start("bench", &dir, 3, options, Duration::from_millis(100)))
         .expect("the cluster starts");
     let leader = rt.block_on(cluster.leader(Duration::from_secs(10))).expect("a leader");
-    let addresses = cluster.addresses();
-    let client = Client::new(&addresses);
+    let client = cluster.client();
     let mut figures: BTreeMap<&str, String> = BTreeMap::new();
 
     let t = Instant::now();
@@ -98,7 +96,7 @@ fn main() {
     // Heartbeats for all nodes, every 3 s (the TTL is 10 s), until the end.
     let done = Arc::new(AtomicBool::new(false));
     let beats = {
-        let (client, done) = (Client::new(&addresses), done.clone());
+        let (client, done) = (client.clone(), done.clone());
         let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
@@ -118,12 +116,12 @@ fn main() {
     let start = Instant::now();
     let threads: Vec<_> = (0..CLIENTS)
         .map(|c| {
-            let addresses = addresses.clone();
+            let base = client.clone();
             std::thread::spawn(move || {
-                let client = Client::new(&addresses);
+                let client = base.clone();
                 let (tx, rx) = std::sync::mpsc::channel::<(u64, Instant)>();
                 let waiter = {
-                    let client = Client::new(&addresses);
+                    let client = base.clone();
                     std::thread::spawn(move || {
                         let mut latencies = Vec::new();
                         let mut placed = 0u64;

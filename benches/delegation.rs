@@ -18,7 +18,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use cluster_core::server::client::Client;
 use cluster_core::transport::tls;
 use federation::local::{Gossiping, Setup, alive_with_nodes, nodes, start};
 use federation::proto::origin::{End, Phase};
@@ -96,7 +95,7 @@ fn main() {
         let central = start(setup("eu-central", seed.clone(), policy("eu-central", &["eu-west"]))).await;
         let us = start(setup("us-east", seed, policy("us-east", &["eu-west"]))).await;
         let register = |g: &Gossiping, prefix: &'static str, count: usize, cpu: u32| {
-            let c = Client::new(&g.cluster.addresses());
+            let c = g.cluster.client();
             std::thread::spawn(move || {
                 for chunk in nodes(prefix, count, cpu).chunks(500) {
                     c.register_nodes(chunk).unwrap();
@@ -116,11 +115,11 @@ fn main() {
 
         // The burst: 100 jobs of 100 instances, submitted by 4 clients.
         let started = Instant::now();
-        let addresses = origin.cluster.addresses();
+        let base = origin.cluster.client();
         let submitted: Vec<(String, Instant)> = tokio::task::spawn_blocking(move || {
             let threads: Vec<_> = (0..4)
                 .map(|c| {
-                    let client = Client::new(&addresses);
+                    let client = base.clone();
                     std::thread::spawn(move || {
                         (c..JOBS)
                             .step_by(4)

@@ -110,8 +110,10 @@ fn main() {
     )
     .unwrap();
     let _server = spawn(&dir, "s1", &["server", "--config", "s1.toml"]);
-    let c = Client::new(&http);
-    wait_for(Duration::from_secs(30), "a leader", || c.leader().is_ok_and(|l| l.leader.is_some()));
+    let anonymous = Client::new(&http);
+    wait_for(Duration::from_secs(30), "a leader", || anonymous.health().is_ok_and(|h| !h["leader"].is_null()));
+    let token = anonymous.bootstrap(None).expect("the ACLs bootstrap").secret;
+    let c = Client::new(&http).with_token(Some(&token));
     let a_config = agent_config(&dir, &ca, "node-a", quic);
     let mut a = Some(spawn(&dir, "node-a", &["agent", "--config", &a_config]));
     wait_for(Duration::from_secs(30), "node-a ready", || ready(&c, "node-a"));
@@ -126,7 +128,7 @@ fn main() {
     let start = Instant::now();
     let submitters: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let (c, next) = (Client::new(&http), next.clone());
+            let (c, next) = (c.clone(), next.clone());
             std::thread::spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);

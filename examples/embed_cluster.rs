@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use cluster_core::diag::SourceFile;
 use cluster_core::server::ServerOptions;
-use cluster_core::server::client::Client;
 use cluster_core::server::local::LocalCluster;
 use cluster_core::spec::parse_fleet;
 
@@ -28,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
     let inner = cluster.server(1).expect("server 1 runs").inner.clone();
     let simulated = tokio::spawn(cluster_core::server::sim::run(inner, nodes));
 
-    let client = Client::new(&cluster.addresses());
+    let client = cluster.client();
     let status = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         while client.nodes().map_or(0, |n| n.len()) < 50 {
             std::thread::sleep(Duration::from_millis(100));

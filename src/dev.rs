@@ -163,6 +163,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
     crate::output::write_private(&dir.join("pki/ca-key.pem"), &ca.key_pem)?;
     let key = Key::generate();
     crate::output::write_private(&dir.join("federation.key"), &format!("{}\n", key.to_text()))?;
+    let token = dev_token(&dir.join("token"))?;
     let kinds = kinds(a.clusters);
     println!(
         "hanse dev: {} clusters of {} servers, {} simulated nodes each; data in {}",
@@ -195,6 +196,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
             http,
             data_dir: Some(dir.join(&kind.name)),
             region: Some(kind.region.clone()),
+            token: Some(token.clone()),
         })
         .await;
         let inner = g.cluster.server(1).expect("server 1 runs").inner.clone();
@@ -231,10 +233,12 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
     if !a.no_demo {
         let names = names.clone();
         let addrs = addrs.clone();
-        tokio::task::spawn_blocking(move || demo(&names, &addrs, began)).await??;
+        let token = token.clone();
+        tokio::task::spawn_blocking(move || demo(&names, &addrs, &token, began)).await??;
     }
     println!("\nThe federation stays up; in another terminal:");
     println!("  export HANSE_ADDR={}", addrs[0]);
+    println!("  export HANSE_TOKEN={token}    # a management token of every cluster here");
     println!("  hanse federation members");
     println!("  hanse job run examples/jobs/thumbnails.toml   # overflows to a peer");
     println!("  hanse job status thumbnails");
@@ -258,6 +262,21 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+/// The secret of the demo's management token, the same in every cluster:
+/// the one kept in `path` (a data directory used before), or a new one
+/// written there (0600).
+fn dev_token(path: &std::path::Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let t = text.trim().to_string();
+        if cluster_core::acl::is_valid_secret(&t) {
+            return Ok(t);
+        }
+    }
+    let t = cluster_core::acl::new_secret();
+    crate::output::write_private(path, &format!("{t}\n"))?;
+    Ok(t)
+}
+
 fn spinner(message: &str) -> ProgressBar {
     let p = ProgressBar::new_spinner();
     p.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("a valid template"));
@@ -277,8 +296,8 @@ fn burst_spec(cores: u64) -> String {
 
 /// Submits the burst to the first cluster (the edge job to the edge),
 /// prints each placement and delegation as it happens, then sums up.
-fn demo(names: &[String], addrs: &[String], began: Instant) -> anyhow::Result<()> {
-    let clients: Vec<Client> = addrs.iter().map(|a| Client::new(a)).collect();
+fn demo(names: &[String], addrs: &[String], token: &str, began: Instant) -> anyhow::Result<()> {
+    let clients: Vec<Client> = addrs.iter().map(|a| Client::new(a).with_token(Some(token))).collect();
     let home = &clients[0];
     let cores: u64 = home.nodes().map_err(api)?.iter().map(|n| n.cpu_millis / 1000).sum();
     let mut jobs: Vec<(usize, String, String)> = Vec::new(); // (cluster, file, spec)

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 error, 2 placement failure (as Nomad users expect
 //! from `job run` and `job plan`).
 
+mod acl;
 mod agent;
 mod dev;
 mod federation;
@@ -27,6 +28,10 @@ struct Cli {
     /// A server's HTTP API (any server of the cluster; writes reach the leader).
     #[arg(long, global = true, env = "HANSE_ADDR", default_value = "127.0.0.1:4646", value_name = "HOST:PORT")]
     address: String,
+    /// The secret of your ACL token (`hanse acl bootstrap` makes the first;
+    /// `hanse dev` prints one).
+    #[arg(long, global = true, env = "HANSE_TOKEN", hide_env_values = true, value_name = "SECRET")]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +77,9 @@ enum Command {
     /// Cluster operations: Raft membership.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Access control: the first token, tokens and policies.
+    #[command(subcommand)]
+    Acl(AclCommand),
     /// The federation: gossip keys and member clusters.
     #[command(subcommand)]
     Federation(FederationCommand),
@@ -204,6 +212,72 @@ enum AllocCommand {
         #[arg(long, short)]
         follow: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// Create the cluster's first management token (once per cluster).
+    Bootstrap {
+        /// Use the secret on this file's first line instead of a new one
+        /// (to give several clusters the same management secret).
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(AclTokenCommand),
+    /// Policies: apply, list, delete.
+    #[command(subcommand)]
+    Policy(AclPolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum AclTokenCommand {
+    /// A new token; prints its secret, once.
+    Create {
+        /// What it is for (shown in lists and audit records).
+        #[arg(long)]
+        name: String,
+        /// A policy it carries (repeat for several).
+        #[arg(long = "policy", value_name = "NAME")]
+        policies: Vec<String>,
+        /// Grant everything instead.
+        #[arg(long)]
+        management: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Every token, by accessor (never the secrets).
+    List {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Revoke a token by its accessor.
+    Revoke {
+        accessor: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AclPolicyCommand {
+    /// Create or replace policy NAME from a policy file.
+    Apply {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Every policy and its rules.
+    List {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Delete a policy.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -439,7 +513,7 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    let client = cluster_core::server::client::Client::new(&cli.address);
+    let client = cluster_core::server::client::Client::new(&cli.address).with_token(cli.token.as_deref());
     let result = match cli.command {
         Command::Federation(FederationCommand::Keygen { out }) => federation::keygen(out.as_deref()),
         Command::Federation(FederationCommand::Delegations { out }) => remote::delegations(&client, out.json),
@@ -494,6 +568,21 @@ fn main() -> ExitCode {
         Command::Alloc(AllocCommand::Status { alloc, out }) => {
             remote::alloc_status(&client, alloc.as_deref(), out.json)
         }
+        Command::Acl(a) => match a {
+            AclCommand::Bootstrap { secret_file, out } => acl::bootstrap(&client, secret_file.as_deref(), out.json),
+            AclCommand::Token(AclTokenCommand::Create { name, policies, management, out }) => {
+                acl::token_create(&client, &name, policies, management, out.json)
+            }
+            AclCommand::Token(AclTokenCommand::List { out }) => acl::token_list(&client, out.json),
+            AclCommand::Token(AclTokenCommand::Revoke { accessor, out }) => {
+                acl::token_revoke(&client, &accessor, out.json)
+            }
+            AclCommand::Policy(AclPolicyCommand::Apply { name, file, out }) => {
+                acl::policy_apply(&client, &name, &file, out.json)
+            }
+            AclCommand::Policy(AclPolicyCommand::List { out }) => acl::policy_list(&client, out.json),
+            AclCommand::Policy(AclPolicyCommand::Delete { name }) => acl::policy_delete(&client, &name),
+        },
         Command::Operator(OperatorCommand::Raft(r)) => match r {
             RaftCommand::ListPeers { out } => remote::list_peers(&client, out.json),
             RaftCommand::AddPeer { id, peer_address } => remote::add_peer(&client, id, &peer_address),

@@ -57,3 +57,17 @@ fn create_new(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<(
     f.write_all(text.as_bytes())?;
     Ok(())
 }
+
+/// Unix milliseconds as UTC time, to the second (`2026-12-01 10:15:39Z`).
+pub fn unix_ms_text(ms: u64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
+}

@@ -33,6 +33,9 @@
 //!
 //! [federation]                # optional, with [gossip]: delegate and accept work
 //! policy = "policy.toml"      # `hanse policy check`; reloaded on SIGHUP
+//!
+//! [acl]                       # optional
+//! enabled = true              # default; false lets anyone who reaches the API do anything
 //! ```
 
 use std::collections::BTreeMap;
@@ -81,6 +84,8 @@ pub struct ServerConfig {
     pub gossip: Option<GossipConfig>,
     /// The federation policy file, when the cluster delegates.
     pub policy: Option<PathBuf>,
+    /// Whether the API asks for ACL tokens (`[acl] enabled`, default true).
+    pub acl: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -201,6 +206,12 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             f.finish(d);
             p
         });
+        let acl = top.table(d, "acl").is_none_or(|mut a| {
+            a.path = "[acl]".into();
+            let enabled = a.bool(d, "enabled").is_none_or(|(e, _)| e);
+            a.finish(d);
+            enabled
+        });
         if policy.is_some() && gossip.is_none() {
             d.error_hint(0..0, "[federation] needs [gossip]", "add a [gossip] section: peers are found by gossip");
         }
@@ -223,6 +234,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             peers,
             gossip,
             policy,
+            acl,
         })
     })
 }
@@ -310,6 +322,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         http_hosts: c.http_hosts.clone(),
         heartbeat_ttl: c.heartbeat_ttl,
         heartbeat_grace: c.heartbeat_grace,
+        acl: cluster_core::server::AclOptions { enabled: c.acl, initial_management: None },
         ..ServerOptions::new(&c.cluster, &c.name)
     };
     let mut raft = RaftConfig::new(c.id, peers);

@@ -4,6 +4,10 @@
 //! Every wait is bounded; every process is killed by its handle, every
 //! directory removed, when the test ends.
 
+mod common;
+
+use common::{eventually, hanse, json, text};
+
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -128,9 +132,7 @@ impl Fixture {
         .unwrap();
         let server = spawn(&dir, "s1", &["server", "--config", config.to_str().unwrap()]);
         let f = Fixture { dir, http, quic, ca, _server: server };
-        eventually(Duration::from_secs(20), "the server elects itself", || {
-            hanse(&f.http, &["server", "members", "--json"]).status.success()
-        });
+        common::bootstrap(&f.http, Duration::from_secs(20));
         f
     }
 
@@ -204,27 +206,6 @@ fn spawn_command(dir: &Path, name: &str, mut command: Command) -> Bg {
         .stdin(Stdio::null())
         .spawn()
         .expect("start hanse"))
-}
-
-fn hanse(address: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hanse")).env("HANSE_ADDR", address).args(args).output().expect("run hanse")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn json(o: &Output) -> Value {
-    assert_eq!(o.status.code(), Some(0), "{}", text(o));
-    serde_json::from_slice(&o.stdout).expect("--json prints JSON")
-}
-
-fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A mark file's content: a timestamp in nanoseconds, or a pid. A file
@@ -632,4 +613,55 @@ fn a_wall_clock_set_back_does_not_stretch_a_lease_kept_across_a_restart() {
         panic!("the restarted copy still runs after its replacement started; node-a's log:\n{log}")
     });
     assert!(died < started, "the restarted copy died at {died}, after its replacement started at {started}");
+}
+
+/// `hanse acl`: bootstrap happens once; a policy file with mistakes is
+/// located; a deployer's token runs jobs but not Raft operations; a
+/// revoked token opens nothing; no token gets a message saying what to do.
+#[test]
+fn acl_tokens_and_policies_from_the_cli() {
+    use common::hanse_as;
+    let f = Fixture::new("acl");
+    let again = hanse_as(&f.http, None, &["acl", "bootstrap"]);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert!(text(&again).contains("bootstrapped already"), "{}", text(&again));
+    let anonymous = hanse_as(&f.http, None, &["job", "list"]);
+    assert_eq!(anonymous.status.code(), Some(1));
+    assert!(text(&anonymous).contains("HANSE_TOKEN"), "{}", text(&anonymous));
+
+    let bad = f.dir.join("bad-policy.toml");
+    std::fs::write(&bad, "[[namespace]]\nname = \"default\"\ncapabilities = [\"reed\"]\n").unwrap();
+    let o = hanse(&f.http, &["acl", "policy", "apply", "bad", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("bad-policy.toml:3:") && text(&o).contains("did you mean `read`"), "{}", text(&o));
+    let example = format!("{}/examples/acl/deployer.toml", env!("CARGO_MANIFEST_DIR"));
+    let o = hanse(&f.http, &["acl", "policy", "apply", "deployer", &example]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = json(&hanse(&f.http, &["acl", "token", "create", "--name", "ci", "--policy", "deployer", "--json"]));
+    let (secret, accessor) = (t["secret"].as_str().unwrap(), t["accessor"].as_str().unwrap());
+    let listed = json(&hanse(&f.http, &["acl", "token", "list", "--json"]));
+    assert!(listed.as_array().unwrap().iter().any(|k| k["name"] == "ci" && k["accessor"] == accessor), "{listed}");
+    assert!(!listed.to_string().contains(secret), "a list shows no secret");
+
+    let job = f.dir.join("mock.toml");
+    std::fs::write(
+        &job,
+        "[job]\nname = \"m\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = { cpu = \"10m\", memory = \"1MiB\" }\n",
+    )
+    .unwrap();
+    let run = hanse_as(&f.http, Some(secret), &["job", "run", "--detach", job.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+    let add = hanse_as(
+        &f.http,
+        Some(secret),
+        &["operator", "raft", "add-peer", "--id", "2", "--peer-address", "127.0.0.1:9"],
+    );
+    assert_eq!(add.status.code(), Some(1));
+    assert!(text(&add).contains("lacks `operator`"), "{}", text(&add));
+
+    let o = hanse(&f.http, &["acl", "token", "revoke", accessor]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let after = hanse_as(&f.http, Some(secret), &["job", "list"]);
+    assert_eq!(after.status.code(), Some(1));
+    assert!(text(&after).contains("no token of this cluster"), "{}", text(&after));
 }

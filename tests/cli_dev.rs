@@ -2,12 +2,14 @@
 //! each other; a job too big for eu-west runs partly in a peer cluster;
 //! SIGTERM stops it all and removes its data.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use common::{hanse_as, json, text};
 
 struct Bg(Child);
 
@@ -16,21 +18,6 @@ impl Drop for Bg {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn hanse(address: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hanse")).env("HANSE_ADDR", address).args(args).output().expect("run hanse")
-}
-
-fn json(o: &Output) -> Value {
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("--json prints JSON")
 }
 
 /// A base port whose cluster ports (base + 100 i + j) are all free now.
@@ -60,25 +47,36 @@ fn dev_runs_a_federation_whose_overflow_lands_in_a_peer() {
     });
     let mut dev = Bg(child);
 
-    // The printed lines: the data directory, then one HANSE_ADDR per cluster.
+    // The printed lines: the data directory, one HANSE_ADDR per cluster,
+    // then the management token to export.
     let mut data_dir = None;
     let mut addrs: Vec<(String, String)> = Vec::new();
+    let mut token = None;
     let start = Instant::now();
-    while addrs.len() < 3 {
+    while addrs.len() < 3 || token.is_none() {
         let left = Duration::from_secs(90).saturating_sub(start.elapsed());
         let line = rx.recv_timeout(left).expect("hanse dev printed its clusters within 90 s");
         if let Some(d) = line.split("data in ").nth(1) {
             data_dir = Some(std::path::PathBuf::from(d.trim()));
         }
-        if let Some(a) = line.split("HANSE_ADDR=").nth(1) {
+        if let Some(a) = line.split("HANSE_ADDR=").nth(1).filter(|_| !line.contains("export")) {
             addrs.push((line.split_whitespace().next().unwrap().to_string(), a.trim().to_string()));
         }
+        if let Some(t) = line.split("export HANSE_TOKEN=").nth(1) {
+            token = t.split_whitespace().next().map(str::to_string);
+        }
     }
+    let token = token.unwrap();
+    let hanse = |address: &str, args: &[&str]| hanse_as(address, Some(&token), args);
     let names: Vec<&str> = addrs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["eu-west", "us-east", "edge-1"]);
     let data_dir = data_dir.expect("the data directory is printed");
     assert!(data_dir.exists());
     let eu = addrs[0].1.clone();
+    // Secure by default, dev included: no token, no answer.
+    let anonymous = hanse_as(&eu, None, &["job", "list"]);
+    assert_eq!(anonymous.status.code(), Some(1), "{}", text(&anonymous));
+    assert!(text(&anonymous).contains("needs an ACL token"), "{}", text(&anonymous));
 
     let members = json(&hanse(&eu, &["federation", "members", "--json"]));
     let alive: Vec<&str> = members

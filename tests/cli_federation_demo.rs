@@ -20,8 +20,13 @@ impl Drop for Demo {
     }
 }
 
-fn hanse(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hanse")).env("HANSE_ADDR", "127.0.0.1:4661").args(args).output().unwrap()
+fn hanse_with(token: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hanse"))
+        .env("HANSE_ADDR", "127.0.0.1:4661")
+        .env("HANSE_TOKEN", token)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn example(path: &str) -> String {
@@ -38,6 +43,16 @@ fn the_federation_demo_delegates_overflow_and_keeps_eu_work_in_the_eu() {
         .output()
         .unwrap();
     assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
+    // The script bootstraps every cluster with one management secret.
+    let token = std::fs::read_to_string(work.join("token")).expect("start.sh wrote the token").trim().to_string();
+    let hanse = |args: &[&str]| hanse_with(&token, args);
+    let anonymous = Command::new(env!("CARGO_BIN_EXE_hanse"))
+        .env("HANSE_ADDR", "127.0.0.1:4662")
+        .env_remove("HANSE_TOKEN")
+        .args(["job", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(anonymous.status.code(), Some(1), "us-east answers no one without a token");
     // Wait until eu-west sees both peers' summaries through gossip.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -3,6 +3,9 @@
 //! restarted on its data directory, rejoins. Every wait is bounded and
 //! every process is killed by its handle when the test ends.
 
+mod common;
+
+use common::{TOKEN, bootstrap, eventually, hanse, json};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -157,27 +160,8 @@ fn a_bad_config_is_refused_with_every_problem_located() {
     assert!(err.contains("missing [tls] table"), "{err}");
 }
 
-/// Runs the CLI against `address`.
-fn hanse(address: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hanse")).env("HANSE_ADDR", address).args(args).output().expect("run hanse")
-}
-
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn json(o: &std::process::Output) -> serde_json::Value {
-    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(o), String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).expect("--json prints JSON")
-}
-
-/// Waits until `check` holds, up to `limit`.
-fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn example(path: &str) -> String {
@@ -200,8 +184,10 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
     let mut procs: Vec<Option<Proc>> = configs[..3].iter().map(|c| Some(Proc::start(c))).collect();
     let (leader, _) = agreed(&live(&procs), Duration::from_secs(20), None);
     let all = http[..3].join(",");
+    bootstrap(&all, Duration::from_secs(20));
     let _nodes = Bg(Command::new(env!("CARGO_BIN_EXE_hanse"))
         .env("HANSE_ADDR", &all)
+        .env("HANSE_TOKEN", TOKEN)
         .args(["node", "simulate", "--fleet", &example("fleets/eu-west.toml"), "--count", "200"])
         .stdout(Stdio::null())
         .spawn()
@@ -237,7 +223,7 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
     let burst = {
         let (all, acked) = (all.clone(), acked.clone());
         std::thread::spawn(move || {
-            let client = cluster_core::server::client::Client::new(&all);
+            let client = cluster_core::server::client::Client::new(&all).with_token(Some(TOKEN));
             let text = std::fs::read_to_string(example("jobs/analytics-eu.toml")).unwrap();
             for n in 0..60 {
                 let spec = text.replacen("name = \"clickstream-rollup\"", &format!("name = \"burst-{n}\""), 1);
@@ -254,7 +240,7 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
     assert!(acked.len() > 20, "submissions went on after the kill: {}", acked.len());
     let survivors: String =
         (1..=3).filter(|i| *i != leader as usize).map(|i| http[i - 1].clone()).collect::<Vec<_>>().join(",");
-    let client = cluster_core::server::client::Client::new(&survivors);
+    let client = cluster_core::server::client::Client::new(&survivors).with_token(Some(TOKEN));
     for name in &acked {
         eventually(Duration::from_secs(30), &format!("{name} known and evaluated"), || {
             client.job(name).is_ok_and(|s| s.eval.is_some_and(|e| e.status != "pending"))
@@ -268,6 +254,7 @@ fn operator_raft_adds_and_removes_a_server() {
     let procs: Vec<Option<Proc>> = configs[..3].iter().map(|c| Some(Proc::start(c))).collect();
     agreed(&live(&procs), Duration::from_secs(20), None);
     let all = http[..3].join(",");
+    bootstrap(&all, Duration::from_secs(20));
     let text = std::fs::read_to_string(&configs[3]).unwrap();
     let bind = text.lines().find_map(|l| l.strip_prefix("bind = ")).unwrap().trim_matches('"').to_string();
     let _fourth = Proc::start(&configs[3]);
@@ -280,6 +267,7 @@ fn operator_raft_adds_and_removes_a_server() {
     assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stderr));
     eventually(Duration::from_secs(10), "the job replicated to the new server", || {
         cluster_core::server::client::Client::new(&http[3])
+            .with_token(Some(TOKEN))
             .get::<Vec<serde_json::Value>>("/v1/jobs?stale=true")
             .is_ok_and(|jobs| jobs.len() == 1)
     });

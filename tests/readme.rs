@@ -2,7 +2,10 @@
 //! `<!-- readme-test -->` runs, in order, with bash (`set -euo pipefail`)
 //! from the repository's root, and must exit 0 (or the code the marker
 //! names: `<!-- readme-test: exit 2 -->`). Blocks marked `while hanse dev`
-//! run while `hanse dev` (its defaults, as the README starts it) is up.
+//! run while `hanse dev` (its defaults, as the README starts it) is up;
+//! in them, a line `export HANSE_TOKEN=...` gets the secret dev printed,
+//! as a reader pastes it, and the `export`s of the blocks before carry
+//! over, as in the reader's terminal.
 //!
 //! The blocks run as written, but on this build's binary: `cargo run
 //! --release --` and `target/release/hanse` become it, and `cargo build
@@ -67,7 +70,7 @@ fn as_built(code: &str) -> String {
         .join("\n")
 }
 
-struct Dev(Child);
+struct Dev(Child, String);
 
 impl Dev {
     /// Starts `hanse dev` and waits until its demo is over.
@@ -85,12 +88,16 @@ impl Dev {
                 let _ = tx.send(line);
             }
         });
-        let dev = Dev(child);
+        let mut dev = Dev(child, String::new());
         let start = Instant::now();
         loop {
             let left = Duration::from_secs(180).saturating_sub(start.elapsed());
             let line = rx.recv_timeout(left).expect("hanse dev finished its demo within 180 s");
+            if let Some(t) = line.split("export HANSE_TOKEN=").nth(1) {
+                dev.1 = t.split_whitespace().next().unwrap_or_default().to_string();
+            }
             if line.starts_with("Ctrl-C stops it") {
+                assert!(!dev.1.is_empty(), "hanse dev printed no HANSE_TOKEN");
                 return dev;
             }
         }
@@ -134,13 +141,32 @@ fn the_readme_runs_as_written() {
     assert!(blocks.iter().any(|b| b.with_dev), "the tour runs against hanse dev");
     scrub();
     let mut dev: Option<Dev> = None;
+    let mut session = String::new();
     for b in &blocks {
         if b.with_dev && dev.is_none() {
             dev = Some(Dev::start());
         } else if !b.with_dev {
             dev = None; // its ports are the README's cluster's
         }
-        let script = format!("set -euo pipefail\n{}\n", as_built(&b.code));
+        let mut code = as_built(&b.code);
+        if let Some(d) = dev.as_ref().filter(|_| b.with_dev) {
+            code = code
+                .lines()
+                .map(|l| match l.trim_start().starts_with("export HANSE_TOKEN=") {
+                    true => format!("export HANSE_TOKEN={}", d.1),
+                    false => l.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            code = format!("{session}{code}");
+            for l in code.lines().filter(|l| l.trim_start().starts_with("export ")) {
+                if !session.contains(l) {
+                    session.push_str(l);
+                    session.push('\n');
+                }
+            }
+        }
+        let script = format!("set -euo pipefail\n{code}\n");
         let log = std::env::temp_dir().join(format!("hanse-readme-{}-{}", std::process::id(), b.line));
         let (out, err) = (log.with_extension("out"), log.with_extension("err"));
         let mut child = Command::new("bash")
@@ -149,6 +175,7 @@ fn the_readme_runs_as_written() {
             .env("HANSE", env!("CARGO_BIN_EXE_hanse"))
             .env("HANSE_BIN", env!("CARGO_BIN_EXE_hanse"))
             .env_remove("HANSE_ADDR")
+            .env_remove("HANSE_TOKEN")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap())

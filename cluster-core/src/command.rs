@@ -102,6 +102,8 @@ pub enum Command {
         job: JobId,
         version: u64,
     },
+    /// A change to the API's tokens and policies (see [`crate::acl`]).
+    Acl(crate::acl::AclCommand),
 }
 
 /// The record key under which [`Command::PeersAsked`] keeps its version.
@@ -155,6 +157,15 @@ impl ClusterState {
                 self.drain(node, *drain, *deadline_ms).unwrap_or_else(refused)
             }
             Command::RegisterJob(job) => {
+                // Job names are unique across namespaces: a job of another
+                // namespace is not replaced by one that reuses its name
+                // (the submitter was allowed to write only its own).
+                if let Some(old) = self.job(&job.id).filter(|j| j.namespace != job.namespace) {
+                    return Effect::Refused(format!(
+                        "a job `{}` exists in namespace `{}`; job names are unique across namespaces",
+                        job.id, old.namespace
+                    ));
+                }
                 let before = self.job(&job.id).map(|j| j.version);
                 let version = self.upsert_job(job.clone());
                 // The same spec again, with its evaluation still open: a
@@ -226,6 +237,7 @@ impl ClusterState {
                 self.set_record(holder, record.clone());
                 Effect::Done
             }
+            Command::Acl(c) => self.acl_mut().apply(c).map_or_else(Effect::Refused, |()| Effect::Done),
             Command::PeersAsked { job, version } => {
                 if self.peers_asked(job).is_some_and(|v| v >= *version) || self.job(job).is_none() {
                     return Effect::Done;

@@ -22,6 +22,7 @@
 //! clock and draw no unseeded randomness; `transport`, `raft`, `server`
 //! and `agent` are the IO around them.
 
+pub mod acl;
 pub mod agent;
 pub mod codec;
 pub mod command;

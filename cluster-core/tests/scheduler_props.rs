@@ -165,6 +165,7 @@ fn job(name: &'static str) -> impl Strategy<Value = Job> {
             let groups: Vec<_> = (0..groups.len()).map(group).collect();
             groups.prop_map(move |groups| Job {
                 id: JobId::new(name),
+                namespace: Arc::from("default"),
                 job_type: [JobType::Service, JobType::Batch, JobType::System][t],
                 priority: 50,
                 objective: [Objective::Latency, Objective::Cost, Objective::Throughput, Objective::Balanced][o],

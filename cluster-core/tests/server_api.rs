@@ -87,7 +87,7 @@ async fn a_job_submitted_through_a_follower_is_placed() {
     let c = start("follower", Duration::from_secs(30), Duration::from_secs(30)).await;
     let leader = c.leader(Duration::from_secs(10)).await.unwrap();
     let follower = follower_of(&c, leader);
-    let client = Client::new(&c.http_addrs[&follower].to_string());
+    let client = c.client_of(follower);
     let placed = blocking(move || {
         client.register_nodes(&fleet(6)).expect("nodes register through a follower");
         let reg = client.submit(&spec("web", 5, "500m"), "web.toml").expect("submitted");
@@ -121,7 +121,7 @@ async fn a_job_submitted_through_a_follower_is_placed() {
 async fn a_silent_node_has_its_allocations_replaced_within_ttl_grace_and_2_s() {
     let (ttl, grace) = (Duration::from_millis(1_000), Duration::from_millis(1_000));
     let c = start("silent", ttl, grace).await;
-    let client = Client::new(&c.addresses());
+    let client = c.client();
     let nodes = fleet(4);
     let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
     let (victim, allocs_on_victim, silent_since) = {
@@ -174,13 +174,14 @@ async fn a_silent_node_has_its_allocations_replaced_within_ttl_grace_and_2_s() {
 async fn concurrent_submissions_from_8_clients_never_over_commit_a_node() {
     let c = start("overcommit", Duration::from_secs(30), Duration::from_secs(30)).await;
     let addresses = c.addresses();
+    let token = c.token().map(str::to_string);
     // 6 nodes of 4 cores: 24 cores. 8 clients ask for 8 x 6 x 3 x 0.75 = 108.
     let submitted = blocking(move || {
-        let client = Client::new(&addresses);
+        let client = Client::new(&addresses).with_token(token.as_deref());
         client.register_nodes(&fleet(6)).unwrap();
         let threads: Vec<_> = (0..8)
             .map(|t| {
-                let client = Client::new(&addresses);
+                let client = Client::new(&addresses).with_token(token.as_deref());
                 std::thread::spawn(move || {
                     let mut evals = Vec::new();
                     for j in 0..6 {
@@ -229,17 +230,18 @@ async fn concurrent_submissions_from_8_clients_never_over_commit_a_node() {
 async fn a_leader_killed_mid_burst_loses_no_acknowledged_job_and_leaves_none_half_placed() {
     let mut c = start("burst", Duration::from_secs(30), Duration::from_secs(30)).await;
     let addresses = c.addresses();
+    let token = c.token().map(str::to_string);
     {
-        let client = Client::new(&addresses);
+        let client = Client::new(&addresses).with_token(token.as_deref());
         blocking(move || client.register_nodes(&fleet(60)).unwrap()).await;
     }
     let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let stop_at = Instant::now() + Duration::from_secs(6);
     let clients: Vec<_> = (0..4)
         .map(|t| {
-            let (addresses, acked) = (addresses.clone(), acked.clone());
+            let (addresses, acked, token) = (addresses.clone(), acked.clone(), token.clone());
             std::thread::spawn(move || {
-                let client = Client::new(&addresses);
+                let client = Client::new(&addresses).with_token(token.as_deref());
                 let mut n = 0;
                 while Instant::now() < stop_at && n < 150 {
                     let name = format!("b{t}-{n}");
@@ -301,7 +303,8 @@ async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
     // the forward, and must arrive intact.
     let follower = follower_of(&c, c.leader(Duration::from_secs(5)).await.unwrap());
     let base = format!("http://{}", c.http_addrs[&follower]);
-    let client = Client::new(&c.addresses());
+    let token = c.token().expect("ACLs are on").to_string();
+    let client = c.client();
     blocking(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         let expect = |r: Result<ureq::http::Response<ureq::Body>, ureq::Error>, status: u16, words: &str| {
@@ -314,23 +317,23 @@ async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
             body
         };
         expect(
-            agent.put(format!("{base}/v1/jobs")).header("content-type", "application/json").send("not json"),
+            agent.put(format!("{base}/v1/jobs")).header("x-hanse-token", &token).header("content-type", "application/json").send("not json"),
             400,
             "JSON",
         );
         let body = expect(
             agent
-                .put(format!("{base}/v1/jobs"))
+                .put(format!("{base}/v1/jobs")).header("x-hanse-token", &token)
                 .send_json(serde_json::json!({"spec": "[job]\nnam = 1\n", "source": "x.toml"})),
             400,
             "does not check",
         );
         assert!(body["diagnostics"].as_array().is_some_and(|d| d.iter().any(|d| d["line"] == 2)), "{body}");
-        expect(agent.get(format!("{base}/v1/jobs/nope")).call(), 404, "no job `nope`");
-        expect(agent.get(format!("{base}/v1/nodes/nope")).call(), 404, "no node");
-        expect(agent.get(format!("{base}/v1/allocations/zz")).call(), 400, "not an allocation id");
-        expect(agent.get(format!("{base}/v2/whatever")).call(), 404, "/v1/");
-        expect(agent.get(format!("{base}/v1/evaluations/999?wait=NaN")).call(), 404, "no evaluation");
+        expect(agent.get(format!("{base}/v1/jobs/nope")).header("x-hanse-token", &token).call(), 404, "no job `nope`");
+        expect(agent.get(format!("{base}/v1/nodes/nope")).header("x-hanse-token", &token).call(), 404, "no node");
+        expect(agent.get(format!("{base}/v1/allocations/zz")).header("x-hanse-token", &token).call(), 400, "not an allocation id");
+        expect(agent.get(format!("{base}/v2/whatever")).header("x-hanse-token", &token).call(), 404, "/v1/");
+        expect(agent.get(format!("{base}/v1/evaluations/999?wait=NaN")).header("x-hanse-token", &token).call(), 404, "no evaluation");
         // An oversized body is refused once the limit is passed. Written
         // from a thread of its own: the server stops reading at the limit.
         {
@@ -339,9 +342,10 @@ async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
             tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut writer = tcp.try_clone().unwrap();
             let len = BODY_BYTES_MAX + 100_000;
+            let secret = token.clone();
             std::thread::spawn(move || {
                 let head = format!(
-                    "PUT /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+                    "PUT /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Hanse-Token: {secret}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
                 );
                 let _ = writer.write_all(head.as_bytes());
                 let _ = writer.write_all(&vec![b'x'; len]);
@@ -354,13 +358,13 @@ async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
         }
         expect(
             agent
-                .post(format!("{base}/v1/allocations/status"))
+                .post(format!("{base}/v1/allocations/status")).header("x-hanse-token", &token)
                 .send_json(serde_json::json!({"updates": [{"id": 1, "status": "fine"}]})),
             400,
             "not a status",
         );
-        expect(agent.delete(format!("{base}/v1/operator/raft/peers/9")).call(), 404, "not a voter");
-        expect(agent.post(format!("{base}/v1/nodes/nope/drain")).send_empty(), 404, "unknown node");
+        expect(agent.delete(format!("{base}/v1/operator/raft/peers/9")).header("x-hanse-token", &token).call(), 404, "not a voter");
+        expect(agent.post(format!("{base}/v1/nodes/nope/drain")).header("x-hanse-token", &token).send_empty(), 404, "unknown node");
         // The client turns the same into typed errors.
         let e = client.alloc_status(vec![AllocUpdate { id: 1, status: "nope".into() }]).unwrap_err();
         assert_eq!(e.status(), Some(400));
@@ -379,7 +383,8 @@ async fn requests_a_web_page_could_send_are_refused_and_change_nothing() {
     let c = LocalCluster::start("web", &dir("web"), 1, options, Duration::from_millis(100)).await.expect("starts");
     c.leader(Duration::from_secs(10)).await.expect("a leader");
     let addr = c.http_addrs[&1];
-    let client = Client::new(&addr.to_string());
+    let client = c.client_of(1);
+    let token = c.token().expect("ACLs are on").to_string();
     blocking(move || {
         client.register_nodes(&fleet(1)).expect("the CLI's own requests pass");
         let node = fleet(1)[0].id.to_string();
@@ -392,6 +397,7 @@ async fn requests_a_web_page_could_send_are_refused_and_change_nothing() {
         };
         let csrf = agent
             .post(&drain)
+            .header("x-hanse-token", &token)
             .header("content-type", "text/plain")
             .header("origin", "http://evil.example")
             .send(r#"{"drain": true}"#);
@@ -400,19 +406,25 @@ async fn requests_a_web_page_could_send_are_refused_and_change_nothing() {
         assert!(message.contains("evil.example"), "{message}");
         let rebound = agent
             .post(&drain)
+            .header("x-hanse-token", &token)
             .header("host", "rebind.evil.example")
             .header("content-type", "application/json")
             .send(r#"{"drain": true}"#);
         let (code, message) = status(rebound);
         assert_eq!(code, 403, "{message}");
         assert!(message.contains("http_hosts"), "{message}");
-        let plain = agent.post(&drain).header("content-type", "text/plain").send(r#"{"drain": true}"#);
+        let plain = agent
+            .post(&drain)
+            .header("x-hanse-token", &token)
+            .header("content-type", "text/plain")
+            .send(r#"{"drain": true}"#);
         assert_eq!(status(plain).0, 415);
         let node_view = client.node(&node).expect("the node");
         assert!(!node_view.node.draining, "a refused request drained the node");
         // A listed name passes (and a real drain then happens).
         let named = agent
             .post(&drain)
+            .header("x-hanse-token", &token)
             .header("host", format!("hanse.internal:{}", addr.port()))
             .header("content-type", "application/json")
             .send(r#"{"drain": true}"#)
@@ -436,7 +448,7 @@ async fn slow_clients_are_cut_off_and_one_address_holds_a_bounded_share() {
         .expect("starts");
     c.leader(Duration::from_secs(10)).await.expect("a leader");
     let addr = c.http_addrs[&1];
-    let client = Client::new(&addr.to_string());
+    let client = c.client_of(1);
     blocking(move || {
         let started = Instant::now();
         let mut slow = std::net::TcpStream::connect(addr).unwrap();

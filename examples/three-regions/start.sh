@@ -3,7 +3,8 @@
 # edge-1) with gossip, mutual TLS and the policies in ../policies, and for
 # each a real agent (agent-CLUSTER.toml, class agent-host) beside simulated
 # nodes. Run from anywhere; state goes to $WORK
-# (default /tmp/hanse-federation). Stop with: kill $(cat $WORK/pids)
+# (default /tmp/hanse-federation), the clusters' management token to
+# $WORK/token. Stop with: kill $(cat $WORK/pids)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -23,6 +24,13 @@ for c in eu-west us-east edge-1; do
 done
 sleep 3
 port() { case $1 in eu-west) echo 4661;; us-east) echo 4662;; edge-1) echo 4663;; esac; }
+# One management secret for the three clusters' ACLs (each bootstraps
+# with it once), kept where only this user reads it.
+(umask 077; od -An -N16 -tx1 /dev/urandom | tr -d ' \n' > token)
+export HANSE_TOKEN=$(cat token)
+for c in eu-west us-east edge-1; do
+  "$hanse" --address 127.0.0.1:$(port $c) acl bootstrap --secret-file token > /dev/null
+done
 for c in eu-west us-east edge-1; do
   "$hanse" --address 127.0.0.1:$(port $c) node simulate --fleet fleet-$c.toml > nodes-$c.log 2>&1 &
   echo $! >> pids
@@ -33,4 +41,5 @@ done
 sleep 2
 echo "three clusters up; state and logs in $work"
 for c in eu-west us-east edge-1; do echo "  $c: HANSE_ADDR=127.0.0.1:$(port $c)"; done
+echo "  every cluster's management token: export HANSE_TOKEN=\$(cat $work/token)"
 echo "stop: kill \$(cat $work/pids)"

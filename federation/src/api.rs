@@ -6,8 +6,10 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::routing::{get, post};
+use cluster_core::acl::Capability;
+use cluster_core::server::access::{Who, need, need_somewhere};
 use cluster_core::server::api::{ApiError, JobSubmit, PlanReport};
 use cluster_core::server::http::{check_submitted, dry_run};
 use cluster_core::spec::parse_job;
@@ -167,8 +169,21 @@ pub fn router(fed: Arc<Federation>) -> Router {
         .with_state(fed)
 }
 
-async fn members(State(fed): State<Arc<Federation>>) -> axum::Json<Vec<MemberRow>> {
-    axum::Json(MemberRow::all(&fed.member.view()))
+async fn members(
+    State(fed): State<Arc<Federation>>,
+    Extension(who): Who,
+) -> Result<axum::Json<Vec<MemberRow>>, ApiError> {
+    need_somewhere(&who, Capability::Read)?;
+    Ok(axum::Json(MemberRow::all(&fed.member.view())))
+}
+
+/// The namespace of a local job, for access checks (`default` for one
+/// that is gone).
+fn namespace_of(fed: &Federation, job: &str) -> Arc<str> {
+    fed.server.raft.read(|s| {
+        s.job(&cluster_core::ids::JobId::new(job))
+            .map_or_else(|| Arc::from(cluster_core::acl::DEFAULT_NAMESPACE), |j| j.namespace.clone())
+    })
 }
 
 /// Registers the federation's counters with the server's `/metrics`.
@@ -205,10 +220,16 @@ pub fn export_metrics(fed: &Arc<Federation>) {
     });
 }
 
-async fn delegations(State(fed): State<Arc<Federation>>) -> Result<axum::Json<Delegations>, ApiError> {
+/// Delegations of the jobs the caller may read.
+async fn delegations(
+    State(fed): State<Arc<Federation>>,
+    Extension(who): Who,
+) -> Result<axum::Json<Delegations>, ApiError> {
     use crate::proto::target::InPhase;
-    let outbound = fed.outbound().iter().map(Outbound::of).collect();
-    let inbound = fed.server.raft.read(|s| {
+    need_somewhere(&who, Capability::Read)?;
+    let readable = |job: &str| who.allows(Capability::Read, &namespace_of(&fed, job));
+    let outbound = fed.outbound().iter().filter(|r| readable(&r.job)).map(Outbound::of).collect();
+    let inbound: Vec<Inbound> = fed.server.raft.read(|s| {
         crate::proto::target::Target::records(s)
             .into_iter()
             .map(|(r, _)| Inbound {
@@ -231,14 +252,20 @@ async fn delegations(State(fed): State<Arc<Federation>>) -> Result<axum::Json<De
             })
             .collect()
     });
+    let inbound: Vec<Inbound> = inbound.into_iter().filter(|r: &Inbound| readable(&r.job)).collect();
     let waiting = fed.waiting.lock().expect("waiting lock").clone();
     Ok(axum::Json(Delegations { cluster: fed.server.options.cluster.clone(), outbound, inbound, waiting }))
 }
 
-async fn plan(State(fed): State<Arc<Federation>>, body: Bytes) -> Result<axum::Json<FederatedPlan>, ApiError> {
+async fn plan(
+    State(fed): State<Arc<Federation>>,
+    Extension(who): Who,
+    body: Bytes,
+) -> Result<axum::Json<FederatedPlan>, ApiError> {
     let req: JobSubmit = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not the JSON this endpoint takes: {e}")))?;
     let job = check_submitted(req.source, "job.toml", req.spec, parse_job)?;
+    need(&who, Capability::Submit, &job.namespace)?;
     let (job, plan, local) = dry_run(&fed.server, job).await?;
     let policy = fed.policy();
     let peers = fed.peers(&policy, fed.now_ms(), &fed.member.view());
@@ -254,16 +281,22 @@ async fn plan(State(fed): State<Arc<Federation>>, body: Bytes) -> Result<axum::J
 }
 
 /// `GET /v1/federation/policy`: the policy in force.
-async fn get_policy(State(fed): State<Arc<Federation>>) -> axum::Json<crate::policy::Policy> {
-    axum::Json(fed.policy())
+async fn get_policy(
+    State(fed): State<Arc<Federation>>,
+    Extension(who): Who,
+) -> Result<axum::Json<crate::policy::Policy>, ApiError> {
+    need_somewhere(&who, Capability::Read)?;
+    Ok(axum::Json(fed.policy()))
 }
 
 /// `PUT /v1/federation/policy` with `{"policy": "<toml>", "source": "file"}`:
 /// checks it, and commits it through the log so every server applies it.
 async fn put_policy(
     State(fed): State<Arc<Federation>>,
+    Extension(who): Who,
     body: Bytes,
 ) -> Result<axum::Json<crate::policy::Policy>, ApiError> {
+    need(&who, Capability::FederationAdmin, "*")?;
     #[derive(Deserialize)]
     struct Put {
         policy: String,
@@ -289,8 +322,10 @@ pub struct RemoteAllocations {
 /// answer is listed with none).
 async fn remote_allocations(
     State(fed): State<Arc<Federation>>,
+    Extension(who): Who,
     axum::extract::Path(job): axum::extract::Path<String>,
-) -> axum::Json<Vec<RemoteAllocations>> {
+) -> Result<axum::Json<Vec<RemoteAllocations>>, ApiError> {
+    need(&who, Capability::Read, &namespace_of(&fed, &job))?;
     let mut out = Vec::new();
     for r in fed.outbound().into_iter().filter(|r| r.job == job) {
         use crate::proto::origin::Phase;
@@ -300,5 +335,5 @@ async fn remote_allocations(
         let allocations = fed.remote_allocations(&r.target, &r.id).await.unwrap_or_default();
         out.push(RemoteAllocations { cluster: r.target.clone(), delegation: r.id.clone(), allocations });
     }
-    axum::Json(out)
+    Ok(axum::Json(out))
 }

@@ -51,6 +51,9 @@ pub struct Setup<'a> {
     pub data_dir: Option<std::path::PathBuf>,
     /// The region gossip names; `NAME-1` when `None`.
     pub region: Option<String>,
+    /// The secret of the cluster's management token; drawn when `None`
+    /// (see `LocalCluster::token`).
+    pub token: Option<String>,
 }
 
 impl<'a> Setup<'a> {
@@ -68,6 +71,7 @@ impl<'a> Setup<'a> {
             http: Vec::new(),
             data_dir: None,
             region: None,
+            token: None,
         }
     }
 }
@@ -84,17 +88,12 @@ pub async fn start(s: Setup<'_>) -> Gossiping {
             d
         }
     };
-    let cluster = LocalCluster::start_at(
-        s.name,
-        &dir,
-        s.servers,
-        ServerOptions::new(s.name, "s"),
-        Duration::from_millis(100),
-        s.ca.cloned(),
-        &s.http,
-    )
-    .await
-    .expect("the cluster starts");
+    let mut options = ServerOptions::new(s.name, "s");
+    options.acl.initial_management = s.token.clone();
+    let cluster =
+        LocalCluster::start_at(s.name, &dir, s.servers, options, Duration::from_millis(100), s.ca.cloned(), &s.http)
+            .await
+            .expect("the cluster starts");
     let policy = s.policy.as_ref().map(|text| {
         let file = SourceFile::new(format!("{}.toml", s.name), text.clone());
         let checked = parse_policy(&file);

@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use cluster_core::ids::JobId;
-use cluster_core::server::client::Client;
 use cluster_core::transport::tls;
 use common::{Gossiping, Setup, alive_with_nodes, nodes, nodes_in, start, until};
 use federation::delegation::Rejection;
@@ -46,7 +45,7 @@ async fn eu_pair() -> Federation2 {
 }
 
 async fn submit(g: &Gossiping, job: String) {
-    let client = Client::new(&g.cluster.addresses());
+    let client = g.cluster.client();
     tokio::task::spawn_blocking(move || client.submit(&job, "job.toml").unwrap()).await.unwrap();
 }
 
@@ -78,6 +77,7 @@ async fn two(target: &str, target_jurisdictions: &[&str], origin_policy: String,
         http: Vec::new(),
         data_dir: None,
         region: None,
+        token: None,
     })
     .await;
     let seed = origin.servers[0].member.local_addr().to_string();
@@ -92,10 +92,11 @@ async fn two(target: &str, target_jurisdictions: &[&str], origin_policy: String,
         http: Vec::new(),
         data_dir: None,
         region: None,
+        token: None,
     })
     .await;
     let mut target = target;
-    let o = Client::new(&origin.cluster.addresses());
+    let o = origin.cluster.client();
     tokio::task::spawn_blocking(move || o.register_nodes(&nodes("small", 2, 4)).unwrap()).await.unwrap();
     // The target's nodes run what is placed on them (and stop what is
     // stopped), as agents would.
@@ -461,7 +462,7 @@ async fn a_stop_at_the_origin_reaches_the_target_and_is_confirmed() {
     let fed = f.origin.leader_federation().await;
     until(Duration::from_secs(20), "registered", || records(&fed).iter().any(|r| r.phase == Phase::Registered)).await;
     let id = records(&fed)[0].id.clone();
-    let client = Client::new(&f.origin.cluster.addresses());
+    let client = f.origin.cluster.client();
     tokio::task::spawn_blocking(move || client.stop("gone").unwrap()).await.unwrap();
     until(Duration::from_secs(15), "the target confirmed the stop", || {
         records(&fed).iter().all(|r| r.phase == Phase::Ended(End::Revoked))
@@ -487,7 +488,7 @@ async fn at_most_once_work_stops_at_the_target_when_its_lease_runs_out() {
     let seed = vec![origin.servers[0].member.local_addr().to_string()];
     let mut target =
         start(setup("eu-central", seed, policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""))).await;
-    let o = Client::new(&origin.cluster.addresses());
+    let o = origin.cluster.client();
     tokio::task::spawn_blocking(move || o.register_nodes(&nodes("small", 1, 4)).unwrap()).await.unwrap();
     let inner = target.cluster.server(1).unwrap().inner.clone();
     target.spawn(cluster_core::server::sim::run(inner, nodes("big", 4, 8)));
@@ -571,6 +572,34 @@ async fn a_policy_committed_through_the_log_is_the_one_every_server_applies() {
     let leader = f.origin.cluster.leader(Duration::from_secs(10)).await.unwrap();
     let feds: Vec<_> = f.origin.servers.iter().filter_map(|s| s.federation.clone()).collect();
     let follower = f.origin.servers.iter().find(|s| s.id != leader).and_then(|s| s.federation.clone()).unwrap();
+    // Through the API, a policy change needs `federation-admin` (security
+    // review, row 7): without a token, or with a deployer's, it is refused
+    // and the policy in force stays.
+    let before = follower.policy();
+    let admin = f.origin.cluster.client();
+    let base = f.origin.cluster.addresses().split(',').next().unwrap().to_string();
+    let open = policy("eu-west", "\"eu\"", &[("eu-central", true, true)], "\n[inbound]\nmax_share_of_capacity = 1.0\n");
+    tokio::task::spawn_blocking(move || {
+        let body = serde_json::json!({"policy": open, "source": "open.toml"});
+        let anonymous = cluster_core::server::client::Client::new(&base);
+        let e = anonymous.put::<serde_json::Value>("/v1/federation/policy", &body).unwrap_err();
+        assert_eq!(e.status(), Some(401), "{e}");
+        let _: serde_json::Value = admin
+            .put(
+                "/v1/acl/policies/deployer",
+                &serde_json::json!({"policy": "[[namespace]]\nname = \"*\"\ncapabilities = [\"read\", \"submit\"]\n"}),
+            )
+            .unwrap();
+        let t: serde_json::Value =
+            admin.post("/v1/acl/tokens", &serde_json::json!({"name": "ci", "policies": ["deployer"]})).unwrap();
+        let deployer = anonymous.with_token(t["secret"].as_str());
+        let e = deployer.put::<serde_json::Value>("/v1/federation/policy", &body).unwrap_err();
+        assert_eq!(e.status(), Some(403), "{e}");
+        assert!(e.to_string().contains("federation-admin"), "{e}");
+    })
+    .await
+    .unwrap();
+    assert!(feds.iter().all(|f| f.policy() == before), "a refused request changed the policy");
     // A new policy, given to a follower: no peer to delegate to.
     let text = policy("eu-west", "\"eu\"", &[("eu-central", false, true)], "");
     let new = federation::policy::parse_policy(&cluster_core::diag::SourceFile::new("p.toml", text)).value.unwrap();

@@ -7,7 +7,6 @@ mod common;
 
 use std::time::Duration;
 
-use cluster_core::server::client::Client;
 use common::{Setup, alive_with_nodes, nodes, start, until};
 use gossip::Key;
 
@@ -25,6 +24,7 @@ async fn each_leader_publishes_its_cluster_and_the_next_leader_takes_over() {
         http: Vec::new(),
         data_dir: None,
         region: None,
+        token: None,
     };
     let mut eu = start(setup("eu-west", 3, Vec::new(), &["eu"])).await;
     let seed = eu.servers[0].member.local_addr().to_string();
@@ -32,7 +32,7 @@ async fn each_leader_publishes_its_cluster_and_the_next_leader_takes_over() {
     let leader = eu.cluster.leader(Duration::from_secs(10)).await.unwrap();
     let term = eu.cluster.server(leader).unwrap().raft().status().term;
 
-    let client = Client::new(&eu.cluster.addresses());
+    let client = eu.cluster.client();
     tokio::task::spawn_blocking(move || client.register_nodes(&nodes("m", 30, 8)).unwrap()).await.unwrap();
     let watcher = us.servers[0].member.clone();
     until(Duration::from_secs(15), "us-east sees eu-west's 30 nodes", || {

@@ -67,6 +67,10 @@ impl JobType {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
+    /// Whose job it is, for access control (see [`crate::acl`]):
+    /// `default` unless the spec names one. Job ids stay unique across
+    /// namespaces.
+    pub namespace: Arc<str>,
     pub job_type: JobType,
     /// 1..=100; higher is scheduled first.
     pub priority: u8,

@@ -332,10 +332,7 @@ impl<S: LogStore> Core<S> {
     /// Handles raft's `Ready`, if any: `send` gets the messages for peers
     /// as soon as they may leave (a leader's appends before its own write),
     /// with every peer's address as this server knows it at that moment.
-    pub fn handle_ready(
-        &mut self,
-        send: &mut dyn FnMut(&Peers, Vec<Message>),
-    ) -> Result<(), StoreError> {
+    pub fn handle_ready(&mut self, send: &mut dyn FnMut(&Peers, Vec<Message>)) -> Result<(), StoreError> {
         if !self.raw.has_ready() {
             self.answer_reads();
             return Ok(());

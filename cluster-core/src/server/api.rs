@@ -123,6 +123,7 @@ pub struct ReasonView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobSummary {
     pub id: String,
+    pub namespace: String,
     pub job_type: String,
     pub objective: String,
     pub version: u64,
@@ -155,6 +156,7 @@ impl JobSummary {
         };
         JobSummary {
             id: job.id.to_string(),
+            namespace: job.namespace.to_string(),
             job_type: job.job_type.to_string(),
             objective: job.objective.to_string(),
             version: job.version,

@@ -42,6 +42,8 @@ pub struct Client {
     bases: Arc<Vec<String>>,
     current: Arc<AtomicUsize>,
     agent: ureq::Agent,
+    /// The ACL token's secret sent with every request.
+    token: Option<Arc<str>>,
 }
 
 type HttpResult = Result<ureq::http::Response<ureq::Body>, ureq::Error>;
@@ -63,7 +65,20 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(90)))
             .build()
             .into();
-        Client { bases: Arc::new(bases), current: Arc::default(), agent }
+        Client { bases: Arc::new(bases), current: Arc::default(), agent, token: None }
+    }
+
+    /// The same client, sending `secret` as its ACL token (`X-Hanse-Token`).
+    pub fn with_token(mut self, secret: Option<&str>) -> Client {
+        self.token = secret.map(str::trim).filter(|s| !s.is_empty()).map(Arc::from);
+        self
+    }
+
+    fn auth<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => r.header(super::access::TOKEN_HEADER, &**t),
+            None => r,
+        }
     }
 
     /// The address in use.
@@ -125,7 +140,7 @@ impl Client {
         if let Some(t) = task {
             path.push_str(&format!("&task={t}"));
         }
-        let mut r = self.send(|a, url| a.get(url).call(), &path)?;
+        let mut r = self.send(|a, url| self.auth(a.get(url)).call(), &path)?;
         let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let (next, oldest, done) = (header("x-hanse-next"), header("x-hanse-oldest"), header("x-hanse-done"));
         let data = self.body(&mut r)?;
@@ -134,24 +149,24 @@ impl Client {
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.answer(self.send(|a, url| a.get(url).call(), path))
+        self.answer(self.send(|a, url| self.auth(a.get(url)).call(), path))
     }
 
     pub fn put<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
-        self.answer(self.send(|a, url| a.put(url).send_json(body), path))
+        self.answer(self.send(|a, url| self.auth(a.put(url)).send_json(body), path))
     }
 
     pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
-        self.answer(self.send(|a, url| a.post(url).send_json(body), path))
+        self.answer(self.send(|a, url| self.auth(a.post(url)).send_json(body), path))
     }
 
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.answer(self.send(|a, url| a.delete(url).call(), path))
+        self.answer(self.send(|a, url| self.auth(a.delete(url)).call(), path))
     }
 
     /// The raw text of a GET (for `/metrics`).
     pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
-        let mut r = self.send(|a, url| a.get(url).call(), path)?;
+        let mut r = self.send(|a, url| self.auth(a.get(url)).call(), path)?;
         r.body_mut().read_to_string().map_err(|e| ClientError::Connect(self.address().to_string(), e.to_string()))
     }
 
@@ -216,6 +231,19 @@ impl Client {
 
     pub fn alloc_status(&self, updates: Vec<AllocUpdate>) -> Result<WriteReply, ClientError> {
         self.post("/v1/allocations/status", &AllocUpdates { updates })
+    }
+
+    /// `GET /v1/health`, which needs no token: the server's cluster, name
+    /// and Raft id, and the leader it knows (`null`: none yet).
+    pub fn health(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/v1/health")
+    }
+
+    /// Makes the cluster's first management token (`POST
+    /// /v1/acl/bootstrap`), with `secret` or a new one; refused (400) once
+    /// the cluster was bootstrapped.
+    pub fn bootstrap(&self, secret: Option<&str>) -> Result<super::access::TokenSecret, ClientError> {
+        self.post("/v1/acl/bootstrap", &super::access::BootstrapRequest { secret: secret.map(str::to_string) })
     }
 
     pub fn leader(&self) -> Result<LeaderView, ClientError> {

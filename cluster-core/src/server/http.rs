@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -19,9 +19,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::Inner;
+use super::access::{Who, need, need_somewhere};
 use super::api::*;
 use super::metrics::Scraped;
 use super::rpc::{Write, WriteReply};
+use crate::acl::Capability;
 use crate::diag::{Severity, SourceFile};
 use crate::ids::{AllocId, EvalId, JobId, NodeId};
 use crate::model::alloc::{AllocReport, AllocStatus};
@@ -45,7 +47,7 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/status/leader", get(leader))
         .route("/v1/status/peers", get(peers))
-        .route("/v1/operator/raft/peers", get(peers).post(add_peer))
+        .route("/v1/operator/raft/peers", get(raft_peers).post(add_peer))
         .route("/v1/operator/raft/peers/{id}", delete(remove_peer))
         .route("/v1/operator/raft/transfer-leader", post(transfer_leader))
         .route("/v1/jobs", get(jobs).put(submit))
@@ -62,6 +64,7 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/allocations/{id}", get(alloc))
         .route("/v1/allocations/{id}/logs", get(logs))
         .route("/metrics", get(metrics))
+        .merge(super::access::router())
         .fallback(|| async { ApiError::not_found("no such endpoint; the API lives under /v1/ (see `hanse --help`)") })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(server)
@@ -82,8 +85,14 @@ pub async fn serve_with(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let hosts = Arc::new(server.options.http_hosts.clone());
-    let app =
-        extra.merge(router(server)).layer(axum::middleware::from_fn(move |r, n| browser_guard(hosts.clone(), r, n)));
+    if !server.options.acl.enabled {
+        tracing::warn!(%bound, "ACLs are disabled ([acl] enabled = false): anyone who reaches this API may do anything");
+    }
+    let auth = server.clone();
+    let app = extra
+        .merge(router(server))
+        .layer(axum::middleware::from_fn(move |r, n| super::access::authenticate(auth.clone(), r, n)))
+        .layer(axum::middleware::from_fn(move |r, n| browser_guard(hosts.clone(), r, n)));
     let task = tokio::spawn(accept(listener, app));
     Ok((bound, task))
 }
@@ -217,7 +226,7 @@ fn ok<T: Serialize>(v: T) -> Reply<T> {
 }
 
 /// A JSON body, with errors a person can act on.
-fn body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let bytes = body.map_err(|e| {
         let status = e.status().as_u16();
         if status == 413 {
@@ -245,6 +254,7 @@ async fn health(State(s): Srv) -> Reply<serde_json::Value> {
     }))
 }
 
+/// Any valid token may ask (clients find the leader with it).
 async fn leader(State(s): Srv) -> Reply<LeaderView> {
     let st = s.raft.status();
     ok(LeaderView {
@@ -257,6 +267,15 @@ async fn leader(State(s): Srv) -> Reply<LeaderView> {
 }
 
 async fn peers(State(s): Srv) -> Reply<Vec<PeerView>> {
+    peer_views(&s)
+}
+
+async fn raft_peers(State(s): Srv, Extension(who): Who) -> Reply<Vec<PeerView>> {
+    need(&who, Capability::Operator, "*")?;
+    peer_views(&s)
+}
+
+fn peer_views(s: &Inner) -> Reply<Vec<PeerView>> {
     let st = s.raft.status();
     ok(st
         .peers
@@ -265,7 +284,8 @@ async fn peers(State(s): Srv) -> Reply<Vec<PeerView>> {
         .collect())
 }
 
-async fn add_peer(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+async fn add_peer(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+    need(&who, Capability::Operator, "*")?;
     let req: AddPeer = body(b)?;
     let addr = req
         .address
@@ -277,7 +297,8 @@ async fn add_peer(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<Writ
     ok(s.write(Write::AddPeer { id: req.id, addr }).await?)
 }
 
-async fn remove_peer(State(s): Srv, Path(id): Path<u64>) -> Reply<WriteReply> {
+async fn remove_peer(State(s): Srv, Extension(who): Who, Path(id): Path<u64>) -> Reply<WriteReply> {
+    need(&who, Capability::Operator, "*")?;
     let known = s.raft.status().peers.contains_key(&id);
     if !known {
         return Err(ApiError::not_found(format!("server {id} is not a voter (see `hanse operator raft list-peers`)")));
@@ -285,7 +306,8 @@ async fn remove_peer(State(s): Srv, Path(id): Path<u64>) -> Reply<WriteReply> {
     ok(s.write(Write::RemovePeer(id)).await?)
 }
 
-async fn transfer_leader(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+async fn transfer_leader(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+    need(&who, Capability::Operator, "*")?;
     let req: TransferLeader = body(b)?;
     if !s.raft.status().peers.contains_key(&req.id) {
         return Err(ApiError::not_found(format!("server {} is not a voter", req.id)));
@@ -338,8 +360,9 @@ pub async fn dry_run(server: &Inner, job: Job) -> Result<(Job, Plan, PlanReport)
     .map_err(|e| ApiError::new(500, format!("planning failed: {e}")))
 }
 
-async fn submit(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<JobRegistered> {
+async fn submit(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<JobRegistered> {
     let job = parse(body(b)?)?;
+    need(&who, Capability::Submit, &job.namespace)?;
     let id = job.id.to_string();
     match s.write(Write::SubmitJob(job)).await? {
         WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
@@ -347,32 +370,44 @@ async fn submit(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<JobReg
     }
 }
 
-async fn plan(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<PlanReport> {
+async fn plan(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<PlanReport> {
     let job = parse(body(b)?)?;
+    need(&who, Capability::Submit, &job.namespace)?;
     ok(dry_run(&s, job).await?.2)
 }
 
-async fn jobs(State(s): Srv, q: Q) -> Reply<Vec<JobSummary>> {
-    ok(s.read(stale(&q), |st| st.jobs().map(|j| JobSummary::of(st, j)).collect()).await?)
+/// The jobs of the namespaces the caller may read.
+async fn jobs(State(s): Srv, Extension(who): Who, q: Q) -> Reply<Vec<JobSummary>> {
+    need_somewhere(&who, Capability::Read)?;
+    ok(s.read(stale(&q), |st| {
+        st.jobs().filter(|j| who.allows(Capability::Read, &j.namespace)).map(|j| JobSummary::of(st, j)).collect()
+    })
+    .await?)
 }
 
-async fn job(State(s): Srv, Path(id): Path<String>, q: Q) -> Reply<JobStatus> {
+async fn job(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Reply<JobStatus> {
     let found = s
         .read(stale(&q), |st| {
             let job = st.job(&JobId::new(&id))?;
+            if let Err(e) = need(&who, Capability::Read, &job.namespace) {
+                return Some(Err(e));
+            }
             let mut allocations: Vec<AllocView> = st.allocs_of_job(&job.id).map(AllocView::of).collect();
             allocations.sort_by_key(|a| a.id);
-            Some(JobStatus {
+            Some(Ok(JobStatus {
                 summary: JobSummary::of(st, job),
                 eval: st.job_eval(&job.id).map(EvalView::of),
                 allocations,
-            })
+            }))
         })
         .await?;
-    found.map(axum::Json).ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))
+    found.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))?.map(axum::Json)
 }
 
-async fn stop_job(State(s): Srv, Path(id): Path<String>) -> Reply<JobRegistered> {
+async fn stop_job(State(s): Srv, Extension(who): Who, Path(id): Path<String>) -> Reply<JobRegistered> {
+    let namespace = s.read(false, |st| st.job(&JobId::new(&id)).map(|j| j.namespace.clone())).await?;
+    let namespace = namespace.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))?;
+    need(&who, Capability::Stop, &namespace)?;
     match s.write(Write::StopJob(JobId::new(&id))).await? {
         WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
         other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
@@ -381,7 +416,12 @@ async fn stop_job(State(s): Srv, Path(id): Path<String>) -> Reply<JobRegistered>
 
 /// An evaluation; with `?wait=SECONDS`, answered once it is no longer
 /// pending (placed, or blocked for lack of capacity) or the wait is over.
-async fn evaluation(State(s): Srv, Path(id): Path<u64>, q: Q) -> Reply<EvalView> {
+async fn evaluation(State(s): Srv, Extension(who): Who, Path(id): Path<u64>, q: Q) -> Reply<EvalView> {
+    let namespace = s.read(true, |st| st.eval(EvalId(id)).and_then(|e| st.job(&e.job)).map(|j| j.namespace.clone()));
+    match namespace.await? {
+        Some(ns) => need(&who, Capability::Read, &ns)?,
+        None => need_somewhere(&who, Capability::Read)?,
+    }
     let wait = q.get("wait").and_then(|w| w.parse::<f64>().ok()).filter(|w| w.is_finite()).unwrap_or(0.0);
     let deadline = Instant::now() + Duration::from_secs_f64(wait.clamp(0.0, WAIT_MAX.as_secs_f64()));
     let read = |st: &crate::state::ClusterState| st.eval(EvalId(id)).map(EvalView::of);
@@ -402,7 +442,8 @@ async fn evaluation(State(s): Srv, Path(id): Path<u64>, q: Q) -> Reply<EvalView>
     })
 }
 
-async fn nodes(State(s): Srv, q: Q) -> Reply<Vec<NodeView>> {
+async fn nodes(State(s): Srv, Extension(who): Who, q: Q) -> Reply<Vec<NodeView>> {
+    need_somewhere(&who, Capability::Read)?;
     ok(s.read(stale(&q), |st| {
         let mut count: HashMap<&NodeId, u64> = HashMap::new();
         for a in st.allocs().filter(|a| a.holds_resources()) {
@@ -416,7 +457,8 @@ async fn nodes(State(s): Srv, q: Q) -> Reply<Vec<NodeView>> {
     .await?)
 }
 
-async fn node(State(s): Srv, Path(id): Path<String>, q: Q) -> Reply<NodeStatusView> {
+async fn node(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Reply<NodeStatusView> {
+    need_somewhere(&who, Capability::Read)?;
     let found = s
         .read(stale(&q), |st| {
             let node = st.node(st.node_idx(&NodeId::new(&id))?);
@@ -446,13 +488,15 @@ pub(crate) fn check_node(node: &mut Node) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn register_node(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
+async fn register_node(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
+    need(&who, Capability::NodeWrite, "*")?;
     let mut node: Node = body(b)?;
     check_node(&mut node)?;
     heartbeat_reply(s.write(Write::RegisterNodes(vec![node])).await?)
 }
 
-async fn register_nodes(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
+async fn register_nodes(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
+    need(&who, Capability::NodeWrite, "*")?;
     let mut nodes: Vec<Node> = body(b)?;
     if nodes.len() > NODE_BATCH_MAX {
         return Err(ApiError::bad_request(format!("{} nodes; send at most {NODE_BATCH_MAX} at once", nodes.len())));
@@ -461,7 +505,8 @@ async fn register_nodes(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Repl
     heartbeat_reply(s.write(Write::RegisterNodes(nodes)).await?)
 }
 
-async fn heartbeat(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
+async fn heartbeat(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {
+    need(&who, Capability::NodeWrite, "*")?;
     let req: Heartbeat = body(b)?;
     heartbeat_reply(s.write(Write::Heartbeat(req.nodes.iter().map(NodeId::new).collect())).await?)
 }
@@ -475,7 +520,13 @@ fn heartbeat_reply(r: WriteReply) -> Reply<HeartbeatReply> {
     }
 }
 
-async fn drain(State(s): Srv, Path(id): Path<String>, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+async fn drain(
+    State(s): Srv,
+    Extension(who): Who,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Reply<WriteReply> {
+    need(&who, Capability::NodeWrite, "*")?;
     let req: Drain = match b {
         Ok(bytes) if bytes.is_empty() => Drain { drain: true, deadline_ms: None },
         other => body(other)?,
@@ -484,35 +535,51 @@ async fn drain(State(s): Srv, Path(id): Path<String>, b: Result<Bytes, BytesReje
     ok(s.write(Write::DrainNode { node: NodeId::new(&id), drain: req.drain, deadline }).await?)
 }
 
-async fn allocs(State(s): Srv, q: Q) -> Reply<Vec<AllocView>> {
+/// The allocations of the jobs the caller may read.
+async fn allocs(State(s): Srv, Extension(who): Who, q: Q) -> Reply<Vec<AllocView>> {
+    need_somewhere(&who, Capability::Read)?;
     let job = q.get("job").map(JobId::new);
-    ok(s.read(stale(&q), move |st| match &job {
-        Some(j) => st.allocs_of_job(j).map(AllocView::of).collect(),
-        None => st.allocs().map(AllocView::of).collect(),
+    ok(s.read(stale(&q), move |st| {
+        let readable = |a: &&crate::model::alloc::Allocation| {
+            st.job(&a.job).is_some_and(|j| who.allows(Capability::Read, &j.namespace))
+        };
+        match &job {
+            Some(j) => st.allocs_of_job(j).filter(readable).map(AllocView::of).collect(),
+            None => st.allocs().filter(readable).map(AllocView::of).collect(),
+        }
     })
     .await?)
 }
 
-async fn alloc(State(s): Srv, Path(id): Path<String>, q: Q) -> Reply<AllocView> {
+async fn alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Reply<AllocView> {
     let n: u64 = id
         .trim_start_matches('a')
         .parse()
         .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))?;
-    let found = s.read(stale(&q), |st| st.alloc(AllocId(n)).map(AllocView::of)).await?;
-    found.map(axum::Json).ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))
+    let found = s
+        .read(stale(&q), |st| {
+            let a = st.alloc(AllocId(n))?;
+            Some((AllocView::of(a), st.job(&a.job).map(|j| j.namespace.clone())))
+        })
+        .await?;
+    let (view, namespace) = found.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
+    need(&who, Capability::Read, namespace.as_deref().unwrap_or(crate::acl::DEFAULT_NAMESPACE))?;
+    ok(view)
 }
 
 /// `GET /v1/allocations/ID/logs?task=T&stderr=true&offset=N`: raw bytes
 /// from the node's agent; headers say where the next read starts
 /// (`x-hanse-next`), the oldest byte kept (`x-hanse-oldest`), and whether
 /// the task is done (`x-hanse-done`).
-async fn logs(State(s): Srv, Path(id): Path<String>, q: Q) -> Result<Response, ApiError> {
+async fn logs(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Result<Response, ApiError> {
     let n = id
         .trim_start_matches('a')
         .parse::<u64>()
         .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))?;
     let alloc = s.read(true, |st| st.alloc(AllocId(n)).cloned()).await?;
     let alloc = alloc.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
+    let namespace = s.read(true, |st| st.job(&alloc.job).map(|j| j.namespace.clone())).await?;
+    need(&who, Capability::AllocLogs, namespace.as_deref().unwrap_or(crate::acl::DEFAULT_NAMESPACE))?;
     let task = match q.get("task") {
         Some(t) => t.clone(),
         None => s
@@ -550,7 +617,8 @@ async fn logs(State(s): Srv, Path(id): Path<String>, q: Q) -> Result<Response, A
         .into_response())
 }
 
-async fn alloc_status(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+async fn alloc_status(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<WriteReply> {
+    need(&who, Capability::NodeWrite, "*")?;
     let req: AllocUpdates = body(b)?;
     if req.updates.len() > crate::command::ALLOC_STATUS_BATCH_MAX {
         return Err(ApiError::bad_request(format!(
@@ -573,7 +641,10 @@ async fn alloc_status(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<
     ok(s.write(Write::AllocStatus(updates)).await?)
 }
 
-async fn metrics(State(s): Srv) -> Response {
+async fn metrics(State(s): Srv, Extension(who): Who) -> Response {
+    if let Err(e) = need_somewhere(&who, Capability::Read) {
+        return e.into_response();
+    }
     let scraped = s.raft.read(|st| Scraped {
         raft: s.raft.status(),
         me: s.id,

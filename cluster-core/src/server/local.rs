@@ -127,6 +127,10 @@ impl LocalCluster {
         http: &[SocketAddr],
     ) -> anyhow::Result<LocalCluster> {
         crate::private::private_dir(dir)?;
+        let mut options = options;
+        if options.acl.enabled && options.acl.initial_management.is_none() {
+            options.acl.initial_management = Some(crate::acl::new_secret());
+        }
         let mut raft_addrs = BTreeMap::new();
         let mut http_addrs = BTreeMap::new();
         for id in 1..=servers {
@@ -207,6 +211,23 @@ impl LocalCluster {
     /// Every server's HTTP address, comma-separated (for a client).
     pub fn addresses(&self) -> String {
         self.http_addrs.values().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    /// The secret of the cluster's management token (its initial
+    /// management secret, drawn at start unless the options named one);
+    /// `None` with ACLs disabled.
+    pub fn token(&self) -> Option<&str> {
+        self.options.acl.initial_management.as_deref().filter(|_| self.options.acl.enabled)
+    }
+
+    /// A client of every server's API, with the management token.
+    pub fn client(&self) -> super::client::Client {
+        super::client::Client::new(&self.addresses()).with_token(self.token())
+    }
+
+    /// A client of server `id`'s API only, with the management token.
+    pub fn client_of(&self, id: u64) -> super::client::Client {
+        super::client::Client::new(&self.http_addrs[&id].to_string()).with_token(self.token())
     }
 
     /// The leader every running server agrees on, waiting up to `timeout`.

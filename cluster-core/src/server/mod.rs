@@ -10,6 +10,7 @@
 //!                 └─► state machine re-checks every placement; refused ones leave the eval pending
 //! ```
 
+pub mod access;
 pub mod agents;
 pub mod api;
 pub mod broker;
@@ -67,6 +68,26 @@ pub struct ServerOptions {
     /// Host names the HTTP API answers to besides IP addresses and
     /// `localhost` (requests naming any other host are refused).
     pub http_hosts: Vec<String>,
+    pub acl: AclOptions,
+}
+
+/// How a server checks the API's callers (see [`crate::acl`]).
+#[derive(Clone, Debug)]
+pub struct AclOptions {
+    /// On unless a config turns it off (then every caller may do
+    /// everything, and the server warns at start).
+    pub enabled: bool,
+    /// A secret the cluster's first management token takes (Consul's
+    /// `initial_management`): the first leader bootstraps with it, and
+    /// until then it is honoured as that token. `None`: an operator runs
+    /// `hanse acl bootstrap`.
+    pub initial_management: Option<String>,
+}
+
+impl Default for AclOptions {
+    fn default() -> Self {
+        AclOptions { enabled: true, initial_management: None }
+    }
 }
 
 impl ServerOptions {
@@ -79,6 +100,7 @@ impl ServerOptions {
             heartbeat_grace: Duration::from_secs(10),
             scheduler: SchedulerConfig::default(),
             http_hosts: Vec::new(),
+            acl: AclOptions::default(),
         }
     }
 }
@@ -422,6 +444,7 @@ impl Inner {
             }
             Write::AllocStatus(updates) => propose(Command::AllocStatus(updates)).await?,
             Write::Record { holder, record } => propose(Command::Record { holder, record }).await?,
+            Write::Acl(c) => propose(Command::Acl(c)).await?,
         };
         match effect {
             Effect::JobRegistered { version, eval } => Ok(WriteReply::Job { version, eval }),
@@ -528,6 +551,7 @@ async fn leadership(inner: Arc<Inner>) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 ready.duties_term.store(term, Ordering::SeqCst);
+                bootstrap_acl(&ready).await;
                 tokio::join!(dispatch(ready.clone()), watch_heartbeats(ready.clone()));
             });
             duties = Some((term, set));
@@ -539,6 +563,30 @@ async fn leadership(inner: Arc<Inner>) {
         if status.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Bootstraps the ACLs with the configured initial management secret,
+/// once per cluster (a later leader finds it done).
+async fn bootstrap_acl(inner: &Inner) {
+    let Some(secret) = inner.options.acl.initial_management.clone() else { return };
+    if inner.raft.read(|s| s.acl().bootstrapped()) {
+        return;
+    }
+    let token = crate::acl::Token {
+        accessor: crate::acl::new_secret(),
+        secret_hash: crate::acl::hash_secret(&secret),
+        name: "initial management".into(),
+        policies: Vec::new(),
+        management: true,
+        created_ms: unix_ms(),
+    };
+    match inner.raft.propose(Command::Acl(crate::acl::AclCommand::Bootstrap(token))).await {
+        Ok(Effect::Done) => {
+            tracing::info!(cluster = %inner.options.cluster, "ACLs bootstrapped with the configured initial management token")
+        }
+        Ok(other) => tracing::debug!(?other, "ACL bootstrap not needed"),
+        Err(e) => tracing::warn!(error = %e, "could not bootstrap the ACLs; the next leader tries again"),
     }
 }
 

@@ -37,6 +37,8 @@ pub enum Write {
         holder: String,
         record: Vec<u8>,
     },
+    /// A change to the API's tokens and policies.
+    Acl(crate::acl::AclCommand),
     AddPeer {
         id: u64,
         addr: SocketAddr,

@@ -58,6 +58,10 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
     };
     t.path = "[job]".into();
     let name = t.required_str(d, "name", "\"web\"").and_then(|(n, s)| check_name(d, "job", n, s));
+    let namespace = match t.str(d, "namespace") {
+        Some((n, s)) => check_name(d, "namespace", n, s),
+        None => Some(crate::acl::DEFAULT_NAMESPACE),
+    };
     let job_type = t
         .str(d, "type")
         .map(|w| keyword(d, "job type", w, JobType::WORDS, JobType::from_word))
@@ -102,6 +106,7 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
     }
     Some(Job {
         id: JobId::new(name?),
+        namespace: Arc::from(namespace?),
         job_type,
         priority,
         objective: objective.unwrap_or(job_type.default_objective()),

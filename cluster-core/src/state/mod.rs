@@ -131,6 +131,8 @@ pub struct ClusterState {
     /// Instances other clusters run, by holder, and the holders' records.
     holds: BTreeMap<String, Held>,
     records: BTreeMap<String, Vec<u8>>,
+    /// Tokens and policies of the HTTP API.
+    acl: crate::acl::AclState,
     /// Rises whenever capacity may have freed up or appeared (a node came
     /// up, an allocation ended): the leader's cue to retry blocked
     /// evaluations. Not replicated state, a hint rebuilt at zero.
@@ -294,6 +296,15 @@ impl ClusterState {
         let v = job.version;
         self.jobs.insert(job.id.clone(), job);
         v
+    }
+
+    /// Tokens and policies (see [`crate::acl`]).
+    pub fn acl(&self) -> &crate::acl::AclState {
+        &self.acl
+    }
+
+    pub(crate) fn acl_mut(&mut self) -> &mut crate::acl::AclState {
+        &mut self.acl
     }
 
     pub fn job(&self, id: &JobId) -> Option<&Job> {
@@ -554,6 +565,7 @@ struct Snapshot {
     next_eval: u64,
     holds: Vec<(String, Held)>,
     records: Vec<(String, Vec<u8>)>,
+    acl: crate::acl::AclState,
 }
 
 impl ClusterState {
@@ -569,6 +581,7 @@ impl ClusterState {
             next_eval: self.next_eval,
             holds: self.holds.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             records: self.records.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            acl: self.acl.clone(),
         })
     }
 
@@ -601,6 +614,8 @@ impl ClusterState {
         state.next_eval = snap.next_eval;
         state.holds = snap.holds.into_iter().collect();
         state.records = snap.records.into_iter().collect();
+        state.acl = snap.acl;
+        state.acl.reindex();
         Ok(state)
     }
 }
