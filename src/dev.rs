@@ -157,6 +157,17 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("hanse-dev-{}", std::process::id())),
     };
+    if temp {
+        // A new directory of our own (0700), never one someone else made
+        // in advance under the same name with a token of their choosing.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create {} (left over from another hanse dev?)", dir.display()))?;
+    } else {
+        cluster_core::private::private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     std::fs::create_dir_all(dir.join("pki")).with_context(|| format!("cannot create {}", dir.display()))?;
     let ca = tls::create_ca("hanse-dev", 30)?;
     std::fs::write(dir.join("pki/ca.pem"), &ca.cert_pem)?;
@@ -263,14 +274,18 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
 }
 
 /// The secret of the demo's management token, the same in every cluster:
-/// the one kept in `path` (a data directory used before), or a new one
-/// written there (0600).
+/// the one kept in `path` (a data directory used before, whose clusters
+/// were bootstrapped with it) if this user owns it and nobody else may
+/// read it, or a new one written there (0600).
 fn dev_token(path: &std::path::Path) -> anyhow::Result<String> {
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let t = text.trim().to_string();
-        if cluster_core::acl::is_valid_secret(&t) {
-            return Ok(t);
-        }
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // SAFETY: getuid has no preconditions.
+        let mine = meta.is_file() && meta.uid() == unsafe { libc::getuid() } && meta.mode() & 0o077 == 0;
+        anyhow::ensure!(mine, "{} is not a private file of yours (0600); remove it", path.display());
+        let t = std::fs::read_to_string(path)?.trim().to_string();
+        anyhow::ensure!(cluster_core::acl::is_valid_secret(&t), "{} holds no valid secret; remove it", path.display());
+        return Ok(t);
     }
     let t = cluster_core::acl::new_secret();
     crate::output::write_private(path, &format!("{t}\n"))?;

@@ -77,7 +77,8 @@ pub fn plan_offline(file: &Path, fleet_path: &Path, seed: u64, verbose: bool, js
     let job = load(file, parse_job)?;
     let fleet = load(fleet_path, parse_fleet)?;
     let state = ClusterState::with_nodes(fleet.nodes).context("building the cluster state from the fleet")?;
-    let config = SchedulerConfig { seed, ..SchedulerConfig::default() };
+    // On this machine, for this user alone: the whole job in one plan.
+    let config = SchedulerConfig { seed, max_changes_per_plan: usize::MAX, ..SchedulerConfig::default() };
     let plan = schedule(&state, &job, &config);
     let report = PlanReport::of(&state, &job, &plan, &format!("fleet {}", fleet.name), seed);
     if json {

@@ -213,6 +213,13 @@ pub fn print_plan(r: &PlanReport, verbose: bool) {
     if r.stops > 0 {
         println!("  stopped {}", r.stops);
     }
+    if r.deferred > 0 {
+        println!(
+            "  and {} more placements or stops not planned here: the cluster plans a job in parts of at most {}",
+            r.deferred,
+            cluster_core::scheduler::PLAN_CHANGES_MAX
+        );
+    }
     if !r.by_class.is_empty() {
         let mut t = table(&["node class", "instances", "nodes"]);
         for (class, c) in &r.by_class {

@@ -24,6 +24,9 @@ use crate::spec::Checked;
 use crate::spec::job::is_valid_name;
 use crate::spec::read::{self, Table, keyword};
 
+/// Why a second bootstrap is refused.
+pub const BOOTSTRAPPED: &str =
+    "ACLs were bootstrapped already; ask a holder of a management token for a token (`hanse acl token create`)";
 /// A namespace rule naming this grants its capabilities in every namespace.
 pub const ANY_NAMESPACE: &str = "*";
 /// The namespace of a job whose spec names none.
@@ -167,13 +170,16 @@ impl AclState {
     pub fn apply(&mut self, command: &AclCommand) -> Result<(), String> {
         match command {
             AclCommand::Bootstrap(token) => {
-                if self.bootstrapped {
-                    return Err("ACLs were bootstrapped already; ask a holder of a management token \
-                                for a token (`hanse acl token create`)"
-                        .into());
+                // The same bootstrap again (a retried write) changes nothing.
+                if self.bootstrapped && self.tokens.get(&token.accessor) == Some(token) {
+                    return Ok(());
                 }
+                if self.bootstrapped {
+                    return Err(BOOTSTRAPPED.into());
+                }
+                self.insert_token(token.clone())?;
                 self.bootstrapped = true;
-                self.insert_token(token.clone())
+                Ok(())
             }
             AclCommand::UpsertToken(token) => {
                 if let Some(p) = token.policies.iter().find(|p| !self.policies.contains_key(*p)) {

@@ -205,3 +205,84 @@ fn a_node_registering_again_keeps_what_the_cluster_decided_about_it() {
     let n = s.node(s.node_idx(&node.id).unwrap());
     assert_eq!((n.status, n.eligible, n.draining), (NodeStatus::Down, false, true));
 }
+
+/// A job bigger than one plan carries is planned in parts: each part is
+/// committed, the evaluation stays pending in between (another job's
+/// evaluation is served beside it), and it completes once everything is
+/// placed; a stop of the whole job goes in parts too (security review,
+/// row 16: one plan over the log's entry limit was retried forever).
+#[test]
+fn a_job_bigger_than_one_plan_is_planned_in_parts_and_never_stalls() {
+    let mut s = state(20);
+    let config = SchedulerConfig { max_changes_per_plan: 7, ..SchedulerConfig::default() };
+    let plan_and_commit = |s: &mut ClusterState, eval: EvalId| {
+        let job = s.job(&s.eval(eval).unwrap().job).unwrap().clone();
+        let plan = schedule(s, &job, &config);
+        assert!(plan.placements.len() + plan.stops.len() <= 7, "a part over the cap");
+        match s.apply(&Command::ApplyPlans(vec![(eval, plan)])) {
+            Effect::PlansApplied(mut o) => o.remove(0),
+            other => panic!("{other:?}"),
+        }
+    };
+    let big = register(&mut s, &job("big", 30, "100m"));
+    let small = register(&mut s, &job("small", 2, "100m"));
+    let mut rounds = 0;
+    while s.eval(big).unwrap().status == EvalStatus::Pending {
+        plan_and_commit(&mut s, big);
+        rounds += 1;
+        assert!(rounds <= 5, "30 instances in parts of 7 take 5 rounds");
+        if rounds == 1 {
+            assert_eq!(s.eval(big).unwrap().placed, 7);
+            // The other job is not held up by the big one.
+            plan_and_commit(&mut s, small);
+            assert_eq!(s.eval(small).unwrap().status, EvalStatus::Complete);
+        }
+    }
+    assert_eq!(rounds, 5);
+    assert_eq!(s.eval(big).unwrap().status, EvalStatus::Complete);
+    assert_eq!(s.allocs_of_job(&JobId::new("big")).filter(|a| a.is_live()).count(), 30);
+    // Stopping it: stops in parts of 7, the evaluation pending until done.
+    let stop = match s.apply(&Command::StopJob(JobId::new("big"))) {
+        Effect::JobRegistered { eval, .. } => eval,
+        other => panic!("{other:?}"),
+    };
+    let mut rounds = 0;
+    while s.eval(stop).unwrap().status == EvalStatus::Pending {
+        plan_and_commit(&mut s, stop);
+        rounds += 1;
+        assert!(rounds <= 5);
+    }
+    assert_eq!(rounds, 5);
+    assert!(s.allocs_of_job(&JobId::new("big")).all(|a| a.desired == cluster_core::model::DesiredStatus::Stop));
+}
+
+/// The longest names a spec and a node may carry, in a plan of the
+/// default size, still fit one log entry.
+#[test]
+fn a_full_plan_with_the_longest_names_fits_one_log_entry() {
+    use cluster_core::model::plan::{Placement, Plan};
+    use cluster_core::resources::Resources;
+    let group: std::sync::Arc<str> = "g".repeat(64).into();
+    let placements = (0..cluster_core::scheduler::PLAN_CHANGES_MAX)
+        .map(|i| Placement {
+            group: group.clone(),
+            index: 1_000_000 + i as u32,
+            node: cluster_core::ids::NodeId::new("n".repeat(128)),
+            node_idx: cluster_core::ids::NodeIdx(50_000),
+            resources: Resources { cpu_millis: u64::MAX / 3, memory_bytes: u64::MAX / 3, ..Resources::default() },
+            gpus: None,
+            score: 0.123,
+        })
+        .collect();
+    let plan = Plan {
+        job: JobId::new("j".repeat(64)),
+        job_version: u64::MAX,
+        placements,
+        stops: Vec::new(),
+        unplaced: Vec::new(),
+        nodes_evaluated: u64::MAX,
+        deferred: 1,
+    };
+    let bytes = cluster_core::codec::encode(&Command::ApplyPlans(vec![(EvalId(u64::MAX), plan)]));
+    assert!(bytes.len() < cluster_core::raft::node::ENTRY_BYTES_MAX, "{} bytes", bytes.len());
+}

@@ -484,3 +484,60 @@ async fn slow_clients_are_cut_off_and_one_address_holds_a_bounded_share() {
     .await;
     c.stop().await;
 }
+
+/// Security review, row 16: a valid job whose plan is over the log's entry
+/// limit (64 groups, long names) was retried forever and no other job was
+/// placed. It is now planned in parts: every instance is placed, and a job
+/// submitted after it is placed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_whose_plan_is_over_the_entry_limit_is_placed_in_parts_and_blocks_no_one() {
+    let c = start("huge", Duration::from_secs(30), Duration::from_secs(30)).await;
+    // The leader's: the plans counter counts where the workers run.
+    let client = c.client_of(c.leader(Duration::from_secs(5)).await.unwrap());
+    blocking(move || {
+        let mut nodes = fleet(40);
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.id = cluster_core::ids::NodeId::new(format!("{}-{i:05}", "n".repeat(120)));
+        }
+        client.register_nodes(&nodes).unwrap();
+        let mut spec = "[job]\nname = \"huge\"\ntype = \"batch\"\n".to_string();
+        for g in 0..64 {
+            spec.push_str(&format!(
+                "[[group]]\nname = \"{g:0>64}\"\ncount = 400\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\n\
+                 run_for = \"1h\"\nresources = {{ cpu = \"1m\", memory = \"1MiB\" }}\n"
+            ));
+        }
+        // A dry run plans one part and says how much it left (row 17: each
+        // dry run of such a job held its whole plan in memory).
+        let dry = client.plan(&spec, "huge.toml").expect("a dry run");
+        assert_eq!(dry.placed, cluster_core::scheduler::PLAN_CHANGES_MAX);
+        assert_eq!(dry.placed as u64 + dry.deferred, 64 * 400);
+        assert!(dry.placements.len() <= cluster_core::scheduler::PLAN_CHANGES_MAX);
+        let huge = client.submit(&spec, "huge.toml").expect("the job registers");
+        let small = client.submit(&self::spec("after", 2, "100m"), "after.toml").expect("registers");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (h, s) = (client.eval(huge.eval, Duration::from_secs(5)), client.eval(small.eval, Duration::ZERO));
+            let done =
+                |e: &Result<cluster_core::server::api::EvalView, _>| e.as_ref().is_ok_and(|e| e.status == "complete");
+            if done(&h) && done(&s) {
+                break;
+            }
+            let brief = |e: &Result<cluster_core::server::api::EvalView, _>| {
+                e.as_ref().map(|e| format!("{} placed {}", e.status, e.placed)).unwrap_or_default()
+            };
+            assert!(Instant::now() < deadline, "not placed within 120 s: huge {}, after {}", brief(&h), brief(&s));
+        }
+        let placed = client.job("huge").unwrap().allocations.len();
+        assert_eq!(placed, 64 * 400);
+        let metrics = client.get_text("/metrics").unwrap();
+        let applied: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("hanse_plans_applied_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the plans counter");
+        assert!(applied >= 2.0, "planned in parts: {applied} plans");
+    })
+    .await;
+    c.stop().await;
+}

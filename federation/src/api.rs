@@ -177,12 +177,12 @@ async fn members(
     Ok(axum::Json(MemberRow::all(&fed.member.view())))
 }
 
-/// The namespace of a local job, for access checks (`default` for one
-/// that is gone).
+/// The namespace of a local job, for access checks; `*` (only a caller
+/// who may read every namespace) for one that is not here.
 fn namespace_of(fed: &Federation, job: &str) -> Arc<str> {
     fed.server.raft.read(|s| {
         s.job(&cluster_core::ids::JobId::new(job))
-            .map_or_else(|| Arc::from(cluster_core::acl::DEFAULT_NAMESPACE), |j| j.namespace.clone())
+            .map_or_else(|| Arc::from(cluster_core::acl::ANY_NAMESPACE), |j| j.namespace.clone())
     })
 }
 
@@ -253,7 +253,8 @@ async fn delegations(
             .collect()
     });
     let inbound: Vec<Inbound> = inbound.into_iter().filter(|r: &Inbound| readable(&r.job)).collect();
-    let waiting = fed.waiting.lock().expect("waiting lock").clone();
+    let mut waiting = fed.waiting.lock().expect("waiting lock").clone();
+    waiting.retain(|job, _| readable(job));
     Ok(axum::Json(Delegations { cluster: fed.server.options.cluster.clone(), outbound, inbound, waiting }))
 }
 

@@ -20,11 +20,21 @@ pub struct Plan {
     pub unplaced: Vec<Unplaced>,
     /// Candidate nodes checked for fit, a measure of the work done.
     pub nodes_evaluated: u64,
+    /// Placements and stops left for later parts: more were needed than
+    /// one plan carries (`SchedulerConfig::max_changes_per_plan`). While
+    /// any are left the evaluation stays pending and the next round plans
+    /// the next part; 0 for a whole plan.
+    pub deferred: u64,
 }
 
 impl Plan {
     pub fn unplaced_count(&self) -> u64 {
         self.unplaced.iter().map(|u| u64::from(u.count)).sum()
+    }
+
+    /// Whether it is one part of more (see [`Plan::deferred`]).
+    pub fn is_partial(&self) -> bool {
+        self.deferred > 0
     }
 
     pub fn is_complete(&self) -> bool {

@@ -38,7 +38,17 @@ pub struct SchedulerConfig {
     /// the federation has offered them to peers (see
     /// [`ClusterState::peers_asked`]): on in a cluster that may delegate.
     pub defer_prefer_remote: bool,
+    /// The most placements and stops one plan carries; a job that needs
+    /// more is planned in parts, one per round (see [`Plan::deferred`]), so
+    /// no plan outgrows a Raft entry and no job holds the scheduler for
+    /// long (security review, row 16).
+    pub max_changes_per_plan: usize,
 }
+
+/// The default of [`SchedulerConfig::max_changes_per_plan`]: with the
+/// longest names a spec and a node may have, such a plan encodes to about
+/// 2.5 MB, under the log's 4 MiB entry limit (a test checks).
+pub const PLAN_CHANGES_MAX: usize = 10_000;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -49,6 +59,7 @@ impl Default for SchedulerConfig {
             weights: [Objective::Latency, Objective::Cost, Objective::Throughput, Objective::Balanced]
                 .map(Weights::for_objective),
             defer_prefer_remote: false,
+            max_changes_per_plan: PLAN_CHANGES_MAX,
         }
     }
 }
@@ -66,7 +77,22 @@ pub fn objective_slot(o: Objective) -> usize {
 /// Plans `job` against `state`. Reads only; the plan takes effect when
 /// [`ClusterState::apply_plan`] commits it.
 pub fn schedule(state: &ClusterState, job: &Job, config: &SchedulerConfig) -> Plan {
-    let work = reconcile::reconcile(state, job);
+    let mut work = reconcile::reconcile(state, job);
+    // Planned in parts: stops first, then placements in group order, up to
+    // the cap; the rest is left for the next round of the same evaluation.
+    let cap = config.max_changes_per_plan.max(1);
+    let mut deferred = work.stops.len().saturating_sub(cap) as u64;
+    work.stops.truncate(cap);
+    let mut budget = cap - work.stops.len();
+    if job.job_type != crate::model::JobType::System {
+        for w in &mut work.groups {
+            if w.place.len() > budget {
+                deferred += (w.place.len() - budget) as u64;
+                w.place.truncate(budget);
+            }
+            budget -= w.place.len();
+        }
+    }
     let mut placer = select::Placer::new(state, job, config);
     let mut unplaced = Vec::new();
     // Peers first: what the plan would place waits, blocked, until the
@@ -92,7 +118,15 @@ pub fn schedule(state: &ClusterState, job: &Job, config: &SchedulerConfig) -> Pl
         }
     }
     let (placements, nodes_evaluated) = placer.finish();
-    Plan { job: job.id.clone(), job_version: job.version, placements, stops: work.stops, unplaced, nodes_evaluated }
+    Plan {
+        job: job.id.clone(),
+        job_version: job.version,
+        placements,
+        stops: work.stops,
+        unplaced,
+        nodes_evaluated,
+        deferred,
+    }
 }
 
 /// SplitMix64: small, fast, and stable across releases, so a seed printed

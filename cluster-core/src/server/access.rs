@@ -54,7 +54,7 @@ pub async fn authenticate(
                 };
                 return ApiError::new(401, format!("this endpoint needs an ACL token; {how}")).into_response();
             }
-            Some(secret) => match resolve(&server, &secret).await {
+            Some(secret) => match resolve(&server, &secret, writes(request.method())).await {
                 Ok(Some(c)) => c,
                 Ok(None) => {
                     return ApiError::new(
@@ -80,8 +80,10 @@ fn open_route(path: &str) -> bool {
 
 fn secret_of(headers: &HeaderMap) -> Option<String> {
     let text = |name| headers.get(name).and_then(|v: &axum::http::HeaderValue| v.to_str().ok()).map(str::trim);
-    let secret = text(TOKEN_HEADER)
-        .or_else(|| text(axum::http::header::AUTHORIZATION.as_str()).and_then(|a| a.strip_prefix("Bearer ")))?;
+    let secret = text(TOKEN_HEADER).or_else(|| {
+        let a = text(axum::http::header::AUTHORIZATION.as_str())?;
+        a.get(..7).filter(|p| p.eq_ignore_ascii_case("bearer ")).map(|_| &a[7..])
+    })?;
     (!secret.is_empty()).then(|| secret.trim().to_string())
 }
 
@@ -89,8 +91,14 @@ fn secret_of(headers: &HeaderMap) -> Option<String> {
 /// again through the leader (a token created a moment ago). Until the
 /// cluster is bootstrapped, the configured initial management secret
 /// counts as the token it will become.
-async fn resolve(server: &Inner, secret: &str) -> Result<Option<Caller>, ApiError> {
-    let (found, bootstrapped) = server.raft.read(|s| (s.acl().resolve(secret), s.acl().bootstrapped()));
+///
+/// A write on a follower always reads through the leader: a token revoked
+/// a moment ago opens no write on a follower that has not applied the
+/// revocation yet (writes are forwarded without the caller).
+async fn resolve(server: &Inner, secret: &str, write: bool) -> Result<Option<Caller>, ApiError> {
+    let leader = server.is_leader();
+    let read = |s: &crate::state::ClusterState| (s.acl().resolve(secret), s.acl().bootstrapped());
+    let (found, bootstrapped) = if write && !leader { server.read(false, read).await? } else { server.raft.read(read) };
     if found.is_some() {
         return Ok(found);
     }
@@ -98,10 +106,14 @@ async fn resolve(server: &Inner, secret: &str) -> Result<Option<Caller>, ApiErro
     if !bootstrapped && initial.is_some_and(|h| h == acl::hash_secret(secret)) {
         return Ok(Some(Caller::management("initial management")));
     }
-    if server.is_leader() {
+    if leader || write {
         return Ok(None);
     }
     server.read(false, |s| s.acl().resolve(secret)).await
+}
+
+fn writes(method: &axum::http::Method) -> bool {
+    !matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD)
 }
 
 /// 403 unless `who` holds `capability` in `namespace`.
@@ -232,6 +244,16 @@ fn made(secret: String, token: &Token) -> axum::Json<TokenSecret> {
 async fn bootstrap(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<TokenSecret> {
     if !s.options.acl.enabled {
         return Err(ApiError::bad_request("ACLs are disabled in this server's config ([acl] enabled = false)"));
+    }
+    if s.options.acl.initial_management.is_some() {
+        return Err(ApiError::bad_request(
+            "this cluster bootstraps with its configured initial management token; ask its operator",
+        ));
+    }
+    // Refused here, not by the log: a refused bootstrap must not cost an
+    // entry every server keeps (anyone may call this route).
+    if s.read(false, |st| st.acl().bootstrapped()).await? {
+        return Err(ApiError::bad_request(acl::BOOTSTRAPPED));
     }
     let req: BootstrapRequest = optional_body(b)?;
     let secret = match req.secret {

@@ -374,6 +374,11 @@ pub struct PlanReport {
     pub placed: usize,
     pub unplaced: u64,
     pub stops: usize,
+    /// Placements and stops this plan left for later parts: one plan
+    /// carries at most `SchedulerConfig::max_changes_per_plan`; a running
+    /// job gets the rest in the next rounds, a dry run does not plan them.
+    #[serde(default)]
+    pub deferred: u64,
     pub by_class: BTreeMap<String, ClassCount>,
     pub placements: Vec<PlacementRow>,
     pub unplaced_groups: Vec<UnplacedView>,
@@ -427,6 +432,7 @@ impl PlanReport {
             placed: plan.placements.len(),
             unplaced: plan.unplaced_count(),
             stops: plan.stops.len(),
+            deferred: plan.deferred,
             by_class,
             placements,
             unplaced_groups: plan.unplaced.iter().map(UnplacedView::of).collect(),

@@ -266,7 +266,8 @@ async fn leader(State(s): Srv) -> Reply<LeaderView> {
     })
 }
 
-async fn peers(State(s): Srv) -> Reply<Vec<PeerView>> {
+async fn peers(State(s): Srv, Extension(who): Who) -> Reply<Vec<PeerView>> {
+    need_somewhere(&who, Capability::Read)?;
     peer_views(&s)
 }
 
@@ -345,9 +346,17 @@ fn parse(req: JobSubmit) -> Result<crate::model::job::Job, ApiError> {
 /// spec gets its new version, and unchanged instances stay. Returns the
 /// job as registered, its plan and the report.
 pub async fn dry_run(server: &Inner, job: Job) -> Result<(Job, Plan, PlanReport), ApiError> {
+    let _turn = server.dry_runs.acquire().await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
     let config = server.options.scheduler.clone();
     let cluster = server.options.cluster.clone();
     let copy = server.read(false, ClusterState::clone).await?;
+    // As the log would refuse it: a name another namespace holds.
+    if let Some(old) = copy.job(&job.id).filter(|j| j.namespace != job.namespace) {
+        return Err(ApiError::bad_request(format!(
+            "a job `{}` exists in namespace `{}`; job names are unique across namespaces",
+            job.id, old.namespace
+        )));
+    }
     tokio::task::spawn_blocking(move || {
         let mut copy = copy;
         copy.upsert_job(job.clone());
@@ -462,8 +471,12 @@ async fn node(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) 
     let found = s
         .read(stale(&q), |st| {
             let node = st.node(st.node_idx(&NodeId::new(&id))?);
+            // Only the allocations of jobs the caller may read.
+            let readable = |a: &crate::model::alloc::Allocation| {
+                st.job(&a.job).is_some_and(|j| who.allows(Capability::Read, &j.namespace))
+            };
             let allocations: Vec<AllocView> =
-                st.allocs().filter(|a| a.node == node.id && a.holds_resources()).map(AllocView::of).collect();
+                st.allocs_on_node(&node.id).filter(|a| a.holds_resources() && readable(a)).map(AllocView::of).collect();
             Some(NodeStatusView { node: NodeView::of(st, node, allocations.len() as u64), allocations })
         })
         .await?;

@@ -72,7 +72,7 @@ pub struct ServerOptions {
 }
 
 /// How a server checks the API's callers (see [`crate::acl`]).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AclOptions {
     /// On unless a config turns it off (then every caller may do
     /// everything, and the server warns at start).
@@ -82,6 +82,15 @@ pub struct AclOptions {
     /// until then it is honoured as that token. `None`: an operator runs
     /// `hanse acl bootstrap`.
     pub initial_management: Option<String>,
+}
+
+impl std::fmt::Debug for AclOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AclOptions")
+            .field("enabled", &self.enabled)
+            .field("initial_management", &self.initial_management.as_ref().map(|_| "(secret)"))
+            .finish()
+    }
 }
 
 impl Default for AclOptions {
@@ -117,6 +126,8 @@ pub fn default_workers() -> usize {
 /// A worker's plans, by evaluation, with the evaluation's placed count
 /// when it was planned.
 type Batch = Arc<Vec<(EvalId, Plan, u32)>>;
+/// Dry runs served at once; more wait their turn.
+pub const DRY_RUNS_MAX: usize = 2;
 /// Jobs up to this many instances are planned under the state's read lock
 /// instead of on a copy.
 const SMALL_JOB: u64 = 1_000;
@@ -145,6 +156,10 @@ pub struct Inner {
     /// rather than run side by side, since two workers planning at once
     /// on the same state pick the same best nodes and one loses.
     planning: Mutex<()>,
+    /// Dry runs (`job plan`) at once: each holds a copy of the state and
+    /// one plan's worth of placements, so memory stays bounded however
+    /// many arrive (security review, row 17).
+    pub(crate) dry_runs: Semaphore,
     /// Calls agents (for logs); set by whoever wires the server's QUIC.
     agents: std::sync::OnceLock<Arc<dyn Transport<AgentService>>>,
     /// Delegation leases to hand agents with every heartbeat answer; set
@@ -197,6 +212,7 @@ impl Server {
             uncommitted: Mutex::default(),
             next_batch: AtomicU64::new(0),
             planning: Mutex::new(()),
+            dry_runs: Semaphore::new(DRY_RUNS_MAX),
             agents: std::sync::OnceLock::new(),
             grants: std::sync::OnceLock::new(),
             defer_prefer_remote: std::sync::atomic::AtomicBool::new(false),
@@ -521,6 +537,25 @@ impl Inner {
     }
 }
 
+/// Splits plans into runs of at most [`PLAN_BATCH_MAX`] whose placements
+/// and stops add up to at most `changes` (a bigger plan goes alone).
+fn entries(plans: &[(EvalId, Plan)], changes: usize) -> Vec<&[(EvalId, Plan)]> {
+    let mut out = Vec::new();
+    let (mut start, mut sum) = (0, 0);
+    for (i, (_, p)) in plans.iter().enumerate() {
+        let size = p.placements.len() + p.stops.len();
+        if i > start && (sum + size > changes || i - start == PLAN_BATCH_MAX) {
+            out.push(&plans[start..i]);
+            (start, sum) = (i, 0);
+        }
+        sum += size;
+    }
+    if start < plans.len() {
+        out.push(&plans[start..]);
+    }
+    out
+}
+
 /// Runs the leader's duties while this server leads, and stops them when
 /// it does not.
 async fn leadership(inner: Arc<Inner>) {
@@ -551,8 +586,7 @@ async fn leadership(inner: Arc<Inner>) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 ready.duties_term.store(term, Ordering::SeqCst);
-                bootstrap_acl(&ready).await;
-                tokio::join!(dispatch(ready.clone()), watch_heartbeats(ready.clone()));
+                tokio::join!(dispatch(ready.clone()), watch_heartbeats(ready.clone()), bootstrap_acl(&ready));
             });
             duties = Some((term, set));
         } else if !leading && duties.is_some() {
@@ -581,12 +615,18 @@ async fn bootstrap_acl(inner: &Inner) {
         management: true,
         created_ms: unix_ms(),
     };
-    match inner.raft.propose(Command::Acl(crate::acl::AclCommand::Bootstrap(token))).await {
-        Ok(Effect::Done) => {
-            tracing::info!(cluster = %inner.options.cluster, "ACLs bootstrapped with the configured initial management token")
+    // Until it commits, the configured secret is honoured as this token
+    // and `POST /v1/acl/bootstrap` is refused: nobody else can take it.
+    loop {
+        match inner.raft.propose(Command::Acl(crate::acl::AclCommand::Bootstrap(token.clone()))).await {
+            Ok(Effect::Done) => {
+                tracing::info!(cluster = %inner.options.cluster, "ACLs bootstrapped with the initial management token");
+                return;
+            }
+            Ok(other) => return tracing::debug!(?other, "ACL bootstrap not needed"),
+            Err(e) => tracing::warn!(error = %e, "could not bootstrap the ACLs yet; trying again"),
         }
-        Ok(other) => tracing::debug!(?other, "ACL bootstrap not needed"),
-        Err(e) => tracing::warn!(error = %e, "could not bootstrap the ACLs; the next leader tries again"),
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -749,8 +789,11 @@ async fn work(inner: &Arc<Inner>, batch: &[Work]) {
     inner.uncommitted.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
 }
 
+/// Commits plans in entries of at most [`PLAN_BATCH_MAX`] plans and about
+/// one plan's worth of changes ([`crate::scheduler::PLAN_CHANGES_MAX`]),
+/// so no entry outgrows the log's limit.
 async fn commit(inner: &Arc<Inner>, plans: &[(EvalId, Plan)]) {
-    for chunk in plans.chunks(PLAN_BATCH_MAX) {
+    for chunk in entries(plans, crate::scheduler::PLAN_CHANGES_MAX) {
         match inner.raft.propose(Command::ApplyPlans(chunk.to_vec())).await {
             Ok(Effect::PlansApplied(outcomes)) => {
                 for o in outcomes {
@@ -775,5 +818,41 @@ async fn commit(inner: &Arc<Inner>, plans: &[(EvalId, Plan)]) {
             // next) hands them out again.
             Err(e) => tracing::debug!(error = %e, "plans not committed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::JobId;
+
+    fn plan(changes: usize) -> (EvalId, Plan) {
+        let stops = (0..changes)
+            .map(|i| crate::model::plan::Stop {
+                alloc: crate::ids::AllocId(i as u64),
+                reason: crate::model::plan::StopReason::ScaledDown,
+            })
+            .collect();
+        let plan = Plan {
+            job: JobId::new("j"),
+            job_version: 1,
+            placements: Vec::new(),
+            stops,
+            unplaced: Vec::new(),
+            nodes_evaluated: 0,
+            deferred: 0,
+        };
+        (EvalId(0), plan)
+    }
+
+    #[test]
+    fn entries_keep_within_the_change_budget_and_the_plan_count() {
+        let plans: Vec<_> = [4, 4, 3, 9, 1, 1].into_iter().map(plan).collect();
+        let sizes: Vec<usize> = entries(&plans, 8).iter().map(|c| c.len()).collect();
+        // 4+4 | 3 | 9 (alone, over the budget) | 1+1
+        assert_eq!(sizes, [2, 1, 1, 2]);
+        let many: Vec<_> = (0..PLAN_BATCH_MAX + 1).map(|_| plan(0)).collect();
+        assert_eq!(entries(&many, 8).iter().map(|c| c.len()).collect::<Vec<_>>(), [PLAN_BATCH_MAX, 1]);
+        assert!(entries(&[], 8).is_empty());
     }
 }

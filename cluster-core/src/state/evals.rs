@@ -68,7 +68,8 @@ impl ClusterState {
 
     /// Commits `plan` for evaluation `id` and moves the evaluation on:
     /// complete when everything was placed, blocked when some instances
-    /// fit nowhere, still pending when placements were refused.
+    /// fit nowhere, still pending when placements were refused or the
+    /// plan was one part of more (`Plan::deferred`).
     pub fn apply_eval_plan(&mut self, id: EvalId, plan: &Plan) -> PlanOutcome {
         let current = self.evals.get(&id).filter(|e| e.status.is_open() && e.job == plan.job);
         let job_version = self.jobs.get(&plan.job).map(|j| j.version);
@@ -76,7 +77,7 @@ impl ClusterState {
             return PlanOutcome::Superseded;
         }
         let applied = self.apply_plan(plan);
-        let status = if !applied.refused.is_empty() {
+        let status = if !applied.refused.is_empty() || plan.is_partial() {
             EvalStatus::Pending
         } else if plan.unplaced_count() > 0 {
             EvalStatus::Blocked
