@@ -74,7 +74,7 @@ enum Command {
     /// Allocations: placed instances.
     #[command(subcommand)]
     Alloc(AllocCommand),
-    /// Cluster operations: Raft membership.
+    /// Cluster operations: Raft membership, the audit trail.
     #[command(subcommand)]
     Operator(OperatorCommand),
     /// Access control: the first token, tokens and policies.
@@ -284,6 +284,18 @@ enum AclPolicyCommand {
 enum OperatorCommand {
     #[command(subcommand)]
     Raft(RaftCommand),
+    /// The audit trail of the server you talk to: every write it received,
+    /// allowed or denied, and every peer offer it decided.
+    Audit {
+        /// Only what happened in this last while (`30m`, `24h`).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        since: Option<Duration>,
+        /// At most this many, the latest.
+        #[arg(long, default_value_t = 1_000)]
+        limit: u64,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -583,6 +595,9 @@ fn main() -> ExitCode {
             AclCommand::Policy(AclPolicyCommand::List { out }) => acl::policy_list(&client, out.json),
             AclCommand::Policy(AclPolicyCommand::Delete { name }) => acl::policy_delete(&client, &name),
         },
+        Command::Operator(OperatorCommand::Audit { since, limit, out }) => {
+            remote::operator_audit(&client, since, limit, out.json)
+        }
         Command::Operator(OperatorCommand::Raft(r)) => match r {
             RaftCommand::ListPeers { out } => remote::list_peers(&client, out.json),
             RaftCommand::AddPeer { id, peer_address } => remote::add_peer(&client, id, &peer_address),

@@ -595,3 +595,41 @@ pub fn server_members(c: &Client, json: bool) -> anyhow::Result<Outcome> {
     println!("term {}, commit {}, applied {}", leader.term, leader.commit, leader.applied);
     Ok(Outcome::Ok)
 }
+
+/// `hanse operator audit`: the trail of the server the client talks to.
+pub fn operator_audit(c: &Client, since: Option<Duration>, limit: u64, json: bool) -> anyhow::Result<Outcome> {
+    use cluster_core::server::audit::AuditRecord;
+    let now = cluster_core::server::unix_ms();
+    let since_ms = since.map_or(0, |d| now.saturating_sub(d.as_millis() as u64));
+    let records: Vec<AuditRecord> =
+        c.get(&format!("/v1/operator/audit?since_ms={since_ms}&limit={limit}")).map_err(api)?;
+    if json {
+        print_json(&records)?;
+        return Ok(Outcome::Ok);
+    }
+    if records.is_empty() {
+        println!("nothing recorded{}", if since.is_some() { " in that time" } else { "" });
+        return Ok(Outcome::Ok);
+    }
+    let mut t = table(&["time", "from", "token", "action", "outcome"]);
+    for r in &records {
+        let from = r.origin.clone().map(|o| format!("cluster {o}")).or_else(|| r.source.clone()).unwrap_or_default();
+        let token = match &r.accessor {
+            Some(a) => format!("{} ({})", r.token, a.get(..8).unwrap_or(a)),
+            None => r.token.clone(),
+        };
+        let action = match &r.object {
+            Some(o) => format!("{} {} ({o})", r.method, r.route),
+            None => format!("{} {}", r.method, r.route),
+        };
+        t.add_row(vec![
+            crate::output::unix_ms_text(r.time_ms),
+            from,
+            token,
+            action,
+            format!("{} {}", r.outcome, r.status),
+        ]);
+    }
+    println!("{t}");
+    Ok(Outcome::Ok)
+}

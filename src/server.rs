@@ -323,6 +323,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         heartbeat_ttl: c.heartbeat_ttl,
         heartbeat_grace: c.heartbeat_grace,
         acl: cluster_core::server::AclOptions { enabled: c.acl, initial_management: None },
+        audit_dir: Some(c.data_dir.join("audit")),
         ..ServerOptions::new(&c.cluster, &c.name)
     };
     let mut raft = RaftConfig::new(c.id, peers);

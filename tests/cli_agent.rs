@@ -670,4 +670,17 @@ fn acl_tokens_and_policies_from_the_cli() {
     let after = hanse_as(&f.http, Some(secret), &["job", "list"]);
     assert_eq!(after.status.code(), Some(1));
     assert!(text(&after).contains("no token of this cluster"), "{}", text(&after));
+
+    // The audit trail: the deployer's denied Raft change, by accessor, and
+    // the revocation; readable with `operator` only.
+    let trail = json(&hanse(&f.http, &["operator", "audit", "--since", "10m", "--json"]));
+    let trail = trail.as_array().unwrap();
+    let denied = trail.iter().find(|r| r["route"] == "/v1/operator/raft/peers" && r["accessor"] == accessor);
+    assert!(denied.is_some_and(|r| r["outcome"] == "denied" && r["status"] == 403), "{trail:?}");
+    let revoked = format!("/v1/acl/tokens/{accessor}");
+    assert!(
+        trail.iter().any(|r| r["method"] == "DELETE" && r["route"] == revoked.as_str() && r["outcome"] == "allowed")
+    );
+    let table = hanse(&f.http, &["operator", "audit"]);
+    assert!(text(&table).contains("denied 403"), "{}", text(&table));
 }

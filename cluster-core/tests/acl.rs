@@ -160,6 +160,7 @@ async fn every_route_refuses_callers_without_a_token_or_capability_and_changes_n
         ("DELETE", "/v1/acl/policies/nothing".into(), None),
         ("GET", "/v1/federation/policy".into(), None),
     ];
+    let write_routes = routes.iter().filter(|(method, _, _)| *method != "GET").count();
     let any_token = ["/v1/status/leader", "/v1/acl/token/self"];
     let secret = nothing.secret.clone();
     blocking(move || {
@@ -190,6 +191,36 @@ async fn every_route_refuses_callers_without_a_token_or_capability_and_changes_n
     .await;
     assert!(state(&c) == snapshot, "a refused request changed the state");
     assert!(!std::path::Path::new("/tmp/hanse-acl-pwned").exists());
+    // Every refused write is in the audit trail, with its source, and
+    // neither secret is anywhere in its files.
+    let admin = c.client();
+    let (powerless, accessor) = (nothing.secret.clone(), nothing.token.accessor.clone());
+    let trail: Vec<Value> = blocking(move || admin.get("/v1/operator/audit?limit=10000").unwrap()).await;
+    let denied = |status: u16, accessor: Option<&str>| {
+        trail
+            .iter()
+            .filter(|r| r["method"] == "PUT" && r["route"] == "/v1/jobs" && r["status"] == status)
+            .filter(|r| r["accessor"].as_str() == accessor && r["outcome"] == "denied")
+            .filter(|r| r["source"].as_str().is_some_and(|s| s.starts_with("127.0.0.1:")))
+            .count()
+    };
+    assert_eq!(denied(401, None), 1, "{trail:?}");
+    assert_eq!(denied(403, None), 1, "an unknown secret");
+    assert_eq!(denied(403, Some(&accessor)), 1, "the powerless token, by accessor");
+    // Each write route was refused three times: no token, an unknown one,
+    // the powerless one.
+    let writes = trail.iter().filter(|r| r["outcome"] == "denied").count();
+    assert_eq!(writes, 3 * write_routes, "every refused write recorded once");
+    let root = c.token().unwrap().to_string();
+    let trail_dir = std::env::temp_dir().join(format!("hanse-acl-{}-routes", std::process::id())).join("audit-s1");
+    let files: Vec<_> = std::fs::read_dir(&trail_dir).expect("the trail's directory").flatten().collect();
+    assert!(!files.is_empty(), "no audit file in {}", trail_dir.display());
+    for entry in files {
+        let bytes = std::fs::read(entry.path()).unwrap();
+        for secret in [&powerless, &root] {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "a secret in {:?}", entry.path());
+        }
+    }
     c.stop().await;
 }
 

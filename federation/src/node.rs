@@ -334,13 +334,17 @@ impl Federation {
                 Action::ProposeThenSend { command, to, reply } => {
                     self.count_decision(&reply);
                     let raft = self.server.raft.clone();
+                    let server = self.server.clone();
                     commits.spawn(async move {
                         match raft.propose(command).await {
                             Ok(Effect::Refused(why)) => {
                                 tracing::debug!(%why, "delegation change refused; nothing sent");
                                 None
                             }
-                            Ok(_) => Some((to, reply)),
+                            Ok(_) => {
+                                audit_decision(&server, &to, &reply);
+                                Some((to, reply))
+                            }
                             Err(e) => {
                                 tracing::debug!(error = %e, "delegation change not committed; nothing sent");
                                 None
@@ -731,4 +735,27 @@ pub async fn run(fed: Arc<Federation>) {
             fed.delegate_overflow().await;
         }
     }
+}
+
+/// Records a peer's offer this cluster decided on (committed, so once) in
+/// the server's audit trail, naming the origin cluster.
+fn audit_decision(server: &Inner, origin: &str, reply: &Message) {
+    let Message::ToOrigin(ToOrigin::Outcome { id, outcome }) = reply else { return };
+    let (status, object) = match outcome {
+        Outcome::Registered { indices } => (200, format!("registered {} instances", indices.len())),
+        Outcome::Refused { reason, message } => (409, format!("refused ({reason:?}): {message}")),
+    };
+    server.audit.record(cluster_core::server::audit::AuditRecord {
+        time_ms: cluster_core::server::unix_ms(),
+        server: format!("{}/{}", server.options.cluster, server.options.name),
+        source: None,
+        accessor: None,
+        token: "peer server certificate".into(),
+        method: "OFFER".into(),
+        route: format!("delegation {id}"),
+        object: Some(object),
+        status,
+        outcome: cluster_core::server::audit::AuditRecord::outcome_of(status).into(),
+        origin: Some(origin.to_string()),
+    });
 }

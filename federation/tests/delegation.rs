@@ -175,6 +175,16 @@ async fn overflow_runs_on_the_peer_by_index_and_is_taken_back_when_the_peer_dies
         g.cluster.server(id).unwrap().raft().read(|s| s.held_of_job(&JobId::new("burst")).count())
     };
     assert_eq!(held(&f.origin), 12);
+    // The target's audit trail names the offer and the cluster it came from.
+    let offers: Vec<_> = f
+        .target
+        .cluster
+        .running()
+        .flat_map(|id| f.target.cluster.server(id).unwrap().inner.audit.read(0, 100))
+        .filter(|a| a.method == "OFFER" && a.route == format!("delegation {}", r.id))
+        .collect();
+    assert_eq!(offers.len(), 1, "one decision, recorded once: {offers:?}");
+    assert_eq!((offers[0].origin.as_deref(), offers[0].outcome.as_str()), (Some("eu-west"), "allowed"));
     // The target dies: after the lease (3 s) and the grace (1 s) without a
     // renewal, the delegation expires and the instances are this
     // cluster's to place again. Not sooner.

@@ -36,9 +36,50 @@ pub type Who = Extension<Arc<Caller>>;
 /// may do everything.
 pub async fn authenticate(
     server: Arc<Inner>,
-    mut request: axum::extract::Request,
+    request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if !writes(request.method()) {
+        return check(&server, request, next).await.0;
+    }
+    // Every write is audited, allowed or denied.
+    let time_ms = super::unix_ms();
+    let (method, route) = (request.method().to_string(), request.uri().path().to_string());
+    let source =
+        request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.to_string());
+    let (response, caller) = check(&server, request, next).await;
+    let status = response.status().as_u16();
+    let (accessor, token) = match &caller {
+        Some(c) => (c.accessor.clone(), c.name.clone()),
+        None => (None, "none or unknown".to_string()),
+    };
+    server.audit.record(super::audit::AuditRecord {
+        time_ms,
+        server: format!("{}/{}", server.options.cluster, server.options.name),
+        source,
+        accessor,
+        token,
+        method,
+        route,
+        object: response.extensions().get::<AuditObject>().map(|o| o.0.clone()),
+        status,
+        outcome: super::audit::AuditRecord::outcome_of(status).into(),
+        origin: None,
+    });
+    response
+}
+
+/// What a write acted on, when its route does not say: a handler puts it
+/// in the response's extensions for the audit trail.
+#[derive(Clone, Debug)]
+pub struct AuditObject(pub String);
+
+/// The token check; also returns the caller it found.
+async fn check(
+    server: &Arc<Inner>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> (Response, Option<Arc<Caller>>) {
     let caller = if !server.options.acl.enabled {
         Caller::management("anyone (ACLs are disabled)")
     } else if open_route(request.uri().path()) {
@@ -52,24 +93,26 @@ pub async fn authenticate(
                 } else {
                     "this cluster has none yet: `hanse acl bootstrap` makes the first"
                 };
-                return ApiError::new(401, format!("this endpoint needs an ACL token; {how}")).into_response();
+                let e = ApiError::new(401, format!("this endpoint needs an ACL token; {how}"));
+                return (e.into_response(), None);
             }
-            Some(secret) => match resolve(&server, &secret, writes(request.method())).await {
+            Some(secret) => match resolve(server, &secret, writes(request.method())).await {
                 Ok(Some(c)) => c,
                 Ok(None) => {
-                    return ApiError::new(
+                    let e = ApiError::new(
                         403,
                         "no token of this cluster has this secret: it was revoked, mistyped, or belongs to \
                          another cluster",
-                    )
-                    .into_response();
+                    );
+                    return (e.into_response(), None);
                 }
-                Err(e) => return e.into_response(),
+                Err(e) => return (e.into_response(), None),
             },
         }
     };
-    request.extensions_mut().insert(Arc::new(caller));
-    next.run(request).await
+    let caller = Arc::new(caller);
+    request.extensions_mut().insert(caller.clone());
+    (next.run(request).await, Some(caller))
 }
 
 /// Routes anyone may call: liveness, and the bootstrap that makes the

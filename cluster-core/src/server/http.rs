@@ -50,6 +50,7 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/operator/raft/peers", get(raft_peers).post(add_peer))
         .route("/v1/operator/raft/peers/{id}", delete(remove_peer))
         .route("/v1/operator/raft/transfer-leader", post(transfer_leader))
+        .route("/v1/operator/audit", get(audit))
         .route("/v1/jobs", get(jobs).put(submit))
         .route("/v1/jobs/plan", post(plan))
         .route("/v1/jobs/{id}", get(job).delete(stop_job))
@@ -141,7 +142,11 @@ async fn accept(listener: tokio::net::TcpListener, app: Router) {
         let app = app.clone();
         let per_client = per_client.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request| app.clone().call(request));
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                // Who is calling, for the audit trail.
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                app.clone().call(request)
+            });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -316,6 +321,23 @@ async fn transfer_leader(State(s): Srv, Extension(who): Who, b: Result<Bytes, By
     ok(s.write(Write::TransferLeader(req.id)).await?)
 }
 
+/// `GET /v1/operator/audit?since_ms=T&limit=N`: this server's audit
+/// trail from unix millisecond T (default: all kept), the latest N (1,000
+/// by default, at most 10,000), oldest first.
+async fn audit(State(s): Srv, Extension(who): Who, q: Q) -> Reply<Vec<super::audit::AuditRecord>> {
+    need(&who, Capability::Operator, "*")?;
+    let number = |k: &str, default: u64| match q.get(k) {
+        Some(v) => v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{k} `{v}` is not a number"))),
+        None => Ok(default),
+    };
+    let (since, limit) = (number("since_ms", 0)?, number("limit", 1_000)?);
+    let server = s.clone();
+    let records = tokio::task::spawn_blocking(move || server.audit.read(since, limit as usize))
+        .await
+        .map_err(|e| ApiError::new(500, format!("reading the audit trail failed: {e}")))?;
+    ok(records)
+}
+
 /// Checks a file sent in a request body with `parse` (job specs here,
 /// policies in the federation); every problem comes back with its line
 /// and column.
@@ -369,14 +391,24 @@ pub async fn dry_run(server: &Inner, job: Job) -> Result<(Job, Plan, PlanReport)
     .map_err(|e| ApiError::new(500, format!("planning failed: {e}")))
 }
 
-async fn submit(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<JobRegistered> {
-    let job = parse(body(b)?)?;
-    need(&who, Capability::Submit, &job.namespace)?;
-    let id = job.id.to_string();
-    match s.write(Write::SubmitJob(job)).await? {
-        WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
-        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+async fn submit(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Response {
+    let mut job_named = None;
+    let mut answer = async {
+        let job = parse(body(b)?)?;
+        job_named = Some(format!("job {}/{}", job.namespace, job.id));
+        need(&who, Capability::Submit, &job.namespace)?;
+        let id = job.id.to_string();
+        match s.write(Write::SubmitJob(job)).await? {
+            WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
+            other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+        }
     }
+    .await
+    .into_response();
+    if let Some(o) = job_named {
+        answer.extensions_mut().insert(super::access::AuditObject(o));
+    }
+    answer
 }
 
 async fn plan(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<PlanReport> {

@@ -172,7 +172,11 @@ impl LocalCluster {
         config.tick = self.raft_tick;
         let transport: Arc<dyn Transport<ServerRpc>> = Arc::new(QuicClient::new(&self.ca.cert_pem, &pair)?);
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let options = ServerOptions { name: format!("s{id}"), ..self.options.clone() };
+        let options = ServerOptions {
+            name: format!("s{id}"),
+            audit_dir: Some(self.dir.join(format!("audit-s{id}"))),
+            ..self.options.clone()
+        };
         let server = Server::start(config, store, transport, options, &logger)?;
         let quic = QuicServer::bind::<ServerRpc>(self.raft_addrs[&id], &self.ca.cert_pem, &pair, server.handler())?;
         let late = LateRoutes::default();

@@ -13,6 +13,7 @@
 pub mod access;
 pub mod agents;
 pub mod api;
+pub mod audit;
 pub mod broker;
 pub mod client;
 pub mod heartbeat;
@@ -69,6 +70,9 @@ pub struct ServerOptions {
     /// `localhost` (requests naming any other host are refused).
     pub http_hosts: Vec<String>,
     pub acl: AclOptions,
+    /// Where the audit trail is written (see [`audit`]); in memory when
+    /// `None`.
+    pub audit_dir: Option<std::path::PathBuf>,
 }
 
 /// How a server checks the API's callers (see [`crate::acl`]).
@@ -110,6 +114,7 @@ impl ServerOptions {
             scheduler: SchedulerConfig::default(),
             http_hosts: Vec::new(),
             acl: AclOptions::default(),
+            audit_dir: None,
         }
     }
 }
@@ -135,6 +140,8 @@ const SMALL_JOB: u64 = 1_000;
 /// What every part of a server shares.
 pub struct Inner {
     pub id: RaftId,
+    /// Every write received here, allowed or denied (see [`audit`]).
+    pub audit: audit::AuditLog,
     pub options: ServerOptions,
     pub raft: RaftHandle,
     transport: Arc<dyn Transport<ServerRpc>>,
@@ -197,11 +204,14 @@ impl Server {
         logger: &slog::Logger,
     ) -> Result<Server, StoreError> {
         let id = config.id;
+        let audit = audit::AuditLog::open(options.audit_dir.as_deref())
+            .map_err(|e| StoreError::Db(format!("cannot open the audit trail in {:?}: {e}", options.audit_dir)))?;
         let (raft, raft_task) = start_raft(config, store, Arc::new(RaftOver(transport.clone())), logger)?;
         let heartbeats =
             Heartbeats::new(options.heartbeat_ttl.as_millis() as u64, options.heartbeat_grace.as_millis() as u64);
         let inner = Arc::new(Inner {
             id,
+            audit,
             options,
             raft: raft.clone(),
             transport,
