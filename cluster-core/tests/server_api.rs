@@ -450,6 +450,13 @@ async fn slow_clients_are_cut_off_and_one_address_holds_a_bounded_share() {
     let addr = c.http_addrs[&1];
     let client = c.client_of(1);
     blocking(move || {
+        // A keep-alive connection left idle after one answer is closed too.
+        let mut idle = std::net::TcpStream::connect(addr).unwrap();
+        idle.write_all(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut first = [0u8; 4096];
+        let n = idle.read(&mut first).unwrap();
+        assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..n]));
+        let idle_since = Instant::now();
         let started = Instant::now();
         let mut slow = std::net::TcpStream::connect(addr).unwrap();
         slow.write_all(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
@@ -463,6 +470,17 @@ async fn slow_clients_are_cut_off_and_one_address_holds_a_bounded_share() {
         assert!(cut, "the slow connection was not closed");
         assert!(waited < HEADER_READ_TIMEOUT + Duration::from_secs(5), "cut off only after {waited:?}");
         assert!(waited + Duration::from_secs(1) >= HEADER_READ_TIMEOUT, "cut off early, after {waited:?}");
+        idle.set_read_timeout(Some(HEADER_READ_TIMEOUT + Duration::from_secs(5))).unwrap();
+        let closed = match idle.read(&mut first) {
+            Ok(n) => n == 0,
+            Err(e) => reset(&e),
+        };
+        assert!(closed, "an idle keep-alive connection was kept open");
+        assert!(
+            idle_since.elapsed() < HEADER_READ_TIMEOUT + Duration::from_secs(5),
+            "closed after {:?}",
+            idle_since.elapsed()
+        );
 
         let held: Vec<std::net::TcpStream> =
             (0..CONNECTIONS_PER_CLIENT_MAX).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();

@@ -99,7 +99,9 @@ pub async fn serve_with(
 }
 
 /// A client that sends no complete request head within this is cut off
-/// (slowloris, security review row 18).
+/// (slowloris, security review row 18); hyper starts the same timer when a
+/// keep-alive connection goes idle after an answer, so it is also the
+/// idle timeout (`tests/server_api.rs` checks both).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; past it a new one is closed at once.
 pub const CONNECTIONS_MAX: usize = 4_096;
