@@ -110,10 +110,10 @@ fn main() {
     )
     .unwrap();
     let _server = spawn(&dir, "s1", &["server", "--config", "s1.toml"]);
-    let anonymous = Client::new(&http);
+    let anonymous = Client::new(&http).with_ca(&ca.cert_pem).unwrap();
     wait_for(Duration::from_secs(30), "a leader", || anonymous.health().is_ok_and(|h| !h["leader"].is_null()));
     let token = anonymous.bootstrap(None).expect("the ACLs bootstrap").secret;
-    let c = Client::new(&http).with_token(Some(&token));
+    let c = anonymous.clone().with_token(Some(&token));
     let a_config = agent_config(&dir, &ca, "node-a", quic);
     let mut a = Some(spawn(&dir, "node-a", &["agent", "--config", &a_config]));
     wait_for(Duration::from_secs(30), "node-a ready", || ready(&c, "node-a"));

@@ -168,6 +168,8 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
     } else {
         cluster_core::private::private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    // A temporary directory goes whichever way this ends, an error included.
+    let _scratch = Scratch(if temp && !a.keep { Some(dir.clone()) } else { None });
     std::fs::create_dir_all(dir.join("pki")).with_context(|| format!("cannot create {}", dir.display()))?;
     let ca = tls::create_ca("hanse-dev", 30)?;
     std::fs::write(dir.join("pki/ca.pem"), &ca.cert_pem)?;
@@ -244,12 +246,13 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
     if !a.no_demo {
         let names = names.clone();
         let addrs = addrs.clone();
-        let token = token.clone();
-        tokio::task::spawn_blocking(move || demo(&names, &addrs, &token, began)).await??;
+        let (token, ca) = (token.clone(), ca.cert_pem.clone());
+        tokio::task::spawn_blocking(move || demo(&names, &addrs, &token, &ca, began)).await??;
     }
     println!("\nThe federation stays up; in another terminal:");
     println!("  export HANSE_ADDR={}", addrs[0]);
     println!("  export HANSE_TOKEN={token}    # a management token of every cluster here");
+    println!("  export HANSE_CACERT={}    # the CA that signed the servers' HTTPS", dir.join("pki/ca.pem").display());
     println!("  hanse federation members");
     println!("  hanse job run examples/jobs/thumbnails.toml   # overflows to a peer");
     println!("  hanse job status thumbnails");
@@ -271,6 +274,17 @@ pub async fn run(a: DevArgs) -> anyhow::Result<Outcome> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(Outcome::Ok)
+}
+
+/// Removes a directory when dropped.
+struct Scratch(Option<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 /// The secret of the demo's management token, the same in every cluster:
@@ -311,8 +325,11 @@ fn burst_spec(cores: u64) -> String {
 
 /// Submits the burst to the first cluster (the edge job to the edge),
 /// prints each placement and delegation as it happens, then sums up.
-fn demo(names: &[String], addrs: &[String], token: &str, began: Instant) -> anyhow::Result<()> {
-    let clients: Vec<Client> = addrs.iter().map(|a| Client::new(a).with_token(Some(token))).collect();
+fn demo(names: &[String], addrs: &[String], token: &str, ca: &str, began: Instant) -> anyhow::Result<()> {
+    let clients = addrs
+        .iter()
+        .map(|a| Client::new(a).with_token(Some(token)).with_ca(ca).map_err(api))
+        .collect::<anyhow::Result<Vec<Client>>>()?;
     let home = &clients[0];
     let cores: u64 = home.nodes().map_err(api)?.iter().map(|n| n.cpu_millis / 1000).sum();
     let mut jobs: Vec<(usize, String, String)> = Vec::new(); // (cluster, file, spec)

@@ -32,6 +32,10 @@ struct Cli {
     /// `hanse dev` prints one).
     #[arg(long, global = true, env = "HANSE_TOKEN", hide_env_values = true, value_name = "SECRET")]
     token: Option<String>,
+    /// The federation's CA certificate, to verify the servers' HTTPS
+    /// (`hanse dev` prints one; `pki/ca.pem` from `hanse tls ca create`).
+    #[arg(long, global = true, env = "HANSE_CACERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -368,6 +372,10 @@ enum CertCommand {
         out_dir: PathBuf,
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// A DNS name or IP address the server's HTTPS API is reached by,
+        /// besides localhost, 127.0.0.1 and ::1 (repeat for several).
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
     },
 }
 
@@ -525,15 +533,27 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    let client = cluster_core::server::client::Client::new(&cli.address).with_token(cli.token.as_deref());
+    let mut client = cluster_core::server::client::Client::new(&cli.address).with_token(cli.token.as_deref());
+    if let Some(path) = &cli.ca_cert {
+        let ca = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the CA certificate {} (--ca-cert, HANSE_CACERT): {e}", path.display()))
+            .and_then(|pem| client.clone().with_ca(&pem).map_err(|e| format!("{}: {e}", path.display())));
+        match ca {
+            Ok(c) => client = c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     let result = match cli.command {
         Command::Federation(FederationCommand::Keygen { out }) => federation::keygen(out.as_deref()),
         Command::Federation(FederationCommand::Delegations { out }) => remote::delegations(&client, out.json),
         Command::Tls(TlsCommand::Ca(CaCommand::Create { federation, dir, days })) => {
             tls::ca_create(&federation, &dir, days)
         }
-        Command::Tls(TlsCommand::Cert(CertCommand::Create { cluster, role, name, ca_dir, out_dir, days })) => {
-            tls::cert_create(tls::CertArgs { cluster, role, name, ca_dir, out_dir, days })
+        Command::Tls(TlsCommand::Cert(CertCommand::Create { cluster, role, name, ca_dir, out_dir, days, sans })) => {
+            tls::cert_create(tls::CertArgs { cluster, role, name, ca_dir, out_dir, days, sans })
         }
         Command::Server { members: Some(ServerCommand::Members { out }), .. } => {
             remote::server_members(&client, out.json)

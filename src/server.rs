@@ -10,6 +10,7 @@
 //! bind = "127.0.0.1:4701"     # QUIC: Raft and forwarded writes
 //! http = "127.0.0.1:4646"     # the HTTP API (default 127.0.0.1:4646)
 //! http_hosts = ["hanse.internal"] # names the API answers to besides IPs and localhost
+//! http_tls = true             # the default: HTTPS with [tls] cert; false serves plain HTTP (warned)
 //! heartbeat_ttl = "10s"       # nodes heartbeat this often...
 //! heartbeat_grace = "10s"     # ...and are down after TTL + grace of silence
 //! workers = 1                 # scheduler workers on the leader (default: half the cores)
@@ -86,6 +87,8 @@ pub struct ServerConfig {
     pub policy: Option<PathBuf>,
     /// Whether the API asks for ACL tokens (`[acl] enabled`, default true).
     pub acl: bool,
+    /// Whether the API serves HTTPS (`http_tls`, default true).
+    pub http_tls: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +125,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
         let name = read_label(&mut s, d, "name", "\"s1\"");
         let cluster = read_label(&mut s, d, "cluster", "\"eu-west\"");
         let region = s.str(d, "region").map_or_else(String::new, |(r, _)| r.to_string());
+        let http_tls = s.bool(d, "http_tls").is_none_or(|(t, _)| t);
         let id = match s.int(d, "id") {
             Some((n, _)) if n > 0 => Some(n as u64),
             Some((n, span)) => {
@@ -235,6 +239,7 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             gossip,
             policy,
             acl,
+            http_tls,
         })
     })
 }
@@ -324,6 +329,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         heartbeat_grace: c.heartbeat_grace,
         acl: cluster_core::server::AclOptions { enabled: c.acl, initial_management: None },
         audit_dir: Some(c.data_dir.join("audit")),
+        http_tls: c.http_tls,
         ..ServerOptions::new(&c.cluster, &c.name)
     };
     let mut raft = RaftConfig::new(c.id, peers);
@@ -370,13 +376,18 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         }
         _ => None,
     };
-    let (api, api_task) = http::serve_with(server.inner.clone(), c.http, extra)
+    let tls = match c.http_tls {
+        true => Some(Arc::new(tls::http_server_config(&pair).context("the API's HTTPS with the [tls] certificate")?)),
+        false => None,
+    };
+    let scheme = if c.http_tls { "https" } else { "http" };
+    let (api, api_task) = http::serve_with(server.inner.clone(), c.http, extra, tls)
         .await
         .with_context(|| format!("cannot serve the API on {}", c.http))?;
     let me = Identity::new(&c.cluster, Role::Server, &c.name);
     let region = if c.region.is_empty() { String::new() } else { format!(" in {}", c.region) };
     println!(
-        "server {me}{region} (raft id {}) listening on {}, API on http://{api}, data in {}",
+        "server {me}{region} (raft id {}) listening on {}, API on {scheme}://{api}, data in {}",
         c.id,
         endpoint.local_addr(),
         c.data_dir.display()

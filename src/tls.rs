@@ -31,6 +31,8 @@ pub struct CertArgs {
     pub ca_dir: PathBuf,
     pub out_dir: PathBuf,
     pub days: u32,
+    /// More names a server's API is reached by (DNS names or IPs).
+    pub sans: Vec<String>,
 }
 
 pub fn cert_create(a: CertArgs) -> anyhow::Result<Outcome> {
@@ -41,7 +43,11 @@ pub fn cert_create(a: CertArgs) -> anyhow::Result<Outcome> {
     let stem = format!("{}-{}-{}", a.cluster, a.role, a.name);
     let (cert, key) = (a.out_dir.join(format!("{stem}.pem")), a.out_dir.join(format!("{stem}-key.pem")));
     refuse_existing(&[&cert, &key])?;
-    let PemPair { cert_pem, key_pem } = tls::issue(&ca, &identity, a.days)?;
+    anyhow::ensure!(
+        a.sans.is_empty() || a.role == Role::Server,
+        "--san names an API server; an agent's certificate carries none"
+    );
+    let PemPair { cert_pem, key_pem } = tls::issue_with_names(&ca, &identity, a.days, &a.sans)?;
     write_private(&key, &key_pem)?;
     write_public(&cert, &cert_pem)?;
     println!(

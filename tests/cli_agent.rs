@@ -132,6 +132,7 @@ impl Fixture {
         .unwrap();
         let server = spawn(&dir, "s1", &["server", "--config", config.to_str().unwrap()]);
         let f = Fixture { dir, http, quic, ca, _server: server };
+        common::trust(&f.http, &f.dir.join("pki/ca.pem"));
         common::bootstrap(&f.http, Duration::from_secs(20));
         f
     }
@@ -623,7 +624,7 @@ fn acl_tokens_and_policies_from_the_cli() {
     use common::hanse_as;
     let f = Fixture::new("acl");
     // Refused before the log: a refused bootstrap costs no entry.
-    let leader = || cluster_core::server::client::Client::new(&f.http).with_token(Some(common::TOKEN)).leader();
+    let leader = || common::client(&f.http).leader();
     let before = leader().unwrap().commit;
     for _ in 0..5 {
         let again = hanse_as(&f.http, None, &["acl", "bootstrap"]);

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{hanse_as, json, text};
+use common::{hanse_with, json, text};
 
 struct Bg(Child);
 
@@ -51,9 +51,9 @@ fn dev_runs_a_federation_whose_overflow_lands_in_a_peer() {
     // then the management token to export.
     let mut data_dir = None;
     let mut addrs: Vec<(String, String)> = Vec::new();
-    let mut token = None;
+    let (mut token, mut ca) = (None, None);
     let start = Instant::now();
-    while addrs.len() < 3 || token.is_none() {
+    while addrs.len() < 3 || token.is_none() || ca.is_none() {
         let left = Duration::from_secs(90).saturating_sub(start.elapsed());
         let line = rx.recv_timeout(left).expect("hanse dev printed its clusters within 90 s");
         if let Some(d) = line.split("data in ").nth(1) {
@@ -65,16 +65,19 @@ fn dev_runs_a_federation_whose_overflow_lands_in_a_peer() {
         if let Some(t) = line.split("export HANSE_TOKEN=").nth(1) {
             token = t.split_whitespace().next().map(str::to_string);
         }
+        if let Some(c) = line.split("export HANSE_CACERT=").nth(1) {
+            ca = c.split_whitespace().next().map(std::path::PathBuf::from);
+        }
     }
-    let token = token.unwrap();
-    let hanse = |address: &str, args: &[&str]| hanse_as(address, Some(&token), args);
+    let (token, ca) = (token.unwrap(), ca.unwrap());
+    let hanse = |address: &str, args: &[&str]| hanse_with(address, Some(&token), Some(&ca), args);
     let names: Vec<&str> = addrs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["eu-west", "us-east", "edge-1"]);
     let data_dir = data_dir.expect("the data directory is printed");
     assert!(data_dir.exists());
     let eu = addrs[0].1.clone();
     // Secure by default, dev included: no token, no answer.
-    let anonymous = hanse_as(&eu, None, &["job", "list"]);
+    let anonymous = hanse_with(&eu, None, Some(&ca), &["job", "list"]);
     assert_eq!(anonymous.status.code(), Some(1), "{}", text(&anonymous));
     assert!(text(&anonymous).contains("needs an ACL token"), "{}", text(&anonymous));
 

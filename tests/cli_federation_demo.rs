@@ -20,10 +20,11 @@ impl Drop for Demo {
     }
 }
 
-fn hanse_with(token: &str, args: &[&str]) -> std::process::Output {
+fn hanse_with(token: &str, ca: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_hanse"))
         .env("HANSE_ADDR", "127.0.0.1:4661")
         .env("HANSE_TOKEN", token)
+        .env("HANSE_CACERT", ca)
         .args(args)
         .output()
         .unwrap()
@@ -45,9 +46,11 @@ fn the_federation_demo_delegates_overflow_and_keeps_eu_work_in_the_eu() {
     assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
     // The script bootstraps every cluster with one management secret.
     let token = std::fs::read_to_string(work.join("token")).expect("start.sh wrote the token").trim().to_string();
-    let hanse = |args: &[&str]| hanse_with(&token, args);
+    let ca = work.join("pki/ca.pem");
+    let hanse = |args: &[&str]| hanse_with(&token, &ca, args);
     let anonymous = Command::new(env!("CARGO_BIN_EXE_hanse"))
         .env("HANSE_ADDR", "127.0.0.1:4662")
+        .env("HANSE_CACERT", work.join("pki/ca.pem"))
         .env_remove("HANSE_TOKEN")
         .args(["job", "list"])
         .output()

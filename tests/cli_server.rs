@@ -184,10 +184,12 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
     let mut procs: Vec<Option<Proc>> = configs[..3].iter().map(|c| Some(Proc::start(c))).collect();
     let (leader, _) = agreed(&live(&procs), Duration::from_secs(20), None);
     let all = http[..3].join(",");
+    common::trust(&http.join(","), &_dir.0.join("pki/ca.pem"));
     bootstrap(&all, Duration::from_secs(20));
     let _nodes = Bg(Command::new(env!("CARGO_BIN_EXE_hanse"))
         .env("HANSE_ADDR", &all)
         .env("HANSE_TOKEN", TOKEN)
+        .env("HANSE_CACERT", _dir.0.join("pki/ca.pem"))
         .args(["node", "simulate", "--fleet", &example("fleets/eu-west.toml"), "--count", "200"])
         .stdout(Stdio::null())
         .spawn()
@@ -223,7 +225,7 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
     let burst = {
         let (all, acked) = (all.clone(), acked.clone());
         std::thread::spawn(move || {
-            let client = cluster_core::server::client::Client::new(&all).with_token(Some(TOKEN));
+            let client = common::client(&all);
             let text = std::fs::read_to_string(example("jobs/analytics-eu.toml")).unwrap();
             for n in 0..60 {
                 let spec = text.replacen("name = \"clickstream-rollup\"", &format!("name = \"burst-{n}\""), 1);
@@ -240,7 +242,7 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
     assert!(acked.len() > 20, "submissions went on after the kill: {}", acked.len());
     let survivors: String =
         (1..=3).filter(|i| *i != leader as usize).map(|i| http[i - 1].clone()).collect::<Vec<_>>().join(",");
-    let client = cluster_core::server::client::Client::new(&survivors).with_token(Some(TOKEN));
+    let client = common::client(&survivors);
     for name in &acked {
         eventually(Duration::from_secs(30), &format!("{name} known and evaluated"), || {
             client.job(name).is_ok_and(|s| s.eval.is_some_and(|e| e.status != "pending"))
@@ -254,6 +256,7 @@ fn operator_raft_adds_and_removes_a_server() {
     let procs: Vec<Option<Proc>> = configs[..3].iter().map(|c| Some(Proc::start(c))).collect();
     agreed(&live(&procs), Duration::from_secs(20), None);
     let all = http[..3].join(",");
+    common::trust(&http.join(","), &_dir.0.join("pki/ca.pem"));
     bootstrap(&all, Duration::from_secs(20));
     let text = std::fs::read_to_string(&configs[3]).unwrap();
     let bind = text.lines().find_map(|l| l.strip_prefix("bind = ")).unwrap().trim_matches('"').to_string();
@@ -266,10 +269,7 @@ fn operator_raft_adds_and_removes_a_server() {
     let run = hanse(&all, &["job", "run", "--detach", &example("jobs/edge-inference.toml")]);
     assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stderr));
     eventually(Duration::from_secs(10), "the job replicated to the new server", || {
-        cluster_core::server::client::Client::new(&http[3])
-            .with_token(Some(TOKEN))
-            .get::<Vec<serde_json::Value>>("/v1/jobs?stale=true")
-            .is_ok_and(|jobs| jobs.len() == 1)
+        common::client(&http[3]).get::<Vec<serde_json::Value>>("/v1/jobs?stale=true").is_ok_and(|jobs| jobs.len() == 1)
     });
     let remove = hanse(&all, &["operator", "raft", "remove-peer", "--id", "4"]);
     assert_eq!(remove.status.code(), Some(0), "{}", String::from_utf8_lossy(&remove.stderr));

@@ -3,8 +3,8 @@
 //! from the repository's root, and must exit 0 (or the code the marker
 //! names: `<!-- readme-test: exit 2 -->`). Blocks marked `while hanse dev`
 //! run while `hanse dev` (its defaults, as the README starts it) is up;
-//! in them, a line `export HANSE_TOKEN=...` gets the secret dev printed,
-//! as a reader pastes it, and the `export`s of the blocks before carry
+//! in them, a line `export HANSE_TOKEN=...` or `export HANSE_CACERT=...`
+//! gets what dev printed, as a reader pastes it, and the `export`s of the blocks before carry
 //! over, as in the reader's terminal.
 //!
 //! The blocks run as written, but on this build's binary: `cargo run
@@ -70,7 +70,8 @@ fn as_built(code: &str) -> String {
         .join("\n")
 }
 
-struct Dev(Child, String);
+/// `hanse dev`, and the `export` lines it printed, by variable.
+struct Dev(Child, std::collections::BTreeMap<String, String>);
 
 impl Dev {
     /// Starts `hanse dev` and waits until its demo is over.
@@ -88,16 +89,18 @@ impl Dev {
                 let _ = tx.send(line);
             }
         });
-        let mut dev = Dev(child, String::new());
+        let mut dev = Dev(child, Default::default());
         let start = Instant::now();
         loop {
             let left = Duration::from_secs(180).saturating_sub(start.elapsed());
             let line = rx.recv_timeout(left).expect("hanse dev finished its demo within 180 s");
-            if let Some(t) = line.split("export HANSE_TOKEN=").nth(1) {
-                dev.1 = t.split_whitespace().next().unwrap_or_default().to_string();
+            if let Some((name, value)) = line.trim().strip_prefix("export ").and_then(|e| e.split_once('=')) {
+                dev.1.insert(name.to_string(), value.split_whitespace().next().unwrap_or_default().to_string());
             }
             if line.starts_with("Ctrl-C stops it") {
-                assert!(!dev.1.is_empty(), "hanse dev printed no HANSE_TOKEN");
+                for v in ["HANSE_TOKEN", "HANSE_CACERT"] {
+                    assert!(dev.1.contains_key(v), "hanse dev printed no {v}");
+                }
                 return dev;
             }
         }
@@ -152,9 +155,14 @@ fn the_readme_runs_as_written() {
         if let Some(d) = dev.as_ref().filter(|_| b.with_dev) {
             code = code
                 .lines()
-                .map(|l| match l.trim_start().starts_with("export HANSE_TOKEN=") {
-                    true => format!("export HANSE_TOKEN={}", d.1),
-                    false => l.to_string(),
+                .map(|l| {
+                    let pasted = ["HANSE_TOKEN", "HANSE_CACERT"]
+                        .into_iter()
+                        .find(|v| l.trim_start().starts_with(&format!("export {v}=")));
+                    match pasted {
+                        Some(v) => format!("export {v}={}", d.1[v]),
+                        None => l.to_string(),
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join("\n");

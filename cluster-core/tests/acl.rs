@@ -42,8 +42,10 @@ fn spec(name: &str, namespace: &str, driver: &str) -> String {
     )
 }
 
+/// A cluster serving plain HTTP: these tests speak raw HTTP to it.
 async fn start(name: &str, servers: u64) -> LocalCluster {
-    let c = LocalCluster::start(name, &dir(name), servers, ServerOptions::new(name, "s"), Duration::from_millis(100))
+    let options = ServerOptions { http_tls: false, ..ServerOptions::new(name, "s") };
+    let c = LocalCluster::start(name, &dir(name), servers, options, Duration::from_millis(100))
         .await
         .expect("the cluster starts");
     c.leader(Duration::from_secs(10)).await.expect("a leader");

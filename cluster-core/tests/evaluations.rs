@@ -256,6 +256,25 @@ fn a_job_bigger_than_one_plan_is_planned_in_parts_and_never_stalls() {
     assert!(s.allocs_of_job(&JobId::new("big")).all(|a| a.desired == cluster_core::model::DesiredStatus::Stop));
 }
 
+/// A part that places nothing (the cluster is full) blocks the evaluation
+/// like any unplaceable work, rather than asking again forever; capacity
+/// brings it back.
+#[test]
+fn a_part_that_places_nothing_blocks_until_capacity_appears() {
+    let mut s = state(1);
+    let config = SchedulerConfig { max_changes_per_plan: 7, ..SchedulerConfig::default() };
+    let big = register(&mut s, &job("big", 30, "4"));
+    let job = s.job(&JobId::new("big")).unwrap().clone();
+    let first = schedule(&s, &job, &config);
+    assert!(first.is_partial());
+    s.apply(&Command::ApplyPlans(vec![(big, first)]));
+    assert_eq!(s.eval(big).unwrap().status, EvalStatus::Pending, "one placed: the next part follows");
+    let second = schedule(&s, &job, &config);
+    assert!(second.is_partial() && second.placements.is_empty());
+    s.apply(&Command::ApplyPlans(vec![(big, second)]));
+    assert_eq!(s.eval(big).unwrap().status, EvalStatus::Blocked, "the cluster is full");
+}
+
 /// The longest names a spec and a node may carry, in a plan of the
 /// default size, still fit one log entry.
 #[test]

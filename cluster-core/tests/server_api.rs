@@ -66,8 +66,11 @@ resources = {{ cpu = "{cpu}", memory = "256MiB" }}
     )
 }
 
+/// A 3-server cluster serving plain HTTP: these tests speak raw HTTP to
+/// it (HTTPS has its own test).
 async fn start(name: &str, ttl: Duration, grace: Duration) -> LocalCluster {
-    let options = ServerOptions { heartbeat_ttl: ttl, heartbeat_grace: grace, ..ServerOptions::new(name, "s") };
+    let options =
+        ServerOptions { heartbeat_ttl: ttl, heartbeat_grace: grace, http_tls: false, ..ServerOptions::new(name, "s") };
     let c =
         LocalCluster::start(name, &dir(name), 3, options, Duration::from_millis(100)).await.expect("cluster starts");
     c.leader(Duration::from_secs(10)).await.expect("a leader within 10 s");
@@ -379,7 +382,8 @@ async fn bad_requests_get_4xx_with_a_message_a_person_can_act_on() {
 /// JSON. The CLI's own requests, and names listed in `http_hosts`, pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_a_web_page_could_send_are_refused_and_change_nothing() {
-    let options = ServerOptions { http_hosts: vec!["hanse.internal".into()], ..ServerOptions::new("web", "s") };
+    let options =
+        ServerOptions { http_hosts: vec!["hanse.internal".into()], http_tls: false, ..ServerOptions::new("web", "s") };
     let c = LocalCluster::start("web", &dir("web"), 1, options, Duration::from_millis(100)).await.expect("starts");
     c.leader(Duration::from_secs(10)).await.expect("a leader");
     let addr = c.http_addrs[&1];
@@ -443,9 +447,8 @@ async fn requests_a_web_page_could_send_are_refused_and_change_nothing() {
 async fn slow_clients_are_cut_off_and_one_address_holds_a_bounded_share() {
     use cluster_core::server::http::{CONNECTIONS_PER_CLIENT_MAX, HEADER_READ_TIMEOUT};
     use std::io::{Read, Write};
-    let c = LocalCluster::start("slow", &dir("slow"), 1, ServerOptions::new("slow", "s"), Duration::from_millis(100))
-        .await
-        .expect("starts");
+    let options = ServerOptions { http_tls: false, ..ServerOptions::new("slow", "s") };
+    let c = LocalCluster::start("slow", &dir("slow"), 1, options, Duration::from_millis(100)).await.expect("starts");
     c.leader(Duration::from_secs(10)).await.expect("a leader");
     let addr = c.http_addrs[&1];
     let client = c.client_of(1);
@@ -555,6 +558,47 @@ async fn a_job_whose_plan_is_over_the_entry_limit_is_placed_in_parts_and_blocks_
             .and_then(|v| v.trim().parse().ok())
             .expect("the plans counter");
         assert!(applied >= 2.0, "planned in parts: {applied} plans");
+    })
+    .await;
+    c.stop().await;
+}
+
+/// The API serves HTTPS by default, with the server's certificate from the
+/// federation CA: a client that trusts that CA gets answers; plain HTTP,
+/// a client trusting no CA or another CA's get none, with a hint; a client
+/// that never completes its TLS handshake is cut off like a slow one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_speaks_https_signed_by_the_federation_ca() {
+    use cluster_core::server::http::HEADER_READ_TIMEOUT;
+    use std::io::Read;
+    let c =
+        LocalCluster::start("https", &dir("https"), 1, ServerOptions::new("https", "s"), Duration::from_millis(100))
+            .await
+            .expect("starts");
+    c.leader(Duration::from_secs(10)).await.expect("a leader");
+    let (client, addr, url) = (c.client(), c.http_addrs[&1], c.url(1));
+    let token = c.token().unwrap().to_string();
+    let other_ca = cluster_core::transport::tls::create_ca("other", 1).unwrap();
+    blocking(move || {
+        assert!(url.starts_with("https://"), "{url}");
+        assert!(client.health().is_ok(), "a client with the CA");
+        client.register_nodes(&fleet(1)).expect("a write over HTTPS");
+        let plain = Client::new(&addr.to_string()).with_token(Some(&token)).health().unwrap_err();
+        assert!(plain.to_string().contains("HANSE_CACERT"), "{plain}");
+        let no_ca = Client::new(&url).with_token(Some(&token)).health().unwrap_err();
+        assert!(no_ca.to_string().contains("HANSE_CACERT"), "{no_ca}");
+        let wrong = Client::new(&url).with_ca(&other_ca.cert_pem).unwrap().health().unwrap_err();
+        assert!(wrong.to_string().contains("HANSE_CACERT"), "{wrong}");
+        // A TCP connection that never starts its handshake is closed.
+        let started = Instant::now();
+        let mut silent = std::net::TcpStream::connect(addr).unwrap();
+        silent.set_read_timeout(Some(HEADER_READ_TIMEOUT + Duration::from_secs(10))).unwrap();
+        let mut byte = [0u8; 1];
+        let closed = match silent.read(&mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(closed && started.elapsed() < HEADER_READ_TIMEOUT + Duration::from_secs(5), "{:?}", started.elapsed());
     })
     .await;
     c.stop().await;

@@ -27,7 +27,7 @@ port() { case $1 in eu-west) echo 4661;; us-east) echo 4662;; edge-1) echo 4663;
 # One management secret for the three clusters' ACLs (each bootstraps
 # with it once), kept where only this user reads it.
 (umask 077; od -An -N16 -tx1 /dev/urandom | tr -d ' \n' > token)
-export HANSE_TOKEN=$(cat token)
+export HANSE_TOKEN=$(cat token) HANSE_CACERT=$work/pki/ca.pem
 for c in eu-west us-east edge-1; do
   "$hanse" --address 127.0.0.1:$(port $c) acl bootstrap --secret-file token > /dev/null
 done
@@ -42,4 +42,5 @@ sleep 2
 echo "three clusters up; state and logs in $work"
 for c in eu-west us-east edge-1; do echo "  $c: HANSE_ADDR=127.0.0.1:$(port $c)"; done
 echo "  every cluster's management token: export HANSE_TOKEN=\$(cat $work/token)"
+echo "  the CA of their HTTPS APIs:        export HANSE_CACERT=$work/pki/ca.pem"
 echo "stop: kill \$(cat $work/pids)"

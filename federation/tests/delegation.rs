@@ -587,11 +587,10 @@ async fn a_policy_committed_through_the_log_is_the_one_every_server_applies() {
     // and the policy in force stays.
     let before = follower.policy();
     let admin = f.origin.cluster.client();
-    let base = f.origin.cluster.addresses().split(',').next().unwrap().to_string();
     let open = policy("eu-west", "\"eu\"", &[("eu-central", true, true)], "\n[inbound]\nmax_share_of_capacity = 1.0\n");
     tokio::task::spawn_blocking(move || {
         let body = serde_json::json!({"policy": open, "source": "open.toml"});
-        let anonymous = cluster_core::server::client::Client::new(&base);
+        let anonymous = admin.clone().with_token(None);
         let e = anonymous.put::<serde_json::Value>("/v1/federation/policy", &body).unwrap_err();
         assert_eq!(e.status(), Some(401), "{e}");
         let _: serde_json::Value = admin

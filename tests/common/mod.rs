@@ -2,7 +2,10 @@
 //! token, bootstrapping a server they started, and bounded waits.
 #![allow(dead_code)] // each test file uses its own part
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cluster_core::server::client::Client;
@@ -11,19 +14,54 @@ use serde_json::Value;
 /// The management secret every cluster a test starts is bootstrapped with.
 pub const TOKEN: &str = "hanse-test-management-0000";
 
-/// Runs `hanse ARGS` against `address` with [`TOKEN`].
+/// The CA each test server's API certificate comes from, by address.
+static CAS: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+
+/// Says which CA signed the servers at `address` (one or several,
+/// comma-separated): [`hanse`] and [`bootstrap`] then verify their HTTPS.
+pub fn trust(address: &str, ca: &Path) {
+    let mut cas = CAS.lock().unwrap();
+    let cas = cas.get_or_insert_with(HashMap::new);
+    for a in address.split(',') {
+        cas.insert(a.to_string(), ca.to_path_buf());
+    }
+}
+
+fn ca_of(address: &str) -> Option<PathBuf> {
+    CAS.lock().unwrap().as_ref()?.get(address.split(',').next()?).cloned()
+}
+
+/// Runs `hanse ARGS` against `address` with [`TOKEN`] (and the CA given
+/// to [`trust`]).
 pub fn hanse(address: &str, args: &[&str]) -> Output {
     hanse_as(address, Some(TOKEN), args)
 }
 
 /// Runs `hanse ARGS` against `address` with `token` (or none).
 pub fn hanse_as(address: &str, token: Option<&str>, args: &[&str]) -> Output {
+    hanse_with(address, token, ca_of(address).as_deref(), args)
+}
+
+/// Runs `hanse ARGS` against `address` with `token` and `ca` (or none).
+pub fn hanse_with(address: &str, token: Option<&str>, ca: Option<&Path>, args: &[&str]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hanse"));
-    c.env("HANSE_ADDR", address).env_remove("HANSE_TOKEN").args(args);
+    c.env("HANSE_ADDR", address).env_remove("HANSE_TOKEN").env_remove("HANSE_CACERT").args(args);
     if let Some(t) = token {
         c.env("HANSE_TOKEN", t);
     }
+    if let Some(ca) = ca {
+        c.env("HANSE_CACERT", ca);
+    }
     c.output().expect("run hanse")
+}
+
+/// A client of `address` with [`TOKEN`] and the CA given to [`trust`].
+pub fn client(address: &str) -> Client {
+    let c = Client::new(address).with_token(Some(TOKEN));
+    match ca_of(address) {
+        Some(ca) => c.with_ca(&std::fs::read_to_string(ca).expect("the CA file")).expect("a CA"),
+        None => c,
+    }
 }
 
 /// stdout and stderr, for messages.
@@ -49,7 +87,7 @@ pub fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
 /// Waits for the cluster at `address` to have a leader, and bootstraps
 /// its ACLs with [`TOKEN`] (a cluster bootstrapped already is fine).
 pub fn bootstrap(address: &str, limit: Duration) {
-    let c = Client::new(address);
+    let c = client(address).with_token(None);
     eventually(limit, &format!("{address} elects a leader and is bootstrapped"), || {
         let led = c.health().is_ok_and(|h| !h["leader"].is_null());
         led && match c.bootstrap(Some(TOKEN)) {

@@ -47,26 +47,47 @@ pub async fn authenticate(
     let (method, route) = (request.method().to_string(), request.uri().path().to_string());
     let source =
         request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.to_string());
+    // Recorded even if the client goes away mid-request (hyper then drops
+    // this future): the write may still commit, so it must not go unseen.
+    let mut pending = Unfinished(
+        server.clone(),
+        Some(super::audit::AuditRecord {
+            time_ms,
+            server: format!("{}/{}", server.options.cluster, server.options.name),
+            source,
+            accessor: None,
+            token: "unknown: the client left before the answer".into(),
+            method,
+            route,
+            object: None,
+            status: 499,
+            outcome: "abandoned".into(),
+            origin: None,
+        }),
+    );
     let (response, caller) = check(&server, request, next).await;
-    let status = response.status().as_u16();
-    let (accessor, token) = match &caller {
-        Some(c) => (c.accessor.clone(), c.name.clone()),
-        None => (None, "none or unknown".to_string()),
-    };
-    server.audit.record(super::audit::AuditRecord {
-        time_ms,
-        server: format!("{}/{}", server.options.cluster, server.options.name),
-        source,
-        accessor,
-        token,
-        method,
-        route,
-        object: response.extensions().get::<AuditObject>().map(|o| o.0.clone()),
-        status,
-        outcome: super::audit::AuditRecord::outcome_of(status).into(),
-        origin: None,
-    });
+    if let Some(mut r) = pending.1.take() {
+        r.status = response.status().as_u16();
+        r.outcome = super::audit::AuditRecord::outcome_of(r.status).into();
+        (r.accessor, r.token) = match &caller {
+            Some(c) => (c.accessor.clone(), c.name.clone()),
+            None => (None, "none or unknown".to_string()),
+        };
+        r.object = response.extensions().get::<AuditObject>().map(|o| o.0.clone());
+        server.audit.record(r);
+    }
     response
+}
+
+/// A write's audit record, written when dropped unfinished.
+struct Unfinished(Arc<Inner>, Option<super::audit::AuditRecord>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(r) = self.1.take() {
+            self.0.audit.record(r);
+        }
+    }
 }
 
 /// What a write acted on, when its route does not say: a handler puts it

@@ -27,6 +27,12 @@ pub const FILES_KEPT: usize = 4;
 pub const RING_MAX: usize = 10_000;
 /// The most records one read returns.
 pub const READ_MAX: usize = 10_000;
+/// The longest route or object kept in a record, in bytes.
+pub const FIELD_BYTES_MAX: usize = 512;
+/// Writes without a known token that were not carried out (denied,
+/// abandoned) recorded per source address and minute; past it they are only counted ([`AuditLog::suppressed`]), so
+/// nobody without a token can roll the trail over and erase it.
+pub const ANONYMOUS_PER_MINUTE: u32 = 60;
 
 /// One audited action.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -78,6 +84,9 @@ pub struct AuditLog {
     file_bytes_max: u64,
     sink: Mutex<Sink>,
     ring: Mutex<VecDeque<AuditRecord>>,
+    /// Anonymous denials recorded this minute, by source address.
+    anonymous: Mutex<(u64, std::collections::HashMap<String, u32>)>,
+    suppressed: std::sync::atomic::AtomicU64,
 }
 
 impl AuditLog {
@@ -96,6 +105,8 @@ impl AuditLog {
             file_bytes_max,
             sink: Mutex::new(Sink { file: None, size: 0, last_error: None }),
             ring: Mutex::new(VecDeque::new()),
+            anonymous: Mutex::new((0, std::collections::HashMap::new())),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
         };
         Ok(log)
     }
@@ -104,8 +115,43 @@ impl AuditLog {
         if n == 0 { dir.join("audit.log") } else { dir.join(format!("audit.log.{n}")) }
     }
 
-    /// Appends one record.
-    pub fn record(&self, r: AuditRecord) {
+    /// Anonymous denials not recorded (over [`ANONYMOUS_PER_MINUTE`]).
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether an anonymous denial from `source` at `time_ms` is within
+    /// its address's allowance.
+    fn allowed(&self, source: &str, time_ms: u64) -> bool {
+        let ip = source.rsplit_once(':').map_or(source, |(ip, _)| ip).to_string();
+        let mut a = self.anonymous.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if a.0 != time_ms / 60_000 {
+            *a = (time_ms / 60_000, std::collections::HashMap::new());
+        }
+        let n = a.1.entry(ip).or_default();
+        *n += 1;
+        *n <= ANONYMOUS_PER_MINUTE
+    }
+
+    /// Appends one record (long fields cut to [`FIELD_BYTES_MAX`]).
+    pub fn record(&self, mut r: AuditRecord) {
+        if r.accessor.is_none() && r.outcome != "allowed" {
+            let source = r.source.clone().unwrap_or_default();
+            if !self.allowed(&source, r.time_ms) {
+                self.suppressed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        }
+        for field in [Some(&mut r.route), r.object.as_mut()].into_iter().flatten() {
+            if field.len() > FIELD_BYTES_MAX {
+                let mut end = FIELD_BYTES_MAX;
+                while !field.is_char_boundary(end) {
+                    end -= 1;
+                }
+                field.truncate(end);
+                field.push_str("...");
+            }
+        }
         let Some(dir) = &self.dir else {
             let mut ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if ring.len() == RING_MAX {
@@ -168,10 +214,13 @@ impl AuditLog {
         match &self.dir {
             None => self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().for_each(keep),
             Some(dir) => {
-                // Held so a rotation does not move a file mid-read.
-                let _sink = self.sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                for n in (0..=FILES_KEPT).rev() {
-                    let Ok(file) = std::fs::File::open(Self::path(dir, n)) else { continue };
+                // Opened under the lock, so a rotation cannot move a file
+                // between two opens; read after it, so writes go on.
+                let files: Vec<std::fs::File> = {
+                    let _sink = self.sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    (0..=FILES_KEPT).rev().filter_map(|n| std::fs::File::open(Self::path(dir, n)).ok()).collect()
+                };
+                for file in files {
                     for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
                         if let Ok(r) = serde_json::from_str::<AuditRecord>(&line) {
                             keep(r);
@@ -193,8 +242,8 @@ mod tests {
             time_ms: i,
             server: "c/s1".into(),
             source: Some("127.0.0.1:1".into()),
-            accessor: None,
-            token: "anonymous".into(),
+            accessor: Some("a0".into()),
+            token: "ci".into(),
             method: "PUT".into(),
             route: format!("/v1/jobs/{i}"),
             object: None,
@@ -226,6 +275,29 @@ mod tests {
         assert_eq!(log.read(190, 10_000).len(), 10);
         assert_eq!(log.read(0, 3).iter().map(|r| r.time_ms).collect::<Vec<_>>(), [197, 198, 199]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn anonymous_denials_are_rate_limited_and_long_routes_cut() {
+        let log = AuditLog::open(None).unwrap();
+        for i in 0..(ANONYMOUS_PER_MINUTE as u64 + 40) {
+            let mut r = record(60_000 + i);
+            r.accessor = None;
+            r.route = "/v1/".to_string() + &"x".repeat(100_000);
+            log.record(r);
+        }
+        let kept = log.read(0, READ_MAX);
+        assert_eq!(kept.len(), ANONYMOUS_PER_MINUTE as usize);
+        assert_eq!(log.suppressed(), 40);
+        assert!(kept.iter().all(|r| r.route.len() <= FIELD_BYTES_MAX + 3));
+        // A token's denials are all kept, and the next minute starts afresh.
+        let mut named = record(60_000);
+        named.accessor = Some("a1".into());
+        log.record(named);
+        let mut later = record(120_000);
+        later.accessor = None;
+        log.record(later);
+        assert_eq!(log.read(0, READ_MAX).len(), ANONYMOUS_PER_MINUTE as usize + 2);
     }
 
     #[test]

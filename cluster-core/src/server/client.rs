@@ -25,6 +25,18 @@ pub enum ClientError {
     Decode(String, String),
 }
 
+/// A transport error, with what to do when it is a TLS mismatch.
+fn hint(base: &str, e: &ureq::Error) -> String {
+    let text = e.to_string();
+    if base.starts_with("http://") {
+        format!("{text} (if the server serves HTTPS, as it does by default: set HANSE_CACERT or --ca-cert)")
+    } else if text.to_ascii_lowercase().contains("certificate") || matches!(e, ureq::Error::Tls(_)) {
+        format!("{text} (is HANSE_CACERT the federation CA that signed the server's certificate?)")
+    } else {
+        text
+    }
+}
+
 impl ClientError {
     /// The HTTP status, when the server answered.
     pub fn status(&self) -> Option<u16> {
@@ -44,6 +56,8 @@ pub struct Client {
     agent: ureq::Agent,
     /// The ACL token's secret sent with every request.
     token: Option<Arc<str>>,
+    /// Whether the addresses named their scheme (kept as given then).
+    schemes: bool,
 }
 
 type HttpResult = Result<ureq::http::Response<ureq::Body>, ureq::Error>;
@@ -52,20 +66,45 @@ impl Client {
     /// `addresses` is `HOST:PORT` or a URL (`http://127.0.0.1:4646`), or
     /// several separated by commas.
     pub fn new(addresses: &str) -> Client {
-        let bases = addresses
-            .split(',')
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
+        let given: Vec<&str> = addresses.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+        let schemes = given.iter().any(|a| a.contains("://"));
+        let bases = given
+            .iter()
             .map(|a| if a.contains("://") { a.to_string() } else { format!("http://{a}") })
             .map(|a| a.trim_end_matches('/').to_string())
             .collect::<Vec<_>>();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let agent: ureq::Agent = Self::config().build().into();
+        Client { bases: Arc::new(bases), current: Arc::default(), agent, token: None, schemes }
+    }
+
+    /// The same client, trusting only the CA in `ca_pem` for HTTPS (the
+    /// federation's, which signed the servers' certificates); addresses
+    /// given without a scheme become `https://`.
+    pub fn with_ca(mut self, ca_pem: &str) -> Result<Client, ClientError> {
+        let bad = |e: String| ClientError::Connect(self.address().to_string(), format!("the CA certificate: {e}"));
+        let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(ca_pem.as_bytes())
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no PEM CERTIFICATE in it".into()));
+        }
+        let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
+        self.agent = Self::config().tls_config(tls).build().into();
+        let bases = self.bases.iter().map(|b| b.replacen("http://", "https://", usize::from(!self.schemes))).collect();
+        self.bases = Arc::new(bases);
+        Ok(self)
+    }
+
+    fn config() -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+        ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(3)))
             .timeout_global(Some(Duration::from_secs(90)))
-            .build()
-            .into();
-        Client { bases: Arc::new(bases), current: Arc::default(), agent, token: None }
     }
 
     /// The same client, sending `secret` as its ACL token (`X-Hanse-Token`).
@@ -99,10 +138,10 @@ impl Client {
             match request(&self.agent, format!("{base}{path}")) {
                 Ok(r) => return Ok(r),
                 Err(e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound)) => {
-                    last = Some(ClientError::Connect(base, e.to_string()));
+                    last = Some(ClientError::Connect(base.clone(), hint(&base, &e)));
                     self.current.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => return Err(ClientError::Connect(base, e.to_string())),
+                Err(e) => return Err(ClientError::Connect(base.clone(), hint(&base, &e))),
             }
         }
         Err(last.unwrap_or_else(|| ClientError::Connect(String::new(), "no address given".into())))

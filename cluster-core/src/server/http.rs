@@ -71,10 +71,15 @@ pub fn router(server: Arc<Inner>) -> Router {
         .with_state(server)
 }
 
-/// Serves the API on `addr` until the task is aborted; returns the bound
-/// address (useful with port 0).
-pub async fn serve(server: Arc<Inner>, addr: SocketAddr) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    serve_with(server, addr, Router::new()).await
+/// Serves the API on `addr` until the task is aborted, over TLS with `tls`
+/// (HTTPS; `None`: plain HTTP, which the server warns about); returns the
+/// bound address (useful with port 0).
+pub async fn serve(
+    server: Arc<Inner>,
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(server, addr, Router::new(), tls).await
 }
 
 /// [`serve`], with more routes (the federation's) beside the cluster's.
@@ -82,6 +87,7 @@ pub async fn serve_with(
     server: Arc<Inner>,
     addr: SocketAddr,
     extra: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -94,7 +100,10 @@ pub async fn serve_with(
         .merge(router(server))
         .layer(axum::middleware::from_fn(move |r, n| super::access::authenticate(auth.clone(), r, n)))
         .layer(axum::middleware::from_fn(move |r, n| browser_guard(hosts.clone(), r, n)));
-    let task = tokio::spawn(accept(listener, app));
+    if tls.is_none() {
+        tracing::warn!(%bound, "the API serves plain HTTP: tokens and answers cross the network unencrypted");
+    }
+    let task = tokio::spawn(accept(listener, app, tls.map(tokio_rustls::TlsAcceptor::from)));
     Ok((bound, task))
 }
 
@@ -112,8 +121,7 @@ pub const CONNECTIONS_PER_CLIENT_MAX: usize = 256;
 /// with [`HEADER_READ_TIMEOUT`]. The connections belong to this task:
 /// aborting it (a server stopping) closes them all, so clients move on to
 /// another server at once.
-async fn accept(listener: tokio::net::TcpListener, app: Router) {
-    use tower::Service;
+async fn accept(listener: tokio::net::TcpListener, app: Router, tls: Option<tokio_rustls::TlsAcceptor>) {
     let total = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     let per_client: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     let mut connections = tokio::task::JoinSet::new();
@@ -141,19 +149,19 @@ async fn accept(listener: tokio::net::TcpListener, app: Router) {
             }
             *n += 1;
         }
-        let app = app.clone();
+        let (app, tls) = (app.clone(), tls.clone());
         let per_client = per_client.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                // Who is calling, for the audit trail.
-                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-                app.clone().call(request)
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = connection.await;
+            match tls {
+                // The handshake gets the header timeout too (a slow TLS
+                // client is a slowloris as well).
+                Some(tls) => match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_connection(stream, app, peer).await,
+                    Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(client = %peer, "TLS handshake too slow"),
+                },
+                None => serve_connection(stream, app, peer).await,
+            }
             drop(permit);
             let mut counts = per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(n) = counts.get_mut(&peer.ip()) {
@@ -164,6 +172,24 @@ async fn accept(listener: tokio::net::TcpListener, app: Router) {
             }
         });
     }
+}
+
+/// Serves one connection's requests with [`HEADER_READ_TIMEOUT`].
+async fn serve_connection<I>(io: I, app: Router, peer: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::Service;
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        // Who is calling, for the audit trail.
+        request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        app.clone().call(request)
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    let _ = connection.await;
 }
 
 /// Refuses what a web page could make a browser send (security review,
@@ -370,7 +396,14 @@ fn parse(req: JobSubmit) -> Result<crate::model::job::Job, ApiError> {
 /// spec gets its new version, and unchanged instances stay. Returns the
 /// job as registered, its plan and the report.
 pub async fn dry_run(server: &Inner, job: Job) -> Result<(Job, Plan, PlanReport), ApiError> {
-    let _turn = server.dry_runs.acquire().await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+    // Owned, and moved into the planning thread: a client that goes away
+    // does not free the turn of a dry run still running.
+    let turn = server
+        .dry_runs
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
     let config = server.options.scheduler.clone();
     let cluster = server.options.cluster.clone();
     let copy = server.read(false, ClusterState::clone).await?;
@@ -382,6 +415,7 @@ pub async fn dry_run(server: &Inner, job: Job) -> Result<(Job, Plan, PlanReport)
         )));
     }
     tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let mut copy = copy;
         copy.upsert_job(job.clone());
         let job = copy.job(&job.id).cloned().unwrap_or(job);
@@ -610,7 +644,7 @@ async fn alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q)
         })
         .await?;
     let (view, namespace) = found.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
-    need(&who, Capability::Read, namespace.as_deref().unwrap_or(crate::acl::DEFAULT_NAMESPACE))?;
+    need(&who, Capability::Read, namespace.as_deref().unwrap_or(crate::acl::ANY_NAMESPACE))?;
     ok(view)
 }
 
@@ -626,7 +660,7 @@ async fn logs(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) 
     let alloc = s.read(true, |st| st.alloc(AllocId(n)).cloned()).await?;
     let alloc = alloc.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
     let namespace = s.read(true, |st| st.job(&alloc.job).map(|j| j.namespace.clone())).await?;
-    need(&who, Capability::AllocLogs, namespace.as_deref().unwrap_or(crate::acl::DEFAULT_NAMESPACE))?;
+    need(&who, Capability::AllocLogs, namespace.as_deref().unwrap_or(crate::acl::ANY_NAMESPACE))?;
     let task = match q.get("task") {
         Some(t) => t.clone(),
         None => s

@@ -180,8 +180,12 @@ impl LocalCluster {
         let server = Server::start(config, store, transport, options, &logger)?;
         let quic = QuicServer::bind::<ServerRpc>(self.raft_addrs[&id], &self.ca.cert_pem, &pair, server.handler())?;
         let late = LateRoutes::default();
+        let tls = match self.options.http_tls {
+            true => Some(Arc::new(tls::http_server_config(&pair)?)),
+            false => None,
+        };
         let (_, http_task) =
-            http::serve_with(server.inner.clone(), self.http_addrs[&id], late_routes(late.clone())).await?;
+            http::serve_with(server.inner.clone(), self.http_addrs[&id], late_routes(late.clone()), tls).await?;
         self.servers.insert(id, LocalServer { server, quic, http_task, late });
         Ok(())
     }
@@ -212,9 +216,16 @@ impl LocalCluster {
         self.servers.keys().copied()
     }
 
-    /// Every server's HTTP address, comma-separated (for a client).
+    /// Every server's API as a URL (`https://127.0.0.1:PORT`, or `http://`
+    /// when the options turned TLS off), comma-separated (for a client).
     pub fn addresses(&self) -> String {
-        self.http_addrs.values().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+        self.http_addrs.keys().map(|id| self.url(*id)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Server `id`'s API as a URL.
+    pub fn url(&self, id: u64) -> String {
+        let scheme = if self.options.http_tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addrs[&id])
     }
 
     /// The secret of the cluster's management token (its initial
@@ -226,12 +237,17 @@ impl LocalCluster {
 
     /// A client of every server's API, with the management token.
     pub fn client(&self) -> super::client::Client {
-        super::client::Client::new(&self.addresses()).with_token(self.token())
+        self.with_credentials(super::client::Client::new(&self.addresses()))
+    }
+
+    fn with_credentials(&self, c: super::client::Client) -> super::client::Client {
+        let c = c.with_token(self.token());
+        if self.options.http_tls { c.with_ca(&self.ca.cert_pem).expect("the cluster's own CA") } else { c }
     }
 
     /// A client of server `id`'s API only, with the management token.
     pub fn client_of(&self, id: u64) -> super::client::Client {
-        super::client::Client::new(&self.http_addrs[&id].to_string()).with_token(self.token())
+        self.with_credentials(super::client::Client::new(&self.url(id)))
     }
 
     /// The leader every running server agrees on, waiting up to `timeout`.

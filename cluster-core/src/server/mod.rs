@@ -70,6 +70,9 @@ pub struct ServerOptions {
     /// `localhost` (requests naming any other host are refused).
     pub http_hosts: Vec<String>,
     pub acl: AclOptions,
+    /// Whether the API serves HTTPS with the server's certificate (the
+    /// default); plain HTTP only when a config says so.
+    pub http_tls: bool,
     /// Where the audit trail is written (see [`audit`]); in memory when
     /// `None`.
     pub audit_dir: Option<std::path::PathBuf>,
@@ -114,6 +117,7 @@ impl ServerOptions {
             scheduler: SchedulerConfig::default(),
             http_hosts: Vec::new(),
             acl: AclOptions::default(),
+            http_tls: true,
             audit_dir: None,
         }
     }
@@ -166,7 +170,7 @@ pub struct Inner {
     /// Dry runs (`job plan`) at once: each holds a copy of the state and
     /// one plan's worth of placements, so memory stays bounded however
     /// many arrive (security review, row 17).
-    pub(crate) dry_runs: Semaphore,
+    pub(crate) dry_runs: Arc<Semaphore>,
     /// Calls agents (for logs); set by whoever wires the server's QUIC.
     agents: std::sync::OnceLock<Arc<dyn Transport<AgentService>>>,
     /// Delegation leases to hand agents with every heartbeat answer; set
@@ -222,7 +226,7 @@ impl Server {
             uncommitted: Mutex::default(),
             next_batch: AtomicU64::new(0),
             planning: Mutex::new(()),
-            dry_runs: Semaphore::new(DRY_RUNS_MAX),
+            dry_runs: Arc::new(Semaphore::new(DRY_RUNS_MAX)),
             agents: std::sync::OnceLock::new(),
             grants: std::sync::OnceLock::new(),
             defer_prefer_remote: std::sync::atomic::AtomicBool::new(false),
@@ -547,14 +551,14 @@ impl Inner {
     }
 }
 
-/// Splits plans into runs of at most [`PLAN_BATCH_MAX`] whose placements
-/// and stops add up to at most `changes` (a bigger plan goes alone).
-fn entries(plans: &[(EvalId, Plan)], changes: usize) -> Vec<&[(EvalId, Plan)]> {
+/// Splits plans into runs of at most [`PLAN_BATCH_MAX`] whose `size`s add
+/// up to at most `budget` (a bigger plan goes alone).
+fn entries<T>(plans: &[T], budget: usize, size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     let mut out = Vec::new();
     let (mut start, mut sum) = (0, 0);
-    for (i, (_, p)) in plans.iter().enumerate() {
-        let size = p.placements.len() + p.stops.len();
-        if i > start && (sum + size > changes || i - start == PLAN_BATCH_MAX) {
+    for (i, p) in plans.iter().enumerate() {
+        let size = size(p);
+        if i > start && (sum + size > budget || i - start == PLAN_BATCH_MAX) {
             out.push(&plans[start..i]);
             (start, sum) = (i, 0);
         }
@@ -795,15 +799,29 @@ async fn work(inner: &Arc<Inner>, batch: &[Work]) {
         }
     };
     let to_commit: Vec<(EvalId, Plan)> = plans.iter().map(|(e, p, _)| (*e, p.clone())).collect();
-    commit(inner, &to_commit).await;
+    commit(inner, to_commit).await;
     inner.uncommitted.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
 }
 
-/// Commits plans in entries of at most [`PLAN_BATCH_MAX`] plans and about
-/// one plan's worth of changes ([`crate::scheduler::PLAN_CHANGES_MAX`]),
-/// so no entry outgrows the log's limit.
-async fn commit(inner: &Arc<Inner>, plans: &[(EvalId, Plan)]) {
-    for chunk in entries(plans, crate::scheduler::PLAN_CHANGES_MAX) {
+/// What one entry of plans may take, leaving room for the command around
+/// them under the log's limit.
+const ENTRY_PLANS_BYTES: usize = crate::raft::node::ENTRY_BYTES_MAX - (64 << 10);
+
+/// Commits plans in entries of at most [`PLAN_BATCH_MAX`] plans and
+/// [`ENTRY_PLANS_BYTES`] encoded, so no entry outgrows the log's limit. A
+/// plan too big alone (its reasons name huge constraints or
+/// jurisdictions: its placements and stops are capped) goes without its
+/// reasons, counts kept; an evaluation never waits on an entry that can
+/// never commit (security review, row 16).
+async fn commit(inner: &Arc<Inner>, mut plans: Vec<(EvalId, Plan)>) {
+    let size = |p: &(EvalId, Plan)| crate::codec::encode(p).len();
+    for p in &mut plans {
+        if size(p) > ENTRY_PLANS_BYTES {
+            tracing::warn!(job = %p.1.job, "a plan over the entry limit is committed without its reasons");
+            p.1.unplaced.iter_mut().for_each(|u| u.reasons.clear());
+        }
+    }
+    for chunk in entries(&plans, ENTRY_PLANS_BYTES, size) {
         match inner.raft.propose(Command::ApplyPlans(chunk.to_vec())).await {
             Ok(Effect::PlansApplied(outcomes)) => {
                 for o in outcomes {
@@ -856,13 +874,14 @@ mod tests {
     }
 
     #[test]
-    fn entries_keep_within_the_change_budget_and_the_plan_count() {
+    fn entries_keep_within_the_budget_and_the_plan_count() {
+        let changes = |p: &(EvalId, Plan)| p.1.stops.len();
         let plans: Vec<_> = [4, 4, 3, 9, 1, 1].into_iter().map(plan).collect();
-        let sizes: Vec<usize> = entries(&plans, 8).iter().map(|c| c.len()).collect();
+        let sizes: Vec<usize> = entries(&plans, 8, changes).iter().map(|c| c.len()).collect();
         // 4+4 | 3 | 9 (alone, over the budget) | 1+1
         assert_eq!(sizes, [2, 1, 1, 2]);
         let many: Vec<_> = (0..PLAN_BATCH_MAX + 1).map(|_| plan(0)).collect();
-        assert_eq!(entries(&many, 8).iter().map(|c| c.len()).collect::<Vec<_>>(), [PLAN_BATCH_MAX, 1]);
-        assert!(entries(&[], 8).is_empty());
+        assert_eq!(entries(&many, 8, changes).iter().map(|c| c.len()).collect::<Vec<_>>(), [PLAN_BATCH_MAX, 1]);
+        assert!(entries(&[] as &[(EvalId, Plan)], 8, changes).is_empty());
     }
 }

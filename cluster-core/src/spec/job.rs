@@ -78,8 +78,15 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
         t.str(d, "objective").and_then(|w| keyword(d, "objective", w, Objective::WORDS, Objective::from_word));
     let labels: BTreeMap<String, String> =
         t.str_map(d, "labels").into_iter().map(|(k, v, _)| (k.to_string(), v.to_string())).collect();
-    let jurisdictions =
-        t.str_list(d, "jurisdictions").unwrap_or_default().into_iter().map(|(j, _)| Arc::from(j)).collect();
+    let jurisdictions: Vec<Arc<str>> = t
+        .str_list(d, "jurisdictions")
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(j, s)| check_name(d, "jurisdiction", j, s).map(Arc::from))
+        .collect();
+    if jurisdictions.len() > JURISDICTIONS_MAX {
+        d.error(t.span.clone(), format!("{} jurisdictions; at most {JURISDICTIONS_MAX}", jurisdictions.len()));
+    }
     let federation = t.table(d, "federation").map(|mut f| {
         f.path = "[job.federation]".into();
         let spec = read_federation(&mut f, d);
@@ -118,6 +125,9 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
         stopped: false,
     })
 }
+
+/// The most jurisdictions a job may name.
+pub const JURISDICTIONS_MAX: usize = 16;
 
 /// Whether `name` may name a job, group or task: 1 to 64 ASCII letters,
 /// digits, `-`, `_` or `.`, starting with a letter or digit. Agents build

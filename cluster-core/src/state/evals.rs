@@ -77,9 +77,12 @@ impl ClusterState {
             return PlanOutcome::Superseded;
         }
         let applied = self.apply_plan(plan);
-        let status = if !applied.refused.is_empty() || plan.is_partial() {
+        // A part that placed or stopped something: the next part follows.
+        // One that did neither waits for capacity like any other.
+        let progressed = !applied.placed.is_empty() || !applied.stopped.is_empty();
+        let status = if !applied.refused.is_empty() || (plan.is_partial() && progressed) {
             EvalStatus::Pending
-        } else if plan.unplaced_count() > 0 {
+        } else if plan.unplaced_count() > 0 || plan.is_partial() {
             EvalStatus::Blocked
         } else {
             EvalStatus::Complete

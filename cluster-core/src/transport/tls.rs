@@ -146,10 +146,19 @@ pub fn create_ca(federation: &str, days: u32) -> Result<PemPair, TlsError> {
 }
 
 /// Issues a certificate for `identity`, signed by `ca`, valid from now for
-/// `days`.
+/// `days`. A server's also names `localhost`, 127.0.0.1 and ::1, so a CLI
+/// on its machine can verify its HTTPS API (see [`issue_with_names`]).
 pub fn issue(ca: &PemPair, identity: &Identity, days: u32) -> Result<PemPair, TlsError> {
+    issue_with_names(ca, identity, days, &[])
+}
+
+/// [`issue`], a server's certificate also naming `names` (DNS names or IP
+/// addresses: those its API is reached by). An agent's names none of
+/// these: it cannot pass for an API server.
+pub fn issue_with_names(ca: &PemPair, identity: &Identity, days: u32, names: &[String]) -> Result<PemPair, TlsError> {
     let now = time::OffsetDateTime::now_utc();
-    issue_between(ca, identity, now - time::Duration::hours(1), now + time::Duration::days(i64::from(days)))
+    let from = now - time::Duration::hours(1);
+    issue_named(ca, identity, from, now + time::Duration::days(i64::from(days)), names)
 }
 
 /// Issues a certificate valid between two instants (tests use this for
@@ -159,6 +168,16 @@ pub fn issue_between(
     identity: &Identity,
     not_before: time::OffsetDateTime,
     not_after: time::OffsetDateTime,
+) -> Result<PemPair, TlsError> {
+    issue_named(ca, identity, not_before, not_after, &[])
+}
+
+fn issue_named(
+    ca: &PemPair,
+    identity: &Identity,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+    names: &[String],
 ) -> Result<PemPair, TlsError> {
     if !valid_label(&identity.cluster) {
         return Err(TlsError::Name(identity.cluster.clone()));
@@ -170,6 +189,18 @@ pub fn issue_between(
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
     let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
     params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
+    if identity.role == Role::Server {
+        let local = ["localhost", "127.0.0.1", "::1"].map(String::from);
+        for name in local.iter().chain(names) {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into().map_err(|_| TlsError::Name(name.clone()))?),
+            };
+            if !params.subject_alt_names.contains(&san) {
+                params.subject_alt_names.push(san);
+            }
+        }
+    }
     params.distinguished_name.push(DnType::CommonName, identity.to_string());
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -226,6 +257,19 @@ pub fn server_config(ca_pem: &str, pair: &PemPair) -> Result<rustls::ServerConfi
         .with_single_cert(certs(&pair.cert_pem, "certificate")?, key(&pair.key_pem, "key")?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The HTTPS API's configuration: it presents the server's certificate
+/// (`pair`); clients authenticate with tokens, not certificates.
+pub fn http_server_config(pair: &PemPair) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs(&pair.cert_pem, "certificate")?, key(&pair.key_pem, "key")?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 
