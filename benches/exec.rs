@@ -67,7 +67,7 @@ fn agent_config(dir: &Path, ca: &PemPair, name: &str, server: SocketAddr) -> Str
     std::fs::write(
         &path,
         format!(
-            "[agent]\nname = \"{name}\"\ncluster = \"bench\"\ndata_dir = \"data/{name}\"\nservers = [\"{server}\"]\ncpu = 64\nmemory = \"64GiB\"\ncgroups = false\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{name}.pem\"\nkey = \"pki/{name}-key.pem\"\n"
+            "[agent]\nname = \"{name}\"\ncluster = \"bench\"\ndata_dir = \"data/{name}\"\nservers = [\"{server}\"]\ndrivers = [\"exec\"]\ncpu = 64\nmemory = \"64GiB\"\ncgroups = false\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{name}.pem\"\nkey = \"pki/{name}-key.pem\"\n"
         ),
     )
     .unwrap();

@@ -21,6 +21,8 @@
 //! cpu = 4                         # optional: instead of the fingerprinted
 //! memory = "8GiB"                 #   cores and memory
 //! cgroups = true                  # limit tasks with cgroups v2 when offered
+//! drivers = ["exec", "mock"]      # the drivers it runs (default: mock only;
+//!                                 #   exec runs any command as the agent's user)
 //!
 //! [logs]
 //! max_file = "10MiB"              # each task's stdout and stderr rotate at this
@@ -38,7 +40,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cluster_core::agent::cgroups::Cgroups;
-use cluster_core::agent::driver::Drivers;
+use cluster_core::agent::driver::{DRIVER_NAMES, Drivers};
 use cluster_core::agent::fingerprint::fingerprint;
 use cluster_core::agent::logs::Rotation;
 use cluster_core::agent::rpc::AgentService;
@@ -123,6 +125,23 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
             })
         });
         let latency_class = read_latency_class(&mut a, d);
+        // Secure by default: a command runner only where the operator
+        // asks for one (Nomad leaves its raw_exec off likewise).
+        let drivers: Vec<String> = match a.str_list(d, "drivers") {
+            None => vec!["mock".into()],
+            Some(list) => {
+                let names: Vec<String> = list
+                    .into_iter()
+                    .filter_map(|w| {
+                        keyword(d, "driver", w, DRIVER_NAMES, |n| DRIVER_NAMES.contains(&n).then(|| n.to_string()))
+                    })
+                    .collect();
+                if names.is_empty() {
+                    d.error_hint(a.span.clone(), "no driver enabled", "list at least one: drivers = [\"exec\"]");
+                }
+                names
+            }
+        };
         let list = |d: &mut Diagnostics, t: &mut read::Table, key: &'static str| -> Vec<Arc<str>> {
             t.str_list(d, key).unwrap_or_default().into_iter().map(|(v, _)| Arc::from(v)).collect()
         };
@@ -167,7 +186,7 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
             execution_model: execution_model?,
             attributes: Default::default(),
             meta,
-            drivers: vec![Arc::from("exec"), Arc::from("mock")],
+            drivers: drivers.iter().map(|n| Arc::from(n.as_str())).collect(),
             jurisdictions,
             datasets,
             capacity: resources::Resources { power_watts, ..Default::default() },
@@ -237,7 +256,7 @@ pub async fn run(c: AgentConfig) -> anyhow::Result<Outcome> {
         servers: c.servers.clone(),
         data_dir: c.data_dir.clone(),
         rotation: c.rotation,
-        drivers: Drivers::new(cgroups.clone()),
+        drivers: Drivers::only(cgroups.clone(), &node.drivers.iter().map(|d| d.to_string()).collect::<Vec<_>>()),
         fence: std::env::current_exe().ok(),
     };
     let mut agent = Agent::new(options, transport);

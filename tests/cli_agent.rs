@@ -148,7 +148,7 @@ impl Fixture {
             std::fs::write(
                 &config,
                 format!(
-                    "[agent]\nname = \"{name}\"\ncluster = \"dev\"\ndata_dir = \"data/{name}\"\nservers = [\"{via}\"]\ncpu = 4\nmemory = \"4GiB\"\nenvironment = \"edge\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{name}.pem\"\nkey = \"pki/{name}-key.pem\"\n"
+                    "[agent]\nname = \"{name}\"\ncluster = \"dev\"\ndata_dir = \"data/{name}\"\nservers = [\"{via}\"]\ndrivers = [\"exec\", \"mock\"]\ncpu = 4\nmemory = \"4GiB\"\nenvironment = \"edge\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{name}.pem\"\nkey = \"pki/{name}-key.pem\"\n"
                 ),
             )
             .unwrap();

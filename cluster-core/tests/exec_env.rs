@@ -78,3 +78,31 @@ async fn a_task_name_that_leaves_its_directory_is_refused() {
     }
     assert!(!base.join("escaped").exists() && !base.exists(), "nothing was created");
 }
+
+/// The exec driver runs only where the agent's config enables it (its
+/// default is mock only): elsewhere a task is refused at once, and says
+/// how to enable it (security review, finding 1: "the exec driver is
+/// always on").
+#[tokio::test(flavor = "current_thread")]
+async fn a_driver_the_agent_does_not_enable_refuses_every_task() {
+    let text = "[job]\nname = \"off\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\ndriver = \"exec\"\n\
+                command = \"true\"\nresources = { cpu = \"100m\", memory = \"16MiB\" }\n";
+    let job = parse_job(&SourceFile::new("off.toml", text.to_string())).value.expect("the spec parses");
+    let base = std::env::temp_dir().join(format!("hanse-exec-off-{}", std::process::id()));
+    let ctx = TaskContext {
+        alloc: AllocId(3),
+        job: "off".into(),
+        group: "g".into(),
+        index: 0,
+        dir: base.join("allocs/a000003/t"),
+        logs: base.join("allocs/a000003/logs"),
+        task: job.groups[0].tasks[0].clone(),
+        rotation: Rotation::default(),
+        fence: None,
+    };
+    match Drivers::only(None, &["mock".to_string()]).exec.start(&ctx).await {
+        Err(e) => assert!(e.to_string().contains("driver exec is not enabled"), "{e}"),
+        Ok(_) => panic!("a disabled driver started a task"),
+    }
+    assert!(!base.exists(), "nothing was created");
+}

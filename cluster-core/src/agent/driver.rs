@@ -81,7 +81,12 @@ pub trait Driver: Send + Sync + 'static {
     async fn start(&self, ctx: &TaskContext) -> Result<Box<dyn Running>, StartError>;
 }
 
-/// The drivers an agent offers, by the name a task spec uses.
+/// The names of the drivers there are.
+pub const DRIVER_NAMES: &[&str] = &["exec", "mock"];
+
+/// The drivers an agent offers, by the name a task spec uses. One its
+/// config does not enable refuses every task (its node does not advertise
+/// it either, so the scheduler places none there).
 #[derive(Clone)]
 pub struct Drivers {
     pub exec: Arc<dyn Driver>,
@@ -89,8 +94,19 @@ pub struct Drivers {
 }
 
 impl Drivers {
+    /// Every driver.
     pub fn new(cgroups: Option<Cgroups>) -> Drivers {
         Drivers { exec: Arc::new(Exec { cgroups }), mock: Arc::new(Mock) }
+    }
+
+    /// Only the drivers named in `enabled` (of [`DRIVER_NAMES`]).
+    pub fn only(cgroups: Option<Cgroups>, enabled: &[String]) -> Drivers {
+        let on = |name: &str| enabled.iter().any(|e| e == name);
+        let off = |name: &'static str| -> Arc<dyn Driver> { Arc::new(Disabled(name)) };
+        Drivers {
+            exec: if on("exec") { Arc::new(Exec { cgroups }) } else { off("exec") },
+            mock: if on("mock") { Arc::new(Mock) } else { off("mock") },
+        }
     }
 
     pub fn for_task(&self, task: &Task) -> &Arc<dyn Driver> {
@@ -98,6 +114,19 @@ impl Drivers {
             DriverSpec::Exec { .. } => &self.exec,
             DriverSpec::Mock { .. } => &self.mock,
         }
+    }
+}
+
+/// A driver the agent's config does not enable.
+struct Disabled(&'static str);
+
+#[async_trait]
+impl Driver for Disabled {
+    async fn start(&self, _: &TaskContext) -> Result<Box<dyn Running>, StartError> {
+        Err(StartError::Fatal(format!(
+            "driver {} is not enabled on this node (add it to `drivers` in the agent's config)",
+            self.0
+        )))
     }
 }
 
