@@ -583,7 +583,7 @@ async fn the_api_speaks_https_signed_by_the_federation_ca() {
         assert!(url.starts_with("https://"), "{url}");
         assert!(client.health().is_ok(), "a client with the CA");
         client.register_nodes(&fleet(1)).expect("a write over HTTPS");
-        let plain = Client::new(&addr.to_string()).with_token(Some(&token)).health().unwrap_err();
+        let plain = Client::new(&format!("http://{addr}")).with_token(Some(&token)).health().unwrap_err();
         assert!(plain.to_string().contains("HANSE_CACERT"), "{plain}");
         let no_ca = Client::new(&url).with_token(Some(&token)).health().unwrap_err();
         assert!(no_ca.to_string().contains("HANSE_CACERT"), "{no_ca}");

@@ -56,30 +56,28 @@ pub struct Client {
     agent: ureq::Agent,
     /// The ACL token's secret sent with every request.
     token: Option<Arc<str>>,
-    /// Whether the addresses named their scheme (kept as given then).
-    schemes: bool,
 }
 
 type HttpResult = Result<ureq::http::Response<ureq::Body>, ureq::Error>;
 
 impl Client {
-    /// `addresses` is `HOST:PORT` or a URL (`http://127.0.0.1:4646`), or
-    /// several separated by commas.
+    /// `addresses` is `HOST:PORT` or a URL (`https://127.0.0.1:4646`), or
+    /// several separated by commas. Without a scheme an address is HTTPS:
+    /// a token crosses plain HTTP only to an address that says `http://`.
     pub fn new(addresses: &str) -> Client {
-        let given: Vec<&str> = addresses.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
-        let schemes = given.iter().any(|a| a.contains("://"));
-        let bases = given
-            .iter()
-            .map(|a| if a.contains("://") { a.to_string() } else { format!("http://{a}") })
+        let bases = addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| if a.contains("://") { a.to_string() } else { format!("https://{a}") })
             .map(|a| a.trim_end_matches('/').to_string())
             .collect::<Vec<_>>();
         let agent: ureq::Agent = Self::config().build().into();
-        Client { bases: Arc::new(bases), current: Arc::default(), agent, token: None, schemes }
+        Client { bases: Arc::new(bases), current: Arc::default(), agent, token: None }
     }
 
     /// The same client, trusting only the CA in `ca_pem` for HTTPS (the
-    /// federation's, which signed the servers' certificates); addresses
-    /// given without a scheme become `https://`.
+    /// federation's, which signed the servers' certificates).
     pub fn with_ca(mut self, ca_pem: &str) -> Result<Client, ClientError> {
         let bad = |e: String| ClientError::Connect(self.address().to_string(), format!("the CA certificate: {e}"));
         let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(ca_pem.as_bytes())
@@ -95,8 +93,6 @@ impl Client {
         }
         let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
         self.agent = Self::config().tls_config(tls).build().into();
-        let bases = self.bases.iter().map(|b| b.replacen("http://", "https://", usize::from(!self.schemes))).collect();
-        self.bases = Arc::new(bases);
         Ok(self)
     }
 
@@ -105,6 +101,8 @@ impl Client {
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(3)))
             .timeout_global(Some(Duration::from_secs(90)))
+            // A redirect would carry the token to wherever it points.
+            .max_redirects(0)
     }
 
     /// The same client, sending `secret` as its ACL token (`X-Hanse-Token`).
