@@ -305,3 +305,22 @@ fn a_full_plan_with_the_longest_names_fits_one_log_entry() {
     let bytes = cluster_core::codec::encode(&Command::ApplyPlans(vec![(EvalId(u64::MAX), plan)]));
     assert!(bytes.len() < cluster_core::raft::node::ENTRY_BYTES_MAX, "{} bytes", bytes.len());
 }
+
+/// A job planned in parts does not hold a newer job back: once it placed
+/// a part, a fresh evaluation is handed out before its next part, in the
+/// same batch (security review, row 16: a 3-instance job waited behind a
+/// huge one).
+#[test]
+fn a_newer_job_goes_before_the_next_part_of_a_big_one() {
+    let mut s = state(20);
+    let config = SchedulerConfig { max_changes_per_plan: 7, ..SchedulerConfig::default() };
+    let big = register(&mut s, &job("big", 30, "100m"));
+    let job_big = s.job(&JobId::new("big")).unwrap().clone();
+    let part = schedule(&s, &job_big, &config);
+    s.apply(&Command::ApplyPlans(vec![(big, part)]));
+    assert_eq!(s.eval(big).unwrap().status, EvalStatus::Pending);
+    let small = register(&mut s, &job("small", 2, "100m"));
+    let batch = Broker::default().next_batch(&s);
+    let order: Vec<EvalId> = batch.iter().map(|w| w.eval).collect();
+    assert_eq!(order, [small, big], "the fresh job first, the big one's next part after it");
+}

@@ -37,16 +37,23 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// The next batch for a worker: pending evaluations oldest first, then
-    /// blocked ones not tried since capacity last changed; never two for
-    /// one job, and never a job already in flight.
+    /// The next batch for a worker: pending evaluations oldest first (those
+    /// that already placed a part, a big job planned in parts, after the
+    /// fresh ones), then blocked ones not tried since capacity last
+    /// changed; never two for one job, and never a job already in flight.
+    /// A job counts at most one plan's placements toward the batch.
     pub fn next_batch(&mut self, state: &ClusterState) -> Vec<Work> {
         let mut batch = Vec::new();
         let mut instances = 0u64;
         let epoch = state.capacity_epoch();
         let blocked: Vec<EvalId> =
             state.blocked_evals().filter(|e| self.tried.get(e).is_none_or(|t| *t < epoch)).collect();
-        let candidates = state.pending_evals().map(|e| (e, false)).chain(blocked.into_iter().map(|e| (e, true)));
+        // A big job's next part waits behind work that has had none yet, so
+        // it never holds other jobs back for more than one part.
+        let (fresh, continuing): (Vec<EvalId>, Vec<EvalId>) =
+            state.pending_evals().partition(|e| state.eval(*e).is_none_or(|ev| ev.placed == 0));
+        let candidates =
+            fresh.into_iter().chain(continuing).map(|e| (e, false)).chain(blocked.into_iter().map(|e| (e, true)));
         for (id, retry_blocked) in candidates {
             if batch.len() >= EVAL_BATCH_MAX || instances >= BATCH_INSTANCES_MAX {
                 break;
@@ -59,7 +66,7 @@ impl Broker {
             if retry_blocked {
                 self.tried.insert(id, epoch);
             }
-            instances += job.instance_count();
+            instances += job.instance_count().min(crate::scheduler::PLAN_CHANGES_MAX as u64);
             self.in_flight.insert(job.id.clone());
             batch.push(Work { eval: id, job: job.clone(), retry_blocked });
         }
