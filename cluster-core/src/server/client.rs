@@ -21,19 +21,27 @@ pub enum ClientError {
     Api(ApiError),
     #[error("cannot reach the Hanse API at {0}: {1} (is a server running there? set --address or HANSE_ADDR)")]
     Connect(String, String),
+    /// Reached, but TLS did not agree: the message says what to check.
+    #[error("cannot talk to the Hanse API at {0}: {1}")]
+    Tls(String, String),
     #[error("unexpected answer from {0}: {1}")]
     Decode(String, String),
 }
 
-/// A transport error, with what to do when it is a TLS mismatch.
-fn hint(base: &str, e: &ureq::Error) -> String {
+/// A transport error as the client reports it: a TLS mismatch with what
+/// to check, anything else as unreachable.
+fn transport_error(base: &str, e: &ureq::Error) -> ClientError {
     let text = e.to_string();
+    let tls = text.to_ascii_lowercase().contains("certificate") || matches!(e, ureq::Error::Tls(_));
     if base.starts_with("http://") {
-        format!("{text} (if the server serves HTTPS, as it does by default: set HANSE_CACERT or --ca-cert)")
-    } else if text.to_ascii_lowercase().contains("certificate") || matches!(e, ureq::Error::Tls(_)) {
-        format!("{text} (is HANSE_CACERT the federation CA that signed the server's certificate?)")
+        let why = format!("{text} (if the server serves HTTPS, as it does by default, use https:// and HANSE_CACERT)");
+        ClientError::Connect(base.to_string(), why)
+    } else if tls {
+        let why =
+            format!("{text}: is HANSE_CACERT (--ca-cert) the federation CA that signed the server's certificate?");
+        ClientError::Tls(base.to_string(), why)
     } else {
-        text
+        ClientError::Connect(base.to_string(), text)
     }
 }
 
@@ -136,10 +144,10 @@ impl Client {
             match request(&self.agent, format!("{base}{path}")) {
                 Ok(r) => return Ok(r),
                 Err(e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound)) => {
-                    last = Some(ClientError::Connect(base.clone(), hint(&base, &e)));
+                    last = Some(transport_error(&base, &e));
                     self.current.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => return Err(ClientError::Connect(base.clone(), hint(&base, &e))),
+                Err(e) => return Err(transport_error(&base, &e)),
             }
         }
         Err(last.unwrap_or_else(|| ClientError::Connect(String::new(), "no address given".into())))
