@@ -119,6 +119,14 @@ pub struct Token {
     pub created_ms: u64,
 }
 
+impl Token {
+    /// A new token for `secret` (kept only as its hash), with a new
+    /// accessor; `created_ms` in Unix milliseconds.
+    pub fn new(secret: &str, name: String, policies: Vec<String>, management: bool, created_ms: u64) -> Token {
+        Token { accessor: new_secret(), secret_hash: hash_secret(secret), name, policies, management, created_ms }
+    }
+}
+
 /// A change to the ACL state; each is one Raft command.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AclCommand {

@@ -180,10 +180,7 @@ async fn members(
 /// The namespace of a local job, for access checks; `*` (only a caller
 /// who may read every namespace) for one that is not here.
 fn namespace_of(fed: &Federation, job: &str) -> Arc<str> {
-    fed.server.raft.read(|s| {
-        s.job(&cluster_core::ids::JobId::new(job))
-            .map_or_else(|| Arc::from(cluster_core::acl::ANY_NAMESPACE), |j| j.namespace.clone())
-    })
+    fed.server.raft.read(|s| s.namespace_of(&cluster_core::ids::JobId::new(job)))
 }
 
 /// Registers the federation's counters with the server's `/metrics`.

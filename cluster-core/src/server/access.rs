@@ -176,7 +176,9 @@ async fn resolve(server: &Inner, secret: &str, write: bool) -> Result<Option<Cal
     server.read(false, |s| s.acl().resolve(secret)).await
 }
 
-fn writes(method: &axum::http::Method) -> bool {
+/// Whether a request may change something (anything but GET and HEAD):
+/// what the browser guard and the audit trail look at.
+pub(crate) fn writes(method: &axum::http::Method) -> bool {
     !matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD)
 }
 
@@ -325,14 +327,7 @@ async fn bootstrap(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<Tok
         Some(_) => return Err(ApiError::bad_request("a secret is 16 to 128 printable characters without spaces")),
         None => acl::new_secret(),
     };
-    let token = Token {
-        accessor: acl::new_secret(),
-        secret_hash: acl::hash_secret(&secret),
-        name: "bootstrap management".into(),
-        policies: Vec::new(),
-        management: true,
-        created_ms: super::unix_ms(),
-    };
+    let token = Token::new(&secret, "bootstrap management".into(), Vec::new(), true, super::unix_ms());
     s.write(Write::Acl(AclCommand::Bootstrap(token.clone()))).await?;
     tracing::warn!(accessor = %token.accessor, "ACLs bootstrapped: the first management token was handed out");
     Ok(made(secret, &token))
@@ -356,14 +351,7 @@ async fn create_token(State(s): Srv, Extension(who): Who, b: Result<Bytes, Bytes
         return Err(ApiError::bad_request("the token would grant nothing: name a policy (--policy) or --management"));
     }
     let secret = acl::new_secret();
-    let token = Token {
-        accessor: acl::new_secret(),
-        secret_hash: acl::hash_secret(&secret),
-        name: req.name,
-        policies: req.policies,
-        management: req.management,
-        created_ms: super::unix_ms(),
-    };
+    let token = Token::new(&secret, req.name, req.policies, req.management, super::unix_ms());
     s.write(Write::Acl(AclCommand::UpsertToken(token.clone()))).await?;
     Ok(made(secret, &token))
 }

@@ -222,7 +222,7 @@ async fn browser_guard(
             return ApiError::new(403, format!("requests from the web page at `{origin}` are refused")).into_response();
         }
     }
-    let writes = !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    let writes = super::access::writes(request.method());
     let has_body =
         text(header::CONTENT_LENGTH).is_some_and(|l| l != "0") || headers.contains_key(header::TRANSFER_ENCODING);
     let json =
@@ -540,11 +540,11 @@ async fn node(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) 
         .read(stale(&q), |st| {
             let node = st.node(st.node_idx(&NodeId::new(&id))?);
             // Only the allocations of jobs the caller may read.
-            let readable = |a: &crate::model::alloc::Allocation| {
-                st.job(&a.job).is_some_and(|j| who.allows(Capability::Read, &j.namespace))
-            };
-            let allocations: Vec<AllocView> =
-                st.allocs_on_node(&node.id).filter(|a| a.holds_resources() && readable(a)).map(AllocView::of).collect();
+            let allocations: Vec<AllocView> = st
+                .allocs_on_node(&node.id)
+                .filter(|a| a.holds_resources() && readable(st, &who, a))
+                .map(AllocView::of)
+                .collect();
             Some(NodeStatusView { node: NodeView::of(st, node, allocations.len() as u64), allocations })
         })
         .await?;
@@ -616,14 +616,18 @@ async fn drain(
     ok(s.write(Write::DrainNode { node: NodeId::new(&id), drain: req.drain, deadline }).await?)
 }
 
+/// Whether `who` may read allocation `a`: its job is here, in a
+/// namespace it may read.
+fn readable(st: &ClusterState, who: &crate::acl::Caller, a: &crate::model::alloc::Allocation) -> bool {
+    st.job(&a.job).is_some_and(|j| who.allows(Capability::Read, &j.namespace))
+}
+
 /// The allocations of the jobs the caller may read.
 async fn allocs(State(s): Srv, Extension(who): Who, q: Q) -> Reply<Vec<AllocView>> {
     need_somewhere(&who, Capability::Read)?;
     let job = q.get("job").map(JobId::new);
     ok(s.read(stale(&q), move |st| {
-        let readable = |a: &&crate::model::alloc::Allocation| {
-            st.job(&a.job).is_some_and(|j| who.allows(Capability::Read, &j.namespace))
-        };
+        let readable = |a: &&crate::model::alloc::Allocation| readable(st, &who, a);
         match &job {
             Some(j) => st.allocs_of_job(j).filter(readable).map(AllocView::of).collect(),
             None => st.allocs().filter(readable).map(AllocView::of).collect(),
@@ -640,11 +644,11 @@ async fn alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q)
     let found = s
         .read(stale(&q), |st| {
             let a = st.alloc(AllocId(n))?;
-            Some((AllocView::of(a), st.job(&a.job).map(|j| j.namespace.clone())))
+            Some((AllocView::of(a), st.namespace_of(&a.job)))
         })
         .await?;
     let (view, namespace) = found.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
-    need(&who, Capability::Read, namespace.as_deref().unwrap_or(crate::acl::ANY_NAMESPACE))?;
+    need(&who, Capability::Read, &namespace)?;
     ok(view)
 }
 
@@ -657,10 +661,9 @@ async fn logs(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) 
         .trim_start_matches('a')
         .parse::<u64>()
         .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))?;
-    let alloc = s.read(true, |st| st.alloc(AllocId(n)).cloned()).await?;
-    let alloc = alloc.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
-    let namespace = s.read(true, |st| st.job(&alloc.job).map(|j| j.namespace.clone())).await?;
-    need(&who, Capability::AllocLogs, namespace.as_deref().unwrap_or(crate::acl::ANY_NAMESPACE))?;
+    let found = s.read(true, |st| st.alloc(AllocId(n)).map(|a| (a.clone(), st.namespace_of(&a.job)))).await?;
+    let (alloc, namespace) = found.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
+    need(&who, Capability::AllocLogs, &namespace)?;
     let task = match q.get("task") {
         Some(t) => t.clone(),
         None => s

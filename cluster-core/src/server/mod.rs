@@ -621,14 +621,7 @@ async fn bootstrap_acl(inner: &Inner) {
     if inner.raft.read(|s| s.acl().bootstrapped()) {
         return;
     }
-    let token = crate::acl::Token {
-        accessor: crate::acl::new_secret(),
-        secret_hash: crate::acl::hash_secret(&secret),
-        name: "initial management".into(),
-        policies: Vec::new(),
-        management: true,
-        created_ms: unix_ms(),
-    };
+    let token = crate::acl::Token::new(&secret, "initial management".into(), Vec::new(), true, unix_ms());
     // Until it commits, the configured secret is honoured as this token
     // and `POST /v1/acl/bootstrap` is refused: nobody else can take it.
     loop {

@@ -298,6 +298,12 @@ impl ClusterState {
         v
     }
 
+    /// The namespace of job `id`, for access checks: `*` for a job not
+    /// here, so only a caller who may act in every namespace passes.
+    pub fn namespace_of(&self, id: &JobId) -> Arc<str> {
+        self.job(id).map_or_else(|| Arc::from(crate::acl::ANY_NAMESPACE), |j| j.namespace.clone())
+    }
+
     /// Tokens and policies (see [`crate::acl`]).
     pub fn acl(&self) -> &crate::acl::AclState {
         &self.acl
