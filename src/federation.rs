@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cluster_core::resources::{fmt_bytes, fmt_cpu};
+use cluster_core::server::client::Client;
 use federation::api::MemberRow;
+use federation::keyring::{KeyChange, KeyOp, KeyringView};
 use gossip::net::UdpNet;
 use gossip::{FederationView, Key, Keyring, Member, MemberConfig, Role};
 
@@ -25,6 +27,123 @@ pub fn keygen(out: Option<&Path>) -> anyhow::Result<Outcome> {
         }
     }
     Ok(Outcome::Ok)
+}
+
+const KEYRING: &str = "/v1/federation/keyring";
+
+fn keyring_error(e: cluster_core::server::client::ClientError) -> anyhow::Error {
+    match e.status() {
+        Some(404) => anyhow::anyhow!("this server takes no part in gossip (no [gossip] section in its config)"),
+        _ => anyhow::anyhow!("{e}"),
+    }
+}
+
+/// `hanse federation key list`.
+pub fn key_list(c: &Client, primary: bool, json: bool) -> anyhow::Result<Outcome> {
+    let v: KeyringView = c.get(KEYRING).map_err(keyring_error)?;
+    if primary {
+        println!("{}", v.keys.first().map_or("", String::as_str));
+        return Ok(Outcome::Ok);
+    }
+    show_keyring(&v, json)
+}
+
+fn show_keyring(v: &KeyringView, json: bool) -> anyhow::Result<Outcome> {
+    if json {
+        print_json(v)?;
+        return Ok(Outcome::Ok);
+    }
+    let source = if v.source == "log" { "committed to the cluster's log" } else { "from its key file" };
+    println!("{}/{}: {} ({source})", v.cluster, v.server, marked(&v.keys));
+    let mut t = table(&["server", "live", "keys (* seals)"]);
+    for m in &v.members {
+        t.add_row(vec![m.name(), if m.live { "yes" } else { "no" }.into(), marked(&m.keys)]);
+    }
+    println!("{t}");
+    Ok(Outcome::Ok)
+}
+
+/// Key ids, the primary marked.
+fn marked(ids: &[String]) -> String {
+    if ids.is_empty() {
+        return "(not said)".into();
+    }
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| if i == 0 { format!("{id}*") } else { id.clone() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn key_change(c: &Client, op: KeyOp, key: String, force: bool, json: bool) -> anyhow::Result<Outcome> {
+    let v: KeyringView = c.post(KEYRING, &KeyChange { op, key, force }).map_err(keyring_error)?;
+    show_keyring(&v, json)
+}
+
+/// `hanse federation key install`.
+pub fn key_install(c: &Client, key: Option<&str>, file: Option<&Path>, json: bool) -> anyhow::Result<Outcome> {
+    let key = match (key, file) {
+        (Some(k), _) => Key::from_text(k).context("the key given")?,
+        (None, Some(path)) => read_keyring(path)?.primary().clone(),
+        (None, None) => bail!("give the key, or --key-file"),
+    };
+    if !json {
+        eprintln!("installing key {:08x}", key.id());
+    }
+    key_change(c, KeyOp::Install, key.to_text(), false, json)
+}
+
+/// Asks the server until `pending` names no server (or `wait` ends),
+/// saying once whom it waits for; `pending` may refuse at once.
+fn wait_until(
+    c: &Client,
+    wait: Duration,
+    json: bool,
+    what: &str,
+    pending: impl Fn(&KeyringView) -> anyhow::Result<Vec<String>>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    loop {
+        let v: KeyringView = c.get(KEYRING).map_err(keyring_error)?;
+        let waiting = pending(&v)?;
+        if waiting.is_empty() || Instant::now() >= deadline {
+            return Ok(());
+        }
+        if !said && !json {
+            eprintln!("waiting up to {}s for {} {what}", wait.as_secs(), waiting.join(", "));
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `hanse federation key use`: waits (up to `wait`) until every live
+/// server holds the key, then asks for it.
+pub fn key_use(c: &Client, key: &str, force: bool, wait: Duration, json: bool) -> anyhow::Result<Outcome> {
+    let id = gossip::parse_key_id(key)?;
+    if !force {
+        wait_until(c, wait, json, &format!("to hold key {id:08x}"), |v| {
+            if !v.keys.contains(&format!("{id:08x}")) {
+                bail!("key {id:08x} is not installed on {}: `hanse federation key install` it first", v.cluster);
+            }
+            Ok(v.lacking(id))
+        })?;
+    }
+    key_change(c, KeyOp::Use, format!("{id:08x}"), force, json)
+}
+
+/// `hanse federation key remove`: waits (up to `wait`) until no live
+/// server seals with the key, then asks for its removal.
+pub fn key_remove(c: &Client, key: &str, force: bool, wait: Duration, json: bool) -> anyhow::Result<Outcome> {
+    let id = gossip::parse_key_id(key)?;
+    if !force {
+        wait_until(c, wait, json, "to seal with another key", |v| {
+            // The server's own primary: refused at once, no use waiting.
+            Ok(if v.keys.first() == Some(&format!("{id:08x}")) { Vec::new() } else { v.sealing_with(id) })
+        })?;
+    }
+    key_change(c, KeyOp::Remove, format!("{id:08x}"), force, json)
 }
 
 /// Reads a keyring file: one key a line, the first primary; `#` comments.

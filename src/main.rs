@@ -388,6 +388,58 @@ fn parse_role(s: &str) -> Result<cluster_core::transport::Role, String> {
 }
 
 #[derive(Subcommand)]
+enum KeyCommand {
+    /// The keys of the server at --address, and which keys every server of
+    /// the federation says it holds (primary first).
+    List {
+        /// Print only the id of the key the server seals with (for scripts).
+        #[arg(long, conflicts_with = "json")]
+        primary: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Let the cluster's servers open datagrams sealed with a new key.
+    Install {
+        /// The key (base64, as `hanse federation keygen` prints). Prefer
+        /// --key-file: a command line is visible to other local users.
+        #[arg(required_unless_present = "key_file", conflicts_with = "key_file")]
+        key: Option<String>,
+        /// Read the key from this file's first key line.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Seal with an installed key from now on. Waits until every live
+    /// server of the federation says it holds the key.
+    Use {
+        /// The key's id (8 hex digits, from `key list`) or the key.
+        key: String,
+        /// Use it even if some live server does not hold it yet.
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for every server to hold the key.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Stop accepting a key. Refused while a live server still seals with it.
+    Remove {
+        /// The key's id (8 hex digits, from `key list`) or the key.
+        key: String,
+        /// Remove it even if some live server still seals with it.
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for every server to seal with another key.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum FederationCommand {
     /// Make a new gossip key (print it, or write it to a new file, mode 0600).
     Keygen {
@@ -395,6 +447,10 @@ enum FederationCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Rotate the federation's gossip key live: install the new key on
+    /// every cluster, then use it on every cluster, then remove the old one.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Delegations of the cluster at --address: outbound (work sent to
     /// peers) and inbound (peers' work running here), with state and progress by instance.
     Delegations {
@@ -548,6 +604,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Federation(FederationCommand::Keygen { out }) => federation::keygen(out.as_deref()),
         Command::Federation(FederationCommand::Delegations { out }) => remote::delegations(&client, out.json),
+        Command::Federation(FederationCommand::Key(k)) => match k {
+            KeyCommand::List { primary, out } => federation::key_list(&client, primary, out.json),
+            KeyCommand::Install { key, key_file, out } => {
+                federation::key_install(&client, key.as_deref(), key_file.as_deref(), out.json)
+            }
+            KeyCommand::Use { key, force, wait, out } => federation::key_use(&client, &key, force, wait, out.json),
+            KeyCommand::Remove { key, force, wait, out } => {
+                federation::key_remove(&client, &key, force, wait, out.json)
+            }
+        },
         Command::Tls(TlsCommand::Ca(CaCommand::Create { federation, dir, days })) => {
             tls::ca_create(&federation, &dir, days)
         }

@@ -29,7 +29,8 @@
 //! federation = "hanse"
 //! bind = "127.0.0.1:7946"
 //! seeds = ["127.0.0.1:7956"]  # any other cluster's (or this one's) servers
-//! key_file = "federation.key" # `hanse federation keygen`
+//! key_file = "federation.key" # `hanse federation keygen`; rotate with `hanse federation key`,
+//!                             # or edit and SIGHUP (the cluster's servers follow)
 //! jurisdictions = ["eu"]      # where this cluster's nodes are
 //!
 //! [federation]                # optional, with [gossip]: delegate and accept work
@@ -351,11 +352,16 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
             );
             let me = federation::publish::Identity { region: c.region.clone(), jurisdictions: g.jurisdictions.clone() };
             println!("gossip on {} (federation {})", member.local_addr(), g.federation);
+            federation::keyring::export_metrics(&server.inner, &member);
+            tokio::spawn(federation::keyring::follow(server.inner.clone(), member.clone()));
             Some((member.clone(), tokio::spawn(federation::publish::publish(server.inner.clone(), member, me))))
         }
         None => None,
     };
-    let mut extra = axum::Router::new();
+    let mut extra = match &gossip {
+        Some((member, _)) => federation::keyring::router(server.inner.clone(), member.clone()),
+        None => axum::Router::new(),
+    };
     let mut fed_task = None;
     let fed = match (&c.policy, &gossip) {
         (Some(path), Some((member, _))) => {
@@ -370,7 +376,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
             let fed = federation::node::Federation::new(server.inner.clone(), member.clone(), policy);
             server.set_peer_handler(fed.clone());
             federation::api::export_metrics(&fed);
-            extra = federation::api::router(fed.clone());
+            extra = extra.merge(federation::api::router(fed.clone()));
             fed_task = Some(tokio::spawn(federation::node::run(fed.clone())));
             Some(fed)
         }
@@ -396,20 +402,32 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     let mut last = RaftStatus::default();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    // The key file's ring as last read: a SIGHUP commits the file only when
+    // it changed, so reloading the policy never undoes a rotation made
+    // through the API.
+    let mut key_file_ids = match &c.gossip {
+        Some(g) => crate::federation::read_keyring(&g.key_file).map(|r| r.ids()).unwrap_or_default(),
+        None => Vec::new(),
+    };
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = hup.recv() => match (&fed, &c.policy) {
-                (Some(fed), Some(path)) => match load_policy(path) {
-                    Ok(p) => match fed.commit_policy(p).await {
-                        Ok(()) => println!("federation policy {} reloaded and committed", path.display()),
-                        Err(e) => eprintln!("federation policy {} not committed: {e}", path.display()),
+            _ = hup.recv() => {
+                match (&fed, &c.policy) {
+                    (Some(fed), Some(path)) => match load_policy(path) {
+                        Ok(p) => match fed.commit_policy(p).await {
+                            Ok(()) => println!("federation policy {} reloaded and committed", path.display()),
+                            Err(e) => eprintln!("federation policy {} not committed: {e}", path.display()),
+                        },
+                        Err(e) => eprintln!("federation policy {} not reloaded, the old one stays: {e:#}", path.display()),
                     },
-                    Err(e) => eprintln!("federation policy {} not reloaded, the old one stays: {e:#}", path.display()),
-                },
-                _ => println!("SIGHUP: no federation policy to reload"),
-            },
+                    _ => println!("SIGHUP: no federation policy to reload"),
+                }
+                if let Some(g) = &c.gossip {
+                    reload_key_file(&server.inner, &g.key_file, &mut key_file_ids).await;
+                }
+            }
             changed = status.changed() => {
                 if changed.is_err() { break }
                 let s = status.borrow().clone();
@@ -432,6 +450,30 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     server.stop().await;
     endpoint.close();
     Ok(Outcome::Ok)
+}
+
+/// SIGHUP: commits the gossip key file to the cluster if it changed since
+/// it was last read; a file that does not parse leaves the ring alone.
+async fn reload_key_file(server: &cluster_core::server::Inner, path: &Path, last: &mut Vec<u32>) {
+    let ring = match crate::federation::read_keyring(path) {
+        Ok(r) => r,
+        Err(e) => return eprintln!("gossip key file not reloaded, the keyring stays: {e:#}"),
+    };
+    if ring.ids() == *last {
+        return println!("gossip key file {} unchanged; the keyring stays", path.display());
+    }
+    match federation::keyring::commit(server, &ring).await {
+        Ok(()) => {
+            println!(
+                "gossip key file {} committed: {} keys, sealing with {:08x}",
+                path.display(),
+                ring.ids().len(),
+                ring.primary().id()
+            );
+            *last = ring.ids();
+        }
+        Err(e) => eprintln!("gossip key file {} not committed: {}", path.display(), e.message),
+    }
 }
 
 fn load_policy(path: &Path) -> anyhow::Result<federation::policy::Policy> {

@@ -24,14 +24,23 @@ impl Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hanse"))
             .args(["server", "--config", config.to_str().unwrap()])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start hanse server");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
         let sink = lines.clone();
+        let out = child.stdout.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        // Logs are kept too, and still shown with the test's output.
+        let sink = lines.clone();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("{line}");
                 sink.lock().unwrap().push(line);
             }
         });
@@ -278,4 +287,144 @@ fn operator_raft_adds_and_removes_a_server() {
     let again = hanse(&all, &["operator", "raft", "remove-peer", "--id", "4"]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("not a voter"));
+}
+
+/// The gossip key rotates on running server processes: `hanse federation
+/// key install|use|remove`, sent to any one server, reaches all three
+/// (they follow the cluster's log), and an edited key file signalled with
+/// SIGHUP is committed the same way. Sampled all along, no server ever
+/// fails to open a datagram. A member left with the old key is refused,
+/// and the servers say so in their logs and in `/metrics`.
+#[test]
+fn the_gossip_key_rotates_on_running_servers_through_the_cli_and_sighup() {
+    use gossip::Key;
+    let (dir, configs, http) = setup("keys");
+    let keys: Vec<Key> = (0..3).map(|_| Key::generate()).collect();
+    let hex: Vec<String> = keys.iter().map(|k| format!("{:08x}", k.id())).collect();
+    let key_file = |name: &str, ks: &[&Key]| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, ks.iter().map(|k| format!("{}\n", k.to_text())).collect::<String>()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    key_file("federation.key", &[&keys[0]]);
+    let gossip: Vec<u16> =
+        (0..3).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    for (i, c) in configs[..3].iter().enumerate() {
+        let mut text = std::fs::read_to_string(c).unwrap();
+        text.push_str(&format!(
+            "\n[gossip]\nfederation = \"test\"\nbind = \"127.0.0.1:{}\"\nseeds = [\"127.0.0.1:{}\"]\nkey_file = \"federation.key\"\njurisdictions = [\"eu\"]\n",
+            gossip[i], gossip[0]
+        ));
+        std::fs::write(c, text).unwrap();
+    }
+    let procs: Vec<Option<Proc>> = configs[..3].iter().map(|c| Some(Proc::start(c))).collect();
+    agreed(&live(&procs), Duration::from_secs(20), None);
+    let all = http[..3].join(",");
+    common::trust(&http.join(","), &dir.0.join("pki/ca.pem"));
+    bootstrap(&all, Duration::from_secs(20));
+
+    let list = |addr: &str| json(&hanse(addr, &["federation", "key", "list", "--json"]));
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect()
+    };
+    let everywhere = |want: &[&str]| http[..3].iter().all(|a| ids(&list(a)) == want);
+    eventually(Duration::from_secs(20), "gossip says all three servers hold the first key", || {
+        let v = list(&http[0]);
+        let holding = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["live"] == true && m["keys"] == serde_json::json!([hex[0]]));
+        holding.count() == 3
+    });
+    assert_eq!(list(&http[0])["source"], "key_file");
+
+    // Every server's refusals, sampled every 100 ms while the keys rotate.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, http) = (stop.clone(), http[..3].to_vec());
+        std::thread::spawn(move || {
+            let mut worst = 0u64;
+            let mut samples = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for a in &http {
+                    if let Ok(m) = common::client(a).get_text("/metrics") {
+                        samples += 1;
+                        worst = worst.max(rejected(&m, "unknown_key") + rejected(&m, "bad_tag"));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (worst, samples)
+        })
+    };
+
+    let ok = |o: std::process::Output| assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    let new_key = key_file("new.key", &[&keys[1]]);
+    ok(hanse(&all, &["federation", "key", "install", "--key-file", &new_key]));
+    eventually(Duration::from_secs(10), "all three hold both keys", || everywhere(&[&hex[0], &hex[1]]));
+    // Sent to the third server: it waits until gossip says everyone holds it.
+    ok(hanse(&http[2], &["federation", "key", "use", &hex[1]]));
+    eventually(Duration::from_secs(10), "all three seal with the new key", || everywhere(&[&hex[1], &hex[0]]));
+    let refused = hanse(&http[0], &["federation", "key", "remove", &hex[1]]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(common::text(&refused).contains("primary"), "{}", common::text(&refused));
+    let not_installed = hanse(&http[0], &["federation", "key", "use", &hex[2]]);
+    assert_eq!(not_installed.status.code(), Some(1));
+    assert!(common::text(&not_installed).contains("not installed"), "{}", common::text(&not_installed));
+    ok(hanse(&http[1], &["federation", "key", "remove", &hex[0]]));
+    eventually(Duration::from_secs(10), "all three hold only the new key", || everywhere(&[&hex[1]]));
+    assert_eq!(list(&http[0])["source"], "log");
+
+    // SIGHUP with the key file as it was read at start: nothing changes, so
+    // a policy reload never undoes a rotation.
+    let hup = |p: &Proc| unsafe { libc::kill(p.child.id() as i32, libc::SIGHUP) };
+    let said = |p: &Proc, what: &str| p.lines.lock().unwrap().iter().any(|l| l.contains(what));
+    let s1 = procs[0].as_ref().unwrap();
+    assert_eq!(hup(s1), 0);
+    eventually(Duration::from_secs(10), "s1 says its key file is unchanged", || {
+        said(s1, "unchanged; the keyring stays")
+    });
+    assert!(everywhere(&[&hex[1]]));
+    // The file edited to add a third key, then SIGHUP to one server: all follow.
+    key_file("federation.key", &[&keys[1], &keys[2]]);
+    assert_eq!(hup(s1), 0);
+    eventually(Duration::from_secs(10), "all three hold the file's keys", || everywhere(&[&hex[1], &hex[2]]));
+    assert!(said(s1, "committed: 2 keys"));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (worst, samples) = sampler.join().unwrap();
+    assert!(samples > 10, "the sampler read /metrics {samples} times");
+    assert_eq!(worst, 0, "a server could not open gossip datagrams during the rotation");
+    let metrics = common::client(&http[0]).get_text("/metrics").unwrap();
+    assert!(metrics.contains("hanse_gossip_keyring_keys 2"), "{metrics}");
+
+    // A member that still has only the old key is refused, and told about.
+    let old_key = key_file("old.key", &[&keys[0]]);
+    let stale = hanse(
+        &http[0],
+        &[
+            "federation",
+            "members",
+            "--seed",
+            &format!("127.0.0.1:{}", gossip[0]),
+            "--key-file",
+            &old_key,
+            "--federation",
+            "test",
+            "--wait",
+            "2",
+        ],
+    );
+    assert_eq!(stale.status.code(), Some(1), "the stale member hears nothing: {}", common::text(&stale));
+    eventually(Duration::from_secs(10), "s1 counts datagrams it cannot open", || {
+        common::client(&http[0]).get_text("/metrics").is_ok_and(|m| rejected(&m, "unknown_key") > 0)
+    });
+    assert!(said(s1, "sealed with a key this member's keyring does not hold"), "s1 logs the refusals");
+}
+
+/// `hanse_gossip_datagrams_rejected_total{reason=...}` from a scrape.
+fn rejected(metrics: &str, reason: &str) -> u64 {
+    let prefix = format!("hanse_gossip_datagrams_rejected_total{{reason=\"{reason}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or(0)
 }

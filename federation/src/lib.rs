@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod delegation;
+pub mod keyring;
 pub mod local;
 pub mod node;
 pub mod policy;

@@ -127,22 +127,39 @@ impl Gossiping {
         let member = Arc::new(Member::start(config, Keyring::new(self.key.clone()), Arc::new(UdpNet)).await.unwrap());
         let me = Identity { region: self.region.clone(), jurisdictions: self.jurisdictions.clone() };
         let inner = self.cluster.server(id).unwrap().inner.clone();
-        let mut tasks = vec![tokio::spawn(publish(inner.clone(), member.clone(), me))];
+        let mut tasks = vec![
+            tokio::spawn(publish(inner.clone(), member.clone(), me)),
+            tokio::spawn(crate::keyring::follow(inner.clone(), member.clone())),
+        ];
+        crate::keyring::export_metrics(&inner, &member);
         let federation = self.policy.clone().map(|p| {
             let fed = Federation::new(inner.clone(), member.clone(), p);
             self.cluster.server(id).unwrap().set_peer_handler(fed.clone());
             tasks.push(tokio::spawn(crate::node::run(fed.clone())));
             fed
         });
+        let mut routes = crate::keyring::router(inner.clone(), member.clone());
         if let Some(fed) = &federation {
-            self.cluster.add_federation_routes(id, crate::api::router(fed.clone())).expect("the server runs");
+            routes = routes.merge(crate::api::router(fed.clone()));
         }
+        self.cluster.add_federation_routes(id, routes).expect("the server runs");
         self.servers.push(Server { id, member, federation, tasks });
     }
 
-    /// Starts server `id` again on its data and addresses.
+    /// Starts server `id` again on its data and addresses (waiting, up to
+    /// 10 s, for the stopped server's sockets and database to be let go).
     pub async fn restart_server(&mut self, id: u64) {
-        self.cluster.start_server(id).await.expect("the server starts again");
+        // The stopped server's sockets close as its tasks wind down.
+        let start = Instant::now();
+        loop {
+            match self.cluster.start_server(id).await {
+                Ok(()) => break,
+                Err(e) if start.elapsed() < Duration::from_secs(10) && winding_down(&format!("{e:#}")) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the server starts again: {e:#}"),
+            }
+        }
         self.join(id).await;
     }
 
@@ -151,6 +168,9 @@ impl Gossiping {
             let s = self.servers.remove(at);
             for t in &s.tasks {
                 t.abort();
+            }
+            for t in s.tasks {
+                let _ = t.await;
             }
             self.cluster.stop_server(id).await;
             if let Ok(m) = Arc::try_unwrap(s.member) {
@@ -190,6 +210,12 @@ impl Gossiping {
 }
 
 /// Waits until `check` holds; panics after `limit` (tests and benches).
+/// An error from starting a server whose previous run still holds its
+/// address or database (its last connections are closing).
+fn winding_down(error: &str) -> bool {
+    error.contains("in use") || error.contains("already open")
+}
+
 pub async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {

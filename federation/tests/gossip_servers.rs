@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Setup, alive_with_nodes, nodes, start, until};
+use common::{Gossiping, Setup, alive_with_nodes, nodes, start, until};
 use gossip::Key;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -53,6 +53,116 @@ async fn each_leader_publishes_its_cluster_and_the_next_leader_takes_over() {
         alive_with_nodes(&v, "eu-west", 30) && v.cluster("eu-west").unwrap().summary.as_ref().unwrap().term > term
     })
     .await;
+    eu.stop().await;
+    us.stop().await;
+}
+
+/// A key is used only once every live server of the federation holds it,
+/// whichever cluster asks; a server restarted with its old key file takes
+/// the ring its cluster committed; and two clusters that rotate step by
+/// step never leave a datagram unopened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_is_used_only_once_every_cluster_holds_it() {
+    use federation::keyring::{KeyChange, KeyOp, KeyringView};
+    use std::sync::atomic::Ordering;
+    let (old, new) = (Key::generate(), Key::generate());
+    let setup = |name, servers, seeds, jurisdictions| Setup {
+        name,
+        servers,
+        key: &old,
+        ca: None,
+        seeds,
+        jurisdictions,
+        policy: None,
+        http: Vec::new(),
+        data_dir: None,
+        region: None,
+        token: None,
+    };
+    let mut eu = start(setup("eu-west", 3, Vec::new(), &["eu"])).await;
+    let seed = eu.servers[0].member.local_addr().to_string();
+    let us = start(setup("us-east", 1, vec![seed], &["us"])).await;
+    let watcher = eu.servers[0].member.clone();
+    until(Duration::from_secs(15), "eu-west sees us-east", || alive_with_nodes(&watcher.view(), "us-east", 0)).await;
+    let change = |cluster: &cluster_core::server::local::LocalCluster, op, key: String| {
+        let client = cluster.client();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                client.post::<KeyringView>("/v1/federation/keyring", &KeyChange { op, key, force: false })
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let hex = |k: &Key| format!("{:08x}", k.id());
+    let unopened = |g: &Gossiping| {
+        g.servers
+            .iter()
+            .map(|s| {
+                let m = s.member.metrics();
+                m.rejected_unknown_key.load(Ordering::Relaxed) + m.rejected_bad_tag.load(Ordering::Relaxed)
+            })
+            .sum::<u64>()
+    };
+    let before = unopened(&eu) + unopened(&us);
+
+    change(&eu.cluster, KeyOp::Install, new.to_text()).await.unwrap();
+    // us-east does not hold the new key yet: eu-west may not seal with it.
+    let refused = change(&eu.cluster, KeyOp::Use, hex(&new)).await.unwrap_err();
+    assert_eq!(refused.status(), Some(409), "{refused}");
+    assert!(refused.to_string().contains("us-east/s1"), "names who lacks it: {refused}");
+    for s in &eu.servers {
+        assert_eq!(s.member.keyring().read().unwrap().primary().id(), old.id(), "nothing changed");
+    }
+
+    change(&us.cluster, KeyOp::Install, new.to_text()).await.unwrap();
+    until(Duration::from_secs(15), "eu-west's gossip says us-east holds the new key", || {
+        let v = watcher.view();
+        v.cluster("us-east").is_some_and(|c| c.servers.values().all(|s| s.keys.contains(&hex(&new))))
+    })
+    .await;
+    change(&eu.cluster, KeyOp::Use, hex(&new)).await.unwrap();
+    until(Duration::from_secs(15), "every eu-west server seals with the new key", || {
+        eu.servers.iter().all(|s| s.member.keyring().read().unwrap().primary().id() == new.id())
+    })
+    .await;
+
+    assert_eq!(unopened(&eu) + unopened(&us), before, "a datagram went unopened while the new key came into use");
+
+    // A server that restarts with the old key file follows the committed ring.
+    // Until it has applied its log it cannot open the new key's datagrams,
+    // so the count starts again after it has.
+    let id = eu.servers[2].id;
+    eu.stop_server(id).await;
+    eu.restart_server(id).await;
+    let back = eu.servers.iter().find(|s| s.id == id).unwrap().member.clone();
+    until(Duration::from_secs(15), "the restarted server takes the committed ring", || {
+        back.keyring().read().unwrap().ids() == vec![new.id(), old.id()]
+    })
+    .await;
+
+    let before = unopened(&eu) + unopened(&us);
+    // us-east seals with the old key still: eu-west may not drop it yet.
+    let refused = change(&eu.cluster, KeyOp::Remove, hex(&old)).await.unwrap_err();
+    assert_eq!(refused.status(), Some(409), "{refused}");
+    change(&us.cluster, KeyOp::Use, hex(&new)).await.unwrap();
+    until(Duration::from_secs(15), "eu-west's gossip says us-east seals with the new key", || {
+        let v = watcher.view();
+        v.cluster("us-east").is_some_and(|c| c.servers.values().all(|s| s.keys.first() == Some(&hex(&new))))
+    })
+    .await;
+    change(&eu.cluster, KeyOp::Remove, hex(&old)).await.unwrap();
+    change(&us.cluster, KeyOp::Remove, hex(&old)).await.unwrap();
+    until(Duration::from_secs(15), "each server holds the new key only", || {
+        eu.servers.iter().chain(&us.servers).all(|s| s.member.keyring().read().unwrap().ids() == vec![new.id()])
+    })
+    .await;
+    // Still one federation, sealed with the new key only.
+    let us_watch = us.servers[0].member.clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    until(Duration::from_secs(15), "us-east still sees eu-west", || alive_with_nodes(&us_watch.view(), "eu-west", 0))
+        .await;
+    assert_eq!(unopened(&eu) + unopened(&us), before, "a datagram went unopened during the rotation");
     eu.stop().await;
     us.stop().await;
 }

@@ -41,6 +41,8 @@ pub enum KeyError {
     Unknown(u32),
     #[error("key {0:08x} is the primary key; use another key first")]
     Primary(u32),
+    #[error("`{0}` is neither a key id (8 hex digits, as `hanse federation key list` shows) nor a key")]
+    NotAnId(String),
 }
 
 impl Key {
@@ -104,6 +106,11 @@ impl Keyring {
         self.keys.iter().find(|k| k.id == id)
     }
 
+    /// The keys, primary first.
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
     pub fn ids(&self) -> Vec<u32> {
         self.keys.iter().map(|k| k.id).collect()
     }
@@ -138,6 +145,17 @@ impl Keyring {
     }
 }
 
+/// A key named by its id (8 hex digits) or by the key itself.
+pub fn parse_key_id(text: &str) -> Result<u32, KeyError> {
+    let t = text.trim();
+    if t.len() == 8 {
+        if let Ok(id) = u32::from_str_radix(t, 16) {
+            return Ok(id);
+        }
+    }
+    Key::from_text(t).map(|k| k.id()).map_err(|_| KeyError::NotAnId(t.chars().take(64).collect()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +168,9 @@ mod tests {
         assert_eq!(Key::from_text("c2hvcnQ="), Err(KeyError::Malformed));
         assert_eq!(Key::from_text("not base64 at all!"), Err(KeyError::Malformed));
         assert_eq!(Keyring::from_texts::<&str>(&[]).unwrap_err(), KeyError::Empty);
+        assert_eq!(parse_key_id(&format!("{:08x}", k.id())), Ok(k.id()));
+        assert_eq!(parse_key_id(&k.to_text()), Ok(k.id()));
+        assert!(matches!(parse_key_id("xyz"), Err(KeyError::NotAnId(_))));
     }
 
     #[test]

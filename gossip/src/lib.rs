@@ -21,7 +21,7 @@ pub mod summary;
 pub mod transport;
 pub mod view;
 
-pub use keyring::{Key, Keyring};
+pub use keyring::{Key, KeyError, Keyring, parse_key_id};
 pub use member::{Member, MemberConfig, Role};
 pub use summary::ClusterSummary;
 pub use view::{ClusterEntry, FederationView, Liveness};

@@ -145,6 +145,7 @@ impl Member {
             (keys::SERVER.to_string(), config.server.clone()),
             (keys::REGION.to_string(), config.region.clone()),
             (keys::ROLE.to_string(), if config.role == Role::Server { "server" } else { "observer" }.to_string()),
+            (keys::KEYS.to_string(), crate::view::key_ids_text(&keyring.read().expect("keyring lock").ids())),
         ];
         if let Some(rpc) = &config.rpc_addr {
             initial.push((keys::RPC_ADDR.to_string(), rpc.clone()));
@@ -198,6 +199,15 @@ impl Member {
 
     pub fn keyring(&self) -> SharedKeyring {
         self.keyring.clone()
+    }
+
+    /// Replaces the keyring (a rotation step) and tells the federation
+    /// which key ids this member now holds ([`keys::KEYS`]), so that an
+    /// operator can see every member has a key before sealing with it.
+    pub async fn set_keyring(&self, ring: Keyring) {
+        let ids = crate::view::key_ids_text(&ring.ids());
+        *self.keyring.write().expect("keyring lock") = ring;
+        self.handle.with_chitchat(|c| c.self_node_state().set(keys::KEYS, &ids)).await;
     }
 
     pub fn metrics(&self) -> Arc<GossipMetrics> {

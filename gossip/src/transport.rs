@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use chitchat::ChitchatEnvelope;
@@ -92,6 +92,39 @@ impl GossipMetrics {
             Reject::Misdirected => &self.rejected_misdirected,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How often, at most, a member logs datagrams it could not open.
+pub const UNOPENED_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Datagrams sealed with a key this member lacks, or that fail to verify,
+/// logged at most once per [`UNOPENED_LOG_EVERY`] with the count since:
+/// during a botched key rotation a member receives hundreds a second.
+#[derive(Default)]
+struct Unopened {
+    last_logged: Option<Instant>,
+    since: u64,
+}
+
+impl Unopened {
+    fn note(&mut self, r: Reject, source: SocketAddr) {
+        self.since += 1;
+        if self.last_logged.is_some_and(|t| t.elapsed() < UNOPENED_LOG_EVERY) {
+            return;
+        }
+        let why = match r {
+            Reject::UnknownKey => "sealed with a key this member's keyring does not hold",
+            _ => "that do not verify with the key they name (forged, corrupted, or another federation's key)",
+        };
+        tracing::warn!(
+            datagrams = self.since,
+            last_from = %source,
+            "gossip datagrams {why}; if a key rotation is under way, install the new key on every member \
+             (`hanse federation key install`) before using it"
+        );
+        self.last_logged = Some(Instant::now());
+        self.since = 0;
     }
 }
 
@@ -255,6 +288,7 @@ impl Relay {
         // Reused for every datagram: a fresh buffer this size would be an
         // mmap and page faults each time.
         let mut plain: Vec<u8> = Vec::with_capacity(PLAINTEXT_BYTES_MAX);
+        let mut unopened = Unopened::default();
         loop {
             let (n, _udp_source) = match self.outer.recv_from(&mut buf).await {
                 Ok(x) => x,
@@ -271,6 +305,9 @@ impl Relay {
                 Ok(p) => p,
                 Err(r) => {
                     self.metrics.count(r);
+                    if matches!(r, Reject::UnknownKey | Reject::BadTag) {
+                        unopened.note(r, _udp_source);
+                    }
                     continue;
                 }
             };

@@ -18,6 +18,9 @@ pub mod keys {
     pub const RAFT_TERM: &str = "raft_term";
     /// Only the leader of a cluster publishes one.
     pub const SUMMARY: &str = "summary";
+    /// The ids of the keys in the member's keyring, primary first, as
+    /// 8-digit hex separated by commas (never the keys).
+    pub const KEYS: &str = "keys";
 }
 
 /// One gossip member's state, borrowed from chitchat for one update.
@@ -54,6 +57,15 @@ pub enum Liveness {
     Dead,
 }
 
+/// The key ids a member publishes under [`keys::KEYS`].
+pub fn key_ids_text(ids: &[u32]) -> String {
+    ids.iter().map(|id| format!("{id:08x}")).collect::<Vec<_>>().join(",")
+}
+
+fn parse_key_ids(text: &str) -> Vec<String> {
+    text.split(',').filter(|s| !s.is_empty()).take(crate::keyring::KEYRING_KEYS_MAX).map(str::to_string).collect()
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServerEntry {
     pub name: String,
@@ -64,6 +76,9 @@ pub struct ServerEntry {
     pub heartbeat: u64,
     /// When this member last saw the heartbeat rise.
     pub heartbeat_seen_ms: u64,
+    /// The ids of the keys its gossip keyring holds, primary first (8-digit
+    /// hex), as it last said.
+    pub keys: Vec<String>,
     /// `live` before the update in progress, to tell a change.
     #[serde(skip)]
     was_live: bool,
@@ -172,6 +187,7 @@ impl FederationView {
                     raft_term: m.get(keys::RAFT_TERM).and_then(|t| t.parse().ok()).unwrap_or(0),
                     heartbeat: m.heartbeat,
                     heartbeat_seen_ms: now_ms,
+                    keys: m.get(keys::KEYS).map(parse_key_ids).unwrap_or_default(),
                     was_live: false,
                 };
                 match entry.servers.get_mut(&name) {
@@ -183,7 +199,8 @@ impl FederationView {
                         server.was_live = s.was_live;
                         changed |= s.generation != server.generation
                             || s.rpc_addr != server.rpc_addr
-                            || s.raft_term != server.raft_term;
+                            || s.raft_term != server.raft_term
+                            || s.keys != server.keys;
                         *s = server;
                     }
                     None => {

@@ -178,16 +178,29 @@ impl LocalCluster {
             ..self.options.clone()
         };
         let server = Server::start(config, store, transport, options, &logger)?;
-        let quic = QuicServer::bind::<ServerRpc>(self.raft_addrs[&id], &self.ca.cert_pem, &pair, server.handler())?;
-        let late = LateRoutes::default();
-        let tls = match self.options.http_tls {
-            true => Some(Arc::new(tls::http_server_config(&pair)?)),
-            false => None,
+        // A server that cannot bind its addresses stops again, so that its
+        // database is free for the next try.
+        let serving = async {
+            let quic = QuicServer::bind::<ServerRpc>(self.raft_addrs[&id], &self.ca.cert_pem, &pair, server.handler())?;
+            let late = LateRoutes::default();
+            let tls = match self.options.http_tls {
+                true => Some(Arc::new(tls::http_server_config(&pair)?)),
+                false => None,
+            };
+            let (_, http_task) =
+                http::serve_with(server.inner.clone(), self.http_addrs[&id], late_routes(late.clone()), tls).await?;
+            anyhow::Ok((quic, http_task, late))
         };
-        let (_, http_task) =
-            http::serve_with(server.inner.clone(), self.http_addrs[&id], late_routes(late.clone()), tls).await?;
-        self.servers.insert(id, LocalServer { server, quic, http_task, late });
-        Ok(())
+        match serving.await {
+            Ok((quic, http_task, late)) => {
+                self.servers.insert(id, LocalServer { server, quic, http_task, late });
+                Ok(())
+            }
+            Err(e) => {
+                server.stop().await;
+                Err(e)
+            }
+        }
     }
 
     /// Adds the federation's routes (under `/v1/federation/`) to server
