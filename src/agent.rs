@@ -21,8 +21,10 @@
 //! cpu = 4                         # optional: instead of the fingerprinted
 //! memory = "8GiB"                 #   cores and memory
 //! cgroups = true                  # limit tasks with cgroups v2 when offered
-//! drivers = ["exec", "mock"]      # the drivers it runs (default: mock only;
-//!                                 #   exec runs any command as the agent's user)
+//! drivers = ["exec", "mock"]      # the drivers it runs (default: mock only)
+//! task_user = "nobody"            # exec tasks run as this user (default: nobody
+//!                                 #   when the agent is root, else the agent's user)
+//! allowed_users = ["www-data"]    # users a task's `user` may name (default: none)
 //!
 //! [logs]
 //! max_file = "10MiB"              # each task's stdout and stderr rotate at this
@@ -40,7 +42,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cluster_core::agent::cgroups::Cgroups;
-use cluster_core::agent::driver::{DRIVER_NAMES, Drivers};
+use cluster_core::agent::driver::{Account, DRIVER_NAMES, Drivers, TaskUsers};
 use cluster_core::agent::fingerprint::fingerprint;
 use cluster_core::agent::logs::Rotation;
 use cluster_core::agent::rpc::AgentService;
@@ -72,6 +74,8 @@ pub struct AgentConfig {
     pub cpu_millis: Option<u64>,
     pub memory_bytes: Option<u64>,
     pub cgroups: bool,
+    /// Whom exec tasks run as.
+    pub task_users: TaskUsers,
     pub rotation: Rotation,
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -142,6 +146,7 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
                 names
             }
         };
+        let task_users = read_task_users(&mut a, d);
         let list = |d: &mut Diagnostics, t: &mut read::Table, key: &'static str| -> Vec<Arc<str>> {
             t.str_list(d, key).unwrap_or_default().into_iter().map(|(v, _)| Arc::from(v)).collect()
         };
@@ -212,6 +217,7 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
             cpu_millis,
             memory_bytes,
             cgroups,
+            task_users: task_users?,
             rotation,
             ca: ca?,
             cert: cert?,
@@ -219,6 +225,70 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
         })
     })
 }
+
+/// `task_user` and `allowed_users`. An agent running as root runs tasks
+/// as `nobody` unless `task_user` names another account; one that is not
+/// root runs them as itself and cannot be told otherwise.
+fn read_task_users(a: &mut read::Table, d: &mut Diagnostics) -> Option<TaskUsers> {
+    let me = Account::current();
+    let root = me.uid == 0;
+    let mut ok = true;
+    let account = |d: &mut Diagnostics, name: &str, span: cluster_core::diag::Span| -> Option<Account> {
+        match Account::lookup(name) {
+            Ok(acc) if !root && acc.uid != me.uid => {
+                d.error_hint(
+                    span,
+                    format!(
+                        "tasks cannot run as `{name}`: the agent runs as uid {} and only root switches users",
+                        me.uid
+                    ),
+                    "run the agent as root, or remove the setting to run tasks as the agent's user",
+                );
+                None
+            }
+            Ok(acc) => Some(acc),
+            Err(e) => {
+                d.error_hint(span, e, "name an account of this machine (see /etc/passwd)");
+                None
+            }
+        }
+    };
+    let default = match a.str(d, "task_user") {
+        Some((name, span)) => {
+            let found = account(d, name, span);
+            ok &= found.is_some();
+            found
+        }
+        None if root => match Account::lookup(DEFAULT_TASK_USER) {
+            Ok(acc) => Some(acc),
+            Err(e) => {
+                d.error_hint(
+                    a.span.clone(),
+                    format!("tasks run as `{DEFAULT_TASK_USER}` by default, but {e}"),
+                    "set task_user to an unprivileged account of this machine",
+                );
+                ok = false;
+                None
+            }
+        },
+        None => None,
+    };
+    let mut allowed = Vec::new();
+    for (name, span) in a.str_list(d, "allowed_users").unwrap_or_default() {
+        if !cluster_core::spec::job::is_valid_user(name) {
+            d.error_hint(span, format!("invalid user `{name}`"), "a user name as `useradd` takes: `www-data`");
+            ok = false;
+        } else if account(d, name, span).is_some() {
+            allowed.push(name.to_string());
+        } else {
+            ok = false;
+        }
+    }
+    ok.then_some(TaskUsers { default, allowed })
+}
+
+/// Whom an agent running as root runs tasks as when its config says nothing.
+pub const DEFAULT_TASK_USER: &str = "nobody";
 
 pub fn load_config(path: &Path) -> anyhow::Result<AgentConfig> {
     crate::output::load(path, read_config)
@@ -248,6 +318,9 @@ pub async fn run(c: AgentConfig) -> anyhow::Result<Outcome> {
     } else {
         None
     };
+    if c.task_users.default.as_ref().is_some_and(|a| a.uid == 0) && node.drivers.iter().any(|d| &**d == "exec") {
+        eprintln!("warning: task_user is root: every exec task can do anything on this machine");
+    }
     let client = Arc::new(QuicClient::new(&ca, &pair)?);
     let transport: Arc<dyn Transport<ServerRpc>> = client.clone();
     let options = AgentOptions {
@@ -256,7 +329,11 @@ pub async fn run(c: AgentConfig) -> anyhow::Result<Outcome> {
         servers: c.servers.clone(),
         data_dir: c.data_dir.clone(),
         rotation: c.rotation,
-        drivers: Drivers::only(cgroups.clone(), &node.drivers.iter().map(|d| d.to_string()).collect::<Vec<_>>()),
+        drivers: Drivers::only(
+            cgroups.clone(),
+            &node.drivers.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            c.task_users.clone(),
+        ),
         fence: std::env::current_exe().ok(),
     };
     let mut agent = Agent::new(options, transport);

@@ -9,6 +9,7 @@ mod common;
 use common::{eventually, hanse, json, text};
 
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -115,6 +116,8 @@ impl Fixture {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("pki")).unwrap();
         std::fs::create_dir_all(dir.join("marks")).unwrap();
+        // Tasks run as `nobody` when the agent is root: they write marks here.
+        std::fs::set_permissions(dir.join("marks"), std::fs::Permissions::from_mode(0o777)).unwrap();
         let ca = tls::create_ca("test", 1).unwrap();
         std::fs::write(dir.join("pki/ca.pem"), &ca.cert_pem).unwrap();
         let pair = tls::issue(&ca, &Identity::new("dev", Role::Server, "s1"), 1).unwrap();
@@ -358,6 +361,13 @@ fn kill_9_of_an_agent_gets_its_work_replaced_and_drain_empties_a_node() {
     // kill -9: its task dies with it; the node goes down after TTL + grace
     // (3 s) and the work moves to node-b.
     let pid = mark(&f.marks(), &format!("{first}.pid")).unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        // An agent running as root runs its tasks as `nobody`, not as itself.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap().split_whitespace().next().unwrap();
+        let nobody = cluster_core::agent::driver::Account::lookup("nobody").unwrap().uid;
+        assert_eq!(uid, nobody.to_string(), "the task runs as nobody:\n{status}");
+    }
     let killed = Instant::now();
     a.kill9();
     eventually(Duration::from_secs(5), "the agent's task dies with it", || !alive(pid));

@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 /// The encoding of everything [`encode`] writes. 2: jobs carry a
 /// namespace, the state its ACL tokens and policies, a plan its deferred
 /// count; a log or peer of version 1 is refused by name, not misread.
-pub const VERSION: u8 = 2;
+/// 3: an exec task may name the `user` it runs as.
+pub const VERSION: u8 = 3;
 
 /// The largest body [`decode`] will ever look at, whatever the caller's
 /// limit: a bound on what a corrupt length prefix can make it allocate.

@@ -100,7 +100,7 @@ async fn a_driver_the_agent_does_not_enable_refuses_every_task() {
         rotation: Rotation::default(),
         fence: None,
     };
-    match Drivers::only(None, &["mock".to_string()]).exec.start(&ctx).await {
+    match Drivers::only(None, &["mock".to_string()], Default::default()).exec.start(&ctx).await {
         Err(e) => assert!(e.to_string().contains("driver exec is not enabled"), "{e}"),
         Ok(_) => panic!("a disabled driver started a task"),
     }

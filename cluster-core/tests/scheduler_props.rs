@@ -142,7 +142,7 @@ fn group(index: usize) -> impl Strategy<Value = TaskGroup> {
                 tasks: vec![Task {
                     name: Arc::from("t"),
                     driver: if exec {
-                        Driver::Exec { command: "/bin/true".into(), args: vec![], env: BTreeMap::new() }
+                        Driver::Exec { command: "/bin/true".into(), args: vec![], env: BTreeMap::new(), user: None }
                     } else {
                         Driver::Mock { run_for_ms: 0, exit_code: 0 }
                     },

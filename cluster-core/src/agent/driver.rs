@@ -91,22 +91,97 @@ pub const DRIVER_NAMES: &[&str] = &["exec", "mock"];
 pub struct Drivers {
     pub exec: Arc<dyn Driver>,
     pub mock: Arc<dyn Driver>,
+    switches_user: bool,
+}
+
+/// A local account a task runs as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Account {
+    /// The account named `name` in the system's user database
+    /// (`getpwnam_r`); an error names it when there is none.
+    pub fn lookup(name: &str) -> Result<Account, String> {
+        let c_name = CString::new(name).map_err(|_| format!("`{name}` is not a user name"))?;
+        let mut buf = vec![0 as libc::c_char; 16 << 10];
+        // SAFETY: an all-zero passwd is a valid out-parameter; getpwnam_r
+        // writes only into it and `buf`, whose length it is given.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = unsafe { libc::getpwnam_r(c_name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
+        if rc != 0 || found.is_null() {
+            return Err(format!("there is no user `{name}` on this machine"));
+        }
+        Ok(Account { name: name.to_string(), uid: pwd.pw_uid, gid: pwd.pw_gid })
+    }
+
+    /// The account this process runs as (its effective uid and gid).
+    pub fn current() -> Account {
+        // SAFETY: geteuid and getegid cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        Account { name: format!("uid {uid}"), uid, gid }
+    }
+}
+
+/// Whom exec tasks run as. A task that names no `user` runs as
+/// `default`; one that names a user runs as it only if `allowed` lists it.
+/// Switching users needs the agent to run as root (Nomad's exec driver
+/// likewise; its `user.denylist` is the reverse of this allowlist).
+#[derive(Clone, Debug, Default)]
+pub struct TaskUsers {
+    /// `None`: the agent's own user.
+    pub default: Option<Account>,
+    /// User names a task spec may ask for.
+    pub allowed: Vec<String>,
+}
+
+impl TaskUsers {
+    fn switches(&self) -> bool {
+        let me = Account::current().uid;
+        self.default.as_ref().is_some_and(|a| a.uid != me) || !self.allowed.is_empty()
+    }
+
+    /// The account `task` runs as, or why it may not run.
+    pub fn account_for(&self, task: &str, asked: Option<&str>) -> Result<Option<Account>, StartError> {
+        let Some(user) = asked else { return Ok(self.default.clone()) };
+        if !self.allowed.iter().any(|a| a == user) {
+            let allowed = if self.allowed.is_empty() { "none".to_string() } else { self.allowed.join(", ") };
+            return Err(StartError::Fatal(format!(
+                "task `{task}` asks to run as `{user}`, which this agent does not allow \
+                 (its `allowed_users`: {allowed})"
+            )));
+        }
+        Account::lookup(user).map(Some).map_err(|e| StartError::Fatal(format!("task `{task}`: {e}")))
+    }
 }
 
 impl Drivers {
-    /// Every driver.
+    /// Every driver; tasks run as the agent's own user.
     pub fn new(cgroups: Option<Cgroups>) -> Drivers {
-        Drivers { exec: Arc::new(Exec { cgroups }), mock: Arc::new(Mock) }
+        Drivers::only(cgroups, &["exec".into(), "mock".into()], TaskUsers::default())
     }
 
-    /// Only the drivers named in `enabled` (of [`DRIVER_NAMES`]).
-    pub fn only(cgroups: Option<Cgroups>, enabled: &[String]) -> Drivers {
+    /// Only the drivers named in `enabled` (of [`DRIVER_NAMES`]), exec
+    /// tasks running as `users` says.
+    pub fn only(cgroups: Option<Cgroups>, enabled: &[String], users: TaskUsers) -> Drivers {
         let on = |name: &str| enabled.iter().any(|e| e == name);
         let off = |name: &'static str| -> Arc<dyn Driver> { Arc::new(Disabled(name)) };
+        let switches = on("exec") && users.switches();
         Drivers {
-            exec: if on("exec") { Arc::new(Exec { cgroups }) } else { off("exec") },
+            exec: if on("exec") { Arc::new(Exec { cgroups, users }) } else { off("exec") },
             mock: if on("mock") { Arc::new(Mock) } else { off("mock") },
+            switches_user: switches,
         }
+    }
+
+    /// Whether tasks may run as users other than the agent's: their
+    /// directories must then be reachable (0711 on the way, not readable).
+    pub fn switches_user(&self) -> bool {
+        self.switches_user
     }
 
     pub fn for_task(&self, task: &Task) -> &Arc<dyn Driver> {
@@ -168,6 +243,7 @@ impl Running for MockRun {
 /// again from its local state.
 pub struct Exec {
     pub cgroups: Option<Cgroups>,
+    pub users: TaskUsers,
 }
 
 struct ExecRun {
@@ -183,7 +259,7 @@ struct ExecRun {
 #[async_trait]
 impl Driver for Exec {
     async fn start(&self, ctx: &TaskContext) -> Result<Box<dyn Running>, StartError> {
-        let DriverSpec::Exec { command, args, env } = &ctx.task.driver else {
+        let DriverSpec::Exec { command, args, env, user } = &ctx.task.driver else {
             return Err(StartError::Fatal("the exec driver runs exec tasks only".into()));
         };
         // Its directory and logs are named after it: a name that could
@@ -192,8 +268,24 @@ impl Driver for Exec {
         if !crate::spec::job::is_valid_name(&ctx.task.name) {
             return Err(StartError::Fatal(format!("`{}` is not a valid task name", ctx.task.name)));
         }
+        let account = self.users.account_for(&ctx.task.name, user.as_deref())?;
+        let me = Account::current();
+        let account = account.filter(|a| (a.uid, a.gid) != (me.uid, me.gid));
+        if let Some(a) = &account {
+            if me.uid != 0 {
+                return Err(StartError::Fatal(format!(
+                    "task `{}` would run as `{}`, but the agent runs as uid {} and only root can switch users",
+                    ctx.task.name, a.name, me.uid
+                )));
+            }
+        }
         std::fs::create_dir_all(&ctx.dir)
             .map_err(|e| StartError::Failed(format!("cannot create {}: {e}", ctx.dir.display())))?;
+        if let Some(a) = &account {
+            task_dir_for(&ctx.dir, a)
+                .map_err(|e| StartError::Failed(format!("cannot give {} to `{}`: {e}", ctx.dir.display(), a.name)))?;
+        }
+        let ids = account.as_ref().map(|a| (a.uid, a.gid));
         let mut stdout = writer(ctx, "stdout")?;
         let mut stderr = writer(ctx, "stderr")?;
         let cgroup = match &self.cgroups {
@@ -221,12 +313,12 @@ impl Driver for Exec {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // SAFETY: between fork and exec only async-signal-safe calls are
-        // made: setpgid, prctl, open, write, close, on memory prepared
-        // before the fork.
+        // made: setpgid, open, write, close, setgroups, setgid, setuid,
+        // prctl, on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 libc::setpgid(0, 0);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // Into the cgroup while still root: its files are root's.
                 if let Some(p) = &procs {
                     let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
                     if fd >= 0 {
@@ -234,6 +326,15 @@ impl Driver for Exec {
                         libc::close(fd);
                     }
                 }
+                // Drop to the task's user: its group alone, then the user.
+                // A failure here fails the start; nothing runs as root.
+                if let Some((uid, gid)) = ids {
+                    if libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // After the switch: changing credentials clears it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
         }
@@ -258,6 +359,19 @@ impl Driver for Exec {
         }
         Ok(Box::new(ExecRun { child, pid, fence, copiers, cgroup, exit: None }))
     }
+}
+
+/// A task directory for `account`: its own, 0700, and its allocation's
+/// directory passable (0711) but not readable, so the task reaches its
+/// directory and nothing beside it.
+fn task_dir_for(dir: &Path, account: &Account) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(alloc_dir) = dir.parent() {
+        std::fs::set_permissions(alloc_dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    Ok(())
 }
 
 fn writer(ctx: &TaskContext, stream: &str) -> Result<RotatingWriter, StartError> {

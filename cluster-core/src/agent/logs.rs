@@ -5,6 +5,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::rpc::LogChunk;
@@ -52,9 +53,11 @@ pub struct RotatingWriter {
 
 impl RotatingWriter {
     pub fn open(dir: &Path, stem: &str, rotation: Rotation) -> std::io::Result<RotatingWriter> {
-        fs::create_dir_all(dir)?;
+        // The agent's alone: tasks, which may run as other users, never
+        // read one another's output.
+        crate::private::private_dir(dir)?;
         let (start, path) = files(dir, stem).pop().unwrap_or((0, dir.join(format!("{stem}.0"))));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
         let len = file.metadata()?.len();
         Ok(RotatingWriter { dir: dir.into(), stem: stem.into(), rotation, file, start, len })
     }
@@ -79,6 +82,7 @@ impl RotatingWriter {
         self.file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(self.dir.join(format!("{}.{}", self.stem, self.start)))?;
         let all = files(&self.dir, &self.stem);
         for (_, old) in all.iter().take(all.len().saturating_sub(self.rotation.files.max(1))) {

@@ -244,10 +244,14 @@ impl Agent {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
         let o = &self.options;
         assert!(!o.servers.is_empty(), "an agent needs at least one server");
-        // The state file and the tasks' logs hold secrets: owner only.
-        crate::private::private_dir(&o.data_dir)
-            .and_then(|()| crate::private::private_dir(&self.allocs_dir()))
-            .map_err(|e| format!("cannot create {} (0700): {e}", self.allocs_dir().display()))?;
+        // The state file and the tasks' logs hold secrets: owner only. When
+        // tasks run as other users they must pass through (0711) to their
+        // own directories, but can list nothing; every file on the way is
+        // 0600 and every log directory 0700.
+        let dirs = if o.drivers.switches_user() { passable_dir } else { crate::private::private_dir };
+        dirs(&o.data_dir)
+            .and_then(|()| dirs(&self.allocs_dir()))
+            .map_err(|e| format!("cannot create {}: {e}", self.allocs_dir().display()))?;
         let state_path = o.data_dir.join("agent.state");
         let saved = load(&state_path)?;
         if saved.node.as_ref().is_some_and(|n| *n != o.node.id) {
@@ -806,4 +810,11 @@ impl Handler<AgentService> for LogService {
             Err(e) => AgentServiceReply::Error(format!("cannot read the logs of {alloc}: {e}")),
         }
     }
+}
+
+/// A directory others may pass through but not list (0711).
+fn passable_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
 }

@@ -232,8 +232,9 @@ impl Task {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
-    /// A real child process.
-    Exec { command: String, args: Vec<String>, env: BTreeMap<String, String> },
+    /// A real child process. `user`: the account it runs as, which the
+    /// agent must allow (`allowed_users`); `None`: the agent's `task_user`.
+    Exec { command: String, args: Vec<String>, env: BTreeMap<String, String>, user: Option<String> },
     /// No process: "runs" for `run_for_ms` and exits with `exit_code`.
     Mock { run_for_ms: u64, exit_code: i32 },
 }

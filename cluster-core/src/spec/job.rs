@@ -16,6 +16,7 @@
 //! args = ["-m", "http.server"]
 //! resources = { cpu = "500m", memory = "256MiB" }
 //! kill_timeout = "5s"           # SIGTERM, then SIGKILL after this
+//! user = "www-data"             # optional: needs the agent's `allowed_users`
 //! ```
 //!
 //! A group may also say `restart = { attempts = 2, delay = "1s", mode =
@@ -137,6 +138,14 @@ pub fn is_valid_name(name: &str) -> bool {
         && name.len() <= 64
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A POSIX-portable user name, as `useradd` accepts by default.
+pub fn is_valid_user(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
 }
 
 fn check_name<'a>(d: &mut Diagnostics, what: &str, name: &'a str, span: Span) -> Option<&'a str> {
@@ -515,7 +524,19 @@ fn read_tasks(g: &mut Table, d: &mut Diagnostics) -> Vec<Task> {
                 let command = t.required_str(d, "command", "\"/usr/bin/env\"").map(|(c, _)| c.to_string());
                 let args = t.str_list(d, "args").unwrap_or_default().into_iter().map(|(a, _)| a.to_string()).collect();
                 let env = t.str_map(d, "env").into_iter().map(|(k, v, _)| (k.to_string(), v.to_string())).collect();
-                command.map(|command| Driver::Exec { command, args, env })
+                let user = t.str(d, "user").and_then(|(u, s)| {
+                    if is_valid_user(u) {
+                        Some(u.to_string())
+                    } else {
+                        d.error_hint(
+                            s,
+                            format!("invalid user `{u}`"),
+                            "a user name is 1 to 32 lowercase letters, digits, `_` or `-`, starting with a letter or `_`",
+                        );
+                        None
+                    }
+                });
+                command.map(|command| Driver::Exec { command, args, env, user })
             }
             Some(_) => {
                 let run_for_ms = match t.str(d, "run_for") {
