@@ -33,7 +33,10 @@ const KEYRING: &str = "/v1/federation/keyring";
 
 fn keyring_error(e: cluster_core::server::client::ClientError) -> anyhow::Error {
     match e.status() {
-        Some(404) => anyhow::anyhow!("this server takes no part in gossip (no [gossip] section in its config)"),
+        Some(404) => anyhow::anyhow!(
+            "this server has no keyring API: it takes no part in gossip (no [gossip] section in its config), \
+             or runs an older Hanse"
+        ),
         _ => anyhow::anyhow!("{e}"),
     }
 }

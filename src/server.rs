@@ -29,8 +29,8 @@
 //! federation = "hanse"
 //! bind = "127.0.0.1:7946"
 //! seeds = ["127.0.0.1:7956"]  # any other cluster's (or this one's) servers
-//! key_file = "federation.key" # `hanse federation keygen`; rotate with `hanse federation key`,
-//!                             # or edit and SIGHUP (the cluster's servers follow)
+//! key_file = "federation.key" # `hanse federation keygen`; rotate with `hanse federation key`
+//!                             # (a key added to the file is installed on SIGHUP)
 //! jurisdictions = ["eu"]      # where this cluster's nodes are
 //!
 //! [federation]                # optional, with [gossip]: delegate and accept work
@@ -340,7 +340,19 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     let endpoint = QuicServer::bind::<ServerRpc>(c.bind, &ca, &pair, server.handler())?;
     let gossip = match &c.gossip {
         Some(g) => {
-            let keyring = crate::federation::read_keyring(&g.key_file)?;
+            // The ring the cluster committed, if any (as of the last
+            // snapshot; the log brings it up to date): a key file left
+            // behind by a rotation made through the API is not used then.
+            let file = crate::federation::read_keyring(&g.key_file);
+            let file_ids = file.as_ref().map(|r| r.ids()).unwrap_or_default();
+            let keyring = match (federation::keyring::committed(&server.inner), file) {
+                (Some(ring), Ok(_)) => ring,
+                (Some(ring), Err(e)) => {
+                    eprintln!("warning: {e:#}; gossiping with the keyring the cluster committed");
+                    ring
+                }
+                (None, file) => file?,
+            };
             let mut mc = gossip::MemberConfig::new(&g.federation, &c.cluster, &c.name, g.bind);
             mc.region = c.region.clone();
             mc.seeds = g.seeds.clone();
@@ -353,18 +365,20 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
             let me = federation::publish::Identity { region: c.region.clone(), jurisdictions: g.jurisdictions.clone() };
             println!("gossip on {} (federation {})", member.local_addr(), g.federation);
             federation::keyring::export_metrics(&server.inner, &member);
-            tokio::spawn(federation::keyring::follow(server.inner.clone(), member.clone()));
-            Some((member.clone(), tokio::spawn(federation::publish::publish(server.inner.clone(), member, me))))
+            let keys = federation::keyring::Keys::new(server.inner.clone(), member.clone());
+            tokio::spawn(keys.clone().follow());
+            let publish = tokio::spawn(federation::publish::publish(server.inner.clone(), member.clone(), me));
+            Some((member, publish, keys, Arc::new(tokio::sync::Mutex::new(file_ids))))
         }
         None => None,
     };
     let mut extra = match &gossip {
-        Some((member, _)) => federation::keyring::router(server.inner.clone(), member.clone()),
+        Some((_, _, keys, _)) => federation::keyring::router(keys.clone()),
         None => axum::Router::new(),
     };
     let mut fed_task = None;
     let fed = match (&c.policy, &gossip) {
-        (Some(path), Some((member, _))) => {
+        (Some(path), Some((member, ..))) => {
             let policy = load_policy(path)?;
             let to: Vec<&str> = policy.peers.iter().filter(|(_, p)| p.delegate_to).map(|(n, _)| n.as_str()).collect();
             println!(
@@ -402,13 +416,6 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     let mut last = RaftStatus::default();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    // The key file's ring as last read: a SIGHUP commits the file only when
-    // it changed, so reloading the policy never undoes a rotation made
-    // through the API.
-    let mut key_file_ids = match &c.gossip {
-        Some(g) => crate::federation::read_keyring(&g.key_file).map(|r| r.ids()).unwrap_or_default(),
-        None => Vec::new(),
-    };
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -424,8 +431,9 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
                     },
                     _ => println!("SIGHUP: no federation policy to reload"),
                 }
-                if let Some(g) = &c.gossip {
-                    reload_key_file(&server.inner, &g.key_file, &mut key_file_ids).await;
+                if let (Some(g), Some((_, _, keys, file_ids))) = (&c.gossip, &gossip) {
+                    // Off the signal loop: a commit waits for a leader.
+                    tokio::spawn(reload_key_file(keys.clone(), g.key_file.clone(), file_ids.clone()));
                 }
             }
             changed = status.changed() => {
@@ -440,7 +448,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         }
     }
     println!("shutting down");
-    if let Some((_, g)) = gossip {
+    if let Some((_, g, ..)) = gossip {
         g.abort();
     }
     if let Some(t) = fed_task {
@@ -452,27 +460,34 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-/// SIGHUP: commits the gossip key file to the cluster if it changed since
-/// it was last read; a file that does not parse leaves the ring alone.
-async fn reload_key_file(server: &cluster_core::server::Inner, path: &Path, last: &mut Vec<u32>) {
-    let ring = match crate::federation::read_keyring(path) {
+/// SIGHUP: installs, through the cluster's log, the keys the gossip key
+/// file gained since it was last read (`file_ids`). Only installs: a key
+/// file left behind by a rotation never brings an old key back, and
+/// `hanse federation key use|remove` stay the way to seal with a key and
+/// to drop one, with their checks.
+async fn reload_key_file(
+    keys: Arc<federation::keyring::Keys>,
+    path: PathBuf,
+    file_ids: Arc<tokio::sync::Mutex<Vec<u32>>>,
+) {
+    let mut before = file_ids.lock().await;
+    let file = match crate::federation::read_keyring(&path) {
         Ok(r) => r,
         Err(e) => return eprintln!("gossip key file not reloaded, the keyring stays: {e:#}"),
     };
-    if ring.ids() == *last {
-        return println!("gossip key file {} unchanged; the keyring stays", path.display());
-    }
-    match federation::keyring::commit(server, &ring).await {
-        Ok(()) => {
+    match keys.install_new(&file, &before).await {
+        Ok(new) if new.is_empty() => println!("gossip key file {}: no new key; the keyring stays", path.display()),
+        Ok(new) => {
+            let ids: Vec<String> = new.iter().map(|id| format!("{id:08x}")).collect();
             println!(
-                "gossip key file {} committed: {} keys, sealing with {:08x}",
+                "gossip key file {}: installed {} for the cluster; seal with it once every cluster holds it \
+                 (`hanse federation key use`)",
                 path.display(),
-                ring.ids().len(),
-                ring.primary().id()
+                ids.join(", ")
             );
-            *last = ring.ids();
+            *before = file.ids();
         }
-        Err(e) => eprintln!("gossip key file {} not committed: {}", path.display(), e.message),
+        Err(e) => eprintln!("gossip key file {}: not installed: {}", path.display(), e.message),
     }
 }
 

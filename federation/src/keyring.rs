@@ -1,12 +1,14 @@
 //! The gossip keyring of a running federation, rotated without restarts.
 //!
-//! A server starts with the keys of its `[gossip] key_file`. A change
-//! (`hanse federation key install|use|remove`, or a SIGHUP after the key
-//! file was edited) is committed to the cluster's log as one record, the
-//! whole ring, primary first; every server of the cluster follows the
-//! record, so a server that was down, or joins by snapshot, gets the same
-//! ring. The record holds the keys themselves: it lives where the rest of
-//! the cluster's secrets live (`raft.redb`, 0600).
+//! A server starts with the keys of its `[gossip] key_file`, or with the
+//! ring its cluster committed if its state holds one. A change (`hanse
+//! federation key install|use|remove`, or keys added to the key file and a
+//! SIGHUP) is committed to the cluster's log as one record, the whole ring,
+//! primary first, by compare-and-swap; every server of the cluster follows
+//! the record, so a server that was down, or joins by snapshot, gets the
+//! same ring. The record holds the keys themselves: it lives where the rest
+//! of the cluster's secrets live (`raft.redb`, 0600); the audit trail and
+//! the API name keys by id only.
 //!
 //! Each gossip member publishes the ids of the keys it holds
 //! ([`gossip::view::keys::KEYS`]). A rotation is Serf's three steps, each
@@ -23,10 +25,11 @@ use std::sync::atomic::Ordering;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Extension, State};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use cluster_core::acl::Capability;
 use cluster_core::server::Inner;
-use cluster_core::server::access::{Who, need};
+use cluster_core::server::access::{AuditObject, Who, need};
 use cluster_core::server::api::ApiError;
 use cluster_core::server::rpc::Write;
 use gossip::{Key, KeyError, Keyring, Member};
@@ -41,7 +44,8 @@ struct Stored {
     keys: Vec<String>,
 }
 
-/// The ring this cluster committed, if any change was ever committed.
+/// The ring this server's state holds, if a change was ever committed
+/// (at start: as of its last snapshot).
 pub fn committed(server: &Inner) -> Option<Keyring> {
     let bytes = server.raft.read(|s| s.record(KEYRING_RECORD).map(<[u8]>::to_vec))?;
     parse(&bytes)
@@ -50,45 +54,6 @@ pub fn committed(server: &Inner) -> Option<Keyring> {
 fn parse(bytes: &[u8]) -> Option<Keyring> {
     let stored: Stored = serde_json::from_slice(bytes).ok()?;
     Keyring::from_texts(&stored.keys).ok()
-}
-
-/// Commits `ring` as the cluster's gossip keyring; every server of the
-/// cluster seals and opens with it once it applies the entry.
-pub async fn commit(server: &Inner, ring: &Keyring) -> Result<(), ApiError> {
-    let stored = Stored { keys: ring.keys().iter().map(Key::to_text).collect() };
-    let record = serde_json::to_vec(&stored).expect("a keyring encodes");
-    server.write(Write::Record { holder: KEYRING_RECORD.into(), record }).await.map(|_| ())
-}
-
-/// Keeps `member`'s keyring equal to the cluster's committed one, from
-/// start (a server restarted after a rotation) and on every change. Runs
-/// until the server stops.
-pub async fn follow(server: Arc<Inner>, member: Arc<Member>) {
-    let mut status = server.raft.watch_status();
-    let mut last: Option<Vec<u8>> = None;
-    loop {
-        let now = server.raft.read(|s| s.record(KEYRING_RECORD).map(<[u8]>::to_vec));
-        if now.is_some() && now != last {
-            match now.as_deref().and_then(parse) {
-                Some(ring) => {
-                    let held = member.keyring().read().expect("keyring lock").ids();
-                    if ring.ids() != held {
-                        tracing::info!(
-                            keys = ring.ids().len(),
-                            primary = format!("{:08x}", ring.primary().id()),
-                            "gossip keyring changed by the cluster's log"
-                        );
-                        member.set_keyring(ring).await;
-                    }
-                }
-                None => tracing::error!("the cluster's committed gossip keyring does not parse; the old ring stays"),
-            }
-            last = now;
-        }
-        if status.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 /// What `GET /v1/federation/keyring` answers: the keys by id only.
@@ -121,10 +86,11 @@ impl KeyringView {
         self.members.iter().filter(|m| m.live && !m.keys.contains(&id)).map(KeyHolder::name).collect()
     }
 
-    /// Live members that seal with `id`.
+    /// Live members that seal with `id`, or do not say what they seal with.
     pub fn sealing_with(&self, id: u32) -> Vec<String> {
         let id = format!("{id:08x}");
-        self.members.iter().filter(|m| m.live && m.keys.first() == Some(&id)).map(KeyHolder::name).collect()
+        let sealing = |m: &&KeyHolder| m.live && (m.keys.is_empty() || m.keys.first() == Some(&id));
+        self.members.iter().filter(sealing).map(KeyHolder::name).collect()
     }
 }
 
@@ -154,106 +120,215 @@ pub enum KeyOp {
     Remove,
 }
 
-struct Keys {
+/// A server's gossip keyring: the one way it changes, whether the change
+/// comes from the API, a SIGHUP or the cluster's log.
+pub struct Keys {
     server: Arc<Inner>,
     member: Arc<Member>,
-    /// One change at a time from this server: each reads the committed
-    /// ring and commits the next.
+    /// One change at a time from this server.
     changing: tokio::sync::Mutex<()>,
+    /// The committed record the member's ring was last set from.
+    applied: tokio::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl Keys {
+    pub fn new(server: Arc<Inner>, member: Arc<Member>) -> Arc<Keys> {
+        Arc::new(Keys { server, member, changing: tokio::sync::Mutex::new(()), applied: tokio::sync::Mutex::new(None) })
+    }
+
+    /// Sets the member's ring to the committed one if that changed since
+    /// it was last set: always the latest this server has applied.
+    async fn sync(&self) {
+        let mut applied = self.applied.lock().await;
+        let now = self.server.raft.read(|s| s.record(KEYRING_RECORD).map(<[u8]>::to_vec));
+        if now.is_none() || now == *applied {
+            return;
+        }
+        match now.as_deref().and_then(parse) {
+            Some(ring) => {
+                let held = self.member.keyring().read().expect("keyring lock").keys().to_vec();
+                if ring.keys() != held.as_slice() {
+                    tracing::info!(
+                        keys = ring.ids().len(),
+                        primary = format!("{:08x}", ring.primary().id()),
+                        "gossip keyring set from the cluster's log"
+                    );
+                    self.member.set_keyring(ring).await;
+                }
+            }
+            None => tracing::error!("the cluster's committed gossip keyring does not parse; the old ring stays"),
+        }
+        *applied = now;
+    }
+
+    /// Keeps the member's ring equal to the cluster's committed one, from
+    /// start and on every change. Runs until the server stops.
+    pub async fn follow(self: Arc<Self>) {
+        let mut status = self.server.raft.watch_status();
+        loop {
+            self.sync().await;
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Carries out one rotation step on the ring committed now (read
+    /// through the leader), checked against what gossip says of every
+    /// member, and committed only if nobody changed the ring meanwhile
+    /// (else read again, up to 5 times). Returns once this server seals
+    /// and opens with the result.
+    pub async fn change(&self, req: &KeyChange) -> Result<KeyringView, ApiError> {
+        let _one = self.changing.lock().await;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = self.server.read(false, |s| s.record(KEYRING_RECORD).map(<[u8]>::to_vec)).await?;
+            let ring = match current.as_deref().map(parse) {
+                Some(Some(r)) => r,
+                Some(None) => return Err(ApiError::new(500, "the cluster's committed gossip keyring does not parse")),
+                None => self.member.keyring().read().expect("keyring lock").clone(),
+            };
+            let next = self.step(ring, req)?;
+            let record = serde_json::to_vec(&Stored { keys: next.keys().iter().map(Key::to_text).collect() })
+                .expect("a keyring encodes");
+            let swap = Write::Swap { holder: KEYRING_RECORD.into(), expect: current, record };
+            match self.server.write(swap).await {
+                Ok(_) => break,
+                Err(e) if e.status == 409 && attempt < 5 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        // A fresh read returns once this server has applied the change.
+        self.server.read(false, |_| ()).await?;
+        self.sync().await;
+        Ok(self.view())
+    }
+
+    /// `ring` after the step `req`, or why the step may not be taken.
+    fn step(&self, mut ring: Keyring, req: &KeyChange) -> Result<Keyring, ApiError> {
+        let refused = |e: KeyError| ApiError::new(409, e.to_string());
+        let bad = |e: KeyError| ApiError::bad_request(e.to_string());
+        match req.op {
+            KeyOp::Install => ring.install(Key::from_text(&req.key).map_err(bad)?).map_err(refused)?,
+            KeyOp::Use => {
+                let id = gossip::parse_key_id(&req.key).map_err(bad)?;
+                ring.use_key(id).map_err(refused)?;
+                let lacking = self.view().lacking(id);
+                if !req.force && !lacking.is_empty() {
+                    return Err(ApiError::new(
+                        409,
+                        format!(
+                            "key {id:08x} is not yet held by {}: they could not open what is sealed with it. \
+                             Install it on their clusters first (`hanse federation key install`), or use --force",
+                            lacking.join(", ")
+                        ),
+                    ));
+                }
+            }
+            KeyOp::Remove => {
+                let id = gossip::parse_key_id(&req.key).map_err(bad)?;
+                ring.remove(id).map_err(refused)?;
+                let sealing = self.view().sealing_with(id);
+                if !req.force && !sealing.is_empty() {
+                    return Err(ApiError::new(
+                        409,
+                        format!(
+                            "key {id:08x} may still seal what {} send (a server that does not say which keys \
+                             it holds counts): use another key on their clusters first, or use --force",
+                            sealing.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(ring)
+    }
+
+    /// SIGHUP: installs the keys the key file gained since it was last
+    /// read (`before`: their ids then). It only installs: which key seals,
+    /// and dropping one, are `use` and `remove`, with their checks, so a
+    /// key file left behind by a rotation never brings an old key back.
+    pub async fn install_new(&self, file: &Keyring, before: &[u32]) -> Result<Vec<u32>, ApiError> {
+        let mut installed = Vec::new();
+        for key in file.keys().iter().filter(|k| !before.contains(&k.id())) {
+            if self.member.keyring().read().expect("keyring lock").get(key.id()) == Some(key) {
+                continue;
+            }
+            let req = KeyChange { op: KeyOp::Install, key: key.to_text(), force: false };
+            self.change(&req).await?;
+            installed.push(key.id());
+        }
+        Ok(installed)
+    }
+
+    /// This server's keys, and the keys gossip says every member holds.
+    pub fn view(&self) -> KeyringView {
+        let ring = self.member.keyring().read().expect("keyring lock").clone();
+        let from_log = self.server.raft.read(|s| s.record(KEYRING_RECORD).is_some());
+        let keys: Vec<String> = ring.ids().iter().map(|id| format!("{id:08x}")).collect();
+        let me = (self.member.config().cluster.as_str(), self.member.config().server.as_str());
+        let mut members = Vec::new();
+        for c in self.member.view().clusters.values() {
+            for s in c.servers.values() {
+                // This server's own entry is its ring now, not gossip's echo of it.
+                let mine = (c.cluster.as_str(), s.name.as_str()) == me;
+                members.push(KeyHolder {
+                    cluster: c.cluster.clone(),
+                    server: s.name.clone(),
+                    live: s.live,
+                    keys: if mine { keys.clone() } else { s.keys.clone() },
+                });
+            }
+        }
+        KeyringView {
+            cluster: self.server.options.cluster.clone(),
+            server: self.server.options.name.clone(),
+            keys,
+            source: if from_log { "log" } else { "key_file" }.into(),
+            members,
+        }
+    }
 }
 
 /// `GET` and `POST /v1/federation/keyring`, for a server that gossips.
 /// Both need `federation-admin`.
-pub fn router(server: Arc<Inner>, member: Arc<Member>) -> Router {
-    let keys = Arc::new(Keys { server, member, changing: tokio::sync::Mutex::new(()) });
+pub fn router(keys: Arc<Keys>) -> Router {
     Router::new().route("/v1/federation/keyring", get(list).post(change)).with_state(keys)
-}
-
-fn view(k: &Keys) -> KeyringView {
-    let ring = k.member.keyring().read().expect("keyring lock").clone();
-    let from_log = k.server.raft.read(|s| s.record(KEYRING_RECORD).is_some());
-    let keys: Vec<String> = ring.ids().iter().map(|id| format!("{id:08x}")).collect();
-    let me = (k.member.config().cluster.as_str(), k.member.config().server.as_str());
-    let mut members = Vec::new();
-    for c in k.member.view().clusters.values() {
-        for s in c.servers.values() {
-            // This server's own entry is its ring now, not gossip's echo of it.
-            let mine = (c.cluster.as_str(), s.name.as_str()) == me;
-            members.push(KeyHolder {
-                cluster: c.cluster.clone(),
-                server: s.name.clone(),
-                live: s.live,
-                keys: if mine { keys.clone() } else { s.keys.clone() },
-            });
-        }
-    }
-    KeyringView {
-        cluster: k.server.options.cluster.clone(),
-        server: k.server.options.name.clone(),
-        keys,
-        source: if from_log { "log" } else { "key_file" }.into(),
-        members,
-    }
 }
 
 async fn list(State(k): State<Arc<Keys>>, Extension(who): Who) -> Result<axum::Json<KeyringView>, ApiError> {
     need(&who, Capability::FederationAdmin, "*")?;
-    Ok(axum::Json(view(&k)))
+    Ok(axum::Json(k.view()))
 }
 
-async fn change(
-    State(k): State<Arc<Keys>>,
-    Extension(who): Who,
-    body: Bytes,
-) -> Result<axum::Json<KeyringView>, ApiError> {
-    need(&who, Capability::FederationAdmin, "*")?;
-    let req: KeyChange = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("the request body is not the JSON this endpoint takes: {e}")))?;
-    let _one = k.changing.lock().await;
-    let mut ring = committed(&k.server).unwrap_or_else(|| k.member.keyring().read().expect("keyring lock").clone());
-    let refused = |e: KeyError| ApiError::new(409, e.to_string());
-    match req.op {
-        KeyOp::Install => {
-            let key = Key::from_text(&req.key).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            ring.install(key).map_err(refused)?;
-        }
-        KeyOp::Use => {
-            let id = gossip::parse_key_id(&req.key).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            ring.get(id).ok_or(KeyError::Unknown(id)).map_err(refused)?;
-            let lacking = view(&k).lacking(id);
-            if !req.force && !lacking.is_empty() {
-                return Err(ApiError::new(
-                    409,
-                    format!(
-                        "key {id:08x} is not yet held by {}: they could not open what is sealed with it. \
-                         Install it on their clusters first (`hanse federation key install`), or use --force",
-                        lacking.join(", ")
-                    ),
-                ));
-            }
-            ring.use_key(id).map_err(refused)?;
-        }
-        KeyOp::Remove => {
-            let id = gossip::parse_key_id(&req.key).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            ring.remove(id).map_err(refused)?;
-            let sealing = view(&k).sealing_with(id);
-            if !req.force && !sealing.is_empty() {
-                return Err(ApiError::new(
-                    409,
-                    format!(
-                        "key {id:08x} still seals what {} send: use another key on their clusters first, or use --force",
-                        sealing.join(", ")
-                    ),
-                ));
-            }
-        }
+async fn change(State(k): State<Arc<Keys>>, Extension(who): Who, body: Bytes) -> axum::response::Response {
+    let mut object = None;
+    let mut answer = async {
+        need(&who, Capability::FederationAdmin, "*")?;
+        let req: KeyChange = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not the JSON this endpoint takes: {e}")))?;
+        // The audit trail names the step and the key's id, never the key.
+        let id = match req.op {
+            KeyOp::Install => Key::from_text(&req.key).map(|k| k.id()),
+            _ => gossip::parse_key_id(&req.key),
+        };
+        let step = format!("{:?}", req.op).to_lowercase();
+        let force = if req.force { " --force" } else { "" };
+        object = Some(match id {
+            Ok(id) => format!("gossip key {step} {id:08x}{force}"),
+            Err(_) => format!("gossip key {step} (malformed key)"),
+        });
+        let view = k.change(&req).await?;
+        tracing::info!(step, "gossip keyring changed through the API");
+        Ok::<_, ApiError>(axum::Json(view))
     }
-    commit(&k.server, &ring).await?;
-    // This server follows at once; the others as they apply the entry.
-    if k.member.keyring().read().expect("keyring lock").ids() != ring.ids() {
-        k.member.set_keyring(ring).await;
+    .await
+    .into_response();
+    if let Some(o) = object {
+        answer.extensions_mut().insert(AuditObject(o));
     }
-    Ok(axum::Json(view(&k)))
+    answer
 }
 
 /// Adds the member's gossip counters to the server's `/metrics`:

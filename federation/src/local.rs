@@ -124,13 +124,14 @@ impl Gossiping {
         config.seeds = self.seeds.clone();
         config.seeds.extend(self.servers.first().map(|x| x.member.local_addr().to_string()));
         config.rpc_addr = Some(self.cluster.raft_addrs[&id].to_string());
-        let member = Arc::new(Member::start(config, Keyring::new(self.key.clone()), Arc::new(UdpNet)).await.unwrap());
-        let me = Identity { region: self.region.clone(), jurisdictions: self.jurisdictions.clone() };
         let inner = self.cluster.server(id).unwrap().inner.clone();
-        let mut tasks = vec![
-            tokio::spawn(publish(inner.clone(), member.clone(), me)),
-            tokio::spawn(crate::keyring::follow(inner.clone(), member.clone())),
-        ];
+        // A restarted server seals with what its cluster committed, if anything.
+        let ring = crate::keyring::committed(&inner).unwrap_or_else(|| Keyring::new(self.key.clone()));
+        let member = Arc::new(Member::start(config, ring, Arc::new(UdpNet)).await.unwrap());
+        let me = Identity { region: self.region.clone(), jurisdictions: self.jurisdictions.clone() };
+        let keys = crate::keyring::Keys::new(inner.clone(), member.clone());
+        let mut tasks =
+            vec![tokio::spawn(publish(inner.clone(), member.clone(), me)), tokio::spawn(keys.clone().follow())];
         crate::keyring::export_metrics(&inner, &member);
         let federation = self.policy.clone().map(|p| {
             let fed = Federation::new(inner.clone(), member.clone(), p);
@@ -138,7 +139,7 @@ impl Gossiping {
             tasks.push(tokio::spawn(crate::node::run(fed.clone())));
             fed
         });
-        let mut routes = crate::keyring::router(inner.clone(), member.clone());
+        let mut routes = crate::keyring::router(keys);
         if let Some(fed) = &federation {
             routes = routes.merge(crate::api::router(fed.clone()));
         }
@@ -209,13 +210,13 @@ impl Gossiping {
     }
 }
 
-/// Waits until `check` holds; panics after `limit` (tests and benches).
 /// An error from starting a server whose previous run still holds its
 /// address or database (its last connections are closing).
 fn winding_down(error: &str) -> bool {
     error.contains("in use") || error.contains("already open")
 }
 
+/// Waits until `check` holds; panics after `limit` (tests and benches).
 pub async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {

@@ -106,7 +106,29 @@ async fn a_key_is_used_only_once_every_cluster_holds_it() {
     };
     let before = unopened(&eu) + unopened(&us);
 
+    // Without a token nothing changes.
+    let anonymous = eu.cluster.client().with_token(None);
+    let key = new.to_text();
+    let denied = tokio::task::spawn_blocking(move || {
+        anonymous.post::<KeyringView>("/v1/federation/keyring", &KeyChange { op: KeyOp::Install, key, force: false })
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(denied.status(), Some(401), "{denied}");
     change(&eu.cluster, KeyOp::Install, new.to_text()).await.unwrap();
+    // Every eu-west server holds it once the entry applies; the trail names
+    // the step and the key's id, never the key.
+    until(Duration::from_secs(15), "every eu-west server holds the new key", || {
+        eu.servers.iter().all(|s| s.member.keyring().read().unwrap().ids() == vec![old.id(), new.id()])
+    })
+    .await;
+    let client = eu.cluster.client();
+    let trail: serde_json::Value =
+        tokio::task::spawn_blocking(move || client.get("/v1/operator/audit?limit=100")).await.unwrap().unwrap();
+    let trail = trail.to_string();
+    assert!(trail.contains(&format!("gossip key install {}", hex(&new))), "{trail}");
+    assert!(!trail.contains(&new.to_text()), "the audit trail holds the key");
     // us-east does not hold the new key yet: eu-west may not seal with it.
     let refused = change(&eu.cluster, KeyOp::Use, hex(&new)).await.unwrap_err();
     assert_eq!(refused.status(), Some(409), "{refused}");

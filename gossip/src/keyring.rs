@@ -41,6 +41,8 @@ pub enum KeyError {
     Unknown(u32),
     #[error("key {0:08x} is the primary key; use another key first")]
     Primary(u32),
+    #[error("another key with id {0:08x} is in the keyring already; make a new key (`hanse federation keygen`)")]
+    SameId(u32),
     #[error("`{0}` is neither a key id (8 hex digits, as `hanse federation key list` shows) nor a key")]
     NotAnId(String),
 }
@@ -115,10 +117,11 @@ impl Keyring {
         self.keys.iter().map(|k| k.id).collect()
     }
 
-    /// Accepts datagrams sealed with `key` (installing twice is harmless).
+    /// Accepts datagrams sealed with `key` (installing twice is harmless;
+    /// another key with the same id is refused).
     pub fn install(&mut self, key: Key) -> Result<(), KeyError> {
-        if self.get(key.id).is_some() {
-            return Ok(());
+        if let Some(held) = self.get(key.id) {
+            return if *held == key { Ok(()) } else { Err(KeyError::SameId(key.id)) };
         }
         if self.keys.len() >= KEYRING_KEYS_MAX {
             return Err(KeyError::Full);
@@ -153,7 +156,10 @@ pub fn parse_key_id(text: &str) -> Result<u32, KeyError> {
             return Ok(id);
         }
     }
-    Key::from_text(t).map(|k| k.id()).map_err(|_| KeyError::NotAnId(t.chars().take(64).collect()))
+    // Echoes only the start of what was given: it may be a mistyped key.
+    Key::from_text(t)
+        .map(|k| k.id())
+        .map_err(|_| KeyError::NotAnId(format!("{}…", t.chars().take(8).collect::<String>())))
 }
 
 #[cfg(test)]

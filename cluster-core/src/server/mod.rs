@@ -474,6 +474,12 @@ impl Inner {
             }
             Write::AllocStatus(updates) => propose(Command::AllocStatus(updates)).await?,
             Write::Record { holder, record } => propose(Command::Record { holder, record }).await?,
+            Write::Swap { holder, expect, record } => {
+                match propose(Command::Guarded { holder, expect, record, then: Vec::new() }).await? {
+                    Effect::Refused(m) => return Err(ApiError::new(409, m)),
+                    e => e,
+                }
+            }
             Write::Acl(c) => propose(Command::Acl(c)).await?,
         };
         match effect {

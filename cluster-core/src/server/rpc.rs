@@ -37,6 +37,15 @@ pub enum Write {
         holder: String,
         record: Vec<u8>,
     },
+    /// A compare-and-swap on a holder's record: `record` replaces it only
+    /// if it is byte for byte `expect` (`None`: absent); otherwise 409, and
+    /// the caller reads again. Two changes built on one read cannot both
+    /// apply.
+    Swap {
+        holder: String,
+        expect: Option<Vec<u8>>,
+        record: Vec<u8>,
+    },
     /// A change to the API's tokens and policies.
     Acl(crate::acl::AclCommand),
     AddPeer {
