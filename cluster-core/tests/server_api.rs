@@ -425,6 +425,14 @@ async fn requests_a_web_page_could_send_are_refused_and_change_nothing() {
         assert_eq!(status(plain).0, 415);
         let node_view = client.node(&node).expect("the node");
         assert!(!node_view.node.draining, "a refused request drained the node");
+        // Each refusal is in the audit trail, denied or failed, with its token.
+        let trail: Vec<serde_json::Value> = client.get("/v1/operator/audit?limit=100").expect("the audit trail");
+        let refused: Vec<u64> = trail
+            .iter()
+            .filter(|r| r["route"].as_str().is_some_and(|x| x.ends_with("/drain")))
+            .map(|r| r["status"].as_u64().unwrap())
+            .collect();
+        assert_eq!(refused, vec![403, 403, 415], "{trail:?}");
         // A listed name passes (and a real drain then happens).
         let named = agent
             .post(&drain)

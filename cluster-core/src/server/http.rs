@@ -96,10 +96,12 @@ pub async fn serve_with(
         tracing::warn!(%bound, "ACLs are disabled ([acl] enabled = false): anyone who reaches this API may do anything");
     }
     let auth = server.clone();
+    // The token check (which audits every write) wraps the browser guard,
+    // so a write the guard refuses is in the audit trail too.
     let app = extra
         .merge(router(server))
-        .layer(axum::middleware::from_fn(move |r, n| super::access::authenticate(auth.clone(), r, n)))
-        .layer(axum::middleware::from_fn(move |r, n| browser_guard(hosts.clone(), r, n)));
+        .layer(axum::middleware::from_fn(move |r, n| browser_guard(hosts.clone(), r, n)))
+        .layer(axum::middleware::from_fn(move |r, n| super::access::authenticate(auth.clone(), r, n)));
     if tls.is_none() {
         tracing::warn!(%bound, "the API serves plain HTTP: tokens and answers cross the network unencrypted");
     }
