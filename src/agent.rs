@@ -278,10 +278,19 @@ fn read_task_users(a: &mut read::Table, d: &mut Diagnostics) -> Option<TaskUsers
         if !cluster_core::spec::job::is_valid_user(name) {
             d.error_hint(span, format!("invalid user `{name}`"), "a user name as `useradd` takes: `www-data`");
             ok = false;
-        } else if account(d, name, span).is_some() {
-            allowed.push(name.to_string());
         } else {
-            ok = false;
+            match account(d, name, span.clone()) {
+                Some(acc) if acc.uid == 0 && name != "root" => {
+                    d.error_hint(
+                        span,
+                        format!("`{name}` is uid 0: a task that names it runs as root"),
+                        "list `root` itself if that is meant",
+                    );
+                    ok = false;
+                }
+                Some(acc) => allowed.push(acc),
+                None => ok = false,
+            }
         }
     }
     ok.then_some(TaskUsers { default, allowed })
@@ -318,8 +327,13 @@ pub async fn run(c: AgentConfig) -> anyhow::Result<Outcome> {
     } else {
         None
     };
-    if c.task_users.default.as_ref().is_some_and(|a| a.uid == 0) && node.drivers.iter().any(|d| &**d == "exec") {
-        eprintln!("warning: task_user is root: every exec task can do anything on this machine");
+    if node.drivers.iter().any(|d| &**d == "exec") {
+        if c.task_users.default.as_ref().is_some_and(|a| a.uid == 0) {
+            eprintln!("warning: task_user is root: every exec task can do anything on this machine");
+        }
+        if c.task_users.allowed.iter().any(|a| a.uid == 0) {
+            eprintln!("warning: allowed_users lists root: a task that names it can do anything on this machine");
+        }
     }
     let client = Arc::new(QuicClient::new(&ca, &pair)?);
     let transport: Arc<dyn Transport<ServerRpc>> = client.clone();

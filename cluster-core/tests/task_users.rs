@@ -62,7 +62,8 @@ async fn tasks_run_as_the_agents_task_user_and_only_allowed_spec_users() {
     let base = Scratch(std::env::temp_dir().join(format!("hanse-task-users-{}", std::process::id())));
     let data = base.0.join("data");
     let nobody = Account::lookup("nobody").expect("this machine has a nobody");
-    let users = TaskUsers { default: Some(nobody.clone()), allowed: vec!["daemon".into()] };
+    let daemon = Account::lookup("daemon").expect("this machine has a daemon user");
+    let users = TaskUsers { default: Some(nobody.clone()), allowed: vec![daemon.clone()] };
     let drivers = Drivers::only(None, &["exec".into()], users);
     if Account::current().uid != 0 {
         // Only root switches users: a task that would is refused by name.
@@ -81,17 +82,30 @@ async fn tasks_run_as_the_agents_task_user_and_only_allowed_spec_users() {
     let other = context(&data, 9, task("echo OTHER-TASKS-OUTPUT", None));
     run(&drivers, &other).await.unwrap();
 
-    let probe = "id -u; touch \"$HANSE_TASK_DIR/mine\" && echo wrote; \
-                 cat ../../../agent.state 2>/dev/null; ls ../.. 2>/dev/null; \
-                 cat ../../a000009/logs/t.stdout.0 2>/dev/null; true";
+    let probe = "id -u; id -G; touch \"$HANSE_TASK_DIR/mine\" && echo wrote; \
+                 cat ../../../agent.state 2>/dev/null || echo state-denied; \
+                 ls ../.. >/dev/null 2>&1 || echo list-denied; \
+                 cat ../../a000009/logs/t.stdout.0 2>/dev/null || echo logs-denied; \
+                 echo session=$(cut -d' ' -f6 /proc/$$/stat) pid=$$ tty=$(cut -d' ' -f7 /proc/$$/stat); \
+                 perl -e 'print setpgrp(0, getpgrp($ARGV[0])) ? \"joined\\n\" : \"refused\\n\"' $PPID";
     let ctx = context(&data, 1, task(probe, None));
     let out = run(&drivers, &ctx).await.unwrap();
-    let mut lines = out.lines();
-    assert_eq!(lines.next(), Some(nobody.uid.to_string().as_str()), "runs as nobody: {out}");
-    assert_eq!(lines.next(), Some("wrote"), "writes its own directory: {out}");
-    assert!(!out.contains("SECRET-STATE"), "read the agent's state: {out}");
-    assert!(!out.contains("a000009"), "listed the allocations: {out}");
-    assert!(!out.contains("OTHER-TASKS-OUTPUT"), "read another task's log: {out}");
+    let lines: Vec<&str> = out.lines().collect();
+    let groups: Vec<String> = nobody.groups.iter().map(u32::to_string).collect();
+    assert_eq!(lines[0], nobody.uid.to_string(), "runs as nobody: {out}");
+    assert_eq!(lines[1], groups.join(" "), "with nobody's groups alone, none of root's: {out}");
+    assert_eq!(lines[2], "wrote", "writes its own directory: {out}");
+    for denied in ["state-denied", "list-denied", "logs-denied"] {
+        assert!(lines.contains(&denied), "{denied}: {out}");
+    }
+    assert!(!out.contains("SECRET-STATE") && !out.contains("OTHER-TASKS-OUTPUT"), "{out}");
+    // A session of its own: it leads it, has no terminal, and cannot join
+    // the agent's process group (where a stop would miss it).
+    let session = lines.iter().find(|l| l.starts_with("session=")).expect("the session line");
+    let field = |k: &str| session.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().to_string();
+    assert_eq!(field("session="), field("pid="), "{session}");
+    assert_eq!(field("tty="), "0", "{session}");
+    assert_eq!(lines.last(), Some(&"refused"), "joined the agent's process group: {out}");
     let meta = std::fs::metadata(&ctx.dir).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (nobody.uid, nobody.gid), "the task's directory is nobody's");
     assert_eq!(mode(&ctx.dir), 0o700);
@@ -100,9 +114,16 @@ async fn tasks_run_as_the_agents_task_user_and_only_allowed_spec_users() {
     assert_eq!(mode(&ctx.logs.join("t.stdout.0")), 0o600);
 
     // A user the agent allows; then one it does not, refused before anything runs.
-    let daemon = Account::lookup("daemon").expect("this machine has a daemon user");
-    let out = run(&drivers, &context(&data, 2, task("id -u", Some("daemon")))).await.unwrap();
-    assert_eq!(out.trim(), daemon.uid.to_string());
+    let out = run(&drivers, &context(&data, 2, task("id -u; id -G", Some("daemon")))).await.unwrap();
+    let groups: Vec<String> = daemon.groups.iter().map(u32::to_string).collect();
+    assert_eq!(out, format!("{}\n{}\n", daemon.uid, groups.join(" ")));
+    // A task may not take the log directory's name, however the job came.
+    let mut logs = task("true", None);
+    logs.name = "logs".into();
+    match run(&drivers, &context(&data, 4, logs)).await {
+        Err(StartError::Fatal(m)) => assert!(m.contains("not a valid task name"), "{m}"),
+        other => panic!("a task named logs ran: {other:?}"),
+    }
     let refused = context(&data, 3, task("touch /tmp/should-not-exist", Some("root")));
     match run(&drivers, &refused).await {
         Err(StartError::Fatal(m)) => assert!(m.contains("does not allow") && m.contains("daemon"), "{m}"),
@@ -118,4 +139,24 @@ fn an_agent_that_runs_tasks_as_itself_needs_no_passable_directories() {
     let users = TaskUsers { default: Some(me), allowed: Vec::new() };
     assert!(!Drivers::only(None, &["exec".into()], users).switches_user());
     assert!(!Drivers::new(None).switches_user());
+}
+
+/// The spec checker refuses a task named `logs`, and a `user` that is not
+/// a user name, each located.
+#[test]
+fn the_spec_refuses_the_log_directorys_name_and_bad_users() {
+    let spec = |name: &str, user: &str| {
+        let text = format!(
+            "[job]\nname = \"j\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"{name}\"\ndriver = \"exec\"\n\
+             command = \"true\"\nuser = \"{user}\"\n"
+        );
+        let file = SourceFile::new("j.toml", text);
+        let checked = parse_job(&file);
+        (checked.value.is_some(), file.render(&checked.diagnostics))
+    };
+    let (ok, text) = spec("logs", "daemon");
+    assert!(!ok && text.contains("may not be named `logs`") && text.contains("j.toml:6"), "{text}");
+    let (ok, text) = spec("t", "Root; rm -rf /");
+    assert!(!ok && text.contains("invalid user") && text.contains("j.toml:9"), "{text}");
+    assert!(spec("t", "www-data").0);
 }

@@ -180,7 +180,23 @@ fn an_offer_with_a_task_name_that_leaves_its_directory_is_refused() {
     j.groups[0].tasks[0].name = "../../../../tmp/TRAVERSED".into();
     let m = offer("eu-west/trav/e1-g-0", j, vec![0], 2_000);
     match outcomes(&t.on_message(&p, &s, "eu-west", m, 0)).as_slice() {
-        [Outcome::Refused { message, .. }] => assert!(message.contains("not a valid group or task name"), "{message}"),
+        [Outcome::Refused { message, .. }] => assert!(message.contains("not a valid task name"), "{message}"),
         other => panic!("accepted: {other:?}"),
+    }
+    // Nor may a task take the log directory's name, or name a local user.
+    for (name, user, why) in [("logs", None, "not a valid task name"), ("t", Some("root"), "names a user")] {
+        let mut j = job("trav", 1, "");
+        j.groups[0].tasks[0].name = name.into();
+        j.groups[0].tasks[0].driver = cluster_core::model::job::Driver::Exec {
+            command: "/bin/true".into(),
+            args: Vec::new(),
+            env: Default::default(),
+            user: user.map(str::to_string),
+        };
+        let m = offer(&format!("eu-west/trav/e1-g-{name}"), j, vec![0], 2_000);
+        match outcomes(&t.on_message(&p, &s, "eu-west", m, 0)).as_slice() {
+            [Outcome::Refused { message, .. }] => assert!(message.contains(why), "{message}"),
+            other => panic!("accepted: {other:?}"),
+        }
     }
 }

@@ -100,62 +100,92 @@ pub struct Account {
     pub name: String,
     pub uid: u32,
     pub gid: u32,
+    /// Its supplementary groups (`getgrouplist`), its primary group among them.
+    pub groups: Vec<u32>,
 }
 
 impl Account {
     /// The account named `name` in the system's user database
-    /// (`getpwnam_r`); an error names it when there is none.
+    /// (`getpwnam_r`, `getgrouplist`); an error says what went wrong.
     pub fn lookup(name: &str) -> Result<Account, String> {
         let c_name = CString::new(name).map_err(|_| format!("`{name}` is not a user name"))?;
-        let mut buf = vec![0 as libc::c_char; 16 << 10];
-        // SAFETY: an all-zero passwd is a valid out-parameter; getpwnam_r
-        // writes only into it and `buf`, whose length it is given.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        let rc = unsafe { libc::getpwnam_r(c_name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
-        if rc != 0 || found.is_null() {
-            return Err(format!("there is no user `{name}` on this machine"));
+        let mut size = 16 << 10;
+        let (uid, gid) = loop {
+            let mut buf = vec![0 as libc::c_char; size];
+            // SAFETY: an all-zero passwd is a valid out-parameter; getpwnam_r
+            // writes only into it and `buf`, whose length it is given.
+            let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+            let mut found: *mut libc::passwd = std::ptr::null_mut();
+            let rc = unsafe { libc::getpwnam_r(c_name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
+            match rc {
+                libc::ERANGE if size < 1 << 20 => size *= 4,
+                0 if found.is_null() => return Err(format!("there is no user `{name}` on this machine")),
+                0 => break (pwd.pw_uid, pwd.pw_gid),
+                e => {
+                    return Err(format!("cannot look up user `{name}`: {}", std::io::Error::from_raw_os_error(e)));
+                }
+            }
+        };
+        let mut groups = vec![0 as libc::gid_t; 64];
+        loop {
+            let mut n = groups.len() as libc::c_int;
+            // SAFETY: `groups` holds `n` entries; getgrouplist writes at
+            // most `n` and says how many there are.
+            let rc = unsafe { libc::getgrouplist(c_name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+            if rc >= 0 {
+                groups.truncate(n.max(0) as usize);
+                break;
+            }
+            if groups.len() >= 65_536 {
+                return Err(format!("user `{name}` is in too many groups"));
+            }
+            groups.resize((n.max(0) as usize).max(groups.len() * 2), 0);
         }
-        Ok(Account { name: name.to_string(), uid: pwd.pw_uid, gid: pwd.pw_gid })
+        Ok(Account { name: name.to_string(), uid, gid, groups })
     }
 
     /// The account this process runs as (its effective uid and gid).
     pub fn current() -> Account {
         // SAFETY: geteuid and getegid cannot fail.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        Account { name: format!("uid {uid}"), uid, gid }
+        Account { name: format!("uid {uid}"), uid, gid, groups: Vec::new() }
     }
 }
 
 /// Whom exec tasks run as. A task that names no `user` runs as
 /// `default`; one that names a user runs as it only if `allowed` lists it.
-/// Switching users needs the agent to run as root (Nomad's exec driver
-/// likewise; its `user.denylist` is the reverse of this allowlist).
+/// Accounts are looked up once, when the agent reads its config. Switching
+/// users needs the agent to run as root (Nomad's exec driver likewise; its
+/// `user.denylist` is the reverse of this allowlist).
 #[derive(Clone, Debug, Default)]
 pub struct TaskUsers {
     /// `None`: the agent's own user.
     pub default: Option<Account>,
-    /// User names a task spec may ask for.
-    pub allowed: Vec<String>,
+    /// The accounts a task spec may ask for, by name.
+    pub allowed: Vec<Account>,
 }
 
 impl TaskUsers {
     fn switches(&self) -> bool {
-        let me = Account::current().uid;
-        self.default.as_ref().is_some_and(|a| a.uid != me) || !self.allowed.is_empty()
+        let me = Account::current();
+        let other = |a: &Account| (a.uid, a.gid) != (me.uid, me.gid);
+        self.default.as_ref().is_some_and(other) || self.allowed.iter().any(other)
     }
 
     /// The account `task` runs as, or why it may not run.
     pub fn account_for(&self, task: &str, asked: Option<&str>) -> Result<Option<Account>, StartError> {
         let Some(user) = asked else { return Ok(self.default.clone()) };
-        if !self.allowed.iter().any(|a| a == user) {
-            let allowed = if self.allowed.is_empty() { "none".to_string() } else { self.allowed.join(", ") };
-            return Err(StartError::Fatal(format!(
-                "task `{task}` asks to run as `{user}`, which this agent does not allow \
-                 (its `allowed_users`: {allowed})"
-            )));
+        match self.allowed.iter().find(|a| a.name == user) {
+            Some(a) => Ok(Some(a.clone())),
+            None => {
+                let names: Vec<&str> = self.allowed.iter().map(|a| a.name.as_str()).collect();
+                let allowed = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+                Err(StartError::Fatal(format!(
+                    "task `{task}` asks to run as `{user}`, which this agent does not allow \
+                     (its `allowed_users`: {allowed})"
+                )))
+            }
         }
-        Account::lookup(user).map(Some).map_err(|e| StartError::Fatal(format!("task `{task}`: {e}")))
     }
 }
 
@@ -236,10 +266,10 @@ impl Running for MockRun {
     }
 }
 
-/// A real child process in its own process group, in the task's
-/// directory, with stdout and stderr to rotating files, limited by a
-/// cgroup when the machine offers cgroups v2. Tasks do not outlive their
-/// agent (they get SIGKILL when it dies); a restarted agent starts them
+/// A real child process in a session (and process group) of its own, in
+/// the task's directory, with stdout and stderr to rotating files, limited by a
+/// cgroup when the machine offers cgroups v2. A task gets SIGKILL when its
+/// agent dies (its own children that leave its group can escape that); a restarted agent starts them
 /// again from its local state.
 pub struct Exec {
     pub cgroups: Option<Cgroups>,
@@ -265,7 +295,7 @@ impl Driver for Exec {
         // Its directory and logs are named after it: a name that could
         // leave the allocation's directory is refused, however the job came
         // (the API checks it; an offer or a state file might not).
-        if !crate::spec::job::is_valid_name(&ctx.task.name) {
+        if !crate::spec::job::is_valid_task_name(&ctx.task.name) {
             return Err(StartError::Fatal(format!("`{}` is not a valid task name", ctx.task.name)));
         }
         let account = self.users.account_for(&ctx.task.name, user.as_deref())?;
@@ -285,7 +315,10 @@ impl Driver for Exec {
             task_dir_for(&ctx.dir, a)
                 .map_err(|e| StartError::Failed(format!("cannot give {} to `{}`: {e}", ctx.dir.display(), a.name)))?;
         }
-        let ids = account.as_ref().map(|a| (a.uid, a.gid));
+        let ids = account.as_ref().map(|a| (a.uid, a.gid, a.groups.clone()));
+        // SAFETY: getpid cannot fail. The child checks its parent is still
+        // this process once its death signal is set.
+        let agent_pid = unsafe { libc::getpid() };
         let mut stdout = writer(ctx, "stdout")?;
         let mut stderr = writer(ctx, "stderr")?;
         let cgroup = match &self.cgroups {
@@ -313,11 +346,14 @@ impl Driver for Exec {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // SAFETY: between fork and exec only async-signal-safe calls are
-        // made: setpgid, open, write, close, setgroups, setgid, setuid,
-        // prctl, on memory prepared before the fork.
+        // made: setsid, open, write, close, setgroups, setgid, setuid,
+        // prctl, getppid, _exit, on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                libc::setpgid(0, 0);
+                // A session of its own: its process group is its pid, it can
+                // join no group of the agent's session (a stop would miss
+                // it), and it has no controlling terminal to type into.
+                libc::setsid();
                 // Into the cgroup while still root: its files are root's.
                 if let Some(p) = &procs {
                     let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
@@ -328,21 +364,33 @@ impl Driver for Exec {
                 }
                 // Drop to the task's user: its group alone, then the user.
                 // A failure here fails the start; nothing runs as root.
-                if let Some((uid, gid)) = ids {
-                    if libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                if let Some((uid, gid, groups)) = &ids {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(*gid) != 0
+                        || libc::setuid(*uid) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                // After the switch: changing credentials clears it.
+                // After the switch: changing credentials clears it. An agent
+                // that died before this point would leave an orphan: exit.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != agent_pid {
+                    libc::_exit(127);
+                }
                 Ok(())
             });
         }
         let mut child = cmd.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => StartError::Fatal(format!("command `{command}` not found")),
-            std::io::ErrorKind::PermissionDenied => {
-                StartError::Fatal(format!("command `{command}` is not executable (permission denied)"))
-            }
+            std::io::ErrorKind::PermissionDenied => match &account {
+                Some(a) => StartError::Fatal(format!(
+                    "command `{command}` is not executable by `{}`, or the switch to that user was refused \
+                     (permission denied)",
+                    a.name
+                )),
+                None => StartError::Fatal(format!("command `{command}` is not executable (permission denied)")),
+            },
             _ => StartError::Failed(format!("cannot start `{command}`: {e}")),
         })?;
         let pid = child.id().map_or(0, |p| p as i32);
@@ -366,7 +414,11 @@ impl Driver for Exec {
 /// directory and nothing beside it.
 fn task_dir_for(dir: &Path, account: &Account) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid))?;
+    // Never follow a link planted where the directory should be.
+    if std::fs::symlink_metadata(dir)?.file_type().is_symlink() {
+        return Err(std::io::Error::other("it is a symbolic link"));
+    }
+    std::os::unix::fs::lchown(dir, Some(account.uid), Some(account.gid))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     if let Some(alloc_dir) = dir.parent() {
         std::fs::set_permissions(alloc_dir, std::fs::Permissions::from_mode(0o711))?;
@@ -478,8 +530,12 @@ impl Running for ExecRun {
             Ok(s) => s,
             Err(_) => {
                 if self.pid > 0 {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+                    // SAFETY: as above; and the child itself, in case it
+                    // left its group (it cannot: it leads its session).
+                    unsafe {
+                        libc::kill(-self.pid, libc::SIGKILL);
+                        libc::kill(self.pid, libc::SIGKILL);
+                    }
                 }
                 self.child.wait().await
             }

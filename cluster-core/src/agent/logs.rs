@@ -55,9 +55,14 @@ impl RotatingWriter {
     pub fn open(dir: &Path, stem: &str, rotation: Rotation) -> std::io::Result<RotatingWriter> {
         // The agent's alone: tasks, which may run as other users, never
         // read one another's output.
+        if fs::symlink_metadata(dir).is_ok() {
+            owned(dir)?;
+        }
         crate::private::private_dir(dir)?;
+        owned(dir)?;
         let (start, path) = files(dir, stem).pop().unwrap_or((0, dir.join(format!("{stem}.0"))));
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
+        let file =
+            OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
         let len = file.metadata()?.len();
         Ok(RotatingWriter { dir: dir.into(), stem: stem.into(), rotation, file, start, len })
     }
@@ -83,6 +88,7 @@ impl RotatingWriter {
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(self.dir.join(format!("{}.{}", self.stem, self.start)))?;
         let all = files(&self.dir, &self.stem);
         for (_, old) in all.iter().take(all.len().saturating_sub(self.rotation.files.max(1))) {
@@ -90,6 +96,20 @@ impl RotatingWriter {
         }
         Ok(())
     }
+}
+
+/// Refuses a log directory that is a link or not this process's own: the
+/// agent writes and serves its files as itself, so nobody else may have
+/// placed them (a task running as another user, security review of item 4).
+fn owned(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.file_type().is_symlink() || meta.uid() != me {
+        return Err(std::io::Error::other(format!("{} is not the agent's own directory", dir.display())));
+    }
+    Ok(())
 }
 
 /// Reads up to `max` bytes from `offset`; an offset older than what is
@@ -107,7 +127,7 @@ pub fn read(dir: &Path, stem: &str, offset: u64, max: u64) -> std::io::Result<Lo
         if at >= end || data.len() as u64 >= max {
             continue;
         }
-        let mut f = File::open(path)?;
+        let mut f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
         f.seek(SeekFrom::Start(at - start))?;
         let want = max - data.len() as u64;
         let before = data.len();

@@ -140,6 +140,16 @@ pub fn is_valid_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// The directory beside the task directories that holds an allocation's
+/// logs: no task may take its name.
+pub const LOGS_DIR: &str = "logs";
+
+/// A task name: a valid name that is not [`LOGS_DIR`] (a task named so
+/// would own its allocation's log directory, security review of item 4).
+pub fn is_valid_task_name(name: &str) -> bool {
+    is_valid_name(name) && name != LOGS_DIR
+}
+
 /// A POSIX-portable user name, as `useradd` accepts by default.
 pub fn is_valid_user(name: &str) -> bool {
     !name.is_empty()
@@ -505,6 +515,10 @@ fn read_tasks(g: &mut Table, d: &mut Diagnostics) -> Vec<Task> {
     for mut t in tables.into_iter().take(TASKS_MAX) {
         let name = t.required_str(d, "name", "\"server\"").and_then(|(n, s)| {
             let n = check_name(d, "task", n, s.clone())?;
+            if n == LOGS_DIR {
+                d.error_hint(s, "a task may not be named `logs`", "the allocation's log directory has that name");
+                return None;
+            }
             if names.iter().any(|x| x == n) {
                 d.error(s, format!("duplicate task name `{n}` in this group"));
                 return None;

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use cluster_core::command::Command;
 use cluster_core::ids::JobId;
+use cluster_core::model::job::Driver;
 use cluster_core::model::job::OnDisconnect;
 use cluster_core::model::{AllocStatus, Job};
 use cluster_core::scheduler::reconcile::RESCHEDULE_ATTEMPTS_MAX;
@@ -302,9 +303,18 @@ impl Target {
         };
         // The names the HTTP path's checker refuses (agents build paths
         // from them): security review, row 10.
-        let names = std::iter::once(&*group.name).chain(group.tasks.iter().map(|t| &*t.name));
-        if let Some(bad) = names.into_iter().find(|n| !cluster_core::spec::job::is_valid_name(n)) {
-            return malformed(format!("`{bad}` is not a valid group or task name"));
+        if !cluster_core::spec::job::is_valid_name(&group.name) {
+            return malformed(format!("`{}` is not a valid group name", group.name));
+        }
+        if let Some(bad) = group.tasks.iter().find(|t| !cluster_core::spec::job::is_valid_task_name(&t.name)) {
+            return malformed(format!("`{}` is not a valid task name", bad.name));
+        }
+        // Users are this cluster's own accounts: a peer does not name them.
+        if let Some(t) = group.tasks.iter().find(|t| matches!(&t.driver, Driver::Exec { user: Some(_), .. })) {
+            return malformed(format!(
+                "task `{}` names a user to run as; delegated work runs as the target's task_user",
+                t.name
+            ));
         }
         if offered.job_type == cluster_core::model::JobType::System {
             return malformed("system jobs run on every node of their own cluster; they are not delegated".into());
