@@ -84,6 +84,9 @@ enum Command {
     /// Access control: the first token, tokens and policies.
     #[command(subcommand)]
     Acl(AclCommand),
+    /// Cluster-wide maintenance: garbage collection.
+    #[command(subcommand)]
+    System(SystemCommand),
     /// The federation: gossip keys and member clusters.
     #[command(subcommand)]
     Federation(FederationCommand),
@@ -282,6 +285,17 @@ enum AclPolicyCommand {
     },
     /// Delete a policy.
     Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum SystemCommand {
+    /// Collect now every stopped or finished job (with its allocations and
+    /// evaluations) and every down node that holds nothing, whatever the
+    /// servers' thresholds.
+    Gc {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -680,6 +694,7 @@ fn main() -> ExitCode {
             AclCommand::Policy(AclPolicyCommand::List { out }) => acl::policy_list(&client, out.json),
             AclCommand::Policy(AclPolicyCommand::Delete { name }) => acl::policy_delete(&client, &name),
         },
+        Command::System(SystemCommand::Gc { out }) => remote::system_gc(&client, out.json),
         Command::Operator(OperatorCommand::Audit { since, limit, out }) => {
             remote::operator_audit(&client, since, limit, out.json)
         }

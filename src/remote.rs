@@ -597,6 +597,20 @@ pub fn server_members(c: &Client, json: bool) -> anyhow::Result<Outcome> {
 }
 
 /// `hanse operator audit`: the trail of the server the client talks to.
+/// `hanse system gc`.
+pub fn system_gc(c: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let counts: cluster_core::state::GcCounts = c.put("/v1/system/gc", &serde_json::json!({})).map_err(api)?;
+    if json {
+        print_json(&counts)?;
+    } else {
+        println!(
+            "collected {} jobs, {} allocations, {} evaluations, {} nodes",
+            counts.jobs, counts.allocs, counts.evals, counts.nodes
+        );
+    }
+    Ok(Outcome::Ok)
+}
+
 pub fn operator_audit(c: &Client, since: Option<Duration>, limit: u64, json: bool) -> anyhow::Result<Outcome> {
     use cluster_core::server::audit::AuditRecord;
     let now = cluster_core::server::unix_ms();

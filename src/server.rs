@@ -13,6 +13,9 @@
 //! http_tls = true             # the default: HTTPS with [tls] cert; false serves plain HTTP (warned)
 //! heartbeat_ttl = "10s"       # nodes heartbeat this often...
 //! heartbeat_grace = "10s"     # ...and are down after TTL + grace of silence
+//! gc_interval = "5m"          # the leader collects garbage this often:
+//! job_gc_threshold = "4h"     #   stopped and finished jobs after this,
+//! node_gc_threshold = "24h"   #   nodes down (and holding nothing) after this
 //! workers = 1                 # scheduler workers on the leader (default: half the cores)
 //! bootstrap = true            # false: join a running cluster (`hanse operator raft add-peer`)
 //!
@@ -72,6 +75,9 @@ pub struct ServerConfig {
     pub http: SocketAddr,
     pub heartbeat_ttl: Duration,
     pub heartbeat_grace: Duration,
+    /// How often the leader collects garbage, and after how long.
+    pub gc_interval: Duration,
+    pub gc_thresholds: cluster_core::state::GcThresholds,
     pub workers: usize,
     /// Host names the API answers to besides IP addresses and `localhost`.
     pub http_hosts: Vec<String>,
@@ -167,6 +173,10 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
         };
         let heartbeat_ttl = duration(d, "heartbeat_ttl", Duration::from_secs(10));
         let heartbeat_grace = duration(d, "heartbeat_grace", Duration::from_secs(10));
+        let gc_interval = duration(d, "gc_interval", cluster_core::server::GC_INTERVAL);
+        let defaults = cluster_core::state::GcThresholds::DEFAULT;
+        let job_gc = duration(d, "job_gc_threshold", Duration::from_millis(defaults.job_ms));
+        let node_gc = duration(d, "node_gc_threshold", Duration::from_millis(defaults.node_ms));
         let workers = match s.int(d, "workers") {
             Some((n, _)) if (1..=64).contains(&n) => Some(n as usize),
             Some((n, span)) => {
@@ -230,6 +240,11 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             http: http?,
             heartbeat_ttl: heartbeat_ttl?,
             heartbeat_grace: heartbeat_grace?,
+            gc_interval: gc_interval?,
+            gc_thresholds: cluster_core::state::GcThresholds {
+                job_ms: job_gc?.as_millis() as u64,
+                node_ms: node_gc?.as_millis() as u64,
+            },
             workers: workers?,
             http_hosts,
             bootstrap,
@@ -328,6 +343,8 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         http_hosts: c.http_hosts.clone(),
         heartbeat_ttl: c.heartbeat_ttl,
         heartbeat_grace: c.heartbeat_grace,
+        gc_interval: Some(c.gc_interval),
+        gc_thresholds: c.gc_thresholds,
         acl: cluster_core::server::AclOptions { enabled: c.acl, initial_management: None },
         audit_dir: Some(c.data_dir.join("audit")),
         http_tls: c.http_tls,

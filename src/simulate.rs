@@ -50,7 +50,7 @@ pub fn simulate(c: &Client, fleet: &Path, count: Option<usize>) -> anyhow::Resul
                 Err(e) => eprintln!("heartbeat failed: {e}"),
             }
         }
-        if let Ok(allocs) = c.get::<Vec<cluster_core::server::api::AllocView>>("/v1/allocations?stale=true") {
+        if let Ok(allocs) = c.get_all::<cluster_core::server::api::AllocView>("/v1/allocations?stale=true") {
             let updates: Vec<AllocUpdate> = allocs
                 .iter()
                 .filter(|a| mine.contains(a.node.as_str()))

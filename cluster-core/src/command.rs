@@ -104,6 +104,14 @@ pub enum Command {
     },
     /// A change to the API's tokens and policies (see [`crate::acl`]).
     Acl(crate::acl::AclCommand),
+    /// Garbage collection at the proposer's `now_ms` (Unix ms): marks what
+    /// became collectable, drops what was marked at least the thresholds
+    /// ago ([`crate::state::GcThresholds`]). The leader proposes it on a
+    /// timer; `hanse system gc` with thresholds of 0.
+    Collect {
+        now_ms: u64,
+        thresholds: crate::state::GcThresholds,
+    },
 }
 
 /// The record key under which [`Command::PeersAsked`] keeps its version.
@@ -126,6 +134,8 @@ pub enum Effect {
     /// Evaluations the command opened (a node went down, a drain began).
     Evals(Vec<EvalId>),
     Done,
+    /// What a [`Command::Collect`] dropped.
+    Collected(crate::state::GcCounts),
     /// The command was valid to log but could not take effect (an unknown
     /// node, too many GPU models); the state is unchanged.
     Refused(String),
@@ -238,6 +248,7 @@ impl ClusterState {
                 Effect::Done
             }
             Command::Acl(c) => self.acl_mut().apply(c).map_or_else(Effect::Refused, |()| Effect::Done),
+            Command::Collect { now_ms, thresholds } => Effect::Collected(self.collect(*now_ms, *thresholds)),
             Command::PeersAsked { job, version } => {
                 if self.peers_asked(job).is_some_and(|v| v >= *version) || self.job(job).is_none() {
                     return Effect::Done;

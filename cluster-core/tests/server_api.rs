@@ -611,3 +611,108 @@ async fn the_api_speaks_https_signed_by_the_federation_ca() {
     .await;
     c.stop().await;
 }
+
+/// `PUT /v1/system/gc` (`hanse system gc`): a stopped job whose instances
+/// ended goes with its allocations on every server, the live one stays;
+/// without a token nothing is collected (security review row 19).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn system_gc_drops_a_stopped_job_on_every_server_and_keeps_the_live_one() {
+    let c = start("gc", Duration::from_secs(30), Duration::from_secs(30)).await;
+    c.leader(Duration::from_secs(10)).await.unwrap();
+    let client = c.client();
+    let anonymous = c.client().with_token(None);
+    blocking(move || {
+        client.register_nodes(&fleet(4)).expect("nodes register");
+        for name in ["keep", "old"] {
+            let reg = client.submit(&spec(name, 3, "500m"), "j.toml").expect("submitted");
+            client.eval(reg.eval, Duration::from_secs(10)).expect("placed");
+        }
+        client.stop("old").expect("stopped");
+        let ended = client.job("old").expect("status").allocations;
+        let updates = ended
+            .iter()
+            .map(|a| cluster_core::server::api::AllocUpdate { id: a.id, status: "complete".into() })
+            .collect();
+        client.alloc_status(updates).expect("reported");
+        let denied = anonymous.put::<serde_json::Value>("/v1/system/gc", &serde_json::json!({})).unwrap_err();
+        assert_eq!(denied.status(), Some(401));
+        assert!(client.job("old").is_ok(), "nothing was collected without a token");
+        let counts: cluster_core::state::GcCounts =
+            client.put("/v1/system/gc", &serde_json::json!({})).expect("collected");
+        assert_eq!((counts.jobs, counts.allocs), (1, 3), "{counts:?}");
+        assert_eq!(client.job("old").unwrap_err().status(), Some(404));
+        assert_eq!(client.job("keep").expect("kept").allocations.len(), 3);
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts: Vec<usize> =
+            c.running().map(|id| c.server(id).unwrap().raft().read(|s| s.allocs().count())).collect();
+        if counts.iter().all(|n| *n == 3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "servers disagree: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.stop().await;
+}
+
+/// Lists come a page at a time (security review row 19: one answer held
+/// every allocation, 21.9 MB): at most 1,000 unless asked, the next token
+/// in a header; the client follows the tokens and gets each item once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
+    use cluster_core::server::http::{NEXT_TOKEN, PAGE_DEFAULT};
+    let c = start("pages", Duration::from_secs(30), Duration::from_secs(30)).await;
+    let client = c.client();
+    let addr = c.http_addrs[&c.leader(Duration::from_secs(10)).await.unwrap()];
+    let token = c.token().expect("ACLs are on").to_string();
+    blocking(move || {
+        client.register_nodes(&fleet(40)).expect("nodes register");
+        let reg = client.submit(&spec("many", 1_001, "100m"), "many.toml").expect("submitted");
+        client.eval(reg.eval, Duration::from_secs(30)).expect("placed");
+        let reg = client.submit(&spec("few", 3, "100m"), "few.toml").expect("submitted");
+        client.eval(reg.eval, Duration::from_secs(10)).expect("placed");
+
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let get = |path: &str| {
+            let mut r = agent.get(format!("http://{addr}{path}")).header("x-hanse-token", &token).call().unwrap();
+            let next = r.headers().get(NEXT_TOKEN).map(|v| v.to_str().unwrap().to_string());
+            let body: serde_json::Value = r.body_mut().read_json().unwrap();
+            (r.status().as_u16(), body, next)
+        };
+        let (_, first, next) = get("/v1/allocations");
+        assert_eq!(first.as_array().unwrap().len(), PAGE_DEFAULT, "unasked, a page is capped");
+        assert!(next.is_some(), "and names where the next starts");
+        let (mut seen, mut token, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let path = match &token {
+                Some(t) => format!("/v1/allocations?per_page=300&next_token={t}"),
+                None => "/v1/allocations?per_page=300".to_string(),
+            };
+            let (_, body, next) = get(&path);
+            seen.extend(body.as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap()));
+            pages += 1;
+            match next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        assert_eq!((seen.len(), pages), (1_004, 4));
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in id order, none twice");
+        // Filters, and what is refused.
+        let (_, few, next) = get("/v1/allocations?job=few&status=pending");
+        assert_eq!((few.as_array().unwrap().len(), next), (3, None));
+        let (_, jobs, next) = get("/v1/jobs?per_page=1");
+        assert_eq!((jobs[0]["id"].as_str(), next.as_deref()), (Some("few"), Some("many")));
+        let (_, down, _) = get("/v1/nodes?status=down");
+        assert_eq!(down.as_array().unwrap().len(), 0);
+        let (status, body, _) = get("/v1/allocations?per_page=0");
+        assert_eq!(status, 400, "{body}");
+        // The client pages on its own.
+        assert_eq!(client.allocs().expect("every allocation").len(), 1_004);
+        assert_eq!(client.nodes().expect("every node").len(), 40);
+    })
+    .await;
+    c.stop().await;
+}

@@ -71,6 +71,12 @@ fn leader_log(seed: u64, rounds: usize) -> (ClusterState, Vec<Command>) {
         if rng.below(8) == 0 {
             commit(&mut leader, &mut log, Command::StopJob(j.id.clone()));
         }
+        if rng.below(3) == 0 {
+            // Short thresholds, so that objects are marked and dropped
+            // between the other commands.
+            let thresholds = cluster_core::state::GcThresholds { job_ms: 2_000, node_ms: 4_000 };
+            commit(&mut leader, &mut log, Command::Collect { now_ms: round as u64 * 1_000, thresholds });
+        }
     }
     (leader, log)
 }

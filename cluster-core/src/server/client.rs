@@ -197,6 +197,33 @@ impl Client {
         self.answer(self.send(|a, url| self.auth(a.get(url)).call(), path))
     }
 
+    /// Every page of a list (`path` may carry filters): asks for the
+    /// largest pages and follows the next token until there is none.
+    /// Pages are read one after the other, not at one index: an object
+    /// that changes meanwhile may show as it was or as it is.
+    pub fn get_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ClientError> {
+        use super::http::{NEXT_TOKEN, PAGE_MAX};
+        let join = if path.contains('?') { '&' } else { '?' };
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut page = format!("{path}{join}per_page={PAGE_MAX}");
+            if let Some(t) = &token {
+                page.push_str(&format!("&next_token={}", encode_query(t)));
+            }
+            let mut r = self.send(|a, url| self.auth(a.get(url)).call(), &page)?;
+            let next = r.headers().get(NEXT_TOKEN).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let bytes = self.body(&mut r)?;
+            let items: Vec<T> = serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Decode(self.address().to_string(), e.to_string()))?;
+            all.extend(items);
+            match next {
+                Some(t) if Some(&t) != token.as_ref() => token = Some(t),
+                _ => return Ok(all),
+            }
+        }
+    }
+
     pub fn put<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
         self.answer(self.send(|a, url| self.auth(a.put(url)).send_json(body), path))
     }
@@ -227,8 +254,9 @@ impl Client {
         self.get(&format!("/v1/jobs/{id}"))
     }
 
+    /// Every job, page by page.
     pub fn jobs(&self) -> Result<Vec<JobSummary>, ClientError> {
-        self.get("/v1/jobs")
+        self.get_all("/v1/jobs")
     }
 
     pub fn stop(&self, id: &str) -> Result<JobRegistered, ClientError> {
@@ -240,8 +268,9 @@ impl Client {
         self.get(&format!("/v1/evaluations/{id}?wait={}", wait.as_secs_f64()))
     }
 
+    /// Every node, page by page.
     pub fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
-        self.get("/v1/nodes")
+        self.get_all("/v1/nodes")
     }
 
     pub fn node(&self, id: &str) -> Result<NodeStatusView, ClientError> {
@@ -266,8 +295,9 @@ impl Client {
         self.post(&format!("/v1/nodes/{node}/drain"), &Drain { drain, deadline_ms })
     }
 
+    /// Every allocation, page by page.
     pub fn allocs(&self) -> Result<Vec<AllocView>, ClientError> {
-        self.get("/v1/allocations")
+        self.get_all("/v1/allocations")
     }
 
     pub fn alloc(&self, id: &str) -> Result<AllocView, ClientError> {
@@ -310,4 +340,16 @@ impl Client {
     pub fn transfer_leader(&self, id: u64) -> Result<WriteReply, ClientError> {
         self.post("/v1/operator/raft/transfer-leader", &TransferLeader { id })
     }
+}
+
+/// Percent-encodes a query value (ids are plain, but a token is the
+/// server's to choose).
+fn encode_query(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

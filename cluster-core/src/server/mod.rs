@@ -76,7 +76,14 @@ pub struct ServerOptions {
     /// Where the audit trail is written (see [`audit`]); in memory when
     /// `None`.
     pub audit_dir: Option<std::path::PathBuf>,
+    /// How often the leader collects garbage (`None`: never on its own),
+    /// and after how long (see [`crate::state::GcThresholds`]).
+    pub gc_interval: Option<Duration>,
+    pub gc_thresholds: crate::state::GcThresholds,
 }
+
+/// The leader proposes a collection this often by default.
+pub const GC_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
 /// How a server checks the API's callers (see [`crate::acl`]).
 #[derive(Clone)]
@@ -119,6 +126,8 @@ impl ServerOptions {
             acl: AclOptions::default(),
             http_tls: true,
             audit_dir: None,
+            gc_interval: Some(GC_INTERVAL),
+            gc_thresholds: crate::state::GcThresholds::DEFAULT,
         }
     }
 }
@@ -481,11 +490,16 @@ impl Inner {
                 }
             }
             Write::Acl(c) => propose(Command::Acl(c)).await?,
+            Write::Collect => {
+                let thresholds = crate::state::GcThresholds::NOW;
+                propose(Command::Collect { now_ms: unix_ms(), thresholds }).await?
+            }
         };
         match effect {
             Effect::JobRegistered { version, eval } => Ok(WriteReply::Job { version, eval }),
             Effect::Evals(evals) => Ok(WriteReply::Evals(evals)),
             Effect::Refused(m) => Err(refused(m)),
+            Effect::Collected(c) => Ok(WriteReply::Collected(c)),
             _ => Ok(WriteReply::Done),
         }
     }
@@ -606,7 +620,12 @@ async fn leadership(inner: Arc<Inner>) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 ready.duties_term.store(term, Ordering::SeqCst);
-                tokio::join!(dispatch(ready.clone()), watch_heartbeats(ready.clone()), bootstrap_acl(&ready));
+                tokio::join!(
+                    dispatch(ready.clone()),
+                    watch_heartbeats(ready.clone()),
+                    bootstrap_acl(&ready),
+                    collect_garbage(&ready)
+                );
             });
             duties = Some((term, set));
         } else if !leading && duties.is_some() {
@@ -616,6 +635,25 @@ async fn leadership(inner: Arc<Inner>) {
         }
         if status.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Proposes a collection every `gc_interval` while this server leads.
+async fn collect_garbage(inner: &Inner) {
+    let Some(every) = inner.options.gc_interval else { return };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let command = Command::Collect { now_ms: unix_ms(), thresholds: inner.options.gc_thresholds };
+        match inner.raft.propose(command).await {
+            Ok(Effect::Collected(c)) if c != crate::state::GcCounts::default() => {
+                tracing::info!(jobs = c.jobs, allocs = c.allocs, evals = c.evals, nodes = c.nodes, "garbage collected");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("garbage collection not committed: {e:?}"),
         }
     }
 }

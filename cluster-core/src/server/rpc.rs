@@ -37,6 +37,8 @@ pub enum Write {
         holder: String,
         record: Vec<u8>,
     },
+    /// Collects all garbage now (`hanse system gc`): thresholds of 0.
+    Collect,
     /// A compare-and-swap on a holder's record: `record` replaces it only
     /// if it is byte for byte `expect` (`None`: absent); otherwise 409, and
     /// the caller reads again. Two changes built on one read cannot both
@@ -71,6 +73,8 @@ pub enum WriteReply {
     },
     Evals(Vec<EvalId>),
     Done,
+    /// What `Write::Collect` dropped.
+    Collected(crate::state::GcCounts),
 }
 
 /// Every request between servers. `Raft` and `Forward` come only from

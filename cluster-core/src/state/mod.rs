@@ -7,6 +7,9 @@
 //! a node.
 
 mod evals;
+mod gc;
+
+pub use gc::{GcCounts, GcObject, GcThresholds};
 
 pub use evals::PlanOutcome;
 
@@ -133,6 +136,9 @@ pub struct ClusterState {
     records: BTreeMap<String, Vec<u8>>,
     /// Tokens and policies of the HTTP API.
     acl: crate::acl::AclState,
+    /// Objects found collectable, with the time of the first collection
+    /// that found them so ([`gc`]).
+    gc_marks: BTreeMap<GcObject, u64>,
     /// Rises whenever capacity may have freed up or appeared (a node came
     /// up, an allocation ended): the leader's cue to retry blocked
     /// evaluations. Not replicated state, a hint rebuilt at zero.
@@ -327,6 +333,16 @@ impl ClusterState {
 
     pub fn allocs(&self) -> impl Iterator<Item = &Allocation> {
         self.allocs.values()
+    }
+
+    /// Allocations from `from` on, by id (a page of a list).
+    pub fn allocs_from(&self, from: AllocId) -> impl Iterator<Item = &Allocation> {
+        self.allocs.range(from..).map(|(_, a)| a)
+    }
+
+    /// Jobs from `from` on, by id (a page of a list).
+    pub fn jobs_from<'a>(&'a self, from: &JobId) -> impl Iterator<Item = &'a Job> + 'a {
+        self.jobs.range(from.clone()..).map(|(_, j)| j)
     }
 
     pub fn allocs_of_job<'a>(&'a self, job: &JobId) -> impl Iterator<Item = &'a Allocation> + 'a {
@@ -572,6 +588,7 @@ struct Snapshot {
     holds: Vec<(String, Held)>,
     records: Vec<(String, Vec<u8>)>,
     acl: crate::acl::AclState,
+    gc_marks: Vec<(GcObject, u64)>,
 }
 
 impl ClusterState {
@@ -588,12 +605,33 @@ impl ClusterState {
             holds: self.holds.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             records: self.records.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             acl: self.acl.clone(),
+            gc_marks: self.gc_marks.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         })
+    }
+
+    /// The replicated part, moved out (the indexes are dropped).
+    fn into_snapshot(self) -> Snapshot {
+        Snapshot {
+            nodes: self.nodes,
+            jobs: self.jobs.into_values().collect(),
+            allocs: self.allocs.into_values().collect(),
+            next_alloc: self.next_alloc,
+            evals: self.evals.into_values().collect(),
+            next_eval: self.next_eval,
+            holds: self.holds.into_iter().collect(),
+            records: self.records.into_iter().collect(),
+            acl: self.acl,
+            gc_marks: self.gc_marks.into_iter().collect(),
+        }
     }
 
     /// Rebuilds a state, indexes included, from [`ClusterState::snapshot`].
     pub fn restore(bytes: &[u8]) -> Result<ClusterState, CodecError> {
-        let snap: Snapshot = codec::decode(bytes, codec::DECODE_BYTES_MAX)?;
+        ClusterState::from_snapshot(codec::decode(bytes, codec::DECODE_BYTES_MAX)?)
+    }
+
+    /// Rebuilds a state, indexes included, from its replicated part.
+    fn from_snapshot(snap: Snapshot) -> Result<ClusterState, CodecError> {
         let mut state = ClusterState::new();
         for node in snap.nodes {
             state.upsert_node(node).map_err(|e| CodecError::Malformed(e.to_string()))?;
@@ -622,6 +660,7 @@ impl ClusterState {
         state.records = snap.records.into_iter().collect();
         state.acl = snap.acl;
         state.acl.reindex();
+        state.gc_marks = snap.gc_marks.into_iter().collect();
         Ok(state)
     }
 }

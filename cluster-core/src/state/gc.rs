@@ -1,0 +1,164 @@
+//! Garbage collection through the log: a stopped or finished job, with its
+//! allocations and evaluations, and a node down for long, are dropped by a
+//! committed [`crate::command::Command::Collect`], so every replica drops
+//! the same things (Nomad runs its job, eval and node GC as core jobs on
+//! the leader; here the leader proposes the command and the log decides).
+//!
+//! Collection is two-phase, so that it needs no clock inside the state
+//! machine: the first `Collect` that finds an object collectable marks it
+//! with the command's time; a later one whose time is past the mark by the
+//! threshold drops it. An object that stops being collectable (a stopped
+//! job submitted again, a node back up) loses its mark. With a threshold
+//! of 0 (`hanse system gc`) one command marks and drops.
+//!
+//! Kept whatever the age: a job with a live or pending allocation, an open
+//! evaluation, or instances held by another cluster (a delegation); a job
+//! another cluster delegated here (its delegation record has its own
+//! rule); a node with an allocation that still holds resources.
+//! Delegation records and tombstones are never collected here, so a late
+//! re-offer is refused after its job is gone.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::ClusterState;
+use crate::command::peers_asked_key;
+use crate::ids::{JobId, NodeId};
+use crate::model::JobType;
+use crate::model::job::LABEL_DELEGATION;
+use crate::model::node::NodeStatus;
+
+/// How long an object stays collectable before it is dropped, in
+/// milliseconds. Nomad's defaults: a job 4 h, a node 24 h.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcThresholds {
+    pub job_ms: u64,
+    pub node_ms: u64,
+}
+
+impl GcThresholds {
+    pub const DEFAULT: GcThresholds = GcThresholds { job_ms: 4 * 3_600_000, node_ms: 24 * 3_600_000 };
+    /// Everything collectable, now (`hanse system gc`).
+    pub const NOW: GcThresholds = GcThresholds { job_ms: 0, node_ms: 0 };
+}
+
+/// What one collection dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcCounts {
+    pub jobs: u64,
+    pub allocs: u64,
+    pub evals: u64,
+    pub nodes: u64,
+}
+
+/// An object marked collectable, with the time of the mark.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum GcObject {
+    Job(JobId),
+    Node(NodeId),
+}
+
+impl ClusterState {
+    /// Whether `job` could go: stopped, or a batch job whose instances have
+    /// all ended; nothing of it live, open or held.
+    fn job_collectable(&self, id: &JobId) -> bool {
+        let Some(job) = self.job(id) else { return false };
+        if job.labels.contains_key(LABEL_DELEGATION) || self.open_eval.contains_key(id) {
+            return false;
+        }
+        if self.holds.values().any(|h| h.job == *id) {
+            return false;
+        }
+        let mut allocs = self.allocs_of_job(id).peekable();
+        let some = allocs.peek().is_some();
+        let all_ended = allocs.all(|a| a.status.is_terminal());
+        match (job.stopped, job.job_type) {
+            (true, _) => all_ended,
+            (false, JobType::Batch) => some && all_ended,
+            (false, _) => false,
+        }
+    }
+
+    fn node_collectable(&self, id: &NodeId) -> bool {
+        let Some(idx) = self.node_idx(id) else { return false };
+        self.node(idx).status == NodeStatus::Down
+            && self.allocs_by_node.get(id).is_none_or(|ids| ids.iter().all(|a| !self.allocs[a].holds_resources()))
+    }
+
+    /// Applies [`crate::command::Command::Collect`]: marks what became
+    /// collectable at `now_ms`, unmarks what no longer is, and drops what
+    /// was marked at least the threshold ago. Deterministic: the same
+    /// state and command drop the same things on every replica.
+    pub fn collect(&mut self, now_ms: u64, t: GcThresholds) -> GcCounts {
+        let jobs: Vec<JobId> = self.jobs.keys().filter(|j| self.job_collectable(j)).cloned().collect();
+        let nodes: Vec<NodeId> = self.nodes.iter().map(|n| n.id.clone()).filter(|n| self.node_collectable(n)).collect();
+        let now: BTreeSet<GcObject> =
+            jobs.into_iter().map(GcObject::Job).chain(nodes.into_iter().map(GcObject::Node)).collect();
+        self.gc_marks.retain(|o, _| now.contains(o));
+        for o in &now {
+            self.gc_marks.entry(o.clone()).or_insert(now_ms);
+        }
+        let due = |o: &GcObject, at: u64| {
+            let after = match o {
+                GcObject::Job(_) => t.job_ms,
+                GcObject::Node(_) => t.node_ms,
+            };
+            now_ms.saturating_sub(at) >= after
+        };
+        let drop: BTreeSet<GcObject> =
+            self.gc_marks.iter().filter(|(o, at)| due(o, **at)).map(|(o, _)| o.clone()).collect();
+        if drop.is_empty() {
+            return GcCounts::default();
+        }
+        // Rebuilt from its replicated part without what goes: every index
+        // is made again the way a restore makes it. A collection drops
+        // many objects at once, rarely, so one pass over the state is the
+        // simple price.
+        let mut counts = GcCounts::default();
+        let epoch = self.capacity_epoch;
+        let mut snap = std::mem::take(self).into_snapshot();
+        let gone_job = |j: &JobId| drop.contains(&GcObject::Job(j.clone()));
+        let before = (snap.jobs.len(), snap.allocs.len(), snap.evals.len(), snap.nodes.len());
+        snap.jobs.retain(|j| !gone_job(&j.id));
+        snap.allocs.retain(|a| !gone_job(&a.job));
+        snap.evals.retain(|e| !gone_job(&e.job));
+        snap.nodes.retain(|n| !drop.contains(&GcObject::Node(n.id.clone())));
+        let asked: BTreeSet<String> = drop
+            .iter()
+            .filter_map(|o| if let GcObject::Job(j) = o { Some(peers_asked_key(j)) } else { None })
+            .collect();
+        snap.records.retain(|(k, _)| !asked.contains(k));
+        snap.gc_marks.retain(|(o, _)| !drop.contains(o));
+        counts.jobs = (before.0 - snap.jobs.len()) as u64;
+        counts.allocs = (before.1 - snap.allocs.len()) as u64;
+        counts.evals = (before.2 - snap.evals.len()) as u64;
+        counts.nodes = (before.3 - snap.nodes.len()) as u64;
+        *self = ClusterState::from_snapshot(snap).expect("a state rebuilt from its own parts is valid");
+        // Freed nodes' capacity, and the hint only ever rises.
+        self.capacity_epoch = epoch + 1;
+        counts
+    }
+
+    /// When `job` was marked collectable, if it is.
+    pub fn gc_mark(&self, object: &GcObject) -> Option<u64> {
+        self.gc_marks.get(object).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_are_nomads() {
+        assert_eq!(GcThresholds::DEFAULT.job_ms, 4 * 60 * 60 * 1000);
+        assert_eq!(GcThresholds::DEFAULT.node_ms, 24 * 60 * 60 * 1000);
+    }
+
+    #[test]
+    fn a_state_without_marks_collects_nothing() {
+        let mut s = ClusterState::new();
+        assert_eq!(s.collect(1_000, GcThresholds::NOW), GcCounts::default());
+    }
+}

@@ -1,0 +1,167 @@
+//! Garbage collection through the log (security review row 19: finished
+//! allocations, stopped jobs and dead nodes were never removed): what is
+//! collectable is marked by one `Collect` and dropped by a later one past
+//! the threshold; nothing live goes; every replica drops the same.
+
+use cluster_core::codec;
+use cluster_core::command::{Command, Effect};
+use cluster_core::diag::SourceFile;
+use cluster_core::ids::{EvalId, JobId};
+use cluster_core::model::alloc::AllocReport;
+use cluster_core::model::{AllocStatus, NodeStatus};
+use cluster_core::scheduler::{SchedulerConfig, schedule};
+use cluster_core::spec::{parse_fleet, parse_job};
+use cluster_core::state::{ClusterState, GcCounts, GcObject, GcThresholds};
+
+const HOUR: u64 = 3_600_000;
+
+fn job(name: &str, kind: &str, count: u32) -> cluster_core::model::Job {
+    let text = format!(
+        "[job]\nname = \"{name}\"\ntype = \"{kind}\"\n[[group]]\nname = \"g\"\ncount = {count}\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"250m\", memory = \"256MiB\" }}\n"
+    );
+    parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
+}
+
+/// A state and the log that made it, every command through the codec.
+struct Log {
+    state: ClusterState,
+    commands: Vec<Command>,
+}
+
+impl Log {
+    fn new() -> Log {
+        let text = "[fleet]\nname = \"f\"\n[[class]]\nname = \"m\"\ncount = 4\ncpu = 8\nmemory = \"32GiB\"\n";
+        let nodes = parse_fleet(&SourceFile::new("f.toml", text.to_string())).value.unwrap().nodes;
+        let mut log = Log { state: ClusterState::new(), commands: Vec::new() };
+        for n in nodes {
+            log.commit(Command::UpsertNode(n));
+        }
+        log
+    }
+
+    fn commit(&mut self, c: Command) -> Effect {
+        let c: Command = codec::decode(&codec::encode(&c), codec::DECODE_BYTES_MAX).unwrap();
+        self.commands.push(c.clone());
+        self.state.apply(&c)
+    }
+
+    /// Registers and places `job` as a leader would, closing its evaluation.
+    fn run(&mut self, j: cluster_core::model::Job) {
+        let Effect::JobRegistered { eval, .. } = self.commit(Command::RegisterJob(j.clone())) else { panic!() };
+        let stored = self.state.job(&j.id).unwrap().clone();
+        let plan = schedule(&self.state, &stored, &SchedulerConfig::default());
+        self.commit(Command::ApplyPlans(vec![(eval, plan)]));
+    }
+
+    /// Plans every open evaluation, as the leader's workers would.
+    fn settle(&mut self) {
+        let open: Vec<EvalId> = self.state.pending_evals().collect();
+        for eval in open {
+            let job = self.state.eval(eval).unwrap().job.clone();
+            let stored = self.state.job(&job).unwrap().clone();
+            let plan = schedule(&self.state, &stored, &SchedulerConfig::default());
+            self.commit(Command::ApplyPlans(vec![(eval, plan)]));
+        }
+    }
+
+    fn report(&mut self, job: &str, status: AllocStatus) {
+        let ids: Vec<_> = self.state.allocs_of_job(&JobId::new(job)).map(|a| a.id).collect();
+        let reports = ids.into_iter().map(|id| AllocReport { id, status, tasks: Vec::new() }).collect();
+        self.commit(Command::AllocStatus(reports));
+        self.settle();
+    }
+
+    fn commit_settled(&mut self, c: Command) {
+        self.commit(c);
+        self.settle();
+    }
+
+    fn collect(&mut self, now_ms: u64, thresholds: GcThresholds) -> GcCounts {
+        match self.commit(Command::Collect { now_ms, thresholds }) {
+            Effect::Collected(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn has_job(&self, name: &str) -> bool {
+        self.state.job(&JobId::new(name)).is_some()
+    }
+}
+
+#[test]
+fn finished_and_stopped_jobs_and_dead_nodes_go_after_their_thresholds_and_nothing_live_does() {
+    let mut log = Log::new();
+    log.run(job("web", "service", 3));
+    log.run(job("report", "batch", 4));
+    log.run(job("old", "service", 2));
+    log.report("report", AllocStatus::Complete);
+    log.commit_settled(Command::StopJob(JobId::new("old")));
+    // A stopped job whose instances still run is kept until they end.
+    log.report("old", AllocStatus::Running);
+    let dead = log.state.nodes()[3].id.clone();
+    log.commit(Command::SetNodeStatus { node: dead.clone(), status: NodeStatus::Down, eligible: false });
+
+    let t0 = 1_000_000;
+    assert_eq!(log.collect(t0, GcThresholds::DEFAULT), GcCounts::default(), "the first pass only marks");
+    assert_eq!(log.state.gc_mark(&GcObject::Job(JobId::new("report"))), Some(t0));
+    assert_eq!(log.state.gc_mark(&GcObject::Job(JobId::new("old"))), None, "its instances still run");
+    log.report("old", AllocStatus::Complete);
+    log.collect(t0 + HOUR, GcThresholds::DEFAULT);
+    assert_eq!(log.collect(t0 + 4 * HOUR - 1, GcThresholds::DEFAULT), GcCounts::default(), "not yet 4 h");
+
+    let before = log.state.allocs().count();
+    let c = log.collect(t0 + 4 * HOUR, GcThresholds::DEFAULT);
+    assert_eq!((c.jobs, c.allocs, c.nodes), (1, 4, 0), "the finished batch job, 4 h after its mark: {c:?}");
+    assert!(!log.has_job("report") && log.has_job("old") && log.has_job("web"));
+    assert_eq!(log.state.allocs().count(), before - 4);
+    assert!(log.state.allocs_of_job(&JobId::new("report")).next().is_none());
+    let c = log.collect(t0 + 5 * HOUR, GcThresholds::DEFAULT);
+    assert_eq!((c.jobs, c.allocs), (1, 2), "the stopped job, 4 h after its instances ended: {c:?}");
+    assert!(log.state.node_idx(&dead).is_some(), "a node goes after 24 h");
+    let c = log.collect(t0 + 24 * HOUR, GcThresholds::DEFAULT);
+    assert_eq!(c.nodes, 1, "{c:?}");
+    assert!(log.state.node_idx(&dead).is_none());
+    // The live service keeps its job, allocations and usage.
+    assert!(log.has_job("web"));
+    assert_eq!(log.state.allocs_of_job(&JobId::new("web")).filter(|a| a.is_live()).count(), 3);
+    let recount = log.state.recomputed_usage();
+    for (i, u) in recount.iter().enumerate() {
+        assert_eq!(u, log.state.usage(cluster_core::ids::NodeIdx(i as u32)), "node {i}");
+    }
+
+    // Every replica that applies the same log holds the same bytes, and a
+    // snapshot restores them.
+    let mut replica = ClusterState::new();
+    for c in &log.commands {
+        replica.apply(c);
+    }
+    assert_eq!(replica.snapshot(), log.state.snapshot());
+    assert_eq!(ClusterState::restore(&log.state.snapshot()).unwrap().snapshot(), log.state.snapshot());
+
+    // A collected name can be used again; ids are never reused.
+    let highest = log.state.allocs().map(|a| a.id).max().unwrap();
+    log.run(job("report", "batch", 2));
+    assert!(log.state.allocs_of_job(&JobId::new("report")).all(|a| a.id > highest));
+}
+
+#[test]
+fn a_job_that_comes_back_loses_its_mark_and_gc_now_takes_everything_collectable() {
+    let mut log = Log::new();
+    log.run(job("svc", "service", 2));
+    log.commit_settled(Command::StopJob(JobId::new("svc")));
+    log.report("svc", AllocStatus::Complete);
+    log.collect(0, GcThresholds::DEFAULT);
+    assert_eq!(log.state.gc_mark(&GcObject::Job(JobId::new("svc"))), Some(0));
+    // Submitted again before the threshold: live again, unmarked, kept.
+    log.run(job("svc", "service", 2));
+    log.collect(HOUR, GcThresholds::DEFAULT);
+    assert_eq!(log.state.gc_mark(&GcObject::Job(JobId::new("svc"))), None);
+    assert_eq!(log.collect(10 * HOUR, GcThresholds::DEFAULT).jobs, 0);
+    // `hanse system gc`: thresholds of 0 mark and drop in one pass.
+    log.commit_settled(Command::StopJob(JobId::new("svc")));
+    log.report("svc", AllocStatus::Complete);
+    let c = log.collect(10 * HOUR + 1, GcThresholds::NOW);
+    assert_eq!((c.jobs, c.allocs), (1, 4), "{c:?}");
+    assert!(log.state.evals().all(|e| e.job != JobId::new("svc")), "its evaluations went too");
+    assert!(log.state.eval(EvalId(0)).is_none());
+}
