@@ -426,31 +426,24 @@ enum KeyCommand {
     },
     /// Seal with an installed key from now on. Waits until every live
     /// server of the federation says it holds the key.
-    Use {
-        /// The key's id (8 hex digits, from `key list`) or the key.
-        key: String,
-        /// Use it even if some live server does not hold it yet.
-        #[arg(long)]
-        force: bool,
-        /// How long to wait for every server to hold the key.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        wait: Duration,
-        #[command(flatten)]
-        out: OutputArgs,
-    },
-    /// Stop accepting a key. Refused while a live server still seals with it.
-    Remove {
-        /// The key's id (8 hex digits, from `key list`) or the key.
-        key: String,
-        /// Remove it even if some live server still seals with it.
-        #[arg(long)]
-        force: bool,
-        /// How long to wait for every server to seal with another key.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        wait: Duration,
-        #[command(flatten)]
-        out: OutputArgs,
-    },
+    Use(KeyStep),
+    /// Stop accepting a key. Waits until no live server seals with it.
+    Remove(KeyStep),
+}
+
+/// A rotation step's key and its safety check.
+#[derive(clap::Args)]
+struct KeyStep {
+    /// The key's id (8 hex digits, from `key list`) or the key.
+    key: String,
+    /// Skip the wait and the check that every live server is ready.
+    #[arg(long)]
+    force: bool,
+    /// How long to wait for every live server to be ready for the step.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    wait: Duration,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 #[derive(Subcommand)]
@@ -623,10 +616,8 @@ fn main() -> ExitCode {
             KeyCommand::Install { key, key_file, out } => {
                 federation::key_install(&client, key.as_deref(), key_file.as_deref(), out.json)
             }
-            KeyCommand::Use { key, force, wait, out } => federation::key_use(&client, &key, force, wait, out.json),
-            KeyCommand::Remove { key, force, wait, out } => {
-                federation::key_remove(&client, &key, force, wait, out.json)
-            }
+            KeyCommand::Use(k) => federation::key_use(&client, &k.key, k.force, k.wait, k.out.json),
+            KeyCommand::Remove(k) => federation::key_remove(&client, &k.key, k.force, k.wait, k.out.json),
         },
         Command::Tls(TlsCommand::Ca(CaCommand::Create { federation, dir, days })) => {
             tls::ca_create(&federation, &dir, days)

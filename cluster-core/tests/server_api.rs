@@ -81,6 +81,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("the blocking part does not panic")
 }
 
+/// Waits (5 s at most) until every server has applied `n` allocations.
+async fn every_server_holds(c: &LocalCluster, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts: Vec<usize> =
+            c.running().map(|id| c.server(id).unwrap().raft().read(|s| s.allocs().count())).collect();
+        if counts.iter().all(|x| *x == n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "servers disagree: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn follower_of(c: &LocalCluster, leader: u64) -> u64 {
     c.running().find(|id| *id != leader).expect("a follower")
 }
@@ -107,16 +121,7 @@ async fn a_job_submitted_through_a_follower_is_placed() {
         "the follower forwarded the writes to the leader"
     );
     // Every server applied the same allocations.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let counts: Vec<usize> =
-            c.running().map(|id| c.server(id).unwrap().raft().read(|s| s.allocs().count())).collect();
-        if counts.iter().all(|n| *n == 5) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "servers disagree: {counts:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    every_server_holds(&c, 5).await;
     c.stop().await;
 }
 
@@ -644,16 +649,7 @@ async fn system_gc_drops_a_stopped_job_on_every_server_and_keeps_the_live_one() 
         assert_eq!(client.job("keep").expect("kept").allocations.len(), 3);
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let counts: Vec<usize> =
-            c.running().map(|id| c.server(id).unwrap().raft().read(|s| s.allocs().count())).collect();
-        if counts.iter().all(|n| *n == 3) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "servers disagree: {counts:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    every_server_holds(&c, 3).await;
     c.stop().await;
 }
 

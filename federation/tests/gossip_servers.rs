@@ -10,13 +10,13 @@ use std::time::Duration;
 use common::{Gossiping, Setup, alive_with_nodes, nodes, start, until};
 use gossip::Key;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn each_leader_publishes_its_cluster_and_the_next_leader_takes_over() {
-    let key = Key::generate();
+/// eu-west (3 servers) and us-east (1, seeded by eu-west), gossiping
+/// with `key`.
+async fn two_clusters(key: &Key) -> (Gossiping, Gossiping) {
     let setup = |name, servers, seeds, jurisdictions| Setup {
         name,
         servers,
-        key: &key,
+        key,
         ca: None,
         seeds,
         jurisdictions,
@@ -26,9 +26,16 @@ async fn each_leader_publishes_its_cluster_and_the_next_leader_takes_over() {
         region: None,
         token: None,
     };
-    let mut eu = start(setup("eu-west", 3, Vec::new(), &["eu"])).await;
+    let eu = start(setup("eu-west", 3, Vec::new(), &["eu"])).await;
     let seed = eu.servers[0].member.local_addr().to_string();
     let us = start(setup("us-east", 1, vec![seed], &["us"])).await;
+    (eu, us)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_leader_publishes_its_cluster_and_the_next_leader_takes_over() {
+    let key = Key::generate();
+    let (mut eu, us) = two_clusters(&key).await;
     let leader = eu.cluster.leader(Duration::from_secs(10)).await.unwrap();
     let term = eu.cluster.server(leader).unwrap().raft().status().term;
 
@@ -66,22 +73,7 @@ async fn a_key_is_used_only_once_every_cluster_holds_it() {
     use federation::keyring::{KeyChange, KeyOp, KeyringView};
     use std::sync::atomic::Ordering;
     let (old, new) = (Key::generate(), Key::generate());
-    let setup = |name, servers, seeds, jurisdictions| Setup {
-        name,
-        servers,
-        key: &old,
-        ca: None,
-        seeds,
-        jurisdictions,
-        policy: None,
-        http: Vec::new(),
-        data_dir: None,
-        region: None,
-        token: None,
-    };
-    let mut eu = start(setup("eu-west", 3, Vec::new(), &["eu"])).await;
-    let seed = eu.servers[0].member.local_addr().to_string();
-    let us = start(setup("us-east", 1, vec![seed], &["us"])).await;
+    let (mut eu, us) = two_clusters(&old).await;
     let watcher = eu.servers[0].member.clone();
     until(Duration::from_secs(15), "eu-west sees us-east", || alive_with_nodes(&watcher.view(), "us-east", 0)).await;
     let change = |cluster: &cluster_core::server::local::LocalCluster, op, key: String| {
