@@ -596,7 +596,6 @@ pub fn server_members(c: &Client, json: bool) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-/// `hanse operator audit`: the trail of the server the client talks to.
 /// `hanse system gc`.
 pub fn system_gc(c: &Client, json: bool) -> anyhow::Result<Outcome> {
     let counts: cluster_core::state::GcCounts = c.put("/v1/system/gc", &serde_json::json!({})).map_err(api)?;
@@ -611,6 +610,7 @@ pub fn system_gc(c: &Client, json: bool) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+/// `hanse operator audit`: the trail of the server the client talks to.
 pub fn operator_audit(c: &Client, since: Option<Duration>, limit: u64, json: bool) -> anyhow::Result<Outcome> {
     use cluster_core::server::audit::AuditRecord;
     let now = cluster_core::server::unix_ms();

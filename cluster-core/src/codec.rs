@@ -11,8 +11,9 @@ use serde::de::DeserializeOwned;
 /// The encoding of everything [`encode`] writes. 2: jobs carry a
 /// namespace, the state its ACL tokens and policies, a plan its deferred
 /// count; a log or peer of version 1 is refused by name, not misread.
-/// 3: an exec task may name the `user` it runs as.
-pub const VERSION: u8 = 3;
+/// 3: an exec task may name the `user` it runs as. 4: the state keeps its
+/// garbage-collection marks; writes carry `Swap` and `Collect`.
+pub const VERSION: u8 = 4;
 
 /// The largest body [`decode`] will ever look at, whatever the caller's
 /// limit: a bound on what a corrupt length prefix can make it allocate.

@@ -145,6 +145,7 @@ impl ClusterState {
     /// Applies one committed command. The only writer of cluster state.
     pub fn apply(&mut self, command: &Command) -> Effect {
         let refused = |e: StateError| Effect::Refused(e.to_string());
+        self.unmark(command);
         match command {
             Command::UpsertNode(node) => {
                 // What the cluster decided about a known node (down,

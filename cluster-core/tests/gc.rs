@@ -165,3 +165,39 @@ fn a_job_that_comes_back_loses_its_mark_and_gc_now_takes_everything_collectable(
     assert!(log.state.evals().all(|e| e.job != JobId::new("svc")), "its evaluations went too");
     assert!(log.state.eval(EvalId(0)).is_none());
 }
+
+/// What other clusters depend on stays: a job with instances held by a
+/// delegation, and a job delegated here; a delegation decided before its
+/// job was collected holds nothing; a report about a collected allocation
+/// is recognisable as such (the agent's report is acknowledged).
+#[test]
+fn delegations_keep_their_jobs_and_cannot_hold_a_collected_one() {
+    let mut log = Log::new();
+    log.run(job("held", "batch", 2));
+    let mut delegated = job("guest", "batch", 2);
+    delegated.labels.insert(cluster_core::model::job::LABEL_DELEGATION.into(), "eu/guest/e1-g-0".into());
+    log.run(delegated);
+    log.run(job("done", "batch", 2));
+    for j in ["held", "guest", "done"] {
+        log.report(j, AllocStatus::Complete);
+    }
+    let hold = |job: &str| Command::Hold {
+        holder: format!("out/{job}"),
+        job: JobId::new(job),
+        group: "g".into(),
+        indices: vec![7],
+        record: Vec::new(),
+    };
+    assert!(!matches!(log.commit(hold("held")), Effect::Refused(_)));
+    log.settle();
+    let done_alloc = log.state.allocs_of_job(&JobId::new("done")).next().unwrap().id;
+    let c = log.collect(0, GcThresholds::NOW);
+    assert_eq!(c.jobs, 1, "{c:?}");
+    assert!(log.has_job("held") && log.has_job("guest") && !log.has_job("done"));
+    assert!(log.state.alloc(done_alloc).is_none() && log.state.was_placed(done_alloc));
+    assert!(matches!(log.commit(hold("done")), Effect::Refused(_)), "a hold on a collected job");
+    // Released, the held job goes at the next pass.
+    log.commit_settled(Command::Release { holder: "out/held".into(), record: Vec::new() });
+    assert_eq!(log.collect(1, GcThresholds::NOW).jobs, 1);
+    assert!(!log.has_job("held") && log.has_job("guest"));
+}

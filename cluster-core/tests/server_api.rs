@@ -705,8 +705,11 @@ async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
         assert_eq!(down.as_array().unwrap().len(), 0);
         let (status, body, _) = get("/v1/allocations?per_page=0");
         assert_eq!(status, 400, "{body}");
-        // The client pages on its own.
+        // The client pages on its own, and follows the tokens.
         assert_eq!(client.allocs().expect("every allocation").len(), 1_004);
+        let small: Vec<serde_json::Value> = client.get_all("/v1/allocations?per_page=97").expect("every page");
+        let ids: Vec<u64> = small.iter().map(|a| a["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, seen, "11 pages of 97, in order, each allocation once");
         assert_eq!(client.nodes().expect("every node").len(), 40);
     })
     .await;

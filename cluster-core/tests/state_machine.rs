@@ -33,8 +33,9 @@ fn leader_log(seed: u64, rounds: usize) -> (ClusterState, Vec<Command>) {
     let mut leader = ClusterState::new();
     let mut log = Vec::new();
     let commit = |leader: &mut ClusterState, log: &mut Vec<Command>, c: Command| {
-        leader.apply(&c);
+        let effect = leader.apply(&c);
         log.push(c);
+        effect
     };
     for c in fleet_commands() {
         commit(&mut leader, &mut log, c);
@@ -43,10 +44,17 @@ fn leader_log(seed: u64, rounds: usize) -> (ClusterState, Vec<Command>) {
         let kind = ["service", "batch"][rng.below(2)];
         let cpu = ["250m", "1", "2", "4"][rng.below(4)];
         let j = job(&format!("job-{}", rng.below(6)), kind, 1 + rng.below(40) as u32, cpu);
-        commit(&mut leader, &mut log, Command::RegisterJob(j.clone()));
+        let registered = commit(&mut leader, &mut log, Command::RegisterJob(j.clone()));
         let stored = leader.job(&j.id).unwrap().clone();
         let plan = schedule(&leader, &stored, &SchedulerConfig { seed: seed ^ round as u64, ..Default::default() });
-        commit(&mut leader, &mut log, Command::ApplyPlan(plan));
+        // Half the plans close their evaluation (so their jobs can be
+        // collected), half leave it open.
+        match registered {
+            Effect::JobRegistered { eval, .. } if rng.below(2) == 0 => {
+                commit(&mut leader, &mut log, Command::ApplyPlans(vec![(eval, plan)]))
+            }
+            _ => commit(&mut leader, &mut log, Command::ApplyPlan(plan)),
+        };
         let allocs: Vec<_> = leader.allocs().map(|a| a.id).collect();
         let n = if allocs.is_empty() { 0 } else { rng.below(20) };
         let updates = (0..n)
@@ -70,6 +78,21 @@ fn leader_log(seed: u64, rounds: usize) -> (ClusterState, Vec<Command>) {
         }
         if rng.below(8) == 0 {
             commit(&mut leader, &mut log, Command::StopJob(j.id.clone()));
+            // Its agents stop its instances and say so.
+            let ended = leader
+                .allocs_of_job(&j.id)
+                .map(|a| AllocReport { id: a.id, status: AllocStatus::Complete, tasks: Vec::new() })
+                .collect();
+            commit(&mut leader, &mut log, Command::AllocStatus(ended));
+        }
+        if rng.below(2) == 0 {
+            // The workers catch up: every open evaluation is planned.
+            let open: Vec<_> = leader.pending_evals().collect();
+            for eval in open {
+                let Some(job) = leader.eval(eval).and_then(|e| leader.job(&e.job)).cloned() else { continue };
+                let plan = schedule(&leader, &job, &SchedulerConfig { seed: seed ^ eval.0, ..Default::default() });
+                commit(&mut leader, &mut log, Command::ApplyPlans(vec![(eval, plan)]));
+            }
         }
         if rng.below(3) == 0 {
             // Short thresholds, so that objects are marked and dropped
@@ -109,6 +132,25 @@ proptest! {
             prop_assert_eq!(u, a.usage(cluster_core::ids::NodeIdx(i as u32)), "node {}", i);
         }
     }
+}
+
+/// The logs the property above replays do collect jobs, allocations and
+/// nodes: it is not checking an idle collector.
+#[test]
+fn the_replayed_logs_collect_jobs_allocations_and_nodes() {
+    let mut dropped = cluster_core::state::GcCounts::default();
+    for seed in 0..16 {
+        let (_, log) = leader_log(seed, 40);
+        let mut s = ClusterState::new();
+        for c in &log {
+            if let Effect::Collected(c) = s.apply(c) {
+                dropped.jobs += c.jobs;
+                dropped.allocs += c.allocs;
+                dropped.nodes += c.nodes;
+            }
+        }
+    }
+    assert!(dropped.jobs > 0 && dropped.allocs > 0 && dropped.nodes > 0, "{dropped:?}");
 }
 
 #[test]

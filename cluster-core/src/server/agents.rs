@@ -103,6 +103,10 @@ async fn report(server: &Inner, node: &NodeId, reports: Vec<AllocReport>) -> Res
             .into_iter()
             .filter(|r| match s.alloc(r.id) {
                 Some(a) => &a.node == node,
+                // Placed once, gone now: collected (it had ended), so the
+                // report is moot and acknowledged, or the agent would send
+                // it, and everything queued behind it, forever.
+                None if s.was_placed(r.id) => false,
                 None => {
                     unknown += 1;
                     false

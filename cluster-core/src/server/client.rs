@@ -197,8 +197,9 @@ impl Client {
         self.answer(self.send(|a, url| self.auth(a.get(url)).call(), path))
     }
 
-    /// Every page of a list (`path` may carry filters): asks for the
-    /// largest pages and follows the next token until there is none.
+    /// Every page of a list (`path` may carry filters and `per_page`):
+    /// asks for the largest pages unless told, and follows the next token
+    /// until there is none.
     /// Pages are read one after the other, not at one index: an object
     /// that changes meanwhile may show as it was or as it is.
     pub fn get_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ClientError> {
@@ -207,7 +208,11 @@ impl Client {
         let mut all = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let mut page = format!("{path}{join}per_page={PAGE_MAX}");
+            // The largest pages, unless the caller chose a size.
+            let mut page = match path.contains("per_page=") {
+                true => path.to_string(),
+                false => format!("{path}{join}per_page={PAGE_MAX}"),
+            };
             if let Some(t) = &token {
                 page.push_str(&format!("&next_token={}", encode_query(t)));
             }

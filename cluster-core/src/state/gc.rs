@@ -13,10 +13,18 @@
 //!
 //! Kept whatever the age: a job with a live or pending allocation, an open
 //! evaluation, or instances held by another cluster (a delegation); a job
-//! another cluster delegated here (its delegation record has its own
-//! rule); a node with an allocation that still holds resources.
-//! Delegation records and tombstones are never collected here, so a late
-//! re-offer is refused after its job is gone.
+//! another cluster delegated here; a node with an allocation that still
+//! holds resources; the ended allocations of a job that lives (a service's
+//! replaced instances stay until the job goes). Delegation records and
+//! tombstones are never collected, so a late re-offer is refused after its
+//! job is gone; they, and jobs delegated here, still grow without bound.
+//!
+//! A batch job collected after it finished runs again if the same spec is
+//! submitted again (before, an identical resubmission changed nothing), as
+//! in Nomad. A node collected and registering again starts eligible.
+//!
+//! A job registered again, or a node whose status changes, loses its mark
+//! at once, so the threshold counts from when it last became collectable.
 
 use std::collections::BTreeSet;
 
@@ -62,12 +70,9 @@ pub enum GcObject {
 impl ClusterState {
     /// Whether `job` could go: stopped, or a batch job whose instances have
     /// all ended; nothing of it live, open or held.
-    fn job_collectable(&self, id: &JobId) -> bool {
+    fn job_collectable(&self, id: &JobId, held: &BTreeSet<&JobId>) -> bool {
         let Some(job) = self.job(id) else { return false };
-        if job.labels.contains_key(LABEL_DELEGATION) || self.open_eval.contains_key(id) {
-            return false;
-        }
-        if self.holds.values().any(|h| h.job == *id) {
+        if job.labels.contains_key(LABEL_DELEGATION) || self.open_eval.contains_key(id) || held.contains(id) {
             return false;
         }
         let mut allocs = self.allocs_of_job(id).peekable();
@@ -91,7 +96,8 @@ impl ClusterState {
     /// was marked at least the threshold ago. Deterministic: the same
     /// state and command drop the same things on every replica.
     pub fn collect(&mut self, now_ms: u64, t: GcThresholds) -> GcCounts {
-        let jobs: Vec<JobId> = self.jobs.keys().filter(|j| self.job_collectable(j)).cloned().collect();
+        let held: BTreeSet<&JobId> = self.holds.values().map(|h| &h.job).collect();
+        let jobs: Vec<JobId> = self.jobs.keys().filter(|j| self.job_collectable(j, &held)).cloned().collect();
         let nodes: Vec<NodeId> = self.nodes.iter().map(|n| n.id.clone()).filter(|n| self.node_collectable(n)).collect();
         let now: BTreeSet<GcObject> =
             jobs.into_iter().map(GcObject::Job).chain(nodes.into_iter().map(GcObject::Node)).collect();
@@ -135,9 +141,30 @@ impl ClusterState {
         counts.evals = (before.2 - snap.evals.len()) as u64;
         counts.nodes = (before.3 - snap.nodes.len()) as u64;
         *self = ClusterState::from_snapshot(snap).expect("a state rebuilt from its own parts is valid");
-        // Freed nodes' capacity, and the hint only ever rises.
-        self.capacity_epoch = epoch + 1;
+        // The hint only ever rises; what went held no capacity.
+        self.capacity_epoch = epoch;
         counts
+    }
+
+    /// Drops the mark of what `command` brings back to life (a job
+    /// registered again, a node whose status or record changes).
+    pub(crate) fn unmark(&mut self, command: &crate::command::Command) {
+        use crate::command::Command as C;
+        if self.gc_marks.is_empty() {
+            return;
+        }
+        match command {
+            C::RegisterJob(job) => {
+                self.gc_marks.remove(&GcObject::Job(job.id.clone()));
+            }
+            C::UpsertNode(node) => {
+                self.gc_marks.remove(&GcObject::Node(node.id.clone()));
+            }
+            C::SetNodeStatus { node, .. } | C::DrainNode { node, .. } | C::DeregisterNode(node) => {
+                self.gc_marks.remove(&GcObject::Node(node.clone()));
+            }
+            _ => {}
+        }
     }
 
     /// When `job` was marked collectable, if it is.

@@ -162,6 +162,14 @@ impl ClusterState {
     /// Adds a node, or replaces the one with the same id (keeping its
     /// allocations and index).
     pub fn upsert_node(&mut self, node: Node) -> Result<NodeIdx, StateError> {
+        let idx = self.insert_node(node)?;
+        self.refresh_ranges();
+        Ok(idx)
+    }
+
+    /// [`Self::upsert_node`] but for the cost and latency ranges, which
+    /// the caller refreshes (once, after many nodes).
+    fn insert_node(&mut self, node: Node) -> Result<NodeIdx, StateError> {
         if node.gpus.len() > NODE_GPU_MODELS_MAX {
             return Err(StateError::TooManyGpuModels(node.id.clone(), node.gpus.len()));
         }
@@ -197,7 +205,6 @@ impl ClusterState {
             }
         };
         self.capacity_epoch += 1;
-        self.refresh_ranges();
         Ok(idx)
     }
 
@@ -333,6 +340,11 @@ impl ClusterState {
 
     pub fn allocs(&self) -> impl Iterator<Item = &Allocation> {
         self.allocs.values()
+    }
+
+    /// Whether `id` was ever handed out (it may since have been collected).
+    pub fn was_placed(&self, id: AllocId) -> bool {
+        id.0 < self.next_alloc
     }
 
     /// Allocations from `from` on, by id (a page of a list).
@@ -499,6 +511,10 @@ impl ClusterState {
     /// its own, to shrink its hold). Review B9: a hold that raced a local
     /// placement would otherwise cover an instance that also runs here.
     pub fn can_hold(&self, holder: &str, job: &JobId, group: &str, indices: &[u32]) -> Result<(), String> {
+        // A delegation decided before its job was collected holds nothing.
+        if !self.jobs.contains_key(job) {
+            return Err(format!("unknown job {job}"));
+        }
         // A stopping at-most-once instance still covers its index (see
         // `reconcile`): it may not be offered before it has ended.
         let at_most_once = self
@@ -634,8 +650,9 @@ impl ClusterState {
     fn from_snapshot(snap: Snapshot) -> Result<ClusterState, CodecError> {
         let mut state = ClusterState::new();
         for node in snap.nodes {
-            state.upsert_node(node).map_err(|e| CodecError::Malformed(e.to_string()))?;
+            state.insert_node(node).map_err(|e| CodecError::Malformed(e.to_string()))?;
         }
+        state.refresh_ranges();
         for job in snap.jobs {
             state.jobs.insert(job.id.clone(), job);
         }
