@@ -34,6 +34,11 @@ type Answer = tokio::sync::oneshot::Receiver<Result<Effect, ProposeError>>;
 
 /// One step of simulated time.
 pub const STEP_MS: u64 = 100;
+/// How often a simulated leader proposes a collection, and the thresholds
+/// it gives (production: 5 min; 4 h and 24 h).
+pub const COLLECT_EVERY_MS: u64 = 5_000;
+pub const COLLECT_AFTER: cluster_core::state::GcThresholds =
+    cluster_core::state::GcThresholds { job_ms: 3_000, node_ms: 10_000 };
 /// A node is down after this long without a heartbeat, plus the grace.
 pub const NODE_TTL_MS: u64 = 2_000;
 pub const NODE_GRACE_MS: u64 = 2_000;
@@ -1421,6 +1426,12 @@ impl World {
         };
         self.perform(c, r, actions, Then::Nothing);
         self.overflow(c, r, now_c);
+        // Garbage collection, as `server::collect_garbage` proposes it, with
+        // short thresholds so that runs see jobs and nodes go.
+        if now % COLLECT_EVERY_MS == 0 {
+            let collect = Command::Collect { now_ms: now_c, thresholds: COLLECT_AFTER };
+            self.perform(c, r, vec![Action::Propose(collect)], Then::Nothing);
+        }
     }
 
     /// Publishes leader `r`'s summary of its cluster (`federation::publish`)
@@ -1787,6 +1798,7 @@ fn describe(c: &Command) -> String {
         }
         Command::Hold { holder, indices, .. } => format!("hold {holder} {indices:?}"),
         Command::Release { holder, .. } => format!("release {holder}"),
+        Command::Collect { now_ms, .. } => format!("collect at {now_ms}"),
         other => format!("{other:?}").chars().take(60).collect(),
     }
 }
@@ -1795,6 +1807,7 @@ fn effect_word(e: &Effect) -> String {
     match e {
         Effect::Refused(why) => format!("refused: {why}"),
         Effect::PlansApplied(o) => format!("{} plans", o.len()),
+        Effect::Collected(c) => format!("collected {} jobs, {} allocations, {} nodes", c.jobs, c.allocs, c.nodes),
         _ => "ok".into(),
     }
 }

@@ -47,6 +47,20 @@ fn three_hundred_seeds_keep_every_invariant() {
     }
 }
 
+/// The leaders collect garbage as servers do, and the runs above see jobs
+/// and their allocations go: the invariants hold with collection in the
+/// loop, not beside it.
+#[test]
+fn seeds_collect_stopped_jobs_while_the_invariants_hold() {
+    let mut collected = 0;
+    for s in 0..40 {
+        let r = run(&Options { seed: s, trace: true, ..Options::default() });
+        assert!(r.violation.is_none(), "seed {s}: {:?}", r.violation);
+        collected += r.trace.iter().filter(|l| l.contains("collected") && !l.contains("collected 0 jobs")).count();
+    }
+    assert!(collected > 10, "collections that dropped jobs in 40 seeds: {collected}");
+}
+
 /// Seeds that once failed, kept as regressions:
 /// - 306, 960: an at-most-once instance ran in two targets; the target's
 ///   lease was per origin and covered a late offer already expired;
