@@ -715,3 +715,48 @@ async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
     .await;
     c.stop().await;
 }
+
+/// Blocking reads (Nomad's blocking queries): `?index=N` with the index a
+/// read answered returns at the next change, not before; with no change it
+/// returns after `wait`, at the same index; a bad index is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blocking_read_returns_at_the_next_change_and_not_before() {
+    use cluster_core::server::http::INDEX;
+    let c = start("block", Duration::from_secs(30), Duration::from_secs(30)).await;
+    let client = c.client();
+    let addr = c.http_addrs[&c.leader(Duration::from_secs(10)).await.unwrap()];
+    let token = c.token().expect("ACLs are on").to_string();
+    blocking(move || {
+        client.register_nodes(&fleet(4)).expect("nodes register");
+        let get = move |path: &str| {
+            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            let mut r = agent.get(format!("http://{addr}{path}")).header("x-hanse-token", &token).call().unwrap();
+            let index: u64 = r.headers().get(INDEX).map_or(0, |v| v.to_str().unwrap().parse().unwrap());
+            let body: serde_json::Value = r.body_mut().read_json().unwrap();
+            (r.status().as_u16(), body, index)
+        };
+        let (_, jobs, index) = get("/v1/jobs");
+        assert!(index > 0 && jobs.as_array().unwrap().is_empty());
+        let started = Instant::now();
+        let (_, _, same) = get(&format!("/v1/jobs?index={index}&wait=1s"));
+        assert!(started.elapsed() >= Duration::from_secs(1), "returned before anything changed");
+        assert_eq!(same, index);
+        let waiter = {
+            let get = get.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                (get(&format!("/v1/jobs?index={index}&wait=30s")), started.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        client.submit(&spec("late", 1, "100m"), "late.toml").expect("submitted");
+        let ((_, jobs, newer), took) = waiter.join().unwrap();
+        assert!(took < Duration::from_secs(10), "the change did not wake it: {took:?}");
+        assert!(took >= Duration::from_millis(250), "returned before the change: {took:?}");
+        assert!(newer > index && jobs.to_string().contains("late"), "{jobs}");
+        let (status, body, _) = get("/v1/jobs/late?index=x");
+        assert_eq!(status, 400, "{body}");
+    })
+    .await;
+    c.stop().await;
+}

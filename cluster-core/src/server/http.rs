@@ -473,6 +473,7 @@ async fn plan(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejectio
 async fn jobs(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, ApiError> {
     need_somewhere(&who, Capability::Read)?;
     let per_page = per_page(&q)?;
+    let at = block(&s, &q).await?;
     let from = q.get("next_token").cloned().unwrap_or_default();
     let (namespace, status) = (q.get("namespace").cloned(), q.get("status").cloned());
     let (items, next) = s
@@ -486,10 +487,13 @@ async fn jobs(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, ApiE
             page(wanted, per_page, |j| j.id.clone())
         })
         .await?;
-    Ok(paged(items, next))
+    Ok(indexed(paged(items, next), at))
 }
 
-async fn job(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Reply<JobStatus> {
+/// `GET /v1/jobs/{id}`: the job, its evaluation and allocations; a
+/// blocking read with `?index=N` (see [`INDEX`]).
+async fn job(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Result<Response, ApiError> {
+    let at = block(&s, &q).await?;
     let found = s
         .read(stale(&q), |st| {
             let job = st.job(&JobId::new(&id))?;
@@ -505,7 +509,8 @@ async fn job(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -
             }))
         })
         .await?;
-    found.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))?.map(axum::Json)
+    let status = found.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))??;
+    Ok(indexed(axum::Json(status).into_response(), at))
 }
 
 async fn stop_job(State(s): Srv, Extension(who): Who, Path(id): Path<String>) -> Reply<JobRegistered> {
@@ -551,6 +556,7 @@ async fn evaluation(State(s): Srv, Extension(who): Who, Path(id): Path<u64>, q: 
 async fn nodes(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, ApiError> {
     need_somewhere(&who, Capability::Read)?;
     let per_page = per_page(&q)?;
+    let at = block(&s, &q).await?;
     let from = q.get("next_token").cloned().unwrap_or_default();
     let (status, class) = (q.get("status").cloned(), q.get("class").cloned());
     let (items, next) = s
@@ -573,7 +579,7 @@ async fn nodes(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, Api
             page(views, per_page, |n| n.id.clone())
         })
         .await?;
-    Ok(paged(items, next))
+    Ok(indexed(paged(items, next), at))
 }
 
 async fn node(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Reply<NodeStatusView> {
@@ -670,6 +676,7 @@ fn readable(st: &ClusterState, who: &crate::acl::Caller, a: &crate::model::alloc
 async fn allocs(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, ApiError> {
     need_somewhere(&who, Capability::Read)?;
     let per_page = per_page(&q)?;
+    let at = block(&s, &q).await?;
     let from: u64 = match q.get("next_token") {
         Some(t) => t
             .trim_start_matches('a')
@@ -702,7 +709,49 @@ async fn allocs(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, Ap
             }
         })
         .await?;
-    Ok(paged(items, next))
+    Ok(indexed(paged(items, next), at))
+}
+
+/// Blocking reads (Nomad's blocking queries): with `?index=N`, a list or
+/// status read waits until this server has applied past log index N, or
+/// `wait` has passed (seconds, or a duration such as `30s`; 60 s unless
+/// given, at most [`BLOCK_WAIT_MAX`]). Every such answer carries the log
+/// index it was read at in [`INDEX`]: passed back as `index`, the next
+/// read returns at the next change instead of polling.
+pub const INDEX: &str = "x-hanse-index";
+pub const BLOCK_WAIT_MAX: Duration = Duration::from_secs(300);
+const BLOCK_WAIT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// Waits as `?index=N&wait=D` asks (see [`INDEX`]); returns the applied
+/// index to report, taken before the read so no change after it is missed.
+async fn block(s: &Inner, q: &Q) -> Result<u64, ApiError> {
+    let Some(text) = q.get("index") else { return Ok(s.raft.status().applied) };
+    let index: u64 = text.parse().map_err(|_| ApiError::bad_request(format!("index `{text}` is not a log index")))?;
+    let wait = match q.get("wait") {
+        None => BLOCK_WAIT_DEFAULT,
+        Some(w) => match w.parse::<f64>() {
+            Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs.min(1e6)),
+            _ => Duration::from_millis(
+                crate::spec::parse_duration_ms(w)
+                    .map_err(|h| ApiError::bad_request(format!("wait `{w}` is not a duration: {h}")))?,
+            ),
+        },
+    }
+    .min(BLOCK_WAIT_MAX);
+    let deadline = Instant::now() + wait;
+    let mut status = s.raft.watch_status();
+    while status.borrow_and_update().applied <= index {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || tokio::time::timeout(left, status.changed()).await.is_err() {
+            break;
+        }
+    }
+    Ok(s.raft.status().applied)
+}
+
+fn indexed(mut r: Response, index: u64) -> Response {
+    r.headers_mut().insert(INDEX, axum::http::HeaderValue::from(index));
+    r
 }
 
 /// Items a list answers per page unless `per_page` says otherwise, and the
