@@ -183,38 +183,42 @@ fn namespace_of(fed: &Federation, job: &str) -> Arc<str> {
     fed.server.raft.read(|s| s.namespace_of(&cluster_core::ids::JobId::new(job)))
 }
 
-/// Registers the federation's counters with the server's `/metrics`.
+/// Registers the federation's counters with the server's `/metrics`:
+/// `hanse_delegation_{offers,registered,refused,undelivered}_total`,
+/// `hanse_delegation_inbound_{registered,refused}_total`, and
+/// `hanse_delegation_refusals_total{direction,reason}`.
 pub fn export_metrics(fed: &Arc<Federation>) {
+    use cluster_core::server::metrics::{Reading, counters};
     let weak = Arc::downgrade(fed);
-    fed.server.metrics.add_text(move || {
-        let Some(f) = weak.upgrade() else { return String::new() };
+    fed.server.metrics.add_collector(counters(move || {
+        let Some(f) = weak.upgrade() else { return Vec::new() };
         let c = &f.counters;
-        let mut out = String::new();
-        for (name, help, v) in [
-            ("delegation_offers", "Delegations this cluster offered", &c.offers),
-            ("delegation_registered", "Answers from peers that registered an offer", &c.registered),
-            ("delegation_refused", "Answers from peers that refused an offer", &c.refused),
-            ("delegation_undelivered", "Message batches no server of a peer took", &c.undelivered),
-            ("delegation_inbound_registered", "Offers from peers registered here", &c.inbound_registered),
-            ("delegation_inbound_refused", "Offers from peers refused here", &c.inbound_refused),
-        ] {
-            out.push_str(&format!(
-                "# HELP hanse_{name} {help}.\n# TYPE hanse_{name} counter\nhanse_{name}_total {}\n",
-                v.load(Ordering::Relaxed)
-            ));
-        }
+        let count = |name, help, v: &std::sync::atomic::AtomicU64| Reading::Counter {
+            name,
+            help,
+            value: v.load(Ordering::Relaxed),
+        };
         let by = c.rejected_by.lock().expect("counters lock");
-        if !by.is_empty() {
-            out.push_str("# HELP hanse_delegation_refusals Offers refused, by direction and reason.\n");
-            out.push_str("# TYPE hanse_delegation_refusals counter\n");
-            for ((way, reason), n) in by.iter() {
-                out.push_str(&format!(
-                    "hanse_delegation_refusals_total{{direction=\"{way}\",reason=\"{reason}\"}} {n}\n"
-                ));
-            }
-        }
-        out
-    });
+        let refusals = by
+            .iter()
+            .map(|((way, reason), n)| {
+                (vec![("direction".into(), way.to_string()), ("reason".into(), reason.clone())], *n)
+            })
+            .collect();
+        vec![
+            count("delegation_offers", "Delegations this cluster offered", &c.offers),
+            count("delegation_registered", "Answers from peers that registered an offer", &c.registered),
+            count("delegation_refused", "Answers from peers that refused an offer", &c.refused),
+            count("delegation_undelivered", "Message batches no server of a peer took", &c.undelivered),
+            count("delegation_inbound_registered", "Offers from peers registered here", &c.inbound_registered),
+            count("delegation_inbound_refused", "Offers from peers refused here", &c.inbound_refused),
+            Reading::Labelled {
+                name: "delegation_refusals",
+                help: "Offers refused, by direction and reason",
+                values: refusals,
+            },
+        ]
+    }));
 }
 
 /// Delegations of the jobs the caller may read.

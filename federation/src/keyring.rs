@@ -331,46 +331,46 @@ async fn change(State(k): State<Arc<Keys>>, Extension(who): Who, body: Bytes) ->
     answer
 }
 
-/// Adds the member's gossip counters to the server's `/metrics`:
+/// Registers the member's gossip counters with the server's `/metrics`:
 /// `hanse_gossip_datagrams_{sent,received}_total`,
 /// `hanse_gossip_datagrams_rejected_total{reason}` (a member that cannot
 /// open what it receives: `unknown_key`, `bad_tag`, ...) and
 /// `hanse_gossip_keyring_keys`.
 pub fn export_metrics(server: &Inner, member: &Arc<Member>) {
+    use cluster_core::server::metrics::{Reading, counters};
     let weak = Arc::downgrade(member);
-    server.metrics.add_text(move || {
-        let Some(m) = weak.upgrade() else { return String::new() };
+    server.metrics.add_collector(counters(move || {
+        let Some(m) = weak.upgrade() else { return Vec::new() };
         let c = m.metrics();
-        let mut out = String::new();
-        for (name, help, v) in [
-            ("gossip_datagrams_sent", "Sealed gossip datagrams sent", &c.datagrams_sent),
-            ("gossip_datagrams_received", "Gossip datagrams opened", &c.datagrams_received),
-        ] {
-            out.push_str(&format!(
-                "# HELP hanse_{name} {help}.\n# TYPE hanse_{name} counter\nhanse_{name}_total {}\n",
-                v.load(Ordering::Relaxed)
-            ));
-        }
-        out.push_str("# HELP hanse_gossip_datagrams_rejected Gossip datagrams that could not be opened, by reason.\n");
-        out.push_str("# TYPE hanse_gossip_datagrams_rejected counter\n");
-        for (reason, v) in [
+        let rejected = [
             ("unknown_key", &c.rejected_unknown_key),
             ("bad_tag", &c.rejected_bad_tag),
             ("replay", &c.rejected_replay),
             ("stale", &c.rejected_stale),
             ("misdirected", &c.rejected_misdirected),
             ("malformed", &c.rejected_malformed),
-        ] {
-            out.push_str(&format!(
-                "hanse_gossip_datagrams_rejected_total{{reason=\"{reason}\"}} {}\n",
-                v.load(Ordering::Relaxed)
-            ));
-        }
-        let keys = m.keyring().read().expect("keyring lock").ids().len();
-        out.push_str(&format!(
-            "# HELP hanse_gossip_keyring_keys Keys in this server's gossip keyring.\n\
-             # TYPE hanse_gossip_keyring_keys gauge\nhanse_gossip_keyring_keys {keys}\n"
-        ));
-        out
-    });
+        ]
+        .into_iter()
+        .map(|(reason, v)| (vec![("reason".to_string(), reason.to_string())], v.load(Ordering::Relaxed)))
+        .collect();
+        let keys = m.keyring().read().expect("keyring lock").ids().len() as i64;
+        vec![
+            Reading::Counter {
+                name: "gossip_datagrams_sent",
+                help: "Sealed gossip datagrams sent",
+                value: c.datagrams_sent.load(Ordering::Relaxed),
+            },
+            Reading::Counter {
+                name: "gossip_datagrams_received",
+                help: "Gossip datagrams opened",
+                value: c.datagrams_received.load(Ordering::Relaxed),
+            },
+            Reading::Labelled {
+                name: "gossip_datagrams_rejected",
+                help: "Gossip datagrams that could not be opened, by reason",
+                values: rejected,
+            },
+            Reading::Gauge { name: "gossip_keyring_keys", help: "Keys in this server's gossip keyring", value: keys },
+        ]
+    }));
 }

@@ -896,5 +896,5 @@ async fn metrics(State(s): Srv, Extension(who): Who) -> Response {
         allocs_live: st.allocs().filter(|a| a.is_live()).count(),
     });
     let text = s.metrics.render(&scraped);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    ([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response()
 }

@@ -1,10 +1,18 @@
-//! The server's metrics, in Prometheus text format at `/metrics`.
+//! The server's metrics, in OpenMetrics text at `/metrics`, all through one
+//! `prometheus-client` registry.
 //!
 //! Counters and histograms are updated where things happen; gauges of
-//! Raft and the queue are read when scraped.
+//! Raft and the queue are read when scraped. Other parts of the server
+//! (the federation, gossip) register a [`Collector`] that reads their own
+//! counters at each scrape ([`Metrics::add_collector`], [`counters`]).
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -12,7 +20,7 @@ use prometheus_client::registry::Registry;
 use crate::raft::node::RaftStatus;
 
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::RwLock<Registry>,
     pub evals_processed: Counter,
     pub plans_applied: Counter,
     /// Plans superseded, or with placements the applier refused.
@@ -35,12 +43,10 @@ pub struct Metrics {
     evals_blocked: Gauge,
     nodes: Gauge,
     allocs_live: Gauge,
-    /// Text from other parts of the server (the federation's counters),
-    /// in Prometheus text format, appended to every scrape.
-    extra: std::sync::RwLock<Vec<Extra>>,
 }
 
-type Extra = Box<dyn Fn() -> String + Send + Sync>;
+/// The content type of what [`Metrics::render`] writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -94,8 +100,7 @@ impl Default for Metrics {
             evals_blocked: gauge(&mut registry, "evals_blocked", "Evaluations waiting for capacity"),
             nodes: gauge(&mut registry, "nodes", "Nodes known to the cluster"),
             allocs_live: gauge(&mut registry, "allocations_live", "Allocations wanted and not finished"),
-            extra: std::sync::RwLock::default(),
-            registry,
+            registry: std::sync::RwLock::new(registry),
         }
     }
 }
@@ -122,23 +127,102 @@ impl Metrics {
         self.nodes.set(s.nodes as i64);
         self.allocs_live.set(s.allocs_live as i64);
         let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        // The extra text goes before the closing `# EOF`.
-        let eof = out.strip_suffix("# EOF\n").is_some();
-        if eof {
-            out.truncate(out.len() - "# EOF\n".len());
-        }
-        for f in self.extra.read().expect("metrics lock").iter() {
-            out.push_str(&f());
-        }
-        if eof {
-            out.push_str("# EOF\n");
-        }
+        encode(&mut out, &self.registry.read().expect("metrics lock")).expect("writing to a String cannot fail");
         out
     }
 
-    /// Adds text to every scrape (Prometheus text format, `hanse_` names).
-    pub fn add_text(&self, f: impl Fn() -> String + Send + Sync + 'static) {
-        self.extra.write().expect("metrics lock").push(Box::new(f));
+    /// Registers `collector`: it encodes its own metrics (`hanse_` is
+    /// prefixed) at every scrape.
+    pub fn add_collector(&self, collector: impl Collector) {
+        self.registry.write().expect("metrics lock").register_collector(Box::new(collector));
+    }
+}
+
+/// A metric a [`counters`] collector reads at scrape time: a counter or a
+/// gauge, with or without labels.
+pub enum Reading {
+    Counter {
+        name: &'static str,
+        help: &'static str,
+        value: u64,
+    },
+    Gauge {
+        name: &'static str,
+        help: &'static str,
+        value: i64,
+    },
+    /// One counter family: a value per label set.
+    Labelled {
+        name: &'static str,
+        help: &'static str,
+        values: Vec<(Vec<(String, String)>, u64)>,
+    },
+}
+
+/// A collector from a function that reads the figures at each scrape
+/// (returning nothing once what it reads is gone).
+pub fn counters(read: impl Fn() -> Vec<Reading> + Send + Sync + 'static) -> impl Collector {
+    ReadingCollector(Box::new(read))
+}
+
+struct ReadingCollector(Box<dyn Fn() -> Vec<Reading> + Send + Sync>);
+
+impl std::fmt::Debug for ReadingCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadingCollector")
+    }
+}
+
+impl Collector for ReadingCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for reading in (self.0)() {
+            match reading {
+                Reading::Counter { name, help, value } => {
+                    let c = ConstCounter::new(value);
+                    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+                }
+                Reading::Gauge { name, help, value } => {
+                    let g = ConstGauge::new(value);
+                    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+                }
+                Reading::Labelled { name, help, values } => {
+                    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                    for (labels, value) in values {
+                        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collectors_are_encoded_with_the_registrys_prefix_in_openmetrics() {
+        let m = Metrics::default();
+        m.add_collector(counters(|| {
+            vec![
+                Reading::Counter { name: "things", help: "Things", value: 3 },
+                Reading::Gauge { name: "level", help: "A level", value: -2 },
+                Reading::Labelled {
+                    name: "refusals",
+                    help: "Refusals by reason",
+                    values: vec![(vec![("reason".into(), "full".into())], 5)],
+                },
+            ]
+        }));
+        let scraped = Scraped { raft: RaftStatus::default(), me: 1, pending: 0, blocked: 0, nodes: 0, allocs_live: 0 };
+        let text = m.render(&scraped);
+        for line in
+            ["hanse_things_total 3", "hanse_level -2", "hanse_refusals_total{reason=\"full\"} 5", "hanse_raft_term 0"]
+        {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
     }
 }
