@@ -493,6 +493,8 @@ async fn jobs(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, ApiE
 /// `GET /v1/jobs/{id}`: the job, its evaluation and allocations; a
 /// blocking read with `?index=N` (see [`INDEX`]).
 async fn job(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Result<Response, ApiError> {
+    // Nobody who may read nothing waits.
+    need_somewhere(&who, Capability::Read)?;
     let at = block(&s, &q).await?;
     let found = s
         .read(stale(&q), |st| {
@@ -538,8 +540,9 @@ async fn evaluation(State(s): Srv, Extension(who): Who, Path(id): Path<u64>, q: 
     let mut view = s.read(stale(&q), read).await?;
     while view.as_ref().is_some_and(|v| v.status == "pending") {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || tokio::time::timeout(left, status.changed()).await.is_err() {
-            break;
+        match tokio::time::timeout(left, status.changed()).await {
+            Ok(Ok(())) if !left.is_zero() => {}
+            _ => break,
         }
         view = s.raft.read(read);
     }
@@ -676,7 +679,6 @@ fn readable(st: &ClusterState, who: &crate::acl::Caller, a: &crate::model::alloc
 async fn allocs(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, ApiError> {
     need_somewhere(&who, Capability::Read)?;
     let per_page = per_page(&q)?;
-    let at = block(&s, &q).await?;
     let from: u64 = match q.get("next_token") {
         Some(t) => t
             .trim_start_matches('a')
@@ -684,6 +686,7 @@ async fn allocs(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, Ap
             .map_err(|_| ApiError::bad_request(format!("`{t}` is not a next token")))?,
         None => 0,
     };
+    let at = block(&s, &q).await?;
     let job = q.get("job").map(JobId::new);
     let (node, status, namespace) = (q.get("node").cloned(), q.get("status").cloned(), q.get("namespace").cloned());
     let (items, next) = s
@@ -713,7 +716,8 @@ async fn allocs(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, Ap
 }
 
 /// Blocking reads (Nomad's blocking queries): with `?index=N`, a list or
-/// status read waits until this server has applied past log index N, or
+/// status read waits until this server has applied past log index N (any
+/// change to the cluster's state, not only to what the read returns), or
 /// `wait` has passed (seconds, or a duration such as `30s`; 60 s unless
 /// given, at most [`BLOCK_WAIT_MAX`]). Every such answer carries the log
 /// index it was read at in [`INDEX`]: passed back as `index`, the next
@@ -738,15 +742,40 @@ async fn block(s: &Inner, q: &Q) -> Result<u64, ApiError> {
         },
     }
     .min(BLOCK_WAIT_MAX);
+    // At most BLOCKING_READS_MAX reads wait at once; past that they answer
+    // at once, so watchers cannot hold every connection the server has.
+    let Some(_waiting) = Waiting::enter() else { return Ok(s.raft.status().applied) };
     let deadline = Instant::now() + wait;
     let mut status = s.raft.watch_status();
     while status.borrow_and_update().applied <= index {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || tokio::time::timeout(left, status.changed()).await.is_err() {
-            break;
+        // A timeout, or the Raft driver gone: answer with what there is.
+        match tokio::time::timeout(left, status.changed()).await {
+            Ok(Ok(())) if !left.is_zero() => {}
+            _ => break,
         }
     }
     Ok(s.raft.status().applied)
+}
+
+/// Blocking reads waiting at once, in this process.
+pub const BLOCKING_READS_MAX: usize = 512;
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One blocking read's place among [`BLOCKING_READS_MAX`], given back on drop.
+struct Waiting;
+
+impl Waiting {
+    fn enter() -> Option<Waiting> {
+        use std::sync::atomic::Ordering::SeqCst;
+        WAITING.fetch_update(SeqCst, SeqCst, |n| (n < BLOCKING_READS_MAX).then_some(n + 1)).ok().map(|_| Waiting)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn indexed(mut r: Response, index: u64) -> Response {

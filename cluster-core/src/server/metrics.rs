@@ -165,6 +165,14 @@ pub fn counters(read: impl Fn() -> Vec<Reading> + Send + Sync + 'static) -> impl
     ReadingCollector(Box::new(read))
 }
 
+/// `text` with every character but letters, digits, `_`, `-`, `.` and `:`
+/// replaced by `_`.
+fn plain(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':') { c } else { '_' })
+        .collect()
+}
+
 struct ReadingCollector(Box<dyn Fn() -> Vec<Reading> + Send + Sync>);
 
 impl std::fmt::Debug for ReadingCollector {
@@ -188,6 +196,9 @@ impl Collector for ReadingCollector {
                 Reading::Labelled { name, help, values } => {
                     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
                     for (labels, value) in values {
+                        // The library writes label values as they are: keep
+                        // to characters that need no escaping.
+                        let labels: Vec<(String, String)> = labels.into_iter().map(|(k, v)| (k, plain(&v))).collect();
                         ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
                     }
                 }
@@ -211,7 +222,10 @@ mod tests {
                 Reading::Labelled {
                     name: "refusals",
                     help: "Refusals by reason",
-                    values: vec![(vec![("reason".into(), "full".into())], 5)],
+                    values: vec![
+                        (vec![("reason".into(), "full".into())], 5),
+                        (vec![("reason".into(), "a\"b\nc".into())], 1),
+                    ],
                 },
             ]
         }));
