@@ -164,6 +164,8 @@ enum NodeCommand {
     /// Every node: status, eligibility, capacity used.
     List {
         #[command(flatten)]
+        filter: ListFilter,
+        #[command(flatten)]
         out: OutputArgs,
     },
     /// One node and its allocations.
@@ -203,6 +205,8 @@ enum AllocCommand {
     /// its tasks, or all.
     Status {
         alloc: Option<String>,
+        #[command(flatten)]
+        filter: ListFilter,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -285,6 +289,52 @@ enum AclPolicyCommand {
     },
     /// Delete a policy.
     Delete { name: String },
+}
+
+/// What a list shows (the servers filter; the CLI follows every page).
+/// A filter a list does not know is refused.
+#[derive(clap::Args, Default)]
+struct ListFilter {
+    /// Only these: a job's status (running, pending, blocked, complete,
+    /// stopped), a node's (ready, down), an allocation's (pending, running,
+    /// complete, failed, lost).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only jobs or allocations in this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only allocations of this job.
+    #[arg(long)]
+    job: Option<String>,
+    /// Only allocations on this node.
+    #[arg(long)]
+    node: Option<String>,
+    /// Only nodes of this class.
+    #[arg(long)]
+    class: Option<String>,
+}
+
+impl ListFilter {
+    /// The query string for `allowed` keys; an error names one given that
+    /// this list does not take.
+    fn query(&self, list: &str, allowed: &[&str]) -> anyhow::Result<String> {
+        let given = [
+            ("status", &self.status),
+            ("namespace", &self.namespace),
+            ("job", &self.job),
+            ("node", &self.node),
+            ("class", &self.class),
+        ];
+        let mut pairs = Vec::new();
+        for (key, value) in given {
+            let Some(v) = value else { continue };
+            if !allowed.contains(&key) {
+                anyhow::bail!("{list} takes no --{key} (it takes --{})", allowed.join(", --"));
+            }
+            pairs.push(format!("{key}={}", cluster_core::server::client::encode_query(v)));
+        }
+        Ok(if pairs.is_empty() { String::new() } else { format!("?{}", pairs.join("&")) })
+    }
 }
 
 #[derive(Subcommand)]
@@ -528,6 +578,8 @@ enum JobCommand {
     /// Every job, with its allocations by status.
     List {
         #[command(flatten)]
+        filter: ListFilter,
+        #[command(flatten)]
         out: OutputArgs,
     },
     /// Plan a job without running it: where each instance would go, and why
@@ -638,12 +690,16 @@ fn main() -> ExitCode {
         }
         Command::Job(JobCommand::Status { job, out }) => remote::job_status(&client, job.as_deref(), out.json),
         Command::Job(JobCommand::Stop { job, out }) => remote::job_stop(&client, &job, out.json),
-        Command::Job(JobCommand::List { out }) => remote::job_list(&client, out.json),
+        Command::Job(JobCommand::List { filter, out }) => {
+            filter.query("job list", &["status", "namespace"]).and_then(|q| remote::job_list(&client, &q, out.json))
+        }
         Command::Job(JobCommand::Plan { file, nodes: None, verbose, out, .. }) => {
             remote::job_plan(&client, &file, verbose, out.json)
         }
         Command::Node(NodeCommand::Simulate { fleet, count }) => simulate::simulate(&client, &fleet, count),
-        Command::Node(NodeCommand::List { out }) => remote::node_list(&client, out.json),
+        Command::Node(NodeCommand::List { filter, out }) => {
+            filter.query("node list", &["status", "class"]).and_then(|q| remote::node_list(&client, &q, out.json))
+        }
         Command::Node(NodeCommand::Status { node, out }) => remote::node_status(&client, &node, out.json),
         Command::Node(NodeCommand::Drain { node, disable, deadline, out }) => {
             remote::node_drain(&client, &node, disable, deadline, out.json)
@@ -667,8 +723,14 @@ fn main() -> ExitCode {
             cluster_core::agent::fence::run(std::io::BufReader::new(std::io::stdin()));
             Ok(Outcome::Ok)
         }
-        Command::Alloc(AllocCommand::Status { alloc, out }) => {
-            remote::alloc_status(&client, alloc.as_deref(), out.json)
+        Command::Alloc(AllocCommand::Status { alloc, filter, out }) => {
+            match filter.query("alloc status", &["status", "namespace", "job", "node"]) {
+                Ok(q) if alloc.is_some() && !q.is_empty() => {
+                    Err(anyhow::anyhow!("give an allocation, or filters for the list, not both"))
+                }
+                Ok(q) => remote::alloc_status(&client, alloc.as_deref(), &q, out.json),
+                Err(e) => Err(e),
+            }
         }
         Command::Acl(a) => match a {
             AclCommand::Bootstrap { secret_file, out } => acl::bootstrap(&client, secret_file.as_deref(), out.json),

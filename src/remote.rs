@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cluster_core::server::api::{AllocView, EvalView, JobStatus, PlanReport};
+use cluster_core::server::api::{AllocView, EvalView, JobStatus, JobSummary, NodeView, PlanReport};
 use cluster_core::server::client::{Client, ClientError};
 use cluster_core::spec::{self, parse_job};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -290,7 +290,7 @@ fn print_job(s: &JobStatus) {
 }
 
 pub fn job_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
-    let Some(id) = id else { return job_list(c, json) };
+    let Some(id) = id else { return job_list(c, "", json) };
     let s = c.job(id).map_err(api)?;
     let delegations = c.get::<federation::api::Delegations>("/v1/federation/delegations").ok();
     let waiting = delegations.as_ref().and_then(|d| d.waiting.get(&s.summary.id).cloned());
@@ -352,8 +352,9 @@ pub fn job_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Ou
     Ok(Outcome::Ok)
 }
 
-pub fn job_list(c: &Client, json: bool) -> anyhow::Result<Outcome> {
-    let jobs = c.jobs().map_err(api)?;
+/// `hanse job list`; `query`: the filters (`?status=...`), or empty.
+pub fn job_list(c: &Client, query: &str, json: bool) -> anyhow::Result<Outcome> {
+    let jobs: Vec<JobSummary> = c.get_all(&format!("/v1/jobs{query}")).map_err(api)?;
     if json {
         print_json(&jobs)?;
         return Ok(Outcome::Ok);
@@ -393,8 +394,9 @@ fn gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
 }
 
-pub fn node_list(c: &Client, json: bool) -> anyhow::Result<Outcome> {
-    let nodes = c.nodes().map_err(api)?;
+/// `hanse node list`; `query`: the filters, or empty.
+pub fn node_list(c: &Client, query: &str, json: bool) -> anyhow::Result<Outcome> {
+    let nodes: Vec<NodeView> = c.get_all(&format!("/v1/nodes{query}")).map_err(api)?;
     if json {
         print_json(&nodes)?;
         return Ok(Outcome::Ok);
@@ -510,10 +512,11 @@ fn resolve_alloc(c: &Client, arg: &str) -> anyhow::Result<String> {
     mine.last().map(|a| a.name.clone()).with_context(|| format!("job {job} has no allocation for {arg}"))
 }
 
-pub fn alloc_status(c: &Client, id: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
+/// `hanse alloc status [ID]`; `query`: the list's filters, or empty.
+pub fn alloc_status(c: &Client, id: Option<&str>, query: &str, json: bool) -> anyhow::Result<Outcome> {
     let allocs = match id {
         Some(id) => vec![c.alloc(&resolve_alloc(c, id)?).map_err(api)?],
-        None => c.allocs().map_err(api)?,
+        None => c.get_all(&format!("/v1/allocations{query}")).map_err(api)?,
     };
     if json {
         if id.is_some() {

@@ -225,6 +225,18 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
     let run = hanse(&all, &["job", "run", huge.to_str().unwrap()]);
     assert_eq!(run.status.code(), Some(2), "{}", stdout(&run));
     assert!(stdout(&run).contains("cpu exhausted") || stdout(&run).contains("cpu"), "{}", stdout(&run));
+    // Lists filtered by the servers: the blocked job apart from the running one.
+    let listed = |args: &[&str]| -> Vec<String> {
+        let list = json(&hanse(&all, args));
+        list.as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap_or_default().to_string()).collect()
+    };
+    assert_eq!(listed(&["job", "list", "--status", "running", "--json"]), vec!["web"]);
+    assert_eq!(listed(&["job", "list", "--status", "blocked", "--json"]), vec!["huge"]);
+    let allocs = |job: &str| json(&hanse(&all, &["alloc", "status", "--job", job, "--json"])).as_array().unwrap().len();
+    assert_eq!((allocs("web"), allocs("huge")), (15, 0));
+    let wrong = hanse(&all, &["node", "list", "--job", "web"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("node list takes no --job"));
     let peers = json(&hanse(&all, &["operator", "raft", "list-peers", "--json"]));
     assert_eq!(peers.as_array().unwrap().len(), 3);
     assert_eq!(peers.as_array().unwrap().iter().filter(|p| p["leader"] == true).count(), 1);

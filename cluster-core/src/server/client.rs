@@ -348,8 +348,8 @@ impl Client {
 }
 
 /// Percent-encodes a query value (ids are plain, but a token is the
-/// server's to choose).
-fn encode_query(value: &str) -> String {
+/// server's to choose, and a filter the user's).
+pub fn encode_query(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
