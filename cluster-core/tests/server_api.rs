@@ -81,6 +81,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("the blocking part does not panic")
 }
 
+/// `GET http://ADDR/PATH` with `token`, whatever the status: the status,
+/// the JSON body and the headers (to read what the client hides).
+fn raw_get(addr: std::net::SocketAddr, token: &str, path: &str) -> (u16, serde_json::Value, ureq::http::HeaderMap) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut r = agent.get(format!("http://{addr}{path}")).header("x-hanse-token", token).call().unwrap();
+    let body: serde_json::Value = r.body_mut().read_json().unwrap();
+    (r.status().as_u16(), body, r.headers().clone())
+}
+
 /// Waits (5 s at most) until every server has applied `n` allocations.
 async fn every_server_holds(c: &LocalCluster, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -670,12 +679,9 @@ async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
         let reg = client.submit(&spec("few", 3, "100m"), "few.toml").expect("submitted");
         client.eval(reg.eval, Duration::from_secs(10)).expect("placed");
 
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         let get = |path: &str| {
-            let mut r = agent.get(format!("http://{addr}{path}")).header("x-hanse-token", &token).call().unwrap();
-            let next = r.headers().get(NEXT_TOKEN).map(|v| v.to_str().unwrap().to_string());
-            let body: serde_json::Value = r.body_mut().read_json().unwrap();
-            (r.status().as_u16(), body, next)
+            let (status, body, headers) = raw_get(addr, &token, path);
+            (status, body, headers.get(NEXT_TOKEN).map(|v| v.to_str().unwrap().to_string()))
         };
         let (_, first, next) = get("/v1/allocations");
         assert_eq!(first.as_array().unwrap().len(), PAGE_DEFAULT, "unasked, a page is capped");
@@ -729,11 +735,8 @@ async fn a_blocking_read_returns_at_the_next_change_and_not_before() {
     blocking(move || {
         client.register_nodes(&fleet(4)).expect("nodes register");
         let get = move |path: &str| {
-            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-            let mut r = agent.get(format!("http://{addr}{path}")).header("x-hanse-token", &token).call().unwrap();
-            let index: u64 = r.headers().get(INDEX).map_or(0, |v| v.to_str().unwrap().parse().unwrap());
-            let body: serde_json::Value = r.body_mut().read_json().unwrap();
-            (r.status().as_u16(), body, index)
+            let (status, body, headers) = raw_get(addr, &token, path);
+            (status, body, headers.get(INDEX).map_or(0, |v| v.to_str().unwrap().parse::<u64>().unwrap()))
         };
         let (_, jobs, index) = get("/v1/jobs");
         assert!(index > 0 && jobs.as_array().unwrap().is_empty());

@@ -538,12 +538,7 @@ async fn evaluation(State(s): Srv, Extension(who): Who, Path(id): Path<u64>, q: 
     let read = |st: &crate::state::ClusterState| st.eval(EvalId(id)).map(EvalView::of);
     let mut status = s.raft.watch_status();
     let mut view = s.read(stale(&q), read).await?;
-    while view.as_ref().is_some_and(|v| v.status == "pending") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, status.changed()).await {
-            Ok(Ok(())) if !left.is_zero() => {}
-            _ => break,
-        }
+    while view.as_ref().is_some_and(|v| v.status == "pending") && next_change(&mut status, deadline).await {
         view = s.raft.read(read);
     }
     view.map(axum::Json).ok_or_else(|| {
@@ -747,15 +742,19 @@ async fn block(s: &Inner, q: &Q) -> Result<u64, ApiError> {
     let Some(_waiting) = Waiting::enter() else { return Ok(s.raft.status().applied) };
     let deadline = Instant::now() + wait;
     let mut status = s.raft.watch_status();
-    while status.borrow_and_update().applied <= index {
-        let left = deadline.saturating_duration_since(Instant::now());
-        // A timeout, or the Raft driver gone: answer with what there is.
-        match tokio::time::timeout(left, status.changed()).await {
-            Ok(Ok(())) if !left.is_zero() => {}
-            _ => break,
-        }
-    }
+    while status.borrow_and_update().applied <= index && next_change(&mut status, deadline).await {}
     Ok(s.raft.status().applied)
+}
+
+/// Waits for this server to apply something more, until `deadline`:
+/// false once the deadline has passed or the Raft driver is gone (the
+/// caller then answers with what there is).
+async fn next_change(
+    status: &mut tokio::sync::watch::Receiver<crate::raft::node::RaftStatus>,
+    deadline: Instant,
+) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    !left.is_zero() && matches!(tokio::time::timeout(left, status.changed()).await, Ok(Ok(())))
 }
 
 /// Blocking reads waiting at once, in this process.
