@@ -232,6 +232,11 @@ impl AclState {
     }
 
     /// Rebuilds the index after a restore.
+    /// How many tokens and policies there are.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.tokens.len(), self.policies.len())
+    }
+
     pub fn reindex(&mut self) {
         self.by_secret = self.tokens.values().map(|t| (t.secret_hash.clone(), t.accessor.clone())).collect();
     }

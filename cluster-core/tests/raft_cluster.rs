@@ -344,3 +344,33 @@ async fn catch_up(mut cluster: Cluster) {
     assert_eq!(node_count(&back.handle), 85);
     assert!(back.handle.status().snapshots_installed >= 1, "it caught up through a snapshot, not the log");
 }
+
+/// A snapshot larger than a transport frame (16 MiB) reaches a server
+/// that joins with an empty disk after compaction: it travels in chunks,
+/// and the new server installs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_joining_with_an_empty_disk_catches_up_through_a_snapshot_larger_than_a_frame() {
+    let mut cluster = Cluster::new("bigsnap", 4);
+    // Records of random bytes do not compress: 20 of 1 MiB make a
+    // snapshot over the frame limit.
+    for i in 0..20 {
+        let mut record = vec![0u8; 1 << 20];
+        getrandom::fill(&mut record).unwrap();
+        cluster.propose(Command::Record { holder: format!("test/{i}"), record }).await;
+    }
+    for _ in 0..8 {
+        cluster.propose(Command::UpsertNode(nodes()[0].clone())).await;
+    }
+    let leader = cluster.leader().await;
+    cluster.peers.insert(4, SocketAddr::from(([127, 0, 0, 1], 9004)));
+    cluster.start_as(4, true);
+    let h = cluster.servers.iter().find(|s| s.id == leader).unwrap().handle.clone();
+    h.add_peer(4, cluster.peers[&4]).await.expect("add");
+    cluster.propose(Command::UpsertNode(nodes()[1].clone())).await;
+    let snaps = cluster.settled().await;
+    assert!(snaps[0].len() > cluster_core::transport::FRAME_BYTES_MAX, "the state fits a frame: {}", snaps[0].len());
+    assert!(snaps.windows(2).all(|w| w[0] == w[1]), "the new server differs");
+    let four = cluster.servers.iter().find(|s| s.id == 4).unwrap();
+    assert!(four.handle.status().snapshots_installed >= 1, "it caught up through a snapshot, not the log");
+    assert_eq!(four.handle.read(|s| s.records("test/").count()), 20);
+}

@@ -26,7 +26,7 @@ use crate::codec;
 use crate::command::{Command, Effect};
 use crate::raft::node::{ENTRY_BYTES_MAX, ProposeError, READS_PENDING_MAX, RaftConfig, RaftId, RaftStatus};
 use crate::raft::storage::{LogStore, Persist, StoreError};
-use crate::state::ClusterState;
+use crate::state::{ClusterState, archive};
 
 /// Every voter's transport address, by Raft id.
 pub type Peers = BTreeMap<RaftId, SocketAddr>;
@@ -34,21 +34,19 @@ pub type Peers = BTreeMap<RaftId, SocketAddr>;
 /// Where a proposer waits for its command's effect.
 pub type Reply = oneshot::Sender<Result<Effect, ProposeError>>;
 
-/// What a Raft snapshot carries: the state machine, and every voter's
-/// address, so that a server restarted after compaction, or one installing
-/// a snapshot, can reach members added since its config was written.
+/// What a Raft snapshot carried before archives (read, never written):
+/// the state machine, and every voter's address.
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     peers: Vec<(RaftId, SocketAddr)>,
     state: Vec<u8>,
 }
 
-/// The state machine's bytes are zstd-compressed in a snapshot: they are
-/// repetitive (ids, classes), and a snapshot travels as one frame.
-fn pack_snapshot(peers: &BTreeMap<RaftId, SocketAddr>, state: &ClusterState) -> Vec<u8> {
-    let raw = state.snapshot();
-    let state = zstd::encode_all(raw.as_slice(), 1).unwrap_or(raw);
-    codec::encode(&SnapshotData { peers: peers.iter().map(|(k, v)| (*k, *v)).collect(), state })
+/// A Raft snapshot's data: the state as an archive ([`archive`]), which
+/// names every voter's address too. Written at `index` (of `term`); the
+/// creation time is left out so that replicas write the same bytes.
+fn pack_snapshot(peers: &BTreeMap<RaftId, SocketAddr>, state: &ClusterState, index: u64, term: u64) -> Vec<u8> {
+    archive::to_vec(state, index, term, peers.iter().map(|(k, v)| (*k, *v)).collect(), 0)
 }
 
 /// Decompresses at most `DECODE_BYTES_MAX` bytes.
@@ -64,7 +62,13 @@ fn unzstd(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
+/// The voters and the state a snapshot's data holds: an archive, or one
+/// of the single-frame layouts earlier versions wrote.
 fn unpack_snapshot(bytes: &[u8]) -> Result<(Vec<(RaftId, SocketAddr)>, ClusterState), StoreError> {
+    if archive::is_archive(bytes) {
+        let (summary, state) = archive::read(bytes).map_err(|e| StoreError::Db(format!("snapshot: {e}")))?;
+        return Ok((summary.header.peers, state));
+    }
     let bad = |e: crate::codec::CodecError| StoreError::Db(format!("snapshot: {e}"));
     match codec::decode::<SnapshotData>(bytes, codec::DECODE_BYTES_MAX) {
         Ok(data) => Ok((data.peers, ClusterState::restore(&unzstd(&data.state)?).map_err(bad)?)),
@@ -387,7 +391,8 @@ impl<S: LogStore> Core<S> {
         self.answer_reads();
         self.release_stale_waiters();
         if self.since_compact >= self.config.compact_every {
-            let data = pack_snapshot(&self.config.peers, &self.state.read().expect("state lock"));
+            let term = raft::Storage::term(self.raw.store(), self.applied).unwrap_or(0);
+            let data = pack_snapshot(&self.config.peers, &self.state.read().expect("state lock"), self.applied, term);
             self.raw.mut_store().compact(self.applied, &data)?;
             self.since_compact = 0;
         }
@@ -445,12 +450,20 @@ impl<S: LogStore> Core<S> {
                 }
                 _ => {}
             }
+            if e.get_entry_type() != EntryType::EntryNormal {
+                // A snapshot taken before a membership change names the old
+                // voters: a server added since refuses it (raft-rs's
+                // `restore` wants itself in the snapshot's ConfState), and
+                // could never catch up once the log is compacted. So the
+                // state is snapshotted again at the end of this turn.
+                self.since_compact = self.config.compact_every;
+            }
             let recorded = self.recorded.as_ref().and_then(|r| r.last()).is_some_and(|(i, _)| *i == e.index);
             if let (Some(r), false) = (self.recorded.as_mut(), recorded) {
                 r.push((e.index, Vec::new()));
             }
             self.applied = e.index;
-            self.since_compact += 1;
+            self.since_compact = self.since_compact.saturating_add(1);
         }
         Ok(())
     }

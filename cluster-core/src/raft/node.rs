@@ -42,12 +42,34 @@ pub const READ_ATTEMPTS: usize = 6;
 /// Reads waiting for their read index at once; the oldest is dropped past it.
 pub const READS_PENDING_MAX: usize = 4_096;
 
-/// A Raft message between servers: raft-rs's protobuf bytes.
+/// The most bytes of a snapshot in one [`RaftMessage::SnapshotChunk`]:
+/// a chunk always fits a transport frame.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
+/// The largest snapshot a server accepts from its leader.
+pub const SNAPSHOT_BYTES_MAX: u64 = 8 << 30;
+
+/// A Raft message between servers.
+///
+/// A snapshot does not travel in its `MsgSnapshot` (a frame holds at most
+/// 16 MiB): the sender first sends its data as [`RaftMessage::SnapshotChunk`]s,
+/// in order, then the message without data. The receiver keeps the chunks
+/// of one snapshot and puts them back into the message that names it; a
+/// message whose chunks did not all arrive is refused, and the leader tries
+/// again (raft-rs's `report_snapshot`). What is sent is the stored archive,
+/// whose checksum the receiver checks before installing it.
 #[derive(Serialize, Deserialize)]
-pub struct RaftMessage(pub Vec<u8>);
+pub enum RaftMessage {
+    /// raft-rs's protobuf bytes.
+    Message(Vec<u8>),
+    /// `bytes` from `offset` of the `total` bytes of the snapshot at
+    /// `index` of `term`.
+    SnapshotChunk { index: u64, term: u64, offset: u64, total: u64, bytes: Vec<u8> },
+}
 
 impl Rpc for RaftMessage {
-    type Reply = ();
+    /// `Err`: why the message was not taken (a snapshot that did not
+    /// arrive whole, a chunk out of order, a full queue).
+    type Reply = Result<(), String>;
     fn allowed(&self) -> &'static [Role] {
         &[Role::Server]
     }
@@ -153,6 +175,44 @@ pub struct RaftHandle {
     tx: mpsc::Sender<Input>,
     status: watch::Receiver<RaftStatus>,
     state: Arc<RwLock<ClusterState>>,
+    /// The snapshot arriving in chunks, at most one at a time.
+    incoming: Arc<std::sync::Mutex<Option<Incoming>>>,
+}
+
+/// The chunks of one snapshot received so far.
+struct Incoming {
+    index: u64,
+    term: u64,
+    total: u64,
+    bytes: Vec<u8>,
+}
+
+/// Adds one chunk to `slot`; a chunk at offset 0 starts a new snapshot.
+fn add_chunk(
+    slot: &mut Option<Incoming>,
+    index: u64,
+    term: u64,
+    offset: u64,
+    total: u64,
+    bytes: Vec<u8>,
+) -> Result<(), String> {
+    if total > SNAPSHOT_BYTES_MAX {
+        return Err(format!("a snapshot of {total} bytes is over the limit of {SNAPSHOT_BYTES_MAX}"));
+    }
+    if offset == 0 {
+        // Room for the start only: `total` is the sender's word.
+        let cap = total.min(64 << 20) as usize;
+        *slot = Some(Incoming { index, term, total, bytes: Vec::with_capacity(cap) });
+    }
+    let Some(inc) = slot.as_mut().filter(|i| (i.index, i.term, i.total) == (index, term, total)) else {
+        return Err(format!("a chunk of the snapshot at {index} came without its start"));
+    };
+    if offset != inc.bytes.len() as u64 || offset + bytes.len() as u64 > total {
+        *slot = None;
+        return Err(format!("a chunk of the snapshot at {index} came out of order; start again"));
+    }
+    inc.bytes.extend_from_slice(&bytes);
+    Ok(())
 }
 
 impl RaftHandle {
@@ -242,11 +302,34 @@ impl RaftHandle {
 
 #[async_trait::async_trait]
 impl Handler<RaftMessage> for RaftHandle {
-    async fn handle(&self, _from: Identity, request: RaftMessage) {
-        if let Ok(m) = Message::parse_from_bytes(&request.0) {
-            // A full queue drops the message; Raft retransmits.
-            let _ = self.tx.try_send(Input::Message(m));
+    async fn handle(&self, _from: Identity, request: RaftMessage) -> Result<(), String> {
+        let bytes = match request {
+            RaftMessage::SnapshotChunk { index, term, offset, total, bytes } => {
+                let mut slot = self.incoming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                return add_chunk(&mut slot, index, term, offset, total, bytes);
+            }
+            RaftMessage::Message(bytes) => bytes,
+        };
+        let mut m = Message::parse_from_bytes(&bytes).map_err(|e| format!("malformed raft message: {e}"))?;
+        if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+            let md = m.get_snapshot().get_metadata();
+            let (index, term) = (md.index, md.term);
+            let mut slot = self.incoming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match slot.take() {
+                Some(inc) if (inc.index, inc.term) == (index, term) && inc.bytes.len() as u64 == inc.total => {
+                    m.mut_snapshot().set_data(inc.bytes.into());
+                }
+                _ => return Err(format!("the snapshot at {index} did not arrive whole")),
+            }
+            // Refused when the queue is full: the leader sends it again.
+            return self.tx.try_send(Input::Message(m)).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => "the raft queue is full".to_string(),
+                mpsc::error::TrySendError::Closed(_) => "raft has stopped".to_string(),
+            });
         }
+        // A full queue drops the message; Raft retransmits.
+        let _ = self.tx.try_send(Input::Message(m));
+        Ok(())
     }
 }
 
@@ -261,7 +344,7 @@ pub fn start(
     let mut core = Core::open(config, store, logger)?;
     let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
     let (status_tx, status_rx) = watch::channel(core.status());
-    let handle = RaftHandle { tx: tx.clone(), status: status_rx, state: core.state() };
+    let handle = RaftHandle { tx: tx.clone(), status: status_rx, state: core.state(), incoming: Arc::default() };
     // The driver has a thread of its own: every `Ready` ends in an fsync,
     // which must not stall the runtime that serves the API and the
     // transport (or, in one process, the other servers' drivers). Sends to
@@ -378,19 +461,73 @@ fn send(
     runtime: &Option<tokio::runtime::Handle>,
     messages: Vec<Message>,
 ) {
-    for m in messages {
+    for mut m in messages {
         let Some(&addr) = peers.get(&m.to) else { continue };
         let is_snapshot = m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot;
         let to = m.to;
+        let (index, term) = (m.get_snapshot().get_metadata().index, m.get_snapshot().get_metadata().term);
+        let data = if is_snapshot { m.mut_snapshot().take_data() } else { Default::default() };
         let Ok(bytes) = m.write_to_bytes() else { continue };
         let transport = transport.clone();
         let inputs = inputs.clone();
         let runtime = runtime.clone().unwrap_or_else(tokio::runtime::Handle::current);
         runtime.spawn(async move {
-            let ok = transport.call(addr, RaftMessage(bytes)).await.is_ok();
-            if is_snapshot {
-                let _ = inputs.send(Input::SnapshotSent(to, ok)).await;
+            if !is_snapshot {
+                let _ = transport.call(addr, RaftMessage::Message(bytes)).await;
+                return;
             }
+            let sent = send_snapshot(&*transport, addr, index, term, &data, bytes).await;
+            if let Err(e) = &sent {
+                tracing::info!(to, index, error = %e, "a snapshot did not reach a follower; raft sends it again");
+            }
+            let _ = inputs.send(Input::SnapshotSent(to, sent.is_ok())).await;
         });
+    }
+}
+
+/// Sends a snapshot's `data` in chunks, then its message (`bytes`).
+async fn send_snapshot(
+    transport: &dyn Transport<RaftMessage>,
+    addr: SocketAddr,
+    index: u64,
+    term: u64,
+    data: &[u8],
+    bytes: Vec<u8>,
+) -> Result<(), String> {
+    let total = data.len() as u64;
+    let mut offset = 0;
+    // At least one chunk, so that an empty snapshot arrives too.
+    loop {
+        let end = (offset + SNAPSHOT_CHUNK_BYTES).min(data.len());
+        let chunk =
+            RaftMessage::SnapshotChunk { index, term, offset: offset as u64, total, bytes: data[offset..end].to_vec() };
+        transport.call(addr, chunk).await.map_err(|e| e.to_string())??;
+        offset = end;
+        if offset >= data.len() {
+            break;
+        }
+    }
+    transport.call(addr, RaftMessage::Message(bytes)).await.map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_must_start_at_zero_and_come_in_order() {
+        let mut slot = None;
+        assert!(add_chunk(&mut slot, 9, 2, 4, 8, vec![0; 4]).is_err(), "a chunk without its start");
+        add_chunk(&mut slot, 9, 2, 0, 8, vec![1; 4]).unwrap();
+        assert!(add_chunk(&mut slot, 9, 3, 4, 8, vec![0; 4]).is_err(), "a chunk of another term");
+        add_chunk(&mut slot, 9, 2, 0, 8, vec![1; 4]).unwrap();
+        assert!(add_chunk(&mut slot, 9, 2, 2, 8, vec![0; 4]).is_err(), "a chunk out of order");
+        assert!(slot.is_none(), "an out-of-order chunk drops what came");
+        add_chunk(&mut slot, 9, 2, 0, 8, vec![1; 4]).unwrap();
+        assert!(add_chunk(&mut slot, 9, 2, 4, 8, vec![0; 5]).is_err(), "past the announced total");
+        add_chunk(&mut slot, 9, 2, 0, 8, vec![1; 4]).unwrap();
+        add_chunk(&mut slot, 9, 2, 4, 8, vec![2; 4]).unwrap();
+        assert_eq!(slot.unwrap().bytes, [1, 1, 1, 1, 2, 2, 2, 2]);
+        assert!(add_chunk(&mut None, 1, 1, 0, SNAPSHOT_BYTES_MAX + 1, vec![]).is_err(), "over the limit");
     }
 }

@@ -91,7 +91,8 @@ pub enum ServerRpc {
 
 #[derive(Serialize, Deserialize)]
 pub enum ServerReply {
-    Raft,
+    /// `Err`: why the message was not taken (see [`RaftMessage`]).
+    Raft(Result<(), String>),
     Forward(Result<WriteReply, ApiError>),
     Peer(Vec<u8>),
     Agent(AgentReply),
@@ -121,9 +122,9 @@ pub struct RaftOver(pub Arc<dyn Transport<ServerRpc>>);
 
 #[async_trait]
 impl Transport<RaftMessage> for RaftOver {
-    async fn call(&self, to: SocketAddr, request: RaftMessage) -> Result<(), TransportError> {
+    async fn call(&self, to: SocketAddr, request: RaftMessage) -> Result<Result<(), String>, TransportError> {
         match self.0.call(to, ServerRpc::Raft(request)).await? {
-            ServerReply::Raft => Ok(()),
+            ServerReply::Raft(answer) => Ok(answer),
             ServerReply::Refused(why) => Err(TransportError::Malformed(why)),
             _ => Err(TransportError::Malformed("a reply of another kind to a raft message".into())),
         }
@@ -155,10 +156,7 @@ impl Handler<ServerRpc> for ServerHandler {
                     None => ServerReply::Refused(format!("{} does not take part in a federation", self.cluster)),
                 }
             }
-            ServerRpc::Raft(m) => {
-                self.raft.handle(from, m).await;
-                ServerReply::Raft
-            }
+            ServerRpc::Raft(m) => ServerReply::Raft(self.raft.handle(from, m).await),
             ServerRpc::Agent(r) => ServerReply::Agent(match self.server.upgrade() {
                 Some(s) => super::agents::handle(&s, &from, r).await,
                 None => AgentReply::Error { status: 503, message: "the server is shutting down".into() },

@@ -6,6 +6,7 @@
 //! current usage, so a plan made against an older state cannot over-commit
 //! a node.
 
+pub mod archive;
 mod evals;
 mod gc;
 
@@ -648,36 +649,34 @@ impl ClusterState {
 
     /// Rebuilds a state, indexes included, from its replicated part.
     fn from_snapshot(snap: Snapshot) -> Result<ClusterState, CodecError> {
-        let mut state = ClusterState::new();
-        for node in snap.nodes {
-            state.insert_node(node).map_err(|e| CodecError::Malformed(e.to_string()))?;
+        use archive::Item;
+        let mut build = archive::Builder::default();
+        let items = [Item::Counters { next_alloc: snap.next_alloc, next_eval: snap.next_eval }, Item::Acl(snap.acl)]
+            .into_iter()
+            .chain(snap.nodes.into_iter().map(Item::Node))
+            .chain(snap.jobs.into_iter().map(Item::Job))
+            .chain(snap.allocs.into_iter().map(Item::Alloc))
+            .chain(snap.evals.into_iter().map(Item::Eval))
+            .chain(snap.holds.into_iter().map(|(k, h)| Item::Hold(k, h)))
+            .chain(snap.records.into_iter().map(|(k, r)| Item::Record(k, r)))
+            .chain(snap.gc_marks.into_iter().map(|(o, at)| Item::GcMark(o, at)));
+        for item in items {
+            build.add(item).map_err(CodecError::Malformed)?;
         }
-        state.refresh_ranges();
-        for job in snap.jobs {
-            state.jobs.insert(job.id.clone(), job);
-        }
-        for alloc in snap.allocs {
-            if alloc.holds_resources() {
-                if let Some(&idx) = state.node_index.get(&alloc.node) {
-                    let gpu = gpu_slot(&state.nodes[idx.get()], &alloc);
-                    state.usage[idx.get()].add(alloc.resources, gpu);
-                }
+        Ok(build.finish())
+    }
+
+    /// Adds an allocation read back from a snapshot, with its indexes and
+    /// the usage it holds.
+    fn insert_restored_alloc(&mut self, alloc: Allocation) {
+        if alloc.holds_resources() {
+            if let Some(&idx) = self.node_index.get(&alloc.node) {
+                let gpu = gpu_slot(&self.nodes[idx.get()], &alloc);
+                self.usage[idx.get()].add(alloc.resources, gpu);
             }
-            state.allocs_by_job.entry(alloc.job.clone()).or_default().push(alloc.id);
-            state.allocs_by_node.entry(alloc.node.clone()).or_default().push(alloc.id);
-            state.allocs.insert(alloc.id, alloc);
         }
-        state.next_alloc = snap.next_alloc;
-        for eval in snap.evals {
-            state.index_eval(&eval);
-            state.evals.insert(eval.id, eval);
-        }
-        state.next_eval = snap.next_eval;
-        state.holds = snap.holds.into_iter().collect();
-        state.records = snap.records.into_iter().collect();
-        state.acl = snap.acl;
-        state.acl.reindex();
-        state.gc_marks = snap.gc_marks.into_iter().collect();
-        Ok(state)
+        self.allocs_by_job.entry(alloc.job.clone()).or_default().push(alloc.id);
+        self.allocs_by_node.entry(alloc.node.clone()).or_default().push(alloc.id);
+        self.allocs.insert(alloc.id, alloc);
     }
 }
