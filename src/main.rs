@@ -13,6 +13,7 @@ mod policy;
 mod remote;
 mod server;
 mod simulate;
+mod snapshot;
 mod tls;
 
 use std::net::SocketAddr;
@@ -78,7 +79,7 @@ enum Command {
     /// Allocations: placed instances.
     #[command(subcommand)]
     Alloc(AllocCommand),
-    /// Cluster operations: Raft membership, the audit trail.
+    /// Cluster operations: Raft membership, backups of the state, the audit trail.
     #[command(subcommand)]
     Operator(OperatorCommand),
     /// Access control: the first token, tokens and policies.
@@ -352,6 +353,9 @@ enum SystemCommand {
 enum OperatorCommand {
     #[command(subcommand)]
     Raft(RaftCommand),
+    /// Back up and restore the cluster's whole state.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// The audit trail of the server you talk to: every write it received,
     /// allowed or denied, and every peer offer it decided.
     Audit {
@@ -361,6 +365,43 @@ enum OperatorCommand {
         /// At most this many, the latest.
         #[arg(long, default_value_t = 1_000)]
         limit: u64,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Save the state (jobs, allocations, nodes, evaluations, tokens,
+    /// policies) to FILE, read consistently from the leader's log.
+    Save {
+        file: PathBuf,
+        /// Read the server's state as it is, without asking the leader
+        /// (works without a leader; may lag).
+        #[arg(long)]
+        stale: bool,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Check FILE and print its index, term, size and counts per table
+    /// (needs no server).
+    Inspect {
+        file: PathBuf,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Replace the cluster's whole state with FILE's, through its log.
+    Restore {
+        file: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Restore a file saved from a cluster of another name.
+        #[arg(long)]
+        other_cluster: bool,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -751,6 +792,13 @@ fn main() -> ExitCode {
         Command::Operator(OperatorCommand::Audit { since, limit, out }) => {
             remote::operator_audit(&client, since, limit, out.json)
         }
+        Command::Operator(OperatorCommand::Snapshot(c)) => match c {
+            SnapshotCommand::Save { file, stale, force, out } => snapshot::save(&client, &file, stale, force, out.json),
+            SnapshotCommand::Inspect { file, out } => snapshot::inspect(&file, out.json),
+            SnapshotCommand::Restore { file, yes, other_cluster, out } => {
+                snapshot::restore(&client, &file, yes, other_cluster, out.json)
+            }
+        },
         Command::Operator(OperatorCommand::Raft(r)) => match r {
             RaftCommand::ListPeers { out } => remote::list_peers(&client, out.json),
             RaftCommand::AddPeer { id, peer_address } => remote::add_peer(&client, id, &peer_address),

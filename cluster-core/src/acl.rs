@@ -232,6 +232,12 @@ impl AclState {
     }
 
     /// Rebuilds the index after a restore.
+    /// Marks the ACL bootstrapped if `was` says it was: a restore of a
+    /// backup made before bootstrap must not open bootstrap again.
+    pub(crate) fn keep_bootstrapped(&mut self, was: bool) {
+        self.bootstrapped |= was;
+    }
+
     /// How many tokens and policies there are.
     pub fn counts(&self) -> (usize, usize) {
         (self.tokens.len(), self.policies.len())

@@ -112,6 +112,21 @@ pub enum Command {
         now_ms: u64,
         thresholds: crate::state::GcThresholds,
     },
+    /// One piece, `seq` from 0, of an archive that `hanse operator
+    /// snapshot restore` replaces the state with: kept in the state until
+    /// the [`Command::Restore`] with the same `id`. A piece 0 drops what an
+    /// unfinished restore left.
+    RestoreChunk {
+        id: u64,
+        seq: u32,
+        bytes: Vec<u8>,
+    },
+    /// Replaces the whole state with the archive `id`'s `chunks` pieces
+    /// make (see [`ClusterState::restore_archive`]).
+    Restore {
+        id: u64,
+        chunks: u32,
+    },
 }
 
 /// The record key under which [`Command::PeersAsked`] keeps its version.
@@ -136,6 +151,8 @@ pub enum Effect {
     Done,
     /// What a [`Command::Collect`] dropped.
     Collected(crate::state::GcCounts),
+    /// What the state holds after a [`Command::Restore`].
+    Restored(crate::state::archive::TableCounts),
     /// The command was valid to log but could not take effect (an unknown
     /// node, too many GPU models); the state is unchanged.
     Refused(String),
@@ -250,6 +267,11 @@ impl ClusterState {
             }
             Command::Acl(c) => self.acl_mut().apply(c).map_or_else(Effect::Refused, |()| Effect::Done),
             Command::Collect { now_ms, thresholds } => Effect::Collected(self.collect(*now_ms, *thresholds)),
+            Command::RestoreChunk { id, seq, bytes } => {
+                self.stage_restore(*id, *seq, bytes);
+                Effect::Done
+            }
+            Command::Restore { id, chunks } => self.restore_archive(*id, *chunks),
             Command::PeersAsked { job, version } => {
                 if self.peers_asked(job).is_some_and(|v| v >= *version) || self.job(job).is_none() {
                     return Effect::Done;

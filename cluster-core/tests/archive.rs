@@ -80,3 +80,40 @@ fn a_large_state_spans_many_chunks() {
     let first = u32::from_be_bytes(bytes[16 + head..20 + head].try_into().unwrap()) as usize;
     assert!(20 + head + first + 4 + 32 < bytes.len(), "one chunk held everything: {first} of {}", bytes.len());
 }
+
+/// A restore through the log: pieces, then `Restore`; a missing piece is
+/// refused with the state unchanged; a `Restore` applied twice (a retry)
+/// answers the same and changes nothing more; ids already handed out are
+/// never handed out again.
+#[test]
+fn a_restore_replaces_the_state_only_when_every_piece_arrived() {
+    let backup = state(2, 1, 3);
+    let bytes = archive::to_vec(&backup, 10, 2, vec![], 0);
+    let pieces: Vec<&[u8]> = bytes.chunks(bytes.len() / 3 + 1).collect();
+    assert_eq!(pieces.len(), 3);
+    let mut live = state(4, 2, 5);
+    let before = live.snapshot();
+    for (seq, piece) in pieces.iter().enumerate().filter(|(seq, _)| *seq != 1) {
+        live.apply(&Command::RestoreChunk { id: 7, seq: seq as u32, bytes: piece.to_vec() });
+    }
+    let Effect::Refused(why) = live.apply(&Command::Restore { id: 7, chunks: 3 }) else { panic!("restored") };
+    assert!(why.contains("(2) do not make the 3"), "{why}");
+    assert_eq!(live.snapshot(), before, "a refused restore left something behind");
+
+    for (seq, piece) in pieces.iter().enumerate() {
+        live.apply(&Command::RestoreChunk { id: 8, seq: seq as u32, bytes: piece.to_vec() });
+    }
+    let Effect::Restored(counts) = live.apply(&Command::Restore { id: 8, chunks: 3 }) else { panic!("refused") };
+    assert_eq!((counts.jobs, counts.allocations, counts.nodes), (1, 3, 2));
+    let after = live.snapshot();
+    assert_eq!(live.apply(&Command::Restore { id: 8, chunks: 3 }), Effect::Restored(counts));
+    assert_eq!(live.snapshot(), after, "a retried restore changed the state");
+    // The live state had handed out 10 allocation ids; the backup 3.
+    let highest = state(4, 2, 5).allocs().map(|a| a.id).max().unwrap();
+    place_more(&mut live);
+    assert!(live.allocs().all(|a| a.id > highest || backup.alloc(a.id).is_some()), "an allocation id was reused");
+}
+
+fn place_more(s: &mut ClusterState) {
+    place(s, 9, 2);
+}

@@ -763,3 +763,90 @@ async fn a_blocking_read_returns_at_the_next_change_and_not_before() {
     .await;
     c.stop().await;
 }
+
+/// Backup and restore: a state saved from one cluster and restored on a
+/// fresh one (an empty disk) serves the same jobs, allocations, nodes and
+/// tokens, on every server; a body that is not a whole archive, an
+/// archive of another cluster without `other_cluster`, or a caller
+/// without a management token (an `operator` token included) changes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saved_state_restored_on_a_fresh_cluster_serves_the_same_jobs_nodes_and_tokens() {
+    use cluster_core::server::http::RestoreReport;
+    use cluster_core::state::archive;
+    let a = start("snap-a", Duration::from_secs(60), Duration::from_secs(60)).await;
+    let client = a.client();
+    let (saved, jobs, web, nodes) = blocking(move || {
+        client.register_nodes(&fleet(4)).expect("nodes register");
+        for (name, count) in [("web", 3), ("api", 2)] {
+            let reg = client.submit(&spec(name, count, "500m"), "j.toml").expect("submitted");
+            client.eval(reg.eval, Duration::from_secs(10)).expect("placed");
+        }
+        let saved = client.get_bytes("/v1/operator/snapshot", 1 << 30).expect("saved");
+        (saved, client.jobs().unwrap(), client.job("web").unwrap(), client.nodes().unwrap())
+    })
+    .await;
+    let token_a = a.token().unwrap().to_string();
+    a.stop().await;
+    let summary = archive::inspect(saved.as_slice()).expect("a whole archive");
+    let c = summary.header.counts;
+    assert_eq!((c.jobs, c.allocations, c.nodes), (2, 5, 4), "{c:?}");
+    let h = &summary.header;
+    assert!(h.index > 0 && h.term > 0 && h.peers.len() == 3 && h.cluster == "snap-a", "{h:?}");
+
+    let b = start("snap-b", Duration::from_secs(60), Duration::from_secs(60)).await;
+    let (client_b, anonymous) = (b.client(), b.client().with_token(None));
+    let with_a = b.client().with_token(Some(&token_a));
+    let base = b.client();
+    blocking(move || {
+        use cluster_core::server::access::{PolicyApply, TokenCreate, TokenSecret};
+        let policy = "[[namespace]]\nname = \"*\"\ncapabilities = [\"operator\", \"read\"]\n";
+        let _: serde_json::Value =
+            client_b.put("/v1/acl/policies/ops", &PolicyApply { policy: policy.into(), source: None }).expect("policy");
+        let ops: TokenSecret = client_b
+            .post(
+                "/v1/acl/tokens",
+                &TokenCreate { name: "ops".into(), policies: vec!["ops".into()], management: false },
+            )
+            .expect("token");
+        let operator = base.with_token(Some(&ops.secret));
+        let path = "/v1/operator/snapshot?other_cluster=true";
+        let denied = anonymous.put_bytes::<RestoreReport>(path, &saved).unwrap_err();
+        assert_eq!(denied.status(), Some(401));
+        let denied = operator.put_bytes::<RestoreReport>(path, &saved).unwrap_err();
+        assert_eq!(denied.status(), Some(403), "an operator token restored a state: {denied}");
+        let denied = operator.get_bytes("/v1/operator/snapshot", 1 << 30).unwrap_err();
+        assert_eq!(denied.status(), Some(403), "an operator token read every token's hash: {denied}");
+        let mut cut = saved.clone();
+        cut.truncate(saved.len() - 1);
+        let bad = client_b.put_bytes::<RestoreReport>(path, &cut).unwrap_err();
+        assert_eq!(bad.status(), Some(400), "{bad}");
+        assert!(bad.to_string().contains("truncated"), "{bad}");
+        let other = client_b.put_bytes::<RestoreReport>("/v1/operator/snapshot", &saved).unwrap_err();
+        assert_eq!(other.status(), Some(409), "{other}");
+        assert!(other.to_string().contains("snap-a"), "{other}");
+        assert!(client_b.jobs().unwrap().is_empty(), "a refused restore changed the state");
+
+        let report: RestoreReport = client_b.put_bytes(path, &saved).expect("restored");
+        assert_eq!((report.restored.jobs, report.restored.allocations, report.restored.nodes), (2, 5, 4));
+        // The tokens are the saved cluster's now: its secret works, and the
+        // fresh cluster's own is gone.
+        assert_eq!(client_b.jobs().unwrap_err().status(), Some(403));
+        let ids = |v: &[cluster_core::server::api::JobSummary]| {
+            v.iter().map(|j| (j.id.clone(), j.status.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&with_a.jobs().unwrap()), ids(&jobs));
+        let back = with_a.job("web").unwrap();
+        let allocs = |s: &cluster_core::server::api::JobStatus| {
+            s.allocations.iter().map(|x| (x.id, x.node.clone(), x.status.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(allocs(&back), allocs(&web));
+        let node_ids = |v: &[cluster_core::server::api::NodeView]| {
+            v.iter().map(|n| (n.id.clone(), n.status.clone(), n.allocs)).collect::<Vec<_>>()
+        };
+        assert_eq!(node_ids(&with_a.nodes().unwrap()), node_ids(&nodes));
+    })
+    .await;
+    every_server_holds(&b, 5).await;
+    b.stop().await;
+}

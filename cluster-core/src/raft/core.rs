@@ -371,6 +371,7 @@ impl<S: LogStore> Core<S> {
                 drop_holds(&mut restored);
             }
             self.config.peers.extend(peers.into_iter().filter(|(id, _)| *id != self.config.id));
+            restored.set_applied_at(s.get_metadata().index, s.get_metadata().term);
             *self.state.write().expect("state lock") = restored;
             self.applied = s.get_metadata().index;
             self.snapshots_installed += 1;
@@ -411,6 +412,7 @@ impl<S: LogStore> Core<S> {
     /// Applies committed entries; their proposers are answered by
     /// [`Core::answer_proposers`].
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let last = entries.last().map(|e| (e.index, e.term));
         for e in entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal if !e.get_data().is_empty() => {
@@ -464,6 +466,9 @@ impl<S: LogStore> Core<S> {
             }
             self.applied = e.index;
             self.since_compact = self.since_compact.saturating_add(1);
+        }
+        if let Some((index, term)) = last {
+            self.state.write().expect("state lock").set_applied_at(index, term);
         }
         Ok(())
     }

@@ -185,6 +185,19 @@ struct Incoming {
     term: u64,
     total: u64,
     bytes: Vec<u8>,
+    /// When the last chunk came: a transfer silent for
+    /// [`SNAPSHOT_IDLE_MAX`] is dropped, not kept in memory.
+    last: std::time::Instant,
+}
+
+/// How long a snapshot being received may wait for its next chunk.
+pub const SNAPSHOT_IDLE_MAX: Duration = Duration::from_secs(120);
+
+/// Drops a transfer that stalled (its leader died, or moved on).
+fn drop_stale(slot: &mut Option<Incoming>) {
+    if slot.as_ref().is_some_and(|i| i.last.elapsed() > SNAPSHOT_IDLE_MAX) {
+        *slot = None;
+    }
 }
 
 /// Adds one chunk to `slot`; a chunk at offset 0 starts a new snapshot.
@@ -199,10 +212,11 @@ fn add_chunk(
     if total > SNAPSHOT_BYTES_MAX {
         return Err(format!("a snapshot of {total} bytes is over the limit of {SNAPSHOT_BYTES_MAX}"));
     }
+    drop_stale(slot);
     if offset == 0 {
         // Room for the start only: `total` is the sender's word.
         let cap = total.min(64 << 20) as usize;
-        *slot = Some(Incoming { index, term, total, bytes: Vec::with_capacity(cap) });
+        *slot = Some(Incoming { index, term, total, bytes: Vec::with_capacity(cap), last: std::time::Instant::now() });
     }
     let Some(inc) = slot.as_mut().filter(|i| (i.index, i.term, i.total) == (index, term, total)) else {
         return Err(format!("a chunk of the snapshot at {index} came without its start"));
@@ -212,7 +226,18 @@ fn add_chunk(
         return Err(format!("a chunk of the snapshot at {index} came out of order; start again"));
     }
     inc.bytes.extend_from_slice(&bytes);
+    inc.last = std::time::Instant::now();
     Ok(())
+}
+
+/// The whole snapshot at `index` of `term`, if it all arrived; a transfer
+/// of another snapshot stays (a stray message must not cut it short).
+fn take_whole(slot: &mut Option<Incoming>, index: u64, term: u64) -> Result<Vec<u8>, String> {
+    drop_stale(slot);
+    match slot.take_if(|i| (i.index, i.term) == (index, term) && i.bytes.len() as u64 == i.total) {
+        Some(inc) => Ok(inc.bytes),
+        None => Err(format!("the snapshot at {index} did not arrive whole")),
+    }
 }
 
 impl RaftHandle {
@@ -314,13 +339,9 @@ impl Handler<RaftMessage> for RaftHandle {
         if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
             let md = m.get_snapshot().get_metadata();
             let (index, term) = (md.index, md.term);
-            let mut slot = self.incoming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match slot.take() {
-                Some(inc) if (inc.index, inc.term) == (index, term) && inc.bytes.len() as u64 == inc.total => {
-                    m.mut_snapshot().set_data(inc.bytes.into());
-                }
-                _ => return Err(format!("the snapshot at {index} did not arrive whole")),
-            }
+            let data =
+                take_whole(&mut self.incoming.lock().unwrap_or_else(std::sync::PoisonError::into_inner), index, term)?;
+            m.mut_snapshot().set_data(data.into());
             // Refused when the queue is full: the leader sends it again.
             return self.tx.try_send(Input::Message(m)).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => "the raft queue is full".to_string(),
@@ -529,5 +550,18 @@ mod tests {
         add_chunk(&mut slot, 9, 2, 4, 8, vec![2; 4]).unwrap();
         assert_eq!(slot.unwrap().bytes, [1, 1, 1, 1, 2, 2, 2, 2]);
         assert!(add_chunk(&mut None, 1, 1, 0, SNAPSHOT_BYTES_MAX + 1, vec![]).is_err(), "over the limit");
+    }
+
+    #[test]
+    fn a_snapshot_message_takes_only_its_own_whole_transfer() {
+        let mut slot = None;
+        add_chunk(&mut slot, 9, 2, 0, 8, vec![1; 4]).unwrap();
+        assert!(take_whole(&mut slot, 9, 2).is_err(), "half a snapshot");
+        assert!(slot.is_some(), "a message too early drops nothing");
+        add_chunk(&mut slot, 9, 2, 4, 8, vec![2; 4]).unwrap();
+        assert!(take_whole(&mut slot, 7, 2).is_err(), "another index");
+        assert!(take_whole(&mut slot, 9, 1).is_err(), "another term");
+        assert_eq!(take_whole(&mut slot, 9, 2).unwrap(), [1, 1, 1, 1, 2, 2, 2, 2]);
+        assert!(take_whole(&mut slot, 9, 2).is_err(), "taken once");
     }
 }

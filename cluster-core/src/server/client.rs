@@ -164,13 +164,17 @@ impl Client {
 
     /// A response's body, or the API error it carries (status 400 and up).
     fn body(&self, r: &mut ureq::http::Response<ureq::Body>) -> Result<Vec<u8>, ClientError> {
+        self.body_up_to(r, RESPONSE_BYTES_MAX)
+    }
+
+    fn body_up_to(&self, r: &mut ureq::http::Response<ureq::Body>, limit: u64) -> Result<Vec<u8>, ClientError> {
         let status = r.status().as_u16();
-        let bytes = r
-            .body_mut()
-            .with_config()
-            .limit(RESPONSE_BYTES_MAX)
-            .read_to_vec()
-            .map_err(|e| ClientError::Connect(self.address().to_string(), e.to_string()))?;
+        let bytes = r.body_mut().with_config().limit(limit).read_to_vec().map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => {
+                ClientError::Decode(self.address().to_string(), format!("the answer is over {limit} bytes"))
+            }
+            e => ClientError::Connect(self.address().to_string(), format!("the answer was cut off: {e}")),
+        })?;
         if status >= 400 {
             let text = String::from_utf8_lossy(&bytes);
             let err = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| ApiError::new(status, text.trim()));
@@ -239,6 +243,22 @@ impl Client {
 
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.answer(self.send(|a, url| self.auth(a.delete(url)).call(), path))
+    }
+
+    /// The raw bytes of a GET, at most `limit` of them (for snapshots).
+    pub fn get_bytes(&self, path: &str, limit: u64) -> Result<Vec<u8>, ClientError> {
+        let mut r = self.send(|a, url| self.auth(a.get(url)).call(), path)?;
+        self.body_up_to(&mut r, limit)
+    }
+
+    /// A PUT of raw bytes (`application/octet-stream`), answered in JSON.
+    pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, bytes: &[u8]) -> Result<T, ClientError> {
+        self.answer(
+            self.send(
+                |a, url| self.auth(a.put(url)).header("content-type", "application/octet-stream").send(bytes),
+                path,
+            ),
+        )
     }
 
     /// The raw text of a GET (for `/metrics`).

@@ -52,6 +52,10 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/operator/raft/transfer-leader", post(transfer_leader))
         .route("/v1/operator/audit", get(audit))
         .route("/v1/system/gc", axum::routing::put(system_gc))
+        .route(
+            "/v1/operator/snapshot",
+            get(snapshot_save).put(snapshot_restore).layer(DefaultBodyLimit::max(RESTORE_BYTES_MAX)),
+        )
         .route("/v1/jobs", get(jobs).put(submit))
         .route("/v1/jobs/plan", post(plan))
         .route("/v1/jobs/{id}", get(job).delete(stop_job))
@@ -200,7 +204,8 @@ where
 /// the server's `http_hosts` (DNS rebinding: a page's own name resolving
 /// to this address); an `Origin` other than the API's own (a cross-site
 /// request); and a write whose body is not declared JSON (the "simple"
-/// cross-site POST a form can send without asking first). 403 or 415,
+/// cross-site POST a form can send without asking first; a restore's
+/// archive is `application/octet-stream`). 403 or 415,
 /// with a JSON message; nothing runs.
 async fn browser_guard(
     hosts: Arc<Vec<String>>,
@@ -228,9 +233,11 @@ async fn browser_guard(
     let writes = super::access::writes(request.method());
     let has_body =
         text(header::CONTENT_LENGTH).is_some_and(|l| l != "0") || headers.contains_key(header::TRANSFER_ENCODING);
-    let json =
-        text(header::CONTENT_TYPE).is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("application/json"));
-    if writes && has_body && !json {
+    let kind = text(header::CONTENT_TYPE).map(|t| t.trim().to_ascii_lowercase()).unwrap_or_default();
+    // A restore's archive is bytes; a form cannot send that type without
+    // the browser asking first (it is not a CORS "simple" type).
+    let archive = request.uri().path() == "/v1/operator/snapshot" && kind.starts_with("application/octet-stream");
+    if writes && has_body && !kind.starts_with("application/json") && !archive {
         return ApiError::new(415, "the body must be JSON, sent with `Content-Type: application/json`").into_response();
     }
     next.run(request).await
@@ -359,6 +366,137 @@ async fn system_gc(State(s): Srv, Extension(who): Who) -> Reply<crate::state::Gc
     need(&who, Capability::Operator, "*")?;
     match s.write(Write::Collect).await? {
         WriteReply::Collected(c) => ok(c),
+        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// The largest archive `PUT /v1/operator/snapshot` takes (it is held in
+/// memory while checked and logged).
+pub const RESTORE_BYTES_MAX: usize = 1 << 30;
+/// The bytes of an archive in one `RestoreChunk` entry: well inside a Raft
+/// entry ([`crate::raft::node::ENTRY_BYTES_MAX`]).
+pub const RESTORE_CHUNK_BYTES: usize = 1 << 20;
+
+/// A snapshot holds every token's hash and a restore replaces every
+/// token: only a management token may take or put one (an `operator`
+/// token could otherwise restore an archive naming a management token of
+/// its own).
+fn need_management_for_snapshots(who: &crate::acl::Caller) -> Result<(), ApiError> {
+    if who.management {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        403,
+        format!(
+            "{} is not a management token; a snapshot holds, and a restore replaces, every token, so only a management token may save or restore one",
+            who.describe()
+        ),
+    ))
+}
+
+/// `GET /v1/operator/snapshot`: the whole state as an archive
+/// ([`crate::state::archive`]), `application/octet-stream`, read after
+/// a ReadIndex (consistent; `?stale=true` skips it). The state is copied
+/// under its lock and encoded outside it, so Raft is held up only for the
+/// copy. The archive's index and `x-hanse-index` are those of the last
+/// entry the driver had recorded as applied: the state holds every entry
+/// up to it. Needs a management token.
+async fn snapshot_save(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, ApiError> {
+    need_management_for_snapshots(&who)?;
+    s.read(stale(&q), |_| ()).await?;
+    let raft = s.raft.clone();
+    let peers: Vec<(u64, std::net::SocketAddr)> = s.raft.status().peers.iter().map(|(k, v)| (*k, *v)).collect();
+    let cluster = s.options.cluster.clone();
+    // Copying and encoding a large state take a while: off the runtime's threads.
+    let (bytes, index) = tokio::task::spawn_blocking(move || {
+        let state = raft.read(Clone::clone);
+        let (index, term) = state.applied_at();
+        let mut out = Vec::new();
+        crate::state::archive::write_for(&state, cluster, index, term, peers, super::unix_ms(), &mut out)
+            .map(|_| (out, index))
+    })
+    .await
+    .map_err(|e| ApiError::new(500, format!("writing the snapshot failed: {e}")))?
+    .map_err(|e| ApiError::new(500, format!("writing the snapshot failed: {e}")))?;
+    let r = ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response();
+    Ok(indexed(r, index))
+}
+
+/// What `PUT /v1/operator/snapshot` did.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct RestoreReport {
+    /// The archive's own header (the cluster, index and term it was saved at).
+    pub archive: crate::state::archive::ArchiveHeader,
+    pub bytes: u64,
+    pub sha256: String,
+    /// What the state holds now.
+    pub restored: crate::state::archive::TableCounts,
+}
+
+/// `PUT /v1/operator/snapshot[?other_cluster=true]`: replaces the whole
+/// state with the archive in the body, through the log (so every server
+/// does, and a new leader carries it), once the archive read back whole
+/// here: pieces of [`RESTORE_CHUNK_BYTES`], then one `Restore`. The
+/// pieces are logged by a task of their own, so a client that goes away
+/// does not stop a restore half way; one that could not log every piece
+/// ends with the `Restore` anyway, which then drops them. Needs a
+/// management token. Errors: 400 for a body that is not a whole archive,
+/// 409 for an archive of another cluster without `other_cluster=true`,
+/// 413 over [`RESTORE_BYTES_MAX`].
+async fn snapshot_restore(
+    State(s): Srv,
+    Extension(who): Who,
+    q: Q,
+    b: Result<Bytes, BytesRejection>,
+) -> Reply<RestoreReport> {
+    need_management_for_snapshots(&who)?;
+    let bytes = b.map_err(|e| match e.status().as_u16() {
+        413 => ApiError::new(413, format!("a snapshot over {RESTORE_BYTES_MAX} bytes cannot be restored")),
+        status => ApiError::new(status, format!("cannot read the snapshot: {e}")),
+    })?;
+    let checked = bytes.clone();
+    // Read whole, state and all, before anything is logged: a restore
+    // that could fail on the servers never starts.
+    let summary = tokio::task::spawn_blocking(move || crate::state::archive::read(checked.as_ref()).map(|(s, _)| s))
+        .await
+        .map_err(|e| ApiError::new(500, format!("checking the snapshot failed: {e}")))?
+        .map_err(|e| ApiError::bad_request(format!("not restored: {e}")))?;
+    let from = &summary.header.cluster;
+    if !from.is_empty() && *from != s.options.cluster && q.get("other_cluster").map(String::as_str) != Some("true") {
+        return Err(ApiError::new(
+            409,
+            format!(
+                "not restored: the snapshot was saved from cluster {from}, and this is {}; to restore it here anyway, pass --other-cluster",
+                s.options.cluster
+            ),
+        ));
+    }
+    let id = getrandom::u64().map_err(|e| ApiError::new(500, format!("no randomness: {e}")))?;
+    let server = s.clone();
+    let logged = tokio::spawn(async move {
+        let mut chunks = 0u32;
+        let mut failed = None;
+        for piece in bytes.chunks(RESTORE_CHUNK_BYTES) {
+            if let Err(e) = server.write(Write::RestoreChunk { id, seq: chunks, bytes: piece.to_vec() }).await {
+                failed = Some(e);
+                break;
+            }
+            chunks += 1;
+        }
+        // Sent even after a failure: a `Restore` short of pieces drops
+        // those that were logged.
+        let restored = server.write(Write::Restore { id, chunks }).await;
+        match failed {
+            Some(e) => Err(e),
+            None => restored,
+        }
+    });
+    let reply = logged.await.map_err(|e| ApiError::new(500, format!("the restore task failed: {e}")))??;
+    match reply {
+        WriteReply::Restored(restored) => {
+            tracing::warn!(index = summary.header.index, bytes = summary.bytes, "the state was replaced by a restore");
+            ok(RestoreReport { archive: summary.header, bytes: summary.bytes, sha256: summary.sha256, restored })
+        }
         other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
     }
 }

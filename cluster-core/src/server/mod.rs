@@ -494,12 +494,15 @@ impl Inner {
                 let thresholds = crate::state::GcThresholds::NOW;
                 propose(Command::Collect { now_ms: unix_ms(), thresholds }).await?
             }
+            Write::RestoreChunk { id, seq, bytes } => propose(Command::RestoreChunk { id, seq, bytes }).await?,
+            Write::Restore { id, chunks } => propose(Command::Restore { id, chunks }).await?,
         };
         match effect {
             Effect::JobRegistered { version, eval } => Ok(WriteReply::Job { version, eval }),
             Effect::Evals(evals) => Ok(WriteReply::Evals(evals)),
             Effect::Refused(m) => Err(refused(m)),
             Effect::Collected(c) => Ok(WriteReply::Collected(c)),
+            Effect::Restored(c) => Ok(WriteReply::Restored(c)),
             _ => Ok(WriteReply::Done),
         }
     }

@@ -39,6 +39,17 @@ pub enum Write {
     },
     /// Collects all garbage now (`hanse system gc`): thresholds of 0.
     Collect,
+    /// A piece of an archive being restored ([`crate::command::Command::RestoreChunk`]).
+    RestoreChunk {
+        id: u64,
+        seq: u32,
+        bytes: Vec<u8>,
+    },
+    /// Replaces the state with restore `id`'s archive.
+    Restore {
+        id: u64,
+        chunks: u32,
+    },
     /// A compare-and-swap on a holder's record: `record` replaces it only
     /// if it is byte for byte `expect` (`None`: absent); otherwise 409, and
     /// the caller reads again. Two changes built on one read cannot both
@@ -75,6 +86,8 @@ pub enum WriteReply {
     Done,
     /// What `Write::Collect` dropped.
     Collected(crate::state::GcCounts),
+    /// What the state holds after `Write::Restore`.
+    Restored(crate::state::archive::TableCounts),
 }
 
 /// Every request between servers. `Raft` and `Forward` come only from

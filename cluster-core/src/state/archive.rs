@@ -44,8 +44,10 @@ const PART_BYTES_MAX: usize = codec::DECODE_BYTES_MAX;
 /// What an archive says of itself, before its body.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveHeader {
-    /// The Raft index the state includes every entry up to, and that
-    /// index's term (0 when unknown).
+    /// The cluster it was saved from (empty in Raft snapshots).
+    pub cluster: String,
+    /// The Raft index the state includes every entry up to (it may hold a
+    /// few more), and that index's term (0 when unknown).
     pub index: u64,
     pub term: u64,
     /// Every voter's Raft id and transport address when it was written.
@@ -82,7 +84,7 @@ pub struct ArchiveSummary {
 pub enum ArchiveError {
     #[error("reading the snapshot: {0}")]
     Io(#[from] io::Error),
-    #[error("not a Hanse snapshot (it does not start with {MAGIC:?})")]
+    #[error("not a Hanse snapshot (it does not start with `HANSESNP`)")]
     NotAnArchive,
     #[error("snapshot format {0} is not known (this build reads format {FORMAT})")]
     UnknownFormat(u32),
@@ -181,7 +183,20 @@ pub fn write<W: Write>(
     created_ms: u64,
     out: W,
 ) -> io::Result<ArchiveSummary> {
-    let header = ArchiveHeader { index, term, peers, created_ms, counts: counts(state) };
+    write_for(state, String::new(), index, term, peers, created_ms, out)
+}
+
+/// [`write`], naming the `cluster` it comes from (backups).
+pub fn write_for<W: Write>(
+    state: &ClusterState,
+    cluster: String,
+    index: u64,
+    term: u64,
+    peers: Vec<(u64, SocketAddr)>,
+    created_ms: u64,
+    out: W,
+) -> io::Result<ArchiveSummary> {
+    let header = ArchiveHeader { cluster, index, term, peers, created_ms, counts: counts(state) };
     let mut out = Hashed { inner: out, digest: Sha256::new(), bytes: 0 };
     out.write_all(MAGIC)?;
     out.write_all(&FORMAT.to_be_bytes())?;
@@ -320,7 +335,10 @@ fn scan<R: Read>(
     }
     let digest: [u8; 32] = r.digest.clone().finalize().into();
     let mut stored = [0u8; 32];
-    r.inner.read_exact(&mut stored).map_err(|_| ArchiveError::Truncated)?;
+    r.inner.read_exact(&mut stored).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ArchiveError::Truncated,
+        _ => ArchiveError::Io(e),
+    })?;
     if stored != digest {
         return Err(ArchiveError::Checksum);
     }
@@ -361,6 +379,82 @@ pub fn read<R: Read>(input: R) -> Result<(ArchiveSummary, ClusterState), Archive
     let mut build = Builder::default();
     let summary = scan(input, |item| build.add(item).map_err(ArchiveError::Corrupt))?;
     Ok((summary, build.finish()))
+}
+
+/// Where [`Command::RestoreChunk`]s are kept, among the records.
+///
+/// [`Command::RestoreChunk`]: crate::command::Command::RestoreChunk
+pub const RESTORE_PREFIX: &str = "restore/";
+/// The record naming the last restore applied, so that a `Restore`
+/// retried after a lost answer is answered again, not refused.
+const RESTORE_LAST: &str = "restore-last";
+/// Records a restore keeps from the running cluster rather than take
+/// from the archive: the federation's gossip keyring, so that a backup
+/// never brings back a key removed since it was made.
+pub const RESTORE_KEEPS: &[&str] = &["gossip/"];
+
+fn restore_key(id: u64, seq: u32) -> String {
+    format!("{RESTORE_PREFIX}{id:016x}/{seq:08x}")
+}
+
+impl ClusterState {
+    /// Keeps piece `seq` of restore `id`; piece 0 drops every other
+    /// restore's pieces (one restore at a time).
+    pub(crate) fn stage_restore(&mut self, id: u64, seq: u32, bytes: &[u8]) {
+        if seq == 0 {
+            self.records.retain(|k, _| !k.starts_with(RESTORE_PREFIX));
+        }
+        self.records.insert(restore_key(id, seq), bytes.to_vec());
+    }
+
+    /// Replaces the state with the archive that restore `id`'s `chunks`
+    /// pieces make, and drops the pieces either way. Kept from the running
+    /// state: the allocation and evaluation counters where higher (an id
+    /// an agent still knows is never given again), the [`RESTORE_KEEPS`]
+    /// records, and the ACL's bootstrapped flag (a backup from before
+    /// bootstrap must not open it again). Refused, with the rest of the
+    /// state unchanged, when a piece is missing or the archive does not
+    /// read back whole; the restore must then be sent again. Every replica
+    /// decides the same: the bytes are in the log.
+    pub fn restore_archive(&mut self, id: u64, chunks: u32) -> crate::command::Effect {
+        use crate::command::Effect;
+        if self.records.get(RESTORE_LAST).is_some_and(|r| *r == id.to_be_bytes()) {
+            return Effect::Restored(counts(self));
+        }
+        let prefix = format!("{RESTORE_PREFIX}{id:016x}/");
+        let keys: Vec<String> = self.records(&prefix).map(|(k, _)| k.clone()).collect();
+        let whole =
+            keys.len() == chunks as usize && keys.iter().enumerate().all(|(i, k)| *k == restore_key(id, i as u32));
+        let mut bytes = Vec::new();
+        for k in &keys {
+            if let Some(piece) = self.records.remove(k) {
+                bytes.extend_from_slice(&piece);
+            }
+        }
+        if !whole {
+            return Effect::Refused(format!(
+                "restore {id:016x}: the pieces logged ({}) do not make the {chunks} announced; send the snapshot again",
+                keys.len()
+            ));
+        }
+        let mut new = match read(bytes.as_slice()) {
+            Ok((_, new)) => new,
+            Err(e) => return Effect::Refused(format!("restore {id:016x}: {e}")),
+        };
+        new.next_alloc = new.next_alloc.max(self.next_alloc);
+        new.next_eval = new.next_eval.max(self.next_eval);
+        new.records.retain(|k, _| !k.starts_with(RESTORE_PREFIX) && !RESTORE_KEEPS.iter().any(|p| k.starts_with(p)));
+        for keep in RESTORE_KEEPS {
+            new.records.extend(self.records(keep).map(|(k, v)| (k.clone(), v.clone())));
+        }
+        new.records.insert(RESTORE_LAST.into(), id.to_be_bytes().to_vec());
+        new.acl.keep_bootstrapped(self.acl.bootstrapped());
+        new.applied_at = self.applied_at;
+        // Capacity may have changed everywhere: blocked work is tried again.
+        new.capacity_epoch = self.capacity_epoch + 1;
+        *self = new;
+        Effect::Restored(counts(self))
+    }
 }
 
 /// A state rebuilt from its items, indexes included.

@@ -122,7 +122,7 @@ impl ClusterState {
         // many objects at once, rarely, so one pass over the state is the
         // simple price.
         let mut counts = GcCounts::default();
-        let epoch = self.capacity_epoch;
+        let (epoch, applied_at) = (self.capacity_epoch, self.applied_at);
         let mut snap = std::mem::take(self).into_snapshot();
         let gone_job = |j: &JobId| drop.contains(&GcObject::Job(j.clone()));
         let before = (snap.jobs.len(), snap.allocs.len(), snap.evals.len(), snap.nodes.len());
@@ -143,6 +143,7 @@ impl ClusterState {
         *self = ClusterState::from_snapshot(snap).expect("a state rebuilt from its own parts is valid");
         // The hint only ever rises; what went held no capacity.
         self.capacity_epoch = epoch;
+        self.applied_at = applied_at;
         counts
     }
 

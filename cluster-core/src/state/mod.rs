@@ -144,11 +144,26 @@ pub struct ClusterState {
     /// up, an allocation ended): the leader's cue to retry blocked
     /// evaluations. Not replicated state, a hint rebuilt at zero.
     capacity_epoch: u64,
+    /// The Raft index and term of the last entry applied, as the driver
+    /// last set it (it may lag the state by the entries of one turn). Not
+    /// replicated; what a backup's header names.
+    applied_at: (u64, u64),
 }
 
 impl ClusterState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The Raft index and term of the last entry applied (see the field).
+    pub fn applied_at(&self) -> (u64, u64) {
+        self.applied_at
+    }
+
+    /// Set by the Raft driver after it applied entries or installed a
+    /// snapshot.
+    pub fn set_applied_at(&mut self, index: u64, term: u64) {
+        self.applied_at = (index, term);
     }
 
     /// A state holding `nodes` and nothing else.
