@@ -100,11 +100,15 @@ pub enum ArchiveError {
 /// and ACL first, nodes before anything placed on them.
 #[derive(Serialize, Deserialize)]
 pub(super) enum Item {
-    Counters { next_alloc: u64, next_eval: u64 },
+    Counters {
+        next_alloc: u64,
+        next_eval: u64,
+    },
     Acl(crate::acl::AclState),
     Node(Node),
     Job(Job),
-    Alloc(Allocation),
+    /// Boxed as the state keeps it (the encoding is the same).
+    Alloc(Box<Allocation>),
     Eval(Evaluation),
     Hold(String, Held),
     Record(String, Vec<u8>),
