@@ -8,15 +8,15 @@
 //! nothing. Ends with `name: value` lines.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cluster_core::model::Node;
 use cluster_core::server::ServerOptions;
 use cluster_core::server::local::LocalCluster;
-use cluster_core::spec::{load, parse_fleet};
+
+mod common;
+use common::{peak_rss_mb, percentile, sim_nodes};
 
 const NODES: usize = 10_000;
 const JOBS: usize = 1_000;
@@ -43,36 +43,11 @@ resources = {{ cpu = "100m", memory = "64MiB" }}
     )
 }
 
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
-}
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN);
-    kb / 1024.0
-}
-
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let dir = std::env::temp_dir().join(format!("hanse-cluster-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let fleet = load(&PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fleets/eu-west.toml")), parse_fleet)
-        .unwrap();
-    let nodes: Vec<Node> = (0..NODES)
-        .map(|i| {
-            let mut n = fleet.nodes[i % fleet.nodes.len()].clone();
-            n.id = format!("sim-{i:05}").as_str().into();
-            n
-        })
-        .collect();
+    let nodes = sim_nodes(NODES);
     // HANSE_BENCH_WORKERS: scheduler workers on the leader (default: the
     // server's, half the cores).
     let workers = std::env::var("HANSE_BENCH_WORKERS")

@@ -23,6 +23,9 @@ use federation::local::{Gossiping, Setup, alive_with_nodes, nodes, start};
 use federation::proto::origin::{End, Phase};
 use gossip::Key;
 
+mod common;
+use common::percentile;
+
 const JOBS: usize = 100;
 const INSTANCES: u32 = 100;
 
@@ -39,12 +42,6 @@ fn spec(name: &str) -> String {
     format!(
         "[job]\nname = \"{name}\"\n[[group]]\nname = \"g\"\ncount = {INSTANCES}\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"100m\", memory = \"128MiB\" }}\n"
     )
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
 }
 
 /// Instances of each job registered remotely, by job, from the origin's records.

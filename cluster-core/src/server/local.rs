@@ -165,11 +165,32 @@ impl LocalCluster {
 
     /// Starts server `id` (again) on its data directory and addresses.
     pub async fn start_server(&mut self, id: u64) -> anyhow::Result<()> {
+        self.start_server_as(id, false).await
+    }
+
+    /// Starts a new server with an empty disk and adds it as a voter
+    /// through the leader (`hanse operator raft add-peer`); returns its
+    /// id. It catches up from the leader, by snapshot once the log was
+    /// compacted. Errors: no leader, or the membership change failed.
+    pub async fn join_server(&mut self) -> anyhow::Result<u64> {
+        // Asked first: the new server knows no leader until it is added.
+        let leader = self.leader(Duration::from_secs(10)).await.ok_or_else(|| anyhow::anyhow!("no leader"))?;
+        let handle = self.servers[&leader].server.raft().clone();
+        let id = self.raft_addrs.keys().max().map_or(1, |m| m + 1);
+        self.raft_addrs.insert(id, free_udp()?);
+        self.http_addrs.insert(id, free_tcp()?);
+        self.start_server_as(id, true).await?;
+        handle.add_peer(id, self.raft_addrs[&id]).await.map_err(|e| anyhow::anyhow!("adding server {id}: {e}"))?;
+        Ok(id)
+    }
+
+    async fn start_server_as(&mut self, id: u64, join: bool) -> anyhow::Result<()> {
         let me = Identity::new(&self.name, Role::Server, &format!("s{id}"));
         let pair = tls::issue(&self.ca, &me, 30)?;
         let store = RedbStorage::open(&self.dir.join(format!("s{id}.redb")))?;
         let mut config = RaftConfig::new(id, self.raft_addrs.clone());
         config.tick = self.raft_tick;
+        config.join = join;
         let transport: Arc<dyn Transport<ServerRpc>> = Arc::new(QuicClient::new(&self.ca.cert_pem, &pair)?);
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let options = ServerOptions {

@@ -1,0 +1,213 @@
+//! `cargo bench --bench c1m`: a million allocations on one machine. A
+//! 3-server cluster in this process (QUIC with mutual TLS over loopback,
+//! redb logs with fsync, HTTP APIs), 10,000 simulated nodes registered and
+//! heartbeating through the API, and batch jobs totalling 1,000,000
+//! allocations submitted by 8 HTTP clients. The nodes are simulated: they
+//! heartbeat but run nothing, and the bench reports every allocation
+//! complete through the API, as agents would.
+//!
+//! In order: placement (timed until every evaluation closed); a fourth
+//! server joins with an empty disk and catches up by snapshot while the
+//! million allocations are live (the harder case: after collection there
+//! is little to send); all work completes; `PUT /v1/system/gc` collects.
+//! Ends with `name: value` lines. Nomad's C1M ran 1,000,000 containers on
+//! 5,000 real hosts; this runs no containers.
+//!
+//! `HANSE_C1M_JOBS` scales the run (1,000 jobs of 1,000 by default).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cluster_core::server::ServerOptions;
+use cluster_core::server::api::AllocUpdate;
+use cluster_core::server::local::LocalCluster;
+
+mod common;
+use common::{peak_rss_mb, percentile, rss_mb, sim_nodes};
+
+const NODES: usize = 10_000;
+const INSTANCES_PER_JOB: usize = 1_000;
+const CLIENTS: usize = 8;
+
+fn spec(name: &str) -> String {
+    format!(
+        r#"
+[job]
+name = "{name}"
+type = "batch"
+
+[[group]]
+name = "work"
+count = {INSTANCES_PER_JOB}
+
+[[group.task]]
+name = "main"
+driver = "mock"
+resources = {{ cpu = "50m", memory = "32MiB" }}
+"#
+    )
+}
+
+/// Counts the bytes written to it, keeping none.
+struct Counted(u64);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn main() {
+    let jobs: usize = std::env::var("HANSE_C1M_JOBS").ok().and_then(|j| j.parse().ok()).unwrap_or(1_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let dir = std::env::temp_dir().join(format!("hanse-c1m-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let nodes = sim_nodes(NODES);
+    let options = ServerOptions { gc_interval: None, ..ServerOptions::new("c1m", "s") };
+    let mut cluster = rt
+        .block_on(LocalCluster::start("c1m", &dir, 3, options, Duration::from_millis(100)))
+        .expect("the cluster starts");
+    let leader = rt.block_on(cluster.leader(Duration::from_secs(10))).expect("a leader");
+    let client = cluster.client();
+    let mut figures: Vec<(&str, String)> = Vec::new();
+
+    for chunk in nodes.chunks(500) {
+        client.register_nodes(chunk).expect("nodes register");
+    }
+    // Heartbeats for all nodes, every 3 s (the TTL is 10 s), until the end.
+    let done = Arc::new(AtomicBool::new(false));
+    let beats = {
+        let (client, done) = (client.clone(), done.clone());
+        let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                for chunk in ids.chunks(5_000) {
+                    let _ = client.heartbeat(chunk);
+                }
+                for _ in 0..30 {
+                    if done.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+    };
+    let rss_before = rss_mb();
+
+    let start = Instant::now();
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let base = client.clone();
+            std::thread::spawn(move || {
+                let client = base.clone();
+                let (tx, rx) = std::sync::mpsc::channel::<(u64, Instant)>();
+                let waiter = {
+                    let client = base.clone();
+                    std::thread::spawn(move || {
+                        let mut latencies = Vec::new();
+                        for (eval, submitted) in rx {
+                            // A big job may be planned in parts: wait for all of them.
+                            let e = client.eval(eval, Duration::from_secs(60)).expect("evaluation");
+                            assert_ne!(e.status, "pending", "evaluation {eval} still pending after 60 s");
+                            latencies.push(submitted.elapsed().as_secs_f64() * 1e3);
+                        }
+                        latencies
+                    })
+                };
+                for j in (c..jobs).step_by(CLIENTS) {
+                    let submitted = Instant::now();
+                    let reg = client.submit(&spec(&format!("job-{j:04}")), "c1m.toml").expect("submitted");
+                    tx.send((reg.eval, submitted)).unwrap();
+                }
+                drop(tx);
+                waiter.join().unwrap()
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in threads {
+        latencies.extend(t.join().unwrap());
+    }
+    let total = start.elapsed().as_secs_f64();
+    let want = jobs * INSTANCES_PER_JOB;
+    let leader_raft = cluster.server(leader).unwrap().raft().clone();
+    let live = leader_raft.read(|s| s.allocs().filter(|a| a.is_live()).count());
+    println!("{live} allocations placed in {total:.1} s");
+    assert_eq!(live, want, "every allocation placed");
+    // Every replica holds them before memory is read.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cluster.running().any(|id| cluster.server(id).unwrap().raft().read(|s| s.allocs().count()) < want) {
+        assert!(Instant::now() < deadline, "the followers did not catch up in 120 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rss_placed = rss_mb();
+    figures.push(("allocs_total", want.to_string()));
+    figures.push(("allocs_per_sec", format!("{:.0}", want as f64 / total)));
+    figures.push(("eval_latency_p99_ms", format!("{:.0}", percentile(&latencies, 0.99))));
+    figures.push((
+        "bytes_per_alloc_per_replica",
+        format!("{:.0}", (rss_placed - rss_before) * 1024.0 * 1024.0 / (want as f64 * 3.0)),
+    ));
+    let snapshot_bytes = leader_raft.read(|s| {
+        let mut sink = Counted(0);
+        cluster_core::state::archive::write(s, 0, 0, Vec::new(), 0, &mut sink).expect("counting never fails");
+        sink.0
+    });
+    figures.push(("snapshot_bytes", snapshot_bytes.to_string()));
+
+    // A fourth server with an empty disk: caught up once it applied what
+    // the leader had committed when it joined.
+    let joined = Instant::now();
+    let target = leader_raft.status().commit;
+    let new = rt.block_on(cluster.join_server()).expect("a fourth server joins");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let st = cluster.server(new).unwrap().raft().status();
+        if st.applied >= target && st.snapshots_installed >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new server did not catch up in 300 s: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let install = joined.elapsed().as_secs_f64();
+    let held = cluster.server(new).unwrap().raft().read(|s| s.allocs().count());
+    assert!(held >= want, "the new server holds {held} of {want}");
+    println!("server {new} joined and caught up by snapshot in {install:.1} s");
+    figures.push(("snapshot_install_s", format!("{install:.1}")));
+
+    // All work completes, reported as agents would, then collection.
+    let ids: Vec<u64> = leader_raft.read(|s| s.allocs().map(|a| a.id.0).collect());
+    let reporters: Vec<_> = ids
+        .chunks(ids.len().div_ceil(CLIENTS).max(1))
+        .map(|part| {
+            let (client, part) = (client.clone(), part.to_vec());
+            std::thread::spawn(move || {
+                for batch in part.chunks(cluster_core::command::ALLOC_STATUS_BATCH_MAX) {
+                    let updates = batch.iter().map(|id| AllocUpdate { id: *id, status: "complete".into() }).collect();
+                    client.alloc_status(updates).expect("reported");
+                }
+            })
+        })
+        .collect();
+    for r in reporters {
+        r.join().unwrap();
+    }
+    let counts: cluster_core::state::GcCounts = client.put("/v1/system/gc", &serde_json::json!({})).expect("collected");
+    let after = leader_raft.read(|s| s.allocs().count());
+    figures.push(("gc_allocs_collected", counts.allocs.to_string()));
+    figures.push(("state_allocs_after_gc", after.to_string()));
+    figures.push(("peak_rss_mb", format!("{:.0}", peak_rss_mb())));
+    done.store(true, Ordering::Relaxed);
+    beats.join().unwrap();
+    rt.block_on(cluster.stop());
+    let _ = std::fs::remove_dir_all(&dir);
+    for (k, v) in figures {
+        println!("{k}: {v}");
+    }
+}
