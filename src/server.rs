@@ -15,7 +15,8 @@
 //! heartbeat_grace = "10s"     # ...and are down after TTL + grace of silence
 //! gc_interval = "5m"          # the leader collects garbage this often:
 //! job_gc_threshold = "4h"     #   stopped and finished jobs after this,
-//! node_gc_threshold = "24h"   #   nodes down (and holding nothing) after this
+//! node_gc_threshold = "24h"   #   nodes down (and holding nothing) after this,
+//! terminal_allocs_per_job = 50 #  and ended allocations per job the scheduler no longer reads
 //! workers = 1                 # scheduler workers on the leader (default: half the cores)
 //! bootstrap = true            # false: join a running cluster (`hanse operator raft add-peer`)
 //!
@@ -75,9 +76,9 @@ pub struct ServerConfig {
     pub http: SocketAddr,
     pub heartbeat_ttl: Duration,
     pub heartbeat_grace: Duration,
-    /// How often the leader collects garbage, and after how long.
+    /// How often the leader collects garbage, and what.
     pub gc_interval: Duration,
-    pub gc_thresholds: cluster_core::state::GcThresholds,
+    pub gc_policy: cluster_core::state::GcPolicy,
     pub workers: usize,
     /// Host names the API answers to besides IP addresses and `localhost`.
     pub http_hosts: Vec<String>,
@@ -174,9 +175,17 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
         let heartbeat_ttl = duration(d, "heartbeat_ttl", Duration::from_secs(10));
         let heartbeat_grace = duration(d, "heartbeat_grace", Duration::from_secs(10));
         let gc_interval = duration(d, "gc_interval", cluster_core::server::GC_INTERVAL);
-        let defaults = cluster_core::state::GcThresholds::DEFAULT;
+        let defaults = cluster_core::state::GcPolicy::DEFAULT;
         let job_gc = duration(d, "job_gc_threshold", Duration::from_millis(defaults.job_ms));
         let node_gc = duration(d, "node_gc_threshold", Duration::from_millis(defaults.node_ms));
+        let allocs_per_job = match s.int(d, "terminal_allocs_per_job") {
+            None => defaults.allocs_per_job,
+            Some((n, _)) if (0..=1_000_000).contains(&n) => Some(n as u32),
+            Some((n, span)) => {
+                d.error_hint(span, format!("terminal_allocs_per_job = {n}"), "use 0 to 1000000");
+                defaults.allocs_per_job
+            }
+        };
         let workers = match s.int(d, "workers") {
             Some((n, _)) if (1..=64).contains(&n) => Some(n as usize),
             Some((n, span)) => {
@@ -241,9 +250,10 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             heartbeat_ttl: heartbeat_ttl?,
             heartbeat_grace: heartbeat_grace?,
             gc_interval: gc_interval?,
-            gc_thresholds: cluster_core::state::GcThresholds {
+            gc_policy: cluster_core::state::GcPolicy {
                 job_ms: job_gc?.as_millis() as u64,
                 node_ms: node_gc?.as_millis() as u64,
+                allocs_per_job,
             },
             workers: workers?,
             http_hosts,
@@ -344,7 +354,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         heartbeat_ttl: c.heartbeat_ttl,
         heartbeat_grace: c.heartbeat_grace,
         gc_interval: Some(c.gc_interval),
-        gc_thresholds: c.gc_thresholds,
+        gc_policy: c.gc_policy,
         acl: cluster_core::server::AclOptions { enabled: c.acl, initial_management: None },
         audit_dir: Some(c.data_dir.join("audit")),
         http_tls: c.http_tls,

@@ -104,10 +104,10 @@ pub enum Command {
     },
     /// A change to the API's tokens and policies (see [`crate::acl`]).
     Acl(crate::acl::AclCommand),
-    /// Garbage collection at the proposer's `now_ms` (Unix ms): marks what
-    /// became collectable, drops what was marked at least the thresholds
-    /// ago ([`crate::state::GcThresholds`]). The leader proposes it on a
-    /// timer; `hanse system gc` with thresholds of 0.
+    /// Garbage collection at the proposer's `now_ms` (Unix ms) of jobs and
+    /// nodes only: marks what became collectable, drops what was marked at
+    /// least the thresholds ago ([`crate::state::GcThresholds`]). No longer
+    /// proposed (see `CollectGarbage`); applied as it always was.
     Collect {
         now_ms: u64,
         thresholds: crate::state::GcThresholds,
@@ -126,6 +126,14 @@ pub enum Command {
     Restore {
         id: u64,
         chunks: u32,
+    },
+    /// Garbage collection at the proposer's `now_ms` (Unix ms) under
+    /// `policy` ([`crate::state::GcPolicy`]): jobs and nodes past their
+    /// thresholds, ended allocations past the cap per job. What the leader proposes since there is a policy; `Collect`
+    /// stays for entries already in logs.
+    CollectGarbage {
+        now_ms: u64,
+        policy: crate::state::GcPolicy,
     },
 }
 
@@ -266,7 +274,8 @@ impl ClusterState {
                 Effect::Done
             }
             Command::Acl(c) => self.acl_mut().apply(c).map_or_else(Effect::Refused, |()| Effect::Done),
-            Command::Collect { now_ms, thresholds } => Effect::Collected(self.collect(*now_ms, *thresholds)),
+            Command::Collect { now_ms, thresholds } => Effect::Collected(self.collect(*now_ms, thresholds.as_policy())),
+            Command::CollectGarbage { now_ms, policy } => Effect::Collected(self.collect(*now_ms, *policy)),
             Command::RestoreChunk { id, seq, bytes } => {
                 self.stage_restore(*id, *seq, bytes);
                 Effect::Done

@@ -11,7 +11,7 @@ use cluster_core::model::alloc::AllocReport;
 use cluster_core::model::{AllocStatus, NodeStatus};
 use cluster_core::scheduler::{SchedulerConfig, schedule};
 use cluster_core::spec::{parse_fleet, parse_job};
-use cluster_core::state::{ClusterState, GcCounts, GcObject, GcThresholds};
+use cluster_core::state::{ClusterState, GcCounts, GcObject, GcPolicy};
 
 const HOUR: u64 = 3_600_000;
 
@@ -76,8 +76,8 @@ impl Log {
         self.settle();
     }
 
-    fn collect(&mut self, now_ms: u64, thresholds: GcThresholds) -> GcCounts {
-        match self.commit(Command::Collect { now_ms, thresholds }) {
+    fn collect(&mut self, now_ms: u64, thresholds: GcPolicy) -> GcCounts {
+        match self.commit(Command::CollectGarbage { now_ms, policy: thresholds }) {
             Effect::Collected(c) => c,
             other => panic!("{other:?}"),
         }
@@ -102,23 +102,23 @@ fn finished_and_stopped_jobs_and_dead_nodes_go_after_their_thresholds_and_nothin
     log.commit(Command::SetNodeStatus { node: dead.clone(), status: NodeStatus::Down, eligible: false });
 
     let t0 = 1_000_000;
-    assert_eq!(log.collect(t0, GcThresholds::DEFAULT), GcCounts::default(), "the first pass only marks");
+    assert_eq!(log.collect(t0, GcPolicy::DEFAULT), GcCounts::default(), "the first pass only marks");
     assert_eq!(log.state.gc_mark(&GcObject::Job(JobId::new("report"))), Some(t0));
     assert_eq!(log.state.gc_mark(&GcObject::Job(JobId::new("old"))), None, "its instances still run");
     log.report("old", AllocStatus::Complete);
-    log.collect(t0 + HOUR, GcThresholds::DEFAULT);
-    assert_eq!(log.collect(t0 + 4 * HOUR - 1, GcThresholds::DEFAULT), GcCounts::default(), "not yet 4 h");
+    log.collect(t0 + HOUR, GcPolicy::DEFAULT);
+    assert_eq!(log.collect(t0 + 4 * HOUR - 1, GcPolicy::DEFAULT), GcCounts::default(), "not yet 4 h");
 
     let before = log.state.allocs().count();
-    let c = log.collect(t0 + 4 * HOUR, GcThresholds::DEFAULT);
+    let c = log.collect(t0 + 4 * HOUR, GcPolicy::DEFAULT);
     assert_eq!((c.jobs, c.allocs, c.nodes), (1, 4, 0), "the finished batch job, 4 h after its mark: {c:?}");
     assert!(!log.has_job("report") && log.has_job("old") && log.has_job("web"));
     assert_eq!(log.state.allocs().count(), before - 4);
     assert!(log.state.allocs_of_job(&JobId::new("report")).next().is_none());
-    let c = log.collect(t0 + 5 * HOUR, GcThresholds::DEFAULT);
+    let c = log.collect(t0 + 5 * HOUR, GcPolicy::DEFAULT);
     assert_eq!((c.jobs, c.allocs), (1, 2), "the stopped job, 4 h after its instances ended: {c:?}");
     assert!(log.state.node_idx(&dead).is_some(), "a node goes after 24 h");
-    let c = log.collect(t0 + 24 * HOUR, GcThresholds::DEFAULT);
+    let c = log.collect(t0 + 24 * HOUR, GcPolicy::DEFAULT);
     assert_eq!(c.nodes, 1, "{c:?}");
     assert!(log.state.node_idx(&dead).is_none());
     // The live service keeps its job, allocations and usage.
@@ -150,17 +150,17 @@ fn a_job_that_comes_back_loses_its_mark_and_gc_now_takes_everything_collectable(
     log.run(job("svc", "service", 2));
     log.commit_settled(Command::StopJob(JobId::new("svc")));
     log.report("svc", AllocStatus::Complete);
-    log.collect(0, GcThresholds::DEFAULT);
+    log.collect(0, GcPolicy::DEFAULT);
     assert_eq!(log.state.gc_mark(&GcObject::Job(JobId::new("svc"))), Some(0));
     // Submitted again before the threshold: live again, unmarked, kept.
     log.run(job("svc", "service", 2));
-    log.collect(HOUR, GcThresholds::DEFAULT);
+    log.collect(HOUR, GcPolicy::DEFAULT);
     assert_eq!(log.state.gc_mark(&GcObject::Job(JobId::new("svc"))), None);
-    assert_eq!(log.collect(10 * HOUR, GcThresholds::DEFAULT).jobs, 0);
+    assert_eq!(log.collect(10 * HOUR, GcPolicy::DEFAULT).jobs, 0);
     // `hanse system gc`: thresholds of 0 mark and drop in one pass.
     log.commit_settled(Command::StopJob(JobId::new("svc")));
     log.report("svc", AllocStatus::Complete);
-    let c = log.collect(10 * HOUR + 1, GcThresholds::NOW);
+    let c = log.collect(10 * HOUR + 1, GcPolicy::NOW);
     assert_eq!((c.jobs, c.allocs), (1, 4), "{c:?}");
     assert!(log.state.evals().all(|e| e.job != JobId::new("svc")), "its evaluations went too");
     assert!(log.state.eval(EvalId(0)).is_none());
@@ -191,13 +191,108 @@ fn delegations_keep_their_jobs_and_cannot_hold_a_collected_one() {
     assert!(!matches!(log.commit(hold("held")), Effect::Refused(_)));
     log.settle();
     let done_alloc = log.state.allocs_of_job(&JobId::new("done")).next().unwrap().id;
-    let c = log.collect(0, GcThresholds::NOW);
+    let c = log.collect(0, GcPolicy::NOW);
     assert_eq!(c.jobs, 1, "{c:?}");
     assert!(log.has_job("held") && log.has_job("guest") && !log.has_job("done"));
     assert!(log.state.alloc(done_alloc).is_none() && log.state.was_placed(done_alloc));
     assert!(matches!(log.commit(hold("done")), Effect::Refused(_)), "a hold on a collected job");
     // Released, the held job goes at the next pass.
     log.commit_settled(Command::Release { holder: "out/held".into(), record: Vec::new() });
-    assert_eq!(log.collect(1, GcThresholds::NOW).jobs, 1);
+    assert_eq!(log.collect(1, GcPolicy::NOW).jobs, 1);
     assert!(!log.has_job("held") && log.has_job("guest"));
+}
+
+fn job_cpu(name: &str, kind: &str, count: u32, cpu: &str) -> cluster_core::model::Job {
+    let text = format!(
+        "[job]\nname = \"{name}\"\ntype = \"{kind}\"\n[[group]]\nname = \"g\"\ncount = {count}\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"{cpu}\", memory = \"256MiB\" }}\n"
+    );
+    parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
+}
+
+impl Log {
+    /// Reports every allocation of `job` asked to stop as complete, as
+    /// its agent would once it stopped.
+    fn end_stopped(&mut self, job: &str) {
+        let ids: Vec<_> = self
+            .state
+            .allocs_of_job(&JobId::new(job))
+            .filter(|a| a.desired == cluster_core::model::DesiredStatus::Stop && !a.status.is_terminal())
+            .map(|a| a.id)
+            .collect();
+        let reports = ids.into_iter().map(|id| AllocReport { id, status: AllocStatus::Complete, tasks: Vec::new() });
+        self.commit(Command::AllocStatus(reports.collect()));
+        self.settle();
+    }
+
+    /// What the scheduler would do for `job` now: placements and stops.
+    fn plan_of(&self, job: &str) -> (usize, usize) {
+        let stored = self.state.job(&JobId::new(job)).unwrap();
+        let plan = schedule(&self.state, stored, &SchedulerConfig::default());
+        (plan.placements.len(), plan.stops.len())
+    }
+}
+
+/// The cap on ended allocations per live job: what goes is what the
+/// scheduler no longer reads (older versions, completed service work),
+/// oldest first; a failed or completed batch instance of the current
+/// version stays, and what the scheduler would do is the same after.
+#[test]
+fn ended_allocations_past_the_cap_go_oldest_first_and_scheduling_is_unchanged() {
+    let mut log = Log::new();
+    log.run(job_cpu("web", "service", 2, "250m"));
+    for cpu in ["300m", "350m", "400m", "450m"] {
+        log.commit_settled(Command::RegisterJob(job_cpu("web", "service", 2, cpu)));
+        log.end_stopped("web");
+    }
+    let web = JobId::new("web");
+    let ended: Vec<_> = log.state.allocs_of_job(&web).filter(|a| a.status.is_terminal()).map(|a| a.id).collect();
+    assert_eq!(ended.len(), 8, "four versions replaced, two instances each");
+    log.run(job("report", "batch", 3));
+    log.report("report", AllocStatus::Complete);
+    log.run(job("flaky", "service", 1));
+    log.report("flaky", AllocStatus::Failed);
+    let failed = log.state.allocs_of_job(&JobId::new("flaky")).filter(|a| a.status == AllocStatus::Failed).count();
+    assert!(failed >= 1);
+    let plans = (log.plan_of("web"), log.plan_of("report"), log.plan_of("flaky"));
+
+    let policy = GcPolicy { allocs_per_job: Some(3), ..GcPolicy::DEFAULT };
+    let c = log.collect(1_000, policy);
+    assert_eq!(c.allocs, 5, "{c:?}");
+    let left: Vec<_> = log.state.allocs_of_job(&web).filter(|a| a.status.is_terminal()).map(|a| a.id).collect();
+    assert_eq!(left, ended[5..], "the newest three stay");
+    assert_eq!(log.state.allocs_of_job(&web).filter(|a| a.is_live()).count(), 2);
+    let zero = GcPolicy { allocs_per_job: Some(0), ..GcPolicy::DEFAULT };
+    assert_eq!(log.collect(2_000, zero).allocs, 3);
+    assert_eq!(log.state.allocs_of_job(&JobId::new("report")).count(), 3, "completed batch work says it is done");
+    let still = log.state.allocs_of_job(&JobId::new("flaky")).filter(|a| a.status == AllocStatus::Failed).count();
+    assert_eq!(still, failed, "failures count toward the reschedule limit");
+    assert_eq!((log.plan_of("web"), log.plan_of("report"), log.plan_of("flaky")), plans);
+
+    let mut replica = ClusterState::new();
+    for c in &log.commands {
+        replica.apply(c);
+    }
+    assert_eq!(replica.snapshot(), log.state.snapshot());
+}
+
+/// The older `Collect`, replayed from a log, caps nothing, as it never
+/// did; evaluations stay bounded without a rule: one open and one closed
+/// per job, however often it changes.
+#[test]
+fn the_old_command_caps_nothing_and_evaluations_stay_two_per_job() {
+    let mut log = Log::new();
+    log.run(job_cpu("web", "service", 2, "250m"));
+    for cpu in ["300m", "350m", "400m"] {
+        log.commit_settled(Command::RegisterJob(job_cpu("web", "service", 2, cpu)));
+        log.end_stopped("web");
+    }
+    let web = JobId::new("web");
+    assert!(log.state.evals().filter(|e| e.job == web).count() <= 2);
+    let allocs = log.state.allocs().count();
+    assert_eq!(allocs, 8);
+    let old = cluster_core::state::GcThresholds { job_ms: 0, node_ms: 0 };
+    log.commit(Command::Collect { now_ms: 0, thresholds: old });
+    log.commit(Command::Collect { now_ms: 10 * HOUR, thresholds: old });
+    assert_eq!(log.state.allocs().count(), allocs, "the old command took ended allocations of a live job");
+    assert_eq!(log.collect(11 * HOUR, GcPolicy::NOW).allocs, 6);
 }

@@ -37,8 +37,8 @@ pub const STEP_MS: u64 = 100;
 /// How often a simulated leader proposes a collection, and the thresholds
 /// it gives (production: 5 min; 4 h and 24 h).
 pub const COLLECT_EVERY_MS: u64 = 5_000;
-pub const COLLECT_AFTER: cluster_core::state::GcThresholds =
-    cluster_core::state::GcThresholds { job_ms: 3_000, node_ms: 10_000 };
+pub const COLLECT_AFTER: cluster_core::state::GcPolicy =
+    cluster_core::state::GcPolicy { job_ms: 3_000, node_ms: 10_000, allocs_per_job: Some(2) };
 /// A node is down after this long without a heartbeat, plus the grace.
 pub const NODE_TTL_MS: u64 = 2_000;
 pub const NODE_GRACE_MS: u64 = 2_000;
@@ -1429,7 +1429,7 @@ impl World {
         // Garbage collection, as `server::collect_garbage` proposes it, with
         // short thresholds so that runs see jobs and nodes go.
         if now % COLLECT_EVERY_MS == 0 {
-            let collect = Command::Collect { now_ms: now_c, thresholds: COLLECT_AFTER };
+            let collect = Command::CollectGarbage { now_ms: now_c, policy: COLLECT_AFTER };
             self.perform(c, r, vec![Action::Propose(collect)], Then::Nothing);
         }
     }
@@ -1798,7 +1798,7 @@ fn describe(c: &Command) -> String {
         }
         Command::Hold { holder, indices, .. } => format!("hold {holder} {indices:?}"),
         Command::Release { holder, .. } => format!("release {holder}"),
-        Command::Collect { now_ms, .. } => format!("collect at {now_ms}"),
+        Command::Collect { now_ms, .. } | Command::CollectGarbage { now_ms, .. } => format!("collect at {now_ms}"),
         other => format!("{other:?}").chars().take(60).collect(),
     }
 }

@@ -77,9 +77,9 @@ pub struct ServerOptions {
     /// `None`.
     pub audit_dir: Option<std::path::PathBuf>,
     /// How often the leader collects garbage (`None`: never on its own),
-    /// and after how long (see [`crate::state::GcThresholds`]).
+    /// and what it collects (see [`crate::state::GcPolicy`]).
     pub gc_interval: Option<Duration>,
-    pub gc_thresholds: crate::state::GcThresholds,
+    pub gc_policy: crate::state::GcPolicy,
 }
 
 /// The leader proposes a collection this often by default.
@@ -127,7 +127,7 @@ impl ServerOptions {
             http_tls: true,
             audit_dir: None,
             gc_interval: Some(GC_INTERVAL),
-            gc_thresholds: crate::state::GcThresholds::DEFAULT,
+            gc_policy: crate::state::GcPolicy::DEFAULT,
         }
     }
 }
@@ -491,8 +491,7 @@ impl Inner {
             }
             Write::Acl(c) => propose(Command::Acl(c)).await?,
             Write::Collect => {
-                let thresholds = crate::state::GcThresholds::NOW;
-                propose(Command::Collect { now_ms: unix_ms(), thresholds }).await?
+                propose(Command::CollectGarbage { now_ms: unix_ms(), policy: crate::state::GcPolicy::NOW }).await?
             }
             Write::RestoreChunk { id, seq, bytes } => propose(Command::RestoreChunk { id, seq, bytes }).await?,
             Write::Restore { id, chunks } => propose(Command::Restore { id, chunks }).await?,
@@ -650,7 +649,7 @@ async fn collect_garbage(inner: &Inner) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let command = Command::Collect { now_ms: unix_ms(), thresholds: inner.options.gc_thresholds };
+        let command = Command::CollectGarbage { now_ms: unix_ms(), policy: inner.options.gc_policy };
         match inner.raft.propose(command).await {
             Ok(Effect::Collected(c)) if c != crate::state::GcCounts::default() => {
                 tracing::info!(jobs = c.jobs, allocs = c.allocs, evals = c.evals, nodes = c.nodes, "garbage collected");

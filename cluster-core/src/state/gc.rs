@@ -14,8 +14,13 @@
 //! Kept whatever the age: a job with a live or pending allocation, an open
 //! evaluation, or instances held by another cluster (a delegation); a job
 //! another cluster delegated here; a node with an allocation that still
-//! holds resources; the ended allocations of a job that lives (a service's
-//! replaced instances stay until the job goes). Delegation records and
+//! holds resources. A live job's ended allocations are capped instead
+//! (`GcPolicy::allocs_per_job`, newest kept): what goes is what its
+//! scheduling no longer reads (older versions, completed service work);
+//! failures of its current version (they count toward the reschedule
+//! limit) and completed batch instances (they say their index is done)
+//! stay while the job does. A job keeps at most one open and one closed
+//! evaluation, so evaluations need no rule. Delegation records and
 //! tombstones are never collected, so a late re-offer is refused after its
 //! job is gone; they, and jobs delegated here, still grow without bound.
 //!
@@ -32,7 +37,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ClusterState;
 use crate::command::peers_asked_key;
-use crate::ids::{JobId, NodeId};
+use crate::ids::{AllocId, JobId, NodeId};
+use crate::model::AllocStatus;
 use crate::model::JobType;
 use crate::model::job::LABEL_DELEGATION;
 use crate::model::node::NodeStatus;
@@ -49,6 +55,38 @@ impl GcThresholds {
     pub const DEFAULT: GcThresholds = GcThresholds { job_ms: 4 * 3_600_000, node_ms: 24 * 3_600_000 };
     /// Everything collectable, now (`hanse system gc`).
     pub const NOW: GcThresholds = GcThresholds { job_ms: 0, node_ms: 0 };
+}
+
+/// What [`crate::command::Command::CollectGarbage`] collects, and when:
+/// jobs and nodes past their threshold, in milliseconds (Nomad's
+/// defaults: a job 4 h, a node 24 h), and a cap on the ended allocations
+/// each live job keeps. Evaluations need no rule of their own: a job has
+/// at most one open and one closed evaluation (a newer one replaces
+/// them), and they go with their job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcPolicy {
+    pub job_ms: u64,
+    pub node_ms: u64,
+    /// Ended allocations of a live job that its scheduling no longer reads
+    /// (those of an older version, and completed or lost service work),
+    /// beyond the newest this many (`None`: no cap). Dropped at once, by
+    /// count, not by age.
+    pub allocs_per_job: Option<u32>,
+}
+
+impl GcPolicy {
+    pub const DEFAULT: GcPolicy = GcPolicy { job_ms: 4 * 3_600_000, node_ms: 24 * 3_600_000, allocs_per_job: Some(50) };
+    /// Everything collectable, now (`hanse system gc`).
+    pub const NOW: GcPolicy = GcPolicy { job_ms: 0, node_ms: 0, allocs_per_job: Some(0) };
+}
+
+impl GcThresholds {
+    /// What a [`crate::command::Command::Collect`] (the command before
+    /// [`GcPolicy`]) collects: jobs and nodes only, as it did, so that an
+    /// old entry replayed gives the state it gave then.
+    pub fn as_policy(self) -> GcPolicy {
+        GcPolicy { job_ms: self.job_ms, node_ms: self.node_ms, allocs_per_job: None }
+    }
 }
 
 /// What one collection dropped.
@@ -91,14 +129,43 @@ impl ClusterState {
             && self.allocs_by_node.get(id).is_none_or(|ids| ids.iter().all(|a| !self.allocs[a].holds_resources()))
     }
 
-    /// Applies [`crate::command::Command::Collect`]: marks what became
-    /// collectable at `now_ms`, unmarks what no longer is, and drops what
-    /// was marked at least the threshold ago. Deterministic: the same
-    /// state and command drop the same things on every replica.
-    pub fn collect(&mut self, now_ms: u64, t: GcThresholds) -> GcCounts {
+    /// Ended allocations past `cap` per live job, oldest first, among
+    /// those its reconciliation no longer reads: of an older version, or
+    /// of this version but neither failed (failures count toward the
+    /// reschedule limit) nor a completed batch instance (which says its
+    /// index is done). Jobs delegated here keep theirs (their origin
+    /// follows them).
+    fn allocs_past_cap(&self, cap: u32) -> BTreeSet<AllocId> {
+        let mut out = BTreeSet::new();
+        for job in self.jobs.values().filter(|j| !j.labels.contains_key(LABEL_DELEGATION)) {
+            let spent: Vec<AllocId> = self
+                .allocs_of_job(&job.id)
+                .filter(|a| a.status.is_terminal() && !a.holds_resources())
+                .filter(|a| {
+                    a.job_version != job.version
+                        || !(a.status == AllocStatus::Failed
+                            || (job.job_type == JobType::Batch && a.status == AllocStatus::Complete))
+                })
+                .map(|a| a.id)
+                .collect();
+            // `allocs_of_job` gives ids in the order they were placed.
+            let keep = (cap as usize).min(spent.len());
+            out.extend(spent[..spent.len() - keep].iter().copied());
+        }
+        out
+    }
+
+    /// Applies [`crate::command::Command::CollectGarbage`] (and the older
+    /// `Collect`, as [`GcThresholds::as_policy`]): marks what became
+    /// collectable at `now_ms`, unmarks what no longer is, drops what was
+    /// marked at least its threshold ago, and drops the ended allocations
+    /// past the cap. Deterministic: the same state and command drop the same
+    /// things on every replica.
+    pub fn collect(&mut self, now_ms: u64, t: GcPolicy) -> GcCounts {
         let held: BTreeSet<&JobId> = self.holds.values().map(|h| &h.job).collect();
         let jobs: Vec<JobId> = self.jobs.keys().filter(|j| self.job_collectable(j, &held)).cloned().collect();
         let nodes: Vec<NodeId> = self.nodes.iter().map(|n| n.id.clone()).filter(|n| self.node_collectable(n)).collect();
+        let spent = t.allocs_per_job.map(|cap| self.allocs_past_cap(cap)).unwrap_or_default();
         let now: BTreeSet<GcObject> =
             jobs.into_iter().map(GcObject::Job).chain(nodes.into_iter().map(GcObject::Node)).collect();
         self.gc_marks.retain(|o, _| now.contains(o));
@@ -114,7 +181,7 @@ impl ClusterState {
         };
         let drop: BTreeSet<GcObject> =
             self.gc_marks.iter().filter(|(o, at)| due(o, **at)).map(|(o, _)| o.clone()).collect();
-        if drop.is_empty() {
+        if drop.is_empty() && spent.is_empty() {
             return GcCounts::default();
         }
         // Rebuilt from its replicated part without what goes: every index
@@ -127,7 +194,7 @@ impl ClusterState {
         let gone_job = |j: &JobId| drop.contains(&GcObject::Job(j.clone()));
         let before = (snap.jobs.len(), snap.allocs.len(), snap.evals.len(), snap.nodes.len());
         snap.jobs.retain(|j| !gone_job(&j.id));
-        snap.allocs.retain(|a| !gone_job(&a.job));
+        snap.allocs.retain(|a| !gone_job(&a.job) && !spent.contains(&a.id));
         snap.evals.retain(|e| !gone_job(&e.job));
         snap.nodes.retain(|n| !drop.contains(&GcObject::Node(n.id.clone())));
         let asked: BTreeSet<String> = drop
@@ -182,11 +249,12 @@ mod tests {
     fn thresholds_are_nomads() {
         assert_eq!(GcThresholds::DEFAULT.job_ms, 4 * 60 * 60 * 1000);
         assert_eq!(GcThresholds::DEFAULT.node_ms, 24 * 60 * 60 * 1000);
+        assert_eq!((GcPolicy::DEFAULT.job_ms, GcPolicy::DEFAULT.node_ms), (4 * 3_600_000, 24 * 3_600_000));
     }
 
     #[test]
     fn a_state_without_marks_collects_nothing() {
         let mut s = ClusterState::new();
-        assert_eq!(s.collect(1_000, GcThresholds::NOW), GcCounts::default());
+        assert_eq!(s.collect(1_000, GcPolicy::NOW), GcCounts::default());
     }
 }

@@ -10,7 +10,7 @@ pub mod archive;
 mod evals;
 mod gc;
 
-pub use gc::{GcCounts, GcObject, GcThresholds};
+pub use gc::{GcCounts, GcObject, GcPolicy, GcThresholds};
 
 pub use evals::PlanOutcome;
 
