@@ -717,6 +717,32 @@ async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
         let ids: Vec<u64> = small.iter().map(|a| a["id"].as_u64().unwrap()).collect();
         assert_eq!(ids, seen, "11 pages of 97, in order, each allocation once");
         assert_eq!(client.nodes().expect("every node").len(), 40);
+
+        // While the state changes under it (jobs placed between pages, one
+        // stopped), paging still returns each allocation at most once, in
+        // order, and every one that was there throughout.
+        let (mut during, mut token, mut round) = (Vec::new(), None::<String>, 0);
+        loop {
+            let path = match &token {
+                Some(t) => format!("/v1/allocations?per_page=250&next_token={t}"),
+                None => "/v1/allocations?per_page=250".to_string(),
+            };
+            let (_, body, next) = get(&path);
+            during.extend(body.as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap()));
+            let reg = client.submit(&spec(&format!("late{round}"), 2, "100m"), "late.toml").expect("submitted");
+            client.eval(reg.eval, Duration::from_secs(10)).expect("placed");
+            if round == 1 {
+                client.stop("few").expect("stopped");
+            }
+            round += 1;
+            match next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        assert!(during.windows(2).all(|w| w[0] < w[1]), "an allocation came twice, or out of order");
+        assert!(seen.iter().all(|id| during.contains(id)), "an allocation that was there throughout went missing");
+        assert!(during.len() > seen.len(), "the allocations placed meanwhile, after the token, were listed too");
     })
     .await;
     c.stop().await;
