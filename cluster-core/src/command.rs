@@ -157,7 +157,7 @@ pub enum Effect {
     /// Evaluations the command opened (a node went down, a drain began).
     Evals(Vec<EvalId>),
     Done,
-    /// What a [`Command::Collect`] dropped.
+    /// What a [`Command::CollectGarbage`] (or `Collect`) dropped.
     Collected(crate::state::GcCounts),
     /// What the state holds after a [`Command::Restore`].
     Restored(crate::state::archive::TableCounts),

@@ -273,6 +273,36 @@ fn ended_allocations_past_the_cap_go_oldest_first_and_scheduling_is_unchanged() 
         replica.apply(c);
     }
     assert_eq!(replica.snapshot(), log.state.snapshot());
+    // Dropped in place, the indexes are those a rebuild makes.
+    let rebuilt = ClusterState::restore(&log.state.snapshot()).unwrap();
+    for j in ["web", "report", "flaky"] {
+        let ids = |s: &ClusterState| s.allocs_of_job(&JobId::new(j)).map(|a| a.id).collect::<Vec<_>>();
+        assert_eq!(ids(&log.state), ids(&rebuilt), "{j}");
+    }
+    for n in log.state.nodes() {
+        let ids = |s: &ClusterState| s.allocs_on_node(&n.id).map(|a| a.id).collect::<Vec<_>>();
+        assert_eq!(ids(&log.state), ids(&rebuilt), "{}", n.id);
+    }
+}
+
+/// A system job that keeps failing counts no attempts (one instance per
+/// node, placed again each time): its failures are history, and capped.
+#[test]
+fn a_crash_looping_system_job_does_not_grow_without_bound() {
+    let mut log = Log::new();
+    log.run(job("agentd", "system", 1));
+    let agentd = JobId::new("agentd");
+    let live = log.state.allocs_of_job(&agentd).filter(|a| a.is_live()).count();
+    assert_eq!(live, 4, "one per node");
+    for _ in 0..3 {
+        log.report("agentd", AllocStatus::Failed);
+    }
+    let failed = log.state.allocs_of_job(&agentd).filter(|a| a.status == AllocStatus::Failed).count();
+    assert!(failed >= 8, "{failed}");
+    let plan = log.plan_of("agentd");
+    let zero = GcPolicy { allocs_per_job: Some(0), ..GcPolicy::DEFAULT };
+    assert_eq!(log.collect(1_000, zero).allocs as usize, failed);
+    assert_eq!(log.plan_of("agentd"), plan);
 }
 
 /// The older `Collect`, replayed from a log, caps nothing, as it never

@@ -719,8 +719,9 @@ async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
         assert_eq!(client.nodes().expect("every node").len(), 40);
 
         // While the state changes under it (jobs placed between pages, one
-        // stopped), paging still returns each allocation at most once, in
-        // order, and every one that was there throughout.
+        // stopped and collected, its allocations with it), paging still
+        // returns each allocation at most once, in order, and every one
+        // that was there throughout.
         let (mut during, mut token, mut round) = (Vec::new(), None::<String>, 0);
         loop {
             let path = match &token {
@@ -733,6 +734,12 @@ async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
             client.eval(reg.eval, Duration::from_secs(10)).expect("placed");
             if round == 1 {
                 client.stop("few").expect("stopped");
+                let ended = client.job("few").expect("status").allocations;
+                let updates = ended.iter().map(|a| AllocUpdate { id: a.id, status: "complete".into() }).collect();
+                client.alloc_status(updates).expect("reported");
+                let counts: cluster_core::state::GcCounts =
+                    client.put("/v1/system/gc", &serde_json::json!({})).expect("collected");
+                assert_eq!((counts.jobs, counts.allocs), (1, 3), "{counts:?}");
             }
             round += 1;
             match next {
@@ -741,7 +748,11 @@ async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
             }
         }
         assert!(during.windows(2).all(|w| w[0] < w[1]), "an allocation came twice, or out of order");
-        assert!(seen.iter().all(|id| during.contains(id)), "an allocation that was there throughout went missing");
+        let now: Vec<u64> = client.allocs().expect("every allocation").iter().map(|a| a.id).collect();
+        let throughout: Vec<&u64> = seen.iter().filter(|id| now.contains(id)).collect();
+        assert_eq!(throughout.len(), seen.len() - 3, "only the collected job's three went");
+        assert!(throughout.iter().all(|id| during.contains(id)), "an allocation there throughout went missing");
+        assert!(during.iter().all(|id| now.contains(id) || seen.contains(id)), "an allocation that never was");
         assert!(during.len() > seen.len(), "the allocations placed meanwhile, after the token, were listed too");
     })
     .await;

@@ -55,6 +55,9 @@ pub struct LocalCluster {
     pub raft_tick: Duration,
     dir: PathBuf,
     servers: BTreeMap<u64, LocalServer>,
+    /// Servers added by [`LocalCluster::join_server`]: they restart as
+    /// joiners, never bootstrapping a configuration of their own.
+    joined: std::collections::BTreeSet<u64>,
 }
 
 fn free_udp() -> std::io::Result<SocketAddr> {
@@ -153,6 +156,7 @@ impl LocalCluster {
             raft_tick,
             dir: dir.to_path_buf(),
             servers: BTreeMap::new(),
+            joined: Default::default(),
         };
         for id in 1..=servers {
             if let Err(e) = c.start_server(id).await {
@@ -165,7 +169,7 @@ impl LocalCluster {
 
     /// Starts server `id` (again) on its data directory and addresses.
     pub async fn start_server(&mut self, id: u64) -> anyhow::Result<()> {
-        self.start_server_as(id, false).await
+        self.start_server_as(id, self.joined.contains(&id)).await
     }
 
     /// Starts a new server with an empty disk and adds it as a voter
@@ -179,8 +183,23 @@ impl LocalCluster {
         let id = self.raft_addrs.keys().max().map_or(1, |m| m + 1);
         self.raft_addrs.insert(id, free_udp()?);
         self.http_addrs.insert(id, free_tcp()?);
-        self.start_server_as(id, true).await?;
-        handle.add_peer(id, self.raft_addrs[&id]).await.map_err(|e| anyhow::anyhow!("adding server {id}: {e}"))?;
+        let added = match self.start_server_as(id, true).await {
+            Ok(()) => {
+                handle.add_peer(id, self.raft_addrs[&id]).await.map_err(|e| anyhow::anyhow!("adding server {id}: {e}"))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = added {
+            // A server that is not a member would stop the others ever
+            // agreeing on a leader here: it goes, with its addresses.
+            if self.servers.contains_key(&id) {
+                self.stop_server(id).await;
+            }
+            self.raft_addrs.remove(&id);
+            self.http_addrs.remove(&id);
+            return Err(e);
+        }
+        self.joined.insert(id);
         Ok(id)
     }
 

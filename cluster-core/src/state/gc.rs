@@ -1,11 +1,12 @@
 //! Garbage collection through the log: a stopped or finished job, with its
 //! allocations and evaluations, and a node down for long, are dropped by a
-//! committed [`crate::command::Command::Collect`], so every replica drops
-//! the same things (Nomad runs its job, eval and node GC as core jobs on
-//! the leader; here the leader proposes the command and the log decides).
+//! committed [`crate::command::Command::CollectGarbage`] (or the older
+//! `Collect`), so every replica drops the same things (Nomad runs its job,
+//! eval and node GC as core jobs on the leader; here the leader proposes
+//! the command and the log decides).
 //!
 //! Collection is two-phase, so that it needs no clock inside the state
-//! machine: the first `Collect` that finds an object collectable marks it
+//! machine: the first collection that finds an object collectable marks it
 //! with the command's time; a later one whose time is past the mark by the
 //! threshold drops it. An object that stops being collectable (a stopped
 //! job submitted again, a node back up) loses its mark. With a threshold
@@ -14,12 +15,13 @@
 //! Kept whatever the age: a job with a live or pending allocation, an open
 //! evaluation, or instances held by another cluster (a delegation); a job
 //! another cluster delegated here; a node with an allocation that still
-//! holds resources. A live job's ended allocations are capped instead
-//! (`GcPolicy::allocs_per_job`, newest kept): what goes is what its
-//! scheduling no longer reads (older versions, completed service work);
-//! failures of its current version (they count toward the reschedule
-//! limit) and completed batch instances (they say their index is done)
-//! stay while the job does. A job keeps at most one open and one closed
+//! holds resources. A job's ended allocations are capped instead
+//! (`GcPolicy::allocs_per_job`, the most recently placed kept), and
+//! dropped in place, without a rebuild: what goes is what its scheduling
+//! no longer reads (older versions, indexes past the count, completed or
+//! lost service work, a system job's); failures of its current version
+//! (they count toward the reschedule limit) and completed batch instances
+//! (they say their index is done) stay while the job does. A job keeps at most one open and one closed
 //! evaluation, so evaluations need no rule. Delegation records and
 //! tombstones are never collected, so a late re-offer is refused after its
 //! job is gone; they, and jobs delegated here, still grow without bound.
@@ -60,17 +62,17 @@ impl GcThresholds {
 /// What [`crate::command::Command::CollectGarbage`] collects, and when:
 /// jobs and nodes past their threshold, in milliseconds (Nomad's
 /// defaults: a job 4 h, a node 24 h), and a cap on the ended allocations
-/// each live job keeps. Evaluations need no rule of their own: a job has
+/// each job keeps that its scheduling no longer reads. Evaluations need no rule of their own: a job has
 /// at most one open and one closed evaluation (a newer one replaces
 /// them), and they go with their job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcPolicy {
     pub job_ms: u64,
     pub node_ms: u64,
-    /// Ended allocations of a live job that its scheduling no longer reads
-    /// (those of an older version, and completed or lost service work),
-    /// beyond the newest this many (`None`: no cap). Dropped at once, by
-    /// count, not by age.
+    /// Ended allocations of a job that its scheduling no longer reads
+    /// (those of an older version or past its count, completed or lost
+    /// service work, a system job's), beyond the most recently placed this
+    /// many (`None`: no cap). Dropped at once, by count, not by age.
     pub allocs_per_job: Option<u32>,
 }
 
@@ -105,6 +107,23 @@ pub enum GcObject {
     Node(NodeId),
 }
 
+/// Whether `job`'s reconciliation (`scheduler::reconcile`) reads the
+/// ended allocation `a`: a failure of the current version within the
+/// group's count (it counts toward the reschedule limit; a system job
+/// counts none), or a completed batch instance of the current version
+/// (its index is done). Every other ended allocation is history only.
+fn read_by_reconcile(job: &crate::model::Job, a: &crate::model::Allocation) -> bool {
+    let in_range = job.group(&a.group).is_some_and(|g| a.index < g.count);
+    a.job_version == job.version
+        && in_range
+        && match (job.job_type, a.status) {
+            (JobType::System, _) => false,
+            (_, AllocStatus::Failed) => true,
+            (JobType::Batch, AllocStatus::Complete) => true,
+            _ => false,
+        }
+}
+
 impl ClusterState {
     /// Whether `job` could go: stopped, or a batch job whose instances have
     /// all ended; nothing of it live, open or held.
@@ -129,23 +148,15 @@ impl ClusterState {
             && self.allocs_by_node.get(id).is_none_or(|ids| ids.iter().all(|a| !self.allocs[a].holds_resources()))
     }
 
-    /// Ended allocations past `cap` per live job, oldest first, among
-    /// those its reconciliation no longer reads: of an older version, or
-    /// of this version but neither failed (failures count toward the
-    /// reschedule limit) nor a completed batch instance (which says its
-    /// index is done). Jobs delegated here keep theirs (their origin
-    /// follows them).
+    /// Ended allocations past `cap` per job, oldest placed first, among
+    /// those its reconciliation no longer reads (see [`read_by_reconcile`]).
+    /// Jobs delegated here keep theirs (their origin follows them).
     fn allocs_past_cap(&self, cap: u32) -> BTreeSet<AllocId> {
         let mut out = BTreeSet::new();
         for job in self.jobs.values().filter(|j| !j.labels.contains_key(LABEL_DELEGATION)) {
             let spent: Vec<AllocId> = self
                 .allocs_of_job(&job.id)
-                .filter(|a| a.status.is_terminal() && !a.holds_resources())
-                .filter(|a| {
-                    a.job_version != job.version
-                        || !(a.status == AllocStatus::Failed
-                            || (job.job_type == JobType::Batch && a.status == AllocStatus::Complete))
-                })
+                .filter(|a| a.status.is_terminal() && !a.holds_resources() && !read_by_reconcile(job, a))
                 .map(|a| a.id)
                 .collect();
             // `allocs_of_job` gives ids in the order they were placed.
@@ -153,6 +164,30 @@ impl ClusterState {
             out.extend(spent[..spent.len() - keep].iter().copied());
         }
         out
+    }
+
+    /// Drops ended allocations (they hold no resources) and their index
+    /// entries, in place: a cap trims a few at a time, often, and must not
+    /// rebuild the state each time.
+    fn drop_spent(&mut self, spent: &BTreeSet<AllocId>) {
+        let mut jobs = BTreeSet::new();
+        let mut nodes = BTreeSet::new();
+        for id in spent {
+            if let Some(a) = self.allocs.remove(id) {
+                jobs.insert(a.job.clone());
+                nodes.insert(a.node.clone());
+            }
+        }
+        for j in jobs {
+            if let Some(ids) = self.allocs_by_job.get_mut(&j) {
+                ids.retain(|id| !spent.contains(id));
+            }
+        }
+        for n in nodes {
+            if let Some(ids) = self.allocs_by_node.get_mut(&n) {
+                ids.retain(|id| !spent.contains(id));
+            }
+        }
     }
 
     /// Applies [`crate::command::Command::CollectGarbage`] (and the older
@@ -181,20 +216,21 @@ impl ClusterState {
         };
         let drop: BTreeSet<GcObject> =
             self.gc_marks.iter().filter(|(o, at)| due(o, **at)).map(|(o, _)| o.clone()).collect();
-        if drop.is_empty() && spent.is_empty() {
-            return GcCounts::default();
+        let mut counts = GcCounts { allocs: spent.len() as u64, ..GcCounts::default() };
+        self.drop_spent(&spent);
+        if drop.is_empty() {
+            return counts;
         }
         // Rebuilt from its replicated part without what goes: every index
         // is made again the way a restore makes it. A collection drops
         // many objects at once, rarely, so one pass over the state is the
         // simple price.
-        let mut counts = GcCounts::default();
         let (epoch, applied_at) = (self.capacity_epoch, self.applied_at);
         let mut snap = std::mem::take(self).into_snapshot();
         let gone_job = |j: &JobId| drop.contains(&GcObject::Job(j.clone()));
         let before = (snap.jobs.len(), snap.allocs.len(), snap.evals.len(), snap.nodes.len());
         snap.jobs.retain(|j| !gone_job(&j.id));
-        snap.allocs.retain(|a| !gone_job(&a.job) && !spent.contains(&a.id));
+        snap.allocs.retain(|a| !gone_job(&a.job));
         snap.evals.retain(|e| !gone_job(&e.job));
         snap.nodes.retain(|n| !drop.contains(&GcObject::Node(n.id.clone())));
         let asked: BTreeSet<String> = drop
@@ -204,7 +240,7 @@ impl ClusterState {
         snap.records.retain(|(k, _)| !asked.contains(k));
         snap.gc_marks.retain(|(o, _)| !drop.contains(o));
         counts.jobs = (before.0 - snap.jobs.len()) as u64;
-        counts.allocs = (before.1 - snap.allocs.len()) as u64;
+        counts.allocs += (before.1 - snap.allocs.len()) as u64;
         counts.evals = (before.2 - snap.evals.len()) as u64;
         counts.nodes = (before.3 - snap.nodes.len()) as u64;
         *self = ClusterState::from_snapshot(snap).expect("a state rebuilt from its own parts is valid");
