@@ -887,3 +887,63 @@ async fn a_saved_state_restored_on_a_fresh_cluster_serves_the_same_jobs_nodes_an
     every_server_holds(&b, 5).await;
     b.stop().await;
 }
+
+/// Every static word of every route (read from the routers' sources):
+/// a job and a node named after it can be read and stopped or drained at
+/// `/v1/jobs/NAME` and `/v1/nodes/NAME`, or the name is refused when it
+/// is submitted, with a message saying why. Nothing runs that cannot be
+/// reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_job_or_node_name_is_shadowed_by_a_route() {
+    use cluster_core::spec::job::{RESERVED_JOB_NAMES, RESERVED_NODE_IDS};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources =
+        ["src/server/http.rs", "src/server/access.rs", "../federation/src/api.rs", "../federation/src/keyring.rs"];
+    let mut words = std::collections::BTreeSet::new();
+    for file in sources {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for route in text.split(".route(\"").skip(1).filter_map(|r| r.split('"').next()) {
+            words.extend(
+                route.split('/').filter(|w| !w.is_empty() && !w.starts_with('{') && *w != "v1").map(String::from),
+            );
+        }
+    }
+    assert!(words.len() >= 25 && words.contains("plan") && words.contains("heartbeat"), "{words:?}");
+    let c = start("words", Duration::from_secs(60), Duration::from_secs(60)).await;
+    let client = c.client();
+    blocking(move || {
+        client.register_nodes(&fleet(4)).expect("nodes register");
+        for word in &words {
+            match client.submit(&spec(word, 1, "50m"), "w.toml") {
+                Err(e) => {
+                    assert!(RESERVED_JOB_NAMES.contains(&word.as_str()), "job `{word}` refused: {e}");
+                    assert!(e.to_string().contains("word of the API"), "{e}");
+                }
+                Ok(reg) => {
+                    assert!(!RESERVED_JOB_NAMES.contains(&word.as_str()), "job `{word}` was taken");
+                    client.eval(reg.eval, Duration::from_secs(10)).expect("placed");
+                    let status = client.job(word).unwrap_or_else(|e| panic!("job `{word}` cannot be read: {e}"));
+                    assert_eq!(status.summary.id, *word);
+                    client.stop(word).unwrap_or_else(|e| panic!("job `{word}` cannot be stopped: {e}"));
+                    assert_eq!(client.job(word).unwrap().summary.status, "stopped", "job `{word}`");
+                }
+            }
+            let mut node = fleet(1).remove(0);
+            node.id = word.as_str().into();
+            match client.register_node(&node) {
+                Err(e) => {
+                    assert!(RESERVED_NODE_IDS.contains(&word.as_str()), "node `{word}` refused: {e}");
+                    assert!(e.to_string().contains("word of the API"), "{e}");
+                }
+                Ok(_) => {
+                    assert!(!RESERVED_NODE_IDS.contains(&word.as_str()), "node `{word}` was taken");
+                    let n = client.node(word).unwrap_or_else(|e| panic!("node `{word}` cannot be read: {e}"));
+                    assert_eq!(n.node.id, *word);
+                    client.drain(word, true, None).unwrap_or_else(|e| panic!("node `{word}` cannot be drained: {e}"));
+                }
+            }
+        }
+    })
+    .await;
+    c.stop().await;
+}

@@ -745,12 +745,10 @@ pub(crate) fn check_node(node: &mut Node) -> Result<(), ApiError> {
     node.status = crate::model::NodeStatus::Ready;
     node.eligible = true;
     node.draining = false;
-    let id = node.id.as_str();
-    let ok = !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if !ok {
-        return Err(ApiError::bad_request(format!("node id `{id}`: use 1 to 128 letters, digits, `-`, `_` and `.`")));
+    match crate::spec::job::node_id_problem(node.id.as_str()) {
+        Some(why) => Err(ApiError::bad_request(why)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 async fn register_node(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<HeartbeatReply> {

@@ -58,7 +58,7 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
         return None;
     };
     t.path = "[job]".into();
-    let name = t.required_str(d, "name", "\"web\"").and_then(|(n, s)| check_name(d, "job", n, s));
+    let name = t.required_str(d, "name", "\"web\"").and_then(|(n, s)| check_job_name(d, n, s));
     let namespace = match t.str(d, "namespace") {
         Some((n, s)) => check_name(d, "namespace", n, s),
         None => Some(crate::acl::DEFAULT_NAMESPACE),
@@ -140,6 +140,32 @@ pub fn is_valid_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Words the API's routes put where a job's name goes: `/v1/jobs/plan`
+/// is the dry run. A job so named could run but never be read or stopped
+/// through `/v1/jobs/NAME`, so the words are refused as job names.
+pub const RESERVED_JOB_NAMES: &[&str] = &["plan"];
+/// The same for nodes: `/v1/nodes/batch` registers many, and
+/// `/v1/nodes/heartbeat` heartbeats them.
+pub const RESERVED_NODE_IDS: &[&str] = &["batch", "heartbeat"];
+
+/// Why `id` cannot name a node, if it cannot: 1 to 128 letters, digits,
+/// `-`, `_` or `.`, starting with a letter or digit (so never `.` or `..`,
+/// which a URL would resolve away), and not a word of the API's routes.
+pub fn node_id_problem(id: &str) -> Option<String> {
+    let chars_ok = !id.is_empty()
+        && id.len() <= 128
+        && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !chars_ok {
+        return Some(format!(
+            "node id `{id}`: use 1 to 128 letters, digits, `-`, `_` and `.`, starting with a letter or digit"
+        ));
+    }
+    RESERVED_NODE_IDS.contains(&id).then(|| {
+        format!("node id `{id}` is a word of the API (`/v1/nodes/{id}` is taken by another route); choose another")
+    })
+}
+
 /// The directory beside the task directories that holds an allocation's
 /// logs: no task may take its name.
 pub const LOGS_DIR: &str = "logs";
@@ -156,6 +182,20 @@ pub fn is_valid_user(name: &str) -> bool {
         && name.len() <= 32
         && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
+}
+
+/// A job's name: a valid name that no route of the API takes.
+fn check_job_name<'a>(d: &mut Diagnostics, name: &'a str, span: Span) -> Option<&'a str> {
+    let name = check_name(d, "job", name, span.clone())?;
+    if RESERVED_JOB_NAMES.contains(&name) {
+        d.error_hint(
+            span,
+            format!("the job name `{name}` is a word of the API: `/v1/jobs/{name}` is taken by another route"),
+            "choose another name; a job so named could run but never be read or stopped",
+        );
+        return None;
+    }
+    Some(name)
 }
 
 fn check_name<'a>(d: &mut Diagnostics, what: &str, name: &'a str, span: Span) -> Option<&'a str> {
