@@ -177,13 +177,26 @@ impl ClusterState {
                 // draining, ineligible) survives its agent registering again;
                 // coming back up is a heartbeat's `SetNodeStatus`.
                 let mut node = node.clone();
-                if let Some(old) = self.node_idx(&node.id).map(|i| self.node(i)) {
+                let old = self.node_idx(&node.id).map(|i| self.node(i).clone());
+                if let Some(old) = &old {
                     node.status = old.status;
                     node.eligible = old.eligible;
                     node.draining = old.draining;
                     node.drain_deadline_ms = old.drain_deadline_ms;
                 }
-                self.upsert_node(node).map_or_else(refused, Effect::NodeUpserted)
+                // A node that is new, or comes with other attributes, gets
+                // the system jobs' attention (it may now fit one, or no
+                // longer fit one it runs).
+                let changed = old.as_ref() != Some(&node);
+                match self.upsert_node(node.clone()) {
+                    Ok(idx) => {
+                        if changed {
+                            self.evaluate_system_jobs(&node.id);
+                        }
+                        Effect::NodeUpserted(idx)
+                    }
+                    Err(e) => refused(e),
+                }
             }
             Command::DeregisterNode(id) => self.node_status(id, NodeStatus::Down, false).unwrap_or_else(refused),
             Command::SetNodeStatus { node, status, eligible } => {
@@ -333,12 +346,27 @@ impl ClusterState {
     /// an evaluation for each job that had one there.
     fn node_status(&mut self, node: &NodeId, status: NodeStatus, eligible: bool) -> Result<Effect, StateError> {
         let idx = self.node_idx(node).ok_or_else(|| StateError::UnknownNode(node.clone()))?;
-        let was = self.node(idx).status;
+        let (was, was_eligible) = (self.node(idx).status, self.node(idx).eligible);
         self.set_node_status(node, status, eligible)?;
         if status == NodeStatus::Down && was != NodeStatus::Down {
             return Ok(Effect::Evals(self.node_lost(node)));
         }
+        // Back up, or eligible again: the system jobs may run on it again.
+        if status == NodeStatus::Ready && eligible && (was == NodeStatus::Down || !was_eligible) {
+            return Ok(Effect::Evals(self.evaluate_system_jobs(node)));
+        }
         Ok(Effect::Evals(Vec::new()))
+    }
+
+    /// Opens an evaluation for every system job that is not stopped, for
+    /// `node`'s sake (a system job runs on every node that fits it).
+    fn evaluate_system_jobs(&mut self, node: &NodeId) -> Vec<EvalId> {
+        let jobs: Vec<JobId> = self
+            .jobs()
+            .filter(|j| j.job_type == crate::model::JobType::System && !j.stopped)
+            .map(|j| j.id.clone())
+            .collect();
+        jobs.iter().map(|j| self.create_eval(j, EvalTrigger::NodeUpdate, Some(node.clone()))).collect()
     }
 
     fn drain(&mut self, node: &NodeId, drain: bool, deadline_ms: Option<u64>) -> Result<Effect, StateError> {
@@ -349,10 +377,15 @@ impl ClusterState {
             return Ok(Effect::Evals(Vec::new()));
         }
         let started = drain && !n.draining;
+        let ended = !drain && n.draining;
         n.draining = drain;
         n.drain_deadline_ms = deadline_ms;
         n.eligible = !drain;
         self.upsert_node(n)?;
+        if ended {
+            // Eligible again: the system jobs may run on it again.
+            return Ok(Effect::Evals(self.evaluate_system_jobs(node)));
+        }
         if !started {
             return Ok(Effect::Evals(Vec::new()));
         }

@@ -324,3 +324,74 @@ fn a_newer_job_goes_before_the_next_part_of_a_big_one() {
     let order: Vec<EvalId> = batch.iter().map(|w| w.eval).collect();
     assert_eq!(order, [small, big], "the fresh job first, the big one's next part after it");
 }
+
+/// Plans every pending evaluation, as the leader's workers would.
+fn settle(s: &mut ClusterState) {
+    let open: Vec<EvalId> = s.pending_evals().collect();
+    for e in open {
+        work(s, e);
+    }
+}
+
+fn system_job(name: &str, constraint: Option<&str>) -> Job {
+    let constraint = constraint.map(|c| format!("[[group.constraint]]\n{c}\n")).unwrap_or_default();
+    let text = format!(
+        "[job]\nname = \"{name}\"\ntype = \"system\"\n[[group]]\nname = \"g\"\n{constraint}[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"100m\", memory = \"64MiB\" }}\n"
+    );
+    parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
+}
+
+/// Issue 16, item 6: a system job follows its nodes. A node that joins, is
+/// changed so that it fits, comes back up or is eligible again runs an
+/// instance; one changed so that it no longer fits has its instance
+/// stopped.
+#[test]
+fn system_jobs_follow_their_nodes() {
+    let mut s = state(2);
+    let e =
+        register(&mut s, &system_job("logs", Some("attribute = \"${meta.tier}\"\noperator = \"!=\"\nvalue = \"gpu\"")));
+    work(&mut s, e);
+    let job = JobId::new("logs");
+    let on = |s: &ClusterState| {
+        let mut v: Vec<String> = s.allocs_of_job(&job).filter(|a| a.is_live()).map(|a| a.node.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(on(&s).len(), 2);
+    // A node joins.
+    let mut extra = s.nodes()[0].clone();
+    extra.id = "late-node".into();
+    s.apply(&Command::UpsertNode(extra.clone()));
+    assert_eq!(s.eval(s.pending_evals().next().expect("an evaluation")).unwrap().trigger, EvalTrigger::NodeUpdate);
+    settle(&mut s);
+    assert!(on(&s).contains(&"late-node".to_string()), "{:?}", on(&s));
+    // It re-registers with an attribute the job's constraint rules out.
+    let mut gpu = extra.clone();
+    gpu.meta.insert("tier".into(), "gpu".into());
+    s.apply(&Command::UpsertNode(gpu));
+    settle(&mut s);
+    assert!(!on(&s).contains(&"late-node".to_string()), "the unfit node still runs it");
+    // And back: it fits again.
+    s.apply(&Command::UpsertNode(extra.clone()));
+    settle(&mut s);
+    assert!(on(&s).contains(&"late-node".to_string()));
+    // The same registration again changes nothing, and opens nothing.
+    s.apply(&Command::UpsertNode(extra.clone()));
+    assert_eq!(s.pending_evals().count(), 0);
+    // Down: the instance is lost; back up: it runs again.
+    let node = extra.id.clone();
+    s.apply(&Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Down, eligible: true });
+    settle(&mut s);
+    assert!(!on(&s).contains(&"late-node".to_string()));
+    s.apply(&Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Ready, eligible: true });
+    settle(&mut s);
+    assert!(on(&s).contains(&"late-node".to_string()), "it did not come back with its node");
+    // Drained: stopped; the drain ends: it runs again.
+    s.apply(&Command::DrainNode { node: node.clone(), drain: true, deadline_ms: None });
+    settle(&mut s);
+    assert!(!on(&s).contains(&"late-node".to_string()));
+    s.apply(&Command::DrainNode { node: node.clone(), drain: false, deadline_ms: None });
+    settle(&mut s);
+    assert!(on(&s).contains(&"late-node".to_string()), "it did not come back after the drain");
+    assert_eq!(on(&s).len(), 3);
+}

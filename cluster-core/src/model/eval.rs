@@ -20,6 +20,9 @@ pub enum EvalTrigger {
     /// An at-most-once instance that was being replaced has stopped, so
     /// its replacement may start now.
     AllocStopped,
+    /// A node joined, changed, came back up or became eligible again: the
+    /// system jobs look at it.
+    NodeUpdate,
 }
 
 keyword_enum!(EvalTrigger {
@@ -31,6 +34,7 @@ keyword_enum!(EvalTrigger {
     DelegationLost = "delegation-lost",
     Delegated = "delegated",
     AllocStopped = "alloc-stopped",
+    NodeUpdate = "node-update",
 });
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

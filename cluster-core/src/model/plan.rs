@@ -74,6 +74,9 @@ pub enum StopReason {
     NodeLost,
     /// Its node is draining; a new instance starts elsewhere.
     Drained,
+    /// A system job's node no longer meets the job's constraints (its
+    /// attributes changed, or the job's did).
+    NodeUnfit,
 }
 
 /// Instances of a group the scheduler could not place, with why: each

@@ -95,6 +95,13 @@ fn class_verdict(node: &Node, job: &Job, group: &TaskGroup, constraints: &[&Pred
     }
 }
 
+/// Whether `node` could ever run `group` of `job`: drivers, jurisdiction,
+/// GPU models and every constraint (free capacity aside).
+pub(super) fn node_fits(node: &Node, job: &Job, group: &TaskGroup) -> Result<(), Reason> {
+    let all: Vec<&Predicate> = group.constraints.iter().collect();
+    class_verdict(node, job, group, &all)
+}
+
 /// Whether `node` passes the per-node constraints.
 pub(super) fn node_verdict(node: &Node, per_node: &[&Predicate]) -> Result<(), Reason> {
     match per_node.iter().find(|c| !c.matches(node.resolve(&c.target).as_deref())) {

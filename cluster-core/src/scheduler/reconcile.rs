@@ -93,7 +93,12 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     } else if a.job_version != job.version {
                         out.stops.push(stop(StopReason::Updated));
                     } else if let Some(i) = node {
-                        out.groups[g].kept_on.push(i);
+                        // A node whose attributes changed may no longer fit.
+                        if super::feasibility::node_fits(state.node(i), job, &job.groups[g]).is_err() {
+                            out.stops.push(stop(StopReason::NodeUnfit));
+                        } else {
+                            out.groups[g].kept_on.push(i);
+                        }
                     }
                     continue;
                 }
