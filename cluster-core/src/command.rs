@@ -186,8 +186,11 @@ impl ClusterState {
                 }
                 // A node that is new, or comes with other attributes, gets
                 // the system jobs' attention (it may now fit one, or no
-                // longer fit one it runs).
-                let changed = old.as_ref() != Some(&node);
+                // longer fit one it runs). Only what feasibility reads
+                // counts: an agent's new port or free disk at each start
+                // changes nothing.
+                let view = |n: &Node| (n.class_signature(), n.gpus.clone());
+                let changed = old.as_ref().map(view) != Some(view(&node));
                 match self.upsert_node(node.clone()) {
                     Ok(idx) => {
                         if changed {
@@ -320,7 +323,11 @@ impl ClusterState {
                         let group = job.and_then(|j| j.group(&a.group));
                         let at_most_once = group.is_some_and(|g| g.on_disconnect == OnDisconnect::Stop);
                         let lost = a.status == AllocStatus::Lost && a.desired == DesiredStatus::Run;
-                        if job.is_some() && (lost || (a.desired == DesiredStatus::Stop && at_most_once)) {
+                        // A system job's next instance on a node waits for
+                        // the one stopping there (see `reconcile`).
+                        let system = job.is_some_and(|j| j.job_type == crate::model::JobType::System);
+                        let waited_for = a.desired == DesiredStatus::Stop && (at_most_once || system);
+                        if job.is_some() && (lost || waited_for) {
                             stopped.insert(a.job.clone());
                         }
                     }
@@ -359,14 +366,26 @@ impl ClusterState {
     }
 
     /// Opens an evaluation for every system job that is not stopped, for
-    /// `node`'s sake (a system job runs on every node that fits it).
+    /// `node`'s sake (a system job runs on every node that fits it). A job
+    /// whose evaluation is open keeps it, marked to run once more when it
+    /// closes ([`crate::state::system_rerun_key`]): superseding it would
+    /// throw away a plan being made, and nodes registering one after the
+    /// other would keep a system job from ever being placed.
     fn evaluate_system_jobs(&mut self, node: &NodeId) -> Vec<EvalId> {
         let jobs: Vec<JobId> = self
             .jobs()
             .filter(|j| j.job_type == crate::model::JobType::System && !j.stopped)
             .map(|j| j.id.clone())
             .collect();
-        jobs.iter().map(|j| self.create_eval(j, EvalTrigger::NodeUpdate, Some(node.clone()))).collect()
+        let mut opened = Vec::new();
+        for j in jobs {
+            if self.open_eval_of(&j).is_some() {
+                self.set_record(&crate::state::system_rerun_key(&j), Vec::new());
+            } else {
+                opened.push(self.create_eval(&j, EvalTrigger::NodeUpdate, Some(node.clone())));
+            }
+        }
+        opened
     }
 
     fn drain(&mut self, node: &NodeId, drain: bool, deadline_ms: Option<u64>) -> Result<Effect, StateError> {

@@ -341,10 +341,23 @@ fn system_job(name: &str, constraint: Option<&str>) -> Job {
     parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
 }
 
+/// Reports every stopping allocation of `job` ended, as its agent would.
+fn end_stopping(s: &mut ClusterState, job: &JobId) {
+    let ids: Vec<_> = s
+        .allocs_of_job(job)
+        .filter(|a| a.desired == cluster_core::model::DesiredStatus::Stop && !a.status.is_terminal())
+        .map(|a| a.id)
+        .collect();
+    s.apply(&Command::AllocStatus(ids.into_iter().map(|id| AllocReport::status(id, AllocStatus::Complete)).collect()));
+}
+
 /// Issue 16, item 6: a system job follows its nodes. A node that joins, is
 /// changed so that it fits, comes back up or is eligible again runs an
 /// instance; one changed so that it no longer fits has its instance
-/// stopped.
+/// stopped; a node's next instance waits for the one stopping there; the
+/// instances elsewhere are left alone; an agent's restart (a new port, a
+/// new free-disk figure) opens nothing; nodes that change while an
+/// evaluation is open do not cancel it, and it runs once more after.
 #[test]
 fn system_jobs_follow_their_nodes() {
     let mut s = state(2);
@@ -357,6 +370,7 @@ fn system_jobs_follow_their_nodes() {
         v.sort();
         v
     };
+    let first: Vec<_> = s.allocs_of_job(&job).map(|a| a.id).collect();
     assert_eq!(on(&s).len(), 2);
     // A node joins.
     let mut extra = s.nodes()[0].clone();
@@ -369,14 +383,26 @@ fn system_jobs_follow_their_nodes() {
     let mut gpu = extra.clone();
     gpu.meta.insert("tier".into(), "gpu".into());
     s.apply(&Command::UpsertNode(gpu));
+    let plan = schedule(&s, s.job(&job).unwrap(), &SchedulerConfig::default());
+    assert_eq!(
+        plan.stops.iter().map(|x| x.reason).collect::<Vec<_>>(),
+        [cluster_core::model::plan::StopReason::NodeUnfit]
+    );
     settle(&mut s);
     assert!(!on(&s).contains(&"late-node".to_string()), "the unfit node still runs it");
-    // And back: it fits again.
+    // And back: it fits again, but its next instance waits for the
+    // stopping one to end.
     s.apply(&Command::UpsertNode(extra.clone()));
     settle(&mut s);
-    assert!(on(&s).contains(&"late-node".to_string()));
-    // The same registration again changes nothing, and opens nothing.
-    s.apply(&Command::UpsertNode(extra.clone()));
+    assert!(!on(&s).contains(&"late-node".to_string()), "two instances on one node");
+    end_stopping(&mut s, &job);
+    settle(&mut s);
+    assert!(on(&s).contains(&"late-node".to_string()), "it did not come back once the old one ended");
+    // An agent restarting sends another port and free-disk figure: nothing opens.
+    let mut restarted = extra.clone();
+    restarted.capacity.disk_bytes += 12_345;
+    restarted.agent_address = Some("127.0.0.1:40404".into());
+    s.apply(&Command::UpsertNode(restarted));
     assert_eq!(s.pending_evals().count(), 0);
     // Down: the instance is lost; back up: it runs again.
     let node = extra.id.clone();
@@ -386,12 +412,31 @@ fn system_jobs_follow_their_nodes() {
     s.apply(&Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Ready, eligible: true });
     settle(&mut s);
     assert!(on(&s).contains(&"late-node".to_string()), "it did not come back with its node");
-    // Drained: stopped; the drain ends: it runs again.
+    // Ineligible, then eligible again: it is placed where it is missing.
     s.apply(&Command::DrainNode { node: node.clone(), drain: true, deadline_ms: None });
     settle(&mut s);
     assert!(!on(&s).contains(&"late-node".to_string()));
-    s.apply(&Command::DrainNode { node: node.clone(), drain: false, deadline_ms: None });
+    end_stopping(&mut s, &job);
     settle(&mut s);
-    assert!(on(&s).contains(&"late-node".to_string()), "it did not come back after the drain");
+    s.apply(&Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Ready, eligible: true });
+    settle(&mut s);
+    assert!(on(&s).contains(&"late-node".to_string()), "it did not come back once eligible");
     assert_eq!(on(&s).len(), 3);
+    assert!(first.iter().all(|id| s.alloc(*id).is_some_and(|a| a.is_live())), "the first two were left alone");
+
+    // A node joins while the job's evaluation is open: the evaluation is
+    // not replaced (its plan would be thrown away), and runs once more.
+    let open = s.apply(&Command::RegisterJob(system_job("logs", None)));
+    let Effect::JobRegistered { eval, .. } = open else { panic!("{open:?}") };
+    let mut another = s.nodes()[0].clone();
+    another.id = "later-node".into();
+    s.apply(&Command::UpsertNode(another));
+    assert!(s.eval(eval).is_some_and(|e| e.status == EvalStatus::Pending), "the open evaluation was replaced");
+    work(&mut s, eval);
+    assert_eq!(s.pending_evals().count(), 1, "no second look after the nodes changed");
+    settle(&mut s);
+    end_stopping(&mut s, &job);
+    settle(&mut s);
+    assert!(on(&s).contains(&"later-node".to_string()), "{:?}", on(&s));
+    assert_eq!(on(&s).len(), 4);
 }

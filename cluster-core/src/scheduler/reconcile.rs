@@ -14,6 +14,9 @@ pub struct GroupWork {
     pub place: Vec<u32>,
     /// Nodes already running an instance that stays, one entry per instance.
     pub kept_on: Vec<NodeIdx>,
+    /// System jobs: nodes whose instance is stopping but still runs; the
+    /// next one there waits for it to end (an evaluation opens then).
+    pub busy_on: Vec<NodeIdx>,
 }
 
 #[derive(Debug, Default)]
@@ -78,6 +81,12 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     // its index: the replacement is placed only once it is
                     // terminal, so the two never run at once (review B8).
                     let stopping = a.desired == DesiredStatus::Stop && !a.status.is_terminal();
+                    // So does a system job's on its node, whatever the group.
+                    if stopping && job.job_type == JobType::System && !node_down {
+                        if let Some(i) = node {
+                            out.groups[g].busy_on.push(i);
+                        }
+                    }
                     let at_most_once = job.groups[g].on_disconnect == OnDisconnect::Stop;
                     if stopping && at_most_once && in_range && job.job_type != JobType::System {
                         covered[g][a.index as usize] = true;

@@ -111,7 +111,7 @@ impl<'s> Placer<'s> {
         let ask = group.resources();
         let gpu = group.gpu();
         let mut on_node: FxHashMap<NodeIdx, u32> = FxHashMap::default();
-        for &n in &work.kept_on {
+        for &n in work.kept_on.iter().chain(&work.busy_on) {
             *on_node.entry(n).or_default() += 1;
         }
         let mut used = Vec::new();

@@ -14,6 +14,12 @@ use crate::model::alloc::AllocStatus;
 use crate::model::eval::{EvalStatus, EvalTrigger, Evaluation};
 use crate::model::plan::Plan;
 
+/// The record marking a system job whose open evaluation must run once
+/// more when it closes: nodes joined or changed while it was open.
+pub fn system_rerun_key(job: &JobId) -> String {
+    format!("system-rerun/{job}")
+}
+
 /// What became of one evaluation's plan.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PlanOutcome {
@@ -27,6 +33,11 @@ pub enum PlanOutcome {
 
 impl ClusterState {
     /// Opens an evaluation for `job`, superseding the job's open one.
+    /// The job's open evaluation, if any.
+    pub fn open_eval_of(&self, job: &JobId) -> Option<EvalId> {
+        self.open_eval.get(job).copied()
+    }
+
     pub fn create_eval(&mut self, job: &JobId, trigger: EvalTrigger, node: Option<NodeId>) -> EvalId {
         if let Some(old) = self.open_eval.remove(job) {
             self.pending.remove(&old);
@@ -102,6 +113,10 @@ impl ClusterState {
                 }
             }
             self.index_eval(&eval);
+            // Nodes changed while it was open: the system job looks again.
+            if status != EvalStatus::Pending && self.records.remove(&system_rerun_key(&eval.job)).is_some() {
+                self.create_eval(&eval.job, EvalTrigger::NodeUpdate, None);
+            }
         }
         PlanOutcome::Applied(applied)
     }

@@ -12,7 +12,7 @@ mod gc;
 
 pub use gc::{GcCounts, GcObject, GcPolicy, GcThresholds};
 
-pub use evals::PlanOutcome;
+pub use evals::{PlanOutcome, system_rerun_key};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
