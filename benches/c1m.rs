@@ -43,7 +43,7 @@ use cluster_core::server::api::AllocUpdate;
 use cluster_core::server::local::LocalCluster;
 
 mod common;
-use common::{peak_rss_mb, percentile, rss_mb, sim_nodes};
+use common::{heartbeat_until, peak_rss_mb, percentile, rss_mb, sim_nodes, submit_and_wait};
 
 const NODES: usize = 10_000;
 const INSTANCES_PER_JOB: usize = 1_000;
@@ -100,59 +100,11 @@ fn main() {
     }
     // Heartbeats for all nodes, every 3 s (the TTL is 10 s), until the end.
     let done = Arc::new(AtomicBool::new(false));
-    let beats = {
-        let (client, done) = (client.clone(), done.clone());
-        let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                for chunk in ids.chunks(5_000) {
-                    let _ = client.heartbeat(chunk);
-                }
-                for _ in 0..30 {
-                    if done.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        })
-    };
+    let beats = heartbeat_until(&client, &nodes, &done);
     let rss_before = rss_mb();
 
     let start = Instant::now();
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let base = client.clone();
-            std::thread::spawn(move || {
-                let client = base.clone();
-                let (tx, rx) = std::sync::mpsc::channel::<(u64, Instant)>();
-                let waiter = {
-                    let client = base.clone();
-                    std::thread::spawn(move || {
-                        let mut latencies = Vec::new();
-                        for (eval, submitted) in rx {
-                            // A big job may be planned in parts: wait for all of them.
-                            let e = client.eval(eval, Duration::from_secs(60)).expect("evaluation");
-                            assert_ne!(e.status, "pending", "evaluation {eval} still pending after 60 s");
-                            latencies.push(submitted.elapsed().as_secs_f64() * 1e3);
-                        }
-                        latencies
-                    })
-                };
-                for j in (c..jobs).step_by(CLIENTS) {
-                    let submitted = Instant::now();
-                    let reg = client.submit(&spec(&format!("job-{j:04}")), "c1m.toml").expect("submitted");
-                    tx.send((reg.eval, submitted)).unwrap();
-                }
-                drop(tx);
-                waiter.join().unwrap()
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for t in threads {
-        latencies.extend(t.join().unwrap());
-    }
+    let (latencies, _) = submit_and_wait(&client, jobs, CLIENTS, |j| spec(&format!("job-{j:04}")));
     let total = start.elapsed().as_secs_f64();
     let want = jobs * INSTANCES_PER_JOB;
     let leader_raft = cluster.server(leader).unwrap().raft().clone();

@@ -16,7 +16,7 @@ use cluster_core::server::ServerOptions;
 use cluster_core::server::local::LocalCluster;
 
 mod common;
-use common::{peak_rss_mb, percentile, sim_nodes};
+use common::{heartbeat_until, peak_rss_mb, percentile, sim_nodes, submit_and_wait};
 
 const NODES: usize = 10_000;
 const JOBS: usize = 1_000;
@@ -70,62 +70,10 @@ fn main() {
     println!("registered {NODES} nodes in {register_s:.2} s");
     // Heartbeats for all nodes, every 3 s (the TTL is 10 s), until the end.
     let done = Arc::new(AtomicBool::new(false));
-    let beats = {
-        let (client, done) = (client.clone(), done.clone());
-        let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                for chunk in ids.chunks(5_000) {
-                    let _ = client.heartbeat(chunk);
-                }
-                for _ in 0..30 {
-                    if done.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        })
-    };
+    let beats = heartbeat_until(&client, &nodes, &done);
 
     let start = Instant::now();
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let base = client.clone();
-            std::thread::spawn(move || {
-                let client = base.clone();
-                let (tx, rx) = std::sync::mpsc::channel::<(u64, Instant)>();
-                let waiter = {
-                    let client = base.clone();
-                    std::thread::spawn(move || {
-                        let mut latencies = Vec::new();
-                        let mut placed = 0u64;
-                        for (eval, submitted) in rx {
-                            let e = client.eval(eval, Duration::from_secs(60)).expect("evaluation");
-                            assert_ne!(e.status, "pending", "evaluation {eval} still pending after 60 s");
-                            latencies.push(submitted.elapsed().as_secs_f64() * 1e3);
-                            placed += u64::from(e.placed);
-                        }
-                        (latencies, placed)
-                    })
-                };
-                for j in (c..JOBS).step_by(CLIENTS) {
-                    let submitted = Instant::now();
-                    let reg = client.submit(&spec(&format!("job-{j:04}")), "bench.toml").expect("submitted");
-                    tx.send((reg.eval, submitted)).unwrap();
-                }
-                drop(tx);
-                waiter.join().unwrap()
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    let mut placed = 0;
-    for t in threads {
-        let (l, p) = t.join().unwrap();
-        latencies.extend(l);
-        placed += p;
-    }
+    let (latencies, placed) = submit_and_wait(&client, JOBS, CLIENTS, |j| spec(&format!("job-{j:04}")));
     let total = start.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     beats.join().unwrap();
