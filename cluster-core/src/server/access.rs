@@ -204,15 +204,16 @@ pub fn need_somewhere(who: &Caller, capability: Capability) -> Result<(), ApiErr
     Err(ApiError::new(403, format!("{} lacks `{}` in every namespace", who.describe(), capability.word())))
 }
 
-/// 403 unless `who` is a management token.
-pub fn need_management(who: &Caller) -> Result<(), ApiError> {
+/// Why the ACL's routes need a management token, for [`need_management`].
+const MANAGES_ACL: &str = "only one manages tokens and policies";
+
+/// 403 unless `who` is a management token; `why` tells the caller what
+/// needs one.
+pub fn need_management(who: &Caller, why: &str) -> Result<(), ApiError> {
     if who.management {
         return Ok(());
     }
-    Err(ApiError::new(
-        403,
-        format!("{} is not a management token; only one manages tokens and policies", who.describe()),
-    ))
+    Err(ApiError::new(403, format!("{} is not a management token; {why}", who.describe())))
 }
 
 /// `POST /v1/acl/bootstrap` takes an optional secret of the operator's
@@ -334,12 +335,12 @@ async fn bootstrap(State(s): Srv, b: Result<Bytes, BytesRejection>) -> Reply<Tok
 }
 
 async fn tokens(State(s): Srv, Extension(who): Who) -> Reply<Vec<TokenView>> {
-    need_management(&who)?;
+    need_management(&who, MANAGES_ACL)?;
     Ok(axum::Json(s.read(false, |st| st.acl().tokens().map(TokenView::of).collect()).await?))
 }
 
 async fn create_token(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Reply<TokenSecret> {
-    need_management(&who)?;
+    need_management(&who, MANAGES_ACL)?;
     let req: TokenCreate = super::http::body(b)?;
     if req.name.is_empty() || req.name.len() > 256 || req.name.chars().any(char::is_control) {
         return Err(ApiError::bad_request("a token's name is 1 to 256 characters, none of them control characters"));
@@ -357,7 +358,7 @@ async fn create_token(State(s): Srv, Extension(who): Who, b: Result<Bytes, Bytes
 }
 
 async fn token(State(s): Srv, Extension(who): Who, Path(accessor): Path<String>) -> Reply<TokenView> {
-    need_management(&who)?;
+    need_management(&who, MANAGES_ACL)?;
     let found = s.read(false, |st| st.acl().token(&accessor).map(TokenView::of)).await?;
     found.map(axum::Json).ok_or_else(|| ApiError::not_found(format!("unknown token accessor `{accessor}`")))
 }
@@ -376,17 +377,17 @@ async fn revoke_token(
     Extension(who): Who,
     Path(accessor): Path<String>,
 ) -> Reply<super::rpc::WriteReply> {
-    need_management(&who)?;
+    need_management(&who, MANAGES_ACL)?;
     Ok(axum::Json(s.write(Write::Acl(AclCommand::DeleteToken(accessor))).await?))
 }
 
 async fn policies(State(s): Srv, Extension(who): Who) -> Reply<Vec<PolicyView>> {
-    need_management(&who)?;
+    need_management(&who, MANAGES_ACL)?;
     Ok(axum::Json(s.read(false, |st| st.acl().policies().map(PolicyView::of).collect()).await?))
 }
 
 async fn policy(State(s): Srv, Extension(who): Who, Path(name): Path<String>) -> Reply<PolicyView> {
-    need_management(&who)?;
+    need_management(&who, MANAGES_ACL)?;
     let found = s.read(false, |st| st.acl().policy(&name).map(PolicyView::of)).await?;
     found.map(axum::Json).ok_or_else(|| ApiError::not_found(format!("unknown policy `{name}`")))
 }
@@ -403,7 +404,7 @@ async fn apply_policy(
     Path(name): Path<String>,
     b: Result<Bytes, BytesRejection>,
 ) -> Reply<PolicyView> {
-    need_management(&who)?;
+    need_management(&who, MANAGES_ACL)?;
     if !crate::spec::job::is_valid_name(&name) {
         return Err(ApiError::bad_request(format!(
             "invalid policy name `{name}`: use 1 to 64 letters, digits, `-`, `_` or `.`"
@@ -416,6 +417,6 @@ async fn apply_policy(
 }
 
 async fn delete_policy(State(s): Srv, Extension(who): Who, Path(name): Path<String>) -> Reply<super::rpc::WriteReply> {
-    need_management(&who)?;
+    need_management(&who, MANAGES_ACL)?;
     Ok(axum::Json(s.write(Write::Acl(AclCommand::DeletePolicy(name))).await?))
 }

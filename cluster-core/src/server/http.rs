@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::Inner;
-use super::access::{Who, need, need_somewhere};
+use super::access::{Who, need, need_management, need_somewhere};
 use super::api::*;
 use super::metrics::Scraped;
 use super::rpc::{Write, WriteReply};
@@ -381,18 +381,8 @@ pub const RESTORE_CHUNK_BYTES: usize = 1 << 20;
 /// token: only a management token may take or put one (an `operator`
 /// token could otherwise restore an archive naming a management token of
 /// its own).
-fn need_management_for_snapshots(who: &crate::acl::Caller) -> Result<(), ApiError> {
-    if who.management {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        403,
-        format!(
-            "{} is not a management token; a snapshot holds, and a restore replaces, every token, so only a management token may save or restore one",
-            who.describe()
-        ),
-    ))
-}
+const SNAPSHOTS_NEED_MANAGEMENT: &str =
+    "a snapshot holds, and a restore replaces, every token, so only a management token may save or restore one";
 
 /// `GET /v1/operator/snapshot`: the whole state as an archive
 /// ([`crate::state::archive`]), `application/octet-stream`, read after
@@ -402,7 +392,7 @@ fn need_management_for_snapshots(who: &crate::acl::Caller) -> Result<(), ApiErro
 /// entry the driver had recorded as applied: the state holds every entry
 /// up to it. Needs a management token.
 async fn snapshot_save(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, ApiError> {
-    need_management_for_snapshots(&who)?;
+    need_management(&who, SNAPSHOTS_NEED_MANAGEMENT)?;
     s.read(stale(&q), |_| ()).await?;
     let raft = s.raft.clone();
     let peers: Vec<(u64, std::net::SocketAddr)> = s.raft.status().peers.iter().map(|(k, v)| (*k, *v)).collect();
@@ -449,7 +439,7 @@ async fn snapshot_restore(
     q: Q,
     b: Result<Bytes, BytesRejection>,
 ) -> Reply<RestoreReport> {
-    need_management_for_snapshots(&who)?;
+    need_management(&who, SNAPSHOTS_NEED_MANAGEMENT)?;
     let bytes = b.map_err(|e| match e.status().as_u16() {
         413 => ApiError::new(413, format!("a snapshot over {RESTORE_BYTES_MAX} bytes cannot be restored")),
         status => ApiError::new(status, format!("cannot read the snapshot: {e}")),
