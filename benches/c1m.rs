@@ -127,7 +127,8 @@ fn main() {
     ));
     let snapshot_bytes = leader_raft.read(|s| {
         let mut sink = Counted(0);
-        cluster_core::state::archive::write(s, 0, 0, Vec::new(), 0, &mut sink).expect("counting never fails");
+        cluster_core::state::archive::write(s, String::new(), 0, 0, Vec::new(), 0, &mut sink)
+            .expect("counting never fails");
         sink.0
     });
     figures.push(("snapshot_bytes", snapshot_bytes.to_string()));

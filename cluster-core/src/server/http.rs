@@ -402,7 +402,7 @@ async fn snapshot_save(State(s): Srv, Extension(who): Who, q: Q) -> Result<Respo
         let state = raft.read(Clone::clone);
         let (index, term) = state.applied_at();
         let mut out = Vec::new();
-        crate::state::archive::write_for(&state, cluster, index, term, peers, super::unix_ms(), &mut out)
+        crate::state::archive::write(&state, cluster, index, term, peers, super::unix_ms(), &mut out)
             .map(|_| (out, index))
     })
     .await

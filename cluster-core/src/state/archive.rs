@@ -176,22 +176,11 @@ impl<W: Write> Chunker<'_, W> {
     }
 }
 
-/// Writes `state` to `out` as an archive whose header names `index`,
-/// `term` and `peers`. Two servers that applied the same log write the
-/// same body. Errors: only `out`'s.
+/// Writes `state` to `out` as an archive whose header names the
+/// `cluster` it comes from (empty in Raft snapshots), `index`, `term` and
+/// `peers`. Two servers that applied the same log write the same body.
+/// Errors: only `out`'s.
 pub fn write<W: Write>(
-    state: &ClusterState,
-    index: u64,
-    term: u64,
-    peers: Vec<(u64, SocketAddr)>,
-    created_ms: u64,
-    out: W,
-) -> io::Result<ArchiveSummary> {
-    write_for(state, String::new(), index, term, peers, created_ms, out)
-}
-
-/// [`write`], naming the `cluster` it comes from (backups).
-pub fn write_for<W: Write>(
     state: &ClusterState,
     cluster: String,
     index: u64,
@@ -241,10 +230,10 @@ pub fn write_for<W: Write>(
     Ok(ArchiveSummary { header, bytes: out.bytes + 32, sha256: hex(&digest) })
 }
 
-/// [`write`] into memory.
+/// [`write`] into memory, naming no cluster (a Raft snapshot).
 pub fn to_vec(state: &ClusterState, index: u64, term: u64, peers: Vec<(u64, SocketAddr)>, created_ms: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    write(state, index, term, peers, created_ms, &mut out).expect("writing to memory does not fail");
+    write(state, String::new(), index, term, peers, created_ms, &mut out).expect("writing to memory does not fail");
     out
 }
 
