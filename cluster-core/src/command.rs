@@ -177,24 +177,26 @@ impl ClusterState {
                 // draining, ineligible) survives its agent registering again;
                 // coming back up is a heartbeat's `SetNodeStatus`.
                 let mut node = node.clone();
-                let old = self.node_idx(&node.id).map(|i| self.node(i).clone());
-                if let Some(old) = &old {
-                    node.status = old.status;
-                    node.eligible = old.eligible;
-                    node.draining = old.draining;
-                    node.drain_deadline_ms = old.drain_deadline_ms;
-                }
                 // A node that is new, or comes with other attributes, gets
                 // the system jobs' attention (it may now fit one, or no
                 // longer fit one it runs). Only what feasibility reads
                 // counts: an agent's new port or free disk at each start
                 // changes nothing.
-                let view = |n: &Node| (n.class_signature(), n.gpus.clone());
-                let changed = old.as_ref().map(view) != Some(view(&node));
-                match self.upsert_node(node.clone()) {
+                let changed = match self.node_idx(&node.id).map(|i| self.node(i)) {
+                    Some(old) => {
+                        node.status = old.status;
+                        node.eligible = old.eligible;
+                        node.draining = old.draining;
+                        node.drain_deadline_ms = old.drain_deadline_ms;
+                        old.gpus != node.gpus || old.class_signature() != node.class_signature()
+                    }
+                    None => true,
+                };
+                let id = node.id.clone();
+                match self.upsert_node(node) {
                     Ok(idx) => {
                         if changed {
-                            self.evaluate_system_jobs(&node.id);
+                            self.evaluate_system_jobs(&id);
                         }
                         Effect::NodeUpserted(idx)
                     }
