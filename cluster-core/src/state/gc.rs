@@ -46,25 +46,20 @@ use crate::model::job::LABEL_DELEGATION;
 use crate::model::node::NodeStatus;
 
 /// How long an object stays collectable before it is dropped, in
-/// milliseconds. Nomad's defaults: a job 4 h, a node 24 h.
+/// milliseconds: what the older `Collect` command carries (entries
+/// already in logs); the leader now proposes a [`GcPolicy`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcThresholds {
     pub job_ms: u64,
     pub node_ms: u64,
 }
 
-impl GcThresholds {
-    pub const DEFAULT: GcThresholds = GcThresholds { job_ms: 4 * 3_600_000, node_ms: 24 * 3_600_000 };
-    /// Everything collectable, now (`hanse system gc`).
-    pub const NOW: GcThresholds = GcThresholds { job_ms: 0, node_ms: 0 };
-}
-
 /// What [`crate::command::Command::CollectGarbage`] collects, and when:
 /// jobs and nodes past their threshold, in milliseconds (Nomad's
 /// defaults: a job 4 h, a node 24 h), and a cap on the ended allocations
-/// each job keeps that its scheduling no longer reads. Evaluations need no rule of their own: a job has
-/// at most one open and one closed evaluation (a newer one replaces
-/// them), and they go with their job.
+/// each job keeps that its scheduling no longer reads. Evaluations need
+/// no rule of their own: a job has at most one open and one closed
+/// evaluation (a newer one replaces them), and they go with their job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcPolicy {
     pub job_ms: u64,
@@ -283,9 +278,8 @@ mod tests {
 
     #[test]
     fn thresholds_are_nomads() {
-        assert_eq!(GcThresholds::DEFAULT.job_ms, 4 * 60 * 60 * 1000);
-        assert_eq!(GcThresholds::DEFAULT.node_ms, 24 * 60 * 60 * 1000);
-        assert_eq!((GcPolicy::DEFAULT.job_ms, GcPolicy::DEFAULT.node_ms), (4 * 3_600_000, 24 * 3_600_000));
+        assert_eq!(GcPolicy::DEFAULT.job_ms, 4 * 60 * 60 * 1000);
+        assert_eq!(GcPolicy::DEFAULT.node_ms, 24 * 60 * 60 * 1000);
     }
 
     #[test]
