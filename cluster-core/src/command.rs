@@ -129,11 +129,26 @@ pub enum Command {
     },
     /// Garbage collection at the proposer's `now_ms` (Unix ms) under
     /// `policy` ([`crate::state::GcPolicy`]): jobs and nodes past their
-    /// thresholds, ended allocations past the cap per job. What the leader proposes since there is a policy; `Collect`
-    /// stays for entries already in logs.
+    /// thresholds, ended allocations past the cap per job, by rules 1 (see
+    /// [`Command::Gc`]). No longer proposed; applied as it always was.
     CollectGarbage {
         now_ms: u64,
         policy: crate::state::GcPolicy,
+    },
+    /// Drops each holder's record, and its hold, when the record is still
+    /// byte for byte the one given (read before the proposal); a record
+    /// that changed since is left alone, for its holder to look at again.
+    /// Delegation v2 collects its records and tombstones with it.
+    DropRecords(Vec<(String, Vec<u8>)>),
+    /// Garbage collection at the proposer's `now_ms` (Unix ms) under
+    /// `policy`, by the rules of `rules` ([`crate::state::GC_RULES`] when
+    /// proposed now). The rules are in the entry, not in the binary that
+    /// applies it, so that a replica replaying an older entry after an
+    /// upgrade drops what the others dropped when they applied it.
+    Gc {
+        now_ms: u64,
+        policy: crate::state::GcPolicy,
+        rules: u16,
     },
 }
 
@@ -157,7 +172,7 @@ pub enum Effect {
     /// Evaluations the command opened (a node went down, a drain began).
     Evals(Vec<EvalId>),
     Done,
-    /// What a [`Command::CollectGarbage`] (or `Collect`) dropped.
+    /// What a [`Command::Gc`] (or an older collection) dropped.
     Collected(crate::state::GcCounts),
     /// What the state holds after a [`Command::Restore`].
     Restored(crate::state::archive::TableCounts),
@@ -292,8 +307,15 @@ impl ClusterState {
                 Effect::Done
             }
             Command::Acl(c) => self.acl_mut().apply(c).map_or_else(Effect::Refused, |()| Effect::Done),
-            Command::Collect { now_ms, thresholds } => Effect::Collected(self.collect(*now_ms, thresholds.as_policy())),
-            Command::CollectGarbage { now_ms, policy } => Effect::Collected(self.collect(*now_ms, *policy)),
+            Command::Collect { now_ms, thresholds } => {
+                Effect::Collected(self.collect(*now_ms, thresholds.as_policy(), 0))
+            }
+            Command::CollectGarbage { now_ms, policy } => Effect::Collected(self.collect(*now_ms, *policy, 1)),
+            Command::Gc { rules, .. } if *rules > crate::state::GC_RULES => {
+                Effect::Refused(format!("garbage collection rules {rules} are newer than this server's"))
+            }
+            Command::Gc { now_ms, policy, rules } => Effect::Collected(self.collect(*now_ms, *policy, *rules)),
+            Command::DropRecords(records) => Effect::Evals(self.drop_records(records)),
             Command::RestoreChunk { id, seq, bytes } => {
                 self.stage_restore(*id, *seq, bytes);
                 Effect::Done

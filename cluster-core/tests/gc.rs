@@ -11,7 +11,7 @@ use cluster_core::model::alloc::AllocReport;
 use cluster_core::model::{AllocStatus, NodeStatus};
 use cluster_core::scheduler::{SchedulerConfig, schedule};
 use cluster_core::spec::{parse_fleet, parse_job};
-use cluster_core::state::{ClusterState, GcCounts, GcObject, GcPolicy};
+use cluster_core::state::{ClusterState, GC_RULES, GcCounts, GcObject, GcPolicy, settled_key, settled_value};
 
 const HOUR: u64 = 3_600_000;
 
@@ -77,7 +77,17 @@ impl Log {
     }
 
     fn collect(&mut self, now_ms: u64, thresholds: GcPolicy) -> GcCounts {
-        match self.commit(Command::CollectGarbage { now_ms, policy: thresholds }) {
+        self.collect_by(now_ms, thresholds, GC_RULES)
+    }
+
+    /// A collection by the rules `rules` (1: the `CollectGarbage` of
+    /// older logs).
+    fn collect_by(&mut self, now_ms: u64, policy: GcPolicy, rules: u16) -> GcCounts {
+        let command = match rules {
+            1 => Command::CollectGarbage { now_ms, policy },
+            _ => Command::Gc { now_ms, policy, rules },
+        };
+        match self.commit(command) {
             Effect::Collected(c) => c,
             other => panic!("{other:?}"),
         }
@@ -325,4 +335,72 @@ fn the_old_command_caps_nothing_and_evaluations_stay_two_per_job() {
     log.commit(Command::Collect { now_ms: 10 * HOUR, thresholds: old });
     assert_eq!(log.state.allocs().count(), allocs, "the old command took ended allocations of a live job");
     assert_eq!(log.collect(11 * HOUR, GcPolicy::NOW).allocs, 6);
+}
+
+/// Rules 2: a job delegated here goes once its delegation stopped it, and
+/// a batch job whose holds are all settled (its instances completed in
+/// another cluster) goes like a finished one, with its holds, their records
+/// and markers. A log's older `CollectGarbage` (rules 1) keeps both, as it
+/// did, so a replica replaying it drops what the others dropped.
+#[test]
+fn revoked_guests_and_settled_holds_are_collected_by_rules_2_only() {
+    let mut log = Log::new();
+    let mut guest = job("guest", "service", 1);
+    guest.labels.insert(cluster_core::model::job::LABEL_DELEGATION.into(), "eu/guest/e1-g-0".into());
+    log.run(guest);
+    log.commit_settled(Command::StopJob(JobId::new("guest")));
+    log.report("guest", AllocStatus::Complete);
+    log.run(job("split", "batch", 2));
+    log.report("split", AllocStatus::Complete);
+    let holder = "delegation/eu/split/e9-g-1".to_string();
+    let hold = Command::Hold {
+        holder: holder.clone(),
+        job: JobId::new("split"),
+        group: "g".into(),
+        indices: vec![1],
+        record: b"complete elsewhere".to_vec(),
+    };
+    assert!(!matches!(log.commit(hold), Effect::Refused(_)));
+    log.settle();
+    assert_eq!(log.collect_by(0, GcPolicy::NOW, 1).jobs, 0, "rules 1 keep both");
+    let c = log.collect_by(1, GcPolicy::NOW, 2);
+    assert_eq!(c.jobs, 1, "{c:?}");
+    assert!(!log.has_job("guest"), "stopped by its delegation: it goes");
+    assert!(log.has_job("split"), "a hold not settled keeps its job");
+    let version = log.state.job(&JobId::new("split")).unwrap().version;
+    log.commit(Command::Record { holder: settled_key(&holder), record: settled_value(version + 1) });
+    assert_eq!(log.collect_by(2, GcPolicy::NOW, 2).jobs, 0, "settled at another version of the job");
+    log.commit(Command::Record { holder: settled_key(&holder), record: settled_value(version) });
+    assert_eq!(log.collect_by(2, GcPolicy::NOW, 1).jobs, 0, "rules 1 know nothing of settled holds");
+    assert_eq!(log.collect_by(3, GcPolicy::NOW, 2).jobs, 1);
+    assert!(!log.has_job("split"));
+    assert!(log.state.holds().is_empty());
+    assert_eq!(log.state.record(&holder), None);
+    assert_eq!(log.state.record(&settled_key(&holder)), None);
+}
+
+/// `DropRecords` drops a record, its hold and its marker only while the
+/// record is what the proposer read; a job that lost a hold and still runs
+/// is evaluated again.
+#[test]
+fn drop_records_takes_only_records_unchanged_since_they_were_read() {
+    let mut log = Log::new();
+    log.run(job("web", "service", 1));
+    let hold = |record: &[u8]| Command::Hold {
+        holder: "delegation/x".into(),
+        job: JobId::new("web"),
+        group: "g".into(),
+        indices: vec![5],
+        record: record.to_vec(),
+    };
+    log.commit(hold(b"v1"));
+    log.settle();
+    let stale = Command::DropRecords(vec![("delegation/x".into(), b"v0".to_vec())]);
+    assert_eq!(log.commit(stale), Effect::Evals(Vec::new()));
+    assert!(log.state.record("delegation/x").is_some() && !log.state.holds().is_empty());
+    let Effect::Evals(evals) = log.commit(Command::DropRecords(vec![("delegation/x".into(), b"v1".to_vec())])) else {
+        panic!()
+    };
+    assert_eq!(evals.len(), 1, "the job is evaluated again");
+    assert!(log.state.record("delegation/x").is_none() && log.state.holds().is_empty());
 }

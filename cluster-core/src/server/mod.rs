@@ -491,7 +491,12 @@ impl Inner {
             }
             Write::Acl(c) => propose(Command::Acl(c)).await?,
             Write::Collect => {
-                propose(Command::CollectGarbage { now_ms: unix_ms(), policy: crate::state::GcPolicy::NOW }).await?
+                propose(Command::Gc {
+                    now_ms: unix_ms(),
+                    policy: crate::state::GcPolicy::NOW,
+                    rules: crate::state::GC_RULES,
+                })
+                .await?
             }
             Write::RestoreChunk { id, seq, bytes } => propose(Command::RestoreChunk { id, seq, bytes }).await?,
             Write::Restore { id, chunks } => propose(Command::Restore { id, chunks }).await?,
@@ -649,7 +654,7 @@ async fn collect_garbage(inner: &Inner) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let command = Command::CollectGarbage { now_ms: unix_ms(), policy: inner.options.gc_policy };
+        let command = Command::Gc { now_ms: unix_ms(), policy: inner.options.gc_policy, rules: crate::state::GC_RULES };
         match inner.raft.propose(command).await {
             Ok(Effect::Collected(c)) if c != crate::state::GcCounts::default() => {
                 tracing::info!(jobs = c.jobs, allocs = c.allocs, evals = c.evals, nodes = c.nodes, "garbage collected");

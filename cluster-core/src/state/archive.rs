@@ -383,8 +383,13 @@ pub const RESTORE_PREFIX: &str = "restore/";
 const RESTORE_LAST: &str = "restore-last";
 /// Records a restore keeps from the running cluster rather than take
 /// from the archive: the federation's gossip keyring, so that a backup
-/// never brings back a key removed since it was made.
-pub const RESTORE_KEEPS: &[&str] = &["gossip/"];
+/// never brings back a key removed since it was made; this cluster's
+/// incarnation as a delegation origin, so that a backup restored into a
+/// cluster rebuilt on empty disks is the new incarnation, whose floors
+/// peers take; and the floors peers promised (a promise holds whatever
+/// this cluster's state), so that tombstones the backup predates stay
+/// replaced by them.
+pub const RESTORE_KEEPS: &[&str] = &["gossip/", "federation/incarnation", "inbound-floor/"];
 
 fn restore_key(id: u64, seq: u32) -> String {
     format!("{RESTORE_PREFIX}{id:016x}/{seq:08x}")

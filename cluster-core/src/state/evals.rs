@@ -160,6 +160,12 @@ impl ClusterState {
         self.blocked.iter().copied()
     }
 
+    /// The id the next evaluation will get: every evaluation ever created
+    /// here has a lower one (ids only rise, across collection and restore).
+    pub fn next_eval_id(&self) -> u64 {
+        self.next_eval
+    }
+
     /// The job's open evaluation, or else its latest closed one.
     pub fn job_eval(&self, job: &JobId) -> Option<&Evaluation> {
         let id = self.open_eval.get(job).or_else(|| self.closed_eval.get(job))?;

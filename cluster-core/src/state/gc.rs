@@ -1,7 +1,7 @@
 //! Garbage collection through the log: a stopped or finished job, with its
 //! allocations and evaluations, and a node down for long, are dropped by a
-//! committed [`crate::command::Command::CollectGarbage`] (or the older
-//! `Collect`), so every replica drops the same things (Nomad runs its job,
+//! committed [`crate::command::Command::Gc`] (or an older collection
+//! command), so every replica drops the same things (Nomad runs its job,
 //! eval and node GC as core jobs on the leader; here the leader proposes
 //! the command and the log decides).
 //!
@@ -13,18 +13,26 @@
 //! of 0 (`hanse system gc`) one command marks and drops.
 //!
 //! Kept whatever the age: a job with a live or pending allocation, an open
-//! evaluation, or instances held by another cluster (a delegation); a job
-//! another cluster delegated here; a node with an allocation that still
-//! holds resources. A job's ended allocations are capped instead
-//! (`GcPolicy::allocs_per_job`, the most recently placed kept), and
-//! dropped in place, without a rebuild: what goes is what its scheduling
-//! no longer reads (older versions, indexes past the count, completed or
-//! lost service work, a system job's); failures of its current version
-//! (they count toward the reschedule limit) and completed batch instances
-//! (they say their index is done) stay while the job does. A job keeps at most one open and one closed
-//! evaluation, so evaluations need no rule. Delegation records and
-//! tombstones are never collected, so a late re-offer is refused after its
-//! job is gone; they, and jobs delegated here, still grow without bound.
+//! evaluation, or instances another cluster holds for it (a delegation not
+//! settled); a job another cluster delegated here until it is stopped
+//! (revoked); a node with an allocation that still holds resources. A
+//! job's ended allocations are capped instead (`GcPolicy::allocs_per_job`,
+//! the most recently placed kept), and dropped in place, without a
+//! rebuild: what goes is what its scheduling no longer reads (older
+//! versions, indexes past the count, completed or lost service work, a
+//! system job's); failures of its current version (they count toward the
+//! reschedule limit) and completed batch instances (they say their index
+//! is done) stay while the job does. A job keeps at most one open and one
+//! closed evaluation, so evaluations need no rule.
+//!
+//! A hold is *settled* when its holder wrote the marker
+//! [`settled_key`] naming the job's current version: the instances
+//! completed elsewhere, and the hold stays only so they are not run again. A batch job whose holds are all settled
+//! is finished like one whose instances all completed here; it goes with
+//! its holds, their records and markers. Delegation records and tombstones
+//! otherwise have their own rule, in the federation (`Command::DropRecords`
+//! against a floor the origin promises), so that a late re-offer is still
+//! refused after collection.
 //!
 //! A batch job collected after it finished runs again if the same spec is
 //! submitted again (before, an identical resubmission changed nothing), as
@@ -32,6 +40,11 @@
 //!
 //! A job registered again, or a node whose status changes, loses its mark
 //! at once, so the threshold counts from when it last became collectable.
+//!
+//! The rules are versioned by the command that carries them ([`GC_RULES`]):
+//! 0 for `Collect` (jobs and nodes only, delegated jobs and held ones
+//! kept), 1 for `CollectGarbage` (and the cap), 2 for `Gc` with rules 2
+//! (and delegated jobs once stopped, and settled holds).
 
 use std::collections::BTreeSet;
 
@@ -44,6 +57,21 @@ use crate::model::AllocStatus;
 use crate::model::JobType;
 use crate::model::job::LABEL_DELEGATION;
 use crate::model::node::NodeStatus;
+
+/// The collection rules a leader proposes now (see the module docs).
+pub const GC_RULES: u16 = 2;
+
+/// The record that marks `holder`'s hold settled: its instances completed
+/// elsewhere (see the module docs). Its value is [`settled_value`] of the
+/// job's version then: a job updated since is not finished by it.
+pub fn settled_key(holder: &str) -> String {
+    format!("settled/{holder}")
+}
+
+/// The value of a [`settled_key`] record: the job version, in decimal.
+pub fn settled_value(version: u64) -> Vec<u8> {
+    version.to_string().into_bytes()
+}
 
 /// How long an object stays collectable before it is dropped, in
 /// milliseconds: what the older `Collect` command carries (entries
@@ -121,20 +149,42 @@ fn read_by_reconcile(job: &crate::model::Job, a: &crate::model::Allocation) -> b
 
 impl ClusterState {
     /// Whether `job` could go: stopped, or a batch job whose instances have
-    /// all ended; nothing of it live, open or held.
-    fn job_collectable(&self, id: &JobId, held: &BTreeSet<&JobId>) -> bool {
+    /// all ended (here, or settled elsewhere); nothing of it live, open or
+    /// held unsettled. `held` has the jobs with an unsettled hold,
+    /// `settled` those with a settled one; `rules` as in the module docs.
+    fn job_collectable(&self, id: &JobId, held: &BTreeSet<&JobId>, settled: &BTreeSet<&JobId>, rules: u16) -> bool {
         let Some(job) = self.job(id) else { return false };
-        if job.labels.contains_key(LABEL_DELEGATION) || self.open_eval.contains_key(id) || held.contains(id) {
+        let delegated_here = job.labels.contains_key(LABEL_DELEGATION);
+        if (delegated_here && (rules < 2 || !job.stopped)) || self.open_eval.contains_key(id) || held.contains(id) {
             return false;
         }
         let mut allocs = self.allocs_of_job(id).peekable();
-        let some = allocs.peek().is_some();
+        let some = allocs.peek().is_some() || settled.contains(id);
         let all_ended = allocs.all(|a| a.status.is_terminal());
         match (job.stopped, job.job_type) {
             (true, _) => all_ended,
             (false, JobType::Batch) => some && all_ended,
             (false, _) => false,
         }
+    }
+
+    /// Drops each record that is still byte for byte the one given, with
+    /// its hold and settled marker (`Command::DropRecords`). The jobs that
+    /// lost a hold and still run are evaluated again.
+    pub(crate) fn drop_records(&mut self, records: &[(String, Vec<u8>)]) -> Vec<crate::ids::EvalId> {
+        let mut jobs = BTreeSet::new();
+        for (holder, bytes) in records {
+            if self.records.get(holder) != Some(bytes) {
+                continue;
+            }
+            self.records.remove(holder);
+            self.records.remove(&settled_key(holder));
+            if let Some(h) = self.holds.remove(holder) {
+                jobs.insert(h.job);
+            }
+        }
+        let live: Vec<JobId> = jobs.into_iter().filter(|j| self.job(j).is_some_and(|j| !j.stopped)).collect();
+        live.iter().map(|j| self.create_eval(j, crate::model::eval::EvalTrigger::DelegationLost, None)).collect()
     }
 
     fn node_collectable(&self, id: &NodeId) -> bool {
@@ -185,15 +235,23 @@ impl ClusterState {
         }
     }
 
-    /// Applies [`crate::command::Command::CollectGarbage`] (and the older
-    /// `Collect`, as [`GcThresholds::as_policy`]): marks what became
+    /// Applies [`crate::command::Command::Gc`] (and the older commands, as
+    /// rules 0 and 1): marks what became
     /// collectable at `now_ms`, unmarks what no longer is, drops what was
     /// marked at least its threshold ago, and drops the ended allocations
     /// past the cap. Deterministic: the same state and command drop the same
     /// things on every replica.
-    pub fn collect(&mut self, now_ms: u64, t: GcPolicy) -> GcCounts {
-        let held: BTreeSet<&JobId> = self.holds.values().map(|h| &h.job).collect();
-        let jobs: Vec<JobId> = self.jobs.keys().filter(|j| self.job_collectable(j, &held)).cloned().collect();
+    pub fn collect(&mut self, now_ms: u64, t: GcPolicy, rules: u16) -> GcCounts {
+        let is_settled = |holder: &String, job: &JobId| {
+            let version = self.jobs.get(job).map(|j| settled_value(j.version));
+            rules >= 2 && version.is_some() && self.records.get(&settled_key(holder)) == version.as_ref()
+        };
+        let held: BTreeSet<&JobId> =
+            self.holds.iter().filter(|(k, h)| !is_settled(k, &h.job)).map(|(_, h)| &h.job).collect();
+        let settled: BTreeSet<&JobId> =
+            self.holds.iter().filter(|(k, h)| is_settled(k, &h.job)).map(|(_, h)| &h.job).collect();
+        let jobs: Vec<JobId> =
+            self.jobs.keys().filter(|j| self.job_collectable(j, &held, &settled, rules)).cloned().collect();
         let nodes: Vec<NodeId> = self.nodes.iter().map(|n| n.id.clone()).filter(|n| self.node_collectable(n)).collect();
         let spent = t.allocs_per_job.map(|cap| self.allocs_past_cap(cap)).unwrap_or_default();
         let now: BTreeSet<GcObject> =
@@ -232,7 +290,13 @@ impl ClusterState {
             .iter()
             .filter_map(|o| if let GcObject::Job(j) = o { Some(peers_asked_key(j)) } else { None })
             .collect();
-        snap.records.retain(|(k, _)| !asked.contains(k));
+        // A collected job's holds are all settled (see `job_collectable`):
+        // they go with it, with their records and markers.
+        let holders: BTreeSet<String> =
+            snap.holds.iter().filter(|(_, h)| gone_job(&h.job)).map(|(k, _)| k.clone()).collect();
+        snap.holds.retain(|(k, _)| !holders.contains(k));
+        let settled: BTreeSet<String> = holders.iter().map(|h| settled_key(h)).collect();
+        snap.records.retain(|(k, _)| !asked.contains(k) && !holders.contains(k) && !settled.contains(k));
         snap.gc_marks.retain(|(o, _)| !drop.contains(o));
         counts.jobs = (before.0 - snap.jobs.len()) as u64;
         counts.allocs += (before.1 - snap.allocs.len()) as u64;
@@ -285,6 +349,6 @@ mod tests {
     #[test]
     fn a_state_without_marks_collects_nothing() {
         let mut s = ClusterState::new();
-        assert_eq!(s.collect(1_000, GcPolicy::NOW), GcCounts::default());
+        assert_eq!(s.collect(1_000, GcPolicy::NOW, GC_RULES), GcCounts::default());
     }
 }

@@ -10,7 +10,7 @@ pub mod archive;
 mod evals;
 mod gc;
 
-pub use gc::{GcCounts, GcObject, GcPolicy, GcThresholds};
+pub use gc::{GC_RULES, GcCounts, GcObject, GcPolicy, GcThresholds, settled_key, settled_value};
 
 pub use evals::{PlanOutcome, system_rerun_key};
 
