@@ -13,7 +13,7 @@
 //! peer call (QUIC, mTLS) ─► on_message ────────┘                        ◄── its answers (inbox)
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -34,7 +34,7 @@ use crate::delegation::Breaker;
 use crate::policy::Policy;
 use crate::proto::origin::{Origin, Outbound, Overflowing};
 use crate::proto::target::{InPhase, Inbound, Target};
-use crate::proto::{Action, Message, Millis, Outcome, Plants, Timing, ToOrigin, ToTarget};
+use crate::proto::{Action, INCARNATION_KEY, Message, Millis, Outcome, Plants, Timing, ToOrigin, ToTarget};
 use crate::protocol::{LABEL_ORIGIN, PeerReply, PeerRequest, decode, encode, target_job_id};
 use crate::select::{Overflow, PeerInfo, select};
 
@@ -47,6 +47,8 @@ pub const ROUND: Duration = Duration::from_millis(500);
 pub const SENDS_IN_FLIGHT_MAX: usize = 32;
 /// The key of the committed policy among the state's records.
 pub const POLICY_RECORD: &str = "federation/policy";
+/// How long a peer that refused a floor gets none (see `Federation::send`).
+const FLOORLESS_FOR: Duration = Duration::from_secs(600);
 /// How long one peer server has to answer a batch of messages.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -103,6 +105,8 @@ pub struct Federation {
     /// Leader memory: when this leader first saw each evaluation blocked
     /// with overflow (for `queue_wait` triggers).
     blocked_since: Mutex<BTreeMap<u64, Millis>>,
+    /// Peers that refused a floor, and when (see `send_floor`).
+    floorless: Mutex<BTreeMap<String, Instant>>,
     sends: Arc<Semaphore>,
     /// Answers from peers, for the run loop: (cluster, messages, generation).
     inbox: mpsc::UnboundedSender<Answers>,
@@ -127,6 +131,7 @@ pub fn timing(policy: &Policy) -> Timing {
         grace_ms: r.grace_ms,
         renew_every_ms: (r.lease_ms / 5).clamp(100, 5_000),
         retry_ms: r.backoff_ms.clamp(100, 5_000),
+        collect_every_ms: Timing::default().collect_every_ms,
     }
 }
 
@@ -145,6 +150,7 @@ impl Federation {
             rtt: Mutex::default(),
             leaders: Mutex::default(),
             blocked_since: Mutex::default(),
+            floorless: Mutex::default(),
             sends: Arc::new(Semaphore::new(SENDS_IN_FLIGHT_MAX)),
             inbox,
             inbox_rx: Mutex::new(Some(inbox_rx)),
@@ -319,8 +325,13 @@ impl Federation {
             }
         };
         let mut commits = tokio::task::JoinSet::new();
+        let mut floors = Vec::new();
         for a in actions {
             match a {
+                // Floors travel on their own, never beside an answer: a
+                // peer of an earlier release cannot read one, and must
+                // not lose the answer with it.
+                Action::Send { to, message: m @ Message::ToTarget(ToTarget::Floor { .. }) } => floors.push((to, m)),
                 Action::Send { to, message } => route(to, message),
                 Action::Propose(command) => {
                     let raft = self.server.raft.clone();
@@ -360,7 +371,14 @@ impl Federation {
             }
         }
         for (to, messages) in out {
-            self.send(to, messages, generation);
+            self.send(to, messages, generation, false);
+        }
+        for (to, floor) in floors {
+            let recently =
+                self.floorless.lock().expect("floorless lock").get(&to).is_some_and(|t| t.elapsed() < FLOORLESS_FOR);
+            if !recently {
+                self.send(to, vec![floor], generation, true);
+            }
         }
         inline
     }
@@ -400,8 +418,10 @@ impl Federation {
 
     /// Sends `messages` to `to`'s leader, in the background; its answers
     /// come back through the inbox. Lost when no server takes them: the
-    /// cores send again.
-    fn send(self: &Arc<Self>, to: String, messages: Vec<Message>, generation: u64) {
+    /// cores send again. `advisory` messages (floors) count against no
+    /// breaker when lost, and a peer that refuses them (one of an earlier
+    /// release cannot read them) gets none for [`FLOORLESS_FOR`].
+    fn send(self: &Arc<Self>, to: String, messages: Vec<Message>, generation: u64, advisory: bool) {
         let me = self.clone();
         tokio::spawn(async move {
             let Ok(_permit) = me.sends.clone().acquire_owned().await else { return };
@@ -432,12 +452,20 @@ impl Federation {
                         return;
                     }
                     Ok(PeerReply::NotLeader) => {}
+                    Ok(PeerReply::Refused(why)) if advisory => {
+                        tracing::info!(peer = %to, %why, "a peer does not take delegation floors (an earlier release?): it keeps its tombstones");
+                        me.floorless.lock().expect("floorless lock").insert(to, Instant::now());
+                        return;
+                    }
                     Ok(other) => {
                         tracing::warn!(to = %to, at = %a, answer = ?other, "a peer refused delegation messages");
                         return;
                     }
                     Err(e) => tracing::debug!(to = %to, at = %a, error = %e, "peer server did not take the messages"),
                 }
+            }
+            if advisory {
+                return;
             }
             me.counters.undelivered.fetch_add(1, Ordering::Relaxed);
             let retry = me.policy().retry;
@@ -466,16 +494,22 @@ impl Federation {
         let policy = self.policy();
         let now = self.now_ms();
         let peers = self.peers(&policy, now, &self.member.view());
-        let (work, utilization): (Vec<(Overflowing, u32)>, f64) = self.server.raft.read(|s| {
-            let work =
-                Origin::overflow(s).into_iter().map(|w| (w.clone(), s.held_of_job(&w.job.id).count() as u32)).collect();
+        type Work = (Overflowing, u32, BTreeSet<String>);
+        let (work, utilization): (Vec<Work>, f64) = self.server.raft.read(|s| {
+            let work = (Origin::overflow(s).into_iter())
+                .map(|w| {
+                    let (held, refused) =
+                        (s.held_of_job(&w.job.id).count() as u32, Origin::refused_by(s, w.job.id.as_str()));
+                    (w, held, refused)
+                })
+                .collect();
             (work, utilization(s))
         });
-        let work: Vec<(Overflowing, u32)> = {
+        let work: Vec<Work> = {
             let mut since = self.blocked_since.lock().expect("blocked lock");
-            since.retain(|eval, _| work.iter().any(|(w, _)| w.eval == *eval));
+            since.retain(|eval, _| work.iter().any(|(w, _, _)| w.eval == *eval));
             work.into_iter()
-                .filter(|(w, _)| {
+                .filter(|(w, _, _)| {
                     let blocked = now.saturating_sub(*since.entry(w.eval).or_insert(now));
                     prefers_peers(&w.job) || policy.overflow.fires(blocked, utilization)
                 })
@@ -486,11 +520,12 @@ impl Federation {
         let mut asked = Vec::new();
         let mut waiting: BTreeMap<String, Waiting> = BTreeMap::new();
         let mut actions = Vec::new();
-        for (w, remote) in work {
+        for (w, remote, refused) in work {
             if prefers_peers(&w.job) && !asked.iter().any(|(j, _)| *j == w.job.id) {
                 asked.push((w.job.id.clone(), w.job.version));
             }
             let overflow = [Overflow { group: w.group.clone(), count: w.indices.len() as u32 }];
+            let peers: Vec<PeerInfo> = peers.iter().filter(|p| !refused.contains(&p.cluster)).cloned().collect();
             let selection = select(&policy, &w.job, &overflow, w.job.instance_count() as u32, remote, &peers);
             if selection.left > 0 {
                 let entry =
@@ -718,6 +753,21 @@ pub async fn run(fed: Arc<Federation>) {
             // Still leading in that term once the log is applied?
             if !fed.leads_in(status.term) {
                 continue;
+            }
+            // The first leader draws the cluster's incarnation as an origin
+            // (see `ToTarget::Floor`); a compare-and-swap, so a second
+            // leader racing it changes nothing.
+            if fed.server.raft.read(|s| s.record(INCARNATION_KEY).is_none()) {
+                let draw = Command::Guarded {
+                    holder: INCARNATION_KEY.into(),
+                    expect: None,
+                    record: encode(&rand_seed()),
+                    then: Vec::new(),
+                };
+                if let Err(e) = fed.server.raft.propose(draw).await {
+                    tracing::warn!(error = %e, "could not commit this cluster's incarnation; retrying");
+                    continue;
+                }
             }
             let committed = fed.server.raft.read(|s| s.record(POLICY_RECORD).is_some());
             if !committed {

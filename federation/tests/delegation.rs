@@ -321,7 +321,9 @@ async fn offers_are_answered_from_the_log_and_a_tombstone_refuses_for_good() {
         j.groups[0].count = 5;
         j
     });
-    let id = "eu-west/dup/e1-g-0".to_string();
+    // Ids far above the origin's evaluation sequence: its floors never
+    // cover them (they are no delegation of its own).
+    let id = "eu-west/dup/e999999-g-0".to_string();
     let offer = Message::ToTarget(ToTarget::Offer {
         id: id.clone(),
         job: job.clone(),
@@ -359,7 +361,7 @@ async fn offers_are_answered_from_the_log_and_a_tombstone_refuses_for_good() {
     // Offers go through the spec checks: indexes that do not match the
     // count, a system job.
     let bad = Message::ToTarget(ToTarget::Offer {
-        id: "eu-west/dup/e2-g-0".into(),
+        id: "eu-west/dup/e999998-g-0".into(),
         job: job.clone(),
         indices: vec![0],
         grace_ms: 2_000,
@@ -368,7 +370,7 @@ async fn offers_are_answered_from_the_log_and_a_tombstone_refuses_for_good() {
     let mut system = job.clone();
     system.job_type = cluster_core::model::JobType::System;
     let bad = Message::ToTarget(ToTarget::Offer {
-        id: "eu-west/dup/e3-g-0".into(),
+        id: "eu-west/dup/e999997-g-0".into(),
         job: system,
         indices: vec![0, 1, 2, 3, 4],
         grace_ms: 2_000,
@@ -650,7 +652,7 @@ async fn eu_only_work_never_lands_in_the_us_even_when_the_origin_policy_allows_i
         j
     });
     let offer = Message::ToTarget(ToTarget::Offer {
-        id: "eu-west/pii/forced".into(),
+        id: "eu-west/pii/e999999-g-8".into(),
         job,
         indices: vec![8, 9, 10, 11],
         grace_ms: 2_000,

@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use cluster_core::ids::{AllocId, JobId};
 use cluster_core::model::{AllocStatus, JobType};
 use cluster_core::state::ClusterState;
-use federation::proto::origin::{End, Origin, Phase};
+use federation::proto::origin::{End, Origin, Outbound, Phase};
+use federation::proto::target::{InPhase, Target};
 use federation::proto::{IndexState, Timing, outbound_key};
 use federation::protocol::LABEL_ORIGIN;
 
@@ -38,6 +39,14 @@ pub struct Checker {
     ranks: BTreeMap<(usize, String), u8>,
     /// Since when each (cluster, allocation) has run untracked by its origin.
     untracked: BTreeMap<(usize, AllocId), u64>,
+    /// Every origin record seen, as last seen, by (cluster, id); those
+    /// collected since stay here, so the fences still cover them.
+    outbound: BTreeMap<(usize, String), Outbound>,
+    /// Origin records collected, and target records (inbound) seen and
+    /// collected, by (cluster, id).
+    outbound_gone: BTreeSet<(usize, String)>,
+    inbound: BTreeSet<(usize, String)>,
+    inbound_gone: BTreeSet<(usize, String)>,
 }
 
 fn violation(w: &World, invariant: &'static str, detail: String) -> Option<Violation> {
@@ -45,6 +54,16 @@ fn violation(w: &World, invariant: &'static str, detail: String) -> Option<Viola
 }
 
 impl Checker {
+    /// Origin records the run saw collected.
+    pub fn collected_outbound(&self) -> u64 {
+        self.outbound_gone.len() as u64
+    }
+
+    /// Target records (tombstones) the run saw collected.
+    pub fn collected_inbound(&self) -> u64 {
+        self.inbound_gone.len() as u64
+    }
+
     pub fn stopped(&mut self, cluster: usize, job: &str, now: u64, leaderless_ms: Vec<u64>) {
         self.stopped.entry((cluster, job.to_string())).or_insert((now, leaderless_ms));
     }
@@ -57,7 +76,8 @@ impl Checker {
     }
 
     pub fn after_step(&mut self, w: &World) -> Option<Violation> {
-        self.fences(w)
+        self.collected(w)
+            .or_else(|| self.fences(w))
             .or_else(|| self.copies(w))
             .or_else(|| self.jurisdictions(w))
             .or_else(|| self.orphans(w))
@@ -98,8 +118,9 @@ impl Checker {
                     }
                 }
             }
-            // Given back whole, or an index of it (returned by the target).
-            for (r, _) in Origin::records(&origin.oracle) {
+            // Given back whole, or an index of it (returned by the target);
+            // a collected record as it was last seen (ended).
+            for r in self.outbound.range((o, String::new())..).take_while(|((c, _), _)| *c == o).map(|(_, r)| r) {
                 let Some(t) = w.clusters.iter().position(|c| c.name == r.target) else { continue };
                 let target = &w.clusters[t];
                 let given_back = |i: u32| !r.phase.holds() || !r.indices.contains(&i);
@@ -249,6 +270,54 @@ impl Checker {
             }
         }
         self.untracked.retain(|k, _| running.contains(k));
+        None
+    }
+
+    /// R6: a delegation id whose record was collected never comes back: at
+    /// its origin (a new delegation reusing it), at a target (a late offer
+    /// that registers it again).
+    fn collected(&mut self, w: &World) -> Option<Violation> {
+        for (c, cl) in w.clusters.iter().enumerate() {
+            let now: BTreeMap<String, Outbound> =
+                Origin::records(&cl.oracle).into_iter().map(|(r, _)| (r.id.clone(), r)).collect();
+            let gone: Vec<(usize, String)> =
+                (self.outbound.keys()).filter(|(o, id)| *o == c && !now.contains_key(id)).cloned().collect();
+            self.outbound_gone.extend(gone);
+            for (id, r) in now {
+                if self.outbound_gone.contains(&(c, id.clone())) {
+                    return violation(
+                        w,
+                        "R6 collected ids stay gone",
+                        format!("{} made {id} again after collecting it", cl.name),
+                    );
+                }
+                self.outbound.insert((c, id), r);
+            }
+            let now: BTreeMap<String, bool> = (Target::records(&cl.oracle).into_iter())
+                .map(|(r, _)| (r.id, r.phase == InPhase::Registered))
+                .collect();
+            let gone: Vec<(usize, String)> =
+                (self.inbound.iter()).filter(|(t, id)| *t == c && !now.contains_key(id)).cloned().collect();
+            for k in gone {
+                self.inbound.remove(&k);
+                self.inbound_gone.insert(k);
+            }
+            // A revocation asked again may leave a tombstone again; a
+            // registration never comes back.
+            for (id, registered) in now {
+                if registered && self.inbound_gone.contains(&(c, id.clone())) {
+                    return violation(
+                        w,
+                        "R6 collected ids stay gone",
+                        format!(
+                            "{} recorded {id} again after collecting its tombstone: a late message came through",
+                            cl.name
+                        ),
+                    );
+                }
+                self.inbound.insert((c, id));
+            }
+        }
         None
     }
 

@@ -148,10 +148,11 @@ pub enum Scenario {
     B16ForgedRevoke,
     B17NodeReregisters,
     B18StaleAnswers,
+    LateOfferAfterCollection,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 20] = [
+    pub const ALL: [Scenario; 21] = [
         Scenario::B1LostAnswer,
         Scenario::B1CrashBeforeReply,
         Scenario::B2TargetLosesANode,
@@ -172,6 +173,7 @@ impl Scenario {
         Scenario::B16ForgedRevoke,
         Scenario::B17NodeReregisters,
         Scenario::B18StaleAnswers,
+        Scenario::LateOfferAfterCollection,
     ];
 
     pub fn name(self) -> &'static str {
@@ -196,6 +198,7 @@ impl Scenario {
             Scenario::B16ForgedRevoke => "b16-forged-revoke",
             Scenario::B17NodeReregisters => "b17-node-reregisters",
             Scenario::B18StaleAnswers => "b18-stale-answers",
+            Scenario::LateOfferAfterCollection => "late-offer-after-collection",
         }
     }
 
@@ -239,6 +242,9 @@ impl Scenario {
             }
             Scenario::B17NodeReregisters => "a node re-registers while it runs work",
             Scenario::B18StaleAnswers => "duplicated and reordered answers around a revocation",
+            Scenario::LateOfferAfterCollection => {
+                "the offer arrives again 40 s late, after the job was stopped and both ends collected their records"
+            }
         }
     }
 
@@ -379,7 +385,8 @@ impl Scenario {
                 events.push((10_000, Event::RestartAgent { cluster: t, node: 1 }));
             }
             Scenario::B16ForgedRevoke => {
-                clusters.push(cluster("intruder", "eu", 1, 1));
+                // No node: never a target itself, only a third party.
+                clusters.push(cluster("intruder", "eu", 1, 0));
                 // The first delegation's id is deterministic: origin/web/e<eval>-g-<first>.
                 for e in 0..12 {
                     let id = format!("origin/web/e{e}-g-4");
@@ -397,6 +404,10 @@ impl Scenario {
             Scenario::B18StaleAnswers => {
                 events.push((9_000, Event::Delay { a: t, b: o, extra_ms: 3_000, for_ms: 6_000 }));
                 events.push((10_000, Event::Stop { cluster: o, job: "web".into() }));
+            }
+            Scenario::LateOfferAfterCollection => {
+                events.push((400, Event::Echo { a: o, b: t, after_ms: 40_000, for_ms: 2_000 }));
+                events.push((5_000, Event::Stop { cluster: o, job: "web".into() }));
             }
         }
         Setup {

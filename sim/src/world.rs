@@ -69,10 +69,11 @@ pub enum Plant {
     SkipEntry,
     SnapshotDropsHolds,
     LeasePerOrigin,
+    TombstonesExpire,
 }
 
 impl Plant {
-    pub const ALL: [Plant; 7] = [
+    pub const ALL: [Plant; 8] = [
         Plant::ReleaseOnTimeout,
         Plant::ForgetRegistration,
         Plant::LeaseFromAnswer,
@@ -80,6 +81,7 @@ impl Plant {
         Plant::SkipEntry,
         Plant::SnapshotDropsHolds,
         Plant::LeasePerOrigin,
+        Plant::TombstonesExpire,
     ];
 
     pub fn name(self) -> &'static str {
@@ -91,6 +93,7 @@ impl Plant {
             Plant::SkipEntry => "replica-skips-entry",
             Plant::SnapshotDropsHolds => "snapshot-drops-holds",
             Plant::LeasePerOrigin => "lease-per-origin",
+            Plant::TombstonesExpire => "tombstones-expire",
         }
     }
 
@@ -112,6 +115,9 @@ impl Plant {
             Plant::SnapshotDropsHolds => "a replica restored from its snapshot loses the holds table",
             Plant::LeasePerOrigin => {
                 "the target's lease covers every delegation of an origin, even ones it no longer tracks"
+            }
+            Plant::TombstonesExpire => {
+                "the target drops its tombstones soon after making them (a time-to-live), not below the origin's floor"
             }
         }
     }
@@ -151,6 +157,10 @@ pub struct Report {
     /// FNV-1a over every trace line: equal for two runs of one seed.
     pub trace_hash: u64,
     pub trace: Vec<String>,
+    /// Delegation records collected by origins, and by targets (their
+    /// tombstones), as the checker saw them go.
+    pub collected_outbound: u64,
+    pub collected_inbound: u64,
 }
 
 /// A cluster as a scenario or the generator describes it.
@@ -197,6 +207,14 @@ pub enum Event {
         a: usize,
         b: usize,
         extra_ms: u64,
+        for_ms: u64,
+    },
+    /// Messages from `a` to `b` arrive, and arrive again `after_ms` later
+    /// (a retransmission stuck in a queue).
+    Echo {
+        a: usize,
+        b: usize,
+        after_ms: u64,
         for_ms: u64,
     },
     KillLeader {
@@ -499,6 +517,8 @@ pub struct World {
     seq: u64,
     cuts: Vec<(usize, usize, u64)>,
     delays: Vec<(usize, usize, u64, u64)>,
+    /// Echo windows: (from, to, after_ms, until).
+    echoes: Vec<(usize, usize, u64, u64)>,
     events: VecDeque<(u64, Event)>,
     keep_trace: bool,
     trace: Vec<String>,
@@ -509,7 +529,13 @@ pub struct World {
 /// The protocol's timers in the simulator: short, so a run sees many
 /// leases come and go.
 pub fn sim_timing() -> Timing {
-    Timing { lease_ms: 6_000, grace_ms: 3_000, renew_every_ms: 1_000, retry_ms: 500 }
+    Timing {
+        lease_ms: 6_000,
+        grace_ms: 3_000,
+        renew_every_ms: 1_000,
+        retry_ms: 500,
+        collect_every_ms: COLLECT_EVERY_MS,
+    }
 }
 
 /// Runs one seed (or scenario) to its end or its first violation.
@@ -528,6 +554,8 @@ pub fn run(options: &Options) -> Report {
         violation,
         trace_hash: world.hash,
         trace: std::mem::take(&mut world.trace),
+        collected_outbound: world.checker.collected_outbound(),
+        collected_inbound: world.checker.collected_inbound(),
     }
 }
 
@@ -587,6 +615,7 @@ impl World {
                             grace_ms: 2_000 + 500 * rng.below(5) as u64,
                             renew_every_ms: lease_ms / 5,
                             retry_ms: 300 + 100 * rng.below(5) as u64,
+                            collect_every_ms: COLLECT_EVERY_MS,
                         }
                     } else {
                         timing.clone()
@@ -636,6 +665,7 @@ impl World {
             seq: 0,
             cuts: Vec::new(),
             delays: Vec::new(),
+            echoes: Vec::new(),
             events: events.into(),
             keep_trace: options.trace,
             trace: Vec::new(),
@@ -762,6 +792,10 @@ impl World {
             Event::Delay { a, b, extra_ms, for_ms } => {
                 self.note(format!("delay {a}->{b} by {extra_ms}ms for {for_ms}ms"));
                 self.delays.push((a, b, extra_ms, self.now + for_ms));
+            }
+            Event::Echo { a, b, after_ms, for_ms } => {
+                self.note(format!("echo {a}->{b} after {after_ms}ms for {for_ms}ms"));
+                self.echoes.push((a, b, after_ms, self.now + for_ms));
             }
             Event::KillLeader { cluster, down_ms } => {
                 for r in self.clusters[cluster].raft_leaders() {
@@ -975,6 +1009,12 @@ impl World {
                 self.delays.iter().filter(|d| d.0 == from && d.1 == to && d.3 > self.now).map(|d| d.2).sum::<u64>();
             self.seq += 1;
             self.net.push(Flight { at: self.now + delay, seq: self.seq, from, to, message: message.clone() });
+            let echo = self.echoes.iter().find(|e| e.0 == from && e.1 == to && e.3 > self.now).map(|e| e.2);
+            if let Some(after_ms) = echo {
+                self.seq += 1;
+                let at = self.now + delay + after_ms;
+                self.net.push(Flight { at, seq: self.seq, from, to, message: message.clone() });
+            }
         }
     }
 
@@ -1021,6 +1061,7 @@ impl World {
             Message::ToTarget(ToTarget::RenewAck { seq, untracked, .. }) => {
                 format!("renew-ack {seq} untracked {untracked:?}")
             }
+            Message::ToTarget(ToTarget::Floor { floor, pending, .. }) => format!("floor {floor} pending {pending:?}"),
             Message::ToOrigin(ToOrigin::Outcome { id, outcome }) => format!("outcome {id} {outcome:?}"),
             Message::ToOrigin(ToOrigin::Revoked { id, alive }) => format!("revoked {id} alive {alive}"),
             Message::ToOrigin(ToOrigin::Renew { seq, delegations, .. }) => {
@@ -1429,7 +1470,7 @@ impl World {
         // Garbage collection, as `server::collect_garbage` proposes it, with
         // short thresholds so that runs see jobs and nodes go.
         if now % COLLECT_EVERY_MS == 0 {
-            let collect = Command::CollectGarbage { now_ms: now_c, policy: COLLECT_AFTER };
+            let collect = Command::Gc { now_ms: now_c, policy: COLLECT_AFTER, rules: cluster_core::state::GC_RULES };
             self.perform(c, r, vec![Action::Propose(collect)], Then::Nothing);
         }
     }
@@ -1490,9 +1531,16 @@ impl World {
     fn overflow(&mut self, c: usize, r: usize, now_c: u64) {
         let now = self.now;
         let state = self.clusters[c].servers[r].state();
-        let work: Vec<(federation::proto::origin::Overflowing, u32)> = {
+        type Work = (federation::proto::origin::Overflowing, u32, std::collections::BTreeSet<String>);
+        let work: Vec<Work> = {
             let s = state.read().expect("state lock");
-            Origin::overflow(&s).into_iter().map(|w| (w.clone(), s.held_of_job(&w.job.id).count() as u32)).collect()
+            (Origin::overflow(&s).into_iter())
+                .map(|w| {
+                    let (held, refused) =
+                        (s.held_of_job(&w.job.id).count() as u32, Origin::refused_by(&s, w.job.id.as_str()));
+                    (w, held, refused)
+                })
+                .collect()
         };
         let peers: Vec<PeerInfo> = (self.clusters[c].gossip.iter())
             .map(|(name, (summary, heard))| PeerInfo {
@@ -1503,8 +1551,11 @@ impl World {
                 rtt_ms: None,
             })
             .collect();
-        for (w, remote) in work {
+        for (w, remote, refused) in work {
             let cl = &self.clusters[c];
+            // As `federation::node` does: a peer whose refusal of this job
+            // is on record is not asked again meanwhile.
+            let peers: Vec<PeerInfo> = peers.iter().filter(|p| !refused.contains(&p.cluster)).cloned().collect();
             let Some(shell) = cl.servers[r].shell.as_ref() else { return };
             if shell.offered.get(&w.job.id).is_some_and(|t| now_c < t + 1_000) {
                 continue;
@@ -1746,6 +1797,7 @@ fn plants_of(plant: Option<Plant>) -> Plants {
         lease_from_answer: plant == Some(Plant::LeaseFromAnswer),
         no_grace: plant == Some(Plant::NoGrace),
         lease_per_origin: plant == Some(Plant::LeasePerOrigin),
+        tombstones_expire: plant == Some(Plant::TombstonesExpire),
     }
 }
 
@@ -1798,7 +1850,10 @@ fn describe(c: &Command) -> String {
         }
         Command::Hold { holder, indices, .. } => format!("hold {holder} {indices:?}"),
         Command::Release { holder, .. } => format!("release {holder}"),
-        Command::Collect { now_ms, .. } | Command::CollectGarbage { now_ms, .. } => format!("collect at {now_ms}"),
+        Command::Collect { now_ms, .. } | Command::CollectGarbage { now_ms, .. } | Command::Gc { now_ms, .. } => {
+            format!("collect at {now_ms}")
+        }
+        Command::DropRecords(r) => format!("drop {} records", r.len()),
         other => format!("{other:?}").chars().take(60).collect(),
     }
 }

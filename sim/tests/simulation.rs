@@ -48,17 +48,19 @@ fn three_hundred_seeds_keep_every_invariant() {
 }
 
 /// The leaders collect garbage as servers do, and the runs above see jobs
-/// and their allocations go: the invariants hold with collection in the
-/// loop, not beside it.
+/// and their allocations go, and delegation records at both ends: the
+/// invariants hold with collection in the loop, not beside it.
 #[test]
 fn seeds_collect_stopped_jobs_while_the_invariants_hold() {
-    let mut collected = 0;
+    let (mut collected, mut records, mut tombstones) = (0, 0, 0);
     for s in 0..40 {
         let r = run(&Options { seed: s, trace: true, ..Options::default() });
         assert!(r.violation.is_none(), "seed {s}: {:?}", r.violation);
         collected += r.trace.iter().filter(|l| l.contains("collected") && !l.contains("collected 0 jobs")).count();
+        (records, tombstones) = (records + r.collected_outbound, tombstones + r.collected_inbound);
     }
     assert!(collected > 10, "collections that dropped jobs in 40 seeds: {collected}");
+    assert!(records > 10 && tombstones > 10, "delegation records and tombstones collected: {records}, {tombstones}");
 }
 
 /// Seeds that once failed, kept as regressions:
@@ -82,4 +84,22 @@ fn pinned_seeds_pass() {
         let r = seed(s);
         assert!(r.violation.is_none(), "seed {s}: {:?}", r.violation);
     }
+}
+
+/// Issue 17's rule for delegation records: both ends collect them, and a
+/// late copy of the offer, arriving after the target dropped its tombstone,
+/// is refused by the origin's floor instead of registering the work again
+/// (the planted `tombstones-expire` shows what happens without it).
+#[test]
+fn a_late_offer_after_collection_is_refused_by_the_floor() {
+    let r = run(&Options {
+        seed: 1,
+        scenario: Some(Scenario::LateOfferAfterCollection),
+        trace: true,
+        ..Options::default()
+    });
+    assert!(r.violation.is_none(), "{:?}", r.violation);
+    assert!(r.collected_outbound >= 1 && r.collected_inbound >= 1, "{} {}", r.collected_outbound, r.collected_inbound);
+    let refused = r.trace.iter().filter(|l| l.contains("Refused") && l.contains("older than anything")).count();
+    assert_eq!(refused, 1, "the echoed offer, refused by the floor");
 }

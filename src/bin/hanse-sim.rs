@@ -76,8 +76,11 @@ fn main() -> ExitCode {
     };
     let started = Instant::now();
     let (mut runs, mut violations, mut steps, mut sim_ms, mut unexpected) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut collected_outbound, mut collected_inbound) = (0u64, 0u64);
     let mut tally = |r: &sim::Report, label: String, expect: Expect| {
         runs += 1;
+        collected_outbound += r.collected_outbound;
+        collected_inbound += r.collected_inbound;
         steps += r.steps;
         sim_ms += r.sim_ms;
         if let Some(v) = &r.violation {
@@ -132,5 +135,7 @@ fn main() -> ExitCode {
     println!("sim_seconds_total: {:.0}", sim_ms as f64 / 1e3);
     println!("wall_seconds: {wall:.2}");
     println!("seeds_per_second: {:.1}", runs as f64 / wall.max(1e-9));
+    println!("delegation_records_collected: {collected_outbound}");
+    println!("tombstones_collected: {collected_inbound}");
     if unexpected > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }

@@ -57,11 +57,14 @@ pub struct Timing {
     pub renew_every_ms: u64,
     /// How often an unanswered offer or revocation is sent again.
     pub retry_ms: u64,
+    /// How often the origin collects the records of delegations that
+    /// ended (see [`origin::Origin::collect`]).
+    pub collect_every_ms: u64,
 }
 
 impl Default for Timing {
     fn default() -> Self {
-        Timing { lease_ms: 10_000, grace_ms: 5_000, renew_every_ms: 2_000, retry_ms: 1_000 }
+        Timing { lease_ms: 10_000, grace_ms: 5_000, renew_every_ms: 2_000, retry_ms: 1_000, collect_every_ms: 60_000 }
     }
 }
 
@@ -87,6 +90,10 @@ pub struct Plants {
     /// from that origin, not just the ones it named and the origin still
     /// tracks (the bug `hanse-sim` found in seeds 306 and 960).
     pub lease_per_origin: bool,
+    /// Target: tombstones are dropped a retry interval after they are made, and
+    /// the origin's floor is ignored (a time-to-live in place of the
+    /// floor's promise).
+    pub tombstones_expire: bool,
 }
 
 /// What a protocol end asks its shell to do.
@@ -120,4 +127,55 @@ pub fn outbound_key(id: &str) -> String {
 /// The key of a target's record for delegation `id`.
 pub fn inbound_key(id: &str) -> String {
     format!("inbound/{id}")
+}
+
+/// The record of this cluster's incarnation as an origin (see
+/// [`ToTarget::Floor`]): a random `u64`, committed by its first leader.
+pub const INCARNATION_KEY: &str = "federation/incarnation";
+
+/// The key of a target's record of `origin`'s floor (see [`ToTarget::Floor`]).
+pub fn floor_key(origin: &str) -> String {
+    format!("inbound-floor/{origin}")
+}
+
+/// A delegation id's parts: `ORIGIN/JOB/e<EVAL>-<GROUP>-<FIRST>`, with
+/// `-a<ATTEMPT>` when it is not the first attempt at the same instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DelegationId<'a> {
+    pub origin: &'a str,
+    /// The origin's evaluation that overflowed: ids rise with it.
+    pub eval: u64,
+    /// The id without its attempt: the same for every attempt at one set
+    /// of instances from one evaluation.
+    pub base: &'a str,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+}
+
+impl<'a> DelegationId<'a> {
+    /// Parses an id `Origin::delegate` made; `None` for anything else.
+    pub fn parse(id: &'a str) -> Option<DelegationId<'a>> {
+        let (origin, rest) = id.split_once('/')?;
+        let (_job, tail) = rest.rsplit_once('/')?;
+        let (eval, after) = tail.strip_prefix('e')?.split_once('-')?;
+        let eval = eval.parse().ok().filter(|_| eval.bytes().all(|b| b.is_ascii_digit()))?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        // `<GROUP>-<FIRST>` or `<GROUP>-<FIRST>-a<N>`: the first index is
+        // digits, an attempt is `a` and digits, a group may hold either.
+        let (base, attempt) = match after.rsplit_once('-') {
+            Some((before, last)) if last.starts_with('a') && digits(&last[1..]) => {
+                let (_, first) = before.rsplit_once('-')?;
+                if !digits(first) {
+                    return None;
+                }
+                (&id[..id.len() - last.len() - 1], last[1..].parse().ok()?)
+            }
+            Some((_, first)) if digits(first) => (id, 1),
+            _ => return None,
+        };
+        if origin.is_empty() || attempt < 1 {
+            return None;
+        }
+        Some(DelegationId { origin, eval, base, attempt })
+    }
 }

@@ -16,11 +16,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use cluster_core::command::Command;
 use cluster_core::ids::JobId;
 use cluster_core::model::{DelegateMode, Job};
-use cluster_core::state::ClusterState;
+use cluster_core::state::{ClusterState, settled_key, settled_value};
 use serde::{Deserialize, Serialize};
 
 use super::wire::{IndexState, Outcome, Progress, ToOrigin, ToTarget};
-use super::{Action, Message, Millis, Plants, Timing, outbound_key};
+use super::{Action, DelegationId, INCARNATION_KEY, Message, Millis, Plants, Timing, outbound_key};
 use crate::policy::Policy;
 use crate::protocol::{LABEL_ORIGIN, decode, encode};
 
@@ -177,7 +177,26 @@ pub struct Origin {
     /// beside the expiry's commit let the target start work the origin
     /// was placing again).
     ending: BTreeSet<String>,
+    /// Delegations this leader proposed, and when, until it sees their
+    /// records applied (or for [`PROPOSING_FORGET_MS`]): its floors name
+    /// them pending.
+    proposing: BTreeMap<String, Millis>,
+    /// The floor this leader last sent each target, and when: a renewal
+    /// is answered with one only when it changed, or a lease later.
+    floors_sent: BTreeMap<String, (Millis, ToTarget)>,
+    /// When this leader last proposed a collection of ended records, and
+    /// the records that were collectable then.
+    collected: Option<Millis>,
+    seen_ended: BTreeSet<String>,
 }
+
+/// How long a proposed delegation whose record never applied is still
+/// named pending: far past any commit (a proposal outlives no leadership,
+/// and a new leader starts with every earlier entry applied).
+pub const PROPOSING_FORGET_MS: u64 = 600_000;
+
+/// The most records one collection drops (one log entry).
+pub const COLLECT_BATCH_MAX: usize = 1_024;
 
 /// How many leases a delegation may stay offered, or keep an index pending
 /// at its target, before the origin takes it back.
@@ -203,6 +222,10 @@ impl Origin {
             proposed: BTreeMap::new(),
             stuck: BTreeMap::new(),
             ending: BTreeSet::new(),
+            proposing: BTreeMap::new(),
+            floors_sent: BTreeMap::new(),
+            collected: None,
+            seen_ended: BTreeSet::new(),
         }
     }
 
@@ -234,14 +257,78 @@ impl Origin {
         out
     }
 
+    /// The origin's floor for `target` (see [`ToTarget::Floor`]): this
+    /// cluster's incarnation (0 until its record is committed), the
+    /// evaluation sequence of `state` (every id made from it or a later
+    /// state is at or above it), and the ids below it that may still be
+    /// offered, tracked or revoked: `target`'s records not ended, and the
+    /// delegations this leader proposed whose records it has not yet seen
+    /// applied (to any target: an id may be proposed to one, then another).
+    pub fn floor(&self, state: &ClusterState, target: &str) -> ToTarget {
+        let mut pending: BTreeSet<String> = (Self::records(state).into_iter())
+            .filter(|(r, _)| r.target == target && !matches!(r.phase, Phase::Ended(_)))
+            .map(|(r, _)| r.id)
+            .collect();
+        pending.extend(self.proposing.keys().cloned());
+        let incarnation = state.record(INCARNATION_KEY).and_then(|b| decode::<u64>(b).ok()).unwrap_or(0);
+        ToTarget::Floor { incarnation, floor: state.next_eval_id(), pending: pending.into_iter().collect() }
+    }
+
+    /// Records that no longer say anything: delegations that ended and
+    /// hold nothing (refused, revoked, expired), at most
+    /// [`COLLECT_BATCH_MAX`], as one compare-and-swap each. Their targets
+    /// keep refusing them by the floor, and no id is made again: the hold
+    /// and the release of every such delegation each opened an
+    /// evaluation, so every id made since has a higher sequence. A
+    /// completed delegation's record goes with its job instead (its hold
+    /// is settled, see `cluster_core::state::settled_key`).
+    pub fn collectable(state: &ClusterState) -> Vec<(String, Vec<u8>)> {
+        (Self::records(state).into_iter())
+            .filter(|(r, _)| matches!(r.phase, Phase::Ended(_)) && !r.phase.holds())
+            .take(COLLECT_BATCH_MAX)
+            .map(|(r, bytes)| (outbound_key(&r.id), bytes))
+            .collect()
+    }
+
+    /// Every `Timing::collect_every_ms`, proposes the collection of the
+    /// [`Origin::collectable`] records that were collectable at the pass
+    /// before as well, so that an ended delegation stays visible (to
+    /// `job status`) for at least one interval.
+    pub fn collect(&mut self, state: &ClusterState, now: Millis) -> Option<Action> {
+        if self.collected.is_some_and(|t| now < t + self.timing.collect_every_ms) {
+            return None;
+        }
+        self.collected = Some(now);
+        let now_collectable = Self::collectable(state);
+        let due: Vec<(String, Vec<u8>)> =
+            now_collectable.iter().filter(|(k, _)| self.seen_ended.contains(k)).cloned().collect();
+        self.seen_ended = now_collectable.into_iter().map(|(k, _)| k).collect();
+        (!due.is_empty()).then(|| Action::Propose(Command::DropRecords(due)))
+    }
+
+    /// The peers that refused `job`'s work and whose refusal is still on
+    /// record (until collection takes it: one to two passes of
+    /// `collect_every_ms`). The shells leave them out of the next rounds'
+    /// selection for that job, so work a peer keeps refusing (its inbound
+    /// share is full, whatever its summary says) goes to the next peer in
+    /// the ranking instead of back to it every round.
+    pub fn refused_by(state: &ClusterState, job: &str) -> BTreeSet<String> {
+        (Self::records(state).into_iter())
+            .filter(|(r, _)| r.job == job && r.phase == Phase::Ended(End::Refused))
+            .map(|(r, _)| r.target)
+            .collect()
+    }
+
     /// Delegates `work` to `target`: commits the record and the hold, and
     /// sends the offer once they are applied. Nothing when the policy lets
     /// the work run nowhere.
     ///
-    /// The id, `ORIGIN/JOB/e<EVAL>-<GROUP>-<FIRST>`, gains `-a<N>` when an
-    /// earlier delegation of the same instances has a record in `state`
-    /// (it was refused, or ended): a new delegation, never the old one's
-    /// tombstone.
+    /// The id is `ORIGIN/JOB/e<SEQ>-<GROUP>-<FIRST>`, where `SEQ` is the
+    /// evaluation sequence of `state` (the id its next evaluation gets), so
+    /// ids rise with the origin's log and the floor can speak for every id
+    /// below it. It gains `-a<N>` (one past the highest attempt recorded)
+    /// when an earlier delegation of the same instances from the same
+    /// state has a record: a new delegation, never the old one's tombstone.
     pub fn delegate(
         &mut self,
         policy: &Policy,
@@ -251,11 +338,15 @@ impl Origin {
         now: Millis,
     ) -> Vec<Action> {
         let Some(&first) = work.indices.first() else { return Vec::new() };
-        let base = format!("{}/{}/e{}-{}-{first}", self.cluster, work.job.id, work.eval, work.group);
-        let id = (1u32..)
-            .map(|n| if n == 1 { base.clone() } else { format!("{base}-a{n}") })
-            .find(|id| state.record(&outbound_key(id)).is_none())
-            .expect("a free id");
+        let seq = state.next_eval_id();
+        let base = format!("{}/{}/e{seq}-{}-{first}", self.cluster, work.job.id, work.group);
+        let prefix = outbound_key(&base);
+        let attempt = (state.records(&prefix))
+            .filter_map(|(k, _)| DelegationId::parse(&k["delegation/".len()..]).filter(|d| d.base == base))
+            .map(|d| d.attempt + 1)
+            .max()
+            .unwrap_or(1);
+        let id = if attempt == 1 { base } else { format!("{base}-a{attempt}") };
         let Some(job) = offered_job(policy, &work.job, &work.group, work.indices.len() as u32) else {
             return Vec::new();
         };
@@ -276,6 +367,7 @@ impl Origin {
         let key = outbound_key(&id);
         self.proposed.insert(key.clone(), (now, 0));
         self.sent.insert(id.clone(), Sent { first: now, last: now, times: 1 });
+        self.proposing.insert(id.clone(), now);
         let bytes = encode(&record);
         let hold = Command::Hold {
             holder: key.clone(),
@@ -368,8 +460,18 @@ impl Origin {
     /// until answered, stops and updates carried to targets, expired
     /// leases ended.
     pub fn tick(&mut self, policy: &Policy, state: &ClusterState, now: Millis) -> Vec<Action> {
-        let mut actions = Vec::new();
-        for (r, bytes) in Self::records(state) {
+        let mut actions: Vec<Action> = self.collect(state, now).into_iter().collect();
+        let records = Self::records(state);
+        // Leader memory of delegations that ended, or whose record never
+        // committed, goes; pacing only needs a retry interval's worth.
+        let live: BTreeSet<&str> =
+            records.iter().filter(|(r, _)| !matches!(r.phase, Phase::Ended(_))).map(|(r, _)| r.id.as_str()).collect();
+        let quiet = self.timing.lease_ms + self.timing.grace_ms;
+        self.sent.retain(|id, s| live.contains(id.as_str()) || now < s.last + quiet);
+        self.proposed.retain(|_, (t, _)| now < *t + self.timing.retry_ms);
+        self.proposing.retain(|id, t| state.record(&outbound_key(id)).is_none() && now < *t + PROPOSING_FORGET_MS);
+        self.floors_sent.retain(|_, (t, _)| now < *t + self.timing.lease_ms);
+        for (r, bytes) in records.iter().cloned() {
             if r.phase == Phase::Ended(End::Complete) && !Self::wanted(policy, state, &r) {
                 // Done elsewhere, but the job changed or went: its indexes
                 // are this cluster's to place again.
@@ -486,7 +588,12 @@ impl Origin {
                 self.transition(&r, &bytes, &next, now).into_iter().collect()
             }
             ToOrigin::Renew { session, seq, delegations } => {
-                self.heard.insert(from.to_string(), now);
+                // A renewal naming nothing (a target that keeps only
+                // tombstones of ours, asking for the floor) vouches for
+                // nothing: it does not put expiries off.
+                if !delegations.is_empty() {
+                    self.heard.insert(from.to_string(), now);
+                }
                 let mut actions = Vec::new();
                 let mut untracked = Vec::new();
                 // Never a longer lease than any delegation named was
@@ -498,7 +605,7 @@ impl Origin {
                             // Its news still counts (a completion may win
                             // the compare-and-swap against an expiry), but
                             // an expiry decided is never vouched for again.
-                            actions.extend(self.progress(&r, &bytes, &p, now));
+                            actions.extend(self.progress(state, &r, &bytes, &p, now));
                             if self.ending.contains(&r.id) {
                                 untracked.push(p.id);
                             } else {
@@ -510,6 +617,11 @@ impl Origin {
                 }
                 let ack = ToTarget::RenewAck { session, seq, lease_ms, untracked };
                 actions.push(Action::Send { to: from.to_string(), message: Message::ToTarget(ack) });
+                let floor = self.floor(state, from);
+                if self.floors_sent.get(from).is_none_or(|(_, last)| *last != floor) {
+                    self.floors_sent.insert(from.to_string(), (now, floor.clone()));
+                    actions.push(Action::Send { to: from.to_string(), message: Message::ToTarget(floor) });
+                }
                 actions
             }
         }
@@ -518,7 +630,14 @@ impl Origin {
     /// A renewal's news about one tracked delegation: it registered (if
     /// the answer to the offer was lost), its per-index states, and the
     /// indexes it returned, which leave the hold to be placed again.
-    fn progress(&mut self, r: &Outbound, bytes: &[u8], p: &Progress, now: Millis) -> Option<Action> {
+    fn progress(
+        &mut self,
+        state: &ClusterState,
+        r: &Outbound,
+        bytes: &[u8],
+        p: &Progress,
+        now: Millis,
+    ) -> Option<Action> {
         let indices: Vec<u32> = p.indices.iter().map(|(i, _)| *i).collect();
         let mut next = r.clone();
         if r.phase == Phase::Offered {
@@ -541,6 +660,20 @@ impl Origin {
         }
         if next == *r {
             return None;
+        }
+        if next.phase == Phase::Ended(End::Complete) {
+            // Done elsewhere: the hold stays so the instances do not run
+            // again, and, while the job stays at this version, no longer
+            // keeps the finished job from collection.
+            let version = state.job(&JobId::new(&r.job)).map_or(0, |j| j.version);
+            let settled = Command::Record { holder: settled_key(&outbound_key(&r.id)), record: settled_value(version) };
+            return self.transition(r, bytes, &next, now).map(|a| match a {
+                Action::Propose(Command::Guarded { holder, expect, record, mut then }) => {
+                    then.insert(0, settled);
+                    Action::Propose(Command::Guarded { holder, expect, record, then })
+                }
+                other => other,
+            });
         }
         self.transition(r, bytes, &next, now)
     }

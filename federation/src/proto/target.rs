@@ -23,7 +23,7 @@ use cluster_core::state::ClusterState;
 use serde::{Deserialize, Serialize};
 
 use super::wire::{IndexState, Outcome, Progress, ToOrigin, ToTarget};
-use super::{Action, Message, Millis, Plants, Timing, inbound_key};
+use super::{Action, DelegationId, Message, Millis, Plants, Timing, floor_key, inbound_key};
 use crate::delegation::{OfferCheck, Rejection, check_offer};
 use crate::node::{free_cpu, inbound_cpu, inbound_unplaced_cpu, total_cpu};
 use crate::policy::Policy;
@@ -81,6 +81,26 @@ impl Inbound {
     }
 }
 
+/// An origin's floor as this cluster committed it (see
+/// [`ToTarget::Floor`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Floor {
+    /// The origin's incarnation: a floor of another one replaces this one.
+    pub incarnation: u64,
+    pub floor: u64,
+    /// Sorted.
+    pub pending: Vec<String>,
+}
+
+impl Floor {
+    /// Whether the promise covers delegation `id`: below the floor and not
+    /// pending, so never to be offered, tracked or revoked again.
+    pub fn covers(&self, id: &str) -> bool {
+        DelegationId::parse(id).is_some_and(|d| d.eval < self.floor)
+            && self.pending.binary_search_by(|p| p.as_str().cmp(id)).is_err()
+    }
+}
+
 /// The target's renewals with one origin, and the lease of each
 /// delegation they named.
 #[derive(Clone, Debug, Default)]
@@ -117,6 +137,9 @@ pub struct Target {
     /// Per (delegation, local index): since when this leader has seen it
     /// with nothing alive and its job blocked for want of a node.
     unplaced: BTreeMap<(String, u32), Millis>,
+    /// For [`Plants::tombstones_expire`] only: when each tombstone was
+    /// first seen.
+    tombstones_seen: BTreeMap<String, Millis>,
 }
 
 /// The allocations of `job` not yet terminal: what still runs, or may.
@@ -138,12 +161,51 @@ impl Target {
             session,
             admitting: BTreeMap::new(),
             unplaced: BTreeMap::new(),
+            tombstones_seen: BTreeMap::new(),
         }
     }
 
     /// Every inbound record in `state`, with its raw bytes.
     pub fn records(state: &ClusterState) -> Vec<(Inbound, Vec<u8>)> {
         state.records("inbound/").filter_map(|(_, v)| Some((decode::<Inbound>(v).ok()?, v.clone()))).collect()
+    }
+
+    /// The highest floor `origin` sent that this cluster committed, with
+    /// its raw bytes (none yet: floor 0).
+    pub fn floor(state: &ClusterState, origin: &str) -> (Floor, Option<Vec<u8>>) {
+        let bytes = state.record(&floor_key(origin));
+        (bytes.and_then(|b| decode::<Floor>(b).ok()).unwrap_or_default(), bytes.map(<[u8]>::to_vec))
+    }
+
+    /// Why an offer or revocation of `id` is answered from the log without
+    /// a record: its id is not one an origin makes, or the origin's floor
+    /// covers it (its tombstone may be collected). A floor only rises, so
+    /// the answer is as definite as a tombstone.
+    fn settled_by_floor(&self, state: &ClusterState, from: &str, id: &str) -> Option<String> {
+        if DelegationId::parse(id).is_none() {
+            return Some(format!("{id} is not a delegation id"));
+        }
+        // Its registration is in flight here: the record will answer.
+        if self.admitting.contains_key(id) && state.record(&inbound_key(id)).is_none() {
+            return None;
+        }
+        let (floor, _) = Self::floor(state, from);
+        (!self.plants.tombstones_expire && floor.covers(id))
+            .then(|| format!("{id} is older than anything {from} still offers (its sequence is below {})", floor.floor))
+    }
+
+    /// `origin`'s tombstones that `floor` covers, as (key, bytes) for
+    /// `Command::DropRecords`: refused ones, and revoked ones with nothing
+    /// alive (a revocation asked again is answered "nothing alive" by the
+    /// floor).
+    fn covered(state: &ClusterState, origin: &str, floor: &Floor) -> Vec<(String, Vec<u8>)> {
+        (Self::records(state).into_iter())
+            .filter(|(r, _)| r.origin == origin && r.phase != InPhase::Registered)
+            .filter(|(r, _)| floor.covers(&r.id))
+            .filter(|(r, _)| r.phase != InPhase::Revoked || alive(state, &r.job) == 0)
+            .take(super::origin::COLLECT_BATCH_MAX)
+            .map(|(r, bytes)| (inbound_key(&r.id), bytes))
+            .collect()
     }
 
     fn find(state: &ClusterState, id: &str) -> Option<(Inbound, Vec<u8>)> {
@@ -191,6 +253,9 @@ impl Target {
                     return vec![reply(from, ToOrigin::Outcome { id, outcome: refused })];
                 }
                 self.on_offer(policy, state, from, id, job, &indices, grace_ms, now)
+            }
+            ToTarget::Floor { incarnation, floor, pending } => {
+                self.on_floor(state, from, Floor { incarnation, floor, pending }, now)
             }
             ToTarget::Revoke { id } => {
                 if !owned(&id) {
@@ -246,6 +311,12 @@ impl Target {
         if let Some((r, _)) = &known {
             if !self.plants.forget_registration {
                 return vec![reply(from, ToOrigin::Outcome { id, outcome: r.outcome() })];
+            }
+        }
+        if known.is_none() {
+            if let Some(message) = self.settled_by_floor(state, from, &id) {
+                let refused = Outcome::Refused { reason: Rejection::NotAccepted, message };
+                return vec![reply(from, ToOrigin::Outcome { id, outcome: refused })];
             }
         }
         if !self.propose(&key, now) {
@@ -398,6 +469,10 @@ impl Target {
 
     fn on_revoke(&mut self, state: &ClusterState, from: &str, id: &str, now: Millis) -> Vec<Action> {
         match Self::find(state, id) {
+            // Nothing can register it any more: nothing to record.
+            None if self.settled_by_floor(state, from, id).is_some() => {
+                vec![reply(from, ToOrigin::Revoked { id: id.to_string(), alive: 0 })]
+            }
             None => {
                 if !self.propose(&inbound_key(id), now) {
                     return Vec::new();
@@ -430,6 +505,68 @@ impl Target {
         }
     }
 
+    /// `from`'s floor: one above the floor committed is committed, in one
+    /// compare-and-swap with the drop of the tombstones it covers; with
+    /// one not above, the tombstones the committed floor covers go (work
+    /// revoked since it was committed). Nothing is logged when nothing
+    /// would go.
+    fn on_floor(&mut self, state: &ClusterState, from: &str, floor: Floor, now: Millis) -> Vec<Action> {
+        if self.plants.tombstones_expire {
+            return Vec::new();
+        }
+        let (committed, expect) = Self::floor(state, from);
+        let mut floor = floor;
+        floor.pending.sort_unstable();
+        floor.pending.dedup();
+        // A floor only rises within an incarnation, and what one covered
+        // stays covered: the origin may have collected it since, and no
+        // longer knows to leave it out of `pending`. A new incarnation (the
+        // origin rebuilt on empty disks) starts its own.
+        // An origin that has not drawn its incarnation yet (0) resets
+        // nothing.
+        if floor.incarnation == 0 && committed.incarnation != 0 {
+            return Vec::new();
+        }
+        let same = floor.incarnation == committed.incarnation;
+        let raise = !same || floor.floor > committed.floor;
+        if same {
+            floor.pending.retain(|id| !committed.covers(id));
+        }
+        let by = if raise { &floor } else { &committed };
+        let covered = Self::covered(state, from, by);
+        // A new incarnation replaces a committed floor at once: the old
+        // one's would refuse its first offers.
+        let reset = expect.is_some() && !same;
+        if (covered.is_empty() && !reset) || !self.propose(&floor_key(from), now) {
+            return Vec::new();
+        }
+        let drop = (!covered.is_empty()).then(|| Command::DropRecords(covered));
+        let command = match raise {
+            true => Command::Guarded {
+                holder: floor_key(from),
+                expect,
+                record: encode(&floor),
+                then: drop.into_iter().collect(),
+            },
+            false => drop.expect("something covered"),
+        };
+        vec![Action::Propose(command)]
+    }
+
+    /// The planted bug [`Plants::tombstones_expire`]: every tombstone goes
+    /// a retry interval after this leader first saw it.
+    fn expire_tombstones(&mut self, state: &ClusterState, now: Millis) -> Vec<Action> {
+        let tombstones: Vec<(String, Vec<u8>)> = (Self::records(state).into_iter())
+            .filter(|(r, _)| r.phase != InPhase::Registered)
+            .map(|(r, bytes)| (inbound_key(&r.id), bytes))
+            .collect();
+        let ttl = self.timing.retry_ms;
+        let old: Vec<(String, Vec<u8>)> = (tombstones.into_iter())
+            .filter(|(k, _)| now >= *self.tombstones_seen.entry(k.clone()).or_insert(now) + ttl)
+            .collect();
+        if old.is_empty() { Vec::new() } else { vec![Action::Propose(Command::DropRecords(old))] }
+    }
+
     /// Moves a registered delegation to Revoked and stops its job.
     fn revoke(&mut self, r: &Inbound, expect: Vec<u8>, now: Millis) -> Vec<Action> {
         let key = inbound_key(&r.id);
@@ -450,17 +587,36 @@ impl Target {
     /// cluster runs for that origin: every `renew_every_ms`, and at once
     /// (at most every [`PUSH_INTERVAL_MS`]) when progress changed.
     pub fn tick(&mut self, state: &ClusterState, now: Millis) -> Vec<Action> {
+        // Pacing only needs what was proposed within a retry interval; a
+        // registration whose record applied is no longer in flight.
+        self.proposed.retain(|_, t| now < *t + self.timing.retry_ms);
+        self.admitting.retain(|id, (t, _)| state.record(&inbound_key(id)).is_none() && now < *t + self.timing.retry_ms);
         let mut actions = self.give_back(state, now);
+        if self.plants.tombstones_expire {
+            actions.extend(self.expire_tombstones(state, now));
+        }
         let mut by_origin: BTreeMap<String, Vec<Progress>> = BTreeMap::new();
-        for (r, _) in Self::records(state).into_iter().filter(|(r, _)| r.phase == InPhase::Registered) {
-            let p = progress(state, &r);
-            by_origin.entry(r.origin.clone()).or_default().push(p);
+        let mut floors: BTreeMap<String, Floor> = BTreeMap::new();
+        for (r, _) in Self::records(state) {
+            if r.phase == InPhase::Registered {
+                let p = progress(state, &r);
+                by_origin.entry(r.origin.clone()).or_default().push(p);
+                continue;
+            }
+            // A tombstone its origin's committed floor does not cover yet:
+            // that origin hears a renewal every lease even when this
+            // cluster runs nothing for it (naming nothing), and answers
+            // with its floor.
+            let floor = floors.entry(r.origin.clone()).or_insert_with(|| Self::floor(state, &r.origin).0);
+            if !floor.covers(&r.id) && DelegationId::parse(&r.id).is_some() {
+                by_origin.entry(r.origin.clone()).or_default();
+            }
         }
         for (origin, delegations) in by_origin {
+            let every = if delegations.is_empty() { self.timing.lease_ms } else { self.timing.renew_every_ms };
             let lease = self.leases.entry(origin.clone()).or_default();
             let due = lease.last_sent.is_none_or(|t| {
-                now >= t + self.timing.renew_every_ms
-                    || (delegations != lease.last_progress && now >= t + PUSH_INTERVAL_MS)
+                now >= t + every || (delegations != lease.last_progress && now >= t + PUSH_INTERVAL_MS)
             });
             if !due {
                 continue;
@@ -468,7 +624,12 @@ impl Target {
             let seq = lease.next_seq;
             lease.next_seq += 1;
             lease.sent.insert(seq, (now, delegations.iter().map(|p| p.id.clone()).collect()));
-            lease.until.retain(|id, _| delegations.iter().any(|p| p.id == *id));
+            // A lease is per delegation: one this renewal no longer names
+            // has none left to extend (the planted bug holds one lease
+            // per origin, and keeps it).
+            if !self.plants.lease_per_origin {
+                lease.until.retain(|id, _| delegations.iter().any(|p| p.id == *id));
+            }
             while lease.sent.len() > RENEWALS_IN_FLIGHT_MAX {
                 lease.sent.pop_first();
             }

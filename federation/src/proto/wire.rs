@@ -1,5 +1,5 @@
 //! What two clusters' leaders say to each other in delegation v2. Every
-//! message names a delegation by its id, `ORIGIN/JOB/e<EVAL>-<GROUP>-<FIRST>`,
+//! message names a delegation by its id, `ORIGIN/JOB/e<SEQ>-<GROUP>-<FIRST>`,
 //! which is unique per set of instances; the sender's cluster is the one in
 //! its certificate, never a field of the message.
 
@@ -27,6 +27,20 @@ pub enum ToTarget {
     /// its own). `untracked` names delegations in the renewal that the
     /// origin does not (or no longer) track: the target stops them.
     RenewAck { session: u64, seq: u64, lease_ms: u64, untracked: Vec<String> },
+    /// The origin's promise: of the delegations whose sequence (the
+    /// `e<SEQ>` of the id, see `Origin::delegate`) is below `floor`, it will
+    /// offer, track or revoke none but `pending` again (the records it
+    /// has not ended, and the ones it is committing). The target keeps
+    /// the highest floor in its log, with its `pending`, and refuses any
+    /// other id below it without a record, so it can drop its tombstones
+    /// below it: the floor refuses a late re-offer in their place. Sent
+    /// beside every `RenewAck`; `floor` rises with the origin's log, so a
+    /// late one (lower or equal) is ignored. `incarnation` is drawn once
+    /// per origin cluster (kept across restores, new when it is rebuilt on
+    /// empty disks): a floor of a new incarnation replaces the old one.
+    /// An origin of an earlier release sends none, and its targets keep
+    /// their tombstones.
+    Floor { incarnation: u64, floor: u64, pending: Vec<String> },
 }
 
 /// Target to origin.
