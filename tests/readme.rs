@@ -70,16 +70,18 @@ fn as_built(code: &str) -> String {
         .join("\n")
 }
 
-/// `hanse dev`, and the `export` lines it printed, by variable.
-struct Dev(Child, std::collections::BTreeMap<String, String>);
+/// `hanse dev`, the `export` lines it printed (by variable), and the file
+/// its stderr goes to.
+struct Dev(Child, std::collections::BTreeMap<String, String>, std::path::PathBuf);
 
 impl Dev {
     /// Starts `hanse dev` and waits until its demo is over.
     fn start() -> Dev {
+        let err_path = std::env::temp_dir().join(format!("hanse-readme-dev-{}.err", std::process::id()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_hanse"))
             .arg("dev")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&err_path).unwrap())
             .spawn()
             .expect("start hanse dev");
         let (tx, rx) = mpsc::channel();
@@ -89,11 +91,16 @@ impl Dev {
                 let _ = tx.send(line);
             }
         });
-        let mut dev = Dev(child, Default::default());
+        let mut dev = Dev(child, Default::default(), err_path.clone());
         let start = Instant::now();
         loop {
             let left = Duration::from_secs(180).saturating_sub(start.elapsed());
-            let line = rx.recv_timeout(left).expect("hanse dev finished its demo within 180 s");
+            let Ok(line) = rx.recv_timeout(left) else {
+                let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+                let lines: Vec<&str> = err.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                panic!("hanse dev did not finish its demo within 180 s; its stderr ends:\n{tail}");
+            };
             if let Some((name, value)) = line.trim().strip_prefix("export ").and_then(|e| e.split_once('=')) {
                 dev.1.insert(name.to_string(), value.split_whitespace().next().unwrap_or_default().to_string());
             }
@@ -111,6 +118,7 @@ impl Drop for Dev {
     fn drop(&mut self) {
         // SAFETY: signalling our own child; SIGTERM is its clean stop.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = std::fs::remove_file(&self.2);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -204,6 +212,13 @@ fn the_readme_runs_as_written() {
         };
         // SAFETY: the block's own process group, and only it.
         unsafe { libc::kill(-group, libc::SIGKILL) };
+        // Gone, not just signalled: the next block (or `hanse dev`) binds
+        // the same ports.
+        let gone = Instant::now() + Duration::from_secs(10);
+        // SAFETY: signal 0 only asks whether the group still exists.
+        while unsafe { libc::kill(-group, 0) } == 0 && Instant::now() < gone {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         scrub();
         let (stdout, stderr) =
             (std::fs::read_to_string(&out).unwrap_or_default(), std::fs::read_to_string(&err).unwrap_or_default());
