@@ -303,9 +303,14 @@ pub fn load_config(path: &Path) -> anyhow::Result<AgentConfig> {
     crate::output::load(path, read_config)
 }
 
-pub async fn run(c: AgentConfig) -> anyhow::Result<Outcome> {
+pub async fn run(mut c: AgentConfig) -> anyhow::Result<Outcome> {
     cluster_core::private::private_dir(&c.data_dir)
         .with_context(|| format!("cannot create data_dir {} (0700)", c.data_dir.display()))?;
+    // Every path a task is given (`HANSE_ALLOC_DIR`, `HANSE_TASK_DIR`) is
+    // absolute, whatever the agent's working directory and config path:
+    // a task runs in its own directory, where a relative one means nothing.
+    c.data_dir = std::fs::canonicalize(&c.data_dir)
+        .with_context(|| format!("cannot resolve data_dir {}", c.data_dir.display()))?;
     let ca = std::fs::read_to_string(&c.ca).with_context(|| format!("cannot read [tls] ca {}", c.ca.display()))?;
     let pair = tls::read_pair(&c.cert, &c.key)?;
     let me = Identity::new(&c.cluster, Role::Agent, &c.name);

@@ -307,6 +307,15 @@ name = "missing"
 name = "nothing"
 driver = "exec"
 command = "/no/such/command"
+
+[[group]]
+name = "where"
+
+[[group.task]]
+name = "pwd"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "cd / && cd \"$HANSE_TASK_DIR\" && pwd && echo \"$HANSE_ALLOC_DIR\""]
 "#,
     );
     let run = f.run(&["job", "run", &job]);
@@ -338,6 +347,17 @@ command = "/no/such/command"
     let failed = f.allocs("hello").into_iter().find(|a| a["group"] == "fail" && a["status"] == "failed").unwrap();
     let shown = f.run(&["alloc", "status", failed["name"].as_str().unwrap()]);
     assert!(text(&shown).contains("code 3") && text(&shown).contains("no restarts left"), "{}", text(&shown));
+    // The agent's config names a relative data_dir, as the README's do:
+    // the paths a task is given are absolute all the same (a task that
+    // changes directory can come back to its own).
+    eventually(Duration::from_secs(30), "the task that changes directory completes", || {
+        f.allocs("hello").iter().any(|a| a["group"] == "where" && a["status"] == "complete")
+    });
+    let shown = f.run(&["alloc", "logs", "hello.where[0]"]);
+    let out = String::from_utf8_lossy(&shown.stdout).to_string();
+    let dirs: Vec<&str> = out.lines().collect();
+    assert!(dirs.len() == 2 && dirs.iter().all(|d| d.starts_with('/')), "not absolute: {}", text(&shown));
+    assert!(dirs[0].starts_with(dirs[1]) && dirs[0].ends_with("/pwd"), "{out}");
     eventually(Duration::from_secs(30), "a missing command fails with that reason", || {
         f.allocs("hello").iter().any(|a| {
             a["group"] == "missing"
