@@ -686,14 +686,20 @@ async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
         let (_, first, next) = get("/v1/allocations");
         assert_eq!(first.as_array().unwrap().len(), PAGE_DEFAULT, "unasked, a page is capped");
         assert!(next.is_some(), "and names where the next starts");
-        let (mut seen, mut token, mut pages) = (Vec::new(), None::<String>, 0);
-        loop {
-            let path = match &token {
-                Some(t) => format!("/v1/allocations?per_page=300&next_token={t}"),
-                None => "/v1/allocations?per_page=300".to_string(),
+        // One page of allocation ids from `token` (none: the first), and the
+        // token of the next.
+        let page = |per_page: usize, token: &Option<String>| {
+            let path = match token {
+                Some(t) => format!("/v1/allocations?per_page={per_page}&next_token={t}"),
+                None => format!("/v1/allocations?per_page={per_page}"),
             };
             let (_, body, next) = get(&path);
-            seen.extend(body.as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap()));
+            (body.as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap()).collect::<Vec<u64>>(), next)
+        };
+        let (mut seen, mut token, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let (ids, next) = page(300, &token);
+            seen.extend(ids);
             pages += 1;
             match next {
                 Some(t) => token = Some(t),
@@ -724,12 +730,8 @@ async fn lists_are_paged_and_filtered_and_the_client_follows_the_pages() {
         // that was there throughout.
         let (mut during, mut token, mut round) = (Vec::new(), None::<String>, 0);
         loop {
-            let path = match &token {
-                Some(t) => format!("/v1/allocations?per_page=250&next_token={t}"),
-                None => "/v1/allocations?per_page=250".to_string(),
-            };
-            let (_, body, next) = get(&path);
-            during.extend(body.as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap()));
+            let (ids, next) = page(250, &token);
+            during.extend(ids);
             let reg = client.submit(&spec(&format!("late{round}"), 2, "100m"), "late.toml").expect("submitted");
             client.eval(reg.eval, Duration::from_secs(10)).expect("placed");
             if round == 1 {

@@ -13,7 +13,7 @@
 //! peer call (QUIC, mTLS) ─► on_message ────────┘                        ◄── its answers (inbox)
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -105,7 +105,7 @@ pub struct Federation {
     /// Leader memory: when this leader first saw each evaluation blocked
     /// with overflow (for `queue_wait` triggers).
     blocked_since: Mutex<BTreeMap<u64, Millis>>,
-    /// Peers that refused a floor, and when (see `send_floor`).
+    /// Peers that refused a floor, and when (see `Federation::send`).
     floorless: Mutex<BTreeMap<String, Instant>>,
     sends: Arc<Semaphore>,
     /// Answers from peers, for the run loop: (cluster, messages, generation).
@@ -331,7 +331,7 @@ impl Federation {
                 // Floors travel on their own, never beside an answer: a
                 // peer of an earlier release cannot read one, and must
                 // not lose the answer with it.
-                Action::Send { to, message: m @ Message::ToTarget(ToTarget::Floor { .. }) } => floors.push((to, m)),
+                Action::Send { to, message: m @ Message::ToTarget(ToTarget::Floor(_)) } => floors.push((to, m)),
                 Action::Send { to, message } => route(to, message),
                 Action::Propose(command) => {
                     let raft = self.server.raft.clone();
@@ -374,11 +374,7 @@ impl Federation {
             self.send(to, messages, generation, false);
         }
         for (to, floor) in floors {
-            let recently =
-                self.floorless.lock().expect("floorless lock").get(&to).is_some_and(|t| t.elapsed() < FLOORLESS_FOR);
-            if !recently {
-                self.send(to, vec![floor], generation, true);
-            }
+            self.send(to, vec![floor], generation, true);
         }
         inline
     }
@@ -422,6 +418,10 @@ impl Federation {
     /// breaker when lost, and a peer that refuses them (one of an earlier
     /// release cannot read them) gets none for [`FLOORLESS_FOR`].
     fn send(self: &Arc<Self>, to: String, messages: Vec<Message>, generation: u64, advisory: bool) {
+        let floorless = |f: &BTreeMap<String, Instant>| f.get(&to).is_some_and(|t| t.elapsed() < FLOORLESS_FOR);
+        if advisory && floorless(&self.floorless.lock().expect("floorless lock")) {
+            return;
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let Ok(_permit) = me.sends.clone().acquire_owned().await else { return };
@@ -494,22 +494,13 @@ impl Federation {
         let policy = self.policy();
         let now = self.now_ms();
         let peers = self.peers(&policy, now, &self.member.view());
-        type Work = (Overflowing, u32, BTreeSet<String>);
-        let (work, utilization): (Vec<Work>, f64) = self.server.raft.read(|s| {
-            let work = (Origin::overflow(s).into_iter())
-                .map(|w| {
-                    let (held, refused) =
-                        (s.held_of_job(&w.job.id).count() as u32, Origin::refused_by(s, w.job.id.as_str()));
-                    (w, held, refused)
-                })
-                .collect();
-            (work, utilization(s))
-        });
-        let work: Vec<Work> = {
+        let (work, utilization): (Vec<Overflowing>, f64) =
+            self.server.raft.read(|s| (Origin::overflow(s), utilization(s)));
+        let work: Vec<Overflowing> = {
             let mut since = self.blocked_since.lock().expect("blocked lock");
-            since.retain(|eval, _| work.iter().any(|(w, _, _)| w.eval == *eval));
+            since.retain(|eval, _| work.iter().any(|w| w.eval == *eval));
             work.into_iter()
-                .filter(|(w, _, _)| {
+                .filter(|w| {
                     let blocked = now.saturating_sub(*since.entry(w.eval).or_insert(now));
                     prefers_peers(&w.job) || policy.overflow.fires(blocked, utilization)
                 })
@@ -520,13 +511,13 @@ impl Federation {
         let mut asked = Vec::new();
         let mut waiting: BTreeMap<String, Waiting> = BTreeMap::new();
         let mut actions = Vec::new();
-        for (w, remote, refused) in work {
+        for w in work {
             if prefers_peers(&w.job) && !asked.iter().any(|(j, _)| *j == w.job.id) {
                 asked.push((w.job.id.clone(), w.job.version));
             }
             let overflow = [Overflow { group: w.group.clone(), count: w.indices.len() as u32 }];
-            let peers: Vec<PeerInfo> = peers.iter().filter(|p| !refused.contains(&p.cluster)).cloned().collect();
-            let selection = select(&policy, &w.job, &overflow, w.job.instance_count() as u32, remote, &peers);
+            let peers: Vec<PeerInfo> = peers.iter().filter(|p| !w.refused_by.contains(&p.cluster)).cloned().collect();
+            let selection = select(&policy, &w.job, &overflow, w.job.instance_count() as u32, w.remote, &peers);
             if selection.left > 0 {
                 let entry =
                     waiting.entry(w.job.id.to_string()).or_insert(Waiting { instances: 0, refused: Vec::new() });

@@ -14,7 +14,9 @@ use federation::local::nodes_in;
 use federation::policy::{Policy, parse_policy};
 use federation::proto::origin::{Origin, Overflowing};
 use federation::proto::target::Target;
-use federation::proto::{Action, DelegationId, Message, Outcome, Plants, Timing, ToOrigin, ToTarget, inbound_key};
+use federation::proto::{
+    Action, DelegationId, Floor, Message, Outcome, Plants, Timing, ToOrigin, ToTarget, inbound_key,
+};
 
 fn policy(name: &str, peer: &str) -> Policy {
     let text = format!(
@@ -69,7 +71,14 @@ fn delegated() -> (ClusterState, Policy, Origin) {
     let p = policy("eu-west", "eu-central");
     let j = job("big", 4, "");
     s.apply(&Command::RegisterJob(j.clone()));
-    let work = Overflowing { eval: 1, job: j, group: "g".into(), indices: vec![1, 2, 3] };
+    let work = Overflowing {
+        eval: 1,
+        job: j,
+        group: "g".into(),
+        indices: vec![1, 2, 3],
+        remote: 0,
+        refused_by: Default::default(),
+    };
     let mut o = Origin::new("eu-west", timing(3_000, 1_000), Plants::default(), 0);
     for a in o.delegate(&p, &s, &work, "eu-central", 0) {
         if let Action::ProposeThenSend { command, .. } = a {
@@ -253,10 +262,8 @@ fn a_late_offer_is_refused_after_its_tombstone_is_collected() {
     let p = policy("eu-central", "eu-west");
     let mut t = Target::new(timing(3_000, 2_000), Plants::default(), 1);
     let offer_of = |id: &str| offer(id, job("j", 1, ""), vec![0], 2_000);
-    let floor = |floor, pending: &[&str]| ToTarget::Floor {
-        incarnation: 1,
-        floor,
-        pending: pending.iter().map(|p| p.to_string()).collect(),
+    let floor = |floor, pending: &[&str]| {
+        ToTarget::Floor(Floor { incarnation: 1, floor, pending: pending.iter().map(|p| p.to_string()).collect() })
     };
     let actions = t.on_message(&p, &s, "eu-west", offer_of("eu-west/j/e3-g-0"), 0);
     assert!(matches!(outcomes(&actions).as_slice(), [Outcome::Refused { .. }]), "no node here");
@@ -300,7 +307,7 @@ fn a_late_offer_is_refused_after_its_tombstone_is_collected() {
     assert!(matches!(outcomes(&actions).as_slice(), [Outcome::Registered { .. }]));
     // An origin rebuilt on empty disks is a new incarnation: its floor
     // replaces the old one, however low.
-    let rebuilt = ToTarget::Floor { incarnation: 2, floor: 1, pending: Vec::new() };
+    let rebuilt = ToTarget::Floor(Floor { incarnation: 2, floor: 1, pending: Vec::new() });
     let actions = t.on_message(&p, &s, "eu-west", rebuilt, 5_000);
     commit(&mut s, &actions);
     let (committed, _) = Target::floor(&s, "eu-west");
@@ -332,16 +339,26 @@ fn a_revoked_tombstone_stays_while_its_work_is_alive() {
     settle(&mut s);
     let job_id = federation::protocol::target_job_id(id);
     assert_eq!(federation::proto::target::alive(&s, &job_id), 1, "stopping, not yet stopped");
-    let actions =
-        t.on_message(&p, &s, "eu-west", ToTarget::Floor { incarnation: 1, floor: 9, pending: Vec::new() }, 2_000);
+    let actions = t.on_message(
+        &p,
+        &s,
+        "eu-west",
+        ToTarget::Floor(Floor { incarnation: 1, floor: 9, pending: Vec::new() }),
+        2_000,
+    );
     assert!(actions.is_empty(), "{actions:?}");
     let ids: Vec<_> = s.allocs_of_job(&job_id.as_str().into()).map(|a| a.id).collect();
     let reports = ids.into_iter().map(|id| AllocReport { id, status: AllocStatus::Complete, tasks: Vec::new() });
     s.apply(&Command::AllocStatus(reports.collect()));
     // Once it ended, the same floor (not above: not committed again) lets
     // it go.
-    let actions =
-        t.on_message(&p, &s, "eu-west", ToTarget::Floor { incarnation: 1, floor: 9, pending: Vec::new() }, 3_000);
+    let actions = t.on_message(
+        &p,
+        &s,
+        "eu-west",
+        ToTarget::Floor(Floor { incarnation: 1, floor: 9, pending: Vec::new() }),
+        3_000,
+    );
     commit(&mut s, &actions);
     assert!(s.record(&inbound_key(id)).is_none());
     let asked_again = t.on_message(&p, &s, "eu-west", ToTarget::Revoke { id: id.into() }, 4_000);
@@ -370,7 +387,7 @@ fn a_target_with_uncovered_tombstones_asks_for_the_floor() {
     assert_eq!(renewals(&mut t, &s, 100), 1);
     assert_eq!(renewals(&mut t, &s, 1_200), 0, "not at the renewal interval: every lease");
     assert_eq!(renewals(&mut t, &s, 3_100), 1);
-    let floor = ToTarget::Floor { incarnation: 1, floor: 4, pending: Vec::new() };
+    let floor = ToTarget::Floor(Floor { incarnation: 1, floor: 4, pending: Vec::new() });
     let actions = t.on_message(&p, &s, "eu-west", floor, 3_200);
     commit(&mut s, &actions);
     assert_eq!(renewals(&mut t, &s, 6_200), 0, "covered: nothing to ask");
@@ -385,7 +402,7 @@ fn an_origin_answers_renewals_with_its_floor_when_it_changed() {
     let floors = |o: &mut Origin, now| {
         let renew = ToOrigin::Renew { session: 1, seq: 0, delegations: Vec::new() };
         (o.on_message(&s, "eu-central", renew, now).into_iter())
-            .filter(|a| matches!(a, Action::Send { message: Message::ToTarget(ToTarget::Floor { .. }), .. }))
+            .filter(|a| matches!(a, Action::Send { message: Message::ToTarget(ToTarget::Floor(_)), .. }))
             .count()
     };
     assert_eq!(floors(&mut o, 10), 1);
@@ -418,7 +435,7 @@ fn the_floor_names_what_is_pending_and_ended_delegations_are_collected() {
     let proposed = o.delegate(&p, &s, &work, "eu-central", 0);
     let id = format!("eu-west/big/e{}-g-1", s.next_eval_id());
     let floor = |o: &Origin, s: &ClusterState, target| match o.floor(s, target) {
-        ToTarget::Floor { incarnation: 0, floor, pending } => (floor, pending),
+        Floor { incarnation: 0, floor, pending } => (floor, pending),
         other => panic!("{other:?}"),
     };
     assert_eq!(floor(&o, &s, "eu-central"), (s.next_eval_id(), vec![id.clone()]), "in flight: pending");
@@ -449,7 +466,7 @@ fn the_floor_names_what_is_pending_and_ended_delegations_are_collected() {
     assert!(ids.len() == 2 && ids.iter().all(|i| DelegationId::parse(i).unwrap().attempt == 1), "{ids:?}");
     let renew = ToOrigin::Renew { session: 1, seq: 0, delegations: Vec::new() };
     let sent = o.on_message(&s, "eu-central", renew, 3_200).into_iter().find_map(|a| match a {
-        Action::Send { message: Message::ToTarget(f @ ToTarget::Floor { .. }), .. } => Some(f),
+        Action::Send { message: Message::ToTarget(ToTarget::Floor(f)), .. } => Some(f),
         _ => None,
     });
     assert_eq!(sent, Some(o.floor(&s, "eu-central")));

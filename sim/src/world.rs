@@ -1061,7 +1061,7 @@ impl World {
             Message::ToTarget(ToTarget::RenewAck { seq, untracked, .. }) => {
                 format!("renew-ack {seq} untracked {untracked:?}")
             }
-            Message::ToTarget(ToTarget::Floor { floor, pending, .. }) => format!("floor {floor} pending {pending:?}"),
+            Message::ToTarget(ToTarget::Floor(f)) => format!("floor {} pending {:?}", f.floor, f.pending),
             Message::ToOrigin(ToOrigin::Outcome { id, outcome }) => format!("outcome {id} {outcome:?}"),
             Message::ToOrigin(ToOrigin::Revoked { id, alive }) => format!("revoked {id} alive {alive}"),
             Message::ToOrigin(ToOrigin::Renew { seq, delegations, .. }) => {
@@ -1531,17 +1531,7 @@ impl World {
     fn overflow(&mut self, c: usize, r: usize, now_c: u64) {
         let now = self.now;
         let state = self.clusters[c].servers[r].state();
-        type Work = (federation::proto::origin::Overflowing, u32, std::collections::BTreeSet<String>);
-        let work: Vec<Work> = {
-            let s = state.read().expect("state lock");
-            (Origin::overflow(&s).into_iter())
-                .map(|w| {
-                    let (held, refused) =
-                        (s.held_of_job(&w.job.id).count() as u32, Origin::refused_by(&s, w.job.id.as_str()));
-                    (w, held, refused)
-                })
-                .collect()
-        };
+        let work = Origin::overflow(&state.read().expect("state lock"));
         let peers: Vec<PeerInfo> = (self.clusters[c].gossip.iter())
             .map(|(name, (summary, heard))| PeerInfo {
                 cluster: name.clone(),
@@ -1551,17 +1541,17 @@ impl World {
                 rtt_ms: None,
             })
             .collect();
-        for (w, remote, refused) in work {
+        for w in work {
             let cl = &self.clusters[c];
             // As `federation::node` does: a peer whose refusal of this job
             // is on record is not asked again meanwhile.
-            let peers: Vec<PeerInfo> = peers.iter().filter(|p| !refused.contains(&p.cluster)).cloned().collect();
+            let peers: Vec<PeerInfo> = peers.iter().filter(|p| !w.refused_by.contains(&p.cluster)).cloned().collect();
             let Some(shell) = cl.servers[r].shell.as_ref() else { return };
             if shell.offered.get(&w.job.id).is_some_and(|t| now_c < t + 1_000) {
                 continue;
             }
             let overflow = [Overflow { group: w.group.clone(), count: w.indices.len() as u32 }];
-            let selection = select(&cl.policy, &w.job, &overflow, w.job.instance_count() as u32, remote, &peers);
+            let selection = select(&cl.policy, &w.job, &overflow, w.job.instance_count() as u32, w.remote, &peers);
             let cl = &mut self.clusters[c];
             let shell = cl.servers[r].shell.as_mut().expect("leads");
             shell.offered.insert(w.job.id.clone(), now_c);

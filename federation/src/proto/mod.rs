@@ -36,7 +36,7 @@ pub mod wire;
 
 use cluster_core::command::Command;
 
-pub use wire::{IndexState, Outcome, ToOrigin, ToTarget};
+pub use wire::{Floor, IndexState, Outcome, ToOrigin, ToTarget};
 
 /// Milliseconds on one leader's monotonic clock. Two clusters' values are
 /// never compared: only durations travel.

@@ -19,7 +19,7 @@ use cluster_core::model::{DelegateMode, Job};
 use cluster_core::state::{ClusterState, settled_key, settled_value};
 use serde::{Deserialize, Serialize};
 
-use super::wire::{IndexState, Outcome, Progress, ToOrigin, ToTarget};
+use super::wire::{Floor, IndexState, Outcome, Progress, ToOrigin, ToTarget};
 use super::{Action, DelegationId, INCARNATION_KEY, Message, Millis, Plants, Timing, outbound_key};
 use crate::policy::Policy;
 use crate::protocol::{LABEL_ORIGIN, decode, encode};
@@ -110,6 +110,12 @@ pub struct Overflowing {
     /// Not running here and not held elsewhere, ascending; at most the
     /// number the evaluation could not place.
     pub indices: Vec<u32>,
+    /// Instances of the job other clusters hold now (selection weighs its
+    /// remote share by them).
+    pub remote: u32,
+    /// The peers that refused the job's work, while their refusal is on
+    /// record ([`Origin::refused_by`]): left out of its selection.
+    pub refused_by: BTreeSet<String>,
 }
 
 /// A stable 64-bit fingerprint of a job's spec for one group, `count`,
@@ -183,7 +189,7 @@ pub struct Origin {
     proposing: BTreeMap<String, Millis>,
     /// The floor this leader last sent each target, and when: a renewal
     /// is answered with one only when it changed, or a lease later.
-    floors_sent: BTreeMap<String, (Millis, ToTarget)>,
+    floors_sent: BTreeMap<String, (Millis, Floor)>,
     /// When this leader last proposed a collection of ended records, and
     /// the records that were collectable then.
     collected: Option<Millis>,
@@ -246,11 +252,14 @@ impl Origin {
                 continue;
             }
             let work = cluster_core::scheduler::reconcile::reconcile(state, job);
+            let remote = state.held_of_job(&job.id).count() as u32;
+            let refused_by = Self::refused_by(state, job.id.as_str());
             for (g, w) in job.groups.iter().zip(work.groups) {
                 let unplaced = e.unplaced.iter().filter(|u| u.group == g.name).map(|u| u.count).sum::<u32>();
                 let indices: Vec<u32> = w.place.into_iter().take(unplaced as usize).collect();
                 if !indices.is_empty() {
-                    out.push(Overflowing { eval: e.id.0, job: job.clone(), group: g.name.to_string(), indices });
+                    let (group, refused_by) = (g.name.to_string(), refused_by.clone());
+                    out.push(Overflowing { eval: e.id.0, job: job.clone(), group, indices, remote, refused_by });
                 }
             }
         }
@@ -264,14 +273,14 @@ impl Origin {
     /// offered, tracked or revoked: `target`'s records not ended, and the
     /// delegations this leader proposed whose records it has not yet seen
     /// applied (to any target: an id may be proposed to one, then another).
-    pub fn floor(&self, state: &ClusterState, target: &str) -> ToTarget {
+    pub fn floor(&self, state: &ClusterState, target: &str) -> Floor {
         let mut pending: BTreeSet<String> = (Self::records(state).into_iter())
             .filter(|(r, _)| r.target == target && !matches!(r.phase, Phase::Ended(_)))
             .map(|(r, _)| r.id)
             .collect();
         pending.extend(self.proposing.keys().cloned());
         let incarnation = state.record(INCARNATION_KEY).and_then(|b| decode::<u64>(b).ok()).unwrap_or(0);
-        ToTarget::Floor { incarnation, floor: state.next_eval_id(), pending: pending.into_iter().collect() }
+        Floor { incarnation, floor: state.next_eval_id(), pending: pending.into_iter().collect() }
     }
 
     /// Records that no longer say anything: delegations that ended and
@@ -309,9 +318,10 @@ impl Origin {
     /// The peers that refused `job`'s work and whose refusal is still on
     /// record (until collection takes it: one to two passes of
     /// `collect_every_ms`). The shells leave them out of the next rounds'
-    /// selection for that job, so work a peer keeps refusing (its inbound
-    /// share is full, whatever its summary says) goes to the next peer in
-    /// the ranking instead of back to it every round.
+    /// selection for that job ([`Overflowing::refused_by`]), so work a
+    /// peer keeps refusing (its inbound share is full, whatever its
+    /// summary says) goes to the next peer in the ranking instead of back
+    /// to it every round.
     pub fn refused_by(state: &ClusterState, job: &str) -> BTreeSet<String> {
         (Self::records(state).into_iter())
             .filter(|(r, _)| r.job == job && r.phase == Phase::Ended(End::Refused))
@@ -426,9 +436,22 @@ impl Origin {
     /// A compare-and-swap from `expect` to `next`, releasing the hold when
     /// `next` no longer holds, and re-holding when its indices shrank.
     fn transition(&mut self, old: &Outbound, expect: &[u8], next: &Outbound, now: Millis) -> Option<Action> {
+        self.transition_with(old, expect, next, Vec::new(), now)
+    }
+
+    /// [`Origin::transition`], with `first` applied before the hold changes
+    /// in the same compare-and-swap.
+    fn transition_with(
+        &mut self,
+        old: &Outbound,
+        expect: &[u8],
+        next: &Outbound,
+        first: Vec<Command>,
+        now: Millis,
+    ) -> Option<Action> {
         let key = outbound_key(&next.id);
         let bytes = encode(next);
-        let mut then = Vec::new();
+        let mut then = first;
         if !next.phase.holds() {
             then.push(Command::Release { holder: key.clone(), record: bytes.clone() });
         } else if next.indices != old.indices {
@@ -620,7 +643,10 @@ impl Origin {
                 let floor = self.floor(state, from);
                 if self.floors_sent.get(from).is_none_or(|(_, last)| *last != floor) {
                     self.floors_sent.insert(from.to_string(), (now, floor.clone()));
-                    actions.push(Action::Send { to: from.to_string(), message: Message::ToTarget(floor) });
+                    actions.push(Action::Send {
+                        to: from.to_string(),
+                        message: Message::ToTarget(ToTarget::Floor(floor)),
+                    });
                 }
                 actions
             }
@@ -667,13 +693,7 @@ impl Origin {
             // keeps the finished job from collection.
             let version = state.job(&JobId::new(&r.job)).map_or(0, |j| j.version);
             let settled = Command::Record { holder: settled_key(&outbound_key(&r.id)), record: settled_value(version) };
-            return self.transition(r, bytes, &next, now).map(|a| match a {
-                Action::Propose(Command::Guarded { holder, expect, record, mut then }) => {
-                    then.insert(0, settled);
-                    Action::Propose(Command::Guarded { holder, expect, record, then })
-                }
-                other => other,
-            });
+            return self.transition_with(r, bytes, &next, vec![settled], now);
         }
         self.transition(r, bytes, &next, now)
     }

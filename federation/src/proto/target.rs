@@ -22,7 +22,7 @@ use cluster_core::scheduler::{SchedulerConfig, schedule};
 use cluster_core::state::ClusterState;
 use serde::{Deserialize, Serialize};
 
-use super::wire::{IndexState, Outcome, Progress, ToOrigin, ToTarget};
+use super::wire::{Floor, IndexState, Outcome, Progress, ToOrigin, ToTarget};
 use super::{Action, DelegationId, Message, Millis, Plants, Timing, floor_key, inbound_key};
 use crate::delegation::{OfferCheck, Rejection, check_offer};
 use crate::node::{free_cpu, inbound_cpu, inbound_unplaced_cpu, total_cpu};
@@ -78,26 +78,6 @@ impl Inbound {
             }
             InPhase::Revoked => Outcome::Refused { reason: Rejection::NotAccepted, message: "revoked".into() },
         }
-    }
-}
-
-/// An origin's floor as this cluster committed it (see
-/// [`ToTarget::Floor`]).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Floor {
-    /// The origin's incarnation: a floor of another one replaces this one.
-    pub incarnation: u64,
-    pub floor: u64,
-    /// Sorted.
-    pub pending: Vec<String>,
-}
-
-impl Floor {
-    /// Whether the promise covers delegation `id`: below the floor and not
-    /// pending, so never to be offered, tracked or revoked again.
-    pub fn covers(&self, id: &str) -> bool {
-        DelegationId::parse(id).is_some_and(|d| d.eval < self.floor)
-            && self.pending.binary_search_by(|p| p.as_str().cmp(id)).is_err()
     }
 }
 
@@ -254,9 +234,7 @@ impl Target {
                 }
                 self.on_offer(policy, state, from, id, job, &indices, grace_ms, now)
             }
-            ToTarget::Floor { incarnation, floor, pending } => {
-                self.on_floor(state, from, Floor { incarnation, floor, pending }, now)
-            }
+            ToTarget::Floor(floor) => self.on_floor(state, from, floor, now),
             ToTarget::Revoke { id } => {
                 if !owned(&id) {
                     return Vec::new();

@@ -6,6 +6,7 @@
 use cluster_core::model::Job;
 use serde::{Deserialize, Serialize};
 
+use super::DelegationId;
 use crate::delegation::Rejection;
 
 /// Origin to target.
@@ -27,20 +28,37 @@ pub enum ToTarget {
     /// its own). `untracked` names delegations in the renewal that the
     /// origin does not (or no longer) track: the target stops them.
     RenewAck { session: u64, seq: u64, lease_ms: u64, untracked: Vec<String> },
-    /// The origin's promise: of the delegations whose sequence (the
-    /// `e<SEQ>` of the id, see `Origin::delegate`) is below `floor`, it will
-    /// offer, track or revoke none but `pending` again (the records it
-    /// has not ended, and the ones it is committing). The target keeps
-    /// the highest floor in its log, with its `pending`, and refuses any
-    /// other id below it without a record, so it can drop its tombstones
-    /// below it: the floor refuses a late re-offer in their place. Sent
-    /// beside every `RenewAck`; `floor` rises with the origin's log, so a
-    /// late one (lower or equal) is ignored. `incarnation` is drawn once
-    /// per origin cluster (kept across restores, new when it is rebuilt on
-    /// empty disks): a floor of a new incarnation replaces the old one.
-    /// An origin of an earlier release sends none, and its targets keep
-    /// their tombstones.
-    Floor { incarnation: u64, floor: u64, pending: Vec<String> },
+    /// The origin's promise (see [`Floor`]), sent beside a `RenewAck`
+    /// when it changed, or a lease after the last. An origin of an earlier
+    /// release sends none, and its targets keep their tombstones.
+    Floor(Floor),
+}
+
+/// An origin's promise: of the delegations whose sequence (the `e<SEQ>`
+/// of the id, see `Origin::delegate`) is below `floor`, it will offer,
+/// track or revoke none but `pending` again (the records it has not
+/// ended, and the ones it is committing). The target keeps the highest
+/// floor in its log, refuses any other id below it without
+/// a record, and so can drop its tombstones below it: the floor refuses a
+/// late re-offer in their place. `floor` rises with the origin's log, so
+/// a late one (lower or equal) is ignored. `incarnation` is drawn once
+/// per origin cluster (kept across restores, new when it is rebuilt on
+/// empty disks): a floor of a new incarnation replaces the old one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Floor {
+    pub incarnation: u64,
+    pub floor: u64,
+    /// Sorted (the origin sends it so; the target sorts what it keeps).
+    pub pending: Vec<String>,
+}
+
+impl Floor {
+    /// Whether the promise covers delegation `id`: below the floor and not
+    /// pending, so never to be offered, tracked or revoked again.
+    pub fn covers(&self, id: &str) -> bool {
+        DelegationId::parse(id).is_some_and(|d| d.eval < self.floor)
+            && self.pending.binary_search_by(|p| p.as_str().cmp(id)).is_err()
+    }
 }
 
 /// Target to origin.
