@@ -60,7 +60,14 @@ impl Exit {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StartError {
-    /// Starting again cannot help (no such command, not executable).
+    /// Its program cannot run, on this node or, with this spec, any
+    /// other alike: missing, not executable, not a program for this
+    /// machine, or a spec no driver takes. Neither restarted nor placed
+    /// again ([`crate::model::alloc::TaskPhase::Unrunnable`]).
+    #[error("{0}")]
+    Unrunnable(String),
+    /// Starting again on this node cannot help (its config refuses the
+    /// task's user or driver); another node may take it.
     #[error("{0}")]
     Fatal(String),
     #[error("{0}")]
@@ -247,7 +254,7 @@ struct MockRun {
 impl Driver for Mock {
     async fn start(&self, ctx: &TaskContext) -> Result<Box<dyn Running>, StartError> {
         let DriverSpec::Mock { run_for_ms, exit_code } = ctx.task.driver else {
-            return Err(StartError::Fatal("the mock driver runs mock tasks only".into()));
+            return Err(StartError::Unrunnable("the mock driver runs mock tasks only".into()));
         };
         let until = tokio::time::Instant::now() + Duration::from_millis(run_for_ms);
         Ok(Box::new(MockRun { until, code: exit_code }))
@@ -290,13 +297,13 @@ struct ExecRun {
 impl Driver for Exec {
     async fn start(&self, ctx: &TaskContext) -> Result<Box<dyn Running>, StartError> {
         let DriverSpec::Exec { command, args, env, user } = &ctx.task.driver else {
-            return Err(StartError::Fatal("the exec driver runs exec tasks only".into()));
+            return Err(StartError::Unrunnable("the exec driver runs exec tasks only".into()));
         };
         // Its directory and logs are named after it: a name that could
         // leave the allocation's directory is refused, however the job came
         // (the API checks it; an offer or a state file might not).
         if !crate::spec::job::is_valid_task_name(&ctx.task.name) {
-            return Err(StartError::Fatal(format!("`{}` is not a valid task name", ctx.task.name)));
+            return Err(StartError::Unrunnable(format!("`{}` is not a valid task name", ctx.task.name)));
         }
         let account = self.users.account_for(&ctx.task.name, user.as_deref())?;
         let me = Account::current();
@@ -315,6 +322,9 @@ impl Driver for Exec {
             task_dir_for(&ctx.dir, a)
                 .map_err(|e| StartError::Failed(format!("cannot give {} to `{}`: {e}", ctx.dir.display(), a.name)))?;
         }
+        let shared = shared_dir(&ctx.dir);
+        shared_dir_for(&shared, account.as_ref())
+            .map_err(|e| StartError::Failed(format!("cannot create the shared directory {}: {e}", shared.display())))?;
         let ids = account.as_ref().map(|a| (a.uid, a.gid, a.groups.clone()));
         // SAFETY: getpid cannot fail. The child checks its parent is still
         // this process once its death signal is set.
@@ -334,12 +344,23 @@ impl Driver for Exec {
         let procs = cgroup
             .as_ref()
             .and_then(|d| CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok());
-        let mut cmd = tokio::process::Command::new(command);
         // Never the agent's environment (its secrets, security review row
         // 13): the task's own, `HANSE_*` and a minimal `PATH`.
+        let environment = task_env(ctx, env);
+        let path_var = environment.iter().rev().find(|(k, _)| k == "PATH").map_or(String::new(), |(_, v)| v.clone());
+        let dir = std::path::absolute(&ctx.dir).unwrap_or_else(|_| ctx.dir.clone());
+        // The child executes the program itself, never through a shell
+        // ([`super::launch`]).
+        let launch = super::launch::Launch::new(command, args, &environment, &dir).ok_or_else(|| {
+            StartError::Unrunnable(format!(
+                "task `{}`: a command, argument or env value holds a NUL byte",
+                ctx.task.name
+            ))
+        })?;
+        let mut cmd = tokio::process::Command::new(command);
         cmd.args(args)
             .env_clear()
-            .envs(task_env(ctx, env))
+            .envs(environment)
             .current_dir(&ctx.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -347,7 +368,7 @@ impl Driver for Exec {
             .kill_on_drop(true);
         // SAFETY: between fork and exec only async-signal-safe calls are
         // made: setsid, open, write, close, setgroups, setgid, setuid,
-        // prctl, getppid, _exit, on memory prepared before the fork.
+        // prctl, getppid, _exit, execve, on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 // A session of its own: its process group is its pid, it can
@@ -378,20 +399,51 @@ impl Driver for Exec {
                 if libc::getppid() != agent_pid {
                     libc::_exit(127);
                 }
-                Ok(())
+                // As the task's user: what it may not run, it does not run.
+                Err(std::io::Error::from_raw_os_error(launch.exec()))
             });
         }
-        let mut child = cmd.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StartError::Fatal(format!("command `{command}` not found")),
-            std::io::ErrorKind::PermissionDenied => match &account {
-                Some(a) => StartError::Fatal(format!(
-                    "command `{command}` is not executable by `{}`, or the switch to that user was refused \
-                     (permission denied)",
-                    a.name
-                )),
-                None => StartError::Fatal(format!("command `{command}` is not executable (permission denied)")),
-            },
-            _ => StartError::Failed(format!("cannot start `{command}`: {e}")),
+        let mut child = cmd.spawn().map_err(|e| {
+            use super::launch::{candidates, looked_in, why_not_a_program};
+            let found = candidates(command, &path_var, &dir);
+            // The file the kernel refused: the first regular file on the
+            // way that the task's user may execute.
+            let program =
+                || found.iter().find(|p| std::fs::metadata(p).is_ok_and(|m| executable_by(&m, account.as_ref())));
+            match e.kind() {
+                _ if e.raw_os_error() == Some(libc::ENOEXEC) => {
+                    let why = program()
+                        .map(|p| why_not_a_program(p, |m| readable_by(m, account.as_ref())))
+                        .unwrap_or_default();
+                    StartError::Unrunnable(format!(
+                        "command `{command}` is not a program this node can run (exec format error){why}"
+                    ))
+                }
+                std::io::ErrorKind::NotFound => match program() {
+                    // The file is there: what it needs is not.
+                    Some(p) => StartError::Unrunnable(format!(
+                        "command `{command}` ({}) is there, but the interpreter its `#!` line names, or the loader \
+                         its ELF header names, is not on this node",
+                        p.display()
+                    )),
+                    None => StartError::Unrunnable(format!(
+                        "command `{command}` not found{}",
+                        looked_in(command, &path_var, &dir)
+                    )),
+                },
+                std::io::ErrorKind::PermissionDenied => match &account {
+                    // This node's user switch may be what failed: another may not.
+                    Some(a) => StartError::Fatal(format!(
+                        "command `{command}` is not executable by `{}`, or the switch to that user was refused \
+                         (permission denied)",
+                        a.name
+                    )),
+                    None => {
+                        StartError::Unrunnable(format!("command `{command}` is not executable (permission denied)"))
+                    }
+                },
+                _ => StartError::Failed(format!("cannot start `{command}`: {e}")),
+            }
         })?;
         let pid = child.id().map_or(0, |p| p as i32);
         let fence = ctx.fence.clone().filter(|_| pid > 0).map(|f| (f, ctx.alloc));
@@ -406,6 +458,68 @@ impl Driver for Exec {
             copiers.push(tokio::spawn(async move { copy(&mut err, &mut stderr).await }));
         }
         Ok(Box::new(ExecRun { child, pid, fence, copiers, cgroup, exit: None }))
+    }
+}
+
+/// Whether `account` (`None`: the agent's own) may execute a regular
+/// file with metadata `m` (the agent's own: any execute bit, as for root).
+fn executable_by(m: &std::fs::Metadata, account: Option<&Account>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mode = m.mode();
+    m.is_file()
+        && match account {
+            None => mode & 0o111 != 0,
+            Some(a) if m.uid() == a.uid => mode & 0o100 != 0,
+            Some(a) if m.gid() == a.gid || a.groups.contains(&m.gid()) => mode & 0o010 != 0,
+            Some(_) => mode & 0o001 != 0,
+        }
+}
+
+/// Whether `account` (`None`: the agent's own) may read a file with
+/// metadata `m`: the agent says what is in a file only to whom could read it.
+fn readable_by(m: &std::fs::Metadata, account: Option<&Account>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(a) = account else { return true };
+    let mode = m.mode();
+    if m.uid() == a.uid {
+        mode & 0o400 != 0
+    } else if m.gid() == a.gid || a.groups.contains(&m.gid()) {
+        mode & 0o040 != 0
+    } else {
+        mode & 0o004 != 0
+    }
+}
+
+/// The directory the tasks of an allocation share (`HANSE_ALLOC_DIR`):
+/// `alloc/` in the allocation's directory, beside the tasks' own (Nomad's
+/// `NOMAD_ALLOC_DIR` likewise).
+fn shared_dir(task_dir: &Path) -> PathBuf {
+    task_dir.parent().unwrap_or(Path::new("/")).join(crate::spec::job::SHARED_DIR)
+}
+
+/// Creates the shared directory, once per allocation: the first task to
+/// start makes it, for its user (0700), so that the group's tasks running
+/// as that user share it and no other user reads it. A task of the group
+/// running as another user cannot write it.
+fn shared_dir_for(dir: &Path, account: Option<&Account>) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {
+            if let Some(a) = account {
+                std::os::unix::fs::lchown(dir, Some(a.uid), Some(a.gid))?;
+            }
+            Ok(())
+        }
+        // Made by a sibling, or before the agent restarted; never a link
+        // (the allocation's directory is the agent's: no task plants one).
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if std::fs::symlink_metadata(dir)?.is_dir() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("it is not a directory"))
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -439,7 +553,7 @@ pub const TASK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 /// spec's `env`, which may override `PATH`.
 fn task_env(ctx: &TaskContext, env: &BTreeMap<String, String>) -> Vec<(String, String)> {
     let dir = std::path::absolute(&ctx.dir).unwrap_or_else(|_| ctx.dir.clone());
-    let alloc_dir = dir.parent().unwrap_or(Path::new("/")).display().to_string();
+    let alloc_dir = shared_dir(&dir).display().to_string();
     let mut out: Vec<(String, String)> = vec![
         ("PATH".into(), TASK_PATH.into()),
         ("HANSE_ALLOC_ID".into(), ctx.alloc.to_string()),

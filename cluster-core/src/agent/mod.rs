@@ -22,6 +22,7 @@ pub mod cgroups;
 pub mod driver;
 pub mod fence;
 pub mod fingerprint;
+pub mod launch;
 pub mod lease;
 pub mod logs;
 pub mod rpc;

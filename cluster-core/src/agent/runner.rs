@@ -188,13 +188,22 @@ async fn run_task(
     loop {
         let mut run = tokio::select! {
             r = driver.start(&ctx) => r,
-            _ = stop_asked(&mut control, &mut failed) => return End::Stopped,
+            _ = stop_asked(&mut control, &mut failed) => {
+                report(&|t| {
+                    t.state = TaskPhase::Dead;
+                    t.message = "stopped before it started".into();
+                });
+                return End::Stopped;
+            }
         };
         let exit: Result<Exit, StartError> = match run.as_mut() {
             Err(e) => Err(e.clone()),
             Ok(r) => {
+                // This run's row: the last run's exit is history now.
                 report(&|t| {
                     t.state = TaskPhase::Running;
+                    t.exit_code = None;
+                    t.signal = None;
                     t.message = "started".into();
                 });
                 tokio::select! {
@@ -217,11 +226,12 @@ async fn run_task(
             Err(e) => (None, None, e.to_string()),
         };
         let done = matches!(exit, Ok(e) if e.success()) && alloc.job_type == JobType::Batch;
-        let fatal = matches!(exit, Err(StartError::Fatal(_)));
+        let unrunnable = matches!(exit, Err(StartError::Unrunnable(_)));
+        let fatal = unrunnable || matches!(exit, Err(StartError::Fatal(_)));
         let may_restart = !done && !fatal && (policy.mode == RestartMode::Delay || restarts < policy.attempts);
         if !may_restart {
             report(&|t| {
-                t.state = TaskPhase::Dead;
+                t.state = if unrunnable { TaskPhase::Unrunnable } else { TaskPhase::Dead };
                 t.exit_code = exit_code;
                 t.signal = signal;
                 t.message = if done || fatal { what.clone() } else { format!("{what}; no restarts left") };
@@ -239,7 +249,13 @@ async fn run_task(
         });
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop_asked(&mut control, &mut failed) => return End::Stopped,
+            _ = stop_asked(&mut control, &mut failed) => {
+                report(&|t| {
+                    t.state = TaskPhase::Dead;
+                    t.message = format!("{what}; stopped while waiting to restart");
+                });
+                return End::Stopped;
+            }
         }
     }
 }

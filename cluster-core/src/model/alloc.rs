@@ -84,9 +84,15 @@ pub enum TaskPhase {
     Running,
     /// Exited; `exit_code`/`signal` say how.
     Dead,
+    /// Could not start and never will with this spec: its command is
+    /// missing, not executable, not a program for this machine, or a spec
+    /// no driver takes. `message` says which. Its allocation fails for
+    /// good: neither restarted nor placed again until its group's tasks
+    /// change (a new version; a change of `count` alone keeps it).
+    Unrunnable,
 }
 
-keyword_enum!(TaskPhase { Pending = "pending", Running = "running", Dead = "dead" });
+keyword_enum!(TaskPhase { Pending = "pending", Running = "running", Dead = "dead", Unrunnable = "unrunnable" });
 
 /// An agent's report on one allocation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -112,6 +118,12 @@ impl Allocation {
     /// Counts towards the group's `count`: wanted and not terminal.
     pub fn is_live(&self) -> bool {
         self.desired == DesiredStatus::Run && !self.status.is_terminal()
+    }
+
+    /// Whether a task of it could not start and never will (see
+    /// [`TaskPhase::Unrunnable`]): placing it again cannot help.
+    pub fn unrunnable(&self) -> bool {
+        self.tasks.iter().any(|t| t.state == TaskPhase::Unrunnable)
     }
 
     pub fn name(&self) -> String {

@@ -27,8 +27,19 @@ pub struct Reconciled {
 }
 
 /// How many times one instance is placed again after it failed, before
-/// the scheduler gives up on it (until the job is updated).
+/// the scheduler gives up on it (until the job is updated). An allocation
+/// that failed because a task could not start at all
+/// ([`crate::model::alloc::TaskPhase::Unrunnable`]) is not placed again.
 pub const RESCHEDULE_ATTEMPTS_MAX: u32 = 3;
+
+/// How much one failed allocation counts toward
+/// [`RESCHEDULE_ATTEMPTS_MAX`]: 1, or past the limit at once when a task of
+/// it could not start at all (an unrunnable program fails the same on
+/// the next node). Reconciliation, job states and a delegation target's
+/// per-index report all count so.
+pub fn failure_weight(a: &Allocation) -> u32 {
+    if a.unrunnable() { RESCHEDULE_ATTEMPTS_MAX + 1 } else { 1 }
+}
 
 pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
     let mut out = Reconciled { stops: Vec::new(), groups: job.groups.iter().map(|_| GroupWork::default()).collect() };
@@ -71,7 +82,7 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                 }
                 if a.status == AllocStatus::Failed && in_range && a.job_version == job.version {
                     let tries = &mut failed[g][a.index as usize];
-                    *tries += 1;
+                    *tries += failure_weight(a);
                     if *tries > RESCHEDULE_ATTEMPTS_MAX {
                         covered[g][a.index as usize] = true;
                     }
@@ -81,8 +92,11 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     // its index: the replacement is placed only once it is
                     // terminal, so the two never run at once (review B8).
                     let stopping = a.desired == DesiredStatus::Stop && !a.status.is_terminal();
-                    // So does a system job's on its node, whatever the group.
-                    if stopping && job.job_type == JobType::System && !node_down {
+                    // So does a system job's on its node, whatever the group;
+                    // and one whose program cannot run there, until the job
+                    // changes (else it would be placed there again and again).
+                    let unrunnable = a.unrunnable() && a.job_version == job.version;
+                    if (stopping || unrunnable) && job.job_type == JobType::System && !node_down {
                         if let Some(i) = node {
                             out.groups[g].busy_on.push(i);
                         }

@@ -170,10 +170,15 @@ pub fn node_id_problem(id: &str) -> Option<String> {
 /// logs: no task may take its name.
 pub const LOGS_DIR: &str = "logs";
 
-/// A task name: a valid name that is not [`LOGS_DIR`] (a task named so
-/// would own its allocation's log directory, security review of item 4).
+/// The directory beside the task directories that the tasks of an
+/// allocation share (`HANSE_ALLOC_DIR`): no task may take its name.
+pub const SHARED_DIR: &str = "alloc";
+
+/// A task name: a valid name that is neither [`LOGS_DIR`] (a task named so
+/// would own its allocation's log directory, security review of item 4)
+/// nor [`SHARED_DIR`].
 pub fn is_valid_task_name(name: &str) -> bool {
-    is_valid_name(name) && name != LOGS_DIR
+    is_valid_name(name) && name != LOGS_DIR && name != SHARED_DIR
 }
 
 /// A POSIX-portable user name, as `useradd` accepts by default.
@@ -557,6 +562,14 @@ fn read_tasks(g: &mut Table, d: &mut Diagnostics) -> Vec<Task> {
             let n = check_name(d, "task", n, s.clone())?;
             if n == LOGS_DIR {
                 d.error_hint(s, "a task may not be named `logs`", "the allocation's log directory has that name");
+                return None;
+            }
+            if n == SHARED_DIR {
+                d.error_hint(
+                    s,
+                    "a task may not be named `alloc`",
+                    "the directory an allocation's tasks share (HANSE_ALLOC_DIR) has that name",
+                );
                 return None;
             }
             if names.iter().any(|x| x == n) {

@@ -696,7 +696,7 @@ pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
             }
             AllocStatus::Running if a.is_live() => slot.1 = IndexState::Running,
             AllocStatus::Failed => {
-                failed[a.index as usize] += 1;
+                failed[a.index as usize] += cluster_core::scheduler::reconcile::failure_weight(a);
                 if failed[a.index as usize] > RESCHEDULE_ATTEMPTS_MAX && slot.1 != IndexState::Complete {
                     slot.1 = IndexState::Failed;
                 }
