@@ -675,7 +675,7 @@ impl PeerHandler for Federation {
                             if !ours {
                                 return Vec::new();
                             }
-                            s.allocs_of_job(&job).map(cluster_core::server::api::AllocView::of).collect()
+                            s.allocs_of_job(&job).map(|a| cluster_core::server::api::AllocView::of(s, a)).collect()
                         }))
                     }
                 }

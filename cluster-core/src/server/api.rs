@@ -127,12 +127,17 @@ pub struct JobSummary {
     pub job_type: String,
     pub objective: String,
     pub version: u64,
-    /// running, pending (not all placed yet), blocked, complete, stopped.
+    /// One of [`crate::state::JobState`]: pending, running, blocked,
+    /// degraded, complete, failed, stopped (see [`crate::state::progress`]).
     pub status: String,
     /// Instances wanted, over all groups.
     pub desired: u64,
     /// Allocations by their status (pending, running, complete, failed, lost).
     pub allocs: BTreeMap<String, u64>,
+    /// Wanted instances by where they are (running, waiting, complete,
+    /// failed: failed for good, not placed again until its group changes).
+    #[serde(default)]
+    pub instances: BTreeMap<String, u64>,
 }
 
 impl JobSummary {
@@ -141,28 +146,17 @@ impl JobSummary {
         for a in state.allocs_of_job(&job.id).filter(|a| a.job_version == job.version || !a.status.is_terminal()) {
             *allocs.entry(a.status.to_string()).or_default() += 1;
         }
-        let eval = state.job_eval(&job.id);
-        let live: u64 = state.allocs_of_job(&job.id).filter(|a| a.is_live()).count() as u64;
-        let status = if job.stopped {
-            "stopped"
-        } else if eval.is_some_and(|e| e.status == crate::model::EvalStatus::Blocked) {
-            "blocked"
-        } else if eval.is_some_and(|e| e.status == crate::model::EvalStatus::Pending) {
-            "pending"
-        } else if live == 0 && allocs.contains_key("complete") {
-            "complete"
-        } else {
-            "running"
-        };
+        let progress = crate::state::progress(state, job);
         JobSummary {
             id: job.id.to_string(),
             namespace: job.namespace.to_string(),
             job_type: job.job_type.to_string(),
             objective: job.objective.to_string(),
             version: job.version,
-            status: status.into(),
+            status: progress.state.to_string(),
             desired: if job.stopped { 0 } else { job.instance_count() },
             allocs,
+            instances: progress.instances.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         }
     }
 }
@@ -215,7 +209,11 @@ pub struct TaskView {
 }
 
 impl AllocView {
-    pub fn of(a: &Allocation) -> AllocView {
+    /// `a` as the API shows it: an allocation of a stopped job reads
+    /// `desired stop`, whatever it ended as (one that had ended before the
+    /// stop keeps its record as it was).
+    pub fn of(state: &ClusterState, a: &Allocation) -> AllocView {
+        let stopped = state.job(&a.job).is_some_and(|j| j.stopped);
         AllocView {
             id: a.id.0,
             name: a.id.to_string(),
@@ -224,7 +222,7 @@ impl AllocView {
             group: a.group.to_string(),
             index: a.index,
             node: a.node.to_string(),
-            desired: a.desired.to_string(),
+            desired: if stopped { "stop".to_string() } else { a.desired.to_string() },
             status: a.status.to_string(),
             cpu_millis: a.resources.cpu_millis,
             memory_bytes: a.resources.memory_bytes,

@@ -630,7 +630,7 @@ async fn job(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -
             if let Err(e) = need(&who, Capability::Read, &job.namespace) {
                 return Some(Err(e));
             }
-            let mut allocations: Vec<AllocView> = st.allocs_of_job(&job.id).map(AllocView::of).collect();
+            let mut allocations: Vec<AllocView> = st.allocs_of_job(&job.id).map(|a| AllocView::of(st, a)).collect();
             allocations.sort_by_key(|a| a.id);
             Some(Ok(JobStatus {
                 summary: JobSummary::of(st, job),
@@ -717,7 +717,7 @@ async fn node(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) 
             let allocations: Vec<AllocView> = st
                 .allocs_on_node(&node.id)
                 .filter(|a| a.holds_resources() && readable(st, &who, a))
-                .map(AllocView::of)
+                .map(|a| AllocView::of(st, a))
                 .collect();
             Some(NodeStatusView { node: NodeView::of(st, node, allocations.len() as u64), allocations })
         })
@@ -823,10 +823,10 @@ async fn allocs(State(s): Srv, Extension(who): Who, q: Q) -> Result<Response, Ap
                 Some(j) => {
                     let mut of: Vec<_> = st.allocs_of_job(j).filter(wanted).filter(readable).collect();
                     of.sort_by_key(|a| a.id);
-                    page(of.into_iter().map(AllocView::of), per_page, |a| a.id.to_string())
+                    page(of.into_iter().map(|a| AllocView::of(st, a)), per_page, |a| a.id.to_string())
                 }
                 None => page(
-                    st.allocs_from(AllocId(from)).filter(wanted).filter(readable).map(AllocView::of),
+                    st.allocs_from(AllocId(from)).filter(wanted).filter(readable).map(|a| AllocView::of(st, a)),
                     per_page,
                     |a| a.id.to_string(),
                 ),
@@ -956,7 +956,7 @@ async fn alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q)
     let found = s
         .read(stale(&q), |st| {
             let a = st.alloc(AllocId(n))?;
-            Some((AllocView::of(a), st.namespace_of(&a.job)))
+            Some((AllocView::of(st, a), st.namespace_of(&a.job)))
         })
         .await?;
     let (view, namespace) = found.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;

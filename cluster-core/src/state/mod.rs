@@ -9,10 +9,12 @@
 pub mod archive;
 mod evals;
 mod gc;
+mod progress;
 
 pub use gc::{GC_RULES, GcCounts, GcObject, GcPolicy, GcThresholds, settled_key, settled_value};
 
 pub use evals::{PlanOutcome, system_rerun_key};
+pub use progress::{InstanceState, JobState, Progress, progress};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
