@@ -30,6 +30,12 @@
 //! max_file = "10MiB"              # each task's stdout and stderr rotate at this
 //! max_files = 3                   # and keep this many files
 //!
+//! [gc]                            # directories (and logs) of ended allocations:
+//! interval = "1m"                 # looked at this often,
+//! retention = "4h"                # removed this long after they ended,
+//! max_allocs = 50                 # beyond this many, oldest first,
+//! disk_usage_threshold = 80       # and while the disk is fuller (percent)
+//!
 //! [tls]
 //! ca = "pki/ca.pem"
 //! cert = "pki/eu-west-agent-node-a.pem"
@@ -44,6 +50,7 @@ use anyhow::Context;
 use cluster_core::agent::cgroups::Cgroups;
 use cluster_core::agent::driver::{Account, DRIVER_NAMES, Drivers, TaskUsers};
 use cluster_core::agent::fingerprint::fingerprint;
+use cluster_core::agent::gc::GcPolicy;
 use cluster_core::agent::logs::Rotation;
 use cluster_core::agent::rpc::AgentService;
 use cluster_core::agent::{Agent, AgentOptions};
@@ -77,6 +84,7 @@ pub struct AgentConfig {
     /// Whom exec tasks run as.
     pub task_users: TaskUsers,
     pub rotation: Rotation,
+    pub gc: GcPolicy,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -180,6 +188,7 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
             }
             l.finish(d);
         }
+        let gc = read_gc(top, d);
         let (ca, cert, key) = read_tls(top, d, &rel, "agent-node-a");
         let name = name?;
         let node = Node {
@@ -219,11 +228,47 @@ fn read_config(file: &cluster_core::diag::SourceFile) -> spec::Checked<AgentConf
             cgroups,
             task_users: task_users?,
             rotation,
+            gc,
             ca: ca?,
             cert: cert?,
             key: key?,
         })
     })
+}
+
+/// The `[gc]` table: when the agent removes ended allocations' directories.
+fn read_gc(top: &mut read::Table, d: &mut Diagnostics) -> GcPolicy {
+    let mut policy = GcPolicy::default();
+    let Some(mut g) = top.table(d, "gc") else { return policy };
+    g.path = "[gc]".into();
+    let duration =
+        |d: &mut Diagnostics, g: &mut read::Table, key: &'static str, min_ms: u64, into: &mut std::time::Duration| {
+            if let Some((text, span)) = g.str(d, key) {
+                match spec::parse_duration_ms(text) {
+                    Ok(ms) if ms >= min_ms => *into = std::time::Duration::from_millis(ms),
+                    Ok(_) => {
+                        d.error_hint(span, format!("{key} `{text}` is too short"), format!("use {min_ms}ms or more"))
+                    }
+                    Err(e) => d.error_hint(span, format!("{key} `{text}` is not a duration"), e),
+                }
+            }
+        };
+    duration(d, &mut g, "interval", 1_000, &mut policy.interval);
+    duration(d, &mut g, "retention", 0, &mut policy.retention);
+    match g.int(d, "max_allocs") {
+        Some((n, _)) if (0..=1_000_000).contains(&n) => policy.max_allocs = n as usize,
+        Some((n, s)) => d.error_hint(s, format!("max_allocs = {n}"), "keep 0 to 1000000 ended allocations"),
+        None => {}
+    }
+    match g.int(d, "disk_usage_threshold") {
+        Some((n, _)) if (1..=100).contains(&n) => policy.disk_usage_threshold_pct = n as u8,
+        Some((n, s)) => {
+            d.error_hint(s, format!("disk_usage_threshold = {n}"), "a percentage, 1 to 100 (100: never for disk)")
+        }
+        None => {}
+    }
+    g.finish(d);
+    policy
 }
 
 /// `task_user` and `allowed_users`. An agent running as root runs tasks
@@ -354,6 +399,7 @@ pub async fn run(mut c: AgentConfig) -> anyhow::Result<Outcome> {
             c.task_users.clone(),
         ),
         fence: std::env::current_exe().ok(),
+        gc: c.gc,
     };
     let mut agent = Agent::new(options, transport);
     let endpoint = QuicServer::bind::<AgentService>(c.bind, &ca, &pair, agent.log_service())

@@ -223,6 +223,13 @@ enum AllocCommand {
         /// Keep printing new output until the task ends (or Ctrl-C).
         #[arg(long, short)]
         follow: bool,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N", conflicts_with = "since")]
+        tail: Option<u64>,
+        /// From this byte of the task's output on (offsets count from its
+        /// first byte, across rotations).
+        #[arg(long, value_name = "OFFSET")]
+        since: Option<u64>,
     },
 }
 
@@ -296,9 +303,9 @@ enum AclPolicyCommand {
 /// A filter a list does not know is refused.
 #[derive(clap::Args, Default)]
 struct ListFilter {
-    /// Only these: a job's status (running, pending, blocked, complete,
-    /// stopped), a node's (ready, down), an allocation's (pending, running,
-    /// complete, failed, lost).
+    /// Only these: a job's status (pending, running, blocked, degraded,
+    /// complete, failed, stopped), a node's (ready, down), an allocation's
+    /// (pending, running, complete, failed, lost).
     #[arg(long)]
     status: Option<String>,
     /// Only jobs or allocations in this namespace.
@@ -745,8 +752,13 @@ fn main() -> ExitCode {
         Command::Node(NodeCommand::Drain { node, disable, deadline, out }) => {
             remote::node_drain(&client, &node, disable, deadline, out.json)
         }
-        Command::Alloc(AllocCommand::Logs { alloc, task, stderr, follow }) => {
-            remote::alloc_logs(&client, &alloc, task.as_deref(), stderr, follow)
+        Command::Alloc(AllocCommand::Logs { alloc, task, stderr, follow, tail, since }) => {
+            let start = match (tail, since) {
+                (Some(n), _) => remote::LogStart::Lines(n),
+                (None, Some(o)) => remote::LogStart::Offset(o),
+                (None, None) => remote::LogStart::Oldest,
+            };
+            remote::alloc_logs(&client, &alloc, task.as_deref(), stderr, follow, start)
         }
         Command::Dev { clusters, servers, nodes, data_dir, keep, no_demo, http_base } => runtime().and_then(|rt| {
             rt.block_on(dev::run(dev::DevArgs { clusters, servers, nodes, data_dir, keep, no_demo, http_base }))

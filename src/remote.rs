@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cluster_core::server::api::{AllocView, EvalView, JobStatus, JobSummary, NodeView, PlanReport};
+use cluster_core::server::api::{AllocView, EvalView, JobStatus, JobSummary, LogsChunk, NodeView, PlanReport};
 use cluster_core::server::client::{Client, ClientError};
 use cluster_core::spec::{self, parse_job};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -93,6 +93,11 @@ pub fn job_run(c: &Client, path: &Path, detach: bool, timeout: Duration, json: b
         print_job(&status);
     }
     match eval {
+        // What it printed decides: a job whose instances failed for good
+        // (a start error, say) did not run, whatever its evaluation placed.
+        _ if status.summary.status == "failed" => {
+            anyhow::bail!("job {} failed: its instances failed for good; see `hanse job status {}`", reg.job, reg.job)
+        }
         Some(e) if e.status == "blocked" => Ok(Outcome::PlacementFailed),
         Some(e) if e.status == "pending" => {
             anyhow::bail!("job {} is still waiting for a scheduler after {timeout:?}; see `hanse job status`", reg.job)
@@ -273,8 +278,14 @@ fn print_job(s: &JobStatus) {
     let j = &s.summary;
     let counts: Vec<String> = j.allocs.iter().map(|(k, v)| format!("{v} {k}")).collect();
     println!("job {} ({}, objective {}), version {}: {}", j.id, j.job_type, j.objective, j.version, j.status);
+    let instances: Vec<String> = j
+        .instances
+        .iter()
+        .map(|(k, v)| if k == "failed" { format!("{v} failed for good") } else { format!("{v} {k}") })
+        .collect();
+    let instances = if instances.is_empty() { String::new() } else { format!(" ({})", instances.join(", ")) };
     println!(
-        "  {} wanted; allocations: {}",
+        "  {} wanted{instances}; allocations: {}",
         plural(j.desired, "instance"),
         if counts.is_empty() { "none".into() } else { counts.join(", ") }
     );
@@ -470,29 +481,128 @@ pub fn node_drain(
     Ok(Outcome::Ok)
 }
 
-/// Prints a task's log; with `follow`, keeps polling until the task is
-/// done or Ctrl-C.
-pub fn alloc_logs(c: &Client, alloc: &str, task: Option<&str>, stderr: bool, follow: bool) -> anyhow::Result<Outcome> {
+/// Where `hanse alloc logs` starts reading.
+#[derive(Clone, Copy, Debug)]
+pub enum LogStart {
+    /// The oldest byte the agent kept.
+    Oldest,
+    /// A byte offset in the task's output (counted across rotations).
+    Offset(u64),
+    /// The last lines (`--tail N`).
+    Lines(u64),
+}
+
+/// Prints a task's log, a chunk at a time (memory stays bounded by one
+/// chunk, whatever the log's size): without `follow`, everything from
+/// `start` to where the output ended when the command began; with it,
+/// then keeps printing until the task is done or Ctrl-C. Output rotated
+/// away before it was read is said on stderr.
+pub fn alloc_logs(
+    c: &Client,
+    alloc: &str,
+    task: Option<&str>,
+    stderr: bool,
+    follow: bool,
+    start: LogStart,
+) -> anyhow::Result<Outcome> {
     use std::io::Write as _;
     let alloc = &resolve_alloc(c, alloc)?;
-    let mut offset = 0;
+    let read = |offset: u64, limit: u64| c.logs(alloc, task, stderr, offset, limit).map_err(api);
+    // Where the output ends now: a read from the end, of nothing. A server
+    // of an earlier release cannot say (400): read until nothing comes.
+    let at_end = match c.logs(alloc, task, stderr, u64::MAX, 0) {
+        Err(e) if e.status() == Some(400) && matches!(start, LogStart::Oldest) => {
+            LogsChunk { next: u64::MAX, ..LogsChunk::default() }
+        }
+        other => other.map_err(api)?,
+    };
+    if at_end.next == u64::MAX && !matches!(start, LogStart::Oldest) {
+        anyhow::bail!("the agent of {alloc}'s node cannot say where its output ends (an older release): upgrade it");
+    }
+    let end = at_end.next;
+    let mut offset = match start {
+        LogStart::Oldest => at_end.oldest,
+        LogStart::Offset(o) => o,
+        LogStart::Lines(n) => {
+            let (from, all) = tail_start(&read, at_end.oldest, end, n)?;
+            if !all && at_end.oldest > 0 {
+                eprintln!("[fewer than {n} lines were kept: the first {} bytes were rotated away]", at_end.oldest);
+            }
+            from
+        }
+    };
+    if let LogStart::Oldest = start {
+        if at_end.oldest > 0 {
+            eprintln!("[the first {} bytes were rotated away; this starts at byte {}]", at_end.oldest, at_end.oldest);
+        }
+    }
+    if offset > end {
+        anyhow::bail!("the output of {alloc} is {end} bytes long: there is no byte {offset}");
+    }
     let mut out = std::io::stdout().lock();
     loop {
-        let chunk = c.logs(alloc, task, stderr, offset).map_err(api)?;
-        if chunk.oldest > offset && offset > 0 {
+        let chunk = read(offset, rpc_chunk())?;
+        if chunk.oldest > offset {
             eprintln!("[{} bytes rotated away before they were read]", chunk.oldest - offset);
         }
         out.write_all(&chunk.data)?;
         out.flush()?;
         let more = chunk.next > offset;
         offset = chunk.next;
-        if !follow || (chunk.done && !more) {
+        if !follow && (offset >= end || !more) {
+            return Ok(Outcome::Ok);
+        }
+        if follow && chunk.done && !more {
             return Ok(Outcome::Ok);
         }
         if !more {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
+}
+
+/// The largest read the servers answer.
+fn rpc_chunk() -> u64 {
+    cluster_core::agent::rpc::LOG_CHUNK_MAX
+}
+
+/// The offset where the last `lines` lines before `end` begin (a last
+/// line without its newline counts), scanning back one read at a time,
+/// and whether all of them were kept (else: from `oldest`, the kept ones).
+fn tail_start(
+    read: &dyn Fn(u64, u64) -> anyhow::Result<LogsChunk>,
+    oldest: u64,
+    end: u64,
+    lines: u64,
+) -> anyhow::Result<(u64, bool)> {
+    if lines == 0 {
+        return Ok((end, true));
+    }
+    // The newline that ends the last line is not a boundary.
+    let mut last = end;
+    let mut seen = 0;
+    while last > oldest {
+        let from = last.saturating_sub(rpc_chunk()).max(oldest);
+        let chunk = read(from, last - from)?;
+        // Where the bytes read begin: later than asked if what was asked
+        // was rotated away meanwhile.
+        let base = chunk.next - chunk.data.len() as u64;
+        for (i, b) in chunk.data.iter().enumerate().rev() {
+            let at = base + i as u64;
+            if *b == b'\n' && at + 1 < end && at < last {
+                seen += 1;
+                if seen == lines {
+                    return Ok((at + 1, true));
+                }
+            }
+        }
+        if base > from || chunk.data.is_empty() {
+            return Ok((base.max(oldest), false));
+        }
+        last = from;
+    }
+    // The kept output has fewer lines: all of them, and said if some were lost.
+    Ok((oldest, oldest == 0))
 }
 
 /// An allocation's id from what a user may type: `a000042`, `42`, or an

@@ -141,8 +141,14 @@ impl Fixture {
     }
 
     /// Writes node `name`'s config (through `via`, the server or a relay)
-    /// and starts its agent.
+    /// and starts its agent. Its gc never collects for a full disk: a test
+    /// reads the logs of allocations that ended, on whatever disk it has.
     fn agent(&self, name: &str, via: SocketAddr) -> Bg {
+        self.agent_with(name, via, "[gc]\ndisk_usage_threshold = 100\n")
+    }
+
+    /// As [`Fixture::agent`], with `extra` appended to the config.
+    fn agent_with(&self, name: &str, via: SocketAddr, extra: &str) -> Bg {
         let config = self.dir.join(format!("{name}.toml"));
         if !config.exists() {
             let pair = tls::issue(&self.ca, &Identity::new("dev", Role::Agent, name), 1).unwrap();
@@ -151,7 +157,7 @@ impl Fixture {
             std::fs::write(
                 &config,
                 format!(
-                    "[agent]\nname = \"{name}\"\ncluster = \"dev\"\ndata_dir = \"data/{name}\"\nservers = [\"{via}\"]\ndrivers = [\"exec\", \"mock\"]\ncpu = 4\nmemory = \"4GiB\"\nenvironment = \"edge\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{name}.pem\"\nkey = \"pki/{name}-key.pem\"\n"
+                    "[agent]\nname = \"{name}\"\ncluster = \"dev\"\ndata_dir = \"data/{name}\"\nservers = [\"{via}\"]\ndrivers = [\"exec\", \"mock\"]\ncpu = 4\nmemory = \"4GiB\"\nenvironment = \"edge\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{name}.pem\"\nkey = \"pki/{name}-key.pem\"\n\n{extra}"
                 ),
             )
             .unwrap();
@@ -357,7 +363,9 @@ args = ["-c", "cd / && cd \"$HANSE_TASK_DIR\" && pwd && echo \"$HANSE_ALLOC_DIR\
     let out = String::from_utf8_lossy(&shown.stdout).to_string();
     let dirs: Vec<&str> = out.lines().collect();
     assert!(dirs.len() == 2 && dirs.iter().all(|d| d.starts_with('/')), "not absolute: {}", text(&shown));
-    assert!(dirs[0].starts_with(dirs[1]) && dirs[0].ends_with("/pwd"), "{out}");
+    // The task's own directory and the one its allocation's tasks share, side by side.
+    let (task_dir, shared) = (Path::new(dirs[0]), Path::new(dirs[1]));
+    assert!(task_dir.ends_with("pwd") && shared.ends_with("alloc") && task_dir.parent() == shared.parent(), "{out}");
     eventually(Duration::from_secs(30), "a missing command fails with that reason", || {
         f.allocs("hello").iter().any(|a| {
             a["group"] == "missing"
@@ -746,4 +754,284 @@ fn acl_tokens_and_policies_from_the_cli() {
     );
     let table = hanse(&f.http, &["operator", "audit"]);
     assert!(text(&table).contains("denied 403"), "{}", text(&table));
+}
+
+/// A batch job pinned to `node` whose one task runs `script` with `sh`.
+fn pinned_batch(name: &str, node: &str, script: &str) -> String {
+    format!(
+        r#"[job]
+name = "{name}"
+type = "batch"
+
+[[group]]
+name = "g"
+restart = {{ attempts = 0 }}
+
+[[group.constraint]]
+attribute = "${{node.id}}"
+value = "{node}"
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "{script}"]
+resources = {{ cpu = "100m", memory = "32MiB" }}
+"#
+    )
+}
+
+/// Issue 19, items 1 and 6 on real agents: `alloc logs` prints every byte
+/// of a log larger than one read (it printed exactly 1,048,576 of 1.53 MB),
+/// `--tail` and `--since` start where asked, rotation is said, and an
+/// agent's gc removes an ended allocation's directory and says so.
+#[test]
+fn logs_come_whole_and_ended_allocations_are_collected_from_the_agents_disk() {
+    let f = Fixture::new("logs");
+    let _a = f.agent("node-a", f.quic);
+    // Small log files and a quick gc, on a node of their own.
+    let _g = f.agent_with(
+        "node-g",
+        f.quic,
+        "[logs]\nmax_file = \"64KiB\"\nmax_files = 2\n\n[gc]\ninterval = \"1s\"\nretention = \"3s\"\ndisk_usage_threshold = 100\n",
+    );
+    let big = f.job("big", &pinned_batch("big", "node-a", "seq 1 230000"));
+    let run = f.run(&["job", "run", &big]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+    eventually(Duration::from_secs(30), "the big writer completes", || {
+        f.allocs("big").iter().any(|a| a["status"] == "complete")
+    });
+    let want: String = (1..=230_000).map(|n| format!("{n}\n")).collect();
+    assert!(want.len() > 1 << 20, "larger than one read");
+    let out = f.run(&["alloc", "logs", "big.g[0]"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(out.stdout.len(), want.len(), "every byte, not one read's worth");
+    assert!(out.stdout == want.as_bytes(), "the same bytes in the same order");
+    let tail = f.run(&["alloc", "logs", "big.g[0]", "--tail", "3"]);
+    assert_eq!(String::from_utf8_lossy(&tail.stdout), "229998\n229999\n230000\n", "{}", text(&tail));
+    let from = want.len() - 14;
+    let since = f.run(&["alloc", "logs", "big.g[0]", "--since", &from.to_string()]);
+    assert_eq!(String::from_utf8_lossy(&since.stdout), &want[from..], "{}", text(&since));
+
+    // 300 KB into files of 64 KiB, two kept: the start is gone, and said.
+    let rotated = f.job("rotated", &pinned_batch("rotated", "node-g", "seq 1 50000; sleep 600"));
+    f.run(&["job", "run", &rotated]);
+    let rotated_all: String = (1..=50_000).map(|n| format!("{n}\n")).collect();
+    eventually(Duration::from_secs(30), "the rotating writer wrote everything", || {
+        let o = f.run(&["alloc", "logs", "rotated.g[0]", "--tail", "1"]);
+        String::from_utf8_lossy(&o.stdout) == "50000\n"
+    });
+    let out = f.run(&["alloc", "logs", "rotated.g[0]"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let kept = out.stdout.len();
+    assert!(
+        kept > 0 && kept <= 2 * 65_536 && rotated_all.as_bytes().ends_with(&out.stdout),
+        "the newest bytes: {kept}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("the first {} bytes were rotated away", rotated_all.len() - kept)), "{err}");
+
+    // Ended on node-g: its directory goes 3 s later, and `alloc logs` says why.
+    let tidy = f.job("tidy", &pinned_batch("tidy", "node-g", "echo bye"));
+    f.run(&["job", "run", &tidy]);
+    eventually(Duration::from_secs(30), "the tidy job completes", || {
+        f.allocs("tidy").iter().any(|a| a["status"] == "complete")
+    });
+    let id = f.allocs("tidy")[0]["name"].as_str().unwrap().to_string();
+    let dir = f.dir.join("data/node-g/allocs").join(&id);
+    eventually(Duration::from_secs(30), "node-g's gc removes the ended allocation's directory", || !dir.exists());
+    let gone = f.run(&["alloc", "logs", &id]);
+    assert!(!gone.status.success() && text(&gone).contains("were collected"), "{}", text(&gone));
+    assert!(text(&gone).contains("retention"), "{}", text(&gone));
+    // The running one is not collected.
+    let running = f.allocs("rotated")[0]["name"].as_str().unwrap().to_string();
+    assert!(f.dir.join("data/node-g/allocs").join(running).exists(), "a running allocation's directory stays");
+}
+
+/// Issue 19, items 2 to 5 on a real agent, with the field cases: job
+/// states that tell the truth, a binary for another machine reported as
+/// such and started once, a file shared through `$HANSE_ALLOC_DIR`, and
+/// task rows that show only the current state.
+#[test]
+fn job_states_exec_errors_shared_directories_and_rows_tell_the_truth() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new("truth");
+    let _a = f.agent("node-a", f.quic);
+
+    // A binary built for another machine: one start, an exec-format
+    // message, and the job `failed` (it was started 12 times, and read
+    // `running`, before).
+    // A machine number no emulator registers with binfmt_misc.
+    let (machine, arch) = (0x9999u16, "machine type 39321");
+    let mut elf = vec![0u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    (elf[4], elf[5], elf[6], elf[16]) = (2, 1, 1, 2);
+    elf[18..20].copy_from_slice(&machine.to_le_bytes());
+    let foreign = f.marks().join("foreign-tool");
+    std::fs::write(&foreign, elf).unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spec = f.job(
+        "foreign",
+        &format!(
+            "[job]\nname = \"foreign\"\ntype = \"batch\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\n\
+             driver = \"exec\"\ncommand = \"{}\"\nresources = {{ cpu = \"100m\", memory = \"32MiB\" }}\n",
+            foreign.display()
+        ),
+    );
+    f.run(&["job", "run", &spec]);
+    eventually(Duration::from_secs(30), "the foreign binary's job reads failed", || {
+        let o = f.run(&["job", "status", "foreign", "--json"]);
+        json(&o)["summary"]["status"] == "failed"
+    });
+    // Time for a restart or a second placement, were there one.
+    std::thread::sleep(Duration::from_secs(2));
+    let allocs = f.allocs("foreign");
+    assert_eq!(allocs.len(), 1, "placed once: {allocs:?}");
+    let task = &allocs[0]["tasks"][0];
+    assert_eq!(task["restarts"], 0, "{task}");
+    assert_eq!(task["state"], "unrunnable", "{task}");
+    let message = task["message"].as_str().unwrap();
+    assert!(message.contains("exec format error") && message.contains(arch), "{message}");
+    let listed = f.run(&["job", "list", "--json"]);
+    let row = json(&listed).as_array().unwrap().iter().find(|j| j["id"] == "foreign").cloned().unwrap();
+    assert_eq!(row["status"], "failed", "job list agrees: {row}");
+
+    // A batch job: one group completes, the other fails for good. It is
+    // `failed`, not `complete` (it read `complete` before).
+    let half = f.job(
+        "half",
+        r#"[job]
+name = "half"
+type = "batch"
+
+[[group]]
+name = "ok"
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/true"
+
+[[group]]
+name = "bad"
+restart = { attempts = 0 }
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "exit 3"]
+"#,
+    );
+    f.run(&["job", "run", &half]);
+    eventually(Duration::from_secs(60), "the half-failed job reads failed", || {
+        let o = f.run(&["job", "status", "half", "--json"]);
+        json(&o)["summary"]["status"] == "failed"
+    });
+    let status = json(&f.run(&["job", "status", "half", "--json"]));
+    assert_eq!(status["summary"]["instances"]["complete"], 1, "{status}");
+    assert_eq!(status["summary"]["instances"]["failed"], 1, "{status}");
+    let shown = f.run(&["job", "status", "half"]);
+    assert!(
+        text(&shown).contains("version 0: failed") && text(&shown).contains("1 failed for good"),
+        "{}",
+        text(&shown)
+    );
+
+    // Two tasks share a file through $HANSE_ALLOC_DIR (they run as
+    // `nobody` under a root agent; the directory is theirs).
+    let shared = f.job(
+        "shared",
+        r#"[job]
+name = "shared"
+type = "batch"
+
+[[group]]
+name = "g"
+
+[[group.task]]
+name = "writer"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "echo written-by-writer > \"$HANSE_ALLOC_DIR/note.tmp\" && mv \"$HANSE_ALLOC_DIR/note.tmp\" \"$HANSE_ALLOC_DIR/note\""]
+
+[[group.task]]
+name = "reader"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "for i in $(seq 100); do [ -f \"$HANSE_ALLOC_DIR/note\" ] && exec cat \"$HANSE_ALLOC_DIR/note\"; sleep 0.1; done; exit 1"]
+"#,
+    );
+    f.run(&["job", "run", &shared]);
+    eventually(Duration::from_secs(30), "the sharing job completes", || {
+        let o = f.run(&["job", "status", "shared", "--json"]);
+        json(&o)["summary"]["status"] == "complete"
+    });
+    let read = f.run(&["alloc", "logs", "shared.g[0]", "reader"]);
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "written-by-writer\n", "{}", text(&read));
+
+    // A running task shows no exit code of its last run; one stopped
+    // while it waits to restart no longer reads "restarting in".
+    let flaky = f.job(
+        "flaky",
+        r#"[job]
+name = "flaky"
+type = "service"
+
+[[group]]
+name = "g"
+restart = { attempts = 100, delay = "200ms" }
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "sleep 1; exit 3"]
+"#,
+    );
+    f.run(&["job", "run", &flaky]);
+    eventually(Duration::from_secs(30), "the flaky task runs again after a restart", || {
+        let allocs = f.allocs("flaky");
+        let t = &allocs[0]["tasks"][0];
+        t["state"] == "running" && t["restarts"].as_u64().is_some_and(|r| r >= 1)
+    });
+    let t = f.allocs("flaky")[0]["tasks"][0].clone();
+    assert!(t["state"] != "running" || t["exit_code"].is_null(), "a running task with an old exit code: {t}");
+    let slow = f.job(
+        "slow",
+        r#"[job]
+name = "slow"
+type = "service"
+
+[[group]]
+name = "g"
+restart = { attempts = 3, delay = "60s" }
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "exit 1"]
+"#,
+    );
+    f.run(&["job", "run", &slow]);
+    eventually(Duration::from_secs(30), "the slow task waits to restart", || {
+        f.allocs("slow")
+            .first()
+            .is_some_and(|a| a["tasks"][0]["message"].as_str().unwrap_or("").contains("restarting in"))
+    });
+    let stop = f.run(&["job", "stop", "slow"]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    eventually(Duration::from_secs(30), "the stopped allocation completes", || {
+        f.allocs("slow").first().is_some_and(|a| a["status"] == "complete")
+    });
+    let a = f.allocs("slow")[0].clone();
+    assert_eq!(a["desired"], "stop", "{a}");
+    let message = a["tasks"][0]["message"].as_str().unwrap();
+    assert!(!message.contains("restarting in") && message.contains("stopped while waiting to restart"), "{a}");
+    assert_eq!(a["tasks"][0]["state"], "dead", "{a}");
+    // Allocations that ended before their job was stopped read `desired stop` too.
+    assert!(f.run(&["job", "stop", "half"]).status.success());
+    let half_allocs = f.allocs("half");
+    assert!(half_allocs.iter().all(|a| a["desired"] == "stop"), "{half_allocs:?}");
 }

@@ -79,6 +79,19 @@ macro_rules! seq_id {
                 fmt::Display::fmt(self, f)
             }
         }
+
+        impl $name {
+            /// The id `text` names exactly as it is displayed
+            /// (`a000042`), or `None`.
+            pub fn parse(text: &str) -> Option<Self> {
+                let digits = text.strip_prefix($prefix)?;
+                if !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                let id = $name(digits.parse().ok()?);
+                (id.to_string() == text).then_some(id)
+            }
+        }
     };
 }
 

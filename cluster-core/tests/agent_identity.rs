@@ -54,6 +54,7 @@ async fn asked_by_agent(ca: &PemPair, cert: &PemPair, dir: &std::path::Path) -> 
         rotation: Rotation::default(),
         drivers: Drivers::new(None),
         fence: None,
+        gc: Default::default(),
     };
     let agent = Agent::new(options, client);
     let _ = agent.run(tokio::time::sleep(Duration::from_millis(1_500))).await;
@@ -96,6 +97,7 @@ async fn an_agent_serves_logs_only_to_its_own_clusters_servers() {
         rotation: Rotation::default(),
         drivers: Drivers::new(None),
         fence: None,
+        gc: Default::default(),
     };
     let ca = tls::create_ca("lab", 1).unwrap();
     let own = tls::issue(&ca, &Identity::new("lab", Role::Agent, "node-a"), 1).unwrap();

@@ -113,13 +113,16 @@ fn owned(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Reads up to `max` bytes from `offset`; an offset older than what is
-/// kept starts at the oldest byte kept.
+/// kept starts at the oldest byte kept, one past the end starts at the end
+/// (so `offset = u64::MAX, max = 0` answers where the end is: `next`).
 pub fn read(dir: &Path, stem: &str, offset: u64, max: u64) -> std::io::Result<LogChunk> {
     let all = files(dir, stem);
     let Some(&(oldest, _)) = all.first() else {
-        return Ok(LogChunk { next: offset, ..LogChunk::default() });
+        return Ok(LogChunk { next: 0, ..LogChunk::default() });
     };
-    let offset = offset.max(oldest);
+    let (last_start, last) = all.last().expect("not empty");
+    let written = last_start + fs::symlink_metadata(last)?.len();
+    let offset = offset.clamp(oldest, written);
     let mut data = Vec::new();
     let mut at = offset;
     for (i, (start, path)) in all.iter().enumerate() {
@@ -155,6 +158,9 @@ mod tests {
         assert_eq!(c.next, 25);
         let c = read(&dir, "t.stdout", 18, 4).unwrap();
         assert_eq!((c.data.as_slice(), c.next), (&b"ijKL"[..], 22));
+        // Past the end reads nothing and says where the end is.
+        let c = read(&dir, "t.stdout", u64::MAX, 0).unwrap();
+        assert_eq!((c.data.len(), c.next, c.oldest), (0, 25, 10));
         drop(w);
         let mut w = RotatingWriter::open(&dir, "t.stdout", Rotation { file_bytes: 10, files: 2 }).unwrap();
         w.write(b"P").unwrap();

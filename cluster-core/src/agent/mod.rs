@@ -22,6 +22,7 @@ pub mod cgroups;
 pub mod driver;
 pub mod fence;
 pub mod fingerprint;
+pub mod gc;
 pub mod launch;
 pub mod lease;
 pub mod logs;
@@ -76,7 +77,16 @@ pub struct AgentOptions {
     /// [`fence`]): the `hanse` binary. `None` runs without one, and a
     /// frozen agent then cannot stop at-most-once work.
     pub fence: Option<PathBuf>,
+    /// When the directories of ended allocations are removed.
+    pub gc: gc::GcPolicy,
 }
+
+/// How many collected allocations the agent remembers, to tell `alloc
+/// logs` that one was collected rather than never here.
+const COLLECTED_REMEMBERED: usize = 10_000;
+
+/// Allocations whose directories the agent removed: when (unix ms) and why.
+type Collected = Arc<Mutex<BTreeMap<AllocId, (u64, gc::Why)>>>;
 
 /// What the agent saves, to start again without its servers.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -209,6 +219,7 @@ pub struct Agent {
     link: Arc<Link>,
     /// Allocation states, for the log service's "done".
     statuses: Arc<Mutex<HashMap<AllocId, AllocStatus>>>,
+    collected: Collected,
 }
 
 impl Agent {
@@ -219,7 +230,7 @@ impl Agent {
             transport,
             cluster: options.cluster.clone(),
         });
-        Agent { options, link, statuses: Arc::default() }
+        Agent { options, link, statuses: Arc::default(), collected: Arc::default() }
     }
 
     /// Where the servers reach this agent (its log service).
@@ -236,6 +247,7 @@ impl Agent {
         Arc::new(LogService {
             allocs_dir: self.allocs_dir(),
             statuses: self.statuses.clone(),
+            collected: self.collected.clone(),
             cluster: self.options.cluster.clone(),
         })
     }
@@ -323,6 +335,11 @@ impl Agent {
             awaiting: BTreeMap::new(),
             beat_now,
             fence,
+            gc: o.gc,
+            ended: BTreeMap::new(),
+            collected: self.collected.clone(),
+            collecting: None,
+            last_gc: Instant::now(),
         };
         main.recover(saved);
         main.renew_fence();
@@ -335,6 +352,7 @@ impl Agent {
                 Some(report) = runner_rx.recv() => main.reported(report),
                 _ = tick.tick() => {
                     main.check_lease();
+                    main.collect_garbage();
                     if main.dirty {
                         main.save();
                     }
@@ -368,9 +386,75 @@ struct Main {
     /// Asks the heartbeat task for a heartbeat now (to fetch grants).
     beat_now: Arc<tokio::sync::Notify>,
     fence: Option<Arc<fence::Fence>>,
+    gc: gc::GcPolicy,
+    /// When allocations ended, as this agent saw it: when it reported them
+    /// ended; one found on disk that it never ran counts from its
+    /// directory's last change.
+    ended: BTreeMap<AllocId, Instant>,
+    collected: Collected,
+    /// The collection pass under way, off the main loop.
+    collecting: Option<tokio::task::JoinHandle<()>>,
+    last_gc: Instant,
 }
 
 impl Main {
+    /// Every `gc.interval`, removes the directories of ended allocations
+    /// as [`gc`] decides, in a blocking task (one at a time).
+    fn collect_garbage(&mut self) {
+        if self.last_gc.elapsed() < self.gc.interval || self.collecting.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        self.last_gc = Instant::now();
+        let dir = self.env.allocs_dir.clone();
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        let now = Instant::now();
+        let mut ended = BTreeMap::new();
+        let mut present = std::collections::HashSet::new();
+        for entry in entries.flatten() {
+            let Some(id) = entry.file_name().to_str().and_then(AllocId::parse) else { continue };
+            present.insert(id);
+            // Running, starting, or waiting for a grant: never.
+            let busy = self.awaiting.contains_key(&id)
+                || self.slots.get(&id).is_some_and(|s| s.control.is_some() || !s.status.is_terminal());
+            if busy {
+                continue;
+            }
+            // Ended in this run: dated when it was seen to end (`send`);
+            // found on disk from before: by its last change.
+            let at = *self.ended.entry(id).or_insert_with(|| last_change(&entry.path(), now));
+            ended.insert(id, now.saturating_duration_since(at));
+        }
+        self.ended.retain(|id, _| present.contains(id));
+        if ended.is_empty() {
+            return;
+        }
+        let (policy, collected, statuses) = (self.gc, self.collected.clone(), self.statuses.clone());
+        self.collecting = Some(tokio::task::spawn_blocking(move || {
+            let usage = || gc::disk_usage_pct(&dir);
+            // Under the lock `start` takes before its runner exists: an
+            // allocation started since the listing keeps its directory.
+            let claim = |id: AllocId| {
+                let statuses = statuses.lock().expect("statuses");
+                if statuses.get(&id).is_some_and(|s| !s.is_terminal()) {
+                    return Ok(false);
+                }
+                gc::claim_by_rename(&dir, id)
+            };
+            let done = gc::collect(&dir, &ended, &policy, &usage, &claim);
+            if done.is_empty() {
+                return;
+            }
+            tracing::info!(allocations = done.len(), "removed the directories of ended allocations");
+            let mut c = collected.lock().expect("collected");
+            for (id, why) in done {
+                c.insert(id, (unix_ms(), why));
+            }
+            while c.len() > COLLECTED_REMEMBERED {
+                c.pop_first();
+            }
+        }));
+    }
+
     /// Whether `alloc` may run now: anything but delegated at-most-once
     /// work, and that only under a grant.
     fn granted(&self, alloc: &AgentAlloc) -> bool {
@@ -428,8 +512,9 @@ impl Main {
     fn start(&mut self, alloc: AgentAlloc) {
         let (tx, rx) = watch::channel(Control::Run);
         let id = alloc.id;
-        self.runners.spawn(runner::run(self.env.clone(), alloc.clone(), rx, self.runner_tx.clone()));
+        // Said before the runner exists: the gc keeps what is starting.
         self.statuses.lock().expect("statuses").insert(id, AllocStatus::Pending);
+        self.runners.spawn(runner::run(self.env.clone(), alloc.clone(), rx, self.runner_tx.clone()));
         self.slots.insert(id, Slot { alloc, status: AllocStatus::Pending, tasks: Vec::new(), control: Some(tx) });
         self.dirty = true;
         // Fenced from its first process on.
@@ -449,6 +534,10 @@ impl Main {
         if let Some(s) = self.slots.get(&id) {
             let _ = self.report_tx.send(AllocReport { id, status: s.status, tasks: s.tasks.clone() });
             self.statuses.lock().expect("statuses").insert(id, s.status);
+            if s.status.is_terminal() {
+                // Its gc retention runs from here.
+                self.ended.entry(id).or_insert_with(Instant::now);
+            }
         }
         self.dirty = true;
     }
@@ -779,6 +868,7 @@ async fn reports(link: Arc<Link>, node: NodeId, mut from: mpsc::UnboundedReceive
 struct LogService {
     allocs_dir: PathBuf,
     statuses: Arc<Mutex<HashMap<AllocId, AllocStatus>>>,
+    collected: Collected,
     /// Only this cluster's servers read the logs (security review, row 12).
     cluster: String,
 }
@@ -799,7 +889,16 @@ impl Handler<AgentService> for LogService {
         }
         let dir = self.allocs_dir.join(alloc.to_string()).join("logs");
         if !dir.exists() {
-            return AgentServiceReply::Error(format!("allocation {alloc} has no logs on this node"));
+            if let Some((at, why)) = self.collected.lock().expect("collected").get(&alloc) {
+                let ago = Duration::from_secs(unix_ms().saturating_sub(*at) / 1_000);
+                return AgentServiceReply::Error(format!(
+                    "allocation {alloc} ended here and its directory and logs were collected {ago:?} ago: {}",
+                    why.describe()
+                ));
+            }
+            return AgentServiceReply::Error(format!(
+                "allocation {alloc} has no logs on this node (it never wrote any here, or the agent's gc removed them)"
+            ));
         }
         let stem = format!("{task}.{}", if stderr { "stderr" } else { "stdout" });
         let done = self.statuses.lock().expect("statuses").get(&alloc).is_none_or(|s| s.is_terminal());
@@ -818,4 +917,15 @@ fn passable_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+}
+
+/// When the allocation directory at `dir` last changed (its newest log
+/// file, or the directory), as an instant: how an agent that just started
+/// dates allocations that ended before. Now when it cannot tell.
+fn last_change(dir: &Path, now: Instant) -> Instant {
+    let mtime = |p: &Path| std::fs::symlink_metadata(p).and_then(|m| m.modified()).ok();
+    let logs = std::fs::read_dir(dir.join("logs")).into_iter().flatten().flatten().filter_map(|e| mtime(&e.path()));
+    let newest = logs.chain(mtime(dir)).max();
+    let ago = newest.and_then(|t| std::time::SystemTime::now().duration_since(t).ok()).unwrap_or_default();
+    now.checked_sub(ago).unwrap_or(now)
 }

@@ -183,9 +183,18 @@ impl Client {
         Ok(bytes)
     }
 
-    /// Part of a task's log from `offset` (see `GET /v1/allocations/ID/logs`).
-    pub fn logs(&self, alloc: &str, task: Option<&str>, stderr: bool, offset: u64) -> Result<LogsChunk, ClientError> {
-        let mut path = format!("/v1/allocations/{alloc}/logs?offset={offset}&stderr={stderr}");
+    /// Up to `limit` bytes of a task's log from `offset` (`u64::MAX`: from
+    /// its end; see `GET /v1/allocations/ID/logs`).
+    pub fn logs(
+        &self,
+        alloc: &str,
+        task: Option<&str>,
+        stderr: bool,
+        offset: u64,
+        limit: u64,
+    ) -> Result<LogsChunk, ClientError> {
+        let from = if offset == u64::MAX { "end".to_string() } else { offset.to_string() };
+        let mut path = format!("/v1/allocations/{alloc}/logs?offset={from}&limit={limit}&stderr={stderr}");
         if let Some(t) = task {
             path.push_str(&format!("&task={t}"));
         }

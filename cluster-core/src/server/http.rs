@@ -964,10 +964,13 @@ async fn alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q)
     ok(view)
 }
 
-/// `GET /v1/allocations/ID/logs?task=T&stderr=true&offset=N`: raw bytes
-/// from the node's agent; headers say where the next read starts
-/// (`x-hanse-next`), the oldest byte kept (`x-hanse-oldest`), and whether
-/// the task is done (`x-hanse-done`).
+/// `GET /v1/allocations/ID/logs?task=T&stderr=true&offset=N&limit=L`: up
+/// to `L` raw bytes (at most [`crate::agent::rpc::LOG_CHUNK_MAX`], the
+/// default) from byte `N` of the task's output (`offset=end`: from its
+/// end, so `limit=0` asks where the end is). Headers say where the next
+/// read starts (`x-hanse-next`), the oldest byte kept (`x-hanse-oldest`;
+/// older ones were rotated away), and whether the task is done
+/// (`x-hanse-done`).
 async fn logs(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Result<Response, ApiError> {
     let n = id
         .trim_start_matches('a')
@@ -988,9 +991,14 @@ async fn logs(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) 
             .await?
             .ok_or_else(|| ApiError::not_found(format!("allocation {id} has no task")))?,
     };
-    let offset = match q.get("offset") {
-        Some(o) => o.parse().map_err(|_| ApiError::bad_request(format!("offset `{o}` is not a number")))?,
+    let offset = match q.get("offset").map(String::as_str) {
+        Some("end") => u64::MAX,
+        Some(o) => o.parse().map_err(|_| ApiError::bad_request(format!("offset `{o}` is not a number or `end`")))?,
         None => 0,
+    };
+    let max = match q.get("limit") {
+        Some(l) => l.parse::<u64>().map_err(|_| ApiError::bad_request(format!("limit `{l}` is not a number")))?,
+        None => crate::agent::rpc::LOG_CHUNK_MAX,
     };
     let stderr = q.get("stderr").is_some_and(|v| v == "true" || v == "1");
     let request = crate::agent::rpc::AgentService::Logs {
@@ -998,7 +1006,7 @@ async fn logs(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) 
         task,
         stderr,
         offset,
-        max: crate::agent::rpc::LOG_CHUNK_MAX,
+        max: max.min(crate::agent::rpc::LOG_CHUNK_MAX),
     };
     let chunk = s.agent_logs(&alloc.node, request).await?;
     Ok((
