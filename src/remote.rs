@@ -541,7 +541,12 @@ pub fn alloc_logs(
     }
     let mut out = std::io::stdout().lock();
     loop {
-        let chunk = read(offset, rpc_chunk())?;
+        // Without -f, no further than where the output ended at the start.
+        if !follow && offset >= end {
+            return Ok(Outcome::Ok);
+        }
+        let limit = if follow { rpc_chunk() } else { rpc_chunk().min(end - offset) };
+        let chunk = read(offset, limit)?;
         if chunk.oldest > offset {
             eprintln!("[{} bytes rotated away before they were read]", chunk.oldest - offset);
         }

@@ -117,12 +117,15 @@ async fn tasks_run_as_the_agents_task_user_and_only_allowed_spec_users() {
     let out = run(&drivers, &context(&data, 2, task("id -u; id -G", Some("daemon")))).await.unwrap();
     let groups: Vec<String> = daemon.groups.iter().map(u32::to_string).collect();
     assert_eq!(out, format!("{}\n{}\n", daemon.uid, groups.join(" ")));
-    // A task may not take the log directory's name, however the job came.
-    let mut logs = task("true", None);
-    logs.name = "logs".into();
-    match run(&drivers, &context(&data, 4, logs)).await {
-        Err(StartError::Fatal(m)) => assert!(m.contains("not a valid task name"), "{m}"),
-        other => panic!("a task named logs ran: {other:?}"),
+    // A task may not take the log directory's name, nor the shared
+    // directory's, however the job came.
+    for name in ["logs", "alloc"] {
+        let mut named = task("true", None);
+        named.name = name.into();
+        match run(&drivers, &context(&data, 4, named)).await {
+            Err(StartError::Unrunnable(m)) => assert!(m.contains("not a valid task name"), "{m}"),
+            other => panic!("a task named {name} ran: {other:?}"),
+        }
     }
     let refused = context(&data, 3, task("touch /tmp/should-not-exist", Some("root")));
     match run(&drivers, &refused).await {

@@ -431,11 +431,15 @@ impl Driver for Exec {
                         looked_in(command, &path_var, &dir)
                     )),
                 },
+                // This node refused the switch of user: another may not.
+                _ if e.raw_os_error() == Some(libc::EPERM) => StartError::Fatal(format!(
+                    "this node refused to run task `{}` as `{}` (operation not permitted)",
+                    ctx.task.name,
+                    account.as_ref().map_or("its own user", |a| a.name.as_str())
+                )),
                 std::io::ErrorKind::PermissionDenied => match &account {
-                    // This node's user switch may be what failed: another may not.
-                    Some(a) => StartError::Fatal(format!(
-                        "command `{command}` is not executable by `{}`, or the switch to that user was refused \
-                         (permission denied)",
+                    Some(a) => StartError::Unrunnable(format!(
+                        "command `{command}` is not executable by `{}` (permission denied)",
                         a.name
                     )),
                     None => {
@@ -462,16 +466,21 @@ impl Driver for Exec {
 }
 
 /// Whether `account` (`None`: the agent's own) may execute a regular
-/// file with metadata `m` (the agent's own: any execute bit, as for root).
+/// file with metadata `m` (root: any execute bit).
 fn executable_by(m: &std::fs::Metadata, account: Option<&Account>) -> bool {
     use std::os::unix::fs::MetadataExt;
+    let me = Account::current();
+    let a = account.unwrap_or(&me);
     let mode = m.mode();
     m.is_file()
-        && match account {
-            None => mode & 0o111 != 0,
-            Some(a) if m.uid() == a.uid => mode & 0o100 != 0,
-            Some(a) if m.gid() == a.gid || a.groups.contains(&m.gid()) => mode & 0o010 != 0,
-            Some(_) => mode & 0o001 != 0,
+        && if a.uid == 0 {
+            mode & 0o111 != 0
+        } else if m.uid() == a.uid {
+            mode & 0o100 != 0
+        } else if m.gid() == a.gid || a.groups.contains(&m.gid()) {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
         }
 }
 

@@ -106,42 +106,76 @@ pub fn trash(allocs_dir: &Path, id: AllocId) -> std::path::PathBuf {
     allocs_dir.join(format!(".gc-{id}"))
 }
 
-/// Moves `id`'s directory to its [`trash`]; `Ok(false)` if there is none.
+/// Moves `id`'s directory to its [`trash`] (over any left by a pass cut
+/// short); `Ok(false)` if there is none.
 pub fn claim_by_rename(allocs_dir: &Path, id: AllocId) -> std::io::Result<bool> {
-    match std::fs::rename(allocs_dir.join(id.to_string()), trash(allocs_dir, id)) {
+    let bin = trash(allocs_dir, id);
+    if std::fs::symlink_metadata(&bin).is_ok() {
+        remove_tree(&bin)?;
+    }
+    match std::fs::rename(allocs_dir.join(id.to_string()), bin) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
 }
 
+/// Removes a directory tree without following a link inside it
+/// (`remove_dir_all`). An agent that is not root may meet directories a
+/// task made read-only (a module cache): it makes its own writable and
+/// tries once more.
+pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            writable(dir);
+            std::fs::remove_dir_all(dir)
+        }
+        other => other,
+    }
+}
+
+/// Gives the directories under `dir` (never through a link) u+rwx, where
+/// this process may.
+fn writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else { return };
+    if !meta.is_dir() {
+        return;
+    }
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(meta.permissions().mode() | 0o700));
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        writable(&entry.path());
+    }
+}
+
 /// Removes what [`choose`] picked, then more from `later` while the disk
 /// is over the threshold (`usage` reads it: [`disk_usage_pct`] in
 /// production). Each directory is first `claim`ed: the caller checks,
-/// under its own lock, that the allocation is still ended and moves the
-/// directory to its [`trash`] ([`claim_by_rename`]), `Ok(false)` to keep
-/// it. Also removes trash a pass cut short left. Returns what was
-/// removed, and why; a directory that cannot be removed is logged and
-/// left for the next pass.
+/// under its own lock, that the allocation is still ended, moves the
+/// directory to its [`trash`] ([`claim_by_rename`]) and notes why it
+/// went; `Ok(false)` keeps it. Also removes trash a pass cut short left.
+/// Returns what was removed, and why; a directory that cannot be removed
+/// is logged and left (in the trash) for the next pass.
 pub fn collect(
     allocs_dir: &Path,
     ended: &BTreeMap<AllocId, Duration>,
     policy: &GcPolicy,
     usage: &dyn Fn() -> Option<u8>,
-    claim: &dyn Fn(AllocId) -> std::io::Result<bool>,
+    claim: &dyn Fn(AllocId, Why) -> std::io::Result<bool>,
 ) -> Vec<(AllocId, Why)> {
     for entry in std::fs::read_dir(allocs_dir).into_iter().flatten().flatten() {
         if entry.file_name().to_str().is_some_and(|n| n.starts_with(".gc-")) {
-            let _ = std::fs::remove_dir_all(entry.path());
+            if let Err(e) = remove_tree(&entry.path()) {
+                tracing::warn!("cannot remove {}: {e}", entry.path().display());
+            }
         }
     }
     let (now, later) = choose(ended, policy);
     let mut done = Vec::new();
-    let mut remove = |id: AllocId, why: Why| match claim(id) {
+    let mut remove = |id: AllocId, why: Why| match claim(id, why) {
         Ok(true) => {
-            // `remove_dir_all` never follows a link a task left inside.
             let dir = trash(allocs_dir, id);
-            match std::fs::remove_dir_all(&dir) {
+            match remove_tree(&dir) {
                 Ok(()) => done.push((id, why)),
                 Err(e) => tracing::warn!(alloc = %id, "cannot remove {}: {e}", dir.display()),
             }
@@ -194,14 +228,14 @@ mod tests {
             left.set(n.saturating_sub(1));
             Some(65 + 10 * n)
         };
-        let claim = |id| claim_by_rename(&dir, id);
+        let claim = |id, _| claim_by_rename(&dir, id);
         let done = collect(&dir, &ended(&[(1, 40), (2, 30), (3, 20), (4, 10)]), &policy, &usage, &claim);
         assert_eq!(done, vec![(AllocId(1), Why::Disk), (AllocId(2), Why::Disk)]);
         assert!(!dir.join("a000001").exists() && !dir.join("a000002").exists());
         assert!(dir.join("a000003").exists() && dir.join("a000004").exists());
         assert!(!trash(&dir, AllocId(1)).exists(), "nothing left in the trash");
         // A claim that keeps one (it started meanwhile) keeps it.
-        let keep = |_| Ok(false);
+        let keep = |_, _| Ok(false);
         assert!(collect(&dir, &ended(&[(3, 2_000)]), &policy, &usage, &keep).is_empty());
         assert!(dir.join("a000003").exists());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -113,7 +113,8 @@ pub fn looked_in(command: &str, path_var: &str, dir: &Path) -> String {
 pub fn why_not_a_program(path: &Path, may_read: impl Fn(&std::fs::Metadata) -> bool) -> String {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let Ok(mut file) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path) else {
+    let flags = libc::O_NONBLOCK | libc::O_NOCTTY;
+    let Ok(mut file) = std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path) else {
         return String::new();
     };
     let Ok(meta) = file.metadata() else { return String::new() };

@@ -116,6 +116,18 @@ fn owned(dir: &Path) -> std::io::Result<()> {
 /// kept starts at the oldest byte kept, one past the end starts at the end
 /// (so `offset = u64::MAX, max = 0` answers where the end is: `next`).
 pub fn read(dir: &Path, stem: &str, offset: u64, max: u64) -> std::io::Result<LogChunk> {
+    // A rotation between listing the files and opening one removes the
+    // oldest: list again (a few times: rotations are far apart).
+    for _ in 0..3 {
+        match read_once(dir, stem, offset, max) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            other => return other,
+        }
+    }
+    read_once(dir, stem, offset, max)
+}
+
+fn read_once(dir: &Path, stem: &str, offset: u64, max: u64) -> std::io::Result<LogChunk> {
     let all = files(dir, stem);
     let Some(&(oldest, _)) = all.first() else {
         return Ok(LogChunk { next: 0, ..LogChunk::default() });

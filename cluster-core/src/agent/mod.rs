@@ -410,7 +410,9 @@ impl Main {
         let now = Instant::now();
         let mut ended = BTreeMap::new();
         let mut present = std::collections::HashSet::new();
+        let mut trash = false;
         for entry in entries.flatten() {
+            trash |= entry.file_name().to_str().is_some_and(|n| n.starts_with(".gc-"));
             let Some(id) = entry.file_name().to_str().and_then(AllocId::parse) else { continue };
             present.insert(id);
             // Running, starting, or waiting for a grant: never.
@@ -419,13 +421,13 @@ impl Main {
             if busy {
                 continue;
             }
-            // Ended in this run: dated when it was seen to end (`send`);
-            // found on disk from before: by its last change.
+            // Dated when it was seen to end (`send`, which also touches
+            // its directory); found on disk from before: by its last change.
             let at = *self.ended.entry(id).or_insert_with(|| last_change(&entry.path(), now));
             ended.insert(id, now.saturating_duration_since(at));
         }
         self.ended.retain(|id, _| present.contains(id));
-        if ended.is_empty() {
+        if ended.is_empty() && !trash {
             return;
         }
         let (policy, collected, statuses) = (self.gc, self.collected.clone(), self.statuses.clone());
@@ -433,24 +435,25 @@ impl Main {
             let usage = || gc::disk_usage_pct(&dir);
             // Under the lock `start` takes before its runner exists: an
             // allocation started since the listing keeps its directory.
-            let claim = |id: AllocId| {
+            let claim = |id: AllocId, why: gc::Why| {
                 let statuses = statuses.lock().expect("statuses");
                 if statuses.get(&id).is_some_and(|s| !s.is_terminal()) {
                     return Ok(false);
                 }
-                gc::claim_by_rename(&dir, id)
+                let taken = gc::claim_by_rename(&dir, id)?;
+                if taken {
+                    // Said from the moment its logs are out of reach.
+                    let mut c = collected.lock().expect("collected");
+                    c.insert(id, (unix_ms(), why));
+                    while c.len() > COLLECTED_REMEMBERED {
+                        c.pop_first();
+                    }
+                }
+                Ok(taken)
             };
             let done = gc::collect(&dir, &ended, &policy, &usage, &claim);
-            if done.is_empty() {
-                return;
-            }
-            tracing::info!(allocations = done.len(), "removed the directories of ended allocations");
-            let mut c = collected.lock().expect("collected");
-            for (id, why) in done {
-                c.insert(id, (unix_ms(), why));
-            }
-            while c.len() > COLLECTED_REMEMBERED {
-                c.pop_first();
+            if !done.is_empty() {
+                tracing::info!(allocations = done.len(), "removed the directories of ended allocations");
             }
         }));
     }
@@ -498,6 +501,9 @@ impl Main {
                 // Delegated at-most-once work waits for a fresh grant.
                 self.start_when_granted(alloc);
             } else {
+                // Ended before the restart: dated by its directory.
+                let dir = self.env.allocs_dir.join(id.to_string());
+                self.ended.insert(id, last_change(&dir, Instant::now()));
                 self.slots.insert(id, Slot { alloc, status, tasks, control: None });
                 self.send(id);
             }
@@ -534,9 +540,14 @@ impl Main {
         if let Some(s) = self.slots.get(&id) {
             let _ = self.report_tx.send(AllocReport { id, status: s.status, tasks: s.tasks.clone() });
             self.statuses.lock().expect("statuses").insert(id, s.status);
-            if s.status.is_terminal() {
-                // Its gc retention runs from here.
-                self.ended.entry(id).or_insert_with(Instant::now);
+            if s.status.is_terminal() && !self.ended.contains_key(&id) {
+                // Its gc retention runs from here; the directory's time
+                // says so across a restart of the agent.
+                self.ended.insert(id, Instant::now());
+                let dir = self.env.allocs_dir.join(id.to_string());
+                if let Ok(d) = std::fs::File::open(&dir) {
+                    let _ = d.set_modified(std::time::SystemTime::now());
+                }
             }
         }
         self.dirty = true;
@@ -920,8 +931,9 @@ fn passable_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// When the allocation directory at `dir` last changed (its newest log
-/// file, or the directory), as an instant: how an agent that just started
-/// dates allocations that ended before. Now when it cannot tell.
+/// file, or the directory, which the agent touches when the allocation
+/// ends), as an instant: how an agent that just started dates
+/// allocations that ended before. Now when it cannot tell.
 fn last_change(dir: &Path, now: Instant) -> Instant {
     let mtime = |p: &Path| std::fs::symlink_metadata(p).and_then(|m| m.modified()).ok();
     let logs = std::fs::read_dir(dir.join("logs")).into_iter().flatten().flatten().filter_map(|e| mtime(&e.path()));

@@ -41,6 +41,33 @@ pub fn failure_weight(a: &Allocation) -> u32 {
     if a.unrunnable() { RESCHEDULE_ATTEMPTS_MAX + 1 } else { 1 }
 }
 
+/// Whether `a` is a batch instance of `job`'s version that ran to its end
+/// (not one stopped by a drain or an update, which also ends `complete`).
+pub fn completed_batch(job: &Job, a: &Allocation) -> bool {
+    job.job_type == JobType::Batch
+        && a.status == AllocStatus::Complete
+        && a.desired == DesiredStatus::Run
+        && a.job_version == job.version
+}
+
+/// A system job's (group, node) pairs where its current version failed
+/// for good: more failures there than [`RESCHEDULE_ATTEMPTS_MAX`] (by
+/// [`failure_weight`]). Nothing is placed there again until the job
+/// changes; job states count each as a failed instance.
+pub fn system_failed_for_good(state: &ClusterState, job: &Job) -> Vec<(usize, NodeIdx)> {
+    let mut tries: std::collections::BTreeMap<(usize, NodeIdx), u32> = std::collections::BTreeMap::new();
+    for a in state.allocs_of_job(&job.id) {
+        if a.status != AllocStatus::Failed || a.job_version != job.version {
+            continue;
+        }
+        let (Some(g), Some(n)) = (job.groups.iter().position(|g| g.name == a.group), state.node_idx(&a.node)) else {
+            continue;
+        };
+        *tries.entry((g, n)).or_default() += failure_weight(a);
+    }
+    tries.into_iter().filter(|(_, t)| *t > RESCHEDULE_ATTEMPTS_MAX).map(|(k, _)| k).collect()
+}
+
 pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
     let mut out = Reconciled { stops: Vec::new(), groups: job.groups.iter().map(|_| GroupWork::default()).collect() };
     // covered[g][i]: instance i of group g is kept (or, for batch, done).
@@ -56,6 +83,7 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
     }
     let mut allocs: Vec<&Allocation> = state.allocs_of_job(&job.id).collect();
     allocs.sort_by_key(|a| a.id);
+    let system_failed = if job.job_type == JobType::System { system_failed_for_good(state, job) } else { Vec::new() };
     for a in allocs {
         let group = job.groups.iter().position(|g| g.name == a.group);
         let node = state.node_idx(&a.node);
@@ -75,8 +103,8 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
             }
             Some(g) => {
                 let in_range = (a.index as usize) < covered[g].len();
-                let done_batch = job.job_type == JobType::Batch && a.status == AllocStatus::Complete;
-                if done_batch && in_range && a.job_version == job.version {
+                let done_batch = completed_batch(job, a);
+                if done_batch && in_range {
                     covered[g][a.index as usize] = true;
                     continue;
                 }
@@ -93,10 +121,10 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     // terminal, so the two never run at once (review B8).
                     let stopping = a.desired == DesiredStatus::Stop && !a.status.is_terminal();
                     // So does a system job's on its node, whatever the group;
-                    // and one whose program cannot run there, until the job
-                    // changes (else it would be placed there again and again).
-                    let unrunnable = a.unrunnable() && a.job_version == job.version;
-                    if (stopping || unrunnable) && job.job_type == JobType::System && !node_down {
+                    // and one that failed there for good (until the job
+                    // changes: else it would be placed there again and again).
+                    let failed_here = node.is_some_and(|i| system_failed.contains(&(g, i)));
+                    if (stopping || failed_here) && job.job_type == JobType::System && !node_down {
                         if let Some(i) = node {
                             out.groups[g].busy_on.push(i);
                         }

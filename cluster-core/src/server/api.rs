@@ -200,7 +200,8 @@ pub struct LogsChunk {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskView {
     pub name: String,
-    /// pending, running, dead.
+    /// pending, running, dead, unrunnable (it could not start and will
+    /// not be placed again: `message` says why).
     pub state: String,
     pub restarts: u32,
     pub exit_code: Option<i32>,

@@ -15,7 +15,7 @@ use crate::model::alloc::{AllocStatus, Allocation};
 use crate::model::eval::EvalStatus;
 use crate::model::job::{Job, JobType};
 use crate::model::node::keyword_enum;
-use crate::scheduler::reconcile::{RESCHEDULE_ATTEMPTS_MAX, failure_weight};
+use crate::scheduler::reconcile::{RESCHEDULE_ATTEMPTS_MAX, completed_batch, failure_weight, system_failed_for_good};
 
 use super::{ClusterState, settled_key, settled_value};
 
@@ -68,7 +68,7 @@ keyword_enum!(InstanceState { Running = "running", Waiting = "waiting", Complete
 
 /// A job's state and its instances by [`InstanceState`] (word → count;
 /// system jobs, which have no fixed instances, count live allocations as
-/// running and those whose program cannot run on their node as failed).
+/// running and those that failed for good on their node as failed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Progress {
     pub state: JobState,
@@ -83,13 +83,10 @@ pub fn progress(state: &ClusterState, job: &Job) -> Progress {
     }
     let eval = state.job_eval(&job.id).map(|e| e.status);
     if job.job_type == JobType::System {
-        // One instance per node: live ones run; one whose program cannot
-        // run on its node failed for good there.
+        // One instance per node: live ones run; one that failed for good
+        // on its node is not placed there again.
         let live = state.allocs_of_job(&job.id).filter(|a| a.is_live()).count() as u64;
-        let failed = state
-            .allocs_of_job(&job.id)
-            .filter(|a| a.job_version == job.version && a.status == AllocStatus::Failed && a.unrunnable())
-            .count() as u64;
+        let failed = system_failed_for_good(state, job).len() as u64;
         for (word, n) in [(InstanceState::Running, live), (InstanceState::Failed, failed)] {
             if n > 0 {
                 instances.insert(word.as_str(), n);
@@ -165,7 +162,7 @@ fn per_instance(state: &ClusterState, job: &Job) -> Vec<Vec<InstanceState>> {
         let Some(g) = group_of(&a.group) else { continue };
         if a.is_live() {
             raise(g, a.index, InstanceState::Running);
-        } else if current(a, job) && a.status == AllocStatus::Complete && job.job_type == JobType::Batch {
+        } else if completed_batch(job, a) {
             raise(g, a.index, InstanceState::Complete);
         } else if current(a, job) && a.status == AllocStatus::Failed {
             if let Some(n) = failures[g].get_mut(a.index as usize) {
