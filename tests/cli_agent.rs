@@ -882,7 +882,8 @@ fn job_states_exec_errors_shared_directories_and_rows_tell_the_truth() {
     );
     // `job run` may return before or after the one start fails: 0 or 1.
     let run = f.run(&["job", "run", &spec]);
-    assert!(matches!(run.status.code(), Some(0 | 1)), "{}", text(&run));
+    let code = run.status.code();
+    assert!(code == Some(0) || (code == Some(1) && text(&run).contains("failed")), "{}", text(&run));
     eventually(Duration::from_secs(30), "the foreign binary's job reads failed", || {
         let o = f.run(&["job", "status", "foreign", "--json"]);
         json(&o)["summary"]["status"] == "failed"
@@ -927,8 +928,10 @@ command = "/bin/sh"
 args = ["-c", "exit 3"]
 "#,
     );
+    // `job run` follows the job's evaluations: it may see it fail (exit 1).
     let run = f.run(&["job", "run", &half]);
-    assert!(run.status.success(), "{}", text(&run));
+    let code = run.status.code();
+    assert!(code == Some(0) || (code == Some(1) && text(&run).contains("failed")), "{}", text(&run));
     eventually(Duration::from_secs(60), "the half-failed job reads failed", || {
         let o = f.run(&["job", "status", "half", "--json"]);
         json(&o)["summary"]["status"] == "failed"
