@@ -2,19 +2,22 @@
 //! loopback, one process, one server per cluster, at 10 and 100 clusters:
 //! time until everyone sees everyone, time for a summary change to reach
 //! every member (p50, p99), time until a killed member is dead everywhere,
-//! and idle CPU. Ends with `name: value` lines.
+//! idle CPU, and how often a member cut off for 1.5 s (as a paused process
+//! is: nothing in, nothing out) was taken for dead by anyone. Ends with
+//! `name: value` lines.
 //!
 //! `HANSE_BENCH_GOSSIP_INTERVAL_MS`, `HANSE_BENCH_PHI` and
 //! `HANSE_BENCH_VIEW_REFRESH_MS` override the member defaults, to explore
 //! the trade-offs they set; `HANSE_BENCH_SIZES=100` runs one size.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cluster_core::resources::Resources;
-use gossip::net::{DatagramNet, UdpNet};
+use gossip::net::{DatagramNet, DatagramSocket, UdpNet};
 use gossip::summary::{ClassCapacity, ClusterSummary};
 use gossip::transport::unix_ms;
 use gossip::{Key, Keyring, Liveness, Member, MemberConfig};
@@ -59,6 +62,50 @@ fn summary(cluster: &str, free_cpu: u64) -> ClusterSummary {
     }
 }
 
+/// Real UDP whose members can be paused: a paused member's datagrams, in
+/// and out, are dropped, as a SIGSTOPped process neither sends nor reads.
+#[derive(Clone, Default)]
+struct PausableNet {
+    paused: Arc<Mutex<HashSet<SocketAddr>>>,
+}
+
+struct PausableSocket {
+    inner: Arc<dyn DatagramSocket>,
+    paused: Arc<Mutex<HashSet<SocketAddr>>>,
+}
+
+#[async_trait::async_trait]
+impl DatagramNet for PausableNet {
+    async fn bind(&self, addr: SocketAddr) -> std::io::Result<Arc<dyn DatagramSocket>> {
+        Ok(Arc::new(PausableSocket { inner: UdpNet.bind(addr).await?, paused: self.paused.clone() }))
+    }
+}
+
+#[async_trait::async_trait]
+impl DatagramSocket for PausableSocket {
+    fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr()
+    }
+
+    async fn send_to(&self, bytes: &[u8], to: SocketAddr) -> std::io::Result<()> {
+        let cut = {
+            let p = self.paused.lock().unwrap();
+            p.contains(&self.local_addr()) || p.contains(&to)
+        };
+        if cut { Ok(()) } else { self.inner.send_to(bytes, to).await }
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        loop {
+            let (n, from) = self.inner.recv_from(buf).await?;
+            let p = self.paused.lock().unwrap();
+            if !p.contains(&self.local_addr()) && !p.contains(&from) {
+                return Ok((n, from));
+            }
+        }
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -80,7 +127,8 @@ async fn wait_all(members: &[Member], limit: Duration, cond: impl Fn(&Member) ->
 }
 
 async fn run(n: usize, figures: &mut BTreeMap<String, String>) {
-    let net: Arc<dyn DatagramNet> = Arc::new(UdpNet);
+    let pausable = PausableNet::default();
+    let net: Arc<dyn DatagramNet> = Arc::new(pausable.clone());
     let ring = Keyring::new(Key::generate());
     let mut members: Vec<Member> = Vec::new();
     let mut seeds: Vec<String> = Vec::new();
@@ -172,6 +220,46 @@ async fn run(n: usize, figures: &mut BTreeMap<String, String>) {
     figures.insert(format!("idle_bytes_per_datagram_{n}"), format!("{:.0}", bytes as f64 / sent.max(1) as f64));
     let rejected: u64 = members.iter().map(|m| m.metrics().rejected()).sum();
     figures.insert(format!("rejected_datagrams_{n}"), rejected.to_string());
+
+    // Paused for 1.5 s, ten times: anyone who took it for dead is a false
+    // death (suspect is the right answer); sampled every 20 ms until 3 s
+    // after the pause.
+    let mut false_dead = 0;
+    let mut suspect_seen = 0;
+    for t in 0..10 {
+        let victim = (t * 3 + 2) % n;
+        let cluster = members[victim].config().cluster.clone();
+        let addr = members[victim].local_addr();
+        pausable.paused.lock().unwrap().insert(addr);
+        let start = Instant::now();
+        let (mut dead, mut suspect) = (false, false);
+        while start.elapsed() < Duration::from_millis(4_500) {
+            if start.elapsed() >= Duration::from_millis(1_500) {
+                pausable.paused.lock().unwrap().remove(&addr);
+            }
+            for (i, m) in members.iter().enumerate() {
+                if i != victim {
+                    match m.view().cluster(&cluster).map(|c| c.liveness) {
+                        Some(Liveness::Dead) => dead = true,
+                        Some(Liveness::Suspect) => suspect = true,
+                        _ => {}
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false_dead += usize::from(dead);
+        suspect_seen += usize::from(suspect);
+        wait_all(&members, Duration::from_secs(10), |m| {
+            m.view().cluster(&cluster).is_some_and(|c| c.liveness == Liveness::Alive)
+        })
+        .await;
+    }
+    figures.insert(format!("false_dead_under_pause_1500ms_{n}"), false_dead.to_string());
+    // The figure: the worst size's count, out of 10 runs.
+    let worst = figures.get("false_dead_under_pause_1500ms").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+    figures.insert("false_dead_under_pause_1500ms".into(), worst.max(false_dead).to_string());
+    figures.insert(format!("suspect_seen_under_pause_1500ms_{n}"), suspect_seen.to_string());
 
     // A killed member, three times: until it is dead everywhere.
     let mut dead: Vec<f64> = Vec::new();

@@ -226,7 +226,7 @@ fn print_members(rows: &[MemberRow], json: bool) -> anyhow::Result<Outcome> {
                 r.region.to_string(),
                 format!("{:?}", r.status).to_lowercase(),
                 r.leader.as_deref().unwrap_or("-").to_string(),
-                format!("{}/{}", r.servers_live, r.servers),
+                servers_cell(r),
                 r.free_cpu_millis.map_or_else(dash, fmt_cpu),
                 r.free_memory_bytes.map_or_else(dash, fmt_bytes),
                 r.free_gpus.map_or_else(dash, |g| g.to_string()),
@@ -236,6 +236,16 @@ fn print_members(rows: &[MemberRow], json: bool) -> anyhow::Result<Outcome> {
         println!("{t}");
     }
     Ok(Outcome::Ok)
+}
+
+/// "live/all", and the servers not alive by name: `2/3 (s3 left)`.
+fn servers_cell(r: &MemberRow) -> String {
+    let odd: Vec<String> = (r.server_states.iter())
+        .filter(|(_, s)| **s != gossip::Liveness::Alive)
+        .map(|(n, s)| format!("{n} {}", format!("{s:?}").to_lowercase()))
+        .collect();
+    let count = format!("{}/{}", r.servers_live, r.servers);
+    if odd.is_empty() { count } else { format!("{count} ({})", odd.join(", ")) }
 }
 
 /// Waits until the set of clusters and their summaries has not changed for

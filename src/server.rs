@@ -475,8 +475,10 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         }
     }
     println!("shutting down");
-    if let Some((_, g, ..)) = gossip {
+    if let Some((member, g, ..)) = gossip {
         g.abort();
+        // Peers show this server `left` at once, not dead after a while.
+        member.leave().await;
     }
     if let Some(t) = fed_task {
         t.abort();

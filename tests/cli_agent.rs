@@ -6,34 +6,18 @@
 
 mod common;
 
-use common::{eventually, hanse, json, text};
+use common::{Bg, eventually, hanse, json, spawn, spawn_command, text};
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cluster_core::transport::tls::{self, Identity, PemPair, Role};
 use serde_json::Value;
-
-/// A process killed when the test ends.
-struct Bg(Child);
-
-impl Bg {
-    fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 /// Forwards UDP between one agent and the server, until cut.
 struct Relay {
@@ -210,25 +194,6 @@ impl Fixture {
             .map(|a| (a["name"].as_str().unwrap().to_string(), a["node"].as_str().unwrap().to_string()))
             .collect()
     }
-}
-
-fn spawn(dir: &Path, name: &str, args: &[&str]) -> Bg {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hanse"));
-    command.args(args);
-    spawn_command(dir, name, command)
-}
-
-/// Starts `command` in `dir`, its output appended to `NAME.log`.
-fn spawn_command(dir: &Path, name: &str, mut command: Command) -> Bg {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap();
-    Bg(command
-        .current_dir(dir)
-        .env("RUST_LOG", "cluster_core::agent=info,warn")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start hanse"))
 }
 
 /// A mark file's content: a timestamp in nanoseconds, or a pid. A file

@@ -127,6 +127,9 @@ pub struct MemberRow {
     pub leader: Option<String>,
     pub servers_live: usize,
     pub servers: usize,
+    /// Each server's level, by name (alive, suspect, dead, left).
+    #[serde(default)]
+    pub server_states: std::collections::BTreeMap<String, gossip::Liveness>,
     pub free_cpu_millis: Option<u64>,
     pub free_memory_bytes: Option<u64>,
     pub free_gpus: Option<u32>,
@@ -144,6 +147,7 @@ impl MemberRow {
             leader: c.leader.as_deref().map(str::to_string),
             servers_live: c.servers.values().filter(|s| s.live).count(),
             servers: c.servers.len(),
+            server_states: c.servers.iter().map(|(n, s)| (n.clone(), s.state)).collect(),
             free_cpu_millis: free.map(|f| f.cpu_millis),
             free_memory_bytes: free.map(|f| f.memory_bytes),
             free_gpus: c.summary.as_ref().map(|s| s.free_gpus()),

@@ -27,7 +27,7 @@ use cluster_core::server::Inner;
 use cluster_core::server::rpc::{PeerHandler, Write};
 use cluster_core::state::ClusterState;
 use cluster_core::transport::{Identity, Role};
-use gossip::{Liveness, Member};
+use gossip::Member;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::delegation::Breaker;
@@ -402,7 +402,13 @@ impl Federation {
         let view = self.member.view();
         let mut addrs: Vec<SocketAddr> = view
             .cluster(cluster)
-            .map(|c| c.servers.values().filter(|s| s.live).filter_map(|s| s.rpc_addr.as_ref()?.parse().ok()).collect())
+            // A server that left is not waited for; a suspect one is still
+            // tried (it may answer, and nothing is revoked for its silence).
+            .map(|c| {
+                (c.servers.values().filter(|s| s.live && !s.left))
+                    .filter_map(|s| s.rpc_addr.as_ref()?.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default();
         if let Some(leader) = self.leaders.lock().expect("leaders lock").get(cluster) {
             if let Some(i) = addrs.iter().position(|a| a == leader) {
@@ -556,7 +562,7 @@ impl Federation {
             .filter(|c| c.cluster != policy.cluster)
             .map(|c| PeerInfo {
                 cluster: c.cluster.clone(),
-                alive: c.liveness == Liveness::Alive,
+                liveness: c.liveness,
                 summary: c.summary.clone(),
                 rtt_ms: c
                     .servers

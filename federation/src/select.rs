@@ -19,8 +19,8 @@ use crate::policy::Policy;
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub cluster: String,
-    /// Alive by gossip (some server heartbeating).
-    pub alive: bool,
+    /// How alive gossip says it is: only an `Alive` peer gets new work.
+    pub liveness: gossip::Liveness,
     pub summary: Option<ClusterSummary>,
     /// The origin's circuit breaker for this peer is open.
     pub breaker_open: bool,
@@ -54,6 +54,11 @@ pub enum Refusal {
         peer: Vec<String>,
     },
     Dead,
+    /// Live by the detector, but silent: paused or overloaded. No new
+    /// work until it is heard again (nothing is revoked for it either).
+    Suspect,
+    /// Its servers stopped cleanly.
+    Left,
     NoSummary,
     CircuitOpen,
     TooExpensive {
@@ -80,6 +85,8 @@ impl fmt::Display for Refusal {
                 write!(f, "the work may run in [{}]; the cluster is in [{}]", allowed.join(", "), peer.join(", "))
             }
             Refusal::Dead => write!(f, "dead by gossip"),
+            Refusal::Suspect => write!(f, "suspect by gossip (not heard for a while): no new work until it is"),
+            Refusal::Left => write!(f, "it left the federation (its servers stopped cleanly)"),
             Refusal::NoSummary => write!(f, "no capacity summary yet"),
             Refusal::CircuitOpen => write!(f, "circuit open after repeated failures"),
             Refusal::TooExpensive { price, ceiling } => {
@@ -147,8 +154,12 @@ pub fn select(
         let refuse = |r: Refusal| Some((p.cluster.clone(), r));
         let refusal = if !policy.may_delegate_to(&p.cluster) {
             refuse(Refusal::NotAllowed)
-        } else if !p.alive {
-            refuse(Refusal::Dead)
+        } else if p.liveness != gossip::Liveness::Alive {
+            refuse(match p.liveness {
+                gossip::Liveness::Suspect => Refusal::Suspect,
+                gossip::Liveness::Left => Refusal::Left,
+                _ => Refusal::Dead,
+            })
         } else if p.breaker_open {
             refuse(Refusal::CircuitOpen)
         } else if let Some(s) = &p.summary {

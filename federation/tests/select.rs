@@ -29,7 +29,13 @@ fn summary(cluster: &str, jurisdictions: &[&str], count: u32, cpu: u32, price: f
 }
 
 fn peer(s: ClusterSummary) -> PeerInfo {
-    PeerInfo { cluster: s.cluster.clone(), alive: true, summary: Some(s), breaker_open: false, rtt_ms: None }
+    PeerInfo {
+        cluster: s.cluster.clone(),
+        liveness: gossip::Liveness::Alive,
+        summary: Some(s),
+        breaker_open: false,
+        rtt_ms: None,
+    }
 }
 
 fn job(labels: &str, count: u32, cpu: u32) -> Job {
@@ -81,7 +87,7 @@ fn eu_only_work_is_never_offered_outside_the_eu() {
 fn dead_open_unknown_and_disallowed_peers_are_passed_over_with_reasons() {
     let p = policy("eu-west");
     let mut dead = peer(summary("eu-central", &["eu"], 10, 8, 0.03));
-    dead.alive = false;
+    dead.liveness = gossip::Liveness::Dead;
     let mut open = peer(summary("us-east", &["us"], 10, 8, 0.03));
     open.breaker_open = true;
     let edge = peer(summary("edge-1", &["eu"], 10, 8, 0.03));
@@ -98,6 +104,14 @@ fn dead_open_unknown_and_disallowed_peers_are_passed_over_with_reasons() {
             ("us-east", &Refusal::CircuitOpen)
         ]
     );
+    // A paused peer (suspect) and one whose servers left get no new work either, and say why.
+    let mut paused = peer(summary("eu-central", &["eu"], 10, 8, 0.03));
+    paused.liveness = gossip::Liveness::Suspect;
+    let s = select(&p, &job("", 10, 1), &overflow(5), 10, 0, &[paused.clone()]);
+    assert_eq!((s.delegated(), s.refused.first().map(|(_, r)| r)), (0, Some(&Refusal::Suspect)));
+    paused.liveness = gossip::Liveness::Left;
+    let s = select(&p, &job("", 10, 1), &overflow(5), 10, 0, &[paused]);
+    assert_eq!(s.refused.first().map(|(_, r)| r), Some(&Refusal::Left));
 }
 
 #[test]

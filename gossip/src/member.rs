@@ -67,7 +67,7 @@ impl MemberConfig {
             rpc_addr: None,
             generation: unix_ms(),
             gossip_interval: Duration::from_millis(GOSSIP_INTERVAL_MS),
-            phi_threshold: 8.0,
+            phi_threshold: PHI_DEAD,
             suspect_after: suspect_after(Duration::from_millis(GOSSIP_INTERVAL_MS)),
             dead_forget_after: Duration::from_secs(3_600),
             view_refresh: suspect_after(Duration::from_millis(GOSSIP_INTERVAL_MS)) / 4,
@@ -84,11 +84,30 @@ pub const GOSSIP_INTERVAL_MS: u64 = 250;
 /// 99th percentile rides the push wave.
 pub const PUSH_FANOUT: usize = 5;
 
-/// Heartbeats are seen through gossip, a few rounds late under load: ten
-/// rounds of silence, and at least two seconds, make a server suspect.
+/// Heartbeats are seen through gossip, a few rounds late under load: six
+/// rounds of silence, and at least 1.5 s, make a server suspect (a pause
+/// of a second, a GC or a stalled VM, is at most that).
 pub fn suspect_after(gossip_interval: Duration) -> Duration {
-    (gossip_interval * 10).max(Duration::from_secs(2))
+    (gossip_interval * 6).max(Duration::from_millis(1_500))
 }
+
+/// The phi above which chitchat's detector calls a server dead. chitchat
+/// 0.13's phi is the silence over the mean heartbeat interval; that mean
+/// is smoothed with a prior of [`DETECTOR_PRIOR`] weighing 5 samples
+/// against a window of [`DETECTOR_WINDOW`] real ones, so it stays between
+/// (2·0.02 + 5·0.6)/7 = 0.434 s and (2·0.3 + 5·0.6)/7 = 0.514 s for
+/// observed intervals of 20 to 300 ms, and death comes after 3.5 to 4.1 s
+/// of silence: a pause of up to 3 s is at most suspect, and a dead server
+/// is known within 2 s after that bound (plus a round to notice, and the
+/// rounds that carry the news; `cargo bench --bench gossip` measures it).
+pub const PHI_DEAD: f64 = 8.0;
+/// Heartbeat intervals the detector remembers (see [`PHI_DEAD`]).
+pub const DETECTOR_WINDOW: usize = 2;
+/// The detector's prior heartbeat interval (see [`PHI_DEAD`]).
+pub const DETECTOR_PRIOR: Duration = Duration::from_millis(600);
+/// How long a server that is stopping cleanly keeps gossiping its
+/// [`keys::LEFT`] before it goes: a few rounds reach every peer.
+pub const LEAVE_ANNOUNCE: Duration = Duration::from_millis(750);
 /// A member pushes at most once per this interval, however many summaries
 /// change: a bound on the extra traffic when every cluster is busy.
 pub const PUSH_COALESCE_MS: u64 = 100;
@@ -116,12 +135,14 @@ impl Member {
         let advertise = config.advertise_addr.unwrap_or(config.listen_addr);
         transport.set_advertise(advertise);
         let node_id = format!("{}/{}", config.cluster, config.server);
+        // A short memory and a strong prior: death after a bounded silence
+        // whatever the heartbeat rate gossip happens to deliver (see
+        // [`PHI_DEAD`]).
         let failure_detector_config = FailureDetectorConfig {
             phi_threshold: config.phi_threshold,
-            sampling_window_size: 1_000,
+            sampling_window_size: DETECTOR_WINDOW,
             max_interval: Duration::from_secs(10),
-            // The prior for a new member's heartbeat interval: one round.
-            initial_interval: config.gossip_interval,
+            initial_interval: DETECTOR_PRIOR,
             dead_node_grace_period: config.dead_forget_after,
         };
         let chitchat_config = ChitchatConfig {
@@ -249,6 +270,26 @@ impl Member {
         self.handle.with_chitchat(|c| c.self_node_state().delete(keys::SUMMARY)).await;
     }
 
+    /// Announces a clean stop ([`keys::LEFT`]): pushes it to a few peers
+    /// at once and keeps gossiping for [`LEAVE_ANNOUNCE`] so every peer
+    /// hears it. Peers then show the server `left`, not dead; the caller
+    /// stops it (or the process ends) after.
+    pub async fn leave(&self) {
+        let peers: Vec<SocketAddr> = self
+            .handle
+            .with_chitchat(|c| {
+                c.self_node_state().set(keys::LEFT, "1");
+                let me = c.self_chitchat_id().clone();
+                c.live_nodes().filter(|id| **id != me).map(|id| id.gossip_advertise_addr).collect()
+            })
+            .await;
+        for addr in pick(&peers, PUSH_FANOUT, unix_ms()) {
+            let _ = self.handle.gossip(addr);
+        }
+        tokio::time::sleep(LEAVE_ANNOUNCE).await;
+    }
+
+    /// Stops at once, saying nothing: peers find the server dead.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.view_task.abort();
         self.push_task.abort();

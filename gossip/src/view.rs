@@ -21,6 +21,9 @@ pub mod keys {
     /// The ids of the keys in the member's keyring, primary first, as
     /// 8-digit hex separated by commas (never the keys).
     pub const KEYS: &str = "keys";
+    /// Set (to "1") by a server that is stopping cleanly: it has left,
+    /// and is not to be waited for.
+    pub const LEFT: &str = "left";
 }
 
 /// One gossip member's state, borrowed from chitchat for one update.
@@ -45,6 +48,13 @@ impl<'a> MemberState<'a> {
     }
 }
 
+/// How alive a server, or a cluster, is, from the phi-accrual detector
+/// and the heartbeats seen (the levels are in ARCHITECTURE.md). A server:
+/// `Alive` while its heartbeat rose within the suspect window, `Suspect`
+/// once it has not (a pause, a loaded machine: no new work goes there, and
+/// nothing is revoked for it), `Dead` once the detector says so, `Left`
+/// once it announced a clean stop. A cluster: the best of its servers
+/// (alive, else suspect), `Left` when all of them left, else `Dead`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Liveness {
@@ -55,6 +65,8 @@ pub enum Liveness {
     Suspect,
     /// No server is live by the phi-accrual detector.
     Dead,
+    /// Every server stopped cleanly and said so.
+    Left,
 }
 
 /// The key ids a member publishes under [`keys::KEYS`].
@@ -79,6 +91,10 @@ pub struct ServerEntry {
     /// The ids of the keys its gossip keyring holds, primary first (8-digit
     /// hex), as it last said.
     pub keys: Vec<String>,
+    /// Its own level (see [`Liveness`]).
+    pub state: Liveness,
+    /// It announced a clean stop ([`keys::LEFT`]).
+    pub left: bool,
     /// `live` before the update in progress, to tell a change.
     #[serde(skip)]
     was_live: bool,
@@ -188,6 +204,8 @@ impl FederationView {
                     heartbeat: m.heartbeat,
                     heartbeat_seen_ms: now_ms,
                     keys: m.get(keys::KEYS).map(parse_key_ids).unwrap_or_default(),
+                    state: Liveness::Alive,
+                    left: m.get(keys::LEFT).is_some_and(|v| v == "1"),
                     was_live: false,
                 };
                 match entry.servers.get_mut(&name) {
@@ -197,10 +215,12 @@ impl FederationView {
                             server.heartbeat_seen_ms = s.heartbeat_seen_ms;
                         }
                         server.was_live = s.was_live;
+                        server.state = s.state;
                         changed |= s.generation != server.generation
                             || s.rpc_addr != server.rpc_addr
                             || s.raft_term != server.raft_term
-                            || s.keys != server.keys;
+                            || s.keys != server.keys
+                            || s.left != server.left;
                         *s = server;
                     }
                     None => {
@@ -232,11 +252,26 @@ impl FederationView {
         let suspect_ms = self.suspect_ms;
         for entry in self.clusters.values_mut() {
             changed |= entry.servers.values().any(|s| s.was_live != s.live);
-            let beating = |s: &ServerEntry| s.live && now_ms.saturating_sub(s.heartbeat_seen_ms) < suspect_ms;
-            let liveness = if entry.servers.values().any(beating) {
+            for s in entry.servers.values_mut() {
+                let state = if s.left {
+                    Liveness::Left
+                } else if !s.live {
+                    Liveness::Dead
+                } else if now_ms.saturating_sub(s.heartbeat_seen_ms) < suspect_ms {
+                    Liveness::Alive
+                } else {
+                    Liveness::Suspect
+                };
+                changed |= state != s.state;
+                s.state = state;
+            }
+            let any = |l: Liveness| entry.servers.values().any(|s| s.state == l);
+            let liveness = if any(Liveness::Alive) {
                 Liveness::Alive
-            } else if entry.servers.values().any(|s| s.live) {
+            } else if any(Liveness::Suspect) {
                 Liveness::Suspect
+            } else if !entry.servers.is_empty() && entry.servers.values().all(|s| s.state == Liveness::Left) {
+                Liveness::Left
             } else {
                 Liveness::Dead
             };
@@ -353,6 +388,38 @@ mod tests {
         v.update(&[m, m2], 0);
         assert!(v.cluster("a").unwrap().summary.is_none());
         assert_eq!(v.bad_summaries, 2);
+    }
+
+    #[test]
+    fn a_silent_server_is_suspect_before_dead_and_one_that_left_says_so() {
+        let mut v = FederationView::new(1_000);
+        let at = |hb: u64, live: bool| {
+            let mut m = member("a", "s1", 1, live, None);
+            m.heartbeat = hb;
+            m
+        };
+        v.update(&[at(1, true)], 0);
+        assert_eq!(v.cluster("a").unwrap().servers["s1"].state, Liveness::Alive);
+        // Paused: live by the detector, its heartbeat still.
+        assert!(v.update(&[at(1, true)], 1_200), "suspect is a change");
+        assert_eq!(v.cluster("a").unwrap().servers["s1"].state, Liveness::Suspect);
+        assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Suspect);
+        // Back: alive again, never dead.
+        v.update(&[at(2, true)], 1_300);
+        assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Alive);
+        v.update(&[at(2, false)], 5_000);
+        assert_eq!(v.cluster("a").unwrap().servers["s1"].state, Liveness::Dead);
+        // A server that announced its stop has left, live or not.
+        let mut left = at(3, true);
+        left.values.push((keys::LEFT, "1"));
+        let other = member("a", "s2", 1, false, None);
+        v.update(&[left.clone(), other.clone()], 5_100);
+        assert_eq!(v.cluster("a").unwrap().servers["s1"].state, Liveness::Left);
+        assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Dead, "s2 died: not all left");
+        let mut other_left = other;
+        other_left.values.push((keys::LEFT, "1"));
+        v.update(&[left, other_left], 5_200);
+        assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Left);
     }
 
     #[test]

@@ -1535,7 +1535,7 @@ impl World {
         let peers: Vec<PeerInfo> = (self.clusters[c].gossip.iter())
             .map(|(name, (summary, heard))| PeerInfo {
                 cluster: name.clone(),
-                alive: now < heard + GOSSIP_DEAD_MS,
+                liveness: if now < heard + GOSSIP_DEAD_MS { gossip::Liveness::Alive } else { gossip::Liveness::Dead },
                 summary: Some(summary.clone()),
                 breaker_open: false,
                 rtt_ms: None,

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -95,4 +95,51 @@ pub fn bootstrap(address: &str, limit: Duration) {
             Err(e) => e.to_string().contains("bootstrapped already"),
         }
     });
+}
+
+/// A process killed (SIGKILL) when the test ends.
+pub struct Bg(pub Child);
+
+impl Bg {
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, SIGTERM...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        // A stopped process dies of SIGKILL too.
+        self.kill9();
+    }
+}
+
+/// Starts `hanse ARGS` in `dir`, its output appended to `NAME.log`.
+pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Bg {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hanse"));
+    command.args(args);
+    spawn_command(dir, name, command)
+}
+
+/// Starts `command` in `dir`, its output appended to `NAME.log`.
+pub fn spawn_command(dir: &Path, name: &str, mut command: Command) -> Bg {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap();
+    Bg(command
+        .current_dir(dir)
+        .env("RUST_LOG", "cluster_core::agent=info,warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start hanse"))
 }
