@@ -22,22 +22,29 @@ struct Validated {
 }
 
 pub fn validate(files: &[PathBuf], json: bool) -> anyhow::Result<Outcome> {
-    check_files(files, json, parse_job, describe)
+    check_files(files, json, parse_job, describe, |_, _| Vec::new())
 }
 
-/// Checks files with `parse`: every problem with file:line:column on
-/// stderr and a verdict a file on stdout, or JSON records; exit 1 if any
-/// file does not check. `hanse job validate` and `hanse policy check`.
+/// Checks files with `parse`, and what parses with `more` (warnings that
+/// need more than the file, such as the federation's members): every
+/// problem with file:line:column on stderr and a verdict a file on
+/// stdout, or JSON records; exit 1 if any file does not check. `hanse job
+/// validate` and `hanse policy check`.
 pub fn check_files<T>(
     files: &[PathBuf],
     json: bool,
     parse: impl Fn(&cluster_core::diag::SourceFile) -> spec::Checked<T>,
     describe: impl Fn(&T) -> String,
+    more: impl Fn(&cluster_core::diag::SourceFile, &T) -> Vec<cluster_core::diag::Diagnostic>,
 ) -> anyhow::Result<Outcome> {
     let mut results = Vec::new();
     for path in files {
         let file = spec::read_source(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let checked = parse(&file);
+        let mut checked = parse(&file);
+        if let Some(v) = &checked.value {
+            let extra = more(&file, v);
+            checked.diagnostics.extend(extra);
+        }
         if !json {
             eprint!("{}", file.render(&checked.diagnostics));
             let count = |sev: Severity| checked.diagnostics.iter().filter(|d| d.severity == sev).count() as u64;

@@ -155,6 +155,10 @@ enum PolicyCommand {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Also warn about peers the federation does not have, asking the
+        /// server at this HTTP API address (with --token and --ca-cert).
+        #[arg(long, value_name = "HOST:PORT")]
+        members: Option<String>,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -831,7 +835,10 @@ fn main() -> ExitCode {
                     json: out.json,
                 }))
             }),
-        Command::Policy(PolicyCommand::Check { files, out }) => policy::check(&files, out.json),
+        Command::Policy(PolicyCommand::Check { files, members, out }) => {
+            let at = members.map(|m| client.clone().at(&m));
+            policy::check(&files, out.json, at.as_ref())
+        }
         Command::Job(JobCommand::Validate { files, out }) => job::validate(&files, out.json),
         Command::Job(JobCommand::Plan { file, nodes: Some(nodes), seed, verbose, out }) => {
             job::plan_offline(&file, &nodes, seed, verbose, out.json)

@@ -29,6 +29,8 @@ fn free_tcp() -> SocketAddr {
 struct Federation {
     dir: PathBuf,
     servers: Vec<(String, Bg)>,
+    /// Each server's HTTP API address, by cluster.
+    http: Vec<(String, SocketAddr)>,
     seed: SocketAddr,
 }
 
@@ -42,7 +44,8 @@ impl Drop for Federation {
 }
 
 impl Federation {
-    fn start(test: &str, names: &[&str]) -> Federation {
+    /// `policies`: (cluster, policy text) for the clusters that have one.
+    fn start(test: &str, names: &[&str], policies: &[(&str, &str)]) -> Federation {
         let dir = std::env::temp_dir().join(format!("hanse-cli-gossip-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("pki")).unwrap();
@@ -57,27 +60,45 @@ impl Federation {
         assert!(keygen.status.success(), "{}", common::text(&keygen));
         let gossip: Vec<SocketAddr> = names.iter().map(|_| free_udp()).collect();
         let mut servers = Vec::new();
+        let mut http = Vec::new();
         for (name, at) in names.iter().zip(&gossip) {
             let pair = tls::issue(&ca, &Identity::new(name, Role::Server, "s1"), 1).unwrap();
             std::fs::write(dir.join(format!("pki/{name}.pem")), &pair.cert_pem).unwrap();
             std::fs::write(dir.join(format!("pki/{name}-key.pem")), &pair.key_pem).unwrap();
             let config = dir.join(format!("{name}.toml"));
+            let api = free_tcp();
+            http.push((name.to_string(), api));
+            let policy = match policies.iter().find(|(c, _)| c == name) {
+                Some((_, text)) => {
+                    std::fs::write(dir.join(format!("policy-{name}.toml")), text).unwrap();
+                    format!("\n[federation]\npolicy = \"policy-{name}.toml\"\n")
+                }
+                None => String::new(),
+            };
             std::fs::write(
                 &config,
                 format!(
                     "[server]\nname = \"s1\"\ncluster = \"{name}\"\nid = 1\ndata_dir = \"data/{name}\"\n\
                      bind = \"{}\"\nhttp = \"{}\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{name}.pem\"\n\
                      key = \"pki/{name}-key.pem\"\n\n[gossip]\nbind = \"{at}\"\nseeds = [\"{}\"]\n\
-                     key_file = \"federation.key\"\n",
+                     key_file = \"federation.key\"\n{policy}",
                     free_udp(),
-                    free_tcp(),
+                    api,
                     gossip[0]
                 ),
             )
             .unwrap();
             servers.push((name.to_string(), spawn(&dir, name, &["server", "--config", config.to_str().unwrap()])));
         }
-        Federation { dir, servers, seed: gossip[0] }
+        Federation { dir, servers, http, seed: gossip[0] }
+    }
+
+    /// `cluster`'s API address, trusted and bootstrapped.
+    fn api(&self, cluster: &str) -> String {
+        let at = self.http.iter().find(|(n, _)| n == cluster).unwrap().1.to_string();
+        common::trust(&at, &self.dir.join("pki/ca.pem"));
+        common::bootstrap(&at, Duration::from_secs(20));
+        at
     }
 
     fn server(&self, name: &str) -> &Bg {
@@ -129,7 +150,7 @@ async fn until(observer: &Member, cluster: &str, want: Liveness, limit: Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_server_is_suspect_never_dead_a_killed_one_dead_and_a_stopped_one_left() {
-    let f = Federation::start("levels", &["paused", "killed", "stopped"]);
+    let f = Federation::start("levels", &["paused", "killed", "stopped"], &[]);
     let observer = f.observer().await;
     for c in ["paused", "killed", "stopped"] {
         until(&observer, c, Liveness::Alive, Duration::from_secs(30)).await;
@@ -169,4 +190,51 @@ async fn a_paused_server_is_suspect_never_dead_a_killed_one_dead_and_a_stopped_o
     assert_eq!(later, vec![Liveness::Left], "left stays left");
     println!("dead after {dead_after:?}, left after {left_after:?}");
     observer.shutdown().await.unwrap();
+}
+
+/// A policy naming a peer that does not exist (`us-eats`) checked clean and
+/// ran without a word; the work waited silently. Now `policy check
+/// --members` warns at its line with the likely spelling, the server logs
+/// it, and `job status` names it where the work waits.
+#[test]
+fn a_policy_naming_a_peer_that_is_not_in_the_federation_is_said() {
+    let policy = "[cluster]\nname = \"home\"\n\n[[peer]]\ncluster = \"us-east\"\ndelegate_to = true\n\n\
+                  [[peer]]\ncluster = \"us-eats\"\ndelegate_to = true\n\n[overflow]\nwhen = [\"unplaceable\"]\n\
+                  max_remote_share = 1.0\n";
+    let f = Federation::start("policy", &["home", "us-east"], &[("home", policy)]);
+    let home = f.api("home");
+    common::eventually(Duration::from_secs(30), "home's gossip meets us-east", || {
+        let o = common::hanse(&home, &["federation", "members", "--json"]);
+        o.status.success() && common::text(&o).contains("\"us-east\"")
+    });
+    let file = f.dir.join("policy-home.toml");
+    let out = common::hanse(&home, &["policy", "check", file.to_str().unwrap(), "--members", &home]);
+    let text = common::text(&out);
+    assert_eq!(out.status.code(), Some(0), "a warning, not an error: {text}");
+    assert!(
+        text.contains("peer `us-eats` is not in the federation") && text.contains("did you mean `us-east`"),
+        "{text}"
+    );
+    assert!(text.contains("policy-home.toml:9:"), "at its line: {text}");
+    assert!(!text.contains("peer `us-east`"), "{text}");
+
+    // A job no node here can take waits for a peer: us-eats is named.
+    let job = f.dir.join("job.toml");
+    std::fs::write(
+        &job,
+        "[job]\nname = \"big\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\n\
+         resources = { cpu = \"1\", memory = \"1GiB\" }\n",
+    )
+    .unwrap();
+    let run = common::hanse(&home, &["job", "run", "--detach", job.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", common::text(&run));
+    common::eventually(Duration::from_secs(30), "job status names the missing peer", || {
+        let o = common::hanse(&home, &["job", "status", "big"]);
+        common::text(&o).contains("us-eats: not in the federation")
+    });
+    // And the server logs it, once gossip had its time.
+    common::eventually(Duration::from_secs(30), "the server logs the unknown peer", || {
+        let log = std::fs::read_to_string(f.dir.join("home.log")).unwrap_or_default();
+        log.contains("names peers gossip does not know: us-eats (did you mean us-east?)")
+    });
 }

@@ -112,8 +112,15 @@ pub struct Federation {
     inbox: mpsc::UnboundedSender<Answers>,
     inbox_rx: Mutex<Option<mpsc::UnboundedReceiver<Answers>>>,
     started: Instant,
+    /// The policy's peers gossip did not know when last checked, as
+    /// logged (see [`Federation::check_peers_known`]).
+    unknown_peers: Mutex<Option<crate::policy::UnknownPeers>>,
     me: std::sync::Weak<Federation>,
 }
+
+/// How long after start the policy's peers may be unknown to gossip
+/// before the server says so (gossip needs a few rounds to meet them).
+pub const PEERS_KNOWN_WITHIN: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Waiting {
@@ -147,6 +154,7 @@ impl Federation {
             generation: AtomicU64::new(0),
             breakers: Mutex::default(),
             waiting: Mutex::default(),
+            unknown_peers: Mutex::default(),
             rtt: Mutex::default(),
             leaders: Mutex::default(),
             blocked_since: Mutex::default(),
@@ -493,6 +501,41 @@ impl Federation {
         }
     }
 
+    /// Logs the policy's peers that gossip does not know (a typo, or a
+    /// cluster not yet joined): once [`PEERS_KNOWN_WITHIN`] after start,
+    /// then whenever that set changes (a warning while any are missing,
+    /// a line when none are left).
+    pub fn check_peers_known(&self) {
+        if self.started.elapsed() < PEERS_KNOWN_WITHIN {
+            return;
+        }
+        let view = self.member.view();
+        let policy = self.policy();
+        let mut members: Vec<&str> = view.clusters.keys().map(String::as_str).collect();
+        members.push(&policy.cluster);
+        let unknown = policy.unknown_peers(&members);
+        let mut last = self.unknown_peers.lock().expect("unknown peers lock");
+        if last.as_ref() == Some(&unknown) {
+            return;
+        }
+        if !unknown.is_empty() {
+            let named: Vec<String> = (unknown.iter())
+                .map(|(p, near)| match near {
+                    Some(m) => format!("{p} (did you mean {m}?)"),
+                    None => p.clone(),
+                })
+                .collect();
+            tracing::warn!(
+                "the federation policy names peers gossip does not know: {}; the federation has: {}",
+                named.join(", "),
+                members.join(", ")
+            );
+        } else if last.as_ref().is_some_and(|l| !l.is_empty()) {
+            tracing::warn!("every peer the federation policy names is now known to gossip");
+        }
+        *last = Some(unknown);
+    }
+
     /// Offers the overflow of blocked evaluations to peers, once one of the
     /// policy's triggers fires for it, as the policy ranks the peers; what
     /// no peer takes waits in [`Federation::waiting`].
@@ -500,6 +543,7 @@ impl Federation {
         let policy = self.policy();
         let now = self.now_ms();
         let peers = self.peers(&policy, now, &self.member.view());
+        let peers_all = &peers;
         let (work, utilization): (Vec<Overflowing>, f64) =
             self.server.raft.read(|s| (Origin::overflow(s), utilization(s)));
         let work: Vec<Overflowing> = {
@@ -529,6 +573,16 @@ impl Federation {
                     waiting.entry(w.job.id.to_string()).or_insert(Waiting { instances: 0, refused: Vec::new() });
                 entry.instances += selection.left;
                 entry.refused = selection.refused.iter().map(|(c, r)| (c.clone(), r.to_string())).collect();
+                // Peers the policy names that gossip has never heard of: a
+                // typo waits silently otherwise.
+                for (name, p) in &policy.peers {
+                    if p.delegate_to && !peers_all.iter().any(|x| x.cluster == *name) {
+                        entry
+                            .refused
+                            .push((name.clone(), "not in the federation: gossip has never heard of it".into()));
+                    }
+                }
+                entry.refused.sort();
             }
             let mut rest = w.indices.as_slice();
             for offer in selection.offers {
@@ -734,6 +788,7 @@ pub async fn run(fed: Arc<Federation>) {
                 continue;
             }
         }
+        fed.check_peers_known();
         let may_delegate = fed.policy().peers.values().any(|p| p.delegate_to);
         fed.server.set_prefer_peers(may_delegate);
         let status = fed.server.raft.status();

@@ -167,6 +167,19 @@ impl Policy {
         }
     }
 
+    /// The peers this policy names that are not among `members` (the
+    /// clusters gossip knows), each with the member it most likely meant
+    /// (at most two edits away, `us-eats` → `us-east`), by name.
+    pub fn unknown_peers(&self, members: &[&str]) -> UnknownPeers {
+        (self.peers.keys())
+            .filter(|p| !members.contains(&p.as_str()))
+            .map(|p| {
+                let near = members.iter().map(|m| (edit_distance(p, m), *m)).filter(|(d, _)| *d <= 2).min();
+                (p.clone(), near.map(|(_, m)| m.to_string()))
+            })
+            .collect()
+    }
+
     pub fn may_delegate_to(&self, cluster: &str) -> bool {
         self.peers.get(cluster).is_some_and(|p| p.delegate_to)
     }
@@ -485,4 +498,67 @@ fn read_policy(top: &mut Table, d: &mut Diagnostics) -> Option<Policy> {
         rules,
         retry,
     })
+}
+
+/// Peers not in the federation, each with the member it likely meant.
+pub type UnknownPeers = Vec<(String, Option<String>)>;
+
+/// Levenshtein distance between two short names (peer names are labels).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(cur).min(row[j]) };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// One warning per peer `policy` names that is not among `members`,
+/// placed at its `cluster = "…"` line in `file` (`hanse policy check
+/// --members`). A policy is checked before it meets gossip, so this is a
+/// warning, never an error: a cluster may join later.
+pub fn member_warnings(file: &SourceFile, policy: &Policy, members: &[&str]) -> Vec<cluster_core::diag::Diagnostic> {
+    let mut d = Diagnostics::default();
+    for (peer, near) in policy.unknown_peers(members) {
+        let quoted = format!("\"{peer}\"");
+        let at = file.text.find(&quoted).map_or(0..0, |i| i..i + quoted.len());
+        let listed = if members.is_empty() { "none".to_string() } else { members.join(", ") };
+        let hint = match near {
+            Some(m) => format!("did you mean `{m}`? the federation has: {listed}"),
+            None => format!("the federation has: {listed}; work for it waits until such a cluster joins"),
+        };
+        d.warning(at, format!("peer `{peer}` is not in the federation"), Some(hint));
+    }
+    d.items
+}
+
+#[cfg(test)]
+mod member_tests {
+    use super::*;
+
+    #[test]
+    fn peers_that_are_not_members_are_named_with_their_likely_spelling() {
+        let text = "[cluster]\nname = \"eu-west\"\n[[peer]]\ncluster = \"us-eats\"\ndelegate_to = true\n\
+                    [[peer]]\ncluster = \"eu-central\"\ndelegate_to = true\n";
+        let file = SourceFile::new("p.toml", text.to_string());
+        let policy = parse_policy(&file).value.expect("the policy parses");
+        assert_eq!(
+            policy.unknown_peers(&["eu-west", "us-east", "eu-central"]),
+            vec![("us-eats".to_string(), Some("us-east".to_string()))]
+        );
+        let w = member_warnings(&file, &policy, &["us-east", "eu-central"]);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].severity, cluster_core::diag::Severity::Warning);
+        assert_eq!(&text[w[0].span.clone()], "\"us-eats\"");
+        assert!(w[0].hint.as_deref().is_some_and(|h| h.contains("did you mean `us-east`")), "{:?}", w[0]);
+        assert_eq!(policy.unknown_peers(&["x"]).len(), 2);
+        assert_eq!(edit_distance("us-eats", "us-east"), 2);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
 }

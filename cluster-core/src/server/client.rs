@@ -113,6 +113,14 @@ impl Client {
             .max_redirects(0)
     }
 
+    /// The same client (its token and CA) for the servers at `addresses`
+    /// instead (as [`Client::new`] reads them).
+    pub fn at(mut self, addresses: &str) -> Client {
+        self.bases = Client::new(addresses).bases;
+        self.current = Arc::default();
+        self
+    }
+
     /// The same client, sending `secret` as its ACL token (`X-Hanse-Token`).
     pub fn with_token(mut self, secret: Option<&str>) -> Client {
         self.token = secret.map(str::trim).filter(|s| !s.is_empty()).map(Arc::from);
