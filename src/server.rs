@@ -443,10 +443,12 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     let mut last = RaftStatus::default();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    // Asked to stop (a clean stop, announced), rather than failing.
+    let mut asked = false;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => { asked = true; break }
+            _ = term.recv() => { asked = true; break }
             _ = hup.recv() => {
                 match (&fed, &c.policy) {
                     (Some(fed), Some(path)) => match load_policy(path) {
@@ -477,8 +479,11 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
     println!("shutting down");
     if let Some((member, g, ..)) = gossip {
         g.abort();
-        // Peers show this server `left` at once, not dead after a while.
-        member.leave().await;
+        // Peers show this server `left` at once, not dead after a while;
+        // a server that fails says nothing and is found dead.
+        if asked {
+            member.leave().await;
+        }
     }
     if let Some(t) = fed_task {
         t.abort();

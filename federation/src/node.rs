@@ -505,12 +505,11 @@ impl Federation {
     /// cluster not yet joined): once [`PEERS_KNOWN_WITHIN`] after start,
     /// then whenever that set changes (a warning while any are missing,
     /// a line when none are left).
-    pub fn check_peers_known(&self) {
+    pub fn check_peers_known(&self, policy: &Policy) {
         if self.started.elapsed() < PEERS_KNOWN_WITHIN {
             return;
         }
         let view = self.member.view();
-        let policy = self.policy();
         let mut members: Vec<&str> = view.clusters.keys().map(String::as_str).collect();
         members.push(&policy.cluster);
         let unknown = policy.unknown_peers(&members);
@@ -531,7 +530,7 @@ impl Federation {
                 members.join(", ")
             );
         } else if last.as_ref().is_some_and(|l| !l.is_empty()) {
-            tracing::warn!("every peer the federation policy names is now known to gossip");
+            tracing::info!("every peer the federation policy names is now known to gossip");
         }
         *last = Some(unknown);
     }
@@ -543,7 +542,13 @@ impl Federation {
         let policy = self.policy();
         let now = self.now_ms();
         let peers = self.peers(&policy, now, &self.member.view());
-        let peers_all = &peers;
+        let unknown = if self.started.elapsed() >= PEERS_KNOWN_WITHIN {
+            let mut names: Vec<&str> = peers.iter().map(|p| p.cluster.as_str()).collect();
+            names.push(&policy.cluster);
+            policy.unknown_peers(&names)
+        } else {
+            Vec::new()
+        };
         let (work, utilization): (Vec<Overflowing>, f64) =
             self.server.raft.read(|s| (Origin::overflow(s), utilization(s)));
         let work: Vec<Overflowing> = {
@@ -573,13 +578,12 @@ impl Federation {
                     waiting.entry(w.job.id.to_string()).or_insert(Waiting { instances: 0, refused: Vec::new() });
                 entry.instances += selection.left;
                 entry.refused = selection.refused.iter().map(|(c, r)| (c.clone(), r.to_string())).collect();
-                // Peers the policy names that gossip has never heard of: a
-                // typo waits silently otherwise.
-                for (name, p) in &policy.peers {
-                    if p.delegate_to && !peers_all.iter().any(|x| x.cluster == *name) {
-                        entry
-                            .refused
-                            .push((name.clone(), "not in the federation: gossip has never heard of it".into()));
+                // Peers the policy names that gossip has not heard of once
+                // it had its time: a typo waits silently otherwise.
+                for (name, near) in &unknown {
+                    if policy.may_delegate_to(name) {
+                        let hint = near.as_ref().map_or(String::new(), |m| format!("; did you mean {m}?"));
+                        entry.refused.push((name.clone(), format!("not in the federation{hint}")));
                     }
                 }
                 entry.refused.sort();
@@ -788,8 +792,9 @@ pub async fn run(fed: Arc<Federation>) {
                 continue;
             }
         }
-        fed.check_peers_known();
-        let may_delegate = fed.policy().peers.values().any(|p| p.delegate_to);
+        let policy = fed.policy();
+        fed.check_peers_known(&policy);
+        let may_delegate = policy.peers.values().any(|p| p.delegate_to);
         fed.server.set_prefer_peers(may_delegate);
         let status = fed.server.raft.status();
         if status.leader != Some(fed.server.id) {

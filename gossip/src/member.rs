@@ -94,13 +94,18 @@ pub fn suspect_after(gossip_interval: Duration) -> Duration {
 /// The phi above which chitchat's detector calls a server dead. chitchat
 /// 0.13's phi is the silence over the mean heartbeat interval; that mean
 /// is smoothed with a prior of [`DETECTOR_PRIOR`] weighing 5 samples
-/// against a window of [`DETECTOR_WINDOW`] real ones, so it stays between
-/// (2·0.02 + 5·0.6)/7 = 0.434 s and (2·0.3 + 5·0.6)/7 = 0.514 s for
-/// observed intervals of 20 to 300 ms, and death comes after 3.5 to 4.1 s
-/// of silence: a pause of up to 3 s is at most suspect, and a dead server
-/// is known within 2 s after that bound (plus a round to notice, and the
-/// rounds that carry the news; `cargo bench --bench gossip` measures it).
+/// against a window of [`DETECTOR_WINDOW`] real ones, intervals over
+/// [`DETECTOR_MAX_INTERVAL`] left out, so it stays between 5·0.6/7 =
+/// 0.43 s and (2·1 + 5·0.6)/7 = 0.71 s, and about 0.5 s for the 100-300
+/// ms intervals gossip delivers: death comes after at least 3.4 s of
+/// silence (about 4 s usually), so a pause of up to 3 s whose end is
+/// heard within 0.4 s is at most suspect, and a dead server is known
+/// within about 2 s after that bound (`cargo bench --bench gossip`
+/// measures it).
 pub const PHI_DEAD: f64 = 8.0;
+/// Heartbeat intervals longer than this (a pause that ended) are not
+/// remembered: the mean, and so the time to death, stays bounded.
+pub const DETECTOR_MAX_INTERVAL: Duration = Duration::from_secs(1);
 /// Heartbeat intervals the detector remembers (see [`PHI_DEAD`]).
 pub const DETECTOR_WINDOW: usize = 2;
 /// The detector's prior heartbeat interval (see [`PHI_DEAD`]).
@@ -141,7 +146,7 @@ impl Member {
         let failure_detector_config = FailureDetectorConfig {
             phi_threshold: config.phi_threshold,
             sampling_window_size: DETECTOR_WINDOW,
-            max_interval: Duration::from_secs(10),
+            max_interval: DETECTOR_MAX_INTERVAL,
             initial_interval: DETECTOR_PRIOR,
             dead_node_grace_period: config.dead_forget_after,
         };
