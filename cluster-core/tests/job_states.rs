@@ -33,21 +33,26 @@ fn job_cpu(kind: &str, groups: &[u32], cpu: &str) -> Job {
     parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
 }
 
-/// Ends every live allocation of group `group` as failed, a task of it
-/// reported `unrunnable` (its program cannot run).
+/// Ends allocation `id` as failed, its task reported `unrunnable` (its
+/// program cannot run), as an agent does.
+fn fail_unrunnable(s: &mut ClusterState, id: cluster_core::ids::AllocId) {
+    let task = TaskState {
+        name: "t".into(),
+        state: TaskPhase::Unrunnable,
+        restarts: 0,
+        exit_code: None,
+        signal: None,
+        message: "command `x` is not a program this node can run (exec format error)".into(),
+    };
+    s.set_task_states(id, &[task]);
+    s.set_alloc_status(id, AllocStatus::Failed);
+}
+
+/// Ends every live allocation of group `group` as [`fail_unrunnable`] does.
 fn end_unrunnable(s: &mut ClusterState, group: &str) {
     let ids: Vec<_> = s.allocs().filter(|a| a.is_live() && &*a.group == group).map(|a| a.id).collect();
     for id in ids {
-        let task = TaskState {
-            name: "t".into(),
-            state: TaskPhase::Unrunnable,
-            restarts: 0,
-            exit_code: None,
-            signal: None,
-            message: "command `x` is not a program this node can run (exec format error)".into(),
-        };
-        s.set_task_states(id, &[task]);
-        s.set_alloc_status(id, AllocStatus::Failed);
+        fail_unrunnable(s, id);
     }
 }
 
@@ -183,16 +188,7 @@ fn a_system_job_is_not_placed_again_where_its_program_cannot_run() {
     schedule_once(&mut s, &j);
     assert_eq!(s.allocs().filter(|a| a.is_live()).count(), 4, "one per node");
     let first = s.allocs().next().unwrap().id;
-    let task = TaskState {
-        name: "t".into(),
-        state: TaskPhase::Unrunnable,
-        restarts: 0,
-        exit_code: None,
-        signal: None,
-        message: "exec format error".into(),
-    };
-    s.set_task_states(first, &[task]);
-    s.set_alloc_status(first, AllocStatus::Failed);
+    fail_unrunnable(&mut s, first);
     schedule_once(&mut s, &j);
     assert_eq!(s.allocs().count(), 4, "not placed again on that node");
     assert_eq!(word(&s, &j), JobState::Degraded);
