@@ -471,32 +471,27 @@ fn executable_by(m: &std::fs::Metadata, account: Option<&Account>) -> bool {
     use std::os::unix::fs::MetadataExt;
     let me = Account::current();
     let a = account.unwrap_or(&me);
-    let mode = m.mode();
-    m.is_file()
-        && if a.uid == 0 {
-            mode & 0o111 != 0
-        } else if m.uid() == a.uid {
-            mode & 0o100 != 0
-        } else if m.gid() == a.gid || a.groups.contains(&m.gid()) {
-            mode & 0o010 != 0
-        } else {
-            mode & 0o001 != 0
-        }
+    m.is_file() && if a.uid == 0 { m.mode() & 0o111 != 0 } else { permits(m, a, 0o1) }
 }
 
 /// Whether `account` (`None`: the agent's own) may read a file with
 /// metadata `m`: the agent says what is in a file only to whom could read it.
 fn readable_by(m: &std::fs::Metadata, account: Option<&Account>) -> bool {
+    account.is_none_or(|a| permits(m, a, 0o4))
+}
+
+/// Whether the one class of `m`'s mode that applies to `a` (owner, else
+/// group, else others, as the kernel picks it) has `bit` (4 read, 1 exec).
+fn permits(m: &std::fs::Metadata, a: &Account, bit: u32) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Some(a) = account else { return true };
-    let mode = m.mode();
-    if m.uid() == a.uid {
-        mode & 0o400 != 0
+    let shift = if m.uid() == a.uid {
+        6
     } else if m.gid() == a.gid || a.groups.contains(&m.gid()) {
-        mode & 0o040 != 0
+        3
     } else {
-        mode & 0o004 != 0
-    }
+        0
+    };
+    (m.mode() >> shift) & bit != 0
 }
 
 /// The directory the tasks of an allocation share (`HANSE_ALLOC_DIR`):
