@@ -59,6 +59,7 @@ fn summary(cluster: &str, free_cpu: u64) -> ClusterSummary {
         running_allocs: 1_000,
         pending_allocs: 0,
         inbound_share: 0.0,
+        ..Default::default()
     }
 }
 

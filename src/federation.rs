@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cluster_core::resources::{fmt_bytes, fmt_cpu};
 use cluster_core::server::client::Client;
-use federation::api::MemberRow;
+use federation::api::{GossipTrouble, MemberRow};
 use federation::keyring::{KeyChange, KeyOp, KeyringView};
 use gossip::net::UdpNet;
 use gossip::{FederationView, Key, Keyring, Member, MemberConfig, Role};
@@ -174,7 +174,9 @@ pub fn members_from(c: &cluster_core::server::client::Client, json: bool) -> any
         ),
         _ => anyhow::anyhow!("{e}"),
     })?;
-    print_members(&rows, json)
+    // A server of an earlier release has no such route: nothing to add.
+    let trouble: GossipTrouble = c.get("/v1/federation/gossip").unwrap_or_default();
+    print_members(&rows, &trouble, json)
 }
 
 /// Joins the federation's gossip as an observer, waits until the view of
@@ -192,6 +194,7 @@ pub async fn members(args: MembersArgs) -> anyhow::Result<Outcome> {
     config.seeds = args.seeds.clone();
     let member = Member::start(config, keyring, Arc::new(UdpNet)).await.context("starting the gossip observer")?;
     let view = settle(&member, args.wait).await;
+    let trouble = GossipTrouble::of(&member);
     member.shutdown().await.ok();
     if view.clusters.is_empty() {
         bail!(
@@ -201,10 +204,14 @@ pub async fn members(args: MembersArgs) -> anyhow::Result<Outcome> {
             args.federation
         );
     }
-    print_members(&MemberRow::all(&view), args.json)
+    print_members(&MemberRow::all(&view), &trouble, args.json)
 }
 
-fn print_members(rows: &[MemberRow], json: bool) -> anyhow::Result<Outcome> {
+/// The table (or JSON rows) on stdout; what gossip refuses, on stderr.
+fn print_members(rows: &[MemberRow], trouble: &GossipTrouble, json: bool) -> anyhow::Result<Outcome> {
+    for line in trouble.lines() {
+        eprintln!("warning: {line}");
+    }
     if json {
         print_json(&rows)?;
     } else {
@@ -234,6 +241,11 @@ fn print_members(rows: &[MemberRow], json: bool) -> anyhow::Result<Outcome> {
             ]);
         }
         println!("{t}");
+        for r in rows {
+            if let Some(s) = r.summary.as_ref().filter(|s| s.folded.any()) {
+                println!("{}: summary detail folded to fit gossip ({})", r.cluster, s.folded);
+            }
+        }
     }
     Ok(Outcome::Ok)
 }

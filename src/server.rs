@@ -36,6 +36,7 @@
 //! key_file = "federation.key" # `hanse federation keygen`; rotate with `hanse federation key`
 //!                             # (a key added to the file is installed on SIGHUP)
 //! jurisdictions = ["eu"]      # where this cluster's nodes are
+//! max_clock_skew = "60s"      # a peer's clock further off is refused, logged and counted
 //!
 //! [federation]                # optional, with [gossip]: delegate and accept work
 //! policy = "policy.toml"      # `hanse policy check`; reloaded on SIGHUP
@@ -106,6 +107,9 @@ pub struct GossipConfig {
     pub seeds: Vec<String>,
     pub key_file: PathBuf,
     pub jurisdictions: Vec<String>,
+    /// How far a peer's clock may be off before its gossip is refused
+    /// (and reported); `max_clock_skew`, default 60s.
+    pub max_clock_skew: std::time::Duration,
 }
 
 /// Flags that override the file.
@@ -219,10 +223,39 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
             let bind = addr(d, bind_text);
             let seeds = g.str_list(d, "seeds").unwrap_or_default().into_iter().map(|(s, _)| s.to_string()).collect();
             let key_file = g.required_str(d, "key_file", "\"federation.key\"").map(|(p, _)| rel(p));
-            let jurisdictions =
-                g.str_list(d, "jurisdictions").unwrap_or_default().into_iter().map(|(j, _)| j.to_string()).collect();
+            let listed = g.str_list(d, "jurisdictions").unwrap_or_default();
+            for (j, span) in &listed {
+                if !valid_label(j) {
+                    d.error_hint(
+                        span.clone(),
+                        format!("jurisdiction `{j}` is not a label"),
+                        "use 1 to 63 letters, digits and `-`, as in \"eu\"",
+                    );
+                }
+            }
+            if let Some((_, span)) = listed.get(gossip::summary::SUMMARY_TAGS_MAX) {
+                d.error(
+                    span.clone(),
+                    format!("at most {} jurisdictions fit a summary", gossip::summary::SUMMARY_TAGS_MAX),
+                );
+            }
+            let jurisdictions = listed.into_iter().map(|(j, _)| j.to_string()).collect();
+            let mut max_clock_skew = std::time::Duration::from_millis(gossip::seal::FRESHNESS_MS);
+            if let Some((text, span)) = g.str(d, "max_clock_skew") {
+                match cluster_core::spec::parse_duration_ms(text) {
+                    Ok(ms) if (1_000..=86_400_000).contains(&ms) => {
+                        max_clock_skew = std::time::Duration::from_millis(ms)
+                    }
+                    Ok(_) => d.error_hint(
+                        span,
+                        format!("max_clock_skew `{text}` is out of range"),
+                        "use 1s to 24h: it bounds how old a replayed datagram may be",
+                    ),
+                    Err(e) => d.error_hint(span, format!("max_clock_skew `{text}` is not a duration"), e),
+                }
+            }
             g.finish(d);
-            Some(GossipConfig { federation, bind: bind?, seeds, key_file: key_file?, jurisdictions })
+            Some(GossipConfig { federation, bind: bind?, seeds, key_file: key_file?, jurisdictions, max_clock_skew })
         });
         let policy = top.table(d, "federation").and_then(|mut f| {
             f.path = "[federation]".into();
@@ -383,6 +416,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
             let mut mc = gossip::MemberConfig::new(&g.federation, &c.cluster, &c.name, g.bind);
             mc.region = c.region.clone();
             mc.seeds = g.seeds.clone();
+            mc.max_clock_skew = g.max_clock_skew;
             mc.rpc_addr = Some(c.bind.to_string());
             let member = Arc::new(
                 gossip::Member::start(mc, keyring, Arc::new(gossip::net::UdpNet))

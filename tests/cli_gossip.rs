@@ -31,6 +31,8 @@ struct Federation {
     servers: Vec<(String, Bg)>,
     /// Each server's HTTP API address, by cluster.
     http: Vec<(String, SocketAddr)>,
+    /// Each server's gossip address, in the order of `servers`.
+    gossip: Vec<SocketAddr>,
     seed: SocketAddr,
 }
 
@@ -46,6 +48,12 @@ impl Drop for Federation {
 impl Federation {
     /// `policies`: (cluster, policy text) for the clusters that have one.
     fn start(test: &str, names: &[&str], policies: &[(&str, &str)]) -> Federation {
+        Federation::start_with(test, names, policies, &[])
+    }
+
+    /// [`Federation::start`], with clusters whose clock is off: (cluster,
+    /// a `faketime` offset such as "+2h").
+    fn start_with(test: &str, names: &[&str], policies: &[(&str, &str)], clocks: &[(&str, &str)]) -> Federation {
         let dir = std::env::temp_dir().join(format!("hanse-cli-gossip-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("pki")).unwrap();
@@ -88,9 +96,22 @@ impl Federation {
                 ),
             )
             .unwrap();
-            servers.push((name.to_string(), spawn(&dir, name, &["server", "--config", config.to_str().unwrap()])));
+            let clock = clocks.iter().find(|(c, _)| c == name).map(|(_, o)| *o);
+            servers.push((name.to_string(), server(&dir, name, clock)));
         }
-        Federation { dir, servers, http, seed: gossip[0] }
+        Federation { dir, servers, http, seed: gossip[0], gossip }
+    }
+
+    /// Kills `name`'s server (SIGKILL) and starts it again from the same
+    /// configuration: on its old data, or on an empty data directory
+    /// (`rebuilt`), and with its clock off by `clock` (faketime) if given.
+    fn restart(&mut self, name: &str, rebuilt: bool, clock: Option<&str>) {
+        let at = self.servers.iter().position(|(n, _)| n == name).unwrap();
+        self.servers[at].1.kill9();
+        if rebuilt {
+            std::fs::remove_dir_all(self.dir.join("data").join(name)).unwrap();
+        }
+        self.servers[at].1 = server(&self.dir, name, clock);
     }
 
     /// `cluster`'s API address, trusted and bootstrapped.
@@ -115,6 +136,19 @@ impl Federation {
         config.seeds = vec![self.seed.to_string()];
         Member::start(config, ring, Arc::new(UdpNet)).await.unwrap()
     }
+}
+
+/// Starts cluster `name`'s server from its configuration in `dir`, under
+/// `faketime -f CLOCK` if given (the monotonic clock left alone).
+fn server(dir: &std::path::Path, name: &str, clock: Option<&str>) -> Bg {
+    let config = dir.join(format!("{name}.toml"));
+    let Some(offset) = clock else { return spawn(dir, name, &["server", "--config", config.to_str().unwrap()]) };
+    let faketime = std::process::Command::new("faketime").arg("--version").output();
+    assert!(faketime.is_ok(), "this test needs faketime (`apt-get install faketime`; .ci/run installs it)");
+    let mut c = std::process::Command::new("faketime");
+    c.args(["-f", offset, env!("CARGO_BIN_EXE_hanse"), "server", "--config", config.to_str().unwrap()]);
+    c.env("DONT_FAKE_MONOTONIC", "1");
+    common::spawn_command(dir, name, c)
 }
 
 /// The tests here run one at a time: a pause's margins are a few hundred
@@ -263,4 +297,114 @@ fn a_policy_naming_a_peer_that_is_not_in_the_federation_is_said() {
         let log = std::fs::read_to_string(f.dir.join("home.log")).unwrap_or_default();
         log.contains("names peers gossip does not know: us-eats (did you mean us-east?)")
     });
+}
+
+/// What `observer` shows of `cluster`'s summary: (nodes ready, total cpu millis).
+fn shown(observer: &Member, cluster: &str) -> Option<(u32, u64)> {
+    let view = observer.view();
+    let s = view.cluster(cluster)?.summary.as_ref()?;
+    Some((s.nodes_ready, s.total().cpu_millis))
+}
+
+/// Simulated nodes from the example fleet registered with `api`.
+fn nodes(f: &Federation, name: &str, api: &str, count: u32) -> Bg {
+    let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fleets/eu-west.toml");
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hanse"));
+    c.env("HANSE_ADDR", api).env("HANSE_TOKEN", common::TOKEN).env("HANSE_CACERT", f.dir.join("pki/ca.pem")).args([
+        "node",
+        "simulate",
+        "--fleet",
+        fleet,
+        "--count",
+        &count.to_string(),
+    ]);
+    common::spawn_command(&f.dir, &format!("{name}-nodes"), c)
+}
+
+/// Clocks do not order gossip. A server 2 h ahead disappeared from every
+/// view without a word: now its peers refuse it and say so (log line with
+/// its address and offset, `/metrics`, `federation members`). A server
+/// restarted with its clock stepped back 50 s stayed dead in every view,
+/// its own included: now it is alive. A cluster rebuilt on empty disks
+/// with a smaller fleet kept its old, larger summary: now its new
+/// incarnation's summary is shown.
+#[test]
+fn clocks_do_not_order_gossip_and_a_rebuilt_cluster_is_shown_as_it_is() {
+    let _alone = one_at_a_time();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(clocks());
+}
+
+async fn clocks() {
+    // The federation's API routes come with a policy.
+    let policies = [("home", "[cluster]\nname = \"home\"\n"), ("back", "[cluster]\nname = \"back\"\n")];
+    let mut f = Federation::start_with("clocks", &["home", "ahead", "back", "rebuilt"], &policies, &[("ahead", "+2h")]);
+    let observer = f.observer().await;
+    for c in ["home", "back", "rebuilt"] {
+        until(&observer, c, Liveness::Alive, Duration::from_secs(30)).await;
+    }
+    let home = f.api("home");
+
+    // 2 h ahead: refused, and said.
+    let ahead_at = f.gossip[1];
+    common::eventually(Duration::from_secs(20), "home logs the clock that is ahead", || {
+        let log = std::fs::read_to_string(f.dir.join("home.log")).unwrap_or_default();
+        log.lines().any(|l| {
+            l.contains(&format!("gossip from {ahead_at} is refused: its clock is 720")) && l.contains("ahead of")
+        })
+    });
+    let metrics = common::client(&home).get_text("/metrics").unwrap();
+    let skew = metrics
+        .lines()
+        .find(|l| l.starts_with("hanse_gossip_datagrams_rejected_total{reason=\"clock_skew\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(skew.is_some_and(|n| n > 0), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "hanse_gossip_peers_clock_skewed 1"), "{metrics}");
+    let members = common::hanse(&home, &["federation", "members"]);
+    let text = common::text(&members);
+    assert!(members.status.success(), "{text}");
+    assert!(text.contains(&format!("warning: gossip from {ahead_at} is refused: its clock is 720")), "{text}");
+    assert!(observer.view().cluster("ahead").is_none_or(|c| c.liveness != Liveness::Alive));
+
+    // Restarted with its clock 50 s back: alive again, and stays so.
+    let back = f.api("back");
+    f.restart("back", false, Some("-50s"));
+    let back_again = until(&observer, "back", Liveness::Alive, Duration::from_secs(15)).await;
+    let seen = sample(&observer, "back", Duration::from_secs(3)).await;
+    assert_eq!(seen, vec![Liveness::Alive], "after {back_again:?}");
+    common::eventually(Duration::from_secs(20), "back shows itself alive", || {
+        let o = common::hanse(&back, &["federation", "members", "--json"]);
+        o.status.success()
+            && common::json(&o).as_array().unwrap().iter().any(|r| r["cluster"] == "back" && r["status"] == "alive")
+    });
+
+    // Rebuilt on an empty disk, with 2 nodes instead of 12.
+    let rebuilt = f.api("rebuilt");
+    let mut big = nodes(&f, "rebuilt", &rebuilt, 12);
+    let start = Instant::now();
+    while shown(&observer, "rebuilt").is_none_or(|(n, _)| n != 12) {
+        assert!(start.elapsed() < Duration::from_secs(30), "12 nodes shown: {:?}", shown(&observer, "rebuilt"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    big.kill9();
+    f.restart("rebuilt", true, None);
+    common::bootstrap(&rebuilt, Duration::from_secs(20));
+    let _small = nodes(&f, "rebuilt", &rebuilt, 2);
+    let start = Instant::now();
+    while shown(&observer, "rebuilt").is_none_or(|(n, _)| n != 2) {
+        assert!(start.elapsed() < Duration::from_secs(30), "2 nodes shown: {:?}", shown(&observer, "rebuilt"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let summary = observer.view().cluster("rebuilt").unwrap().summary.clone().unwrap();
+    assert!(summary.incarnation >= 1, "{summary:?}");
+    common::eventually(Duration::from_secs(20), "home shows the rebuilt cluster as it is", || {
+        let o = common::hanse(&home, &["federation", "members", "--json"]);
+        o.status.success()
+            && common::json(&o)
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["cluster"] == "rebuilt" && r["summary"]["nodes_ready"] == 2)
+    });
+    observer.shutdown().await.unwrap();
 }

@@ -163,9 +163,50 @@ impl MemberRow {
     }
 }
 
+/// `GET /v1/federation/gossip`: what this server's gossip refuses, and
+/// why: peers whose clock is off, server names claimed twice.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GossipTrouble {
+    pub clock_skewed: Vec<gossip::transport::SkewedPeer>,
+    pub name_conflicts: Vec<gossip::view::NameConflict>,
+}
+
+impl GossipTrouble {
+    pub fn of(member: &gossip::Member) -> GossipTrouble {
+        GossipTrouble { clock_skewed: member.skewed_peers(), name_conflicts: member.view().conflicts.clone() }
+    }
+
+    /// One line each, for an operator.
+    pub fn lines(&self) -> Vec<String> {
+        use gossip::transport::fmt_offset;
+        let mut out = Vec::new();
+        for p in &self.clock_skewed {
+            out.push(format!(
+                "gossip from {} is refused: its clock is {} {} this server's (tolerated: {}, `[gossip] max_clock_skew`)",
+                p.addr,
+                fmt_offset(p.offset_ms.unsigned_abs()),
+                if p.offset_ms > 0 { "ahead of" } else { "behind" },
+                fmt_offset(p.bound_ms),
+            ));
+        }
+        for c in &self.name_conflicts {
+            out.push(format!(
+                "server name {}/{} is claimed by {} live members: generation {} holds it, {:?} refused",
+                c.cluster,
+                c.server,
+                1 + c.rivals.len(),
+                c.holder,
+                c.rivals
+            ));
+        }
+        out
+    }
+}
+
 pub fn router(fed: Arc<Federation>) -> Router {
     Router::new()
         .route("/v1/federation/members", get(members))
+        .route("/v1/federation/gossip", get(gossip_trouble))
         .route("/v1/federation/delegations", get(delegations))
         .route("/v1/federation/plan", post(plan))
         .route("/v1/federation/policy", get(get_policy).put(put_policy))
@@ -179,6 +220,14 @@ async fn members(
 ) -> Result<axum::Json<Vec<MemberRow>>, ApiError> {
     need_somewhere(&who, Capability::Read)?;
     Ok(axum::Json(MemberRow::all(&fed.member.view())))
+}
+
+async fn gossip_trouble(
+    State(fed): State<Arc<Federation>>,
+    Extension(who): Who,
+) -> Result<axum::Json<GossipTrouble>, ApiError> {
+    need_somewhere(&who, Capability::Read)?;
+    Ok(axum::Json(GossipTrouble::of(&fed.member)))
 }
 
 /// The namespace of a local job, for access checks; `*` (only a caller

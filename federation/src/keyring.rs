@@ -334,8 +334,9 @@ async fn change(State(k): State<Arc<Keys>>, Extension(who): Who, body: Bytes) ->
 /// Registers the member's gossip counters with the server's `/metrics`:
 /// `hanse_gossip_datagrams_{sent,received}_total`,
 /// `hanse_gossip_datagrams_rejected_total{reason}` (a member that cannot
-/// open what it receives: `unknown_key`, `bad_tag`, ...) and
-/// `hanse_gossip_keyring_keys`.
+/// open what it receives: `unknown_key`, `bad_tag`, `clock_skew`, ...),
+/// `hanse_gossip_keyring_keys`, `hanse_gossip_peers_clock_skewed` and
+/// `hanse_gossip_name_conflicts_total`.
 pub fn export_metrics(server: &Inner, member: &Arc<Member>) {
     use cluster_core::server::metrics::{Reading, counters};
     let weak = Arc::downgrade(member);
@@ -346,7 +347,7 @@ pub fn export_metrics(server: &Inner, member: &Arc<Member>) {
             ("unknown_key", &c.rejected_unknown_key),
             ("bad_tag", &c.rejected_bad_tag),
             ("replay", &c.rejected_replay),
-            ("stale", &c.rejected_stale),
+            ("clock_skew", &c.rejected_skewed),
             ("misdirected", &c.rejected_misdirected),
             ("malformed", &c.rejected_malformed),
         ]
@@ -371,6 +372,17 @@ pub fn export_metrics(server: &Inner, member: &Arc<Member>) {
                 values: rejected,
             },
             Reading::Gauge { name: "gossip_keyring_keys", help: "Keys in this server's gossip keyring", value: keys },
+            Reading::Gauge {
+                name: "gossip_peers_clock_skewed",
+                help: "Peers whose gossip was refused in the last minute because their clock is off by more than \
+                       [gossip] max_clock_skew",
+                value: c.skewed_peers(gossip::transport::unix_ms()).len() as i64,
+            },
+            Reading::Counter {
+                name: "gossip_name_conflicts",
+                help: "Times a second live member claimed a server name that another holds (refused, not merged)",
+                value: m.view().name_conflicts_total,
+            },
         ]
     }));
 }

@@ -1,20 +1,32 @@
 //! A server's part in the federation's gossip: while it leads its
 //! cluster, it publishes the cluster's capacity summary (at most once a
 //! second, and only on a change worth telling); when it stops leading, it
-//! withdraws its summary, and peers keep the last one until a newer term
+//! withdraws its summary, and peers keep the last one until a newer one
 //! supersedes it. Every server gossips its Raft term.
+//!
+//! Summaries are ordered by (incarnation, term, version), never by a
+//! clock (see [`ClusterSummary::supersedes`]). The incarnation is found,
+//! not stored: a leader that sees its cluster shown with a summary that
+//! beats its own, from a publisher that is gone, takes that summary's
+//! incarnation, one more if that summary's term is not below its own (a
+//! cluster rebuilt on empty disks counts terms from 1 again). As SWIM's
+//! members refute a rumour with a higher incarnation.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cluster_core::server::Inner;
 use gossip::Member;
 use gossip::summary::ClusterSummary;
 use gossip::transport::unix_ms;
+use gossip::view::ClusterEntry;
 
 /// How often the leader rebuilds its summary; the publisher decides
 /// whether it is worth sending.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_millis(500);
+/// How often, at most, a leader logs that a live server of its cluster's
+/// name publishes summaries that beat its own.
+pub const RIVAL_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// What a cluster says about itself beyond its state.
 #[derive(Clone, Debug, Default)]
@@ -23,11 +35,58 @@ pub struct Identity {
     pub jurisdictions: Vec<String>,
 }
 
+/// What the leader does about the summary its cluster is shown with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incarnation {
+    /// Ours wins or is what is shown: publish with the incarnation we have.
+    Keep,
+    /// Publish with this incarnation from now on.
+    Take(u64),
+    /// A live server under our cluster's name publishes summaries that win
+    /// over ours: not ours to override (a leader of a later term of our
+    /// own cluster, soon heard from; or a second cluster with our name).
+    Rival { server: String },
+}
+
+/// Decides the incarnation for a leader of term `term` holding
+/// `incarnation`, whose own gossip member is (`server`, `generation`),
+/// from how the federation shows its cluster (`shown`). Pure.
+pub fn incarnation(
+    shown: Option<&ClusterEntry>,
+    server: &str,
+    generation: u64,
+    incarnation: u64,
+    term: u64,
+) -> Incarnation {
+    let Some(entry) = shown else { return Incarnation::Keep };
+    let Some(best) = &entry.summary else { return Incarnation::Keep };
+    let ours = entry.leader.as_deref() == Some(server) && entry.leader_generation == generation;
+    // One leader per term: a summary of our incarnation and term that is
+    // not ours comes from another life of the cluster (rebuilt, counting
+    // terms from 1 again) or another cluster under its name.
+    if ours || (best.incarnation, best.term) < (incarnation, term) {
+        return Incarnation::Keep;
+    }
+    if best.term < term {
+        // An earlier leader's, of this life of the cluster or not: our
+        // term wins within its incarnation.
+        Incarnation::Take(best.incarnation)
+    } else if !entry.publisher_present() {
+        Incarnation::Take(best.incarnation + 1)
+    } else {
+        Incarnation::Rival { server: entry.leader.clone().unwrap_or_default() }
+    }
+}
+
 /// Runs until the task is aborted.
 pub async fn publish(server: Arc<Inner>, member: Arc<Member>, me: Identity) {
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut leading, mut term) = (false, 0);
+    let (mut leading, mut term, mut current) = (false, 0, 0);
+    let mut folded_warned = false;
+    let mut rival_logged: Option<Instant> = None;
+    let (cluster, name, generation) =
+        (member.config().cluster.clone(), member.config().server.clone(), member.config().generation);
     loop {
         tick.tick().await;
         let status = server.raft.status();
@@ -37,7 +96,29 @@ pub async fn publish(server: Arc<Inner>, member: Arc<Member>, me: Identity) {
         }
         let now = status.leader == Some(server.id);
         if now {
-            let summary = server.raft.read(|s| {
+            match incarnation(member.view().cluster(&cluster), &name, generation, current, term) {
+                Incarnation::Keep => {}
+                Incarnation::Take(i) => {
+                    tracing::info!(
+                        incarnation = i,
+                        term,
+                        "the federation shows this cluster with an older life's summary; publishing as incarnation {i}"
+                    );
+                    current = i;
+                }
+                Incarnation::Rival { server } => {
+                    if rival_logged.is_none_or(|t| t.elapsed() >= RIVAL_LOG_EVERY) {
+                        tracing::warn!(
+                            %server,
+                            term,
+                            "a live server `{server}` publishes summaries for this cluster's name that win over \
+                             this leader's; if it is not a server of this cluster, two clusters share the name `{cluster}`"
+                        );
+                        rival_logged = Some(Instant::now());
+                    }
+                }
+            }
+            let mut summary = server.raft.read(|s| {
                 let mut summary =
                     ClusterSummary::build(&server.options.cluster, &me.region, term, unix_ms(), &me.jurisdictions, s);
                 let total = crate::node::total_cpu(s);
@@ -45,6 +126,16 @@ pub async fn publish(server: Arc<Inner>, member: Arc<Member>, me: Identity) {
                     if total == 0 { 0.0 } else { crate::node::inbound_cpu(s) as f64 / total as f64 };
                 summary
             });
+            summary.incarnation = current;
+            if summary.folded.any() && !folded_warned {
+                tracing::warn!(
+                    folded = %summary.folded,
+                    "the fleet's detail does not fit a {}-byte summary: totals stay exact, peers see that detail \
+                     was folded and may offer work a folded class or GPU model could take",
+                    gossip::summary::SUMMARY_BYTES_MAX
+                );
+                folded_warned = true;
+            }
             if let Err(e) = member.publish_summary(summary, unix_ms()).await {
                 tracing::warn!(error = %e, "cannot publish the cluster's summary");
             }
@@ -52,5 +143,57 @@ pub async fn publish(server: Arc<Inner>, member: Arc<Member>, me: Identity) {
             member.withdraw_summary().await;
         }
         leading = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gossip::view::{FederationView, MemberState, keys};
+
+    fn shown(summary: &ClusterSummary, generation: u64, live: bool) -> FederationView {
+        let text = summary.encode().unwrap();
+        let mut v = FederationView::new(1_000);
+        let m = MemberState {
+            node_id: "a/s1",
+            generation,
+            live,
+            heartbeat: 1,
+            values: vec![(keys::CLUSTER, "a"), (keys::SERVER, "s1")],
+            summary: Some((1, &text)),
+        };
+        v.update(&[m], 0);
+        v
+    }
+
+    fn summary(incarnation: u64, term: u64) -> ClusterSummary {
+        ClusterSummary { cluster: "a".into(), incarnation, term, version: 4, ..Default::default() }
+    }
+
+    #[test]
+    fn a_rebuilt_cluster_takes_the_next_incarnation_once() {
+        let old = shown(&summary(0, 7), 1, false);
+        assert_eq!(incarnation(old.cluster("a"), "s1", 2, 0, 1), Incarnation::Take(1));
+        assert_eq!(incarnation(old.cluster("a"), "s1", 2, 1, 1), Incarnation::Keep, "ours wins now");
+        let same_term = shown(&summary(0, 2), 1, false);
+        assert_eq!(
+            incarnation(same_term.cluster("a"), "s1", 2, 0, 2),
+            Incarnation::Take(1),
+            "the old life reached the same term: not ours, so ours must win by incarnation"
+        );
+    }
+
+    #[test]
+    fn a_new_leader_adopts_the_incarnation_of_an_earlier_term() {
+        let earlier = shown(&summary(3, 2), 1, true);
+        assert_eq!(incarnation(earlier.cluster("a"), "s2", 5, 0, 4), Incarnation::Take(3));
+        assert_eq!(incarnation(earlier.cluster("a"), "s1", 1, 3, 2), Incarnation::Keep, "its own summary");
+    }
+
+    #[test]
+    fn a_live_publisher_of_a_later_term_is_a_rival_not_overridden() {
+        let later = shown(&summary(0, 9), 1, true);
+        assert_eq!(incarnation(later.cluster("a"), "s2", 5, 0, 4), Incarnation::Rival { server: "s1".into() });
+        assert_eq!(incarnation(None, "s2", 5, 0, 4), Incarnation::Keep);
     }
 }

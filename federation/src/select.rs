@@ -192,7 +192,7 @@ pub fn select(
                 let mut fit = s.placeable(r.cpu_millis, r.memory_bytes);
                 if let Some(gpu) = g.gpu() {
                     let free = match &gpu.model {
-                        Some(m) => s.gpus.iter().filter(|x| x.model == **m).map(|x| x.free).sum(),
+                        Some(m) => s.free_gpus_of(m),
                         None => s.free_gpus(),
                     };
                     fit = fit.min(free / gpu.count.max(1));

@@ -186,3 +186,43 @@ fn among_equal_prices_the_less_loaded_and_nearer_peer_wins() {
     let s = select(&p, &job("", 10, 1), &overflow(5), 10, 0, &[near, far]);
     assert_eq!(s.offers[0].peer, "eu-central", "400 ms away outweighs 60% inbound load");
 }
+
+/// A peer with 12 GPU models, and one with so many (long-named) models
+/// that its summary folds them: work that needs the 11th model is offered
+/// to both, never refused "no node fits" (it was: summaries kept 8 models).
+#[test]
+fn work_for_any_gpu_model_a_peer_has_is_offered_even_when_its_summary_folds_models() {
+    let fleet = |cluster: &str, models: usize, name: &dyn Fn(usize) -> String| {
+        let mut text = format!("[fleet]\nname = \"{cluster}\"\n");
+        for i in 0..models {
+            text.push_str(&format!(
+                "[[class]]\nname = \"c{i}\"\ncount = 1\ncpu = 16\nmemory = \"64GiB\"\ncost_per_hour = 1.0\n\
+                 gpus = {{ model = \"{}\", count = 8 }}\n",
+                name(i)
+            ));
+        }
+        let nodes = parse_fleet(&SourceFile::new("f.toml", text)).value.unwrap().nodes;
+        ClusterSummary::build(cluster, "r", 1, 0, &["eu".to_string()], &ClusterState::with_nodes(nodes).unwrap())
+    };
+    // eu-west's policy lets it delegate to eu-central.
+    let twelve = fleet("eu-central", 12, &|i| format!("model-{i:02}"));
+    assert_eq!((twelve.gpus.len(), twelve.free_gpus()), (12, 96), "all 96 GPUs of 12 models named");
+    let long = |i: usize| format!("an-accelerator-model-with-a-long-name-{i:03}");
+    let folded = fleet("eu-central", 200, &long);
+    assert!(folded.folded.gpu_models > 0, "{:?}", folded.folded);
+    assert_eq!(folded.free_gpus(), 1_600, "totals stay exact");
+    let wanted = |model: &str| {
+        let text = format!(
+            "[job]\nname = \"j\"\n[[group]]\nname = \"g\"\ncount = 2\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\n\
+             resources = {{ cpu = 1, memory = \"1GiB\", gpu = {{ count = 2, model = \"{model}\" }} }}\n"
+        );
+        parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
+    };
+    let p = policy("eu-west");
+    for (peer_summary, model) in [(twelve, "model-10".to_string()), (folded, long(150))] {
+        let cluster = peer_summary.cluster.clone();
+        let folded = peer_summary.folded;
+        let s = select(&p, &wanted(&model), &overflow(2), 4, 0, &[peer(peer_summary)]);
+        assert_eq!(s.delegated(), 2, "{cluster} ({folded}), {model}: {:?}", s.refused);
+    }
+}

@@ -51,6 +51,11 @@ pub struct MemberConfig {
     /// change: only the suspect timer needs it (phi-accrual deaths arrive as
     /// changes), so a quarter of `suspect_after` is enough.
     pub view_refresh: Duration,
+    /// How far a peer's clock may be from this member's before its gossip
+    /// is refused (and the peer reported: see
+    /// [`crate::transport::SkewedPeer`]). It bounds replays across a
+    /// restart; nothing else depends on clocks agreeing.
+    pub max_clock_skew: Duration,
 }
 
 impl MemberConfig {
@@ -71,6 +76,7 @@ impl MemberConfig {
             suspect_after: suspect_after(Duration::from_millis(GOSSIP_INTERVAL_MS)),
             dead_forget_after: Duration::from_secs(3_600),
             view_refresh: suspect_after(Duration::from_millis(GOSSIP_INTERVAL_MS)) / 4,
+            max_clock_skew: Duration::from_millis(crate::seal::FRESHNESS_MS),
         }
     }
 }
@@ -135,6 +141,7 @@ impl Member {
         let keyring: SharedKeyring = Arc::new(RwLock::new(keyring));
         let metrics = Arc::new(GossipMetrics::default());
         let transport = SealedTransport::new(net, keyring.clone(), metrics.clone());
+        transport.set_max_skew(config.max_clock_skew);
         let mut config = config;
         config.listen_addr = transport.prebind(config.listen_addr).await?;
         let advertise = config.advertise_addr.unwrap_or(config.listen_addr);
@@ -240,6 +247,12 @@ impl Member {
         self.metrics.clone()
     }
 
+    /// Peers whose gossip this member refuses for their clock (see
+    /// [`MemberConfig::max_clock_skew`]).
+    pub fn skewed_peers(&self) -> Vec<crate::transport::SkewedPeer> {
+        self.metrics.skewed_peers(unix_ms())
+    }
+
     pub async fn set_raft_term(&self, term: u64) {
         self.handle.with_chitchat(|c| c.self_node_state().set(keys::RAFT_TERM, term)).await;
     }
@@ -248,9 +261,13 @@ impl Member {
     /// (see [`Publisher`]); returns whether it did. Only a cluster's
     /// leader should call this.
     pub async fn publish_summary(&self, summary: ClusterSummary, now_ms: u64) -> Result<bool, SummaryError> {
-        if !self.publisher.lock().expect("publisher lock").due(&summary, now_ms) {
-            return Ok(false);
-        }
+        let summary = {
+            let publisher = self.publisher.lock().expect("publisher lock");
+            if !publisher.due(&summary, now_ms) {
+                return Ok(false);
+            }
+            publisher.stamp(summary)
+        };
         let text = summary.encode()?;
         self.publisher.lock().expect("publisher lock").record(summary, now_ms);
         let peers: Vec<SocketAddr> = self
@@ -339,7 +356,21 @@ async fn refresh_view(
                         .map(|v| (v.version, v.value.as_str())),
                 })
                 .collect();
-            view.update(&members, unix_ms())
+            let before = view.conflicts.clone();
+            let changed = view.update(&members, unix_ms());
+            for c in view.conflicts.iter().filter(|c| !before.contains(c)) {
+                tracing::warn!(
+                    cluster = %c.cluster,
+                    server = %c.server,
+                    holder = c.holder,
+                    rivals = ?c.rivals,
+                    "two live gossip members claim the server name {}/{}: the one first seen keeps it, the \
+                     other's summaries are refused; give every server its own name",
+                    c.cluster,
+                    c.server
+                );
+            }
+            changed
         };
         if changed && tx.send(Arc::new(view.clone())).is_err() {
             return;

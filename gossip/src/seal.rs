@@ -17,9 +17,12 @@
 //! random bits chosen when a socket opens and the counter rises with every
 //! datagram, so a nonce is never reused under a key. The receiver keeps,
 //! per sender, the highest counter and a 64-wide window below it, and drops
-//! a datagram whose counter it has seen, or whose time is more than
-//! [`FRESHNESS_MS`] from its own clock (which bounds replays across a
-//! receiver restart, when its windows are empty).
+//! a datagram whose counter it has seen, or whose time is further from its
+//! own clock than the skew it tolerates ([`FRESHNESS_MS`] unless
+//! configured; the bound on replays across a receiver restart, when its
+//! windows are empty). Such a datagram is refused as
+//! [`Reject::Skewed`], naming the sender and its clock's offset, so the
+//! member can say whose clock is off instead of losing it in silence.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -35,7 +38,8 @@ pub const HEADER_LEN: usize = 1 + 4 + 16 + 8 + 8 + 2 * ADDR_LEN;
 pub const TAG_LEN: usize = 16;
 /// Bytes a sealed datagram adds to its plaintext.
 pub const SEAL_OVERHEAD: usize = HEADER_LEN + TAG_LEN;
-/// How far a datagram's time may be from the receiver's clock.
+/// How far a datagram's time may be from the receiver's clock, unless
+/// configured otherwise ([`Opener::with_max_skew`]).
 pub const FRESHNESS_MS: u64 = 60_000;
 /// Senders whose replay windows are kept; the least recently heard is
 /// forgotten first (the freshness bound still holds for it).
@@ -53,8 +57,10 @@ pub enum Reject {
     BadTag,
     /// Seen before.
     Replay,
-    /// Its time is too far from ours.
-    Stale,
+    /// Its time is further from ours than the skew tolerated: the
+    /// sender's clock is off by `offset_ms` (positive: ahead), or it is a
+    /// replay from long ago. `from` is its authenticated gossip address.
+    Skewed { offset_ms: i64, from: SocketAddr },
     /// Sealed for another member.
     Misdirected,
 }
@@ -158,14 +164,25 @@ impl ReplayWindow {
     }
 }
 
-#[derive(Default)]
 pub struct Opener {
     windows: HashMap<[u8; 16], ReplayWindow>,
+    max_skew_ms: u64,
+}
+
+impl Default for Opener {
+    fn default() -> Self {
+        Opener::with_max_skew(FRESHNESS_MS)
+    }
 }
 
 impl Opener {
     pub fn new() -> Opener {
         Opener::default()
+    }
+
+    /// An opener that tolerates clocks up to `max_skew_ms` from its own.
+    pub fn with_max_skew(max_skew_ms: u64) -> Opener {
+        Opener { windows: HashMap::new(), max_skew_ms }
     }
 
     /// Verifies and decrypts a datagram addressed to `me`; returns the
@@ -193,8 +210,9 @@ impl Opener {
         let plaintext = cipher
             .decrypt(&nonce(&sender, counter), Payload { msg: sealed, aad: header })
             .map_err(|_| Reject::BadTag)?;
-        if sent_ms.abs_diff(now_ms) > FRESHNESS_MS {
-            return Err(Reject::Stale);
+        if sent_ms.abs_diff(now_ms) > self.max_skew_ms {
+            let offset_ms = (i128::from(sent_ms) - i128::from(now_ms)).clamp(i64::MIN.into(), i64::MAX.into()) as i64;
+            return Err(Reject::Skewed { offset_ms, from });
         }
         if to != me {
             return Err(Reject::Misdirected);
@@ -290,8 +308,13 @@ mod tests {
     fn stale_datagrams_are_refused_even_by_a_fresh_receiver() {
         let ring = ring();
         let d = Sealer::random().seal(&ring, b"old", 1_000, A, B);
-        assert_eq!(Opener::new().open(&ring, &d, 1_000 + FRESHNESS_MS + 1, B), Err(Reject::Stale));
+        let late = 1_000 + FRESHNESS_MS + 1;
+        assert_eq!(
+            Opener::new().open(&ring, &d, late, B),
+            Err(Reject::Skewed { offset_ms: -(FRESHNESS_MS as i64) - 1, from: A })
+        );
         assert!(Opener::new().open(&ring, &d, 1_000 + FRESHNESS_MS, B).is_ok());
+        assert!(Opener::with_max_skew(FRESHNESS_MS + 1).open(&ring, &d, late, B).is_ok(), "the bound is configured");
     }
 
     #[test]

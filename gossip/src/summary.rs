@@ -15,11 +15,14 @@ use serde::{Deserialize, Serialize};
 /// carries a member's whole state in 65,507-byte datagrams; a few KB per
 /// cluster leaves room for hundreds of clusters in one delta.
 pub const SUMMARY_BYTES_MAX: usize = 4096;
-/// Bounds that keep any summary under [`SUMMARY_BYTES_MAX`]; the largest
-/// classes (by node count) are kept, the rest folded into `other`.
-pub const SUMMARY_CLASSES_MAX: usize = 24;
-pub const SUMMARY_GPU_MODELS_MAX: usize = 8;
+/// Jurisdiction tags a summary carries (a cluster's configuration is
+/// checked against it, so none is dropped in practice).
 pub const SUMMARY_TAGS_MAX: usize = 16;
+/// Bytes of a class name a summary keeps; longer names are cut (on a
+/// character boundary) and end in `~`, once whole names do not fit.
+pub const CLASS_NAME_MAX: usize = 32;
+/// The name of the class that stands for the classes folded together.
+pub const OTHER_CLASS: &str = "other";
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -38,13 +41,28 @@ pub const PROBE_SHAPES: [(u64, u64); 8] = [
     (32_000, 128 * GIB),
 ];
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A cluster's capacity summary, as its leader gossips it.
+///
+/// Summaries of one cluster are ordered by (`incarnation`, `term`,
+/// `version`) (see [`ClusterSummary::supersedes`]), never by a clock.
+/// Totals per resource are exact whatever the fleet; detail (classes, GPU
+/// models, class names) may be folded to fit [`SUMMARY_BYTES_MAX`], and
+/// [`ClusterSummary::folded`] says what was.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterSummary {
     pub cluster: String,
     pub region: String,
+    /// Which life of the cluster made it: a cluster rebuilt on empty disks
+    /// starts its Raft terms again, and takes an incarnation above the one
+    /// its old summaries carry so that its own win (as SWIM's members
+    /// refute a suspicion with a higher incarnation).
+    pub incarnation: u64,
     /// The Raft term of the leader that made it; an older term never wins.
     pub term: u64,
-    /// Unix milliseconds at generation, as the leader saw it.
+    /// Counts the leader's publications within its term, from 1.
+    pub version: u64,
+    /// Unix milliseconds at generation, as the leader saw it: shown, never
+    /// compared (clocks differ).
     pub generated_at_ms: u64,
     pub nodes_ready: u32,
     pub nodes_down: u32,
@@ -53,6 +71,11 @@ pub struct ClusterSummary {
     pub execution_models: Vec<ExecutionModel>,
     pub classes: Vec<ClassCapacity>,
     pub gpus: Vec<GpuCapacity>,
+    /// The GPUs of models folded out of `gpus` to fit the byte bound
+    /// (`model` is empty): any of them may be of a model a job asks for.
+    pub other_gpus: GpuCapacity,
+    /// What was folded to fit the byte bound; all zero when nothing was.
+    pub folded: Folded,
     /// Parallel to [`PROBE_SHAPES`]: instances of each shape that fit.
     pub shapes: Vec<u32>,
     pub running_allocs: u64,
@@ -62,7 +85,41 @@ pub struct ClusterSummary {
     pub inbound_share: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// What [`ClusterSummary::fit`] left out to stay under
+/// [`SUMMARY_BYTES_MAX`]: totals stay exact, only detail goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Folded {
+    /// Classes merged into the [`OTHER_CLASS`] class.
+    pub classes: u32,
+    /// GPU models merged into [`ClusterSummary::other_gpus`].
+    pub gpu_models: u32,
+    /// Class names cut to [`CLASS_NAME_MAX`] bytes.
+    pub names_cut: u32,
+}
+
+impl Folded {
+    pub fn any(&self) -> bool {
+        *self != Folded::default()
+    }
+}
+
+impl std::fmt::Display for Folded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.classes > 0 {
+            parts.push(format!("{} classes folded into `{OTHER_CLASS}`", self.classes));
+        }
+        if self.gpu_models > 0 {
+            parts.push(format!("{} GPU models folded into other GPUs", self.gpu_models));
+        }
+        if self.names_cut > 0 {
+            parts.push(format!("{} class names cut to {CLASS_NAME_MAX} bytes", self.names_cut));
+        }
+        if parts.is_empty() { f.write_str("whole") } else { f.write_str(&parts.join(", ")) }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClassCapacity {
     pub class: String,
     pub nodes: u32,
@@ -72,7 +129,7 @@ pub struct ClassCapacity {
     pub price_per_cpu_hour: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuCapacity {
     pub model: String,
     pub total: u32,
@@ -149,32 +206,13 @@ impl ClusterSummary {
                 execution_models.push(node.execution_model);
             }
         }
-        let mut classes: Vec<ClassCapacity> = classes
+        let classes: Vec<ClassCapacity> = classes
             .into_values()
             .map(|(mut c, price_sum)| {
                 c.price_per_cpu_hour = price_sum / f64::from(c.nodes.max(1));
                 c
             })
             .collect();
-        if classes.len() > SUMMARY_CLASSES_MAX {
-            classes.sort_by(|a, b| b.nodes.cmp(&a.nodes).then_with(|| a.class.cmp(&b.class)));
-            let rest = classes.split_off(SUMMARY_CLASSES_MAX - 1);
-            let mut other = ClassCapacity {
-                class: "other".into(),
-                nodes: 0,
-                total: Resources::default(),
-                free: Resources::default(),
-                price_per_cpu_hour: 0.0,
-            };
-            for c in rest {
-                other.price_per_cpu_hour += c.price_per_cpu_hour * f64::from(c.nodes);
-                other.nodes += c.nodes;
-                other.total = other.total.saturating_add(c.total);
-                other.free = other.free.saturating_add(c.free);
-            }
-            other.price_per_cpu_hour /= f64::from(other.nodes.max(1));
-            classes.push(other);
-        }
         let (mut running, mut pending) = (0, 0);
         for a in state.allocs().filter(|a| a.is_live()) {
             match a.status {
@@ -187,7 +225,9 @@ impl ClusterSummary {
         ClusterSummary {
             cluster: cluster.to_string(),
             region: region.to_string(),
+            incarnation: 0,
             term,
+            version: 0,
             generated_at_ms: now_ms,
             nodes_ready: ready,
             nodes_down: down,
@@ -195,12 +235,81 @@ impl ClusterSummary {
             environments,
             execution_models,
             classes,
-            gpus: gpus.into_values().take(SUMMARY_GPU_MODELS_MAX).collect(),
+            gpus: gpus.into_values().collect(),
+            other_gpus: GpuCapacity::default(),
+            folded: Folded::default(),
             shapes: shapes.into_iter().map(|n| n.min(u64::from(u32::MAX)) as u32).collect(),
             running_allocs: running,
             pending_allocs: pending,
             inbound_share: 0.0,
         }
+        .fit()
+    }
+
+    /// This summary, with detail folded until it encodes in at most
+    /// [`SUMMARY_BYTES_MAX`] bytes: first class names are cut to
+    /// [`CLASS_NAME_MAX`] bytes, then the smallest classes (by node count)
+    /// merge into [`OTHER_CLASS`], then the GPU models with the fewest
+    /// GPUs merge into [`ClusterSummary::other_gpus`]. Node, cpu, memory
+    /// and GPU totals stay exact; [`ClusterSummary::folded`] counts what
+    /// went. Always fits: names are labels of at most 63 bytes and at most
+    /// [`SUMMARY_TAGS_MAX`] tags are kept, so a summary of one class and
+    /// no named GPU model is under a quarter of the bound.
+    pub fn fit(mut self) -> ClusterSummary {
+        let size = |s: &ClusterSummary| codec::encode(s).len();
+        if size(&self) <= SUMMARY_BYTES_MAX {
+            return self;
+        }
+        for c in &mut self.classes {
+            if c.class.len() > CLASS_NAME_MAX {
+                let mut end = CLASS_NAME_MAX - 1;
+                while !c.class.is_char_boundary(end) {
+                    end -= 1;
+                }
+                c.class.truncate(end);
+                c.class.push('~');
+                self.folded.names_cut += 1;
+            }
+        }
+        // Largest first; the folded ones leave from the end, half of what
+        // is left each time, so a fleet of thousands of classes takes a
+        // dozen encodings.
+        self.classes.sort_by(|a, b| b.nodes.cmp(&a.nodes).then_with(|| a.class.cmp(&b.class)));
+        let mut other: Option<ClassCapacity> = None;
+        while size(&self) > SUMMARY_BYTES_MAX && !self.classes.is_empty() {
+            if let Some(o) = &other {
+                // Put back below: measured with `other` in place, as sent.
+                debug_assert_eq!(self.classes.last().map(|c| &c.class), Some(&o.class));
+                self.classes.pop();
+            }
+            let keep = self.classes.len() / 2;
+            let folded = self.classes.split_off(keep);
+            let o = other.get_or_insert_with(|| ClassCapacity { class: OTHER_CLASS.into(), ..Default::default() });
+            let mut price = o.price_per_cpu_hour * f64::from(o.nodes);
+            for c in folded {
+                price += c.price_per_cpu_hour * f64::from(c.nodes);
+                o.nodes += c.nodes;
+                o.total = o.total.saturating_add(c.total);
+                o.free = o.free.saturating_add(c.free);
+                self.folded.classes += 1;
+            }
+            o.price_per_cpu_hour = price / f64::from(o.nodes.max(1));
+            self.classes.push(o.clone());
+            if self.classes.len() == 1 {
+                break;
+            }
+        }
+        self.gpus.sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.model.cmp(&b.model)));
+        while size(&self) > SUMMARY_BYTES_MAX && !self.gpus.is_empty() {
+            let keep = self.gpus.len() / 2;
+            for g in self.gpus.split_off(keep) {
+                self.other_gpus.total = self.other_gpus.total.saturating_add(g.total);
+                self.other_gpus.free = self.other_gpus.free.saturating_add(g.free);
+                self.folded.gpu_models += 1;
+            }
+        }
+        self.gpus.sort_by(|a, b| a.model.cmp(&b.model));
+        self
     }
 
     /// The summary as a gossip value: codec bytes (with version byte) in base64.
@@ -221,10 +330,18 @@ impl ClusterSummary {
         Ok(codec::decode(&bytes, SUMMARY_BYTES_MAX)?)
     }
 
-    /// Whether this summary should replace `other`: a newer term always
-    /// does, and within a term a later generation does.
+    /// Where this summary stands among its cluster's: (incarnation, term,
+    /// version). No clock is in it.
+    pub fn order(&self) -> (u64, u64, u64) {
+        (self.incarnation, self.term, self.version)
+    }
+
+    /// Whether this summary should replace `other`: a later incarnation
+    /// always does, then a newer term, then a later version within the
+    /// term (one leader per term counts its publications). Clocks play no
+    /// part: a leader whose clock is hours off still orders right.
     pub fn supersedes(&self, other: &ClusterSummary) -> bool {
-        (self.term, self.generated_at_ms) > (other.term, other.generated_at_ms)
+        self.order() > other.order()
     }
 
     pub fn healthy(&self) -> bool {
@@ -241,7 +358,16 @@ impl ClusterSummary {
 
     /// Saturating: the numbers come from peers.
     pub fn free_gpus(&self) -> u32 {
-        self.gpus.iter().fold(0u32, |acc, g| acc.saturating_add(g.free))
+        self.gpus.iter().fold(self.other_gpus.free, |acc, g| acc.saturating_add(g.free))
+    }
+
+    /// Free GPUs that may be of `model`: those named so, and, when models
+    /// were folded to fit the bound, every folded one (an upper bound: the
+    /// peer's own scheduler decides). So a cluster that has the model free
+    /// is never judged to have none.
+    pub fn free_gpus_of(&self, model: &str) -> u32 {
+        let named = self.gpus.iter().filter(|g| g.model == model).fold(0u32, |acc, g| acc.saturating_add(g.free));
+        if self.folded.gpu_models > 0 { named.saturating_add(self.other_gpus.free) } else { named }
     }
 
     /// How many instances of (`cpu_millis`, `memory_bytes`) this cluster can
@@ -264,6 +390,8 @@ impl ClusterSummary {
     /// than `threshold` of the running count (at least one).
     pub fn differs_beyond(&self, last: &ClusterSummary, threshold: f64) -> bool {
         if self.term != last.term
+            || self.incarnation != last.incarnation
+            || self.folded != last.folded
             || self.nodes_ready != last.nodes_ready
             || self.nodes_down != last.nodes_down
             || self.jurisdictions != last.jurisdictions
@@ -299,6 +427,9 @@ pub struct Publisher {
     interval_ms: u64,
     threshold: f64,
     last: Option<(ClusterSummary, u64)>,
+    /// The term and version of the last publication, kept across
+    /// [`Publisher::reset`]: versions only grow within a term.
+    stamped: (u64, u64),
 }
 
 /// At most one summary a second, as the design asks.
@@ -314,7 +445,7 @@ impl Default for Publisher {
 
 impl Publisher {
     pub fn new(interval_ms: u64, threshold: f64) -> Self {
-        Publisher { interval_ms, threshold, last: None }
+        Publisher { interval_ms, threshold, last: None, stamped: (0, 0) }
     }
 
     /// Whether `summary` should be published now. A clock that stepped
@@ -329,16 +460,28 @@ impl Publisher {
         }
     }
 
-    /// Notes that `summary` went out at `now_ms`; call it only once it has.
+    /// `summary` with the version it goes out with: one more than the
+    /// last of its term, or 1 in a new term.
+    pub fn stamp(&self, mut summary: ClusterSummary) -> ClusterSummary {
+        let (term, version) = self.stamped;
+        summary.version = if summary.term == term { version + 1 } else { 1 };
+        summary
+    }
+
+    /// Notes that `summary` (stamped) went out at `now_ms`; call it only
+    /// once it has.
     pub fn record(&mut self, summary: ClusterSummary, now_ms: u64) {
+        self.stamped = (summary.term, summary.version);
         self.last = Some((summary, now_ms));
     }
 
-    /// [`Publisher::due`] and [`Publisher::record`] together.
+    /// [`Publisher::due`], [`Publisher::stamp`] and [`Publisher::record`]
+    /// together.
     pub fn offer(&mut self, summary: ClusterSummary, now_ms: u64) -> Option<ClusterSummary> {
         if !self.due(&summary, now_ms) {
             return None;
         }
+        let summary = self.stamp(summary);
         self.record(summary.clone(), now_ms);
         Some(summary)
     }
@@ -393,35 +536,103 @@ mod tests {
         assert!(ClusterSummary::decode(&"A".repeat(SUMMARY_BYTES_MAX * 2)).is_err());
     }
 
-    #[test]
-    fn many_classes_fold_into_other_and_stay_under_the_limit() {
+    /// A fleet of `classes` classes named `name(i)`, each of 2 nodes with
+    /// 8 cpus and 2 GPUs of model `gpu(i)`, one GPU of each node in use.
+    fn fleet(classes: usize, name: impl Fn(usize) -> String, gpu: impl Fn(usize) -> String) -> ClusterState {
         let mut text = String::from("[fleet]\nname = \"big\"\n");
-        for i in 0..200 {
-            text.push_str(&format!("[[class]]\nname = \"class-with-a-long-name-{i:04}\"\ncount = {}\ncpu = 8\nmemory = \"32GiB\"\ngpus = {{ model = \"gpu-model-{}\", count = 2 }}\n", 1 + i % 7, i % 20));
+        for i in 0..classes {
+            text.push_str(&format!(
+                "[[class]]\nname = \"{}\"\ncount = {}\ncpu = 8\nmemory = \"32GiB\"\ngpus = {{ model = \"{}\", count = 2 }}\n",
+                name(i),
+                2 + i % 3,
+                gpu(i)
+            ));
         }
         let nodes = parse_fleet(&SourceFile::new("big.toml", text)).value.unwrap().nodes;
-        let state = ClusterState::with_nodes(nodes).unwrap();
-        let s = ClusterSummary::build("big", "r", 1, 0, &[], &state);
-        assert_eq!(s.classes.len(), SUMMARY_CLASSES_MAX);
-        assert_eq!(s.classes.iter().map(|c| c.nodes).sum::<u32>(), s.nodes_ready, "no node lost in folding");
-        assert!(s.encode().is_ok());
+        ClusterState::with_nodes(nodes).unwrap()
+    }
+
+    fn totals(s: &ClusterSummary) -> (u32, Resources, Resources, u32, u32) {
+        let gpus = s.gpus.iter().fold(s.other_gpus.total, |a, g| a + g.total);
+        (s.classes.iter().map(|c| c.nodes).sum(), s.total(), s.free(), gpus, s.free_gpus())
     }
 
     #[test]
-    fn an_older_term_never_supersedes() {
+    fn twelve_gpu_models_are_all_named() {
+        let state = fleet(12, |i| format!("gpu-{i}"), |i| format!("vendor-model-{i:02}"));
+        let s = ClusterSummary::build("gpus", "r", 1, 0, &[], &state);
+        assert_eq!(s.gpus.len(), 12, "no model dropped while they fit");
+        assert_eq!(s.folded, Folded::default());
+        assert_eq!(totals(&s).3, state.nodes().iter().map(|n| n.gpus[0].count).sum::<u32>());
+        assert_eq!(s.free_gpus_of("vendor-model-11"), s.gpus[11].free);
+        assert!(s.free_gpus_of("vendor-model-11") > 0);
+        assert_eq!(s.free_gpus_of("no-such-model"), 0);
+    }
+
+    #[test]
+    fn any_fleet_fits_the_bound_with_exact_totals_and_a_flag() {
+        let long = |i: usize| format!("a-class-name-far-longer-than-anyone-would-want-to-read-{i:04}");
+        for (classes, models) in [(30, 30), (200, 20), (2_000, 2_000), (1, 1)] {
+            let state = fleet(classes, long, |i| format!("gpu-model-with-a-long-name-{:04}", i % models));
+            let s = ClusterSummary::build("big", "r", 1, 0, &["eu".into()], &state);
+            let bytes = codec::encode(&s).len();
+            assert!(bytes <= SUMMARY_BYTES_MAX, "{classes} classes: {bytes} bytes");
+            assert!(s.encode().is_ok());
+            let nodes = state.nodes().len() as u32;
+            let gpus: u32 = state.nodes().iter().map(|n| n.gpus[0].count).sum();
+            let (n, total, free, g, free_gpus) = totals(&s);
+            assert_eq!((n, g), (nodes, gpus), "{classes} classes: nodes and GPUs exact");
+            assert_eq!(total.cpu_millis, 8_000 * u64::from(nodes));
+            assert_eq!(free, total, "nothing runs");
+            assert_eq!(free_gpus, gpus);
+            if classes > 1 {
+                assert!(s.folded.any(), "{classes} classes: the flag says detail went");
+                // Every model, named or folded, is still findable.
+                for m in 0..models.min(classes) {
+                    let model = format!("gpu-model-with-a-long-name-{m:04}");
+                    assert!(s.free_gpus_of(&model) > 0, "{model} judged absent");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_fleet_of_thirty_long_names_keeps_every_class_by_cutting_names() {
+        // 30 names of 124 bytes: 3,720 bytes of names alone.
+        let state = fleet(30, |i| format!("{}-{i:04}", "long-class-name".repeat(8)), |i| format!("m{}", i % 4));
+        let s = ClusterSummary::build("big", "r", 1, 0, &[], &state);
+        assert!(codec::encode(&s).len() <= SUMMARY_BYTES_MAX);
+        assert_eq!(s.folded.names_cut, 30);
+        assert!(s.classes.iter().all(|c| c.class.len() <= CLASS_NAME_MAX && c.class.ends_with('~')));
+        assert_eq!(s.classes.len(), 30, "cut names make room for every class");
+        assert_eq!(s.gpus.len(), 4);
+    }
+
+    #[test]
+    fn order_is_incarnation_term_version_and_never_the_clock() {
         let new = summary();
         let mut old = new.clone();
         old.term = 2;
-        old.generated_at_ms = 9_999;
-        assert!(new.supersedes(&old));
+        old.version = 99;
+        old.generated_at_ms = 9_999_999;
+        assert!(new.supersedes(&old), "an older term loses whatever its clock and version");
         assert!(!old.supersedes(&new));
+        let mut next = new.clone();
+        next.version += 1;
+        next.generated_at_ms = 0;
+        assert!(next.supersedes(&new), "a later version of the term wins with a clock stepped back");
+        let mut reborn = new.clone();
+        reborn.incarnation = 1;
+        reborn.term = 1;
+        assert!(reborn.supersedes(&new), "a rebuilt cluster's new incarnation wins over a higher term");
+        assert!(!new.supersedes(&new.clone()));
     }
 
     #[test]
     fn publisher_limits_rate_and_skips_small_changes() {
         let mut p = Publisher::default();
         let s = summary();
-        assert!(p.offer(s.clone(), 0).is_some(), "the first is always published");
+        assert_eq!(p.offer(s.clone(), 0).map(|s| s.version), Some(1), "the first is always published");
         let mut busy = s.clone();
         let c = &mut busy.classes[0];
         c.free.cpu_millis -= c.total.cpu_millis / 2;
@@ -430,8 +641,11 @@ mod tests {
         let mut tiny = s.clone();
         tiny.classes[0].free.cpu_millis -= 1;
         assert!(p.offer(tiny, 1_600).is_none(), "below the threshold");
-        assert!(p.offer(busy, 1_700).is_some());
+        assert_eq!(p.offer(busy, 1_700).map(|s| s.version), Some(2));
         p.reset();
-        assert!(p.offer(s, 1_800).is_some(), "a new leader publishes at once");
+        assert_eq!(p.offer(s.clone(), 1_800).map(|s| s.version), Some(3), "versions never go back in a term");
+        let mut next_term = s;
+        next_term.term += 1;
+        assert_eq!(p.offer(next_term, 1_000).map(|s| s.version), Some(1), "a new term counts from 1");
     }
 }

@@ -16,7 +16,7 @@
 //! leaves loopback, and the inner socket accepts only stand-ins: anything
 //! else that reaches it is dropped and counted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -60,12 +60,92 @@ pub struct GossipMetrics {
     pub rejected_unknown_key: AtomicU64,
     pub rejected_bad_tag: AtomicU64,
     pub rejected_replay: AtomicU64,
-    pub rejected_stale: AtomicU64,
+    /// Refused for a clock further off than the skew tolerated.
+    pub rejected_skewed: AtomicU64,
     pub rejected_misdirected: AtomicU64,
     /// Sealed datagrams over the UDP limit, not sent.
     pub oversize_dropped: AtomicU64,
     /// Datagrams at the inner socket from something other than a stand-in.
     pub unexpected_plaintext: AtomicU64,
+    /// Peers whose datagrams were refused for their clock, by gossip
+    /// address (at most [`SKEWED_PEERS_MAX`]).
+    pub skewed: Mutex<BTreeMap<SocketAddr, SkewedPeer>>,
+}
+
+/// A peer whose gossip this member refuses because its clock is further
+/// off than the skew tolerated (`[gossip] max_clock_skew`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SkewedPeer {
+    /// Its gossip address, from the authenticated header.
+    pub addr: SocketAddr,
+    /// How far its clock was from this member's at the last datagram, in
+    /// milliseconds (positive: ahead).
+    pub offset_ms: i64,
+    /// Datagrams refused for it since this member started.
+    pub datagrams: u64,
+    /// When the last one arrived, by this member's clock (unix ms).
+    pub last_ms: u64,
+    /// The skew tolerated, in milliseconds.
+    pub bound_ms: u64,
+    #[serde(skip)]
+    logged_ms: u64,
+}
+
+/// Peers with a clock off that a member remembers; beyond, the least
+/// recently heard is forgotten.
+pub const SKEWED_PEERS_MAX: usize = 256;
+/// How often, at most, a member logs one peer's clock as off.
+pub const SKEW_LOG_EVERY_MS: u64 = 60_000;
+/// How long a peer stays listed after its last refused datagram.
+pub const SKEW_SHOWN_MS: u64 = 60_000;
+
+impl GossipMetrics {
+    /// Peers refused for their clock within the last [`SKEW_SHOWN_MS`].
+    pub fn skewed_peers(&self, now_ms: u64) -> Vec<SkewedPeer> {
+        let table = self.skewed.lock().expect("skew lock");
+        table.values().filter(|p| now_ms.saturating_sub(p.last_ms) < SKEW_SHOWN_MS).cloned().collect()
+    }
+
+    /// Notes a datagram refused for its clock; logs the peer and its
+    /// offset at most once per [`SKEW_LOG_EVERY_MS`] per peer.
+    fn skewed(&self, from: SocketAddr, offset_ms: i64, bound_ms: u64, now_ms: u64) {
+        let mut table = self.skewed.lock().expect("skew lock");
+        if !table.contains_key(&from) && table.len() >= SKEWED_PEERS_MAX {
+            let oldest = table.values().min_by_key(|p| p.last_ms).map(|p| p.addr);
+            if let Some(a) = oldest {
+                table.remove(&a);
+            }
+        }
+        let p = table.entry(from).or_insert(SkewedPeer {
+            addr: from,
+            offset_ms,
+            datagrams: 0,
+            last_ms: now_ms,
+            bound_ms,
+            logged_ms: 0,
+        });
+        p.offset_ms = offset_ms;
+        p.datagrams += 1;
+        p.last_ms = now_ms;
+        p.bound_ms = bound_ms;
+        if p.logged_ms == 0 || now_ms.saturating_sub(p.logged_ms) >= SKEW_LOG_EVERY_MS {
+            tracing::warn!(
+                peer = %from,
+                offset_ms,
+                refused = p.datagrams,
+                "gossip from {from} is refused: its clock is {} {} this server's, more than the {} tolerated                  (`[gossip] max_clock_skew`); fix the clock (NTP) on one side",
+                fmt_offset(offset_ms.unsigned_abs()),
+                if offset_ms > 0 { "ahead of" } else { "behind" },
+                fmt_offset(bound_ms),
+            );
+            p.logged_ms = now_ms.max(1);
+        }
+    }
+}
+
+/// `7200.0 s`, `1.5 s`: an offset in seconds, for logs and the CLI.
+pub fn fmt_offset(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1_000.0)
 }
 
 impl GossipMetrics {
@@ -75,7 +155,7 @@ impl GossipMetrics {
             &self.rejected_unknown_key,
             &self.rejected_bad_tag,
             &self.rejected_replay,
-            &self.rejected_stale,
+            &self.rejected_skewed,
         ]
         .iter()
         .map(|c| c.load(Ordering::Relaxed))
@@ -88,7 +168,7 @@ impl GossipMetrics {
             Reject::UnknownKey => &self.rejected_unknown_key,
             Reject::BadTag => &self.rejected_bad_tag,
             Reject::Replay => &self.rejected_replay,
-            Reject::Stale => &self.rejected_stale,
+            Reject::Skewed { .. } => &self.rejected_skewed,
             Reject::Misdirected => &self.rejected_misdirected,
         };
         c.fetch_add(1, Ordering::Relaxed);
@@ -143,11 +223,25 @@ pub struct SealedTransport {
     /// The address peers send to, if not the bound one; datagrams are
     /// sealed from it and must be addressed to it.
     advertise: Mutex<Option<SocketAddr>>,
+    /// The clock skew tolerated, in milliseconds ([`Opener::with_max_skew`]).
+    max_skew_ms: AtomicU64,
 }
 
 impl SealedTransport {
     pub fn new(net: Arc<dyn DatagramNet>, keyring: SharedKeyring, metrics: Arc<GossipMetrics>) -> Self {
-        SealedTransport { net, keyring, metrics, prebound: Mutex::new(None), advertise: Mutex::new(None) }
+        SealedTransport {
+            net,
+            keyring,
+            metrics,
+            prebound: Mutex::new(None),
+            advertise: Mutex::new(None),
+            max_skew_ms: AtomicU64::new(crate::seal::FRESHNESS_MS),
+        }
+    }
+
+    /// Sets the clock skew tolerated for sockets opened from now on.
+    pub fn set_max_skew(&self, skew: Duration) {
+        self.max_skew_ms.store(skew.as_millis().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
     }
 
     pub fn set_advertise(&self, addr: SocketAddr) {
@@ -190,6 +284,7 @@ struct Relay {
     keyring: SharedKeyring,
     metrics: Arc<GossipMetrics>,
     standins: Mutex<StandIns>,
+    max_skew_ms: u64,
 }
 
 impl Relay {
@@ -282,7 +377,7 @@ impl Relay {
     /// Sealed datagrams from the network: open them and hand them to the
     /// inner socket from the sender's stand-in.
     async fn inbound(self: Arc<Self>) {
-        let mut opener = Opener::new();
+        let mut opener = Opener::with_max_skew(self.max_skew_ms);
         let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 1];
         let Ok(mut decompressor) = zstd::bulk::Decompressor::new() else { return };
         // Reused for every datagram: a fresh buffer this size would be an
@@ -295,9 +390,10 @@ impl Relay {
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return,
                 Err(_) => continue,
             };
+            let now = unix_ms();
             let opened = {
                 let ring = self.keyring.read().expect("keyring lock");
-                opener.open(&ring, &buf[..n], unix_ms(), self.me)
+                opener.open(&ring, &buf[..n], now, self.me)
             };
             // The sender is who the sealed header says, not the UDP source:
             // replies go to an authenticated address.
@@ -305,8 +401,12 @@ impl Relay {
                 Ok(p) => p,
                 Err(r) => {
                     self.metrics.count(r);
-                    if matches!(r, Reject::UnknownKey | Reject::BadTag) {
-                        unopened.note(r, _udp_source);
+                    match r {
+                        Reject::UnknownKey | Reject::BadTag => unopened.note(r, _udp_source),
+                        Reject::Skewed { offset_ms, from } => {
+                            self.metrics.skewed(from, offset_ms, self.max_skew_ms, now)
+                        }
+                        _ => {}
                     }
                     continue;
                 }
@@ -363,6 +463,7 @@ impl Transport for SealedTransport {
             keyring: self.keyring.clone(),
             metrics: self.metrics.clone(),
             standins: Mutex::new(StandIns::default()),
+            max_skew_ms: self.max_skew_ms.load(Ordering::Relaxed),
         });
         let inbound = tokio::spawn(relay.clone().inbound());
         Ok(Box::new(SealedSocket { inner, relay, inbound }))

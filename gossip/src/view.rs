@@ -108,15 +108,64 @@ pub struct ClusterEntry {
     pub servers: BTreeMap<String, ServerEntry>,
     /// The server whose summary is the newest (the leader, as far as gossip knows).
     pub leader: Option<String>,
+    /// The gossip generation of the leader's member that published it.
+    pub leader_generation: u64,
     pub summary: Option<ClusterSummary>,
+    /// When this member took the summary in, by its own clock (the
+    /// publisher's clock may be off).
+    pub summary_received_ms: u64,
     /// When this member last saw a server of the cluster live.
     pub last_live_ms: u64,
 }
 
 impl ClusterEntry {
+    /// How long ago, by this member's clock, the summary arrived.
     pub fn summary_age_ms(&self, now_ms: u64) -> Option<u64> {
-        self.summary.as_ref().map(|s| now_ms.saturating_sub(s.generated_at_ms))
+        self.summary.as_ref().map(|_| now_ms.saturating_sub(self.summary_received_ms))
     }
+
+    /// Whether the member that published the summary is still there and
+    /// heard from (alive or suspect): not a server gone, left, or replaced
+    /// by a newer generation.
+    pub fn publisher_present(&self) -> bool {
+        let Some(leader) = &self.leader else { return false };
+        self.servers.get(leader).is_some_and(|s| {
+            s.generation == self.leader_generation && matches!(s.state, Liveness::Alive | Liveness::Suspect)
+        })
+    }
+}
+
+/// Two gossip members heartbeating under one server name: a second
+/// process started with a name that is taken (a copied configuration, or
+/// an impostor holding a certificate for it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct NameConflict {
+    pub cluster: String,
+    pub server: String,
+    /// The generation that holds the name (shown, its summary merged).
+    pub holder: u64,
+    /// The generations refused.
+    pub rivals: Vec<u64>,
+}
+
+impl NameConflict {
+    fn same(&self, other: &NameConflict) -> bool {
+        self.cluster == other.cluster && self.server == other.server && self.rivals == other.rivals
+    }
+}
+
+/// Heartbeat progress of one gossip member, as this member saw it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Beat {
+    heartbeat: u64,
+    /// When the heartbeat last rose (or the member was first seen).
+    seen_ms: u64,
+    /// When it rose the time before (0: not yet).
+    prev_ms: u64,
+    /// When the member was first seen.
+    first_ms: u64,
+    /// The detector has said it is live.
+    ever_live: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -124,8 +173,14 @@ pub struct FederationView {
     pub clusters: BTreeMap<String, ClusterEntry>,
     /// Summaries refused as undecodable, by cluster.
     pub bad_summaries: u64,
+    /// Server names claimed by two live members now (see [`NameConflict`]).
+    pub conflicts: Vec<NameConflict>,
+    /// Conflicts seen begin, since this view was made.
+    pub name_conflicts_total: u64,
     #[serde(skip)]
     suspect_ms: u64,
+    #[serde(skip)]
+    beats: BTreeMap<(String, u64), Beat>,
     /// The summary version last decoded per gossip member, so an unchanged
     /// summary is not decoded again on every update.
     #[serde(skip)]
@@ -136,7 +191,15 @@ impl FederationView {
     /// `suspect_ms`: how long a live server may go without a new heartbeat
     /// before its cluster is suspect.
     pub fn new(suspect_ms: u64) -> Self {
-        FederationView { clusters: BTreeMap::new(), bad_summaries: 0, suspect_ms, decoded: BTreeMap::new() }
+        FederationView {
+            clusters: BTreeMap::new(),
+            bad_summaries: 0,
+            conflicts: Vec::new(),
+            name_conflicts_total: 0,
+            suspect_ms,
+            beats: BTreeMap::new(),
+            decoded: BTreeMap::new(),
+        }
     }
 
     pub fn cluster(&self, name: &str) -> Option<&ClusterEntry> {
@@ -149,20 +212,60 @@ impl FederationView {
 
     /// Folds a new snapshot in, and says whether anything a reader acts on
     /// changed (membership, liveness, a server's address or term, a
-    /// summary); rising heartbeats alone do not count. A summary is
-    /// replaced only by one that supersedes it (newer term, or same term
-    /// and later), so a lagging server's old summary never wins; servers
-    /// are tracked at their newest generation, so a restarted server does
-    /// not count twice.
+    /// summary, a name conflict); rising heartbeats alone do not count.
+    ///
+    /// A summary is replaced only by one that supersedes it (see
+    /// [`ClusterSummary::supersedes`]), so a lagging server's old summary
+    /// never wins. Gossip may hold several members under one server name
+    /// (a restart leaves the old generation behind for a while; a second
+    /// process may claim a name that is taken): the server is the one whose
+    /// heartbeat rises, the one already shown first, so that neither a
+    /// clock stepped back (a lower generation) nor a rebuilt server hides
+    /// a live one. A second member whose heartbeat rises under a name whose
+    /// holder's also does is a conflict: reported in
+    /// [`FederationView::conflicts`], and its summaries are not merged.
     pub fn update(&mut self, members: &[MemberState<'_>], now_ms: u64) -> bool {
         let mut changed = false;
-        let mut seen: BTreeMap<&str, Vec<&MemberState>> = BTreeMap::new();
+        let suspect_ms = self.suspect_ms;
+        // Heartbeat progress per gossip member, for every member at once.
+        let mut beats = BTreeMap::new();
+        for m in members {
+            let key = (m.node_id.to_string(), m.generation);
+            let beat = match self.beats.get(&key) {
+                Some(b) if m.heartbeat > b.heartbeat => Beat {
+                    heartbeat: m.heartbeat,
+                    seen_ms: now_ms,
+                    prev_ms: b.seen_ms,
+                    first_ms: b.first_ms,
+                    ever_live: b.ever_live || m.live,
+                },
+                Some(b) => Beat { ever_live: b.ever_live || m.live, ..*b },
+                None => {
+                    Beat { heartbeat: m.heartbeat, seen_ms: now_ms, prev_ms: 0, first_ms: now_ms, ever_live: m.live }
+                }
+            };
+            beats.insert(key, beat);
+        }
+        self.beats = beats;
+        let beat = |m: &MemberState| self.beats[&(m.node_id.to_string(), m.generation)];
+        // Heartbeating: its heartbeat rose within the suspect window, and
+        // the detector has it live or it is new (the detector needs a few
+        // heartbeats before it says live; one it said live before and not
+        // now is dead).
+        let beating = |m: &MemberState| {
+            let b = beat(m);
+            let new = !b.ever_live && now_ms.saturating_sub(b.first_ms) < suspect_ms;
+            now_ms.saturating_sub(b.seen_ms) < suspect_ms && (m.live || new)
+        };
+
+        let mut seen: BTreeMap<&str, BTreeMap<&str, Vec<&MemberState>>> = BTreeMap::new();
         for m in members {
             if m.get(keys::ROLE) == Some("observer") {
                 continue;
             }
             if let Some(cluster) = m.get(keys::CLUSTER) {
-                seen.entry(cluster).or_default().push(m);
+                let server = m.get(keys::SERVER).unwrap_or(m.node_id);
+                seen.entry(cluster).or_default().entry(server).or_default().push(m);
             }
         }
         for entry in self.clusters.values_mut() {
@@ -172,7 +275,8 @@ impl FederationView {
                 server.live = false;
             }
         }
-        for (cluster, ms) in seen {
+        let mut conflicts = Vec::new();
+        for (cluster, by_server) in seen {
             let entry = self.clusters.entry(cluster.to_string()).or_insert_with(|| {
                 changed = true;
                 ClusterEntry {
@@ -181,41 +285,80 @@ impl FederationView {
                     liveness: Liveness::Suspect,
                     servers: BTreeMap::new(),
                     leader: None,
+                    leader_generation: 0,
                     summary: None,
+                    summary_received_ms: 0,
                     last_live_ms: now_ms,
                 }
             });
             // Servers may disagree (or not say): the smallest region named
             // wins, so the view does not flap between them.
-            if let Some(region) = ms.iter().filter_map(|m| m.get(keys::REGION)).filter(|r| !r.is_empty()).min() {
+            let region =
+                by_server.values().flatten().filter_map(|m| m.get(keys::REGION)).filter(|r| !r.is_empty()).min();
+            if let Some(region) = region {
                 if entry.region != region {
                     entry.region = region.to_string();
                     changed = true;
                 }
             }
-            for m in ms {
-                let name = m.get(keys::SERVER).unwrap_or(m.node_id).to_string();
-                let mut server = ServerEntry {
-                    name: name.clone(),
+            for (name, group) in by_server {
+                // Two members heartbeating under the name, each heard to
+                // rise twice since both were seen: two processes, not a
+                // restart (whose old member rises once more at most).
+                let contested = |a: &MemberState, b: &MemberState| {
+                    let (a, b) = (beat(a), beat(b));
+                    let since = a.first_ms.max(b.first_ms);
+                    a.prev_ms > since && b.prev_ms > since
+                };
+                let live_now: Vec<&MemberState> = group.iter().copied().filter(|m| beating(m)).collect();
+                // The first seen of a contest holds the name (then the one
+                // started first); else the newest generation heartbeating
+                // (a restart takes over at once); else the newest live.
+                let first = |m: &&MemberState| (beat(m).first_ms, m.generation);
+                let contenders: Vec<&MemberState> = live_now
+                    .iter()
+                    .copied()
+                    .filter(|a| live_now.iter().any(|b| !std::ptr::eq(*a, *b) && contested(a, b)))
+                    .collect();
+                let m = contenders
+                    .iter()
+                    .copied()
+                    .min_by_key(first)
+                    .or_else(|| live_now.iter().copied().max_by_key(|m| m.generation))
+                    .or_else(|| group.iter().copied().filter(|m| m.live).max_by_key(|m| m.generation))
+                    .or_else(|| group.iter().copied().max_by_key(|m| m.generation))
+                    .expect("a group has a member");
+                let rivals: Vec<u64> =
+                    contenders.iter().filter(|r| !std::ptr::eq(**r, m)).map(|r| r.generation).collect();
+                if !rivals.is_empty() {
+                    conflicts.push(NameConflict {
+                        cluster: cluster.to_string(),
+                        server: name.to_string(),
+                        holder: m.generation,
+                        rivals: rivals.clone(),
+                    });
+                }
+                // A summary is taken from the holder once no other member
+                // heartbeats under its name, or it won a contest; from
+                // members gone, their last words; never from a rival, nor
+                // while a contest is undecided.
+                let settled = live_now.iter().all(|o| std::ptr::eq(*o, m)) || !rivals.is_empty();
+                let server = ServerEntry {
+                    name: name.to_string(),
                     generation: m.generation,
                     live: m.live,
                     rpc_addr: m.get(keys::RPC_ADDR).map(str::to_string),
                     raft_term: m.get(keys::RAFT_TERM).and_then(|t| t.parse().ok()).unwrap_or(0),
                     heartbeat: m.heartbeat,
-                    heartbeat_seen_ms: now_ms,
+                    heartbeat_seen_ms: beat(m).seen_ms,
                     keys: m.get(keys::KEYS).map(parse_key_ids).unwrap_or_default(),
                     state: Liveness::Alive,
                     left: m.get(keys::LEFT).is_some_and(|v| v == "1"),
                     was_live: false,
                 };
-                match entry.servers.get_mut(&name) {
-                    Some(s) if s.generation > server.generation => {}
+                match entry.servers.get_mut(name) {
                     Some(s) => {
-                        if s.generation == server.generation && s.heartbeat >= server.heartbeat {
-                            server.heartbeat_seen_ms = s.heartbeat_seen_ms;
-                        }
-                        server.was_live = s.was_live;
-                        server.state = s.state;
+                        let server = ServerEntry { was_live: s.was_live, state: s.state, ..server };
                         changed |= s.generation != server.generation
                             || s.rpc_addr != server.rpc_addr
                             || s.raft_term != server.raft_term
@@ -225,31 +368,41 @@ impl FederationView {
                     }
                     None => {
                         changed = true;
-                        entry.servers.insert(name.clone(), server);
+                        entry.servers.insert(name.to_string(), server);
                     }
                 }
-                let Some((version, text)) = m.summary else { continue };
-                let key = (m.node_id.to_string(), m.generation);
-                if self.decoded.get(&key) == Some(&version) {
-                    continue;
-                }
-                self.decoded.insert(key, version);
-                match ClusterSummary::decode(text) {
-                    Ok(s) if s.cluster == cluster => {
-                        if entry.summary.as_ref().is_none_or(|old| s.supersedes(old)) {
-                            entry.summary = Some(s);
-                            entry.leader = Some(name.clone());
-                            changed = true;
+                // The holder's summary, and the last words of members that
+                // are gone; never a live rival's.
+                for g in group.iter().filter(|g| (std::ptr::eq(**g, m) && settled) || !g.live) {
+                    let Some((version, text)) = g.summary else { continue };
+                    let key = (g.node_id.to_string(), g.generation);
+                    if self.decoded.get(&key) == Some(&version) {
+                        continue;
+                    }
+                    self.decoded.insert(key, version);
+                    match ClusterSummary::decode(text) {
+                        Ok(s) if s.cluster == cluster => {
+                            if entry.summary.as_ref().is_none_or(|old| s.supersedes(old)) {
+                                entry.summary = Some(s);
+                                entry.leader = Some(name.to_string());
+                                entry.leader_generation = g.generation;
+                                entry.summary_received_ms = now_ms;
+                                changed = true;
+                            }
                         }
+                        _ => self.bad_summaries += 1,
                     }
-                    _ => self.bad_summaries += 1,
                 }
             }
             if entry.servers.values().any(|s| s.live) {
                 entry.last_live_ms = now_ms;
             }
         }
-        let suspect_ms = self.suspect_ms;
+        let new = conflicts.iter().filter(|c| !self.conflicts.iter().any(|o| o.same(c))).count();
+        self.name_conflicts_total += new as u64;
+        changed |= conflicts != self.conflicts;
+        self.conflicts = conflicts;
+        self.decoded.retain(|key, _| self.beats.contains_key(key));
         for entry in self.clusters.values_mut() {
             changed |= entry.servers.values().any(|s| s.was_live != s.live);
             for s in entry.servers.values_mut() {
@@ -309,6 +462,7 @@ mod tests {
             running_allocs: 0,
             pending_allocs: 0,
             inbound_share: 0.0,
+            ..Default::default()
         }
     }
 
@@ -330,7 +484,7 @@ mod tests {
             (keys::REGION, "r1"),
         ];
         // The summary's version: its term and time, enough to tell versions apart here.
-        let summary = s.map(|s| (s.term * 1_000_000 + s.generated_at_ms, leak(s.encode().unwrap())));
+        let summary = s.map(|s| (s.incarnation * 1_000_000 + s.term * 1_000 + s.version, leak(s.encode().unwrap())));
         MemberState { node_id: leak(format!("{cluster}/{server}")), generation, live, heartbeat: 0, values, summary }
     }
 
@@ -420,6 +574,77 @@ mod tests {
         other_left.values.push((keys::LEFT, "1"));
         v.update(&[left, other_left], 5_200);
         assert_eq!(v.cluster("a").unwrap().liveness, Liveness::Left);
+    }
+
+    fn beat(mut m: MemberState<'static>, hb: u64) -> MemberState<'static> {
+        m.heartbeat = hb;
+        m
+    }
+
+    #[test]
+    fn a_server_restarted_with_its_clock_stepped_back_is_shown_alive() {
+        let mut v = FederationView::new(1_000);
+        // Generation is the start time: the restart's clock is 50 s behind.
+        v.update(&[beat(member("a", "s1", 100_000, true, None), 1)], 0);
+        v.update(&[beat(member("a", "s1", 100_000, true, None), 2)], 200);
+        let old = beat(member("a", "s1", 100_000, true, None), 2);
+        let mut t = 300;
+        for hb in 1..=10 {
+            t += 200;
+            v.update(&[old.clone(), beat(member("a", "s1", 50_000, true, None), hb)], t);
+        }
+        let a = v.cluster("a").unwrap();
+        assert_eq!(a.servers["s1"].generation, 50_000, "the heartbeating one holds the name");
+        assert_eq!(a.liveness, Liveness::Alive);
+        assert!(v.conflicts.is_empty(), "a restart is not a conflict: {:?}", v.conflicts);
+        v.update(
+            &[beat(member("a", "s1", 100_000, false, None), 2), beat(member("a", "s1", 50_000, true, None), 11)],
+            t,
+        );
+        assert_eq!(v.cluster("a").unwrap().servers["s1"].state, Liveness::Alive);
+    }
+
+    #[test]
+    fn a_second_live_claim_to_a_name_is_a_conflict_and_never_merged() {
+        let mut v = FederationView::new(1_000);
+        let real = summary("a", 3, 0, 8_000);
+        let mut fake = summary("a", 9, 0, 800);
+        fake.version = 5;
+        v.update(&[beat(member("a", "s1", 1, true, Some(&real)), 1)], 0);
+        let mut t = 0;
+        for hb in 2..=6 {
+            t += 200;
+            v.update(
+                &[beat(member("a", "s1", 1, true, Some(&real)), hb), beat(member("a", "s1", 2, true, Some(&fake)), hb)],
+                t,
+            );
+        }
+        let a = v.cluster("a").unwrap();
+        assert_eq!(a.servers["s1"].generation, 1, "the holder keeps its name");
+        assert_eq!(a.summary.as_ref().unwrap().term, 3, "the rival's summary is not merged");
+        assert_eq!(v.conflicts.len(), 1);
+        assert_eq!((v.conflicts[0].holder, v.conflicts[0].rivals.clone()), (1, vec![2]));
+        assert_eq!(v.name_conflicts_total, 1, "one conflict, counted once");
+    }
+
+    #[test]
+    fn a_rebuilt_cluster_wins_with_a_new_incarnation() {
+        let mut v = FederationView::new(1_000);
+        let old = summary("a", 7, 0, 96_000);
+        v.update(&[member("a", "s1", 1, true, Some(&old))], 0);
+        assert!(v.cluster("a").unwrap().publisher_present());
+        // Rebuilt on empty disks: term 1 again, smaller.
+        let mut young = summary("a", 1, 0, 16_000);
+        v.update(&[member("a", "s1", 1, false, Some(&old)), member("a", "s1", 2, true, Some(&young))], 100);
+        let a = v.cluster("a").unwrap();
+        assert_eq!(a.summary.as_ref().unwrap().term, 7, "term 1 of the same incarnation loses");
+        assert!(!a.publisher_present(), "its publisher is gone");
+        young.incarnation = 1;
+        young.version = 2;
+        v.update(&[member("a", "s1", 1, false, Some(&old)), member("a", "s1", 2, true, Some(&young))], 200);
+        let a = v.cluster("a").unwrap();
+        assert_eq!(a.summary.as_ref().unwrap().free().cpu_millis, 16_000, "the new incarnation wins");
+        assert!(a.publisher_present());
     }
 
     #[test]

@@ -42,6 +42,7 @@ fn summary(cluster: &str, term: u64, free_cpu: u64) -> ClusterSummary {
         running_allocs: 0,
         pending_allocs: 0,
         inbound_share: 0.0,
+        ..Default::default()
     }
 }
 

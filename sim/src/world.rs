@@ -1487,7 +1487,7 @@ impl World {
         let Some(shell) = cl.servers[r].shell.as_ref() else { return };
         let wall_ms = (cl.clock(now) as i64 + cl.wall_offset).max(0) as u64;
         let state = cl.servers[r].state();
-        let summary = ClusterSummary::build(
+        let mut summary = ClusterSummary::build(
             &cl.name,
             &cl.name,
             shell.term,
@@ -1495,6 +1495,9 @@ impl World {
             &cl.jurisdictions,
             &state.read().expect("state lock"),
         );
+        // The leader's per-term counter (`gossip::summary::Publisher`):
+        // simulated time only grows, as the counter does.
+        summary.version = now;
         self.clusters[c].published_at = now;
         if now < self.clusters[c].gossip_out_until {
             return;
@@ -1505,7 +1508,8 @@ impl World {
         }
     }
 
-    /// Delivers the summaries due: the newest (by term, then time) wins,
+    /// Delivers the summaries due: the newest (by incarnation, term and
+    /// version, never a clock) wins,
     /// and any arrival tells the peer is alive.
     fn gossip_arrive(&mut self) {
         let now = self.now;
@@ -1517,7 +1521,7 @@ impl World {
             }
             let name = self.clusters[from].name.clone();
             let entry = self.clusters[to].gossip.entry(name).or_insert_with(|| (summary.clone(), now));
-            let newer = (summary.term, summary.generated_at_ms) >= (entry.0.term, entry.0.generated_at_ms);
+            let newer = summary.order() >= entry.0.order();
             if newer {
                 entry.0 = summary;
             }
