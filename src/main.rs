@@ -492,6 +492,11 @@ enum CertCommand {
         /// besides localhost, 127.0.0.1 and ::1 (repeat for several).
         #[arg(long = "san", value_name = "NAME")]
         sans: Vec<String>,
+        /// A jurisdiction the server's cluster may claim in gossip (repeat
+        /// for several): peers refuse a summary claiming one its
+        /// certificate does not allow.
+        #[arg(long = "jurisdiction", value_name = "NAME")]
+        jurisdictions: Vec<String>,
     },
 }
 
@@ -726,9 +731,16 @@ fn main() -> ExitCode {
         Command::Tls(TlsCommand::Ca(CaCommand::Create { federation, dir, days })) => {
             tls::ca_create(&federation, &dir, days)
         }
-        Command::Tls(TlsCommand::Cert(CertCommand::Create { cluster, role, name, ca_dir, out_dir, days, sans })) => {
-            tls::cert_create(tls::CertArgs { cluster, role, name, ca_dir, out_dir, days, sans })
-        }
+        Command::Tls(TlsCommand::Cert(CertCommand::Create {
+            cluster,
+            role,
+            name,
+            ca_dir,
+            out_dir,
+            days,
+            sans,
+            jurisdictions,
+        })) => tls::cert_create(tls::CertArgs { cluster, role, name, ca_dir, out_dir, days, sans, jurisdictions }),
         Command::Server { members: Some(ServerCommand::Members { out }), .. } => {
             remote::server_members(&client, out.json)
         }

@@ -316,6 +316,45 @@ pub(crate) fn read_label(t: &mut Table, d: &mut Diagnostics, key: &'static str, 
     })
 }
 
+/// The signer and trust a server gossips with: its certificate must name
+/// this cluster and server, and allow every jurisdiction `[gossip]`
+/// claims (peers refuse a summary that claims more).
+fn gossip_identity(
+    c: &ServerConfig,
+    g: &GossipConfig,
+    ca: &str,
+    pair: &tls::PemPair,
+) -> anyhow::Result<(Arc<tls::Signer>, Arc<tls::Trust>)> {
+    let cert_file = c.cert.display();
+    let signer = tls::Signer::new(pair).with_context(|| format!("[tls] cert {cert_file} and key"))?;
+    let trust = tls::Trust::new(ca).context("[tls] ca")?;
+    let verified = trust
+        .verify_cert(signer.cert_der(), gossip::transport::unix_ms())
+        .map_err(|e| anyhow::anyhow!("[tls] cert {cert_file}: {e}"))?;
+    let want = tls::Identity::new(&c.cluster, tls::Role::Server, &c.name);
+    anyhow::ensure!(
+        verified.identity == want,
+        "[tls] cert {cert_file} names {}, but this is {want}: peers would refuse its gossip. Issue one with \
+         `hanse tls cert create --cluster {} --role server --name {}`",
+        verified.identity,
+        c.cluster,
+        c.name
+    );
+    let missing: Vec<&String> = g.jurisdictions.iter().filter(|j| !verified.jurisdictions.contains(j)).collect();
+    if !missing.is_empty() {
+        let flags: String = g.jurisdictions.iter().map(|j| format!(" --jurisdiction {j}")).collect();
+        anyhow::bail!(
+            "[gossip] jurisdictions {missing:?} are not in [tls] cert {cert_file} (it allows {:?}): peers would \
+             refuse this cluster's summaries. Issue a certificate that allows them: `hanse tls cert create \
+             --cluster {} --role server --name {}{flags}`",
+            verified.jurisdictions,
+            c.cluster,
+            c.name
+        );
+    }
+    Ok((Arc::new(signer), Arc::new(trust)))
+}
+
 /// The `[tls]` table of a server's or agent's config: ca, cert and key,
 /// relative to the config's directory. `stem` names an example
 /// certificate in the hints (`server-s1`, `agent-node-a`).
@@ -374,6 +413,12 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
         .with_context(|| format!("cannot create data_dir {} (0700)", c.data_dir.display()))?;
     let ca = std::fs::read_to_string(&c.ca).with_context(|| format!("cannot read [tls] ca {}", c.ca.display()))?;
     let pair = tls::read_pair(&c.cert, &c.key)?;
+    // What this server gossips, it signs with its certificate's key, and
+    // peers check it against the CA: refuse at start what they would.
+    let gossip_identity = match &c.gossip {
+        Some(g) => Some(gossip_identity(&c, g, &ca, &pair)?),
+        None => None,
+    };
     let store = RedbStorage::open(&c.data_dir.join("raft.redb"))
         .with_context(|| format!("opening the log in {} (is another server using it?)", c.data_dir.display()))?;
     let mut peers = c.peers.clone();
@@ -418,6 +463,10 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
             mc.seeds = g.seeds.clone();
             mc.max_clock_skew = g.max_clock_skew;
             mc.rpc_addr = Some(c.bind.to_string());
+            if let Some((signer, trust)) = &gossip_identity {
+                mc.signer = Some(signer.clone());
+                mc.trust = Some(trust.clone());
+            }
             let member = Arc::new(
                 gossip::Member::start(mc, keyring, Arc::new(gossip::net::UdpNet))
                     .await

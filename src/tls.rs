@@ -33,6 +33,8 @@ pub struct CertArgs {
     pub days: u32,
     /// More names a server's API is reached by (DNS names or IPs).
     pub sans: Vec<String>,
+    /// Jurisdictions a server's cluster may claim in gossip.
+    pub jurisdictions: Vec<String>,
 }
 
 pub fn cert_create(a: CertArgs) -> anyhow::Result<Outcome> {
@@ -47,7 +49,11 @@ pub fn cert_create(a: CertArgs) -> anyhow::Result<Outcome> {
         a.sans.is_empty() || a.role == Role::Server,
         "--san names an API server; an agent's certificate carries none"
     );
-    let PemPair { cert_pem, key_pem } = tls::issue_with_names(&ca, &identity, a.days, &a.sans)?;
+    anyhow::ensure!(
+        a.jurisdictions.is_empty() || a.role == Role::Server,
+        "--jurisdiction names what a server's cluster may claim; an agent's certificate carries none"
+    );
+    let PemPair { cert_pem, key_pem } = tls::issue_server(&ca, &identity, a.days, &a.sans, &a.jurisdictions)?;
     write_private(&key, &key_pem)?;
     write_public(&cert, &cert_pem)?;
     println!(
@@ -58,6 +64,9 @@ pub fn cert_create(a: CertArgs) -> anyhow::Result<Outcome> {
         identity.uri(),
         a.days
     );
+    if !a.jurisdictions.is_empty() {
+        println!("its cluster may claim the jurisdictions {}", a.jurisdictions.join(", "));
+    }
     Ok(Outcome::Ok)
 }
 

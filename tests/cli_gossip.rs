@@ -33,6 +33,8 @@ struct Federation {
     http: Vec<(String, SocketAddr)>,
     /// Each server's gossip address, in the order of `servers`.
     gossip: Vec<SocketAddr>,
+    /// The federation's CA (with its key: tests issue impostors' certificates).
+    ca: tls::PemPair,
     seed: SocketAddr,
 }
 
@@ -99,7 +101,7 @@ impl Federation {
             let clock = clocks.iter().find(|(c, _)| c == name).map(|(_, o)| *o);
             servers.push((name.to_string(), server(&dir, name, clock)));
         }
-        Federation { dir, servers, http, seed: gossip[0], gossip }
+        Federation { dir, servers, http, seed: gossip[0], gossip, ca }
     }
 
     /// Kills `name`'s server (SIGKILL) and starts it again from the same
@@ -127,14 +129,39 @@ impl Federation {
     }
 
     /// An observer of the federation's gossip, in this process.
+    /// It checks identities against the federation's CA, as servers do.
     async fn observer(&self) -> Member {
-        let text = std::fs::read_to_string(self.dir.join("federation.key")).unwrap();
-        let keys: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
-        let ring = Keyring::from_texts(&keys).expect("the federation's key file");
         let mut config = MemberConfig::new("hanse", "test-observer", "observer", "127.0.0.1:0".parse().unwrap());
         config.role = gossip::member::Role::Observer;
         config.seeds = vec![self.seed.to_string()];
-        Member::start(config, ring, Arc::new(UdpNet)).await.unwrap()
+        config.trust = Some(Arc::new(tls::Trust::new(&self.ca.cert_pem).unwrap()));
+        Member::start(config, self.keyring(), Arc::new(UdpNet)).await.unwrap()
+    }
+
+    /// The federation's gossip keyring: whoever holds it can gossip.
+    fn keyring(&self) -> Keyring {
+        let text = std::fs::read_to_string(self.dir.join("federation.key")).unwrap();
+        let keys: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+        Keyring::from_texts(&keys).expect("the federation's key file")
+    }
+
+    /// A second server with `of`'s configuration and certificate (a copied
+    /// config): its own ports and data; returns its API address.
+    fn twin(&mut self, of: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("{of}.toml"))).unwrap();
+        let at = self.servers.iter().position(|(n, _)| n == of).unwrap();
+        let api = free_tcp();
+        let text = text
+            .replace(&format!("data/{of}\""), &format!("data/{of}-twin\""))
+            .replace(&self.http[at].1.to_string(), &api.to_string())
+            .replace(&format!("bind = \"{}\"", self.gossip[at]), &format!("bind = \"{}\"", free_udp()));
+        let raft = text.lines().find(|l| l.starts_with("bind = ")).unwrap().to_string();
+        let text = text.replacen(&raft, &format!("bind = \"{}\"", free_udp()), 1);
+        let name = format!("{of}-twin");
+        std::fs::write(self.dir.join(format!("{name}.toml")), text).unwrap();
+        self.servers.push((name.clone(), server(&self.dir, &name, None)));
+        common::trust(&api.to_string(), &self.dir.join("pki/ca.pem"));
+        api.to_string()
     }
 }
 
@@ -406,5 +433,93 @@ async fn clocks() {
                 .iter()
                 .any(|r| r["cluster"] == "rebuilt" && r["summary"]["nodes_ready"] == 2)
     });
+    observer.shutdown().await.unwrap();
+}
+
+/// Identities bound to certificates. Anyone holding the federation's key
+/// could publish any cluster's name (overflow work ran on an impostor), and
+/// two servers named `us-east/s1` took turns in every view. Now a member
+/// whose certificate names another cluster is refused and reported, and of
+/// two servers with one name and a valid certificate (a copied config), the
+/// first keeps it: the other's summary is never shown, sampled every 50 ms.
+#[test]
+fn an_impostor_is_refused_and_a_second_server_under_a_taken_name_is_never_merged() {
+    let _alone = one_at_a_time();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(impostors());
+}
+
+async fn impostors() {
+    let policies = [("home", "[cluster]\nname = \"home\"\n")];
+    let mut f = Federation::start("impostors", &["home", "us-east"], &policies);
+    let observer = f.observer().await;
+    for c in ["home", "us-east"] {
+        until(&observer, c, Liveness::Alive, Duration::from_secs(30)).await;
+    }
+    let home = f.api("home");
+    let us = f.api("us-east");
+    let _six = nodes(&f, "us-east", &us, 6);
+    let start = Instant::now();
+    while shown(&observer, "us-east").is_none_or(|(n, _)| n != 6) {
+        assert!(start.elapsed() < Duration::from_secs(30), "6 nodes shown: {:?}", shown(&observer, "us-east"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An impostor holding the gossip key and a certificate for another
+    // cluster, claiming to be us-east/s1 with 960 cores in the EU.
+    let mallory = tls::issue(&f.ca, &Identity::new("mallory", Role::Server, "s1"), 1).unwrap();
+    let mut config = MemberConfig::new("hanse", "us-east", "s1", "127.0.0.1:0".parse().unwrap());
+    config.seeds = vec![f.seed.to_string()];
+    config.signer = Some(Arc::new(tls::Signer::new(&mallory).unwrap()));
+    let impostor = Member::start(config, f.keyring(), Arc::new(UdpNet)).await.unwrap();
+    let fake = gossip::ClusterSummary {
+        cluster: "us-east".into(),
+        incarnation: 9,
+        term: 99,
+        nodes_ready: 60,
+        jurisdictions: vec!["eu".into()],
+        ..Default::default()
+    };
+    impostor.publish_summary(fake, gossip::transport::unix_ms()).await.unwrap();
+    let impostor_at = impostor.local_addr();
+
+    // A copied configuration: us-east/s1 again, with its valid certificate
+    // and a cluster of its own, of 1 node.
+    let twin = f.twin("us-east");
+    common::bootstrap(&twin, Duration::from_secs(20));
+    let _one = nodes(&f, "us-east-twin", &twin, 1);
+
+    // Sampled every 50 ms for 8 s: us-east is its 6 nodes throughout.
+    let start = Instant::now();
+    let mut samples = 0;
+    while start.elapsed() < Duration::from_secs(8) {
+        assert_eq!(shown(&observer, "us-east").map(|(n, _)| n), Some(6), "after {:?}", start.elapsed());
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(samples > 100, "{samples} samples");
+
+    // home (a real server) refused the impostor and reports the twin.
+    common::eventually(Duration::from_secs(20), "home logs the impostor and the name claimed twice", || {
+        let log = std::fs::read_to_string(f.dir.join("home.log")).unwrap_or_default();
+        log.contains(&format!(
+            "gossip member us-east/s1 at {impostor_at} is refused: its certificate names mallory/server/s1"
+        )) && log.contains("two live gossip members claim the server name us-east/s1")
+    });
+    let metrics = common::client(&home).get_text("/metrics").unwrap();
+    let counter = |name: &str| {
+        metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert!(counter("hanse_gossip_members_refused_total").is_some_and(|n| n >= 1), "{metrics}");
+    assert!(counter("hanse_gossip_name_conflicts_total").is_some_and(|n| n >= 1), "{metrics}");
+    let members = common::hanse(&home, &["federation", "members", "--json"]);
+    let rows = common::json(&members);
+    let row = rows.as_array().unwrap().iter().find(|r| r["cluster"] == "us-east").unwrap().clone();
+    assert_eq!(row["summary"]["nodes_ready"], 6, "{row}");
+    assert_eq!(row["summary"]["jurisdictions"], serde_json::json!([]), "{row}");
+    let said = common::text(&common::hanse(&home, &["federation", "members"]));
+    assert!(said.contains("server name us-east/s1 is claimed by 2 live members"), "{said}");
+    assert!(said.contains(&format!("gossip member us-east/s1 at {impostor_at} is refused")), "{said}");
+    impostor.shutdown().await.unwrap();
     observer.shutdown().await.unwrap();
 }

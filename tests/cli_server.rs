@@ -86,7 +86,9 @@ fn setup(name: &str) -> (Dir, Vec<PathBuf>, Vec<String>) {
         (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
     let mut configs = Vec::new();
     for i in 1..=4usize {
-        let pair = tls::issue(&ca, &Identity::new("eu-west", Role::Server, &format!("s{i}")), 1).unwrap();
+        let pair =
+            tls::issue_server(&ca, &Identity::new("eu-west", Role::Server, &format!("s{i}")), 1, &[], &["eu".into()])
+                .unwrap();
         std::fs::write(dir.join(format!("pki/s{i}.pem")), &pair.cert_pem).unwrap();
         std::fs::write(dir.join(format!("pki/s{i}-key.pem")), &pair.key_pem).unwrap();
         let mut text = format!(

@@ -18,7 +18,10 @@ cd "$work"
 "$hanse" federation keygen --out federation.key 2> /dev/null
 : > pids
 for c in eu-west us-east edge-1; do
-  "$hanse" tls cert create --cluster $c --role server --name s1 --ca-dir pki --out-dir pki > /dev/null
+  # The jurisdictions its [gossip] claims: peers refuse a summary claiming
+  # one its certificate does not allow.
+  case $c in us-east) j=us ;; *) j=eu ;; esac
+  "$hanse" tls cert create --cluster $c --role server --name s1 --jurisdiction $j --ca-dir pki --out-dir pki > /dev/null
   "$hanse" server --config $c.toml > $c.log 2>&1 &
   echo $! >> pids
 done

@@ -164,16 +164,25 @@ impl MemberRow {
 }
 
 /// `GET /v1/federation/gossip`: what this server's gossip refuses, and
-/// why: peers whose clock is off, server names claimed twice.
+/// why: peers whose clock is off, server names claimed twice, members
+/// whose certificate or signatures do not verify.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct GossipTrouble {
     pub clock_skewed: Vec<gossip::transport::SkewedPeer>,
     pub name_conflicts: Vec<gossip::view::NameConflict>,
+    /// Members whose certificate or signatures do not verify.
+    #[serde(default)]
+    pub refused: Vec<gossip::view::RefusedMember>,
 }
 
 impl GossipTrouble {
     pub fn of(member: &gossip::Member) -> GossipTrouble {
-        GossipTrouble { clock_skewed: member.skewed_peers(), name_conflicts: member.view().conflicts.clone() }
+        let view = member.view();
+        GossipTrouble {
+            clock_skewed: member.skewed_peers(),
+            name_conflicts: view.conflicts.clone(),
+            refused: view.refused.clone(),
+        }
     }
 
     /// One line each, for an operator.
@@ -188,6 +197,9 @@ impl GossipTrouble {
                 if p.offset_ms > 0 { "ahead of" } else { "behind" },
                 fmt_offset(p.bound_ms),
             ));
+        }
+        for r in &self.refused {
+            out.push(format!("gossip member {} at {} is refused: {}", r.node_id, r.addr, r.reason));
         }
         for c in &self.name_conflicts {
             out.push(format!(

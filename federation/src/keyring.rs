@@ -335,7 +335,8 @@ async fn change(State(k): State<Arc<Keys>>, Extension(who): Who, body: Bytes) ->
 /// `hanse_gossip_datagrams_{sent,received}_total`,
 /// `hanse_gossip_datagrams_rejected_total{reason}` (a member that cannot
 /// open what it receives: `unknown_key`, `bad_tag`, `clock_skew`, ...),
-/// `hanse_gossip_keyring_keys`, `hanse_gossip_peers_clock_skewed` and
+/// `hanse_gossip_keyring_keys`, `hanse_gossip_peers_clock_skewed`,
+/// `hanse_gossip_members_refused_total` and
 /// `hanse_gossip_name_conflicts_total`.
 pub fn export_metrics(server: &Inner, member: &Arc<Member>) {
     use cluster_core::server::metrics::{Reading, counters};
@@ -377,6 +378,11 @@ pub fn export_metrics(server: &Inner, member: &Arc<Member>) {
                 help: "Peers whose gossip was refused in the last minute because their clock is off by more than \
                        [gossip] max_clock_skew",
                 value: c.skewed_peers(gossip::transport::unix_ms()).len() as i64,
+            },
+            Reading::Counter {
+                name: "gossip_members_refused",
+                help: "Times a gossip member was refused: an identity or summary its certificate does not back",
+                value: m.view().refused_total,
             },
             Reading::Counter {
                 name: "gossip_name_conflicts",

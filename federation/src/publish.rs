@@ -157,6 +157,7 @@ mod tests {
         let m = MemberState {
             node_id: "a/s1",
             generation,
+            addr: "127.0.0.1:1".parse().unwrap(),
             live,
             heartbeat: 1,
             values: vec![(keys::CLUSTER, "a"), (keys::SERVER, "s1")],

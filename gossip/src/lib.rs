@@ -4,6 +4,7 @@
 //!
 //! - [`summary`]: `ClusterSummary`, what a cluster tells the federation, and `Publisher`, when.
 //! - [`keyring`]: the federation keys and their rotation.
+//! - [`identity`]: what a server signs with its certificate, and checking it (pure).
 //! - [`seal`]: sealing and opening datagrams, with replay protection (pure).
 //! - [`net`]: datagram networks: UDP, and an in-memory one for tests.
 //! - [`transport`]: chitchat's `Transport`, sealing every datagram.
@@ -13,6 +14,7 @@
 //! This crate knows nothing of scheduling: it carries summaries, it does not
 //! act on them.
 
+pub mod identity;
 pub mod keyring;
 pub mod member;
 pub mod net;

@@ -9,6 +9,8 @@ use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use cluster_core::transport::tls::{Signer, Trust};
+
 use crate::keyring::Keyring;
 use crate::net::DatagramNet;
 use crate::summary::{ClusterSummary, Publisher, SummaryError};
@@ -56,6 +58,14 @@ pub struct MemberConfig {
     /// [`crate::transport::SkewedPeer`]). It bounds replays across a
     /// restart; nothing else depends on clocks agreeing.
     pub max_clock_skew: Duration,
+    /// Signs this server's identity, summaries and leave with its
+    /// certificate's key (see [`crate::identity`]); `None` for observers
+    /// and for tests without certificates.
+    pub signer: Option<Arc<Signer>>,
+    /// The federation's CA: with it, members whose identity or summaries
+    /// do not verify are refused. `None` trusts whatever holds the
+    /// gossip key (tests, and observers given no CA).
+    pub trust: Option<Arc<Trust>>,
 }
 
 impl MemberConfig {
@@ -77,6 +87,8 @@ impl MemberConfig {
             dead_forget_after: Duration::from_secs(3_600),
             view_refresh: suspect_after(Duration::from_millis(GOSSIP_INTERVAL_MS)) / 4,
             max_clock_skew: Duration::from_millis(crate::seal::FRESHNESS_MS),
+            signer: None,
+            trust: None,
         }
     }
 }
@@ -158,7 +170,7 @@ impl Member {
             dead_node_grace_period: config.dead_forget_after,
         };
         let chitchat_config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(node_id, config.generation, advertise),
+            chitchat_id: ChitchatId::new(node_id.clone(), config.generation, advertise),
             cluster_id: config.federation.clone(),
             gossip_interval: config.gossip_interval,
             listen_addr: config.listen_addr,
@@ -183,14 +195,29 @@ impl Member {
         if let Some(rpc) = &config.rpc_addr {
             initial.push((keys::RPC_ADDR.to_string(), rpc.clone()));
         }
+        if let Some(signer) = &config.signer {
+            let claim = claim(&config, &node_id, advertise);
+            initial.push((keys::IDENTITY.to_string(), crate::identity::identity_value(signer, &claim)));
+        }
         let handle = Arc::new(spawn_chitchat(chitchat_config, initial, &transport).await?);
         let local_addr = {
             let c = handle.chitchat();
             let guard = c.lock().await;
             guard.self_chitchat_id().gossip_advertise_addr
         };
-        let (tx, rx) = watch::channel(Arc::new(FederationView::new(config.suspect_after.as_millis() as u64)));
-        let view_task = tokio::spawn(refresh_view(handle.chitchat(), tx, config.view_refresh, config.suspect_after));
+        let new_view = {
+            let (suspect_ms, trust, federation) =
+                (config.suspect_after.as_millis() as u64, config.trust.clone(), config.federation.clone());
+            move || {
+                let view = FederationView::new(suspect_ms);
+                match &trust {
+                    Some(t) => view.with_trust(&federation, t.clone()),
+                    None => view,
+                }
+            }
+        };
+        let (tx, rx) = watch::channel(Arc::new(new_view()));
+        let view_task = tokio::spawn(refresh_view(handle.chitchat(), tx, config.view_refresh, new_view()));
         // Rumour spreading for summaries: a member that learns a new summary
         // tells a few peers at once instead of waiting for its next round.
         let (push_tx, push_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -268,7 +295,12 @@ impl Member {
             }
             publisher.stamp(summary)
         };
-        let text = summary.encode()?;
+        let mut text = summary.encode()?;
+        if let Some(signer) = &self.config.signer {
+            let node_id = format!("{}/{}", self.config.cluster, self.config.server);
+            let claim = claim(&self.config, &node_id, self.local_addr);
+            text = crate::identity::signed_summary(signer, &claim, &text);
+        }
         self.publisher.lock().expect("publisher lock").record(summary, now_ms);
         let peers: Vec<SocketAddr> = self
             .handle
@@ -297,10 +329,17 @@ impl Member {
     /// hears it. Peers then show the server `left`, not dead; the caller
     /// stops it (or the process ends) after.
     pub async fn leave(&self) {
+        let left = match &self.config.signer {
+            Some(signer) => {
+                let node_id = format!("{}/{}", self.config.cluster, self.config.server);
+                crate::identity::signed_left(signer, &claim(&self.config, &node_id, self.local_addr))
+            }
+            None => "1".to_string(),
+        };
         let peers: Vec<SocketAddr> = self
             .handle
             .with_chitchat(|c| {
-                c.self_node_state().set(keys::LEFT, "1");
+                c.self_node_state().set(keys::LEFT, &left);
                 let me = c.self_chitchat_id().clone();
                 c.live_nodes().filter(|id| **id != me).map(|id| id.gossip_advertise_addr).collect()
             })
@@ -327,9 +366,8 @@ async fn refresh_view(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     tx: watch::Sender<Arc<FederationView>>,
     every: Duration,
-    suspect_after: Duration,
+    mut view: FederationView,
 ) {
-    let mut view = FederationView::new(suspect_after.as_millis() as u64);
     let mut changes = chitchat.lock().await.live_nodes_watcher();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -346,6 +384,7 @@ async fn refresh_view(
                 .iter()
                 .map(|(id, state)| MemberState {
                     node_id: &id.node_id,
+                    addr: id.gossip_advertise_addr,
                     generation: id.generation_id,
                     live: live.contains(id),
                     heartbeat: u64::from(state.heartbeat()),
@@ -357,7 +396,19 @@ async fn refresh_view(
                 })
                 .collect();
             let before = view.conflicts.clone();
+            let refused_before = view.refused.clone();
             let changed = view.update(&members, unix_ms());
+            for r in view.refused.iter().filter(|r| !refused_before.contains(r)) {
+                tracing::warn!(
+                    member = %r.node_id,
+                    generation = r.generation,
+                    addr = %r.addr,
+                    "gossip member {} at {} is refused: {}; it is not shown and nothing it says is used",
+                    r.node_id,
+                    r.addr,
+                    r.reason
+                );
+            }
             for c in view.conflicts.iter().filter(|c| !before.contains(c)) {
                 tracing::warn!(
                     cluster = %c.cluster,
@@ -375,6 +426,20 @@ async fn refresh_view(
         if changed && tx.send(Arc::new(view.clone())).is_err() {
             return;
         }
+    }
+}
+
+/// What this member signs its values as (see [`crate::identity::Claim`]).
+fn claim<'a>(config: &'a MemberConfig, node_id: &'a str, addr: SocketAddr) -> crate::identity::Claim<'a> {
+    crate::identity::Claim {
+        federation: &config.federation,
+        node_id,
+        generation: config.generation,
+        addr,
+        cluster: &config.cluster,
+        server: &config.server,
+        rpc_addr: config.rpc_addr.as_deref(),
+        region: &config.region,
     }
 }
 

@@ -3,9 +3,12 @@
 //! snapshot of gossip state and the time.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use cluster_core::transport::tls::Trust;
 use serde::Serialize;
 
+use crate::identity::{self, Claim, Known};
 use crate::summary::ClusterSummary;
 
 /// Gossip keys every member publishes about itself.
@@ -21,9 +24,12 @@ pub mod keys {
     /// The ids of the keys in the member's keyring, primary first, as
     /// 8-digit hex separated by commas (never the keys).
     pub const KEYS: &str = "keys";
-    /// Set (to "1") by a server that is stopping cleanly: it has left,
-    /// and is not to be waited for.
+    /// Set (to "1", signed: see [`crate::identity`]) by a server that is
+    /// stopping cleanly: it has left, and is not to be waited for.
     pub const LEFT: &str = "left";
+    /// A server's certificate and its signature of who it is (see
+    /// [`crate::identity`]).
+    pub const IDENTITY: &str = "identity";
 }
 
 /// One gossip member's state, borrowed from chitchat for one update.
@@ -31,6 +37,8 @@ pub mod keys {
 pub struct MemberState<'a> {
     pub node_id: &'a str,
     pub generation: u64,
+    /// Its gossip address, as its chitchat id gives it.
+    pub addr: std::net::SocketAddr,
     /// chitchat's phi-accrual verdict.
     pub live: bool,
     /// The member's heartbeat counter, which rises every gossip round it runs.
@@ -42,7 +50,15 @@ pub struct MemberState<'a> {
     pub summary: Option<(u64, &'a str)>,
 }
 
+/// A gossip member: its node id, generation and address (chitchat's id).
+/// Two processes may claim one node id and generation; not one address.
+type MemberKey = (String, u64, std::net::SocketAddr);
+
 impl<'a> MemberState<'a> {
+    fn key(&self) -> MemberKey {
+        (self.node_id.to_string(), self.generation, self.addr)
+    }
+
     fn get(&self, key: &str) -> Option<&'a str> {
         self.values.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
@@ -154,6 +170,53 @@ impl NameConflict {
     }
 }
 
+/// A gossip member refused, and why (for a log line and the CLI).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RefusedMember {
+    /// `cluster/server`, as it claims.
+    pub node_id: String,
+    pub generation: u64,
+    /// Its gossip address.
+    pub addr: std::net::SocketAddr,
+    pub reason: String,
+}
+
+/// How often a verified identity is checked again (a certificate expires).
+pub const IDENTITY_RECHECK_MS: u64 = 3_600_000;
+
+/// A member's identity as last verified, and what it was verified from.
+#[derive(Clone, Debug)]
+struct Checked {
+    result: Result<Known, String>,
+    message: Vec<u8>,
+    value: String,
+    checked_ms: u64,
+}
+
+fn claim_of<'a>(federation: &'a str, m: &MemberState<'a>, cluster: &'a str, server: &'a str) -> Claim<'a> {
+    Claim {
+        federation,
+        node_id: m.node_id,
+        generation: m.generation,
+        addr: m.addr,
+        cluster,
+        server,
+        rpc_addr: m.get(keys::RPC_ADDR),
+        region: m.get(keys::REGION).unwrap_or(""),
+    }
+}
+
+/// The trust and `m`'s verified identity, when the view verifies.
+fn known<'v>(
+    trust: &'v Option<Arc<Trust>>,
+    identities: &'v BTreeMap<MemberKey, Checked>,
+    m: &MemberState<'_>,
+) -> Option<(&'v Trust, &'v Known)> {
+    let trust = trust.as_deref()?;
+    let c = identities.get(&m.key())?;
+    c.result.as_ref().ok().map(|k| (trust, k))
+}
+
 /// Heartbeat progress of one gossip member, as this member saw it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Beat {
@@ -168,7 +231,7 @@ struct Beat {
     ever_live: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct FederationView {
     pub clusters: BTreeMap<String, ClusterEntry>,
     /// Summaries refused as undecodable, by cluster.
@@ -177,14 +240,40 @@ pub struct FederationView {
     pub conflicts: Vec<NameConflict>,
     /// Conflicts seen begin, since this view was made.
     pub name_conflicts_total: u64,
+    /// Members refused now, and why: an identity that does not verify
+    /// against the federation's CA, or a summary its certificate does not
+    /// back (see [`crate::identity`]). Only with a [`Trust`].
+    pub refused: Vec<RefusedMember>,
+    /// Refusals seen begin, since this view was made.
+    pub refused_total: u64,
+    #[serde(skip)]
+    trust: Option<Arc<Trust>>,
+    #[serde(skip)]
+    federation: String,
+    #[serde(skip)]
+    identities: BTreeMap<MemberKey, Checked>,
+    #[serde(skip)]
+    summary_refusals: BTreeMap<MemberKey, String>,
     #[serde(skip)]
     suspect_ms: u64,
     #[serde(skip)]
-    beats: BTreeMap<(String, u64), Beat>,
+    beats: BTreeMap<MemberKey, Beat>,
     /// The summary version last decoded per gossip member, so an unchanged
     /// summary is not decoded again on every update.
     #[serde(skip)]
-    decoded: BTreeMap<(String, u64), u64>,
+    decoded: BTreeMap<MemberKey, u64>,
+}
+
+/// Views are equal when what they show is: caches and trust aside.
+impl PartialEq for FederationView {
+    fn eq(&self, other: &Self) -> bool {
+        self.clusters == other.clusters
+            && self.bad_summaries == other.bad_summaries
+            && self.conflicts == other.conflicts
+            && self.name_conflicts_total == other.name_conflicts_total
+            && self.refused == other.refused
+            && self.refused_total == other.refused_total
+    }
 }
 
 impl FederationView {
@@ -196,10 +285,25 @@ impl FederationView {
             bad_summaries: 0,
             conflicts: Vec::new(),
             name_conflicts_total: 0,
+            refused: Vec::new(),
+            refused_total: 0,
+            trust: None,
+            federation: String::new(),
+            identities: BTreeMap::new(),
+            summary_refusals: BTreeMap::new(),
             suspect_ms,
             beats: BTreeMap::new(),
             decoded: BTreeMap::new(),
         }
+    }
+
+    /// This view, verifying every member's identity and summaries against
+    /// `trust` (the federation's CA) for federation `federation`: members
+    /// that do not verify are refused ([`FederationView::refused`]).
+    pub fn with_trust(mut self, federation: &str, trust: Arc<Trust>) -> Self {
+        self.federation = federation.to_string();
+        self.trust = Some(trust);
+        self
     }
 
     pub fn cluster(&self, name: &str) -> Option<&ClusterEntry> {
@@ -230,7 +334,7 @@ impl FederationView {
         // Heartbeat progress per gossip member, for every member at once.
         let mut beats = BTreeMap::new();
         for m in members {
-            let key = (m.node_id.to_string(), m.generation);
+            let key = m.key();
             let beat = match self.beats.get(&key) {
                 Some(b) if m.heartbeat > b.heartbeat => Beat {
                     heartbeat: m.heartbeat,
@@ -247,7 +351,7 @@ impl FederationView {
             beats.insert(key, beat);
         }
         self.beats = beats;
-        let beat = |m: &MemberState| self.beats[&(m.node_id.to_string(), m.generation)];
+        let beat = |m: &MemberState| self.beats[&m.key()];
         // Heartbeating: its heartbeat rose within the suspect window, and
         // the detector has it live or it is new (the detector needs a few
         // heartbeats before it says live; one it said live before and not
@@ -259,15 +363,42 @@ impl FederationView {
         };
 
         let mut seen: BTreeMap<&str, BTreeMap<&str, Vec<&MemberState>>> = BTreeMap::new();
+        let mut identities = BTreeMap::new();
         for m in members {
             if m.get(keys::ROLE) == Some("observer") {
                 continue;
             }
-            if let Some(cluster) = m.get(keys::CLUSTER) {
-                let server = m.get(keys::SERVER).unwrap_or(m.node_id);
-                seen.entry(cluster).or_default().entry(server).or_default().push(m);
+            let Some(cluster) = m.get(keys::CLUSTER) else { continue };
+            let server = m.get(keys::SERVER).unwrap_or(m.node_id);
+            if let Some(trust) = &self.trust {
+                let claim = claim_of(&self.federation, m, cluster, server);
+                let message = identity::identity_message(&claim);
+                let value = m.get(keys::IDENTITY).unwrap_or("");
+                let key = m.key();
+                let checked = match self.identities.remove(&key) {
+                    Some(c)
+                        if c.message == message
+                            && c.value == value
+                            && now_ms.saturating_sub(c.checked_ms) < IDENTITY_RECHECK_MS =>
+                    {
+                        c
+                    }
+                    _ => Checked {
+                        result: identity::verify_identity(trust, m.get(keys::IDENTITY), &claim, now_ms),
+                        message,
+                        value: value.to_string(),
+                        checked_ms: now_ms,
+                    },
+                };
+                let ok = checked.result.is_ok();
+                identities.insert(key, checked);
+                if !ok {
+                    continue;
+                }
             }
+            seen.entry(cluster).or_default().entry(server).or_default().push(m);
         }
+        self.identities = identities;
         for entry in self.clusters.values_mut() {
             // A server gossip no longer reports (forgotten after death) is not live.
             for server in entry.servers.values_mut() {
@@ -353,7 +484,12 @@ impl FederationView {
                     heartbeat_seen_ms: beat(m).seen_ms,
                     keys: m.get(keys::KEYS).map(parse_key_ids).unwrap_or_default(),
                     state: Liveness::Alive,
-                    left: m.get(keys::LEFT).is_some_and(|v| v == "1"),
+                    left: m.get(keys::LEFT).is_some_and(|v| match known(&self.trust, &self.identities, m) {
+                        Some((trust, known)) => {
+                            identity::verify_left(trust, known, &claim_of(&self.federation, m, cluster, name), v)
+                        }
+                        None => identity::split(v).0 == "1",
+                    }),
                     was_live: false,
                 };
                 match entry.servers.get_mut(name) {
@@ -375,22 +511,46 @@ impl FederationView {
                 // are gone; never a live rival's.
                 for g in group.iter().filter(|g| (std::ptr::eq(**g, m) && settled) || !g.live) {
                     let Some((version, text)) = g.summary else { continue };
-                    let key = (g.node_id.to_string(), g.generation);
+                    let key = g.key();
                     if self.decoded.get(&key) == Some(&version) {
                         continue;
                     }
-                    self.decoded.insert(key, version);
-                    match ClusterSummary::decode(text) {
-                        Ok(s) if s.cluster == cluster => {
-                            if entry.summary.as_ref().is_none_or(|old| s.supersedes(old)) {
-                                entry.summary = Some(s);
-                                entry.leader = Some(name.to_string());
-                                entry.leader_generation = g.generation;
-                                entry.summary_received_ms = now_ms;
-                                changed = true;
+                    self.decoded.insert(key.clone(), version);
+                    let (text, sig) = identity::split(text);
+                    let decoded = ClusterSummary::decode(text);
+                    let refusal = match (&decoded, known(&self.trust, &self.identities, g)) {
+                        (Ok(s), _) if s.cluster != cluster => Some(format!("a summary for cluster {}", s.cluster)),
+                        (Ok(s), Some((trust, known))) => {
+                            let claim = claim_of(&self.federation, g, cluster, name);
+                            let allowed = &known.verified.jurisdictions;
+                            let over: Vec<&String> = s.jurisdictions.iter().filter(|j| !allowed.contains(j)).collect();
+                            if !identity::verify_summary(trust, known, &claim, text, sig) {
+                                Some("a summary whose signature does not verify".to_string())
+                            } else if !over.is_empty() {
+                                Some(format!(
+                                    "a summary claiming jurisdictions {over:?} its certificate does not allow \
+                                     (it allows {allowed:?})"
+                                ))
+                            } else {
+                                None
                             }
                         }
-                        _ => self.bad_summaries += 1,
+                        (Ok(_), None) => None,
+                        (Err(e), _) => Some(format!("a summary that does not decode: {e}")),
+                    };
+                    if let Some(why) = refusal {
+                        self.bad_summaries += 1;
+                        self.summary_refusals.insert(key, why);
+                        continue;
+                    }
+                    self.summary_refusals.remove(&key);
+                    let Ok(s) = decoded else { continue };
+                    if entry.summary.as_ref().is_none_or(|old| s.supersedes(old)) {
+                        entry.summary = Some(s);
+                        entry.leader = Some(name.to_string());
+                        entry.leader_generation = g.generation;
+                        entry.summary_received_ms = now_ms;
+                        changed = true;
                     }
                 }
             }
@@ -403,6 +563,21 @@ impl FederationView {
         changed |= conflicts != self.conflicts;
         self.conflicts = conflicts;
         self.decoded.retain(|key, _| self.beats.contains_key(key));
+        self.summary_refusals.retain(|key, _| self.beats.contains_key(key));
+        let mut refused: Vec<RefusedMember> = Vec::new();
+        for ((node_id, generation, addr), c) in &self.identities {
+            if let Err(reason) = &c.result {
+                let (node_id, generation, addr, reason) = (node_id.clone(), *generation, *addr, reason.clone());
+                refused.push(RefusedMember { node_id, generation, addr, reason });
+            }
+        }
+        for ((node_id, generation, addr), why) in &self.summary_refusals {
+            let (node_id, generation, addr) = (node_id.clone(), *generation, *addr);
+            refused.push(RefusedMember { node_id, generation, addr, reason: format!("it gossips {why}") });
+        }
+        self.refused_total += refused.iter().filter(|r| !self.refused.contains(r)).count() as u64;
+        changed |= refused != self.refused;
+        self.refused = refused;
         for entry in self.clusters.values_mut() {
             changed |= entry.servers.values().any(|s| s.was_live != s.live);
             for s in entry.servers.values_mut() {
@@ -485,7 +660,15 @@ mod tests {
         ];
         // The summary's version: its term and time, enough to tell versions apart here.
         let summary = s.map(|s| (s.incarnation * 1_000_000 + s.term * 1_000 + s.version, leak(s.encode().unwrap())));
-        MemberState { node_id: leak(format!("{cluster}/{server}")), generation, live, heartbeat: 0, values, summary }
+        MemberState {
+            node_id: leak(format!("{cluster}/{server}")),
+            generation,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            live,
+            heartbeat: 0,
+            values,
+            summary,
+        }
     }
 
     #[test]

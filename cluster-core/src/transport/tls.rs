@@ -156,9 +156,22 @@ pub fn issue(ca: &PemPair, identity: &Identity, days: u32) -> Result<PemPair, Tl
 /// addresses: those its API is reached by). An agent's names none of
 /// these: it cannot pass for an API server.
 pub fn issue_with_names(ca: &PemPair, identity: &Identity, days: u32, names: &[String]) -> Result<PemPair, TlsError> {
+    issue_server(ca, identity, days, names, &[])
+}
+
+/// [`issue_with_names`], a server's certificate also naming the
+/// jurisdictions its cluster may claim in gossip (see
+/// [`jurisdictions_of`]); an agent's names none.
+pub fn issue_server(
+    ca: &PemPair,
+    identity: &Identity,
+    days: u32,
+    names: &[String],
+    jurisdictions: &[String],
+) -> Result<PemPair, TlsError> {
     let now = time::OffsetDateTime::now_utc();
     let from = now - time::Duration::hours(1);
-    issue_named(ca, identity, from, now + time::Duration::days(i64::from(days)), names)
+    issue_named(ca, identity, from, now + time::Duration::days(i64::from(days)), names, jurisdictions)
 }
 
 /// Issues a certificate valid between two instants (tests use this for
@@ -169,7 +182,7 @@ pub fn issue_between(
     not_before: time::OffsetDateTime,
     not_after: time::OffsetDateTime,
 ) -> Result<PemPair, TlsError> {
-    issue_named(ca, identity, not_before, not_after, &[])
+    issue_named(ca, identity, not_before, not_after, &[], &[])
 }
 
 fn issue_named(
@@ -178,6 +191,7 @@ fn issue_named(
     not_before: time::OffsetDateTime,
     not_after: time::OffsetDateTime,
     names: &[String],
+    jurisdictions: &[String],
 ) -> Result<PemPair, TlsError> {
     if !valid_label(&identity.cluster) {
         return Err(TlsError::Name(identity.cluster.clone()));
@@ -199,6 +213,13 @@ fn issue_named(
             if !params.subject_alt_names.contains(&san) {
                 params.subject_alt_names.push(san);
             }
+        }
+        for j in jurisdictions {
+            if !valid_label(j) {
+                return Err(TlsError::Name(j.clone()));
+            }
+            let uri = format!("{URI_SCHEME}{}/{JURISDICTION_ROLE}/{j}", identity.cluster);
+            params.subject_alt_names.push(SanType::URI(uri.try_into()?));
         }
     }
     params.distinguished_name.push(DnType::CommonName, identity.to_string());
@@ -296,6 +317,138 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
     })
 }
 
+/// The role word in the URI that names a jurisdiction a cluster may
+/// claim: `hanse://CLUSTER/jurisdiction/NAME`.
+pub const JURISDICTION_ROLE: &str = "jurisdiction";
+
+/// The jurisdictions a (verified) certificate lets its cluster claim: the
+/// names of its `hanse://CLUSTER/jurisdiction/NAME` URIs for the cluster
+/// its identity names. None for a certificate that names none.
+pub fn jurisdictions_of(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Some(identity) = identity_of(cert) else { return Vec::new() };
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Vec::new() };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else { return Vec::new() };
+    let prefix = format!("{URI_SCHEME}{}/{JURISDICTION_ROLE}/", identity.cluster);
+    let mut out: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(&prefix),
+            _ => None,
+        })
+        .filter(|j| valid_label(j))
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Signature schemes a [`Signer`] may use, best first.
+const SCHEMES: [rustls::SignatureScheme; 5] = [
+    rustls::SignatureScheme::ED25519,
+    rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+    rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+    rustls::SignatureScheme::RSA_PSS_SHA256,
+    rustls::SignatureScheme::RSA_PKCS1_SHA256,
+];
+
+/// Signs what a server publishes beyond TLS (its gossip identity and
+/// summaries) with its certificate's key, so that any member can check it
+/// against the federation's CA ([`Trust`]).
+pub struct Signer {
+    cert: CertificateDer<'static>,
+    signer: Box<dyn rustls::sign::Signer>,
+}
+
+impl fmt::Debug for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signer({:?})", identity_of(&self.cert))
+    }
+}
+
+impl Signer {
+    /// The signer of `pair`'s key, its certificate the first of the file.
+    pub fn new(pair: &PemPair) -> Result<Signer, TlsError> {
+        let cert = certs(&pair.cert_pem, "certificate")?.swap_remove(0);
+        let key = key(&pair.key_pem, "key")?;
+        let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| TlsError::Config(format!("the key cannot sign: {e}")))?;
+        let signer = signing
+            .choose_scheme(&SCHEMES)
+            .ok_or_else(|| TlsError::Config("the key's type signs with no scheme Hanse verifies".into()))?;
+        Ok(Signer { cert, signer })
+    }
+
+    /// The certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        self.cert.as_ref()
+    }
+
+    /// The TLS signature scheme (its IANA number) signatures are made with.
+    pub fn scheme(&self) -> u16 {
+        u16::from(self.signer.scheme())
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        // ring's signers fail only on a broken random source.
+        self.signer.sign(message).expect("signing with a loaded key")
+    }
+}
+
+/// What a certificate verified by [`Trust`] says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub identity: Identity,
+    /// See [`jurisdictions_of`].
+    pub jurisdictions: Vec<String>,
+}
+
+/// The federation's CA, for checking certificates and signatures that
+/// arrive outside TLS (gossip). Pure: the time is an input.
+pub struct Trust {
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Trust { .. }")
+    }
+}
+
+impl Trust {
+    pub fn new(ca_pem: &str) -> Result<Trust, TlsError> {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Trust { verifier, algorithms: provider().signature_verification_algorithms })
+    }
+
+    /// Checks that `cert_der` was issued by the CA and is valid at
+    /// `now_ms` (unix milliseconds); returns the identity it names and the
+    /// jurisdictions it allows. Errors say why, for a log line.
+    pub fn verify_cert(&self, cert_der: &[u8], now_ms: u64) -> Result<Verified, String> {
+        let cert = CertificateDer::from(cert_der);
+        let now = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_millis(now_ms));
+        self.verifier.verify_client_cert(&cert, &[], now).map_err(|e| e.to_string())?;
+        let identity = identity_of(&cert).ok_or("the certificate names no hanse:// identity")?;
+        Ok(Verified { jurisdictions: jurisdictions_of(&cert), identity })
+    }
+
+    /// Whether `signature` over `message` was made, with `scheme` (see
+    /// [`Signer::scheme`]), by the key of `cert_der`.
+    pub fn verify_signature(&self, cert_der: &[u8], scheme: u16, message: &[u8], signature: &[u8]) -> bool {
+        let cert = CertificateDer::from(cert_der);
+        let Ok(ee) = webpki::EndEntityCert::try_from(&cert) else { return false };
+        let scheme = rustls::SignatureScheme::from(scheme);
+        let Some((_, algorithms)) = self.algorithms.mapping.iter().find(|(s, _)| *s == scheme) else { return false };
+        algorithms.iter().any(|alg| ee.verify_signature(*alg, message, signature).is_ok())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +466,29 @@ mod tests {
         ] {
             assert_eq!(Identity::from_uri(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn signatures_and_jurisdictions_verify_against_the_ca_only() {
+        let ca = create_ca("f", 1).unwrap();
+        let id = Identity::new("eu-west", Role::Server, "s1");
+        let pair = issue_server(&ca, &id, 1, &[], &["eu".into(), "gdpr".into()]).unwrap();
+        let signer = Signer::new(&pair).unwrap();
+        let trust = Trust::new(&ca.cert_pem).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() as u64 * 1_000;
+        let v = trust.verify_cert(signer.cert_der(), now).unwrap();
+        assert_eq!((v.identity, v.jurisdictions), (id.clone(), vec!["eu".to_string(), "gdpr".to_string()]));
+        let sig = signer.sign(b"summary");
+        assert!(trust.verify_signature(signer.cert_der(), signer.scheme(), b"summary", &sig));
+        assert!(!trust.verify_signature(signer.cert_der(), signer.scheme(), b"summarY", &sig), "tampered");
+        let other = Signer::new(&issue(&ca, &id, 1).unwrap()).unwrap();
+        assert!(!trust.verify_signature(other.cert_der(), other.scheme(), b"summary", &sig), "another key");
+        assert!(jurisdictions_of(&CertificateDer::from(other.cert_der())).is_empty(), "none unless issued");
+        // Another federation's CA, and a certificate out of its dates.
+        let stranger = Signer::new(&issue(&create_ca("f", 1).unwrap(), &id, 1).unwrap()).unwrap();
+        assert!(trust.verify_cert(stranger.cert_der(), now).is_err());
+        assert!(trust.verify_cert(signer.cert_der(), now + 3 * 86_400_000).is_err(), "expired");
+        assert!(issue_server(&ca, &id, 1, &[], &["not a label".into()]).is_err());
     }
 
     #[test]
