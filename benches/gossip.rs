@@ -4,7 +4,8 @@
 //! every member (p50, p99), time until a killed member is dead everywhere,
 //! idle CPU, and how often a member cut off for 1.5 s (as a paused process
 //! is: nothing in, nothing out) was taken for dead by anyone. Ends with
-//! `name: value` lines.
+//! `name: value` lines. Every member signs its identity and summaries and
+//! checks everyone else's against one CA, as servers do.
 //!
 //! `HANSE_BENCH_GOSSIP_INTERVAL_MS`, `HANSE_BENCH_PHI` and
 //! `HANSE_BENCH_VIEW_REFRESH_MS` override the member defaults, to explore
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cluster_core::resources::Resources;
+use cluster_core::transport::tls;
 use gossip::net::{DatagramNet, DatagramSocket, UdpNet};
 use gossip::summary::{ClassCapacity, ClusterSummary};
 use gossip::transport::unix_ms;
@@ -131,12 +133,20 @@ async fn run(n: usize, figures: &mut BTreeMap<String, String>) {
     let pausable = PausableNet::default();
     let net: Arc<dyn DatagramNet> = Arc::new(pausable.clone());
     let ring = Keyring::new(Key::generate());
+    // Signed identities and summaries, checked against the CA, as
+    // servers gossip.
+    let ca = tls::create_ca("bench", 1).expect("a CA");
+    let trust = Arc::new(tls::Trust::new(&ca.cert_pem).expect("trust"));
     let mut members: Vec<Member> = Vec::new();
     let mut seeds: Vec<String> = Vec::new();
     let spawn = Instant::now();
     for i in 0..n {
         let mut c = MemberConfig::new("bench", &format!("cluster-{i:03}"), "server-1", "127.0.0.1:0".parse().unwrap());
         c.seeds = seeds.clone();
+        let id = tls::Identity::new(&c.cluster, tls::Role::Server, &c.server);
+        let pair = tls::issue_server(&ca, &id, 1, &[], &["eu".into()]).expect("a cert");
+        c.signer = Some(Arc::new(tls::Signer::new(&pair).expect("a signer")));
+        c.trust = Some(trust.clone());
         if let Some(ms) = env_u64("HANSE_BENCH_GOSSIP_INTERVAL_MS") {
             c.gossip_interval = Duration::from_millis(ms);
         }

@@ -136,7 +136,14 @@ fn read_config(file: &SourceFile) -> spec::Checked<ServerConfig> {
         s.path = "[server]".into();
         let name = read_label(&mut s, d, "name", "\"s1\"");
         let cluster = read_label(&mut s, d, "cluster", "\"eu-west\"");
-        let region = s.str(d, "region").map_or_else(String::new, |(r, _)| r.to_string());
+        let region = match s.str(d, "region") {
+            Some((r, span)) if !valid_label(r) => {
+                d.error_hint(span, format!("region `{r}` is not a label"), "use 1 to 63 letters, digits and `-`");
+                String::new()
+            }
+            Some((r, _)) => r.to_string(),
+            None => String::new(),
+        };
         let http_tls = s.bool(d, "http_tls").is_none_or(|(t, _)| t);
         let id = match s.int(d, "id") {
             Some((n, _)) if n > 0 => Some(n as u64),
@@ -316,6 +323,20 @@ pub(crate) fn read_label(t: &mut Table, d: &mut Diagnostics, key: &'static str, 
     })
 }
 
+/// This start's gossip generation: the time in unix milliseconds, or one
+/// more than the last start's if that is higher (a clock stepped back), so
+/// a server's generations only grow and an old one is never taken for the
+/// newest. Kept in `DATA_DIR/gossip-generation`.
+fn next_generation(data_dir: &std::path::Path) -> anyhow::Result<u64> {
+    let path = data_dir.join("gossip-generation");
+    let last = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or(0);
+    let next = gossip::transport::unix_ms().max(last.saturating_add(1));
+    let tmp = data_dir.join("gossip-generation.tmp");
+    std::fs::write(&tmp, format!("{next}\n")).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(next)
+}
+
 /// The signer and trust a server gossips with: its certificate must name
 /// this cluster and server, and allow every jurisdiction `[gossip]`
 /// claims (peers refuse a summary that claims more).
@@ -462,6 +483,7 @@ pub async fn run(c: ServerConfig) -> anyhow::Result<Outcome> {
             mc.region = c.region.clone();
             mc.seeds = g.seeds.clone();
             mc.max_clock_skew = g.max_clock_skew;
+            mc.generation = next_generation(&c.data_dir)?;
             mc.rpc_addr = Some(c.bind.to_string());
             if let Some((signer, trust)) = &gossip_identity {
                 mc.signer = Some(signer.clone());

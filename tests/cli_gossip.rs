@@ -335,7 +335,11 @@ fn shown(observer: &Member, cluster: &str) -> Option<(u32, u64)> {
 
 /// Simulated nodes from the example fleet registered with `api`.
 fn nodes(f: &Federation, name: &str, api: &str, count: u32) -> Bg {
-    let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fleets/eu-west.toml");
+    nodes_of(f, name, api, concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fleets/eu-west.toml"), count)
+}
+
+/// Simulated nodes of `fleet` (a fleet file) registered with `api`.
+fn nodes_of(f: &Federation, name: &str, api: &str, fleet: &str, count: u32) -> Bg {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hanse"));
     c.env("HANSE_ADDR", api).env("HANSE_TOKEN", common::TOKEN).env("HANSE_CACERT", f.dir.join("pki/ca.pem")).args([
         "node",
@@ -521,5 +525,61 @@ async fn impostors() {
     assert!(said.contains("server name us-east/s1 is claimed by 2 live members"), "{said}");
     assert!(said.contains(&format!("gossip member us-east/s1 at {impostor_at} is refused")), "{said}");
     impostor.shutdown().await.unwrap();
+    observer.shutdown().await.unwrap();
+}
+
+/// Summaries that fit. A fleet of 12 GPU models was summarised as 8 (64 of
+/// 96 GPUs), and one of 30 long class names made a summary over the 4 KB
+/// bound: never republished, an error every 500 ms, peers kept the first,
+/// empty one. Now every node and GPU is counted, all 12 models are named,
+/// the cut names are flagged, and the server warns once.
+#[test]
+fn a_varied_fleet_is_summarised_whole_with_one_warning() {
+    let _alone = one_at_a_time();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(varied());
+}
+
+async fn varied() {
+    let f = Federation::start("varied", &["varied"], &[]);
+    let observer = f.observer().await;
+    until(&observer, "varied", Liveness::Alive, Duration::from_secs(30)).await;
+    let api = f.api("varied");
+    let mut fleet = String::from("[fleet]\nname = \"varied\"\n");
+    for i in 0..30 {
+        fleet.push_str(&format!(
+            "[[class]]\nname = \"{}-{i:02}\"\ncount = 1\ncpu = 16\nmemory = \"64GiB\"\n\
+             gpus = {{ model = \"accelerator-model-{:02}\", count = 8 }}\n",
+            "a-rack-class-with-a-name-far-longer-than-gossip-wants".repeat(2),
+            i % 12
+        ));
+    }
+    let file = f.dir.join("varied-fleet.toml");
+    std::fs::write(&file, fleet).unwrap();
+    let _nodes = nodes_of(&f, "varied", &api, file.to_str().unwrap(), 30);
+    let start = Instant::now();
+    let summary = loop {
+        let s = observer.view().cluster("varied").and_then(|c| c.summary.clone());
+        if let Some(s) = s.filter(|s| s.nodes_ready == 30) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "30 nodes not shown: {:?}",
+            observer.view().cluster("varied")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(gossip::summary::ClusterSummary::decode(&summary.encode().unwrap()).is_ok());
+    assert_eq!(summary.gpus.len(), 12, "every model named: {:?}", summary.gpus);
+    assert_eq!(summary.free_gpus(), 240, "every GPU counted");
+    assert!(summary.free_gpus_of("accelerator-model-11") >= 8);
+    assert_eq!(summary.total().cpu_millis, 30 * 16_000);
+    assert_eq!(summary.folded.names_cut, 30, "{}", summary.folded);
+    // A few more publications' time: one warning, no error.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = std::fs::read_to_string(f.dir.join("varied.log")).unwrap();
+    assert_eq!(log.matches("does not fit a 4096-byte summary").count(), 1, "{log}");
+    assert!(!log.contains("cannot publish the cluster's summary"), "{log}");
     observer.shutdown().await.unwrap();
 }

@@ -199,13 +199,18 @@ impl GossipTrouble {
             ));
         }
         for r in &self.refused {
-            out.push(format!("gossip member {} at {} is refused: {}", r.node_id, r.addr, r.reason));
+            out.push(format!(
+                "gossip member {} at {} is refused: {}",
+                r.node_id.escape_debug(),
+                r.addr,
+                r.reason.escape_debug()
+            ));
         }
         for c in &self.name_conflicts {
             out.push(format!(
                 "server name {}/{} is claimed by {} live members: generation {} holds it, {:?} refused",
-                c.cluster,
-                c.server,
+                c.cluster.escape_debug(),
+                c.server.escape_debug(),
                 1 + c.rivals.len(),
                 c.holder,
                 c.rivals

@@ -4,18 +4,22 @@
 //! withdraws its summary, and peers keep the last one until a newer one
 //! supersedes it. Every server gossips its Raft term.
 //!
-//! Summaries are ordered by (incarnation, term, version), never by a
-//! clock (see [`ClusterSummary::supersedes`]). The incarnation is found,
-//! not stored: a leader that sees its cluster shown with a summary that
-//! beats its own, from a publisher that is gone, takes that summary's
-//! incarnation, one more if that summary's term is not below its own (a
-//! cluster rebuilt on empty disks counts terms from 1 again). As SWIM's
-//! members refute a rumour with a higher incarnation.
+//! Summaries are ordered by (incarnation, term, version) (see
+//! [`ClusterSummary::supersedes`]). The incarnation is a record in the
+//! cluster's log ([`INCARNATION_RECORD`]), so every leader of the cluster
+//! publishes with it. The first leader of a cluster's life sets it to the
+//! time in unix milliseconds, read once (a cluster rebuilt on empty disks,
+//! counting terms from 1 again, so starts above its old life), or above
+//! what the federation shows for the cluster if that is higher. A leader
+//! shown a summary of its cluster that beats its own, from a publisher
+//! that is gone, raises it above that summary's (as SWIM's members refute
+//! a rumour with a higher incarnation); so no clock is trusted to be right.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_core::server::Inner;
+use cluster_core::server::rpc::Write;
 use gossip::Member;
 use gossip::summary::ClusterSummary;
 use gossip::transport::unix_ms;
@@ -71,10 +75,37 @@ pub fn incarnation(
         // An earlier leader's, of this life of the cluster or not: our
         // term wins within its incarnation.
         Incarnation::Take(best.incarnation)
-    } else if !entry.publisher_present() {
-        Incarnation::Take(best.incarnation + 1)
+    } else if let Some(next) = best.incarnation.checked_add(1).filter(|_| !entry.publisher_present()) {
+        Incarnation::Take(next)
     } else {
         Incarnation::Rival { server: entry.leader.clone().unwrap_or_default() }
+    }
+}
+
+/// The record under which a cluster's log holds its gossip incarnation
+/// (a decimal number).
+pub const INCARNATION_RECORD: &str = "gossip/incarnation";
+
+/// The incarnation the cluster's log holds, if any.
+fn stored_incarnation(server: &Inner) -> Option<u64> {
+    server.raft.read(|s| s.record(INCARNATION_RECORD).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()))
+}
+
+/// Commits `next` as the incarnation if the log still holds `expect`;
+/// says whether it did (a lost race or a lost leadership is retried on
+/// the next tick).
+async fn store_incarnation(server: &Inner, expect: Option<u64>, next: u64) -> bool {
+    let swap = Write::Swap {
+        holder: INCARNATION_RECORD.into(),
+        expect: expect.map(|i| i.to_string().into_bytes()),
+        record: next.to_string().into_bytes(),
+    };
+    match server.write(swap).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot commit the gossip incarnation yet");
+            false
+        }
     }
 }
 
@@ -82,7 +113,7 @@ pub fn incarnation(
 pub async fn publish(server: Arc<Inner>, member: Arc<Member>, me: Identity) {
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut leading, mut term, mut current) = (false, 0, 0);
+    let (mut leading, mut term) = (false, 0);
     let mut folded_warned = false;
     let mut rival_logged: Option<Instant> = None;
     let (cluster, name, generation) =
@@ -96,26 +127,39 @@ pub async fn publish(server: Arc<Inner>, member: Arc<Member>, me: Identity) {
         }
         let now = status.leader == Some(server.id);
         if now {
-            match incarnation(member.view().cluster(&cluster), &name, generation, current, term) {
-                Incarnation::Keep => {}
-                Incarnation::Take(i) => {
-                    tracing::info!(
-                        incarnation = i,
-                        term,
-                        "the federation shows this cluster with an older life's summary; publishing as incarnation {i}"
-                    );
-                    current = i;
-                }
+            let stored = stored_incarnation(&server);
+            let mut current = stored.unwrap_or(0);
+            let view = member.view();
+            let wanted = match incarnation(view.cluster(&cluster), &name, generation, current, term) {
+                Incarnation::Take(i) if i > current => Some(i),
                 Incarnation::Rival { server } => {
                     if rival_logged.is_none_or(|t| t.elapsed() >= RIVAL_LOG_EVERY) {
                         tracing::warn!(
-                            %server,
+                            server = ?server,
                             term,
-                            "a live server `{server}` publishes summaries for this cluster's name that win over \
-                             this leader's; if it is not a server of this cluster, two clusters share the name `{cluster}`"
+                            "a live server {server:?} publishes summaries for this cluster's name that win over \
+                             this leader's; if it is not a server of this cluster, two clusters share the name \
+                             `{cluster}`"
                         );
                         rival_logged = Some(Instant::now());
                     }
+                    None
+                }
+                _ => None,
+            };
+            // A cluster's first life starts at the time; a shown summary
+            // of an older life raises it.
+            let next = match (stored, wanted) {
+                (None, w) => Some(w.unwrap_or(0).max(unix_ms())),
+                (Some(_), w) => w,
+            };
+            if let Some(next) = next {
+                if store_incarnation(&server, stored, next).await {
+                    tracing::info!(incarnation = next, term, "this cluster gossips as incarnation {next}");
+                    current = next;
+                } else {
+                    leading = now;
+                    continue;
                 }
             }
             let mut summary = server.raft.read(|s| {

@@ -400,25 +400,25 @@ async fn refresh_view(
             let changed = view.update(&members, unix_ms());
             for r in view.refused.iter().filter(|r| !refused_before.contains(r)) {
                 tracing::warn!(
-                    member = %r.node_id,
+                    member = ?r.node_id,
                     generation = r.generation,
                     addr = %r.addr,
                     "gossip member {} at {} is refused: {}; it is not shown and nothing it says is used",
-                    r.node_id,
+                    r.node_id.escape_debug(),
                     r.addr,
-                    r.reason
+                    r.reason.escape_debug()
                 );
             }
             for c in view.conflicts.iter().filter(|c| !before.contains(c)) {
                 tracing::warn!(
-                    cluster = %c.cluster,
-                    server = %c.server,
+                    cluster = ?c.cluster,
+                    server = ?c.server,
                     holder = c.holder,
                     rivals = ?c.rivals,
                     "two live gossip members claim the server name {}/{}: the one first seen keeps it, the \
                      other's summaries are refused; give every server its own name",
-                    c.cluster,
-                    c.server
+                    c.cluster.escape_debug(),
+                    c.server.escape_debug()
                 );
             }
             changed

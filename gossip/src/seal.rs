@@ -210,6 +210,11 @@ impl Opener {
         let plaintext = cipher
             .decrypt(&nonce(&sender, counter), Payload { msg: sealed, aad: header })
             .map_err(|_| Reject::BadTag)?;
+        // A counter seen before is a replay, whatever its time: only a new
+        // datagram's time says something about its sender's clock.
+        if self.windows.get(&sender).is_some_and(|w| !w.fresh(counter)) {
+            return Err(Reject::Replay);
+        }
         if sent_ms.abs_diff(now_ms) > self.max_skew_ms {
             let offset_ms = (i128::from(sent_ms) - i128::from(now_ms)).clamp(i64::MIN.into(), i64::MAX.into()) as i64;
             return Err(Reject::Skewed { offset_ms, from });

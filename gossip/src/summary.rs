@@ -21,6 +21,10 @@ pub const SUMMARY_TAGS_MAX: usize = 16;
 /// Bytes of a class name a summary keeps; longer names are cut (on a
 /// character boundary) and end in `~`, once whole names do not fit.
 pub const CLASS_NAME_MAX: usize = 32;
+/// Bytes the incarnation and version, set after [`ClusterSummary::fit`],
+/// may add to an encoding (two varints of up to 9 bytes each, in place of
+/// one-byte zeros): `fit` leaves room for them.
+pub const STAMP_BYTES_MAX: usize = 16;
 /// The name of the class that stands for the classes folded together.
 pub const OTHER_CLASS: &str = "other";
 
@@ -252,11 +256,13 @@ impl ClusterSummary {
     /// merge into [`OTHER_CLASS`], then the GPU models with the fewest
     /// GPUs merge into [`ClusterSummary::other_gpus`]. Node, cpu, memory
     /// and GPU totals stay exact; [`ClusterSummary::folded`] counts what
-    /// went. Always fits: names are labels of at most 63 bytes and at most
-    /// [`SUMMARY_TAGS_MAX`] tags are kept, so a summary of one class and
-    /// no named GPU model is under a quarter of the bound.
+    /// went. Always fits, with [`STAMP_BYTES_MAX`] to spare for the
+    /// stamps set after: the cluster, region and jurisdictions are labels
+    /// of at most 63 bytes (the server's configuration is checked) and at
+    /// most [`SUMMARY_TAGS_MAX`] tags are kept, so a summary of one class
+    /// and no named GPU model is under a quarter of the bound.
     pub fn fit(mut self) -> ClusterSummary {
-        let size = |s: &ClusterSummary| codec::encode(s).len();
+        let size = |s: &ClusterSummary| codec::encode(s).len() + STAMP_BYTES_MAX;
         if size(&self) <= SUMMARY_BYTES_MAX {
             return self;
         }
@@ -412,7 +418,8 @@ impl ClusterSummary {
             .gpus
             .iter()
             .zip(&last.gpus)
-            .any(|(a, b)| a.model != b.model || moved(a.free.into(), b.free.into(), a.total.into()));
+            .any(|(a, b)| a.model != b.model || moved(a.free.into(), b.free.into(), a.total.into()))
+            || moved(self.other_gpus.free.into(), last.other_gpus.free.into(), self.other_gpus.total.into());
         let pending = self.pending_allocs.abs_diff(last.pending_allocs) as f64
             > (threshold * self.running_allocs as f64).max(0.5);
         classes || gpus || pending
@@ -574,7 +581,9 @@ mod tests {
         let long = |i: usize| format!("a-class-name-far-longer-than-anyone-would-want-to-read-{i:04}");
         for (classes, models) in [(30, 30), (200, 20), (2_000, 2_000), (1, 1)] {
             let state = fleet(classes, long, |i| format!("gpu-model-with-a-long-name-{:04}", i % models));
-            let s = ClusterSummary::build("big", "r", 1, 0, &["eu".into()], &state);
+            let mut s = ClusterSummary::build("big", "r", 1, 0, &["eu".into()], &state);
+            // Stamped with the largest incarnation and version there are.
+            (s.incarnation, s.version) = (u64::MAX, u64::MAX);
             let bytes = codec::encode(&s).len();
             assert!(bytes <= SUMMARY_BYTES_MAX, "{classes} classes: {bytes} bytes");
             assert!(s.encode().is_ok());

@@ -133,7 +133,8 @@ impl GossipMetrics {
                 peer = %from,
                 offset_ms,
                 refused = p.datagrams,
-                "gossip from {from} is refused: its clock is {} {} this server's, more than the {} tolerated                  (`[gossip] max_clock_skew`); fix the clock (NTP) on one side",
+                "gossip from {from} is refused: its clock is {} {} this server's, more than the {} tolerated \
+                 (`[gossip] max_clock_skew`); fix the clock (NTP) on one side",
                 fmt_offset(offset_ms.unsigned_abs()),
                 if offset_ms > 0 { "ahead of" } else { "behind" },
                 fmt_offset(bound_ms),

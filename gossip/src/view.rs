@@ -181,6 +181,9 @@ pub struct RefusedMember {
     pub reason: String,
 }
 
+/// Refused members a view lists (and counts) at most.
+pub const REFUSED_SHOWN_MAX: usize = 64;
+
 /// How often a verified identity is checked again (a certificate expires).
 pub const IDENTITY_RECHECK_MS: u64 = 3_600_000;
 
@@ -231,7 +234,7 @@ struct Beat {
     ever_live: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct FederationView {
     pub clusters: BTreeMap<String, ClusterEntry>,
     /// Summaries refused as undecodable, by cluster.
@@ -258,10 +261,34 @@ pub struct FederationView {
     suspect_ms: u64,
     #[serde(skip)]
     beats: BTreeMap<MemberKey, Beat>,
+    /// Members that lost a contest for a name: their summaries are never
+    /// merged, not even as last words.
+    #[serde(skip)]
+    rivals: std::collections::BTreeSet<MemberKey>,
+    /// Generations a newer one replaced, uncontested.
+    #[serde(skip)]
+    retired: std::collections::BTreeSet<MemberKey>,
     /// The summary version last decoded per gossip member, so an unchanged
     /// summary is not decoded again on every update.
     #[serde(skip)]
     decoded: BTreeMap<MemberKey, u64>,
+}
+
+/// A copy of what the view shows, for readers: the caches it keeps to
+/// update itself stay behind (a reader's copy is not updated), so a copy
+/// per change costs what is shown, not every certificate held.
+impl Clone for FederationView {
+    fn clone(&self) -> Self {
+        FederationView {
+            clusters: self.clusters.clone(),
+            bad_summaries: self.bad_summaries,
+            conflicts: self.conflicts.clone(),
+            name_conflicts_total: self.name_conflicts_total,
+            refused: self.refused.clone(),
+            refused_total: self.refused_total,
+            ..FederationView::new(self.suspect_ms)
+        }
+    }
 }
 
 /// Views are equal when what they show is: caches and trust aside.
@@ -293,6 +320,8 @@ impl FederationView {
             summary_refusals: BTreeMap::new(),
             suspect_ms,
             beats: BTreeMap::new(),
+            rivals: Default::default(),
+            retired: Default::default(),
             decoded: BTreeMap::new(),
         }
     }
@@ -353,19 +382,24 @@ impl FederationView {
         self.beats = beats;
         let beat = |m: &MemberState| self.beats[&m.key()];
         // Heartbeating: its heartbeat rose within the suspect window, and
-        // the detector has it live or it is new (the detector needs a few
-        // heartbeats before it says live; one it said live before and not
-        // now is dead).
+        // the detector has it live or it is new and rose once (the
+        // detector needs a few heartbeats before it says live; one it said
+        // live before and not now is dead); and it was not replaced by a
+        // newer generation (a replay of an old one does not come back).
         let beating = |m: &MemberState| {
             let b = beat(m);
-            let new = !b.ever_live && now_ms.saturating_sub(b.first_ms) < suspect_ms;
-            now_ms.saturating_sub(b.seen_ms) < suspect_ms && (m.live || new)
+            let new = !b.ever_live && b.seen_ms > b.first_ms && now_ms.saturating_sub(b.first_ms) < suspect_ms;
+            now_ms.saturating_sub(b.seen_ms) < suspect_ms && (m.live || new) && !self.retired.contains(&m.key())
         };
 
         let mut seen: BTreeMap<&str, BTreeMap<&str, Vec<&MemberState>>> = BTreeMap::new();
         let mut identities = BTreeMap::new();
         for m in members {
-            if m.get(keys::ROLE) == Some("observer") {
+            // An observer claims no identity; a member that shows one is
+            // checked as a server whatever role it says (a role is not
+            // signed, and could be forged onto a server's state).
+            let observer = m.get(keys::ROLE) == Some("observer");
+            if observer && (self.trust.is_none() || m.get(keys::IDENTITY).is_none()) {
                 continue;
             }
             let Some(cluster) = m.get(keys::CLUSTER) else { continue };
@@ -407,6 +441,7 @@ impl FederationView {
             }
         }
         let mut conflicts = Vec::new();
+        let mut newly_retired: Vec<MemberKey> = Vec::new();
         for (cluster, by_server) in seen {
             let entry = self.clusters.entry(cluster.to_string()).or_insert_with(|| {
                 changed = true;
@@ -441,11 +476,21 @@ impl FederationView {
                     let since = a.first_ms.max(b.first_ms);
                     a.prev_ms > since && b.prev_ms > since
                 };
-                let live_now: Vec<&MemberState> = group.iter().copied().filter(|m| beating(m)).collect();
-                // The first seen of a contest holds the name (then the one
-                // started first); else the newest generation heartbeating
-                // (a restart takes over at once); else the newest live.
-                let first = |m: &&MemberState| (beat(m).first_ms, m.generation);
+                let has_left = |m: &MemberState| {
+                    m.get(keys::LEFT).is_some_and(|v| match known(&self.trust, &self.identities, m) {
+                        Some((trust, known)) => {
+                            identity::verify_left(trust, known, &claim_of(&self.federation, m, cluster, name), v)
+                        }
+                        None => identity::split(v).0 == "1",
+                    })
+                };
+                let live_now: Vec<&MemberState> =
+                    group.iter().copied().filter(|m| beating(m) && !has_left(m)).collect();
+                // The first seen of a contest holds the name (then the
+                // newer generation: a replayed old one never wins a tie);
+                // else the newest generation heartbeating (a restart takes
+                // over at once); else the newest live.
+                let first = |m: &&MemberState| (beat(m).first_ms, std::cmp::Reverse(m.generation));
                 let contenders: Vec<&MemberState> = live_now
                     .iter()
                     .copied()
@@ -484,12 +529,7 @@ impl FederationView {
                     heartbeat_seen_ms: beat(m).seen_ms,
                     keys: m.get(keys::KEYS).map(parse_key_ids).unwrap_or_default(),
                     state: Liveness::Alive,
-                    left: m.get(keys::LEFT).is_some_and(|v| match known(&self.trust, &self.identities, m) {
-                        Some((trust, known)) => {
-                            identity::verify_left(trust, known, &claim_of(&self.federation, m, cluster, name), v)
-                        }
-                        None => identity::split(v).0 == "1",
-                    }),
+                    left: has_left(m),
                     was_live: false,
                 };
                 match entry.servers.get_mut(name) {
@@ -509,7 +549,22 @@ impl FederationView {
                 }
                 // The holder's summary, and the last words of members that
                 // are gone; never a live rival's.
-                for g in group.iter().filter(|g| (std::ptr::eq(**g, m) && settled) || !g.live) {
+                for r in contenders.iter().filter(|r| !std::ptr::eq(**r, m)) {
+                    self.rivals.insert(r.key());
+                }
+                // Older generations gone quiet while the holder holds the
+                // name uncontested: retired, so a replay of one never holds
+                // it again.
+                if rivals.is_empty() && beating(m) {
+                    let old: Vec<MemberKey> =
+                        group.iter().filter(|g| g.generation < m.generation && !beating(g)).map(|g| g.key()).collect();
+                    newly_retired.extend(old);
+                }
+                let rivals_seen = &self.rivals;
+                for g in group
+                    .iter()
+                    .filter(|g| (std::ptr::eq(**g, m) && settled) || (!g.live && !rivals_seen.contains(&g.key())))
+                {
                     let Some((version, text)) = g.summary else { continue };
                     let key = g.key();
                     if self.decoded.get(&key) == Some(&version) {
@@ -540,6 +595,7 @@ impl FederationView {
                     };
                     if let Some(why) = refusal {
                         self.bad_summaries += 1;
+                        changed = true;
                         self.summary_refusals.insert(key, why);
                         continue;
                     }
@@ -558,12 +614,15 @@ impl FederationView {
                 entry.last_live_ms = now_ms;
             }
         }
+        self.retired.extend(newly_retired);
         let new = conflicts.iter().filter(|c| !self.conflicts.iter().any(|o| o.same(c))).count();
         self.name_conflicts_total += new as u64;
         changed |= conflicts != self.conflicts;
         self.conflicts = conflicts;
         self.decoded.retain(|key, _| self.beats.contains_key(key));
         self.summary_refusals.retain(|key, _| self.beats.contains_key(key));
+        self.rivals.retain(|key| self.beats.contains_key(key));
+        self.retired.retain(|key| self.beats.contains_key(key));
         let mut refused: Vec<RefusedMember> = Vec::new();
         for ((node_id, generation, addr), c) in &self.identities {
             if let Err(reason) = &c.result {
@@ -575,6 +634,9 @@ impl FederationView {
             let (node_id, generation, addr) = (node_id.clone(), *generation, *addr);
             refused.push(RefusedMember { node_id, generation, addr, reason: format!("it gossips {why}") });
         }
+        // Shown and counted up to a bound: thousands of forged members
+        // must not make every update quadratic.
+        refused.truncate(REFUSED_SHOWN_MAX);
         self.refused_total += refused.iter().filter(|r| !self.refused.contains(r)).count() as u64;
         changed |= refused != self.refused;
         self.refused = refused;
@@ -828,6 +890,69 @@ mod tests {
         let a = v.cluster("a").unwrap();
         assert_eq!(a.summary.as_ref().unwrap().free().cpu_millis, 16_000, "the new incarnation wins");
         assert!(a.publisher_present());
+    }
+
+    #[test]
+    fn a_replayed_old_generation_never_takes_the_name_back() {
+        let mut v = FederationView::new(1_000);
+        let old = summary("a", 3, 0, 8_000);
+        v.update(&[beat(member("a", "s1", 1, true, Some(&old)), 1)], 0);
+        // Restarted as generation 2; generation 1 goes quiet and dies.
+        let mut t = 0;
+        for hb in 2..=12 {
+            t += 200;
+            let gone = beat(member("a", "s1", 1, t < 1_000, Some(&old)), 1);
+            v.update(&[gone, beat(member("a", "s1", 2, true, None), hb)], t);
+        }
+        assert_eq!(v.cluster("a").unwrap().servers["s1"].generation, 2);
+        // Someone with the gossip key replays generation 1, heartbeats and all.
+        for hb in 13..=30 {
+            t += 200;
+            v.update(
+                &[beat(member("a", "s1", 1, true, Some(&old)), hb), beat(member("a", "s1", 2, true, None), hb)],
+                t,
+            );
+            assert_eq!(v.cluster("a").unwrap().servers["s1"].generation, 2, "at {t} ms");
+        }
+        assert!(v.conflicts.is_empty(), "a retired generation is no contender: {:?}", v.conflicts);
+    }
+
+    #[test]
+    fn a_rivals_last_words_are_never_merged() {
+        let mut v = FederationView::new(1_000);
+        let real = summary("a", 3, 0, 8_000);
+        let mut twin = summary("a", 3, 0, 1_000);
+        twin.version = 9;
+        v.update(&[beat(member("a", "s1", 1, true, Some(&real)), 1)], 0);
+        let mut t = 200;
+        for hb in 2..=7 {
+            v.update(
+                &[beat(member("a", "s1", 1, true, Some(&real)), hb), beat(member("a", "s1", 2, true, Some(&twin)), hb)],
+                t,
+            );
+            t += 200;
+        }
+        assert_eq!(v.conflicts.len(), 1);
+        // The twin stops: dead, its last summary still in gossip.
+        v.update(
+            &[beat(member("a", "s1", 1, true, Some(&real)), 7), beat(member("a", "s1", 2, false, Some(&twin)), 6)],
+            t,
+        );
+        assert_eq!(v.cluster("a").unwrap().summary.as_ref().unwrap().free().cpu_millis, 8_000);
+    }
+
+    #[test]
+    fn a_new_observer_does_not_take_a_dead_newer_generation_for_the_server() {
+        let mut v = FederationView::new(1_000);
+        // Gossip still remembers generation 9 (dead); generation 5 (a
+        // restart with the clock stepped back) heartbeats.
+        let mut t = 0;
+        for hb in 1..=4 {
+            v.update(&[member("a", "s1", 9, false, None), beat(member("a", "s1", 5, false, None), hb)], t);
+            t += 200;
+        }
+        let a = v.cluster("a").unwrap();
+        assert_eq!(a.servers["s1"].generation, 5, "the heartbeating one, not the dead newer one");
     }
 
     #[test]

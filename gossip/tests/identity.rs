@@ -183,3 +183,14 @@ fn only_a_signed_left_is_believed() {
     v.update(&[signed], now());
     assert_eq!(v.cluster("us-east").unwrap().liveness, Liveness::Left);
 }
+
+#[test]
+fn a_role_forged_onto_a_server_does_not_hide_it() {
+    let ca = tls::create_ca(FED, 1).unwrap();
+    let us = Server::new(&ca, "us-east", &["us"], 7001);
+    let mut m = member(&us, "us-east", None);
+    m.values.push((keys::ROLE, "observer"));
+    let mut v = view(&ca);
+    v.update(&[m], now());
+    assert_eq!(v.cluster("us-east").map(|c| c.liveness), Some(Liveness::Alive), "a verified identity is a server");
+}

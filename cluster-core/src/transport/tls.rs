@@ -407,9 +407,34 @@ pub struct Verified {
 
 /// The federation's CA, for checking certificates and signatures that
 /// arrive outside TLS (gossip). Pure: the time is an input.
+///
+/// Results are remembered by a SHA-256 of what was checked (at most
+/// [`TRUST_MEMO_MAX`], forgotten all at once past it; a certificate's for
+/// an hour of its time input at most), so members that share a `Trust`
+/// verify each certificate and signature once.
 pub struct Trust {
     verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+    certs: std::sync::Mutex<std::collections::HashMap<[u8; 32], CertVerdict>>,
+    signatures: std::sync::Mutex<std::collections::HashMap<[u8; 32], bool>>,
+}
+
+/// A certificate's verdict, and the time input it was reached at.
+type CertVerdict = (u64, Result<Verified, String>);
+
+/// Results a [`Trust`] remembers, of each kind.
+pub const TRUST_MEMO_MAX: usize = 8_192;
+/// How long (of its `now_ms` input) a certificate's verdict is remembered.
+const CERT_MEMO_MS: u64 = 3_600_000;
+
+fn digest(parts: &[&[u8]]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    h.finalize().into()
 }
 
 impl fmt::Debug for Trust {
@@ -424,13 +449,33 @@ impl Trust {
             rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
                 .build()
                 .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(Trust { verifier, algorithms: provider().signature_verification_algorithms })
+        Ok(Trust {
+            verifier,
+            algorithms: provider().signature_verification_algorithms,
+            certs: Default::default(),
+            signatures: Default::default(),
+        })
     }
 
     /// Checks that `cert_der` was issued by the CA and is valid at
     /// `now_ms` (unix milliseconds); returns the identity it names and the
     /// jurisdictions it allows. Errors say why, for a log line.
     pub fn verify_cert(&self, cert_der: &[u8], now_ms: u64) -> Result<Verified, String> {
+        let key = digest(&[cert_der]);
+        let memo = self.certs.lock().expect("memo lock").get(&key).cloned();
+        if let Some((_, result)) = memo.filter(|(at, _)| now_ms >= *at && now_ms - at < CERT_MEMO_MS) {
+            return result;
+        }
+        let result = self.verify_cert_now(cert_der, now_ms);
+        let mut memo = self.certs.lock().expect("memo lock");
+        if memo.len() >= TRUST_MEMO_MAX {
+            memo.clear();
+        }
+        memo.insert(key, (now_ms, result.clone()));
+        result
+    }
+
+    fn verify_cert_now(&self, cert_der: &[u8], now_ms: u64) -> Result<Verified, String> {
         let cert = CertificateDer::from(cert_der);
         let now = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_millis(now_ms));
         self.verifier.verify_client_cert(&cert, &[], now).map_err(|e| e.to_string())?;
@@ -441,6 +486,20 @@ impl Trust {
     /// Whether `signature` over `message` was made, with `scheme` (see
     /// [`Signer::scheme`]), by the key of `cert_der`.
     pub fn verify_signature(&self, cert_der: &[u8], scheme: u16, message: &[u8], signature: &[u8]) -> bool {
+        let key = digest(&[cert_der, &scheme.to_be_bytes(), message, signature]);
+        if let Some(ok) = self.signatures.lock().expect("memo lock").get(&key) {
+            return *ok;
+        }
+        let ok = self.verify_signature_now(cert_der, scheme, message, signature);
+        let mut memo = self.signatures.lock().expect("memo lock");
+        if memo.len() >= TRUST_MEMO_MAX {
+            memo.clear();
+        }
+        memo.insert(key, ok);
+        ok
+    }
+
+    fn verify_signature_now(&self, cert_der: &[u8], scheme: u16, message: &[u8], signature: &[u8]) -> bool {
         let cert = CertificateDer::from(cert_der);
         let Ok(ee) = webpki::EndEntityCert::try_from(&cert) else { return false };
         let scheme = rustls::SignatureScheme::from(scheme);
