@@ -5,7 +5,8 @@
 //! idle CPU, and how often a member cut off for 1.5 s (as a paused process
 //! is: nothing in, nothing out) was taken for dead by anyone. Ends with
 //! `name: value` lines. Every member signs its identity and summaries and
-//! checks everyone else's against one CA, as servers do.
+//! checks everyone else's against one CA, as servers do
+//! (`HANSE_BENCH_UNSIGNED=1`: none do, to see what that costs).
 //!
 //! `HANSE_BENCH_GOSSIP_INTERVAL_MS`, `HANSE_BENCH_PHI` and
 //! `HANSE_BENCH_VIEW_REFRESH_MS` override the member defaults, to explore
@@ -143,10 +144,12 @@ async fn run(n: usize, figures: &mut BTreeMap<String, String>) {
     for i in 0..n {
         let mut c = MemberConfig::new("bench", &format!("cluster-{i:03}"), "server-1", "127.0.0.1:0".parse().unwrap());
         c.seeds = seeds.clone();
-        let id = tls::Identity::new(&c.cluster, tls::Role::Server, &c.server);
-        let pair = tls::issue_server(&ca, &id, 1, &[], &["eu".into()]).expect("a cert");
-        c.signer = Some(Arc::new(tls::Signer::new(&pair).expect("a signer")));
-        c.trust = Some(trust.clone());
+        if std::env::var_os("HANSE_BENCH_UNSIGNED").is_none() {
+            let id = tls::Identity::new(&c.cluster, tls::Role::Server, &c.server);
+            let pair = tls::issue_server(&ca, &id, 1, &[], &["eu".into()]).expect("a cert");
+            c.signer = Some(Arc::new(tls::Signer::new(&pair).expect("a signer")));
+            c.trust = Some(trust.clone());
+        }
         if let Some(ms) = env_u64("HANSE_BENCH_GOSSIP_INTERVAL_MS") {
             c.gossip_interval = Duration::from_millis(ms);
         }

@@ -165,6 +165,18 @@ async fn a_key_is_used_only_once_every_cluster_holds_it() {
         v.cluster("us-east").is_some_and(|c| c.servers.values().all(|s| s.keys.first() == Some(&hex(&new))))
     })
     .await;
+    // The restarted server's gossip said it sealed with the old key until
+    // it applied the committed ring: removal waits until every eu-west
+    // server's view has heard otherwise.
+    until(Duration::from_secs(15), "eu-west's servers hear that every server seals with the new key", || {
+        eu.servers.iter().all(|s| {
+            let v = s.member.view();
+            ["eu-west", "us-east"]
+                .iter()
+                .all(|c| v.cluster(c).is_some_and(|c| c.servers.values().all(|s| s.keys.first() == Some(&hex(&new)))))
+        })
+    })
+    .await;
     change(&eu.cluster, KeyOp::Remove, hex(&old)).await.unwrap();
     change(&us.cluster, KeyOp::Remove, hex(&old)).await.unwrap();
     until(Duration::from_secs(15), "each server holds the new key only", || {
