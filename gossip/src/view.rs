@@ -362,6 +362,10 @@ impl FederationView {
         let suspect_ms = self.suspect_ms;
         // Heartbeat progress per gossip member, for every member at once.
         let mut beats = BTreeMap::new();
+        // The same, by the member's address in `members`, with whether it
+        // is retired: looked up many times below, without a key to build.
+        let mut by_member: std::collections::HashMap<usize, (Beat, bool)> =
+            std::collections::HashMap::with_capacity(members.len());
         for m in members {
             let key = m.key();
             let beat = match self.beats.get(&key) {
@@ -377,10 +381,12 @@ impl FederationView {
                     Beat { heartbeat: m.heartbeat, seen_ms: now_ms, prev_ms: 0, first_ms: now_ms, ever_live: m.live }
                 }
             };
+            by_member.insert(std::ptr::from_ref(m) as usize, (beat, self.retired.contains(&key)));
             beats.insert(key, beat);
         }
         self.beats = beats;
-        let beat = |m: &MemberState| self.beats[&m.key()];
+        let beat = |m: &MemberState| by_member[&(std::ptr::from_ref(m) as usize)].0;
+        let retired = |m: &MemberState| by_member[&(std::ptr::from_ref(m) as usize)].1;
         // Heartbeating: its heartbeat rose within the suspect window, and
         // the detector has it live or it is new and rose once (the
         // detector needs a few heartbeats before it says live; one it said
@@ -389,7 +395,7 @@ impl FederationView {
         let beating = |m: &MemberState| {
             let b = beat(m);
             let new = !b.ever_live && b.seen_ms > b.first_ms && now_ms.saturating_sub(b.first_ms) < suspect_ms;
-            now_ms.saturating_sub(b.seen_ms) < suspect_ms && (m.live || new) && !self.retired.contains(&m.key())
+            now_ms.saturating_sub(b.seen_ms) < suspect_ms && (m.live || new) && !retired(m)
         };
 
         let mut seen: BTreeMap<&str, BTreeMap<&str, Vec<&MemberState>>> = BTreeMap::new();
