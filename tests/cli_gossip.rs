@@ -326,11 +326,27 @@ fn a_policy_naming_a_peer_that_is_not_in_the_federation_is_said() {
     });
 }
 
-/// What `observer` shows of `cluster`'s summary: (nodes ready, total cpu millis).
-fn shown(observer: &Member, cluster: &str) -> Option<(u32, u64)> {
-    let view = observer.view();
-    let s = view.cluster(cluster)?.summary.as_ref()?;
-    Some((s.nodes_ready, s.total().cpu_millis))
+/// Until `observer` shows `cluster`'s summary with `nodes` nodes ready,
+/// at most 30 s: that summary.
+async fn until_nodes(observer: &Member, cluster: &str, nodes: u32) -> gossip::ClusterSummary {
+    let start = Instant::now();
+    loop {
+        let summary = observer.view().cluster(cluster).and_then(|c| c.summary.clone());
+        if let Some(s) = summary.filter(|s| s.nodes_ready == nodes) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{nodes} nodes of {cluster} not shown: {:?}",
+            observer.view().cluster(cluster)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The nodes ready in `observer`'s summary of `cluster`.
+fn shown(observer: &Member, cluster: &str) -> Option<u32> {
+    Some(observer.view().cluster(cluster)?.summary.as_ref()?.nodes_ready)
 }
 
 /// Simulated nodes from the example fleet registered with `api`.
@@ -412,21 +428,12 @@ async fn clocks() {
     // Rebuilt on an empty disk, with 2 nodes instead of 12.
     let rebuilt = f.api("rebuilt");
     let mut big = nodes(&f, "rebuilt", &rebuilt, 12);
-    let start = Instant::now();
-    while shown(&observer, "rebuilt").is_none_or(|(n, _)| n != 12) {
-        assert!(start.elapsed() < Duration::from_secs(30), "12 nodes shown: {:?}", shown(&observer, "rebuilt"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_nodes(&observer, "rebuilt", 12).await;
     big.kill9();
     f.restart("rebuilt", true, None);
     common::bootstrap(&rebuilt, Duration::from_secs(20));
     let _small = nodes(&f, "rebuilt", &rebuilt, 2);
-    let start = Instant::now();
-    while shown(&observer, "rebuilt").is_none_or(|(n, _)| n != 2) {
-        assert!(start.elapsed() < Duration::from_secs(30), "2 nodes shown: {:?}", shown(&observer, "rebuilt"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let summary = observer.view().cluster("rebuilt").unwrap().summary.clone().unwrap();
+    let summary = until_nodes(&observer, "rebuilt", 2).await;
     assert!(summary.incarnation >= 1, "{summary:?}");
     common::eventually(Duration::from_secs(20), "home shows the rebuilt cluster as it is", || {
         let o = common::hanse(&home, &["federation", "members", "--json"]);
@@ -463,11 +470,7 @@ async fn impostors() {
     let home = f.api("home");
     let us = f.api("us-east");
     let _six = nodes(&f, "us-east", &us, 6);
-    let start = Instant::now();
-    while shown(&observer, "us-east").is_none_or(|(n, _)| n != 6) {
-        assert!(start.elapsed() < Duration::from_secs(30), "6 nodes shown: {:?}", shown(&observer, "us-east"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_nodes(&observer, "us-east", 6).await;
 
     // An impostor holding the gossip key and a certificate for another
     // cluster, claiming to be us-east/s1 with 960 cores in the EU.
@@ -497,7 +500,7 @@ async fn impostors() {
     let start = Instant::now();
     let mut samples = 0;
     while start.elapsed() < Duration::from_secs(8) {
-        assert_eq!(shown(&observer, "us-east").map(|(n, _)| n), Some(6), "after {:?}", start.elapsed());
+        assert_eq!(shown(&observer, "us-east"), Some(6), "after {:?}", start.elapsed());
         samples += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -557,19 +560,7 @@ async fn varied() {
     let file = f.dir.join("varied-fleet.toml");
     std::fs::write(&file, fleet).unwrap();
     let _nodes = nodes_of(&f, "varied", &api, file.to_str().unwrap(), 30);
-    let start = Instant::now();
-    let summary = loop {
-        let s = observer.view().cluster("varied").and_then(|c| c.summary.clone());
-        if let Some(s) = s.filter(|s| s.nodes_ready == 30) {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "30 nodes not shown: {:?}",
-            observer.view().cluster("varied")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let summary = until_nodes(&observer, "varied", 30).await;
     assert!(gossip::summary::ClusterSummary::decode(&summary.encode().unwrap()).is_ok());
     assert_eq!(summary.gpus.len(), 12, "every model named: {:?}", summary.gpus);
     assert_eq!(summary.free_gpus(), 240, "every GPU counted");
