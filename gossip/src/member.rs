@@ -69,6 +69,11 @@ pub struct MemberConfig {
 }
 
 impl MemberConfig {
+    /// The member's chitchat node id: `cluster/server`.
+    pub fn node_id(&self) -> String {
+        format!("{}/{}", self.cluster, self.server)
+    }
+
     pub fn new(federation: &str, cluster: &str, server: &str, listen_addr: SocketAddr) -> MemberConfig {
         MemberConfig {
             federation: federation.into(),
@@ -158,7 +163,7 @@ impl Member {
         config.listen_addr = transport.prebind(config.listen_addr).await?;
         let advertise = config.advertise_addr.unwrap_or(config.listen_addr);
         transport.set_advertise(advertise);
-        let node_id = format!("{}/{}", config.cluster, config.server);
+        let node_id = config.node_id();
         // A short memory and a strong prior: death after a bounded silence
         // whatever the heartbeat rate gossip happens to deliver (see
         // [`PHI_DEAD`]).
@@ -297,7 +302,7 @@ impl Member {
         };
         let mut text = summary.encode()?;
         if let Some(signer) = &self.config.signer {
-            let node_id = format!("{}/{}", self.config.cluster, self.config.server);
+            let node_id = self.config.node_id();
             let claim = claim(&self.config, &node_id, self.local_addr);
             text = crate::identity::signed_summary(signer, &claim, &text);
         }
@@ -331,7 +336,7 @@ impl Member {
     pub async fn leave(&self) {
         let left = match &self.config.signer {
             Some(signer) => {
-                let node_id = format!("{}/{}", self.config.cluster, self.config.server);
+                let node_id = self.config.node_id();
                 crate::identity::signed_left(signer, &claim(&self.config, &node_id, self.local_addr))
             }
             None => "1".to_string(),
