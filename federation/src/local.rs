@@ -174,9 +174,9 @@ impl Gossiping {
                 let _ = t.await;
             }
             self.cluster.stop_server(id).await;
-            if let Ok(m) = Arc::try_unwrap(s.member) {
-                let _ = m.shutdown().await;
-            }
+            // Other holders (the federation's API, tasks being dropped)
+            // may still share the member: it stops all the same.
+            let _ = s.member.shutdown().await;
         }
     }
 

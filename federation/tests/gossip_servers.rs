@@ -166,10 +166,10 @@ async fn a_key_is_used_only_once_every_cluster_holds_it() {
     })
     .await;
     // The restarted server's gossip said it sealed with the old key until
-    // it applied the committed ring: removal waits until every eu-west
-    // server's view has heard otherwise.
-    until(Duration::from_secs(15), "eu-west's servers hear that every server seals with the new key", || {
-        eu.servers.iter().all(|s| {
+    // it applied the committed ring: removal, on either cluster, waits
+    // until every server's view has heard otherwise.
+    until(Duration::from_secs(15), "every server hears that every server seals with the new key", || {
+        eu.servers.iter().chain(&us.servers).all(|s| {
             let v = s.member.view();
             ["eu-west", "us-east"]
                 .iter()

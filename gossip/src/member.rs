@@ -355,8 +355,11 @@ impl Member {
         tokio::time::sleep(LEAVE_ANNOUNCE).await;
     }
 
-    /// Stops at once, saying nothing: peers find the server dead.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    /// Stops at once, saying nothing: peers find the server dead. Takes
+    /// `&self` so a member shared behind an `Arc` stops even while other
+    /// holders (tasks, APIs) still have it: a stopped server's member
+    /// must never go on heartbeating beside its restarted self.
+    pub async fn shutdown(&self) -> anyhow::Result<()> {
         self.view_task.abort();
         self.push_task.abort();
         let _ = self.handle.initiate_shutdown();
