@@ -398,7 +398,7 @@ pub async fn run(mut c: AgentConfig) -> anyhow::Result<Outcome> {
             &node.drivers.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             c.task_users.clone(),
         ),
-        fence: std::env::current_exe().ok(),
+        supervisor: std::env::current_exe().ok(),
         gc: c.gc,
     };
     let mut agent = Agent::new(options, transport);

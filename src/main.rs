@@ -101,11 +101,11 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// The agent's fence (started by `hanse agent`, not by people): kills
-    /// the process groups of at-most-once work whose lease the agent
-    /// stopped renewing, if the agent itself is frozen.
-    #[command(name = "agent-fence", hide = true)]
-    AgentFence,
+    /// One exec task's supervisor (started by `hanse agent`, not by
+    /// people): holds the task's whole process tree, keeps its logs, and
+    /// kills the tree when the agent stops renewing its deadline.
+    #[command(name = "task-supervisor", hide = true)]
+    TaskSupervisor,
     /// Certificates: the federation's CA, and one per server and agent.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -780,7 +780,7 @@ fn main() -> ExitCode {
             rt.block_on(dev::run(dev::DevArgs { clusters, servers, nodes, data_dir, keep, no_demo, http_base }))
         }),
         Command::Agent { config } => {
-            // A fence that died must be an error on write, not the agent's
+            // A supervisor that died must be an error on write, not the agent's
             // death by SIGPIPE (tasks start with the default again).
             // SAFETY: setting a signal's action before the runtime starts.
             unsafe {
@@ -788,9 +788,9 @@ fn main() -> ExitCode {
             }
             agent::load_config(&config).and_then(|c| runtime().and_then(|rt| rt.block_on(agent::run(c))))
         }
-        Command::AgentFence => {
-            cluster_core::agent::fence::run(std::io::BufReader::new(std::io::stdin()));
-            Ok(Outcome::Ok)
+        Command::TaskSupervisor => {
+            let code = cluster_core::agent::supervise::run(std::io::stdin().lock());
+            std::process::exit(code)
         }
         Command::Alloc(AllocCommand::Status { alloc, filter, out }) => {
             match filter.query("alloc status", &["status", "namespace", "job", "node"]) {

@@ -351,7 +351,8 @@ fn kill_9_of_an_agent_gets_its_work_replaced_and_drain_empties_a_node() {
     assert_eq!(node, "node-a");
     let _b = f.agent("node-b", f.quic);
 
-    // kill -9: its task dies with it; the node goes down after TTL + grace
+    // kill -9: its task dies with its lease (TTL + grace / 2 after the last
+    // answer, by its supervisor); the node goes down after TTL + grace
     // (3 s) and the work moves to node-b.
     let pid = mark(&f.marks(), &format!("{first}.pid")).unwrap();
     if unsafe { libc::geteuid() } == 0 {
@@ -363,7 +364,7 @@ fn kill_9_of_an_agent_gets_its_work_replaced_and_drain_empties_a_node() {
     }
     let killed = Instant::now();
     a.kill9();
-    eventually(Duration::from_secs(5), "the agent's task dies with it", || !alive(pid));
+    eventually(Duration::from_secs(5), "the agent's task dies with its lease", || !alive(pid));
     eventually(Duration::from_secs(20), "replaced on node-b", || {
         f.node_of_running("svc").iter().any(|(_, n)| n == "node-b")
     });
@@ -483,7 +484,7 @@ fn an_agent_restarted_while_cut_off_restarts_its_work_from_local_state() {
 
     relay.set_cut(true);
     a.kill9();
-    eventually(Duration::from_secs(5), "the task died with its agent", || !alive(pid));
+    eventually(Duration::from_secs(5), "the task died with its agent's lease", || !alive(pid));
     // Restarted without its server: it cannot register, and still runs.
     let config = f.dir.join("node-a.toml");
     let _a2 = spawn(&f.dir, "node-a", &["agent", "--config", config.to_str().unwrap()]);
@@ -512,7 +513,7 @@ fn at_most_once_work_restarted_while_cut_off_stops_when_the_old_lease_runs_out()
     assert!(f.run(&["job", "run", &job]).status.success());
     eventually(Duration::from_secs(20), "once running", || f.node_of_running("once").len() == 1);
     let (first, _) = f.node_of_running("once")[0].clone();
-    let pid = mark(&f.marks(), &format!("{first}.pid")).unwrap();
+    assert!(mark(&f.marks(), &format!("{first}.pid")).is_some(), "the task wrote its pid");
     // The agent keeps a lease for the work from the first heartbeat answer
     // after it started (every 0.67 s): killed before that, it rightly has
     // nothing to restart from.
@@ -522,11 +523,12 @@ fn at_most_once_work_restarted_while_cut_off_stops_when_the_old_lease_runs_out()
     a.kill9();
     let config = f.dir.join("node-a.toml");
     let _a2 = spawn(&f.dir, "node-a", &["agent", "--config", config.to_str().unwrap()]);
-    // Stopped: by SIGTERM (its trap marks it), or a restarted copy gone
-    // (stopped before its shell could mark anything).
+    // Stopped: by SIGTERM (its trap marks it), or gone (killed by its
+    // supervisor's deadline, or a restarted copy stopped before its shell
+    // could mark anything).
     eventually(Duration::from_secs(10), "stopped, with no server in reach", || {
         mark(&f.marks(), &format!("{first}.stopped")).is_some()
-            || mark(&f.marks(), &format!("{first}.pid")).is_some_and(|p| p != pid && !alive(p))
+            || mark(&f.marks(), &format!("{first}.pid")).is_some_and(|p| !alive(p))
     });
     let _b = f.agent("node-b", f.quic);
     eventually(Duration::from_secs(20), "replaced on node-b", || {
@@ -575,11 +577,11 @@ fn sample_until_replaced(f: &Fixture, job: &str, old: impl Fn() -> Option<u128>)
 }
 
 /// A frozen agent (SIGSTOP) enforces nothing, and its at-most-once task
-/// runs on; the fence process beside it kills the task when the lease the
-/// agent last renewed runs out, before the servers replace it (review
-/// B13). Sampled every 20 ms: the two copies never run at once.
+/// runs on; the task's supervisor kills it when the deadline the agent
+/// last renewed passes, before the servers replace it (review B13).
+/// Sampled every 20 ms: the two copies never run at once.
 #[test]
-fn a_frozen_agents_at_most_once_work_is_killed_by_its_fence_before_the_replacement_starts() {
+fn a_frozen_agents_at_most_once_work_is_killed_by_its_supervisor_before_the_replacement_starts() {
     let _alone = one_at_a_time();
     let f = Fixture::new("frozen");
     let a = f.agent("node-a", f.quic);
@@ -597,10 +599,10 @@ fn a_frozen_agents_at_most_once_work_is_killed_by_its_fence_before_the_replaceme
     let (started, died) = sample_until_replaced(&f, "once", || Some(pid));
     let died = died.expect("the frozen agent's task still runs after its replacement started");
     assert!(died < started, "the task died at {died}, after its replacement started at {started}");
-    // TTL 2 s + grace 1 s / 2 after the last answer: the fence's deadline.
+    // TTL 2 s + grace 1 s / 2 after the last answer: the supervisor's deadline.
     assert!(
         died - frozen < 4_000_000_000,
-        "the fence killed the task {} ms after the freeze",
+        "the supervisor killed the task {} ms after the freeze",
         (died - frozen) / 1_000_000
     );
     // SAFETY: as above.
@@ -624,7 +626,7 @@ fn a_wall_clock_set_back_does_not_stretch_a_lease_kept_across_a_restart() {
     assert!(f.run(&["job", "run", &job]).status.success());
     eventually(Duration::from_secs(20), "once running", || f.node_of_running("once").len() == 1);
     let (first, _) = f.node_of_running("once")[0].clone();
-    let before = mark(&f.marks(), &format!("{first}.pid")).unwrap();
+    assert!(mark(&f.marks(), &format!("{first}.pid")).is_some());
     // Starting node-b (until it is ready) gives node-a's heartbeats the
     // time to bring it a lease to restart from.
     let _b = f.agent("node-b", f.quic);
@@ -641,9 +643,10 @@ fn a_wall_clock_set_back_does_not_stretch_a_lease_kept_across_a_restart() {
     faked.args(["-f", "-1h", env!("CARGO_BIN_EXE_hanse"), "agent", "--config", config.to_str().unwrap()]);
     faked.env("DONT_FAKE_MONOTONIC", "1");
     let _a2 = spawn_command(&f.dir, "node-a", faked);
-    // Restarted from local state (its lease had not run out), then stopped.
-    let restarted = || mark(&f.marks(), &format!("{first}.pid")).filter(|p| *p != before);
-    let (started, died) = sample_until_replaced(&f, "once", restarted);
+    // Attached to again (or restarted) from local state, its lease not
+    // yet out; then stopped.
+    let copy = || mark(&f.marks(), &format!("{first}.pid"));
+    let (started, died) = sample_until_replaced(&f, "once", copy);
     let died = died.unwrap_or_else(|| {
         let log = std::fs::read_to_string(f.dir.join("node-a.log")).unwrap_or_default();
         panic!("the restarted copy still runs after its replacement started; node-a's log:\n{log}")
@@ -1014,4 +1017,172 @@ args = ["-c", "exit 1"]
     assert!(f.run(&["job", "stop", "half"]).status.success());
     let half_allocs = f.allocs("half");
     assert!(half_allocs.iter().all(|a| a["desired"] == "stop"), "{half_allocs:?}");
+}
+
+/// A service whose task starts a tree: `MARKS/ALLOC.pid` is a grandchild
+/// (an inner shell's `sleep`, which the old agent's death signal never
+/// reached), and each start appends a line to `MARKS/ALLOC.starts`.
+fn tree_service(name: &str, on_disconnect: &str) -> String {
+    format!(
+        r#"[job]
+name = "{name}"
+type = "service"
+
+[[group]]
+name = "g"
+on_disconnect = "{on_disconnect}"
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "date +%s%N >> MARKS/$HANSE_ALLOC_ID.starts; date +%s%N > MARKS/$HANSE_ALLOC_ID.started; sh -c 'echo $$ > MARKS/$HANSE_ALLOC_ID.pid; exec sleep 1000'; true"]
+resources = {{ cpu = "100m", memory = "32MiB" }}
+"#
+    )
+}
+
+/// How many times the task of allocation `alloc` started.
+fn starts(f: &Fixture, alloc: &str) -> usize {
+    std::fs::read_to_string(f.marks().join(format!("{alloc}.starts"))).map_or(0, |t| t.lines().count())
+}
+
+/// Every process a task starts stops with it, whatever it did to leave:
+/// a plain child, one in a process group of its own (`set -m`), one in a
+/// session of its own (`setsid`). Field case: the last two outlived the
+/// task's stop while a stop signalled the task's process group only.
+#[test]
+fn a_stopped_task_takes_every_process_it_started_with_it() {
+    let f = Fixture::new("tree");
+    let _a = f.agent("node-a", f.quic);
+    let job = f.job(
+        "tree",
+        r#"[job]
+name = "tree"
+type = "service"
+
+[[group]]
+name = "g"
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/bash"
+args = ["-c", "sleep 1000 & echo $! > MARKS/$HANSE_ALLOC_ID.plain; set -m; sleep 1000 & echo $! > MARKS/$HANSE_ALLOC_ID.group; set +m; setsid sleep 1000 & echo $! > MARKS/$HANSE_ALLOC_ID.session; wait"]
+"#,
+    );
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "tree running", || f.node_of_running("tree").len() == 1);
+    let (alloc, _) = f.node_of_running("tree")[0].clone();
+    let kinds = ["plain", "group", "session"];
+    eventually(Duration::from_secs(10), "the three children wrote their pids", || {
+        kinds.iter().all(|k| mark(&f.marks(), &format!("{alloc}.{k}")).is_some())
+    });
+    let pids: Vec<u128> = kinds.iter().map(|k| mark(&f.marks(), &format!("{alloc}.{k}")).unwrap()).collect();
+    // Each leaves as its kind says (the group and session ids are its
+    // pid) once `setsid` and `sleep` are executed.
+    let left = |k: &str, p: u128| {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { return false };
+        let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+        let (pgid, sid) = (fields[2], fields[3]);
+        stat.contains("(sleep)")
+            && match k {
+                "group" => pgid == p.to_string() && sid != p.to_string(),
+                "session" => sid == p.to_string(),
+                _ => pgid != p.to_string(),
+            }
+    };
+    eventually(Duration::from_secs(10), "the children run, each as its kind says", || {
+        kinds.iter().zip(&pids).all(|(k, p)| running(*p) && left(k, *p))
+    });
+    let stop = f.run(&["job", "stop", "tree"]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    eventually(Duration::from_secs(20), "the allocation reads complete", || {
+        f.allocs("tree").iter().any(|a| a["status"] == "complete")
+    });
+    for (k, p) in kinds.iter().zip(&pids) {
+        assert!(!running(*p), "the {k} child {p} outlived its task's stop");
+    }
+}
+
+/// An agent killed with `kill -9` while its task's grandchild runs, and not
+/// started again: no process of the task outlives the agent's lease; the
+/// grandchild is gone before the servers start the replacement. Field
+/// case: the grandchild lived on with parent 1, beside its replacement.
+/// Sampled every 20 ms.
+#[test]
+fn a_killed_agents_task_tree_dies_with_its_lease_before_the_replacement_starts() {
+    let _alone = one_at_a_time();
+    let f = Fixture::new("orphan");
+    let mut a = f.agent("node-a", f.quic);
+    let job = f.job("orphan", &tree_service("orphan", "keep"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "orphan running", || f.node_of_running("orphan").len() == 1);
+    let (first, _) = f.node_of_running("orphan")[0].clone();
+    let _b = f.agent("node-b", f.quic);
+    let grandchild = mark(&f.marks(), &format!("{first}.pid")).expect("the grandchild wrote its pid");
+    assert!(running(grandchild));
+    a.kill9();
+    let killed = now_ns();
+    let (started, died) = sample_until_replaced(&f, "orphan", || Some(grandchild));
+    let died = died.expect("the grandchild still runs after its replacement started");
+    assert!(died < started, "the grandchild died at {died}, after its replacement started at {started}");
+    // TTL 2 s + grace 1 s / 2 after the last answer, which came at most a
+    // third of the TTL before the kill.
+    assert!(died - killed < 4_000_000_000, "died {} ms after the kill", (died - killed) / 1_000_000);
+}
+
+/// Restarts an agent (by `how`) while its task's tree runs: the new agent
+/// attaches to the running task (same grandchild, started once), and a
+/// stop then takes the whole tree.
+fn restart_attaches(name: &str, how: impl FnOnce(&mut Bg)) {
+    let f = Fixture::new(name);
+    let mut a = f.agent("node-a", f.quic);
+    let job = f.job("kept", &tree_service("kept", "keep"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "kept running", || f.node_of_running("kept").len() == 1);
+    let (alloc, _) = f.node_of_running("kept")[0].clone();
+    eventually(Duration::from_secs(10), "the grandchild wrote its pid", || {
+        mark(&f.marks(), &format!("{alloc}.pid")).is_some()
+    });
+    let grandchild = mark(&f.marks(), &format!("{alloc}.pid")).unwrap();
+    how(&mut a);
+    let config = f.dir.join("node-a.toml");
+    let _a2 = spawn(&f.dir, "node-a", &["agent", "--config", config.to_str().unwrap()]);
+    let log = || std::fs::read_to_string(f.dir.join("node-a.log")).unwrap_or_default();
+    eventually(Duration::from_secs(20), "the restarted agent attached to its task", || {
+        log().contains("attached again")
+    });
+    // Past the old agent's lease: still the same processes, started once.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(running(grandchild), "the task died across the restart:\n{}", log());
+    assert_eq!(starts(&f, &alloc), 1, "a second copy started:\n{}", log());
+    assert_eq!(f.node_of_running("kept"), vec![(alloc.clone(), "node-a".to_string())]);
+    let stop = f.run(&["job", "stop", "kept"]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    eventually(Duration::from_secs(20), "kept reads complete", || {
+        f.allocs("kept").iter().any(|a| a["status"] == "complete")
+    });
+    assert!(!running(grandchild), "the grandchild outlived its task's stop");
+}
+
+/// `kill -9` of an agent whose task forked a grandchild, started again
+/// at once: it runs no second copy, and the stop takes the grandchild.
+#[test]
+fn an_agent_killed_and_started_again_attaches_to_its_running_task() {
+    restart_attaches("attach-kill", |a| a.kill9());
+}
+
+/// An agent stopped cleanly (SIGTERM, as for an upgrade) and started
+/// again: its tasks ran on meanwhile and are attached to, not restarted.
+#[test]
+fn an_agent_restarted_cleanly_attaches_to_its_running_task() {
+    restart_attaches("attach-term", |a| {
+        a.signal(libc::SIGTERM);
+        let start = Instant::now();
+        while a.0.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(10), "the agent did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
 }

@@ -53,7 +53,7 @@ async fn asked_by_agent(ca: &PemPair, cert: &PemPair, dir: &std::path::Path) -> 
         data_dir: dir.to_path_buf(),
         rotation: Rotation::default(),
         drivers: Drivers::new(None),
-        fence: None,
+        supervisor: None,
         gc: Default::default(),
     };
     let agent = Agent::new(options, client);
@@ -96,7 +96,7 @@ async fn an_agent_serves_logs_only_to_its_own_clusters_servers() {
         data_dir: dir.clone(),
         rotation: Rotation::default(),
         drivers: Drivers::new(None),
-        fence: None,
+        supervisor: None,
         gc: Default::default(),
     };
     let ca = tls::create_ca("lab", 1).unwrap();

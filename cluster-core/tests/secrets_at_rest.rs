@@ -45,7 +45,7 @@ async fn the_log_the_agent_state_and_task_dirs_are_private_under_umask_0() {
         data_dir: data.clone(),
         rotation: Rotation::default(),
         drivers: Drivers::new(None),
-        fence: None,
+        supervisor: None,
         gc: Default::default(),
     };
     let transport = Arc::new(MemNetwork::new().client(cluster_core::transport::tls::Identity::new(

@@ -97,11 +97,18 @@ pub fn bootstrap(address: &str, limit: Duration) {
     });
 }
 
-/// A process killed (SIGKILL) when the test ends.
+/// A process killed (SIGKILL) when the test ends, with its process group:
+/// a wrapper such as `faketime` forks the program it runs, which must not
+/// outlive the test either.
 pub struct Bg(pub Child);
 
 impl Bg {
     pub fn kill9(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) on the process group this test started
+            // (`spawn_command` makes the child lead its own).
+            unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -134,7 +141,9 @@ pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Bg {
 /// Starts `command` in `dir`, its output appended to `NAME.log`.
 pub fn spawn_command(dir: &Path, name: &str, mut command: Command) -> Bg {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap();
+    use std::os::unix::process::CommandExt;
     Bg(command
+        .process_group(0)
         .current_dir(dir)
         .env("RUST_LOG", "cluster_core::agent=info,warn")
         .stdout(log.try_clone().unwrap())

@@ -16,6 +16,7 @@ use tokio::process::Child;
 use super::cgroups::Cgroups;
 use super::fence::Fence;
 use super::logs::{RotatingWriter, Rotation};
+use super::supervise::{Control, Order, Plan, socket_for};
 use crate::ids::AllocId;
 use crate::model::job::{Driver as DriverSpec, Task};
 
@@ -32,8 +33,8 @@ pub struct TaskContext {
     /// The allocation's log directory.
     pub logs: PathBuf,
     pub rotation: Rotation,
-    /// For at-most-once work: the fence that kills the task's process
-    /// group if the agent cannot renew its lease ([`super::fence`]).
+    /// The registry through which the agent renews the deadline of the
+    /// task's supervisor ([`super::fence`]); `None`: nothing renews it.
     pub fence: Option<Arc<Fence>>,
 }
 
@@ -99,6 +100,8 @@ pub struct Drivers {
     pub exec: Arc<dyn Driver>,
     pub mock: Arc<dyn Driver>,
     switches_user: bool,
+    /// What the exec driver was made of, when enabled (to add supervision).
+    exec_parts: Option<(Option<Cgroups>, TaskUsers)>,
 }
 
 /// A local account a task runs as.
@@ -208,11 +211,23 @@ impl Drivers {
         let on = |name: &str| enabled.iter().any(|e| e == name);
         let off = |name: &'static str| -> Arc<dyn Driver> { Arc::new(Disabled(name)) };
         let switches = on("exec") && users.switches();
+        let exec_parts = on("exec").then(|| (cgroups.clone(), users.clone()));
         Drivers {
-            exec: if on("exec") { Arc::new(Exec { cgroups, users }) } else { off("exec") },
+            exec: if on("exec") { Arc::new(Exec { cgroups, users, supervision: None }) } else { off("exec") },
             mock: if on("mock") { Arc::new(Mock) } else { off("mock") },
             switches_user: switches,
+            exec_parts,
         }
+    }
+
+    /// The same drivers, exec tasks each run under a supervisor
+    /// ([`super::supervise`]).
+    pub fn supervised(&self, supervision: Supervision) -> Drivers {
+        let mut out = self.clone();
+        if let Some((cgroups, users)) = self.exec_parts.clone() {
+            out.exec = Arc::new(Exec { cgroups, users, supervision: Some(supervision) });
+        }
+        out
     }
 
     /// Whether tasks may run as users other than the agent's: their
@@ -273,21 +288,37 @@ impl Running for MockRun {
     }
 }
 
-/// A real child process in a session (and process group) of its own, in
-/// the task's directory, with stdout and stderr to rotating files, limited by a
-/// cgroup when the machine offers cgroups v2. A task gets SIGKILL when its
-/// agent dies (its own children that leave its group can escape that); a restarted agent starts them
-/// again from its local state.
+/// A real process in a session (and process group) of its own, in the
+/// task's directory, with stdout and stderr to rotating files, limited by
+/// a cgroup when the machine offers cgroups v2.
+///
+/// With [`Supervision`] (the `hanse agent`), each task runs under its own
+/// supervisor ([`super::supervise`]), which holds its whole process tree,
+/// outlives the agent for the task's deadline, and is found again by a
+/// restarted agent. Without (agents inside tests), the task is the agent's
+/// own child and gets SIGKILL when the agent dies.
 pub struct Exec {
     pub cgroups: Option<Cgroups>,
     pub users: TaskUsers,
+    pub supervision: Option<Supervision>,
 }
+
+/// How exec tasks are supervised: the program to run as `PROGRAM
+/// task-supervisor` (the `hanse` binary) and the directory of the
+/// supervisors' sockets (the agent's, 0700).
+#[derive(Clone, Debug)]
+pub struct Supervision {
+    pub program: PathBuf,
+    pub sockets: PathBuf,
+}
+
+/// The deadline a supervisor starts with when the agent has given none
+/// yet (milliseconds); the agent renews it within a tick.
+const FIRST_DEADLINE_MS: u64 = 5_000;
 
 struct ExecRun {
     child: Child,
     pid: i32,
-    /// The fence watching this group, and the allocation it belongs to.
-    fence: Option<(Arc<Fence>, AllocId)>,
     copiers: Vec<tokio::task::JoinHandle<()>>,
     cgroup: Option<PathBuf>,
     exit: Option<Exit>,
@@ -329,8 +360,6 @@ impl Driver for Exec {
         // SAFETY: getpid cannot fail. The child checks its parent is still
         // this process once its death signal is set.
         let agent_pid = unsafe { libc::getpid() };
-        let mut stdout = writer(ctx, "stdout")?;
-        let mut stderr = writer(ctx, "stderr")?;
         let cgroup = match &self.cgroups {
             Some(c) => match c.create(ctx.alloc, &ctx.task.name, ctx.task.resources) {
                 Ok(dir) => Some(dir),
@@ -357,6 +386,29 @@ impl Driver for Exec {
                 ctx.task.name
             ))
         })?;
+        if let Some(sv) = &self.supervision {
+            let first = ctx.fence.as_ref().map_or(FIRST_DEADLINE_MS, |f| f.left(ctx.alloc, FIRST_DEADLINE_MS));
+            let plan = Plan {
+                command: command.clone(),
+                args: args.clone(),
+                env: environment,
+                dir: dir.clone(),
+                ids,
+                cgroup,
+                logs: std::path::absolute(&ctx.logs).unwrap_or_else(|_| ctx.logs.clone()),
+                task: ctx.task.name.to_string(),
+                log_file_bytes: ctx.rotation.file_bytes,
+                log_files: ctx.rotation.files,
+                socket: socket_for(&sv.sockets, &ctx.alloc.to_string(), &ctx.task.name),
+                deadline_ms: first,
+            };
+            return supervised(sv, ctx, plan).await.map_err(|e| match e {
+                Unstarted::Exec(e) => exec_error(e, command, &path_var, &dir, account.as_ref(), &ctx.task.name),
+                Unstarted::Other(m) => StartError::Failed(m),
+            });
+        }
+        let mut stdout = writer(ctx, "stdout")?;
+        let mut stderr = writer(ctx, "stderr")?;
         let mut cmd = tokio::process::Command::new(command);
         cmd.args(args)
             .env_clear()
@@ -366,94 +418,13 @@ impl Driver for Exec {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: between fork and exec only async-signal-safe calls are
-        // made: setsid, open, write, close, setgroups, setgid, setuid,
-        // prctl, getppid, _exit, execve, on memory prepared before the fork.
+        // SAFETY: `become_task` runs in the child between fork and exec.
         unsafe {
-            cmd.pre_exec(move || {
-                // A session of its own: its process group is its pid, it can
-                // join no group of the agent's session (a stop would miss
-                // it), and it has no controlling terminal to type into.
-                libc::setsid();
-                // Into the cgroup while still root: its files are root's.
-                if let Some(p) = &procs {
-                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
-                    if fd >= 0 {
-                        libc::write(fd, b"0".as_ptr().cast(), 1);
-                        libc::close(fd);
-                    }
-                }
-                // Drop to the task's user: its group alone, then the user.
-                // A failure here fails the start; nothing runs as root.
-                if let Some((uid, gid, groups)) = &ids {
-                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                        || libc::setgid(*gid) != 0
-                        || libc::setuid(*uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                // After the switch: changing credentials clears it. An agent
-                // that died before this point would leave an orphan: exit.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                if libc::getppid() != agent_pid {
-                    libc::_exit(127);
-                }
-                // As the task's user: what it may not run, it does not run.
-                Err(std::io::Error::from_raw_os_error(launch.exec()))
-            });
+            cmd.pre_exec(move || Err(launch.become_task(procs.as_deref(), ids.as_ref(), agent_pid)));
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            use super::launch::{candidates, looked_in, why_not_a_program};
-            let found = candidates(command, &path_var, &dir);
-            // The file the kernel refused: the first regular file on the
-            // way that the task's user may execute.
-            let program =
-                || found.iter().find(|p| std::fs::metadata(p).is_ok_and(|m| executable_by(&m, account.as_ref())));
-            match e.kind() {
-                _ if e.raw_os_error() == Some(libc::ENOEXEC) => {
-                    let why = program()
-                        .map(|p| why_not_a_program(p, |m| readable_by(m, account.as_ref())))
-                        .unwrap_or_default();
-                    StartError::Unrunnable(format!(
-                        "command `{command}` is not a program this node can run (exec format error){why}"
-                    ))
-                }
-                std::io::ErrorKind::NotFound => match program() {
-                    // The file is there: what it needs is not.
-                    Some(p) => StartError::Unrunnable(format!(
-                        "command `{command}` ({}) is there, but the interpreter its `#!` line names, or the loader \
-                         its ELF header names, is not on this node",
-                        p.display()
-                    )),
-                    None => StartError::Unrunnable(format!(
-                        "command `{command}` not found{}",
-                        looked_in(command, &path_var, &dir)
-                    )),
-                },
-                // This node refused the switch of user: another may not.
-                _ if e.raw_os_error() == Some(libc::EPERM) => StartError::Fatal(format!(
-                    "this node refused to run task `{}` as `{}` (operation not permitted)",
-                    ctx.task.name,
-                    account.as_ref().map_or("its own user", |a| a.name.as_str())
-                )),
-                std::io::ErrorKind::PermissionDenied => match &account {
-                    Some(a) => StartError::Unrunnable(format!(
-                        "command `{command}` is not executable by `{}` (permission denied)",
-                        a.name
-                    )),
-                    None => {
-                        StartError::Unrunnable(format!("command `{command}` is not executable (permission denied)"))
-                    }
-                },
-                _ => StartError::Failed(format!("cannot start `{command}`: {e}")),
-            }
-        })?;
+        let mut child =
+            cmd.spawn().map_err(|e| exec_error(e, command, &path_var, &dir, account.as_ref(), &ctx.task.name))?;
         let pid = child.id().map_or(0, |p| p as i32);
-        let fence = ctx.fence.clone().filter(|_| pid > 0).map(|f| (f, ctx.alloc));
-        if let Some((f, alloc)) = &fence {
-            f.register(*alloc, pid);
-        }
         let mut copiers = Vec::new();
         if let Some(mut out) = child.stdout.take() {
             copiers.push(tokio::spawn(async move { copy(&mut out, &mut stdout).await }));
@@ -461,7 +432,234 @@ impl Driver for Exec {
         if let Some(mut err) = child.stderr.take() {
             copiers.push(tokio::spawn(async move { copy(&mut err, &mut stderr).await }));
         }
-        Ok(Box::new(ExecRun { child, pid, fence, copiers, cgroup, exit: None }))
+        Ok(Box::new(ExecRun { child, pid, copiers, cgroup, exit: None }))
+    }
+}
+
+/// Why a supervised task did not start.
+enum Unstarted {
+    /// The kernel would not execute its program.
+    Exec(std::io::Error),
+    Other(String),
+}
+
+/// Starts `plan` under a new supervisor, or, when one already runs it (an
+/// agent restarted while its tasks ran on), attaches to that one; a task
+/// that ended while no agent was there is returned ended.
+async fn supervised(sv: &Supervision, ctx: &TaskContext, plan: Plan) -> Result<Box<dyn Running>, Unstarted> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let socket = plan.socket.clone();
+    if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
+        tracing::info!(alloc = %ctx.alloc, task = %ctx.task.name, "the task runs on under its supervisor: attached again");
+        return attach(stream, ctx, socket)
+            .map_err(|e| Unstarted::Other(format!("cannot attach to {}: {e}", plan.socket.display())));
+    }
+    if let Some(exit) = take_exit(&socket) {
+        tracing::info!(alloc = %ctx.alloc, task = %ctx.task.name, "the task {} while the agent was away", exit.describe());
+        return Ok(Box::new(Ended(exit)));
+    }
+    let mut child = tokio::process::Command::new(&sv.program)
+        .arg("task-supervisor")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| Unstarted::Other(format!("cannot start {} task-supervisor: {e}", sv.program.display())))?;
+    let mut line = serde_json::to_string(&plan).expect("a plan encodes");
+    line.push('\n');
+    let mut stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    let said = async move {
+        stdin.write_all(line.as_bytes()).await?;
+        drop(stdin);
+        let mut answer = String::new();
+        tokio::io::BufReader::new(stdout).read_line(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), said).await;
+    // Reaped when it ends; it is never killed with the agent.
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    let answer = match answer {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return Err(Unstarted::Other(format!("the task supervisor did not answer: {e}"))),
+        Err(_) => return Err(Unstarted::Other("the task supervisor did not answer within 10 s".into())),
+    };
+    let mut words = answer.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some("started"), Some(_)) => {}
+        (Some("failed"), Some("exec")) => {
+            let errno = words.next().and_then(|e| e.parse().ok()).unwrap_or(libc::EIO);
+            return Err(Unstarted::Exec(std::io::Error::from_raw_os_error(errno)));
+        }
+        (Some("failed"), Some("setup")) => {
+            return Err(Unstarted::Other(answer.trim().trim_start_matches("failed setup ").to_string()));
+        }
+        _ => return Err(Unstarted::Other(format!("the task supervisor said {:?}", answer.trim()))),
+    }
+    let stream = std::os::unix::net::UnixStream::connect(&socket)
+        .map_err(|e| Unstarted::Other(format!("cannot reach the task supervisor at {}: {e}", socket.display())))?;
+    attach(stream, ctx, socket).map_err(|e| Unstarted::Other(format!("cannot attach to the task supervisor: {e}")))
+}
+
+/// The exit a supervisor recorded beside `socket`, taken (the file is
+/// removed once read).
+fn take_exit(socket: &Path) -> Option<Exit> {
+    let file = super::supervise::exit_file(socket);
+    let text = std::fs::read_to_string(&file).ok()?;
+    let _ = std::fs::remove_file(&file);
+    let (code, signal) = super::supervise::parse_exit(&text)?;
+    Some(Exit { code, signal })
+}
+
+fn attach(
+    stream: std::os::unix::net::UnixStream,
+    ctx: &TaskContext,
+    socket: PathBuf,
+) -> std::io::Result<Box<dyn Running>> {
+    stream.set_nonblocking(true)?;
+    let control = Arc::new(Control::new(stream.try_clone()?));
+    let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::net::UnixStream::from_std(stream)?));
+    let fence = ctx.fence.clone().map(|f| (f, ctx.alloc));
+    if let Some((f, alloc)) = &fence {
+        f.register(*alloc, control.clone());
+    }
+    Ok(Box::new(SupervisedRun { control, lines, socket, fence, exit: None }))
+}
+
+/// A task that had ended before the agent came back to it.
+struct Ended(Exit);
+
+#[async_trait]
+impl Running for Ended {
+    async fn wait(&mut self) -> Exit {
+        self.0
+    }
+
+    async fn stop(&mut self, _grace: Duration) -> Exit {
+        self.0
+    }
+}
+
+/// A task under its supervisor, through the supervisor's socket.
+struct SupervisedRun {
+    control: Arc<Control>,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::UnixStream>>,
+    socket: PathBuf,
+    fence: Option<(Arc<Fence>, AllocId)>,
+    exit: Option<Exit>,
+}
+
+impl SupervisedRun {
+    fn ended(&mut self, exit: Exit) -> Exit {
+        if let Some((f, alloc)) = self.fence.take() {
+            f.forget(alloc, &self.control);
+        }
+        let _ = std::fs::remove_file(super::supervise::exit_file(&self.socket));
+        self.exit = Some(exit);
+        exit
+    }
+}
+
+#[async_trait]
+impl Running for SupervisedRun {
+    async fn wait(&mut self) -> Exit {
+        if let Some(e) = self.exit {
+            return e;
+        }
+        // `next_line` is cancel-safe: a line half read stays buffered.
+        loop {
+            match self.lines.next_line().await {
+                Ok(Some(line)) => {
+                    let exit = line.trim().strip_prefix("exit ").and_then(super::supervise::parse_exit);
+                    if let Some((code, signal)) = exit {
+                        return self.ended(Exit { code, signal });
+                    }
+                }
+                // Gone: its exit file says how the task ended, if it did.
+                _ => {
+                    let exit = take_exit(&self.socket).unwrap_or(Exit { code: None, signal: None });
+                    return self.ended(exit);
+                }
+            }
+        }
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Exit {
+        if let Some(e) = self.exit {
+            return e;
+        }
+        let _ = self.control.send(Order::Stop { grace_ms: grace.as_millis() as u64 });
+        if let Ok(e) = tokio::time::timeout(grace + Duration::from_secs(5), self.wait()).await {
+            return e;
+        }
+        let _ = self.control.send(Order::Kill);
+        match tokio::time::timeout(Duration::from_secs(5), self.wait()).await {
+            Ok(e) => e,
+            Err(_) => self.ended(Exit { code: None, signal: Some(libc::SIGKILL) }),
+        }
+    }
+}
+
+impl Drop for SupervisedRun {
+    /// A run dropped before it ended (the agent stopping, cleanly or not)
+    /// leaves its task to the supervisor: it runs on until its deadline,
+    /// or until the agent comes back and attaches again.
+    fn drop(&mut self) {
+        if let Some((f, alloc)) = self.fence.take() {
+            f.forget(alloc, &self.control);
+        }
+    }
+}
+
+/// Why the kernel would not execute a task's `command`, in words: what
+/// is missing, or not a program for this machine, or not permitted.
+fn exec_error(
+    e: std::io::Error,
+    command: &str,
+    path_var: &str,
+    dir: &Path,
+    account: Option<&Account>,
+    task: &str,
+) -> StartError {
+    use super::launch::{candidates, looked_in, why_not_a_program};
+    let found = candidates(command, path_var, dir);
+    // The file the kernel refused: the first regular file on the
+    // way that the task's user may execute.
+    let program = || found.iter().find(|p| std::fs::metadata(p).is_ok_and(|m| executable_by(&m, account)));
+    match e.kind() {
+        _ if e.raw_os_error() == Some(libc::ENOEXEC) => {
+            let why = program().map(|p| why_not_a_program(p, |m| readable_by(m, account))).unwrap_or_default();
+            StartError::Unrunnable(format!(
+                "command `{command}` is not a program this node can run (exec format error){why}"
+            ))
+        }
+        std::io::ErrorKind::NotFound => match program() {
+            // The file is there: what it needs is not.
+            Some(p) => StartError::Unrunnable(format!(
+                "command `{command}` ({}) is there, but the interpreter its `#!` line names, or the loader \
+                     its ELF header names, is not on this node",
+                p.display()
+            )),
+            None => {
+                StartError::Unrunnable(format!("command `{command}` not found{}", looked_in(command, path_var, dir)))
+            }
+        },
+        // This node refused the switch of user: another may not.
+        _ if e.raw_os_error() == Some(libc::EPERM) => StartError::Fatal(format!(
+            "this node refused to run task `{}` as `{}` (operation not permitted)",
+            task,
+            account.map_or("its own user", |a| a.name.as_str())
+        )),
+        std::io::ErrorKind::PermissionDenied => match account {
+            Some(a) => StartError::Unrunnable(format!(
+                "command `{command}` is not executable by `{}` (permission denied)",
+                a.name
+            )),
+            None => StartError::Unrunnable(format!("command `{command}` is not executable (permission denied)")),
+        },
+        _ => StartError::Failed(format!("cannot start `{command}`: {e}")),
     }
 }
 
@@ -593,9 +791,6 @@ impl ExecRun {
             // SAFETY: kill(2) on our own child's process group.
             unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         }
-        if let Some((f, alloc)) = self.fence.take() {
-            f.forget(alloc, self.pid);
-        }
         for c in self.copiers.drain(..) {
             // A grandchild holding the pipes open must not hold us.
             let _ = tokio::time::timeout(Duration::from_secs(1), c).await;
@@ -619,9 +814,6 @@ impl Drop for ExecRun {
         if self.exit.is_none() && self.pid > 0 {
             // SAFETY: kill(2) on our own child's process group.
             unsafe { libc::kill(-self.pid, libc::SIGKILL) };
-        }
-        if let Some((f, alloc)) = self.fence.take() {
-            f.forget(alloc, self.pid);
         }
     }
 }

@@ -55,6 +55,53 @@ impl Launch {
         Some(Launch { argv_ptrs: ptrs(&argv), envp_ptrs: ptrs(&envp), paths, _argv: argv, _envp: envp })
     }
 
+    /// Everything the task's process does between fork and exec, for the
+    /// agent's own children and a supervisor's task alike: a session of
+    /// its own (its process group is its pid, it joins no group of its
+    /// parent's, and it has no controlling terminal to type into); into
+    /// its cgroup (`cgroup_procs`) while still root; the task's user
+    /// (`ids`: uid, gid, groups), whose failure fails the start so that
+    /// nothing runs as root; a death signal if `parent` dies, exiting if it
+    /// already has; then [`Launch::exec`]. Returns only on failure.
+    ///
+    /// # Safety
+    /// Only in the child between fork and exec (`pre_exec`): it makes only
+    /// async-signal-safe calls, on memory prepared before the fork.
+    pub unsafe fn become_task(
+        &self,
+        cgroup_procs: Option<&std::ffi::CStr>,
+        ids: Option<&(u32, u32, Vec<u32>)>,
+        parent: i32,
+    ) -> std::io::Error {
+        // SAFETY: the caller is the child between fork and exec; every
+        // call is async-signal-safe.
+        unsafe {
+            libc::setsid();
+            if let Some(p) = cgroup_procs {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
+            if let Some((uid, gid, groups)) = ids {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return std::io::Error::last_os_error();
+                }
+            }
+            // After the switch: changing credentials clears it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::_exit(127);
+            }
+        }
+        // As the task's user: what it may not run, it does not run.
+        std::io::Error::from_raw_os_error(self.exec())
+    }
+
     /// Tries each candidate as `execvp` does, but never through a shell:
     /// a missing one (`ENOENT`, `ENOTDIR`) or one not permitted (`EACCES`)
     /// moves on to the next; any other refusal ends the search. Returns

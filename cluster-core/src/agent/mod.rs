@@ -12,8 +12,9 @@
 //! ```
 //!
 //! The agent's local state (`agent.state` in its data directory) holds
-//! every allocation it runs; an agent restarted without its servers starts
-//! them again from it. Work whose group says `on_disconnect = "stop"` runs
+//! every allocation it runs; an agent restarted without its servers carries
+//! on from it: it attaches to the tasks still running under their
+//! supervisors ([`supervise`]) and starts the others again. Work whose group says `on_disconnect = "stop"` runs
 //! only while the agent holds its lease: cut off for longer than the TTL,
 //! the agent stops it and reports it lost, and the servers, which wait TTL
 //! + grace before replacing it, start its replacement only after that.
@@ -28,6 +29,7 @@ pub mod lease;
 pub mod logs;
 pub mod rpc;
 pub mod runner;
+pub mod supervise;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -73,10 +75,11 @@ pub struct AgentOptions {
     pub data_dir: PathBuf,
     pub rotation: Rotation,
     pub drivers: Drivers,
-    /// The program to start as the fence (`PROGRAM agent-fence`, see
-    /// [`fence`]): the `hanse` binary. `None` runs without one, and a
-    /// frozen agent then cannot stop at-most-once work.
-    pub fence: Option<PathBuf>,
+    /// The program each exec task runs under (`PROGRAM task-supervisor`,
+    /// see [`supervise`]): the `hanse` binary. `None` (agents inside
+    /// tests): tasks are the agent's own children, which a frozen agent
+    /// cannot stop and a restarted one cannot find again.
+    pub supervisor: Option<PathBuf>,
     /// When the directories of ended allocations are removed.
     pub gc: gc::GcPolicy,
 }
@@ -300,25 +303,17 @@ impl Agent {
         ));
         background.spawn(syncs(self.link.clone(), o.node.id.clone(), sync_tx, reconnected));
         background.spawn(reports(self.link.clone(), o.node.id.clone(), report_rx));
-        let fence = match &o.fence {
-            Some(program) => match fence::Fence::start(program) {
-                Ok(f) => Some(Arc::new(f)),
-                Err(e) => {
-                    tracing::error!(
-                        "cannot start the fence ({} agent-fence): {e}; a frozen agent could not stop at-most-once work",
-                        program.display()
-                    );
-                    None
-                }
-            },
-            None => None,
+        let fence = Some(Arc::new(fence::Fence::new()));
+        let drivers = match &o.supervisor {
+            Some(program) => {
+                let sockets = o.data_dir.join("supervisors");
+                crate::private::private_dir(&sockets)
+                    .map_err(|e| format!("cannot create {}: {e}", sockets.display()))?;
+                o.drivers.supervised(driver::Supervision { program: program.clone(), sockets })
+            }
+            None => o.drivers.clone(),
         };
-        let env = runner::Env {
-            drivers: o.drivers.clone(),
-            allocs_dir: self.allocs_dir(),
-            rotation: o.rotation,
-            fence: fence.clone(),
-        };
+        let env = runner::Env { drivers, allocs_dir: self.allocs_dir(), rotation: o.rotation, fence: fence.clone() };
         let mut main = Main {
             env,
             slots: BTreeMap::new(),
@@ -361,7 +356,9 @@ impl Agent {
         }
         main.save();
         background.abort_all();
-        // Dropping the runners kills their processes.
+        // Dropping the runners kills the processes of unsupervised tasks;
+        // supervised ones run on until their deadline, for a restarted
+        // agent to attach to again.
         main.runners.abort_all();
         while main.runners.join_next().await.is_some() {}
         Ok(())
@@ -660,18 +657,27 @@ impl Main {
         }
     }
 
-    /// Tells the fence how long each running at-most-once allocation may
-    /// still run: until the agent's own lease would have stopped it (the
-    /// last answer plus TTL + grace / 2) or, for delegated work, its grant
-    /// ends plus its kill timeout (the agent's graceful stop starts when
-    /// the grant ends; the target allows only kill timeouts within half
-    /// the grace), whichever is sooner.
+    /// Tells the fence how long each running allocation may still run.
+    /// At-most-once work: until the agent's own lease would have stopped
+    /// it (the last answer plus TTL + grace / 2) or, for delegated work,
+    /// its grant ends plus its kill timeout (the agent's graceful stop
+    /// starts when the grant ends; the target allows only kill timeouts
+    /// within half the grace), whichever is sooner. Other work: TTL +
+    /// grace / 2 from now, for as long as the agent is alive to say so.
     fn renew_fence(&self) {
         let Some(fence) = &self.fence else { return };
         let c = self.contact.lock().expect("contact").clone();
-        let by_lease = c.last.map(|l| c.lease().stop_within_ms().saturating_sub(l.elapsed().as_millis() as u64));
+        let full = c.lease().stop_within_ms();
+        let by_lease = c.last.map(|l| full.saturating_sub(l.elapsed().as_millis() as u64));
+        if let Some(left) = by_lease {
+            fence.set_first(left);
+        }
         let now = mono_ms();
-        for (id, s) in self.running_at_most_once() {
+        for (id, s) in self.slots.iter().filter(|(_, s)| s.control.is_some()) {
+            if s.alloc.group.on_disconnect != OnDisconnect::Stop {
+                fence.renew(*id, full);
+                continue;
+            }
             let kill_ms = s.alloc.group.tasks.iter().map(|t| t.kill_timeout_ms).max().unwrap_or(0);
             let by_grant = s.alloc.lease.as_ref().map(|d| c.grants.left(d, now).saturating_add(kill_ms));
             if let Some(left) = [by_lease, by_grant].into_iter().flatten().min() {

@@ -31,8 +31,8 @@ pub struct Env {
     pub drivers: Drivers,
     pub allocs_dir: PathBuf,
     pub rotation: Rotation,
-    /// Fences the process groups of at-most-once work (`None`: no fence
-    /// process; only the agent itself stops such work).
+    /// Renews the deadlines of the tasks' supervisors ([`super::fence`];
+    /// `None`: nothing does).
     pub fence: Option<std::sync::Arc<super::fence::Fence>>,
 }
 
@@ -94,7 +94,7 @@ pub async fn run(
             dir: dir.join(&*task.name),
             logs: dir.join("logs"),
             rotation: env.rotation,
-            fence: env.fence.clone().filter(|_| alloc.group.on_disconnect == crate::model::job::OnDisconnect::Stop),
+            fence: env.fence.clone(),
         };
         let (control, fail_rx, fail_tx) = (control.clone(), fail_rx.clone(), fail_tx.clone());
         let env = &env;
