@@ -449,10 +449,18 @@ enum Unstarted {
 async fn supervised(sv: &Supervision, ctx: &TaskContext, plan: Plan) -> Result<Box<dyn Running>, Unstarted> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let socket = plan.socket.clone();
-    if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
-        tracing::info!(alloc = %ctx.alloc, task = %ctx.task.name, "the task runs on under its supervisor: attached again");
-        return attach(stream, ctx, socket)
-            .map_err(|e| Unstarted::Other(format!("cannot attach to {}: {e}", plan.socket.display())));
+    match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(stream) => {
+            tracing::info!(alloc = %ctx.alloc, task = %ctx.task.name, "the task runs on under its supervisor: attached again");
+            return attach(stream, ctx, socket)
+                .map_err(|e| Unstarted::Other(format!("cannot attach to {}: {e}", plan.socket.display())));
+        }
+        // No supervisor there (none, or one that is gone): start one.
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {}
+        // One may be there: never a second beside it.
+        Err(e) => {
+            return Err(Unstarted::Other(format!("cannot reach the task supervisor at {}: {e}", socket.display())));
+        }
     }
     if let Some(exit) = take_exit(&socket) {
         tracing::info!(alloc = %ctx.alloc, task = %ctx.task.name, "the task {} while the agent was away", exit.describe());
@@ -469,6 +477,9 @@ async fn supervised(sv: &Supervision, ctx: &TaskContext, plan: Plan) -> Result<B
     line.push('\n');
     let mut stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
+    // Until attached, this start owns the supervisor: dropped (a stop won
+    // the race with it), timed out or failed, it ends it, tree and all.
+    let mut guard = Unattached(Some(child));
     let said = async move {
         stdin.write_all(line.as_bytes()).await?;
         drop(stdin);
@@ -476,12 +487,7 @@ async fn supervised(sv: &Supervision, ctx: &TaskContext, plan: Plan) -> Result<B
         tokio::io::BufReader::new(stdout).read_line(&mut answer).await?;
         Ok::<_, std::io::Error>(answer)
     };
-    let answer = tokio::time::timeout(Duration::from_secs(10), said).await;
-    // Reaped when it ends; it is never killed with the agent.
-    tokio::spawn(async move {
-        let _ = child.wait().await;
-    });
-    let answer = match answer {
+    let answer = match tokio::time::timeout(Duration::from_secs(10), said).await {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => return Err(Unstarted::Other(format!("the task supervisor did not answer: {e}"))),
         Err(_) => return Err(Unstarted::Other("the task supervisor did not answer within 10 s".into())),
@@ -498,9 +504,61 @@ async fn supervised(sv: &Supervision, ctx: &TaskContext, plan: Plan) -> Result<B
         }
         _ => return Err(Unstarted::Other(format!("the task supervisor said {:?}", answer.trim()))),
     }
-    let stream = std::os::unix::net::UnixStream::connect(&socket)
-        .map_err(|e| Unstarted::Other(format!("cannot reach the task supervisor at {}: {e}", socket.display())))?;
-    attach(stream, ctx, socket).map_err(|e| Unstarted::Other(format!("cannot attach to the task supervisor: {e}")))
+    let run = match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(stream) => attach(stream, ctx, socket)
+            .map_err(|e| Unstarted::Other(format!("cannot attach to the task supervisor: {e}")))?,
+        // A task that ended at once: its supervisor recorded how, and left.
+        Err(e) => match take_exit(&socket) {
+            Some(exit) => Box::new(Ended(exit)),
+            None => {
+                return Err(Unstarted::Other(format!("cannot reach the task supervisor at {}: {e}", socket.display())));
+            }
+        },
+    };
+    // Reaped by tokio once it ends; never killed with the agent.
+    guard.0 = None;
+    Ok(run)
+}
+
+/// A supervisor started but not yet attached to: dropped, it is told to
+/// end (SIGTERM: it kills its task's whole tree, then exits).
+struct Unattached(Option<tokio::process::Child>);
+
+impl Drop for Unattached {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // Not yet reaped, so its pid is still its own.
+            if let (Ok(None), Some(pid)) = (child.try_wait(), child.id()) {
+                // SAFETY: kill(2) on this process's own unreaped child.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
+    }
+}
+
+/// Ends what the supervisors of `alloc`'s `tasks` still run, and waits
+/// (10 s at most) until they are gone: for at-most-once work a restarted
+/// agent reports lost, which the servers replace at once.
+pub async fn kill_leftovers(sockets: &Path, alloc: AllocId, tasks: &[Task]) {
+    use tokio::io::AsyncReadExt;
+    for t in tasks {
+        let socket = socket_for(sockets, &alloc.to_string(), &t.name);
+        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&socket) {
+            let _ = std::io::Write::write_all(&mut stream, b"kill\n");
+            // It closes the socket as it exits, once the tree is gone.
+            if let Ok(mut s) = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream)) {
+                let gone = async move {
+                    let mut buf = [0u8; 256];
+                    while s.read(&mut buf).await? > 0 {}
+                    Ok::<_, std::io::Error>(())
+                };
+                if tokio::time::timeout(Duration::from_secs(10), gone).await.is_err() {
+                    tracing::error!(%alloc, task = %t.name, "the task's supervisor did not end within 10 s of a kill");
+                }
+            }
+        }
+        let _ = take_exit(&socket);
+    }
 }
 
 /// The exit a supervisor recorded beside `socket`, taken (the file is

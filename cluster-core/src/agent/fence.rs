@@ -9,9 +9,10 @@
 //! - at-most-once work (`on_disconnect = "stop"`) until its own lease would
 //!   have stopped it (the last answer plus TTL + grace / 2), or its
 //!   delegation's grant runs out;
-//! - other work for a full TTL + grace / 2 from now, on every tick: it runs
-//!   on while the agent is alive, cut off or not, and dies with a dead
-//!   agent's lease, before the servers place its replacement.
+//! - other work by the same lease while in contact, and, cut off, for a
+//!   full TTL + grace / 2 from now on every tick: it runs on while the
+//!   agent is alive, and dies with a dead agent's lease, before the
+//!   servers place its replacement.
 //!
 //! It is the lease's hard edge: the agent still stops work gracefully
 //! (SIGTERM, kill timeout) before it. Orders carry durations, never

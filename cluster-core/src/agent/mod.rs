@@ -157,6 +157,12 @@ impl Contact {
     }
 }
 
+/// Whether the lease saved in `saved` lapsed: past its TTL since the last
+/// answer, or with another boot or no contact on record (long gone).
+fn lapsed(saved: &LocalState) -> bool {
+    since_saved_contact(saved).is_none_or(|since| since > saved.ttl_ms)
+}
+
 /// Milliseconds on this process's monotonic clock: what grants are kept in.
 fn mono_ms() -> u64 {
     static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -336,6 +342,17 @@ impl Agent {
             collecting: None,
             last_gc: Instant::now(),
         };
+        // At-most-once work whose lease lapsed while the agent was away is
+        // reported lost, and replaced at once: what its supervisors still
+        // run ends first.
+        if o.supervisor.is_some() && lapsed(&saved) {
+            let sockets = o.data_dir.join("supervisors");
+            for (alloc, status, _) in &saved.allocs {
+                if !status.is_terminal() && alloc.group.on_disconnect == OnDisconnect::Stop {
+                    driver::kill_leftovers(&sockets, alloc.id, &alloc.group.tasks).await;
+                }
+            }
+        }
         main.recover(saved);
         main.renew_fence();
         let mut tick = tokio::time::interval(TICK);
@@ -485,8 +502,7 @@ impl Main {
     /// except at-most-once ones whose lease has lapsed meanwhile (reported
     /// lost); finished ones are reported again.
     fn recover(&mut self, saved: LocalState) {
-        // Another boot, or no contact on record: the lease is long gone.
-        let lapsed = since_saved_contact(&saved).is_none_or(|since| since > saved.ttl_ms);
+        let lapsed = lapsed(&saved);
         let n = saved.allocs.len();
         for (alloc, status, tasks) in saved.allocs {
             let id = alloc.id;
@@ -662,8 +678,9 @@ impl Main {
     /// it (the last answer plus TTL + grace / 2) or, for delegated work,
     /// its grant ends plus its kill timeout (the agent's graceful stop
     /// starts when the grant ends; the target allows only kill timeouts
-    /// within half the grace), whichever is sooner. Other work: TTL +
-    /// grace / 2 from now, for as long as the agent is alive to say so.
+    /// within half the grace), whichever is sooner. Other work: the same
+    /// lease while in contact; cut off, TTL + grace / 2 from now, for as
+    /// long as the agent is alive to say so.
     fn renew_fence(&self) {
         let Some(fence) = &self.fence else { return };
         let c = self.contact.lock().expect("contact").clone();
@@ -672,10 +689,15 @@ impl Main {
         if let Some(left) = by_lease {
             fence.set_first(left);
         }
+        // In contact, other work too runs by the last answer: the agent may
+        // die the next moment, and the servers time it from that answer.
+        // Cut off, it runs on from now, as long as the agent lives.
+        let in_contact = c.last.is_some_and(|l| c.lease().in_contact(l.elapsed().as_millis() as u64));
+        let other = if in_contact { by_lease.unwrap_or(full) } else { full };
         let now = mono_ms();
         for (id, s) in self.slots.iter().filter(|(_, s)| s.control.is_some()) {
             if s.alloc.group.on_disconnect != OnDisconnect::Stop {
-                fence.renew(*id, full);
+                fence.renew(*id, other);
                 continue;
             }
             let kill_ms = s.alloc.group.tasks.iter().map(|t| t.kill_timeout_ms).max().unwrap_or(0);

@@ -132,15 +132,22 @@ extern "C" fn on_terminate(_: libc::c_int) {
     TERMINATE.store(true, Ordering::SeqCst);
 }
 
-/// The parent of every process, from `/proc/PID/stat`.
+/// The parent of process `pid`, from `/proc/PID/stat`, read as bytes: a
+/// name (`comm`) need not be UTF-8, and may hold spaces and parentheses.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let close = stat.iter().rposition(|b| *b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    // `pid (comm) state ppid ...`
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The parent of every process.
 fn parents() -> HashMap<i32, i32> {
     let mut out = HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
-        if let Some(ppid) = ppid {
+        if let Some(ppid) = parent_of(pid) {
             out.insert(pid, ppid);
         }
     }
@@ -153,17 +160,40 @@ pub fn descendants(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
     for (pid, ppid) in parents {
         children.entry(*ppid).or_default().push(*pid);
     }
+    let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     let mut next = vec![root];
     while let Some(p) = next.pop() {
         for c in children.get(&p).into_iter().flatten() {
-            if *c != root && !out.contains(c) {
+            if *c != root && seen.insert(*c) {
                 out.push(*c);
                 next.push(*c);
             }
         }
     }
     out
+}
+
+/// Sends `signal` to `pid` only if it is still the process the scan
+/// found, below a process of `tree` (or `root`): through a pidfd, taken
+/// before its parent is checked again, so a pid reaped and reused by a
+/// process elsewhere in between is never signalled. Without pidfds
+/// (before Linux 5.3), a plain kill(2).
+fn signal_in_tree(pid: i32, signal: i32, root: i32, tree: &std::collections::HashSet<i32>) {
+    // SAFETY: pidfd_open(2) returns a new descriptor or -1; it is closed
+    // below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        // SAFETY: kill(2) on a process the scan found in this tree.
+        unsafe { libc::kill(pid, signal) };
+        return;
+    }
+    if parent_of(pid).is_some_and(|p| p == root || tree.contains(&p)) {
+        // SAFETY: pidfd_send_signal(2) on the descriptor opened above.
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd, signal, std::ptr::null::<libc::siginfo_t>(), 0) };
+    }
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
 }
 
 struct Supervisor {
@@ -197,35 +227,37 @@ impl Supervisor {
         }
     }
 
-    fn signal_tree(&self, signal: i32) {
-        for pid in descendants(self.me, &parents()) {
-            // SAFETY: kill(2) on a process of this supervisor's own tree.
-            unsafe { libc::kill(pid, signal) };
+    /// Signals every process of the tree; whether there was any.
+    fn signal_tree(&self, signal: i32) -> bool {
+        let all = descendants(self.me, &parents());
+        let tree: std::collections::HashSet<i32> = all.iter().copied().collect();
+        for pid in &all {
+            signal_in_tree(*pid, signal, self.me, &tree);
         }
+        !all.is_empty()
     }
 
     /// Kills every process of the tree, again until none is left (one
-    /// could fork between a look and a kill), for at most a second; the
-    /// caller tries again later if some were stuck.
-    fn kill_tree(&mut self) {
+    /// could fork between a look and a kill), for at most a second;
+    /// whether none is left. The caller calls again until so.
+    fn kill_tree(&mut self) -> bool {
         if let Some(cg) = &self.cgroup {
             // cgroups v2 from Linux 5.14: the kernel kills the whole group.
             let _ = std::fs::write(cg.join("cgroup.kill"), "1");
         }
         for _ in 0..200 {
-            let left = descendants(self.me, &parents());
-            if left.is_empty() {
-                return;
-            }
-            for pid in left {
-                // SAFETY: as in `signal_tree`.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            if !self.signal_tree(libc::SIGKILL) {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(5));
             self.reap();
         }
+        false
     }
 }
+
+/// The most output copied from one pipe per turn of the loop (bytes).
+const PUMP_MAX: usize = 1 << 20;
 
 /// One of the task's output pipes (non-blocking) and its log.
 struct Output {
@@ -242,12 +274,19 @@ impl Output {
         Output { pipe, log }
     }
 
-    /// Copies what is there; `false` once the pipe is closed.
+    /// Copies what is there, up to [`PUMP_MAX`] bytes (a task that writes
+    /// without pause must not keep the supervisor from its deadline);
+    /// `false` once the pipe is closed.
     fn pump(&mut self) -> bool {
         let mut buf = [0u8; 16 << 10];
+        let mut copied = 0;
         while let Some(pipe) = &mut self.pipe {
+            if copied >= PUMP_MAX {
+                return true;
+            }
             match pipe.read(&mut buf) {
                 Ok(n) if n > 0 => {
+                    copied += n;
                     let _ = self.log.write(&buf[..n]);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
@@ -297,19 +336,20 @@ pub fn run(mut input: impl BufRead) -> i32 {
     {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("hanse task-supervisor: {e} (it is started by `hanse agent`, not by hand)");
+            let _ =
+                writeln!(std::io::stderr(), "hanse task-supervisor: {e} (it is started by `hanse agent`, not by hand)");
             return 1;
         }
     };
     match supervise(&plan) {
         Ok(()) => 0,
         Err(Failure::Exec(e)) => {
-            println!("failed exec {}", e.raw_os_error().unwrap_or(libc::EIO));
+            let _ = writeln!(std::io::stdout(), "failed exec {}", e.raw_os_error().unwrap_or(libc::EIO));
             1
         }
         Err(Failure::Setup(e)) => {
-            eprintln!("hanse task-supervisor ({}): {e}", plan.task);
-            println!("failed setup {e}");
+            let _ = writeln!(std::io::stderr(), "hanse task-supervisor ({}): {e}", plan.task);
+            let _ = writeln!(std::io::stdout(), "failed setup {e}");
             1
         }
     }
@@ -387,12 +427,15 @@ fn supervise(plan: &Plan) -> Result<(), Failure> {
         let _ = writeln!(out, "started {task}");
         let _ = out.flush();
     }
-    // Nothing more goes to the agent's pipe: it may be gone soon.
-    // SAFETY: dup2(2) of /dev/null over this process's stdout.
+    // Nothing more goes to the agent's stdout or stderr: it may be gone
+    // soon, or its reader stopped (a write could block, or fail). What the
+    // supervisor has to say goes into the task's stderr log.
+    // SAFETY: dup2(2) of /dev/null over this process's stdout and stderr.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
         if null >= 0 {
             libc::dup2(null, 1);
+            libc::dup2(null, 2);
             libc::close(null);
         }
     }
@@ -401,6 +444,8 @@ fn supervise(plan: &Plan) -> Result<(), Failure> {
     let mut agent: Option<(UnixStream, Vec<u8>)> = None;
     let mut deadline = Instant::now() + Duration::from_millis(plan.deadline_ms);
     let mut kill_at: Option<Instant> = None;
+    // Killing the tree until the task's exit is reaped.
+    let mut killing = false;
     loop {
         let mut fds: Vec<libc::pollfd> =
             vec![libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
@@ -413,8 +458,9 @@ fn supervise(plan: &Plan) -> Result<(), Failure> {
         let now = Instant::now();
         let next = [Some(deadline), kill_at].into_iter().flatten().min().unwrap_or(now);
         let wait = next.saturating_duration_since(now).min(Duration::from_millis(100));
-        // SAFETY: poll(2) on descriptors this process owns; SIGCHLD (or
-        // a terminating signal) interrupts it early, which is harmless.
+        // SAFETY: poll(2) on descriptors this process owns. It wakes for
+        // input, a terminating signal, or the timeout (at most 100 ms:
+        // children are reaped that often).
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait.as_millis() as i32) };
 
         // An agent connecting (again): the newest one is listened to.
@@ -462,28 +508,32 @@ fn supervise(plan: &Plan) -> Result<(), Failure> {
                 Order::Kill => kill_at = Some(now),
             }
         }
+        sv.reap();
+        if sv.exit.is_none() {
+            if !killing && now >= deadline {
+                let _ = outputs[1].log.write(b"\nhanse: the agent did not renew this task's lease in time: killed\n");
+                killing = true;
+            }
+            killing |= TERMINATE.load(Ordering::SeqCst) || kill_at.is_some_and(|at| now >= at);
+            if killing {
+                sv.kill_tree();
+            }
+        }
         for o in &mut outputs {
             o.pump();
         }
-        sv.reap();
         if sv.exit.is_none() {
-            let terminate = TERMINATE.load(Ordering::SeqCst);
-            if now >= deadline {
-                eprintln!(
-                    "hanse task-supervisor ({}): the agent did not renew the task's deadline: killing it",
-                    plan.task
-                );
-                let _ = outputs[1].log.write(b"\nhanse: the agent did not renew this task's lease in time: killed\n");
-                sv.kill_tree();
-                deadline = now + Duration::from_secs(3600);
-            } else if terminate || kill_at.is_some_and(|at| now >= at) {
-                sv.kill_tree();
-            }
             continue;
         }
         // The task ended: what is left of its tree goes with it (as its
-        // process group did before), then its output, then its exit.
-        sv.kill_tree();
+        // process group did before), then its output, then its exit. The
+        // supervisor never exits while a process of the tree is left.
+        while !sv.kill_tree() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(cg) = &plan.cgroup {
+            let _ = std::fs::remove_dir(cg);
+        }
         let until = Instant::now() + Duration::from_secs(1);
         while Instant::now() < until && outputs.iter_mut().map(Output::pump).fold(false, |a, b| a | b) {
             std::thread::sleep(Duration::from_millis(10));
