@@ -583,7 +583,9 @@ fn sample_until_replaced(f: &Fixture, job: &str, old: impl Fn() -> Option<u128>)
 /// A frozen agent (SIGSTOP) enforces nothing, and its at-most-once task
 /// runs on; the task's supervisor kills it when the deadline the agent
 /// last renewed passes, before the servers replace it (review B13).
-/// Sampled every 20 ms: the two copies never run at once.
+/// Sampled every 20 ms: the two copies never run at once, during the
+/// 20 s freeze nor after the thaw. Field case: a second copy started
+/// about 4 s in, and both ran until SIGCONT.
 #[test]
 fn a_frozen_agents_at_most_once_work_is_killed_by_its_supervisor_before_the_replacement_starts() {
     let _alone = one_at_a_time();
@@ -609,8 +611,23 @@ fn a_frozen_agents_at_most_once_work_is_killed_by_its_supervisor_before_the_repl
         "the supervisor killed the task {} ms after the freeze",
         (died - frozen) / 1_000_000
     );
+    // Frozen for 20 s in all (the field case), then thawed: the thawed
+    // agent learns its work moved and never runs its copy again, while the
+    // replacement runs on. Sampled every 20 ms for 3 s.
+    let thaw_at = frozen + 20_000_000_000;
+    while now_ns() < thaw_at {
+        assert!(!running(pid), "the frozen agent's task came back while the agent was frozen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // SAFETY: as above.
     unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let copy = mark(&f.marks(), &format!("{first}.pid"));
+        assert!(copy.is_none_or(|p| !running(p)), "the thawed agent runs a second copy (pid {copy:?})");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(f.node_of_running("once").iter().any(|(_, n)| n == "node-b"), "{:?}", f.allocs("once"));
 }
 
 /// At-most-once work an agent restarts from local state, while cut off and
@@ -651,11 +668,13 @@ fn a_wall_clock_set_back_does_not_stretch_a_lease_kept_across_a_restart() {
     // yet out; then stopped.
     let copy = || mark(&f.marks(), &format!("{first}.pid"));
     let (started, died) = sample_until_replaced(&f, "once", copy);
-    let died = died.unwrap_or_else(|| {
-        let log = std::fs::read_to_string(f.dir.join("node-a.log")).unwrap_or_default();
-        panic!("the restarted copy still runs after its replacement started; node-a's log:\n{log}")
-    });
-    assert!(died < started, "the restarted copy died at {died}, after its replacement started at {started}");
+    let log = std::fs::read_to_string(f.dir.join("node-a.log")).unwrap_or_default();
+    let died =
+        died.unwrap_or_else(|| panic!("the copy still runs after its replacement started; node-a's log:\n{log}"));
+    assert!(died < started, "the copy died at {died}, after its replacement started at {started}");
+    // It was resumed, not written off: the restarted agent attached to it
+    // under the lease it had saved.
+    assert!(log.contains("attached again"), "the restarted agent did not resume the work; its log:\n{log}");
 }
 
 /// `hanse acl`: bootstrap happens once; a policy file with mistakes is
@@ -1145,6 +1164,8 @@ fn a_killed_agents_task_tree_dies_with_its_lease_before_the_replacement_starts()
 /// attaches to the running task (same grandchild, started once), and a
 /// stop then takes the whole tree.
 fn restart_attaches(name: &str, how: impl FnOnce(&mut Bg)) {
+    // The new agent must attach within the old one's lease (2.5 s).
+    let _alone = one_at_a_time();
     let f = Fixture::new(name);
     let mut a = f.agent("node-a", f.quic);
     let job = f.job("kept", &tree_service("kept", "keep"));

@@ -52,3 +52,21 @@ impl Cgroups {
         Ok(dir)
     }
 }
+
+/// Kills whatever still runs in the task cgroup `dir` (left by a
+/// supervisor that was itself killed), and waits up to 5 s for it to
+/// empty: a new run of the task must never join its survivors.
+pub async fn empty(dir: &Path) {
+    let populated = || fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty());
+    if !populated() {
+        return;
+    }
+    tracing::warn!(cgroup = %dir.display(), "processes of an earlier run of the task are left: killing them");
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        if !populated() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

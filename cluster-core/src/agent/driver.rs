@@ -466,6 +466,9 @@ async fn supervised(sv: &Supervision, ctx: &TaskContext, plan: Plan) -> Result<B
         tracing::info!(alloc = %ctx.alloc, task = %ctx.task.name, "the task {} while the agent was away", exit.describe());
         return Ok(Box::new(Ended(exit)));
     }
+    if let Some(cg) = &plan.cgroup {
+        super::cgroups::empty(cg).await;
+    }
     let mut child = tokio::process::Command::new(&sv.program)
         .arg("task-supervisor")
         .stdin(Stdio::piped())

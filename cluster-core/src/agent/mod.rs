@@ -331,6 +331,7 @@ impl Agent {
             connected: true,
             dirty: false,
             last_contact_boot_ms: saved.last_contact_boot_ms,
+            saved_contact_boot_ms: saved.last_contact_boot_ms,
             state_path: state_path.clone(),
             node: o.node.id.clone(),
             awaiting: BTreeMap::new(),
@@ -345,15 +346,21 @@ impl Agent {
         // At-most-once work whose lease lapsed while the agent was away is
         // reported lost, and replaced at once: what its supervisors still
         // run ends first.
-        if o.supervisor.is_some() && lapsed(&saved) {
+        // Judged once: the kills below and `recover` must agree.
+        let lapsed = lapsed(&saved);
+        if o.supervisor.is_some() && lapsed {
             let sockets = o.data_dir.join("supervisors");
-            for (alloc, status, _) in &saved.allocs {
-                if !status.is_terminal() && alloc.group.on_disconnect == OnDisconnect::Stop {
-                    driver::kill_leftovers(&sockets, alloc.id, &alloc.group.tasks).await;
+            // Side by side: the other work's supervisors wait for renewal.
+            let mut kills = JoinSet::new();
+            for (a, status, _) in &saved.allocs {
+                if !status.is_terminal() && a.group.on_disconnect == OnDisconnect::Stop {
+                    let (sockets, id, tasks) = (sockets.clone(), a.id, a.group.tasks.clone());
+                    kills.spawn(async move { driver::kill_leftovers(&sockets, id, &tasks).await });
                 }
             }
+            while kills.join_next().await.is_some() {}
         }
-        main.recover(saved);
+        main.recover(saved, lapsed);
         main.renew_fence();
         let mut tick = tokio::time::interval(TICK);
         tokio::pin!(shutdown);
@@ -393,6 +400,8 @@ struct Main {
     connected: bool,
     dirty: bool,
     last_contact_boot_ms: u64,
+    /// The contact time the state file holds.
+    saved_contact_boot_ms: u64,
     state_path: PathBuf,
     node: NodeId,
     /// Delegated at-most-once allocations waiting for their first grant.
@@ -501,8 +510,7 @@ impl Main {
     /// Picks up what the last run left: running allocations start again,
     /// except at-most-once ones whose lease has lapsed meanwhile (reported
     /// lost); finished ones are reported again.
-    fn recover(&mut self, saved: LocalState) {
-        let lapsed = lapsed(&saved);
+    fn recover(&mut self, saved: LocalState, lapsed: bool) {
         let n = saved.allocs.len();
         for (alloc, status, tasks) in saved.allocs {
             let id = alloc.id;
@@ -722,6 +730,12 @@ impl Main {
         if let Some(last) = c.last {
             let since = last.elapsed();
             self.last_contact_boot_ms = boot_ms().saturating_sub(since.as_millis() as u64);
+            // Saved often enough that a restart resumes the lease it held,
+            // not one a TTL old (which would count as lapsed).
+            let ttl_ms = c.ttl.as_millis() as u64;
+            if self.last_contact_boot_ms.saturating_sub(self.saved_contact_boot_ms) > ttl_ms / 4 {
+                self.dirty = true;
+            }
             let connected = lease.in_contact(since.as_millis() as u64);
             if connected != self.connected {
                 self.connected = connected;
@@ -751,6 +765,7 @@ impl Main {
     }
 
     fn save(&mut self) {
+        self.saved_contact_boot_ms = self.last_contact_boot_ms;
         let path = &self.state_path;
         let c = self.contact.lock().expect("contact").clone();
         let state = LocalState {

@@ -184,8 +184,12 @@ fn signal_in_tree(pid: i32, signal: i32, root: i32, tree: &std::collections::Has
     // below.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if fd < 0 {
-        // SAFETY: kill(2) on a process the scan found in this tree.
-        unsafe { libc::kill(pid, signal) };
+        // Only a kernel without pidfds gets a plain kill(2); any other
+        // failure (the process gone, its pid free for reuse) none.
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            // SAFETY: kill(2) on a process the scan found in this tree.
+            unsafe { libc::kill(pid, signal) };
+        }
         return;
     }
     if parent_of(pid).is_some_and(|p| p == root || tree.contains(&p)) {
@@ -255,6 +259,10 @@ impl Supervisor {
         false
     }
 }
+
+/// How long a supervisor whose task ended goes on killing what is left
+/// of its tree before it records the exit all the same.
+const UNKILLABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// The most output copied from one pipe per turn of the loop (bytes).
 const PUMP_MAX: usize = 1 << 20;
@@ -415,6 +423,10 @@ fn supervise(plan: &Plan) -> Result<(), Failure> {
         cmd.pre_exec(move || Err(launch.become_task(procs.as_deref(), ids.as_ref(), me)));
     }
     let mut child = cmd.spawn().map_err(Failure::Exec)?;
+    // The kernel's OOM killer takes the task, never its supervisor (which
+    // would leave the tree unwatched); set after the fork, so the task
+    // keeps its own score. Only root may; others go without.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     let task = child.id() as i32;
     let mut outputs = [
         Output::new(child.stdout.take().map(Into::into), stdout_log),
@@ -528,8 +540,18 @@ fn supervise(plan: &Plan) -> Result<(), Failure> {
         // The task ended: what is left of its tree goes with it (as its
         // process group did before), then its output, then its exit. The
         // supervisor never exits while a process of the tree is left.
+        let (mut pause, given_up) = (Duration::from_millis(50), Instant::now() + UNKILLABLE_AFTER);
         while !sv.kill_tree() {
-            std::thread::sleep(Duration::from_millis(50));
+            if Instant::now() >= given_up {
+                // Stuck in the kernel (a hung mount), or not ours to kill
+                // (a setuid program's): said, not waited on for ever.
+                let left = descendants(sv.me, &parents());
+                let note = format!("\nhanse: processes of this task could not be killed: {left:?}\n");
+                let _ = outputs[1].log.write(note.as_bytes());
+                break;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(1));
         }
         if let Some(cg) = &plan.cgroup {
             let _ = std::fs::remove_dir(cg);
@@ -545,12 +567,15 @@ fn supervise(plan: &Plan) -> Result<(), Failure> {
         std::fs::write(&tmp, &text)
             .and_then(|()| std::fs::rename(&tmp, &file))
             .map_err(setup("cannot record the exit in", &file))?;
+        // No agent attaches from here on: a restart of the task starts a
+        // new supervisor rather than reaching this one as it leaves.
+        let _ = std::fs::remove_file(&plan.socket);
+        drop(listener);
         if let Some((stream, _)) = &mut agent {
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = writeln!(stream, "exit {text}");
         }
-        let _ = std::fs::remove_file(&plan.socket);
         return Ok(());
     }
 }
