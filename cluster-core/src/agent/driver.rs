@@ -539,28 +539,31 @@ impl Drop for Unattached {
     }
 }
 
-/// Ends what the supervisors of `alloc`'s `tasks` still run, and waits
-/// (10 s at most) until they are gone: for at-most-once work a restarted
-/// agent reports lost, which the servers replace at once.
-pub async fn kill_leftovers(sockets: &Path, alloc: AllocId, tasks: &[Task]) {
-    use tokio::io::AsyncReadExt;
-    for t in tasks {
-        let socket = socket_for(sockets, &alloc.to_string(), &t.name);
-        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&socket) {
-            let _ = std::io::Write::write_all(&mut stream, b"kill\n");
-            // It closes the socket as it exits, once the tree is gone.
-            if let Ok(mut s) = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream)) {
-                let gone = async move {
-                    let mut buf = [0u8; 256];
-                    while s.read(&mut buf).await? > 0 {}
-                    Ok::<_, std::io::Error>(())
-                };
-                if tokio::time::timeout(Duration::from_secs(10), gone).await.is_err() {
-                    tracing::error!(%alloc, task = %t.name, "the task's supervisor did not end within 10 s of a kill");
+impl Supervision {
+    /// Ends what the supervisors of `alloc`'s `tasks` still run, and waits
+    /// (10 s at most) until they are gone: for at-most-once work a
+    /// restarted agent reports lost, which the servers replace at once.
+    pub async fn kill_leftovers(&self, alloc: AllocId, tasks: &[Task]) {
+        use tokio::io::AsyncReadExt;
+        for t in tasks {
+            let socket = socket_for(&self.sockets, &alloc.to_string(), &t.name);
+            if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
+                let sent = stream.try_clone().and_then(|s| Control::new(s).send(Order::Kill));
+                // It closes the socket as it exits, once the tree is gone.
+                let reader = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream));
+                if let (Ok(()), Ok(mut s)) = (sent, reader) {
+                    let gone = async move {
+                        let mut buf = [0u8; 256];
+                        while s.read(&mut buf).await? > 0 {}
+                        Ok::<_, std::io::Error>(())
+                    };
+                    if tokio::time::timeout(Duration::from_secs(10), gone).await.is_err() {
+                        tracing::error!(%alloc, task = %t.name, "the task's supervisor did not end within 10 s of a kill");
+                    }
                 }
             }
+            let _ = take_exit(&socket);
         }
-        let _ = take_exit(&socket);
     }
 }
 

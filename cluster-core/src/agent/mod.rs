@@ -14,8 +14,9 @@
 //! The agent's local state (`agent.state` in its data directory) holds
 //! every allocation it runs; an agent restarted without its servers carries
 //! on from it: it attaches to the tasks still running under their
-//! supervisors ([`supervise`]) and starts the others again. Work whose group says `on_disconnect = "stop"` runs
-//! only while the agent holds its lease: cut off for longer than the TTL,
+//! supervisors ([`supervise`]) and starts the others again. Work whose
+//! group says `on_disconnect = "stop"` runs only while the agent holds its
+//! lease: cut off for longer than the TTL,
 //! the agent stops it and reports it lost, and the servers, which wait TTL
 //! + grace before replacing it, start its replacement only after that.
 
@@ -309,14 +310,18 @@ impl Agent {
         ));
         background.spawn(syncs(self.link.clone(), o.node.id.clone(), sync_tx, reconnected));
         background.spawn(reports(self.link.clone(), o.node.id.clone(), report_rx));
-        let fence = Some(Arc::new(fence::Fence::new()));
-        let drivers = match &o.supervisor {
+        let fence = Arc::new(fence::Fence::new());
+        let supervision = match &o.supervisor {
             Some(program) => {
                 let sockets = o.data_dir.join("supervisors");
                 crate::private::private_dir(&sockets)
                     .map_err(|e| format!("cannot create {}: {e}", sockets.display()))?;
-                o.drivers.supervised(driver::Supervision { program: program.clone(), sockets })
+                Some(driver::Supervision { program: program.clone(), sockets })
             }
+            None => None,
+        };
+        let drivers = match &supervision {
+            Some(s) => o.drivers.supervised(s.clone()),
             None => o.drivers.clone(),
         };
         let env = runner::Env { drivers, allocs_dir: self.allocs_dir(), rotation: o.rotation, fence: fence.clone() };
@@ -348,14 +353,13 @@ impl Agent {
         // run ends first.
         // Judged once: the kills below and `recover` must agree.
         let lapsed = lapsed(&saved);
-        if o.supervisor.is_some() && lapsed {
-            let sockets = o.data_dir.join("supervisors");
+        if let Some(supervision) = supervision.filter(|_| lapsed) {
             // Side by side: the other work's supervisors wait for renewal.
             let mut kills = JoinSet::new();
             for (a, status, _) in &saved.allocs {
                 if !status.is_terminal() && a.group.on_disconnect == OnDisconnect::Stop {
-                    let (sockets, id, tasks) = (sockets.clone(), a.id, a.group.tasks.clone());
-                    kills.spawn(async move { driver::kill_leftovers(&sockets, id, &tasks).await });
+                    let (supervision, id, tasks) = (supervision.clone(), a.id, a.group.tasks.clone());
+                    kills.spawn(async move { supervision.kill_leftovers(id, &tasks).await });
                 }
             }
             while kills.join_next().await.is_some() {}
@@ -408,7 +412,7 @@ struct Main {
     awaiting: BTreeMap<AllocId, AgentAlloc>,
     /// Asks the heartbeat task for a heartbeat now (to fetch grants).
     beat_now: Arc<tokio::sync::Notify>,
-    fence: Option<Arc<fence::Fence>>,
+    fence: Arc<fence::Fence>,
     gc: gc::GcPolicy,
     /// When allocations ended, as this agent saw it: when it reported them
     /// ended; one found on disk that it never ran counts from its
@@ -637,9 +641,7 @@ impl Main {
                 self.stop(id, None, AllocStatus::Complete);
             } else {
                 self.slots.remove(&id);
-                if let Some(f) = &self.fence {
-                    f.drop_alloc(id);
-                }
+                self.fence.drop_alloc(id);
                 self.statuses.lock().expect("statuses").remove(&id);
                 self.dirty = true;
             }
@@ -690,7 +692,7 @@ impl Main {
     /// lease while in contact; cut off, TTL + grace / 2 from now, for as
     /// long as the agent is alive to say so.
     fn renew_fence(&self) {
-        let Some(fence) = &self.fence else { return };
+        let fence = &self.fence;
         let c = self.contact.lock().expect("contact").clone();
         let full = c.lease().stop_within_ms();
         let by_lease = c.last.map(|l| full.saturating_sub(l.elapsed().as_millis() as u64));

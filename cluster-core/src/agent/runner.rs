@@ -31,9 +31,8 @@ pub struct Env {
     pub drivers: Drivers,
     pub allocs_dir: PathBuf,
     pub rotation: Rotation,
-    /// Renews the deadlines of the tasks' supervisors ([`super::fence`];
-    /// `None`: nothing does).
-    pub fence: Option<std::sync::Arc<super::fence::Fence>>,
+    /// Renews the deadlines of the tasks' supervisors ([`super::fence`]).
+    pub fence: std::sync::Arc<super::fence::Fence>,
 }
 
 /// Changes one task's state and reports the allocation.
@@ -94,7 +93,7 @@ pub async fn run(
             dir: dir.join(&*task.name),
             logs: dir.join("logs"),
             rotation: env.rotation,
-            fence: env.fence.clone(),
+            fence: Some(env.fence.clone()),
         };
         let (control, fail_rx, fail_tx) = (control.clone(), fail_rx.clone(), fail_tx.clone());
         let env = &env;
