@@ -367,7 +367,7 @@ pub async fn run(mut c: AgentConfig) -> anyhow::Result<Outcome> {
     node.gpus = found.gpus;
     node.attributes = found.attributes;
     let cgroups = if c.cgroups {
-        match Cgroups::detect() {
+        match Cgroups::detect(&c.cluster, &c.name) {
             Ok(cg) => Some(cg),
             Err(why) => {
                 eprintln!("warning: {why}: tasks run without cpu and memory limits");

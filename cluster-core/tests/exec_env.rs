@@ -40,12 +40,34 @@ async fn a_task_never_sees_the_agents_environment() {
     let exit = tokio::time::timeout(Duration::from_secs(10), run.wait()).await.expect("sh ends");
     assert!(exit.success(), "{exit:?}");
     let out = std::fs::read_to_string(base.join("data/allocs/a000001/logs/t.stdout.0")).unwrap();
-    let _ = std::fs::remove_dir_all(&base);
     assert!(!out.contains("AKIAFAKE"), "the agent's environment leaked into the task:\n{out}");
     assert!(out.contains("DB_PASSWORD=mine"), "{out}");
     assert!(out.contains("PATH=/usr/local/sbin:"), "{out}");
     let task_dir = base.join("data/allocs/a000001/t");
     assert!(out.contains(&format!("HANSE_TASK_DIR={}", task_dir.display())), "not absolute:\n{out}");
+    assert!(!out.contains("HANSE_ORIGIN"), "not delegated:\n{out}");
+
+    // Instance 1 of the job a target registered for eu-west's `web`,
+    // whose instances here are eu-west's 3 and 7: the task knows it is
+    // eu-west's instance 7 (a sharded batch job's shard).
+    let mut delegated = job.clone();
+    cluster_core::model::job::mark_delegated(&mut delegated, "eu-west", "web", &[3, 7]);
+    let ctx = TaskContext {
+        alloc: AllocId(2),
+        index: 1,
+        task: delegated.groups[0].tasks[0].clone(),
+        dir: base.join("data/allocs/a000002/t"),
+        logs: base.join("data/allocs/a000002/logs"),
+        ..ctx
+    };
+    let mut run = Drivers::new(None).exec.start(&ctx).await.expect("sh starts");
+    let exit = tokio::time::timeout(Duration::from_secs(10), run.wait()).await.expect("sh ends");
+    assert!(exit.success(), "{exit:?}");
+    let out = std::fs::read_to_string(base.join("data/allocs/a000002/logs/t.stdout.0")).unwrap();
+    let _ = std::fs::remove_dir_all(&base);
+    for line in ["HANSE_ORIGIN=eu-west", "HANSE_ORIGIN_JOB=web", "HANSE_ORIGIN_INDEX=7", "HANSE_ALLOC_INDEX=1"] {
+        assert!(out.lines().any(|l| l == line), "no {line}:\n{out}");
+    }
 }
 
 /// A task name that would leave the allocation's directory is refused

@@ -18,7 +18,7 @@ use super::fence::Fence;
 use super::logs::{RotatingWriter, Rotation};
 use super::supervise::{Control, Order, Plan, socket_for};
 use crate::ids::AllocId;
-use crate::model::job::{Driver as DriverSpec, Task};
+use crate::model::job::{Driver as DriverSpec, ENV_ORIGIN_INDEX, ENV_ORIGIN_INDEXES, Task};
 
 /// Everything a driver needs to start one task of an allocation.
 #[derive(Clone, Debug)]
@@ -831,6 +831,11 @@ fn task_env(ctx: &TaskContext, env: &BTreeMap<String, String>) -> Vec<(String, S
         ("HANSE_TASK".into(), ctx.task.name.to_string()),
     ];
     out.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // A delegated instance's index at its origin (see `ENV_ORIGIN`).
+    let origin_index = env.get(ENV_ORIGIN_INDEXES).and_then(|l| l.split(',').nth(ctx.index as usize));
+    if let Some(i) = origin_index {
+        out.push((ENV_ORIGIN_INDEX.into(), i.to_string()));
+    }
     out
 }
 

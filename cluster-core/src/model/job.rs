@@ -215,6 +215,34 @@ pub const LABEL_ORIGIN: &str = "hanse.origin";
 /// The label naming the delegation a job runs for, on its target.
 pub const LABEL_DELEGATION: &str = "hanse.delegation";
 
+/// The environment variables a delegated instance's exec tasks get at
+/// their target, naming the instance at its origin: `HANSE_ORIGIN` (the
+/// cluster), `HANSE_ORIGIN_JOB`, and `HANSE_ORIGIN_INDEXES` (the origin's
+/// index of each instance here, comma-separated: instance `i` of the
+/// target's job is the `i`-th), from which the agent gives each task its
+/// own `HANSE_ORIGIN_INDEX`. A sharded batch job's shard is its origin
+/// index, not the index the target gave it.
+pub const ENV_ORIGIN: &str = "HANSE_ORIGIN";
+/// See [`ENV_ORIGIN`].
+pub const ENV_ORIGIN_JOB: &str = "HANSE_ORIGIN_JOB";
+/// See [`ENV_ORIGIN`].
+pub const ENV_ORIGIN_INDEXES: &str = "HANSE_ORIGIN_INDEXES";
+/// See [`ENV_ORIGIN`].
+pub const ENV_ORIGIN_INDEX: &str = "HANSE_ORIGIN_INDEX";
+
+/// Marks `job`, registered at a target for `origin`'s job `origin_job`,
+/// whose instance `i` is the origin's `indexes[i]`: see [`ENV_ORIGIN`].
+pub fn mark_delegated(job: &mut Job, origin: &str, origin_job: &str, indexes: &[u32]) {
+    let list = indexes.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    for task in job.groups.iter_mut().flat_map(|g| g.tasks.iter_mut()) {
+        if let Driver::Exec { env, .. } = &mut task.driver {
+            env.insert(ENV_ORIGIN.into(), origin.into());
+            env.insert(ENV_ORIGIN_JOB.into(), origin_job.into());
+            env.insert(ENV_ORIGIN_INDEXES.into(), list.clone());
+        }
+    }
+}
+
 /// The default [`Task::kill_timeout_ms`].
 pub const KILL_TIMEOUT_MS: u64 = 5_000;
 

@@ -57,6 +57,9 @@ impl ClientError {
 
 /// A client of one cluster. Given several servers' addresses, it moves on
 /// to the next when one cannot be reached.
+/// The default [`Client::with_timeout`].
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+
 #[derive(Clone)]
 pub struct Client {
     bases: Arc<Vec<String>>,
@@ -64,6 +67,10 @@ pub struct Client {
     agent: ureq::Agent,
     /// The ACL token's secret sent with every request.
     token: Option<Arc<str>>,
+    /// The CA the servers' HTTPS is checked against (`None`: the system's).
+    tls: Option<ureq::tls::TlsConfig>,
+    /// How long one request may take in all.
+    timeout: Duration,
 }
 
 type HttpResult = Result<ureq::http::Response<ureq::Body>, ureq::Error>;
@@ -80,8 +87,15 @@ impl Client {
             .map(|a| if a.contains("://") { a.to_string() } else { format!("https://{a}") })
             .map(|a| a.trim_end_matches('/').to_string())
             .collect::<Vec<_>>();
-        let agent: ureq::Agent = Self::config().build().into();
-        Client { bases: Arc::new(bases), current: Arc::default(), agent, token: None }
+        let agent: ureq::Agent = Self::config(REQUEST_TIMEOUT).build().into();
+        Client {
+            bases: Arc::new(bases),
+            current: Arc::default(),
+            agent,
+            token: None,
+            tls: None,
+            timeout: REQUEST_TIMEOUT,
+        }
     }
 
     /// The same client, trusting only the CA in `ca_pem` for HTTPS (the
@@ -99,16 +113,33 @@ impl Client {
         if certs.is_empty() {
             return Err(bad("no PEM CERTIFICATE in it".into()));
         }
-        let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
-        self.agent = Self::config().tls_config(tls).build().into();
+        self.tls =
+            Some(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build());
+        self.rebuild();
         Ok(self)
     }
 
-    fn config() -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+    /// The same client, giving up on a request after `limit` in all
+    /// (default 90 s; connecting gives up after 3 s or `limit`).
+    pub fn with_timeout(mut self, limit: Duration) -> Client {
+        self.timeout = limit;
+        self.rebuild();
+        self
+    }
+
+    fn rebuild(&mut self) {
+        let config = Self::config(self.timeout);
+        self.agent = match &self.tls {
+            Some(tls) => config.tls_config(tls.clone()).build().into(),
+            None => config.build().into(),
+        };
+    }
+
+    fn config(timeout: Duration) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
         ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(3)))
-            .timeout_global(Some(Duration::from_secs(90)))
+            .timeout_connect(Some(Duration::from_secs(3).min(timeout)))
+            .timeout_global(Some(timeout))
             // A redirect would carry the token to wherever it points.
             .max_redirects(0)
     }

@@ -442,7 +442,10 @@ impl Target {
             return Err((Rejection::NoCapacity, "no node fits an instance".into()));
         }
         local.groups[0].count = k;
-        Ok((local, indices[..k as usize].to_vec()))
+        let taken = indices[..k as usize].to_vec();
+        let origin_job = offered.id.to_string();
+        cluster_core::model::job::mark_delegated(&mut local, from, &origin_job, &taken);
+        Ok((local, taken))
     }
 
     fn on_revoke(&mut self, state: &ClusterState, from: &str, id: &str, now: Millis) -> Vec<Action> {

@@ -1,0 +1,230 @@
+//! The workload: jobs submitted, updated and stopped through the API of a
+//! random cluster, each operation recorded with its answer. Jobs are small
+//! real processes that carry their identity in their environment
+//! (`CHAOS_JOB`, `CHAOS_VERSION`, and Hanse's `HANSE_*`), which is all the
+//! checker reads.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cluster_core::scheduler::Rng;
+use cluster_core::server::client::ClientError;
+use serde_json::json;
+
+use crate::history::History;
+use crate::sleep_unless;
+use crate::world::{AGENT_CPU_MILLIS, AGENTS, CLUSTERS, World};
+
+/// What an operation's answer tells of its effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Acknowledged: it happened.
+    Acked,
+    /// Refused (an answer of 4xx): it did not happen.
+    Refused,
+    /// No answer, or a server error: it may or may not have happened.
+    Unknown,
+}
+
+impl Outcome {
+    fn of<T>(r: &Result<T, ClientError>) -> Outcome {
+        match r {
+            Ok(_) => Outcome::Acked,
+            Err(ClientError::Api(e)) if (400..500).contains(&e.status) => Outcome::Refused,
+            Err(_) => Outcome::Unknown,
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Outcome::Acked => "acked",
+            Outcome::Refused => "refused",
+            Outcome::Unknown => "unknown",
+        }
+    }
+}
+
+/// One job the workload made, as the workload knows it.
+#[derive(Clone, Debug)]
+pub struct JobRec {
+    pub name: String,
+    /// The cluster it was submitted to.
+    pub cluster: usize,
+    pub batch: bool,
+    pub count: u32,
+    pub cpu_millis: u64,
+    /// `jurisdictions = ["eu"]`: may run only in an EU cluster.
+    pub eu_only: bool,
+    /// `on_disconnect = "stop"`.
+    pub at_most_once: bool,
+    /// Each version submitted (1, 2...) and its outcome.
+    pub versions: Vec<Outcome>,
+    /// The outcome of its stop, if one was sent.
+    pub stop: Option<Outcome>,
+}
+
+impl JobRec {
+    /// Whether it may be wanted running (a stop not acknowledged).
+    pub fn live(&self) -> bool {
+        self.stop != Some(Outcome::Acked) && self.versions.iter().any(|o| *o != Outcome::Refused)
+    }
+
+    /// The versions a running copy may have once all is settled: the last
+    /// acknowledged one and any later one whose outcome is unknown.
+    pub fn settled_versions(&self) -> Vec<u32> {
+        let last_acked = self.versions.iter().rposition(|o| *o == Outcome::Acked);
+        (self.versions.iter().enumerate())
+            .filter(|(i, o)| Some(*i) == last_acked || (**o == Outcome::Unknown && last_acked.is_none_or(|a| *i > a)))
+            .map(|(i, _)| i as u32 + 1)
+            .collect()
+    }
+}
+
+/// Every job the workload made.
+#[derive(Default)]
+pub struct Ledger {
+    pub jobs: Mutex<Vec<JobRec>>,
+    pub ops_acked: std::sync::atomic::AtomicU64,
+}
+
+/// The job spec of version `version` of `job`. `marks`: the directory
+/// where batch instances leave a file when they finish.
+pub fn spec(job: &JobRec, version: u32, run: &str, marks: &str) -> String {
+    let kind = if job.batch { "batch" } else { "service" };
+    let eu = if job.eu_only { "jurisdictions = [\"eu\"]\nlabels = { data = \"eu-pii\" }\n" } else { "" };
+    let on_disconnect = if job.at_most_once { "stop" } else { "keep" };
+    let script = if job.batch {
+        // The origin's index when the instance runs for another cluster.
+        "sleep 6; touch \\\"$CHAOS_MARKS/$CHAOS_JOB.$HANSE_GROUP.${HANSE_ORIGIN_INDEX:-$HANSE_ALLOC_INDEX}\\\""
+    } else {
+        "exec sleep 100000"
+    };
+    format!(
+        "[job]\nname = \"{name}\"\ntype = \"{kind}\"\n{eu}\n[[group]]\nname = \"g\"\ncount = {count}\non_disconnect = \"{on_disconnect}\"\n\n\
+         [[group.task]]\nname = \"t\"\ndriver = \"exec\"\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]\n\
+         env = {{ CHAOS_RUN = \"{run}\", CHAOS_JOB = \"{name}\", CHAOS_VERSION = \"{version}\", CHAOS_MARKS = \"{marks}\" }}\n\
+         resources = {{ cpu = \"{cpu}m\", memory = \"16MiB\" }}\nkill_timeout = \"1s\"\n",
+        name = job.name,
+        count = job.count,
+        cpu = job.cpu_millis,
+    )
+}
+
+/// Runs the workload until `stop`: an operation every 1-4 s.
+pub fn run(world: &World, ledger: &Ledger, history: &History, seed: u64, stop: &AtomicBool) {
+    let mut rng = Rng::new(seed ^ 0x0057_0b10_ad00);
+    let marks = world.dir.join("marks").display().to_string();
+    let mut next = 0u32;
+    // What the federation can hold: half of it is the most the live jobs
+    // may want, so that after the faults every wanted instance can run.
+    let budget = (CLUSTERS.len() * AGENTS) as u64 * AGENT_CPU_MILLIS / 2;
+    while !stop.load(Ordering::Relaxed) {
+        sleep_unless(stop, Duration::from_millis(1000 + rng.below(3000) as u64));
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let jobs = ledger.jobs.lock().unwrap().clone();
+        let live: Vec<&JobRec> = jobs.iter().filter(|j| j.live()).collect();
+        let wanted: u64 = live.iter().map(|j| j.cpu_millis * u64::from(j.count)).sum();
+        let roll = rng.below(10);
+        if roll < 5 && !live.is_empty() && (roll < 2 || wanted > budget / 2) {
+            // Stop one, or update a service (a new version replaces it).
+            let j = live[rng.below(live.len())].clone();
+            if j.batch || rng.below(2) == 0 {
+                stop_job(world, ledger, history, &j);
+            } else {
+                submit(world, ledger, history, &j, &marks);
+            }
+            continue;
+        }
+        next += 1;
+        let large = rng.below(4) == 0;
+        let batch = rng.below(3) == 0;
+        let (count, cpu) = if large {
+            (6 + rng.below(6) as u32, 400)
+        } else {
+            (1 + rng.below(3) as u32, 100 + 50 * rng.below(3) as u64)
+        };
+        if wanted + cpu * u64::from(count) > budget {
+            continue;
+        }
+        let job = JobRec {
+            name: format!("j{next}"),
+            cluster: rng.below(CLUSTERS.len()),
+            batch,
+            count,
+            cpu_millis: cpu,
+            eu_only: rng.below(3) == 0,
+            at_most_once: rng.below(2) == 0,
+            versions: Vec::new(),
+            stop: None,
+        };
+        ledger.jobs.lock().unwrap().push(job.clone());
+        submit(world, ledger, history, &job, &marks);
+    }
+}
+
+/// Submits the next version of `job`.
+fn submit(world: &World, ledger: &Ledger, history: &History, job: &JobRec, marks: &str) {
+    let version = job.versions.len() as u32 + 1;
+    let text = spec(job, version, &world.run, marks);
+    let start = world.now_ms();
+    let answer = world.client(job.cluster).submit(&text, &format!("{}.toml", job.name));
+    let outcome = Outcome::of(&answer);
+    record(world, ledger, history, job, start, "submit", version, outcome, &answer);
+    if let Some(j) = ledger.jobs.lock().unwrap().iter_mut().find(|j| j.name == job.name) {
+        j.versions.push(outcome);
+    }
+}
+
+fn stop_job(world: &World, ledger: &Ledger, history: &History, job: &JobRec) {
+    let start = world.now_ms();
+    let answer = world.client(job.cluster).stop(&job.name);
+    let outcome = match Outcome::of(&answer) {
+        // A job the cluster does not know (its submission's outcome was
+        // unknown and it never happened) is as good as stopped.
+        Outcome::Refused if matches!(&answer, Err(ClientError::Api(e)) if e.status == 404) => Outcome::Acked,
+        o => o,
+    };
+    record(world, ledger, history, job, start, "stop", job.versions.len() as u32, outcome, &answer);
+    if let Some(j) = ledger.jobs.lock().unwrap().iter_mut().find(|j| j.name == job.name) {
+        // A stop whose outcome is unknown may still have happened: the
+        // job stays unknown-stopped unless a later stop is acknowledged.
+        if j.stop != Some(Outcome::Acked) {
+            j.stop = Some(outcome);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record<T>(
+    world: &World,
+    ledger: &Ledger,
+    history: &History,
+    job: &JobRec,
+    start: u64,
+    op: &str,
+    version: u32,
+    outcome: Outcome,
+    answer: &Result<T, ClientError>,
+) {
+    if outcome == Outcome::Acked {
+        ledger.ops_acked.fetch_add(1, Ordering::Relaxed);
+    }
+    history.write(json!({
+        "t_ms": start,
+        "end_ms": world.now_ms(),
+        "op": op,
+        "cluster": CLUSTERS[job.cluster].0,
+        "job": job.name,
+        "version": version,
+        "batch": job.batch,
+        "count": job.count,
+        "cpu_millis": job.cpu_millis,
+        "eu_only": job.eu_only,
+        "at_most_once": job.at_most_once,
+        "outcome": outcome.word(),
+        "error": answer.as_ref().err().map(|e| e.to_string()),
+    }));
+}
