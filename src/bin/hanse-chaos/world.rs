@@ -224,6 +224,9 @@ impl World {
                         self.dir.join("logs").display()
                     );
                 }
+                if crate::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+                    bail!("interrupted while starting");
+                }
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -242,6 +245,9 @@ impl World {
                 }
                 if Instant::now() > deadline {
                     bail!("{cluster} has {ready} of {AGENTS} agents ready after {limit:?}");
+                }
+                if crate::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+                    bail!("interrupted while starting");
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
