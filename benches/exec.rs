@@ -8,7 +8,10 @@
 //! 2. Node loss: a service runs on one of two agents; the agent is killed
 //!    with `kill -9`; timed until the service runs on the other agent.
 //!    Five rounds (the killed agent is restarted between them); TTL 1 s,
-//!    grace 1 s.
+//!    grace 1 s. Per round also: when the node read `down`, how long the
+//!    server had heard nothing from it when it marked it down (its log
+//!    says; never less than TTL + grace), and so how long before the kill
+//!    its last heartbeat was.
 //!
 //! Ends with `name: value` lines.
 
@@ -85,6 +88,15 @@ fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Each `silent_ms` of the server's "marking it down" lines for `node`.
+fn silences_in_log(log: &Path, node: &str) -> Vec<f64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("marking it down") && l.contains(&format!("node={node}")))
+        .filter_map(|l| l.split("silent_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
 }
 
 fn ready(c: &Client, node: &str) -> bool {
@@ -174,14 +186,32 @@ fn main() {
             .map(|x| x.node.clone())
     };
     let mut replaced = Vec::new();
+    // Per round: when the node read `down` after the kill, and how long the
+    // server had heard nothing from it when it marked it down (its log).
+    let (mut down_after_kill, mut silences) = (Vec::new(), Vec::new());
     for _ in 0..LOSS_ROUNDS {
         wait_for(Duration::from_secs(30), "svc running", || running_on(&c).is_some());
         let on = running_on(&c).unwrap();
         let (victim, config) = if on == "node-a" { (&mut a, &a_config) } else { (&mut b, &b_config) };
+        let marked_before = silences_in_log(&dir.join("s1.log"), &on).len();
         let killed = Instant::now();
         drop(victim.take()); // SIGKILL
-        wait_for(Duration::from_secs(30), "svc replaced", || running_on(&c).is_some_and(|n| n != on));
+        let mut down = None;
+        wait_for(Duration::from_secs(30), "svc replaced", || {
+            if down.is_none() && c.node(&on).is_ok_and(|n| n.node.status == "down") {
+                down = Some(killed.elapsed().as_secs_f64() * 1e3);
+            }
+            running_on(&c).is_some_and(|n| n != on)
+        });
         replaced.push(killed.elapsed().as_secs_f64() * 1e3);
+        wait_for(Duration::from_secs(30), "the node down", || {
+            down.is_some() || c.node(&on).is_ok_and(|n| n.node.status == "down")
+        });
+        down_after_kill.push(down.unwrap_or(killed.elapsed().as_secs_f64() * 1e3));
+        wait_for(Duration::from_secs(5), "the server's line marking it down", || {
+            silences_in_log(&dir.join("s1.log"), &on).len() > marked_before
+        });
+        silences.push(*silences_in_log(&dir.join("s1.log"), &on).last().unwrap());
         *victim = Some(spawn(&dir, &on, &["agent", "--config", config]));
         wait_for(Duration::from_secs(30), "the killed agent back", || ready(&c, &on));
     }
@@ -195,6 +225,15 @@ fn main() {
         "replace_after_agent_kill_ms_all: {}",
         replaced.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" ")
     );
+    let all = |v: &[f64]| v.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" ");
+    println!("node_down_after_agent_kill_ms_all: {}", all(&down_after_kill));
+    println!("silence_when_marked_down_ms_all: {}", all(&silences));
+    println!("silence_when_marked_down_ms_min: {:.0}", silences.iter().copied().fold(f64::MAX, f64::min));
+    // How long before its kill the server had last heard from the agent:
+    // a replacement sooner than TTL + grace after the kill is one whose
+    // heartbeats had stopped before it.
+    let before: Vec<f64> = silences.iter().zip(&down_after_kill).map(|(s, d)| (s - d).max(0.0)).collect();
+    println!("last_heartbeat_before_kill_ms_all: {}", all(&before));
     println!("heartbeat_ttl_ms: 1000");
     println!("heartbeat_grace_ms: 1000");
 }

@@ -21,18 +21,22 @@ pub struct Heartbeats {
     pub ttl_ms: u64,
     pub grace_ms: u64,
     deadline: HashMap<NodeId, u64>,
+    /// When each timed node was last heard from (or began to be timed).
+    heard: HashMap<NodeId, u64>,
     /// Expired nodes whose marking down is not yet committed or failed.
     expiring: HashSet<NodeId>,
 }
 
 impl Heartbeats {
     pub fn new(ttl_ms: u64, grace_ms: u64) -> Heartbeats {
-        Heartbeats { ttl_ms, grace_ms, deadline: HashMap::new(), expiring: HashSet::new() }
+        Heartbeats { ttl_ms, grace_ms, deadline: HashMap::new(), heard: HashMap::new(), expiring: HashSet::new() }
     }
 
     /// Records a heartbeat; true if the node was not being timed.
     pub fn beat(&mut self, node: &NodeId, now_ms: u64) -> bool {
         let deadline = now_ms + self.ttl_ms + self.grace_ms;
+        let heard = self.heard.entry(node.clone()).or_insert(now_ms);
+        *heard = (*heard).max(now_ms);
         match self.deadline.get_mut(node) {
             Some(d) => {
                 *d = (*d).max(deadline);
@@ -67,6 +71,15 @@ impl Heartbeats {
         gone
     }
 
+    /// Milliseconds since `node` was last heard from (or began to be
+    /// timed, by a new leader) at `now_ms`; 0 for a node never timed. A
+    /// node is marked down only once this reaches TTL + grace: the log
+    /// line that says so gives it, so an early-looking replacement can be
+    /// told from a late heartbeat.
+    pub fn silent_ms(&self, node: &NodeId, now_ms: u64) -> u64 {
+        self.heard.get(node).map_or(0, |h| now_ms.saturating_sub(*h))
+    }
+
     /// Proposes marking `node` down again at `at_ms` (a commit that failed
     /// may still apply): it expires again then, and its heartbeats stay
     /// refused meanwhile.
@@ -93,11 +106,13 @@ impl Heartbeats {
 
     pub fn forget(&mut self, node: &NodeId) {
         self.deadline.remove(node);
+        self.heard.remove(node);
         self.expiring.remove(node);
     }
 
     pub fn clear(&mut self) {
         self.deadline.clear();
+        self.heard.clear();
         self.expiring.clear();
     }
 
@@ -123,6 +138,7 @@ mod tests {
         assert!(!h.beat(&n, 1_000));
         assert!(h.expired(2_499).is_empty());
         assert_eq!(h.expired(2_500), vec![n.clone()]);
+        assert_eq!(h.silent_ms(&n, 2_600), 1_600, "last heard at 1 000");
         assert!(h.is_empty(), "an expired node is no longer timed");
         assert!(h.beat(&n, 3_000), "a node heard from again is timed anew");
     }

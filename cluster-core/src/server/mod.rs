@@ -707,9 +707,13 @@ async fn watch_heartbeats(inner: Arc<Inner>) {
             }
         }
         sweeps += 1;
-        let expired = inner.heartbeats.lock().expect("heartbeats lock").expired(now);
+        let expired: Vec<(NodeId, u64)> = {
+            let mut h = inner.heartbeats.lock().expect("heartbeats lock");
+            let gone = h.expired(now);
+            gone.into_iter().map(|n| (n.clone(), h.silent_ms(&n, now))).collect()
+        };
         let mut proposals = JoinSet::new();
-        for node in expired {
+        for (node, silent_ms) in expired {
             let ready = inner.raft.read(|s| s.node_idx(&node).map(|i| s.node(i).status == NodeStatus::Ready));
             if ready != Some(true) {
                 inner.heartbeats.lock().expect("heartbeats lock").marked_down(&node);
@@ -717,7 +721,16 @@ async fn watch_heartbeats(inner: Arc<Inner>) {
             }
             let inner = inner.clone();
             proposals.spawn(async move {
-                tracing::warn!(%node, "node missed its heartbeats: marking it down");
+                let (ttl_ms, grace_ms) =
+                    (inner.options.heartbeat_ttl.as_millis() as u64, inner.options.heartbeat_grace.as_millis() as u64);
+                tracing::warn!(
+                    %node,
+                    silent_ms,
+                    ttl_ms,
+                    grace_ms,
+                    "node missed its heartbeats: nothing heard for {silent_ms} ms (TTL + grace: {} ms); marking it down",
+                    ttl_ms + grace_ms
+                );
                 let c = Command::SetNodeStatus { node: node.clone(), status: NodeStatus::Down, eligible: true };
                 match inner.raft.propose(c).await {
                     Ok(_) => {
