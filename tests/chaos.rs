@@ -61,6 +61,12 @@ fn ninety_seconds_of_faults_break_no_promise_and_leave_nothing_behind() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    if status.is_none() {
+        // Whatever the hung run left, by its id.
+        if let Some(run) = err.split("hanse-chaos: run ").nth(1).and_then(|r| r.split(',').next()) {
+            let _ = Command::new(env!("CARGO_BIN_EXE_hanse-chaos")).args(["--cleanup", run]).output();
+        }
+    }
     let history = std::fs::read_to_string(dir.join("history.jsonl")).unwrap_or_default();
     let violations: Vec<&str> = history.lines().filter(|l| l.contains("\"violation\"")).collect();
     let context = format!("stdout:\n{out}\nstderr:\n{err}\nviolations:\n{}", violations.join("\n"));
@@ -90,6 +96,14 @@ fn ninety_seconds_of_faults_break_no_promise_and_leave_nothing_behind() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(processes.is_empty(), "tasks of the run left: pids {processes:?}");
+    // Nor its servers and agents, which ran in its directory.
+    let in_dir: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&dir)))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(in_dir.is_empty(), "processes of the run left: pids {in_dir:?}");
     let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/hanse")
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();

@@ -111,6 +111,10 @@ impl Bg {
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
+        // What a `faketime` wrapper killed so could not remove (names by
+        // its pid; nothing when the child was no wrapper).
+        let _ = std::fs::remove_file(format!("/dev/shm/faketime_shm_{}", self.pid()));
+        let _ = std::fs::remove_file(format!("/dev/shm/sem.faketime_sem_{}", self.pid()));
     }
 
     pub fn pid(&self) -> i32 {

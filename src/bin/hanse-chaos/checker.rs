@@ -1,9 +1,18 @@
 //! The checker trusts nothing Hanse says: it reads `/proc`. Every task of
 //! the run carries `CHAOS_RUN`, `CHAOS_JOB`, `CHAOS_VERSION` and Hanse's
 //! `HANSE_*` in its environment, and the namespace it runs in says which
-//! cluster's agent started it. A *copy* is one allocation's processes
-//! (the shell and what it started), keyed by cluster and allocation id; an
+//! cluster's agent started it. A *copy* is one start of an allocation:
+//! its processes on one node under one parent (the task's supervisor,
+//! which is also the subreaper of all it starts), so the same allocation
+//! started twice, on two nodes or under two supervisors, is two copies. An
 //! *instance* is (job, group, index at the job's origin).
+//!
+//! A scan of `/proc` is not instantaneous, and two copies may overlap for
+//! less than a sample: an at-most-once copy overlaps another when the
+//! other was seen alive after the new one's start (from `/proc/PID/stat`,
+//! in clock ticks since boot), which neither invents an overlap from a
+//! copy that died during the scan nor misses one between samples as long
+//! as the older copy was seen after the newer one started.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -12,7 +21,7 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::history::History;
-use crate::workload::{JobRec, Outcome};
+use crate::workload::JobRec;
 use crate::world::{AGENTS, CLUSTERS, SERVERS, World, ns_inode};
 
 /// One live copy of an instance.
@@ -21,6 +30,10 @@ pub struct Copy {
     pub cluster: usize,
     pub node: usize,
     pub alloc: String,
+    /// The pid of the parent of the copy's topmost processes.
+    pub parent: i32,
+    /// When its first process started, in ms since boot.
+    pub start_ms: u64,
     pub job: String,
     pub group: String,
     pub index: u32,
@@ -29,15 +42,60 @@ pub struct Copy {
 }
 
 impl Copy {
-    fn instance(&self) -> (String, String, u32) {
+    fn instance(&self) -> Instance {
         (self.job.clone(), self.group.clone(), self.index)
+    }
+
+    /// What tells it from every other copy: where, which allocation, and
+    /// under which parent (a process of the task whose own parent exits
+    /// is adopted by the supervisor: it stays in the copy).
+    fn id(&self) -> CopyId {
+        (self.node, self.alloc.clone(), self.parent)
     }
 }
 
-/// The run's live copies, read from `/proc`.
-pub fn sample(world: &World) -> Vec<Copy> {
-    let mut copies: BTreeMap<(usize, String), Copy> = BTreeMap::new();
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+/// Milliseconds since boot (`CLOCK_BOOTTIME`, the clock of `/proc`'s
+/// process start times).
+pub fn boot_ms() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) };
+    t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
+}
+
+/// A process's parent and its start in ms since boot, from `/proc/PID/stat`.
+fn stat(pid: i32) -> Option<(i32, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's closing parenthesis: state, ppid, ... starttime
+    // is the 22nd field of the whole line, the 20th after it.
+    let rest: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
+    let ppid = rest.get(1)?.parse().ok()?;
+    let ticks: u64 = rest.get(19)?.parse().ok()?;
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some((ppid, ticks * 1000 / hz))
+}
+
+/// One process of the run's tasks.
+struct Seen {
+    pid: i32,
+    ppid: i32,
+    start_ms: u64,
+    node: usize,
+    alloc: String,
+    job: String,
+    group: String,
+    index: u32,
+    version: u32,
+}
+
+/// The run's live copies, read from `/proc`, and when the scan began (ms
+/// since boot): every copy in it was alive at that time or, if it started
+/// later, at its start.
+pub fn sample(world: &World) -> (Vec<Copy>, u64) {
+    let at = boot_ms();
+    let mut procs = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else { return (Vec::new(), at) };
     for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
         let Some(node) = ns_inode(pid).and_then(|i| world.net.node_of_inode(i)) else { continue };
         let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else { continue };
@@ -56,29 +114,64 @@ pub fn sample(world: &World) -> Vec<Copy> {
         else {
             continue;
         };
+        let Some((ppid, start_ms)) = stat(pid) else { continue };
         let index = get("HANSE_ORIGIN_INDEX").or_else(|| get("HANSE_ALLOC_INDEX")).and_then(|i| i.parse().ok());
         let version = get("CHAOS_VERSION").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let cluster = node / (SERVERS + AGENTS);
-        let copy = copies.entry((cluster, alloc.clone())).or_insert_with(|| Copy {
+        procs.push(Seen { pid, ppid, start_ms, node, alloc, job, group, index: index.unwrap_or(u32::MAX), version });
+    }
+    (copies_of(procs), at)
+}
+
+/// Groups processes into copies: a process whose parent is a process of
+/// the same allocation on the same node belongs to its parent's copy.
+fn copies_of(procs: Vec<Seen>) -> Vec<Copy> {
+    let by_pid: BTreeMap<i32, usize> = procs.iter().enumerate().map(|(i, p)| (p.pid, i)).collect();
+    let same = |a: &Seen, b: &Seen| a.node == b.node && a.alloc == b.alloc;
+    let mut copies: BTreeMap<(usize, String, i32), Copy> = BTreeMap::new();
+    for p in &procs {
+        // Up to the topmost process of the allocation (bounded: a cycle
+        // is impossible, but a scan sees pids reused mid-way).
+        let mut top = p;
+        for _ in 0..64 {
+            match by_pid.get(&top.ppid).map(|i| &procs[*i]) {
+                Some(parent) if same(parent, p) => top = parent,
+                _ => break,
+            }
+        }
+        let cluster = p.node / (SERVERS + AGENTS);
+        let copy = copies.entry((p.node, p.alloc.clone(), top.ppid)).or_insert_with(|| Copy {
             cluster,
-            node,
-            alloc,
-            job,
-            group,
-            index: index.unwrap_or(u32::MAX),
-            version,
+            node: p.node,
+            alloc: p.alloc.clone(),
+            parent: top.ppid,
+            start_ms: top.start_ms,
+            job: p.job.clone(),
+            group: p.group.clone(),
+            index: p.index,
+            version: p.version,
             pids: Vec::new(),
         });
-        copy.pids.push(pid);
+        copy.start_ms = copy.start_ms.min(top.start_ms);
+        copy.pids.push(p.pid);
     }
     copies.into_values().collect()
 }
 
+/// How far apart two times must be to be told apart: `/proc` counts
+/// process starts in clock ticks (10 ms).
+const TICK_MS: u64 = 10;
+
+/// An instance: (job, group, index at the job's origin).
+type Instance = (String, String, u32);
+/// A copy: (node, allocation, parent pid); see [`Copy::id`].
+type CopyId = (usize, String, i32);
+
 /// What the checker counts while faults happen.
 #[derive(Default)]
 pub struct Checker {
-    /// At-most-once instances seen with two copies or more right now.
-    overlapping: BTreeSet<(String, String, u32)>,
+    /// Per at-most-once instance, each copy seen lately: the latest time
+    /// it was certainly alive (ms since boot).
+    alive: BTreeMap<Instance, BTreeMap<CopyId, u64>>,
     pub at_most_once_overlaps: u64,
     /// Copies of EU-only work seen outside the EU, by cluster and alloc.
     forbidden: BTreeSet<(usize, String)>,
@@ -91,22 +184,20 @@ pub struct Checker {
 }
 
 impl Checker {
-    /// Checks one sample: an at-most-once instance alive twice, or EU-only
-    /// work alive outside an EU cluster, is a violation the moment it is
-    /// seen (written to `history`), whatever happens later.
-    pub fn observe(&mut self, copies: &[Copy], jobs: &[JobRec], history: &History, now_ms: u64) {
+    /// Checks one sample, taken from `at` (ms since boot): an at-most-once
+    /// instance alive twice, or EU-only work alive outside an EU cluster,
+    /// is a violation the moment it is seen (written to `history`),
+    /// whatever happens later.
+    pub fn observe(&mut self, copies: &[Copy], at: u64, jobs: &[JobRec], history: &History, now_ms: u64) {
         self.samples += 1;
         let by_name: BTreeMap<&str, &JobRec> = jobs.iter().map(|j| (j.name.as_str(), j)).collect();
         let remote =
             copies.iter().filter(|c| by_name.get(c.job.as_str()).is_some_and(|j| j.cluster != c.cluster)).count();
         self.copies_max = self.copies_max.max(copies.len());
         self.remote_copies_max = self.remote_copies_max.max(remote);
-        let mut per_instance: BTreeMap<(String, String, u32), Vec<&Copy>> = BTreeMap::new();
+        let mut fresh: BTreeMap<Instance, Vec<&Copy>> = BTreeMap::new();
         for c in copies {
             let Some(job) = by_name.get(c.job.as_str()) else { continue };
-            if job.at_most_once {
-                per_instance.entry(c.instance()).or_default().push(c);
-            }
             if job.eu_only && CLUSTERS[c.cluster].1 != "eu" && self.forbidden.insert((c.cluster, c.alloc.clone())) {
                 history.write(json!({
                     "t_ms": now_ms,
@@ -118,28 +209,54 @@ impl Checker {
                     "pids": c.pids,
                 }));
             }
+            if !job.at_most_once {
+                continue;
+            }
+            // Every copy's sighting first, then the new ones' checks: the
+            // order of one scan must not decide.
+            let seen = self.alive.entry(c.instance()).or_default();
+            if !seen.contains_key(&c.id()) {
+                fresh.entry(c.instance()).or_default().push(c);
+            }
+            seen.insert(c.id(), at.max(c.start_ms));
         }
-        let now: BTreeSet<(String, String, u32)> =
-            per_instance.iter().filter(|(_, cs)| cs.len() > 1).map(|(k, _)| k.clone()).collect();
-        for key in now.difference(&self.overlapping) {
+        for (instance, new) in fresh {
+            let seen = &self.alive[&instance];
+            let overlapping: Vec<(&Copy, Vec<_>)> = (new.iter())
+                .map(|c| {
+                    (
+                        *c,
+                        seen.iter()
+                            .filter(|(id, last)| **id != c.id() && **last > c.start_ms + TICK_MS)
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .filter(|(_, others)| !others.is_empty())
+                .collect();
+            if overlapping.is_empty() {
+                continue;
+            }
             self.at_most_once_overlaps += 1;
-            let cs = &per_instance[key];
             history.write(json!({
                 "t_ms": now_ms,
                 "violation": "at_most_once_overlap",
-                "job": key.0,
-                "group": key.1,
-                "index": key.2,
-                "copies": cs.iter().map(|c| json!({
-                    "cluster": CLUSTERS[c.cluster].0,
-                    "node": c.node,
-                    "alloc": c.alloc,
-                    "version": c.version,
-                    "pids": c.pids,
+                "job": instance.0,
+                "group": instance.1,
+                "index": instance.2,
+                "copies": overlapping.iter().map(|(c, others)| json!({
+                    "cluster": CLUSTERS[c.cluster].0, "node": c.node, "alloc": c.alloc, "version": c.version,
+                    "pids": c.pids, "started_boot_ms": c.start_ms,
+                    "alive_after_its_start": others.iter().map(|((node, alloc, parent), last)| json!({
+                        "node": node, "alloc": alloc, "parent": parent, "last_seen_boot_ms": last,
+                    })).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             }));
         }
-        self.overlapping = now;
+        // Copies not seen for two minutes cannot overlap anything new.
+        for seen in self.alive.values_mut() {
+            seen.retain(|_, last| *last + 120_000 > at);
+        }
+        self.alive.retain(|_, seen| !seen.is_empty());
     }
 
     pub fn forbidden_placements(&self) -> u64 {
@@ -147,10 +264,11 @@ impl Checker {
     }
 }
 
-/// Why the federation is not settled: for every job, what should run
-/// runs exactly once at a version it may have, what should not run does
-/// not, and each finished batch instance left its mark in `marks`. Empty
-/// when all holds. Each problem names its job first.
+/// Why the federation is not settled: every job runs exactly what its
+/// last operation asks (see [`JobRec::wanted`]): each index once at that
+/// version, or nothing; each batch instance left its mark in `marks`; and
+/// no copy runs of a job the workload never made. Empty when all holds.
+/// Each problem names its job first.
 pub fn unsettled(copies: &[Copy], jobs: &[JobRec], marks: &Path) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut per_job: BTreeMap<&str, Vec<&Copy>> = BTreeMap::new();
@@ -160,13 +278,19 @@ pub fn unsettled(copies: &[Copy], jobs: &[JobRec], marks: &Path) -> Vec<(String,
     for job in jobs {
         let cs = per_job.remove(job.name.as_str()).unwrap_or_default();
         let mut problem = |p: String| out.push((job.name.clone(), p));
-        let acked = job.versions.contains(&Outcome::Acked);
-        if !job.live() || !job.versions.iter().any(|o| *o != Outcome::Refused) {
-            if !cs.is_empty() {
-                problem(format!("{} copies run, none should (stopped or never accepted)", cs.len()));
+        let version = match job.wanted() {
+            Err(why) => {
+                problem(why.to_string());
+                continue;
             }
-            continue;
-        }
+            Ok(None) => {
+                if !cs.is_empty() {
+                    problem(format!("{} copies run, none should (stopped, or never accepted)", cs.len()));
+                }
+                continue;
+            }
+            Ok(Some(v)) => v,
+        };
         let mut per_index: BTreeMap<u32, Vec<&Copy>> = BTreeMap::new();
         for c in &cs {
             per_index.entry(c.index).or_default().push(c);
@@ -178,23 +302,17 @@ pub fn unsettled(copies: &[Copy], jobs: &[JobRec], marks: &Path) -> Vec<(String,
                 problem(format!("index {i} runs {} times", cs.len()));
             }
         }
-        let maybe_stopped = job.stop == Some(Outcome::Unknown);
-        if !acked || (maybe_stopped && cs.is_empty()) {
-            continue;
-        }
-        let versions = job.settled_versions();
         for i in 0..job.count {
-            let mark = marks.join(format!("{}.g.{i}", job.name));
             let copy = per_index.get(&i).and_then(|cs| cs.first());
             if job.batch {
-                if !mark.exists() {
+                if !marks.join(format!("{}.g.{i}", job.name)).exists() {
                     problem(format!("batch index {i} has not finished"));
                 }
             } else {
                 match copy {
                     None => problem(format!("index {i} does not run")),
-                    Some(c) if !versions.contains(&c.version) => {
-                        problem(format!("index {i} runs version {}, not {versions:?}", c.version))
+                    Some(c) if c.version != version => {
+                        problem(format!("index {i} runs version {}, not {version}", c.version))
                     }
                     Some(_) => {}
                 }
@@ -210,6 +328,7 @@ pub fn unsettled(copies: &[Copy], jobs: &[JobRec], marks: &Path) -> Vec<(String,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workload::Outcome;
 
     fn job(name: &str, count: u32) -> JobRec {
         JobRec {
@@ -228,14 +347,21 @@ mod tests {
     fn copy(cluster: usize, alloc: &str, job: &str, index: u32, version: u32) -> Copy {
         Copy {
             cluster,
-            node: 0,
+            node: cluster * (SERVERS + AGENTS) + SERVERS,
             alloc: alloc.into(),
+            parent: 1,
+            start_ms: 0,
             job: job.into(),
             group: "g".into(),
             index,
             version,
             pids: vec![1],
         }
+    }
+
+    /// `c`, started at `start_ms` (ms since boot).
+    fn at(start_ms: u64, c: Copy) -> Copy {
+        Copy { start_ms, ..c }
     }
 
     fn history() -> (History, std::path::PathBuf) {
@@ -252,22 +378,30 @@ mod tests {
         let (h, path) = history();
         let jobs = [job("a", 2)];
         let mut c = Checker::default();
-        // Index 0 once here and once delegated: fine. Then index 1 twice,
-        // in two clusters, for three samples: one overlap.
-        c.observe(&[copy(0, "1", "a", 0, 1), copy(1, "7", "a", 1, 1)], &jobs, &h, 0);
-        for t in 1..4 {
-            c.observe(&[copy(0, "1", "a", 0, 1), copy(0, "2", "a", 1, 1), copy(1, "7", "a", 1, 1)], &jobs, &h, t);
+        // Index 0 here and index 1 delegated: fine. Then a second copy of
+        // index 1, started while the first lives, for three samples: one
+        // overlap.
+        let (a, b) = (at(100, copy(0, "1", "a", 0, 1)), at(200, copy(1, "7", "a", 1, 1)));
+        c.observe(&[a.clone(), b.clone()], 1_000, &jobs, &h, 0);
+        let second = at(1_050, copy(0, "2", "a", 1, 1));
+        for t in [1_100, 1_200, 1_300] {
+            c.observe(&[a.clone(), second.clone(), b.clone()], t, &jobs, &h, t);
         }
         assert_eq!(c.at_most_once_overlaps, 1);
         assert_eq!((c.copies_max, c.remote_copies_max), (3, 1));
-        // It ends, and comes back: a second overlap.
-        c.observe(&[copy(0, "2", "a", 1, 1)], &jobs, &h, 5);
-        c.observe(&[copy(0, "2", "a", 1, 1), copy(2, "9", "a", 1, 2)], &jobs, &h, 6);
+        // A copy that starts after the last one ended is a replacement.
+        c.observe(std::slice::from_ref(&a), 1_400, &jobs, &h, 0);
+        c.observe(&[a.clone(), at(1_450, copy(2, "9", "a", 1, 2))], 1_500, &jobs, &h, 0);
+        assert_eq!(c.at_most_once_overlaps, 1, "index 1's copies were last seen at 1 300");
+        // One seen at 1 600 while the next had started at 1 580: an
+        // overlap, though no sample saw both.
+        c.observe(&[a.clone(), at(1_450, copy(2, "9", "a", 1, 2))], 1_600, &jobs, &h, 0);
+        c.observe(&[a.clone(), at(1_580, copy(2, "10", "a", 1, 2))], 1_700, &jobs, &h, 0);
         assert_eq!(c.at_most_once_overlaps, 2);
         // Work that may run twice (on_disconnect = "keep") is no overlap.
         let keep = [JobRec { at_most_once: false, ..job("a", 2) }];
         let mut c = Checker::default();
-        c.observe(&[copy(0, "2", "a", 1, 1), copy(2, "9", "a", 1, 1)], &keep, &h, 0);
+        c.observe(&[at(0, copy(0, "2", "a", 1, 1)), at(0, copy(2, "9", "a", 1, 1))], 10, &keep, &h, 0);
         assert_eq!(c.at_most_once_overlaps, 0);
         h.flush();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -276,15 +410,39 @@ mod tests {
     }
 
     #[test]
+    fn one_allocation_started_twice_is_two_copies_and_its_own_children_are_one() {
+        let seen = |pid, ppid, node, alloc: &str| Seen {
+            pid,
+            ppid,
+            start_ms: pid as u64,
+            node,
+            alloc: alloc.into(),
+            job: "a".into(),
+            group: "g".into(),
+            index: 0,
+            version: 1,
+        };
+        // Supervisor 10's shell 11 and its sleep 12; supervisor 20's
+        // second start of the same allocation; the same allocation on
+        // another node.
+        let copies =
+            copies_of(vec![seen(12, 11, 3, "5"), seen(11, 10, 3, "5"), seen(21, 20, 3, "5"), seen(31, 30, 4, "5")]);
+        let mut shapes: Vec<(usize, i32, u64, usize)> =
+            copies.iter().map(|c| (c.node, c.parent, c.start_ms, c.pids.len())).collect();
+        shapes.sort();
+        assert_eq!(shapes, [(3, 10, 11, 2), (3, 20, 21, 1), (4, 30, 31, 1)]);
+    }
+
+    #[test]
     fn eu_only_work_outside_the_eu_is_counted_once_per_copy() {
         let (h, path) = history();
         let jobs = [JobRec { eu_only: true, ..job("e", 1) }];
         let mut c = Checker::default();
         let us = CLUSTERS.iter().position(|(_, j)| *j == "us").unwrap();
-        c.observe(&[copy(0, "1", "e", 0, 1)], &jobs, &h, 0);
+        c.observe(&[copy(0, "1", "e", 0, 1)], 0, &jobs, &h, 0);
         assert_eq!(c.forbidden_placements(), 0, "eu-west is in the EU");
-        c.observe(&[copy(us, "4", "e", 0, 1)], &jobs, &h, 1);
-        c.observe(&[copy(us, "4", "e", 0, 1)], &jobs, &h, 2);
+        c.observe(&[copy(us, "4", "e", 0, 1)], 1, &jobs, &h, 1);
+        c.observe(&[copy(us, "4", "e", 0, 1)], 2, &jobs, &h, 2);
         assert_eq!(c.forbidden_placements(), 1);
         let _ = std::fs::remove_file(path);
     }
@@ -299,18 +457,21 @@ mod tests {
         let twice =
             unsettled(&[copy(0, "1", "s", 0, 1), copy(0, "2", "s", 1, 1), copy(1, "5", "s", 1, 1)], &jobs, &marks);
         assert_eq!(twice.len(), 1, "{twice:?}");
-        // Version 2 acknowledged: a copy of version 1 is stale; a third
-        // version whose outcome is unknown may be what runs.
-        let updated = [JobRec { versions: vec![Outcome::Acked, Outcome::Acked, Outcome::Unknown], ..job("s", 1) }];
+        // Version 2 acknowledged last: a copy of version 1 is stale. A
+        // refused version 3 changed nothing.
+        let updated = [JobRec { versions: vec![Outcome::Acked, Outcome::Acked, Outcome::Refused], ..job("s", 1) }];
         assert_eq!(unsettled(&[copy(0, "1", "s", 0, 1)], &updated, &marks).len(), 1);
         assert!(unsettled(&[copy(0, "1", "s", 0, 2)], &updated, &marks).is_empty());
-        assert!(unsettled(&[copy(0, "1", "s", 0, 3)], &updated, &marks).is_empty());
-        // Stopped: nothing may run. A stop of unknown outcome: all or nothing.
+        // A last operation without an answer settles nothing: it is a
+        // problem whatever runs (`resolve` sends it again until answered).
+        let unanswered = [JobRec { versions: vec![Outcome::Acked, Outcome::Unknown], ..job("s", 1) }];
+        assert_eq!(unsettled(&[copy(0, "1", "s", 0, 2)], &unanswered, &marks).len(), 1);
+        let maybe = [JobRec { stop: Some(Outcome::Unknown), ..job("s", 1) }];
+        assert_eq!(unsettled(&[], &maybe, &marks).len(), 1);
+        // Stopped: nothing may run.
         let stopped = [JobRec { stop: Some(Outcome::Acked), ..job("s", 1) }];
         assert_eq!(unsettled(&[copy(0, "1", "s", 0, 1)], &stopped, &marks).len(), 1);
-        let maybe = [JobRec { stop: Some(Outcome::Unknown), ..job("s", 1) }];
-        assert!(unsettled(&[], &maybe, &marks).is_empty());
-        assert!(unsettled(&[copy(0, "1", "s", 0, 1)], &maybe, &marks).is_empty());
+        assert!(unsettled(&[], &stopped, &marks).is_empty());
         // A refused submission runs nothing; a job nobody made is noticed.
         let refused = [JobRec { versions: vec![Outcome::Refused], ..job("s", 1) }];
         assert_eq!(unsettled(&[copy(0, "1", "s", 0, 1)], &refused, &marks).len(), 1);

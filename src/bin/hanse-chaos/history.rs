@@ -3,15 +3,15 @@
 //! the order they happened. It is what a failed run leaves to replay.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{LineWriter, Write};
 use std::path::Path;
 use std::sync::Mutex;
 
-pub struct History(Mutex<BufWriter<File>>);
+pub struct History(Mutex<LineWriter<File>>);
 
 impl History {
     pub fn create(path: &Path) -> std::io::Result<History> {
-        Ok(History(Mutex::new(BufWriter::new(File::create(path)?))))
+        Ok(History(Mutex::new(LineWriter::new(File::create(path)?))))
     }
 
     /// Appends `event` as one line.

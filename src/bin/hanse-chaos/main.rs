@@ -86,8 +86,22 @@ fn duration(text: &str) -> Result<Duration, String> {
 /// Set by SIGINT and SIGTERM: the run stops, cleans up, and exits 130.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
+extern "C" fn on_signal(signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
+    // A second one ends the program at once (the run's id, printed at
+    // its start, is what `--cleanup` needs then).
+    // SAFETY: signal(2) is async-signal-safe.
+    unsafe { libc::signal(signal, libc::SIG_DFL) };
+}
+
+/// Removes everything the run made outside its directory when dropped:
+/// on every way out of [`run`], a panic in any of its threads included.
+struct CleanUp<'a>(&'a str);
+
+impl Drop for CleanUp<'_> {
+    fn drop(&mut self) {
+        world::clean_up(self.0);
+    }
 }
 
 /// Sleeps `span`, waking early when `stop` is set.
@@ -163,10 +177,17 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let run = format!("{:06x}", (u64::from(nonce) ^ u64::from(std::process::id()) << 8) & 0xff_ffff);
     let dir = args.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("hanse-chaos-{run}")));
+    // A directory of its own: a passing run removes it, and a run on an
+    // earlier run's data or marks would check nothing.
+    let empty = std::fs::read_dir(&dir).map(|mut d| d.next().is_none());
+    if matches!(empty, Ok(false)) {
+        bail!("{} is not empty: give --dir a new directory (a passing run removes it)", dir.display());
+    }
     std::fs::create_dir_all(dir.join("marks")).with_context(|| format!("create {}", dir.display()))?;
     use std::os::unix::fs::PermissionsExt;
-    // Tasks run as `nobody` under a root agent: they leave their marks here.
-    std::fs::set_permissions(dir.join("marks"), std::fs::Permissions::from_mode(0o777))?;
+    // Tasks run as `nobody` under a root agent: they leave their marks
+    // here (sticky: one cannot remove another's).
+    std::fs::set_permissions(dir.join("marks"), std::fs::Permissions::from_mode(0o1777))?;
     let dir = std::path::absolute(dir)?;
     eprintln!("hanse-chaos: run {run}, seed {seed}, in {} (interrupted: hanse-chaos --cleanup {run})", dir.display());
     // SAFETY: installing async-signal-safe handlers (one atomic store)
@@ -176,20 +197,16 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let net = net::Net::create(&run, &world::node_names())?;
+    let clean_up = CleanUp(&run);
     eprintln!("hanse-chaos: {} namespaces up; starting 9 servers and 6 agents", net.nodes.len() + 1);
-    let world = match World::start(&dir, &hanse, &run, net, Duration::from_secs(90)) {
-        Ok(w) => w,
-        Err(e) => {
-            world::clean_up(&run);
-            return Err(e.context(format!("starting the federation (logs in {})", dir.join("logs").display())));
-        }
-    };
+    let world = World::start(&dir, &hanse, &run, net, Duration::from_secs(90))
+        .with_context(|| format!("starting the federation (logs in {})", dir.join("logs").display()))?;
     let history = History::create(&dir.join("history.jsonl"))?;
     history.write(json!({ "run": run, "seed": seed, "duration_ms": args.duration.as_millis() as u64 }));
     let figures = drive(args, &world, &history, seed);
     history.flush();
     world.stop_all();
-    world::clean_up(&run);
+    drop(clean_up);
     let figures = figures?;
     if INTERRUPTED.load(Ordering::Relaxed) {
         bail!("interrupted; everything the run made is removed, its directory kept: {}", dir.display());
@@ -240,7 +257,14 @@ fn drive(args: &Args, world: &World, history: &History, seed: u64) -> anyhow::Re
     let mut convergence = None;
     let mut unsettled = Vec::new();
     std::thread::scope(|s| -> anyhow::Result<()> {
-        let workload = s.spawn(|| workload::run(world, &ledger, history, seed, &stop));
+        let workload = s.spawn(|| {
+            workload::run(world, &ledger, history, seed, &stop);
+            // Once healed, settle what no answer settled (see `resolve`).
+            while healed_at.load(Ordering::Relaxed) == u64::MAX && !INTERRUPTED.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            workload::resolve(world, &ledger, history, args.settle);
+        });
         let faults = s.spawn(|| {
             let r = nemesis.run(seed, &stop);
             healed_at.store(world.now_ms(), Ordering::Relaxed);
@@ -249,22 +273,34 @@ fn drive(args: &Args, world: &World, history: &History, seed: u64) -> anyhow::Re
         let start = Instant::now();
         let mut last_report = Instant::now();
         let mut settled_since: Option<u64> = None;
+        let mut interrupted_at: Option<Instant> = None;
         loop {
             let tick = Instant::now();
             if start.elapsed() >= args.duration || INTERRUPTED.load(Ordering::Relaxed) {
                 stop.store(true, Ordering::Relaxed);
             }
             let now = world.now_ms();
-            let copies = checker::sample(world);
+            let (copies, at) = checker::sample(world);
             let jobs = ledger.jobs.lock().unwrap().clone();
-            checker.observe(&copies, &jobs, history, now);
+            checker.observe(&copies, at, &jobs, history, now);
             for c in world.crashes() {
                 crashes += 1;
                 history.write(json!({ "t_ms": now, "violation": "crash", "process": c.name, "status": c.status, "log_tail": c.log_tail }));
                 eprintln!("hanse-chaos: {} ended by itself ({})", c.name, c.status);
             }
-            let healed = healed_at.load(Ordering::Relaxed);
-            if healed != u64::MAX && workload.is_finished() {
+            if INTERRUPTED.load(Ordering::Relaxed) {
+                let since = *interrupted_at.get_or_insert_with(Instant::now);
+                if (faults.is_finished() && workload.is_finished()) || since.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+            }
+            // Healed (or the nemesis ended otherwise, a panic), and every
+            // operation's outcome settled: wait for the federation.
+            let healed = match healed_at.load(Ordering::Relaxed) {
+                u64::MAX if faults.is_finished() => now,
+                h => h,
+            };
+            if faults.is_finished() && workload.is_finished() {
                 unsettled = checker::unsettled(&copies, &jobs, &marks);
                 if unsettled.is_empty() {
                     let since = *settled_since.get_or_insert(now);
@@ -276,7 +312,7 @@ fn drive(args: &Args, world: &World, history: &History, seed: u64) -> anyhow::Re
                 } else {
                     settled_since = None;
                 }
-                if now.saturating_sub(healed) > args.settle.as_millis() as u64 || INTERRUPTED.load(Ordering::Relaxed) {
+                if now.saturating_sub(healed) > args.settle.as_millis() as u64 {
                     break;
                 }
             }
@@ -298,8 +334,8 @@ fn drive(args: &Args, world: &World, history: &History, seed: u64) -> anyhow::Re
             std::thread::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed()));
         }
         stop.store(true, Ordering::Relaxed);
-        workload.join().expect("the workload thread");
-        faults.join().expect("the nemesis thread")
+        workload.join().map_err(|_| anyhow::anyhow!("the workload thread panicked"))?;
+        faults.join().map_err(|_| anyhow::anyhow!("the nemesis thread panicked"))?
     })?;
     let jobs = ledger.jobs.lock().unwrap().clone();
     for (job, problem) in &unsettled {

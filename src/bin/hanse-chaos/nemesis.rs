@@ -106,7 +106,7 @@ impl<'a> Nemesis<'a> {
                 if stop.load(Ordering::Relaxed) || active.load(Ordering::Relaxed) >= 2 {
                     continue;
                 }
-                let fault = self.draw(&mut rng);
+                let Some(fault) = self.draw(&mut rng) else { continue };
                 let hold = Duration::from_millis(match fault {
                     Fault::Pause { .. } => {
                         1000 + rng.below(self.max_pause.as_millis().max(1001) as usize - 1000) as u64
@@ -141,18 +141,21 @@ impl<'a> Nemesis<'a> {
         Ok(())
     }
 
-    fn draw(&self, rng: &mut Rng) -> Fault {
+    /// A fault on processes that run; `None` when the draw finds none to
+    /// act on (the next turn draws again).
+    fn draw(&self, rng: &mut Rng) -> Option<Fault> {
         let (servers, agents): (Vec<usize>, Vec<usize>) = {
             let procs = self.world.procs.lock().unwrap();
             let all: Vec<usize> = (0..procs.len()).filter(|i| procs[*i].life == Life::Running).collect();
             all.iter().partition(|i| matches!(procs[**i].kind, Kind::Server { .. }))
         };
-        let pick = |rng: &mut Rng, from: &[usize]| from.get(rng.below(from.len().max(1))).copied().unwrap_or(0);
+        let pick = |rng: &mut Rng, from: &[usize]| (!from.is_empty()).then(|| from[rng.below(from.len())]);
+        let all: Vec<usize> = servers.iter().chain(&agents).copied().collect();
         let cluster = rng.below(CLUSTERS.len());
-        match rng.below(100) {
+        Some(match rng.below(100) {
             0..15 => match self.world.leader(cluster) {
                 Some(proc) => Fault::Kill { proc, what: "leader" },
-                None => Fault::Kill { proc: pick(rng, &servers), what: "server" },
+                None => Fault::Kill { proc: pick(rng, &servers)?, what: "server" },
             },
             15..25 => {
                 let leader = self.world.leader(cluster);
@@ -160,27 +163,23 @@ impl<'a> Nemesis<'a> {
                 let followers: Vec<usize> =
                     servers.iter().copied().filter(|i| procs[*i].cluster == cluster && Some(*i) != leader).collect();
                 drop(procs);
-                Fault::Kill { proc: pick(rng, &followers), what: "follower" }
+                Fault::Kill { proc: pick(rng, &followers)?, what: "follower" }
             }
-            25..37 => Fault::Kill { proc: pick(rng, &agents), what: "agent" },
-            37..50 => {
-                let all: Vec<usize> = servers.iter().chain(&agents).copied().collect();
-                Fault::Pause { proc: pick(rng, &all) }
-            }
+            25..37 => Fault::Kill { proc: pick(rng, &agents)?, what: "agent" },
+            37..50 => Fault::Pause { proc: pick(rng, &all)? },
             50..60 => Fault::Isolate { cluster },
-            60..70 => Fault::CutServer { proc: pick(rng, &servers) },
-            70..80 => Fault::CutAgent { proc: pick(rng, &agents) },
+            60..70 => Fault::CutServer { proc: pick(rng, &servers)? },
+            70..80 => Fault::CutAgent { proc: pick(rng, &agents)? },
             80..88 => {
-                let from = pick(rng, &servers);
+                let from = pick(rng, &servers)?;
                 let others: Vec<usize> = servers.iter().copied().filter(|s| *s != from).collect();
-                Fault::OneWay { from, to: pick(rng, &others) }
+                Fault::OneWay { from, to: pick(rng, &others)? }
             }
             _ => {
-                let all: Vec<usize> = servers.iter().chain(&agents).copied().collect();
                 let offset_s = (10 + rng.below(290) as i64) * if rng.below(2) == 0 { 1 } else { -1 };
-                Fault::Clock { proc: pick(rng, &all), offset_s }
+                Fault::Clock { proc: pick(rng, &all)?, offset_s }
             }
-        }
+        })
     }
 
     /// Applies `fault`, holds it for `hold` (or until `stop`), heals it.
@@ -264,12 +263,14 @@ impl<'a> Nemesis<'a> {
     }
 
     /// Writes every node's rules whose set of dropped sources changed.
+    /// One fault at a time: what is read and what is written stay one
+    /// (two faults healing at once must not write a stale set last).
     fn apply_blocks(&self) -> anyhow::Result<()> {
+        let mut applied = self.applied.lock().unwrap();
         let mut want: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
         for (from, to) in self.blocks.lock().unwrap().values().flatten() {
             want.entry(*to).or_default().insert(*from);
         }
-        let mut applied = self.applied.lock().unwrap();
         let nodes: BTreeSet<usize> = want.keys().chain(applied.keys()).copied().collect();
         for n in nodes {
             let next = want.get(&n).cloned().unwrap_or_default();

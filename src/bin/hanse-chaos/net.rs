@@ -14,6 +14,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
@@ -70,6 +71,9 @@ impl Net {
     /// On error, what was made is removed again.
     pub fn create(run: &str, nodes: &[String]) -> anyhow::Result<Net> {
         let all = names(run, nodes);
+        if let Some(taken) = all.iter().find(|n| Path::new("/run/netns").join(n).exists()) {
+            bail!("namespace {taken} exists already: another run has id {run}; start again");
+        }
         let made = Net::create_all(&all);
         if made.is_err() {
             remove(&all);
@@ -159,7 +163,7 @@ impl Net {
 /// them first.
 pub fn remove(names: &[String]) {
     for name in names {
-        if std::path::Path::new("/run/netns").join(name).exists() {
+        if Path::new("/run/netns").join(name).exists() {
             if let Err(e) = ip(&["netns", "delete", name]) {
                 eprintln!("warning: {e}");
             }

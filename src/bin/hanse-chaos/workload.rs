@@ -28,11 +28,25 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Only a request the servers found malformed (400, 422) surely did
+    /// nothing: the client sends a write again to the next server when the
+    /// first fails mid-way, so any other answer (a 401 from a server whose
+    /// ACLs lag, a 404 of a job whose submission is still in flight) may
+    /// follow a write that applied.
     fn of<T>(r: &Result<T, ClientError>) -> Outcome {
         match r {
             Ok(_) => Outcome::Acked,
-            Err(ClientError::Api(e)) if (400..500).contains(&e.status) => Outcome::Refused,
+            Err(ClientError::Api(e)) if matches!(e.status, 400 | 422) => Outcome::Refused,
             Err(_) => Outcome::Unknown,
+        }
+    }
+
+    /// The better known of two outcomes of the same operation sent twice.
+    fn merge(self, other: Outcome) -> Outcome {
+        match (self, other) {
+            (Outcome::Acked, _) | (_, Outcome::Acked) => Outcome::Acked,
+            (Outcome::Unknown, _) | (_, Outcome::Unknown) => Outcome::Unknown,
+            _ => Outcome::Refused,
         }
     }
 
@@ -60,24 +74,33 @@ pub struct JobRec {
     pub at_most_once: bool,
     /// Each version submitted (1, 2...) and its outcome.
     pub versions: Vec<Outcome>,
-    /// The outcome of its stop, if one was sent.
+    /// The outcome of its stop, if one was sent: the last operation on a
+    /// job (nothing is submitted after a stop).
     pub stop: Option<Outcome>,
 }
 
 impl JobRec {
-    /// Whether it may be wanted running (a stop not acknowledged).
+    /// Whether the workload may still update or stop it: not stopped (nor
+    /// asked to be), and some version maybe accepted.
     pub fn live(&self) -> bool {
-        self.stop != Some(Outcome::Acked) && self.versions.iter().any(|o| *o != Outcome::Refused)
+        self.stop.is_none() && self.versions.iter().any(|o| *o != Outcome::Refused)
     }
 
-    /// The versions a running copy may have once all is settled: the last
-    /// acknowledged one and any later one whose outcome is unknown.
-    pub fn settled_versions(&self) -> Vec<u32> {
-        let last_acked = self.versions.iter().rposition(|o| *o == Outcome::Acked);
-        (self.versions.iter().enumerate())
-            .filter(|(i, o)| Some(*i) == last_acked || (**o == Outcome::Unknown && last_acked.is_none_or(|a| *i > a)))
-            .map(|(i, _)| i as u32 + 1)
-            .collect()
+    /// What it must come to once settled, by its last operation (after
+    /// [`resolve`], an acknowledged one): `Ok(None)` nothing running,
+    /// `Ok(Some(v))` version `v`; `Err` when that operation never got an
+    /// answer, so nothing can be said.
+    pub fn wanted(&self) -> Result<Option<u32>, &'static str> {
+        match self.stop {
+            Some(Outcome::Acked) => return Ok(None),
+            Some(_) => return Err("its stop never got an answer"),
+            None => {}
+        }
+        match self.versions.last() {
+            Some(Outcome::Unknown) => Err("its last submission never got an answer"),
+            // A refused version changed nothing: the one before it runs.
+            _ => Ok(self.versions.iter().rposition(|o| *o == Outcome::Acked).map(|i| i as u32 + 1)),
+        }
     }
 }
 
@@ -119,6 +142,10 @@ pub fn run(world: &World, ledger: &Ledger, history: &History, seed: u64, stop: &
     // What the federation can hold: half of it is the most the live jobs
     // may want, so that after the faults every wanted instance can run.
     let budget = (CLUSTERS.len() * AGENTS) as u64 * AGENT_CPU_MILLIS / 2;
+    // EU-only work fits in the two EU clusters, and when it comes from
+    // us-east only in what their policies let in (60 % of each): a third
+    // of the budget keeps it placeable whatever happened to be delegated.
+    let eu_budget = budget * 2 / 5;
     while !stop.load(Ordering::Relaxed) {
         sleep_unless(stop, Duration::from_millis(1000 + rng.below(3000) as u64));
         if stop.load(Ordering::Relaxed) {
@@ -127,6 +154,7 @@ pub fn run(world: &World, ledger: &Ledger, history: &History, seed: u64, stop: &
         let jobs = ledger.jobs.lock().unwrap().clone();
         let live: Vec<&JobRec> = jobs.iter().filter(|j| j.live()).collect();
         let wanted: u64 = live.iter().map(|j| j.cpu_millis * u64::from(j.count)).sum();
+        let eu_wanted: u64 = live.iter().filter(|j| j.eu_only).map(|j| j.cpu_millis * u64::from(j.count)).sum();
         let roll = rng.below(10);
         if roll < 5 && !live.is_empty() && (roll < 2 || wanted > budget / 2) {
             // Stop one, or update a service (a new version replaces it).
@@ -146,7 +174,9 @@ pub fn run(world: &World, ledger: &Ledger, history: &History, seed: u64, stop: &
         } else {
             (1 + rng.below(3) as u32, 100 + 50 * rng.below(3) as u64)
         };
-        if wanted + cpu * u64::from(count) > budget {
+        let eu_only = rng.below(3) == 0;
+        let ask = cpu * u64::from(count);
+        if wanted + ask > budget || (eu_only && eu_wanted + ask > eu_budget) {
             continue;
         }
         let job = JobRec {
@@ -155,7 +185,7 @@ pub fn run(world: &World, ledger: &Ledger, history: &History, seed: u64, stop: &
             batch,
             count,
             cpu_millis: cpu,
-            eu_only: rng.below(3) == 0,
+            eu_only,
             at_most_once: rng.below(2) == 0,
             versions: Vec::new(),
             stop: None,
@@ -181,19 +211,59 @@ fn submit(world: &World, ledger: &Ledger, history: &History, job: &JobRec, marks
 fn stop_job(world: &World, ledger: &Ledger, history: &History, job: &JobRec) {
     let start = world.now_ms();
     let answer = world.client(job.cluster).stop(&job.name);
-    let outcome = match Outcome::of(&answer) {
-        // A job the cluster does not know (its submission's outcome was
-        // unknown and it never happened) is as good as stopped.
-        Outcome::Refused if matches!(&answer, Err(ClientError::Api(e)) if e.status == 404) => Outcome::Acked,
-        o => o,
-    };
+    let outcome = Outcome::of(&answer);
     record(world, ledger, history, job, start, "stop", job.versions.len() as u32, outcome, &answer);
     if let Some(j) = ledger.jobs.lock().unwrap().iter_mut().find(|j| j.name == job.name) {
-        // A stop whose outcome is unknown may still have happened: the
-        // job stays unknown-stopped unless a later stop is acknowledged.
-        if j.stop != Some(Outcome::Acked) {
-            j.stop = Some(outcome);
+        j.stop = Some(j.stop.map_or(outcome, |o| o.merge(outcome)));
+    }
+}
+
+/// Once healed: sends again each job's last operation that got no answer
+/// (its stop, or its last version) until one is acknowledged, or `limit`
+/// passes. Operations answered during the faults are left as they are: an
+/// acknowledged one that did not stick is what the checker must find.
+/// After the faults a stop answered "no such job" is done (a submission
+/// still in flight would have landed by now).
+pub fn resolve(world: &World, ledger: &Ledger, history: &History, limit: Duration) {
+    let end = std::time::Instant::now() + limit;
+    let marks = world.dir.join("marks").display().to_string();
+    let pending = |j: &JobRec| match j.stop {
+        Some(o) => o != Outcome::Acked,
+        None => j.versions.last() == Some(&Outcome::Unknown),
+    };
+    loop {
+        let jobs: Vec<JobRec> = ledger.jobs.lock().unwrap().iter().filter(|j| pending(j)).cloned().collect();
+        if jobs.is_empty() || std::time::Instant::now() > end || crate::INTERRUPTED.load(Ordering::Relaxed) {
+            return;
         }
+        for job in jobs {
+            if job.stop.is_some() {
+                let start = world.now_ms();
+                let answer = world.client(job.cluster).stop(&job.name);
+                let outcome = match &answer {
+                    Err(ClientError::Api(e)) if e.status == 404 => Outcome::Acked,
+                    a => Outcome::of(a),
+                };
+                record(world, ledger, history, &job, start, "stop again", job.versions.len() as u32, outcome, &answer);
+                if let Some(j) = ledger.jobs.lock().unwrap().iter_mut().find(|j| j.name == job.name) {
+                    j.stop = Some(j.stop.map_or(outcome, |o| o.merge(outcome)));
+                }
+            } else {
+                let version = job.versions.len() as u32;
+                let start = world.now_ms();
+                let answer = world
+                    .client(job.cluster)
+                    .submit(&spec(&job, version, &world.run, &marks), &format!("{}.toml", job.name));
+                let outcome = Outcome::of(&answer);
+                record(world, ledger, history, &job, start, "submit again", version, outcome, &answer);
+                if let Some(j) = ledger.jobs.lock().unwrap().iter_mut().find(|j| j.name == job.name) {
+                    if let Some(last) = j.versions.last_mut() {
+                        *last = last.merge(outcome);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -209,7 +279,7 @@ fn record<T>(
     outcome: Outcome,
     answer: &Result<T, ClientError>,
 ) {
-    if outcome == Outcome::Acked {
+    if outcome == Outcome::Acked && !op.ends_with("again") {
         ledger.ops_acked.fetch_add(1, Ordering::Relaxed);
     }
     history.write(json!({

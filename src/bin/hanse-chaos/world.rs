@@ -427,6 +427,9 @@ impl Proc {
             }
             let _ = child.kill();
             let _ = child.wait();
+            if self.clock.is_some() {
+                forget_faketime(child.id());
+            }
         }
         self.life = Life::Down;
     }
@@ -441,6 +444,13 @@ impl Proc {
         self.life = Life::Down;
         Some(status)
     }
+}
+
+/// Removes the shared memory and semaphore the `faketime` wrapper with pid
+/// `pid` made: killed with SIGKILL, it could not.
+fn forget_faketime(pid: u32) {
+    let _ = fs::remove_file(format!("/dev/shm/faketime_shm_{pid}"));
+    let _ = fs::remove_file(format!("/dev/shm/sem.faketime_sem_{pid}"));
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -481,12 +491,29 @@ pub fn kill_in_namespaces(inodes: &[u64]) {
             return;
         }
         for pid in pids {
-            // SAFETY: kill(2) on a process found in one of the run's own
-            // namespaces.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            kill_if_in(pid, inodes);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// SIGKILLs `pid` if it is (still) in one of the namespaces `inodes`:
+/// through a pidfd, checked after it is open, so a pid reused meanwhile by
+/// a process elsewhere is never hit.
+fn kill_if_in(pid: i32, inodes: &[u64]) {
+    // SAFETY: pidfd_open(2) with no flags; the fd is closed below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return;
+    }
+    if ns_inode(pid).is_some_and(|i| inodes.contains(&i)) {
+        // SAFETY: pidfd_send_signal(2) on the pidfd we hold.
+        unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0)
+        };
+    }
+    // SAFETY: closing the fd we opened.
+    unsafe { libc::close(fd) };
 }
 
 /// The processes whose network namespace is one of `inodes`.
@@ -507,14 +534,25 @@ pub fn ns_inode(pid: i32) -> Option<u64> {
 
 /// Removes the run's task cgroups (`/sys/fs/cgroup/hanse/CLUSTER.a1-RUN.*`),
 /// which its agents name after the run's id, once they are empty.
+/// A cgroup whose last process is exiting is busy a moment longer: each
+/// is killed (`cgroup.kill`) and tried again for up to 2 s.
 pub fn remove_cgroups(run: &str) {
-    let Ok(dir) = fs::read_dir("/sys/fs/cgroup/hanse") else { return };
     let marks: Vec<String> = (1..=AGENTS).map(|i| format!(".a{i}-{run}.")).collect();
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if marks.iter().any(|m| name.contains(m.as_str())) {
-            let _ = fs::remove_dir(e.path());
+    for _ in 0..20 {
+        let Ok(dir) = fs::read_dir("/sys/fs/cgroup/hanse") else { return };
+        let ours: Vec<PathBuf> = (dir.flatten())
+            .filter(|e| marks.iter().any(|m| e.file_name().to_string_lossy().contains(m.as_str())))
+            .map(|e| e.path())
+            .collect();
+        if ours.is_empty() {
+            return;
         }
+        for path in ours {
+            if fs::remove_dir(&path).is_err() {
+                let _ = fs::write(path.join("cgroup.kill"), "1");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
