@@ -143,7 +143,8 @@ struct Figures {
     remote_copies_max: usize,
 }
 
-fn preflight(args: &Args) -> anyhow::Result<PathBuf> {
+/// The `hanse` binary and libfaketime, or what is missing.
+fn preflight(args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
     if !cfg!(target_os = "linux") {
         bail!("hanse-chaos runs on Linux only (network namespaces, nftables, /proc)");
     }
@@ -151,12 +152,15 @@ fn preflight(args: &Args) -> anyhow::Result<PathBuf> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("hanse-chaos needs root: it creates network namespaces and nftables rules");
     }
-    for (tool, package) in [("ip", "iproute2"), ("nft", "nftables"), ("faketime", "faketime")] {
+    for (tool, package) in [("ip", "iproute2"), ("nft", "nftables")] {
         let found = std::process::Command::new(tool).arg("--version").output().is_ok();
         if !found {
             bail!("`{tool}` is missing: apt-get install {package}");
         }
     }
+    let Some(libfaketime) = world::find_libfaketime() else {
+        bail!("libfaketime is missing (clock faults preload it): apt-get install faketime");
+    };
     let hanse = match &args.hanse {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("hanse"),
@@ -164,11 +168,11 @@ fn preflight(args: &Args) -> anyhow::Result<PathBuf> {
     if !hanse.is_file() {
         bail!("no hanse binary at {}: build it (cargo build --release) or pass --hanse PATH", hanse.display());
     }
-    Ok(std::path::absolute(hanse)?)
+    Ok((std::path::absolute(hanse)?, libfaketime))
 }
 
 fn run(args: &Args) -> anyhow::Result<bool> {
-    let hanse = preflight(args)?;
+    let (hanse, libfaketime) = preflight(args)?;
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -199,7 +203,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let net = net::Net::create(&run, &world::node_names())?;
     let clean_up = CleanUp(&run);
     eprintln!("hanse-chaos: {} namespaces up; starting 9 servers and 6 agents", net.nodes.len() + 1);
-    let world = World::start(&dir, &hanse, &run, net, Duration::from_secs(90))
+    let world = World::start(&dir, &hanse, &libfaketime, &run, net, Duration::from_secs(90))
         .with_context(|| format!("starting the federation (logs in {})", dir.join("logs").display()))?;
     let history = History::create(&dir.join("history.jsonl"))?;
     history.write(json!({ "run": run, "seed": seed, "duration_ms": args.duration.as_millis() as u64 }));

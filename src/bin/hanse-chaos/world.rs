@@ -67,6 +67,8 @@ pub struct Crash {
 pub struct World {
     pub dir: PathBuf,
     pub hanse: PathBuf,
+    /// libfaketime, preloaded into a process whose clock is skewed.
+    pub libfaketime: PathBuf,
     pub run: String,
     pub net: Net,
     pub procs: Mutex<Vec<Proc>>,
@@ -100,7 +102,14 @@ impl World {
     /// `dir`, starts every server and agent in its namespace, and waits
     /// (up to `limit`) until each cluster has a leader, its ACLs are
     /// bootstrapped and its agents are ready.
-    pub fn start(dir: &Path, hanse: &Path, run: &str, net: Net, limit: Duration) -> anyhow::Result<World> {
+    pub fn start(
+        dir: &Path,
+        hanse: &Path,
+        libfaketime: &Path,
+        run: &str,
+        net: Net,
+        limit: Duration,
+    ) -> anyhow::Result<World> {
         fs::create_dir_all(dir.join("pki"))?;
         fs::create_dir_all(dir.join("logs"))?;
         let ca = tls::create_ca("hanse", 2)?;
@@ -187,6 +196,7 @@ impl World {
         let world = World {
             dir: dir.to_path_buf(),
             hanse: hanse.to_path_buf(),
+            libfaketime: libfaketime.to_path_buf(),
             run: run.to_string(),
             net,
             procs: Mutex::new(procs),
@@ -391,14 +401,15 @@ impl Proc {
         let _ = writeln!(l, "=== hanse-chaos: started at {} ms, clock {:?}", world.now_ms(), self.clock);
         let role = if self.kind == Kind::Agent { "agent" } else { "server" };
         let hanse = world.hanse.to_str().context("hanse's path")?;
-        let mut c = match &self.clock {
-            Some(offset) => {
-                let mut c = world.net.command(self.node, "faketime");
-                c.args(["-f", offset, hanse]).env("DONT_FAKE_MONOTONIC", "1");
-                c
-            }
-            None => world.net.command(self.node, hanse),
-        };
+        let mut c = world.net.command(self.node, hanse);
+        if let Some(offset) = &self.clock {
+            // libfaketime itself, not the `faketime` wrapper: killed with
+            // SIGKILL, the wrapper leaves a semaphore named by its pid in
+            // /dev/shm, and a later wrapper given the same pid fails to
+            // start ("sem_open: File exists"). The monotonic clock, which
+            // leases run on, is left alone.
+            c.env("LD_PRELOAD", &world.libfaketime).env("FAKETIME", offset).env("DONT_FAKE_MONOTONIC", "1");
+        }
         use std::os::unix::process::CommandExt;
         c.arg(role)
             .arg("--config")
@@ -427,9 +438,6 @@ impl Proc {
             }
             let _ = child.kill();
             let _ = child.wait();
-            if self.clock.is_some() {
-                forget_faketime(child.id());
-            }
         }
         self.life = Life::Down;
     }
@@ -444,13 +452,6 @@ impl Proc {
         self.life = Life::Down;
         Some(status)
     }
-}
-
-/// Removes the shared memory and semaphore the `faketime` wrapper with pid
-/// `pid` made: killed with SIGKILL, it could not.
-fn forget_faketime(pid: u32) {
-    let _ = fs::remove_file(format!("/dev/shm/faketime_shm_{pid}"));
-    let _ = fs::remove_file(format!("/dev/shm/sem.faketime_sem_{pid}"));
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -480,6 +481,14 @@ fn policy(cluster: &str, jurisdiction: &str) -> String {
          [retry]\nbackoff = \"1s\"\nbackoff_max = \"5s\"\nbreaker_failures = 5\nbreaker_cooldown = \"10s\"\nlease = \"6s\"\ngrace = \"4s\"\n",
     );
     text
+}
+
+/// Where Debian's `faketime` package puts libfaketime, for any machine.
+pub fn find_libfaketime() -> Option<PathBuf> {
+    let lib = fs::read_dir("/usr/lib").ok()?;
+    let mut places: Vec<PathBuf> = lib.flatten().map(|e| e.path().join("faketime/libfaketime.so.1")).collect();
+    places.push("/usr/lib/faketime/libfaketime.so.1".into());
+    places.into_iter().find(|p| p.is_file())
 }
 
 /// SIGKILLs every process in the namespaces with inodes `inodes`, and
