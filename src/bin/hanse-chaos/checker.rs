@@ -2,17 +2,19 @@
 //! the run carries `CHAOS_RUN`, `CHAOS_JOB`, `CHAOS_VERSION` and Hanse's
 //! `HANSE_*` in its environment, and the namespace it runs in says which
 //! cluster's agent started it. A *copy* is one start of an allocation:
-//! its processes on one node under one parent (the task's supervisor,
-//! which is also the subreaper of all it starts), so the same allocation
-//! started twice, on two nodes or under two supervisors, is two copies. An
-//! *instance* is (job, group, index at the job's origin).
+//! its processes on one node in one session (every task start calls
+//! `setsid`, so the session id is the pid of the task's first process and
+//! survives its exit and any reparenting), so the same allocation started
+//! twice, on two nodes or twice on one, is two copies. An *instance* is
+//! (job, group, index at the job's origin).
 //!
 //! A scan of `/proc` is not instantaneous, and two copies may overlap for
 //! less than a sample: an at-most-once copy overlaps another when the
-//! other was seen alive after the new one's start (from `/proc/PID/stat`,
-//! in clock ticks since boot), which neither invents an overlap from a
-//! copy that died during the scan nor misses one between samples as long
-//! as the older copy was seen after the newer one started.
+//! other was read alive after the new one's start (from `/proc/PID/stat`,
+//! in clock ticks since boot; each process's reading is timed on the same
+//! clock), which neither invents an overlap from a copy that died during
+//! the scan nor misses one between samples as long as the older copy was
+//! read after the newer one started.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -30,10 +32,12 @@ pub struct Copy {
     pub cluster: usize,
     pub node: usize,
     pub alloc: String,
-    /// The pid of the parent of the copy's topmost processes.
-    pub parent: i32,
+    /// Its session id: the pid of the task's first process.
+    pub session: i32,
     /// When its first process started, in ms since boot.
     pub start_ms: u64,
+    /// The latest moment a process of it was read alive, in ms since boot.
+    pub seen_ms: u64,
     pub job: String,
     pub group: String,
     pub index: u32,
@@ -47,10 +51,9 @@ impl Copy {
     }
 
     /// What tells it from every other copy: where, which allocation, and
-    /// under which parent (a process of the task whose own parent exits
-    /// is adopted by the supervisor: it stays in the copy).
+    /// which start of it (its session).
     fn id(&self) -> CopyId {
-        (self.node, self.alloc.clone(), self.parent)
+        (self.node, self.alloc.clone(), self.session)
     }
 }
 
@@ -63,24 +66,28 @@ pub fn boot_ms() -> u64 {
     t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
 }
 
-/// A process's parent and its start in ms since boot, from `/proc/PID/stat`.
+/// A process's session and its start in ms since boot, from
+/// `/proc/PID/stat`.
 fn stat(pid: i32) -> Option<(i32, u64)> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command's closing parenthesis: state, ppid, ... starttime
-    // is the 22nd field of the whole line, the 20th after it.
+    // After the command's closing parenthesis: state, ppid, pgrp,
+    // session, ...; starttime is the 22nd field of the line, the 20th
+    // after the parenthesis.
     let rest: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
-    let ppid = rest.get(1)?.parse().ok()?;
+    let session = rest.get(3)?.parse().ok()?;
     let ticks: u64 = rest.get(19)?.parse().ok()?;
     // SAFETY: sysconf(3) has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some((ppid, ticks * 1000 / hz))
+    Some((session, ticks * 1000 / hz))
 }
 
 /// One process of the run's tasks.
 struct Seen {
     pid: i32,
-    ppid: i32,
+    session: i32,
     start_ms: u64,
+    /// When it was read alive (ms since boot).
+    seen_ms: u64,
     node: usize,
     alloc: String,
     job: String,
@@ -89,13 +96,11 @@ struct Seen {
     version: u32,
 }
 
-/// The run's live copies, read from `/proc`, and when the scan began (ms
-/// since boot): every copy in it was alive at that time or, if it started
-/// later, at its start.
-pub fn sample(world: &World) -> (Vec<Copy>, u64) {
-    let at = boot_ms();
+/// The run's live copies, read from `/proc`, each with the latest moment
+/// one of its processes was read alive.
+pub fn sample(world: &World) -> Vec<Copy> {
     let mut procs = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else { return (Vec::new(), at) };
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
     for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
         let Some(node) = ns_inode(pid).and_then(|i| world.net.node_of_inode(i)) else { continue };
         let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else { continue };
@@ -114,44 +119,47 @@ pub fn sample(world: &World) -> (Vec<Copy>, u64) {
         else {
             continue;
         };
-        let Some((ppid, start_ms)) = stat(pid) else { continue };
+        let Some((session, start_ms)) = stat(pid) else { continue };
+        // Read after its environment: it was alive then.
+        let seen_ms = boot_ms();
         let index = get("HANSE_ORIGIN_INDEX").or_else(|| get("HANSE_ALLOC_INDEX")).and_then(|i| i.parse().ok());
         let version = get("CHAOS_VERSION").and_then(|v| v.parse().ok()).unwrap_or(0);
-        procs.push(Seen { pid, ppid, start_ms, node, alloc, job, group, index: index.unwrap_or(u32::MAX), version });
+        procs.push(Seen {
+            pid,
+            session,
+            start_ms,
+            seen_ms,
+            node,
+            alloc,
+            job,
+            group,
+            index: index.unwrap_or(u32::MAX),
+            version,
+        });
     }
-    (copies_of(procs), at)
+    copies_of(procs)
 }
 
-/// Groups processes into copies: a process whose parent is a process of
-/// the same allocation on the same node belongs to its parent's copy.
+/// Groups processes into copies: by node, allocation and session.
 fn copies_of(procs: Vec<Seen>) -> Vec<Copy> {
-    let by_pid: BTreeMap<i32, usize> = procs.iter().enumerate().map(|(i, p)| (p.pid, i)).collect();
-    let same = |a: &Seen, b: &Seen| a.node == b.node && a.alloc == b.alloc;
-    let mut copies: BTreeMap<(usize, String, i32), Copy> = BTreeMap::new();
-    for p in &procs {
-        // Up to the topmost process of the allocation (bounded: a cycle
-        // is impossible, but a scan sees pids reused mid-way).
-        let mut top = p;
-        for _ in 0..64 {
-            match by_pid.get(&top.ppid).map(|i| &procs[*i]) {
-                Some(parent) if same(parent, p) => top = parent,
-                _ => break,
-            }
-        }
-        let cluster = p.node / (SERVERS + AGENTS);
-        let copy = copies.entry((p.node, p.alloc.clone(), top.ppid)).or_insert_with(|| Copy {
-            cluster,
+    let mut copies: BTreeMap<CopyId, Copy> = BTreeMap::new();
+    for p in procs {
+        let copy = copies.entry((p.node, p.alloc.clone(), p.session)).or_insert_with(|| Copy {
+            cluster: p.node / (SERVERS + AGENTS),
             node: p.node,
             alloc: p.alloc.clone(),
-            parent: top.ppid,
-            start_ms: top.start_ms,
+            session: p.session,
+            start_ms: p.start_ms,
+            seen_ms: p.seen_ms,
             job: p.job.clone(),
             group: p.group.clone(),
             index: p.index,
             version: p.version,
             pids: Vec::new(),
         });
-        copy.start_ms = copy.start_ms.min(top.start_ms);
+        // The session's leader started first; it may have exited.
+        copy.start_ms = copy.start_ms.min(p.start_ms);
+        copy.seen_ms = copy.seen_ms.max(p.seen_ms);
         copy.pids.push(p.pid);
     }
     copies.into_values().collect()
@@ -163,7 +171,7 @@ const TICK_MS: u64 = 10;
 
 /// An instance: (job, group, index at the job's origin).
 type Instance = (String, String, u32);
-/// A copy: (node, allocation, parent pid); see [`Copy::id`].
+/// A copy: (node, allocation, session); see [`Copy::id`].
 type CopyId = (usize, String, i32);
 
 /// What the checker counts while faults happen.
@@ -184,11 +192,11 @@ pub struct Checker {
 }
 
 impl Checker {
-    /// Checks one sample, taken from `at` (ms since boot): an at-most-once
+    /// Checks one sample: an at-most-once
     /// instance alive twice, or EU-only work alive outside an EU cluster,
     /// is a violation the moment it is seen (written to `history`),
     /// whatever happens later.
-    pub fn observe(&mut self, copies: &[Copy], at: u64, jobs: &[JobRec], history: &History, now_ms: u64) {
+    pub fn observe(&mut self, copies: &[Copy], jobs: &[JobRec], history: &History, now_ms: u64) {
         self.samples += 1;
         let by_name: BTreeMap<&str, &JobRec> = jobs.iter().map(|j| (j.name.as_str(), j)).collect();
         let remote =
@@ -218,7 +226,8 @@ impl Checker {
             if !seen.contains_key(&c.id()) {
                 fresh.entry(c.instance()).or_default().push(c);
             }
-            seen.insert(c.id(), at.max(c.start_ms));
+            let last = seen.entry(c.id()).or_insert(0);
+            *last = (*last).max(c.seen_ms);
         }
         for (instance, new) in fresh {
             let seen = &self.alive[&instance];
@@ -246,15 +255,17 @@ impl Checker {
                 "copies": overlapping.iter().map(|(c, others)| json!({
                     "cluster": CLUSTERS[c.cluster].0, "node": c.node, "alloc": c.alloc, "version": c.version,
                     "pids": c.pids, "started_boot_ms": c.start_ms,
-                    "alive_after_its_start": others.iter().map(|((node, alloc, parent), last)| json!({
-                        "node": node, "alloc": alloc, "parent": parent, "last_seen_boot_ms": last,
+                    "alive_after_its_start": others.iter().map(|((node, alloc, session), last)| json!({
+                        "node": node, "alloc": alloc, "session": session, "last_seen_boot_ms": last,
                     })).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             }));
         }
-        // Copies not seen for two minutes cannot overlap anything new.
+        // Copies not seen for two minutes before this sample's latest
+        // sighting cannot overlap anything new.
+        let latest = copies.iter().map(|c| c.seen_ms).max().unwrap_or(0);
         for seen in self.alive.values_mut() {
-            seen.retain(|_, last| *last + 120_000 > at);
+            seen.retain(|_, last| *last + 120_000 > latest);
         }
         self.alive.retain(|_, seen| !seen.is_empty());
     }
@@ -341,6 +352,7 @@ mod tests {
             at_most_once: true,
             versions: vec![Outcome::Acked],
             stop: None,
+            lost: false,
         }
     }
 
@@ -349,8 +361,9 @@ mod tests {
             cluster,
             node: cluster * (SERVERS + AGENTS) + SERVERS,
             alloc: alloc.into(),
-            parent: 1,
+            session: 1,
             start_ms: 0,
+            seen_ms: 0,
             job: job.into(),
             group: "g".into(),
             index,
@@ -362,6 +375,11 @@ mod tests {
     /// `c`, started at `start_ms` (ms since boot).
     fn at(start_ms: u64, c: Copy) -> Copy {
         Copy { start_ms, ..c }
+    }
+
+    /// `copies` as read alive at `t`.
+    fn read(t: u64, copies: &[Copy]) -> Vec<Copy> {
+        copies.iter().map(|c| Copy { seen_ms: t.max(c.start_ms), ..c.clone() }).collect()
     }
 
     fn history() -> (History, std::path::PathBuf) {
@@ -382,26 +400,26 @@ mod tests {
         // index 1, started while the first lives, for three samples: one
         // overlap.
         let (a, b) = (at(100, copy(0, "1", "a", 0, 1)), at(200, copy(1, "7", "a", 1, 1)));
-        c.observe(&[a.clone(), b.clone()], 1_000, &jobs, &h, 0);
+        c.observe(&read(1_000, &[a.clone(), b.clone()]), &jobs, &h, 0);
         let second = at(1_050, copy(0, "2", "a", 1, 1));
         for t in [1_100, 1_200, 1_300] {
-            c.observe(&[a.clone(), second.clone(), b.clone()], t, &jobs, &h, t);
+            c.observe(&read(t, &[a.clone(), second.clone(), b.clone()]), &jobs, &h, t);
         }
         assert_eq!(c.at_most_once_overlaps, 1);
         assert_eq!((c.copies_max, c.remote_copies_max), (3, 1));
         // A copy that starts after the last one ended is a replacement.
-        c.observe(std::slice::from_ref(&a), 1_400, &jobs, &h, 0);
-        c.observe(&[a.clone(), at(1_450, copy(2, "9", "a", 1, 2))], 1_500, &jobs, &h, 0);
+        c.observe(&read(1_400, std::slice::from_ref(&a)), &jobs, &h, 0);
+        c.observe(&read(1_500, &[a.clone(), at(1_450, copy(2, "9", "a", 1, 2))]), &jobs, &h, 0);
         assert_eq!(c.at_most_once_overlaps, 1, "index 1's copies were last seen at 1 300");
         // One seen at 1 600 while the next had started at 1 580: an
         // overlap, though no sample saw both.
-        c.observe(&[a.clone(), at(1_450, copy(2, "9", "a", 1, 2))], 1_600, &jobs, &h, 0);
-        c.observe(&[a.clone(), at(1_580, copy(2, "10", "a", 1, 2))], 1_700, &jobs, &h, 0);
+        c.observe(&read(1_600, &[a.clone(), at(1_450, copy(2, "9", "a", 1, 2))]), &jobs, &h, 0);
+        c.observe(&read(1_700, &[a.clone(), at(1_580, copy(2, "10", "a", 1, 2))]), &jobs, &h, 0);
         assert_eq!(c.at_most_once_overlaps, 2);
         // Work that may run twice (on_disconnect = "keep") is no overlap.
         let keep = [JobRec { at_most_once: false, ..job("a", 2) }];
         let mut c = Checker::default();
-        c.observe(&[at(0, copy(0, "2", "a", 1, 1)), at(0, copy(2, "9", "a", 1, 1))], 10, &keep, &h, 0);
+        c.observe(&read(10, &[at(0, copy(0, "2", "a", 1, 1)), at(0, copy(2, "9", "a", 1, 1))]), &keep, &h, 0);
         assert_eq!(c.at_most_once_overlaps, 0);
         h.flush();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -411,10 +429,11 @@ mod tests {
 
     #[test]
     fn one_allocation_started_twice_is_two_copies_and_its_own_children_are_one() {
-        let seen = |pid, ppid, node, alloc: &str| Seen {
+        let seen = |pid, session, node, alloc: &str| Seen {
             pid,
-            ppid,
+            session,
             start_ms: pid as u64,
+            seen_ms: 100,
             node,
             alloc: alloc.into(),
             job: "a".into(),
@@ -422,15 +441,15 @@ mod tests {
             index: 0,
             version: 1,
         };
-        // Supervisor 10's shell 11 and its sleep 12; supervisor 20's
-        // second start of the same allocation; the same allocation on
-        // another node.
+        // Session 11: the task's shell (gone) left its sleep 12 and a
+        // grandchild 13 (adopted, or not). Session 21: a second start of
+        // the same allocation. The same allocation on another node.
         let copies =
-            copies_of(vec![seen(12, 11, 3, "5"), seen(11, 10, 3, "5"), seen(21, 20, 3, "5"), seen(31, 30, 4, "5")]);
+            copies_of(vec![seen(12, 11, 3, "5"), seen(13, 11, 3, "5"), seen(21, 21, 3, "5"), seen(31, 31, 4, "5")]);
         let mut shapes: Vec<(usize, i32, u64, usize)> =
-            copies.iter().map(|c| (c.node, c.parent, c.start_ms, c.pids.len())).collect();
+            copies.iter().map(|c| (c.node, c.session, c.start_ms, c.pids.len())).collect();
         shapes.sort();
-        assert_eq!(shapes, [(3, 10, 11, 2), (3, 20, 21, 1), (4, 30, 31, 1)]);
+        assert_eq!(shapes, [(3, 11, 12, 2), (3, 21, 21, 1), (4, 31, 31, 1)]);
     }
 
     #[test]
@@ -439,10 +458,10 @@ mod tests {
         let jobs = [JobRec { eu_only: true, ..job("e", 1) }];
         let mut c = Checker::default();
         let us = CLUSTERS.iter().position(|(_, j)| *j == "us").unwrap();
-        c.observe(&[copy(0, "1", "e", 0, 1)], 0, &jobs, &h, 0);
+        c.observe(&read(0, &[copy(0, "1", "e", 0, 1)]), &jobs, &h, 0);
         assert_eq!(c.forbidden_placements(), 0, "eu-west is in the EU");
-        c.observe(&[copy(us, "4", "e", 0, 1)], 1, &jobs, &h, 1);
-        c.observe(&[copy(us, "4", "e", 0, 1)], 2, &jobs, &h, 2);
+        c.observe(&read(1, &[copy(us, "4", "e", 0, 1)]), &jobs, &h, 1);
+        c.observe(&read(2, &[copy(us, "4", "e", 0, 1)]), &jobs, &h, 2);
         assert_eq!(c.forbidden_placements(), 1);
         let _ = std::fs::remove_file(path);
     }

@@ -94,6 +94,15 @@ extern "C" fn on_signal(signal: libc::c_int) {
     unsafe { libc::signal(signal, libc::SIG_DFL) };
 }
 
+/// Runs its closure when dropped: on a thread's normal end and on a panic.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 /// Removes everything the run made outside its directory when dropped:
 /// on every way out of [`run`], a panic in any of its threads included.
 struct CleanUp<'a>(&'a str);
@@ -133,6 +142,8 @@ fn main() -> ExitCode {
 struct Figures {
     ops_acked: u64,
     ops_lost: u64,
+    /// Jobs not running what their last operation asks when the run ended.
+    unsettled: u64,
     faults_injected: u64,
     at_most_once_overlaps: u64,
     forbidden_placements: u64,
@@ -226,6 +237,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         None => println!("convergence_s: {:.1} (not settled: the bound)", args.settle.as_secs_f64()),
     }
     println!("crashes: {}", figures.crashes);
+    println!("unsettled_jobs: {}", figures.unsettled);
     println!("copies_max: {}", figures.copies_max);
     println!("remote_copies_max: {}", figures.remote_copies_max);
     let passed = figures.ops_lost == 0
@@ -261,6 +273,9 @@ fn drive(args: &Args, world: &World, history: &History, seed: u64) -> anyhow::Re
     let mut convergence = None;
     let mut unsettled = Vec::new();
     std::thread::scope(|s| -> anyhow::Result<()> {
+        // Whatever ends this closure, a panic too, the threads stop: the
+        // scope joins them.
+        let _stop = Defer(|| stop.store(true, Ordering::Relaxed));
         let workload = s.spawn(|| {
             workload::run(world, &ledger, history, seed, &stop);
             // Once healed, settle what no answer settled (see `resolve`).
@@ -270,9 +285,9 @@ fn drive(args: &Args, world: &World, history: &History, seed: u64) -> anyhow::Re
             workload::resolve(world, &ledger, history, args.settle);
         });
         let faults = s.spawn(|| {
-            let r = nemesis.run(seed, &stop);
-            healed_at.store(world.now_ms(), Ordering::Relaxed);
-            r
+            // Healed or panicked, the workload must not wait for ever.
+            let _healed = Defer(|| healed_at.store(world.now_ms(), Ordering::Relaxed));
+            nemesis.run(seed, &stop)
         });
         let start = Instant::now();
         let mut last_report = Instant::now();
@@ -284,9 +299,9 @@ fn drive(args: &Args, world: &World, history: &History, seed: u64) -> anyhow::Re
                 stop.store(true, Ordering::Relaxed);
             }
             let now = world.now_ms();
-            let (copies, at) = checker::sample(world);
+            let copies = checker::sample(world);
             let jobs = ledger.jobs.lock().unwrap().clone();
-            checker.observe(&copies, at, &jobs, history, now);
+            checker.observe(&copies, &jobs, history, now);
             for c in world.crashes() {
                 crashes += 1;
                 history.write(json!({ "t_ms": now, "violation": "crash", "process": c.name, "status": c.status, "log_tail": c.log_tail }));
@@ -346,12 +361,13 @@ fn drive(args: &Args, world: &World, history: &History, seed: u64) -> anyhow::Re
         history.write(json!({ "violation": "unsettled", "job": job, "problem": problem }));
         eprintln!("hanse-chaos: not settled: {job}: {problem}");
     }
-    let acked_jobs: Vec<&str> = (jobs.iter())
-        .filter(|j| j.versions.contains(&Outcome::Acked) || j.stop == Some(Outcome::Acked))
-        .map(|j| j.name.as_str())
-        .collect();
-    let lost: std::collections::BTreeSet<&str> =
-        unsettled.iter().map(|(j, _)| j.as_str()).filter(|j| acked_jobs.contains(j)).collect();
+    // Lost: an acknowledged job its cluster no longer knows, or an
+    // acknowledged stop whose copies still run. (Work that is merely slow
+    // to come back counts as unsettled, not lost.)
+    let unsettled_jobs: std::collections::BTreeSet<&str> = unsettled.iter().map(|(j, _)| j.as_str()).collect();
+    let lost = (jobs.iter())
+        .filter(|j| j.lost || (j.stop == Some(Outcome::Acked) && unsettled_jobs.contains(j.name.as_str())))
+        .count();
     for line in world.panics() {
         crashes += 1;
         history.write(json!({ "violation": "panic", "line": line }));
@@ -359,7 +375,8 @@ fn drive(args: &Args, world: &World, history: &History, seed: u64) -> anyhow::Re
     }
     Ok(Figures {
         ops_acked: ledger.ops_acked.load(Ordering::Relaxed),
-        ops_lost: lost.len() as u64,
+        ops_lost: lost as u64,
+        unsettled: unsettled_jobs.len() as u64,
         faults_injected: nemesis.injected.load(Ordering::Relaxed),
         at_most_once_overlaps: checker.at_most_once_overlaps,
         forbidden_placements: checker.forbidden_placements(),

@@ -101,7 +101,7 @@ impl<'a> Nemesis<'a> {
         let active = AtomicU64::new(0);
         std::thread::scope(|s| {
             let mut id = 0;
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) && !crate::INTERRUPTED.load(Ordering::Relaxed) {
                 sleep_unless(stop, Duration::from_millis(2000 + rng.below(5000) as u64));
                 if stop.load(Ordering::Relaxed) || active.load(Ordering::Relaxed) >= 2 {
                     continue;
@@ -135,8 +135,10 @@ impl<'a> Nemesis<'a> {
             }
         });
         self.blocks.lock().unwrap().clear();
-        self.apply_blocks()?;
-        self.world.heal_processes()?;
+        // Both, whatever the first says.
+        let lifted = self.apply_blocks();
+        let restarted = self.world.heal_processes();
+        lifted.and(restarted)?;
         self.history.write(json!({ "t_ms": self.world.now_ms(), "nemesis": "healed everything" }));
         Ok(())
     }

@@ -77,6 +77,9 @@ pub struct JobRec {
     /// The outcome of its stop, if one was sent: the last operation on a
     /// job (nothing is submitted after a stop).
     pub stop: Option<Outcome>,
+    /// Acknowledged, then unknown to its cluster once the faults ended (a
+    /// stopped job is kept for hours): an acknowledged write lost.
+    pub lost: bool,
 }
 
 impl JobRec {
@@ -91,6 +94,9 @@ impl JobRec {
     /// `Ok(Some(v))` version `v`; `Err` when that operation never got an
     /// answer, so nothing can be said.
     pub fn wanted(&self) -> Result<Option<u32>, &'static str> {
+        if self.lost {
+            return Err("acknowledged, and then unknown to its cluster: lost");
+        }
         match self.stop {
             Some(Outcome::Acked) => return Ok(None),
             Some(_) => return Err("its stop never got an answer"),
@@ -113,6 +119,9 @@ pub struct Ledger {
 
 /// The job spec of version `version` of `job`. `marks`: the directory
 /// where batch instances leave a file when they finish.
+/// Tasks killed again and again by the faults (a deadline, a kill) are
+/// restarted for ever (`mode = "delay"`): the run wants every instance
+/// back, not the failure a restart limit would rightly report.
 pub fn spec(job: &JobRec, version: u32, run: &str, marks: &str) -> String {
     let kind = if job.batch { "batch" } else { "service" };
     let eu = if job.eu_only { "jurisdictions = [\"eu\"]\nlabels = { data = \"eu-pii\" }\n" } else { "" };
@@ -124,7 +133,8 @@ pub fn spec(job: &JobRec, version: u32, run: &str, marks: &str) -> String {
         "exec sleep 100000"
     };
     format!(
-        "[job]\nname = \"{name}\"\ntype = \"{kind}\"\n{eu}\n[[group]]\nname = \"g\"\ncount = {count}\non_disconnect = \"{on_disconnect}\"\n\n\
+        "[job]\nname = \"{name}\"\ntype = \"{kind}\"\n{eu}\n[[group]]\nname = \"g\"\ncount = {count}\non_disconnect = \"{on_disconnect}\"\n\
+         restart = {{ delay = \"1s\", mode = \"delay\" }}\n\n\
          [[group.task]]\nname = \"t\"\ndriver = \"exec\"\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]\n\
          env = {{ CHAOS_RUN = \"{run}\", CHAOS_JOB = \"{name}\", CHAOS_VERSION = \"{version}\", CHAOS_MARKS = \"{marks}\" }}\n\
          resources = {{ cpu = \"{cpu}m\", memory = \"16MiB\" }}\nkill_timeout = \"1s\"\n",
@@ -143,10 +153,10 @@ pub fn run(world: &World, ledger: &Ledger, history: &History, seed: u64, stop: &
     // may want, so that after the faults every wanted instance can run.
     let budget = (CLUSTERS.len() * AGENTS) as u64 * AGENT_CPU_MILLIS / 2;
     // EU-only work fits in the two EU clusters, and when it comes from
-    // us-east only in what their policies let in (60 % of each): a third
-    // of the budget keeps it placeable whatever happened to be delegated.
+    // us-east only in what their policies let in (60 % of each): two
+    // fifths of the budget keep it placeable whatever else was delegated.
     let eu_budget = budget * 2 / 5;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) && !crate::INTERRUPTED.load(Ordering::Relaxed) {
         sleep_unless(stop, Duration::from_millis(1000 + rng.below(3000) as u64));
         if stop.load(Ordering::Relaxed) {
             break;
@@ -189,6 +199,7 @@ pub fn run(world: &World, ledger: &Ledger, history: &History, seed: u64, stop: &
             at_most_once: rng.below(2) == 0,
             versions: Vec::new(),
             stop: None,
+            lost: false,
         };
         ledger.jobs.lock().unwrap().push(job.clone());
         submit(world, ledger, history, &job, &marks);
@@ -222,14 +233,42 @@ fn stop_job(world: &World, ledger: &Ledger, history: &History, job: &JobRec) {
 /// (its stop, or its last version) until one is acknowledged, or `limit`
 /// passes. Operations answered during the faults are left as they are: an
 /// acknowledged one that did not stick is what the checker must find.
-/// After the faults a stop answered "no such job" is done (a submission
-/// still in flight would have landed by now).
+/// First, every job with an acknowledged submission must still be known
+/// to its cluster (stopped jobs are kept for hours): one that is not is
+/// lost, and nothing is sent for it (a submission sent again would hide
+/// the loss). After the faults, a stop answered "no such job" of a job
+/// never acknowledged is done (a submission still in flight would have
+/// landed by now).
 pub fn resolve(world: &World, ledger: &Ledger, history: &History, limit: Duration) {
     let end = std::time::Instant::now() + limit;
     let marks = world.dir.join("marks").display().to_string();
-    let pending = |j: &JobRec| match j.stop {
-        Some(o) => o != Outcome::Acked,
-        None => j.versions.last() == Some(&Outcome::Unknown),
+    let acked: Vec<JobRec> =
+        ledger.jobs.lock().unwrap().iter().filter(|j| j.versions.contains(&Outcome::Acked)).cloned().collect();
+    for job in acked {
+        let known = loop {
+            match world.client(job.cluster).job(&job.name) {
+                Ok(_) => break true,
+                Err(ClientError::Api(e)) if e.status == 404 => break false,
+                Err(_) if std::time::Instant::now() < end && !crate::INTERRUPTED.load(Ordering::Relaxed) => {
+                    std::thread::sleep(Duration::from_millis(500))
+                }
+                // No answer in time: the settling check says so.
+                Err(_) => break true,
+            }
+        };
+        if !known {
+            history.write(json!({ "t_ms": world.now_ms(), "violation": "lost", "job": job.name, "cluster": CLUSTERS[job.cluster].0 }));
+            if let Some(j) = ledger.jobs.lock().unwrap().iter_mut().find(|j| j.name == job.name) {
+                j.lost = true;
+            }
+        }
+    }
+    let pending = |j: &JobRec| {
+        !j.lost
+            && match j.stop {
+                Some(o) => o != Outcome::Acked,
+                None => j.versions.last() == Some(&Outcome::Unknown),
+            }
     };
     loop {
         let jobs: Vec<JobRec> = ledger.jobs.lock().unwrap().iter().filter(|j| pending(j)).cloned().collect();

@@ -149,7 +149,7 @@ impl World {
                 fs::write(dir.join(&key), &pair.key_pem)?;
                 let mut text = format!(
                     "[server]\nname = \"{name}\"\ncluster = \"{cluster}\"\nid = {id}\ndata_dir = \"data/{cluster}-{name}\"\n\
-                     bind = \"{me}:{RAFT_PORT}\"\nhttp = \"{me}:{HTTP_PORT}\"\nheartbeat_ttl = \"2s\"\nheartbeat_grace = \"2s\"\n\n\
+                     bind = \"{me}:{RAFT_PORT}\"\nhttp = \"{me}:{HTTP_PORT}\"\nheartbeat_ttl = \"3s\"\nheartbeat_grace = \"3s\"\n\n\
                      [tls]\nca = \"pki/ca.pem\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
                      [gossip]\nbind = \"{me}:{GOSSIP_PORT}\"\nseeds = [{}]\nkey_file = \"federation.key\"\njurisdictions = [\"{jurisdiction}\"]\n\n\
                      [federation]\npolicy = \"policy-{cluster}.toml\"\n",
@@ -513,6 +513,13 @@ fn kill_if_in(pid: i32, inodes: &[u64]) {
     // SAFETY: pidfd_open(2) with no flags; the fd is closed below.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if fd < 0 {
+        // No pidfds (a kernel before 5.3, or a seccomp filter): kill(2)
+        // after the check, with its small window, beats leaving it.
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        if matches!(errno, Some(libc::ENOSYS | libc::EPERM)) && ns_inode(pid).is_some_and(|i| inodes.contains(&i)) {
+            // SAFETY: kill(2) on a process just seen in the run's namespaces.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         return;
     }
     if ns_inode(pid).is_some_and(|i| inodes.contains(&i)) {
