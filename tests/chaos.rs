@@ -116,7 +116,7 @@ fn ninety_seconds_of_faults_break_no_promise_and_leave_nothing_behind() {
         .filter_map(|l| l.split_once(": "))
         .filter_map(|(k, v)| Some((k, v.split_whitespace().next()?.parse().ok()?)))
         .collect();
-    for zero in ["ops_lost", "at_most_once_overlaps", "forbidden_placements", "crashes"] {
+    for zero in ["ops_lost", "at_most_once_overlaps", "forbidden_placements", "crashes", "unsettled_jobs"] {
         assert_eq!(figures.get(zero), Some(&0.0), "{zero}\n{context}");
     }
     // It did something, and saw it: operations answered, faults made,
