@@ -630,6 +630,123 @@ fn a_frozen_agents_at_most_once_work_is_killed_by_its_supervisor_before_the_repl
     assert!(f.node_of_running("once").iter().any(|(_, n)| n == "node-b"), "{:?}", f.allocs("once"));
 }
 
+/// A crash-looping at-most-once task whose agent is frozen while it waits
+/// to restart the task: the restart delay runs out during the freeze, and
+/// the thawed agent must not start the task before it has renewed the
+/// allocation's lease (the servers may have placed it elsewhere
+/// meanwhile). Found by hanse-chaos (seed 201): the thawed agent started
+/// such a task within milliseconds, beside its replacement on another
+/// node. Every start leaves a timestamped mark; none may follow the thaw
+/// until the agent is back in contact and was told what to run.
+#[test]
+fn a_thawed_agent_does_not_restart_at_most_once_work_whose_lease_ran_out() {
+    let _alone = one_at_a_time();
+    let f = Fixture::new("thawed");
+    let a = f.agent("node-a", f.quic);
+    let spec = r#"[job]
+name = "looping"
+type = "service"
+
+[[group]]
+name = "g"
+count = 1
+on_disconnect = "stop"
+restart = { delay = "3s", mode = "delay" }
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "date +%s%N >> MARKS/$HANSE_ALLOC_ID.starts; exit 1"]
+resources = { cpu = "100m", memory = "32MiB" }
+"#;
+    let job = f.job("looping", spec);
+    assert!(f.run(&["job", "run", &job]).status.success());
+    let starts = |alloc: &str| -> Vec<u128> {
+        std::fs::read_to_string(f.marks().join(format!("{alloc}.starts")))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let mut alloc = None;
+    eventually(Duration::from_secs(20), "the task started once", || {
+        alloc = f.allocs("looping").first().and_then(|a| a["name"].as_str().map(str::to_string));
+        alloc.as_ref().is_some_and(|a| !starts(a).is_empty())
+    });
+    let alloc = alloc.unwrap();
+    // Just after a start (the task exits at once): the agent waits 3 s to
+    // restart it. Frozen for 8 s: past the delay, and past its lease
+    // (TTL 2 s + grace 1 s / 2).
+    let seen = starts(&alloc).len();
+    eventually(Duration::from_secs(10), "the next start", || starts(&alloc).len() > seen);
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signals to the agent process this test started.
+    unsafe { libc::kill(a.0.id() as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(8));
+    let thawed = now_ns();
+    // SAFETY: as above.
+    unsafe { libc::kill(a.0.id() as i32, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_secs(1));
+    let early: Vec<u128> = starts(&alloc).into_iter().filter(|t| *t > thawed).collect();
+    assert!(
+        early.is_empty(),
+        "the thawed agent started the task {} ms after SIGCONT, before renewing its lease",
+        early.first().map_or(0, |t| (t - thawed) / 1_000_000)
+    );
+}
+
+/// What keeps a thawed agent from restarting such work, on its own: no
+/// supervisor starts a task whose allocation's deadline passed unrenewed
+/// (deterministic where the test above depends on which of the agent's
+/// tasks runs first after SIGCONT). Renewed, it starts.
+#[tokio::test(flavor = "current_thread")]
+async fn no_task_starts_under_a_deadline_that_passed_unrenewed() {
+    use cluster_core::agent::driver::{Drivers, Supervision, TaskContext};
+    use cluster_core::ids::AllocId;
+    let dir = std::env::temp_dir().join(format!("hanse-cli-agent-{}-passed", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sockets = dir.join("supervisors");
+    cluster_core::private::private_dir(&sockets).unwrap();
+    let mark = dir.join("ran");
+    let text = format!(
+        "[job]\nname = \"late\"\n[[group]]\nname = \"g\"\non_disconnect = \"stop\"\n[[group.task]]\nname = \"t\"\n\
+         driver = \"exec\"\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"echo ran > {}\"]\n\
+         resources = {{ cpu = \"100m\", memory = \"16MiB\" }}\n",
+        mark.display()
+    );
+    let source = cluster_core::diag::SourceFile::new("late.toml", text);
+    let job = cluster_core::spec::parse_job(&source).value.expect("the spec parses");
+    let fence = Arc::new(cluster_core::agent::fence::Fence::new());
+    // Renewed for 0 ms: its deadline has passed.
+    fence.renew(AllocId(9), 0);
+    let ctx = TaskContext {
+        alloc: AllocId(9),
+        job: "late".into(),
+        group: "g".into(),
+        index: 0,
+        task: job.groups[0].tasks[0].clone(),
+        dir: dir.join("allocs/a000009/t"),
+        logs: dir.join("allocs/a000009/logs"),
+        rotation: Default::default(),
+        fence: Some(fence.clone()),
+    };
+    let supervision = Supervision { program: env!("CARGO_BIN_EXE_hanse").into(), sockets };
+    let drivers = Drivers::new(None).supervised(supervision);
+    match drivers.exec.start(&ctx).await {
+        Err(e) => assert!(e.to_string().contains("lease ran out"), "{e}"),
+        Ok(_) => panic!("a task started under a deadline that had passed"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!mark.exists(), "the task ran");
+    fence.renew(AllocId(9), 5_000);
+    let mut run = drivers.exec.start(&ctx).await.expect("renewed, it starts");
+    let exit = tokio::time::timeout(Duration::from_secs(10), run.wait()).await.expect("it ends");
+    assert!(exit.success(), "{exit:?}");
+    assert!(mark.exists(), "the task did not run");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// At-most-once work an agent restarts from local state, while cut off and
 /// with its wall clock set back an hour (`faketime`), still stops when the
 /// lease it held before the restart runs out: the lease is kept on the

@@ -466,6 +466,17 @@ async fn supervised(sv: &Supervision, ctx: &TaskContext, plan: Plan) -> Result<B
         tracing::info!(alloc = %ctx.alloc, task = %ctx.task.name, "the task {} while the agent was away", exit.describe());
         return Ok(Box::new(Ended(exit)));
     }
+    if plan.deadline_ms == 0 {
+        // The allocation's deadline passed unrenewed (the agent was frozen
+        // or cut off past its lease, and its servers may have placed the
+        // work elsewhere): no new run before the agent renews it. A task
+        // whose delay ran out meanwhile must not start the moment the
+        // agent thaws (found by hanse-chaos: a second copy of at-most-once
+        // work beside its replacement).
+        return Err(Unstarted::Other(
+            "the allocation's lease ran out while the agent could not renew it: it starts again once renewed".into(),
+        ));
+    }
     if let Some(cg) = &plan.cgroup {
         super::cgroups::empty(cg).await;
     }

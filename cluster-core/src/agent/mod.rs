@@ -122,6 +122,12 @@ struct Contact {
     grace: Duration,
     /// Delegation leases for at-most-once delegated work, on [`mono_ms`].
     grants: lease::Grants,
+    /// An answer came after the lease had run out (the agent was frozen,
+    /// or its loop stalled): until the main loop has stopped at-most-once
+    /// work for it, answers do not renew the lease. Otherwise the first
+    /// answer after a freeze would renew work the servers already
+    /// replaced (found by hanse-chaos).
+    lapsed: bool,
 }
 
 /// Milliseconds since this boot (`CLOCK_BOOTTIME`: monotonic across
@@ -294,6 +300,7 @@ impl Agent {
             ttl: Duration::from_millis(saved.ttl_ms.max(1_000)),
             grace: Duration::from_millis(saved.grace_ms),
             grants: lease::Grants::default(),
+            lapsed: false,
         }));
         let beat_now = Arc::new(tokio::sync::Notify::new());
         let (report_tx, report_rx) = mpsc::unbounded_channel::<AllocReport>();
@@ -327,6 +334,7 @@ impl Agent {
         let env = runner::Env { drivers, allocs_dir: self.allocs_dir(), rotation: o.rotation, fence: fence.clone() };
         let mut main = Main {
             env,
+            supervision: supervision.clone(),
             slots: BTreeMap::new(),
             runners: JoinSet::new(),
             runner_tx,
@@ -374,6 +382,8 @@ impl Agent {
                 Some(allocs) = sync_rx.recv() => main.reconcile(allocs),
                 Some(report) = runner_rx.recv() => main.reported(report),
                 _ = tick.tick() => {
+                    // Finished runners are dropped, not kept until the agent stops.
+                    while main.runners.try_join_next().is_some() {}
                     main.check_lease();
                     main.collect_garbage();
                     if main.dirty {
@@ -395,6 +405,8 @@ impl Agent {
 
 struct Main {
     env: runner::Env,
+    /// Where tasks' supervisors are, when tasks run under them.
+    supervision: Option<driver::Supervision>,
     slots: BTreeMap<AllocId, Slot>,
     runners: JoinSet<()>,
     runner_tx: mpsc::UnboundedSender<AllocReport>,
@@ -560,6 +572,31 @@ impl Main {
         }
     }
 
+    /// Ends allocation `id`, which has no runner in this run of the agent
+    /// (awaiting its grant, say), and then reports it `status`. Its tasks
+    /// may still run under supervisors the agent's last run started, and
+    /// the cluster places at-most-once work again as soon as it reads the
+    /// end: so what they run is killed first, and the report follows (as
+    /// a runner's would). Found by hanse-chaos: an agent restarted while
+    /// holding delegated work reported it complete at once when its
+    /// origin updated the job, and the new version started beside the old
+    /// processes.
+    fn end_unstarted(&mut self, id: AllocId, status: AllocStatus) {
+        let Some(slot) = self.slots.get(&id) else { return };
+        let report = AllocReport { id, status, tasks: slot.tasks.clone() };
+        match self.supervision.clone() {
+            Some(supervision) => {
+                let tasks = slot.alloc.group.tasks.clone();
+                let tx = self.runner_tx.clone();
+                self.runners.spawn(async move {
+                    supervision.kill_leftovers(id, &tasks).await;
+                    let _ = tx.send(report);
+                });
+            }
+            None => self.reported(report),
+        }
+    }
+
     /// Sends the slot's state to the servers.
     fn send(&mut self, id: AllocId) {
         if let Some(s) = self.slots.get(&id) {
@@ -601,18 +638,17 @@ impl Main {
             match (self.slots.contains_key(&a.id), a.desired) {
                 (false, DesiredStatus::Run) => new.push(a),
                 (false, DesiredStatus::Stop) => {
-                    // Not running here (lost with an old data dir): done.
+                    // Not running here (lost with an old data dir): done,
+                    // once no supervisor left from before runs it.
                     let id = a.id;
                     self.slots
-                        .insert(id, Slot { alloc: a, status: AllocStatus::Complete, tasks: Vec::new(), control: None });
-                    self.send(id);
+                        .insert(id, Slot { alloc: a, status: AllocStatus::Pending, tasks: Vec::new(), control: None });
+                    self.end_unstarted(id, AllocStatus::Complete);
                 }
                 (true, DesiredStatus::Stop) if self.awaiting.remove(&a.id).is_some() => {
-                    // Never started: nothing to stop.
-                    if let Some(s) = self.slots.get_mut(&a.id) {
-                        s.status = AllocStatus::Complete;
-                    }
-                    self.send(a.id);
+                    // Not started by this run of the agent; a supervisor
+                    // from its last run may still run it.
+                    self.end_unstarted(a.id, AllocStatus::Complete);
                 }
                 (true, DesiredStatus::Stop) => self.stop(a.id, deadline, AllocStatus::Complete),
                 (true, DesiredStatus::Run) => {}
@@ -631,7 +667,14 @@ impl Main {
                 self.start_when_granted(a);
             }
         }
-        self.awaiting.retain(|id, _| listed.contains(id));
+        // Awaiting a grant and no longer wanted: whatever a supervisor
+        // from the agent's last run still runs of it ends (the cluster
+        // counts it ended already).
+        let dropped: Vec<AllocId> = self.awaiting.keys().filter(|id| !listed.contains(id)).copied().collect();
+        for id in dropped {
+            self.awaiting.remove(&id);
+            self.end_unstarted(id, AllocStatus::Complete);
+        }
         // Not listed: terminal for the cluster (finished, lost, replaced).
         let gone: Vec<AllocId> = self.slots.keys().filter(|id| !listed.contains(id)).copied().collect();
         for id in gone {
@@ -763,6 +806,8 @@ impl Main {
             for id in ids {
                 self.stop(id, deadline, AllocStatus::Lost);
             }
+            // Stopped: the next answer may renew the lease again.
+            self.contact.lock().expect("contact").lapsed = false;
         }
     }
 
@@ -823,10 +868,17 @@ async fn heartbeats(
                 // stop deadline's margin, grace / 2, covers the answer's
                 // way back.
                 let mut c = contact.lock().expect("contact");
-                c.last = Some(Instant::now());
-                c.ttl = Duration::from_millis(ttl_ms);
-                c.grace = Duration::from_millis(grace_ms);
-                c.grants.update(sent, &grants);
+                let stop_within = Duration::from_millis(c.lease().stop_within_ms());
+                if c.lapsed || c.last.is_some_and(|l| l.elapsed() > stop_within) {
+                    // The lease ran out before this answer: the main loop
+                    // acts on that first (see `Contact::lapsed`).
+                    c.lapsed = true;
+                } else {
+                    c.last = Some(Instant::now());
+                    c.ttl = Duration::from_millis(ttl_ms);
+                    c.grace = Duration::from_millis(grace_ms);
+                    c.grants.update(sent, &grants);
+                }
                 if failing || !registered {
                     tracing::info!(node = %node.id, "registered with the cluster; heartbeating every {:?}", c.ttl / 3);
                 }
