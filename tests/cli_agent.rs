@@ -1320,6 +1320,45 @@ fn an_agent_killed_and_started_again_attaches_to_its_running_task() {
     restart_attaches("attach-kill", |a| a.kill9());
 }
 
+/// An agent that comes back without the allocation in its local state
+/// (its state file lost) while a supervisor of its last run still runs
+/// the task, and the cluster asks it to stop that allocation: the task is
+/// gone before the allocation reads `complete` (the moment the cluster
+/// places at-most-once work again). Found by hanse-chaos (seed 203, with
+/// delegated work awaiting its grant): such work was reported ended at
+/// once while its old supervisor ran it on. Sampled every 20 ms.
+#[test]
+fn work_an_agent_ends_without_a_runner_is_gone_before_it_reads_complete() {
+    let _alone = one_at_a_time();
+    let f = Fixture::new("unstarted");
+    let mut a = f.agent("node-a", f.quic);
+    let job = f.job("once", &marking_service("once", "stop"));
+    assert!(f.run(&["job", "run", &job]).status.success());
+    eventually(Duration::from_secs(20), "once running", || f.node_of_running("once").len() == 1);
+    let (alloc, _) = f.node_of_running("once")[0].clone();
+    eventually(Duration::from_secs(10), "the task wrote its pid", || {
+        mark(&f.marks(), &format!("{alloc}.pid")).is_some()
+    });
+    let pid = mark(&f.marks(), &format!("{alloc}.pid")).unwrap();
+    a.kill9();
+    std::fs::remove_file(f.dir.join("data/node-a/agent.state")).expect("the agent's state file");
+    let stop = f.run(&["job", "stop", "once"]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    assert!(running(pid), "the task died before the agent came back (its lease is 2.5 s)");
+    let config = f.dir.join("node-a.toml");
+    let _a2 = spawn(&f.dir, "node-a", &["agent", "--config", config.to_str().unwrap()]);
+    let limit = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < limit, "the allocation never read complete: {:?}", f.allocs("once"));
+        let status = f.allocs("once").iter().find(|a| a["name"] == alloc.as_str()).map(|a| a["status"].clone());
+        if status.as_ref().is_some_and(|s| s == "complete" || s == "lost") {
+            assert!(!running(pid), "{alloc} reads {} while its task still runs", status.unwrap());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An agent stopped cleanly (SIGTERM, as for an upgrade) and started
 /// again: its tasks ran on meanwhile and are attached to, not restarted.
 #[test]
