@@ -694,6 +694,12 @@ resources = { cpu = "100m", memory = "32MiB" }
         "the thawed agent started the task {} ms after SIGCONT, before renewing its lease",
         early.first().map_or(0, |t| (t - thawed) / 1_000_000)
     );
+    // And then it is back: in contact, running at-most-once work again
+    // (a lease that never comes back would stop every such task it gets).
+    eventually(Duration::from_secs(15), "the thawed agent runs at-most-once work again", || {
+        f.allocs("looping").iter().any(|a| a["name"].as_str() != Some(alloc.as_str()) && a["node"] == "node-a")
+            && f.allocs("looping").iter().filter_map(|a| a["name"].as_str()).any(|n| n != alloc && starts(n).len() >= 2)
+    });
 }
 
 /// What keeps a thawed agent from restarting such work, on its own: no

@@ -128,6 +128,9 @@ struct Contact {
     /// answer after a freeze would renew work the servers already
     /// replaced (found by hanse-chaos).
     lapsed: bool,
+    /// The main loop has stopped that work: the next answer renews the
+    /// lease, however long ago the last one was.
+    acted: bool,
 }
 
 /// Milliseconds since this boot (`CLOCK_BOOTTIME`: monotonic across
@@ -301,6 +304,7 @@ impl Agent {
             grace: Duration::from_millis(saved.grace_ms),
             grants: lease::Grants::default(),
             lapsed: false,
+            acted: false,
         }));
         let beat_now = Arc::new(tokio::sync::Notify::new());
         let (report_tx, report_rx) = mpsc::unbounded_channel::<AllocReport>();
@@ -806,8 +810,10 @@ impl Main {
             for id in ids {
                 self.stop(id, deadline, AllocStatus::Lost);
             }
-            // Stopped: the next answer may renew the lease again.
-            self.contact.lock().expect("contact").lapsed = false;
+            // Stopped: the next answer renews the lease again.
+            let mut c = self.contact.lock().expect("contact");
+            c.lapsed = false;
+            c.acted = true;
         }
     }
 
@@ -869,11 +875,13 @@ async fn heartbeats(
                 // way back.
                 let mut c = contact.lock().expect("contact");
                 let stop_within = Duration::from_millis(c.lease().stop_within_ms());
-                if c.lapsed || c.last.is_some_and(|l| l.elapsed() > stop_within) {
+                let stale = c.last.is_some_and(|l| l.elapsed() > stop_within);
+                if c.lapsed || (stale && !c.acted) {
                     // The lease ran out before this answer: the main loop
                     // acts on that first (see `Contact::lapsed`).
                     c.lapsed = true;
                 } else {
+                    c.acted = false;
                     c.last = Some(Instant::now());
                     c.ttl = Duration::from_millis(ttl_ms);
                     c.grace = Duration::from_millis(grace_ms);
