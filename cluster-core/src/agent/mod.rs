@@ -122,14 +122,12 @@ struct Contact {
     grace: Duration,
     /// Delegation leases for at-most-once delegated work, on [`mono_ms`].
     grants: lease::Grants,
-    /// An answer came after the lease had run out (the agent was frozen,
-    /// or its loop stalled): until the main loop has stopped at-most-once
-    /// work for it, answers do not renew the lease. Otherwise the first
-    /// answer after a freeze would renew work the servers already
-    /// replaced (found by hanse-chaos).
-    lapsed: bool,
-    /// The main loop has stopped that work: the next answer renews the
-    /// lease, however long ago the last one was.
+    /// The main loop has seen the lease run out and stopped at-most-once
+    /// work for it. Until then, an answer that comes after the lease ran
+    /// out (the agent was frozen, or its loop stalled) renews nothing:
+    /// otherwise the first answer after a freeze would renew work the
+    /// servers already replaced (found by hanse-chaos). Cleared by the
+    /// next answer that renews.
     acted: bool,
 }
 
@@ -303,7 +301,6 @@ impl Agent {
             ttl: Duration::from_millis(saved.ttl_ms.max(1_000)),
             grace: Duration::from_millis(saved.grace_ms),
             grants: lease::Grants::default(),
-            lapsed: false,
             acted: false,
         }));
         let beat_now = Arc::new(tokio::sync::Notify::new());
@@ -811,9 +808,7 @@ impl Main {
                 self.stop(id, deadline, AllocStatus::Lost);
             }
             // Stopped: the next answer renews the lease again.
-            let mut c = self.contact.lock().expect("contact");
-            c.lapsed = false;
-            c.acted = true;
+            self.contact.lock().expect("contact").acted = true;
         }
     }
 
@@ -876,11 +871,9 @@ async fn heartbeats(
                 let mut c = contact.lock().expect("contact");
                 let stop_within = Duration::from_millis(c.lease().stop_within_ms());
                 let stale = c.last.is_some_and(|l| l.elapsed() > stop_within);
-                if c.lapsed || (stale && !c.acted) {
-                    // The lease ran out before this answer: the main loop
-                    // acts on that first (see `Contact::lapsed`).
-                    c.lapsed = true;
-                } else {
+                // An answer after the lease ran out renews only once the
+                // main loop has acted on the lapse (see `Contact::acted`).
+                if !stale || c.acted {
                     c.acted = false;
                     c.last = Some(Instant::now());
                     c.ttl = Duration::from_millis(ttl_ms);

@@ -55,11 +55,11 @@ impl ClientError {
     }
 }
 
-/// A client of one cluster. Given several servers' addresses, it moves on
-/// to the next when one cannot be reached.
 /// The default [`Client::with_timeout`].
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// A client of one cluster. Given several servers' addresses, it moves on
+/// to the next when one cannot be reached.
 #[derive(Clone)]
 pub struct Client {
     bases: Arc<Vec<String>>,
