@@ -28,6 +28,12 @@ pub(super) struct GroupStatic<'j> {
     pub per_node: Vec<&'j Predicate>,
     /// Per spread block: the distinct values seen, by id.
     pub spread_values: Vec<Vec<String>>,
+    /// Per spread block: the percent each value that no target names is
+    /// owed. When the targets add up to less than 100, the rest is shared
+    /// evenly among the unnamed values of the classes the group fits
+    /// (Nomad's spread stanza does the same); 0 when the targets take it
+    /// all or there is no unnamed value.
+    pub implicit_percent: Vec<f64>,
 }
 
 impl<'j> GroupStatic<'j> {
@@ -66,8 +72,33 @@ impl<'j> GroupStatic<'j> {
                     spread_values: spread_ids,
                 }
             })
+            .collect::<Vec<ClassEval>>();
+        let implicit_percent = group
+            .spreads
+            .iter()
+            .enumerate()
+            .map(|(i, block)| {
+                let named: u32 = block.targets.iter().map(|t| u32::from(t.percent)).sum();
+                let mut unnamed: Vec<u32> = classes
+                    .iter()
+                    .filter(|c| c.verdict.is_ok())
+                    .filter_map(|c| c.spread_values.get(i).copied())
+                    .filter(|&v| {
+                        spread_values[i]
+                            .get(v as usize)
+                            .is_some_and(|val| block.targets.iter().all(|t| &t.value != val))
+                    })
+                    .collect();
+                unnamed.sort_unstable();
+                unnamed.dedup();
+                if block.targets.is_empty() || named >= 100 || unnamed.is_empty() {
+                    0.0
+                } else {
+                    f64::from(100 - named) / unnamed.len() as f64
+                }
+            })
             .collect();
-        GroupStatic { classes, per_node, spread_values }
+        GroupStatic { classes, per_node, spread_values, implicit_percent }
     }
 }
 

@@ -411,14 +411,19 @@ fn spread_boost(run: &GroupRun, s: usize, v: u32) -> f64 {
         }
         return 2.0 * f64::from(max - current) / f64::from(max - min) - 1.0;
     }
-    let value = current.and_then(|_| run.statics.spread_values[s].get(v as usize));
-    let percent = value.and_then(|val| block.targets.iter().find(|t| &t.value == val)).map_or(0, |t| t.percent);
-    if percent == 0 {
+    let Some(value) = current.and_then(|_| run.statics.spread_values[s].get(v as usize)) else { return -1.0 };
+    let percent = match block.targets.iter().find(|t| &t.value == value) {
+        Some(t) => f64::from(t.percent),
+        None => run.statics.implicit_percent[s],
+    };
+    if percent <= 0.0 {
         return -1.0;
     }
-    let desired = f64::from(percent) / 100.0 * f64::from(run.ranker.desired.max(1));
-    let current = f64::from(current.unwrap_or(0));
-    ((desired - current) / desired).clamp(-1.0, 1.0)
+    // How far below its share the value stays once this instance is
+    // counted: a value at its share scores below one that is short of it.
+    let desired = percent / 100.0 * f64::from(run.ranker.desired.max(1));
+    let after = f64::from(current.unwrap_or(0)) + 1.0;
+    ((desired - after) / desired).clamp(-1.0, 1.0)
 }
 
 fn sorted_reasons(reasons: BTreeMap<Reason, u32>) -> Vec<(Reason, u32)> {
