@@ -185,12 +185,28 @@ async fn run_task(
     let driver = env.drivers.for_task(&ctx.task).clone();
     let mut restarts = 0u32;
     loop {
+        let start = driver.start(&ctx);
+        tokio::pin!(start);
         let mut run = tokio::select! {
-            r = driver.start(&ctx) => r,
-            _ = stop_asked(&mut control, &mut failed) => {
+            r = &mut start => r,
+            deadline = stop_asked(&mut control, &mut failed) => {
+                // A start is never dropped halfway: its supervisor, told
+                // to end, could still start the task after the allocation
+                // was reported stopped, and the cluster places a stopped
+                // at-most-once instance again at once (found by
+                // hanse-chaos: the replacement ran beside it on the same
+                // node). The start finishes (its own timeouts bound it),
+                // then whatever it started is stopped.
+                let message = match start.await {
+                    Ok(mut r) => {
+                        let exit = r.stop(grace(&ctx.task, deadline)).await;
+                        format!("stopped as it started: {}", exit.describe())
+                    }
+                    Err(_) => "stopped before it started".to_string(),
+                };
                 report(&|t| {
                     t.state = TaskPhase::Dead;
-                    t.message = "stopped before it started".into();
+                    t.message = message.clone();
                 });
                 return End::Stopped;
             }
@@ -256,5 +272,96 @@ async fn run_task(
                 return End::Stopped;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::agent::driver::{Driver, Running};
+    use crate::ids::AllocId;
+    use crate::model::alloc::DesiredStatus;
+
+    /// A start whose effect outlives its future, as a task supervisor's
+    /// does: the task comes alive 100 ms in whether or not anyone still
+    /// awaits the start, and only `stop` ends it.
+    struct LateStart(Arc<AtomicBool>);
+    struct LateRun(Arc<AtomicBool>);
+
+    #[async_trait]
+    impl Driver for LateStart {
+        async fn start(&self, _: &TaskContext) -> Result<Box<dyn Running>, StartError> {
+            let alive = self.0.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                alive.store(true, Ordering::SeqCst);
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok(Box::new(LateRun(self.0.clone())))
+        }
+    }
+
+    #[async_trait]
+    impl Running for LateRun {
+        async fn wait(&mut self) -> Exit {
+            std::future::pending().await
+        }
+        async fn stop(&mut self, _grace: Duration) -> Exit {
+            self.0.store(false, Ordering::SeqCst);
+            Exit { code: None, signal: Some(libc::SIGTERM) }
+        }
+    }
+
+    /// Found by hanse-chaos: a stop that came while a task was starting
+    /// reported the allocation stopped at once, the cluster placed the
+    /// at-most-once instance again, and the abandoned start's task ran
+    /// beside its replacement.
+    #[tokio::test]
+    async fn a_stop_during_a_start_is_reported_only_once_the_started_task_is_stopped() {
+        let alive = Arc::new(AtomicBool::new(false));
+        let mut drivers = Drivers::new(None);
+        drivers.mock = Arc::new(LateStart(alive.clone()));
+        let dir = std::env::temp_dir().join(format!("hanse-runner-{}", std::process::id()));
+        let env = Env {
+            drivers,
+            allocs_dir: dir.clone(),
+            rotation: Rotation::default(),
+            fence: Arc::new(super::super::fence::Fence::new()),
+        };
+        let text = "[job]\nname = \"j\"\ntype = \"service\"\n[[group]]\nname = \"g\"\non_disconnect = \"stop\"\n\
+                    [[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = { cpu = 1, memory = \"1GiB\" }\n";
+        let job = crate::spec::job::parse_job(&crate::diag::SourceFile::new("j.toml", text)).value.expect("a job");
+        let alloc = AgentAlloc {
+            id: AllocId(7),
+            job: job.id.clone(),
+            job_type: job.job_type,
+            index: 0,
+            group: Arc::new(job.groups[0].clone()),
+            desired: DesiredStatus::Run,
+            status: AllocStatus::Pending,
+            lease: None,
+        };
+        let (control_tx, control_rx) = watch::channel(Control::Run);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let runner = tokio::spawn(run(env, alloc, control_rx, tx));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        control_tx.send(Control::Stop { deadline: None, status: AllocStatus::Lost }).unwrap();
+        let last = loop {
+            let r = rx.recv().await.expect("a terminal report");
+            if r.status.is_terminal() {
+                break r;
+            }
+        };
+        assert_eq!(last.status, AllocStatus::Lost);
+        assert!(!alive.load(Ordering::SeqCst), "reported stopped while its task runs");
+        // Nor does the task come alive after the report.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!alive.load(Ordering::SeqCst), "the task started after its allocation was reported stopped");
+        runner.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
