@@ -218,6 +218,12 @@ pub fn print_plan(r: &PlanReport, verbose: bool) {
     if r.stops > 0 {
         println!("  stopped {}", r.stops);
     }
+    if r.kept_older > 0 {
+        println!(
+            "  {} of the older version keep running: their replacements cannot be placed yet",
+            plural(r.kept_older, "instance")
+        );
+    }
     if r.deferred > 0 {
         println!(
             "  and {} more placements or stops not planned here: the cluster plans a job in parts of at most {}",
@@ -292,6 +298,19 @@ fn print_job(s: &JobStatus) {
     if let Some(e) = &s.eval {
         print!("  ");
         print_eval(e);
+    }
+    // An update that cannot be placed takes nothing down: say what runs.
+    let older = (s.allocations.iter())
+        .filter(|a| {
+            a.desired == "run" && a.job_version < j.version && matches!(a.status.as_str(), "pending" | "running")
+        })
+        .count();
+    if older > 0 && s.eval.as_ref().is_some_and(|e| e.status == "blocked") {
+        println!(
+            "  version {} cannot be placed yet: {} of the older version keep running until it can",
+            j.version,
+            plural(older as u64, "instance")
+        );
     }
     let live: Vec<AllocView> =
         s.allocations.iter().filter(|a| a.status != "lost" || a.desired == "run").cloned().collect();

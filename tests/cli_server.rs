@@ -236,6 +236,28 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
     assert_eq!(listed(&["job", "list", "--status", "blocked", "--json"]), vec!["huge"]);
     let allocs = |job: &str| json(&hanse(&all, &["alloc", "status", "--job", job, "--json"])).as_array().unwrap().len();
     assert_eq!((allocs("web"), allocs("huge")), (15, 0));
+    // An update that fits nowhere (500 cores an instance) takes nothing
+    // down: exit 2 naming the new version; every old instance runs on.
+    let web2 = _dir.0.join("web-500-cores.toml");
+    let spec = std::fs::read_to_string(example("jobs/web.toml")).unwrap();
+    std::fs::write(&web2, spec.replacen("cpu = \"500m\"", "cpu = 500", 1)).unwrap();
+    let plan = hanse(&all, &["job", "plan", web2.to_str().unwrap()]);
+    assert_eq!(plan.status.code(), Some(2), "{}", stdout(&plan));
+    assert!(stdout(&plan).contains("12 instances of the older version keep running"), "{}", stdout(&plan));
+    let run = hanse(&all, &["job", "run", web2.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2), "{}", stdout(&run));
+    assert!(
+        stdout(&run).contains("version 1 cannot be placed yet: 12 instances of the older version keep running"),
+        "{}",
+        stdout(&run)
+    );
+    let status = json(&hanse(&all, &["job", "status", "web", "--json"]));
+    let live: Vec<&serde_json::Value> =
+        status["allocations"].as_array().unwrap().iter().filter(|a| a["desired"] == "run").collect();
+    assert_eq!(live.len(), 15, "{status}");
+    // The frontends wait at version 0; the caches, which fit, moved on.
+    let at = |g: &str, v: u64| live.iter().filter(|a| a["group"] == g && a["job_version"] == v).count();
+    assert_eq!((at("frontend", 0), at("cache", 1)), (12, 3), "{status}");
     let wrong = hanse(&all, &["node", "list", "--job", "web"]);
     assert_eq!(wrong.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("node list takes no --job"));

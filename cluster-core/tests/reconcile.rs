@@ -164,3 +164,58 @@ fn a_stale_plan_cannot_over_commit() {
     assert_eq!(second.refused.len(), 2);
     assert!(s.usage(cluster_core::ids::NodeIdx(0)).res.cpu_millis <= 4000);
 }
+
+fn at_most_once(mut j: Job) -> Job {
+    j.groups[0].on_disconnect = cluster_core::model::job::OnDisconnect::Stop;
+    j
+}
+
+/// A public report of another orchestrator, replayed: an update no node
+/// can fit stopped every instance of the old version.
+#[test]
+fn an_update_that_fits_nowhere_takes_nothing_down() {
+    for make in [|j: Job| j, at_most_once] {
+        let mut s = state(5);
+        let v1 = run(&mut s, make(job("service", 3, "500m")));
+        s.upsert_job(make(job("service", 3, "500")));
+        let v2 = s.job(&v1.id).unwrap().clone();
+        assert_eq!(v2.version, v1.version + 1);
+        let plan = schedule(&s, &v2, &SchedulerConfig::default());
+        assert!(plan.stops.is_empty(), "the old version keeps running: {plan:?}");
+        assert!(plan.placements.is_empty());
+        assert_eq!(plan.unplaced_count(), 3, "the new version is reported unplaceable");
+        let reasons = plan.unplaced.iter().map(|u| u.explain()).collect::<Vec<_>>().join("; ");
+        assert!(reasons.contains("cpu"), "{reasons}");
+        s.apply_plan(&plan);
+        assert_eq!(live(&s, &v1), 3);
+    }
+}
+
+/// On a full cluster, an update that fits only where the old instances run
+/// stops them (the replacements follow once they have stopped).
+#[test]
+fn an_update_that_fits_once_the_old_instances_stop_goes_ahead() {
+    for make in [|j: Job| j, at_most_once] {
+        let mut s = state(2);
+        let v1 = run(&mut s, make(job("service", 2, "4")));
+        s.upsert_job(make(job("service", 2, "3")));
+        let v2 = s.job(&v1.id).unwrap().clone();
+        let plan = schedule(&s, &v2, &SchedulerConfig::default());
+        assert_eq!(plan.stops.len(), 2, "{plan:?}");
+        assert!(plan.stops.iter().all(|st| st.reason == StopReason::Updated));
+        assert!(plan.placements.is_empty(), "no room until they stop");
+    }
+}
+
+/// Two old instances on one node with room for one new one: only one is
+/// stopped, never both on the strength of the same freed room.
+#[test]
+fn replacements_never_count_on_the_same_freed_room() {
+    let mut s = state(1);
+    let v1 = run(&mut s, job("service", 2, "1"));
+    s.upsert_job(job("service", 2, "3"));
+    let v2 = s.job(&v1.id).unwrap().clone();
+    let plan = schedule(&s, &v2, &SchedulerConfig::default());
+    assert_eq!(plan.stops.len(), 1, "{plan:?}");
+    assert_eq!(plan.unplaced_count(), 2);
+}

@@ -117,15 +117,69 @@ pub fn schedule(state: &ClusterState, job: &Job, config: &SchedulerConfig) -> Pl
             unplaced.push(u);
         }
     }
+    let mut stops = work.stops;
+    for (group, w) in job.groups.iter().zip(&work.groups) {
+        replace_old(&mut placer, group, w, defer, &mut stops, &mut unplaced);
+    }
     let (placements, nodes_evaluated) = placer.finish();
-    Plan {
-        job: job.id.clone(),
-        job_version: job.version,
-        placements,
-        stops: work.stops,
-        unplaced,
-        nodes_evaluated,
-        deferred,
+    Plan { job: job.id.clone(), job_version: job.version, placements, stops, unplaced, nodes_evaluated, deferred }
+}
+
+/// Stops the instances of an older version of `group` whose replacement
+/// can run: it was placed in this plan, or it fits where the old one runs
+/// once that one has stopped. At-most-once work never runs beside its
+/// replacement, so a trial placement (not kept) says whether the new
+/// version fits now. The others keep running, counted unplaced with the
+/// reasons, until capacity changes: an update that fits nowhere takes
+/// nothing down (Nomad's destructive updates behave the same). Work
+/// offered to peers first (`defer`) is replaced at once, as before: the
+/// peers' answer is not known here.
+fn replace_old(
+    placer: &mut select::Placer<'_>,
+    group: &crate::model::job::TaskGroup,
+    w: &reconcile::GroupWork,
+    defer: bool,
+    stops: &mut Vec<crate::model::plan::Stop>,
+    unplaced: &mut Vec<crate::model::plan::Unplaced>,
+) {
+    use crate::model::plan::{Stop, StopReason, Unplaced};
+    if w.replace.is_empty() {
+        return;
+    }
+    let stop = |r: &reconcile::Replace| Stop { alloc: r.alloc, reason: StopReason::Updated };
+    if defer {
+        stops.extend(w.replace.iter().map(stop));
+        return;
+    }
+    let at_most_once = group.on_disconnect == crate::model::job::OnDisconnect::Stop;
+    let (placed, trial_unplaced) = if at_most_once {
+        let mut trial = placer.clone();
+        let indices = w.replace.iter().map(|r| r.index).collect();
+        let tw = reconcile::GroupWork { place: indices, kept_on: w.kept_on.clone(), ..Default::default() };
+        let u = trial.place_group(group, &tw);
+        (trial.placed_indices(&group.name), u)
+    } else {
+        (placer.placed_indices(&group.name), None)
+    };
+    let mut kept = 0;
+    for r in &w.replace {
+        if placed.contains(&r.index) || placer.fits_freed(group, r) {
+            stops.push(stop(r));
+        } else if at_most_once {
+            kept += 1;
+        }
+    }
+    // Non-at-most-once instances kept are already counted: their indices
+    // were placed, and failed, above.
+    if kept > 0 {
+        match unplaced.iter_mut().find(|u| u.group == group.name) {
+            Some(u) => u.count += kept,
+            None => unplaced.push(Unplaced {
+                group: group.name.clone(),
+                count: kept,
+                reasons: trial_unplaced.map(|u| u.reasons).unwrap_or_default(),
+            }),
+        }
     }
 }
 

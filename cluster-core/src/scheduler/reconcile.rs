@@ -1,10 +1,11 @@
 //! Which instances of a job to keep, stop and place, given its allocations.
 
-use crate::ids::NodeIdx;
+use crate::ids::{AllocId, NodeIdx};
 use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus};
 use crate::model::job::{Job, JobType, OnDisconnect};
 use crate::model::node::NodeStatus;
 use crate::model::plan::{Stop, StopReason};
+use crate::resources::{GpuDevices, Resources};
 use crate::state::ClusterState;
 
 /// The reconciler's answer for one group.
@@ -17,6 +18,24 @@ pub struct GroupWork {
     /// System jobs: nodes whose instance is stopping but still runs; the
     /// next one there waits for it to end (an evaluation opens then).
     pub busy_on: Vec<NodeIdx>,
+    /// Instances of an older version that the current one replaces. Each
+    /// is stopped only once its replacement can run (see
+    /// [`super::schedule`]): an update that fits nowhere takes nothing
+    /// down. Other work's indices are also in `place` (the new instance
+    /// starts beside the old one); at-most-once work's are not (its
+    /// replacement waits until the old one has stopped).
+    pub replace: Vec<Replace>,
+}
+
+/// A live instance of an older version of the job, to be replaced.
+#[derive(Clone, Debug)]
+pub struct Replace {
+    pub index: u32,
+    pub alloc: AllocId,
+    /// Its node, while the node is known.
+    pub node: Option<NodeIdx>,
+    pub resources: Resources,
+    pub gpus: Option<GpuDevices>,
 }
 
 #[derive(Debug, Default)]
@@ -159,7 +178,17 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                 } else if node_down {
                     out.stops.push(stop(StopReason::NodeLost));
                 } else if draining || a.job_version != job.version {
-                    out.stops.push(stop(if draining { StopReason::Drained } else { StopReason::Updated }));
+                    if draining {
+                        out.stops.push(stop(StopReason::Drained));
+                    } else {
+                        out.groups[g].replace.push(Replace {
+                            index: a.index,
+                            alloc: a.id,
+                            node,
+                            resources: a.resources,
+                            gpus: a.gpus.clone(),
+                        });
+                    }
                     // Its replacement waits until it has stopped (see above).
                     if job.groups[g].on_disconnect == OnDisconnect::Stop {
                         covered[g][a.index as usize] = true;

@@ -6,7 +6,7 @@ use rustc_hash::FxHashMap;
 
 use super::feasibility::{GroupStatic, node_verdict};
 use super::rank::{NodeTerms, Ranker};
-use super::reconcile::GroupWork;
+use super::reconcile::{GroupWork, Replace};
 use super::{Rng, SchedulerConfig, objective_slot};
 use crate::ids::NodeIdx;
 use crate::model::job::{Job, JobType, TaskGroup};
@@ -15,7 +15,8 @@ use crate::resources::{Dimension, GpuAsk, GpuDevices, Resources};
 use crate::state::{ClusterState, NodeUsage};
 
 /// Places instances for one evaluation, tracking what earlier placements
-/// of the same evaluation took from each node.
+/// of the same evaluation took from each node. A clone places on trial.
+#[derive(Clone)]
 pub(super) struct Placer<'s> {
     state: &'s ClusterState,
     job: &'s Job,
@@ -69,6 +70,45 @@ impl<'s> Placer<'s> {
 
     pub fn finish(self) -> (Vec<Placement>, u64) {
         (self.placements, self.evaluated)
+    }
+
+    /// The indices of `group` this plan placed so far.
+    pub fn placed_indices(&self, group: &str) -> std::collections::HashSet<u32> {
+        self.placements.iter().filter(|p| &*p.group == group).map(|p| p.index).collect()
+    }
+
+    /// Whether `group`'s new version fits on the node of `old` once `old`
+    /// has stopped there (its constraints, and its room with what this
+    /// plan placed); if so, that room is taken, so that two replacements
+    /// never count on the same space.
+    pub fn fits_freed(&mut self, group: &TaskGroup, old: &Replace) -> bool {
+        let Some(n) = old.node else { return false };
+        if !self.state.is_schedulable(n) {
+            return false;
+        }
+        let node = self.state.node(n);
+        if super::feasibility::node_fits(node, self.job, group).is_err() {
+            return false;
+        }
+        let mut usage = self.usage(n);
+        usage.res = usage.res.saturating_sub(old.resources);
+        if let Some(g) = &old.gpus {
+            if let Some(i) = node.gpus.iter().position(|d| d.model == g.model) {
+                usage.gpus[i] = usage.gpus[i].saturating_sub(g.count);
+            }
+        }
+        let (ask, gpu) = (group.resources(), group.gpu());
+        match usage.fit(node, ask, gpu.as_ref()) {
+            Ok(device) => {
+                usage.res = usage.res.saturating_add(ask);
+                if let (Some(i), Some(g)) = (device, &gpu) {
+                    usage.gpus[i] += g.count;
+                }
+                self.overlay.insert(n, usage);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn usage(&self, n: NodeIdx) -> NodeUsage {

@@ -378,6 +378,11 @@ pub struct PlanReport {
     /// job gets the rest in the next rounds, a dry run does not plan them.
     #[serde(default)]
     pub deferred: u64,
+    /// Live instances of an older version this plan leaves running,
+    /// because their replacement cannot be placed yet: an update takes
+    /// down only what it can replace.
+    #[serde(default)]
+    pub kept_older: u64,
     pub by_class: BTreeMap<String, ClassCount>,
     pub placements: Vec<PlacementRow>,
     pub unplaced_groups: Vec<UnplacedView>,
@@ -432,6 +437,12 @@ impl PlanReport {
             unplaced: plan.unplaced_count(),
             stops: plan.stops.len(),
             deferred: plan.deferred,
+            kept_older: {
+                let stopped: std::collections::HashSet<_> = plan.stops.iter().map(|s| s.alloc).collect();
+                (state.allocs_of_job(&job.id))
+                    .filter(|a| a.is_live() && a.job_version < job.version && !stopped.contains(&a.id))
+                    .count() as u64
+            },
             by_class,
             placements,
             unplaced_groups: plan.unplaced.iter().map(UnplacedView::of).collect(),
