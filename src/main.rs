@@ -109,6 +109,12 @@ enum Command {
     /// Certificates: the federation's CA, and one per server and agent.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Print a shell completion script: `source <(hanse completion bash)`,
+    /// or save it where your shell loads completions from.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Run one server of a cluster (Raft over QUIC with mutual TLS, HTTP API),
     /// or list a running cluster's servers (`server members`).
     #[command(args_conflicts_with_subcommands = true)]
@@ -212,6 +218,14 @@ enum AllocCommand {
         alloc: Option<String>,
         #[command(flatten)]
         filter: ListFilter,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Stop an allocation; its job places the instance again (at-most-once
+    /// work once this one has stopped).
+    Stop {
+        /// a000042, 42, or an instance: web.frontend[0].
+        alloc: String,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -632,6 +646,15 @@ enum JobCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Set how many instances one group of a job runs (a new version that
+    /// restarts nothing).
+    Scale {
+        job: String,
+        group: String,
+        count: u32,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Every job, with its allocations by status.
     List {
         #[command(flatten)]
@@ -718,6 +741,11 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "hanse", &mut std::io::stdout());
+            Ok(Outcome::Ok)
+        }
         Command::Federation(FederationCommand::Keygen { out }) => federation::keygen(out.as_deref()),
         Command::Federation(FederationCommand::Delegations { out }) => remote::delegations(&client, out.json),
         Command::Federation(FederationCommand::Key(k)) => match k {
@@ -754,6 +782,10 @@ fn main() -> ExitCode {
         }
         Command::Job(JobCommand::Status { job, out }) => remote::job_status(&client, job.as_deref(), out.json),
         Command::Job(JobCommand::Stop { job, out }) => remote::job_stop(&client, &job, out.json),
+        Command::Job(JobCommand::Scale { job, group, count, out }) => {
+            remote::job_scale(&client, &job, &group, count, out.json)
+        }
+        Command::Alloc(AllocCommand::Stop { alloc, out }) => remote::alloc_stop(&client, &alloc, out.json),
         Command::Job(JobCommand::List { filter, out }) => {
             filter.query("job list", &["status", "namespace"]).and_then(|q| remote::job_list(&client, &q, out.json))
         }

@@ -420,6 +420,42 @@ pub fn job_stop(c: &Client, id: &str, json: bool) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+/// `hanse job scale JOB GROUP COUNT`: only the count changes, so nothing
+/// running restarts.
+pub fn job_scale(c: &Client, id: &str, group: &str, count: u32, json: bool) -> anyhow::Result<Outcome> {
+    let r = c.scale(id, group, count).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "job {} group {group} scaled to {} (version {}), evaluation e{:06}",
+            r.job,
+            plural(count.into(), "instance"),
+            r.version,
+            r.eval
+        );
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `hanse alloc stop ALLOC`: stops it; the job places it again.
+pub fn alloc_stop(c: &Client, arg: &str, json: bool) -> anyhow::Result<Outcome> {
+    let id = resolve_alloc(c, arg)?;
+    let r = c.stop_alloc(&id).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        match r.eval {
+            Some(e) => println!(
+                "allocation a{:06} stopping; evaluation e{e:06} places its instance again (`hanse job status` shows where)",
+                r.alloc
+            ),
+            None => println!("allocation a{:06} was already stopping or ended: nothing changed", r.alloc),
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
 fn gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
 }

@@ -126,3 +126,19 @@ fn unreadable_and_invalid_inputs_exit_1_with_a_message() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("broken-job.toml:4:8"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn shell_completion_scripts_know_every_command() {
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef hanse"), ("fish", "complete -c hanse")] {
+        let out = hanse(&["completion", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains(marker), "{shell}: no `{marker}` in {script:.300}");
+        for word in ["scale", "drain", "logs", "snapshot"] {
+            assert!(script.contains(word), "{shell}: `{word}` is not completed");
+        }
+    }
+    let out = hanse(&["completion", "tcsh"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("possible values"), "{}", text(&out.stderr));
+}

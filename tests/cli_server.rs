@@ -258,6 +258,35 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
     // The frontends wait at version 0; the caches, which fit, moved on.
     let at = |g: &str, v: u64| live.iter().filter(|a| a["group"] == g && a["job_version"] == v).count();
     assert_eq!((at("frontend", 0), at("cache", 1)), (12, 3), "{status}");
+
+    // Scaling one group changes its count only: nothing else restarts.
+    let live_ids = |group: &str| -> Vec<(u32, u64)> {
+        let status = json(&hanse(&all, &["job", "status", "web", "--json"]));
+        let mut ids: Vec<(u32, u64)> = (status["allocations"].as_array().unwrap().iter())
+            .filter(|a| a["desired"] == "run" && a["group"] == group)
+            .map(|a| (a["index"].as_u64().unwrap() as u32, a["id"].as_u64().unwrap()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let frontends = live_ids("frontend");
+    let scaled = hanse(&all, &["job", "scale", "web", "cache", "4"]);
+    assert_eq!(scaled.status.code(), Some(0), "{}{}", stdout(&scaled), String::from_utf8_lossy(&scaled.stderr));
+    assert!(stdout(&scaled).contains("group cache scaled to 4 instances"), "{}", stdout(&scaled));
+    eventually(Duration::from_secs(20), "a fourth cache", || live_ids("cache").len() == 4);
+    assert_eq!(live_ids("frontend"), frontends, "scaling the caches restarted a frontend");
+    let wrong = hanse(&all, &["job", "scale", "web", "nope", "2"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("has no group `nope` (its groups: frontend, cache)"));
+    // Stopping one allocation: the job places its instance again.
+    let victim = live_ids("cache")[0];
+    let stopped = hanse(&all, &["alloc", "stop", "web.cache[0]"]);
+    assert_eq!(stopped.status.code(), Some(0), "{}{}", stdout(&stopped), String::from_utf8_lossy(&stopped.stderr));
+    assert!(stdout(&stopped).contains(&format!("allocation a{:06} stopping", victim.1)), "{}", stdout(&stopped));
+    eventually(Duration::from_secs(20), "cache[0] placed again", || {
+        live_ids("cache").iter().any(|(i, id)| *i == 0 && *id != victim.1)
+    });
+    assert!(!live_ids("cache").contains(&victim));
     let wrong = hanse(&all, &["node", "list", "--job", "web"]);
     assert_eq!(wrong.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("node list takes no --job"));

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::ids::{EvalId, JobId, NodeId, NodeIdx};
+use crate::ids::{AllocId, EvalId, JobId, NodeId, NodeIdx};
 use crate::model::alloc::{AllocReport, AllocStatus, DesiredStatus};
 use crate::model::eval::EvalTrigger;
 use crate::model::job::{Job, OnDisconnect};
@@ -150,6 +150,20 @@ pub enum Command {
         policy: crate::state::GcPolicy,
         rules: u16,
     },
+    /// `hanse job scale`: group `group` of `job` now wants `count`
+    /// instances, whatever the version (a count change restarts nothing).
+    /// Refused for an unknown or stopped job or group, or a count over
+    /// [`crate::spec::job::GROUP_COUNT_MAX`].
+    ScaleJob {
+        job: JobId,
+        group: Arc<str>,
+        count: u32,
+    },
+    /// `hanse alloc stop`: the allocation stops and, like any instance the
+    /// job still wants, is placed again (at-most-once work once it has
+    /// stopped). Refused for an unknown allocation; one already stopping
+    /// or ended changes nothing.
+    StopAlloc(AllocId),
 }
 
 /// The record key under which [`Command::PeersAsked`] keeps its version.
@@ -245,6 +259,43 @@ impl ClusterState {
                     _ => self.create_eval(&job.id, EvalTrigger::JobRegister, None),
                 };
                 Effect::JobRegistered { version, eval }
+            }
+            Command::ScaleJob { job, group, count } => {
+                let Some(mut j) = self.job(job).cloned() else { return Effect::Refused(format!("unknown job {job}")) };
+                if j.stopped {
+                    return Effect::Refused(format!("job {job} is stopped: run it again to scale it"));
+                }
+                if i64::from(*count) > crate::spec::job::GROUP_COUNT_MAX {
+                    return Effect::Refused(format!(
+                        "a group runs at most {} instances",
+                        crate::spec::job::GROUP_COUNT_MAX
+                    ));
+                }
+                let names: Vec<String> = j.groups.iter().map(|g| g.name.to_string()).collect();
+                let Some(g) = j.groups.iter_mut().find(|g| g.name == *group) else {
+                    return Effect::Refused(format!(
+                        "job {job} has no group `{group}` (its groups: {})",
+                        names.join(", ")
+                    ));
+                };
+                g.count = *count;
+                let before = j.version;
+                let version = self.upsert_job(j);
+                let open = self.job_eval(job).filter(|e| e.status.is_open()).map(|e| e.id);
+                let eval = match open {
+                    Some(e) if before == version => e,
+                    _ => self.create_eval(job, EvalTrigger::JobRegister, None),
+                };
+                Effect::JobRegistered { version, eval }
+            }
+            Command::StopAlloc(id) => {
+                let Some(job) = self.alloc(*id).map(|a| a.job.clone()) else {
+                    return Effect::Refused(format!("unknown allocation {id}"));
+                };
+                if !self.stop_alloc(*id) {
+                    return Effect::Evals(Vec::new());
+                }
+                Effect::Evals(vec![self.create_eval(&job, EvalTrigger::AllocStopped, None)])
             }
             Command::StopJob(id) => match self.job(id).cloned() {
                 Some(mut job) if !job.stopped => {

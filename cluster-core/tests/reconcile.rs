@@ -219,3 +219,47 @@ fn replacements_never_count_on_the_same_freed_room() {
     assert_eq!(plan.stops.len(), 1, "{plan:?}");
     assert_eq!(plan.unplaced_count(), 2);
 }
+
+/// `hanse job scale`: the count changes and nothing running restarts;
+/// an unknown group is refused with the job's groups named.
+#[test]
+fn scaling_by_command_restarts_nothing() {
+    use cluster_core::command::{Command, Effect};
+    let mut s = state(4);
+    let j = run(&mut s, job("service", 2, "1"));
+    let before: Vec<_> = s.allocs_of_job(&j.id).map(|a| a.id).collect();
+    let scale = |group: &str, count| Command::ScaleJob { job: j.id.clone(), group: group.into(), count };
+    let Effect::JobRegistered { version, .. } = s.apply(&scale("g", 4)) else { panic!("not scaled") };
+    assert_eq!(version, j.version + 1);
+    let now = s.job(&j.id).unwrap().clone();
+    assert_eq!(now.groups[0].count, 4);
+    let plan = schedule(&s, &now, &SchedulerConfig::default());
+    assert!(plan.stops.is_empty(), "{plan:?}");
+    assert_eq!(plan.placements.iter().map(|p| p.index).collect::<Vec<_>>(), vec![2, 3]);
+    assert!(s.allocs_of_job(&j.id).all(|a| before.contains(&a.id) && a.job_version == version));
+    assert_eq!(s.apply(&scale("nope", 1)), Effect::Refused("job j has no group `nope` (its groups: g)".into()));
+}
+
+/// `hanse alloc stop`: the allocation stops and its index is placed again;
+/// at-most-once work only once it has stopped.
+#[test]
+fn a_stopped_allocation_is_placed_again() {
+    use cluster_core::command::{Command, Effect};
+    for once in [false, true] {
+        let mut s = state(4);
+        let spec = job("service", 2, "1");
+        let j = run(&mut s, if once { at_most_once(spec) } else { spec });
+        let victim = s.allocs_of_job(&j.id).find(|a| a.index == 0).unwrap().id;
+        let Effect::Evals(evals) = s.apply(&Command::StopAlloc(victim)) else { panic!("not stopped") };
+        assert_eq!(evals.len(), 1);
+        assert!(!s.alloc(victim).unwrap().is_live());
+        let plan = schedule(&s, &j, &SchedulerConfig::default());
+        let placed: Vec<u32> = plan.placements.iter().map(|p| p.index).collect();
+        assert_eq!(placed, if once { vec![] } else { vec![0] }, "at most once: {once}");
+        s.set_alloc_status(victim, AllocStatus::Complete);
+        let plan = schedule(&s, &j, &SchedulerConfig::default());
+        assert_eq!(plan.placements.iter().map(|p| p.index).collect::<Vec<_>>(), vec![0]);
+        // Again: nothing changes.
+        assert_eq!(s.apply(&Command::StopAlloc(victim)), Effect::Evals(Vec::new()));
+    }
+}

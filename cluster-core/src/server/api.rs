@@ -58,6 +58,21 @@ pub struct JobSubmit {
     pub source: Option<String>,
 }
 
+/// `POST /v1/jobs/ID/scale`: group `group` now wants `count` instances.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scale {
+    pub group: String,
+    pub count: u32,
+}
+
+/// `POST /v1/allocations/ID/stop`: the evaluation that places it again
+/// (none when it was already stopping or ended).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocStopped {
+    pub alloc: u64,
+    pub eval: Option<u64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRegistered {
     pub job: String,

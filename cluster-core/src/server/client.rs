@@ -336,6 +336,17 @@ impl Client {
         self.delete(&format!("/v1/jobs/{id}"))
     }
 
+    /// `hanse job scale`: group `group` of job `id` wants `count` instances.
+    pub fn scale(&self, id: &str, group: &str, count: u32) -> Result<JobRegistered, ClientError> {
+        self.post(&format!("/v1/jobs/{id}/scale"), &super::api::Scale { group: group.to_string(), count })
+    }
+
+    /// `hanse alloc stop`: stops allocation `id` (`a000042` or `42`); the
+    /// job places it again.
+    pub fn stop_alloc(&self, id: &str) -> Result<super::api::AllocStopped, ClientError> {
+        self.post(&format!("/v1/allocations/{id}/stop"), &serde_json::json!({}))
+    }
+
     /// Waits up to `wait` for the evaluation to leave `pending`.
     pub fn eval(&self, id: u64, wait: Duration) -> Result<EvalView, ClientError> {
         self.get(&format!("/v1/evaluations/{id}?wait={}", wait.as_secs_f64()))

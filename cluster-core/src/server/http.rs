@@ -59,6 +59,7 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/jobs", get(jobs).put(submit))
         .route("/v1/jobs/plan", post(plan))
         .route("/v1/jobs/{id}", get(job).delete(stop_job))
+        .route("/v1/jobs/{id}/scale", post(scale_job))
         .route("/v1/evaluations/{id}", get(evaluation))
         .route("/v1/nodes", get(nodes).put(register_node))
         .route("/v1/nodes/batch", axum::routing::put(register_nodes))
@@ -68,6 +69,7 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/allocations", get(allocs))
         .route("/v1/allocations/status", post(alloc_status))
         .route("/v1/allocations/{id}", get(alloc))
+        .route("/v1/allocations/{id}/stop", post(stop_alloc))
         .route("/v1/allocations/{id}/logs", get(logs))
         .route("/metrics", get(metrics))
         .merge(super::access::router())
@@ -649,6 +651,40 @@ async fn stop_job(State(s): Srv, Extension(who): Who, Path(id): Path<String>) ->
     need(&who, Capability::Stop, &namespace)?;
     match s.write(Write::StopJob(JobId::new(&id))).await? {
         WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
+        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// `POST /v1/jobs/ID/scale` with [`Scale`]: needs `submit` in the job's
+/// namespace.
+async fn scale_job(
+    State(s): Srv,
+    Extension(who): Who,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Reply<JobRegistered> {
+    let namespace = s.read(false, |st| st.job(&JobId::new(&id)).map(|j| j.namespace.clone())).await?;
+    let namespace = namespace.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))?;
+    need(&who, Capability::Submit, &namespace)?;
+    let req: super::api::Scale = body(b)?;
+    let w = Write::ScaleJob { job: JobId::new(&id), group: req.group.as_str().into(), count: req.count };
+    match s.write(w).await? {
+        WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
+        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// `POST /v1/allocations/ID/stop`: needs `stop` in its job's namespace.
+async fn stop_alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>) -> Reply<super::api::AllocStopped> {
+    let n: u64 = id
+        .trim_start_matches('a')
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))?;
+    let namespace = s.read(false, |st| st.alloc(AllocId(n)).map(|a| st.namespace_of(&a.job))).await?;
+    let namespace = namespace.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
+    need(&who, Capability::Stop, &namespace)?;
+    match s.write(Write::StopAlloc(AllocId(n))).await? {
+        WriteReply::Evals(evals) => ok(super::api::AllocStopped { alloc: n, eval: evals.first().map(|e| e.0) }),
         other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
     }
 }

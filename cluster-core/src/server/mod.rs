@@ -477,6 +477,8 @@ impl Inner {
             }
             Write::SubmitJob(job) => propose(Command::RegisterJob(job)).await?,
             Write::StopJob(job) => propose(Command::StopJob(job)).await?,
+            Write::ScaleJob { job, group, count } => propose(Command::ScaleJob { job, group, count }).await?,
+            Write::StopAlloc(id) => propose(Command::StopAlloc(id)).await?,
             Write::DrainNode { node, drain, deadline } => {
                 let deadline_ms = deadline.map(|d| unix_ms() + d.as_millis() as u64);
                 propose(Command::DrainNode { node, drain, deadline_ms }).await?

@@ -67,6 +67,14 @@ pub enum Write {
     },
     RemovePeer(u64),
     TransferLeader(u64),
+    /// `hanse job scale` ([`crate::command::Command::ScaleJob`]).
+    ScaleJob {
+        job: JobId,
+        group: Arc<str>,
+        count: u32,
+    },
+    /// `hanse alloc stop` ([`crate::command::Command::StopAlloc`]).
+    StopAlloc(crate::ids::AllocId),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

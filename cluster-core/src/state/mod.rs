@@ -492,6 +492,18 @@ impl ClusterState {
     /// Records an allocation's reported status; a terminal status frees its
     /// resources. Terminal is final: a late report after it (an agent that
     /// reconnects with stale news) changes nothing.
+    /// Asks allocation `id` to stop (its agent stops it; the usage is
+    /// released once it is terminal). Whether it was live.
+    pub(crate) fn stop_alloc(&mut self, id: AllocId) -> bool {
+        match self.allocs.get_mut(&id) {
+            Some(a) if a.is_live() => {
+                a.desired = DesiredStatus::Stop;
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn set_alloc_status(&mut self, id: AllocId, status: AllocStatus) {
         let Some(a) = self.allocs.get_mut(&id) else { return };
         if a.status.is_terminal() {
