@@ -195,7 +195,19 @@ enum NodeCommand {
         #[arg(long)]
         count: Option<usize>,
     },
-    /// Move a node's allocations elsewhere; it takes no new work.
+    /// Whether a node takes new work (what runs there keeps running).
+    #[command(group(clap::ArgGroup::new("to").required(true).args(["enable", "disable"])))]
+    Eligibility {
+        node: String,
+        #[arg(long)]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Move a node's allocations elsewhere: each stops once its replacement
+    /// can run on another node (or at the deadline); it takes no new work.
     Drain {
         node: String,
         /// End the drain instead.
@@ -799,6 +811,9 @@ fn main() -> ExitCode {
         Command::Node(NodeCommand::Status { node, out }) => remote::node_status(&client, &node, out.json),
         Command::Node(NodeCommand::Drain { node, disable, deadline, out }) => {
             remote::node_drain(&client, &node, disable, deadline, out.json)
+        }
+        Command::Node(NodeCommand::Eligibility { node, enable, out, .. }) => {
+            remote::node_eligibility(&client, &node, enable, out.json)
         }
         Command::Alloc(AllocCommand::Logs { alloc, task, stderr, follow, tail, since }) => {
             let start = match (tail, since) {

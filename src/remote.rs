@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cluster_core::server::api::{AllocView, EvalView, JobStatus, JobSummary, LogsChunk, NodeView, PlanReport};
 use cluster_core::server::client::{Client, ClientError};
+use cluster_core::server::rpc::WriteReply;
 use cluster_core::spec::{self, parse_job};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -526,12 +527,51 @@ pub fn node_drain(
     let r = c.drain(id, !disable, deadline).map_err(api)?;
     if json {
         print_json(&r)?;
-    } else if disable {
+        return Ok(Outcome::Ok);
+    }
+    if disable {
         println!("node {id}: drain ended; it takes new work again");
+        return Ok(Outcome::Ok);
+    }
+    // Each job's evaluation says what could move; an evaluation a later
+    // one superseded is skipped (the later one is for the same job).
+    if let WriteReply::Evals(evals) = &r {
+        for e in evals {
+            let _ = c.eval(e.0, Duration::from_secs(10));
+        }
+    }
+    let here: Vec<AllocView> = c.get_all(&format!("/v1/allocations?node={id}")).map_err(api)?;
+    let live = |a: &&AllocView| matches!(a.status.as_str(), "pending" | "running");
+    let moving = here.iter().filter(live).filter(|a| a.desired == "stop").count();
+    let stuck: Vec<&AllocView> = here.iter().filter(live).filter(|a| a.desired == "run").collect();
+    let until =
+        deadline.map_or("until they can move".to_string(), |d| format!("until they can move, or for {d:?} at most"));
+    println!(
+        "node {id}: draining; it takes no new work; {} moving to other nodes",
+        plural(moving as u64, "allocation")
+    );
+    if !stuck.is_empty() {
+        let names: Vec<&str> = stuck.iter().map(|a| a.name.as_str()).collect();
+        println!(
+            "  {} cannot move now (no other node fits them; `hanse job status JOB` says why) and keep running here {until}: {}",
+            plural(stuck.len() as u64, "allocation"),
+            names.join(", ")
+        );
     } else if let Some(d) = deadline {
-        println!("node {id}: draining; its allocations move to other nodes, and stop here within {d:?}");
+        println!("  what has not stopped within {d:?} is stopped then");
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `hanse node eligibility NODE --enable|--disable`.
+pub fn node_eligibility(c: &Client, id: &str, eligible: bool, json: bool) -> anyhow::Result<Outcome> {
+    let r = c.eligibility(id, eligible).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else if eligible {
+        println!("node {id}: eligible; it takes new work");
     } else {
-        println!("node {id}: draining; its allocations move to other nodes");
+        println!("node {id}: not eligible; it takes no new work, and what runs there keeps running");
     }
     Ok(Outcome::Ok)
 }

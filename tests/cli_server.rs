@@ -287,6 +287,35 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
         live_ids("cache").iter().any(|(i, id)| *i == 0 && *id != victim.1)
     });
     assert!(!live_ids("cache").contains(&victim));
+
+    // A drain moves only what can move: a frontend (its new version fits
+    // nowhere) stays, and the CLI says so, naming it.
+    let status = json(&hanse(&all, &["job", "status", "web", "--json"]));
+    let frontend = (status["allocations"].as_array().unwrap().iter())
+        .find(|a| a["desired"] == "run" && a["group"] == "frontend")
+        .unwrap()
+        .clone();
+    let node = frontend["node"].as_str().unwrap();
+    let drained = hanse(&all, &["node", "drain", node]);
+    assert_eq!(drained.status.code(), Some(0), "{}", String::from_utf8_lossy(&drained.stderr));
+    let name = frontend["name"].as_str().unwrap();
+    assert!(stdout(&drained).contains("cannot move now") && stdout(&drained).contains(name), "{}", stdout(&drained));
+    let still = json(&hanse(&all, &["alloc", "status", name, "--json"]));
+    assert_eq!((still["desired"].as_str(), still["node"].as_str()), (Some("run"), Some(node)), "{still}");
+    // Eligibility: not behind a drain's back; off and on otherwise.
+    let on = hanse(&all, &["node", "eligibility", node, "--enable"]);
+    assert_eq!(on.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&on.stderr).contains("is draining"), "{}", String::from_utf8_lossy(&on.stderr));
+    assert!(hanse(&all, &["node", "drain", node, "--disable"]).status.success());
+    let off = hanse(&all, &["node", "eligibility", node, "--disable"]);
+    assert_eq!(off.status.code(), Some(0), "{}", String::from_utf8_lossy(&off.stderr));
+    let view = json(&hanse(&all, &["node", "status", node, "--json"]));
+    assert_eq!(
+        (view["node"]["eligible"].as_bool(), view["node"]["draining"].as_bool()),
+        (Some(false), Some(false)),
+        "{view}"
+    );
+    assert!(hanse(&all, &["node", "eligibility", node, "--enable"]).status.success());
     let wrong = hanse(&all, &["node", "list", "--job", "web"]);
     assert_eq!(wrong.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("node list takes no --job"));

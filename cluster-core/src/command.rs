@@ -156,6 +156,9 @@ pub enum Command {
     /// [`crate::spec::job::GROUP_COUNT_MAX`].
     ScaleJob {
         job: JobId,
+        /// The namespace the caller was allowed to write: a job re-made in
+        /// another namespace meanwhile is not scaled.
+        namespace: Arc<str>,
         group: Arc<str>,
         count: u32,
     },
@@ -164,6 +167,18 @@ pub enum Command {
     /// stopped). Refused for an unknown allocation; one already stopping
     /// or ended changes nothing.
     StopAlloc(AllocId),
+    /// The deadline of `node`'s drain passed (the leader proposes it, by
+    /// its clock, while the node still runs work): every allocation left
+    /// there stops, whether or not it could move. Changes nothing on a
+    /// node that is not draining with a deadline.
+    DrainDeadline(NodeId),
+    /// `hanse node eligibility`: whether `node` takes new work. What runs
+    /// there keeps running. Refused for an unknown node, and for making a
+    /// draining node eligible (end the drain instead).
+    NodeEligibility {
+        node: NodeId,
+        eligible: bool,
+    },
 }
 
 /// The record key under which [`Command::PeersAsked`] keeps its version.
@@ -260,10 +275,20 @@ impl ClusterState {
                 };
                 Effect::JobRegistered { version, eval }
             }
-            Command::ScaleJob { job, group, count } => {
-                let Some(mut j) = self.job(job).cloned() else { return Effect::Refused(format!("unknown job {job}")) };
+            Command::ScaleJob { job, namespace, group, count } => {
+                let Some(mut j) = self.job(job).cloned().filter(|j| j.namespace == *namespace) else {
+                    return Effect::Refused(format!("unknown job {job}"));
+                };
                 if j.stopped {
                     return Effect::Refused(format!("job {job} is stopped: run it again to scale it"));
+                }
+                if j.job_type == crate::model::JobType::System {
+                    return Effect::Refused(format!("job {job} is a system job: it runs one instance per node"));
+                }
+                if let Some(origin) = j.labels.get(crate::model::job::LABEL_ORIGIN) {
+                    return Effect::Refused(format!(
+                        "job {job} runs here for cluster {origin}: scale it there, where it was submitted"
+                    ));
                 }
                 if i64::from(*count) > crate::spec::job::GROUP_COUNT_MAX {
                     return Effect::Refused(format!(
@@ -296,6 +321,35 @@ impl ClusterState {
                     return Effect::Evals(Vec::new());
                 }
                 Effect::Evals(vec![self.create_eval(&job, EvalTrigger::AllocStopped, None)])
+            }
+            Command::NodeEligibility { node, eligible } => {
+                let Some(idx) = self.node_idx(node) else { return Effect::Refused(format!("unknown node {node}")) };
+                let n = self.node(idx);
+                if n.draining && *eligible {
+                    return Effect::Refused(format!(
+                        "node {node} is draining: end the drain instead (`hanse node drain {node} --disable`)"
+                    ));
+                }
+                let status = n.status;
+                self.node_status(node, status, *eligible).unwrap_or_else(refused)
+            }
+            Command::DrainDeadline(node) => {
+                let Some(idx) = self.node_idx(node) else { return Effect::Refused(format!("unknown node {node}")) };
+                if !self.node(idx).draining || self.node(idx).drain_deadline_ms.is_none() {
+                    return Effect::Evals(Vec::new());
+                }
+                let left: Vec<(AllocId, JobId)> =
+                    self.allocs_on_node(node).filter(|a| a.is_live()).map(|a| (a.id, a.job.clone())).collect();
+                let mut jobs = BTreeSet::new();
+                for (id, job) in left {
+                    self.stop_alloc(id);
+                    jobs.insert(job);
+                }
+                Effect::Evals(
+                    jobs.into_iter()
+                        .map(|j| self.create_eval(&j, EvalTrigger::NodeDrain, Some(node.clone())))
+                        .collect(),
+                )
             }
             Command::StopJob(id) => match self.job(id).cloned() {
                 Some(mut job) if !job.stopped => {

@@ -144,6 +144,7 @@ async fn every_route_refuses_callers_without_a_token_or_capability_and_changes_n
         ("POST", "/v1/nodes/heartbeat".into(), Some(json!({"nodes": ["m-00001"]}))),
         ("GET", "/v1/nodes/m-00001".into(), None),
         ("POST", "/v1/nodes/m-00001/drain".into(), Some(json!({"drain": true}))),
+        ("POST", "/v1/nodes/m-00001/eligibility".into(), Some(json!({"eligible": false}))),
         ("GET", "/v1/allocations".into(), None),
         ("POST", "/v1/allocations/status".into(), Some(json!({"updates": [{"id": alloc, "status": "lost"}]}))),
         ("GET", format!("/v1/allocations/{alloc}"), None),

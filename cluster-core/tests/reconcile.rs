@@ -228,7 +228,12 @@ fn scaling_by_command_restarts_nothing() {
     let mut s = state(4);
     let j = run(&mut s, job("service", 2, "1"));
     let before: Vec<_> = s.allocs_of_job(&j.id).map(|a| a.id).collect();
-    let scale = |group: &str, count| Command::ScaleJob { job: j.id.clone(), group: group.into(), count };
+    let scale = |group: &str, count| Command::ScaleJob {
+        job: j.id.clone(),
+        namespace: j.namespace.clone(),
+        group: group.into(),
+        count,
+    };
     let Effect::JobRegistered { version, .. } = s.apply(&scale("g", 4)) else { panic!("not scaled") };
     assert_eq!(version, j.version + 1);
     let now = s.job(&j.id).unwrap().clone();
@@ -238,6 +243,8 @@ fn scaling_by_command_restarts_nothing() {
     assert_eq!(plan.placements.iter().map(|p| p.index).collect::<Vec<_>>(), vec![2, 3]);
     assert!(s.allocs_of_job(&j.id).all(|a| before.contains(&a.id) && a.job_version == version));
     assert_eq!(s.apply(&scale("nope", 1)), Effect::Refused("job j has no group `nope` (its groups: g)".into()));
+    let elsewhere = Command::ScaleJob { job: j.id.clone(), namespace: "other".into(), group: "g".into(), count: 1 };
+    assert_eq!(s.apply(&elsewhere), Effect::Refused("unknown job j".into()));
 }
 
 /// `hanse alloc stop`: the allocation stops and its index is placed again;
@@ -262,4 +269,103 @@ fn a_stopped_allocation_is_placed_again() {
         // Again: nothing changes.
         assert_eq!(s.apply(&Command::StopAlloc(victim)), Effect::Evals(Vec::new()));
     }
+}
+
+/// A drained instance stops only once it can move: replaced on another
+/// node in the same plan (at-most-once work: a node that fits it exists);
+/// with nowhere to go it runs on, counted unplaced, until the deadline.
+#[test]
+fn a_drain_moves_what_can_move_and_keeps_the_rest_until_its_deadline() {
+    use cluster_core::command::{Command, Effect};
+    for once in [false, true] {
+        let mut s = state(2);
+        let spec = job("service", 2, "3");
+        let j = run(&mut s, if once { at_most_once(spec) } else { spec });
+        let victim = s.allocs_of_job(&j.id).find(|a| a.index == 0).unwrap().clone();
+        let drain = Command::DrainNode { node: victim.node.clone(), drain: true, deadline_ms: Some(1) };
+        assert!(matches!(s.apply(&drain), Effect::Evals(e) if e.len() == 1));
+        // The other node has 1 core free: nowhere to go.
+        let plan = schedule(&s, &j, &SchedulerConfig::default());
+        assert!(plan.stops.is_empty(), "once: {once}: {plan:?}");
+        assert_eq!(plan.unplaced_count(), 1);
+        // A new node: it moves.
+        let fleet = "[fleet]\nname = \"t\"\n[[class]]\nname = \"n\"\ncount = 1\ncpu = 4\nmemory = \"16GiB\"\n";
+        let extra = parse_fleet(&SourceFile::new("f.toml", fleet)).value.unwrap().nodes;
+        s.apply(&Command::UpsertNode(extra[0].clone()));
+        let plan = schedule(&s, &j, &SchedulerConfig::default());
+        assert_eq!(plan.stops.len(), 1, "once: {once}: {plan:?}");
+        assert_eq!(plan.stops[0].reason, StopReason::Drained);
+        // At most once: placed only once the old one has stopped.
+        assert_eq!(plan.placements.len(), usize::from(!once));
+        // The deadline stops whatever is left, once.
+        let Effect::Evals(evals) = s.apply(&Command::DrainDeadline(victim.node.clone())) else { panic!() };
+        assert_eq!(evals.len(), 1);
+        assert!(!s.alloc(victim.id).unwrap().is_live());
+        assert_eq!(s.apply(&Command::DrainDeadline(victim.node.clone())), Effect::Evals(Vec::new()));
+    }
+}
+
+/// `hanse node eligibility`: an ineligible node takes no new work and
+/// keeps what it runs; a draining one is not made eligible behind the
+/// drain's back.
+#[test]
+fn an_ineligible_node_takes_no_new_work_and_keeps_its_own() {
+    use cluster_core::command::{Command, Effect};
+    let mut s = state(1);
+    let j = run(&mut s, job("service", 1, "1"));
+    let node = s.nodes()[0].id.clone();
+    s.apply(&Command::NodeEligibility { node: node.clone(), eligible: false });
+    assert!(!s.nodes()[0].schedulable());
+    assert_eq!(live(&s, &j), 1);
+    let more = job("service", 2, "1");
+    s.upsert_job(more.clone());
+    let plan = schedule(&s, s.job(&more.id).unwrap(), &SchedulerConfig::default());
+    assert!(plan.placements.is_empty() && plan.stops.is_empty(), "{plan:?}");
+    s.apply(&Command::NodeEligibility { node: node.clone(), eligible: true });
+    assert!(s.nodes()[0].schedulable());
+    s.apply(&Command::DrainNode { node: node.clone(), drain: true, deadline_ms: None });
+    let refused = s.apply(&Command::NodeEligibility { node: node.clone(), eligible: true });
+    assert!(matches!(&refused, Effect::Refused(m) if m.contains("is draining")), "{refused:?}");
+    let unknown = s.apply(&Command::NodeEligibility { node: "nope".into(), eligible: true });
+    assert_eq!(unknown, Effect::Refused("unknown node nope".into()));
+}
+
+/// At-most-once replacements never count twice on the same room: the
+/// trial's placement and the room freed where an old instance runs are
+/// checked on one scratch plan (review of the first version).
+#[test]
+fn at_most_once_replacements_never_count_twice_on_one_room() {
+    let fleet = "[fleet]\nname = \"t\"\n[[class]]\nname = \"x\"\ncount = 1\ncpu = 4\nmemory = \"16GiB\"\n\
+                 [[class]]\nname = \"y\"\ncount = 1\ncpu = 10\nmemory = \"16GiB\"\n";
+    let nodes = parse_fleet(&SourceFile::new("f.toml", fleet)).value.unwrap().nodes;
+    let mut s = ClusterState::with_nodes(nodes).unwrap();
+    let spread = |cpu: &str| {
+        let mut j = at_most_once(job("service", 2, cpu));
+        j.groups[0].distinct_hosts = true;
+        j
+    };
+    let v1 = run(&mut s, spread("4"));
+    s.upsert_job(spread("6"));
+    let v2 = s.job(&v1.id).unwrap().clone();
+    let plan = schedule(&s, &v2, &SchedulerConfig::default());
+    // Room for one new instance (on y): one old one stops, the other runs on.
+    assert_eq!(plan.stops.len(), 1, "{plan:?}");
+    assert_eq!(plan.unplaced_count(), 1);
+}
+
+/// Replacement stops keep to the plan's cap: a stop goes with its
+/// placement, and what the cap left out waits for the next part.
+#[test]
+fn replacements_keep_to_the_plan_cap() {
+    let mut s = state(10);
+    let v1 = run(&mut s, job("service", 5, "1"));
+    s.upsert_job(job("service", 5, "2"));
+    let v2 = s.job(&v1.id).unwrap().clone();
+    let config = SchedulerConfig { max_changes_per_plan: 3, ..Default::default() };
+    let plan = schedule(&s, &v2, &config);
+    assert_eq!(plan.placements.len(), 3, "{plan:?}");
+    let placed: Vec<u32> = plan.placements.iter().map(|p| p.index).collect();
+    assert_eq!(plan.stops.len(), 3);
+    assert!(plan.stops.iter().all(|st| placed.contains(&s.alloc(st.alloc).unwrap().index)));
+    assert_eq!(plan.deferred, 2);
 }

@@ -118,63 +118,99 @@ pub fn schedule(state: &ClusterState, job: &Job, config: &SchedulerConfig) -> Pl
         }
     }
     let mut stops = work.stops;
+    // What the cap leaves for stops that come without a placement.
+    let mut left = cap.saturating_sub(stops.len() + placer.placed_count());
     for (group, w) in job.groups.iter().zip(&work.groups) {
-        replace_old(&mut placer, group, w, defer, &mut stops, &mut unplaced);
+        let mut out = Replaced { stops: &mut stops, unplaced: &mut unplaced, left: &mut left, deferred: &mut deferred };
+        replace_old(&mut placer, group, w, defer, &mut out);
     }
     let (placements, nodes_evaluated) = placer.finish();
     Plan { job: job.id.clone(), job_version: job.version, placements, stops, unplaced, nodes_evaluated, deferred }
 }
 
-/// Stops the instances of an older version of `group` whose replacement
-/// can run: it was placed in this plan, or it fits where the old one runs
-/// once that one has stopped. At-most-once work never runs beside its
-/// replacement, so a trial placement (not kept) says whether the new
-/// version fits now. The others keep running, counted unplaced with the
+/// Where [`replace_old`] puts what it decides.
+struct Replaced<'a> {
+    stops: &'a mut Vec<crate::model::plan::Stop>,
+    unplaced: &'a mut Vec<crate::model::plan::Unplaced>,
+    /// Stops without a placement this plan may still carry.
+    left: &'a mut usize,
+    deferred: &'a mut u64,
+}
+
+/// Stops the instances of `group` to replace (an older version, or on a
+/// draining node) whose replacement can run: it was placed in this plan,
+/// or it fits where the old one runs once that one has stopped (never on
+/// a draining node, which takes no work). At-most-once work never runs
+/// beside its replacement, so a trial placement (not kept) says whether
+/// the new version fits now. The others keep running, counted unplaced with the
 /// reasons, until capacity changes: an update that fits nowhere takes
 /// nothing down (Nomad's destructive updates behave the same). Work
 /// offered to peers first (`defer`) is replaced at once, as before: the
 /// peers' answer is not known here.
-fn replace_old(
-    placer: &mut select::Placer<'_>,
-    group: &crate::model::job::TaskGroup,
+fn replace_old<'s>(
+    placer: &mut select::Placer<'s>,
+    group: &'s crate::model::job::TaskGroup,
     w: &reconcile::GroupWork,
     defer: bool,
-    stops: &mut Vec<crate::model::plan::Stop>,
-    unplaced: &mut Vec<crate::model::plan::Unplaced>,
+    out: &mut Replaced<'_>,
 ) {
-    use crate::model::plan::{Stop, StopReason, Unplaced};
+    use crate::model::plan::{Stop, Unplaced};
     if w.replace.is_empty() {
         return;
     }
-    let stop = |r: &reconcile::Replace| Stop { alloc: r.alloc, reason: StopReason::Updated };
+    let stop = |r: &reconcile::Replace| Stop { alloc: r.alloc, reason: r.reason };
+    let at_most_once = group.on_disconnect == crate::model::job::OnDisconnect::Stop;
+    // Over the cap: left for the next part (a stop without a placement,
+    // or an index the cap kept out of `place`, already counted).
+    let take = |out: &mut Replaced<'_>, r: &reconcile::Replace| {
+        if *out.left == 0 {
+            *out.deferred += 1;
+            return false;
+        }
+        *out.left -= 1;
+        out.stops.push(stop(r));
+        true
+    };
     if defer {
-        stops.extend(w.replace.iter().map(stop));
+        for r in &w.replace {
+            take(out, r);
+        }
         return;
     }
-    let at_most_once = group.on_disconnect == crate::model::job::OnDisconnect::Stop;
+    // One scratch placer for the trial and the freed room, so that no
+    // check counts on room another took; its room (not its placements)
+    // becomes the plan's, for the next groups to see.
+    let mut scratch = placer.clone();
     let (placed, trial_unplaced) = if at_most_once {
-        let mut trial = placer.clone();
-        let indices = w.replace.iter().map(|r| r.index).collect();
+        let indices = w.replace.iter().map(|r| r.index).take(*out.left).collect();
         let tw = reconcile::GroupWork { place: indices, kept_on: w.kept_on.clone(), ..Default::default() };
-        let u = trial.place_group(group, &tw);
-        (trial.placed_indices(&group.name), u)
+        let u = scratch.place_group(group, &tw);
+        (scratch.placed_indices(&group.name), u)
     } else {
         (placer.placed_indices(&group.name), None)
     };
     let mut kept = 0;
     for r in &w.replace {
-        if placed.contains(&r.index) || placer.fits_freed(group, r) {
-            stops.push(stop(r));
+        if !at_most_once && placed.contains(&r.index) {
+            // Its replacement is in this plan: the stop goes with it.
+            out.stops.push(stop(r));
+        } else if !at_most_once && !w.place.contains(&r.index) {
+            // Its index waits for the next part (counted deferred).
+        } else if placed.contains(&r.index) || scratch.fits_freed(group, r) {
+            if !take(out, r) && at_most_once {
+                kept += 1;
+            }
         } else if at_most_once {
             kept += 1;
         }
     }
+    placer.take_room(&scratch);
     // Non-at-most-once instances kept are already counted: their indices
     // were placed, and failed, above.
     if kept > 0 {
-        match unplaced.iter_mut().find(|u| u.group == group.name) {
+        match out.unplaced.iter_mut().find(|u| u.group == group.name) {
             Some(u) => u.count += kept,
-            None => unplaced.push(Unplaced {
+            None => out.unplaced.push(Unplaced {
                 group: group.name.clone(),
                 count: kept,
                 reasons: trial_unplaced.map(|u| u.reasons).unwrap_or_default(),

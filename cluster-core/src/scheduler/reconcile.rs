@@ -18,20 +18,22 @@ pub struct GroupWork {
     /// System jobs: nodes whose instance is stopping but still runs; the
     /// next one there waits for it to end (an evaluation opens then).
     pub busy_on: Vec<NodeIdx>,
-    /// Instances of an older version that the current one replaces. Each
-    /// is stopped only once its replacement can run (see
-    /// [`super::schedule`]): an update that fits nowhere takes nothing
-    /// down. Other work's indices are also in `place` (the new instance
-    /// starts beside the old one); at-most-once work's are not (its
-    /// replacement waits until the old one has stopped).
+    /// Instances of an older version, or on a draining node, to replace.
+    /// Each is stopped only once its replacement can run (see
+    /// [`super::schedule`]): an update or a drain that fits nowhere takes
+    /// nothing down. Other work's indices are also in `place` (the new
+    /// instance starts beside the old one); at-most-once work's are not
+    /// (its replacement waits until the old one has stopped).
     pub replace: Vec<Replace>,
 }
 
-/// A live instance of an older version of the job, to be replaced.
+/// A live instance to be replaced: of an older version of the job
+/// (`Updated`), or on a draining node (`Drained`).
 #[derive(Clone, Debug)]
 pub struct Replace {
     pub index: u32,
     pub alloc: AllocId,
+    pub reason: StopReason,
     /// Its node, while the node is known.
     pub node: Option<NodeIdx>,
     pub resources: Resources,
@@ -178,17 +180,17 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                 } else if node_down {
                     out.stops.push(stop(StopReason::NodeLost));
                 } else if draining || a.job_version != job.version {
-                    if draining {
-                        out.stops.push(stop(StopReason::Drained));
-                    } else {
-                        out.groups[g].replace.push(Replace {
-                            index: a.index,
-                            alloc: a.id,
-                            node,
-                            resources: a.resources,
-                            gpus: a.gpus.clone(),
-                        });
-                    }
+                    // A drained instance too stops only once it can move:
+                    // its replacement placed elsewhere, or the drain's
+                    // deadline (`Command::DrainDeadline`).
+                    out.groups[g].replace.push(Replace {
+                        index: a.index,
+                        alloc: a.id,
+                        reason: if draining { StopReason::Drained } else { StopReason::Updated },
+                        node,
+                        resources: a.resources,
+                        gpus: a.gpus.clone(),
+                    });
                     // Its replacement waits until it has stopped (see above).
                     if job.groups[g].on_disconnect == OnDisconnect::Stop {
                         covered[g][a.index as usize] = true;

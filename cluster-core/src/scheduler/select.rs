@@ -72,6 +72,18 @@ impl<'s> Placer<'s> {
         (self.placements, self.evaluated)
     }
 
+    /// How many placements this plan holds so far.
+    pub fn placed_count(&self) -> usize {
+        self.placements.len()
+    }
+
+    /// Takes the room `scratch` (a clone of this placer) took, not its
+    /// placements: what replacements will need once the old instances
+    /// have stopped.
+    pub fn take_room(&mut self, scratch: &Placer<'s>) {
+        self.overlay.clone_from(&scratch.overlay);
+    }
+
     /// The indices of `group` this plan placed so far.
     pub fn placed_indices(&self, group: &str) -> std::collections::HashSet<u32> {
         self.placements.iter().filter(|p| &*p.group == group).map(|p| p.index).collect()
@@ -459,11 +471,13 @@ fn spread_boost(run: &GroupRun, s: usize, v: u32) -> f64 {
     if percent <= 0.0 {
         return -1.0;
     }
-    // How far below its share the value stays once this instance is
-    // counted: a value at its share scores below one that is short of it.
+    // How far below its share the value is, counting this instance as
+    // half (rounding, as the largest-remainder method does): a value at
+    // its share scores below one short of it, and a share under one
+    // instance still ranks by size (count 1 at 50 % goes to the target).
     let desired = percent / 100.0 * f64::from(run.ranker.desired.max(1));
-    let after = f64::from(current.unwrap_or(0)) + 1.0;
-    ((desired - after) / desired).clamp(-1.0, 1.0)
+    let current = f64::from(current.unwrap_or(0));
+    ((desired - current - 0.5) / desired.max(0.5)).clamp(-1.0, 1.0)
 }
 
 fn sorted_reasons(reasons: BTreeMap<Reason, u32>) -> Vec<(Reason, u32)> {

@@ -65,6 +65,12 @@ pub struct Scale {
     pub count: u32,
 }
 
+/// `POST /v1/nodes/ID/eligibility`: whether the node takes new work.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Eligibility {
+    pub eligible: bool,
+}
+
 /// `POST /v1/allocations/ID/stop`: the evaluation that places it again
 /// (none when it was already stopping or ended).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

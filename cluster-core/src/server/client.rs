@@ -374,6 +374,11 @@ impl Client {
         self.post("/v1/nodes/heartbeat", &Heartbeat { nodes: nodes.to_vec() })
     }
 
+    /// `hanse node eligibility`: whether `node` takes new work.
+    pub fn eligibility(&self, node: &str, eligible: bool) -> Result<WriteReply, ClientError> {
+        self.post(&format!("/v1/nodes/{node}/eligibility"), &super::api::Eligibility { eligible })
+    }
+
     pub fn drain(&self, node: &str, drain: bool, deadline: Option<Duration>) -> Result<WriteReply, ClientError> {
         let deadline_ms = deadline.map(|d| d.as_millis() as u64);
         self.post(&format!("/v1/nodes/{node}/drain"), &Drain { drain, deadline_ms })

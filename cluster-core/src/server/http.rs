@@ -66,6 +66,7 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/nodes/heartbeat", post(heartbeat))
         .route("/v1/nodes/{id}", get(node))
         .route("/v1/nodes/{id}/drain", post(drain))
+        .route("/v1/nodes/{id}/eligibility", post(eligibility))
         .route("/v1/allocations", get(allocs))
         .route("/v1/allocations/status", post(alloc_status))
         .route("/v1/allocations/{id}", get(alloc))
@@ -667,7 +668,7 @@ async fn scale_job(
     let namespace = namespace.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))?;
     need(&who, Capability::Submit, &namespace)?;
     let req: super::api::Scale = body(b)?;
-    let w = Write::ScaleJob { job: JobId::new(&id), group: req.group.as_str().into(), count: req.count };
+    let w = Write::ScaleJob { job: JobId::new(&id), namespace, group: req.group.as_str().into(), count: req.count };
     match s.write(w).await? {
         WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
         other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
@@ -822,6 +823,19 @@ async fn drain(
     };
     let deadline = req.deadline_ms.map(Duration::from_millis);
     ok(s.write(Write::DrainNode { node: NodeId::new(&id), drain: req.drain, deadline }).await?)
+}
+
+/// `POST /v1/nodes/ID/eligibility` with [`super::api::Eligibility`]:
+/// needs `node-write`.
+async fn eligibility(
+    State(s): Srv,
+    Extension(who): Who,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Reply<WriteReply> {
+    need(&who, Capability::NodeWrite, "*")?;
+    let req: super::api::Eligibility = body(b)?;
+    ok(s.write(Write::NodeEligibility { node: NodeId::new(&id), eligible: req.eligible }).await?)
 }
 
 /// Whether `who` may read allocation `a`: its job is here, in a

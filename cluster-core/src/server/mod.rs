@@ -477,8 +477,11 @@ impl Inner {
             }
             Write::SubmitJob(job) => propose(Command::RegisterJob(job)).await?,
             Write::StopJob(job) => propose(Command::StopJob(job)).await?,
-            Write::ScaleJob { job, group, count } => propose(Command::ScaleJob { job, group, count }).await?,
+            Write::ScaleJob { job, namespace, group, count } => {
+                propose(Command::ScaleJob { job, namespace, group, count }).await?
+            }
             Write::StopAlloc(id) => propose(Command::StopAlloc(id)).await?,
+            Write::NodeEligibility { node, eligible } => propose(Command::NodeEligibility { node, eligible }).await?,
             Write::DrainNode { node, drain, deadline } => {
                 let deadline_ms = deadline.map(|d| unix_ms() + d.as_millis() as u64);
                 propose(Command::DrainNode { node, drain, deadline_ms }).await?
@@ -633,7 +636,8 @@ async fn leadership(inner: Arc<Inner>) {
                     dispatch(ready.clone()),
                     watch_heartbeats(ready.clone()),
                     bootstrap_acl(&ready),
-                    collect_garbage(&ready)
+                    collect_garbage(&ready),
+                    enforce_drain_deadlines(&ready)
                 );
             });
             duties = Some((term, set));
@@ -663,6 +667,34 @@ async fn collect_garbage(inner: &Inner) {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("garbage collection not committed: {e:?}"),
+        }
+    }
+}
+
+/// Once a drain's deadline passes, stops what still runs on the node
+/// (`Command::DrainDeadline`): until then, a drained allocation stops only
+/// once its replacement can run elsewhere. Checked every second.
+async fn enforce_drain_deadlines(inner: &Inner) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = unix_ms();
+        let due: Vec<NodeId> = inner.raft.read(|s| {
+            (s.nodes().iter())
+                .filter(|n| n.draining && n.drain_deadline_ms.is_some_and(|d| d <= now))
+                .filter(|n| s.allocs_on_node(&n.id).any(|a| a.is_live()))
+                .map(|n| n.id.clone())
+                .collect()
+        });
+        for node in due {
+            match inner.raft.propose(Command::DrainDeadline(node.clone())).await {
+                Ok(Effect::Evals(e)) if !e.is_empty() => {
+                    tracing::info!(%node, "the drain's deadline passed: what still ran there stops");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%node, error = %e, "could not stop a drained node's work at its deadline"),
+            }
         }
     }
 }

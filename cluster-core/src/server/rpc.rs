@@ -70,11 +70,17 @@ pub enum Write {
     /// `hanse job scale` ([`crate::command::Command::ScaleJob`]).
     ScaleJob {
         job: JobId,
+        namespace: Arc<str>,
         group: Arc<str>,
         count: u32,
     },
     /// `hanse alloc stop` ([`crate::command::Command::StopAlloc`]).
     StopAlloc(crate::ids::AllocId),
+    /// `hanse node eligibility` ([`crate::command::Command::NodeEligibility`]).
+    NodeEligibility {
+        node: NodeId,
+        eligible: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
