@@ -316,6 +316,14 @@ fn jobs_run_through_the_cli_and_no_acknowledged_job_is_lost_to_kill_9_of_the_lea
         "{view}"
     );
     assert!(hanse(&all, &["node", "eligibility", node, "--enable"]).status.success());
+    // With a deadline, what cannot move stops then (the leader's
+    // `Command::DrainDeadline`).
+    let drained = hanse(&all, &["node", "drain", node, "--deadline", "1s"]);
+    assert_eq!(drained.status.code(), Some(0), "{}", String::from_utf8_lossy(&drained.stderr));
+    assert!(stdout(&drained).contains("or for 1s at most"), "{}", stdout(&drained));
+    eventually(Duration::from_secs(15), "what could not move stopped at the deadline", || {
+        json(&hanse(&all, &["alloc", "status", name, "--json"]))["desired"] == "stop"
+    });
     let wrong = hanse(&all, &["node", "list", "--job", "web"]);
     assert_eq!(wrong.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("node list takes no --job"));

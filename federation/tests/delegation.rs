@@ -217,14 +217,16 @@ async fn an_index_the_target_cannot_keep_is_returned_and_never_runs_there_again(
     submit(&f.target, spec("fill", 68, "")).await;
     until(Duration::from_secs(20), "the target is full", || live(&f.target, "fill") == 68).await;
     let server = f.target.cluster.server(1).unwrap();
-    // Drain a node that runs delegated instances: nowhere else fits them.
+    // Drain a node that runs delegated instances: nowhere else fits them,
+    // so they run on until the drain's deadline stops them.
     let (node, on_it) = server.raft().read(|s| {
         let a = s.allocs_of_job(&job).find(|a| a.is_live()).unwrap().clone();
         let local: Vec<u32> =
             s.allocs_of_job(&job).filter(|b| b.is_live() && b.node == a.node).map(|b| b.index).collect();
         (a.node, local)
     });
-    let drain = cluster_core::server::rpc::Write::DrainNode { node, drain: true, deadline: None };
+    let deadline = Some(Duration::from_secs(1));
+    let drain = cluster_core::server::rpc::Write::DrainNode { node, drain: true, deadline };
     server.inner.write(drain).await.unwrap();
     let inbound = || fed_inbound(&f.target, &r.id);
     until(Duration::from_secs(20), "given back", || !inbound().returned.is_empty()).await;
