@@ -675,12 +675,16 @@ async fn scale_job(
     }
 }
 
+/// An allocation id as a path gives it: `a000042` or `42`; 400 otherwise.
+fn alloc_id(id: &str) -> Result<u64, ApiError> {
+    id.trim_start_matches('a')
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))
+}
+
 /// `POST /v1/allocations/ID/stop`: needs `stop` in its job's namespace.
 async fn stop_alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>) -> Reply<super::api::AllocStopped> {
-    let n: u64 = id
-        .trim_start_matches('a')
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))?;
+    let n = alloc_id(&id)?;
     let namespace = s.read(false, |st| st.alloc(AllocId(n)).map(|a| st.namespace_of(&a.job))).await?;
     let namespace = namespace.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
     need(&who, Capability::Stop, &namespace)?;
@@ -999,10 +1003,7 @@ fn paged<T: Serialize>(items: Vec<T>, next: Option<String>) -> Response {
 }
 
 async fn alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Reply<AllocView> {
-    let n: u64 = id
-        .trim_start_matches('a')
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))?;
+    let n = alloc_id(&id)?;
     let found = s
         .read(stale(&q), |st| {
             let a = st.alloc(AllocId(n))?;
@@ -1022,10 +1023,7 @@ async fn alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q)
 /// older ones were rotated away), and whether the task is done
 /// (`x-hanse-done`).
 async fn logs(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -> Result<Response, ApiError> {
-    let n = id
-        .trim_start_matches('a')
-        .parse::<u64>()
-        .map_err(|_| ApiError::bad_request(format!("`{id}` is not an allocation id (a000042 or 42)")))?;
+    let n = alloc_id(&id)?;
     let found = s.read(true, |st| st.alloc(AllocId(n)).map(|a| (a.clone(), st.namespace_of(&a.job)))).await?;
     let (alloc, namespace) = found.ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
     need(&who, Capability::AllocLogs, &namespace)?;
