@@ -265,15 +265,7 @@ impl ClusterState {
                     ));
                 }
                 let before = self.job(&job.id).map(|j| j.version);
-                let version = self.upsert_job(job.clone());
-                // The same spec again, with its evaluation still open: a
-                // retried submission, which changes nothing.
-                let open = self.job_eval(&job.id).filter(|e| e.status.is_open()).map(|e| e.id);
-                let eval = match open {
-                    Some(e) if before == Some(version) => e,
-                    _ => self.create_eval(&job.id, EvalTrigger::JobRegister, None),
-                };
-                Effect::JobRegistered { version, eval }
+                self.register(job.clone(), before)
             }
             Command::ScaleJob { job, namespace, group, count } => {
                 let Some(mut j) = self.job(job).cloned().filter(|j| j.namespace == *namespace) else {
@@ -304,14 +296,8 @@ impl ClusterState {
                     ));
                 };
                 g.count = *count;
-                let before = j.version;
-                let version = self.upsert_job(j);
-                let open = self.job_eval(job).filter(|e| e.status.is_open()).map(|e| e.id);
-                let eval = match open {
-                    Some(e) if before == version => e,
-                    _ => self.create_eval(job, EvalTrigger::JobRegister, None),
-                };
-                Effect::JobRegistered { version, eval }
+                let before = Some(j.version);
+                self.register(j, before)
             }
             Command::StopAlloc(id) => {
                 let Some(job) = self.alloc(*id).map(|a| a.job.clone()) else {
@@ -345,11 +331,7 @@ impl ClusterState {
                     self.stop_alloc(id);
                     jobs.insert(job);
                 }
-                Effect::Evals(
-                    jobs.into_iter()
-                        .map(|j| self.create_eval(&j, EvalTrigger::NodeDrain, Some(node.clone())))
-                        .collect(),
-                )
+                Effect::Evals(self.evaluate_for_drain(node, jobs))
             }
             Command::StopJob(id) => match self.job(id).cloned() {
                 Some(mut job) if !job.stopped => {
@@ -538,8 +520,25 @@ impl ClusterState {
             return Ok(Effect::Evals(Vec::new()));
         }
         let jobs = self.jobs_on_node(node);
-        Ok(Effect::Evals(
-            jobs.into_iter().map(|j| self.create_eval(&j, EvalTrigger::NodeDrain, Some(node.clone()))).collect(),
-        ))
+        Ok(Effect::Evals(self.evaluate_for_drain(node, jobs)))
+    }
+
+    /// An evaluation for each of `jobs`, for `node`'s drain.
+    fn evaluate_for_drain(&mut self, node: &NodeId, jobs: BTreeSet<JobId>) -> Vec<EvalId> {
+        jobs.into_iter().map(|j| self.create_eval(&j, EvalTrigger::NodeDrain, Some(node.clone()))).collect()
+    }
+
+    /// Stores `job` (a new version when it changed) and gives the
+    /// evaluation that places it: the open one when the spec is the same
+    /// as `before` (a retried submission changes nothing), else a new one.
+    fn register(&mut self, job: Job, before: Option<u64>) -> Effect {
+        let id = job.id.clone();
+        let version = self.upsert_job(job);
+        let open = self.job_eval(&id).filter(|e| e.status.is_open()).map(|e| e.id);
+        let eval = match open {
+            Some(e) if before == Some(version) => e,
+            _ => self.create_eval(&id, EvalTrigger::JobRegister, None),
+        };
+        Effect::JobRegistered { version, eval }
     }
 }

@@ -142,9 +142,9 @@ struct Replaced<'a> {
 /// or it fits where the old one runs once that one has stopped (never on
 /// a draining node, which takes no work). At-most-once work never runs
 /// beside its replacement, so a trial placement (not kept) says whether
-/// the new version fits now. The others keep running, counted unplaced with the
-/// reasons, until capacity changes: an update that fits nowhere takes
-/// nothing down (Nomad's destructive updates behave the same). Work
+/// the new version fits now. The others keep running, counted unplaced
+/// with the reasons, until capacity changes: an update that fits nowhere
+/// takes nothing down (Nomad's destructive updates behave the same). Work
 /// offered to peers first (`defer`) is replaced at once, as before: the
 /// peers' answer is not known here.
 fn replace_old<'s>(

@@ -103,24 +103,12 @@ impl<'s> Placer<'s> {
             return false;
         }
         let mut usage = self.usage(n);
-        usage.res = usage.res.saturating_sub(old.resources);
-        if let Some(g) = &old.gpus {
-            if let Some(i) = node.gpus.iter().position(|d| d.model == g.model) {
-                usage.gpus[i] = usage.gpus[i].saturating_sub(g.count);
-            }
-        }
+        usage.sub(old.resources, crate::state::gpu_slot(node, old.gpus.as_ref()));
         let (ask, gpu) = (group.resources(), group.gpu());
-        match usage.fit(node, ask, gpu.as_ref()) {
-            Ok(device) => {
-                usage.res = usage.res.saturating_add(ask);
-                if let (Some(i), Some(g)) = (device, &gpu) {
-                    usage.gpus[i] += g.count;
-                }
-                self.overlay.insert(n, usage);
-                true
-            }
-            Err(_) => false,
-        }
+        let Ok(device) = usage.fit(node, ask, gpu.as_ref()) else { return false };
+        usage.add(ask, device.zip(gpu.as_ref()).map(|(i, g)| (i, g.count)));
+        self.overlay.insert(n, usage);
+        true
     }
 
     fn usage(&self, n: NodeIdx) -> NodeUsage {

@@ -647,13 +647,18 @@ async fn job(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -
 }
 
 async fn stop_job(State(s): Srv, Extension(who): Who, Path(id): Path<String>) -> Reply<JobRegistered> {
-    let namespace = s.read(false, |st| st.job(&JobId::new(&id)).map(|j| j.namespace.clone())).await?;
-    let namespace = namespace.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))?;
+    let namespace = job_namespace(&s, &id).await?;
     need(&who, Capability::Stop, &namespace)?;
     match s.write(Write::StopJob(JobId::new(&id))).await? {
         WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
         other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
     }
+}
+
+/// The namespace of job `id`, read on the leader; 404 when there is none.
+async fn job_namespace(s: &Inner, id: &str) -> Result<Arc<str>, ApiError> {
+    let namespace = s.read(false, |st| st.job(&JobId::new(id)).map(|j| j.namespace.clone())).await?;
+    namespace.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))
 }
 
 /// `POST /v1/jobs/ID/scale` with [`Scale`]: needs `submit` in the job's
@@ -664,8 +669,7 @@ async fn scale_job(
     Path(id): Path<String>,
     b: Result<Bytes, BytesRejection>,
 ) -> Reply<JobRegistered> {
-    let namespace = s.read(false, |st| st.job(&JobId::new(&id)).map(|j| j.namespace.clone())).await?;
-    let namespace = namespace.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))?;
+    let namespace = job_namespace(&s, &id).await?;
     need(&who, Capability::Submit, &namespace)?;
     let req: super::api::Scale = body(b)?;
     let w = Write::ScaleJob { job: JobId::new(&id), namespace, group: req.group.as_str().into(), count: req.count };

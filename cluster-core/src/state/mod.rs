@@ -61,14 +61,16 @@ impl NodeUsage {
             .ok_or(Dimension::Gpu)
     }
 
-    fn add(&mut self, res: Resources, gpu: Option<(usize, u32)>) {
+    /// Takes `res` and, when given, `n` GPUs of device group `i`.
+    pub(crate) fn add(&mut self, res: Resources, gpu: Option<(usize, u32)>) {
         self.res = self.res.saturating_add(res);
         if let Some((i, n)) = gpu {
             self.gpus[i] += n;
         }
     }
 
-    fn sub(&mut self, res: Resources, gpu: Option<(usize, u32)>) {
+    /// Gives back what [`NodeUsage::add`] took.
+    pub(crate) fn sub(&mut self, res: Resources, gpu: Option<(usize, u32)>) {
         self.res = self.res.saturating_sub(res);
         if let Some((i, n)) = gpu {
             self.gpus[i] = self.gpus[i].saturating_sub(n);
@@ -513,7 +515,7 @@ impl ClusterState {
         a.status = status;
         if was_holding && !a.holds_resources() {
             if let Some(&idx) = self.node_index.get(&a.node) {
-                let gpu = gpu_slot(&self.nodes[idx.get()], a);
+                let gpu = gpu_slot(&self.nodes[idx.get()], a.gpus.as_ref());
                 self.usage[idx.get()].sub(a.resources, gpu);
             }
             self.capacity_epoch += 1;
@@ -525,16 +527,17 @@ impl ClusterState {
         let mut usage = vec![NodeUsage::default(); self.nodes.len()];
         for a in self.allocs.values().filter(|a| a.holds_resources()) {
             if let Some(&idx) = self.node_index.get(&a.node) {
-                usage[idx.get()].add(a.resources, gpu_slot(&self.nodes[idx.get()], a));
+                usage[idx.get()].add(a.resources, gpu_slot(&self.nodes[idx.get()], a.gpus.as_ref()));
             }
         }
         usage
     }
 }
 
-/// The node's GPU device group an allocation took from, with the count.
-fn gpu_slot(node: &Node, alloc: &Allocation) -> Option<(usize, u32)> {
-    let g = alloc.gpus.as_ref()?;
+/// The node's GPU device group `gpus` (an allocation's) took from, with
+/// the count.
+pub(crate) fn gpu_slot(node: &Node, gpus: Option<&GpuDevices>) -> Option<(usize, u32)> {
+    let g = gpus?;
     node.gpus.iter().position(|d| d.model == g.model).map(|i| (i, g.count))
 }
 
@@ -724,7 +727,7 @@ impl ClusterState {
         }
         if alloc.holds_resources() {
             if let Some(&idx) = self.node_index.get(&alloc.node) {
-                let gpu = gpu_slot(&self.nodes[idx.get()], &alloc);
+                let gpu = gpu_slot(&self.nodes[idx.get()], alloc.gpus.as_ref());
                 self.usage[idx.get()].add(alloc.resources, gpu);
             }
         }
