@@ -667,6 +667,40 @@ enum JobCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// The versions of a job the cluster keeps, newest first: which is
+    /// current, which are stable, what changed.
+    History {
+        job: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// A version of a job's spec, as the cluster keeps it (JSON).
+    Inspect {
+        job: String,
+        /// The version (default: the current one).
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Register a kept version of a job again, as its newest version.
+    Revert {
+        job: String,
+        version: u64,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Promote the canaries of a job's deployment: the rest of the old
+    /// version is then replaced.
+    Promote {
+        job: String,
+        /// Only this group's canaries.
+        #[arg(long)]
+        group: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// A job's rolling update: its status, or fail it.
+    #[command(subcommand)]
+    Deployment(DeploymentCommand),
     /// Every job, with its allocations by status.
     List {
         #[command(flatten)]
@@ -688,6 +722,24 @@ enum JobCommand {
         /// Also list every placement, not only the counts per node class.
         #[arg(long, short)]
         verbose: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeploymentCommand {
+    /// The job's latest deployment: per group, instances placed, healthy
+    /// and still of the older version.
+    Status {
+        job: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Fail the job's running deployment: nothing more is replaced (with
+    /// auto_revert, the last stable version is registered again).
+    Fail {
+        job: String,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -798,6 +850,18 @@ fn main() -> ExitCode {
             remote::job_scale(&client, &job, &group, count, out.json)
         }
         Command::Alloc(AllocCommand::Stop { alloc, out }) => remote::alloc_stop(&client, &alloc, out.json),
+        Command::Job(JobCommand::History { job, out }) => remote::job_history(&client, &job, out.json),
+        Command::Job(JobCommand::Inspect { job, version }) => remote::job_inspect(&client, &job, version),
+        Command::Job(JobCommand::Revert { job, version, out }) => remote::job_revert(&client, &job, version, out.json),
+        Command::Job(JobCommand::Promote { job, group, out }) => {
+            remote::job_promote(&client, &job, group.as_deref(), out.json)
+        }
+        Command::Job(JobCommand::Deployment(DeploymentCommand::Status { job, out })) => {
+            remote::deployment_status(&client, &job, out.json)
+        }
+        Command::Job(JobCommand::Deployment(DeploymentCommand::Fail { job, out })) => {
+            remote::deployment_fail(&client, &job, out.json)
+        }
         Command::Job(JobCommand::List { filter, out }) => {
             filter.query("job list", &["status", "namespace"]).and_then(|q| remote::job_list(&client, &q, out.json))
         }

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cluster_core::server::api::{AllocView, EvalView, JobStatus, JobSummary, LogsChunk, NodeView, PlanReport};
+use cluster_core::server::api::{
+    AllocView, DeploymentView, EvalView, JobStatus, JobSummary, LogsChunk, NodeView, PlanReport,
+};
 use cluster_core::server::client::{Client, ClientError};
 use cluster_core::server::rpc::WriteReply;
 use cluster_core::spec::{self, parse_job};
@@ -86,12 +88,59 @@ pub fn job_run(c: &Client, path: &Path, detach: bool, timeout: Duration, json: b
             }
         }
     }
+    // A rolling update: followed until every instance of the version is
+    // healthy, it failed, or the wait is over.
+    let placed = eval.as_ref().is_none_or(|e| e.status != "blocked");
+    let mut deployment = c.deployment(&reg.job, Some(reg.version)).ok().filter(|_| placed);
+    // Canaries all healthy and waiting for a promotion: what was asked is done.
+    let awaiting = |d: &DeploymentView| {
+        d.groups.iter().any(|g| g.canaries > 0 && !g.promoted)
+            && d.groups.iter().all(|g| g.promoted || g.canaries == 0 || g.healthy >= g.canaries)
+    };
+    while let Some(d) = deployment.as_ref().filter(|d| d.status == "running" && !awaiting(d)) {
+        let healthy: u32 = d.groups.iter().map(|g| g.healthy).sum();
+        let desired: u32 = d.groups.iter().map(|g| g.desired).sum();
+        let older: u32 = d.groups.iter().map(|g| g.older).sum();
+        bar.set_message(format!(
+            "job {}: deployment of version {}: {healthy} of {desired} healthy, {older} of the older version left ({})",
+            reg.job, d.job_version, d.description
+        ));
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        deployment = Some(c.deployment(&reg.job, Some(reg.version)).map_err(api)?);
+    }
     bar.finish_and_clear();
     let status = c.job(&reg.job).map_err(api)?;
     if json {
         print_json(&status)?;
     } else {
         print_job(&status);
+        if let Some(d) = &deployment {
+            println!();
+            print_deployment(d);
+            if d.status == "running" && awaiting(d) {
+                println!("its canaries are healthy: `hanse job promote {}` replaces the rest", reg.job);
+            }
+        }
+    }
+    match deployment.as_ref().map(|d| d.status.as_str()) {
+        Some("failed") => anyhow::bail!(
+            "the deployment of job {} version {} failed: {}",
+            reg.job,
+            reg.version,
+            deployment.as_ref().map_or("", |d| d.description.as_str())
+        ),
+        Some("running") if deployment.as_ref().is_some_and(awaiting) => {}
+        Some("running") => anyhow::bail!(
+            "the deployment of job {} version {} is still running after {timeout:?}; \
+             follow it with `hanse job deployment status {}`",
+            reg.job,
+            reg.version,
+            reg.job
+        ),
+        _ => {}
     }
     match eval {
         // What it printed decides: a job whose instances failed for good
@@ -439,6 +488,120 @@ pub fn job_scale(c: &Client, id: &str, group: &str, count: u32, json: bool) -> a
     Ok(Outcome::Ok)
 }
 
+/// `hanse job history JOB`.
+pub fn job_history(c: &Client, id: &str, json: bool) -> anyhow::Result<Outcome> {
+    let h = c.versions(id).map_err(api)?;
+    if json {
+        print_json(&h)?;
+        return Ok(Outcome::Ok);
+    }
+    let mut t = table(&["version", "", "stable", "deployment", "changes"]);
+    for v in &h.versions {
+        t.add_row(vec![
+            v.version.to_string(),
+            if v.current { "current".into() } else { String::new() },
+            if v.stable { "yes".into() } else { "-".into() },
+            v.deployment.clone().unwrap_or_else(|| "-".into()),
+            if v.changes.is_empty() { "-".into() } else { v.changes.join("; ") },
+        ]);
+    }
+    println!("{t}");
+    Ok(Outcome::Ok)
+}
+
+/// `hanse job inspect JOB [--version N]`: the spec, as JSON.
+pub fn job_inspect(c: &Client, id: &str, version: Option<u64>) -> anyhow::Result<Outcome> {
+    let h = c.versions(id).map_err(api)?;
+    let found = match version {
+        Some(v) => h.versions.iter().find(|x| x.version == v),
+        None => h.versions.iter().find(|x| x.current),
+    };
+    let Some(v) = found else {
+        let kept: Vec<String> = h.versions.iter().map(|v| v.version.to_string()).collect();
+        anyhow::bail!(
+            "job {id} has no version {} kept (kept: {}); see `hanse job history {id}`",
+            version.unwrap_or_default(),
+            kept.join(", ")
+        );
+    };
+    print_json(&v.spec)?;
+    Ok(Outcome::Ok)
+}
+
+/// `hanse job revert JOB VERSION`.
+pub fn job_revert(c: &Client, id: &str, version: u64, json: bool) -> anyhow::Result<Outcome> {
+    let r = c.revert(id, version).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "job {} reverted to version {version}: registered as version {}, evaluation e{:06}",
+            r.job, r.version, r.eval
+        );
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `hanse job promote JOB [--group G]`.
+pub fn job_promote(c: &Client, id: &str, group: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
+    let r = c.promote(id, group).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        let what = group.map_or("canaries".to_string(), |g| format!("canaries of group {g}"));
+        println!("job {id}: {what} promoted; the rest of the old version is replaced next");
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `hanse job deployment status JOB`.
+pub fn deployment_status(c: &Client, id: &str, json: bool) -> anyhow::Result<Outcome> {
+    let d = c.deployment(id, None).map_err(api)?;
+    if json {
+        print_json(&d)?;
+    } else {
+        print_deployment(&d);
+    }
+    Ok(Outcome::Ok)
+}
+
+fn print_deployment(d: &DeploymentView) {
+    println!("deployment of job {} version {}: {} ({})", d.job, d.job_version, d.status, d.description);
+    let mut t = table(&["group", "desired", "placed", "healthy", "unhealthy", "older left", "canaries", "promoted"]);
+    for g in &d.groups {
+        t.add_row(vec![
+            g.name.clone(),
+            g.desired.to_string(),
+            g.placed.to_string(),
+            g.healthy.to_string(),
+            g.unhealthy.to_string(),
+            g.older.to_string(),
+            g.canaries.to_string(),
+            if g.canaries == 0 {
+                "-".into()
+            } else if g.promoted {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+        ]);
+    }
+    println!("{t}");
+}
+
+/// `hanse job deployment fail JOB`.
+pub fn deployment_fail(c: &Client, id: &str, json: bool) -> anyhow::Result<Outcome> {
+    let running = c.deployment(id, None).map_err(api)?;
+    let r = c.fail_deployment(id).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        let d = c.deployment(id, Some(running.job_version)).map_err(api)?;
+        println!("deployment of job {id} version {} failed: {}", d.job_version, d.description);
+    }
+    Ok(Outcome::Ok)
+}
+
 /// `hanse alloc stop ALLOC`: stops it; the job places it again.
 pub fn alloc_stop(c: &Client, arg: &str, json: bool) -> anyhow::Result<Outcome> {
     let id = resolve_alloc(c, arg)?;
@@ -759,6 +922,17 @@ fn print_tasks(a: &AllocView) {
         t.add_row(vec![task.name.clone(), task.state.clone(), task.restarts.to_string(), exit, task.message.clone()]);
     }
     println!("{t}");
+    if let Some(h) = &a.health {
+        println!("health: {h}{}", if a.canary { " (canary)" } else { "" });
+    }
+    let checks: Vec<_> = a.tasks.iter().flat_map(|t| t.checks.iter().map(move |c| (t, c))).collect();
+    if !checks.is_empty() {
+        let mut t = table(&["task", "check", "type", "status", "output"]);
+        for (task, c) in checks {
+            t.add_row(vec![task.name.clone(), c.name.clone(), c.kind.clone(), c.status.clone(), c.output.clone()]);
+        }
+        println!("{t}");
+    }
 }
 
 pub fn list_peers(c: &Client, json: bool) -> anyhow::Result<Outcome> {

@@ -1378,3 +1378,123 @@ fn an_agent_restarted_cleanly_attaches_to_its_running_task() {
         }
     });
 }
+
+/// A 20-instance service whose instances are ready half a second after
+/// they start (a script check finds the file the task writes then).
+fn rolling_service(version: &str, ready: bool) -> String {
+    let ready = if ready { "touch ready; " } else { "" };
+    format!(
+        r#"[job]
+name = "shop"
+type = "service"
+
+[[group]]
+name = "web"
+count = 20
+
+[group.update]
+max_parallel = 5
+min_healthy_time = "1s"
+healthy_deadline = "8s"
+auto_revert = true
+
+[[group.task]]
+name = "serve"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "sleep 0.5; {ready}while :; do sleep 1; done"]
+env = {{ VERSION = "{version}" }}
+resources = {{ cpu = "100m", memory = "16MiB" }}
+
+[[group.task.check]]
+name = "ready"
+type = "script"
+command = "/bin/sh"
+args = ["-c", "test -f ready"]
+interval = "250ms"
+timeout = "1s"
+"#
+    )
+}
+
+/// A rolling update of 20 instances, 5 at a time, watched every 20 ms
+/// from submission to the end of its deployment: at every sample at
+/// least `count - max_parallel` instances run, and never more than
+/// `max_parallel` of the new version are not yet healthy. Then a version
+/// that never gets ready fails its deployment at its healthy deadline and
+/// rolls back to the last stable one, whose instances never restarted.
+#[test]
+fn a_rolling_update_keeps_the_service_up_and_a_version_never_healthy_rolls_back() {
+    let _alone = one_at_a_time();
+    let f = Fixture::new("rolling");
+    let _a = f.agent("node-a", f.quic);
+    let _b = f.agent("node-b", f.quic);
+    let v0 = f.job("shop-v0", &rolling_service("0", true));
+    let out = f.run(&["job", "run", &v0]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(text(&out).contains("deployment of job shop version 0: successful"), "{}", text(&out));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stop, api) = (stop.clone(), common::client(&f.http));
+        std::thread::spawn(move || {
+            let (mut min_running, mut max_unready, mut samples) = (usize::MAX, 0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let allocs = api.job("shop").expect("the job's status").allocations;
+                let running = allocs.iter().filter(|a| a.desired == "run" && a.status == "running").count();
+                min_running = min_running.min(running);
+                let unready = allocs
+                    .iter()
+                    .filter(|a| a.desired == "run" && a.job_version == 1 && a.health.as_deref() != Some("healthy"))
+                    .count();
+                max_unready = max_unready.max(unready);
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (min_running, max_unready, samples)
+        })
+    };
+    let started = Instant::now();
+    let v1 = f.job("shop-v1", &rolling_service("1", true));
+    let out = f.run(&["job", "run", &v1]);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (min_running, max_unready, samples) = sampler.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out), String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "rolling update of 20, max_parallel 5: {:.1} s; running instances at least {min_running} in {samples} samples; \
+         at most {max_unready} new ones not yet healthy",
+        took.as_secs_f64()
+    );
+    assert!(samples > 20, "{samples} samples");
+    assert!(min_running >= 15, "only {min_running} instances ran at one moment");
+    assert!(max_unready <= 5, "{max_unready} new instances in flight at once");
+    let live: Vec<Value> = f.allocs("shop").into_iter().filter(|a| a["desired"] == "run").collect();
+    assert_eq!(live.len(), 20);
+    assert!(live.iter().all(|a| a["job_version"] == 1 && a["health"] == "healthy"), "{live:#?}");
+    let v1_ids: Vec<Value> = live.iter().map(|a| a["id"].clone()).collect();
+
+    let broken = f.job("shop-v2", &rolling_service("2", false));
+    let out = f.run(&["job", "run", &broken]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}{stderr}", text(&out));
+    assert!(stderr.contains("check `ready` of task `serve` is critical"), "{stderr}");
+    assert!(stderr.contains("rolled back to version 1"), "{stderr}");
+    eventually(Duration::from_secs(20), "the broken version's instances stopped", || {
+        let live: Vec<Value> = f.allocs("shop").into_iter().filter(|a| a["desired"] == "run").collect();
+        live.len() == 20 && live.iter().all(|a| a["job_version"] == 3)
+    });
+    let mut now: Vec<Value> =
+        f.allocs("shop").into_iter().filter(|a| a["desired"] == "run").map(|a| a["id"].clone()).collect();
+    now.sort_by_key(|v| v.as_u64());
+    assert_eq!(now, v1_ids, "the rollback restarted nothing");
+    let history = json(&f.run(&["job", "history", "shop", "--json"]));
+    let stable: Vec<u64> = history["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["stable"] == true)
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stable, vec![3, 1, 0]);
+}

@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The directories the README's blocks make under /tmp, removed before and after.
-const SCRATCH: [&str; 3] = ["/tmp/hanse-cluster", "/tmp/hanse-agents", "/tmp/hanse-federation"];
+const SCRATCH: [&str; 4] = ["/tmp/hanse-cluster", "/tmp/hanse-agents", "/tmp/hanse-rolling", "/tmp/hanse-federation"];
 
 struct Block {
     line: usize,

@@ -12,8 +12,10 @@ use serde::de::DeserializeOwned;
 /// namespace, the state its ACL tokens and policies, a plan its deferred
 /// count; a log or peer of version 1 is refused by name, not misread.
 /// 3: an exec task may name the `user` it runs as. 4: the state keeps its
-/// garbage-collection marks; writes carry `Swap` and `Collect`.
-pub const VERSION: u8 = 4;
+/// garbage-collection marks; writes carry `Swap` and `Collect`. 5: groups
+/// carry `update`, tasks `checks`; allocations their health and checks;
+/// the state keeps job versions and deployments.
+pub const VERSION: u8 = 5;
 
 /// The largest body [`decode`] will ever look at, whatever the caller's
 /// limit: a bound on what a corrupt length prefix can make it allocate.

@@ -179,6 +179,31 @@ pub enum Command {
         node: NodeId,
         eligible: bool,
     },
+    /// `hanse job promote`: the canaries of `job`'s running deployment
+    /// (of every group, or only `group`) are promoted, and the rest of the
+    /// old version is replaced. Refused when no deployment runs, none of
+    /// its canaries waits, or one is not yet healthy.
+    PromoteDeployment {
+        job: JobId,
+        /// The namespace the caller was allowed to write (see `ScaleJob`).
+        namespace: Arc<str>,
+        group: Option<Arc<str>>,
+    },
+    /// `hanse job deployment fail`: `job`'s running deployment fails
+    /// (with `auto_revert`, its last stable version is registered again).
+    /// Refused when none runs.
+    FailDeployment {
+        job: JobId,
+        namespace: Arc<str>,
+    },
+    /// `hanse job revert`: `job`'s kept `version` is registered again, as
+    /// a new version. Refused for an unknown job or version, or a version
+    /// whose spec is the current one.
+    RevertJob {
+        job: JobId,
+        namespace: Arc<str>,
+        version: u64,
+    },
 }
 
 /// The record key under which [`Command::PeersAsked`] keeps its version.
@@ -333,6 +358,47 @@ impl ClusterState {
                 }
                 Effect::Evals(self.evaluate_for_drain(node, jobs))
             }
+            Command::PromoteDeployment { job, namespace, group } => {
+                if let Err(why) = self.own_job(job, namespace) {
+                    return Effect::Refused(why);
+                }
+                match self.promote(job, group.as_deref()) {
+                    Ok(()) => Effect::Evals(vec![self.create_eval(job, EvalTrigger::Deployment, None)]),
+                    Err(why) => Effect::Refused(why),
+                }
+            }
+            Command::FailDeployment { job, namespace } => {
+                if let Err(why) = self.own_job(job, namespace) {
+                    return Effect::Refused(why);
+                }
+                match self.fail_deployment(job, "failed by an operator".into()) {
+                    Ok(_) => Effect::Evals(vec![self.create_eval(job, EvalTrigger::Deployment, None)]),
+                    Err(why) => Effect::Refused(why),
+                }
+            }
+            Command::RevertJob { job, namespace, version } => {
+                if let Err(why) = self.own_job(job, namespace) {
+                    return Effect::Refused(why);
+                }
+                let current = self.job(job).expect("checked above").clone();
+                let Some(old) = self.job_version(job, *version).cloned() else {
+                    let h = self.job_history(job);
+                    let kept: Vec<String> = h
+                        .into_iter()
+                        .flat_map(|h| h.older.iter().map(|j| j.version.to_string()))
+                        .chain([current.version.to_string()])
+                        .collect();
+                    return Effect::Refused(format!("job {job} has no version {version} (kept: {})", kept.join(", ")));
+                };
+                let back = Job { version: current.version, stopped: false, ..old };
+                if back == current {
+                    return Effect::Refused(format!(
+                        "version {version} of job {job} is what runs now; nothing to revert"
+                    ));
+                }
+                let before = Some(current.version);
+                self.register(back, before)
+            }
             Command::StopJob(id) => match self.job(id).cloned() {
                 Some(mut job) if !job.stopped => {
                     job.stopped = true;
@@ -348,7 +414,11 @@ impl ClusterState {
                 },
                 None => Effect::Refused(format!("unknown job {id}")),
             },
-            Command::ApplyPlan(plan) => Effect::PlanApplied(self.apply_plan(plan)),
+            Command::ApplyPlan(plan) => {
+                let applied = self.apply_plan(plan);
+                self.advance_deployment(&plan.job);
+                Effect::PlanApplied(applied)
+            }
             Command::ApplyPlans(plans) => Effect::PlansApplied(
                 plans.iter().take(PLAN_BATCH_MAX).map(|(eval, plan)| self.apply_eval_plan(*eval, plan)).collect(),
             ),
@@ -418,11 +488,24 @@ impl ClusterState {
             Command::AllocStatus(updates) => {
                 let mut failed = BTreeSet::new();
                 let mut stopped = BTreeSet::new();
-                for AllocReport { id, status, tasks } in updates.iter().take(ALLOC_STATUS_BATCH_MAX) {
+                // Jobs whose deployment may move on, and those of them
+                // where an instance's health changed.
+                let mut deploying = BTreeSet::new();
+                let mut health_changed = BTreeSet::new();
+                for AllocReport { id, status, tasks, health } in updates.iter().take(ALLOC_STATUS_BATCH_MAX) {
                     let was = self.alloc(*id).map(|a| a.status);
                     self.set_task_states(*id, tasks);
+                    let newly_healthy = health.is_some_and(|h| self.set_alloc_health(*id, h));
                     self.set_alloc_status(*id, *status);
                     let Some(a) = self.alloc(*id) else { continue };
+                    if self.active_deployment(&a.job).is_some() {
+                        if newly_healthy {
+                            health_changed.insert(a.job.clone());
+                        }
+                        if newly_healthy || (a.status.is_terminal() && was != Some(a.status)) {
+                            deploying.insert(a.job.clone());
+                        }
+                    }
                     if a.status == AllocStatus::Failed && was != Some(AllocStatus::Failed) {
                         failed.insert(a.job.clone());
                     } else if a.status.is_terminal() && !was.is_some_and(AllocStatus::is_terminal) {
@@ -447,6 +530,15 @@ impl ClusterState {
                     failed.iter().map(|j| self.create_eval(j, EvalTrigger::AllocFailed, None)).collect();
                 for j in stopped.difference(&failed) {
                     evals.push(self.create_eval(j, EvalTrigger::AllocStopped, None));
+                }
+                for j in &deploying {
+                    match self.advance_deployment(j) {
+                        Some(e) => evals.push(e),
+                        None if health_changed.contains(j) && !failed.contains(j) && !stopped.contains(j) => {
+                            evals.push(self.create_eval(j, EvalTrigger::AllocHealth, None));
+                        }
+                        None => {}
+                    }
                 }
                 if updates.len() > ALLOC_STATUS_BATCH_MAX {
                     Effect::Refused(format!(
@@ -523,6 +615,18 @@ impl ClusterState {
         Ok(Effect::Evals(self.evaluate_for_drain(node, jobs)))
     }
 
+    /// Whether `job` is in `namespace` and was submitted here: one another
+    /// cluster delegated is changed at its origin, never here.
+    fn own_job(&self, job: &JobId, namespace: &str) -> Result<(), String> {
+        let j = self.job(job).filter(|j| &*j.namespace == namespace).ok_or_else(|| format!("unknown job {job}"))?;
+        match j.labels.get(crate::model::job::LABEL_ORIGIN) {
+            Some(origin) => {
+                Err(format!("job {job} runs here for cluster {origin}: change it there, where it was submitted"))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// An evaluation for each of `jobs`, for `node`'s drain.
     fn evaluate_for_drain(&mut self, node: &NodeId, jobs: BTreeSet<JobId>) -> Vec<EvalId> {
         jobs.into_iter().map(|j| self.create_eval(&j, EvalTrigger::NodeDrain, Some(node.clone()))).collect()
@@ -534,6 +638,9 @@ impl ClusterState {
     fn register(&mut self, job: Job, before: Option<u64>) -> Effect {
         let id = job.id.clone();
         let version = self.upsert_job(job);
+        // A version that replaces nothing (a revert to what runs) may be
+        // deployed already; the evaluation below follows what this moved.
+        self.deployment_moved(&id);
         let open = self.job_eval(&id).filter(|e| e.status.is_open()).map(|e| e.id);
         let eval = match open {
             Some(e) if before == Some(version) => e,

@@ -66,7 +66,7 @@ impl Log {
 
     fn report(&mut self, job: &str, status: AllocStatus) {
         let ids: Vec<_> = self.state.allocs_of_job(&JobId::new(job)).map(|a| a.id).collect();
-        let reports = ids.into_iter().map(|id| AllocReport { id, status, tasks: Vec::new() }).collect();
+        let reports = ids.into_iter().map(|id| AllocReport::status(id, status)).collect();
         self.commit(Command::AllocStatus(reports));
         self.settle();
     }
@@ -229,7 +229,7 @@ impl Log {
             .filter(|a| a.desired == cluster_core::model::DesiredStatus::Stop && !a.status.is_terminal())
             .map(|a| a.id)
             .collect();
-        let reports = ids.into_iter().map(|id| AllocReport { id, status: AllocStatus::Complete, tasks: Vec::new() });
+        let reports = ids.into_iter().map(|id| AllocReport::status(id, AllocStatus::Complete));
         self.commit(Command::AllocStatus(reports.collect()));
         self.settle();
     }

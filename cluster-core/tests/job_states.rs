@@ -43,6 +43,7 @@ fn fail_unrunnable(s: &mut ClusterState, id: cluster_core::ids::AllocId) {
         exit_code: None,
         signal: None,
         message: "command `x` is not a program this node can run (exec format error)".into(),
+        checks: Vec::new(),
     };
     s.set_task_states(id, &[task]);
     s.set_alloc_status(id, AllocStatus::Failed);

@@ -139,6 +139,7 @@ fn group(index: usize) -> impl Strategy<Value = TaskGroup> {
                 datasets: vec![],
                 restart: Default::default(),
                 on_disconnect: cluster_core::model::job::OnDisconnect::Keep,
+                update: None,
                 tasks: vec![Task {
                     name: Arc::from("t"),
                     driver: if exec {
@@ -154,6 +155,7 @@ fn group(index: usize) -> impl Strategy<Value = TaskGroup> {
                     },
                     gpu: gpu.map(|(count, model)| GpuAsk { count, model: model.map(Arc::from) }),
                     kill_timeout_ms: 5_000,
+                    checks: vec![],
                 }],
             }
         })

@@ -225,3 +225,58 @@ fn prefer_remote_is_a_delegation_mode_without_a_warning() {
     assert_eq!(job.federation.delegate, cluster_core::model::DelegateMode::PreferRemote);
     assert!(checked.diagnostics.is_empty(), "{:?}", checked.diagnostics);
 }
+
+#[test]
+fn an_update_block_and_checks_parse_with_their_defaults() {
+    use cluster_core::model::job::{CheckKind, UpdateStrategy};
+    let text = format!(
+        "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n[group.update]\nmax_parallel = 3\ncanary = 1\nauto_revert = true\n\
+         min_healthy_time = \"5s\"\n{TASK}[[group.task.check]]\nname = \"up\"\ntype = \"http\"\nport = 8080\npath = \"/ready\"\n\
+         interval = \"2s\"\n[[group.task.check]]\nname = \"alive\"\ntype = \"tcp\"\nport = 8080\n\
+         [[group.task.check]]\nname = \"sane\"\ntype = \"script\"\ncommand = \"/bin/true\"\n"
+    );
+    let checked = parse_job(&SourceFile::new("job.toml", text));
+    let job = checked.value.unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
+    let update = job.groups[0].update.expect("an update block");
+    let want = UpdateStrategy {
+        max_parallel: 3,
+        canary: 1,
+        auto_revert: true,
+        min_healthy_time_ms: 5_000,
+        ..Default::default()
+    };
+    assert_eq!(update, want);
+    assert_eq!(update.healthy_deadline_ms, 300_000, "Nomad's default deadline");
+    let checks = &job.groups[0].tasks[0].checks;
+    assert_eq!(checks[0].kind, CheckKind::Http { port: 8080, path: "/ready".into() });
+    assert_eq!((checks[0].interval_ms, checks[0].timeout_ms), (2_000, 2_000));
+    assert_eq!(checks[1].kind, CheckKind::Tcp { port: 8080 });
+    assert_eq!(checks[2].kind, CheckKind::Script { command: "/bin/true".into(), args: vec![] });
+}
+
+#[test]
+fn update_blocks_and_checks_that_cannot_work_are_refused_where_they_are_written() {
+    let group = "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n";
+    let errs = errors(&format!("{group}[group.update]\nmax_parallel = 0\n{TASK}"));
+    assert!(has(&errs, 6, 16, "replace at least 1 instance"), "{errs:?}");
+    let errs = errors(&format!("{group}[group.update]\nmin_healthy_time = \"1m\"\nhealthy_deadline = \"30s\"\n{TASK}"));
+    assert!(has(&errs, 5, 1, "no instance could ever be healthy"), "{errs:?}");
+    let errs = errors(&format!("{group}on_disconnect = \"stop\"\n[group.update]\ncanary = 1\n{TASK}"));
+    assert!(has(&errs, 3, 1, "canaries run beside the old version"), "{errs:?}");
+    let check = |body: &str| errors(&format!("{group}{TASK}[[group.task.check]]\nname = \"c\"\n{body}"));
+    let errs = check("type = \"tcp\"\n");
+    assert!(errs.iter().any(|(l, _, m, _)| *l == 9 && m.contains("port")), "{errs:?}");
+    let errs = check("type = \"icmp\"\nport = 1\n");
+    assert!(has(&errs, 11, 8, "tcp"), "{errs:?}");
+    let errs = check("type = \"tcp\"\nport = 70000\n");
+    assert!(has(&errs, 12, 8, "1 to 65535"), "{errs:?}");
+    let errs = check("type = \"http\"\nport = 80\npath = \"no-slash\"\n");
+    assert!(has(&errs, 13, 8, "starts with `/`"), "{errs:?}");
+    let errs = check("type = \"tcp\"\nport = 80\ninterval = \"10ms\"\n");
+    assert!(has(&errs, 13, 12, "out of range"), "{errs:?}");
+    let mock = "[[group.task]]\nname = \"t\"\ndriver = \"mock\"\n";
+    let errs = errors(&format!(
+        "{group}{mock}[[group.task.check]]\nname = \"c\"\ntype = \"script\"\ncommand = \"/bin/true\"\n"
+    ));
+    assert!(has(&errs, 8, 1, "a script check needs an exec task"), "{errs:?}");
+}

@@ -5,7 +5,7 @@
 use cluster_core::codec;
 use cluster_core::command::{Command, Effect};
 use cluster_core::diag::SourceFile;
-use cluster_core::model::alloc::{AllocReport, TaskPhase, TaskState};
+use cluster_core::model::alloc::{AllocHealth, AllocReport, TaskPhase, TaskState};
 use cluster_core::model::{AllocStatus, NodeStatus};
 use cluster_core::scheduler::{Rng, SchedulerConfig, schedule};
 use cluster_core::spec::{parse_fleet, parse_job};
@@ -67,8 +67,10 @@ fn leader_log(seed: u64, rounds: usize) -> (ClusterState, Vec<Command>) {
                     exit_code: Some(rng.below(4) as i32),
                     signal: None,
                     message: "exited".into(),
+                    checks: Vec::new(),
                 };
-                AllocReport { id: allocs[rng.below(allocs.len())], status, tasks: vec![task] }
+                let health = [None, Some(AllocHealth::Healthy), Some(AllocHealth::Unhealthy)][rng.below(3)];
+                AllocReport { id: allocs[rng.below(allocs.len())], status, tasks: vec![task], health }
             })
             .collect();
         commit(&mut leader, &mut log, Command::AllocStatus(updates));
@@ -79,10 +81,7 @@ fn leader_log(seed: u64, rounds: usize) -> (ClusterState, Vec<Command>) {
         if rng.below(8) == 0 {
             commit(&mut leader, &mut log, Command::StopJob(j.id.clone()));
             // Its agents stop its instances and say so.
-            let ended = leader
-                .allocs_of_job(&j.id)
-                .map(|a| AllocReport { id: a.id, status: AllocStatus::Complete, tasks: Vec::new() })
-                .collect();
+            let ended = leader.allocs_of_job(&j.id).map(|a| AllocReport::status(a.id, AllocStatus::Complete)).collect();
             commit(&mut leader, &mut log, Command::AllocStatus(ended));
         }
         if rng.below(2) == 0 {

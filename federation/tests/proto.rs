@@ -348,7 +348,7 @@ fn a_revoked_tombstone_stays_while_its_work_is_alive() {
     );
     assert!(actions.is_empty(), "{actions:?}");
     let ids: Vec<_> = s.allocs_of_job(&job_id.as_str().into()).map(|a| a.id).collect();
-    let reports = ids.into_iter().map(|id| AllocReport { id, status: AllocStatus::Complete, tasks: Vec::new() });
+    let reports = ids.into_iter().map(|id| AllocReport::status(id, AllocStatus::Complete));
     s.apply(&Command::AllocStatus(reports.collect()));
     // Once it ended, the same floor (not above: not committed again) lets
     // it go.

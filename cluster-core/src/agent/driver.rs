@@ -236,6 +236,20 @@ impl Drivers {
         self.switches_user
     }
 
+    /// The account `task`'s script checks run as: the one the task itself
+    /// runs as ([`TaskUsers::account_for`]); an error when exec tasks do
+    /// not run here or may not run as the task's user.
+    pub fn check_account(&self, task: &Task) -> Result<Option<Account>, String> {
+        let Some((_, users)) = &self.exec_parts else {
+            return Err("script checks run only where the exec driver is enabled".into());
+        };
+        let user = match &task.driver {
+            DriverSpec::Exec { user, .. } => user.as_deref(),
+            DriverSpec::Mock { .. } => None,
+        };
+        users.account_for(&task.name, user).map_err(|e| e.to_string())
+    }
+
     pub fn for_task(&self, task: &Task) -> &Arc<dyn Driver> {
         match task.driver {
             DriverSpec::Exec { .. } => &self.exec,

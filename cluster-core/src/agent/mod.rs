@@ -25,6 +25,7 @@ pub mod driver;
 pub mod fence;
 pub mod fingerprint;
 pub mod gc;
+pub mod health;
 pub mod launch;
 pub mod lease;
 pub mod logs;
@@ -46,7 +47,7 @@ use tokio::task::JoinSet;
 
 use crate::codec;
 use crate::ids::{AllocId, NodeId};
-use crate::model::alloc::{AllocReport, AllocStatus, DesiredStatus, TaskState};
+use crate::model::alloc::{AllocHealth, AllocReport, AllocStatus, DesiredStatus, TaskState};
 use crate::model::job::OnDisconnect;
 use crate::model::node::Node;
 use crate::server::rpc::{ServerReply, ServerRpc};
@@ -110,6 +111,7 @@ struct Slot {
     alloc: AgentAlloc,
     status: AllocStatus,
     tasks: Vec<TaskState>,
+    health: Option<AllocHealth>,
     control: Option<watch::Sender<Control>>,
 }
 
@@ -514,6 +516,7 @@ impl Main {
                 alloc: alloc.clone(),
                 status: AllocStatus::Pending,
                 tasks: Vec::new(),
+                health: None,
                 control: None,
             });
             slot.status = AllocStatus::Pending;
@@ -533,7 +536,7 @@ impl Main {
             let id = alloc.id;
             let restart = !status.is_terminal() && alloc.desired == DesiredStatus::Run;
             if restart && alloc.group.on_disconnect == OnDisconnect::Stop && lapsed {
-                self.slots.insert(id, Slot { alloc, status: AllocStatus::Lost, tasks, control: None });
+                self.slots.insert(id, Slot { alloc, status: AllocStatus::Lost, tasks, health: None, control: None });
                 self.send(id);
             } else if restart {
                 // Delegated at-most-once work waits for a fresh grant.
@@ -542,7 +545,7 @@ impl Main {
                 // Ended before the restart: dated by its directory.
                 let dir = self.env.allocs_dir.join(id.to_string());
                 self.ended.insert(id, last_change(&dir, Instant::now()));
-                self.slots.insert(id, Slot { alloc, status, tasks, control: None });
+                self.slots.insert(id, Slot { alloc, status, tasks, health: None, control: None });
                 self.send(id);
             }
         }
@@ -559,7 +562,10 @@ impl Main {
         // Said before the runner exists: the gc keeps what is starting.
         self.statuses.lock().expect("statuses").insert(id, AllocStatus::Pending);
         self.runners.spawn(runner::run(self.env.clone(), alloc.clone(), rx, self.runner_tx.clone()));
-        self.slots.insert(id, Slot { alloc, status: AllocStatus::Pending, tasks: Vec::new(), control: Some(tx) });
+        self.slots.insert(
+            id,
+            Slot { alloc, status: AllocStatus::Pending, tasks: Vec::new(), health: None, control: Some(tx) },
+        );
         self.dirty = true;
         // Fenced from its first process on.
         self.renew_fence();
@@ -584,7 +590,7 @@ impl Main {
     /// processes.
     fn end_unstarted(&mut self, id: AllocId, status: AllocStatus) {
         let Some(slot) = self.slots.get(&id) else { return };
-        let report = AllocReport { id, status, tasks: slot.tasks.clone() };
+        let report = AllocReport { id, status, tasks: slot.tasks.clone(), health: slot.health };
         match self.supervision.clone() {
             Some(supervision) => {
                 let tasks = slot.alloc.group.tasks.clone();
@@ -601,7 +607,7 @@ impl Main {
     /// Sends the slot's state to the servers.
     fn send(&mut self, id: AllocId) {
         if let Some(s) = self.slots.get(&id) {
-            let _ = self.report_tx.send(AllocReport { id, status: s.status, tasks: s.tasks.clone() });
+            let _ = self.report_tx.send(AllocReport { id, status: s.status, tasks: s.tasks.clone(), health: s.health });
             self.statuses.lock().expect("statuses").insert(id, s.status);
             if s.status.is_terminal() && !self.ended.contains_key(&id) {
                 // Its gc retention runs from here; the directory's time
@@ -620,6 +626,7 @@ impl Main {
         if let Some(s) = self.slots.get_mut(&r.id) {
             s.status = r.status;
             s.tasks = r.tasks;
+            s.health = r.health.or(s.health);
             if r.status.is_terminal() {
                 s.control = None;
             }
@@ -642,8 +649,10 @@ impl Main {
                     // Not running here (lost with an old data dir): done,
                     // once no supervisor left from before runs it.
                     let id = a.id;
-                    self.slots
-                        .insert(id, Slot { alloc: a, status: AllocStatus::Pending, tasks: Vec::new(), control: None });
+                    self.slots.insert(
+                        id,
+                        Slot { alloc: a, status: AllocStatus::Pending, tasks: Vec::new(), health: None, control: None },
+                    );
                     self.end_unstarted(id, AllocStatus::Complete);
                 }
                 (true, DesiredStatus::Stop) if self.awaiting.remove(&a.id).is_some() => {
@@ -660,7 +669,13 @@ impl Main {
             for a in &new {
                 self.slots.insert(
                     a.id,
-                    Slot { alloc: a.clone(), status: AllocStatus::Pending, tasks: Vec::new(), control: None },
+                    Slot {
+                        alloc: a.clone(),
+                        status: AllocStatus::Pending,
+                        tasks: Vec::new(),
+                        health: None,
+                        control: None,
+                    },
                 );
             }
             self.save();

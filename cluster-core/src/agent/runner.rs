@@ -8,10 +8,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::driver::{Drivers, Exit, StartError, TaskContext};
+use super::health;
 use super::logs::Rotation;
 use super::rpc::AgentAlloc;
-use crate::model::alloc::{AllocReport, AllocStatus, TaskPhase, TaskState};
-use crate::model::job::{JobType, RestartMode, Task};
+use crate::model::alloc::{AllocHealth, AllocReport, AllocStatus, CheckState, CheckStatus, TaskPhase, TaskState};
+use crate::model::job::{CheckKind, JobType, RestartMode, Task};
 
 /// What the agent wants of a running allocation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,18 +66,33 @@ pub async fn run(
                 exit_code: None,
                 signal: None,
                 message: String::new(),
+                checks: t
+                    .checks
+                    .iter()
+                    .map(|c| CheckState {
+                        name: c.name.clone(),
+                        kind: c.kind.word().into(),
+                        status: CheckStatus::Pending,
+                        output: String::new(),
+                    })
+                    .collect(),
             })
             .collect(),
     ));
+    let health: Mutex<Option<AllocHealth>> = Mutex::new(None);
+    let current = |s: &[TaskState]| {
+        if s.iter().any(|t| t.state == TaskPhase::Running) { AllocStatus::Running } else { AllocStatus::Pending }
+    };
     let send = |status: AllocStatus| {
         let tasks = states.lock().expect("task states").clone();
-        let _ = reports.send(AllocReport { id: alloc.id, status, tasks });
+        let health = *health.lock().expect("health");
+        let _ = reports.send(AllocReport { id: alloc.id, status, tasks, health });
     };
     let report = |i: usize, f: &(dyn Fn(&mut TaskState) + Sync)| {
         let status = {
             let mut s = states.lock().expect("task states");
             f(&mut s[i]);
-            if s.iter().any(|t| t.state == TaskPhase::Running) { AllocStatus::Running } else { AllocStatus::Pending }
+            current(&s)
         };
         send(status);
     };
@@ -107,7 +123,18 @@ pub async fn run(
             end
         }
     });
-    let ends = futures_join_all(runs).await;
+    // Services and system jobs are judged healthy or not (batch work is
+    // done when it ends); checks run for display whatever the type.
+    let judged = alloc.job_type != JobType::Batch;
+    let changed = || {
+        let status = current(&states.lock().expect("task states"));
+        send(status)
+    };
+    let monitor = watch_health(&env, &alloc, &states, judged.then_some(&health), &changed);
+    let ends = tokio::select! {
+        ends = futures_join_all(runs) => ends,
+        never = monitor => match never {},
+    };
     let status = if let Control::Stop { status, .. } = *control.borrow() {
         status
     } else if ends.contains(&End::Failed) {
@@ -116,6 +143,82 @@ pub async fn run(
         AllocStatus::Complete
     };
     send(status);
+}
+
+/// Runs the checks of `alloc`'s tasks while they run, and judges its
+/// health into `health` (when given), calling `changed` on each change.
+/// Never returns: the caller drops it when the tasks have ended.
+async fn watch_health(
+    env: &Env,
+    alloc: &AgentAlloc,
+    states: &Mutex<Vec<TaskState>>,
+    health: Option<&Mutex<Option<AllocHealth>>>,
+    changed: &(dyn Fn() + Sync),
+) -> std::convert::Infallible {
+    let checks = alloc
+        .group
+        .tasks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, task)| task.checks.iter().enumerate().map(move |(j, check)| (i, task, j, check)));
+    let dir = env.allocs_dir.join(alloc.id.to_string());
+    let loops = checks.map(|(i, task, j, check)| {
+        let dir = dir.join(&*task.name);
+        async move {
+            let account = match &check.kind {
+                CheckKind::Script { .. } => env.drivers.check_account(task),
+                _ => Ok(None),
+            };
+            loop {
+                let running = states.lock().expect("task states")[i].state == TaskPhase::Running;
+                if running {
+                    let (status, output) = match &account {
+                        Ok(a) => health::run_check(check, &dir, a.as_ref()).await,
+                        Err(e) => (CheckStatus::Critical, e.clone()),
+                    };
+                    let differs = {
+                        let mut s = states.lock().expect("task states");
+                        let c = &mut s[i].checks[j];
+                        let differs = c.status != status || c.output != output;
+                        c.status = status;
+                        c.output = output;
+                        differs
+                    };
+                    if differs {
+                        changed();
+                    }
+                }
+                // Bounded as the spec parser bounds it, whatever a peer sent.
+                let interval = check.interval_ms.clamp(crate::spec::job::CHECK_INTERVAL_MIN_MS, 3_600_000);
+                let wait = if running { interval } else { interval.min(250) };
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+        }
+    });
+    let judge = async {
+        let Some(health) = health else { return std::future::pending().await };
+        let mut judge = health::Judge::new(&alloc.group.update.unwrap_or_default(), tokio::time::Instant::now());
+        loop {
+            let now = tokio::time::Instant::now();
+            let verdict = judge.observe(&states.lock().expect("task states"), now);
+            if let Some(v) = verdict {
+                *health.lock().expect("health") = Some(v);
+                changed();
+                return std::future::pending().await;
+            }
+            // Looked at again when it may turn, and at least every 250 ms
+            // for the tasks' changes.
+            let next = judge.next_look(now).min(now + Duration::from_millis(250));
+            tokio::time::sleep_until(next).await;
+        }
+    };
+    let mut all: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>> = Vec::new();
+    all.push(Box::pin(judge));
+    for l in loops {
+        all.push(Box::pin(l));
+    }
+    futures_join_all(all.into_iter()).await;
+    unreachable!("health loops never end")
 }
 
 /// Awaits every future (few: the tasks of one group).

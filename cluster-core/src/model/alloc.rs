@@ -60,7 +60,53 @@ pub struct Allocation {
     pub status: AllocStatus,
     /// Each task's state as the agent last reported it (empty until then).
     pub tasks: Vec<TaskState>,
+    /// Whether it became healthy (see [`AllocHealth`]), as its agent
+    /// reported; once set, it stays.
+    pub health: Option<AllocHealth>,
+    /// Placed as a canary of a deployment: beside the old version, before
+    /// the rest (see [`crate::model::job::UpdateStrategy::canary`]).
+    pub canary: bool,
 }
+
+/// Whether an instance became healthy: every task running for the
+/// group's `min_healthy_time` with every check passing (`Healthy`), or
+/// not by its `healthy_deadline` or failed first (`Unhealthy`). Decided
+/// once, by the agent, as Nomad's clients decide an allocation's
+/// deployment health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocHealth {
+    Healthy,
+    Unhealthy,
+}
+
+keyword_enum!(AllocHealth { Healthy = "healthy", Unhealthy = "unhealthy" });
+
+/// A health check's last result, as the agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckState {
+    pub name: Arc<str>,
+    /// `tcp`, `http` or `script`.
+    pub kind: Arc<str>,
+    pub status: CheckStatus,
+    /// What the last run said: "connection refused", "HTTP 503", the
+    /// script's last output line (at most [`CHECK_OUTPUT_MAX`] bytes).
+    pub output: String,
+}
+
+/// The most bytes of a check's output kept in its state.
+pub const CHECK_OUTPUT_MAX: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    /// Not run yet.
+    Pending,
+    Passing,
+    Critical,
+}
+
+keyword_enum!(CheckStatus { Pending = "pending", Passing = "passing", Critical = "critical" });
 
 /// One task of a running allocation, as its agent sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +121,8 @@ pub struct TaskState {
     /// Why it is in this state, for `hanse alloc status` ("command
     /// `/opt/x` not found", "exited with code 3; restarting in 1s").
     pub message: String,
+    /// Its health checks' last results.
+    pub checks: Vec<CheckState>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -101,11 +149,13 @@ pub struct AllocReport {
     pub status: AllocStatus,
     /// Empty keeps the task states the cluster has.
     pub tasks: Vec<TaskState>,
+    /// Set once the agent decided it; `None` keeps what the cluster has.
+    pub health: Option<AllocHealth>,
 }
 
 impl AllocReport {
     pub fn status(id: AllocId, status: AllocStatus) -> AllocReport {
-        AllocReport { id, status, tasks: Vec::new() }
+        AllocReport { id, status, tasks: Vec::new(), health: None }
     }
 }
 

@@ -23,6 +23,11 @@ pub enum EvalTrigger {
     /// A node joined, changed, came back up or became eligible again: the
     /// system jobs look at it.
     NodeUpdate,
+    /// An instance of a deployment's version became healthy or unhealthy:
+    /// the next ones may be replaced.
+    AllocHealth,
+    /// A deployment moved on: canaries promoted, failed, or rolled back.
+    Deployment,
 }
 
 keyword_enum!(EvalTrigger {
@@ -35,6 +40,8 @@ keyword_enum!(EvalTrigger {
     Delegated = "delegated",
     AllocStopped = "alloc-stopped",
     NodeUpdate = "node-update",
+    AllocHealth = "alloc-health",
+    Deployment = "deployment",
 });
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

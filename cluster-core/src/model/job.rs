@@ -138,6 +138,82 @@ pub struct TaskGroup {
     /// What the agent does with the group's instances while it cannot
     /// reach its servers.
     pub on_disconnect: OnDisconnect,
+    /// `[group.update]`: how a new version replaces the running one. None
+    /// replaces every instance at once, each as soon as its replacement is
+    /// placed.
+    pub update: Option<UpdateStrategy>,
+}
+
+/// A group's `[group.update]`: a new version of a service replaces the
+/// old one a few instances at a time, each old instance stopping only once
+/// its replacement is healthy, watched by a deployment
+/// ([`crate::model::deployment::Deployment`]). After Nomad's `update`
+/// block, whose defaults these are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStrategy {
+    /// Instances replaced at once: new ones placed but not yet healthy. At
+    /// least 1.
+    pub max_parallel: u32,
+    /// How long (ms) every task of an instance must have run, its checks
+    /// passing, before the instance is healthy.
+    pub min_healthy_time_ms: u64,
+    /// By when (ms after it was started) an instance must be healthy;
+    /// after that it is unhealthy and the deployment fails.
+    pub healthy_deadline_ms: u64,
+    /// New instances placed beside the old ones first; the rest follows
+    /// only once they are promoted (`hanse job promote`, or on their own
+    /// when healthy with `auto_promote`).
+    pub canary: u32,
+    pub auto_promote: bool,
+    /// A failed deployment registers the job's last stable version again
+    /// (a version whose deployment succeeded).
+    pub auto_revert: bool,
+}
+
+impl Default for UpdateStrategy {
+    fn default() -> Self {
+        UpdateStrategy {
+            max_parallel: 1,
+            min_healthy_time_ms: 10_000,
+            healthy_deadline_ms: 300_000,
+            canary: 0,
+            auto_promote: false,
+            auto_revert: false,
+        }
+    }
+}
+
+/// A health check the agent runs for a task (`[[group.task.check]]`),
+/// every `interval_ms`, each run given `timeout_ms`. An instance is healthy
+/// only while every check of its tasks passes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: Arc<str>,
+    pub kind: CheckKind,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+/// What a [`Check`] does; every address is the agent's own loopback.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckKind {
+    /// Passes when a TCP connection to `127.0.0.1:port` opens.
+    Tcp { port: u16 },
+    /// Passes when `GET http://127.0.0.1:port{path}` answers 2xx.
+    Http { port: u16, path: String },
+    /// Passes when `command args...` exits 0. Runs as the task's user, in
+    /// the task's directory.
+    Script { command: String, args: Vec<String> },
+}
+
+impl CheckKind {
+    pub fn word(&self) -> &'static str {
+        match self {
+            CheckKind::Tcp { .. } => "tcp",
+            CheckKind::Http { .. } => "http",
+            CheckKind::Script { .. } => "script",
+        }
+    }
 }
 
 /// Restarts an agent makes on its own, before the allocation counts as
@@ -207,6 +283,8 @@ pub struct Task {
     pub gpu: Option<GpuAsk>,
     /// Between SIGTERM and SIGKILL when the task is stopped.
     pub kill_timeout_ms: u64,
+    /// Health checks, run by the agent while the task runs.
+    pub checks: Vec<Check>,
 }
 
 /// The label naming the cluster a delegated job came from (set by the

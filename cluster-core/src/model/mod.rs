@@ -1,6 +1,7 @@
 //! The cluster data model.
 
 pub mod alloc;
+pub mod deployment;
 pub mod eval;
 pub mod job;
 pub mod node;

@@ -3,6 +3,7 @@
 use crate::ids::{AllocId, NodeIdx};
 use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus};
 use crate::model::job::{Job, JobType, OnDisconnect};
+
 use crate::model::node::NodeStatus;
 use crate::model::plan::{Stop, StopReason};
 use crate::resources::{GpuDevices, Resources};
@@ -209,5 +210,92 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
             out.groups[g].place = cov.iter().enumerate().filter(|(_, c)| !**c).map(|(i, _)| i as u32).collect();
         }
     }
+    if !job.stopped && job.job_type == JobType::Service {
+        for (g, group) in job.groups.iter().enumerate() {
+            if let Some(update) = &group.update {
+                roll(state, job, group, update, &mut out.groups[g], &mut out.stops);
+            }
+        }
+    }
     out
+}
+
+/// Paces the replacement of `group`'s older instances by its deployment
+/// (see [`crate::model::deployment`]): a new instance is placed beside an
+/// old one, at most `max_parallel` at once not yet healthy (or first the
+/// canaries, until promoted), and the old one stops only once its
+/// replacement is healthy. With no deployment running (failed, or none)
+/// nothing more is replaced; an old instance whose replacement is healthy
+/// still stops. Instances missing for another reason (a lost node, a
+/// larger count) are placed at once, as without a deployment.
+fn roll(
+    state: &ClusterState,
+    job: &Job,
+    group: &crate::model::job::TaskGroup,
+    update: &crate::model::job::UpdateStrategy,
+    w: &mut GroupWork,
+    stops: &mut Vec<Stop>,
+) {
+    use crate::model::alloc::AllocHealth;
+    let deployment = state.latest_deployment(&job.id).filter(|d| d.job_version == job.version);
+    let active = deployment.is_some_and(|d| d.status.is_active());
+    let awaiting = active && deployment.is_some_and(|d| d.awaits_promotion(&group.name));
+    let at_most_once = group.on_disconnect == OnDisconnect::Stop;
+    // The current version's live instances, by index, with their health.
+    let mut news: std::collections::BTreeMap<u32, Option<AllocHealth>> = Default::default();
+    let (mut canaries, mut stopping) = (0u32, 0u32);
+    for a in state.allocs_of_job(&job.id).filter(|a| a.group == group.name) {
+        if a.job_version == job.version && a.is_live() {
+            news.insert(a.index, a.health);
+            canaries += u32::from(a.canary);
+        } else if a.job_version != job.version && a.desired == DesiredStatus::Stop && !a.status.is_terminal() {
+            stopping += 1;
+        }
+    }
+    let unhealthy_new = news.values().filter(|h| **h != Some(AllocHealth::Healthy)).count() as u32;
+    let updated = |r: &Replace| r.reason == StopReason::Updated;
+    if at_most_once {
+        // The old instance stops first, its replacement placed once it has
+        // ended: those stopping and those not yet healthy are in flight.
+        let allowed = if active { update.max_parallel.saturating_sub(unhealthy_new + stopping) } else { 0 };
+        let mut taken = 0;
+        w.replace.retain(|r| {
+            if !updated(r) {
+                return true;
+            }
+            taken += 1;
+            taken <= allowed
+        });
+        return;
+    }
+    // Indices to replace, once each (two older versions may run at one).
+    let mut candidates = std::collections::BTreeSet::new();
+    let mut settled = Vec::new();
+    for r in &w.replace {
+        match news.get(&r.index) {
+            // Its replacement is healthy: it goes (a drained one too).
+            Some(Some(AllocHealth::Healthy)) if !awaiting || !updated(r) => {
+                stops.push(Stop { alloc: r.alloc, reason: r.reason });
+            }
+            // Its replacement runs, not yet healthy (or a canary awaiting
+            // promotion): it keeps running meanwhile.
+            Some(_) => {}
+            None if updated(r) => {
+                candidates.insert(r.index);
+            }
+            // A drained one with no replacement yet moves as drains do.
+            None => continue,
+        }
+        settled.push(r.alloc);
+    }
+    w.replace.retain(|r| !settled.contains(&r.alloc));
+    let allowed = if !active {
+        0
+    } else if awaiting {
+        deployment.and_then(|d| d.group(&group.name)).map_or(0, |d| d.canaries).saturating_sub(canaries)
+    } else {
+        update.max_parallel.saturating_sub(unhealthy_new)
+    };
+    let held_back: Vec<u32> = candidates.into_iter().skip(allowed as usize).collect();
+    w.place.retain(|i| !held_back.contains(i));
 }

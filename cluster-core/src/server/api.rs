@@ -79,6 +79,13 @@ pub struct AllocStopped {
     pub eval: Option<u64>,
 }
 
+/// A write whose effect an evaluation carries out (a promotion, a failed
+/// deployment): that evaluation, if it opened one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalOpened {
+    pub eval: Option<u64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRegistered {
     pub job: String,
@@ -207,6 +214,12 @@ pub struct AllocView {
     pub gpus: Option<String>,
     /// As the agent last reported them.
     pub tasks: Vec<TaskView>,
+    /// `healthy` or `unhealthy` once its agent decided; absent before.
+    #[serde(default)]
+    pub health: Option<String>,
+    /// Placed as a canary of a deployment.
+    #[serde(default)]
+    pub canary: bool,
 }
 
 /// A piece of a task's log, as the CLI reads it.
@@ -228,6 +241,20 @@ pub struct TaskView {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub message: String,
+    /// Its health checks' last results.
+    #[serde(default)]
+    pub checks: Vec<CheckView>,
+}
+
+/// A health check's last result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckView {
+    pub name: String,
+    /// tcp, http or script.
+    pub kind: String,
+    /// pending (not run yet), passing or critical.
+    pub status: String,
+    pub output: String,
 }
 
 impl AllocView {
@@ -259,10 +286,171 @@ impl AllocView {
                     exit_code: t.exit_code,
                     signal: t.signal,
                     message: t.message.clone(),
+                    checks: t
+                        .checks
+                        .iter()
+                        .map(|c| CheckView {
+                            name: c.name.to_string(),
+                            kind: c.kind.to_string(),
+                            status: c.status.to_string(),
+                            output: c.output.clone(),
+                        })
+                        .collect(),
                 })
                 .collect(),
+            health: a.health.map(|h| h.to_string()),
+            canary: a.canary,
         }
     }
+}
+
+/// `GET /v1/jobs/ID/versions`: the versions kept, newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobVersions {
+    pub job: String,
+    pub versions: Vec<JobVersionView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobVersionView {
+    pub version: u64,
+    /// The one the cluster runs now.
+    pub current: bool,
+    /// Its deployment succeeded: `auto_revert` rolls back to it.
+    pub stable: bool,
+    /// Its deployment's status, if it had one.
+    pub deployment: Option<String>,
+    /// What changed from the version before ("count of web 3 -> 5",
+    /// "task server of web"), when that one is kept.
+    pub changes: Vec<String>,
+    /// The spec, as the cluster keeps it.
+    pub spec: crate::model::Job,
+}
+
+/// `POST /v1/jobs/ID/revert`: register version `version` again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Revert {
+    pub version: u64,
+}
+
+/// `POST /v1/jobs/ID/deployment/promote`: promote the canaries of every
+/// group, or only of `group`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Promote {
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// `GET /v1/jobs/ID/deployment`: the job's latest deployment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentView {
+    pub job: String,
+    pub job_version: u64,
+    /// running, successful, failed or cancelled.
+    pub status: String,
+    pub description: String,
+    pub groups: Vec<DeploymentGroupView>,
+}
+
+/// One group of a deployment, counted over its instances now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentGroupView {
+    pub name: String,
+    /// The group's count.
+    pub desired: u32,
+    pub canaries: u32,
+    pub promoted: bool,
+    /// Live instances of the deployment's version.
+    pub placed: u32,
+    pub healthy: u32,
+    pub unhealthy: u32,
+    /// Live instances of older versions, still to be replaced.
+    pub older: u32,
+    pub max_parallel: u32,
+    pub auto_revert: bool,
+}
+
+impl DeploymentView {
+    pub fn of(state: &ClusterState, d: &crate::model::deployment::Deployment) -> DeploymentView {
+        use crate::model::alloc::AllocHealth;
+        let spec = state.job_version(&d.job, d.job_version);
+        let groups = d
+            .groups
+            .iter()
+            .map(|g| {
+                let update = spec.and_then(|j| j.group(&g.name)).and_then(|s| s.update).unwrap_or_default();
+                let mut v = DeploymentGroupView {
+                    name: g.name.to_string(),
+                    desired: spec.and_then(|j| j.group(&g.name)).map_or(0, |s| s.count),
+                    canaries: g.canaries,
+                    promoted: g.promoted,
+                    placed: 0,
+                    healthy: 0,
+                    unhealthy: 0,
+                    older: 0,
+                    max_parallel: update.max_parallel,
+                    auto_revert: update.auto_revert,
+                };
+                for a in state.allocs_of_job(&d.job).filter(|a| a.group == g.name) {
+                    if a.job_version == d.job_version {
+                        v.placed += u32::from(a.is_live());
+                        v.healthy += u32::from(a.health == Some(AllocHealth::Healthy) && a.is_live());
+                        v.unhealthy += u32::from(a.health == Some(AllocHealth::Unhealthy));
+                    } else if a.is_live() && a.job_version < d.job_version {
+                        v.older += 1;
+                    }
+                }
+                v
+            })
+            .collect();
+        DeploymentView {
+            job: d.job.to_string(),
+            job_version: d.job_version,
+            status: d.status.to_string(),
+            description: d.description.clone(),
+            groups,
+        }
+    }
+}
+
+/// What changed from `old` to `new`, in words an operator reads: counts,
+/// tasks and the rest of each group, groups added or removed, and the job's
+/// own settings.
+pub fn job_changes(old: &crate::model::Job, new: &crate::model::Job) -> Vec<String> {
+    use crate::model::job::TaskGroup;
+    let mut out = Vec::new();
+    let bare = |j: &crate::model::Job| crate::model::Job { groups: Vec::new(), version: 0, ..j.clone() };
+    if bare(old) != bare(new) {
+        out.push(if old.stopped != new.stopped {
+            if new.stopped { "stopped".to_string() } else { "started again".to_string() }
+        } else {
+            "job settings".to_string()
+        });
+    }
+    for g in &new.groups {
+        let Some(o) = old.group(&g.name) else {
+            out.push(format!("group {} added", g.name));
+            continue;
+        };
+        if o.count != g.count {
+            out.push(format!("count of {} {} -> {}", g.name, o.count, g.count));
+        }
+        for t in &g.tasks {
+            match o.tasks.iter().find(|x| x.name == t.name) {
+                Some(x) if x == t => {}
+                Some(_) => out.push(format!("task {} of {}", t.name, g.name)),
+                None => out.push(format!("task {} of {} added", t.name, g.name)),
+            }
+        }
+        let rest = |x: &TaskGroup| TaskGroup { count: 0, tasks: Vec::new(), ..x.clone() };
+        if rest(o) != rest(g) {
+            out.push(format!("settings of {}", g.name));
+        }
+    }
+    for o in old.groups.iter().filter(|o| new.group(&o.name).is_none()) {
+        out.push(format!("group {} removed", o.name));
+    }
+    out
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

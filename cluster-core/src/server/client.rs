@@ -341,6 +341,38 @@ impl Client {
         self.post(&format!("/v1/jobs/{id}/scale"), &super::api::Scale { group: group.to_string(), count })
     }
 
+    /// `hanse job history` and `hanse job inspect`: the versions kept,
+    /// newest first.
+    pub fn versions(&self, id: &str) -> Result<super::api::JobVersions, ClientError> {
+        self.get(&format!("/v1/jobs/{id}/versions"))
+    }
+
+    /// `hanse job revert`: registers version `version` of job `id` again.
+    pub fn revert(&self, id: &str, version: u64) -> Result<JobRegistered, ClientError> {
+        self.post(&format!("/v1/jobs/{id}/revert"), &super::api::Revert { version })
+    }
+
+    /// `hanse job deployment status`: job `id`'s latest deployment, or
+    /// that of `version`.
+    pub fn deployment(&self, id: &str, version: Option<u64>) -> Result<super::api::DeploymentView, ClientError> {
+        match version {
+            Some(v) => self.get(&format!("/v1/jobs/{id}/deployment?version={v}")),
+            None => self.get(&format!("/v1/jobs/{id}/deployment")),
+        }
+    }
+
+    /// `hanse job promote`: promotes the canaries of every group, or of
+    /// `group`.
+    pub fn promote(&self, id: &str, group: Option<&str>) -> Result<super::api::EvalOpened, ClientError> {
+        let req = super::api::Promote { group: group.map(str::to_string) };
+        self.post(&format!("/v1/jobs/{id}/deployment/promote"), &req)
+    }
+
+    /// `hanse job deployment fail`.
+    pub fn fail_deployment(&self, id: &str) -> Result<super::api::EvalOpened, ClientError> {
+        self.post(&format!("/v1/jobs/{id}/deployment/fail"), &serde_json::json!({}))
+    }
+
     /// `hanse alloc stop`: stops allocation `id` (`a000042` or `42`); the
     /// job places it again.
     pub fn stop_alloc(&self, id: &str) -> Result<super::api::AllocStopped, ClientError> {

@@ -60,6 +60,11 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/jobs/plan", post(plan))
         .route("/v1/jobs/{id}", get(job).delete(stop_job))
         .route("/v1/jobs/{id}/scale", post(scale_job))
+        .route("/v1/jobs/{id}/versions", get(job_versions))
+        .route("/v1/jobs/{id}/revert", post(revert_job))
+        .route("/v1/jobs/{id}/deployment", get(deployment))
+        .route("/v1/jobs/{id}/deployment/promote", post(promote))
+        .route("/v1/jobs/{id}/deployment/fail", post(fail_deployment))
         .route("/v1/evaluations/{id}", get(evaluation))
         .route("/v1/nodes", get(nodes).put(register_node))
         .route("/v1/nodes/batch", axum::routing::put(register_nodes))
@@ -675,6 +680,127 @@ async fn scale_job(
     let w = Write::ScaleJob { job: JobId::new(&id), namespace, group: req.group.as_str().into(), count: req.count };
     match s.write(w).await? {
         WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
+        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// `GET /v1/jobs/ID/versions`: every version kept, newest first, with
+/// what changed from the one before. Needs `read` in the job's namespace.
+async fn job_versions(State(s): Srv, Extension(who): Who, Path(id): Path<String>) -> Reply<super::api::JobVersions> {
+    need_somewhere(&who, Capability::Read)?;
+    let found = s
+        .read(false, |st| {
+            let job = st.job(&JobId::new(&id))?;
+            if let Err(e) = need(&who, Capability::Read, &job.namespace) {
+                return Some(Err(e));
+            }
+            let h = st.job_history(&job.id);
+            let mut all: Vec<&crate::model::Job> = h.map(|h| h.older.iter().collect()).unwrap_or_default();
+            all.push(job);
+            let deployment = |v: u64| {
+                let d = h.and_then(|h| h.deployments.iter().rev().find(|d| d.job_version == v));
+                d.map(|d| d.status.to_string())
+            };
+            let stable = |v: u64| h.is_some_and(|h| h.stable.contains(&v));
+            let mut versions: Vec<super::api::JobVersionView> = all
+                .iter()
+                .enumerate()
+                .map(|(i, j)| super::api::JobVersionView {
+                    version: j.version,
+                    current: j.version == job.version,
+                    stable: stable(j.version),
+                    deployment: deployment(j.version),
+                    changes: i.checked_sub(1).map(|p| super::api::job_changes(all[p], j)).unwrap_or_default(),
+                    spec: (*j).clone(),
+                })
+                .collect();
+            versions.reverse();
+            Some(Ok(super::api::JobVersions { job: id.clone(), versions }))
+        })
+        .await?;
+    ok(found.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))??)
+}
+
+/// `POST /v1/jobs/ID/revert` with [`super::api::Revert`]: registers that
+/// version again, as a new one. Needs `submit` in the job's namespace.
+async fn revert_job(
+    State(s): Srv,
+    Extension(who): Who,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Reply<JobRegistered> {
+    let namespace = job_namespace(&s, &id).await?;
+    need(&who, Capability::Submit, &namespace)?;
+    let req: super::api::Revert = body(b)?;
+    match s.write(Write::RevertJob { job: JobId::new(&id), namespace, version: req.version }).await? {
+        WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
+        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// `GET /v1/jobs/ID/deployment[?version=N]`: the job's latest deployment,
+/// or that of version N; 404 when there is none. Needs `read` in the
+/// job's namespace.
+async fn deployment(
+    State(s): Srv,
+    Extension(who): Who,
+    Path(id): Path<String>,
+    q: Q,
+) -> Reply<super::api::DeploymentView> {
+    need_somewhere(&who, Capability::Read)?;
+    let version: Option<u64> = match q.get("version") {
+        Some(v) => Some(v.parse().map_err(|_| ApiError::bad_request(format!("version `{v}` is not a number")))?),
+        None => None,
+    };
+    let found = s
+        .read(false, |st| {
+            let job = st.job(&JobId::new(&id))?;
+            if let Err(e) = need(&who, Capability::Read, &job.namespace) {
+                return Some(Err(e));
+            }
+            let d = match version {
+                None => st.latest_deployment(&job.id),
+                Some(v) => {
+                    st.job_history(&job.id).and_then(|h| h.deployments.iter().rev().find(|d| d.job_version == v))
+                }
+            };
+            Some(Ok(d.map(|d| super::api::DeploymentView::of(st, d))))
+        })
+        .await?;
+    let found = found.ok_or_else(|| ApiError::not_found(format!("no job `{id}` (see `hanse job list`)")))??;
+    ok(found.ok_or_else(|| {
+        ApiError::not_found(format!("job `{id}` has had no deployment (only service groups with [group.update] have)"))
+    })?)
+}
+
+/// `POST /v1/jobs/ID/deployment/promote` with [`super::api::Promote`].
+/// Needs `submit` in the job's namespace.
+async fn promote(
+    State(s): Srv,
+    Extension(who): Who,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Reply<super::api::EvalOpened> {
+    let namespace = job_namespace(&s, &id).await?;
+    need(&who, Capability::Submit, &namespace)?;
+    let req: super::api::Promote =
+        if matches!(&b, Ok(bytes) if bytes.is_empty()) { Default::default() } else { body(b)? };
+    let w = Write::PromoteDeployment { job: JobId::new(&id), namespace, group: req.group.map(|g| g.as_str().into()) };
+    evals_reply(s.write(w).await?)
+}
+
+/// `POST /v1/jobs/ID/deployment/fail`: needs `submit` in the job's
+/// namespace.
+async fn fail_deployment(State(s): Srv, Extension(who): Who, Path(id): Path<String>) -> Reply<super::api::EvalOpened> {
+    let namespace = job_namespace(&s, &id).await?;
+    need(&who, Capability::Submit, &namespace)?;
+    evals_reply(s.write(Write::FailDeployment { job: JobId::new(&id), namespace }).await?)
+}
+
+/// A write that opened evaluations, as `{eval}` (its first).
+fn evals_reply(reply: WriteReply) -> Reply<super::api::EvalOpened> {
+    match reply {
+        WriteReply::Evals(evals) => ok(super::api::EvalOpened { eval: evals.first().map(|e| e.0) }),
         other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
     }
 }

@@ -481,6 +481,13 @@ impl Inner {
                 propose(Command::ScaleJob { job, namespace, group, count }).await?
             }
             Write::StopAlloc(id) => propose(Command::StopAlloc(id)).await?,
+            Write::PromoteDeployment { job, namespace, group } => {
+                propose(Command::PromoteDeployment { job, namespace, group }).await?
+            }
+            Write::FailDeployment { job, namespace } => propose(Command::FailDeployment { job, namespace }).await?,
+            Write::RevertJob { job, namespace, version } => {
+                propose(Command::RevertJob { job, namespace, version }).await?
+            }
             Write::NodeEligibility { node, eligible } => propose(Command::NodeEligibility { node, eligible }).await?,
             Write::DrainNode { node, drain, deadline } => {
                 let deadline_ms = deadline.map(|d| unix_ms() + d.as_millis() as u64);

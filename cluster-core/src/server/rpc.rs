@@ -81,6 +81,23 @@ pub enum Write {
         node: NodeId,
         eligible: bool,
     },
+    /// `hanse job promote` ([`crate::command::Command::PromoteDeployment`]).
+    PromoteDeployment {
+        job: JobId,
+        namespace: Arc<str>,
+        group: Option<Arc<str>>,
+    },
+    /// `hanse job deployment fail` ([`crate::command::Command::FailDeployment`]).
+    FailDeployment {
+        job: JobId,
+        namespace: Arc<str>,
+    },
+    /// `hanse job revert` ([`crate::command::Command::RevertJob`]).
+    RevertJob {
+        job: JobId,
+        namespace: Arc<str>,
+        version: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

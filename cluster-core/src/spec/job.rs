@@ -101,6 +101,25 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
 
     let groups = read_groups(top, d, &constraints, &affinities, &spreads);
     let job_type = job_type?;
+    for (g, span) in &groups {
+        if g.update.is_some() && job_type != JobType::Service {
+            d.warning(
+                span.clone(),
+                format!("group `{}`: [group.update] is for service jobs; this {} job ignores it", g.name, job_type),
+                None,
+            );
+        }
+        if g.update.is_some_and(|u| u.canary > 0) && g.on_disconnect == OnDisconnect::Stop {
+            d.error_hint(
+                span.clone(),
+                format!(
+                    "group `{}`: canaries run beside the old version, which on_disconnect = \"stop\" forbids",
+                    g.name
+                ),
+                "drop `canary`, or let the group run two instances at once (on_disconnect = \"keep\")",
+            );
+        }
+    }
     if job_type == JobType::System {
         for (g, span) in &groups {
             if g.count != 1 {
@@ -299,6 +318,7 @@ fn read_groups(
         spreads.extend(read_spreads(&mut g, d));
         let tasks = read_tasks(&mut g, d);
         let restart = read_restart(&mut g, d);
+        let update = read_update(&mut g, d);
         let on_disconnect = g
             .str(d, "on_disconnect")
             .and_then(|w| keyword(d, "on_disconnect", w, OnDisconnect::WORDS, OnDisconnect::from_word))
@@ -316,6 +336,7 @@ fn read_groups(
                 tasks,
                 restart,
                 on_disconnect,
+                update,
             };
             out.push((group, span));
         }
@@ -542,6 +563,156 @@ fn read_restart(g: &mut Table, d: &mut Diagnostics) -> RestartPolicy {
     policy
 }
 
+/// The most checks one task may have.
+pub const CHECKS_MAX: usize = 16;
+/// The shortest interval between two runs of a check.
+pub const CHECK_INTERVAL_MIN_MS: u64 = 100;
+
+/// A duration field of `t`, `default` when absent; an error when invalid
+/// or outside `range`.
+fn duration_in(
+    t: &mut Table,
+    d: &mut Diagnostics,
+    key: &'static str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> u64 {
+    let Some((text, span)) = t.str(d, key) else { return default };
+    match parse_duration_ms(text) {
+        Ok(ms) if range.contains(&ms) => ms,
+        Ok(_) => {
+            let (lo, hi) = (range.start(), range.end());
+            d.error_hint(span, format!("{key} = \"{text}\" is out of range"), format!("use {lo} ms to {hi} ms"));
+            default
+        }
+        Err(h) => {
+            d.error_hint(span, format!("invalid {key}"), h);
+            default
+        }
+    }
+}
+
+/// `[group.update]`: see [`UpdateStrategy`].
+fn read_update(g: &mut Table, d: &mut Diagnostics) -> Option<UpdateStrategy> {
+    let mut u = g.table(d, "update")?;
+    u.path = format!("{}.update", g.path.trim_end_matches("]]").trim_start_matches("[["));
+    let mut out = UpdateStrategy::default();
+    match u.int(d, "max_parallel") {
+        Some((n, _)) if (1..=GROUP_COUNT_MAX).contains(&n) => out.max_parallel = n as u32,
+        Some((n, s)) => d.error_hint(
+            s,
+            format!("max_parallel = {n}"),
+            "replace at least 1 instance at a time (and at most a group's largest count)",
+        ),
+        None => {}
+    }
+    match u.int(d, "canary") {
+        Some((n, _)) if (0..=GROUP_COUNT_MAX).contains(&n) => out.canary = n as u32,
+        Some((n, s)) => d.error_hint(s, format!("canary = {n}"), "canaries are a number of instances: 0 or more"),
+        None => {}
+    }
+    const HOUR_MS: u64 = 3_600_000;
+    out.min_healthy_time_ms = duration_in(&mut u, d, "min_healthy_time", out.min_healthy_time_ms, 0..=HOUR_MS);
+    out.healthy_deadline_ms = duration_in(&mut u, d, "healthy_deadline", out.healthy_deadline_ms, 1..=24 * HOUR_MS);
+    out.auto_promote = u.bool(d, "auto_promote").is_some_and(|(b, _)| b);
+    out.auto_revert = u.bool(d, "auto_revert").is_some_and(|(b, _)| b);
+    if out.min_healthy_time_ms >= out.healthy_deadline_ms {
+        d.error_hint(
+            u.span.clone(),
+            "min_healthy_time is not shorter than healthy_deadline: no instance could ever be healthy",
+            "make healthy_deadline longer than min_healthy_time",
+        );
+    }
+    if out.auto_promote && out.canary == 0 {
+        d.warning(u.span.clone(), "auto_promote without canaries does nothing", None);
+    }
+    u.finish(d);
+    Some(out)
+}
+
+/// A task's `[[group.task.check]]` entries: see [`Check`]. Script checks
+/// are for exec tasks only (they run as the task's user).
+fn read_checks(t: &mut Table, d: &mut Diagnostics, exec: bool) -> Vec<Check> {
+    let tables = t.tables(d, "check");
+    if tables.len() > CHECKS_MAX {
+        d.error(tables[CHECKS_MAX].span.clone(), format!("a task has at most {CHECKS_MAX} checks"));
+    }
+    let mut names: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    for mut c in tables.into_iter().take(CHECKS_MAX) {
+        let name = c.required_str(d, "name", "\"alive\"").and_then(|(n, s)| {
+            let n = check_name(d, "check", n, s.clone())?;
+            if names.iter().any(|x| x == n) {
+                d.error(s, format!("duplicate check name `{n}` in this task"));
+                return None;
+            }
+            names.push(n.to_string());
+            Some(n)
+        });
+        let kind = c.required_str(d, "type", "\"tcp\"").and_then(|w| {
+            keyword(d, "check type", w, &["tcp", "http", "script"], |w| match w {
+                "tcp" => Some("tcp"),
+                "http" => Some("http"),
+                "script" => Some("script"),
+                _ => None,
+            })
+        });
+        let kind = match kind {
+            Some("tcp") => check_port(&mut c, d).map(|port| CheckKind::Tcp { port }),
+            Some("http") => {
+                let port = check_port(&mut c, d);
+                let path = match c.str(d, "path") {
+                    Some((p, _))
+                        if p.starts_with('/') && !p.chars().any(|ch| ch.is_whitespace() || ch.is_control()) =>
+                    {
+                        p.to_string()
+                    }
+                    Some((p, s)) => {
+                        d.error_hint(s, format!("invalid path `{p}`"), "a path starts with `/` and has no spaces");
+                        "/".into()
+                    }
+                    None => "/".into(),
+                };
+                port.map(|port| CheckKind::Http { port, path })
+            }
+            Some(_) => {
+                if !exec {
+                    d.error_hint(
+                        c.span.clone(),
+                        "a script check needs an exec task",
+                        "it runs as the task's user; use a tcp or http check for other drivers",
+                    );
+                }
+                let command = c.required_str(d, "command", "\"/usr/bin/test\"").map(|(x, _)| x.to_string());
+                let args = c.str_list(d, "args").unwrap_or_default().into_iter().map(|(a, _)| a.to_string()).collect();
+                command.filter(|_| exec).map(|command| CheckKind::Script { command, args })
+            }
+            None => None,
+        };
+        let interval_ms = duration_in(&mut c, d, "interval", 10_000, CHECK_INTERVAL_MIN_MS..=3_600_000);
+        let timeout_ms = duration_in(&mut c, d, "timeout", 2_000, 1..=3_600_000);
+        c.finish(d);
+        if let (Some(name), Some(kind)) = (name, kind) {
+            out.push(Check { name: Arc::from(name), kind, interval_ms, timeout_ms });
+        }
+    }
+    out
+}
+
+fn check_port(c: &mut Table, d: &mut Diagnostics) -> Option<u16> {
+    match c.int(d, "port") {
+        Some((p, _)) if (1..=65_535).contains(&p) => Some(p as u16),
+        Some((p, s)) => {
+            d.error_hint(s, format!("port {p} is out of range"), "a TCP port is 1 to 65535");
+            None
+        }
+        None => {
+            c.missing(d, "port", "8080");
+            None
+        }
+    }
+}
+
 fn read_tasks(g: &mut Table, d: &mut Diagnostics) -> Vec<Task> {
     let tables = g.tables(d, "task");
     if tables.is_empty() && !g.has("task") {
@@ -644,9 +815,10 @@ fn read_tasks(g: &mut Table, d: &mut Diagnostics) -> Vec<Task> {
             }),
             None => KILL_TIMEOUT_MS,
         };
+        let checks = read_checks(&mut t, d, matches!(driver, Some(Driver::Exec { .. })));
         t.finish(d);
         if let (Some(name), Some(driver)) = (name, driver) {
-            out.push(Task { name: Arc::from(name), driver, resources, gpu, kill_timeout_ms });
+            out.push(Task { name: Arc::from(name), driver, resources, gpu, kill_timeout_ms, checks });
         }
     }
     out

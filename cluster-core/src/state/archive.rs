@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::{ClusterState, GcObject, Held};
 use crate::codec;
+use crate::ids::JobId;
 use crate::model::alloc::Allocation;
 use crate::model::eval::Evaluation;
 use crate::model::job::Job;
@@ -113,6 +114,7 @@ pub(super) enum Item {
     Hold(String, Held),
     Record(String, Vec<u8>),
     GcMark(GcObject, u64),
+    History(JobId, super::JobHistory),
 }
 
 /// The table counts of `state`.
@@ -221,6 +223,9 @@ pub fn write<W: Write>(
     }
     for (o, at) in &state.gc_marks {
         chunks.push(&Item::GcMark(o.clone(), *at))?;
+    }
+    for (j, h) in &state.histories {
+        chunks.push(&Item::History(j.clone(), h.clone()))?;
     }
     chunks.flush_chunk()?;
     out.write_all(&0u32.to_be_bytes())?;
@@ -357,6 +362,7 @@ fn count(c: &mut TableCounts, item: &Item) {
         Item::Hold(..) => c.holds += 1,
         Item::Record(..) => c.records += 1,
         Item::GcMark(..) => c.gc_marks += 1,
+        Item::History(..) => {}
     }
 }
 
@@ -501,6 +507,9 @@ impl Builder {
             }
             Item::GcMark(o, at) => {
                 s.gc_marks.insert(o, at);
+            }
+            Item::History(j, h) => {
+                s.histories.insert(j, h);
             }
         }
         Ok(())

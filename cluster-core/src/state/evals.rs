@@ -118,6 +118,8 @@ impl ClusterState {
                 self.create_eval(&eval.job, EvalTrigger::NodeUpdate, None);
             }
         }
+        // What the plan placed or stopped may end the job's deployment.
+        self.advance_deployment(&plan.job);
         PlanOutcome::Applied(applied)
     }
 
@@ -134,6 +136,10 @@ impl ClusterState {
         for (id, job) in lost {
             self.set_alloc_status(id, AllocStatus::Lost);
             jobs.insert(job);
+        }
+        for j in &jobs {
+            // The evaluation below follows whatever this moved.
+            self.deployment_moved(j);
         }
         jobs.into_iter().map(|j| self.create_eval(&j, EvalTrigger::NodeDown, Some(node.clone()))).collect()
     }

@@ -285,6 +285,7 @@ impl ClusterState {
         snap.jobs.retain(|j| !gone_job(&j.id));
         snap.allocs.retain(|a| !gone_job(&a.job));
         snap.evals.retain(|e| !gone_job(&e.job));
+        snap.histories.retain(|(j, _)| !gone_job(j));
         snap.nodes.retain(|n| !drop.contains(&GcObject::Node(n.id.clone())));
         let asked: BTreeSet<String> = drop
             .iter()
@@ -319,6 +320,9 @@ impl ClusterState {
         match command {
             C::RegisterJob(job) => {
                 self.gc_marks.remove(&GcObject::Job(job.id.clone()));
+            }
+            C::RevertJob { job, .. } => {
+                self.gc_marks.remove(&GcObject::Job(job.clone()));
             }
             C::UpsertNode(node) => {
                 self.gc_marks.remove(&GcObject::Node(node.id.clone()));

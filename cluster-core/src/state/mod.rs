@@ -9,11 +9,13 @@
 pub mod archive;
 mod evals;
 mod gc;
+mod history;
 mod progress;
 
 pub use gc::{GC_RULES, GcCounts, GcObject, GcPolicy, GcThresholds, settled_key, settled_value};
 
 pub use evals::{PlanOutcome, system_rerun_key};
+pub use history::{JOB_VERSIONS_KEPT, JobHistory};
 pub use progress::{InstanceState, JobState, Progress, progress};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -23,9 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
 use crate::ids::{AllocId, EvalId, JobId, NodeId, NodeIdx};
-use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus, TaskState};
+use crate::model::alloc::{AllocHealth, AllocStatus, Allocation, DesiredStatus, TaskState};
 use crate::model::eval::Evaluation;
-use crate::model::job::{Job, TaskGroup};
+use crate::model::job::Job;
 use crate::model::node::{ClassSignature, Node};
 use crate::model::plan::{Placement, Plan, Reason, StopReason};
 use crate::resources::{Dimension, GpuAsk, GpuDevices, Resources};
@@ -143,6 +145,8 @@ pub struct ClusterState {
     /// Instances other clusters run, by holder, and the holders' records.
     holds: BTreeMap<String, Held>,
     records: BTreeMap<String, Vec<u8>>,
+    /// Each job's older versions and deployments ([`history`]).
+    histories: BTreeMap<JobId, JobHistory>,
     /// Tokens and policies of the HTTP API.
     acl: crate::acl::AclState,
     /// Objects found collectable, with the time of the first collection
@@ -300,8 +304,12 @@ impl ClusterState {
 
     /// Registers a job or a new version of it. Returns the version stored.
     ///
-    /// Instances of a group whose spec changed only in `count` are carried
-    /// to the new version in place: scaling is not a reason to restart.
+    /// Instances whose group is unchanged but for `count` are carried to
+    /// the new version in place: scaling is not a reason to restart. So
+    /// are instances of a kept older version whose spec the new one
+    /// repeats (a revert restarts what it reverts to no more). The version
+    /// replaced is kept ([`ClusterState::job_history`]); the new one's
+    /// deployment opens.
     pub fn upsert_job(&mut self, mut job: Job) -> u64 {
         if let Some(old) = self.jobs.get(&job.id) {
             let mut same = job.clone();
@@ -310,28 +318,31 @@ impl ClusterState {
                 return old.version;
             }
             job.version = old.version + 1;
-            let job_level_same =
-                Job { groups: Vec::new(), ..same.clone() } == Job { groups: Vec::new(), ..old.clone() };
-            let unchanged: Vec<_> = job
-                .groups
-                .iter()
-                .filter(|g| {
-                    job_level_same
-                        && old.group(&g.name).is_some_and(|o| TaskGroup { count: o.count, ..(*g).clone() } == *o)
+            let old = old.clone();
+            // Of the current version every allocation, ended or not, so
+            // that failures and completed batch work count on; of a kept
+            // older one the live ones only (a revert starts no ended work
+            // again, and a stopped job run again starts afresh).
+            let carried: Vec<AllocId> = self
+                .allocs_of_job(&job.id)
+                .filter(|a| a.job_version == old.version || a.is_live())
+                .filter(|a| {
+                    let Some(was) = self.job_version(&job.id, a.job_version) else { return false };
+                    let (Some(ga), Some(gb)) = (was.group(&a.group), job.group(&a.group)) else { return false };
+                    history::same_instances(was, ga, &job, gb)
                 })
-                .map(|g| g.name.clone())
+                .map(|a| a.id)
                 .collect();
-            let old_version = old.version;
-            for id in self.allocs_by_job.get(&job.id).into_iter().flatten() {
-                if let Some(a) = self.allocs.get_mut(id) {
-                    if a.job_version == old_version && unchanged.contains(&a.group) {
-                        a.job_version = job.version;
-                    }
+            for id in carried {
+                if let Some(a) = self.allocs.get_mut(&id) {
+                    a.job_version = job.version;
                 }
             }
+            self.keep_version(old);
         }
-        let v = job.version;
+        let (v, id) = (job.version, job.id.clone());
         self.jobs.insert(job.id.clone(), job);
+        self.open_deployment(&id);
         v
     }
 
@@ -400,9 +411,23 @@ impl ClusterState {
         }
     }
 
+    /// Records an allocation's health as its agent decided it: once, and
+    /// only while it has not ended. Whether it changed.
+    pub fn set_alloc_health(&mut self, id: AllocId, health: AllocHealth) -> bool {
+        match self.allocs.get_mut(&id) {
+            Some(a) if a.health.is_none() && !a.status.is_terminal() => {
+                a.health = Some(health);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Commits what still fits of `plan`: each placement is checked against
     /// the node's current usage (not the usage the plan was made against),
-    /// and refused placements are returned for re-evaluation.
+    /// and refused placements are returned for re-evaluation. The job's
+    /// deployment is not moved on here (its caller does, once the plan's
+    /// evaluation is settled: moving it may open another).
     pub fn apply_plan(&mut self, plan: &Plan) -> Applied {
         let mut applied = Applied::default();
         for stop in &plan.stops {
@@ -418,7 +443,9 @@ impl ClusterState {
         // An instance that is already live is never placed again, whatever
         // plan asks: a plan made from a state that had not yet applied an
         // earlier plan for the same evaluation would otherwise double it.
-        // System jobs run one instance per node; others one per index.
+        // System jobs run one instance per node; others one per index. An
+        // older version's instance does not count: its replacement runs
+        // beside it until healthy (a deployment), or stops with this plan.
         let system = self.jobs.get(&plan.job).is_some_and(|j| j.job_type == crate::model::JobType::System);
         let key = |group: &Arc<str>, index: u32, node: &NodeId| {
             if system { (group.clone(), 0, Some(node.clone())) } else { (group.clone(), index, None) }
@@ -428,13 +455,24 @@ impl ClusterState {
         let job_id = self.jobs.get_key_value(&plan.job).map_or_else(|| plan.job.clone(), |(k, _)| k.clone());
         let group_names: Vec<Arc<str>> =
             self.jobs.get(&plan.job).map(|j| j.groups.iter().map(|g| g.name.clone()).collect()).unwrap_or_default();
-        let mut live: HashSet<(Arc<str>, u32, Option<NodeId>)> =
-            self.allocs_of_job(&plan.job).filter(|a| a.is_live()).map(|a| key(&a.group, a.index, &a.node)).collect();
+        let mut live: HashSet<(Arc<str>, u32, Option<NodeId>)> = self
+            .allocs_of_job(&plan.job)
+            .filter(|a| a.is_live() && (system || a.job_version >= plan.job_version))
+            .map(|a| key(&a.group, a.index, &a.node))
+            .collect();
         // Nor is an instance another cluster holds: a plan made before the
         // hold committed would otherwise run it here too (review B9).
         if !system {
             live.extend(self.held_of_job(&plan.job).map(|(g, i)| (Arc::<str>::from(g), i, None)));
         }
+        // What runs of an older version, for canaries: a placement beside
+        // one, while its group's deployment awaits promotion, is a canary.
+        let older: HashSet<(Arc<str>, u32)> = self
+            .allocs_of_job(&plan.job)
+            .filter(|a| a.is_live() && a.job_version < plan.job_version)
+            .map(|a| (a.group.clone(), a.index))
+            .collect();
+        let deployment = self.active_deployment(&plan.job).filter(|d| d.job_version == plan.job_version).cloned();
         for p in &plan.placements {
             if !live.insert(key(&p.group, p.index, &p.node)) {
                 applied.refused.push(Refused { placement: p.clone(), reason: Reason::AlreadyPlaced });
@@ -462,6 +500,9 @@ impl ClusterState {
                         desired: DesiredStatus::Run,
                         status: AllocStatus::Pending,
                         tasks: Vec::new(),
+                        health: None,
+                        canary: deployment.as_ref().is_some_and(|d| d.awaits_promotion(&p.group))
+                            && older.contains(&(p.group.clone(), p.index)),
                     };
                     self.allocs_by_job.entry(job_id.clone()).or_default().push(id);
                     self.allocs_by_node.entry(node).or_default().push(id);
@@ -652,6 +693,7 @@ struct Snapshot {
     records: Vec<(String, Vec<u8>)>,
     acl: crate::acl::AclState,
     gc_marks: Vec<(GcObject, u64)>,
+    histories: Vec<(JobId, JobHistory)>,
 }
 
 impl ClusterState {
@@ -669,6 +711,7 @@ impl ClusterState {
             records: self.records.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             acl: self.acl.clone(),
             gc_marks: self.gc_marks.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            histories: self.histories.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         })
     }
 
@@ -685,6 +728,7 @@ impl ClusterState {
             records: self.records.into_iter().collect(),
             acl: self.acl,
             gc_marks: self.gc_marks.into_iter().collect(),
+            histories: self.histories.into_iter().collect(),
         }
     }
 
@@ -705,7 +749,8 @@ impl ClusterState {
             .chain(snap.evals.into_iter().map(Item::Eval))
             .chain(snap.holds.into_iter().map(|(k, h)| Item::Hold(k, h)))
             .chain(snap.records.into_iter().map(|(k, r)| Item::Record(k, r)))
-            .chain(snap.gc_marks.into_iter().map(|(o, at)| Item::GcMark(o, at)));
+            .chain(snap.gc_marks.into_iter().map(|(o, at)| Item::GcMark(o, at)))
+            .chain(snap.histories.into_iter().map(|(j, h)| Item::History(j, h)));
         for item in items {
             build.add(item).map_err(CodecError::Malformed)?;
         }

@@ -1,0 +1,350 @@
+//! Rolling updates through the state machine: deployments pace the
+//! replacement of a service's instances by their health, canaries wait for
+//! promotion, a failure stops the rollout (and with `auto_revert` rolls it
+//! back), and every version of a job is kept for history and revert.
+//!
+//! Each step runs the scheduler and applies its plan as the leader would,
+//! and the agents' reports come in as `Command::AllocStatus`. The checks run
+//! after every step, not only at the end: an instance of the service must
+//! be serving (running, of the old version or of the new one once healthy)
+//! for every index at every moment.
+
+use std::sync::Arc;
+
+use cluster_core::command::{Command, Effect};
+use cluster_core::diag::SourceFile;
+use cluster_core::ids::{AllocId, JobId};
+use cluster_core::model::alloc::{AllocHealth, AllocReport};
+use cluster_core::model::deployment::DeploymentStatus;
+use cluster_core::model::{AllocStatus, Job};
+use cluster_core::scheduler::{SchedulerConfig, schedule};
+use cluster_core::spec::{parse_fleet, parse_job};
+use cluster_core::state::{ClusterState, JOB_VERSIONS_KEPT};
+
+fn state(nodes: usize) -> ClusterState {
+    let fleet =
+        format!("[fleet]\nname = \"t\"\n[[class]]\nname = \"m\"\ncount = {nodes}\ncpu = 16\nmemory = \"64GiB\"\n");
+    ClusterState::with_nodes(parse_fleet(&SourceFile::new("f.toml", fleet)).value.unwrap().nodes).unwrap()
+}
+
+/// A service `web` of `count` instances; `run_for` tells versions apart.
+fn web(count: u32, run_for: &str, update: &str) -> Job {
+    let text = format!(
+        "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\ncount = {count}\n[group.update]\n{update}\n\
+         [[group.task]]\nname = \"t\"\ndriver = \"mock\"\nrun_for = \"{run_for}\"\n\
+         resources = {{ cpu = \"100m\", memory = \"64MiB\" }}\n"
+    );
+    let checked = parse_job(&SourceFile::new("web.toml", text));
+    checked.value.unwrap_or_else(|| panic!("{:?}", checked.diagnostics))
+}
+
+fn id() -> JobId {
+    JobId::new("web")
+}
+
+/// Schedules the job's open evaluation, if any, and applies the plan.
+fn schedule_once(s: &mut ClusterState) {
+    let job = s.job(&id()).unwrap().clone();
+    let plan = schedule(s, &job, &SchedulerConfig::default());
+    let applied = s.apply_plan(&plan);
+    assert!(applied.refused.is_empty(), "{:?}", applied.refused);
+}
+
+/// Agents report every pending allocation running, and the new ones
+/// (not yet judged) `health`.
+fn report(s: &mut ClusterState, health: impl Fn(&cluster_core::model::Allocation) -> Option<AllocHealth>) -> Effect {
+    let updates: Vec<AllocReport> = s
+        .allocs_of_job(&id())
+        .filter(|a| !a.status.is_terminal())
+        .map(|a| {
+            let status = if a.desired == cluster_core::model::DesiredStatus::Stop {
+                AllocStatus::Complete
+            } else {
+                AllocStatus::Running
+            };
+            AllocReport {
+                id: a.id,
+                status,
+                tasks: Vec::new(),
+                health: if a.health.is_none() { health(a) } else { None },
+            }
+        })
+        .collect();
+    s.apply(&Command::AllocStatus(updates))
+}
+
+/// For every index, an instance serves: old and running, or new and
+/// healthy. Returns how many of the job's instances run (any version).
+fn check_serving(s: &ClusterState, count: u32) -> usize {
+    let version = s.job(&id()).unwrap().version;
+    for i in 0..count {
+        let serving = s.allocs_of_job(&id()).any(|a| {
+            a.index == i
+                && a.is_live()
+                && (a.job_version < version || a.health == Some(AllocHealth::Healthy))
+                && a.status == AllocStatus::Running
+        });
+        assert!(serving, "instance {i} serves nothing: {:#?}", s.allocs_of_job(&id()).collect::<Vec<_>>());
+    }
+    s.allocs_of_job(&id()).filter(|a| a.is_live()).count()
+}
+
+fn deployment(s: &ClusterState) -> cluster_core::model::deployment::Deployment {
+    s.latest_deployment(&id()).expect("a deployment").clone()
+}
+
+/// v0 placed, running and healthy: its deployment succeeded.
+fn deployed(s: &mut ClusterState, job: Job) {
+    s.apply(&Command::RegisterJob(job));
+    schedule_once(s);
+    report(s, |_| Some(AllocHealth::Healthy));
+    assert_eq!(deployment(s).status, DeploymentStatus::Successful, "{:?}", deployment(s));
+    assert_eq!(s.job_history(&id()).unwrap().stable, vec![0]);
+}
+
+#[test]
+fn a_rolling_update_replaces_max_parallel_at_a_time_and_stops_old_only_once_new_is_healthy() {
+    let mut s = state(4);
+    let update = "max_parallel = 2\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(5, "1h", update));
+    let v0: Vec<AllocId> = s.allocs_of_job(&id()).map(|a| a.id).collect();
+    s.apply(&Command::RegisterJob(web(5, "2h", update)));
+    assert_eq!(deployment(&s).job_version, 1);
+    let mut rounds = 0;
+    while deployment(&s).status == DeploymentStatus::Running {
+        rounds += 1;
+        assert!(rounds < 20, "the deployment never ended: {:?}", deployment(&s));
+        schedule_once(&mut s);
+        // Never more than max_parallel new instances not yet healthy.
+        let unhealthy_new = s
+            .allocs_of_job(&id())
+            .filter(|a| a.is_live() && a.job_version == 1 && a.health != Some(AllocHealth::Healthy))
+            .count();
+        assert!(unhealthy_new <= 2, "{unhealthy_new} new instances in flight");
+        report(&mut s, |_| None);
+        let running = check_serving(&s, 5);
+        assert!(running <= 5 + 2, "{running} instances run at once");
+        report(&mut s, |_| Some(AllocHealth::Healthy));
+        check_serving(&s, 5);
+    }
+    assert_eq!(deployment(&s).status, DeploymentStatus::Successful);
+    assert_eq!(rounds, 4, "5 instances, 2 at a time: 3 batches and the last stops");
+    let live: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.is_live()).collect();
+    assert_eq!(live.len(), 5);
+    assert!(live.iter().all(|a| a.job_version == 1 && !v0.contains(&a.id)));
+    assert_eq!(s.job_history(&id()).unwrap().stable, vec![0, 1]);
+}
+
+#[test]
+fn an_unhealthy_instance_fails_the_deployment_and_auto_revert_rolls_back_without_restarting_the_old() {
+    let mut s = state(4);
+    let update = "max_parallel = 1\nauto_revert = true\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    let v0: Vec<AllocId> = s.allocs_of_job(&id()).map(|a| a.id).collect();
+    s.apply(&Command::RegisterJob(web(3, "2h", update)));
+    schedule_once(&mut s);
+    let effect = report(&mut s, |_| Some(AllocHealth::Unhealthy));
+    assert!(matches!(effect, Effect::Evals(ref e) if !e.is_empty()), "{effect:?}");
+    let history = s.job_history(&id()).unwrap();
+    let failed = history.deployments.iter().find(|d| d.job_version == 1).unwrap();
+    assert_eq!(failed.status, DeploymentStatus::Failed);
+    assert!(failed.description.contains("unhealthy") && failed.description.contains("rolled back to version 0"));
+    // Version 2 is version 0's spec: the old instances carry on as it.
+    let job = s.job(&id()).unwrap().clone();
+    assert_eq!(job.version, 2);
+    assert_eq!(Job { version: 0, ..job.clone() }, web(3, "1h", update));
+    schedule_once(&mut s);
+    report(&mut s, |_| None);
+    let live: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.is_live()).collect();
+    assert_eq!(live.iter().map(|a| a.id).collect::<Vec<_>>(), v0, "the old instances, unrestarted, and only them");
+    assert!(live.iter().all(|a| a.job_version == 2));
+    assert_eq!(deployment(&s).job_version, 2);
+    assert_eq!(deployment(&s).status, DeploymentStatus::Successful);
+}
+
+#[test]
+fn without_auto_revert_a_failed_deployment_replaces_nothing_more() {
+    let mut s = state(4);
+    let update = "max_parallel = 1\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    s.apply(&Command::RegisterJob(web(3, "2h", update)));
+    schedule_once(&mut s);
+    report(&mut s, |_| Some(AllocHealth::Unhealthy));
+    assert_eq!(deployment(&s).status, DeploymentStatus::Failed);
+    assert!(
+        deployment(&s).description.contains("no stable version") || deployment(&s).description.contains("unhealthy")
+    );
+    for _ in 0..3 {
+        schedule_once(&mut s);
+        report(&mut s, |_| None);
+        check_serving(&s, 3);
+    }
+    let old = s.allocs_of_job(&id()).filter(|a| a.is_live() && a.job_version == 0).count();
+    assert_eq!(old, 3, "the old version keeps running");
+    // An operator fails a deployment by hand the same way.
+    s.apply(&Command::RegisterJob(web(3, "3h", update)));
+    let fail = Command::FailDeployment { job: id(), namespace: Arc::from("default") };
+    assert!(matches!(s.apply(&fail), Effect::Evals(_)));
+    assert_eq!(deployment(&s).status, DeploymentStatus::Failed);
+    assert!(matches!(s.apply(&fail), Effect::Refused(m) if m.contains("no deployment running")));
+}
+
+#[test]
+fn canaries_run_beside_the_old_version_until_promoted() {
+    let mut s = state(4);
+    let update = "max_parallel = 2\ncanary = 1\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(4, "1h", update));
+    s.apply(&Command::RegisterJob(web(4, "2h", update)));
+    schedule_once(&mut s);
+    let canaries: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.job_version == 1).collect();
+    assert_eq!(canaries.len(), 1, "one canary first");
+    assert!(canaries[0].canary);
+    let promote = Command::PromoteDeployment { job: id(), namespace: Arc::from("default"), group: None };
+    assert!(matches!(s.apply(&promote), Effect::Refused(m) if m.contains("0 of 1 canaries are healthy")));
+    report(&mut s, |_| Some(AllocHealth::Healthy));
+    // Healthy, but nothing else moves before the promotion.
+    for _ in 0..2 {
+        schedule_once(&mut s);
+        report(&mut s, |_| Some(AllocHealth::Healthy));
+    }
+    assert_eq!(s.allocs_of_job(&id()).filter(|a| a.is_live() && a.job_version == 0).count(), 4);
+    assert_eq!(deployment(&s).status, DeploymentStatus::Running);
+    assert!(matches!(s.apply(&promote), Effect::Evals(_)));
+    for _ in 0..6 {
+        schedule_once(&mut s);
+        report(&mut s, |_| None);
+        check_serving(&s, 4);
+        report(&mut s, |_| Some(AllocHealth::Healthy));
+    }
+    assert_eq!(deployment(&s).status, DeploymentStatus::Successful);
+    assert_eq!(s.allocs_of_job(&id()).filter(|a| a.is_live()).count(), 4);
+}
+
+#[test]
+fn auto_promote_promotes_healthy_canaries() {
+    let mut s = state(4);
+    let update = "canary = 2\nauto_promote = true\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    s.apply(&Command::RegisterJob(web(3, "2h", update)));
+    schedule_once(&mut s);
+    assert_eq!(s.allocs_of_job(&id()).filter(|a| a.canary).count(), 2);
+    report(&mut s, |_| Some(AllocHealth::Healthy));
+    assert!(deployment(&s).groups[0].promoted, "{:?}", deployment(&s));
+    for _ in 0..4 {
+        schedule_once(&mut s);
+        report(&mut s, |_| Some(AllocHealth::Healthy));
+        check_serving(&s, 3);
+    }
+    assert_eq!(deployment(&s).status, DeploymentStatus::Successful);
+}
+
+#[test]
+fn versions_are_kept_up_to_the_limit_and_any_kept_one_can_be_reverted_to() {
+    let mut s = state(2);
+    for v in 0..8u64 {
+        s.apply(&Command::RegisterJob(web(1, &format!("{}s", v + 1), "")));
+    }
+    let job = s.job(&id()).unwrap().clone();
+    assert_eq!(job.version, 7);
+    let older: Vec<u64> = s.job_history(&id()).unwrap().older.iter().map(|j| j.version).collect();
+    assert_eq!(older, (8 - JOB_VERSIONS_KEPT as u64..7).collect::<Vec<_>>());
+    assert_eq!(s.job_version(&id(), 3).unwrap().groups[0].tasks[0].driver, web(1, "4s", "").groups[0].tasks[0].driver);
+    let revert = |v| Command::RevertJob { job: id(), namespace: Arc::from("default"), version: v };
+    assert!(matches!(s.apply(&revert(0)), Effect::Refused(m) if m.contains("no version 0")));
+    assert!(matches!(s.apply(&revert(7)), Effect::Refused(m) if m.contains("what runs now")));
+    let Effect::JobRegistered { version, .. } = s.apply(&revert(3)) else { panic!("reverted") };
+    assert_eq!(version, 8);
+    assert_eq!(Job { version: 3, ..s.job(&id()).unwrap().clone() }, *s.job_version(&id(), 3).unwrap());
+    let other_namespace = Command::RevertJob { job: id(), namespace: Arc::from("other"), version: 4 };
+    assert!(matches!(s.apply(&other_namespace), Effect::Refused(m) if m.contains("unknown job")));
+}
+
+#[test]
+fn history_and_deployments_survive_a_snapshot() {
+    let mut s = state(2);
+    deployed(&mut s, web(2, "1h", "min_healthy_time = \"1s\""));
+    s.apply(&Command::RegisterJob(web(2, "2h", "min_healthy_time = \"1s\"")));
+    let restored = ClusterState::restore(&s.snapshot()).unwrap();
+    assert_eq!(restored.job_history(&id()), s.job_history(&id()));
+    assert_eq!(restored.snapshot(), s.snapshot());
+}
+
+/// Plans applied as the leader applies them: through `ApplyPlans`, with
+/// the job's open evaluation (none: nothing to do).
+fn schedule_as_leader(s: &mut ClusterState) -> Effect {
+    let job = s.job(&id()).unwrap().clone();
+    let Some(eval) = s.job_eval(&id()).filter(|e| e.status.is_open()).map(|e| e.id) else { return Effect::Done };
+    let plan = schedule(s, &job, &SchedulerConfig::default());
+    s.apply(&Command::ApplyPlans(vec![(eval, plan)]))
+}
+
+#[test]
+fn an_instance_that_failed_before_a_deployment_opened_does_not_fail_it() {
+    let mut s = state(4);
+    let update = "max_parallel = 1\nauto_revert = true\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    // One instance fails after its version proved stable.
+    let failed = s.allocs_of_job(&id()).next().unwrap().id;
+    s.apply(&Command::AllocStatus(vec![AllocReport::status(failed, AllocStatus::Failed)]));
+    schedule_as_leader(&mut s);
+    report(&mut s, |_| Some(AllocHealth::Healthy));
+    // Scaling down carries the failed one into the new version: the
+    // deployment that opens does not judge it, and applying the plan that
+    // stops an instance moves nothing it should not.
+    let scale = Command::ScaleJob { job: id(), namespace: Arc::from("default"), group: Arc::from("g"), count: 2 };
+    assert!(matches!(s.apply(&scale), Effect::JobRegistered { version: 1, .. }));
+    let effect = schedule_as_leader(&mut s);
+    assert!(matches!(effect, Effect::PlansApplied(_)), "{effect:?}");
+    report(&mut s, |_| Some(AllocHealth::Healthy));
+    let d = deployment(&s);
+    assert_eq!((d.job_version, d.status), (1, DeploymentStatus::Successful), "{d:?}");
+    assert_eq!(s.job(&id()).unwrap().version, 1, "nothing was rolled back");
+}
+
+#[test]
+fn a_version_pushed_during_a_rollout_takes_over_and_finishes() {
+    let mut s = state(4);
+    let update = "max_parallel = 1\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    s.apply(&Command::RegisterJob(web(3, "2h", update)));
+    schedule_once(&mut s);
+    report(&mut s, |_| None);
+    // Index 0 now runs versions 0 and 1; version 2 replaces both.
+    s.apply(&Command::RegisterJob(web(3, "3h", update)));
+    assert_eq!(s.job_history(&id()).unwrap().deployments[1].status, DeploymentStatus::Cancelled);
+    for round in 0.. {
+        assert!(round < 20, "the deployment never ended: {:?}", deployment(&s));
+        if deployment(&s).status != DeploymentStatus::Running {
+            break;
+        }
+        schedule_once(&mut s);
+        report(&mut s, |_| None);
+        check_serving(&s, 3);
+        report(&mut s, |_| Some(AllocHealth::Healthy));
+    }
+    assert_eq!((deployment(&s).job_version, deployment(&s).status), (2, DeploymentStatus::Successful));
+    let live: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.is_live()).collect();
+    assert_eq!(live.len(), 3);
+    assert!(live.iter().all(|a| a.job_version == 2));
+}
+
+#[test]
+fn reverting_while_canaries_wait_ends_the_deployment_it_opens() {
+    let mut s = state(4);
+    let update = "canary = 1\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    s.apply(&Command::RegisterJob(web(3, "2h", update)));
+    schedule_once(&mut s);
+    report(&mut s, |_| Some(AllocHealth::Healthy));
+    assert_eq!(deployment(&s).status, DeploymentStatus::Running, "the canary waits for its promotion");
+    let revert = Command::RevertJob { job: id(), namespace: Arc::from("default"), version: 0 };
+    assert!(matches!(s.apply(&revert), Effect::JobRegistered { version: 2, .. }));
+    for _ in 0..3 {
+        schedule_as_leader(&mut s);
+        report(&mut s, |_| Some(AllocHealth::Healthy));
+        check_serving(&s, 3);
+    }
+    let d = deployment(&s);
+    assert_eq!((d.job_version, d.status), (2, DeploymentStatus::Successful), "{d:?}");
+    assert!(s.allocs_of_job(&id()).filter(|a| a.is_live()).all(|a| a.job_version == 2 && !a.canary));
+}
