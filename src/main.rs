@@ -241,6 +241,31 @@ enum AllocCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Restart an allocation's tasks in place, on the same node: each is
+    /// stopped (SIGTERM, then SIGKILL after its kill timeout) and started
+    /// again. Not counted against the group's restart policy.
+    Restart {
+        /// a000042, 42, or an instance: web.frontend[0].
+        alloc: String,
+        /// Only this task.
+        #[arg(long)]
+        task: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Send a signal to every process of an allocation's tasks.
+    Signal {
+        /// a000042, 42, or an instance: web.frontend[0].
+        alloc: String,
+        /// Only this task.
+        #[arg(long)]
+        task: Option<String>,
+        /// SIGHUP, HUP or a number (1 to 64); SIGKILL by default, as Nomad's.
+        #[arg(long, short, default_value = "SIGKILL")]
+        signal: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// A task's output, from the agent of the allocation's node.
     Logs {
         /// a000042, 42, or an instance: web.frontend[0].
@@ -850,6 +875,12 @@ fn main() -> ExitCode {
             remote::job_scale(&client, &job, &group, count, out.json)
         }
         Command::Alloc(AllocCommand::Stop { alloc, out }) => remote::alloc_stop(&client, &alloc, out.json),
+        Command::Alloc(AllocCommand::Restart { alloc, task, out }) => {
+            remote::alloc_restart(&client, &alloc, task.as_deref(), out.json)
+        }
+        Command::Alloc(AllocCommand::Signal { alloc, task, signal, out }) => {
+            remote::alloc_signal(&client, &alloc, task.as_deref(), &signal, out.json)
+        }
         Command::Job(JobCommand::History { job, out }) => remote::job_history(&client, &job, out.json),
         Command::Job(JobCommand::Inspect { job, version }) => remote::job_inspect(&client, &job, version),
         Command::Job(JobCommand::Revert { job, version, out }) => remote::job_revert(&client, &job, version, out.json),

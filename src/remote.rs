@@ -602,6 +602,32 @@ pub fn deployment_fail(c: &Client, id: &str, json: bool) -> anyhow::Result<Outco
     Ok(Outcome::Ok)
 }
 
+/// `hanse alloc restart ALLOC [--task T]`.
+pub fn alloc_restart(c: &Client, arg: &str, task: Option<&str>, json: bool) -> anyhow::Result<Outcome> {
+    let id = resolve_alloc(c, arg)?;
+    let r = c.restart_alloc(&id, task).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!("allocation a{:06}: {}", r.alloc, r.done);
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `hanse alloc signal ALLOC [--task T] [-s SIGNAL]`.
+pub fn alloc_signal(c: &Client, arg: &str, task: Option<&str>, signal: &str, json: bool) -> anyhow::Result<Outcome> {
+    // Refused here before anything is asked of the cluster.
+    cluster_core::server::api::parse_signal(signal).map_err(anyhow::Error::msg)?;
+    let id = resolve_alloc(c, arg)?;
+    let r = c.signal_alloc(&id, task, signal).map_err(api)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!("allocation a{:06}: {}", r.alloc, r.done);
+    }
+    Ok(Outcome::Ok)
+}
+
 /// `hanse alloc stop ALLOC`: stops it; the job places it again.
 pub fn alloc_stop(c: &Client, arg: &str, json: bool) -> anyhow::Result<Outcome> {
     let id = resolve_alloc(c, arg)?;

@@ -1498,3 +1498,70 @@ fn a_rolling_update_keeps_the_service_up_and_a_version_never_healthy_rolls_back(
         .collect();
     assert_eq!(stable, vec![3, 1, 0]);
 }
+
+/// `alloc signal` reaches the task's processes, `alloc restart` starts
+/// them again in place (same allocation, same node, a new process, no
+/// restart counted), and both say why when they cannot.
+#[test]
+fn alloc_signal_and_restart_act_on_the_running_tasks_in_place() {
+    let f = Fixture::new("lifecycle");
+    let _a = f.agent("node-a", f.quic);
+    let job = f.job(
+        "poke",
+        r#"[job]
+name = "poke"
+type = "service"
+
+[[group]]
+name = "g"
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "trap 'date +%s%N > MARKS/$HANSE_ALLOC_ID.usr1' USR1; trap 'exit 0' TERM; echo $$ > MARKS/$HANSE_ALLOC_ID.pid; while :; do sleep 0.1; done"]
+resources = { cpu = "50m", memory = "16MiB" }
+"#,
+    );
+    let out = f.run(&["job", "run", &job]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out), String::from_utf8_lossy(&out.stderr));
+    let alloc = f.node_of_running("poke")[0].0.clone();
+    let pid_file = format!("{alloc}.pid");
+    eventually(Duration::from_secs(10), "the task wrote its pid", || mark(&f.marks(), &pid_file).is_some());
+    let first = mark(&f.marks(), &pid_file).unwrap();
+
+    let out = f.run(&["alloc", "signal", &alloc, "-s", "SIGUSR1"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(text(&out).contains("signal 10 sent"), "{}", text(&out));
+    eventually(Duration::from_secs(10), "the task trapped SIGUSR1", || {
+        mark(&f.marks(), &format!("{alloc}.usr1")).is_some()
+    });
+    assert!(running(first), "a signal the task traps leaves it running");
+
+    let out = f.run(&["alloc", "restart", &alloc, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(json(&out)["done"].as_str().unwrap().contains("task `t` restarted"), "{}", text(&out));
+    eventually(Duration::from_secs(10), "a new process runs the task", || {
+        mark(&f.marks(), &pid_file).is_some_and(|p| p != first && running(p))
+    });
+    eventually(Duration::from_secs(10), "the first process ended", || !running(first));
+    let allocs = f.allocs("poke");
+    assert_eq!(allocs.len(), 1, "restarted in place, not placed again: {allocs:#?}");
+    eventually(Duration::from_secs(10), "the allocation reports its task running again", || {
+        let a = &f.allocs("poke")[0];
+        a["status"] == "running" && a["tasks"][0]["state"] == "running" && a["tasks"][0]["restarts"] == 0
+    });
+
+    let out = f.run(&["alloc", "signal", &alloc, "-s", "SIGBOGUS"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown signal `SIGBOGUS`"), "{out:?}");
+    let out = f.run(&["alloc", "restart", &alloc, "--task", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no task `nope` here (its tasks: t)"), "{out:?}");
+    let out = f.run(&["job", "stop", "poke"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually(Duration::from_secs(10), "the job stopped", || f.allocs("poke")[0]["status"] == "complete");
+    let out = f.run(&["alloc", "restart", &alloc]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing runs"), "{out:?}");
+}

@@ -155,6 +155,8 @@ async fn every_route_refuses_callers_without_a_token_or_capability_and_changes_n
         ("GET", format!("/v1/allocations/{alloc}"), None),
         ("GET", format!("/v1/allocations/{alloc}/logs"), None),
         ("POST", format!("/v1/allocations/{alloc}/stop"), None),
+        ("POST", format!("/v1/allocations/{alloc}/restart"), Some(json!({}))),
+        ("POST", format!("/v1/allocations/{alloc}/signal"), Some(json!({"signal": "HUP"}))),
         ("GET", "/metrics".into(), None),
         ("GET", "/v1/acl/tokens".into(), None),
         ("POST", "/v1/acl/tokens".into(), Some(json!({"name": "x", "management": true}))),

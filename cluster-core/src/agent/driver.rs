@@ -82,6 +82,11 @@ pub trait Running: Send {
     async fn wait(&mut self) -> Exit;
     /// Asks it to end (SIGTERM), forces it (SIGKILL) after `grace`.
     async fn stop(&mut self, grace: Duration) -> Exit;
+    /// Sends `signal` to every process of the task (`hanse alloc signal`).
+    async fn signal(&mut self, signal: i32) -> Result<(), String> {
+        let _ = signal;
+        Err("this driver's tasks take no signals".into())
+    }
 }
 
 #[async_trait]
@@ -675,6 +680,13 @@ impl Running for SupervisedRun {
         }
     }
 
+    async fn signal(&mut self, signal: i32) -> Result<(), String> {
+        if self.exit.is_some() {
+            return Err("the task has ended".into());
+        }
+        self.control.send(Order::Signal { signal }).map_err(|e| format!("its supervisor is gone: {e}"))
+    }
+
     async fn stop(&mut self, grace: Duration) -> Exit {
         if let Some(e) = self.exit {
             return e;
@@ -920,6 +932,17 @@ impl Running for ExecRun {
         }
         let status = self.child.wait().await;
         self.reap(status).await
+    }
+
+    async fn signal(&mut self, signal: i32) -> Result<(), String> {
+        if self.exit.is_some() || self.pid <= 0 {
+            return Err("the task has ended".into());
+        }
+        // SAFETY: kill(2) on our own child's process group, not yet reaped.
+        match unsafe { libc::kill(-self.pid, signal) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error().to_string()),
+        }
     }
 
     async fn stop(&mut self, grace: Duration) -> Exit {

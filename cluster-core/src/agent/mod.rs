@@ -112,6 +112,8 @@ struct Slot {
     status: AllocStatus,
     tasks: Vec<TaskState>,
     health: Option<AllocHealth>,
+    /// Operators' requests to its runner, while it has one.
+    ops: Option<mpsc::UnboundedSender<runner::Op>>,
     control: Option<watch::Sender<Control>>,
 }
 
@@ -239,6 +241,10 @@ pub struct Agent {
     /// Allocation states, for the log service's "done".
     statuses: Arc<Mutex<HashMap<AllocId, AllocStatus>>>,
     collected: Collected,
+    /// Operators' requests (restart, signal), from the service to the
+    /// main loop, which hands each to its allocation's runner.
+    ops_tx: mpsc::UnboundedSender<(AllocId, runner::Op)>,
+    ops_rx: Option<mpsc::UnboundedReceiver<(AllocId, runner::Op)>>,
 }
 
 impl Agent {
@@ -249,7 +255,8 @@ impl Agent {
             transport,
             cluster: options.cluster.clone(),
         });
-        Agent { options, link, statuses: Arc::default(), collected: Arc::default() }
+        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        Agent { options, link, statuses: Arc::default(), collected: Arc::default(), ops_tx, ops_rx: Some(ops_rx) }
     }
 
     /// Where the servers reach this agent (its log service).
@@ -261,19 +268,22 @@ impl Agent {
         self.options.data_dir.join("allocs")
     }
 
-    /// The handler to serve on the agent's QUIC address: task logs.
+    /// The handler to serve on the agent's QUIC address: task logs, and
+    /// operators' restarts and signals.
     pub fn log_service(&self) -> Arc<dyn Handler<AgentService>> {
         Arc::new(LogService {
             allocs_dir: self.allocs_dir(),
             statuses: self.statuses.clone(),
             collected: self.collected.clone(),
             cluster: self.options.cluster.clone(),
+            ops: self.ops_tx.clone(),
         })
     }
 
     /// Runs until `shutdown` resolves. Tasks end with the agent; its local
     /// state lets the next start pick them up again.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
+        let mut ops_rx = self.ops_rx.take().expect("an agent runs once");
         let o = &self.options;
         assert!(!o.servers.is_empty(), "an agent needs at least one server");
         // The state file and the tasks' logs hold secrets: owner only. When
@@ -384,6 +394,7 @@ impl Agent {
                 () = &mut shutdown => break,
                 Some(allocs) = sync_rx.recv() => main.reconcile(allocs),
                 Some(report) = runner_rx.recv() => main.reported(report),
+                Some((id, op)) = ops_rx.recv() => main.operate(id, op),
                 _ = tick.tick() => {
                     // Finished runners are dropped, not kept until the agent stops.
                     while main.runners.try_join_next().is_some() {}
@@ -517,6 +528,7 @@ impl Main {
                 status: AllocStatus::Pending,
                 tasks: Vec::new(),
                 health: None,
+                ops: None,
                 control: None,
             });
             slot.status = AllocStatus::Pending;
@@ -536,7 +548,10 @@ impl Main {
             let id = alloc.id;
             let restart = !status.is_terminal() && alloc.desired == DesiredStatus::Run;
             if restart && alloc.group.on_disconnect == OnDisconnect::Stop && lapsed {
-                self.slots.insert(id, Slot { alloc, status: AllocStatus::Lost, tasks, health: None, control: None });
+                self.slots.insert(
+                    id,
+                    Slot { alloc, status: AllocStatus::Lost, tasks, health: None, ops: None, control: None },
+                );
                 self.send(id);
             } else if restart {
                 // Delegated at-most-once work waits for a fresh grant.
@@ -545,7 +560,7 @@ impl Main {
                 // Ended before the restart: dated by its directory.
                 let dir = self.env.allocs_dir.join(id.to_string());
                 self.ended.insert(id, last_change(&dir, Instant::now()));
-                self.slots.insert(id, Slot { alloc, status, tasks, health: None, control: None });
+                self.slots.insert(id, Slot { alloc, status, tasks, health: None, ops: None, control: None });
                 self.send(id);
             }
         }
@@ -558,14 +573,20 @@ impl Main {
     /// state first, so that a crash right after cannot forget it.
     fn start(&mut self, alloc: AgentAlloc) {
         let (tx, rx) = watch::channel(Control::Run);
+        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
         let id = alloc.id;
         // Said before the runner exists: the gc keeps what is starting.
         self.statuses.lock().expect("statuses").insert(id, AllocStatus::Pending);
-        self.runners.spawn(runner::run(self.env.clone(), alloc.clone(), rx, self.runner_tx.clone()));
-        self.slots.insert(
-            id,
-            Slot { alloc, status: AllocStatus::Pending, tasks: Vec::new(), health: None, control: Some(tx) },
-        );
+        self.runners.spawn(runner::run(self.env.clone(), alloc.clone(), rx, self.runner_tx.clone(), ops_rx));
+        let slot = Slot {
+            alloc,
+            status: AllocStatus::Pending,
+            tasks: Vec::new(),
+            health: None,
+            ops: Some(ops_tx),
+            control: Some(tx),
+        };
+        self.slots.insert(id, slot);
         self.dirty = true;
         // Fenced from its first process on.
         self.renew_fence();
@@ -622,6 +643,19 @@ impl Main {
         self.dirty = true;
     }
 
+    /// Hands an operator's request to allocation `id`'s runner; answers it
+    /// at once when there is none (not here, or ended).
+    fn operate(&mut self, id: AllocId, op: runner::Op) {
+        let slot = self.slots.get(&id).filter(|s| !s.status.is_terminal() && s.control.is_some());
+        let Some(tx) = slot.and_then(|s| s.ops.as_ref()) else {
+            let _ = op.reply.send(Err(format!("allocation {id} does not run on this node")));
+            return;
+        };
+        if let Err(mpsc::error::SendError(op)) = tx.send(op) {
+            let _ = op.reply.send(Err(format!("allocation {id} has ended")));
+        }
+    }
+
     fn reported(&mut self, r: AllocReport) {
         if let Some(s) = self.slots.get_mut(&r.id) {
             s.status = r.status;
@@ -629,6 +663,7 @@ impl Main {
             s.health = r.health.or(s.health);
             if r.status.is_terminal() {
                 s.control = None;
+                s.ops = None;
             }
             self.send(r.id);
         }
@@ -651,7 +686,14 @@ impl Main {
                     let id = a.id;
                     self.slots.insert(
                         id,
-                        Slot { alloc: a, status: AllocStatus::Pending, tasks: Vec::new(), health: None, control: None },
+                        Slot {
+                            alloc: a,
+                            status: AllocStatus::Pending,
+                            tasks: Vec::new(),
+                            health: None,
+                            ops: None,
+                            control: None,
+                        },
                     );
                     self.end_unstarted(id, AllocStatus::Complete);
                 }
@@ -674,6 +716,7 @@ impl Main {
                         status: AllocStatus::Pending,
                         tasks: Vec::new(),
                         health: None,
+                        ops: None,
                         control: None,
                     },
                 );
@@ -995,7 +1038,12 @@ struct LogService {
     collected: Collected,
     /// Only this cluster's servers read the logs (security review, row 12).
     cluster: String,
+    ops: mpsc::UnboundedSender<(AllocId, runner::Op)>,
 }
+
+/// How long an operator's restart or signal may take on the agent (a
+/// restart waits for the tasks' kill timeouts).
+const OP_WAIT: Duration = Duration::from_secs(60);
 
 #[async_trait]
 impl Handler<AgentService> for LogService {
@@ -1007,7 +1055,34 @@ impl Handler<AgentService> for LogService {
                 self.cluster
             ));
         }
-        let AgentService::Logs { alloc, task, stderr, offset, max } = request;
+        let (alloc, task, kind) = match request {
+            AgentService::Logs { alloc, task, stderr, offset, max } => {
+                return self.logs(alloc, task, stderr, offset, max);
+            }
+            AgentService::Restart { alloc, task } => (alloc, task, runner::OpKind::Restart),
+            AgentService::Signal { alloc, task, signal } => (alloc, task, runner::OpKind::Signal(signal)),
+        };
+        if let runner::OpKind::Signal(n) = kind {
+            if !(1..=64).contains(&n) {
+                return AgentServiceReply::Error(format!("{n} is not a signal"));
+            }
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.ops.send((alloc, runner::Op { task, kind, reply })).is_err() {
+            return AgentServiceReply::Error("the agent is stopping".into());
+        }
+        match tokio::time::timeout(OP_WAIT, answer).await {
+            Ok(Ok(Ok(done))) => AgentServiceReply::Done(done),
+            Ok(Ok(Err(why))) => AgentServiceReply::Error(why),
+            Ok(Err(_)) => AgentServiceReply::Error(format!("allocation {alloc} ended before it was done")),
+            Err(_) => AgentServiceReply::Error(format!("allocation {alloc}: not done within {OP_WAIT:?}")),
+        }
+    }
+}
+
+impl LogService {
+    /// Up to `max` bytes of `task`'s stdout or stderr from `offset`.
+    fn logs(&self, alloc: AllocId, task: String, stderr: bool, offset: u64, max: u64) -> AgentServiceReply {
         if !task.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) || task.is_empty() {
             return AgentServiceReply::Error(format!("`{task}` is not a task name"));
         }

@@ -97,12 +97,21 @@ pub enum AgentService {
     /// Up to `max` bytes of a task's stdout or stderr from byte `offset`
     /// (counted from the task's first output, across rotations).
     Logs { alloc: AllocId, task: String, stderr: bool, offset: u64, max: u64 },
+    /// `hanse alloc restart`: stops the allocation's tasks (or only
+    /// `task`) and starts them again in place, outside their restart
+    /// policy.
+    Restart { alloc: AllocId, task: Option<String> },
+    /// `hanse alloc signal`: `signal` (1 to 64) to every process of the
+    /// allocation's tasks (or only `task`).
+    Signal { alloc: AllocId, task: Option<String>, signal: i32 },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum AgentServiceReply {
     Logs(LogChunk),
     Error(String),
+    /// What a restart or a signal did.
+    Done(String),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -26,6 +26,28 @@ pub enum Control {
     },
 }
 
+/// An operator's request to a running allocation (`hanse alloc restart`,
+/// `hanse alloc signal`), answered with what was done or why not.
+#[derive(Debug)]
+pub struct Op {
+    /// One task by name, or every task.
+    pub task: Option<String>,
+    pub kind: OpKind,
+    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Stop the task and start it again in place, outside its restart
+    /// policy (its restarts are not counted).
+    Restart,
+    /// Send this signal to every process of the task.
+    Signal(i32),
+}
+
+/// One task's part of an [`Op`].
+type TaskOp = (OpKind, tokio::sync::oneshot::Sender<Result<String, String>>);
+
 /// Where an agent keeps allocations, and how it runs them.
 #[derive(Clone)]
 pub struct Env {
@@ -54,8 +76,11 @@ pub async fn run(
     alloc: AgentAlloc,
     control: watch::Receiver<Control>,
     reports: mpsc::UnboundedSender<AllocReport>,
+    ops: mpsc::UnboundedReceiver<Op>,
 ) {
     let tasks = &alloc.group.tasks;
+    let (task_ops, mut task_op_rxs): (Vec<_>, Vec<_>) =
+        tasks.iter().map(|_| mpsc::unbounded_channel::<TaskOp>()).unzip();
     let states: Arc<Mutex<Vec<TaskState>>> = Arc::new(Mutex::new(
         tasks
             .iter()
@@ -99,7 +124,9 @@ pub async fn run(
     // A sibling failing for good stops the others.
     let (fail_tx, fail_rx) = watch::channel(false);
     let dir = env.allocs_dir.join(alloc.id.to_string());
+    let mut op_rxs = task_op_rxs.drain(..);
     let runs = tasks.iter().enumerate().map(|(i, task)| {
+        let ops = op_rxs.next().expect("one per task");
         let ctx = TaskContext {
             alloc: alloc.id,
             job: alloc.job.to_string(),
@@ -116,7 +143,7 @@ pub async fn run(
         let alloc = &alloc;
         let report = &report;
         async move {
-            let end = run_task(env, alloc, ctx, control, fail_rx, &|f| report(i, f)).await;
+            let end = run_task(env, alloc, ctx, control, fail_rx, ops, &|f| report(i, f)).await;
             if end == End::Failed {
                 let _ = fail_tx.send(true);
             }
@@ -131,9 +158,11 @@ pub async fn run(
         send(status)
     };
     let monitor = watch_health(&env, &alloc, &states, judged.then_some(&health), &changed);
+    let dispatch = dispatch(tasks, ops, &task_ops);
     let ends = tokio::select! {
         ends = futures_join_all(runs) => ends,
         never = monitor => match never {},
+        never = dispatch => match never {},
     };
     let status = if let Control::Stop { status, .. } = *control.borrow() {
         status
@@ -143,6 +172,48 @@ pub async fn run(
         AllocStatus::Complete
     };
     send(status);
+}
+
+/// Hands each operator's request to the tasks it names, one after the
+/// other, and answers it with what they did. Never returns.
+async fn dispatch(
+    tasks: &[Task],
+    mut ops: mpsc::UnboundedReceiver<Op>,
+    task_ops: &[mpsc::UnboundedSender<TaskOp>],
+) -> std::convert::Infallible {
+    while let Some(op) = ops.recv().await {
+        let targets: Vec<usize> = match &op.task {
+            None => (0..tasks.len()).collect(),
+            Some(name) => tasks.iter().position(|t| *t.name == **name).into_iter().collect(),
+        };
+        if targets.is_empty() {
+            let names: Vec<&str> = tasks.iter().map(|t| &*t.name).collect();
+            let name = op.task.as_deref().unwrap_or_default();
+            let _ = op.reply.send(Err(format!("no task `{name}` here (its tasks: {})", names.join(", "))));
+            continue;
+        }
+        let (mut done, mut failed) = (Vec::new(), Vec::new());
+        for i in targets {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let ended = || format!("task `{}` has ended", tasks[i].name);
+            if task_ops[i].send((op.kind, tx)).is_err() {
+                failed.push(ended());
+                continue;
+            }
+            match rx.await {
+                Ok(Ok(m)) => done.push(m),
+                Ok(Err(e)) => failed.push(e),
+                Err(_) => failed.push(ended()),
+            }
+        }
+        let answer = match (done.is_empty(), failed.is_empty()) {
+            (_, true) => Ok(done.join("; ")),
+            (true, false) => Err(failed.join("; ")),
+            (false, false) => Ok(format!("{}; but {}", done.join("; "), failed.join("; "))),
+        };
+        let _ = op.reply.send(answer);
+    }
+    std::future::pending().await
 }
 
 /// Runs the checks of `alloc`'s tasks while they run, and judges its
@@ -282,12 +353,14 @@ async fn run_task(
     ctx: TaskContext,
     mut control: watch::Receiver<Control>,
     mut failed: watch::Receiver<bool>,
+    mut ops: mpsc::UnboundedReceiver<TaskOp>,
     report: Report<'_>,
 ) -> End {
     let policy = alloc.group.restart;
     let driver = env.drivers.for_task(&ctx.task).clone();
     let mut restarts = 0u32;
-    loop {
+    let name = ctx.task.name.clone();
+    'start: loop {
         let start = driver.start(&ctx);
         tokio::pin!(start);
         let mut run = tokio::select! {
@@ -324,17 +397,39 @@ async fn run_task(
                     t.signal = None;
                     t.message = "started".into();
                 });
-                tokio::select! {
-                    exit = r.wait() => Ok(exit),
-                    deadline = stop_asked(&mut control, &mut failed) => {
-                        let exit = r.stop(grace(&ctx.task, deadline)).await;
-                        report(&|t| {
-                            t.state = TaskPhase::Dead;
-                            t.exit_code = exit.code;
-                            t.signal = exit.signal;
-                            t.message = format!("stopped: {}", exit.describe());
-                        });
-                        return End::Stopped;
+                loop {
+                    tokio::select! {
+                        exit = r.wait() => break Ok(exit),
+                        deadline = stop_asked(&mut control, &mut failed) => {
+                            let exit = r.stop(grace(&ctx.task, deadline)).await;
+                            report(&|t| {
+                                t.state = TaskPhase::Dead;
+                                t.exit_code = exit.code;
+                                t.signal = exit.signal;
+                                t.message = format!("stopped: {}", exit.describe());
+                            });
+                            return End::Stopped;
+                        }
+                        Some((kind, reply)) = ops.recv() => match kind {
+                            OpKind::Signal(signal) => {
+                                let sent = r.signal(signal).await;
+                                let _ = reply.send(match sent {
+                                    Ok(()) => Ok(format!("task `{name}`: signal {signal} sent")),
+                                    Err(e) => Err(format!("task `{name}`: {e}")),
+                                });
+                            }
+                            OpKind::Restart => {
+                                let exit = r.stop(grace(&ctx.task, None)).await;
+                                report(&|t| {
+                                    t.state = TaskPhase::Pending;
+                                    t.exit_code = exit.code;
+                                    t.signal = exit.signal;
+                                    t.message = format!("restarted by an operator ({})", exit.describe());
+                                });
+                                let _ = reply.send(Ok(format!("task `{name}` restarted")));
+                                continue 'start;
+                            }
+                        },
                     }
                 }
             }
@@ -365,14 +460,20 @@ async fn run_task(
             t.restarts = restarts;
             t.message = format!("{what}; restarting in {delay:?}");
         });
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop_asked(&mut control, &mut failed) => {
-                report(&|t| {
-                    t.state = TaskPhase::Dead;
-                    t.message = format!("{what}; stopped while waiting to restart");
-                });
-                return End::Stopped;
+        let wake = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                _ = stop_asked(&mut control, &mut failed) => {
+                    report(&|t| {
+                        t.state = TaskPhase::Dead;
+                        t.message = format!("{what}; stopped while waiting to restart");
+                    });
+                    return End::Stopped;
+                }
+                Some((_, reply)) = ops.recv() => {
+                    let _ = reply.send(Err(format!("task `{name}` is not running: it restarts in a moment")));
+                }
             }
         }
     }
@@ -450,7 +551,8 @@ mod tests {
         };
         let (control_tx, control_rx) = watch::channel(Control::Run);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let runner = tokio::spawn(run(env, alloc, control_rx, tx));
+        let (_ops, ops_rx) = mpsc::unbounded_channel();
+        let runner = tokio::spawn(run(env, alloc, control_rx, tx, ops_rx));
         tokio::time::sleep(Duration::from_millis(20)).await;
         control_tx.send(Control::Stop { deadline: None, status: AllocStatus::Lost }).unwrap();
         let last = loop {
@@ -464,6 +566,62 @@ mod tests {
         // Nor does the task come alive after the report.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!alive.load(Ordering::SeqCst), "the task started after its allocation was reported stopped");
+        runner.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An operator's restart stops the task and starts it again in place,
+    /// its restarts uncounted; a signal to a driver that takes none, or to
+    /// a task that is not there, is answered with why.
+    #[tokio::test]
+    async fn an_operators_restart_starts_the_task_again_in_place() {
+        let dir = std::env::temp_dir().join(format!("hanse-runner-ops-{}", std::process::id()));
+        let env = Env {
+            drivers: Drivers::new(None),
+            allocs_dir: dir.clone(),
+            rotation: Rotation::default(),
+            fence: Arc::new(super::super::fence::Fence::new()),
+        };
+        let text = "[job]\nname = \"j\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\n\
+                    run_for = \"1h\"\nresources = { cpu = 1, memory = \"1GiB\" }\n";
+        let job = crate::spec::job::parse_job(&crate::diag::SourceFile::new("j.toml", text)).value.expect("a job");
+        let alloc = AgentAlloc {
+            id: AllocId(8),
+            job: job.id.clone(),
+            job_type: job.job_type,
+            index: 0,
+            group: Arc::new(job.groups[0].clone()),
+            desired: DesiredStatus::Run,
+            status: AllocStatus::Pending,
+            lease: None,
+        };
+        let (control_tx, control_rx) = watch::channel(Control::Run);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (ops, ops_rx) = mpsc::unbounded_channel();
+        let runner = tokio::spawn(run(env, alloc, control_rx, tx, ops_rx));
+        let running = |r: &AllocReport| r.status == AllocStatus::Running && r.tasks[0].state == TaskPhase::Running;
+        while !running(&rx.recv().await.expect("reports")) {}
+        let ask = |task: Option<&str>, kind| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            ops.send(Op { task: task.map(str::to_string), kind, reply }).unwrap();
+            answer
+        };
+        let no_signals = ask(None, OpKind::Signal(libc::SIGHUP)).await.unwrap();
+        assert_eq!(no_signals, Err("task `t`: this driver's tasks take no signals".to_string()));
+        let missing = ask(Some("u"), OpKind::Restart).await.unwrap();
+        assert_eq!(missing, Err("no task `u` here (its tasks: t)".to_string()));
+        assert_eq!(ask(Some("t"), OpKind::Restart).await.unwrap(), Ok("task `t` restarted".to_string()));
+        let mut seen_restart = false;
+        loop {
+            let r = rx.recv().await.expect("reports");
+            seen_restart |= r.tasks[0].message.starts_with("restarted by an operator");
+            if seen_restart && running(&r) {
+                assert_eq!(r.tasks[0].restarts, 0, "an operator's restart is not the policy's");
+                break;
+            }
+            assert!(!r.status.is_terminal(), "{r:?}");
+        }
+        control_tx.send(Control::Stop { deadline: None, status: AllocStatus::Complete }).unwrap();
         runner.await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -105,9 +105,17 @@ pub fn parse_exit(text: &str) -> Option<(Option<i32>, Option<i32>)> {
 /// One order from the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Order {
-    Renew { ms: u64 },
-    Stop { grace_ms: u64 },
+    Renew {
+        ms: u64,
+    },
+    Stop {
+        grace_ms: u64,
+    },
     Kill,
+    /// `hanse alloc signal`: the signal goes to every process of the tree.
+    Signal {
+        signal: i32,
+    },
 }
 
 impl Order {
@@ -118,6 +126,7 @@ impl Order {
             ("renew", Some(ms)) => Order::Renew { ms: ms.parse().ok()? },
             ("stop", Some(ms)) => Order::Stop { grace_ms: ms.parse().ok()? },
             ("kill", None) => Order::Kill,
+            ("signal", Some(n)) => Order::Signal { signal: n.parse().ok().filter(|n| (1..=64).contains(n))? },
             _ => return None,
         };
         words.next().is_none().then_some(order)
@@ -518,6 +527,11 @@ fn supervise(plan: &Plan) -> Result<(), Failure> {
                     }
                 }
                 Order::Kill => kill_at = Some(now),
+                Order::Signal { signal } => {
+                    if sv.exit.is_none() {
+                        sv.signal_tree(signal);
+                    }
+                }
             }
         }
         sv.reap();
@@ -599,6 +613,7 @@ impl Control {
             Order::Renew { ms } => format!("renew {ms}\n"),
             Order::Stop { grace_ms } => format!("stop {grace_ms}\n"),
             Order::Kill => "kill\n".to_string(),
+            Order::Signal { signal } => format!("signal {signal}\n"),
         };
         let mut s = self.stream.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         s.write_all(line.as_bytes())
@@ -616,6 +631,9 @@ mod tests {
     fn orders_and_exits_read_back_and_nothing_else_does() {
         assert_eq!(Order::parse("renew 1500\n"), Some(Order::Renew { ms: 1500 }));
         assert_eq!(Order::parse("stop 5000"), Some(Order::Stop { grace_ms: 5000 }));
+        assert_eq!(Order::parse("signal 10\n"), Some(Order::Signal { signal: 10 }));
+        assert_eq!(Order::parse("signal 0"), None);
+        assert_eq!(Order::parse("signal 99"), None);
         assert_eq!(Order::parse("kill"), Some(Order::Kill));
         for bad in ["renew", "renew x", "renew 1 2", "kill 1", "stop", "exit 0 -", ""] {
             assert_eq!(Order::parse(bad), None, "{bad}");

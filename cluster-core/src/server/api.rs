@@ -79,6 +79,61 @@ pub struct AllocStopped {
     pub eval: Option<u64>,
 }
 
+/// `POST /v1/allocations/ID/restart`: restart its tasks (or only `task`)
+/// in place.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AllocRestart {
+    #[serde(default)]
+    pub task: Option<String>,
+}
+
+/// `POST /v1/allocations/ID/signal`: send `signal` (`SIGHUP`, `HUP` or a
+/// number) to its tasks (or only `task`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocSignal {
+    #[serde(default)]
+    pub task: Option<String>,
+    pub signal: String,
+}
+
+/// What a restart or a signal did, as the agent said.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocOpDone {
+    pub alloc: u64,
+    pub done: String,
+}
+
+/// The signals `hanse alloc signal` takes by name, with their numbers on
+/// Linux.
+pub const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("KILL", 9),
+    ("USR1", 10),
+    ("USR2", 12),
+    ("ALRM", 14),
+    ("TERM", 15),
+    ("CONT", 18),
+    ("STOP", 19),
+    ("TSTP", 20),
+    ("WINCH", 28),
+];
+
+/// A signal as an operator writes it: `SIGUSR1`, `usr1` or `10` (1 to 64).
+pub fn parse_signal(text: &str) -> Result<i32, String> {
+    let t = text.trim();
+    if let Ok(n) = t.parse::<i32>() {
+        return if (1..=64).contains(&n) { Ok(n) } else { Err(format!("signal {n} is out of range (1 to 64)")) };
+    }
+    let upper = t.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    SIGNALS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s).ok_or_else(|| {
+        let names: Vec<String> = SIGNALS.iter().map(|(n, _)| format!("SIG{n}")).collect();
+        format!("unknown signal `{t}`: use a number (1 to 64) or one of {}", names.join(", "))
+    })
+}
+
 /// A write whose effect an evaluation carries out (a promotion, a failed
 /// deployment): that evaluation, if it opened one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -373,6 +373,24 @@ impl Client {
         self.post(&format!("/v1/jobs/{id}/deployment/fail"), &serde_json::json!({}))
     }
 
+    /// `hanse alloc restart`: allocation `id`'s tasks (or only `task`)
+    /// stop and start again in place.
+    pub fn restart_alloc(&self, id: &str, task: Option<&str>) -> Result<super::api::AllocOpDone, ClientError> {
+        let req = super::api::AllocRestart { task: task.map(str::to_string) };
+        self.post(&format!("/v1/allocations/{id}/restart"), &req)
+    }
+
+    /// `hanse alloc signal`: `signal` to allocation `id`'s tasks (or `task`).
+    pub fn signal_alloc(
+        &self,
+        id: &str,
+        task: Option<&str>,
+        signal: &str,
+    ) -> Result<super::api::AllocOpDone, ClientError> {
+        let req = super::api::AllocSignal { task: task.map(str::to_string), signal: signal.to_string() };
+        self.post(&format!("/v1/allocations/{id}/signal"), &req)
+    }
+
     /// `hanse alloc stop`: stops allocation `id` (`a000042` or `42`); the
     /// job places it again.
     pub fn stop_alloc(&self, id: &str) -> Result<super::api::AllocStopped, ClientError> {

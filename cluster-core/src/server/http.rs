@@ -76,6 +76,8 @@ pub fn router(server: Arc<Inner>) -> Router {
         .route("/v1/allocations/status", post(alloc_status))
         .route("/v1/allocations/{id}", get(alloc))
         .route("/v1/allocations/{id}/stop", post(stop_alloc))
+        .route("/v1/allocations/{id}/restart", post(restart_alloc))
+        .route("/v1/allocations/{id}/signal", post(signal_alloc))
         .route("/v1/allocations/{id}/logs", get(logs))
         .route("/metrics", get(metrics))
         .merge(super::access::router())
@@ -822,6 +824,56 @@ async fn stop_alloc(State(s): Srv, Extension(who): Who, Path(id): Path<String>) 
         WriteReply::Evals(evals) => ok(super::api::AllocStopped { alloc: n, eval: evals.first().map(|e| e.0) }),
         other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
     }
+}
+
+/// `POST /v1/allocations/ID/restart` with [`super::api::AllocRestart`]:
+/// its agent stops its tasks and starts them again in place. Needs
+/// `stop` in its job's namespace.
+async fn restart_alloc(
+    State(s): Srv,
+    Extension(who): Who,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Reply<super::api::AllocOpDone> {
+    let (n, node) = running_alloc(&s, &who, &id).await?;
+    let req: super::api::AllocRestart =
+        if matches!(&b, Ok(bytes) if bytes.is_empty()) { Default::default() } else { body(b)? };
+    let request = crate::agent::rpc::AgentService::Restart { alloc: AllocId(n), task: req.task };
+    ok(super::api::AllocOpDone { alloc: n, done: s.agent_op(&node, request).await? })
+}
+
+/// `POST /v1/allocations/ID/signal` with [`super::api::AllocSignal`]: its
+/// agent signals its tasks. Needs `stop` in its job's namespace.
+async fn signal_alloc(
+    State(s): Srv,
+    Extension(who): Who,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Reply<super::api::AllocOpDone> {
+    let (n, node) = running_alloc(&s, &who, &id).await?;
+    let req: super::api::AllocSignal = body(b)?;
+    let signal = super::api::parse_signal(&req.signal).map_err(ApiError::bad_request)?;
+    let request = crate::agent::rpc::AgentService::Signal { alloc: AllocId(n), task: req.task, signal };
+    ok(super::api::AllocOpDone { alloc: n, done: s.agent_op(&node, request).await? })
+}
+
+/// Allocation `id` and its node, once the caller may `stop` in its job's
+/// namespace; 409 when it does not run (ended, or stopping).
+async fn running_alloc(s: &Inner, who: &crate::acl::Caller, id: &str) -> Result<(u64, NodeId), ApiError> {
+    let n = alloc_id(id)?;
+    let found = s
+        .read(false, |st| st.alloc(AllocId(n)).map(|a| (a.clone(), st.namespace_of(&a.job))))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no allocation {id}")))?;
+    let (alloc, namespace) = found;
+    need(who, Capability::Stop, &namespace)?;
+    if !alloc.is_live() {
+        return Err(ApiError::new(
+            409,
+            format!("allocation {id} is {} ({}): nothing runs", alloc.status, alloc.desired),
+        ));
+    }
+    Ok((n, alloc.node.clone()))
 }
 
 /// An evaluation; with `?wait=SECONDS`, answered once it is no longer

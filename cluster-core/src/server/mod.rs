@@ -350,6 +350,28 @@ impl Inner {
         match transport.call(address, request).await {
             Ok(AgentServiceReply::Logs(chunk)) => Ok(chunk),
             Ok(AgentServiceReply::Error(m)) => Err(ApiError::not_found(m)),
+            Ok(AgentServiceReply::Done(_)) => Err(ApiError::new(502, format!("the agent of node {node} sent no logs"))),
+            Err(e) => Err(ApiError::new(502, format!("the agent of node {node} at {address}: {e}"))),
+        }
+    }
+
+    /// Asks the agent of `node` to restart or signal an allocation's tasks
+    /// ([`AgentService::Restart`], [`AgentService::Signal`]): what it did.
+    pub async fn agent_op(&self, node: &NodeId, request: AgentService) -> Result<String, ApiError> {
+        let address = self
+            .raft
+            .read(|s| s.node_idx(node).and_then(|i| s.node(i).agent_address.clone()))
+            .ok_or_else(|| ApiError::not_found(format!("node {node} has no agent this server can reach")))?;
+        let address: std::net::SocketAddr = address
+            .parse()
+            .map_err(|_| ApiError::new(502, format!("node {node} registered a bad agent address `{address}`")))?;
+        let transport = self.agents.get().ok_or_else(|| ApiError::unavailable("this server cannot reach agents"))?;
+        match transport.call(address, request).await {
+            Ok(AgentServiceReply::Done(done)) => Ok(done),
+            Ok(AgentServiceReply::Error(m)) => Err(ApiError::new(409, m)),
+            Ok(AgentServiceReply::Logs(_)) => {
+                Err(ApiError::new(502, format!("the agent of node {node} answered logs")))
+            }
             Err(e) => Err(ApiError::new(502, format!("the agent of node {node} at {address}: {e}"))),
         }
     }
