@@ -699,12 +699,15 @@ enum JobCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
-    /// A version of a job's spec, as the cluster keeps it (JSON).
+    /// A version of a job's spec, as it was submitted (with --json: the
+    /// text and the spec as the cluster keeps it).
     Inspect {
         job: String,
         /// The version (default: the current one).
         #[arg(long)]
         version: Option<u64>,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Register a kept version of a job again, as its newest version.
     Revert {
@@ -882,7 +885,9 @@ fn main() -> ExitCode {
             remote::alloc_signal(&client, &alloc, task.as_deref(), &signal, out.json)
         }
         Command::Job(JobCommand::History { job, out }) => remote::job_history(&client, &job, out.json),
-        Command::Job(JobCommand::Inspect { job, version }) => remote::job_inspect(&client, &job, version),
+        Command::Job(JobCommand::Inspect { job, version, out }) => {
+            remote::job_inspect(&client, &job, version, out.json)
+        }
         Command::Job(JobCommand::Revert { job, version, out }) => remote::job_revert(&client, &job, version, out.json),
         Command::Job(JobCommand::Promote { job, group, out }) => {
             remote::job_promote(&client, &job, group.as_deref(), out.json)

@@ -509,8 +509,10 @@ pub fn job_history(c: &Client, id: &str, json: bool) -> anyhow::Result<Outcome> 
     Ok(Outcome::Ok)
 }
 
-/// `hanse job inspect JOB [--version N]`: the spec, as JSON.
-pub fn job_inspect(c: &Client, id: &str, version: Option<u64>) -> anyhow::Result<Outcome> {
+/// `hanse job inspect JOB [--version N]`: the spec as it was submitted
+/// (as the cluster keeps it, in JSON, for a job registered otherwise, or
+/// with `--json`).
+pub fn job_inspect(c: &Client, id: &str, version: Option<u64>, json: bool) -> anyhow::Result<Outcome> {
     let h = c.versions(id).map_err(api)?;
     let found = match version {
         Some(v) => h.versions.iter().find(|x| x.version == v),
@@ -524,7 +526,10 @@ pub fn job_inspect(c: &Client, id: &str, version: Option<u64>) -> anyhow::Result
             kept.join(", ")
         );
     };
-    print_json(&v.spec)?;
+    match &v.submitted {
+        Some(text) if !json => print!("{text}{}", if text.ends_with('\n') { "" } else { "\n" }),
+        _ => print_json(v)?,
+    }
     Ok(Outcome::Ok)
 }
 

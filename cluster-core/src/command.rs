@@ -204,6 +204,13 @@ pub enum Command {
         namespace: Arc<str>,
         version: u64,
     },
+    /// [`Command::RegisterJob`] of a spec submitted as text (`hanse job
+    /// run`): the text is kept beside the version it made, for `hanse job
+    /// inspect` (see [`crate::state::JobHistory::submitted`]).
+    RegisterSubmitted {
+        job: Job,
+        spec: String,
+    },
 }
 
 /// The record key under which [`Command::PeersAsked`] keeps its version.
@@ -279,18 +286,16 @@ impl ClusterState {
             Command::DrainNode { node, drain, deadline_ms } => {
                 self.drain(node, *drain, *deadline_ms).unwrap_or_else(refused)
             }
-            Command::RegisterJob(job) => {
-                // Job names are unique across namespaces: a job of another
-                // namespace is not replaced by one that reuses its name
-                // (the submitter was allowed to write only its own).
-                if let Some(old) = self.job(&job.id).filter(|j| j.namespace != job.namespace) {
-                    return Effect::Refused(format!(
-                        "a job `{}` exists in namespace `{}`; job names are unique across namespaces",
-                        job.id, old.namespace
-                    ));
-                }
+            Command::RegisterJob(job) => self.register_new(job),
+            Command::RegisterSubmitted { job, spec } => {
                 let before = self.job(&job.id).map(|j| j.version);
-                self.register(job.clone(), before)
+                let effect = self.register_new(job);
+                if let Effect::JobRegistered { version, .. } = effect {
+                    if before != Some(version) {
+                        self.keep_submitted(&job.id, version, spec);
+                    }
+                }
+                effect
             }
             Command::ScaleJob { job, namespace, group, count } => {
                 let Some(mut j) = self.job(job).cloned().filter(|j| j.namespace == *namespace) else {
@@ -397,7 +402,13 @@ impl ClusterState {
                     ));
                 }
                 let before = Some(current.version);
-                self.register(back, before)
+                let effect = self.register(back, before);
+                if let Effect::JobRegistered { version: new, .. } = effect {
+                    if let Some(text) = self.submitted(job, *version).map(str::to_string) {
+                        self.keep_submitted(job, new, &text);
+                    }
+                }
+                effect
             }
             Command::StopJob(id) => match self.job(id).cloned() {
                 Some(mut job) if !job.stopped => {
@@ -613,6 +624,20 @@ impl ClusterState {
         }
         let jobs = self.jobs_on_node(node);
         Ok(Effect::Evals(self.evaluate_for_drain(node, jobs)))
+    }
+
+    /// Registers `job` unless a job of that name is in another namespace:
+    /// names are unique across namespaces, and the submitter was allowed
+    /// to write only its own.
+    fn register_new(&mut self, job: &Job) -> Effect {
+        if let Some(old) = self.job(&job.id).filter(|j| j.namespace != job.namespace) {
+            return Effect::Refused(format!(
+                "a job `{}` exists in namespace `{}`; job names are unique across namespaces",
+                job.id, old.namespace
+            ));
+        }
+        let before = self.job(&job.id).map(|j| j.version);
+        self.register(job.clone(), before)
     }
 
     /// Whether `job` is in `namespace` and was submitted here: one another

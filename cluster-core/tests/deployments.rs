@@ -348,3 +348,28 @@ fn reverting_while_canaries_wait_ends_the_deployment_it_opens() {
     assert_eq!((d.job_version, d.status), (2, DeploymentStatus::Successful), "{d:?}");
     assert!(s.allocs_of_job(&id()).filter(|a| a.is_live()).all(|a| a.job_version == 2 && !a.canary));
 }
+
+#[test]
+fn the_text_each_version_was_submitted_as_is_kept_with_it() {
+    let mut s = state(2);
+    let text = |v: u64| format!("# version {v}\n[job]\nname = \"web\"\n");
+    for v in 0..8u64 {
+        let submitted = Command::RegisterSubmitted { job: web(1, &format!("{}s", v + 1), ""), spec: text(v) };
+        assert!(matches!(s.apply(&submitted), Effect::JobRegistered { .. }));
+    }
+    assert_eq!(s.submitted(&id(), 7), Some(text(7).as_str()));
+    assert_eq!(s.submitted(&id(), 2), Some(text(2).as_str()));
+    assert_eq!(s.submitted(&id(), 1), None, "gone with its version");
+    assert_eq!(s.job_history(&id()).unwrap().submitted.len(), JOB_VERSIONS_KEPT);
+    // The same spec again is no new version, and keeps the first text.
+    let again = Command::RegisterSubmitted { job: web(1, "8s", ""), spec: "# again".into() };
+    assert!(matches!(s.apply(&again), Effect::JobRegistered { version: 7, .. }));
+    assert_eq!(s.submitted(&id(), 7), Some(text(7).as_str()));
+    // A revert is submitted as what it reverts to.
+    let revert = Command::RevertJob { job: id(), namespace: Arc::from("default"), version: 3 };
+    assert!(matches!(s.apply(&revert), Effect::JobRegistered { version: 8, .. }));
+    assert_eq!(s.submitted(&id(), 8), Some(text(3).as_str()));
+    // Registered as a model (by a peer), it has no text.
+    s.apply(&Command::RegisterJob(web(1, "9s", "")));
+    assert_eq!(s.submitted(&id(), 9), None);
+}

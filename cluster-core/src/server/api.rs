@@ -378,6 +378,9 @@ pub struct JobVersionView {
     /// What changed from the version before ("count of web 3 -> 5",
     /// "task server of web"), when that one is kept.
     pub changes: Vec<String>,
+    /// The text it was submitted as (`hanse job run FILE`), when kept.
+    #[serde(default)]
+    pub submitted: Option<String>,
     /// The spec, as the cluster keeps it.
     pub spec: crate::model::Job,
 }

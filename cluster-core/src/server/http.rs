@@ -582,11 +582,13 @@ pub async fn dry_run(server: &Inner, job: Job) -> Result<(Job, Plan, PlanReport)
 async fn submit(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesRejection>) -> Response {
     let mut job_named = None;
     let mut answer = async {
-        let job = parse(body(b)?)?;
+        let req: JobSubmit = body(b)?;
+        let spec = req.spec.clone();
+        let job = parse(req)?;
         job_named = Some(format!("job {}/{}", job.namespace, job.id));
         need(&who, Capability::Submit, &job.namespace)?;
         let id = job.id.to_string();
-        match s.write(Write::SubmitJob(job)).await? {
+        match s.write(Write::SubmitJob { job, spec: Some(spec) }).await? {
             WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
             other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
         }
@@ -713,6 +715,7 @@ async fn job_versions(State(s): Srv, Extension(who): Who, Path(id): Path<String>
                     stable: stable(j.version),
                     deployment: deployment(j.version),
                     changes: i.checked_sub(1).map(|p| super::api::job_changes(all[p], j)).unwrap_or_default(),
+                    submitted: st.submitted(&job.id, j.version).map(str::to_string),
                     spec: (*j).clone(),
                 })
                 .collect();

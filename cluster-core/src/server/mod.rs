@@ -497,7 +497,8 @@ impl Inner {
                 self.raft.transfer_leader(id).await.map_err(propose_error)?;
                 return Ok(WriteReply::Done);
             }
-            Write::SubmitJob(job) => propose(Command::RegisterJob(job)).await?,
+            Write::SubmitJob { job, spec: None } => propose(Command::RegisterJob(job)).await?,
+            Write::SubmitJob { job, spec: Some(spec) } => propose(Command::RegisterSubmitted { job, spec }).await?,
             Write::StopJob(job) => propose(Command::StopJob(job)).await?,
             Write::ScaleJob { job, namespace, group, count } => {
                 propose(Command::ScaleJob { job, namespace, group, count }).await?

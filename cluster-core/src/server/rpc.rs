@@ -19,7 +19,12 @@ use crate::transport::{Handler, Identity, Role, Rpc, Transport, TransportError};
 /// A change to the cluster; only the leader carries one out.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Write {
-    SubmitJob(Job),
+    /// A job and, when it came as a file, its text (kept for `job
+    /// inspect`).
+    SubmitJob {
+        job: Job,
+        spec: Option<String>,
+    },
     StopJob(JobId),
     /// Nodes to register or update (an agent sends one; a simulator many).
     RegisterNodes(Vec<Node>),

@@ -30,6 +30,9 @@ pub struct JobHistory {
     /// Versions `auto_revert` registered (never rolled back in turn),
     /// ascending; the last [`JOB_VERSIONS_KEPT`].
     pub rollbacks: Vec<u64>,
+    /// The spec text each kept version was submitted as (a revert keeps
+    /// the text of the version it reverts to), by version, ascending.
+    pub submitted: Vec<(u64, String)>,
     /// Its deployments, oldest first: at most [`JOB_VERSIONS_KEPT`].
     pub deployments: Vec<Deployment>,
 }
@@ -55,6 +58,21 @@ impl ClusterState {
         current.or_else(|| self.histories.get(id)?.older.iter().find(|j| j.version == version))
     }
 
+    /// The text version `version` of job `id` was submitted as, if kept.
+    pub fn submitted(&self, id: &JobId, version: u64) -> Option<&str> {
+        let h = self.histories.get(id)?;
+        h.submitted.iter().find(|(v, _)| *v == version).map(|(_, t)| t.as_str())
+    }
+
+    /// Keeps `text` as what version `version` of job `id` was submitted as.
+    pub(crate) fn keep_submitted(&mut self, id: &JobId, version: u64, text: &str) {
+        let h = self.histories.entry(id.clone()).or_default();
+        h.submitted.retain(|(v, _)| *v != version);
+        h.submitted.push((version, text.to_string()));
+        let kept: Vec<u64> = h.older.iter().map(|j| j.version).collect();
+        h.submitted.retain(|(v, _)| *v == version || kept.contains(v));
+    }
+
     /// Job `id`'s latest deployment, if it has had one.
     pub fn latest_deployment(&self, id: &JobId) -> Option<&Deployment> {
         self.histories.get(id)?.deployments.last()
@@ -72,6 +90,9 @@ impl ClusterState {
         h.older.push(old);
         let over = h.older.len().saturating_sub(JOB_VERSIONS_KEPT - 1);
         h.older.drain(..over);
+        // Texts go with their versions (the current one is added after).
+        let first = h.older.first().map_or(u64::MAX, |j| j.version);
+        h.submitted.retain(|(v, _)| *v >= first);
     }
 
     /// Opens the deployment of `job`'s current version, ending the one
@@ -203,8 +224,11 @@ impl ClusterState {
             match target {
                 Some(old) => {
                     description.push_str(&format!("; rolled back to version {}", old.version));
-                    let back = Job { version: job.version, stopped: false, ..old };
+                    let (from, back) = (old.version, Job { version: job.version, stopped: false, ..old });
                     let new = self.upsert_job(back);
+                    if let Some(text) = self.submitted(id, from).map(str::to_string) {
+                        self.keep_submitted(id, new, &text);
+                    }
                     let h = self.histories.entry(id.clone()).or_default();
                     h.rollbacks.push(new);
                     let over = h.rollbacks.len().saturating_sub(JOB_VERSIONS_KEPT);
