@@ -260,7 +260,8 @@ enum AllocCommand {
         /// Only this task.
         #[arg(long)]
         task: Option<String>,
-        /// SIGHUP, HUP or a number (1 to 64); SIGKILL by default, as Nomad's.
+        /// SIGHUP, HUP or a number (1 to 64). Without it: SIGKILL, which
+        /// ends the tasks (Nomad's default too).
         #[arg(long, short, default_value = "SIGKILL")]
         signal: String,
         #[command(flatten)]

@@ -526,6 +526,9 @@ pub fn job_inspect(c: &Client, id: &str, version: Option<u64>, json: bool) -> an
             kept.join(", ")
         );
     };
+    if v.spec.is_none() {
+        anyhow::bail!("job {id}'s specs are shown only to a token that may submit in its namespace");
+    }
     match &v.submitted {
         Some(text) if !json => print!("{text}{}", if text.ends_with('\n') { "" } else { "\n" }),
         _ => print_json(v)?,

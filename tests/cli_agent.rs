@@ -1525,6 +1525,7 @@ resources = { cpu = "50m", memory = "16MiB" }
     );
     let out = f.run(&["job", "run", &job]);
     assert_eq!(out.status.code(), Some(0), "{}{}", text(&out), String::from_utf8_lossy(&out.stderr));
+    eventually(Duration::from_secs(10), "the task runs", || !f.node_of_running("poke").is_empty());
     let alloc = f.node_of_running("poke")[0].0.clone();
     let pid_file = format!("{alloc}.pid");
     eventually(Duration::from_secs(10), "the task wrote its pid", || mark(&f.marks(), &pid_file).is_some());
@@ -1540,7 +1541,7 @@ resources = { cpu = "50m", memory = "16MiB" }
 
     let out = f.run(&["alloc", "restart", &alloc, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}{}", text(&out), String::from_utf8_lossy(&out.stderr));
-    assert!(json(&out)["done"].as_str().unwrap().contains("task `t` restarted"), "{}", text(&out));
+    assert!(json(&out)["done"].as_str().unwrap().contains("task `t` stopped; starting it again"), "{}", text(&out));
     eventually(Duration::from_secs(10), "a new process runs the task", || {
         mark(&f.marks(), &pid_file).is_some_and(|p| p != first && running(p))
     });

@@ -373,3 +373,51 @@ fn the_text_each_version_was_submitted_as_is_kept_with_it() {
     s.apply(&Command::RegisterJob(web(1, "9s", "")));
     assert_eq!(s.submitted(&id(), 9), None);
 }
+
+#[test]
+fn a_drain_of_a_full_cluster_stops_no_healthy_instance_of_a_deployed_group() {
+    let mut s = state(1);
+    deployed(&mut s, web(2, "1h", "min_healthy_time = \"1s\""));
+    let node = s.nodes()[0].id.clone();
+    s.apply(&Command::DrainNode { node, drain: true, deadline_ms: None });
+    let job = s.job(&id()).unwrap().clone();
+    let plan = schedule(&s, &job, &SchedulerConfig::default());
+    assert!(plan.stops.is_empty(), "nothing can move, so nothing stops: {:?}", plan.stops);
+}
+
+#[test]
+fn an_unhealthy_instance_carried_into_a_new_deployment_is_replaced_and_the_deployment_ends() {
+    let mut s = state(4);
+    let update = "max_parallel = 1\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    s.apply(&Command::RegisterJob(web(3, "2h", update)));
+    schedule_once(&mut s);
+    report(&mut s, |_| None);
+    // Scaled while version 1's first instance is in flight: it is carried
+    // into version 2, then found unhealthy.
+    let scale = Command::ScaleJob { job: id(), namespace: Arc::from("default"), group: Arc::from("g"), count: 3 };
+    let _ = s.apply(&scale);
+    let scale = Command::ScaleJob { job: id(), namespace: Arc::from("default"), group: Arc::from("g"), count: 4 };
+    assert!(matches!(s.apply(&scale), Effect::JobRegistered { version: 2, .. }));
+    let carried = s.allocs_of_job(&id()).find(|a| a.is_live() && a.job_version == 2).expect("carried").id;
+    let bad = AllocReport {
+        id: carried,
+        status: AllocStatus::Running,
+        tasks: Vec::new(),
+        health: Some(AllocHealth::Unhealthy),
+    };
+    s.apply(&Command::AllocStatus(vec![bad]));
+    for round in 0.. {
+        assert!(round < 20, "the deployment never ended: {:?}", deployment(&s));
+        if deployment(&s).status != DeploymentStatus::Running {
+            break;
+        }
+        schedule_once(&mut s);
+        report(&mut s, |_| None);
+        report(&mut s, |a| (a.id != carried).then_some(AllocHealth::Healthy));
+    }
+    assert_eq!((deployment(&s).job_version, deployment(&s).status), (2, DeploymentStatus::Successful));
+    let live: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.is_live()).collect();
+    assert_eq!(live.len(), 4);
+    assert!(live.iter().all(|a| a.job_version == 2 && a.id != carried));
+}

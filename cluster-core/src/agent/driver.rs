@@ -893,9 +893,14 @@ async fn copy(from: &mut (impl AsyncReadExt + Unpin), to: &mut RotatingWriter) {
 impl ExecRun {
     /// The process ended: take what is left of its group and its output.
     async fn reap(&mut self, status: std::io::Result<std::process::ExitStatus>) -> Exit {
-        if self.pid > 0 {
-            // SAFETY: kill(2) on our own child's process group.
-            unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        // Reaped: its pid may be reused from here on, so it is forgotten
+        // before anything awaits (a signal or a stop in between must not
+        // reach another process group).
+        let pid = std::mem::replace(&mut self.pid, 0);
+        if pid > 0 {
+            // SAFETY: kill(2) on our own child's process group, whose
+            // leader was reaped just now: what is left of it.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
         }
         for c in self.copiers.drain(..) {
             // A grandchild holding the pipes open must not hold us.

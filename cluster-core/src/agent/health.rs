@@ -144,8 +144,8 @@ pub struct Judge {
     min_healthy: Duration,
     deadline: Instant,
     /// Since when every task has run with every check passing, and the
-    /// restarts then.
-    good_since: Option<(Instant, u32)>,
+    /// tasks' starts then.
+    good_since: Option<(Instant, u64)>,
     verdict: Option<AllocHealth>,
 }
 
@@ -161,13 +161,15 @@ impl Judge {
         }
     }
 
-    /// Looks at the tasks at `now`; the verdict, once there is one (it
-    /// never changes after).
-    pub fn observe(&mut self, tasks: &[TaskState], now: Instant) -> Option<AllocHealth> {
+    /// Looks at the tasks at `now`, `starts` being how many times its tasks
+    /// were started so far (any start, an operator's restart too, begins
+    /// the wait again); the verdict, once there is one (it never changes
+    /// after).
+    pub fn observe(&mut self, tasks: &[TaskState], starts: u64, now: Instant) -> Option<AllocHealth> {
         if self.verdict.is_some() {
             return self.verdict;
         }
-        let restarts: u32 = tasks.iter().map(|t| t.restarts).sum();
+        let restarts = starts;
         let good = !tasks.is_empty()
             && tasks
                 .iter()
@@ -224,13 +226,13 @@ mod tests {
         let t0 = Instant::now();
         let mut j = Judge::new(&strategy(1_000, 10_000), t0);
         let ok = [task(TaskPhase::Running, 0, Some(CheckStatus::Passing))];
-        assert_eq!(j.observe(&ok, t0), None);
+        assert_eq!(j.observe(&ok, 1, t0), None);
         assert_eq!(j.next_look(t0), t0 + Duration::from_millis(1_000));
-        assert_eq!(j.observe(&ok, t0 + Duration::from_millis(999)), None);
-        assert_eq!(j.observe(&ok, t0 + Duration::from_millis(1_000)), Some(AllocHealth::Healthy));
+        assert_eq!(j.observe(&ok, 1, t0 + Duration::from_millis(999)), None);
+        assert_eq!(j.observe(&ok, 1, t0 + Duration::from_millis(1_000)), Some(AllocHealth::Healthy));
         // Final: a later failure changes nothing.
         let bad = [task(TaskPhase::Dead, 1, None)];
-        assert_eq!(j.observe(&bad, t0 + Duration::from_secs(60)), Some(AllocHealth::Healthy));
+        assert_eq!(j.observe(&bad, 2, t0 + Duration::from_secs(60)), Some(AllocHealth::Healthy));
     }
 
     #[test]
@@ -238,14 +240,14 @@ mod tests {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut j = Judge::new(&strategy(1_000, 10_000), t0);
-        assert_eq!(j.observe(&[task(TaskPhase::Running, 0, Some(CheckStatus::Passing))], t0), None);
-        assert_eq!(j.observe(&[task(TaskPhase::Running, 0, Some(CheckStatus::Critical))], t0 + ms(500)), None);
-        assert_eq!(j.observe(&[task(TaskPhase::Running, 0, Some(CheckStatus::Passing))], t0 + ms(600)), None);
-        assert_eq!(j.observe(&[task(TaskPhase::Running, 1, Some(CheckStatus::Passing))], t0 + ms(1_500)), None);
-        assert_eq!(j.observe(&[task(TaskPhase::Running, 1, Some(CheckStatus::Passing))], t0 + ms(2_400)), None);
+        assert_eq!(j.observe(&[task(TaskPhase::Running, 0, Some(CheckStatus::Passing))], 1, t0), None);
+        assert_eq!(j.observe(&[task(TaskPhase::Running, 0, Some(CheckStatus::Critical))], 1, t0 + ms(500)), None);
+        assert_eq!(j.observe(&[task(TaskPhase::Running, 0, Some(CheckStatus::Passing))], 1, t0 + ms(600)), None);
+        assert_eq!(j.observe(&[task(TaskPhase::Running, 1, Some(CheckStatus::Passing))], 2, t0 + ms(1_500)), None);
+        assert_eq!(j.observe(&[task(TaskPhase::Running, 1, Some(CheckStatus::Passing))], 2, t0 + ms(2_400)), None);
         let at = t0 + ms(2_500);
         assert_eq!(
-            j.observe(&[task(TaskPhase::Running, 1, Some(CheckStatus::Passing))], at),
+            j.observe(&[task(TaskPhase::Running, 1, Some(CheckStatus::Passing))], 2, at),
             Some(AllocHealth::Healthy)
         );
     }
@@ -255,9 +257,9 @@ mod tests {
         let t0 = Instant::now();
         let mut j = Judge::new(&strategy(1_000, 3_000), t0);
         let pending = [task(TaskPhase::Running, 0, Some(CheckStatus::Pending))];
-        assert_eq!(j.observe(&pending, t0 + Duration::from_millis(2_999)), None);
+        assert_eq!(j.observe(&pending, 1, t0 + Duration::from_millis(2_999)), None);
         assert_eq!(j.next_look(t0), t0 + Duration::from_millis(3_000));
-        assert_eq!(j.observe(&pending, t0 + Duration::from_millis(3_000)), Some(AllocHealth::Unhealthy));
+        assert_eq!(j.observe(&pending, 1, t0 + Duration::from_millis(3_000)), Some(AllocHealth::Unhealthy));
     }
 
     #[tokio::test]

@@ -45,6 +45,13 @@ pub enum OpKind {
     Signal(i32),
 }
 
+/// What a task's run hears besides its control: operators' requests, and
+/// where it counts its starts (for the health judge).
+struct Side<'a> {
+    ops: mpsc::UnboundedReceiver<TaskOp>,
+    starts: &'a std::sync::atomic::AtomicU64,
+}
+
 /// One task's part of an [`Op`].
 type TaskOp = (OpKind, tokio::sync::oneshot::Sender<Result<String, String>>);
 
@@ -124,6 +131,8 @@ pub async fn run(
     // A sibling failing for good stops the others.
     let (fail_tx, fail_rx) = watch::channel(false);
     let dir = env.allocs_dir.join(alloc.id.to_string());
+    // Every start of every task: the health judge starts its wait again.
+    let starts = &std::sync::atomic::AtomicU64::new(0);
     let mut op_rxs = task_op_rxs.drain(..);
     let runs = tasks.iter().enumerate().map(|(i, task)| {
         let ops = op_rxs.next().expect("one per task");
@@ -143,7 +152,7 @@ pub async fn run(
         let alloc = &alloc;
         let report = &report;
         async move {
-            let end = run_task(env, alloc, ctx, control, fail_rx, ops, &|f| report(i, f)).await;
+            let end = run_task(env, alloc, ctx, control, fail_rx, Side { ops, starts }, &|f| report(i, f)).await;
             if end == End::Failed {
                 let _ = fail_tx.send(true);
             }
@@ -157,7 +166,7 @@ pub async fn run(
         let status = current(&states.lock().expect("task states"));
         send(status)
     };
-    let monitor = watch_health(&env, &alloc, &states, judged.then_some(&health), &changed);
+    let monitor = watch_health(&env, &alloc, &states, starts, judged.then_some(&health), &changed);
     let dispatch = dispatch(tasks, ops, &task_ops);
     let ends = tokio::select! {
         ends = futures_join_all(runs) => ends,
@@ -182,6 +191,10 @@ async fn dispatch(
     task_ops: &[mpsc::UnboundedSender<TaskOp>],
 ) -> std::convert::Infallible {
     while let Some(op) = ops.recv().await {
+        // Its caller gave up (it timed out): acting now would surprise.
+        if op.reply.is_closed() {
+            continue;
+        }
         let targets: Vec<usize> = match &op.task {
             None => (0..tasks.len()).collect(),
             Some(name) => tasks.iter().position(|t| *t.name == **name).into_iter().collect(),
@@ -194,6 +207,9 @@ async fn dispatch(
         }
         let (mut done, mut failed) = (Vec::new(), Vec::new());
         for i in targets {
+            if op.reply.is_closed() {
+                break;
+            }
             let (tx, rx) = tokio::sync::oneshot::channel();
             let ended = || format!("task `{}` has ended", tasks[i].name);
             if task_ops[i].send((op.kind, tx)).is_err() {
@@ -223,6 +239,7 @@ async fn watch_health(
     env: &Env,
     alloc: &AgentAlloc,
     states: &Mutex<Vec<TaskState>>,
+    starts: &std::sync::atomic::AtomicU64,
     health: Option<&Mutex<Option<AllocHealth>>>,
     changed: &(dyn Fn() + Sync),
 ) -> std::convert::Infallible {
@@ -271,7 +288,8 @@ async fn watch_health(
         let mut judge = health::Judge::new(&alloc.group.update.unwrap_or_default(), tokio::time::Instant::now());
         loop {
             let now = tokio::time::Instant::now();
-            let verdict = judge.observe(&states.lock().expect("task states"), now);
+            let started = starts.load(std::sync::atomic::Ordering::SeqCst);
+            let verdict = judge.observe(&states.lock().expect("task states"), started, now);
             if let Some(v) = verdict {
                 *health.lock().expect("health") = Some(v);
                 changed();
@@ -353,9 +371,10 @@ async fn run_task(
     ctx: TaskContext,
     mut control: watch::Receiver<Control>,
     mut failed: watch::Receiver<bool>,
-    mut ops: mpsc::UnboundedReceiver<TaskOp>,
+    side: Side<'_>,
     report: Report<'_>,
 ) -> End {
+    let Side { mut ops, starts } = side;
     let policy = alloc.group.restart;
     let driver = env.drivers.for_task(&ctx.task).clone();
     let mut restarts = 0u32;
@@ -390,12 +409,18 @@ async fn run_task(
         let exit: Result<Exit, StartError> = match run.as_mut() {
             Err(e) => Err(e.clone()),
             Ok(r) => {
-                // This run's row: the last run's exit is history now.
+                // This run's row: the last run's exit is history now, and
+                // so are its checks' results.
+                starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 report(&|t| {
                     t.state = TaskPhase::Running;
                     t.exit_code = None;
                     t.signal = None;
                     t.message = "started".into();
+                    for c in &mut t.checks {
+                        c.status = CheckStatus::Pending;
+                        c.output.clear();
+                    }
                 });
                 loop {
                     tokio::select! {
@@ -411,6 +436,8 @@ async fn run_task(
                             return End::Stopped;
                         }
                         Some((kind, reply)) = ops.recv() => match kind {
+                            OpKind::Signal(_) if reply.is_closed() => {}
+                            OpKind::Restart if reply.is_closed() => {}
                             OpKind::Signal(signal) => {
                                 let sent = r.signal(signal).await;
                                 let _ = reply.send(match sent {
@@ -420,13 +447,24 @@ async fn run_task(
                             }
                             OpKind::Restart => {
                                 let exit = r.stop(grace(&ctx.task, None)).await;
+                                // A stop that came meanwhile wins: nothing
+                                // starts again.
+                                let stopping = matches!(*control.borrow(), Control::Stop { .. }) || *failed.borrow();
                                 report(&|t| {
-                                    t.state = TaskPhase::Pending;
+                                    t.state = if stopping { TaskPhase::Dead } else { TaskPhase::Pending };
                                     t.exit_code = exit.code;
                                     t.signal = exit.signal;
-                                    t.message = format!("restarted by an operator ({})", exit.describe());
+                                    t.message = if stopping {
+                                        format!("stopped: {}", exit.describe())
+                                    } else {
+                                        format!("restarted by an operator ({})", exit.describe())
+                                    };
                                 });
-                                let _ = reply.send(Ok(format!("task `{name}` restarted")));
+                                if stopping {
+                                    let _ = reply.send(Err(format!("task `{name}` stopped: its allocation is stopping")));
+                                    return End::Stopped;
+                                }
+                                let _ = reply.send(Ok(format!("task `{name}` stopped; starting it again")));
                                 continue 'start;
                             }
                         },
@@ -610,7 +648,10 @@ mod tests {
         assert_eq!(no_signals, Err("task `t`: this driver's tasks take no signals".to_string()));
         let missing = ask(Some("u"), OpKind::Restart).await.unwrap();
         assert_eq!(missing, Err("no task `u` here (its tasks: t)".to_string()));
-        assert_eq!(ask(Some("t"), OpKind::Restart).await.unwrap(), Ok("task `t` restarted".to_string()));
+        assert_eq!(
+            ask(Some("t"), OpKind::Restart).await.unwrap(),
+            Ok("task `t` stopped; starting it again".to_string())
+        );
         let mut seen_restart = false;
         loop {
             let r = rx.recv().await.expect("reports");

@@ -244,8 +244,17 @@ fn roll(
     // The current version's live instances, by index, with their health.
     let mut news: std::collections::BTreeMap<u32, Option<AllocHealth>> = Default::default();
     let (mut canaries, mut stopping) = (0u32, 0u32);
+    // Instances carried over from before the deployment opened (a scale, a
+    // revert) that were found unhealthy: replaced afresh, as a new
+    // version's instance would be, within the same pace.
+    let placed_from = deployment.map_or(crate::ids::AllocId(0), |d| d.placed_from);
+    let mut stale = Vec::new();
     for a in state.allocs_of_job(&job.id).filter(|a| a.group == group.name) {
         if a.job_version == job.version && a.is_live() {
+            if a.health == Some(AllocHealth::Unhealthy) && a.id < placed_from {
+                stale.push((a.index, a.id));
+                continue;
+            }
             news.insert(a.index, a.health);
             canaries += u32::from(a.canary);
         } else if a.job_version != job.version && a.desired == DesiredStatus::Stop && !a.status.is_terminal() {
@@ -254,10 +263,26 @@ fn roll(
     }
     let unhealthy_new = news.values().filter(|h| **h != Some(AllocHealth::Healthy)).count() as u32;
     let updated = |r: &Replace| r.reason == StopReason::Updated;
+    // Drained instances of the current version move as drains move them;
+    // an older one on a draining node is replaced as the deployment goes.
+    let older = |r: &Replace| state.alloc(r.alloc).is_some_and(|a| a.job_version != job.version);
+    let mut budget = if active && !awaiting { update.max_parallel.saturating_sub(unhealthy_new) } else { 0 };
+    for (index, id) in stale {
+        if budget == 0 {
+            break;
+        }
+        budget -= 1;
+        stops.push(Stop { alloc: id, reason: StopReason::Updated });
+        if !at_most_once && !w.place.contains(&index) {
+            // At-most-once work waits for it to end (it covers its index).
+            w.place.push(index);
+            w.place.sort_unstable();
+        }
+    }
     if at_most_once {
         // The old instance stops first, its replacement placed once it has
         // ended: those stopping and those not yet healthy are in flight.
-        let allowed = if active { update.max_parallel.saturating_sub(unhealthy_new + stopping) } else { 0 };
+        let allowed = budget.saturating_sub(stopping);
         let mut taken = 0;
         w.replace.retain(|r| {
             if !updated(r) {
@@ -271,7 +296,7 @@ fn roll(
     // Indices to replace, once each (two older versions may run at one).
     let mut candidates = std::collections::BTreeSet::new();
     let mut settled = Vec::new();
-    for r in &w.replace {
+    for r in w.replace.iter().filter(|r| older(r)) {
         match news.get(&r.index) {
             // Its replacement is healthy: it goes (a drained one too).
             Some(Some(AllocHealth::Healthy)) if !awaiting || !updated(r) => {
@@ -289,12 +314,10 @@ fn roll(
         settled.push(r.alloc);
     }
     w.replace.retain(|r| !settled.contains(&r.alloc));
-    let allowed = if !active {
-        0
-    } else if awaiting {
+    let allowed = if awaiting && active {
         deployment.and_then(|d| d.group(&group.name)).map_or(0, |d| d.canaries).saturating_sub(canaries)
     } else {
-        update.max_parallel.saturating_sub(unhealthy_new)
+        budget
     };
     let held_back: Vec<u32> = candidates.into_iter().skip(allowed as usize).collect();
     w.place.retain(|i| !held_back.contains(i));

@@ -381,8 +381,10 @@ pub struct JobVersionView {
     /// The text it was submitted as (`hanse job run FILE`), when kept.
     #[serde(default)]
     pub submitted: Option<String>,
-    /// The spec, as the cluster keeps it.
-    pub spec: crate::model::Job,
+    /// The spec, as the cluster keeps it (only to a caller who may
+    /// `submit` in its namespace, as is `submitted`).
+    #[serde(default)]
+    pub spec: Option<crate::model::Job>,
 }
 
 /// `POST /v1/jobs/ID/revert`: register version `version` again.

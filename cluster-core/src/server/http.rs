@@ -689,7 +689,9 @@ async fn scale_job(
 }
 
 /// `GET /v1/jobs/ID/versions`: every version kept, newest first, with
-/// what changed from the one before. Needs `read` in the job's namespace.
+/// what changed from the one before. Needs `read` in the job's namespace;
+/// the specs themselves (their `env` may hold what a reader should not
+/// see) only to a caller who may also `submit` there.
 async fn job_versions(State(s): Srv, Extension(who): Who, Path(id): Path<String>) -> Reply<super::api::JobVersions> {
     need_somewhere(&who, Capability::Read)?;
     let found = s
@@ -706,6 +708,7 @@ async fn job_versions(State(s): Srv, Extension(who): Who, Path(id): Path<String>
                 d.map(|d| d.status.to_string())
             };
             let stable = |v: u64| h.is_some_and(|h| h.stable.contains(&v));
+            let specs = who.allows(Capability::Submit, &job.namespace);
             let mut versions: Vec<super::api::JobVersionView> = all
                 .iter()
                 .enumerate()
@@ -715,8 +718,8 @@ async fn job_versions(State(s): Srv, Extension(who): Who, Path(id): Path<String>
                     stable: stable(j.version),
                     deployment: deployment(j.version),
                     changes: i.checked_sub(1).map(|p| super::api::job_changes(all[p], j)).unwrap_or_default(),
-                    submitted: st.submitted(&job.id, j.version).map(str::to_string),
-                    spec: (*j).clone(),
+                    submitted: st.submitted(&job.id, j.version).filter(|_| specs).map(str::to_string),
+                    spec: specs.then(|| (*j).clone()),
                 })
                 .collect();
             versions.reverse();

@@ -368,6 +368,8 @@ impl Inner {
         let transport = self.agents.get().ok_or_else(|| ApiError::unavailable("this server cannot reach agents"))?;
         match transport.call(address, request).await {
             Ok(AgentServiceReply::Done(done)) => Ok(done),
+            // Nothing of that name: 404; anything else it refused: 409.
+            Ok(AgentServiceReply::Error(m)) if m.starts_with("no task") => Err(ApiError::not_found(m)),
             Ok(AgentServiceReply::Error(m)) => Err(ApiError::new(409, m)),
             Ok(AgentServiceReply::Logs(_)) => {
                 Err(ApiError::new(502, format!("the agent of node {node} answered logs")))

@@ -312,8 +312,7 @@ impl ClusterState {
             for a in mine {
                 if a.job_version != version {
                     older += 1;
-                } else if a.health == Some(AllocHealth::Healthy) || a.id < d.placed_from {
-                    // Placed before it opened, of a spec it carried over.
+                } else if a.health == Some(AllocHealth::Healthy) {
                     healthy += 1;
                 }
             }
