@@ -341,6 +341,16 @@ async fn namespaces_bound_what_a_token_touches_and_a_revoked_token_opens_nothing
         let taken = a.submit(&spec("web", "team-a", "mock"), "web.toml").unwrap_err();
         assert!(taken.to_string().contains("exists in namespace `default`"), "{taken}");
         assert_eq!(on_follower.job("web").expect("still the default job").summary.namespace, "default");
+        // A reader sees a job's versions, but not its specs (their `env`
+        // may hold what only its submitters should see).
+        policy(&admin, "team-a-read", "[[namespace]]\nname = \"team-a\"\ncapabilities = [\"read\"]\n");
+        let r = token(&admin, "team-a-reader", &["team-a-read"]);
+        let reader = Client::new(&follower_base).with_token(Some(&r.secret));
+        let seen = reader.versions("api").expect("a reader lists the versions");
+        assert_eq!(seen.versions.len(), 1);
+        assert!(seen.versions.iter().all(|v| v.spec.is_none() && v.submitted.is_none()), "{seen:?}");
+        let full = a.versions("api").expect("a submitter lists the versions");
+        assert!(full.versions[0].spec.is_some() && full.versions[0].submitted.is_some(), "{full:?}");
         assert!(a.stop("api").is_ok(), "team-a stops its own job");
         // Revoked: refused on every server once it applied the revocation.
         let _: Value = admin.delete(&format!("/v1/acl/tokens/{}", t.token.accessor)).expect("revoked");
