@@ -558,6 +558,33 @@ mod tests {
         }
     }
 
+    /// An agent's environment for a test, in a directory of its own.
+    fn test_env(drivers: Drivers, name: &str) -> (Env, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("hanse-runner-{name}-{}", std::process::id()));
+        let fence = Arc::new(super::super::fence::Fence::new());
+        (Env { drivers, allocs_dir: dir.clone(), rotation: Rotation::default(), fence }, dir)
+    }
+
+    /// Allocation `id` of a service whose group says `group` and whose one
+    /// mock task `t` says `task`.
+    fn test_alloc(id: u64, group: &str, task: &str) -> AgentAlloc {
+        let text = format!(
+            "[job]\nname = \"j\"\ntype = \"service\"\n[[group]]\nname = \"g\"\n{group}[[group.task]]\nname = \"t\"\n\
+             driver = \"mock\"\n{task}resources = {{ cpu = 1, memory = \"1GiB\" }}\n"
+        );
+        let job = crate::spec::job::parse_job(&crate::diag::SourceFile::new("j.toml", text)).value.expect("a job");
+        AgentAlloc {
+            id: AllocId(id),
+            job: job.id.clone(),
+            job_type: job.job_type,
+            index: 0,
+            group: Arc::new(job.groups[0].clone()),
+            desired: DesiredStatus::Run,
+            status: AllocStatus::Pending,
+            lease: None,
+        }
+    }
+
     /// Found by hanse-chaos: a stop that came while a task was starting
     /// reported the allocation stopped at once, the cluster placed the
     /// at-most-once instance again, and the abandoned start's task ran
@@ -567,26 +594,8 @@ mod tests {
         let alive = Arc::new(AtomicBool::new(false));
         let mut drivers = Drivers::new(None);
         drivers.mock = Arc::new(LateStart(alive.clone()));
-        let dir = std::env::temp_dir().join(format!("hanse-runner-{}", std::process::id()));
-        let env = Env {
-            drivers,
-            allocs_dir: dir.clone(),
-            rotation: Rotation::default(),
-            fence: Arc::new(super::super::fence::Fence::new()),
-        };
-        let text = "[job]\nname = \"j\"\ntype = \"service\"\n[[group]]\nname = \"g\"\non_disconnect = \"stop\"\n\
-                    [[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = { cpu = 1, memory = \"1GiB\" }\n";
-        let job = crate::spec::job::parse_job(&crate::diag::SourceFile::new("j.toml", text)).value.expect("a job");
-        let alloc = AgentAlloc {
-            id: AllocId(7),
-            job: job.id.clone(),
-            job_type: job.job_type,
-            index: 0,
-            group: Arc::new(job.groups[0].clone()),
-            desired: DesiredStatus::Run,
-            status: AllocStatus::Pending,
-            lease: None,
-        };
+        let (env, dir) = test_env(drivers, "late");
+        let alloc = test_alloc(7, "on_disconnect = \"stop\"\n", "");
         let (control_tx, control_rx) = watch::channel(Control::Run);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (_ops, ops_rx) = mpsc::unbounded_channel();
@@ -613,26 +622,8 @@ mod tests {
     /// a task that is not there, is answered with why.
     #[tokio::test]
     async fn an_operators_restart_starts_the_task_again_in_place() {
-        let dir = std::env::temp_dir().join(format!("hanse-runner-ops-{}", std::process::id()));
-        let env = Env {
-            drivers: Drivers::new(None),
-            allocs_dir: dir.clone(),
-            rotation: Rotation::default(),
-            fence: Arc::new(super::super::fence::Fence::new()),
-        };
-        let text = "[job]\nname = \"j\"\n[[group]]\nname = \"g\"\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\n\
-                    run_for = \"1h\"\nresources = { cpu = 1, memory = \"1GiB\" }\n";
-        let job = crate::spec::job::parse_job(&crate::diag::SourceFile::new("j.toml", text)).value.expect("a job");
-        let alloc = AgentAlloc {
-            id: AllocId(8),
-            job: job.id.clone(),
-            job_type: job.job_type,
-            index: 0,
-            group: Arc::new(job.groups[0].clone()),
-            desired: DesiredStatus::Run,
-            status: AllocStatus::Pending,
-            lease: None,
-        };
+        let (env, dir) = test_env(Drivers::new(None), "ops");
+        let alloc = test_alloc(8, "", "run_for = \"1h\"\n");
         let (control_tx, control_rx) = watch::channel(Control::Run);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (ops, ops_rx) = mpsc::unbounded_channel();

@@ -337,44 +337,44 @@ impl Inner {
         }
     }
 
-    /// Asks the agent of `node` for part of a task's log.
-    pub async fn agent_logs(&self, node: &NodeId, request: AgentService) -> Result<LogChunk, ApiError> {
+    /// Sends `request` to the agent of `node`; `serves` says what it is
+    /// asked for, in the error when the node has no agent to ask.
+    async fn call_agent(
+        &self,
+        node: &NodeId,
+        request: AgentService,
+        serves: &str,
+    ) -> Result<AgentServiceReply, ApiError> {
         let address = self
             .raft
             .read(|s| s.node_idx(node).and_then(|i| s.node(i).agent_address.clone()))
-            .ok_or_else(|| ApiError::not_found(format!("node {node} has no agent that serves logs")))?;
+            .ok_or_else(|| ApiError::not_found(format!("node {node} has no agent that {serves}")))?;
         let address: std::net::SocketAddr = address
             .parse()
             .map_err(|_| ApiError::new(502, format!("node {node} registered a bad agent address `{address}`")))?;
         let transport = self.agents.get().ok_or_else(|| ApiError::unavailable("this server cannot reach agents"))?;
-        match transport.call(address, request).await {
-            Ok(AgentServiceReply::Logs(chunk)) => Ok(chunk),
-            Ok(AgentServiceReply::Error(m)) => Err(ApiError::not_found(m)),
-            Ok(AgentServiceReply::Done(_)) => Err(ApiError::new(502, format!("the agent of node {node} sent no logs"))),
-            Err(e) => Err(ApiError::new(502, format!("the agent of node {node} at {address}: {e}"))),
+        let reply = transport.call(address, request).await;
+        reply.map_err(|e| ApiError::new(502, format!("the agent of node {node} at {address}: {e}")))
+    }
+
+    /// Asks the agent of `node` for part of a task's log.
+    pub async fn agent_logs(&self, node: &NodeId, request: AgentService) -> Result<LogChunk, ApiError> {
+        match self.call_agent(node, request, "serves logs").await? {
+            AgentServiceReply::Logs(chunk) => Ok(chunk),
+            AgentServiceReply::Error(m) => Err(ApiError::not_found(m)),
+            AgentServiceReply::Done(_) => Err(ApiError::new(502, format!("the agent of node {node} sent no logs"))),
         }
     }
 
     /// Asks the agent of `node` to restart or signal an allocation's tasks
     /// ([`AgentService::Restart`], [`AgentService::Signal`]): what it did.
     pub async fn agent_op(&self, node: &NodeId, request: AgentService) -> Result<String, ApiError> {
-        let address = self
-            .raft
-            .read(|s| s.node_idx(node).and_then(|i| s.node(i).agent_address.clone()))
-            .ok_or_else(|| ApiError::not_found(format!("node {node} has no agent this server can reach")))?;
-        let address: std::net::SocketAddr = address
-            .parse()
-            .map_err(|_| ApiError::new(502, format!("node {node} registered a bad agent address `{address}`")))?;
-        let transport = self.agents.get().ok_or_else(|| ApiError::unavailable("this server cannot reach agents"))?;
-        match transport.call(address, request).await {
-            Ok(AgentServiceReply::Done(done)) => Ok(done),
+        match self.call_agent(node, request, "restarts or signals tasks").await? {
+            AgentServiceReply::Done(done) => Ok(done),
             // Nothing of that name: 404; anything else it refused: 409.
-            Ok(AgentServiceReply::Error(m)) if m.starts_with("no task") => Err(ApiError::not_found(m)),
-            Ok(AgentServiceReply::Error(m)) => Err(ApiError::new(409, m)),
-            Ok(AgentServiceReply::Logs(_)) => {
-                Err(ApiError::new(502, format!("the agent of node {node} answered logs")))
-            }
-            Err(e) => Err(ApiError::new(502, format!("the agent of node {node} at {address}: {e}"))),
+            AgentServiceReply::Error(m) if m.starts_with("no task") => Err(ApiError::not_found(m)),
+            AgentServiceReply::Error(m) => Err(ApiError::new(409, m)),
+            AgentServiceReply::Logs(_) => Err(ApiError::new(502, format!("the agent of node {node} answered logs"))),
         }
     }
 
