@@ -177,11 +177,24 @@ impl Client {
         request: impl Fn(&ureq::Agent, String) -> HttpResult,
         path: &str,
     ) -> Result<ureq::http::Response<ureq::Body>, ClientError> {
+        self.send_to(request, path, true)
+    }
+
+    /// [`Self::send`]; with `resend` false, a request that may have reached
+    /// a server (the connection broke after it was made) is not sent to the
+    /// next one: for what must not happen twice.
+    fn send_to(
+        &self,
+        request: impl Fn(&ureq::Agent, String) -> HttpResult,
+        path: &str,
+        resend: bool,
+    ) -> Result<ureq::http::Response<ureq::Body>, ClientError> {
         let mut last = None;
         for _ in 0..self.bases.len().max(1) {
             let base = self.address().to_string();
             match request(&self.agent, format!("{base}{path}")) {
                 Ok(r) => return Ok(r),
+                Err(e @ ureq::Error::Io(_)) if !resend => return Err(transport_error(&base, &e)),
                 Err(e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound)) => {
                     last = Some(transport_error(&base, &e));
                     self.current.fetch_add(1, Ordering::Relaxed);
@@ -289,6 +302,12 @@ impl Client {
         self.answer(self.send(|a, url| self.auth(a.post(url)).send_json(body), path))
     }
 
+    /// [`Self::post`] of a request that must not be made twice: one whose
+    /// connection broke once made is not sent to the next server.
+    pub fn post_once<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
+        self.answer(self.send_to(|a, url| self.auth(a.post(url)).send_json(body), path, false))
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.answer(self.send(|a, url| self.auth(a.delete(url)).call(), path))
     }
@@ -377,7 +396,7 @@ impl Client {
     /// stop and start again in place.
     pub fn restart_alloc(&self, id: &str, task: Option<&str>) -> Result<super::api::AllocOpDone, ClientError> {
         let req = super::api::AllocRestart { task: task.map(str::to_string) };
-        self.post(&format!("/v1/allocations/{id}/restart"), &req)
+        self.post_once(&format!("/v1/allocations/{id}/restart"), &req)
     }
 
     /// `hanse alloc signal`: `signal` to allocation `id`'s tasks (or `task`).
@@ -388,7 +407,7 @@ impl Client {
         signal: &str,
     ) -> Result<super::api::AllocOpDone, ClientError> {
         let req = super::api::AllocSignal { task: task.map(str::to_string), signal: signal.to_string() };
-        self.post(&format!("/v1/allocations/{id}/signal"), &req)
+        self.post_once(&format!("/v1/allocations/{id}/signal"), &req)
     }
 
     /// `hanse alloc stop`: stops allocation `id` (`a000042` or `42`); the
