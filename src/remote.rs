@@ -274,6 +274,13 @@ pub fn print_plan(r: &PlanReport, verbose: bool) {
             plural(r.kept_older, "instance")
         );
     }
+    if r.rolling > 0 {
+        println!(
+            "  rolling update: {} of the older version are replaced as the deployment goes, \
+             max_parallel at a time, each once its replacement is healthy; this plan starts the first",
+            plural(r.rolling, "instance")
+        );
+    }
     if r.deferred > 0 {
         println!(
             "  and {} more placements or stops not planned here: the cluster plans a job in parts of at most {}",

@@ -1454,8 +1454,13 @@ fn a_rolling_update_keeps_the_service_up_and_a_version_never_healthy_rolls_back(
             (min_running, max_unready, samples)
         })
     };
-    let started = Instant::now();
     let v1 = f.job("shop-v1", &rolling_service("1", true));
+    // The dry run says how the update will go: 5 placed now, 20 replaced
+    // as the deployment goes.
+    let plan = json(&f.run(&["job", "plan", &v1, "--json"]));
+    assert_eq!((plan["placed"].as_u64(), plan["rolling"].as_u64()), (Some(5), Some(20)), "{plan:#}");
+    assert_eq!(plan["kept_older"], 0, "{plan:#}");
+    let started = Instant::now();
     let out = f.run(&["job", "run", &v1]);
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);

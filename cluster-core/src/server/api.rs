@@ -652,6 +652,11 @@ pub struct PlanReport {
     /// down only what it can replace.
     #[serde(default)]
     pub kept_older: u64,
+    /// Live instances of an older version left for the job's deployment
+    /// to replace, a few at a time ([`crate::model::job::UpdateStrategy`]):
+    /// this plan starts the first of them.
+    #[serde(default)]
+    pub rolling: u64,
     pub by_class: BTreeMap<String, ClassCount>,
     pub placements: Vec<PlacementRow>,
     pub unplaced_groups: Vec<UnplacedView>,
@@ -695,6 +700,18 @@ impl PlanReport {
                 }
             })
             .collect();
+        let stopped: std::collections::HashSet<_> = plan.stops.iter().map(|s| s.alloc).collect();
+        let rolled = |a: &Allocation| {
+            job.job_type == crate::model::JobType::Service
+                && !job.stopped
+                && job.group(&a.group).is_some_and(|g| g.update.is_some())
+        };
+        let (mut kept_older, mut rolling) = (0, 0);
+        for a in state.allocs_of_job(&job.id) {
+            if a.is_live() && a.job_version < job.version && !stopped.contains(&a.id) {
+                if rolled(a) { rolling += 1 } else { kept_older += 1 }
+            }
+        }
         PlanReport {
             job: job.id.to_string(),
             job_type: job.job_type.to_string(),
@@ -706,12 +723,8 @@ impl PlanReport {
             unplaced: plan.unplaced_count(),
             stops: plan.stops.len(),
             deferred: plan.deferred,
-            kept_older: {
-                let stopped: std::collections::HashSet<_> = plan.stops.iter().map(|s| s.alloc).collect();
-                (state.allocs_of_job(&job.id))
-                    .filter(|a| a.is_live() && a.job_version < job.version && !stopped.contains(&a.id))
-                    .count() as u64
-            },
+            kept_older,
+            rolling,
             by_class,
             placements,
             unplaced_groups: plan.unplaced.iter().map(UnplacedView::of).collect(),
