@@ -142,3 +142,16 @@ fn shell_completion_scripts_know_every_command() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("possible values"), "{}", text(&out.stderr));
 }
+
+/// The README's "Job specs in brief" is a spec `job validate` accepts, as
+/// a reader would copy it.
+#[test]
+fn the_readmes_spec_in_brief_validates() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme.split("## Job specs in brief").nth(1).expect("the section");
+    let block = section.split("```toml\n").nth(1).and_then(|b| b.split("\n```").next()).expect("its toml block");
+    let spec = TempSpec::new("brief", block);
+    let out = hanse(&["job", "validate", spec.path()]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("ok: job web"), "{}", text(&out.stdout));
+}
