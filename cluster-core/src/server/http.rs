@@ -588,10 +588,7 @@ async fn submit(State(s): Srv, Extension(who): Who, b: Result<Bytes, BytesReject
         job_named = Some(format!("job {}/{}", job.namespace, job.id));
         need(&who, Capability::Submit, &job.namespace)?;
         let id = job.id.to_string();
-        match s.write(Write::SubmitJob { job, spec: Some(spec) }).await? {
-            WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
-            other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
-        }
+        job_reply(id, s.write(Write::SubmitJob { job, spec: Some(spec) }).await?)
     }
     .await
     .into_response();
@@ -658,7 +655,13 @@ async fn job(State(s): Srv, Extension(who): Who, Path(id): Path<String>, q: Q) -
 async fn stop_job(State(s): Srv, Extension(who): Who, Path(id): Path<String>) -> Reply<JobRegistered> {
     let namespace = job_namespace(&s, &id).await?;
     need(&who, Capability::Stop, &namespace)?;
-    match s.write(Write::StopJob(JobId::new(&id))).await? {
+    let reply = s.write(Write::StopJob(JobId::new(&id))).await?;
+    job_reply(id, reply)
+}
+
+/// A write that registered a version of job `id`, as `{job, version, eval}`.
+fn job_reply(id: String, reply: WriteReply) -> Reply<JobRegistered> {
+    match reply {
         WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
         other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
     }
@@ -682,10 +685,7 @@ async fn scale_job(
     need(&who, Capability::Submit, &namespace)?;
     let req: super::api::Scale = body(b)?;
     let w = Write::ScaleJob { job: JobId::new(&id), namespace, group: req.group.as_str().into(), count: req.count };
-    match s.write(w).await? {
-        WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
-        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
-    }
+    job_reply(id, s.write(w).await?)
 }
 
 /// `GET /v1/jobs/ID/versions`: every version kept, newest first, with
@@ -703,10 +703,7 @@ async fn job_versions(State(s): Srv, Extension(who): Who, Path(id): Path<String>
             let h = st.job_history(&job.id);
             let mut all: Vec<&crate::model::Job> = h.map(|h| h.older.iter().collect()).unwrap_or_default();
             all.push(job);
-            let deployment = |v: u64| {
-                let d = h.and_then(|h| h.deployments.iter().rev().find(|d| d.job_version == v));
-                d.map(|d| d.status.to_string())
-            };
+            let deployment = |v: u64| st.deployment_of(&job.id, v).map(|d| d.status.to_string());
             let stable = |v: u64| h.is_some_and(|h| h.stable.contains(&v));
             let specs = who.allows(Capability::Submit, &job.namespace);
             let mut versions: Vec<super::api::JobVersionView> = all
@@ -740,10 +737,8 @@ async fn revert_job(
     let namespace = job_namespace(&s, &id).await?;
     need(&who, Capability::Submit, &namespace)?;
     let req: super::api::Revert = body(b)?;
-    match s.write(Write::RevertJob { job: JobId::new(&id), namespace, version: req.version }).await? {
-        WriteReply::Job { version, eval } => ok(JobRegistered { job: id, version, eval: eval.0 }),
-        other => Err(ApiError::new(500, format!("unexpected reply {other:?}"))),
-    }
+    let reply = s.write(Write::RevertJob { job: JobId::new(&id), namespace, version: req.version }).await?;
+    job_reply(id, reply)
 }
 
 /// `GET /v1/jobs/ID/deployment[?version=N]`: the job's latest deployment,
@@ -768,9 +763,7 @@ async fn deployment(
             }
             let d = match version {
                 None => st.latest_deployment(&job.id),
-                Some(v) => {
-                    st.job_history(&job.id).and_then(|h| h.deployments.iter().rev().find(|d| d.job_version == v))
-                }
+                Some(v) => st.deployment_of(&job.id, v),
             };
             Some(Ok(d.map(|d| super::api::DeploymentView::of(st, d))))
         })

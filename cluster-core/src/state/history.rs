@@ -73,6 +73,11 @@ impl ClusterState {
         h.submitted.retain(|(v, _)| *v == version || kept.contains(v));
     }
 
+    /// The deployment of version `version` of job `id`, if it had one.
+    pub fn deployment_of(&self, id: &JobId, version: u64) -> Option<&Deployment> {
+        self.histories.get(id)?.deployments.iter().rev().find(|d| d.job_version == version)
+    }
+
     /// Job `id`'s latest deployment, if it has had one.
     pub fn latest_deployment(&self, id: &JobId) -> Option<&Deployment> {
         self.histories.get(id)?.deployments.last()
@@ -164,7 +169,7 @@ impl ClusterState {
         }
         let version = d.job_version;
         for (name, want) in &waiting {
-            let healthy = self.canaries(id, version, name).filter(|h| *h == Some(AllocHealth::Healthy)).count();
+            let healthy = self.healthy_canaries(id, version, name);
             if healthy < *want as usize {
                 return Err(format!(
                     "group `{name}`: {healthy} of {want} canaries are healthy; promote once they all are"
@@ -179,18 +184,10 @@ impl ClusterState {
         Ok(())
     }
 
-    /// The health of the canaries of `job`'s `version` in `group` that
-    /// still stand (live, or ended healthy).
-    fn canaries<'a>(
-        &'a self,
-        job: &'a JobId,
-        version: u64,
-        group: &'a str,
-    ) -> impl Iterator<Item = Option<AllocHealth>> + 'a {
-        self.allocs_of_job(job)
-            .filter(move |a| a.canary && a.job_version == version && &*a.group == group)
-            .filter(|a| a.is_live() || a.health.is_some())
-            .map(|a| a.health)
+    /// How many canaries of `job`'s `version` in `group` are healthy.
+    fn healthy_canaries(&self, job: &JobId, version: u64, group: &str) -> usize {
+        let canary = |a: &&crate::model::Allocation| a.canary && a.job_version == version && &*a.group == group;
+        self.allocs_of_job(job).filter(canary).filter(|a| a.health == Some(AllocHealth::Healthy)).count()
     }
 
     /// Fails job `id`'s running deployment, for `why`; with `auto_revert`
@@ -297,7 +294,7 @@ impl ClusterState {
         for g in &d.groups {
             let Some(spec) = job.group(&g.name) else { continue };
             if g.canaries > 0 && !g.promoted {
-                let healthy = self.canaries(id, version, &g.name).filter(|h| *h == Some(AllocHealth::Healthy)).count();
+                let healthy = self.healthy_canaries(id, version, &g.name);
                 let auto = spec.update.is_some_and(|u| u.auto_promote) && healthy >= g.canaries as usize;
                 // Nothing older left to try them beside (a revert carried
                 // it all over): nothing to wait for.

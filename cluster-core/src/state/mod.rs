@@ -467,12 +467,20 @@ impl ClusterState {
         }
         // What runs of an older version, for canaries: a placement beside
         // one, while its group's deployment awaits promotion, is a canary.
-        let older: HashSet<(Arc<str>, u32)> = self
-            .allocs_of_job(&plan.job)
-            .filter(|a| a.is_live() && a.job_version < plan.job_version)
-            .map(|a| (a.group.clone(), a.index))
-            .collect();
-        let deployment = self.active_deployment(&plan.job).filter(|d| d.job_version == plan.job_version).cloned();
+        // Looked for only then: most plans belong to no such deployment.
+        let awaiting: Vec<Arc<str>> = self
+            .active_deployment(&plan.job)
+            .filter(|d| d.job_version == plan.job_version)
+            .map(|d| d.groups.iter().filter(|g| d.awaits_promotion(&g.name)).map(|g| g.name.clone()).collect())
+            .unwrap_or_default();
+        let older: HashSet<(Arc<str>, u32)> = if awaiting.is_empty() {
+            HashSet::new()
+        } else {
+            (self.allocs_of_job(&plan.job))
+                .filter(|a| a.is_live() && a.job_version < plan.job_version)
+                .map(|a| (a.group.clone(), a.index))
+                .collect()
+        };
         for p in &plan.placements {
             if !live.insert(key(&p.group, p.index, &p.node)) {
                 applied.refused.push(Refused { placement: p.clone(), reason: Reason::AlreadyPlaced });
@@ -501,8 +509,7 @@ impl ClusterState {
                         status: AllocStatus::Pending,
                         tasks: Vec::new(),
                         health: None,
-                        canary: deployment.as_ref().is_some_and(|d| d.awaits_promotion(&p.group))
-                            && older.contains(&(p.group.clone(), p.index)),
+                        canary: awaiting.contains(&p.group) && older.contains(&(p.group.clone(), p.index)),
                     };
                     self.allocs_by_job.entry(job_id.clone()).or_default().push(id);
                     self.allocs_by_node.entry(node).or_default().push(id);
