@@ -68,7 +68,10 @@ pub fn job_run(c: &Client, path: &Path, detach: bool, timeout: Duration, json: b
             }
             None => std::thread::sleep(Duration::from_millis(200)),
         }
-        if view.as_ref().is_some_and(|v| !v.is_open() || v.status == "blocked") || left.is_zero() {
+        // Failed instances waiting for their reschedule delay: what can be
+        // done now is done (the status below says when they follow).
+        let waits = |v: &EvalView| v.status == "pending" && v.wait_until_ms.is_some();
+        if view.as_ref().is_some_and(|v| !v.is_open() || v.status == "blocked" || waits(v)) || left.is_zero() {
             break view;
         }
     };
@@ -149,6 +152,7 @@ pub fn job_run(c: &Client, path: &Path, detach: bool, timeout: Duration, json: b
             anyhow::bail!("job {} failed: its instances failed for good; see `hanse job status {}`", reg.job, reg.job)
         }
         Some(e) if e.status == "blocked" => Ok(Outcome::PlacementFailed),
+        Some(e) if e.status == "pending" && e.wait_until_ms.is_some() => Ok(Outcome::Ok),
         Some(e) if e.status == "pending" => {
             anyhow::bail!("job {} is still waiting for a scheduler after {timeout:?}; see `hanse job status`", reg.job)
         }
@@ -317,8 +321,33 @@ pub fn print_plan(r: &PlanReport, verbose: bool) {
 
 fn print_eval(e: &EvalView) {
     println!("evaluation e{:06} ({}): {}, {} placed", e.id, e.trigger, e.status, e.placed);
+    if let Some(at) = e.wait_until_ms.filter(|_| e.status == "pending") {
+        println!(
+            "  failed instances are placed again {} ({}): their reschedule delay",
+            from_now(at),
+            crate::output::unix_ms_text(at)
+        );
+    }
     for u in &e.unplaced {
         println!("  unplaced: {} of group {}: {}", plural(u.count.into(), "instance"), u.group, u.explanation);
+    }
+}
+
+/// "in 25s", "now" (at or past `at_ms`, Unix ms, by this machine's clock).
+fn from_now(at_ms: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    if at_ms <= now { "now".into() } else { format!("in {}", seconds(at_ms - now)) }
+}
+
+/// Milliseconds as "45s", "2m30s", "1h".
+fn seconds(ms: u64) -> String {
+    let s = ms.div_ceil(1000);
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
     }
 }
 
@@ -965,6 +994,29 @@ fn print_tasks(a: &AllocView) {
     println!("{t}");
     if let Some(h) = &a.health {
         println!("health: {h}{}", if a.canary { " (canary)" } else { "" });
+    }
+    if let Some(at) = a.failed_at_ms {
+        println!("failed at {}", crate::output::unix_ms_text(at));
+    }
+    if let Some(at) = a.reschedule_at_ms {
+        let after = at.saturating_sub(a.failed_at_ms.unwrap_or(at));
+        println!(
+            "reschedule: its instance is placed again {} ({}), {} after it failed",
+            from_now(at),
+            crate::output::unix_ms_text(at),
+            seconds(after)
+        );
+    } else if a.reschedule_final {
+        println!(
+            "reschedule: none; its instance is not placed again (a task could not start, or the group's \
+             [group.reschedule] limit is reached) until the job changes"
+        );
+    }
+    if !a.reschedules.is_empty() {
+        let events: Vec<String> = (a.reschedules.iter())
+            .map(|(at, waited)| format!("failed {}, waited {}", crate::output::unix_ms_text(*at), seconds(*waited)))
+            .collect();
+        println!("earlier reschedules of its instance: {}", events.join("; "));
     }
     let checks: Vec<_> = a.tasks.iter().flat_map(|t| t.checks.iter().map(move |c| (t, c))).collect();
     if !checks.is_empty() {

@@ -1571,3 +1571,80 @@ resources = { cpu = "50m", memory = "16MiB" }
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing runs"), "{out:?}");
 }
+
+/// Milliseconds since the Unix epoch, by this machine's clock (the
+/// server's too: both run here).
+fn unix_ms() -> u64 {
+    (now_ns() / 1_000_000) as u64
+}
+
+/// `[group.reschedule]`: a failed instance is placed again only once its
+/// delay has passed since its failure, and not at all past its limit;
+/// `alloc status` and `job status` say when and why.
+#[test]
+fn a_failed_instance_is_placed_again_after_its_delay_and_not_past_its_limit() {
+    let f = Fixture::new("resched");
+    let _a = f.agent("node-a", f.quic);
+    let job = f.job(
+        "flaky",
+        r#"[job]
+name = "flaky"
+type = "service"
+
+[[group]]
+name = "g"
+restart = { attempts = 0 }
+
+[group.reschedule]
+attempts = 1
+interval = "1h"
+delay = "3s"
+delay_function = "constant"
+
+[[group.task]]
+name = "t"
+driver = "exec"
+command = "/bin/sh"
+args = ["-c", "sleep 0.5; exit 3"]
+resources = { cpu = "50m", memory = "16MiB" }
+"#,
+    );
+    let out = f.run(&["job", "run", &job]);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", text(&out));
+    eventually(Duration::from_secs(30), "the first allocation failed", || {
+        f.allocs("flaky").iter().any(|a| a["status"] == "failed")
+    });
+    let first = f.allocs("flaky").into_iter().find(|a| a["status"] == "failed").unwrap();
+    let failed_at = first["failed_at_ms"].as_u64().expect("a failure time");
+    assert_eq!(first["reschedule_at_ms"].as_u64(), Some(failed_at + 3_000), "{first}");
+    let name = first["name"].as_str().unwrap().to_string();
+    let shown = f.run(&["alloc", "status", &name]);
+    assert!(text(&shown).contains("reschedule: its instance is placed again"), "{}", text(&shown));
+    assert!(text(&shown).contains("3s after it failed"), "{}", text(&shown));
+    // Sampled, each read timed: none that ended before the delay was
+    // over may see the replacement.
+    let second_seen = loop {
+        let allocs = f.allocs("flaky");
+        let read_by = unix_ms();
+        if allocs.len() >= 2 {
+            break read_by;
+        }
+        assert!(read_by < failed_at + 20_000, "no replacement 20 s after the failure: {allocs:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(second_seen >= failed_at + 3_000, "placed {} ms after the failure", second_seen - failed_at);
+    // The replacement fails too: one reschedule an hour, so it is final.
+    eventually(Duration::from_secs(30), "the job reads failed", || {
+        json(&f.run(&["job", "status", "flaky", "--json"]))["summary"]["status"] == "failed"
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let allocs = f.allocs("flaky");
+    assert_eq!(allocs.len(), 2, "placed once more, no more: {allocs:#?}");
+    let second = allocs.iter().find(|a| a["name"] != name.as_str()).unwrap();
+    assert_eq!(second["status"], "failed", "{second}");
+    assert_eq!(second["reschedule_final"], true, "{second}");
+    assert_eq!(second["reschedules"][0][0].as_u64(), Some(failed_at), "it carries the first failure: {second}");
+    let shown = f.run(&["alloc", "status", second["name"].as_str().unwrap()]);
+    assert!(text(&shown).contains("reschedule: none"), "{}", text(&shown));
+    assert!(text(&shown).contains("earlier reschedules of its instance: failed"), "{}", text(&shown));
+}

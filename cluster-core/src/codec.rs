@@ -14,8 +14,10 @@ use serde::de::DeserializeOwned;
 /// 3: an exec task may name the `user` it runs as. 4: the state keeps its
 /// garbage-collection marks; writes carry `Swap` and `Collect`. 5: groups
 /// carry `update`, tasks `checks`; allocations their health and checks;
-/// the state keeps job versions and deployments.
-pub const VERSION: u8 = 5;
+/// the state keeps job versions and deployments. 6: groups carry
+/// `reschedule`; allocations their failure time and reschedule history;
+/// evaluations and plans a `wait_until_ms`.
+pub const VERSION: u8 = 6;
 
 /// The largest body [`decode`] will ever look at, whatever the caller's
 /// limit: a bound on what a corrupt length prefix can make it allocate.

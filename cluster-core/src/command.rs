@@ -211,6 +211,14 @@ pub enum Command {
         job: Job,
         spec: String,
     },
+    /// [`Command::AllocStatus`] with the proposer's clock, `now_ms` (Unix
+    /// ms): an allocation that failed is stamped with it, and its
+    /// instance's reschedule delay runs from then
+    /// ([`crate::model::job::ReschedulePolicy`]).
+    AllocReports {
+        now_ms: u64,
+        reports: Vec<AllocReport>,
+    },
 }
 
 /// The record key under which [`Command::PeersAsked`] keeps its version.
@@ -496,70 +504,78 @@ impl ClusterState {
                 self.set_record(&peers_asked_key(job), version.to_string().into_bytes());
                 Effect::Evals(vec![self.create_eval(job, EvalTrigger::Delegated, None)])
             }
-            Command::AllocStatus(updates) => {
-                let mut failed = BTreeSet::new();
-                let mut stopped = BTreeSet::new();
-                // Jobs whose deployment may move on, and those of them
-                // where an instance's health changed.
-                let mut deploying = BTreeSet::new();
-                let mut health_changed = BTreeSet::new();
-                for AllocReport { id, status, tasks, health } in updates.iter().take(ALLOC_STATUS_BATCH_MAX) {
-                    let was = self.alloc(*id).map(|a| a.status);
-                    self.set_task_states(*id, tasks);
-                    let newly_healthy = health.is_some_and(|h| self.set_alloc_health(*id, h));
-                    self.set_alloc_status(*id, *status);
-                    let Some(a) = self.alloc(*id) else { continue };
-                    if self.active_deployment(&a.job).is_some() {
-                        if newly_healthy {
-                            health_changed.insert(a.job.clone());
-                        }
-                        if newly_healthy || (a.status.is_terminal() && was != Some(a.status)) {
-                            deploying.insert(a.job.clone());
-                        }
-                    }
-                    if a.status == AllocStatus::Failed && was != Some(AllocStatus::Failed) {
-                        failed.insert(a.job.clone());
-                    } else if a.status.is_terminal() && !was.is_some_and(AllocStatus::is_terminal) {
-                        // The replacement of an at-most-once instance waits
-                        // for it to end (see `reconcile`): now it may start.
-                        // So does an instance its agent reports lost (it
-                        // stopped it when its lease ran out): place it again.
-                        let job = self.job(&a.job).filter(|j| !j.stopped);
-                        let group = job.and_then(|j| j.group(&a.group));
-                        let at_most_once = group.is_some_and(|g| g.on_disconnect == OnDisconnect::Stop);
-                        let lost = a.status == AllocStatus::Lost && a.desired == DesiredStatus::Run;
-                        // A system job's next instance on a node waits for
-                        // the one stopping there (see `reconcile`).
-                        let system = job.is_some_and(|j| j.job_type == crate::model::JobType::System);
-                        let waited_for = a.desired == DesiredStatus::Stop && (at_most_once || system);
-                        if job.is_some() && (lost || waited_for) {
-                            stopped.insert(a.job.clone());
-                        }
-                    }
+            Command::AllocStatus(updates) => self.alloc_reports(updates, None),
+            Command::AllocReports { now_ms, reports } => self.alloc_reports(reports, Some(*now_ms)),
+        }
+    }
+
+    /// Applies agents' reports on allocations, logged at `now_ms` (Unix
+    /// ms) when known, and opens the evaluations they call for.
+    fn alloc_reports(&mut self, updates: &[AllocReport], now_ms: Option<u64>) -> Effect {
+        let mut failed = BTreeSet::new();
+        let mut stopped = BTreeSet::new();
+        // Jobs whose deployment may move on, and those of them
+        // where an instance's health changed.
+        let mut deploying = BTreeSet::new();
+        let mut health_changed = BTreeSet::new();
+        for AllocReport { id, status, tasks, health } in updates.iter().take(ALLOC_STATUS_BATCH_MAX) {
+            let was = self.alloc(*id).map(|a| a.status);
+            self.set_task_states(*id, tasks);
+            let newly_healthy = health.is_some_and(|h| self.set_alloc_health(*id, h));
+            self.set_alloc_status(*id, *status);
+            if *status == AllocStatus::Failed && was.is_some_and(|w| !w.is_terminal()) {
+                self.set_failed_at(*id, now_ms);
+            }
+            let Some(a) = self.alloc(*id) else { continue };
+            if self.active_deployment(&a.job).is_some() {
+                if newly_healthy {
+                    health_changed.insert(a.job.clone());
                 }
-                let mut evals: Vec<EvalId> =
-                    failed.iter().map(|j| self.create_eval(j, EvalTrigger::AllocFailed, None)).collect();
-                for j in stopped.difference(&failed) {
-                    evals.push(self.create_eval(j, EvalTrigger::AllocStopped, None));
-                }
-                for j in &deploying {
-                    match self.advance_deployment(j) {
-                        Some(e) => evals.push(e),
-                        None if health_changed.contains(j) && !failed.contains(j) && !stopped.contains(j) => {
-                            evals.push(self.create_eval(j, EvalTrigger::AllocHealth, None));
-                        }
-                        None => {}
-                    }
-                }
-                if updates.len() > ALLOC_STATUS_BATCH_MAX {
-                    Effect::Refused(format!(
-                        "{} updates past the batch limit of {ALLOC_STATUS_BATCH_MAX} ignored",
-                        updates.len() - ALLOC_STATUS_BATCH_MAX
-                    ))
-                } else {
-                    Effect::Evals(evals)
+                if newly_healthy || (a.status.is_terminal() && was != Some(a.status)) {
+                    deploying.insert(a.job.clone());
                 }
             }
+            if a.status == AllocStatus::Failed && was != Some(AllocStatus::Failed) {
+                failed.insert(a.job.clone());
+            } else if a.status.is_terminal() && !was.is_some_and(AllocStatus::is_terminal) {
+                // The replacement of an at-most-once instance waits
+                // for it to end (see `reconcile`): now it may start.
+                // So does an instance its agent reports lost (it
+                // stopped it when its lease ran out): place it again.
+                let job = self.job(&a.job).filter(|j| !j.stopped);
+                let group = job.and_then(|j| j.group(&a.group));
+                let at_most_once = group.is_some_and(|g| g.on_disconnect == OnDisconnect::Stop);
+                let lost = a.status == AllocStatus::Lost && a.desired == DesiredStatus::Run;
+                // A system job's next instance on a node waits for
+                // the one stopping there (see `reconcile`).
+                let system = job.is_some_and(|j| j.job_type == crate::model::JobType::System);
+                let waited_for = a.desired == DesiredStatus::Stop && (at_most_once || system);
+                if job.is_some() && (lost || waited_for) {
+                    stopped.insert(a.job.clone());
+                }
+            }
+        }
+        let mut evals: Vec<EvalId> =
+            failed.iter().map(|j| self.create_eval(j, EvalTrigger::AllocFailed, None)).collect();
+        for j in stopped.difference(&failed) {
+            evals.push(self.create_eval(j, EvalTrigger::AllocStopped, None));
+        }
+        for j in &deploying {
+            match self.advance_deployment(j) {
+                Some(e) => evals.push(e),
+                None if health_changed.contains(j) && !failed.contains(j) && !stopped.contains(j) => {
+                    evals.push(self.create_eval(j, EvalTrigger::AllocHealth, None));
+                }
+                None => {}
+            }
+        }
+        if updates.len() > ALLOC_STATUS_BATCH_MAX {
+            Effect::Refused(format!(
+                "{} updates past the batch limit of {ALLOC_STATUS_BATCH_MAX} ignored",
+                updates.len() - ALLOC_STATUS_BATCH_MAX
+            ))
+        } else {
+            Effect::Evals(evals)
         }
     }
 

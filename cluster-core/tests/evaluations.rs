@@ -121,7 +121,16 @@ fn a_node_going_down_loses_its_allocations_and_opens_an_evaluation_per_job() {
 #[test]
 fn a_drain_moves_allocations_and_a_failure_is_rescheduled_a_bounded_number_of_times() {
     let mut s = state(3);
-    let e = register(&mut s, &job("a", 2, "1"));
+    let mut j = job("a", 2, "1");
+    let limit =
+        "[job]\nname = \"a\"\n[[group]]\nname = \"g\"\ncount = 2\nreschedule = { attempts = 3, interval = \"1h\" }\n";
+    j.groups[0].reschedule =
+        parse_job(&SourceFile::new("j.toml", format!("{limit}[[group.task]]\nname = \"t\"\ndriver = \"mock\"\n")))
+            .value
+            .unwrap()
+            .groups[0]
+            .reschedule;
+    let e = register(&mut s, &j);
     work(&mut s, e);
     let node = s.allocs().next().unwrap().node.clone();
     let Effect::Evals(evals) = s.apply(&Command::DrainNode { node: node.clone(), drain: true, deadline_ms: None })
@@ -133,7 +142,9 @@ fn a_drain_moves_allocations_and_a_failure_is_rescheduled_a_bounded_number_of_ti
     assert!(s.allocs().filter(|a| a.is_live()).all(|a| a.node != node), "nothing wanted on the draining node");
     assert_eq!(s.allocs().filter(|a| a.is_live()).count(), 2);
 
-    // An instance that keeps failing is placed again at most 3 times.
+    // An instance that keeps failing is placed again at most 3 times
+    // (its policy: 3 an hour; these failures come without a time, so
+    // they all count and none waits).
     for round in 0..6 {
         let failing: Vec<_> = s
             .allocs()
@@ -158,14 +169,14 @@ fn the_broker_runs_one_evaluation_per_job_at_a_time_oldest_first() {
     let a = register(&mut s, &job("a", 1, "1"));
     let b = register(&mut s, &job("b", 1, "1"));
     let mut broker = Broker::default();
-    let first = broker.next_batch(&s);
+    let first = broker.next_batch(&s, 0);
     assert_eq!(first.iter().map(|w| w.eval).collect::<Vec<_>>(), vec![a, b], "oldest first, both jobs at once");
     // A newer evaluation of a job in flight waits for the one in flight.
     let a2 = register(&mut s, &job("a", 2, "1"));
-    assert!(broker.next_batch(&s).is_empty(), "job a is in flight; b has nothing new");
+    assert!(broker.next_batch(&s, 0).is_empty(), "job a is in flight; b has nothing new");
     broker.done(&first);
     // Neither was committed: both are handed out again, oldest first.
-    assert_eq!(broker.next_batch(&s).iter().map(|w| w.eval).collect::<Vec<_>>(), vec![b, a2]);
+    assert_eq!(broker.next_batch(&s, 0).iter().map(|w| w.eval).collect::<Vec<_>>(), vec![b, a2]);
 }
 
 #[test]
@@ -301,6 +312,7 @@ fn a_full_plan_with_the_longest_names_fits_one_log_entry() {
         unplaced: Vec::new(),
         nodes_evaluated: u64::MAX,
         deferred: 1,
+        wait_until_ms: Some(u64::MAX),
     };
     let bytes = cluster_core::codec::encode(&Command::ApplyPlans(vec![(EvalId(u64::MAX), plan)]));
     assert!(bytes.len() < cluster_core::raft::node::ENTRY_BYTES_MAX, "{} bytes", bytes.len());
@@ -320,7 +332,7 @@ fn a_newer_job_goes_before_the_next_part_of_a_big_one() {
     s.apply(&Command::ApplyPlans(vec![(big, part)]));
     assert_eq!(s.eval(big).unwrap().status, EvalStatus::Pending);
     let small = register(&mut s, &job("small", 2, "100m"));
-    let batch = Broker::default().next_batch(&s);
+    let batch = Broker::default().next_batch(&s, 0);
     let order: Vec<EvalId> = batch.iter().map(|w| w.eval).collect();
     assert_eq!(order, [small, big], "the fresh job first, the big one's next part after it");
 }
@@ -439,4 +451,64 @@ fn system_jobs_follow_their_nodes() {
     settle(&mut s);
     assert!(on(&s).contains(&"later-node".to_string()), "{:?}", on(&s));
     assert_eq!(on(&s).len(), 4);
+}
+
+/// Plans and commits evaluation `eval` at `now_ms`, as a leader's worker
+/// does by its clock.
+fn work_at(s: &mut ClusterState, eval: EvalId, now_ms: u64) -> cluster_core::model::plan::Plan {
+    let job = s.job(&s.eval(eval).unwrap().job).unwrap().clone();
+    let plan = schedule(s, &job, &SchedulerConfig { now_ms: Some(now_ms), ..SchedulerConfig::default() });
+    s.apply(&Command::ApplyPlans(vec![(eval, plan.clone())]));
+    plan
+}
+
+/// A failed instance is placed again only once its reschedule delay has
+/// passed, from the time its failure was logged: its evaluation waits,
+/// pending, and the broker hands it out then; each reschedule's wait
+/// grows by the policy's function, and the new allocation carries the
+/// history.
+#[test]
+fn a_failed_instance_waits_for_its_reschedule_delay() {
+    let mut s = state(2);
+    let mut j = job("w", 1, "1");
+    // The service default: 30 s, doubling.
+    assert_eq!(j.groups[0].reschedule, cluster_core::model::job::ReschedulePolicy::for_type(j.job_type));
+    j.groups[0].reschedule.max_delay_ms = 50_000;
+    let e = register(&mut s, &j);
+    work(&mut s, e);
+    let mut broker = Broker::default();
+    let mut t = 1_000_000;
+    for (round, wait) in [30_000, 50_000, 50_000].into_iter().enumerate() {
+        let live = s.allocs().find(|a| a.is_live()).unwrap().id;
+        let fail = Command::AllocReports { now_ms: t, reports: vec![AllocReport::status(live, AllocStatus::Failed)] };
+        let Effect::Evals(evals) = s.apply(&fail) else { panic!() };
+        assert_eq!(s.alloc(live).unwrap().failed_at_ms, Some(t));
+        let plan = work_at(&mut s, evals[0], t + 10);
+        assert!(plan.placements.is_empty(), "round {round}: placed before its delay");
+        assert_eq!(plan.wait_until_ms, Some(t + wait));
+        let eval = s.eval(evals[0]).unwrap();
+        assert_eq!((eval.status, eval.wait_until_ms), (EvalStatus::Pending, Some(t + wait)));
+        let p = cluster_core::state::progress(&s, s.job(&j.id).unwrap());
+        assert_eq!(p.instances.get("waiting"), Some(&1), "{p:?}");
+        assert!(broker.next_batch(&s, t + wait - 1).is_empty(), "handed out before its time");
+        let batch = broker.next_batch(&s, t + wait);
+        assert_eq!(batch.iter().map(|w| w.eval).collect::<Vec<_>>(), vec![evals[0]]);
+        broker.done(&batch);
+        let plan = work_at(&mut s, evals[0], t + wait);
+        assert_eq!((plan.placements.len(), plan.wait_until_ms), (1, None));
+        assert_eq!(s.eval(evals[0]).unwrap().status, EvalStatus::Complete);
+        let new = s.allocs().find(|a| a.is_live()).unwrap();
+        assert_eq!(new.reschedules.len(), 1, "an unlimited policy keeps the latest only");
+        assert_eq!(new.reschedules[0].failed_at_ms, t);
+        assert_eq!(new.reschedules[0].delay_ms, wait);
+        t += wait + 1_000;
+    }
+    // A failure stamped by a clock 2 h ahead of the scheduler's: its due
+    // time lies further off than its delay, and is not waited for.
+    let live = s.allocs().find(|a| a.is_live()).unwrap().id;
+    let fail =
+        Command::AllocReports { now_ms: t + 7_200_000, reports: vec![AllocReport::status(live, AllocStatus::Failed)] };
+    let Effect::Evals(evals) = s.apply(&fail) else { panic!() };
+    let plan = work_at(&mut s, evals[0], t);
+    assert_eq!((plan.placements.len(), plan.wait_until_ms), (1, None), "a clock ahead delays nothing");
 }

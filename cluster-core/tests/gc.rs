@@ -212,6 +212,35 @@ fn delegations_keep_their_jobs_and_cannot_hold_a_collected_one() {
     assert!(!log.has_job("held") && log.has_job("guest"));
 }
 
+/// Of an instance that keeps failing only the latest failure stays: it
+/// carries the instance's reschedule history, so what the scheduler does
+/// next is the same after, and the limit still holds.
+#[test]
+fn of_an_instance_that_keeps_failing_only_its_latest_failure_stays() {
+    let mut log = Log::new();
+    let mut j = job("flaky", "service", 1);
+    let policy = &mut j.groups[0].reschedule;
+    (policy.unlimited, policy.attempts, policy.interval_ms) = (false, 5, HOUR);
+    log.run(j);
+    let flaky = JobId::new("flaky");
+    for _ in 0..4 {
+        log.report("flaky", AllocStatus::Failed);
+    }
+    let failed = |log: &Log| log.state.allocs_of_job(&flaky).filter(|a| a.status == AllocStatus::Failed).count();
+    let live = |log: &Log| log.state.allocs_of_job(&flaky).filter(|a| a.is_live()).map(|a| a.id).collect::<Vec<_>>();
+    assert_eq!((failed(&log), live(&log).len()), (4, 1));
+    assert_eq!(log.state.alloc(live(&log)[0]).unwrap().reschedules.len(), 4, "four reschedules so far");
+    let plan = log.plan_of("flaky");
+    let c = log.collect(0, GcPolicy { allocs_per_job: Some(0), ..GcPolicy::DEFAULT });
+    assert_eq!((c.allocs, failed(&log)), (3, 1), "{c:?}");
+    assert_eq!(log.plan_of("flaky"), plan);
+    // The fifth failure is placed again; the sixth is past the limit.
+    log.report("flaky", AllocStatus::Failed);
+    assert_eq!(live(&log).len(), 1, "five reschedules an hour");
+    log.report("flaky", AllocStatus::Failed);
+    assert!(live(&log).is_empty(), "the sixth failure is final");
+}
+
 fn job_cpu(name: &str, kind: &str, count: u32, cpu: &str) -> cluster_core::model::Job {
     let text = format!(
         "[job]\nname = \"{name}\"\ntype = \"{kind}\"\n[[group]]\nname = \"g\"\ncount = {count}\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"{cpu}\", memory = \"256MiB\" }}\n"
@@ -275,7 +304,7 @@ fn ended_allocations_past_the_cap_go_oldest_first_and_scheduling_is_unchanged() 
     assert_eq!(log.collect(2_000, zero).allocs, 3);
     assert_eq!(log.state.allocs_of_job(&JobId::new("report")).count(), 3, "completed batch work says it is done");
     let still = log.state.allocs_of_job(&JobId::new("flaky")).filter(|a| a.status == AllocStatus::Failed).count();
-    assert_eq!(still, failed, "failures count toward the reschedule limit");
+    assert_eq!(still, failed, "an instance's latest failure carries its reschedule history");
     assert_eq!((log.plan_of("web"), log.plan_of("report"), log.plan_of("flaky")), plans);
 
     let mut replica = ClusterState::new();

@@ -6,7 +6,6 @@
 use cluster_core::diag::SourceFile;
 use cluster_core::model::alloc::{TaskPhase, TaskState};
 use cluster_core::model::{AllocStatus, Job};
-use cluster_core::scheduler::reconcile::RESCHEDULE_ATTEMPTS_MAX;
 use cluster_core::scheduler::{SchedulerConfig, schedule};
 use cluster_core::spec::{parse_fleet, parse_job};
 use cluster_core::state::{ClusterState, JobState, progress};
@@ -26,8 +25,10 @@ fn job_cpu(kind: &str, groups: &[u32], cpu: &str) -> Job {
     let mut text = format!("[job]\nname = \"j\"\ntype = \"{kind}\"\n");
     for (i, count) in groups.iter().enumerate() {
         let count = if kind == "system" { String::new() } else { format!("count = {count}\n") };
+        // Services are placed again forever by default: these give up.
+        let limit = if kind == "service" { "reschedule = { attempts = 3, interval = \"1h\" }\n" } else { "" };
         text.push_str(&format!(
-            "[[group]]\nname = \"g{i}\"\n{count}[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"{cpu}\", memory = \"1GiB\" }}\n"
+            "[[group]]\nname = \"g{i}\"\n{count}{limit}[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"{cpu}\", memory = \"1GiB\" }}\n"
         ));
     }
     parse_job(&SourceFile::new("j.toml", text)).value.unwrap()
@@ -72,9 +73,12 @@ fn end(s: &mut ClusterState, group: &str, status: AllocStatus) {
     }
 }
 
-/// Fails group `group`'s instances until the scheduler gives up on them.
+/// Fails group `group`'s instances until the scheduler gives up on them:
+/// the first run and as many reschedules as its policy allows (batch: 1
+/// a day; the services here: 3 an hour).
 fn fail_for_good(s: &mut ClusterState, j: &Job, group: &str) {
-    for _ in 0..=RESCHEDULE_ATTEMPTS_MAX {
+    let allowed = j.group(group).unwrap().reschedule.attempts;
+    for _ in 0..=allowed {
         end(s, group, AllocStatus::Failed);
         schedule_once(s, j);
     }

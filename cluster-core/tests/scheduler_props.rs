@@ -140,6 +140,7 @@ fn group(index: usize) -> impl Strategy<Value = TaskGroup> {
                 restart: Default::default(),
                 on_disconnect: cluster_core::model::job::OnDisconnect::Keep,
                 update: None,
+                reschedule: cluster_core::model::job::ReschedulePolicy::for_type(cluster_core::model::JobType::Service),
                 tasks: vec![Task {
                     name: Arc::from("t"),
                     driver: if exec {

@@ -280,3 +280,47 @@ fn update_blocks_and_checks_that_cannot_work_are_refused_where_they_are_written(
     ));
     assert!(has(&errs, 8, 1, "a script check needs an exec task"), "{errs:?}");
 }
+
+#[test]
+fn a_reschedule_block_parses_over_the_job_types_defaults() {
+    use cluster_core::model::JobType;
+    use cluster_core::model::job::{DelayFunction, ReschedulePolicy};
+    let parse = |kind: &str, block: &str| {
+        let text = format!("[job]\nname = \"web\"\ntype = \"{kind}\"\n[[group]]\nname = \"g\"\n{block}{TASK}");
+        let checked = parse_job(&SourceFile::new("job.toml", text));
+        checked.value.unwrap_or_else(|| panic!("{:?}", checked.diagnostics)).groups[0].reschedule
+    };
+    // Nomad's defaults: services forever, 30 s doubling to 1 h; batch once a day after 5 s.
+    let service = parse("service", "");
+    assert_eq!(service, ReschedulePolicy::for_type(JobType::Service));
+    assert!(service.unlimited && service.delay_ms == 30_000 && service.max_delay_ms == 3_600_000);
+    assert_eq!(service.delay_function, DelayFunction::Exponential);
+    let batch = parse("batch", "");
+    assert_eq!((batch.attempts, batch.interval_ms, batch.delay_ms, batch.unlimited), (1, 86_400_000, 5_000, false));
+    assert_eq!(batch.delay_function, DelayFunction::Constant);
+    // A limit written without `unlimited` is a limit, even on a service.
+    let limited = parse("service", "[group.reschedule]\nattempts = 3\ninterval = \"30m\"\n");
+    assert_eq!((limited.attempts, limited.interval_ms, limited.unlimited), (3, 1_800_000, false));
+    assert_eq!(limited.delay_ms, 30_000, "the rest stays the service default");
+    let all = parse(
+        "batch",
+        "[group.reschedule]\ndelay = \"10s\"\ndelay_function = \"fibonacci\"\nmax_delay = \"2m\"\nunlimited = true\n",
+    );
+    assert_eq!((all.delay_ms, all.max_delay_ms, all.unlimited), (10_000, 120_000, true));
+    assert_eq!(all.delay_function, DelayFunction::Fibonacci);
+}
+
+#[test]
+fn reschedule_blocks_that_cannot_work_are_refused_where_they_are_written() {
+    let group = "[job]\nname = \"web\"\n[[group]]\nname = \"g\"\n[group.reschedule]\n";
+    let errs = errors(&format!("{group}delay_function = \"linear\"\n{TASK}"));
+    assert!(has(&errs, 6, 18, "exponential"), "{errs:?}");
+    let errs = errors(&format!("{group}attempts = -2\n{TASK}"));
+    assert!(has(&errs, 6, 12, "attempts = -2"), "{errs:?}");
+    let errs = errors(&format!("{group}delay = \"2m\"\nmax_delay = \"1m\"\n{TASK}"));
+    assert!(has(&errs, 5, 1, "max_delay is shorter than delay"), "{errs:?}");
+    let errs = errors(&format!("{group}unlimited = false\nattempts = 2\n{TASK}"));
+    assert!(has(&errs, 5, 1, "attempts without an interval"), "{errs:?}");
+    let errs = errors(&format!("{group}interval = \"0s\"\n{TASK}"));
+    assert!(has(&errs, 6, 12, "out of range"), "{errs:?}");
+}

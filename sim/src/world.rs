@@ -1429,11 +1429,12 @@ impl World {
                 None
             } else {
                 let s = state.read().expect("state lock");
-                let batch = shell.broker.next_batch(&s);
+                let batch = shell.broker.next_batch(&s, now_c);
                 let mut scratch = (batch.len() > 1).then(|| s.clone());
                 let mut plans = Vec::new();
                 for work in &batch {
-                    let config = SchedulerConfig { seed: seed ^ work.eval.0, ..SchedulerConfig::default() };
+                    let config =
+                        SchedulerConfig { seed: seed ^ work.eval.0, now_ms: Some(now_c), ..SchedulerConfig::default() };
                     let plan = schedule(scratch.as_ref().unwrap_or(&s), &work.job, &config);
                     if let Some(scratch) = scratch.as_mut() {
                         scratch.apply_plan(&plan);
@@ -1758,7 +1759,7 @@ impl World {
             commands.push(Command::SetNodeStatus { node: node.id.clone(), status: NodeStatus::Ready, eligible: true });
         }
         if !node.reports.is_empty() {
-            commands.push(Command::AllocStatus(node.reports.clone()));
+            commands.push(Command::AllocReports { now_ms: now_c, reports: node.reports.clone() });
         }
         if !commands.is_empty() {
             node.reporting = true;
@@ -1829,7 +1830,7 @@ fn describe(c: &Command) -> String {
             let stops: usize = p.iter().map(|(_, p)| p.stops.len()).sum();
             format!("plan {} +{placed} -{stops}", p.first().map_or(String::new(), |(_, p)| p.job.to_string()))
         }
-        Command::AllocStatus(r) => format!(
+        Command::AllocStatus(r) | Command::AllocReports { reports: r, .. } => format!(
             "status {}",
             r.iter().map(|r| format!("{}={}", r.id.0, r.status.as_str())).collect::<Vec<_>>().join(",")
         ),

@@ -66,6 +66,14 @@ pub struct Allocation {
     /// Placed as a canary of a deployment: beside the old version, before
     /// the rest (see [`crate::model::job::UpdateStrategy::canary`]).
     pub canary: bool,
+    /// Unix ms at which the server that logged its failure learned of it
+    /// (`None`: it did not fail, or the report came without a time).
+    pub failed_at_ms: Option<u64>,
+    /// The reschedules of its instance that led to it, oldest first, as
+    /// many as its group's policy still needs (see
+    /// [`crate::model::job::ReschedulePolicy::keep`]); empty for a first
+    /// placement, and for the first one of a new version.
+    pub reschedules: Vec<crate::model::job::RescheduleEvent>,
 }
 
 /// Whether an instance became healthy: every task running for the

@@ -77,4 +77,8 @@ pub struct Evaluation {
     pub placed: u32,
     /// What the latest plan could not place, with reasons.
     pub unplaced: Vec<Unplaced>,
+    /// A pending evaluation is not handed out before then (Unix ms): the
+    /// failed instances it is to place again wait for their reschedule
+    /// delay (Nomad's `WaitUntil`).
+    pub wait_until_ms: Option<u64>,
 }

@@ -142,6 +142,138 @@ pub struct TaskGroup {
     /// replaces every instance at once, each as soon as its replacement is
     /// placed.
     pub update: Option<UpdateStrategy>,
+    /// `[group.reschedule]`: how often and how soon a failed instance is
+    /// placed again; [`ReschedulePolicy::for_type`] when the spec says
+    /// nothing. System jobs ignore it (see
+    /// [`crate::scheduler::reconcile::SYSTEM_FAILURES_MAX`]).
+    pub reschedule: ReschedulePolicy,
+}
+
+/// A group's `[group.reschedule]`: once an instance failed (its restarts
+/// on its node used up), how often and how soon the cluster places it
+/// again, on another node where one fits. After Nomad's `reschedule`
+/// block; [`ReschedulePolicy::for_type`] gives Nomad's defaults.
+///
+/// The `n`-th reschedule in a row (from 0) waits `delay_function(n)`
+/// after the failure, at most `max_delay_ms`; an instance that ran longer
+/// than `max_delay_ms` before it failed starts the series again at
+/// `delay_ms`. Without `unlimited`, at most `attempts` reschedules fall
+/// within any `interval_ms`; a failure past that is final until the job
+/// changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReschedulePolicy {
+    /// Reschedules within `interval_ms` (ignored when `unlimited`).
+    pub attempts: u32,
+    pub interval_ms: u64,
+    /// The wait (ms) before the first reschedule of a series.
+    pub delay_ms: u64,
+    pub delay_function: DelayFunction,
+    /// The longest wait (ms) a growing delay reaches.
+    pub max_delay_ms: u64,
+    pub unlimited: bool,
+}
+
+/// How the wait grows from one reschedule of an instance to the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DelayFunction {
+    /// `delay` every time.
+    Constant,
+    /// `delay`, 2 `delay`, 4 `delay`, ...
+    Exponential,
+    /// `delay`, `delay`, 2 `delay`, 3 `delay`, 5 `delay`, ...
+    Fibonacci,
+}
+
+keyword_enum!(DelayFunction { Constant = "constant", Exponential = "exponential", Fibonacci = "fibonacci" });
+
+impl ReschedulePolicy {
+    /// Nomad's defaults: a service is placed again forever, after 30 s
+    /// doubling up to 1 h; a batch instance once a day, after 5 s.
+    pub fn for_type(job_type: JobType) -> ReschedulePolicy {
+        const HOUR_MS: u64 = 3_600_000;
+        match job_type {
+            JobType::Batch => ReschedulePolicy {
+                attempts: 1,
+                interval_ms: 24 * HOUR_MS,
+                delay_ms: 5_000,
+                delay_function: DelayFunction::Constant,
+                max_delay_ms: HOUR_MS,
+                unlimited: false,
+            },
+            JobType::Service | JobType::System => ReschedulePolicy {
+                attempts: 0,
+                interval_ms: 0,
+                delay_ms: 30_000,
+                delay_function: DelayFunction::Exponential,
+                max_delay_ms: HOUR_MS,
+                unlimited: true,
+            },
+        }
+    }
+
+    /// The wait (ms) before the reschedule at `step` of a series (from 0).
+    pub fn delay_at(&self, step: u32) -> u64 {
+        let d = match self.delay_function {
+            DelayFunction::Constant => self.delay_ms,
+            DelayFunction::Exponential => self.delay_ms.saturating_mul(1u64.checked_shl(step).unwrap_or(u64::MAX)),
+            DelayFunction::Fibonacci => {
+                let (mut a, mut b) = (1u64, 1u64);
+                // Past the 93rd term it no longer fits 64 bits.
+                for _ in 0..step.min(93) {
+                    (a, b) = (b, a.saturating_add(b));
+                    if self.delay_ms.saturating_mul(a) >= self.max_delay_ms {
+                        break;
+                    }
+                }
+                self.delay_ms.saturating_mul(a)
+            }
+        };
+        d.min(self.max_delay_ms.max(self.delay_ms))
+    }
+
+    /// The next reschedule of an instance that failed at `failed_at_ms`,
+    /// after the reschedules in `history` (oldest first): its step in the
+    /// series and its wait. `None`: no reschedule is left (see the type).
+    pub fn next(&self, history: &[RescheduleEvent], failed_at_ms: u64) -> Option<RescheduleEvent> {
+        if !self.unlimited {
+            let recent = history.iter().filter(|e| e.failed_at_ms.saturating_add(self.interval_ms) > failed_at_ms);
+            if recent.count() >= self.attempts as usize {
+                return None;
+            }
+        }
+        let step = match history.last() {
+            // It ran long enough since its last reschedule: start over.
+            Some(e) if failed_at_ms.saturating_sub(e.failed_at_ms.saturating_add(e.delay_ms)) > self.max_delay_ms => 0,
+            Some(e) => e.step.saturating_add(1),
+            None => 0,
+        };
+        Some(RescheduleEvent { failed_at_ms, delay_ms: self.delay_at(step), step })
+    }
+
+    /// How many of `history` [`ReschedulePolicy::next`] needs: those
+    /// within the interval of the newest, and the newest.
+    pub fn keep(&self, history: &mut Vec<RescheduleEvent>) {
+        let Some(newest) = history.last().map(|e| e.failed_at_ms) else { return };
+        let keep_from = if self.unlimited {
+            history.len() - 1
+        } else {
+            let within = |e: &RescheduleEvent| e.failed_at_ms.saturating_add(self.interval_ms) > newest;
+            history.iter().position(within).unwrap_or(history.len() - 1).min(history.len() - 1)
+        };
+        history.drain(..keep_from);
+    }
+}
+
+/// One reschedule of an instance: the failure it answered and the wait
+/// before the replacement could be placed (Nomad's reschedule events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RescheduleEvent {
+    /// Unix ms at which the cluster logged the failure (0: not known).
+    pub failed_at_ms: u64,
+    pub delay_ms: u64,
+    /// Its place in its series of growing delays, from 0.
+    pub step: u32,
 }
 
 /// A group's `[group.update]`: a new version of a service replaces the
@@ -675,6 +807,69 @@ mod tests {
 
     fn pred(op: Operator, value: &str) -> Predicate {
         Predicate::new(Target::Attr("x".into()), op, value.into()).unwrap()
+    }
+
+    /// The failures of an instance that keeps failing `ran_ms` after each
+    /// replacement could start, from t = 0: each reschedule's wait.
+    fn waits(policy: &ReschedulePolicy, failures: usize, ran_ms: u64) -> Vec<Option<u64>> {
+        let (mut history, mut t, mut out) = (Vec::new(), 0u64, Vec::new());
+        for _ in 0..failures {
+            let next = policy.next(&history, t);
+            out.push(next.map(|e| e.delay_ms));
+            let Some(e) = next else { break };
+            history.push(e);
+            policy.keep(&mut history);
+            t += e.delay_ms + ran_ms;
+        }
+        out
+    }
+
+    #[test]
+    fn reschedule_delays_grow_by_their_function_up_to_the_ceiling() {
+        let mut p = ReschedulePolicy::for_type(JobType::Service);
+        let s = |ms: u64| Some(ms * 1_000);
+        assert_eq!(waits(&p, 9, 0), [s(30), s(60), s(120), s(240), s(480), s(960), s(1920), s(3600), s(3600)]);
+        p.delay_function = DelayFunction::Fibonacci;
+        p.delay_ms = 10_000;
+        p.max_delay_ms = 100_000;
+        assert_eq!(waits(&p, 9, 0), [s(10), s(10), s(20), s(30), s(50), s(80), s(100), s(100), s(100)]);
+        p.delay_function = DelayFunction::Constant;
+        assert_eq!(waits(&p, 3, 0), [s(10), s(10), s(10)]);
+        // Far past the 64-bit terms: still the ceiling, at once.
+        assert_eq!(p.delay_at(u32::MAX), 10_000);
+        p.delay_function = DelayFunction::Fibonacci;
+        assert_eq!(p.delay_at(u32::MAX), 100_000);
+    }
+
+    #[test]
+    fn an_instance_that_ran_longer_than_the_ceiling_starts_the_series_again() {
+        let p = ReschedulePolicy::for_type(JobType::Service);
+        let hour = 3_600_000;
+        assert_eq!(waits(&p, 3, hour + 1), [Some(30_000), Some(30_000), Some(30_000)]);
+        assert_eq!(waits(&p, 3, hour), [Some(30_000), Some(60_000), Some(120_000)]);
+    }
+
+    #[test]
+    fn limited_reschedules_count_only_within_their_interval() {
+        // Batch: once a day.
+        let p = ReschedulePolicy::for_type(JobType::Batch);
+        assert_eq!(waits(&p, 3, 60_000), [Some(5_000), None]);
+        // A day later, once more.
+        let day = 86_400_000;
+        assert_eq!(waits(&p, 3, day), [Some(5_000), Some(5_000), Some(5_000)]);
+        let history = [RescheduleEvent { failed_at_ms: 1_000, delay_ms: 5_000, step: 0 }];
+        assert_eq!(p.next(&history, 1_000 + day - 1), None);
+        assert!(p.next(&history, 1_000 + day).is_some());
+        // Zero attempts: never placed again.
+        let none = ReschedulePolicy { attempts: 0, ..p };
+        assert_eq!(waits(&none, 1, 0), [None]);
+        // What is kept is what the limit reads.
+        let mut three = (0..10).map(|i| RescheduleEvent { failed_at_ms: i * 1_000, delay_ms: 0, step: 0 }).collect();
+        ReschedulePolicy { attempts: 3, interval_ms: 2_500, ..p }.keep(&mut three);
+        assert_eq!(three.iter().map(|e| e.failed_at_ms).collect::<Vec<_>>(), [7_000, 8_000, 9_000]);
+        let mut last: Vec<_> = three.clone();
+        ReschedulePolicy::for_type(JobType::Service).keep(&mut last);
+        assert_eq!(last.len(), 1);
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub struct Plan {
     /// any are left the evaluation stays pending and the next round plans
     /// the next part; 0 for a whole plan.
     pub deferred: u64,
+    /// Failed instances are held back until then (Unix ms), their
+    /// reschedule delay not yet over: the evaluation stays pending and is
+    /// planned again at that time ([`crate::model::job::ReschedulePolicy`]).
+    pub wait_until_ms: Option<u64>,
 }
 
 impl Plan {

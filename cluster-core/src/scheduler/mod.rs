@@ -43,6 +43,10 @@ pub struct SchedulerConfig {
     /// no plan outgrows a Raft entry and no job holds the scheduler for
     /// long (security review, row 16).
     pub max_changes_per_plan: usize,
+    /// When (Unix ms) the plan is made: a failed instance whose
+    /// reschedule delay runs past it is held back ([`Plan::wait_until_ms`]).
+    /// `None` waits for no delay (a plan made without a clock).
+    pub now_ms: Option<u64>,
 }
 
 /// The default of [`SchedulerConfig::max_changes_per_plan`]: with the
@@ -60,6 +64,7 @@ impl Default for SchedulerConfig {
                 .map(Weights::for_objective),
             defer_prefer_remote: false,
             max_changes_per_plan: PLAN_CHANGES_MAX,
+            now_ms: None,
         }
     }
 }
@@ -77,7 +82,7 @@ pub fn objective_slot(o: Objective) -> usize {
 /// Plans `job` against `state`. Reads only; the plan takes effect when
 /// [`ClusterState::apply_plan`] commits it.
 pub fn schedule(state: &ClusterState, job: &Job, config: &SchedulerConfig) -> Plan {
-    let mut work = reconcile::reconcile(state, job);
+    let mut work = reconcile::reconcile(state, job, config.now_ms);
     // Planned in parts: stops first, then placements in group order, up to
     // the cap; the rest is left for the next round of the same evaluation.
     let cap = config.max_changes_per_plan.max(1);
@@ -125,7 +130,16 @@ pub fn schedule(state: &ClusterState, job: &Job, config: &SchedulerConfig) -> Pl
         replace_old(&mut placer, group, w, defer, &mut out);
     }
     let (placements, nodes_evaluated) = placer.finish();
-    Plan { job: job.id.clone(), job_version: job.version, placements, stops, unplaced, nodes_evaluated, deferred }
+    Plan {
+        job: job.id.clone(),
+        job_version: job.version,
+        placements,
+        stops,
+        unplaced,
+        nodes_evaluated,
+        deferred,
+        wait_until_ms: work.wait_until_ms,
+    }
 }
 
 /// Where [`replace_old`] puts what it decides.

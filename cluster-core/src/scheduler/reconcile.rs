@@ -2,7 +2,9 @@
 
 use crate::ids::{AllocId, NodeIdx};
 use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus};
-use crate::model::job::{Job, JobType, OnDisconnect};
+use std::collections::HashMap;
+
+use crate::model::job::{Job, JobType, OnDisconnect, RescheduleEvent, ReschedulePolicy};
 
 use crate::model::node::NodeStatus;
 use crate::model::plan::{Stop, StopReason};
@@ -46,21 +48,78 @@ pub struct Reconciled {
     pub stops: Vec<Stop>,
     /// Parallel to `job.groups`.
     pub groups: Vec<GroupWork>,
+    /// The earliest time (Unix ms) a failed instance held back by its
+    /// reschedule delay may be placed; none is held back when `None`.
+    pub wait_until_ms: Option<u64>,
 }
 
-/// How many times one instance is placed again after it failed, before
-/// the scheduler gives up on it (until the job is updated). An allocation
-/// that failed because a task could not start at all
-/// ([`crate::model::alloc::TaskPhase::Unrunnable`]) is not placed again.
-pub const RESCHEDULE_ATTEMPTS_MAX: u32 = 3;
+/// How many times a system job's instance is placed again on its node
+/// after it failed there, before the scheduler gives up on that node
+/// (until the job changes). Other jobs follow their group's
+/// [`ReschedulePolicy`]. An allocation that failed because a task could
+/// not start at all ([`crate::model::alloc::TaskPhase::Unrunnable`]) is
+/// not placed again.
+pub const SYSTEM_FAILURES_MAX: u32 = 3;
 
-/// How much one failed allocation counts toward
-/// [`RESCHEDULE_ATTEMPTS_MAX`]: 1, or past the limit at once when a task of
+/// How much one failed allocation of a system job counts toward
+/// [`SYSTEM_FAILURES_MAX`]: 1, or past the limit at once when a task of
 /// it could not start at all (an unrunnable program fails the same on
-/// the next node). Reconciliation, job states and a delegation target's
-/// per-index report all count so.
+/// the next try).
 pub fn failure_weight(a: &Allocation) -> u32 {
-    if a.unrunnable() { RESCHEDULE_ATTEMPTS_MAX + 1 } else { 1 }
+    if a.unrunnable() { SYSTEM_FAILURES_MAX + 1 } else { 1 }
+}
+
+/// Whether the failed allocation `a`, the latest of its instance (see
+/// [`latest_ended`]), is final: a task of it could not start at all, or
+/// `policy` allows no further reschedule. Reconciliation, job states and
+/// a delegation target's per-index report all decide so.
+pub fn failed_for_good(policy: &ReschedulePolicy, a: &Allocation) -> bool {
+    a.unrunnable() || policy.next(&a.reschedules, a.failed_at_ms.unwrap_or(0)).is_none()
+}
+
+/// When (Unix ms) the instance whose latest allocation `a` failed may be
+/// placed again under `policy`: its failure's time plus the reschedule's
+/// delay (a failure logged without a time: at once). `None` when it is
+/// final ([`failed_for_good`]).
+pub fn reschedule_due(policy: &ReschedulePolicy, a: &Allocation) -> Option<u64> {
+    reschedule_wait(policy, a).map(|(due, _)| due)
+}
+
+/// [`reschedule_due`], with the delay it adds to the failure's time.
+fn reschedule_wait(policy: &ReschedulePolicy, a: &Allocation) -> Option<(u64, u64)> {
+    if a.unrunnable() {
+        return None;
+    }
+    let next = policy.next(&a.reschedules, a.failed_at_ms.unwrap_or(0))?;
+    Some((a.failed_at_ms.map_or(0, |t| t.saturating_add(next.delay_ms)), next.delay_ms))
+}
+
+/// The reschedule history a new allocation of an instance carries, given
+/// the instance's latest ended allocation `before` (see [`latest_ended`]):
+/// its history, and its failure when it failed while wanted.
+pub fn history_after(policy: &ReschedulePolicy, before: Option<&Allocation>) -> Vec<RescheduleEvent> {
+    let Some(a) = before else { return Vec::new() };
+    let mut history = a.reschedules.clone();
+    if a.status == AllocStatus::Failed && a.desired == DesiredStatus::Run {
+        if let Some(e) = policy.next(&history, a.failed_at_ms.unwrap_or(0)) {
+            history.push(e);
+        }
+    }
+    policy.keep(&mut history);
+    history
+}
+
+/// Each instance's latest ended allocation of `job`'s current version,
+/// by `(group, index)`: the one a new allocation of the instance follows.
+pub fn latest_ended<'s>(state: &'s ClusterState, job: &Job) -> HashMap<(&'s str, u32), &'s Allocation> {
+    let mut out: HashMap<(&str, u32), &Allocation> = HashMap::new();
+    for a in state.allocs_of_job(&job.id).filter(|a| a.status.is_terminal() && a.job_version == job.version) {
+        let slot = out.entry((&*a.group, a.index)).or_insert(a);
+        if a.id > slot.id {
+            *slot = a;
+        }
+    }
+    out
 }
 
 /// Whether `a` is a batch instance of `job`'s version that ran to its end
@@ -73,7 +132,7 @@ pub fn completed_batch(job: &Job, a: &Allocation) -> bool {
 }
 
 /// A system job's (group, node) pairs where its current version failed
-/// for good: more failures there than [`RESCHEDULE_ATTEMPTS_MAX`] (by
+/// for good: more failures there than [`SYSTEM_FAILURES_MAX`] (by
 /// [`failure_weight`]). Nothing is placed there again until the job
 /// changes; job states count each as a failed instance.
 pub fn system_failed_for_good(state: &ClusterState, job: &Job) -> Vec<(usize, NodeIdx)> {
@@ -87,14 +146,23 @@ pub fn system_failed_for_good(state: &ClusterState, job: &Job) -> Vec<(usize, No
         };
         *tries.entry((g, n)).or_default() += failure_weight(a);
     }
-    tries.into_iter().filter(|(_, t)| *t > RESCHEDULE_ATTEMPTS_MAX).map(|(k, _)| k).collect()
+    tries.into_iter().filter(|(_, t)| *t > SYSTEM_FAILURES_MAX).map(|(k, _)| k).collect()
 }
 
-pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
-    let mut out = Reconciled { stops: Vec::new(), groups: job.groups.iter().map(|_| GroupWork::default()).collect() };
+/// What to do with `job`'s instances at `now_ms` (Unix ms): a failed
+/// instance whose reschedule delay runs past it is held back, and
+/// [`Reconciled::wait_until_ms`] says until when. `None` waits for no
+/// delay (a caller without a clock).
+pub fn reconcile(state: &ClusterState, job: &Job, now_ms: Option<u64>) -> Reconciled {
+    let mut out = Reconciled {
+        stops: Vec::new(),
+        groups: job.groups.iter().map(|_| GroupWork::default()).collect(),
+        wait_until_ms: None,
+    };
     // covered[g][i]: instance i of group g is kept (or, for batch, done).
     let mut covered: Vec<Vec<bool>> = job.groups.iter().map(|g| vec![false; g.count as usize]).collect();
-    let mut failed: Vec<Vec<u32>> = job.groups.iter().map(|g| vec![0; g.count as usize]).collect();
+    // ended[g][i]: instance i's latest ended allocation of this version.
+    let mut ended: Vec<Vec<Option<&Allocation>>> = job.groups.iter().map(|g| vec![None; g.count as usize]).collect();
     // Instances another cluster runs are covered here.
     for (group, index) in state.held_of_job(&job.id) {
         if let Some(g) = job.groups.iter().position(|x| &*x.name == group) {
@@ -130,12 +198,8 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
                     covered[g][a.index as usize] = true;
                     continue;
                 }
-                if a.status == AllocStatus::Failed && in_range && a.job_version == job.version {
-                    let tries = &mut failed[g][a.index as usize];
-                    *tries += failure_weight(a);
-                    if *tries > RESCHEDULE_ATTEMPTS_MAX {
-                        covered[g][a.index as usize] = true;
-                    }
+                if a.status.is_terminal() && in_range && a.job_version == job.version {
+                    ended[g][a.index as usize] = Some(a);
                 }
                 if !a.is_live() {
                     // An at-most-once instance being stopped still covers
@@ -206,6 +270,29 @@ pub fn reconcile(state: &ClusterState, job: &Job) -> Reconciled {
         }
     }
     if !job.stopped && job.job_type != JobType::System {
+        // An instance whose latest allocation failed waits for its
+        // reschedule's delay, or is not placed again at all.
+        for (g, group) in job.groups.iter().enumerate() {
+            for (i, a) in ended[g].iter().enumerate() {
+                let Some(a) = a.filter(|a| a.status == AllocStatus::Failed && a.desired == DesiredStatus::Run) else {
+                    continue;
+                };
+                if covered[g][i] {
+                    continue;
+                }
+                // A due time further off than the delay itself was stamped
+                // by a clock ahead of this one: no longer waited for, so a
+                // skewed server can delay an instance by its delay at most.
+                match reschedule_wait(&group.reschedule, a) {
+                    None => covered[g][i] = true,
+                    Some((due, delay)) if now_ms.is_some_and(|now| now < due && due - now <= delay) => {
+                        covered[g][i] = true;
+                        out.wait_until_ms = Some(out.wait_until_ms.map_or(due, |w| w.min(due)));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
         for (g, cov) in covered.iter().enumerate() {
             out.groups[g].place = cov.iter().enumerate().filter(|(_, c)| !**c).map(|(i, _)| i as u32).collect();
         }

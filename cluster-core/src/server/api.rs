@@ -157,6 +157,10 @@ pub struct EvalView {
     pub status: String,
     pub placed: u32,
     pub unplaced: Vec<UnplacedView>,
+    /// Pending until then (Unix ms): failed instances wait for their
+    /// reschedule delay.
+    #[serde(default)]
+    pub wait_until_ms: Option<u64>,
 }
 
 impl EvalView {
@@ -168,6 +172,7 @@ impl EvalView {
             status: e.status.to_string(),
             placed: e.placed,
             unplaced: e.unplaced.iter().map(UnplacedView::of).collect(),
+            wait_until_ms: e.wait_until_ms,
         }
     }
 
@@ -275,6 +280,24 @@ pub struct AllocView {
     /// Placed as a canary of a deployment.
     #[serde(default)]
     pub canary: bool,
+    /// When (Unix ms) the cluster logged its failure.
+    #[serde(default)]
+    pub failed_at_ms: Option<u64>,
+    /// A failure of the job's current version: when (Unix ms) its
+    /// instance may be placed again, by its group's reschedule policy
+    /// (absent when it is not placed again at all; see
+    /// `reschedule_final`).
+    #[serde(default)]
+    pub reschedule_at_ms: Option<u64>,
+    /// A failure of the current version after which its instance is not
+    /// placed again: the group's reschedule limit is reached, or a task
+    /// could not start at all.
+    #[serde(default)]
+    pub reschedule_final: bool,
+    /// The earlier reschedules of its instance, as kept: `(failed at (Unix
+    /// ms), waited (ms))`, oldest first.
+    #[serde(default)]
+    pub reschedules: Vec<(u64, u64)>,
 }
 
 /// A piece of a task's log, as the CLI reads it.
@@ -317,7 +340,16 @@ impl AllocView {
     /// `desired stop`, whatever it ended as (one that had ended before the
     /// stop keeps its record as it was).
     pub fn of(state: &ClusterState, a: &Allocation) -> AllocView {
-        let stopped = state.job(&a.job).is_some_and(|j| j.stopped);
+        let job = state.job(&a.job);
+        let stopped = job.is_some_and(|j| j.stopped);
+        // A wanted failure of what runs now: what its instance's policy says.
+        let policy = job
+            .filter(|j| j.version == a.job_version && j.job_type != crate::model::JobType::System && !j.stopped)
+            .and_then(|j| j.group(&a.group))
+            .map(|g| g.reschedule);
+        let reschedule = policy
+            .filter(|_| a.status == crate::model::AllocStatus::Failed && a.desired == crate::model::DesiredStatus::Run)
+            .map(|p| crate::scheduler::reconcile::reschedule_due(&p, a));
         AllocView {
             id: a.id.0,
             name: a.id.to_string(),
@@ -355,6 +387,10 @@ impl AllocView {
                 .collect(),
             health: a.health.map(|h| h.to_string()),
             canary: a.canary,
+            failed_at_ms: a.failed_at_ms,
+            reschedule_at_ms: reschedule.flatten(),
+            reschedule_final: reschedule.is_some_and(|r| r.is_none()),
+            reschedules: a.reschedules.iter().map(|e| (e.failed_at_ms, e.delay_ms)).collect(),
         }
     }
 }

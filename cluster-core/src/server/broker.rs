@@ -42,7 +42,10 @@ impl Broker {
     /// fresh ones), then blocked ones not tried since capacity last
     /// changed; never two for one job, and never a job already in flight.
     /// A job counts at most one plan's placements toward the batch.
-    pub fn next_batch(&mut self, state: &ClusterState) -> Vec<Work> {
+    ///
+    /// A pending evaluation whose `wait_until_ms` is after `now_ms` (Unix
+    /// ms) waits.
+    pub fn next_batch(&mut self, state: &ClusterState, now_ms: u64) -> Vec<Work> {
         let mut batch = Vec::new();
         let mut instances = 0u64;
         let epoch = state.capacity_epoch();
@@ -59,7 +62,7 @@ impl Broker {
                 break;
             }
             let Some(eval) = state.eval(id) else { continue };
-            if self.in_flight.contains(&eval.job) {
+            if self.in_flight.contains(&eval.job) || eval.wait_until_ms.is_some_and(|t| t > now_ms) {
                 continue;
             }
             let Some(job) = state.job(&eval.job) else { continue };

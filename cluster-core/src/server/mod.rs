@@ -518,7 +518,7 @@ impl Inner {
                 let deadline_ms = deadline.map(|d| unix_ms() + d.as_millis() as u64);
                 propose(Command::DrainNode { node, drain, deadline_ms }).await?
             }
-            Write::AllocStatus(updates) => propose(Command::AllocStatus(updates)).await?,
+            Write::AllocStatus(reports) => propose(Command::AllocReports { now_ms: unix_ms(), reports }).await?,
             Write::Record { holder, record } => propose(Command::Record { holder, record }).await?,
             Write::Swap { holder, expect, record } => {
                 match propose(Command::Guarded { holder, expect, record, then: Vec::new() }).await? {
@@ -824,7 +824,7 @@ async fn dispatch(inner: Arc<Inner>) {
     let mut status = inner.raft.watch_status();
     loop {
         while let Ok(permit) = permits.clone().try_acquire_owned() {
-            let batch = inner.raft.read(|s| broker.lock().expect("broker lock").next_batch(s));
+            let batch = inner.raft.read(|s| broker.lock().expect("broker lock").next_batch(s, unix_ms()));
             if batch.is_empty() {
                 break;
             }
@@ -864,7 +864,9 @@ async fn work(inner: &Arc<Inner>, batch: &[Work]) {
         let plan_one = |state: &ClusterState, w: &Work| {
             let t = Instant::now();
             let defer_prefer_remote = planner.defer_prefer_remote.load(Ordering::Relaxed);
-            let config = SchedulerConfig { seed: config.seed ^ w.eval.0, defer_prefer_remote, ..config.clone() };
+            let now_ms = Some(unix_ms());
+            let config =
+                SchedulerConfig { seed: config.seed ^ w.eval.0, defer_prefer_remote, now_ms, ..config.clone() };
             let plan = schedule(state, &w.job, &config);
             planner.metrics.scheduler_seconds.observe(t.elapsed().as_secs_f64());
             (plan, state.eval(w.eval).map_or(0, |e| e.placed))
@@ -992,6 +994,7 @@ mod tests {
             unplaced: Vec::new(),
             nodes_evaluated: 0,
             deferred: 0,
+            wait_until_ms: None,
         };
         (EvalId(0), plan)
     }

@@ -20,7 +20,11 @@
 //! ```
 //!
 //! A group may also say `restart = { attempts = 2, delay = "1s", mode =
-//! "fail" }` and `on_disconnect = "keep" | "stop"`.
+//! "fail" }`, `on_disconnect = "keep" | "stop"`, how a new version
+//! replaces the old (`[group.update]`, [`UpdateStrategy`]) and how a
+//! failed instance is placed again (`[group.reschedule]`, with `attempts`,
+//! `interval`, `delay`, `delay_function`, `max_delay`, `unlimited`:
+//! [`ReschedulePolicy`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -54,7 +58,7 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
             d.error_hint(0..0, "missing [job] table", "start the file with [job] and name = \"...\"");
         }
         // Still read the groups, to report their problems too.
-        let _ = read_groups(top, d, &[], &[], &[]);
+        let _ = read_groups(top, d, JobType::Service, &[], &[], &[]);
         return None;
     };
     t.path = "[job]".into();
@@ -99,7 +103,7 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
     let spreads = read_spreads(&mut t, d);
     t.finish(d);
 
-    let groups = read_groups(top, d, &constraints, &affinities, &spreads);
+    let groups = read_groups(top, d, job_type.unwrap_or(JobType::Service), &constraints, &affinities, &spreads);
     let job_type = job_type?;
     for (g, span) in &groups {
         if g.update.is_some() && job_type != JobType::Service {
@@ -266,6 +270,7 @@ type Spanned<T> = (T, Span);
 fn read_groups(
     top: &mut Table,
     d: &mut Diagnostics,
+    job_type: JobType,
     job_constraints: &[Spanned<Predicate>],
     job_affinities: &[Affinity],
     job_spreads: &[Spread],
@@ -319,6 +324,7 @@ fn read_groups(
         let tasks = read_tasks(&mut g, d);
         let restart = read_restart(&mut g, d);
         let update = read_update(&mut g, d);
+        let reschedule = read_reschedule(&mut g, d, job_type);
         let on_disconnect = g
             .str(d, "on_disconnect")
             .and_then(|w| keyword(d, "on_disconnect", w, OnDisconnect::WORDS, OnDisconnect::from_word))
@@ -337,6 +343,7 @@ fn read_groups(
                 restart,
                 on_disconnect,
                 update,
+                reschedule,
             };
             out.push((group, span));
         }
@@ -628,6 +635,76 @@ fn read_update(g: &mut Table, d: &mut Diagnostics) -> Option<UpdateStrategy> {
     }
     u.finish(d);
     Some(out)
+}
+
+/// The most reschedules a `[group.reschedule]` may allow per interval.
+pub const RESCHEDULE_ATTEMPTS_MAX: i64 = 1_000;
+
+/// `[group.reschedule]`: see [`ReschedulePolicy`]. What it leaves out is
+/// the job type's default, except that `attempts` or `interval` without
+/// `unlimited` mean a limit (`unlimited = false`).
+fn read_reschedule(g: &mut Table, d: &mut Diagnostics, job_type: JobType) -> ReschedulePolicy {
+    let mut out = ReschedulePolicy::for_type(job_type);
+    let Some(mut r) = g.table(d, "reschedule") else { return out };
+    r.path = format!("{}.reschedule", g.path.trim_end_matches("]]").trim_start_matches("[["));
+    if job_type == JobType::System {
+        d.warning(
+            r.span.clone(),
+            format!(
+                "[group.reschedule] is for service and batch jobs; a system job's instance is tried again on its \
+                 own node, at most {} times",
+                crate::scheduler::reconcile::SYSTEM_FAILURES_MAX
+            ),
+            None,
+        );
+    }
+    let limited = r.has("attempts") || r.has("interval");
+    match r.int(d, "attempts") {
+        Some((n, _)) if (0..=RESCHEDULE_ATTEMPTS_MAX).contains(&n) => out.attempts = n as u32,
+        Some((n, s)) => d.error_hint(
+            s,
+            format!("attempts = {n}"),
+            format!("allow 0 to {RESCHEDULE_ATTEMPTS_MAX} reschedules per interval, or unlimited = true"),
+        ),
+        None => {}
+    }
+    const DAY_MS: u64 = 86_400_000;
+    let interval_given = r.has("interval");
+    out.interval_ms = duration_in(&mut r, d, "interval", out.interval_ms, 1_000..=365 * DAY_MS);
+    out.delay_ms = duration_in(&mut r, d, "delay", out.delay_ms, 0..=7 * DAY_MS);
+    out.max_delay_ms = duration_in(&mut r, d, "max_delay", out.max_delay_ms, 0..=7 * DAY_MS);
+    if let Some(f) = r
+        .str(d, "delay_function")
+        .and_then(|w| keyword(d, "delay_function", w, DelayFunction::WORDS, DelayFunction::from_word))
+    {
+        out.delay_function = f;
+    }
+    match r.bool(d, "unlimited") {
+        Some((u, s)) => {
+            out.unlimited = u;
+            if u && limited {
+                d.warning(s, "attempts and interval are ignored with unlimited = true", None);
+            }
+        }
+        None if limited => out.unlimited = false,
+        None => {}
+    }
+    if !out.unlimited && out.attempts > 0 && out.interval_ms == 0 && !interval_given {
+        d.error_hint(
+            r.span.clone(),
+            "attempts without an interval: the limit would never apply",
+            "say over how long they count, such as interval = \"1h\"",
+        );
+    }
+    if out.max_delay_ms < out.delay_ms && out.delay_function != DelayFunction::Constant {
+        d.error_hint(
+            r.span.clone(),
+            "max_delay is shorter than delay",
+            "make max_delay at least delay: it is the longest a growing delay gets",
+        );
+    }
+    r.finish(d);
+    out
 }
 
 /// A task's `[[group.task.check]]` entries: see [`Check`]. Script checks

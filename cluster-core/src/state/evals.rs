@@ -54,6 +54,7 @@ impl ClusterState {
             status: EvalStatus::Pending,
             placed: 0,
             unplaced: Vec::new(),
+            wait_until_ms: None,
         };
         self.index_eval(&eval);
         self.evals.insert(id, eval);
@@ -80,7 +81,8 @@ impl ClusterState {
     /// Commits `plan` for evaluation `id` and moves the evaluation on:
     /// complete when everything was placed, blocked when some instances
     /// fit nowhere, still pending when placements were refused or the
-    /// plan was one part of more (`Plan::deferred`).
+    /// plan was one part of more (`Plan::deferred`), or pending until
+    /// `Plan::wait_until_ms` when failed instances wait to be placed again.
     pub fn apply_eval_plan(&mut self, id: EvalId, plan: &Plan) -> PlanOutcome {
         let current = self.evals.get(&id).filter(|e| e.status.is_open() && e.job == plan.job);
         let job_version = self.jobs.get(&plan.job).map(|j| j.version);
@@ -91,7 +93,11 @@ impl ClusterState {
         // A part that placed or stopped something: the next part follows.
         // One that did neither waits for capacity like any other.
         let progressed = !applied.placed.is_empty() || !applied.stopped.is_empty();
-        let status = if !applied.refused.is_empty() || (plan.is_partial() && progressed) {
+        let retry_now = !applied.refused.is_empty() || (plan.is_partial() && progressed);
+        // Failed instances wait for their reschedule delay: planned again
+        // then (capacity for the rest, if any, is looked at too).
+        let wait_until_ms = plan.wait_until_ms.filter(|_| !retry_now);
+        let status = if retry_now || wait_until_ms.is_some() {
             EvalStatus::Pending
         } else if plan.unplaced_count() > 0 || plan.is_partial() {
             EvalStatus::Blocked
@@ -101,6 +107,7 @@ impl ClusterState {
         let eval = self.evals.get_mut(&id).expect("checked above");
         eval.placed += applied.placed.len() as u32;
         eval.unplaced = plan.unplaced.clone();
+        eval.wait_until_ms = wait_until_ms;
         let old = std::mem::replace(&mut eval.status, status);
         if old != status {
             let eval = eval.clone();

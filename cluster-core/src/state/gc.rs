@@ -20,9 +20,9 @@
 //! the most recently placed kept), and dropped in place, without a
 //! rebuild: what goes is what its scheduling no longer reads (older
 //! versions, indexes past the count, completed or lost service work, a
-//! system job's); failures of its current version (they count toward the
-//! reschedule limit) and completed batch instances (they say their index
-//! is done) stay while the job does. A job keeps at most one open and one
+//! system job's); the latest failure of each instance of its current
+//! version (it carries the instance's reschedule history) and completed
+//! batch instances (they say their index is done) stay while the job does. A job keeps at most one open and one
 //! closed evaluation, so evaluations need no rule.
 //!
 //! A hold is *settled* when its holder wrote the marker
@@ -44,7 +44,10 @@
 //! The rules are versioned by the command that carries them ([`GC_RULES`]):
 //! 0 for `Collect` (jobs and nodes only, delegated jobs and held ones
 //! kept), 1 for `CollectGarbage` (and the cap), 2 for `Gc` with rules 2
-//! (and delegated jobs once stopped, and settled holds).
+//! (and delegated jobs once stopped, and settled holds), 3 (of a current
+//! version's failures only each instance's latest stays: it carries the
+//! instance's reschedule history, so an instance that keeps failing no
+//! longer keeps every failure).
 
 use std::collections::BTreeSet;
 
@@ -59,7 +62,7 @@ use crate::model::job::LABEL_DELEGATION;
 use crate::model::node::NodeStatus;
 
 /// The collection rules a leader proposes now (see the module docs).
-pub const GC_RULES: u16 = 2;
+pub const GC_RULES: u16 = 3;
 
 /// The record that marks `holder`'s hold settled: its instances completed
 /// elsewhere (see the module docs). Its value is [`settled_value`] of the
@@ -194,14 +197,23 @@ impl ClusterState {
     }
 
     /// Ended allocations past `cap` per job, oldest placed first, among
-    /// those its reconciliation no longer reads (see [`read_by_reconcile`]).
+    /// those its reconciliation no longer reads (see [`read_by_reconcile`];
+    /// from rules 3, of each instance only its latest ended allocation).
     /// Jobs delegated here keep theirs (their origin follows them).
-    fn allocs_past_cap(&self, cap: u32) -> BTreeSet<AllocId> {
+    fn allocs_past_cap(&self, cap: u32, rules: u16) -> BTreeSet<AllocId> {
         let mut out = BTreeSet::new();
         for job in self.jobs.values().filter(|j| !j.labels.contains_key(LABEL_DELEGATION)) {
+            let latest: BTreeSet<AllocId> = if rules >= 3 {
+                crate::scheduler::reconcile::latest_ended(self, job).values().map(|a| a.id).collect()
+            } else {
+                BTreeSet::new()
+            };
+            let read = |a: &crate::model::Allocation| {
+                read_by_reconcile(job, a) && (rules < 3 || a.status == AllocStatus::Complete || latest.contains(&a.id))
+            };
             let spent: Vec<AllocId> = self
                 .allocs_of_job(&job.id)
-                .filter(|a| a.status.is_terminal() && !a.holds_resources() && !read_by_reconcile(job, a))
+                .filter(|a| a.status.is_terminal() && !a.holds_resources() && !read(a))
                 .map(|a| a.id)
                 .collect();
             // `allocs_of_job` gives ids in the order they were placed.
@@ -253,7 +265,7 @@ impl ClusterState {
         let jobs: Vec<JobId> =
             self.jobs.keys().filter(|j| self.job_collectable(j, &held, &settled, rules)).cloned().collect();
         let nodes: Vec<NodeId> = self.nodes.iter().map(|n| n.id.clone()).filter(|n| self.node_collectable(n)).collect();
-        let spent = t.allocs_per_job.map(|cap| self.allocs_past_cap(cap)).unwrap_or_default();
+        let spent = t.allocs_per_job.map(|cap| self.allocs_past_cap(cap, rules)).unwrap_or_default();
         let now: BTreeSet<GcObject> =
             jobs.into_iter().map(GcObject::Job).chain(nodes.into_iter().map(GcObject::Node)).collect();
         self.gc_marks.retain(|o, _| now.contains(o));

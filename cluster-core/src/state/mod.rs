@@ -481,6 +481,23 @@ impl ClusterState {
                 .map(|a| (a.group.clone(), a.index))
                 .collect()
         };
+        // What each instance's last allocation went through: a new one
+        // carries its reschedule history on (system jobs keep none).
+        let job = self.jobs.get(&plan.job).filter(|j| !system && j.version == plan.job_version);
+        let histories: HashMap<(Arc<str>, u32), Vec<crate::model::job::RescheduleEvent>> = match job {
+            Some(job) if !plan.placements.is_empty() => {
+                let ended = crate::scheduler::reconcile::latest_ended(self, job);
+                (plan.placements.iter())
+                    .filter_map(|p| {
+                        let before = ended.get(&(&*p.group, p.index))?;
+                        let policy = &job.group(&p.group)?.reschedule;
+                        let history = crate::scheduler::reconcile::history_after(policy, Some(before));
+                        Some(((p.group.clone(), p.index), history))
+                    })
+                    .collect()
+            }
+            _ => HashMap::new(),
+        };
         for p in &plan.placements {
             if !live.insert(key(&p.group, p.index, &p.node)) {
                 applied.refused.push(Refused { placement: p.clone(), reason: Reason::AlreadyPlaced });
@@ -510,6 +527,8 @@ impl ClusterState {
                         tasks: Vec::new(),
                         health: None,
                         canary: awaiting.contains(&p.group) && older.contains(&(p.group.clone(), p.index)),
+                        failed_at_ms: None,
+                        reschedules: histories.get(&(p.group.clone(), p.index)).cloned().unwrap_or_default(),
                     };
                     self.allocs_by_job.entry(job_id.clone()).or_default().push(id);
                     self.allocs_by_node.entry(node).or_default().push(id);
@@ -551,6 +570,13 @@ impl ClusterState {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Stamps the time (Unix ms) a failure of allocation `id` was logged.
+    pub(crate) fn set_failed_at(&mut self, id: AllocId, now_ms: Option<u64>) {
+        if let Some(a) = self.allocs.get_mut(&id) {
+            a.failed_at_ms = now_ms;
         }
     }
 

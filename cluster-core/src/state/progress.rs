@@ -11,11 +11,12 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::alloc::{AllocStatus, Allocation};
+use crate::model::alloc::AllocStatus;
+use crate::model::alloc::DesiredStatus;
 use crate::model::eval::EvalStatus;
 use crate::model::job::{Job, JobType};
 use crate::model::node::keyword_enum;
-use crate::scheduler::reconcile::{RESCHEDULE_ATTEMPTS_MAX, completed_batch, failure_weight, system_failed_for_good};
+use crate::scheduler::reconcile::{completed_batch, failed_for_good, latest_ended, system_failed_for_good};
 
 use super::{ClusterState, settled_key, settled_value};
 
@@ -58,9 +59,9 @@ pub enum InstanceState {
     Waiting,
     /// It completed (a batch instance, here or at a peer).
     Complete,
-    /// It failed more often than it is placed again
-    /// ([`RESCHEDULE_ATTEMPTS_MAX`], or once unrunnable); nothing will
-    /// run it until its group's tasks change.
+    /// It failed and its group's reschedule policy places it no more (or
+    /// it could not start at all): nothing will run it until the job
+    /// changes.
     Failed,
 }
 
@@ -134,7 +135,6 @@ pub fn progress(state: &ClusterState, job: &Job) -> Progress {
 fn per_instance(state: &ClusterState, job: &Job) -> Vec<Vec<InstanceState>> {
     let mut out: Vec<Vec<InstanceState>> =
         job.groups.iter().map(|g| vec![InstanceState::Waiting; g.count as usize]).collect();
-    let mut failures: Vec<Vec<u32>> = job.groups.iter().map(|g| vec![0; g.count as usize]).collect();
     let group_of = |name: &str| job.groups.iter().position(|g| &*g.name == name);
     // Most telling first: a live allocation beats a completion or failure
     // on record (a replacement runs), a completion beats failures.
@@ -164,18 +164,16 @@ fn per_instance(state: &ClusterState, job: &Job) -> Vec<Vec<InstanceState>> {
             raise(g, a.index, InstanceState::Running);
         } else if completed_batch(job, a) {
             raise(g, a.index, InstanceState::Complete);
-        } else if current(a, job) && a.status == AllocStatus::Failed {
-            if let Some(n) = failures[g].get_mut(a.index as usize) {
-                *n += failure_weight(a);
-                if *n > RESCHEDULE_ATTEMPTS_MAX {
-                    raise(g, a.index, InstanceState::Failed);
-                }
-            }
+        }
+    }
+    for ((group, index), a) in latest_ended(state, job) {
+        let Some(g) = group_of(group) else { continue };
+        if a.status == AllocStatus::Failed
+            && a.desired == DesiredStatus::Run
+            && failed_for_good(&job.groups[g].reschedule, a)
+        {
+            raise(g, index, InstanceState::Failed);
         }
     }
     out
-}
-
-fn current(a: &Allocation, job: &Job) -> bool {
-    a.job_version == job.version
 }

@@ -251,7 +251,10 @@ impl Origin {
             if job.stopped || job.labels.contains_key(LABEL_ORIGIN) || job.federation.delegate == DelegateMode::Never {
                 continue;
             }
-            let work = cluster_core::scheduler::reconcile::reconcile(state, job);
+            // Without a clock: an instance still waiting for its
+            // reschedule delay counts as one to place (the blocked
+            // evaluation's unplaced count says how many go).
+            let work = cluster_core::scheduler::reconcile::reconcile(state, job, None);
             let remote = state.held_of_job(&job.id).count() as u32;
             let refused_by = Self::refused_by(state, job.id.as_str());
             for (g, w) in job.groups.iter().zip(work.groups) {

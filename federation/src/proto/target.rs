@@ -17,7 +17,6 @@ use cluster_core::ids::JobId;
 use cluster_core::model::job::Driver;
 use cluster_core::model::job::OnDisconnect;
 use cluster_core::model::{AllocStatus, Job};
-use cluster_core::scheduler::reconcile::RESCHEDULE_ATTEMPTS_MAX;
 use cluster_core::scheduler::{SchedulerConfig, schedule};
 use cluster_core::state::ClusterState;
 use serde::{Deserialize, Serialize};
@@ -688,7 +687,7 @@ impl Target {
 /// Per origin index: what the target's allocations for it are doing.
 pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
     let mut states: Vec<(u32, IndexState)> = r.indices.iter().map(|i| (*i, IndexState::Pending)).collect();
-    let mut failed = vec![0u32; r.indices.len()];
+    let job = state.job(&JobId::new(&r.job));
     let mut allocs: Vec<_> = state.allocs_of_job(&JobId::new(&r.job)).collect();
     allocs.sort_by_key(|a| a.id);
     for a in allocs {
@@ -698,9 +697,15 @@ pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
                 slot.1 = IndexState::Complete;
             }
             AllocStatus::Running if a.is_live() => slot.1 = IndexState::Running,
+            // Allocations come oldest first: a replacement placed after
+            // a failure says what the index does now.
             AllocStatus::Failed => {
-                failed[a.index as usize] += cluster_core::scheduler::reconcile::failure_weight(a);
-                if failed[a.index as usize] > RESCHEDULE_ATTEMPTS_MAX && slot.1 != IndexState::Complete {
+                let policy = job.filter(|j| j.version == a.job_version).and_then(|j| j.group(&a.group));
+                let final_ = match policy {
+                    Some(g) => cluster_core::scheduler::reconcile::failed_for_good(&g.reschedule, a),
+                    None => a.unrunnable(),
+                };
+                if final_ && a.desired == cluster_core::model::DesiredStatus::Run && slot.1 != IndexState::Complete {
                     slot.1 = IndexState::Failed;
                 }
             }
