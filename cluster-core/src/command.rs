@@ -63,6 +63,9 @@ pub enum Command {
         job: JobId,
         group: Arc<str>,
         indices: Vec<u32>,
+        /// The group's fingerprint the held instances run, if the holder
+        /// knows it (see [`crate::state::Held::spec`]).
+        spec: Option<u64>,
         record: Vec<u8>,
     },
     /// The holder gives the instances back (revoked, refused, finished
@@ -441,8 +444,8 @@ impl ClusterState {
             Command::ApplyPlans(plans) => Effect::PlansApplied(
                 plans.iter().take(PLAN_BATCH_MAX).map(|(eval, plan)| self.apply_eval_plan(*eval, plan)).collect(),
             ),
-            Command::Hold { holder, job, group, indices, record } => {
-                if let Err(why) = self.hold(holder, job, group, indices, record.clone()) {
+            Command::Hold { holder, job, group, indices, spec, record } => {
+                if let Err(why) = self.hold(holder, job, group, indices, *spec, record.clone()) {
                     return Effect::Refused(why);
                 }
                 // Evaluated again, so its status no longer shows as

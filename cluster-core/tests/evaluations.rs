@@ -313,6 +313,7 @@ fn a_full_plan_with_the_longest_names_fits_one_log_entry() {
         nodes_evaluated: u64::MAX,
         deferred: 1,
         wait_until_ms: Some(u64::MAX),
+        made_at_ms: Some(u64::MAX),
     };
     let bytes = cluster_core::codec::encode(&Command::ApplyPlans(vec![(EvalId(u64::MAX), plan)]));
     assert!(bytes.len() < cluster_core::raft::node::ENTRY_BYTES_MAX, "{} bytes", bytes.len());
@@ -490,6 +491,12 @@ fn a_failed_instance_waits_for_its_reschedule_delay() {
         assert_eq!((eval.status, eval.wait_until_ms), (EvalStatus::Pending, Some(t + wait)));
         let p = cluster_core::state::progress(&s, s.job(&j.id).unwrap());
         assert_eq!(p.instances.get("waiting"), Some(&1), "{p:?}");
+        // A broker that has not had it planned plans it once, by its own
+        // clock (a wait comes from another leader's); then it waits.
+        let once = broker.next_batch(&s, t + wait - 1);
+        assert_eq!(once.iter().map(|w| w.eval).collect::<Vec<_>>(), vec![evals[0]]);
+        assert!(work_at(&mut s, evals[0], t + wait - 1).placements.is_empty());
+        broker.done(&once);
         assert!(broker.next_batch(&s, t + wait - 1).is_empty(), "handed out before its time");
         let batch = broker.next_batch(&s, t + wait);
         assert_eq!(batch.iter().map(|w| w.eval).collect::<Vec<_>>(), vec![evals[0]]);
@@ -511,4 +518,101 @@ fn a_failed_instance_waits_for_its_reschedule_delay() {
     let Effect::Evals(evals) = s.apply(&fail) else { panic!() };
     let plan = work_at(&mut s, evals[0], t);
     assert_eq!((plan.placements.len(), plan.wait_until_ms), (1, None), "a clock ahead delays nothing");
+}
+
+/// A system job with `[group.update]` is updated `max_parallel` nodes at
+/// a time, each set `stagger` after the one before began (Nomad's system
+/// job update); every other node keeps its old instance meanwhile.
+#[test]
+fn a_system_job_rolls_max_parallel_nodes_at_a_time_stagger_apart() {
+    let mut s = state(4);
+    let update = "[group.update]\nmax_parallel = 2\nstagger = \"10s\"\n";
+    let v1 = system_job("agentd", None);
+    let with_update = |job: &Job, memory: &str| {
+        let mut j = job.clone();
+        let text = format!(
+            "[job]\nname = \"agentd\"\ntype = \"system\"\n[[group]]\nname = \"g\"\n{update}[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"100m\", memory = \"{memory}\" }}\n"
+        );
+        j.groups = parse_job(&SourceFile::new("j.toml", text)).value.unwrap().groups;
+        j
+    };
+    let e = register(&mut s, &with_update(&v1, "64MiB"));
+    work_at(&mut s, e, 1_000);
+    let job = JobId::new("agentd");
+    let live = |s: &ClusterState| s.allocs_of_job(&job).filter(|a| a.is_live()).count();
+    let of_version =
+        |s: &ClusterState, v: u64| s.allocs_of_job(&job).filter(|a| a.is_live() && a.job_version == v).count();
+    assert_eq!(live(&s), 4);
+    let Effect::JobRegistered { eval, version } = s.apply(&Command::RegisterJob(with_update(&v1, "96MiB"))) else {
+        panic!()
+    };
+    let t = 100_000;
+    let mut broker = Broker::default();
+    let mut eval = eval;
+    for (set, at) in [(1, t), (2, t + 10_000)] {
+        // A set of two is replaced (each new instance beside the old on
+        // its node, as a system job's update does); the others run on.
+        let plan = work_at(&mut s, eval, at);
+        assert_eq!((plan.stops.len(), plan.placements.len()), (2, 2), "set {set}: {plan:?}");
+        assert_eq!(of_version(&s, version), 2 * set as usize, "set {set}");
+        assert_eq!(live(&s), 4, "set {set}: every node runs one");
+        // The old ones end; the next set waits for the stagger.
+        end_stopping(&mut s, &job);
+        let e = s.pending_evals().next().expect("an evaluation once the old ones ended");
+        let plan = work_at(&mut s, e, at + 500);
+        assert!(plan.stops.is_empty() && plan.placements.is_empty(), "set {set}: {plan:?}");
+        if set == 2 {
+            assert_eq!(plan.wait_until_ms, None, "nothing left to update");
+            assert_eq!(s.eval(e).unwrap().status, EvalStatus::Complete);
+            break;
+        }
+        assert_eq!(plan.wait_until_ms, Some(at + 10_000));
+        let once = broker.next_batch(&s, at + 9_999);
+        assert_eq!(once.len(), 1, "planned once by this broker's clock");
+        assert!(work_at(&mut s, once[0].eval, at + 9_999).stops.is_empty(), "the stagger is not over");
+        broker.done(&once);
+        assert!(broker.next_batch(&s, at + 9_999).is_empty(), "handed out before the stagger");
+        let batch = broker.next_batch(&s, at + 10_000);
+        assert_eq!(batch.len(), 1);
+        broker.done(&batch);
+        eval = batch[0].eval;
+    }
+}
+
+/// An evaluation whose plan holds a failed instance back for its delay
+/// while another instance fits nowhere is blocked, not pending: capacity
+/// retries it (and peers may take the rest), and the broker tries it
+/// again once the wait is over, once.
+#[test]
+fn a_wait_beside_unplaced_work_blocks_and_is_tried_again_when_it_ends() {
+    let mut s = state(1);
+    let text = "[job]\nname = \"two\"\n[[group]]\nname = \"a\"\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = { cpu = 1, memory = \"1GiB\" }\n[[group]]\nname = \"b\"\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = { cpu = 100, memory = \"1GiB\" }\n";
+    let j = parse_job(&SourceFile::new("j.toml", text.to_string())).value.unwrap();
+    let e = register(&mut s, &j);
+    work_at(&mut s, e, 1_000);
+    assert_eq!(s.eval(e).unwrap().status, EvalStatus::Blocked);
+    let t = 1_000_000;
+    let a = s.allocs().find(|a| a.is_live()).unwrap().id;
+    let Effect::Evals(evals) =
+        s.apply(&Command::AllocReports { now_ms: t, reports: vec![AllocReport::status(a, AllocStatus::Failed)] })
+    else {
+        panic!()
+    };
+    let plan = work_at(&mut s, evals[0], t + 10);
+    assert_eq!((plan.placements.len(), plan.unplaced_count(), plan.wait_until_ms), (0, 1, Some(t + 30_000)));
+    let eval = s.eval(evals[0]).unwrap();
+    assert_eq!((eval.status, eval.wait_until_ms), (EvalStatus::Blocked, Some(t + 30_000)));
+    let mut broker = Broker::default();
+    // Capacity changed since it was last tried (by this broker: never).
+    let first = broker.next_batch(&s, t + 20);
+    assert_eq!(first.iter().map(|w| (w.eval, w.retry_blocked)).collect::<Vec<_>>(), vec![(evals[0], true)]);
+    broker.done(&first);
+    assert!(broker.next_batch(&s, t + 29_999).is_empty(), "nothing changed, the wait is not over");
+    let due = broker.next_batch(&s, t + 30_000);
+    assert_eq!(due.iter().map(|w| w.eval).collect::<Vec<_>>(), vec![evals[0]]);
+    broker.done(&due);
+    let plan = work_at(&mut s, evals[0], t + 30_000);
+    assert_eq!((plan.placements.len(), plan.wait_until_ms), (1, None));
+    assert_eq!(s.eval(evals[0]).unwrap().status, EvalStatus::Blocked, "b still fits nowhere");
+    assert!(broker.next_batch(&s, t + 40_000).is_empty(), "each wait is answered once");
 }

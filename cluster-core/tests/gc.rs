@@ -196,6 +196,7 @@ fn delegations_keep_their_jobs_and_cannot_hold_a_collected_one() {
         job: JobId::new(job),
         group: "g".into(),
         indices: vec![7],
+        spec: None,
         record: Vec::new(),
     };
     assert!(!matches!(log.commit(hold("held")), Effect::Refused(_)));
@@ -387,6 +388,7 @@ fn revoked_guests_and_settled_holds_are_collected_by_rules_2_only() {
         job: JobId::new("split"),
         group: "g".into(),
         indices: vec![1],
+        spec: None,
         record: b"complete elsewhere".to_vec(),
     };
     assert!(!matches!(log.commit(hold), Effect::Refused(_)));
@@ -420,6 +422,7 @@ fn drop_records_takes_only_records_unchanged_since_they_were_read() {
         job: JobId::new("web"),
         group: "g".into(),
         indices: vec![5],
+        spec: None,
         record: record.to_vec(),
     };
     log.commit(hold(b"v1"));

@@ -324,3 +324,18 @@ fn reschedule_blocks_that_cannot_work_are_refused_where_they_are_written() {
     let errs = errors(&format!("{group}interval = \"0s\"\n{TASK}"));
     assert!(has(&errs, 6, 12, "out of range"), "{errs:?}");
 }
+
+#[test]
+fn stagger_paces_a_system_job_and_canaries_there_are_warned_about() {
+    let text = "[job]\nname = \"agentd\"\ntype = \"system\"\n[[group]]\nname = \"g\"\n[group.update]\nmax_parallel = 3\nstagger = \"45s\"\ncanary = 1\n";
+    let checked = parse_job(&SourceFile::new("job.toml", format!("{text}{TASK}")));
+    let update = checked.value.unwrap_or_else(|| panic!("{:?}", checked.diagnostics)).groups[0].update.unwrap();
+    assert_eq!((update.max_parallel, update.stagger_ms), (3, 45_000));
+    assert!(
+        checked.diagnostics.iter().any(|d| d.message.contains("canary and auto_revert are for services")),
+        "{:?}",
+        checked.diagnostics
+    );
+    let errs = errors(&format!("{text}stagger = \"2h\"\n{TASK}").replace("stagger = \"45s\"\n", ""));
+    assert!(has(&errs, 9, 11, "out of range"), "{errs:?}");
+}

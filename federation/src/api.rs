@@ -32,7 +32,8 @@ pub struct Outbound {
     /// stop, update or take-back the target has not confirmed yet), or an
     /// end: `refused`, `revoked`, `expired`, `complete`.
     pub state: String,
-    /// Per-index states as the target last reported them.
+    /// Per-index states as the target last reported them (pending: not
+    /// yet running, or waiting for a reschedule's delay).
     pub pending: u32,
     pub running: u32,
     pub complete: u32,
@@ -63,7 +64,7 @@ impl Outbound {
             group: r.group.clone(),
             indices: r.indices.clone(),
             state: state.into(),
-            pending: count(S::Pending),
+            pending: count(S::Pending) + count(S::Rescheduling),
             running: count(S::Running),
             complete: count(S::Complete),
             failed: count(S::Failed),

@@ -690,3 +690,114 @@ async fn a_queue_wait_trigger_holds_overflow_back_until_it_has_waited() {
     assert!(blocked.elapsed() >= Duration::from_millis(1_500), "offered {:?} after blocking", blocked.elapsed());
     f.stop().await;
 }
+
+/// Delegated instances follow their job's deployment (issue "Deployments
+/// without downtime", item 1): a new version of a rolling service is
+/// placed at the origin beside what a peer runs of the old one, at the
+/// deployment's pace, and the delegation is let go only once each of its
+/// indexes has a healthy replacement. Sampled all along: fewer than
+/// `count - max_parallel` instances never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delegated_instances_are_replaced_by_the_deployment_before_they_stop() {
+    use cluster_core::model::AllocStatus;
+    let key = Key::generate();
+    let ca = tls::create_ca("test", 1).unwrap();
+    let setup = |name: &'static str, seeds: Vec<String>, policy: String| Setup::single(name, &key, &ca, seeds, policy);
+    let mut origin =
+        start(setup("eu-west", Vec::new(), policy("eu-west", "\"eu\"", &[("eu-central", true, true)], ""))).await;
+    let seed = vec![origin.servers[0].member.local_addr().to_string()];
+    let mut target =
+        start(setup("eu-central", seed, policy("eu-central", "\"eu\"", &[("eu-west", true, true)], ""))).await;
+    let here = origin.cluster.server(1).unwrap().inner.clone();
+    origin.spawn(cluster_core::server::sim::run(here.clone(), nodes("small", 1, 4)));
+    let inner = target.cluster.server(1).unwrap().inner.clone();
+    target.spawn(cluster_core::server::sim::run(inner, nodes("big", 4, 8)));
+    let watcher = origin.servers[0].member.clone();
+    until(Duration::from_secs(15), "the origin sees the target's nodes", || {
+        alive_with_nodes(&watcher.view(), "eu-central", 4)
+    })
+    .await;
+    until(Duration::from_secs(10), "the origin's node registered", || here.raft.read(|s| s.nodes().len() == 1)).await;
+    let rolling = |memory: &str| {
+        spec("web", 6, "").replace("1GiB", memory).replace(
+            "[[group.task]]",
+            "[group.update]\nmax_parallel = 1\nmin_healthy_time = \"500ms\"\nhealthy_deadline = \"1m\"\n[[group.task]]",
+        )
+    };
+    submit(&origin, rolling("1GiB")).await;
+    let fed = origin.leader_federation().await;
+    let registered = || records(&fed).into_iter().find(|r| r.job == "web" && r.phase == Phase::Registered);
+    until(Duration::from_secs(20), "two instances run at the peer", || {
+        registered().is_some_and(|r| r.states.iter().filter(|(_, s)| *s == IndexState::Running).count() == 2)
+    })
+    .await;
+    let delegation = registered().unwrap();
+    assert_eq!(delegation.indices, vec![4, 5], "4 fit here, the rest went to the peer");
+    // Room for the new version beside the old, here only.
+    origin.spawn(cluster_core::server::sim::run(here.clone(), nodes("spare", 1, 8)));
+    until(Duration::from_secs(10), "the spare node registered", || {
+        here.raft.read(|s| s.nodes().iter().any(|n| n.id.as_str().starts_with("spare")))
+    })
+    .await;
+    submit(&origin, rolling("900MiB")).await;
+    let at_target = |s: &cluster_core::state::ClusterState| {
+        s.allocs_of_job(&JobId::new(target_job_id(&delegation.id))).filter(|a| a.status == AllocStatus::Running).count()
+    };
+    let started = std::time::Instant::now();
+    let mut fewest = usize::MAX;
+    loop {
+        let (here_running, replaced) = here.raft.read(|s| {
+            let job = s.job(&JobId::new("web")).unwrap();
+            let running = s.allocs_of_job(&job.id).filter(|a| a.is_live() && a.status == AllocStatus::Running).count();
+            let healthy = |i: u32| {
+                s.allocs_of_job(&job.id).any(|a| {
+                    a.is_live()
+                        && a.index == i
+                        && a.job_version == job.version
+                        && a.health == Some(cluster_core::model::alloc::AllocHealth::Healthy)
+                })
+            };
+            (running, delegation.indices.iter().all(|i| healthy(*i)))
+        });
+        let there = target.cluster.server(1).unwrap().raft().read(at_target);
+        fewest = fewest.min(here_running + there);
+        let record = records(&fed).into_iter().find(|r| r.id == delegation.id).unwrap();
+        if record.phase != Phase::Registered {
+            assert!(replaced, "the delegation was let go before its indexes had healthy replacements: {record:?}");
+        }
+        let done = record.phase == Phase::Ended(End::Revoked) && there == 0;
+        let all_new = here.raft.read(|s| {
+            let job = s.job(&JobId::new("web")).unwrap();
+            let live: Vec<_> = s.allocs_of_job(&job.id).filter(|a| a.is_live()).collect();
+            live.len() == 6 && live.iter().all(|a| a.job_version == job.version)
+        });
+        if done && all_new {
+            break;
+        }
+        if started.elapsed() >= Duration::from_secs(60) {
+            let what = here.raft.read(|s| {
+                let job = s.job(&JobId::new("web")).unwrap();
+                let allocs: Vec<String> = (s.allocs_of_job(&job.id))
+                    .map(|a| {
+                        format!(
+                            "{}[{}] v{} {:?}/{:?} {:?}",
+                            a.id, a.index, a.job_version, a.desired, a.status, a.health
+                        )
+                    })
+                    .collect();
+                format!(
+                    "job v{}; deployment {:?}; eval {:?}; holds {:?}; allocs {allocs:#?}",
+                    job.version,
+                    s.latest_deployment(&job.id),
+                    s.job_eval(&job.id),
+                    s.holds()
+                )
+            });
+            panic!("not rolled out in 60 s: {record:?}\n{what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(fewest >= 5, "{fewest} instances ran at one moment; never fewer than count - max_parallel = 5");
+    origin.stop().await;
+    target.stop().await;
+}

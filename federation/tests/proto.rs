@@ -471,3 +471,45 @@ fn the_floor_names_what_is_pending_and_ended_delegations_are_collected() {
     });
     assert_eq!(sent, Some(o.floor(&s, "eu-central")));
 }
+
+/// A delegated instance that failed and waits for its reschedule delay is
+/// reported `Rescheduling` (the origin does not count it stuck); past its
+/// limit, `Failed`. An offer whose reschedule policy is past what a spec
+/// may say is refused.
+#[test]
+fn a_failed_delegated_instance_waiting_for_its_delay_is_rescheduling_not_stuck() {
+    use federation::proto::IndexState;
+    use federation::proto::target::{Target as T, progress};
+    let mut s = state(1, 8);
+    let p = policy("eu-central", "eu-west");
+    let mut t = Target::new(timing(3_000, 2_000), Plants::default(), 1);
+    let mut greedy = job("greedy", 1, "");
+    greedy.groups[0].reschedule.attempts = u32::MAX;
+    match outcomes(&t.on_message(&p, &s, "eu-west", offer("eu-west/greedy/e1-g-0", greedy, vec![0], 2_000), 0))
+        .as_slice()
+    {
+        [Outcome::Refused { message, .. }] => assert!(message.contains("reschedule policy"), "{message}"),
+        other => panic!("accepted: {other:?}"),
+    }
+    let flaky = job("flaky", 1, "[group.reschedule]\nattempts = 1\ninterval = \"1h\"\ndelay = \"30s\"\n");
+    let actions = t.on_message(&p, &s, "eu-west", offer("eu-west/flaky/e1-g-0", flaky, vec![7], 2_000), 0);
+    assert!(matches!(outcomes(&actions).as_slice(), [Outcome::Registered { .. }]), "{:?}", outcomes(&actions));
+    commit(&mut s, &actions);
+    settle(&mut s);
+    let r = T::records(&s).into_iter().map(|(r, _)| r).find(|r| r.id == "eu-west/flaky/e1-g-0").unwrap();
+    let fail = |s: &mut ClusterState, at: u64| {
+        let live: Vec<_> = s.allocs_of_job(&cluster_core::ids::JobId::new(&r.job)).filter(|a| a.is_live()).collect();
+        let reports = live.iter().map(|a| AllocReport::status(a.id, AllocStatus::Failed)).collect();
+        s.apply(&Command::AllocReports { now_ms: at, reports });
+    };
+    fail(&mut s, 1_000_000);
+    assert_eq!(progress(&s, &r).indices, vec![(7, IndexState::Rescheduling)]);
+    // Placed again after the delay, it fails again: one an hour, final.
+    let job = s.job(&cluster_core::ids::JobId::new(&r.job)).unwrap().clone();
+    let config = cluster_core::scheduler::SchedulerConfig { now_ms: Some(1_030_000), ..Default::default() };
+    let eval = s.pending_evals().next().unwrap();
+    s.apply(&Command::ApplyPlans(vec![(eval, cluster_core::scheduler::schedule(&s, &job, &config))]));
+    assert_eq!(progress(&s, &r).indices, vec![(7, IndexState::Pending)], "placed again, not yet running");
+    fail(&mut s, 1_040_000);
+    assert_eq!(progress(&s, &r).indices, vec![(7, IndexState::Failed)]);
+}

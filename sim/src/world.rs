@@ -1439,7 +1439,11 @@ impl World {
                     if let Some(scratch) = scratch.as_mut() {
                         scratch.apply_plan(&plan);
                     }
-                    if work.retry_blocked && plan.placements.is_empty() && plan.stops.is_empty() {
+                    if work.retry_blocked
+                        && plan.placements.is_empty()
+                        && plan.stops.is_empty()
+                        && plan.wait_until_ms == work.wait_until_ms
+                    {
                         continue;
                     }
                     plans.push((work.eval, plan));

@@ -98,6 +98,33 @@ impl Job {
         (group.on_disconnect == OnDisconnect::Stop).then(|| self.labels.get(LABEL_DELEGATION).map(String::as_str))?
     }
 
+    /// A stable 64-bit fingerprint of what `group` runs: the job with only
+    /// that group, its `count`, reschedule policy, version and stop flag
+    /// aside (FNV-1a over the codec's bytes). Two versions with the same
+    /// fingerprint run the same instances; a delegation records the one
+    /// it was offered.
+    pub fn group_fingerprint(&self, group: &str) -> u64 {
+        let mut j = self.clone();
+        j.version = 0;
+        j.stopped = false;
+        j.groups.retain(|g| &*g.name == group);
+        for g in &mut j.groups {
+            g.count = 0;
+            g.reschedule = ReschedulePolicy::for_type(self.job_type);
+        }
+        let bytes = crate::codec::encode(&j);
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    }
+
+    /// Whether a new version of `group` is placed beside the instances of
+    /// an older one until each replacement is healthy, as a deployment
+    /// does (`[group.update]` on a service whose instances may run twice
+    /// at once), rather than after they stopped. Instances another
+    /// cluster holds are replaced so too.
+    pub fn rolls_beside(&self, group: &TaskGroup) -> bool {
+        self.job_type == JobType::Service && group.update.is_some() && group.on_disconnect == OnDisconnect::Keep
+    }
+
     /// Total instances the job asks for (system jobs: 0, decided per node).
     pub fn instance_count(&self) -> u64 {
         self.groups.iter().map(|g| u64::from(g.count)).sum()
@@ -151,7 +178,7 @@ pub struct TaskGroup {
 
 /// A group's `[group.reschedule]`: once an instance failed (its restarts
 /// on its node used up), how often and how soon the cluster places it
-/// again, on another node where one fits. After Nomad's `reschedule`
+/// again, wherever one fits (the same node is not ruled out). After Nomad's `reschedule`
 /// block; [`ReschedulePolicy::for_type`] gives Nomad's defaults.
 ///
 /// The `n`-th reschedule in a row (from 0) waits `delay_function(n)`
@@ -210,6 +237,16 @@ impl ReschedulePolicy {
                 unlimited: true,
             },
         }
+    }
+
+    /// Whether every field is within what a spec may say (see
+    /// `spec::job`): offers from peers are checked against it.
+    pub fn within_limits(&self) -> bool {
+        const DAY_MS: u64 = 86_400_000;
+        self.attempts <= 1_000
+            && self.interval_ms <= 365 * DAY_MS
+            && self.delay_ms <= 7 * DAY_MS
+            && self.max_delay_ms <= 7 * DAY_MS
     }
 
     /// The wait (ms) before the reschedule at `step` of a series (from 0).
@@ -300,6 +337,10 @@ pub struct UpdateStrategy {
     /// A failed deployment registers the job's last stable version again
     /// (a version whose deployment succeeded).
     pub auto_revert: bool,
+    /// System jobs: the wait (ms) between one set of `max_parallel`
+    /// nodes updated and the next (Nomad's `stagger`). A service's
+    /// deployment is paced by health instead.
+    pub stagger_ms: u64,
 }
 
 impl Default for UpdateStrategy {
@@ -311,6 +352,7 @@ impl Default for UpdateStrategy {
             canary: 0,
             auto_promote: false,
             auto_revert: false,
+            stagger_ms: 30_000,
         }
     }
 }

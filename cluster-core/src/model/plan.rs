@@ -29,6 +29,10 @@ pub struct Plan {
     /// reschedule delay not yet over: the evaluation stays pending and is
     /// planned again at that time ([`crate::model::job::ReschedulePolicy`]).
     pub wait_until_ms: Option<u64>,
+    /// When (Unix ms, by the planner's clock) it was made, if the planner
+    /// had one: a system job's rolling update records it as the start of
+    /// the set of nodes it updates (see `UpdateStrategy::stagger_ms`).
+    pub made_at_ms: Option<u64>,
 }
 
 impl Plan {

@@ -139,6 +139,7 @@ pub fn schedule(state: &ClusterState, job: &Job, config: &SchedulerConfig) -> Pl
         nodes_evaluated,
         deferred,
         wait_until_ms: work.wait_until_ms,
+        made_at_ms: config.now_ms,
     }
 }
 

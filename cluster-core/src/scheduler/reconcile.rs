@@ -3,6 +3,7 @@
 use crate::ids::{AllocId, NodeIdx};
 use crate::model::alloc::{AllocStatus, Allocation, DesiredStatus};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::model::job::{Job, JobType, OnDisconnect, RescheduleEvent, ReschedulePolicy};
 
@@ -163,8 +164,13 @@ pub fn reconcile(state: &ClusterState, job: &Job, now_ms: Option<u64>) -> Reconc
     let mut covered: Vec<Vec<bool>> = job.groups.iter().map(|g| vec![false; g.count as usize]).collect();
     // ended[g][i]: instance i's latest ended allocation of this version.
     let mut ended: Vec<Vec<Option<&Allocation>>> = job.groups.iter().map(|g| vec![None; g.count as usize]).collect();
-    // Instances another cluster runs are covered here.
+    // Instances another cluster runs are covered here, unless they run an
+    // older spec that a deployment replaces beside them.
+    let stale = stale_held(state, job);
     for (group, index) in state.held_of_job(&job.id) {
+        if stale.contains(&(Arc::from(group), index)) {
+            continue;
+        }
         if let Some(g) = job.groups.iter().position(|x| &*x.name == group) {
             if let Some(c) = covered[g].get_mut(index as usize) {
                 *c = true;
@@ -173,6 +179,10 @@ pub fn reconcile(state: &ClusterState, job: &Job, now_ms: Option<u64>) -> Reconc
     }
     let mut allocs: Vec<&Allocation> = state.allocs_of_job(&job.id).collect();
     allocs.sort_by_key(|a| a.id);
+    // A system group with an `update`: its older instances, to stop a set
+    // at a time, and those of a set still stopping.
+    let mut older: Vec<Vec<(AllocId, Option<NodeIdx>)>> = job.groups.iter().map(|_| Vec::new()).collect();
+    let mut older_stopping: Vec<u32> = vec![0; job.groups.len()];
     let system_failed = if job.job_type == JobType::System { system_failed_for_good(state, job) } else { Vec::new() };
     for a in allocs {
         let group = job.groups.iter().position(|g| g.name == a.group);
@@ -210,6 +220,9 @@ pub fn reconcile(state: &ClusterState, job: &Job, now_ms: Option<u64>) -> Reconc
                     // and one that failed there for good (until the job
                     // changes: else it would be placed there again and again).
                     let failed_here = node.is_some_and(|i| system_failed.contains(&(g, i)));
+                    if stopping && a.job_version != job.version {
+                        older_stopping[g] += 1;
+                    }
                     if (stopping || failed_here) && job.job_type == JobType::System && !node_down {
                         if let Some(i) = node {
                             out.groups[g].busy_on.push(i);
@@ -227,6 +240,8 @@ pub fn reconcile(state: &ClusterState, job: &Job, now_ms: Option<u64>) -> Reconc
                         out.stops.push(stop(StopReason::NodeLost));
                     } else if draining {
                         out.stops.push(stop(StopReason::Drained));
+                    } else if a.job_version != job.version && job.groups[g].update.is_some() {
+                        older[g].push((a.id, node));
                     } else if a.job_version != job.version {
                         out.stops.push(stop(StopReason::Updated));
                     } else if let Some(i) = node {
@@ -269,6 +284,37 @@ pub fn reconcile(state: &ClusterState, job: &Job, now_ms: Option<u64>) -> Reconc
             }
         }
     }
+    if !job.stopped && job.job_type == JobType::System {
+        // A rolling system job: at most `max_parallel` nodes' instances
+        // stopping at once, a set `stagger` after the one before began
+        // (`system_set_key`, stamped by the plan that stopped it). The
+        // rest keep running where they are. A set's start further off than
+        // the stagger itself was stamped by a clock ahead: not waited for.
+        let last = state.record(&crate::state::system_set_key(&job.id));
+        let last = last.and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok());
+        for (g, group) in job.groups.iter().enumerate() {
+            let (Some(u), olds) = (group.update, std::mem::take(&mut older[g])) else { continue };
+            let due = last.map(|t| t.saturating_add(u.stagger_ms));
+            let wait = due.filter(|due| now_ms.is_some_and(|now| now < *due && due - now <= u.stagger_ms));
+            let budget = if wait.is_some() { 0 } else { u.max_parallel.saturating_sub(older_stopping[g]) };
+            // What is left waits for the next set: then at the latest.
+            let next = match (wait, now_ms) {
+                (Some(due), _) => Some(due),
+                (None, Some(now)) if olds.len() as u32 > budget => Some(now.saturating_add(u.stagger_ms)),
+                _ => None,
+            };
+            if let (Some(due), false) = (next, olds.is_empty()) {
+                out.wait_until_ms = Some(out.wait_until_ms.map_or(due, |w| w.min(due)));
+            }
+            for (n, (alloc, node)) in olds.into_iter().enumerate() {
+                if (n as u32) < budget {
+                    out.stops.push(Stop { alloc, reason: StopReason::Updated });
+                } else if let Some(i) = node {
+                    out.groups[g].kept_on.push(i);
+                }
+            }
+        }
+    }
     if !job.stopped && job.job_type != JobType::System {
         // An instance whose latest allocation failed waits for its
         // reschedule's delay, or is not placed again at all.
@@ -300,8 +346,28 @@ pub fn reconcile(state: &ClusterState, job: &Job, now_ms: Option<u64>) -> Reconc
     if !job.stopped && job.job_type == JobType::Service {
         for (g, group) in job.groups.iter().enumerate() {
             if let Some(update) = &group.update {
-                roll(state, job, group, update, &mut out.groups[g], &mut out.stops);
+                let held: Vec<u32> = stale.iter().filter(|(n, _)| *n == group.name).map(|(_, i)| *i).collect();
+                roll(state, job, group, update, &held, &mut out.groups[g], &mut out.stops);
             }
+        }
+    }
+    out
+}
+
+/// Instances of `job` another cluster holds at an older spec of their
+/// group ([`crate::state::Held::spec`]) that a deployment replaces here,
+/// beside them ([`Job::rolls_beside`]), as `(group, index)`. Each stays
+/// held until its holder lets it go, which it does once every index it
+/// holds has a healthy replacement of the current version here.
+pub fn stale_held(state: &ClusterState, job: &Job) -> std::collections::BTreeSet<(Arc<str>, u32)> {
+    let mut out = std::collections::BTreeSet::new();
+    if job.stopped {
+        return out;
+    }
+    for held in state.holds().values().filter(|h| h.job == job.id) {
+        let Some(group) = job.group(&held.group).filter(|g| job.rolls_beside(g)) else { continue };
+        if held.spec.is_some_and(|s| s != job.group_fingerprint(&group.name)) {
+            out.extend(held.indices.iter().filter(|i| **i < group.count).map(|i| (held.group.clone(), *i)));
         }
     }
     out
@@ -315,11 +381,16 @@ pub fn reconcile(state: &ClusterState, job: &Job, now_ms: Option<u64>) -> Reconc
 /// nothing more is replaced; an old instance whose replacement is healthy
 /// still stops. Instances missing for another reason (a lost node, a
 /// larger count) are placed at once, as without a deployment.
+///
+/// `held`: the group's indices another cluster holds at an older spec
+/// ([`stale_held`]): each is replaced here as an older instance is, within
+/// the same pace; its holder, not this plan, stops the old one.
 fn roll(
     state: &ClusterState,
     job: &Job,
     group: &crate::model::job::TaskGroup,
     update: &crate::model::job::UpdateStrategy,
+    held: &[u32],
     w: &mut GroupWork,
     stops: &mut Vec<Stop>,
 ) {
@@ -401,6 +472,7 @@ fn roll(
         settled.push(r.alloc);
     }
     w.replace.retain(|r| !settled.contains(&r.alloc));
+    candidates.extend(held.iter().filter(|i| !news.contains_key(i)));
     let allowed = if awaiting && active {
         deployment.and_then(|d| d.group(&group.name)).map_or(0, |d| d.canaries).saturating_sub(canaries)
     } else {

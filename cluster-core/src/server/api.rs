@@ -347,9 +347,11 @@ impl AllocView {
             .filter(|j| j.version == a.job_version && j.job_type != crate::model::JobType::System && !j.stopped)
             .and_then(|j| j.group(&a.group))
             .map(|g| g.reschedule);
-        let reschedule = policy
-            .filter(|_| a.status == crate::model::AllocStatus::Failed && a.desired == crate::model::DesiredStatus::Run)
-            .map(|p| crate::scheduler::reconcile::reschedule_due(&p, a));
+        let failed = a.status == crate::model::AllocStatus::Failed && a.desired == crate::model::DesiredStatus::Run;
+        // Only the latest allocation of its instance says what comes next.
+        let latest = || !state.allocs_of_job(&a.job).any(|b| b.group == a.group && b.index == a.index && b.id > a.id);
+        let reschedule =
+            (policy.filter(|_| failed && latest())).map(|p| crate::scheduler::reconcile::reschedule_due(&p, a));
         AllocView {
             id: a.id.0,
             name: a.id.to_string(),

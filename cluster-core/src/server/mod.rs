@@ -902,7 +902,12 @@ async fn work(inner: &Arc<Inner>, batch: &[Work]) {
         planner.metrics.evals_processed.inc_by(plans.len() as u64);
         let plans: Vec<(EvalId, Plan, u32)> = plans
             .into_iter()
-            .filter(|(w, p, _)| !(w.retry_blocked && p.placements.is_empty() && p.stops.is_empty()))
+            .filter(|(w, p, _)| {
+                !(w.retry_blocked
+                    && p.placements.is_empty()
+                    && p.stops.is_empty()
+                    && p.wait_until_ms == w.wait_until_ms)
+            })
             .map(|(w, p, placed)| (w.eval, p, placed))
             .collect();
         // Registered before the planning turn ends, so the next worker's
@@ -995,6 +1000,7 @@ mod tests {
             nodes_evaluated: 0,
             deferred: 0,
             wait_until_ms: None,
+            made_at_ms: None,
         };
         (EvalId(0), plan)
     }

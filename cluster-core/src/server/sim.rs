@@ -4,7 +4,9 @@
 //! tasks are all mocks with a `run_for` ends after it with the largest
 //! exit code; a stopped one completes. `exec` tasks "run" until stopped.
 //! Delegated at-most-once work keeps the agent's rule: it runs only under
-//! its delegation's grant ([`crate::agent::lease::Grants`]).
+//! its delegation's grant ([`crate::agent::lease::Grants`]). A service
+//! instance under a deployment is healthy once it ran its group's
+//! `min_healthy_time` (no check runs).
 //! For `hanse dev` and in-process demos.
 
 use std::collections::HashMap;
@@ -15,8 +17,8 @@ use super::Inner;
 use super::rpc::{Write, WriteReply};
 use crate::agent::lease::Grants;
 use crate::ids::{AllocId, NodeId};
-use crate::model::alloc::{AllocReport, AllocStatus, DesiredStatus};
-use crate::model::job::Driver;
+use crate::model::alloc::{AllocHealth, AllocReport, AllocStatus, DesiredStatus};
+use crate::model::job::{Driver, JobType};
 use crate::model::node::Node;
 
 /// Nodes per registration.
@@ -77,6 +79,19 @@ pub async fn run(server: Arc<Inner>, nodes: Vec<Node>) {
                     let since = *started.entry(a.id).or_insert_with(Instant::now);
                     if a.status == AllocStatus::Pending {
                         out.push(AllocReport::status(a.id, AllocStatus::Running));
+                    }
+                    // No check runs here: an instance a deployment waits
+                    // for is healthy once it ran the group's min_healthy_time.
+                    let update =
+                        group.and_then(|g| g.update).filter(|_| job.is_some_and(|j| j.job_type == JobType::Service));
+                    if let Some(u) = update.filter(|_| a.health.is_none()) {
+                        if since.elapsed() >= Duration::from_millis(u.min_healthy_time_ms) {
+                            let healthy = Some(AllocHealth::Healthy);
+                            out.push(AllocReport {
+                                health: healthy,
+                                ..AllocReport::status(a.id, AllocStatus::Running)
+                            });
+                        }
                     }
                     let mocks: Option<Vec<(u64, i32)>> = group.map(|g| {
                         g.tasks

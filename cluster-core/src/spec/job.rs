@@ -106,10 +106,21 @@ fn read_job(top: &mut Table, d: &mut Diagnostics) -> Option<Job> {
     let groups = read_groups(top, d, job_type.unwrap_or(JobType::Service), &constraints, &affinities, &spreads);
     let job_type = job_type?;
     for (g, span) in &groups {
-        if g.update.is_some() && job_type != JobType::Service {
+        if g.update.is_some() && job_type == JobType::Batch {
             d.warning(
                 span.clone(),
-                format!("group `{}`: [group.update] is for service jobs; this {} job ignores it", g.name, job_type),
+                format!("group `{}`: [group.update] is for service and system jobs; this batch job ignores it", g.name),
+                None,
+            );
+        }
+        if g.update.is_some_and(|u| u.canary > 0 || u.auto_revert) && job_type == JobType::System {
+            d.warning(
+                span.clone(),
+                format!(
+                    "group `{}`: a system job is updated max_parallel nodes at a time, stagger apart; canary and \
+                     auto_revert are for services and are ignored",
+                    g.name
+                ),
                 None,
             );
         }
@@ -621,6 +632,7 @@ fn read_update(g: &mut Table, d: &mut Diagnostics) -> Option<UpdateStrategy> {
     const HOUR_MS: u64 = 3_600_000;
     out.min_healthy_time_ms = duration_in(&mut u, d, "min_healthy_time", out.min_healthy_time_ms, 0..=HOUR_MS);
     out.healthy_deadline_ms = duration_in(&mut u, d, "healthy_deadline", out.healthy_deadline_ms, 1..=24 * HOUR_MS);
+    out.stagger_ms = duration_in(&mut u, d, "stagger", out.stagger_ms, 0..=HOUR_MS);
     out.auto_promote = u.bool(d, "auto_promote").is_some_and(|(b, _)| b);
     out.auto_revert = u.bool(d, "auto_revert").is_some_and(|(b, _)| b);
     if out.min_healthy_time_ms >= out.healthy_deadline_ms {
@@ -641,8 +653,8 @@ fn read_update(g: &mut Table, d: &mut Diagnostics) -> Option<UpdateStrategy> {
 pub const RESCHEDULE_ATTEMPTS_MAX: i64 = 1_000;
 
 /// `[group.reschedule]`: see [`ReschedulePolicy`]. What it leaves out is
-/// the job type's default, except that `attempts` or `interval` without
-/// `unlimited` mean a limit (`unlimited = false`).
+/// the job type's default, except that `attempts` without `unlimited`
+/// means a limit (`unlimited = false`).
 fn read_reschedule(g: &mut Table, d: &mut Diagnostics, job_type: JobType) -> ReschedulePolicy {
     let mut out = ReschedulePolicy::for_type(job_type);
     let Some(mut r) = g.table(d, "reschedule") else { return out };
@@ -658,7 +670,8 @@ fn read_reschedule(g: &mut Table, d: &mut Diagnostics, job_type: JobType) -> Res
             None,
         );
     }
-    let limited = r.has("attempts") || r.has("interval");
+    let limited = r.has("attempts");
+    let interval_given = r.has("interval");
     match r.int(d, "attempts") {
         Some((n, _)) if (0..=RESCHEDULE_ATTEMPTS_MAX).contains(&n) => out.attempts = n as u32,
         Some((n, s)) => d.error_hint(
@@ -669,7 +682,6 @@ fn read_reschedule(g: &mut Table, d: &mut Diagnostics, job_type: JobType) -> Res
         None => {}
     }
     const DAY_MS: u64 = 86_400_000;
-    let interval_given = r.has("interval");
     out.interval_ms = duration_in(&mut r, d, "interval", out.interval_ms, 1_000..=365 * DAY_MS);
     out.delay_ms = duration_in(&mut r, d, "delay", out.delay_ms, 0..=7 * DAY_MS);
     out.max_delay_ms = duration_in(&mut r, d, "max_delay", out.max_delay_ms, 0..=7 * DAY_MS);
@@ -682,12 +694,19 @@ fn read_reschedule(g: &mut Table, d: &mut Diagnostics, job_type: JobType) -> Res
     match r.bool(d, "unlimited") {
         Some((u, s)) => {
             out.unlimited = u;
-            if u && limited {
+            if u && (limited || interval_given) {
                 d.warning(s, "attempts and interval are ignored with unlimited = true", None);
             }
         }
         None if limited => out.unlimited = false,
         None => {}
+    }
+    if interval_given && out.unlimited {
+        d.warning(
+            r.span.clone(),
+            "interval counts attempts, and an unlimited policy has none",
+            Some("for a limit, set attempts (unlimited = false follows)".into()),
+        );
     }
     if !out.unlimited && out.attempts > 0 && out.interval_ms == 0 && !interval_given {
         d.error_hint(

@@ -20,6 +20,12 @@ pub fn system_rerun_key(job: &JobId) -> String {
     format!("system-rerun/{job}")
 }
 
+/// The record holding when (Unix ms) a system job's rolling update last
+/// began a set of nodes (see `UpdateStrategy::stagger_ms`).
+pub fn system_set_key(job: &JobId) -> String {
+    format!("system-set/{job}")
+}
+
 /// What became of one evaluation's plan.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PlanOutcome {
@@ -82,7 +88,9 @@ impl ClusterState {
     /// complete when everything was placed, blocked when some instances
     /// fit nowhere, still pending when placements were refused or the
     /// plan was one part of more (`Plan::deferred`), or pending until
-    /// `Plan::wait_until_ms` when failed instances wait to be placed again.
+    /// `Plan::wait_until_ms` when failed instances wait to be placed again
+    /// (blocked, when some also fit nowhere, with the wait kept: the broker
+    /// tries it again then, or when capacity changes).
     pub fn apply_eval_plan(&mut self, id: EvalId, plan: &Plan) -> PlanOutcome {
         let current = self.evals.get(&id).filter(|e| e.status.is_open() && e.job == plan.job);
         let job_version = self.jobs.get(&plan.job).map(|j| j.version);
@@ -96,11 +104,15 @@ impl ClusterState {
         let retry_now = !applied.refused.is_empty() || (plan.is_partial() && progressed);
         // Failed instances wait for their reschedule delay: planned again
         // then (capacity for the rest, if any, is looked at too).
+        // One also blocked for capacity stays blocked (capacity retries it,
+        // and peers may take it), and is tried again at that time too.
         let wait_until_ms = plan.wait_until_ms.filter(|_| !retry_now);
-        let status = if retry_now || wait_until_ms.is_some() {
+        let status = if retry_now {
             EvalStatus::Pending
         } else if plan.unplaced_count() > 0 || plan.is_partial() {
             EvalStatus::Blocked
+        } else if wait_until_ms.is_some() {
+            EvalStatus::Pending
         } else {
             EvalStatus::Complete
         };

@@ -208,8 +208,17 @@ impl ClusterState {
             } else {
                 BTreeSet::new()
             };
+            // Rules 3: an instance's latest ended allocation stays while it
+            // failed or carries a reschedule history (a new one carries it
+            // on), whatever ended it; older failures go.
+            let in_range = |a: &crate::model::Allocation| job.group(&a.group).is_some_and(|g| a.index < g.count);
             let read = |a: &crate::model::Allocation| {
-                read_by_reconcile(job, a) && (rules < 3 || a.status == AllocStatus::Complete || latest.contains(&a.id))
+                if rules < 3 {
+                    return read_by_reconcile(job, a);
+                }
+                let carries = a.status == AllocStatus::Failed || !a.reschedules.is_empty();
+                (read_by_reconcile(job, a) && a.status == AllocStatus::Complete)
+                    || (job.job_type != JobType::System && latest.contains(&a.id) && carries && in_range(a))
             };
             let spent: Vec<AllocId> = self
                 .allocs_of_job(&job.id)
@@ -301,7 +310,10 @@ impl ClusterState {
         snap.nodes.retain(|n| !drop.contains(&GcObject::Node(n.id.clone())));
         let asked: BTreeSet<String> = drop
             .iter()
-            .filter_map(|o| if let GcObject::Job(j) = o { Some(peers_asked_key(j)) } else { None })
+            .filter_map(|o| {
+                if let GcObject::Job(j) = o { Some([peers_asked_key(j), super::system_set_key(j)]) } else { None }
+            })
+            .flatten()
             .collect();
         // A collected job's holds are all settled (see `job_collectable`):
         // they go with it, with their records and markers.

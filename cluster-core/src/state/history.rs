@@ -39,11 +39,12 @@ pub struct JobHistory {
 
 /// Whether an instance of `a`'s group `ga` may stand for one of `b`'s
 /// `gb` unchanged: the jobs and the groups are the same but for version
-/// and count (scaling and reverting to the spec it runs restart nothing;
-/// running a stopped job again starts it afresh).
+/// and count and reschedule policy (scaling, a new reschedule policy and
+/// reverting to the spec it runs restart nothing; running a stopped job
+/// again starts it afresh).
 pub(crate) fn same_instances(a: &Job, ga: &TaskGroup, b: &Job, gb: &TaskGroup) -> bool {
     let bare = |j: &Job| Job { groups: Vec::new(), version: 0, ..j.clone() };
-    TaskGroup { count: gb.count, ..ga.clone() } == *gb && bare(a) == bare(b)
+    TaskGroup { count: gb.count, reschedule: gb.reschedule, ..ga.clone() } == *gb && bare(a) == bare(b)
 }
 
 impl ClusterState {
@@ -313,9 +314,14 @@ impl ClusterState {
                     healthy += 1;
                 }
             }
-            // Instances another cluster holds count as its own deployment's.
+            // Instances another cluster holds count as its own deployment's,
+            // unless they run an older spec, replaced here: older, until
+            // their holder has let them go.
+            let stale = crate::scheduler::reconcile::stale_held(self, job);
+            let stale_here = stale.iter().filter(|(group, _)| *group == g.name).count() as u32;
             let held = self.held_of_job(id).filter(|(group, _)| **group == *g.name).count() as u32;
-            let want = spec.count.saturating_sub(held);
+            older += stale_here;
+            let want = spec.count.saturating_sub(held - stale_here.min(held));
             healthy_all += healthy.min(want);
             want_all += want;
             done &= older == 0 && healthy >= want;

@@ -14,7 +14,7 @@ mod progress;
 
 pub use gc::{GC_RULES, GcCounts, GcObject, GcPolicy, GcThresholds, settled_key, settled_value};
 
-pub use evals::{PlanOutcome, system_rerun_key};
+pub use evals::{PlanOutcome, system_rerun_key, system_set_key};
 pub use history::{JOB_VERSIONS_KEPT, JobHistory};
 pub use progress::{InstanceState, JobState, Progress, progress};
 
@@ -440,6 +440,16 @@ impl ClusterState {
                 self.set_alloc_status(stop.alloc, AllocStatus::Lost);
             }
         }
+        // A system job's rolling update began a set of nodes: the next
+        // waits its stagger from the plan's time (`reconcile`).
+        if let Some(at) = plan.made_at_ms {
+            let rolling = (self.jobs.get(&plan.job)).is_some_and(|j| {
+                j.job_type == crate::model::JobType::System && j.groups.iter().any(|g| g.update.is_some())
+            });
+            if rolling && plan.stops.iter().any(|s| s.reason == StopReason::Updated) {
+                self.records.insert(system_set_key(&plan.job), at.to_string().into_bytes());
+            }
+        }
         // An instance that is already live is never placed again, whatever
         // plan asks: a plan made from a state that had not yet applied an
         // earlier plan for the same evaluation would otherwise double it.
@@ -462,11 +472,19 @@ impl ClusterState {
             .collect();
         // Nor is an instance another cluster holds: a plan made before the
         // hold committed would otherwise run it here too (review B9).
+        // One held at an older spec, under a deployment, is replaced beside
+        // it (`reconcile::stale_held`).
+        let stale = (self.jobs.get(&plan.job))
+            .filter(|j| !system && j.version == plan.job_version)
+            .map(|j| crate::scheduler::reconcile::stale_held(self, j))
+            .unwrap_or_default();
         if !system {
-            live.extend(self.held_of_job(&plan.job).map(|(g, i)| (Arc::<str>::from(g), i, None)));
+            let held = self.held_of_job(&plan.job).filter(|(g, i)| !stale.contains(&(Arc::<str>::from(*g), *i)));
+            live.extend(held.map(|(g, i)| (Arc::<str>::from(g), i, None)).collect::<Vec<_>>());
         }
-        // What runs of an older version, for canaries: a placement beside
-        // one, while its group's deployment awaits promotion, is a canary.
+        // What runs of an older version, for canaries (here, or held at an
+        // older spec elsewhere): a placement beside one, while its group's
+        // deployment awaits promotion, is a canary.
         // Looked for only then: most plans belong to no such deployment.
         let awaiting: Vec<Arc<str>> = self
             .active_deployment(&plan.job)
@@ -479,6 +497,7 @@ impl ClusterState {
             (self.allocs_of_job(&plan.job))
                 .filter(|a| a.is_live() && a.job_version < plan.job_version)
                 .map(|a| (a.group.clone(), a.index))
+                .chain(stale.iter().cloned())
                 .collect()
         };
         // What each instance's last allocation went through: a new one
@@ -621,6 +640,11 @@ pub struct Held {
     pub job: JobId,
     pub group: Arc<str>,
     pub indices: Vec<u32>,
+    /// The group's fingerprint ([`Job::group_fingerprint`]) the held
+    /// instances run, when the holder said: once the job's differs, a
+    /// group that [`Job::rolls_beside`] has them replaced here beside
+    /// them, and the holder lets them go once the replacements are healthy.
+    pub spec: Option<u64>,
 }
 
 impl ClusterState {
@@ -640,10 +664,14 @@ impl ClusterState {
             .get(job)
             .and_then(|j| j.group(group))
             .is_some_and(|g| g.on_disconnect == crate::model::job::OnDisconnect::Stop);
+        // What the holder holds already may stay held (a hold shrinks), even
+        // where a deployment placed its replacement here meanwhile.
+        let own = self.holds.get(holder).filter(|h| h.job == *job && &*h.group == group);
+        let new = |i: u32| own.is_none_or(|h| !h.indices.contains(&i));
         let live = self
             .allocs_of_job(job)
             .filter(|a| &*a.group == group && (a.is_live() || (at_most_once && !a.status.is_terminal())));
-        if let Some(a) = live.into_iter().find(|a| indices.contains(&a.index)) {
+        if let Some(a) = live.into_iter().find(|a| indices.contains(&a.index) && new(a.index)) {
             return Err(format!("{job}.{group}[{}] runs here as allocation {}", a.index, a.id.0));
         }
         let others = self.holds.iter().filter(|(h, held)| h.as_str() != holder && held.job == *job);
@@ -663,10 +691,11 @@ impl ClusterState {
         job: &JobId,
         group: &Arc<str>,
         indices: &[u32],
+        spec: Option<u64>,
         record: Vec<u8>,
     ) -> Result<(), String> {
         self.can_hold(holder, job, group, indices)?;
-        let held = Held { job: job.clone(), group: group.clone(), indices: indices.to_vec() };
+        let held = Held { job: job.clone(), group: group.clone(), indices: indices.to_vec(), spec };
         self.holds.insert(holder.to_string(), held);
         self.records.insert(holder.to_string(), record);
         Ok(())

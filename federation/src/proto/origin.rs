@@ -119,16 +119,9 @@ pub struct Overflowing {
 }
 
 /// A stable 64-bit fingerprint of a job's spec for one group, `count`,
-/// version and stop flag aside (FNV-1a over the codec bytes).
+/// version and stop flag aside ([`Job::group_fingerprint`]).
 pub fn spec_fingerprint(job: &Job, group: &str) -> u64 {
-    let mut j = job.clone();
-    j.version = 0;
-    j.stopped = false;
-    j.groups.retain(|g| &*g.name == group);
-    for g in &mut j.groups {
-        g.count = 0;
-    }
-    fnv(&encode(&j))
+    job.group_fingerprint(group)
 }
 
 /// FNV-1a, 64 bits.
@@ -255,11 +248,17 @@ impl Origin {
             // reschedule delay counts as one to place (the blocked
             // evaluation's unplaced count says how many go).
             let work = cluster_core::scheduler::reconcile::reconcile(state, job, None);
+            // An index still held (at an older spec, being replaced beside
+            // it) is no peer's to take: it is replaced here or not at all.
+            let held: BTreeSet<(String, u32)> = state.held_of_job(&job.id).map(|(g, i)| (g.to_string(), i)).collect();
             let remote = state.held_of_job(&job.id).count() as u32;
             let refused_by = Self::refused_by(state, job.id.as_str());
             for (g, w) in job.groups.iter().zip(work.groups) {
                 let unplaced = e.unplaced.iter().filter(|u| u.group == g.name).map(|u| u.count).sum::<u32>();
-                let indices: Vec<u32> = w.place.into_iter().take(unplaced as usize).collect();
+                let indices: Vec<u32> = (w.place.into_iter())
+                    .filter(|i| !held.contains(&(g.name.to_string(), *i)))
+                    .take(unplaced as usize)
+                    .collect();
                 if !indices.is_empty() {
                     let (group, refused_by) = (g.name.to_string(), refused_by.clone());
                     out.push(Overflowing { eval: e.id.0, job: job.clone(), group, indices, remote, refused_by });
@@ -387,6 +386,7 @@ impl Origin {
             job: JobId::new(&record.job),
             group: record.group.as_str().into(),
             indices: record.indices.clone(),
+            spec: Some(record.spec),
             record: bytes.clone(),
         };
         vec![Action::ProposeThenSend {
@@ -415,14 +415,30 @@ impl Origin {
         from + self.timing.lease_ms.max(record.lease_ms) + grace
     }
 
-    /// Whether the job still wants this delegation as it is.
+    /// Whether the job still wants this delegation as it is. One whose
+    /// group changed since the offer is an update: let go at once, or,
+    /// when the group rolls a new version out beside the old
+    /// ([`Job::rolls_beside`]), once every index it holds has a healthy
+    /// instance of the new version here (the deployment replaced them as
+    /// it replaces local ones: `reconcile::stale_held`).
     fn wanted(policy: &Policy, state: &ClusterState, r: &Outbound) -> bool {
         let Some(job) = state.job(&JobId::new(&r.job)) else { return false };
         let Some(group) = job.group(&r.group) else { return false };
         let same_places = offered_job(policy, job, &r.group, 1)
             .is_some_and(|o| o.jurisdictions.iter().map(|j| j.to_string()).eq(r.jurisdictions.iter().cloned()));
+        let current = spec_fingerprint(job, &r.group) == r.spec;
+        let replaced = |i: &u32| {
+            state.allocs_of_job(&job.id).any(|a| {
+                a.is_live()
+                    && a.job_version == job.version
+                    && *a.group == *r.group
+                    && a.index == *i
+                    && a.health == Some(cluster_core::model::alloc::AllocHealth::Healthy)
+            })
+        };
+        let rolling = !current && job.rolls_beside(group) && !r.indices.iter().all(replaced);
         !job.stopped
-            && spec_fingerprint(job, &r.group) == r.spec
+            && (current || rolling)
             && r.indices.iter().all(|i| *i < group.count)
             && policy.may_delegate_to(&r.target)
             && same_places
@@ -463,6 +479,7 @@ impl Origin {
                 job: JobId::new(&next.job),
                 group: next.group.as_str().into(),
                 indices: next.indices.clone(),
+                spec: Some(next.spec),
                 record: bytes.clone(),
             });
         }
@@ -520,9 +537,12 @@ impl Origin {
             }
             let running = r.phase == Phase::Registered
                 && r.states.len() == r.indices.len()
-                && r.states
-                    .iter()
-                    .all(|(_, s)| matches!(s, IndexState::Running | IndexState::Complete | IndexState::Failed));
+                && r.states.iter().all(|(_, s)| {
+                    matches!(
+                        s,
+                        IndexState::Running | IndexState::Complete | IndexState::Failed | IndexState::Rescheduling
+                    )
+                });
             if live && !running {
                 let since = *self.stuck.entry(r.id.clone()).or_insert(now);
                 if now >= since + STUCK_LEASES * self.timing.lease_ms {

@@ -357,6 +357,9 @@ impl Target {
         if let Some(bad) = group.tasks.iter().find(|t| !cluster_core::spec::job::is_valid_task_name(&t.name)) {
             return malformed(format!("`{}` is not a valid task name", bad.name));
         }
+        if !group.reschedule.within_limits() {
+            return malformed(format!("group `{}` has a reschedule policy past a spec's limits", group.name));
+        }
         // Users are this cluster's own accounts: a peer does not name them.
         if let Some(t) = group.tasks.iter().find(|t| matches!(&t.driver, Driver::Exec { user: Some(_), .. })) {
             return malformed(format!(
@@ -673,6 +676,7 @@ impl Target {
                 job: JobId::new(&r.job),
                 group: r.group.as_str().into(),
                 indices: held,
+                spec: None,
                 record: record.clone(),
             };
             let command =
@@ -697,6 +701,8 @@ pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
                 slot.1 = IndexState::Complete;
             }
             AllocStatus::Running if a.is_live() => slot.1 = IndexState::Running,
+            // Placed again (after a failure, a lost node): not yet running.
+            AllocStatus::Pending if a.is_live() && slot.1 != IndexState::Complete => slot.1 = IndexState::Pending,
             // Allocations come oldest first: a replacement placed after
             // a failure says what the index does now.
             AllocStatus::Failed => {
@@ -705,8 +711,9 @@ pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
                     Some(g) => cluster_core::scheduler::reconcile::failed_for_good(&g.reschedule, a),
                     None => a.unrunnable(),
                 };
-                if final_ && a.desired == cluster_core::model::DesiredStatus::Run && slot.1 != IndexState::Complete {
-                    slot.1 = IndexState::Failed;
+                let wanted = a.desired == cluster_core::model::DesiredStatus::Run;
+                if wanted && slot.1 != IndexState::Complete {
+                    slot.1 = if final_ { IndexState::Failed } else { IndexState::Rescheduling };
                 }
             }
             _ => {}

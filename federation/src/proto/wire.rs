@@ -108,4 +108,7 @@ pub enum IndexState {
     /// any more), has stopped it, and holds its index so it never runs
     /// there again. The origin places it again.
     Returned,
+    /// Failed, and placed again at the target once its reschedule delay
+    /// is over (its group's `[group.reschedule]`): not stuck.
+    Rescheduling,
 }
