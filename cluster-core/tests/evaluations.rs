@@ -616,3 +616,29 @@ fn a_wait_beside_unplaced_work_blocks_and_is_tried_again_when_it_ends() {
     assert_eq!(s.eval(evals[0]).unwrap().status, EvalStatus::Blocked, "b still fits nowhere");
     assert!(broker.next_batch(&s, t + 40_000).is_empty(), "each wait is answered once");
 }
+
+/// `stagger = "0s"`: the next set follows as soon as the last one ended,
+/// and the evaluation sets no wait (one already past would be planned
+/// again and again until the set ends).
+#[test]
+fn a_system_job_without_a_stagger_sets_no_wait() {
+    let mut s = state(3);
+    let text = |memory: &str| {
+        format!(
+            "[job]\nname = \"agentd\"\ntype = \"system\"\n[[group]]\nname = \"g\"\n[group.update]\nmax_parallel = 1\nstagger = \"0s\"\n[[group.task]]\nname = \"t\"\ndriver = \"mock\"\nresources = {{ cpu = \"100m\", memory = \"{memory}\" }}\n"
+        )
+    };
+    let job = |memory: &str| parse_job(&SourceFile::new("j.toml", text(memory))).value.unwrap();
+    let e = register(&mut s, &job("64MiB"));
+    work_at(&mut s, e, 1_000);
+    let Effect::JobRegistered { mut eval, version } = s.apply(&Command::RegisterJob(job("96MiB"))) else { panic!() };
+    for set in 1..=3u64 {
+        let plan = work_at(&mut s, eval, 10_000 * set);
+        assert_eq!((plan.stops.len(), plan.placements.len(), plan.wait_until_ms), (1, 1, None), "set {set}");
+        end_stopping(&mut s, &JobId::new("agentd"));
+        let Some(next) = s.pending_evals().next() else { break };
+        eval = next;
+    }
+    let new = s.allocs_of_job(&JobId::new("agentd")).filter(|a| a.is_live() && a.job_version == version).count();
+    assert_eq!(new, 3);
+}

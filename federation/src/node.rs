@@ -550,7 +550,7 @@ impl Federation {
             Vec::new()
         };
         let (work, utilization): (Vec<Overflowing>, f64) =
-            self.server.raft.read(|s| (Origin::overflow(s), utilization(s)));
+            self.server.raft.read(|s| (Origin::overflow(s, cluster_core::server::unix_ms()), utilization(s)));
         let work: Vec<Overflowing> = {
             let mut since = self.blocked_since.lock().expect("blocked lock");
             since.retain(|eval, _| work.iter().any(|w| w.eval == *eval));

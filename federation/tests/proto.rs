@@ -431,7 +431,7 @@ fn the_floor_names_what_is_pending_and_ended_delegations_are_collected() {
     s.apply(&Command::RegisterJob(j.clone()));
     settle(&mut s);
     let mut o = Origin::new("eu-west", timing(3_000, 1_000), Plants::default(), 0);
-    let work = Origin::overflow(&s).pop().expect("3 instances overflow");
+    let work = Origin::overflow(&s, 0).pop().expect("3 instances overflow");
     let proposed = o.delegate(&p, &s, &work, "eu-central", 0);
     let id = format!("eu-west/big/e{}-g-1", s.next_eval_id());
     let floor = |o: &Origin, s: &ClusterState, target| match o.floor(s, target) {
@@ -459,7 +459,7 @@ fn the_floor_names_what_is_pending_and_ended_delegations_are_collected() {
     assert_eq!(drops(&mut o, &s, 2_500), None, "not before the interval");
     assert_eq!(drops(&mut o, &s, 3_000), Some(vec![format!("delegation/{id}")]));
     settle(&mut s);
-    let again = Origin::overflow(&s).pop().expect("released: overflowing again");
+    let again = Origin::overflow(&s, 0).pop().expect("released: overflowing again");
     let proposed = o.delegate(&p, &s, &again, "eu-central", 3_100);
     commit(&mut s, &proposed);
     let ids: Vec<String> = Origin::records(&s).into_iter().map(|(r, _)| r.id).collect();
@@ -503,12 +503,16 @@ fn a_failed_delegated_instance_waiting_for_its_delay_is_rescheduling_not_stuck()
         s.apply(&Command::AllocReports { now_ms: at, reports });
     };
     fail(&mut s, 1_000_000);
-    assert_eq!(progress(&s, &r).indices, vec![(7, IndexState::Rescheduling)]);
-    // Placed again after the delay, it fails again: one an hour, final.
     let job = s.job(&cluster_core::ids::JobId::new(&r.job)).unwrap().clone();
-    let config = cluster_core::scheduler::SchedulerConfig { now_ms: Some(1_030_000), ..Default::default() };
-    let eval = s.pending_evals().next().unwrap();
-    s.apply(&Command::ApplyPlans(vec![(eval, cluster_core::scheduler::schedule(&s, &job, &config))]));
+    let plan_at = |s: &mut ClusterState, now: u64| {
+        let config = cluster_core::scheduler::SchedulerConfig { now_ms: Some(now), ..Default::default() };
+        let eval = s.pending_evals().next().unwrap();
+        s.apply(&Command::ApplyPlans(vec![(eval, cluster_core::scheduler::schedule(s, &job, &config))]));
+    };
+    plan_at(&mut s, 1_000_010);
+    assert_eq!(progress(&s, &r).indices, vec![(7, IndexState::Rescheduling)], "its evaluation waits 30 s");
+    // Placed again after the delay, it fails again: one an hour, final.
+    plan_at(&mut s, 1_030_000);
     assert_eq!(progress(&s, &r).indices, vec![(7, IndexState::Pending)], "placed again, not yet running");
     fail(&mut s, 1_040_000);
     assert_eq!(progress(&s, &r).indices, vec![(7, IndexState::Failed)]);

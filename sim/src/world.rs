@@ -1540,7 +1540,7 @@ impl World {
     fn overflow(&mut self, c: usize, r: usize, now_c: u64) {
         let now = self.now;
         let state = self.clusters[c].servers[r].state();
-        let work = Origin::overflow(&state.read().expect("state lock"));
+        let work = Origin::overflow(&state.read().expect("state lock"), now_c);
         let peers: Vec<PeerInfo> = (self.clusters[c].gossip.iter())
             .map(|(name, (summary, heard))| PeerInfo {
                 cluster: name.clone(),

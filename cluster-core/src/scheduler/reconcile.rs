@@ -297,10 +297,12 @@ pub fn reconcile(state: &ClusterState, job: &Job, now_ms: Option<u64>) -> Reconc
             let due = last.map(|t| t.saturating_add(u.stagger_ms));
             let wait = due.filter(|due| now_ms.is_some_and(|now| now < *due && due - now <= u.stagger_ms));
             let budget = if wait.is_some() { 0 } else { u.max_parallel.saturating_sub(older_stopping[g]) };
-            // What is left waits for the next set: then at the latest.
+            // What is left waits for the next set, a stagger after this
+            // one (a set still stopping moves things on when it ends).
+            let starts_set = budget > 0 && u.stagger_ms > 0;
             let next = match (wait, now_ms) {
                 (Some(due), _) => Some(due),
-                (None, Some(now)) if olds.len() as u32 > budget => Some(now.saturating_add(u.stagger_ms)),
+                (None, Some(now)) if starts_set && olds.len() as u32 > budget => Some(now.saturating_add(u.stagger_ms)),
                 _ => None,
             };
             if let (Some(due), false) = (next, olds.is_empty()) {

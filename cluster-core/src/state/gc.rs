@@ -203,8 +203,17 @@ impl ClusterState {
     fn allocs_past_cap(&self, cap: u32, rules: u16) -> BTreeSet<AllocId> {
         let mut out = BTreeSet::new();
         for job in self.jobs.values().filter(|j| !j.labels.contains_key(LABEL_DELEGATION)) {
+            // Each instance's newest allocation of the current version, if
+            // it ended: a live newer one carries the history on instead.
             let latest: BTreeSet<AllocId> = if rules >= 3 {
-                crate::scheduler::reconcile::latest_ended(self, job).values().map(|a| a.id).collect()
+                let mut newest: std::collections::BTreeMap<(&str, u32), &crate::model::Allocation> = Default::default();
+                for a in self.allocs_of_job(&job.id).filter(|a| a.job_version == job.version) {
+                    let slot = newest.entry((&*a.group, a.index)).or_insert(a);
+                    if a.id > slot.id {
+                        *slot = a;
+                    }
+                }
+                newest.values().filter(|a| a.status.is_terminal()).map(|a| a.id).collect()
             } else {
                 BTreeSet::new()
             };

@@ -148,7 +148,12 @@ impl ClusterState {
         let mine = |a: &&crate::model::Allocation| a.is_live() && a.group == g.name;
         let current: std::collections::BTreeSet<u32> =
             self.allocs_of_job(id).filter(mine).filter(|a| a.job_version == version).map(|a| a.index).collect();
-        self.allocs_of_job(id).filter(mine).any(|a| a.job_version < version && !current.contains(&a.index))
+        // Held elsewhere at an older spec counts as older too.
+        let stale =
+            self.job(id).filter(|j| j.version == version).map(|j| crate::scheduler::reconcile::stale_held(self, j));
+        let held_older = stale.is_some_and(|s| s.iter().any(|(n, i)| *n == g.name && !current.contains(i)));
+        held_older
+            || self.allocs_of_job(id).filter(mine).any(|a| a.job_version < version && !current.contains(&a.index))
     }
 
     /// Promotes the canaries of job `id`'s running deployment (every group,

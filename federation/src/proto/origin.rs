@@ -237,17 +237,17 @@ impl Origin {
     /// Blocked evaluations' instances that may leave the cluster: the job
     /// allows it, it did not come from another cluster (one hop), and the
     /// scheduler could not place them here.
-    pub fn overflow(state: &ClusterState) -> Vec<Overflowing> {
+    ///
+    /// `now_ms` (Unix ms, the leader's clock): an instance still waiting
+    /// for its reschedule delay is not offered.
+    pub fn overflow(state: &ClusterState, now_ms: u64) -> Vec<Overflowing> {
         let mut out = Vec::new();
         for e in state.blocked_evals().filter_map(|e| state.eval(e)) {
             let Some(job) = state.job(&e.job) else { continue };
             if job.stopped || job.labels.contains_key(LABEL_ORIGIN) || job.federation.delegate == DelegateMode::Never {
                 continue;
             }
-            // Without a clock: an instance still waiting for its
-            // reschedule delay counts as one to place (the blocked
-            // evaluation's unplaced count says how many go).
-            let work = cluster_core::scheduler::reconcile::reconcile(state, job, None);
+            let work = cluster_core::scheduler::reconcile::reconcile(state, job, Some(now_ms));
             // An index still held (at an older spec, being replaced beside
             // it) is no peer's to take: it is replaced here or not at all.
             let held: BTreeSet<(String, u32)> = state.held_of_job(&job.id).map(|(g, i)| (g.to_string(), i)).collect();
@@ -436,7 +436,19 @@ impl Origin {
                     && a.health == Some(cluster_core::model::alloc::AllocHealth::Healthy)
             })
         };
-        let rolling = !current && job.rolls_beside(group) && !r.indices.iter().all(replaced);
+        // Only a registered delegation whose hold names the spec it runs
+        // (an offer re-sent now would carry the new one); and not while
+        // the deployment awaits the promotion of its canaries (a healthy
+        // canary at a held index is not yet the version's).
+        let holds_spec = state.holds().get(&outbound_key(&r.id)).is_some_and(|h| h.spec == Some(r.spec));
+        let awaiting = state
+            .active_deployment(&job.id)
+            .is_some_and(|d| d.job_version == job.version && d.awaits_promotion(&group.name));
+        let rolling = !current
+            && r.phase == Phase::Registered
+            && holds_spec
+            && job.rolls_beside(group)
+            && (awaiting || !r.indices.iter().all(replaced));
         !job.stopped
             && (current || rolling)
             && r.indices.iter().all(|i| *i < group.count)

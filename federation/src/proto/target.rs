@@ -692,6 +692,11 @@ impl Target {
 pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
     let mut states: Vec<(u32, IndexState)> = r.indices.iter().map(|i| (*i, IndexState::Pending)).collect();
     let job = state.job(&JobId::new(&r.job));
+    // Failed instances wait for their reschedule delay while the job's
+    // evaluation is pending with a wait (not blocked for room).
+    let waiting = state
+        .job_eval(&JobId::new(&r.job))
+        .is_some_and(|e| e.status == cluster_core::model::EvalStatus::Pending && e.wait_until_ms.is_some());
     let mut allocs: Vec<_> = state.allocs_of_job(&JobId::new(&r.job)).collect();
     allocs.sort_by_key(|a| a.id);
     for a in allocs {
@@ -713,7 +718,15 @@ pub fn progress(state: &ClusterState, r: &Inbound) -> Progress {
                 };
                 let wanted = a.desired == cluster_core::model::DesiredStatus::Run;
                 if wanted && slot.1 != IndexState::Complete {
-                    slot.1 = if final_ { IndexState::Failed } else { IndexState::Rescheduling };
+                    slot.1 = if final_ {
+                        IndexState::Failed
+                    } else if waiting {
+                        IndexState::Rescheduling
+                    } else {
+                        // Its delay is over (or it fits nowhere): pending,
+                        // so it is given back when it cannot be placed.
+                        IndexState::Pending
+                    };
                 }
             }
             _ => {}

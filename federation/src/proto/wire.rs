@@ -109,6 +109,8 @@ pub enum IndexState {
     /// there again. The origin places it again.
     Returned,
     /// Failed, and placed again at the target once its reschedule delay
-    /// is over (its group's `[group.reschedule]`): not stuck.
+    /// is over (its group's `[group.reschedule]`; the job's evaluation
+    /// waits for it): not stuck. Once the wait is over and it still is
+    /// not placed, it is `Pending` again.
     Rescheduling,
 }
