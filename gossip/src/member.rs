@@ -222,12 +222,17 @@ impl Member {
             }
         };
         let (tx, rx) = watch::channel(Arc::new(new_view()));
-        let view_task = tokio::spawn(refresh_view(handle.chitchat(), tx, config.view_refresh, new_view()));
+        // A new summary is shown at once (within `SUMMARY_SHOWN_WITHIN`),
+        // not at the next refresh: placement reads free capacity from it.
+        let summary_news = Arc::new(tokio::sync::Notify::new());
+        let view_task =
+            tokio::spawn(refresh_view(handle.chitchat(), tx, config.view_refresh, new_view(), summary_news.clone()));
         // Rumour spreading for summaries: a member that learns a new summary
         // tells a few peers at once instead of waiting for its next round.
         let (push_tx, push_rx) = tokio::sync::mpsc::channel::<()>(1);
         let summary_listener = handle.chitchat().lock().await.subscribe_event(keys::SUMMARY, move |_| {
             let _ = push_tx.try_send(());
+            summary_news.notify_one();
         });
         let push_task = tokio::spawn(push_on_change(handle.clone(), push_rx));
         Ok(Member {
@@ -370,11 +375,16 @@ impl Member {
 /// Recomputes the view when chitchat reports a change (joins, leaves,
 /// new values), and at least every `every` so that suspect clusters turn
 /// dead on time; sends it when it changed.
+/// How soon a member's view shows a summary it learned: news that comes
+/// together (many clusters publishing at once) is folded in one refresh.
+pub const SUMMARY_SHOWN_WITHIN: Duration = Duration::from_millis(20);
+
 async fn refresh_view(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     tx: watch::Sender<Arc<FederationView>>,
     every: Duration,
     mut view: FederationView,
+    summary_news: Arc<tokio::sync::Notify>,
 ) {
     let mut changes = chitchat.lock().await.live_nodes_watcher();
     let mut tick = tokio::time::interval(every);
@@ -383,6 +393,7 @@ async fn refresh_view(
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             _ = tick.tick() => {}
+            _ = summary_news.notified() => tokio::time::sleep(SUMMARY_SHOWN_WITHIN).await,
         }
         let changed = {
             let c = chitchat.lock().await;
