@@ -297,6 +297,8 @@ impl ClusterState {
         let mut promote = Vec::new();
         let mut done = true;
         let (mut healthy_all, mut want_all) = (0, 0);
+        // Held at an older spec (the same for every group: found once).
+        let stale = crate::scheduler::reconcile::stale_held(self, job);
         for g in &d.groups {
             let Some(spec) = job.group(&g.name) else { continue };
             if g.canaries > 0 && !g.promoted {
@@ -322,7 +324,6 @@ impl ClusterState {
             // Instances another cluster holds count as its own deployment's,
             // unless they run an older spec, replaced here: older, until
             // their holder has let them go.
-            let stale = crate::scheduler::reconcile::stale_held(self, job);
             let stale_here = stale.iter().filter(|(group, _)| *group == g.name).count() as u32;
             let held = self.held_of_job(id).filter(|(group, _)| **group == *g.name).count() as u32;
             older += stale_here;
