@@ -334,7 +334,9 @@ impl Relay {
         // One compression context per stand-in: making one costs far more
         // than compressing a datagram.
         let Ok(mut compressor) = zstd::bulk::Compressor::new(ZSTD_LEVEL) else { return };
-        let mut compressed: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(DATAGRAM_BYTES_MAX) + 1);
+        // The framed datagram (a kind byte, then the payload), written in
+        // place: sized once, never zeroed again per datagram.
+        let mut framed = vec![0u8; zstd::zstd_safe::compress_bound(DATAGRAM_BYTES_MAX) + 1];
         loop {
             let Ok((n, from)) = standin.recv_from(&mut buf).await else {
                 if let Ok(local) = standin.local_addr() {
@@ -346,19 +348,18 @@ impl Relay {
                 self.metrics.unexpected_plaintext.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            compressed.clear();
-            if n > COMPRESS_ABOVE_BYTES {
-                compressed.push(ZSTD);
-                let start = compressed.len();
-                compressed.resize(compressed.capacity(), 0);
-                match compressor.compress_to_buffer(&buf[..n], &mut compressed[start..]) {
-                    Ok(len) => compressed.truncate(start + len),
+            let len = if n > COMPRESS_ABOVE_BYTES {
+                framed[0] = ZSTD;
+                match compressor.compress_to_buffer(&buf[..n], &mut framed[1..]) {
+                    Ok(len) => 1 + len,
                     Err(_) => continue,
                 }
             } else {
-                compressed.push(RAW);
-                compressed.extend_from_slice(&buf[..n]);
-            }
+                framed[0] = RAW;
+                framed[1..=n].copy_from_slice(&buf[..n]);
+                1 + n
+            };
+            let compressed = &framed[..len];
             if compressed.len() + SEAL_OVERHEAD > DATAGRAM_BYTES_MAX {
                 self.metrics.oversize_dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(bytes = compressed.len(), %peer, "gossip datagram over the UDP limit after compression; dropped");
@@ -366,7 +367,7 @@ impl Relay {
             }
             let sealed = {
                 let ring = self.keyring.read().expect("keyring lock");
-                sealer.seal(&ring, &compressed, unix_ms(), self.me, peer)
+                sealer.seal(&ring, compressed, unix_ms(), self.me, peer)
             };
             if self.outer.send_to(&sealed, peer).await.is_ok() {
                 self.metrics.datagrams_sent.fetch_add(1, Ordering::Relaxed);

@@ -45,6 +45,11 @@ pub struct MemberState<'a> {
     pub heartbeat: u64,
     /// Its key-values, the summary aside.
     pub values: Vec<(&'a str, &'a str)>,
+    /// The highest version among its key-values (chitchat's
+    /// `max_version`): under one member key, the same version means the
+    /// same values, so checks of them are not redone. 0: not known, the
+    /// values are compared each time.
+    pub version: u64,
     /// Its summary with the version chitchat gave it: the text is decoded
     /// only when the version changes.
     pub summary: Option<(u64, &'a str)>,
@@ -114,6 +119,10 @@ pub struct ServerEntry {
     /// `live` before the update in progress, to tell a change.
     #[serde(skip)]
     was_live: bool,
+    /// The member these values were read from, and its
+    /// [`MemberState::version`] then (none: not known).
+    #[serde(skip)]
+    source: Option<(MemberKey, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -194,6 +203,10 @@ struct Checked {
     message: Vec<u8>,
     value: String,
     checked_ms: u64,
+    /// The member's [`MemberState::version`] when checked.
+    version: u64,
+    /// The last [`FederationView::update`] that saw the member.
+    round: u64,
 }
 
 fn claim_of<'a>(federation: &'a str, m: &MemberState<'a>, cluster: &'a str, server: &'a str) -> Claim<'a> {
@@ -213,10 +226,10 @@ fn claim_of<'a>(federation: &'a str, m: &MemberState<'a>, cluster: &'a str, serv
 fn known<'v>(
     trust: &'v Option<Arc<Trust>>,
     identities: &'v BTreeMap<MemberKey, Checked>,
-    m: &MemberState<'_>,
+    key: &MemberKey,
 ) -> Option<(&'v Trust, &'v Known)> {
     let trust = trust.as_deref()?;
-    let c = identities.get(&m.key())?;
+    let c = identities.get(key)?;
     c.result.as_ref().ok().map(|k| (trust, k))
 }
 
@@ -259,8 +272,12 @@ pub struct FederationView {
     summary_refusals: BTreeMap<MemberKey, String>,
     #[serde(skip)]
     suspect_ms: u64,
+    /// Heartbeat progress per member, with the last update that saw it.
     #[serde(skip)]
-    beats: BTreeMap<MemberKey, Beat>,
+    beats: BTreeMap<MemberKey, (Beat, u64)>,
+    /// The number of updates made (see [`FederationView::update`]).
+    #[serde(skip)]
+    round: u64,
     /// Members that lost a contest for a name: their summaries are never
     /// merged, not even as last words.
     #[serde(skip)]
@@ -320,6 +337,7 @@ impl FederationView {
             summary_refusals: BTreeMap::new(),
             suspect_ms,
             beats: BTreeMap::new(),
+            round: 0,
             rivals: Default::default(),
             retired: Default::default(),
             decoded: BTreeMap::new(),
@@ -360,33 +378,55 @@ impl FederationView {
     pub fn update(&mut self, members: &[MemberState<'_>], now_ms: u64) -> bool {
         let mut changed = false;
         let suspect_ms = self.suspect_ms;
-        // Heartbeat progress per gossip member, for every member at once.
-        let mut beats = BTreeMap::new();
-        // The same, by the member's address in `members`, with whether it
-        // is retired: looked up many times below, without a key to build.
-        let mut by_member: std::collections::HashMap<usize, (Beat, bool)> =
-            std::collections::HashMap::with_capacity(members.len());
-        for m in members {
-            let key = m.key();
-            let beat = match self.beats.get(&key) {
-                Some(b) if m.heartbeat > b.heartbeat => Beat {
-                    heartbeat: m.heartbeat,
-                    seen_ms: now_ms,
-                    prev_ms: b.seen_ms,
-                    first_ms: b.first_ms,
-                    ever_live: b.ever_live || m.live,
-                },
-                Some(b) => Beat { ever_live: b.ever_live || m.live, ..*b },
+        // This update's number: entries of the caches below it does not
+        // touch belong to members gossip no longer holds, and go.
+        self.round = self.round.wrapping_add(1);
+        let round = self.round;
+        // Each member's key, built once, and its position in `members`
+        // (every `&MemberState` below points into it).
+        let member_keys: Vec<MemberKey> = members.iter().map(MemberState::key).collect();
+        let at = |m: &MemberState| {
+            let i = (std::ptr::from_ref(m) as usize - members.as_ptr() as usize) / size_of::<MemberState>();
+            debug_assert!(std::ptr::eq(&members[i], m));
+            i
+        };
+        // Heartbeat progress per member, with whether it is retired.
+        let mut progress: Vec<(Beat, bool)> = Vec::with_capacity(members.len());
+        for (m, key) in members.iter().zip(&member_keys) {
+            let beat = match self.beats.get_mut(key) {
+                Some((b, seen)) => {
+                    *seen = round;
+                    *b = if m.heartbeat > b.heartbeat {
+                        Beat {
+                            heartbeat: m.heartbeat,
+                            seen_ms: now_ms,
+                            prev_ms: b.seen_ms,
+                            first_ms: b.first_ms,
+                            ever_live: b.ever_live || m.live,
+                        }
+                    } else {
+                        Beat { ever_live: b.ever_live || m.live, ..*b }
+                    };
+                    *b
+                }
                 None => {
-                    Beat { heartbeat: m.heartbeat, seen_ms: now_ms, prev_ms: 0, first_ms: now_ms, ever_live: m.live }
+                    let b = Beat {
+                        heartbeat: m.heartbeat,
+                        seen_ms: now_ms,
+                        prev_ms: 0,
+                        first_ms: now_ms,
+                        ever_live: m.live,
+                    };
+                    self.beats.insert(key.clone(), (b, round));
+                    b
                 }
             };
-            by_member.insert(std::ptr::from_ref(m) as usize, (beat, self.retired.contains(&key)));
-            beats.insert(key, beat);
+            progress.push((beat, self.retired.contains(key)));
         }
-        self.beats = beats;
-        let beat = |m: &MemberState| by_member[&(std::ptr::from_ref(m) as usize)].0;
-        let retired = |m: &MemberState| by_member[&(std::ptr::from_ref(m) as usize)].1;
+        self.beats.retain(|_, (_, seen)| *seen == round);
+        let beat = |m: &MemberState| progress[at(m)].0;
+        let retired = |m: &MemberState| progress[at(m)].1;
+        let key_of = |m: &MemberState| &member_keys[at(m)];
         // Heartbeating: its heartbeat rose within the suspect window, and
         // the detector has it live or it is new and rose once (the
         // detector needs a few heartbeats before it says live; one it said
@@ -399,8 +439,7 @@ impl FederationView {
         };
 
         let mut seen: BTreeMap<&str, BTreeMap<&str, Vec<&MemberState>>> = BTreeMap::new();
-        let mut identities = BTreeMap::new();
-        for m in members {
+        for (m, key) in members.iter().zip(&member_keys) {
             // An observer claims no identity; a member that shows one is
             // checked as a server whatever role it says (a role is not
             // signed, and could be forged onto a server's state).
@@ -411,34 +450,46 @@ impl FederationView {
             let Some(cluster) = m.get(keys::CLUSTER) else { continue };
             let server = m.get(keys::SERVER).unwrap_or(m.node_id);
             if let Some(trust) = &self.trust {
-                let claim = claim_of(&self.federation, m, cluster, server);
-                let message = identity::identity_message(&claim);
-                let value = m.get(keys::IDENTITY).unwrap_or("");
-                let key = m.key();
-                let checked = match self.identities.remove(&key) {
-                    Some(c)
-                        if c.message == message
-                            && c.value == value
-                            && now_ms.saturating_sub(c.checked_ms) < IDENTITY_RECHECK_MS =>
-                    {
-                        c
+                let fresh = |c: &Checked| now_ms.saturating_sub(c.checked_ms) < IDENTITY_RECHECK_MS;
+                let ok = match self.identities.get_mut(key) {
+                    // Values unchanged since the check: nothing to rebuild.
+                    Some(c) if m.version != 0 && c.version == m.version && fresh(c) => {
+                        c.round = round;
+                        c.result.is_ok()
                     }
-                    _ => Checked {
-                        result: identity::verify_identity(trust, m.get(keys::IDENTITY), &claim, now_ms),
-                        message,
-                        value: value.to_string(),
-                        checked_ms: now_ms,
-                    },
+                    cached => {
+                        let claim = claim_of(&self.federation, m, cluster, server);
+                        let message = identity::identity_message(&claim);
+                        let value = m.get(keys::IDENTITY).unwrap_or("");
+                        match cached {
+                            Some(c) if c.message == message && c.value == value && fresh(c) => {
+                                c.version = m.version;
+                                c.round = round;
+                                c.result.is_ok()
+                            }
+                            _ => {
+                                let checked = Checked {
+                                    result: identity::verify_identity(trust, m.get(keys::IDENTITY), &claim, now_ms),
+                                    message,
+                                    value: value.to_string(),
+                                    checked_ms: now_ms,
+                                    version: m.version,
+                                    round,
+                                };
+                                let ok = checked.result.is_ok();
+                                self.identities.insert(key.clone(), checked);
+                                ok
+                            }
+                        }
+                    }
                 };
-                let ok = checked.result.is_ok();
-                identities.insert(key, checked);
                 if !ok {
                     continue;
                 }
             }
             seen.entry(cluster).or_default().entry(server).or_default().push(m);
         }
-        self.identities = identities;
+        self.identities.retain(|_, c| c.round == round);
         for entry in self.clusters.values_mut() {
             // A server gossip no longer reports (forgotten after death) is not live.
             for server in entry.servers.values_mut() {
@@ -483,7 +534,7 @@ impl FederationView {
                     a.prev_ms > since && b.prev_ms > since
                 };
                 let has_left = |m: &MemberState| {
-                    m.get(keys::LEFT).is_some_and(|v| match known(&self.trust, &self.identities, m) {
+                    m.get(keys::LEFT).is_some_and(|v| match known(&self.trust, &self.identities, key_of(m)) {
                         Some((trust, known)) => {
                             identity::verify_left(trust, known, &claim_of(&self.federation, m, cluster, name), v)
                         }
@@ -525,7 +576,20 @@ impl FederationView {
                 // members gone, their last words; never from a rival, nor
                 // while a contest is undecided.
                 let settled = live_now.iter().all(|o| std::ptr::eq(*o, m)) || !rivals.is_empty();
-                let server = ServerEntry {
+                // The holder's values unchanged since they were read: only
+                // its liveness and heartbeat move.
+                let unchanged = m.version != 0
+                    && entry
+                        .servers
+                        .get(name)
+                        .is_some_and(|s| matches!(&s.source, Some((k, v)) if k == key_of(m) && *v == m.version));
+                if unchanged {
+                    let s = entry.servers.get_mut(name).expect("checked above");
+                    s.live = m.live;
+                    s.heartbeat = m.heartbeat;
+                    s.heartbeat_seen_ms = beat(m).seen_ms;
+                }
+                let server = (!unchanged).then(|| ServerEntry {
                     name: name.to_string(),
                     generation: m.generation,
                     live: m.live,
@@ -537,9 +601,11 @@ impl FederationView {
                     state: Liveness::Alive,
                     left: has_left(m),
                     was_live: false,
-                };
-                match entry.servers.get_mut(name) {
-                    Some(s) => {
+                    source: (m.version != 0).then(|| (key_of(m).clone(), m.version)),
+                });
+                match (server, entry.servers.get_mut(name)) {
+                    (None, _) => {}
+                    (Some(server), Some(s)) => {
                         let server = ServerEntry { was_live: s.was_live, state: s.state, ..server };
                         changed |= s.generation != server.generation
                             || s.rpc_addr != server.rpc_addr
@@ -548,7 +614,7 @@ impl FederationView {
                             || s.left != server.left;
                         *s = server;
                     }
-                    None => {
+                    (Some(server), None) => {
                         changed = true;
                         entry.servers.insert(name.to_string(), server);
                     }
@@ -569,17 +635,17 @@ impl FederationView {
                 let rivals_seen = &self.rivals;
                 for g in group
                     .iter()
-                    .filter(|g| (std::ptr::eq(**g, m) && settled) || (!g.live && !rivals_seen.contains(&g.key())))
+                    .filter(|g| (std::ptr::eq(**g, m) && settled) || (!g.live && !rivals_seen.contains(key_of(g))))
                 {
                     let Some((version, text)) = g.summary else { continue };
-                    let key = g.key();
-                    if self.decoded.get(&key) == Some(&version) {
+                    let key = key_of(g);
+                    if self.decoded.get(key) == Some(&version) {
                         continue;
                     }
                     self.decoded.insert(key.clone(), version);
                     let (text, sig) = identity::split(text);
                     let decoded = ClusterSummary::decode(text);
-                    let refusal = match (&decoded, known(&self.trust, &self.identities, g)) {
+                    let refusal = match (&decoded, known(&self.trust, &self.identities, key_of(g))) {
                         (Ok(s), _) if s.cluster != cluster => Some(format!("a summary for cluster {}", s.cluster)),
                         (Ok(s), Some((trust, known))) => {
                             let claim = claim_of(&self.federation, g, cluster, name);
@@ -602,10 +668,10 @@ impl FederationView {
                     if let Some(why) = refusal {
                         self.bad_summaries += 1;
                         changed = true;
-                        self.summary_refusals.insert(key, why);
+                        self.summary_refusals.insert(key.clone(), why);
                         continue;
                     }
-                    self.summary_refusals.remove(&key);
+                    self.summary_refusals.remove(key);
                     let Ok(s) = decoded else { continue };
                     if entry.summary.as_ref().is_none_or(|old| s.supersedes(old)) {
                         entry.summary = Some(s);
@@ -735,8 +801,34 @@ mod tests {
             live,
             heartbeat: 0,
             values,
+            version: 0,
             summary,
         }
+    }
+
+    #[test]
+    fn values_are_read_again_when_their_version_moves_and_only_then() {
+        let mut v = FederationView::new(1_000);
+        let at = |version: u64, rpc: &'static str, heartbeat: u64| {
+            let mut m = member("a", "s1", 1, true, None);
+            m.values.push((keys::RPC_ADDR, rpc));
+            m.version = version;
+            m.heartbeat = heartbeat;
+            m
+        };
+        assert!(v.update(&[at(7, "10.0.0.1:4647", 1)], 0));
+        assert!(!v.update(&[at(7, "10.0.0.1:4647", 2)], 100), "a heartbeat alone is no change");
+        let s = &v.cluster("a").unwrap().servers["s1"];
+        assert_eq!((s.heartbeat, s.heartbeat_seen_ms), (2, 100), "the heartbeat still moves");
+        assert!(v.update(&[at(8, "10.0.0.2:4647", 3)], 200), "a new version with a new address is a change");
+        assert_eq!(v.cluster("a").unwrap().servers["s1"].rpc_addr.as_deref(), Some("10.0.0.2:4647"));
+        // The same version from another member (a restart that counts
+        // from scratch) is read again, not taken as the old values.
+        let mut restarted = at(8, "10.0.0.3:4647", 1);
+        restarted.generation = 2;
+        assert!(v.update(&[restarted], 300));
+        let s = &v.cluster("a").unwrap().servers["s1"];
+        assert_eq!((s.generation, s.rpc_addr.as_deref()), (2, Some("10.0.0.3:4647")));
     }
 
     #[test]

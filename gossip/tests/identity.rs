@@ -70,6 +70,7 @@ fn member(server: &Server, claims: &'static str, summary: Option<&str>) -> Membe
         live: true,
         heartbeat: 1,
         values,
+        version: 0,
         summary: summary.map(|s| (1, leak(s.to_string()))),
     }
 }
@@ -107,6 +108,31 @@ fn a_member_with_its_own_certificate_is_shown_with_its_signed_summary() {
     let c = v.cluster("us-east").unwrap();
     assert_eq!(c.liveness, Liveness::Alive);
     assert_eq!(c.summary.as_ref().unwrap().nodes_ready, 6);
+}
+
+#[test]
+fn an_identity_is_checked_again_when_the_members_values_move() {
+    let ca = tls::create_ca(FED, 1).unwrap();
+    let us = Server::new(&ca, "us-east", &["us"], 7001);
+    let eu = Server::new(&ca, "eu-west", &["eu"], 7002);
+    let mut m = member(&us, "us-east", None);
+    m.version = 3;
+    let mut v = view(&ca);
+    v.update(std::slice::from_ref(&m), now());
+    assert!(v.refused.is_empty(), "{:?}", v.refused);
+    // The member's values move to an identity signed by another cluster's
+    // key (chitchat gives them a new version): refused at once.
+    let forged = member(&eu, "us-east", None);
+    let identity = forged.values.iter().find(|(k, _)| *k == keys::IDENTITY).unwrap().1;
+    for (k, value) in m.values.iter_mut() {
+        if *k == keys::IDENTITY {
+            *value = identity;
+        }
+    }
+    m.version = 4;
+    v.update(std::slice::from_ref(&m), now());
+    assert_eq!(v.refused.len(), 1, "{:?}", v.refused);
+    assert!(v.cluster("us-east").is_none_or(|c| c.servers.values().all(|s| !s.live)));
 }
 
 #[test]
