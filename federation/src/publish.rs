@@ -205,7 +205,7 @@ mod tests {
             live,
             heartbeat: 1,
             values: vec![(keys::CLUSTER, "a"), (keys::SERVER, "s1")],
-            version: 0,
+            version: None,
             summary: Some((1, &text)),
         };
         v.update(&[m], 0);

@@ -408,7 +408,7 @@ async fn refresh_view(
                     live: live.contains(id),
                     heartbeat: u64::from(state.heartbeat()),
                     values: state.key_values().filter(|(k, _)| *k != keys::SUMMARY).collect(),
-                    version: state.max_version(),
+                    version: Some(state.monotonic_property()),
                     summary: state
                         .get_versioned(keys::SUMMARY)
                         .filter(|v| !v.is_deleted())

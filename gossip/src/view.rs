@@ -45,11 +45,13 @@ pub struct MemberState<'a> {
     pub heartbeat: u64,
     /// Its key-values, the summary aside.
     pub values: Vec<(&'a str, &'a str)>,
-    /// The highest version among its key-values (chitchat's
-    /// `max_version`): under one member key, the same version means the
-    /// same values, so checks of them are not redone. 0: not known, the
-    /// values are compared each time.
-    pub version: u64,
+    /// Where its key-values stand: chitchat's `(last_gc_version,
+    /// max_version)`, which every change to them raises (a reset too,
+    /// through its GC version, so a peer cannot bring back an old version
+    /// with other values). Under one member key, the same version means the
+    /// same values, so checks of them are not redone. `None`: not known,
+    /// the values are compared each time.
+    pub version: Option<(u64, u64)>,
     /// Its summary with the version chitchat gave it: the text is decoded
     /// only when the version changes.
     pub summary: Option<(u64, &'a str)>,
@@ -122,7 +124,7 @@ pub struct ServerEntry {
     /// The member these values were read from, and its
     /// [`MemberState::version`] then (none: not known).
     #[serde(skip)]
-    source: Option<(MemberKey, u64)>,
+    source: Option<(MemberKey, (u64, u64))>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -204,7 +206,7 @@ struct Checked {
     value: String,
     checked_ms: u64,
     /// The member's [`MemberState::version`] when checked.
-    version: u64,
+    version: Option<(u64, u64)>,
     /// The last [`FederationView::update`] that saw the member.
     round: u64,
 }
@@ -453,7 +455,7 @@ impl FederationView {
                 let fresh = |c: &Checked| now_ms.saturating_sub(c.checked_ms) < IDENTITY_RECHECK_MS;
                 let ok = match self.identities.get_mut(key) {
                     // Values unchanged since the check: nothing to rebuild.
-                    Some(c) if m.version != 0 && c.version == m.version && fresh(c) => {
+                    Some(c) if m.version.is_some() && c.version == m.version && fresh(c) => {
                         c.round = round;
                         c.result.is_ok()
                     }
@@ -578,11 +580,11 @@ impl FederationView {
                 let settled = live_now.iter().all(|o| std::ptr::eq(*o, m)) || !rivals.is_empty();
                 // The holder's values unchanged since they were read: only
                 // its liveness and heartbeat move.
-                let unchanged = m.version != 0
+                let unchanged = m.version.is_some()
                     && entry
                         .servers
                         .get(name)
-                        .is_some_and(|s| matches!(&s.source, Some((k, v)) if k == key_of(m) && *v == m.version));
+                        .is_some_and(|s| matches!(&s.source, Some((k, v)) if k == key_of(m) && Some(*v) == m.version));
                 if unchanged {
                     let s = entry.servers.get_mut(name).expect("checked above");
                     s.live = m.live;
@@ -601,7 +603,7 @@ impl FederationView {
                     state: Liveness::Alive,
                     left: has_left(m),
                     was_live: false,
-                    source: (m.version != 0).then(|| (key_of(m).clone(), m.version)),
+                    source: m.version.map(|v| (key_of(m).clone(), v)),
                 });
                 match (server, entry.servers.get_mut(name)) {
                     (None, _) => {}
@@ -801,7 +803,7 @@ mod tests {
             live,
             heartbeat: 0,
             values,
-            version: 0,
+            version: None,
             summary,
         }
     }
@@ -812,7 +814,7 @@ mod tests {
         let at = |version: u64, rpc: &'static str, heartbeat: u64| {
             let mut m = member("a", "s1", 1, true, None);
             m.values.push((keys::RPC_ADDR, rpc));
-            m.version = version;
+            m.version = Some((0, version));
             m.heartbeat = heartbeat;
             m
         };

@@ -70,7 +70,7 @@ fn member(server: &Server, claims: &'static str, summary: Option<&str>) -> Membe
         live: true,
         heartbeat: 1,
         values,
-        version: 0,
+        version: None,
         summary: summary.map(|s| (1, leak(s.to_string()))),
     }
 }
@@ -116,7 +116,7 @@ fn an_identity_is_checked_again_when_the_members_values_move() {
     let us = Server::new(&ca, "us-east", &["us"], 7001);
     let eu = Server::new(&ca, "eu-west", &["eu"], 7002);
     let mut m = member(&us, "us-east", None);
-    m.version = 3;
+    m.version = Some((0, 3));
     let mut v = view(&ca);
     v.update(std::slice::from_ref(&m), now());
     assert!(v.refused.is_empty(), "{:?}", v.refused);
@@ -129,7 +129,7 @@ fn an_identity_is_checked_again_when_the_members_values_move() {
             *value = identity;
         }
     }
-    m.version = 4;
+    m.version = Some((0, 4));
     v.update(std::slice::from_ref(&m), now());
     assert_eq!(v.refused.len(), 1, "{:?}", v.refused);
     assert!(v.cluster("us-east").is_none_or(|c| c.servers.values().all(|s| !s.live)));
