@@ -49,8 +49,9 @@ pub struct MemberState<'a> {
     /// max_version)`, which every change to them raises (a reset too,
     /// through its GC version, so a peer cannot bring back an old version
     /// with other values). Under one member key, the same version means the
-    /// same values, so checks of them are not redone. `None`: not known,
-    /// the values are compared each time.
+    /// same values, so checks of them are not redone, while the member is
+    /// live (see [`FederationView::update`]). `None`: not known, the values
+    /// are compared each time.
     pub version: Option<(u64, u64)>,
     /// Its summary with the version chitchat gave it: the text is decoded
     /// only when the version changes.
@@ -429,6 +430,12 @@ impl FederationView {
         let beat = |m: &MemberState| progress[at(m)].0;
         let retired = |m: &MemberState| progress[at(m)].1;
         let key_of = |m: &MemberState| &member_keys[at(m)];
+        // A version is taken only from a live member: chitchat forgets a
+        // member long dead and may learn it again from (0, 0), and a peer
+        // with the gossip key could then refill it up to the old version
+        // with other values. Every cache below holds `None` for a member
+        // once it is seen dead, so such a version never matches.
+        let version = |m: &MemberState| m.version.filter(|_| m.live);
         // Heartbeating: its heartbeat rose within the suspect window, and
         // the detector has it live or it is new and rose once (the
         // detector needs a few heartbeats before it says live; one it said
@@ -455,7 +462,7 @@ impl FederationView {
                 let fresh = |c: &Checked| now_ms.saturating_sub(c.checked_ms) < IDENTITY_RECHECK_MS;
                 let ok = match self.identities.get_mut(key) {
                     // Values unchanged since the check: nothing to rebuild.
-                    Some(c) if m.version.is_some() && c.version == m.version && fresh(c) => {
+                    Some(c) if version(m).is_some() && c.version == version(m) && fresh(c) => {
                         c.round = round;
                         c.result.is_ok()
                     }
@@ -465,7 +472,7 @@ impl FederationView {
                         let value = m.get(keys::IDENTITY).unwrap_or("");
                         match cached {
                             Some(c) if c.message == message && c.value == value && fresh(c) => {
-                                c.version = m.version;
+                                c.version = version(m);
                                 c.round = round;
                                 c.result.is_ok()
                             }
@@ -475,7 +482,7 @@ impl FederationView {
                                     message,
                                     value: value.to_string(),
                                     checked_ms: now_ms,
-                                    version: m.version,
+                                    version: version(m),
                                     round,
                                 };
                                 let ok = checked.result.is_ok();
@@ -580,11 +587,11 @@ impl FederationView {
                 let settled = live_now.iter().all(|o| std::ptr::eq(*o, m)) || !rivals.is_empty();
                 // The holder's values unchanged since they were read: only
                 // its liveness and heartbeat move.
-                let unchanged = m.version.is_some()
+                let unchanged = version(m).is_some()
                     && entry
                         .servers
                         .get(name)
-                        .is_some_and(|s| matches!(&s.source, Some((k, v)) if k == key_of(m) && Some(*v) == m.version));
+                        .is_some_and(|s| matches!(&s.source, Some((k, v)) if k == key_of(m) && Some(*v) == version(m)));
                 if unchanged {
                     let s = entry.servers.get_mut(name).expect("checked above");
                     s.live = m.live;
@@ -603,7 +610,7 @@ impl FederationView {
                     state: Liveness::Alive,
                     left: has_left(m),
                     was_live: false,
-                    source: m.version.map(|v| (key_of(m).clone(), v)),
+                    source: version(m).map(|v| (key_of(m).clone(), v)),
                 });
                 match (server, entry.servers.get_mut(name)) {
                     (None, _) => {}

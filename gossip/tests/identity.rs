@@ -136,6 +136,33 @@ fn an_identity_is_checked_again_when_the_members_values_move() {
 }
 
 #[test]
+fn a_member_forgotten_and_learnt_again_at_its_old_version_is_checked_again() {
+    let ca = tls::create_ca(FED, 1).unwrap();
+    let us = Server::new(&ca, "us-east", &["us"], 7001);
+    let eu = Server::new(&ca, "eu-west", &["eu"], 7002);
+    let mut m = member(&us, "us-east", None);
+    m.version = Some((2, 9));
+    let mut v = view(&ca);
+    v.update(std::slice::from_ref(&m), now());
+    assert!(v.refused.is_empty(), "{:?}", v.refused);
+    // It dies; chitchat forgets it and learns it again from a peer with
+    // the gossip key, refilled up to the same version with an identity
+    // another cluster signed.
+    m.live = false;
+    v.update(std::slice::from_ref(&m), now());
+    let forged = member(&eu, "us-east", None);
+    let identity = forged.values.iter().find(|(k, _)| *k == keys::IDENTITY).unwrap().1;
+    for (k, value) in m.values.iter_mut() {
+        if *k == keys::IDENTITY {
+            *value = identity;
+        }
+    }
+    m.live = true;
+    v.update(std::slice::from_ref(&m), now());
+    assert_eq!(v.refused.len(), 1, "the old check is not reused: {:?}", v.refused);
+}
+
+#[test]
 fn an_impostor_with_another_clusters_certificate_is_refused_never_merged() {
     let ca = tls::create_ca(FED, 1).unwrap();
     let us = Server::new(&ca, "us-east", &["us"], 7001);
