@@ -220,6 +220,37 @@ fn canaries_run_beside_the_old_version_until_promoted() {
     assert_eq!(s.allocs_of_job(&id()).filter(|a| a.is_live()).count(), 4);
 }
 
+/// `canary = count` (a blue/green deployment): a canary at every index,
+/// and still nothing old stops before the promotion.
+#[test]
+fn canaries_at_every_index_wait_for_promotion_too() {
+    let mut s = state(4);
+    let update = "max_parallel = 1\ncanary = 3\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    s.apply(&Command::RegisterJob(web(3, "2h", update)));
+    for _ in 0..4 {
+        schedule_once(&mut s);
+        report(&mut s, |_| Some(AllocHealth::Healthy));
+        check_serving(&s, 3);
+    }
+    let canaries: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.is_live() && a.canary).collect();
+    assert_eq!(canaries.len(), 3, "one canary per index");
+    assert!(canaries.iter().all(|a| a.job_version == 1 && a.health == Some(AllocHealth::Healthy)));
+    assert_eq!(s.allocs_of_job(&id()).filter(|a| a.is_live() && a.job_version == 0).count(), 3, "the old ones run on");
+    let d = deployment(&s);
+    assert!((d.status, d.groups[0].promoted) == (DeploymentStatus::Running, false), "promoted by itself: {d:?}");
+    let promote = Command::PromoteDeployment { job: id(), namespace: Arc::from("default"), group: None };
+    assert!(matches!(s.apply(&promote), Effect::Evals(_)));
+    for _ in 0..4 {
+        schedule_once(&mut s);
+        report(&mut s, |_| Some(AllocHealth::Healthy));
+        check_serving(&s, 3);
+    }
+    assert_eq!(deployment(&s).status, DeploymentStatus::Successful);
+    let live: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.is_live()).collect();
+    assert!(live.len() == 3 && live.iter().all(|a| a.job_version == 1), "{live:?}");
+}
+
 #[test]
 fn auto_promote_promotes_healthy_canaries() {
     let mut s = state(4);

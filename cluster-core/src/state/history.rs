@@ -142,12 +142,18 @@ impl ClusterState {
     }
 
     /// Whether group `g` of job `id` still runs instances of a version
-    /// older than `version` at an index where none of `version` runs: what
-    /// a deployment of `version` replaces.
+    /// older than `version` at an index where none of `version` runs but a
+    /// canary: what a deployment of `version` replaces. A canary is tried
+    /// beside the instance at its index, not in its place, so canaries at
+    /// every index (`canary = count`, a blue/green deployment) still
+    /// replace everything; instances carried over to `version` in place
+    /// (a revert to what runs) replace nothing.
     fn replaces(&self, id: &JobId, version: u64, g: &TaskGroup) -> bool {
         let mine = |a: &&crate::model::Allocation| a.is_live() && a.group == g.name;
-        let current: std::collections::BTreeSet<u32> =
-            self.allocs_of_job(id).filter(mine).filter(|a| a.job_version == version).map(|a| a.index).collect();
+        let current: std::collections::BTreeSet<u32> = (self.allocs_of_job(id).filter(mine))
+            .filter(|a| a.job_version == version && !a.canary)
+            .map(|a| a.index)
+            .collect();
         // Held elsewhere at an older spec counts as older too.
         let stale =
             self.job(id).filter(|j| j.version == version).map(|j| crate::scheduler::reconcile::stale_held(self, j));
