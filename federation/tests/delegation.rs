@@ -691,15 +691,25 @@ async fn a_queue_wait_trigger_holds_overflow_back_until_it_has_waited() {
     f.stop().await;
 }
 
-/// Delegated instances follow their job's deployment (issue "Deployments
-/// without downtime", item 1): a new version of a rolling service is
-/// placed at the origin beside what a peer runs of the old one, at the
-/// deployment's pace, and the delegation is let go only once each of its
-/// indexes has a healthy replacement. Sampled all along: fewer than
-/// `count - max_parallel` instances never run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn delegated_instances_are_replaced_by_the_deployment_before_they_stop() {
-    use cluster_core::model::AllocStatus;
+/// A service of 6 ("web", 1 GiB each) run 4 at eu-west (one node of 4
+/// cores) and 2 at eu-central (4 nodes of 8), delegated; then a spare node
+/// at eu-west, room for a new version beside the old, here only.
+struct Delegated {
+    origin: Gossiping,
+    target: Gossiping,
+    here: std::sync::Arc<cluster_core::server::Inner>,
+    fed: std::sync::Arc<Federation>,
+    delegation: Outbound,
+}
+
+/// "web" with `update` as its `[group.update]`, each instance `memory`.
+fn rolling(update: &str, memory: &str) -> String {
+    spec("web", 6, "")
+        .replace("1GiB", memory)
+        .replace("[[group.task]]", &format!("[group.update]\n{update}\n[[group.task]]"))
+}
+
+async fn delegated(update: &str) -> Delegated {
     let key = Key::generate();
     let ca = tls::create_ca("test", 1).unwrap();
     let setup = |name: &'static str, seeds: Vec<String>, policy: String| Setup::single(name, &key, &ca, seeds, policy);
@@ -718,13 +728,7 @@ async fn delegated_instances_are_replaced_by_the_deployment_before_they_stop() {
     })
     .await;
     until(Duration::from_secs(10), "the origin's node registered", || here.raft.read(|s| s.nodes().len() == 1)).await;
-    let rolling = |memory: &str| {
-        spec("web", 6, "").replace("1GiB", memory).replace(
-            "[[group.task]]",
-            "[group.update]\nmax_parallel = 1\nmin_healthy_time = \"500ms\"\nhealthy_deadline = \"1m\"\n[[group.task]]",
-        )
-    };
-    submit(&origin, rolling("1GiB")).await;
+    submit(&origin, rolling(update, "1GiB")).await;
     let fed = origin.leader_federation().await;
     let registered = || records(&fed).into_iter().find(|r| r.job == "web" && r.phase == Phase::Registered);
     until(Duration::from_secs(20), "two instances run at the peer", || {
@@ -733,71 +737,169 @@ async fn delegated_instances_are_replaced_by_the_deployment_before_they_stop() {
     .await;
     let delegation = registered().unwrap();
     assert_eq!(delegation.indices, vec![4, 5], "4 fit here, the rest went to the peer");
-    // Room for the new version beside the old, here only.
     origin.spawn(cluster_core::server::sim::run(here.clone(), nodes("spare", 1, 8)));
     until(Duration::from_secs(10), "the spare node registered", || {
         here.raft.read(|s| s.nodes().iter().any(|n| n.id.as_str().starts_with("spare")))
     })
     .await;
-    submit(&origin, rolling("900MiB")).await;
-    let at_target = |s: &cluster_core::state::ClusterState| {
-        s.allocs_of_job(&JobId::new(target_job_id(&delegation.id))).filter(|a| a.status == AllocStatus::Running).count()
-    };
-    let started = std::time::Instant::now();
-    let mut fewest = usize::MAX;
-    loop {
-        let (here_running, replaced) = here.raft.read(|s| {
-            let job = s.job(&JobId::new("web")).unwrap();
-            let running = s.allocs_of_job(&job.id).filter(|a| a.is_live() && a.status == AllocStatus::Running).count();
-            let healthy = |i: u32| {
-                s.allocs_of_job(&job.id).any(|a| {
-                    a.is_live()
-                        && a.index == i
-                        && a.job_version == job.version
-                        && a.health == Some(cluster_core::model::alloc::AllocHealth::Healthy)
-                })
-            };
-            (running, delegation.indices.iter().all(|i| healthy(*i)))
-        });
-        let there = target.cluster.server(1).unwrap().raft().read(at_target);
-        fewest = fewest.min(here_running + there);
-        let record = records(&fed).into_iter().find(|r| r.id == delegation.id).unwrap();
-        if record.phase != Phase::Registered {
-            assert!(replaced, "the delegation was let go before its indexes had healthy replacements: {record:?}");
-        }
-        let done = record.phase == Phase::Ended(End::Revoked) && there == 0;
-        let all_new = here.raft.read(|s| {
+    Delegated { origin, target, here, fed, delegation }
+}
+
+/// One look at both clusters while "web" rolls out.
+struct Rollout {
+    /// Instances running here and at the peer.
+    running: usize,
+    /// Each delegated index has a healthy replacement here.
+    replaced: bool,
+    /// Healthy canaries of the current version here.
+    healthy_canaries: usize,
+    /// The deployment waits for its canaries to be promoted.
+    awaits_promotion: bool,
+    /// Instances of the delegation running at the peer.
+    there: usize,
+    record: Outbound,
+    /// Exactly 6 live instances here, all of the current version.
+    all_new: bool,
+}
+
+impl Delegated {
+    fn look(&self) -> Rollout {
+        use cluster_core::model::AllocStatus;
+        use cluster_core::model::alloc::AllocHealth;
+        let id = JobId::new(target_job_id(&self.delegation.id));
+        let there = self
+            .target
+            .cluster
+            .server(1)
+            .unwrap()
+            .raft()
+            .read(|s| s.allocs_of_job(&id).filter(|a| a.status == AllocStatus::Running).count());
+        let mut look = self.here.raft.read(|s| {
             let job = s.job(&JobId::new("web")).unwrap();
             let live: Vec<_> = s.allocs_of_job(&job.id).filter(|a| a.is_live()).collect();
-            live.len() == 6 && live.iter().all(|a| a.job_version == job.version)
+            let new_healthy = |a: &&&cluster_core::model::Allocation| {
+                a.job_version == job.version && a.health == Some(AllocHealth::Healthy)
+            };
+            Rollout {
+                running: live.iter().filter(|a| a.status == AllocStatus::Running).count(),
+                replaced: self
+                    .delegation
+                    .indices
+                    .iter()
+                    .all(|i| live.iter().filter(new_healthy).any(|a| a.index == *i)),
+                healthy_canaries: live.iter().filter(new_healthy).filter(|a| a.canary).count(),
+                awaits_promotion: s.latest_deployment(&job.id).is_some_and(|d| d.awaits_promotion("g")),
+                there: 0,
+                record: self.delegation.clone(),
+                all_new: live.len() == 6 && live.iter().all(|a| a.job_version == job.version),
+            }
         });
-        if done && all_new {
-            break;
+        look.running += there;
+        look.there = there;
+        look.record = records(&self.fed).into_iter().find(|r| r.id == self.delegation.id).unwrap();
+        look
+    }
+
+    /// What "web" is, for a failure message.
+    fn dump(&self) -> String {
+        self.here.raft.read(|s| {
+            let job = s.job(&JobId::new("web")).unwrap();
+            let allocs: Vec<String> = (s.allocs_of_job(&job.id))
+                .map(|a| {
+                    format!("{}[{}] v{} {:?}/{:?} {:?}", a.id, a.index, a.job_version, a.desired, a.status, a.health)
+                })
+                .collect();
+            format!(
+                "job v{}; deployment {:?}; eval {:?}; holds {:?}; allocs {allocs:#?}",
+                job.version,
+                s.latest_deployment(&job.id),
+                s.job_eval(&job.id),
+                s.holds()
+            )
+        })
+    }
+
+    /// Samples every 50 ms until the delegation is revoked and 6 instances
+    /// of the new version run here; at every sample, the delegation is
+    /// still registered unless each of its indexes has a healthy
+    /// replacement. Returns the fewest instances that ran at a sample.
+    async fn until_rolled_out(&self) -> usize {
+        let started = std::time::Instant::now();
+        let mut fewest = usize::MAX;
+        loop {
+            let look = self.look();
+            fewest = fewest.min(look.running);
+            if look.record.phase != Phase::Registered {
+                assert!(
+                    look.replaced,
+                    "the delegation was let go before its indexes had healthy replacements: {:?}",
+                    look.record
+                );
+            }
+            if look.record.phase == Phase::Ended(End::Revoked) && look.there == 0 && look.all_new {
+                return fewest;
+            }
+            if started.elapsed() >= Duration::from_secs(60) {
+                panic!("not rolled out in 60 s: {:?}\n{}", look.record, self.dump());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if started.elapsed() >= Duration::from_secs(60) {
-            let what = here.raft.read(|s| {
-                let job = s.job(&JobId::new("web")).unwrap();
-                let allocs: Vec<String> = (s.allocs_of_job(&job.id))
-                    .map(|a| {
-                        format!(
-                            "{}[{}] v{} {:?}/{:?} {:?}",
-                            a.id, a.index, a.job_version, a.desired, a.status, a.health
-                        )
-                    })
-                    .collect();
-                format!(
-                    "job v{}; deployment {:?}; eval {:?}; holds {:?}; allocs {allocs:#?}",
-                    job.version,
-                    s.latest_deployment(&job.id),
-                    s.job_eval(&job.id),
-                    s.holds()
-                )
-            });
-            panic!("not rolled out in 60 s: {record:?}\n{what}");
+    }
+}
+
+/// Delegated instances follow their job's deployment (issue "Deployments
+/// without downtime", item 1): a new version of a rolling service is
+/// placed at the origin beside what a peer runs of the old one, at the
+/// deployment's pace, and the delegation is let go only once each of its
+/// indexes has a healthy replacement. Sampled all along: fewer than
+/// `count - max_parallel` instances never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delegated_instances_are_replaced_by_the_deployment_before_they_stop() {
+    let update = "max_parallel = 1\nmin_healthy_time = \"500ms\"\nhealthy_deadline = \"1m\"";
+    let d = delegated(update).await;
+    submit(&d.origin, rolling(update, "900MiB")).await;
+    let fewest = d.until_rolled_out().await;
+    assert!(fewest >= 5, "{fewest} instances ran at one moment; never fewer than count - max_parallel = 5");
+    d.origin.stop().await;
+    d.target.stop().await;
+}
+
+/// A blue/green deployment (`canary = count`) holds the delegation while
+/// its canaries await promotion: there is a healthy canary at each
+/// delegated index, yet the peer runs its instances of the old version on,
+/// and after `job promote` the rollout ends as without canaries. Sampled
+/// every 50 ms throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delegation_is_held_while_its_canaries_await_promotion() {
+    let update = "max_parallel = 1\ncanary = 6\nmin_healthy_time = \"500ms\"\nhealthy_deadline = \"1m\"";
+    let d = delegated(update).await;
+    submit(&d.origin, rolling(update, "900MiB")).await;
+    let started = std::time::Instant::now();
+    let mut healthy_since = None;
+    let mut fewest = usize::MAX;
+    loop {
+        let look = d.look();
+        fewest = fewest.min(look.running);
+        assert_eq!(look.record.phase, Phase::Registered, "let go while its canaries await promotion\n{}", d.dump());
+        assert_eq!(look.there, 2, "the peer stopped an instance before promotion\n{}", d.dump());
+        assert!(look.healthy_canaries <= 6, "more canaries than instances\n{}", d.dump());
+        if look.healthy_canaries == 6 {
+            assert!(look.awaits_promotion, "promoted without `job promote`\n{}", d.dump());
+            let since = *healthy_since.get_or_insert_with(std::time::Instant::now);
+            // Many times what the origin takes to let go of a replaced
+            // index without canaries.
+            if since.elapsed() >= Duration::from_secs(3) {
+                break;
+            }
         }
+        assert!(started.elapsed() < Duration::from_secs(30), "not 6 healthy canaries in 30 s\n{}", d.dump());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(fewest >= 5, "{fewest} instances ran at one moment; never fewer than count - max_parallel = 5");
-    origin.stop().await;
-    target.stop().await;
+    assert!(fewest >= 6, "{fewest} instances ran before promotion; canaries stop nothing");
+    let client = d.origin.cluster.client();
+    tokio::task::spawn_blocking(move || client.promote("web", None).unwrap()).await.unwrap();
+    let fewest = d.until_rolled_out().await;
+    assert!(fewest >= 5, "{fewest} instances ran at one moment after promotion; never fewer than 5");
+    d.origin.stop().await;
+    d.target.stop().await;
 }
