@@ -251,6 +251,92 @@ fn canaries_at_every_index_wait_for_promotion_too() {
     assert!(live.len() == 3 && live.iter().all(|a| a.job_version == 1), "{live:?}");
 }
 
+/// Runs the scheduler and healthy reports `rounds` times, checking that
+/// every index serves after each.
+fn rounds(s: &mut ClusterState, count: u32, rounds: usize) {
+    for _ in 0..rounds {
+        schedule_as_leader(s);
+        report(s, |_| Some(AllocHealth::Healthy));
+        check_serving(s, count);
+    }
+}
+
+fn promote() -> Command {
+    Command::PromoteDeployment { job: id(), namespace: Arc::from("default"), group: None }
+}
+
+/// A revert to a version that was itself deployed with a canary: its
+/// instances are carried over as they are, none of them a canary of the
+/// revert's deployment, which has nothing to wait for.
+#[test]
+fn a_revert_to_a_version_once_deployed_with_canaries_waits_for_no_promotion() {
+    let mut s = state(4);
+    let update = "max_parallel = 1\ncanary = 1\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    s.apply(&Command::RegisterJob(web(3, "2h", update)));
+    rounds(&mut s, 3, 2);
+    assert!(matches!(s.apply(&promote()), Effect::Evals(_)));
+    rounds(&mut s, 3, 6);
+    assert_eq!((deployment(&s).job_version, deployment(&s).status), (1, DeploymentStatus::Successful));
+    // Version 2's canary waits; then back to version 1.
+    s.apply(&Command::RegisterJob(web(3, "3h", update)));
+    rounds(&mut s, 3, 2);
+    assert!(deployment(&s).awaits_promotion("g"));
+    let revert = Command::RevertJob { job: id(), namespace: Arc::from("default"), version: 1 };
+    assert!(matches!(s.apply(&revert), Effect::JobRegistered { version: 3, .. }));
+    rounds(&mut s, 3, 3);
+    let d = deployment(&s);
+    assert_eq!((d.job_version, d.status), (3, DeploymentStatus::Successful), "{d:?}");
+    let live: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.is_live()).collect();
+    assert!(live.len() == 3 && live.iter().all(|a| a.job_version == 3 && !a.canary), "{live:?}");
+}
+
+/// A scale while a canary waits: the canary is carried over to the new
+/// version still a canary, and the wait goes on until the promotion.
+#[test]
+fn a_scale_while_a_canary_waits_keeps_it_waiting() {
+    let mut s = state(4);
+    let update = "max_parallel = 1\ncanary = 1\nmin_healthy_time = \"1s\"";
+    deployed(&mut s, web(3, "1h", update));
+    s.apply(&Command::RegisterJob(web(3, "2h", update)));
+    rounds(&mut s, 3, 2);
+    let canary = s.allocs_of_job(&id()).find(|a| a.canary).map(|a| a.id).expect("a canary");
+    s.apply(&Command::RegisterJob(web(4, "2h", update)));
+    rounds(&mut s, 3, 3);
+    let d = deployment(&s);
+    assert!(d.job_version == 2 && d.awaits_promotion("g"), "{d:?}");
+    let carried = s.alloc(canary).unwrap();
+    assert!(carried.is_live() && carried.canary && carried.job_version == 2, "{carried:?}");
+    assert_eq!(s.allocs_of_job(&id()).filter(|a| a.is_live() && a.job_version == 0).count(), 3, "nothing old stopped");
+    assert!(matches!(s.apply(&promote()), Effect::Evals(_)));
+    rounds(&mut s, 4, 8);
+    assert_eq!(deployment(&s).status, DeploymentStatus::Successful);
+    let live: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.is_live()).collect();
+    assert!(live.len() == 4 && live.iter().all(|a| a.job_version == 2), "{live:?}");
+}
+
+/// More canaries asked for than can run beside an older instance (more
+/// than `count`, or new indices of a scale-up): the deployment waits for
+/// those that can, and a promotion of them lets the rest follow.
+#[test]
+fn canaries_are_as_many_as_can_run_beside_the_old_version() {
+    for (before, after, canary, want) in [(2, 2, 5, 2), (1, 3, 2, 1)] {
+        let mut s = state(4);
+        let update = |c: u32| format!("max_parallel = 1\ncanary = {c}\nmin_healthy_time = \"1s\"");
+        deployed(&mut s, web(before, "1h", &update(canary)));
+        s.apply(&Command::RegisterJob(web(after, "2h", &update(canary))));
+        assert_eq!(deployment(&s).groups[0].canaries, want, "{before} -> {after}, canary = {canary}");
+        rounds(&mut s, before.min(after), 3);
+        assert!(deployment(&s).awaits_promotion("g"), "{before} -> {after}: promoted by itself");
+        assert_eq!(s.allocs_of_job(&id()).filter(|a| a.is_live() && a.canary).count(), want as usize);
+        assert!(matches!(s.apply(&promote()), Effect::Evals(_)), "{before} -> {after}");
+        rounds(&mut s, before.min(after), 8);
+        assert_eq!(deployment(&s).status, DeploymentStatus::Successful, "{before} -> {after}: {:?}", deployment(&s));
+        let live: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.is_live()).collect();
+        assert!(live.len() == after as usize && live.iter().all(|a| a.job_version == 1), "{live:?}");
+    }
+}
+
 #[test]
 fn auto_promote_promotes_healthy_canaries() {
     let mut s = state(4);

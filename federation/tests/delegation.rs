@@ -767,6 +767,8 @@ impl Delegated {
         use cluster_core::model::AllocStatus;
         use cluster_core::model::alloc::AllocHealth;
         let id = JobId::new(target_job_id(&self.delegation.id));
+        // The peer is read first, then here (not at one instant): an
+        // instance handed over between the two reads may count twice.
         let there = self
             .target
             .cluster
@@ -806,7 +808,11 @@ impl Delegated {
             let job = s.job(&JobId::new("web")).unwrap();
             let allocs: Vec<String> = (s.allocs_of_job(&job.id))
                 .map(|a| {
-                    format!("{}[{}] v{} {:?}/{:?} {:?}", a.id, a.index, a.job_version, a.desired, a.status, a.health)
+                    let canary = if a.canary { " canary" } else { "" };
+                    format!(
+                        "{}[{}] v{} {:?}/{:?} {:?}{canary}",
+                        a.id, a.index, a.job_version, a.desired, a.status, a.health
+                    )
                 })
                 .collect();
             format!(

@@ -115,7 +115,7 @@ impl ClusterState {
             .filter_map(|g| {
                 let u = g.update.as_ref()?;
                 let beside = g.on_disconnect != crate::model::job::OnDisconnect::Stop;
-                let canaries = if beside && self.replaces(id, job.version, g) { u.canary } else { 0 };
+                let canaries = if beside { u.canary.min(self.canary_room(id, job.version, g)) } else { 0 };
                 Some(DeploymentGroup { name: g.name.clone(), canaries, promoted: canaries == 0 })
             })
             .collect();
@@ -141,25 +141,41 @@ impl ClusterState {
         h.deployments.drain(..over);
     }
 
-    /// Whether group `g` of job `id` still runs instances of a version
-    /// older than `version` at an index where none of `version` runs but a
-    /// canary: what a deployment of `version` replaces. A canary is tried
-    /// beside the instance at its index, not in its place, so canaries at
-    /// every index (`canary = count`, a blue/green deployment) still
-    /// replace everything; instances carried over to `version` in place
-    /// (a revert to what runs) replace nothing.
-    fn replaces(&self, id: &JobId, version: u64, g: &TaskGroup) -> bool {
-        let mine = |a: &&crate::model::Allocation| a.is_live() && a.group == g.name;
-        let current: std::collections::BTreeSet<u32> = (self.allocs_of_job(id).filter(mine))
-            .filter(|a| a.job_version == version && !a.canary)
-            .map(|a| a.index)
-            .collect();
-        // Held elsewhere at an older spec counts as older too.
+    /// How many canaries group `g` (of job `id`'s `version`) can have: its
+    /// indices below `count` where a canary of `version` runs, or where an
+    /// instance of an older version runs (or is held elsewhere at an older
+    /// spec) and no instance of `version` but a canary does. A canary is
+    /// tried beside the instance at its index, not in its place, so
+    /// canaries at every index (`canary = count`, a blue/green update)
+    /// leave room for all of them; instances carried over to `version` in
+    /// place (a revert to what runs) leave none. 0: nothing older to try
+    /// canaries beside.
+    fn canary_room(&self, id: &JobId, version: u64, g: &TaskGroup) -> u32 {
+        use std::collections::BTreeSet;
+        let mine = |a: &&crate::model::Allocation| a.is_live() && a.group == g.name && a.index < g.count;
+        let (mut canaries, mut current) = (BTreeSet::new(), BTreeSet::new());
+        for a in self.allocs_of_job(id).filter(mine).filter(|a| a.job_version == version) {
+            if a.canary {
+                canaries.insert(a.index)
+            } else {
+                current.insert(a.index)
+            };
+        }
         let stale =
             self.job(id).filter(|j| j.version == version).map(|j| crate::scheduler::reconcile::stale_held(self, j));
-        let held_older = stale.is_some_and(|s| s.iter().any(|(n, i)| *n == g.name && !current.contains(i)));
-        held_older
-            || self.allocs_of_job(id).filter(mine).any(|a| a.job_version < version && !current.contains(&a.index))
+        let held_older = stale.iter().flatten().filter(|(n, i)| *n == g.name && *i < g.count).map(|(_, i)| *i);
+        let older = self.allocs_of_job(id).filter(mine).filter(|a| a.job_version < version).map(|a| a.index);
+        let mut room: BTreeSet<u32> = held_older.chain(older).filter(|i| !current.contains(i)).collect();
+        room.extend(canaries);
+        room.len() as u32
+    }
+
+    /// The canaries group `name` of job `id`'s `version` waits for: those
+    /// its deployment asked for (`asked`), fewer if fewer can run (see
+    /// [`ClusterState::canary_room`]).
+    fn canaries_wanted(&self, id: &JobId, version: u64, name: &str, asked: u32) -> u32 {
+        let group = self.job(id).filter(|j| j.version == version).and_then(|j| j.group(name));
+        group.map_or(asked, |g| asked.min(self.canary_room(id, version, g)))
     }
 
     /// Promotes the canaries of job `id`'s running deployment (every group,
@@ -180,9 +196,10 @@ impl ClusterState {
             });
         }
         let version = d.job_version;
-        for (name, want) in &waiting {
+        for (name, asked) in &waiting {
             let healthy = self.healthy_canaries(id, version, name);
-            if healthy < *want as usize {
+            let want = self.canaries_wanted(id, version, name, *asked);
+            if healthy < want as usize {
                 return Err(format!(
                     "group `{name}`: {healthy} of {want} canaries are healthy; promote once they all are"
                 ));
@@ -309,10 +326,12 @@ impl ClusterState {
             let Some(spec) = job.group(&g.name) else { continue };
             if g.canaries > 0 && !g.promoted {
                 let healthy = self.healthy_canaries(id, version, &g.name);
-                let auto = spec.update.is_some_and(|u| u.auto_promote) && healthy >= g.canaries as usize;
-                // Nothing older left to try them beside (a revert carried
-                // it all over): nothing to wait for.
-                if auto || !self.replaces(id, version, spec) {
+                // Fewer if fewer can run (an older instance lost since);
+                // none if nothing older is left to try them beside (a
+                // revert carried it all over): nothing to wait for.
+                let want = g.canaries.min(self.canary_room(id, version, spec));
+                let auto = spec.update.is_some_and(|u| u.auto_promote) && healthy >= want as usize;
+                if auto || want == 0 {
                     promote.push(g.name.clone());
                 }
                 done = false;

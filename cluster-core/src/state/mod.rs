@@ -333,8 +333,17 @@ impl ClusterState {
                 })
                 .map(|a| a.id)
                 .collect();
+            // A carried canary stays one only if it is still awaited: one
+            // of the version replaced (a scale while canaries wait), not of
+            // a version promoted or given up before (a revert).
+            let awaited: Vec<Arc<str>> = self
+                .active_deployment(&job.id)
+                .filter(|d| d.job_version == old.version)
+                .map(|d| d.groups.iter().filter(|g| d.awaits_promotion(&g.name)).map(|g| g.name.clone()).collect())
+                .unwrap_or_default();
             for id in carried {
                 if let Some(a) = self.allocs.get_mut(&id) {
+                    a.canary &= a.job_version == old.version && awaited.contains(&a.group);
                     a.job_version = job.version;
                 }
             }
