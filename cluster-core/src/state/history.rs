@@ -332,7 +332,7 @@ impl ClusterState {
                 let want = g.canaries.min(self.canary_room(id, version, spec));
                 let auto = spec.update.is_some_and(|u| u.auto_promote) && healthy >= want as usize;
                 if auto || want == 0 {
-                    promote.push(g.name.clone());
+                    promote.push((g.name.clone(), auto));
                 }
                 done = false;
                 continue;
@@ -360,10 +360,14 @@ impl ClusterState {
         let h = self.histories.get_mut(id).expect("a deployment's history");
         let d = h.deployments.last_mut().expect("the deployment above");
         if !promote.is_empty() {
-            for g in d.groups.iter_mut().filter(|g| promote.contains(&g.name)) {
+            for g in d.groups.iter_mut().filter(|g| promote.iter().any(|(n, _)| *n == g.name)) {
                 g.promoted = true;
             }
-            d.description = "canaries promoted on their own (auto_promote); replacing the rest".into();
+            d.description = if promote.iter().any(|(_, auto)| *auto) {
+                "canaries promoted on their own (auto_promote); replacing the rest".into()
+            } else {
+                "nothing older left to try canaries beside; replacing the rest".into()
+            };
             return true;
         }
         if done {
