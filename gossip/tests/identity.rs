@@ -110,6 +110,19 @@ fn a_member_with_its_own_certificate_is_shown_with_its_signed_summary() {
     assert_eq!(c.summary.as_ref().unwrap().nodes_ready, 6);
 }
 
+/// Puts into `m`'s values the identity `signer` signs for `m`'s claim: a
+/// forgery with another cluster's key.
+fn forge_identity(m: &mut MemberState<'static>, signer: &Server) {
+    let claims = m.values.iter().find(|(k, _)| *k == keys::CLUSTER).unwrap().1;
+    let forged = member(signer, claims, None);
+    let identity = forged.values.iter().find(|(k, _)| *k == keys::IDENTITY).unwrap().1;
+    for (k, value) in m.values.iter_mut() {
+        if *k == keys::IDENTITY {
+            *value = identity;
+        }
+    }
+}
+
 #[test]
 fn an_identity_is_checked_again_when_the_members_values_move() {
     let ca = tls::create_ca(FED, 1).unwrap();
@@ -122,13 +135,7 @@ fn an_identity_is_checked_again_when_the_members_values_move() {
     assert!(v.refused.is_empty(), "{:?}", v.refused);
     // The member's values move to an identity signed by another cluster's
     // key (chitchat gives them a new version): refused at once.
-    let forged = member(&eu, "us-east", None);
-    let identity = forged.values.iter().find(|(k, _)| *k == keys::IDENTITY).unwrap().1;
-    for (k, value) in m.values.iter_mut() {
-        if *k == keys::IDENTITY {
-            *value = identity;
-        }
-    }
+    forge_identity(&mut m, &eu);
     m.version = Some((0, 4));
     v.update(std::slice::from_ref(&m), now());
     assert_eq!(v.refused.len(), 1, "{:?}", v.refused);
@@ -150,13 +157,7 @@ fn a_member_forgotten_and_learnt_again_at_its_old_version_is_checked_again() {
     // another cluster signed.
     m.live = false;
     v.update(std::slice::from_ref(&m), now());
-    let forged = member(&eu, "us-east", None);
-    let identity = forged.values.iter().find(|(k, _)| *k == keys::IDENTITY).unwrap().1;
-    for (k, value) in m.values.iter_mut() {
-        if *k == keys::IDENTITY {
-            *value = identity;
-        }
-    }
+    forge_identity(&mut m, &eu);
     m.live = true;
     v.update(std::slice::from_ref(&m), now());
     assert_eq!(v.refused.len(), 1, "the old check is not reused: {:?}", v.refused);
