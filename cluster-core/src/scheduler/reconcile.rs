@@ -113,8 +113,18 @@ pub fn history_after(policy: &ReschedulePolicy, before: Option<&Allocation>) -> 
 /// Each instance's latest ended allocation of `job`'s current version,
 /// by `(group, index)`: the one a new allocation of the instance follows.
 pub fn latest_ended<'s>(state: &'s ClusterState, job: &Job) -> HashMap<(&'s str, u32), &'s Allocation> {
+    newest_by_instance(state, job, |a| a.status.is_terminal())
+}
+
+/// Each instance's newest allocation (the highest id) of `job`'s current
+/// version among those `which` keeps, by `(group, index)`.
+pub fn newest_by_instance<'s>(
+    state: &'s ClusterState,
+    job: &Job,
+    which: impl Fn(&Allocation) -> bool,
+) -> HashMap<(&'s str, u32), &'s Allocation> {
     let mut out: HashMap<(&str, u32), &Allocation> = HashMap::new();
-    for a in state.allocs_of_job(&job.id).filter(|a| a.status.is_terminal() && a.job_version == job.version) {
+    for a in state.allocs_of_job(&job.id).filter(|a| a.job_version == job.version && which(a)) {
         let slot = out.entry((&*a.group, a.index)).or_insert(a);
         if a.id > slot.id {
             *slot = a;

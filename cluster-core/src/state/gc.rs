@@ -206,13 +206,7 @@ impl ClusterState {
             // Each instance's newest allocation of the current version, if
             // it ended: a live newer one carries the history on instead.
             let latest: BTreeSet<AllocId> = if rules >= 3 {
-                let mut newest: std::collections::BTreeMap<(&str, u32), &crate::model::Allocation> = Default::default();
-                for a in self.allocs_of_job(&job.id).filter(|a| a.job_version == job.version) {
-                    let slot = newest.entry((&*a.group, a.index)).or_insert(a);
-                    if a.id > slot.id {
-                        *slot = a;
-                    }
-                }
+                let newest = crate::scheduler::reconcile::newest_by_instance(self, job, |_| true);
                 newest.values().filter(|a| a.status.is_terminal()).map(|a| a.id).collect()
             } else {
                 BTreeSet::new()
