@@ -178,6 +178,14 @@ impl ClusterState {
         group.map_or(asked, |g| asked.min(self.canary_room(id, version, g)))
     }
 
+    /// The groups whose canaries job `id`'s running deployment of
+    /// `version` waits to see promoted (none: no such deployment).
+    pub(crate) fn groups_awaiting_promotion(&self, id: &JobId, version: u64) -> Vec<std::sync::Arc<str>> {
+        let d = self.active_deployment(id).filter(|d| d.job_version == version);
+        d.map(|d| d.groups.iter().filter(|g| d.awaits_promotion(&g.name)).map(|g| g.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Promotes the canaries of job `id`'s running deployment (every group,
     /// or only `group`). Errors: no deployment running, or none of its
     /// groups awaits promotion, or a canary is not yet healthy.

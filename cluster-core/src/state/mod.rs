@@ -336,11 +336,7 @@ impl ClusterState {
             // A carried canary stays one only if it is still awaited: one
             // of the version replaced (a scale while canaries wait), not of
             // a version promoted or given up before (a revert).
-            let awaited: Vec<Arc<str>> = self
-                .active_deployment(&job.id)
-                .filter(|d| d.job_version == old.version)
-                .map(|d| d.groups.iter().filter(|g| d.awaits_promotion(&g.name)).map(|g| g.name.clone()).collect())
-                .unwrap_or_default();
+            let awaited = self.groups_awaiting_promotion(&job.id, old.version);
             for id in carried {
                 if let Some(a) = self.allocs.get_mut(&id) {
                     a.canary &= a.job_version == old.version && awaited.contains(&a.group);
@@ -495,11 +491,7 @@ impl ClusterState {
         // older spec elsewhere): a placement beside one, while its group's
         // deployment awaits promotion, is a canary.
         // Looked for only then: most plans belong to no such deployment.
-        let awaiting: Vec<Arc<str>> = self
-            .active_deployment(&plan.job)
-            .filter(|d| d.job_version == plan.job_version)
-            .map(|d| d.groups.iter().filter(|g| d.awaits_promotion(&g.name)).map(|g| g.name.clone()).collect())
-            .unwrap_or_default();
+        let awaiting = self.groups_awaiting_promotion(&plan.job, plan.job_version);
         let older: HashSet<(Arc<str>, u32)> = if awaiting.is_empty() {
             HashSet::new()
         } else {
