@@ -106,6 +106,7 @@ impl ClusterState {
     /// have an `[group.update]`.
     pub(crate) fn open_deployment(&mut self, id: &JobId) {
         let Some(job) = self.job(id) else { return };
+        let stale = crate::scheduler::reconcile::stale_held(self, job);
         // Canaries are tried beside an older version; a group with none
         // running (a first version, say) has nothing to compare them to.
         // At-most-once work never runs beside its replacement: no canaries.
@@ -115,7 +116,7 @@ impl ClusterState {
             .filter_map(|g| {
                 let u = g.update.as_ref()?;
                 let beside = g.on_disconnect != crate::model::job::OnDisconnect::Stop;
-                let canaries = if beside { u.canary.min(self.canary_room(id, job.version, g)) } else { 0 };
+                let canaries = if beside { self.canaries_wanted(id, job.version, g, u.canary, &stale) } else { 0 };
                 Some(DeploymentGroup { name: g.name.clone(), canaries, promoted: canaries == 0 })
             })
             .collect();
@@ -141,16 +142,24 @@ impl ClusterState {
         h.deployments.drain(..over);
     }
 
-    /// How many canaries group `g` (of job `id`'s `version`) can have: its
-    /// indices below `count` where a canary of `version` runs, or where an
-    /// instance of an older version runs (or is held elsewhere at an older
-    /// spec) and no instance of `version` but a canary does. A canary is
-    /// tried beside the instance at its index, not in its place, so
-    /// canaries at every index (`canary = count`, a blue/green update)
-    /// leave room for all of them; instances carried over to `version` in
-    /// place (a revert to what runs) leave none. 0: nothing older to try
-    /// canaries beside.
-    fn canary_room(&self, id: &JobId, version: u64, g: &TaskGroup) -> u32 {
+    /// How many canaries group `g` (of job `id`'s `version`) waits for:
+    /// `asked`, or fewer if fewer can run. A canary can run at an index
+    /// below `count` where a canary of `version` runs, or where an instance
+    /// of an older version runs (or is held elsewhere at an older spec,
+    /// `stale`: [`crate::scheduler::reconcile::stale_held`]) and no
+    /// instance of `version` but a canary does. A canary is tried beside
+    /// the instance at its index, not in its place, so canaries at every
+    /// index (`canary = count`, a blue/green update) leave room for all of
+    /// them; instances carried over to `version` in place (a revert to
+    /// what runs) leave none. 0: nothing older to try canaries beside.
+    fn canaries_wanted(
+        &self,
+        id: &JobId,
+        version: u64,
+        g: &TaskGroup,
+        asked: u32,
+        stale: &std::collections::BTreeSet<(std::sync::Arc<str>, u32)>,
+    ) -> u32 {
         use std::collections::BTreeSet;
         let mine = |a: &&crate::model::Allocation| a.is_live() && a.group == g.name && a.index < g.count;
         let (mut canaries, mut current) = (BTreeSet::new(), BTreeSet::new());
@@ -161,21 +170,11 @@ impl ClusterState {
                 current.insert(a.index)
             };
         }
-        let stale =
-            self.job(id).filter(|j| j.version == version).map(|j| crate::scheduler::reconcile::stale_held(self, j));
-        let held_older = stale.iter().flatten().filter(|(n, i)| *n == g.name && *i < g.count).map(|(_, i)| *i);
+        let held_older = stale.iter().filter(|(n, i)| *n == g.name && *i < g.count).map(|(_, i)| *i);
         let older = self.allocs_of_job(id).filter(mine).filter(|a| a.job_version < version).map(|a| a.index);
         let mut room: BTreeSet<u32> = held_older.chain(older).filter(|i| !current.contains(i)).collect();
         room.extend(canaries);
-        room.len() as u32
-    }
-
-    /// The canaries group `name` of job `id`'s `version` waits for: those
-    /// its deployment asked for (`asked`), fewer if fewer can run (see
-    /// [`ClusterState::canary_room`]).
-    fn canaries_wanted(&self, id: &JobId, version: u64, name: &str, asked: u32) -> u32 {
-        let group = self.job(id).filter(|j| j.version == version).and_then(|j| j.group(name));
-        group.map_or(asked, |g| asked.min(self.canary_room(id, version, g)))
+        asked.min(room.len() as u32)
     }
 
     /// The groups whose canaries job `id`'s running deployment of
@@ -204,9 +203,12 @@ impl ClusterState {
             });
         }
         let version = d.job_version;
+        let job = self.job(id).filter(|j| j.version == version);
+        let stale = job.map(|j| crate::scheduler::reconcile::stale_held(self, j)).unwrap_or_default();
         for (name, asked) in &waiting {
             let healthy = self.healthy_canaries(id, version, name);
-            let want = self.canaries_wanted(id, version, name, *asked);
+            let spec = job.and_then(|j| j.group(name));
+            let want = spec.map_or(*asked, |g| self.canaries_wanted(id, version, g, *asked, &stale));
             if healthy < want as usize {
                 return Err(format!(
                     "group `{name}`: {healthy} of {want} canaries are healthy; promote once they all are"
@@ -337,7 +339,7 @@ impl ClusterState {
                 // Fewer if fewer can run (an older instance lost since);
                 // none if nothing older is left to try them beside (a
                 // revert carried it all over): nothing to wait for.
-                let want = g.canaries.min(self.canary_room(id, version, spec));
+                let want = self.canaries_wanted(id, version, spec, g.canaries, &stale);
                 let auto = spec.update.is_some_and(|u| u.auto_promote) && healthy >= want as usize;
                 if auto || want == 0 {
                     promote.push((g.name.clone(), auto));
