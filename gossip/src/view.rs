@@ -585,20 +585,7 @@ impl FederationView {
                 // members gone, their last words; never from a rival, nor
                 // while a contest is undecided.
                 let settled = live_now.iter().all(|o| std::ptr::eq(*o, m)) || !rivals.is_empty();
-                // The holder's values unchanged since they were read: only
-                // its liveness and heartbeat move.
-                let unchanged = version(m).is_some()
-                    && entry
-                        .servers
-                        .get(name)
-                        .is_some_and(|s| matches!(&s.source, Some((k, v)) if k == key_of(m) && Some(*v) == version(m)));
-                if unchanged {
-                    let s = entry.servers.get_mut(name).expect("checked above");
-                    s.live = m.live;
-                    s.heartbeat = m.heartbeat;
-                    s.heartbeat_seen_ms = beat(m).seen_ms;
-                }
-                let server = (!unchanged).then(|| ServerEntry {
+                let read = || ServerEntry {
                     name: name.to_string(),
                     generation: m.generation,
                     live: m.live,
@@ -611,11 +598,20 @@ impl FederationView {
                     left: has_left(m),
                     was_live: false,
                     source: version(m).map(|v| (key_of(m).clone(), v)),
-                });
-                match (server, entry.servers.get_mut(name)) {
-                    (None, _) => {}
-                    (Some(server), Some(s)) => {
-                        let server = ServerEntry { was_live: s.was_live, state: s.state, ..server };
+                };
+                let unchanged = |s: &ServerEntry| {
+                    version(m).is_some_and(|v| matches!(&s.source, Some((k, sv)) if k == key_of(m) && *sv == v))
+                };
+                match entry.servers.get_mut(name) {
+                    // The holder's values unchanged since they were read:
+                    // only its liveness and heartbeat move.
+                    Some(s) if unchanged(s) => {
+                        s.live = m.live;
+                        s.heartbeat = m.heartbeat;
+                        s.heartbeat_seen_ms = beat(m).seen_ms;
+                    }
+                    Some(s) => {
+                        let server = ServerEntry { was_live: s.was_live, state: s.state, ..read() };
                         changed |= s.generation != server.generation
                             || s.rpc_addr != server.rpc_addr
                             || s.raft_term != server.raft_term
@@ -623,9 +619,9 @@ impl FederationView {
                             || s.left != server.left;
                         *s = server;
                     }
-                    (Some(server), None) => {
+                    None => {
                         changed = true;
-                        entry.servers.insert(name.to_string(), server);
+                        entry.servers.insert(name.to_string(), read());
                     }
                 }
                 // The holder's summary, and the last words of members that
