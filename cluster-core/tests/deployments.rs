@@ -199,8 +199,7 @@ fn canaries_run_beside_the_old_version_until_promoted() {
     let canaries: Vec<_> = s.allocs_of_job(&id()).filter(|a| a.job_version == 1).collect();
     assert_eq!(canaries.len(), 1, "one canary first");
     assert!(canaries[0].canary);
-    let promote = Command::PromoteDeployment { job: id(), namespace: Arc::from("default"), group: None };
-    assert!(matches!(s.apply(&promote), Effect::Refused(m) if m.contains("0 of 1 canaries are healthy")));
+    assert!(matches!(s.apply(&promote()), Effect::Refused(m) if m.contains("0 of 1 canaries are healthy")));
     report(&mut s, |_| Some(AllocHealth::Healthy));
     // Healthy, but nothing else moves before the promotion.
     for _ in 0..2 {
@@ -209,7 +208,7 @@ fn canaries_run_beside_the_old_version_until_promoted() {
     }
     assert_eq!(s.allocs_of_job(&id()).filter(|a| a.is_live() && a.job_version == 0).count(), 4);
     assert_eq!(deployment(&s).status, DeploymentStatus::Running);
-    assert!(matches!(s.apply(&promote), Effect::Evals(_)));
+    assert!(matches!(s.apply(&promote()), Effect::Evals(_)));
     for _ in 0..6 {
         schedule_once(&mut s);
         report(&mut s, |_| None);
@@ -239,8 +238,7 @@ fn canaries_at_every_index_wait_for_promotion_too() {
     assert_eq!(s.allocs_of_job(&id()).filter(|a| a.is_live() && a.job_version == 0).count(), 3, "the old ones run on");
     let d = deployment(&s);
     assert!((d.status, d.groups[0].promoted) == (DeploymentStatus::Running, false), "promoted by itself: {d:?}");
-    let promote = Command::PromoteDeployment { job: id(), namespace: Arc::from("default"), group: None };
-    assert!(matches!(s.apply(&promote), Effect::Evals(_)));
+    assert!(matches!(s.apply(&promote()), Effect::Evals(_)));
     for _ in 0..4 {
         schedule_once(&mut s);
         report(&mut s, |_| Some(AllocHealth::Healthy));
